@@ -1,0 +1,189 @@
+// What correlation produces: per-connection timelines, the ztunnel hops that join them, and escape
+// findings. Every printer (text, JSON, pcapng, HTML) consumes these same records.
+
+/// Stable within one analysis: assigned in order of first sight.
+public typealias ConnectionID = UInt32
+
+/// What kind of connection a timeline is, as far as the evidence tells.
+public enum ConnectionKind: String, Sendable, Codable {
+    /// The app's outbound connection, redirected to ztunnel's 15001.
+    case appOutbound = "app-outbound"
+    /// ztunnel's connection to a peer's :15008 (HBONE), packets marked 0x539.
+    case hboneOutbound = "hbone-outbound"
+    /// A peer's HBONE connection arriving on this pod's :15008.
+    case hboneInbound = "hbone-inbound"
+    /// An inbound plaintext connection redirected to 15006.
+    case inboundPlaintext = "inbound-plaintext"
+    /// ztunnel's connection into the app (0x539, connmark 0x111), from the original client address.
+    case ztunnelToApp = "ztunnel-to-app"
+    /// ztunnel's plaintext connection to a destination outside the mesh (passthrough), 0x539.
+    case ztunnelPassthrough = "ztunnel-passthrough"
+    /// A kubelet probe from 169.254.7.127 (bypasses ztunnel by design).
+    case probe = "probe"
+    /// DNS redirected to 15053, or ztunnel's upstream DNS.
+    case dns = "dns"
+    /// Traffic that stays inside the pod (127.0.0.1, app → own pod IP via lo).
+    case local = "local"
+    /// Not captured by design (non-DNS UDP, ICMP, SCTP).
+    case uncapturedByDesign = "uncaptured-by-design"
+    /// None of the above could be established.
+    case unknown = "unknown"
+}
+
+/// What a rule did to a packet, when the rule's target is known.
+public enum RuleAction: Hashable, Sendable {
+    case redirected(toPort: UInt16, originalDestination: Endpoint?)
+    case tproxied(toPort: UInt16, mark: UInt32?)
+    case markSet(UInt32)
+    case connmarkSet(UInt32)
+    case connmarkRestored(UInt32?)
+    case accepted
+    case returned
+    case jumped(String)
+    case ctZone(UInt16)
+    case dropped
+    case observed
+    case other(String)
+}
+
+/// One rule hit on one packet: the NFLOG twin's tag and, with `--rules` or live, the rule itself.
+public struct RuleHit: Hashable, Sendable {
+    public var tag: RuleTag?
+    /// The prefix as logged, when it is not a meshtrace tag (another tool's NFLOG rule, legacy TRACE).
+    public var prefixText: String
+    public var rule: Rule?
+    public var role: AmbientRole?
+    public var action: RuleAction?
+    public init(tag: RuleTag?, prefixText: String, rule: Rule? = nil, role: AmbientRole? = nil, action: RuleAction? = nil) {
+        self.tag = tag; self.prefixText = prefixText; self.rule = rule; self.role = role; self.action = action
+    }
+}
+
+/// One line of a timeline: a packet seen at one capture point, with what the rules did to it.
+public struct TimelineEvent: Sendable {
+    public var time: Timestamp
+    public var frame: FrameRef
+    public var point: CapturePoint
+    public var direction: PacketDirection
+    /// The tuple as seen at that point (pre-NAT at nat OUTPUT, post-NAT on lo, ...).
+    public var tuple: FiveTuple
+    /// True when the packet travels in the reply direction of the connection.
+    public var isReply: Bool
+    public var tcpFlags: TCPFlags
+    public var length: UInt32
+    public var mark: UInt32?
+    public var hit: RuleHit?
+    public var notes: DecodeNotes
+    public init(time: Timestamp, frame: FrameRef, point: CapturePoint, direction: PacketDirection, tuple: FiveTuple,
+                isReply: Bool, tcpFlags: TCPFlags, length: UInt32, mark: UInt32?, hit: RuleHit?, notes: DecodeNotes) {
+        self.time = time; self.frame = frame; self.point = point; self.direction = direction; self.tuple = tuple
+        self.isReply = isReply; self.tcpFlags = tcpFlags; self.length = length; self.mark = mark; self.hit = hit; self.notes = notes
+    }
+}
+
+public enum Confidence: String, Sendable, Codable, Comparable {
+    case low, medium, high
+    public static func < (a: Confidence, b: Confidence) -> Bool {
+        let order: [Confidence] = [.low, .medium, .high]
+        return order.firstIndex(of: a)! < order.firstIndex(of: b)!
+    }
+}
+
+/// One piece of evidence for joining two connections through ztunnel. Time alone is never enough.
+public struct HopEvidence: Hashable, Sendable {
+    public var kind: String        // "ztunnel-mark", "original-destination", "client-address", "timing", "unique", "bytes"
+    public var detail: String      // for people: "HBONE dst 10.0.2.2 equals original destination 10.0.2.2"
+    public init(kind: String, detail: String) { self.kind = kind; self.detail = detail }
+}
+
+/// The app's connection joined to ztunnel's connection on the other side of the proxy.
+public struct ZtunnelHop: Sendable {
+    public enum Direction: String, Sendable, Codable { case outbound, inbound }
+    public var direction: Direction
+    /// Outbound: the app's redirected connection. Inbound: the HBONE (or plaintext 15006) connection.
+    public var outer: ConnectionID
+    /// Outbound: ztunnel's 0x539 connection to :15008 (or passthrough). Inbound: ztunnel's connection into the app.
+    public var inner: ConnectionID
+    public var evidence: [HopEvidence]
+    public var confidence: Confidence
+    public init(direction: Direction, outer: ConnectionID, inner: ConnectionID, evidence: [HopEvidence], confidence: Confidence) {
+        self.direction = direction; self.outer = outer; self.inner = inner; self.evidence = evidence; self.confidence = confidence
+    }
+}
+
+/// Traffic that left the pod without passing ztunnel.
+public struct EscapeFinding: Sendable {
+    public enum Class: String, Sendable, Codable {
+        /// Not captured by the rules' own design (non-DNS UDP, ICMP, ...): reported, not an error.
+        case byDesign = "by-design"
+        /// App TCP left through a non-lo interface with no redirect and no ztunnel hop.
+        case uncapturedTCP = "uncaptured-tcp"
+        /// A connection carried ztunnel's mark 0x539 but no ztunnel hop explains it (a process forging the mark).
+        case forgedZtunnelMark = "forged-ztunnel-mark"
+        /// IPv6 traffic that no ip6tables/nft rule saw in a dual-stack pod.
+        case ipv6Uncaptured = "ipv6-uncaptured"
+        case other = "other"
+    }
+    public var findingClass: Class
+    public var connection: ConnectionID?
+    public var tuple: FiveTuple
+    public var summary: String
+    /// The packets that prove it.
+    public var frames: [FrameRef]
+    public var confidence: Confidence
+    public init(findingClass: Class, connection: ConnectionID?, tuple: FiveTuple, summary: String, frames: [FrameRef], confidence: Confidence) {
+        self.findingClass = findingClass; self.connection = connection; self.tuple = tuple; self.summary = summary
+        self.frames = frames; self.confidence = confidence
+    }
+    /// By-design classes do not make the exit code 1.
+    public var isEscape: Bool { findingClass != .byDesign }
+}
+
+/// One logical connection across capture points, NAT views and both directions.
+public struct ConnectionTimeline: Sendable {
+    public var id: ConnectionID
+    public var kind: ConnectionKind
+    /// The tuple as the initiator sent it, before any NAT (the app's view).
+    public var original: FiveTuple
+    /// Every other tuple this connection was seen under (post-REDIRECT on lo, replies).
+    public var aliases: [FiveTuple]
+    /// The REDIRECT/TPROXY applied, with the original destination.
+    public var redirect: RuleAction?
+    /// Packet marks and connmarks seen on it.
+    public var marks: [UInt32]
+    public var events: [TimelineEvent]
+    /// Events not kept once a timeline reached its cap (counts still add up).
+    public var droppedEvents: Int
+    public var firstSeen: Timestamp
+    public var lastSeen: Timestamp
+    public var packets: Int
+    public var bytes: UInt64
+    /// TCP: saw FIN/RST from both sides (or RST). Others: idle timeout.
+    public var closed: Bool
+    /// Hops this connection is part of (outer or inner side).
+    public var hops: [ZtunnelHop]
+    public init(id: ConnectionID, kind: ConnectionKind, original: FiveTuple) {
+        self.id = id; self.kind = kind; self.original = original; self.aliases = []; self.redirect = nil
+        self.marks = []; self.events = []; self.droppedEvents = 0; self.firstSeen = .zero; self.lastSeen = .zero
+        self.packets = 0; self.bytes = 0; self.closed = false; self.hops = []
+    }
+}
+
+/// Totals at the end of an analysis or trace.
+public struct AnalysisSummary: Sendable {
+    public var packets: Int = 0
+    public var nflogRecords: Int = 0
+    public var connections: Int = 0
+    public var hops: Int = 0
+    public var findings: [EscapeFinding] = []
+    /// Hits per rule (by prefix text), and the rule when known.
+    public var ruleHits: [(prefix: String, rule: Rule?, count: Int)] = []
+    /// Packets decoded only partly, by note.
+    public var damagedPackets: Int = 0
+    public var fileDamage: [String] = []
+    /// Live only: the kernel's counters for the twin rules, and events lost.
+    public var kernelCounters: [String: UInt64] = [:]
+    public var eventsLost: Int = 0
+    public init() {}
+    public var escapes: Int { findings.filter(\.isEscape).count }
+}

@@ -1,0 +1,147 @@
+// meshtrace's NFLOG prefix scheme: how a hit names the rule it twins.
+//
+//   mt:<family>:<table>:<chain>:<position>:<hash>
+//
+//   family    4 (iptables), 6 (ip6tables), n (native nftables; the table's own family is in the ruleset)
+//   table     the table name: nat, mangle, raw, filter, or an nft table such as istio-ambient-nat
+//   chain     the chain name, ISTIO_OUTPUT, istio-prerouting, ...
+//   position  1-based position of the twinned rule among the chain's *original* rules (twins not counted),
+//             or an observation point: "in" / "out" (every packet at that hook, before any ambient rule)
+//   hash      4 hex digits of FNV-1a over the twinned rule's canonical text, so a hit still maps to
+//             its rule when positions moved (Istio re-applied its rules meanwhile); "-" for observation points
+//
+// NFLOG prefixes are at most 63 bytes plus NUL (NFULA_PREFIX, nf_log's 64-byte buffer). When
+// table or chain would make it longer, that name is replaced by "~" and 8 hex digits of its FNV-1a hash,
+// and `RuleTag.matches(table:)` / `matches(chain:)` compare through the same hash.
+
+public struct RuleTag: Hashable, Sendable, CustomStringConvertible {
+    public enum Family: String, Sendable { case v4 = "4", v6 = "6", nft = "n" }
+    public enum Position: Hashable, Sendable {
+        case rule(Int)
+        case observeIn
+        case observeOut
+    }
+    public var family: Family
+    public var table: String
+    public var chain: String
+    public var position: Position
+    public var textHash: UInt16?
+
+    public static let maxPrefixBytes = 63
+
+    public init(family: Family, table: String, chain: String, position: Position, textHash: UInt16? = nil) {
+        self.family = family; self.table = table; self.chain = chain; self.position = position; self.textHash = textHash
+    }
+
+    /// The prefix to put in `--nflog-prefix` / nft `log prefix`. Always at most 63 bytes.
+    public var prefix: String {
+        let pos: String
+        switch position {
+        case .rule(let n): pos = String(n)
+        case .observeIn: pos = "in"
+        case .observeOut: pos = "out"
+        }
+        let hash = textHash.map { RuleTag.hex($0, width: 4) } ?? "-"
+        var t = table, c = chain
+        func build() -> String { "mt:\(family.rawValue):\(t):\(c):\(pos):\(hash)" }
+        if build().utf8.count > RuleTag.maxPrefixBytes { c = RuleTag.shortName(chain) }
+        if build().utf8.count > RuleTag.maxPrefixBytes { t = RuleTag.shortName(table) }
+        return build()
+    }
+
+    public var description: String { prefix }
+
+    /// Parses a prefix; nil when it is not one of meshtrace's (another tool's NFLOG rule, or empty).
+    public init?(prefix: String) {
+        let parts = prefix.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6, parts[0] == "mt", let fam = Family(rawValue: String(parts[1])),
+              !parts[2].isEmpty, !parts[3].isEmpty else { return nil }
+        let pos: Position
+        switch parts[4] {
+        case "in": pos = .observeIn
+        case "out": pos = .observeOut
+        default:
+            guard let n = Int(parts[4]), n > 0 else { return nil }
+            pos = .rule(n)
+        }
+        var hash: UInt16? = nil
+        if parts[5] != "-" {
+            guard let h = UInt16(parts[5], radix: 16) else { return nil }
+            hash = h
+        }
+        self.init(family: fam, table: String(parts[2]), chain: String(parts[3]), position: pos, textHash: hash)
+    }
+
+    public func matches(table name: String) -> Bool { table == name || table == RuleTag.shortName(name) }
+    public func matches(chain name: String) -> Bool { chain == name || chain == RuleTag.shortName(name) }
+
+    public static func shortName(_ name: String) -> String { "~" + hex(fnv1a32(name), width: 8) }
+
+    /// 16-bit hash of a rule's canonical text (see `Rule.canonicalText`).
+    public static func textHash(_ canonicalText: String) -> UInt16 {
+        let h = fnv1a32(canonicalText)
+        return UInt16(truncatingIfNeeded: h ^ (h >> 16))
+    }
+
+    public static func fnv1a32(_ s: String) -> UInt32 {
+        var h: UInt32 = 0x811c9dc5
+        for b in s.utf8 { h = (h ^ UInt32(b)) &* 0x01000193 }
+        return h
+    }
+
+    static func hex<T: BinaryInteger>(_ v: T, width: Int) -> String {
+        let s = String(v, radix: 16)
+        return String(repeating: "0", count: max(0, width - s.count)) + s
+    }
+}
+
+/// Interns NFLOG prefixes so a decoded packet carries a 32-bit id instead of a String.
+/// Lookups of a prefix seen before do not allocate: the bytes are hashed and compared in place.
+public final class RuleTagTable: @unchecked Sendable {
+    private var buckets: [UInt32: [UInt32]] = [:]
+    private var bytes: [[UInt8]] = [[]]
+    private var tags: [RuleTag?] = [nil]
+    private var texts: [String] = [""]
+
+    public init() {}
+
+    /// The id for these prefix bytes (without the trailing NUL); 0 for an empty prefix.
+    public func intern(_ prefix: UnsafeRawBufferPointer) -> UInt32 {
+        var n = prefix.count
+        while n > 0 && prefix[n - 1] == 0 { n -= 1 }
+        if n == 0 { return 0 }
+        var h: UInt32 = 0x811c9dc5
+        for i in 0..<n { h = (h ^ UInt32(prefix[i])) &* 0x01000193 }
+        if let ids = buckets[h] {
+            for id in ids {
+                let known = bytes[Int(id)]
+                if known.count == n && known.withUnsafeBytes({ memcmpEqual($0, prefix, n) }) { return id }
+            }
+        }
+        let copy = [UInt8](UnsafeRawBufferPointer(rebasing: prefix[0..<n]))
+        let id = UInt32(bytes.count)
+        bytes.append(copy)
+        let text = String(decoding: copy, as: UTF8.self)
+        texts.append(text)
+        tags.append(RuleTag(prefix: text))
+        buckets[h, default: []].append(id)
+        return id
+    }
+
+    public func intern(_ prefix: String) -> UInt32 {
+        var s = prefix
+        return s.withUTF8 { intern(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// The parsed meshtrace tag, or nil for an empty or foreign prefix.
+    public func tag(for id: UInt32) -> RuleTag? { Int(id) < tags.count ? tags[Int(id)] : nil }
+    /// The prefix text as logged.
+    public func text(for id: UInt32) -> String { Int(id) < texts.count ? texts[Int(id)] : "" }
+    public var count: Int { bytes.count - 1 }
+}
+
+@inline(__always)
+private func memcmpEqual(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer, _ n: Int) -> Bool {
+    for i in 0..<n where a[i] != b[i] { return false }
+    return true
+}

@@ -1,0 +1,122 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A network namespace the user named: `--netns NAME` (under /var/run/netns), `--netns PATH`, or `--pid N`.
+/// Everything meshtrace does to a pod happens inside one of these, never in the root namespace.
+public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
+    /// The file that pins the namespace: /var/run/netns/NAME, /proc/PID/ns/net, or the given path.
+    public let path: String
+    /// How the user named it, for messages.
+    public let label: String
+
+    public init(path: String, label: String) { self.path = path; self.label = label }
+
+    /// Resolves `--netns` / `--pid`; throws `.noSuchNetns` when the namespace does not exist.
+    public static func resolve(netns: String?, pid: Int32?) throws -> NetnsRef {
+        if let pid {
+            let p = "/proc/\(pid)/ns/net"
+            guard FileManager.default.fileExists(atPath: p) else {
+                throw MeshtraceError(.noSuchNetns, "no process \(pid): cannot find its network namespace (\(p))")
+            }
+            return NetnsRef(path: p, label: "pid \(pid)")
+        }
+        guard let netns, !netns.isEmpty else {
+            throw MeshtraceError(.usage, "name the pod's network namespace with --netns NAME|PATH or --pid N")
+        }
+        let p = netns.contains("/") ? netns : "/var/run/netns/\(netns)"
+        var st = stat()
+        guard stat(p, &st) == 0 else {
+            throw MeshtraceError(.noSuchNetns, "network namespace '\(netns)' does not exist (\(p))")
+        }
+        return NetnsRef(path: p, label: netns)
+    }
+
+    public var description: String { label }
+
+    /// The argv prefix that runs a program inside this namespace (util-linux nsenter).
+    public var execPrefix: [String] { ["nsenter", "--net=\(path)", "--"] }
+}
+
+/// Runs external programs (iptables-save, nft, ip, ...), optionally inside a netns, and captures their output.
+/// The only place meshtrace starts another program.
+public enum Command {
+    public struct Result: Sendable {
+        public var status: Int32
+        public var stdout: String
+        public var stderr: String
+        public var ok: Bool { status == 0 }
+    }
+
+    /// Runs `argv` (looked up in PATH and the sbin directories), feeding `input` on stdin.
+    /// Throws `.missingTool` when the program is not installed.
+    @discardableResult
+    public static func run(_ argv: [String], in netns: NetnsRef? = nil, input: String? = nil) throws -> Result {
+        let full = (netns?.execPrefix ?? []) + argv
+        guard let exe = which(full[0]) else {
+            throw MeshtraceError(.missingTool, "\(full[0]) is not installed (needed to run: \(argv.joined(separator: " ")))")
+        }
+        if netns != nil, which(argv[0]) == nil {
+            throw MeshtraceError(.missingTool, "\(argv[0]) is not installed")
+        }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = Array(full.dropFirst())
+        var env = ProcessInfo.processInfo.environment
+        env["PATH"] = searchPath
+        env["LC_ALL"] = "C"
+        p.environment = env
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        let inPipe: Pipe? = input != nil ? Pipe() : nil
+        p.standardInput = inPipe ?? FileHandle.nullDevice
+        try p.run()
+        if let inPipe, let input {
+            let data = Data(input.utf8)
+            DispatchQueue.global().async {
+                inPipe.fileHandleForWriting.write(data)
+                try? inPipe.fileHandleForWriting.close()
+            }
+        }
+        // Read both pipes concurrently so a chatty stderr cannot block the child.
+        var errData = Data()
+        let group = DispatchGroup()
+        group.enter()
+        DispatchQueue.global().async {
+            errData = err.fileHandleForReading.readDataToEndOfFile()
+            group.leave()
+        }
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        group.wait()
+        p.waitUntilExit()
+        return Result(status: p.terminationStatus,
+                      stdout: String(decoding: outData, as: UTF8.self),
+                      stderr: String(decoding: errData, as: UTF8.self))
+    }
+
+    static let searchPath: String = {
+        let base = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        return base + ":/usr/local/sbin:/usr/sbin:/sbin"
+    }()
+
+    /// The absolute path of a program, or nil when it is not installed.
+    public static func which(_ name: String) -> String? {
+        if name.contains("/") { return FileManager.default.isExecutableFile(atPath: name) ? name : nil }
+        for dir in searchPath.split(separator: ":") {
+            let candidate = "\(dir)/\(name)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        return nil
+    }
+
+    /// True when running as root (the live paths need CAP_NET_ADMIN; root is how meshtrace is run).
+    public static var isRoot: Bool { geteuid() == 0 }
+
+    public static func requireRoot(_ what: String) throws {
+        guard isRoot else {
+            throw MeshtraceError(.noPrivilege, "\(what) needs root (CAP_NET_ADMIN): run it with sudo")
+        }
+    }
+}

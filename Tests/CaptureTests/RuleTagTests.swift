@@ -1,0 +1,46 @@
+import XCTest
+@testable import Capture
+
+final class RuleTagTests: XCTestCase {
+    func testPrefixRoundTripsAndFitsNflogLimit() {
+        let tag = RuleTag(family: .v4, table: "nat", chain: "ISTIO_OUTPUT", position: .rule(4),
+                          textHash: RuleTag.textHash("-A ISTIO_OUTPUT -j REDIRECT --to-ports 15001"))
+        XCTAssertEqual(RuleTag(prefix: tag.prefix), tag)
+        XCTAssertLessThanOrEqual(tag.prefix.utf8.count, 63)
+    }
+
+    func testLongNamesAreShortenedButStillMatch() {
+        let chain = String(repeating: "c", count: 40)
+        let table = String(repeating: "t", count: 40)
+        let tag = RuleTag(family: .nft, table: table, chain: chain, position: .observeIn)
+        XCTAssertLessThanOrEqual(tag.prefix.utf8.count, 63)
+        let back = RuleTag(prefix: tag.prefix)!
+        XCTAssertTrue(back.matches(chain: chain))
+        XCTAssertTrue(back.matches(table: table))
+        XCTAssertFalse(back.matches(chain: "other"))
+    }
+
+    func testForeignPrefixesAreNotTags() {
+        XCTAssertNil(RuleTag(prefix: ""))
+        XCTAssertNil(RuleTag(prefix: "TRACE: nat:OUTPUT:rule:1"))
+        XCTAssertNil(RuleTag(prefix: "mt:4:nat:X:0:-"))
+    }
+
+    func testInterningIsStable() {
+        let table = RuleTagTable()
+        let a = table.intern("mt:4:nat:ISTIO_OUTPUT:4:00ff")
+        let b = table.intern("mt:4:nat:ISTIO_OUTPUT:4:00ff")
+        XCTAssertEqual(a, b)
+        XCTAssertEqual(table.intern(""), 0)
+        XCTAssertEqual(table.tag(for: a)?.position, .rule(4))
+    }
+
+    func testAddressesParseAndPrint() {
+        XCTAssertEqual(IPAddress("169.254.7.127")?.description, "169.254.7.127")
+        XCTAssertEqual(IPAddress("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")?.description, "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+        XCTAssertEqual(IPAddress("::1")?.isLoopback, true)
+        XCTAssertEqual(IPAddress("2001:db8::1")?.description, "2001:db8::1")
+        XCTAssertNil(IPAddress("300.1.1.1"))
+        XCTAssertNil(IPAddress("1:2:3"))
+    }
+}

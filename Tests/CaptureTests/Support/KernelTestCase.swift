@@ -1,0 +1,48 @@
+import XCTest
+@testable import Capture
+
+/// Base for tests that use the real kernel: network namespaces, iptables, NFLOG.
+/// Every namespace made through `makeNetns()` is removed in tearDown, whether the test passed or not.
+class KernelTestCase: XCTestCase {
+    private var namespaces: [ScratchNetns] = []
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        try XCTSkipUnless(Command.isRoot, "kernel tests need root (CI runs as root)")
+        ScratchNetns.sweepOrphans()
+    }
+
+    override func tearDown() {
+        for ns in namespaces.reversed() { ns.remove() }
+        namespaces.removeAll()
+        super.tearDown()
+    }
+
+    func makeNetns() throws -> ScratchNetns {
+        let ns = try ScratchNetns(kind: "t")
+        namespaces.append(ns)
+        return ns
+    }
+}
+
+/// Paths of the project's own files, for tests.
+enum ProjectPaths {
+    static var root: URL {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().deletingLastPathComponent()
+    }
+    static var reference: URL { root.deletingLastPathComponent().appendingPathComponent("shared/reference") }
+    static var samples: URL { root.appendingPathComponent("samples") }
+    static var fixtures: URL { root.appendingPathComponent("Tests/CaptureTests/Fixtures") }
+}
+
+final class ScratchNetnsTests: KernelTestCase {
+    func testNamespaceIsCreatedAndRemoved() throws {
+        let ns = try makeNetns()
+        let list = try Command.run(["ip", "netns", "list"]).stdout
+        XCTAssertTrue(list.contains(ns.name))
+        XCTAssertLessThanOrEqual(ns.name.utf8.count, 15)
+        ns.remove()
+        XCTAssertFalse(try Command.run(["ip", "netns", "list"]).stdout.contains(ns.name))
+    }
+}
