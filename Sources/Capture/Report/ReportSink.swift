@@ -1,0 +1,50 @@
+// Every printer is a sink of the same records (the pwru idea: events are plain typed records, and the text,
+// JSON, pcapng and HTML printers all consume them). `Reporter` fans one stream out to the sinks chosen.
+
+public protocol ReportSink: AnyObject {
+    /// Every packet, after the correlator placed it (nil: it joined no connection). For sinks that keep packets
+    /// (pcapng); `frame` is the captured bytes in `linkType` framing, valid only during the call.
+    func packet(_ record: PacketRecord, frame: UnsafeRawBufferPointer, linkType: Int32, connection: ConnectionID?)
+    /// A connection's timeline once it is finished (closed, idle, or at the end of input).
+    func connection(_ timeline: ConnectionTimeline)
+    /// An escape finding, as soon as it is established.
+    func finding(_ finding: EscapeFinding)
+    /// The end: totals, rule hit counts, losses. Sinks flush and close their files here.
+    func finish(_ summary: AnalysisSummary) throws
+}
+
+extension ReportSink {
+    public func packet(_ record: PacketRecord, frame: UnsafeRawBufferPointer, linkType: Int32, connection: ConnectionID?) {}
+    public func finding(_ finding: EscapeFinding) {}
+}
+
+/// Fans records out to several sinks.
+public final class Reporter: ReportSink {
+    public private(set) var sinks: [ReportSink]
+    /// True when some sink wants every packet (so the caller keeps frame bytes around for it).
+    public var wantsPackets: Bool
+    public init(sinks: [ReportSink] = [], wantsPackets: Bool = false) { self.sinks = sinks; self.wantsPackets = wantsPackets }
+    public func add(_ sink: ReportSink, wantsPackets: Bool = false) {
+        sinks.append(sink)
+        if wantsPackets { self.wantsPackets = true }
+    }
+    public func packet(_ record: PacketRecord, frame: UnsafeRawBufferPointer, linkType: Int32, connection: ConnectionID?) {
+        guard wantsPackets else { return }
+        for s in sinks { s.packet(record, frame: frame, linkType: linkType, connection: connection) }
+    }
+    public func connection(_ timeline: ConnectionTimeline) { for s in sinks { s.connection(timeline) } }
+    public func finding(_ finding: EscapeFinding) { for s in sinks { s.finding(finding) } }
+    public func finish(_ summary: AnalysisSummary) throws { for s in sinks { try s.finish(summary) } }
+}
+
+/// What the user asked for on the command line, shared by analyze, trace, verify and lab.
+public struct OutputConfig: Sendable {
+    public enum ColorMode: String, Sendable, CaseIterable { case auto, always, never }
+    public var json: Bool = false
+    public var pcapngPath: String? = nil
+    public var htmlPath: String? = nil
+    public var color: ColorMode = .auto
+    /// Progress / live status line on stderr (only when stderr is a terminal, unless forced).
+    public var progress: Bool = true
+    public init() {}
+}
