@@ -176,6 +176,8 @@ public final class LabSocket: @unchecked Sendable {
     /// A UDP socket bound to `ep`, optionally marked.
     static func udp(bound ep: Endpoint?, family: IPAddress.Family, mark: UInt32?) throws -> LabSocket {
         let s = try make(family, Int32(SOCK_DGRAM.rawValue))
+        // Separate v4 and v6 sockets on one port: without V6ONLY the v6 one would claim the v4 port too.
+        if family == .v6 { try s.setInt(SocketOption.solIPv6, SocketOption.ipv6Only, 1, "IPV6_V6ONLY") }
         if let mark { try s.setMark(mark) }
         if let ep { try s.bind(ep) }
         return s
