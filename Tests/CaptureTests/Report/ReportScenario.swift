@@ -17,11 +17,6 @@ struct SyntheticPacket {
     var connection: ConnectionID?
 }
 
-enum LinkType {
-    static let ethernet: Int32 = 1
-    static let nflog: Int32 = 239
-}
-
 struct ReportScenario {
     var ruleset: Ruleset
     var tags = RuleTagTable()
