@@ -272,6 +272,15 @@ public struct NflogMeta: Hashable, Sendable {
     /// True when NFULA_TIMESTAMP was present (it is missing on locally generated packets).
     public var hadKernelTimestamp: Bool = false
     public var conntrack: ConntrackInfo? = nil
+    /// NFULA_TIMESTAMP itself (the skb's time), when present; the record's `time` stays the capture's.
+    public var kernelTime: Timestamp? = nil
+    /// NFULA_SEQ_GLOBAL (sequence across all NFLOG instances, with NFULNL_CFG_F_SEQ_GLOBAL).
+    public var globalSequence: UInt32? = nil
+    /// NFULA_CT_INFO: the packet's ctinfo (IP_CT_ESTABLISHED 0, RELATED 1, NEW 2, +3 for the reply direction).
+    public var conntrackState: UInt32? = nil
+    /// NFULA_IFINDEX_PHYSINDEV / PHYSOUTDEV (bridge ports).
+    public var physInputIfindex: UInt32? = nil
+    public var physOutputIfindex: UInt32? = nil
     public init() {}
 }
 
@@ -293,6 +302,7 @@ public struct DecodeNotes: OptionSet, Hashable, Sendable {
     public static let snaplenCut = DecodeNotes(rawValue: 1 << 11)
     public static let badConntrack = DecodeNotes(rawValue: 1 << 12)
     public static let notIP = DecodeNotes(rawValue: 1 << 13)
+    public static let badTransportHeader = DecodeNotes(rawValue: 1 << 14)
 
     /// Human words for each note, as printed in timelines ("truncated TCP header").
     public var descriptions: [String] {
@@ -311,6 +321,7 @@ public struct DecodeNotes: OptionSet, Hashable, Sendable {
         if contains(.snaplenCut) { out.append("cut by snaplen") }
         if contains(.badConntrack) { out.append("bad NFULA_CT attribute") }
         if contains(.notIP) { out.append("not IP") }
+        if contains(.badTransportHeader) { out.append("bad transport header") }
         return out
     }
 }
@@ -371,6 +382,8 @@ public struct PacketRecord: Sendable {
     /// Present for NFLOG records only.
     public var nflog: NflogMeta? = nil
     public var notes: DecodeNotes = []
+    /// Interface index from the link layer when it carries one (LINUX_SLL2), else 0.
+    public var ifindex: UInt32 = 0
 
     public init() {}
 

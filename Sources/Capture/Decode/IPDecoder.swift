@@ -1,0 +1,151 @@
+// IPv4 and IPv6 headers (with IPv6 extension headers), then the transport layer inside.
+// Lengths come from the IP header; the captured bytes only decide how far decoding gets. When the
+// capture is shorter than the packet (snaplen, `--nflog-size`), a truncation is also marked `.snaplenCut`
+// so a reader can tell "the copy was cut" from "the packet is malformed".
+
+enum IPDecoder {
+    /// Decodes an L3 packet whose family is told by the link layer; 0 = look at the version nibble.
+    static func decode(version: UInt8, _ r: inout ByteReader, into rec: inout PacketRecord) {
+        var v = version
+        if v == 0 {
+            guard let first = r.peekU8() else {
+                rec.notes.insert(.truncatedIP)
+                return
+            }
+            v = first >> 4
+        }
+        switch v {
+        case 4: ipv4(&r, into: &rec)
+        case 6: ipv6(&r, into: &rec)
+        default: rec.notes.insert(.notIP)
+        }
+    }
+
+    static func ipv4(_ r: inout ByteReader, into rec: inout PacketRecord) {
+        let captured = r.remaining
+        guard let verIHL = r.u8(), r.skip(1), let totalLength = r.be16(), let id = r.be16(),
+              let fragField = r.be16(), let ttl = r.u8(), let proto = r.u8(), r.skip(2),
+              let src = r.be32(), let dst = r.be32() else {
+            rec.notes.insert(.truncatedIP)
+            return
+        }
+        guard verIHL >> 4 == 4 else {
+            rec.notes.insert(.badIPHeader)
+            return
+        }
+        let headerLength = Int(verIHL & 0x0f) * 4
+        guard headerLength >= 20, Int(totalLength) >= headerLength else {
+            rec.notes.insert(.badIPHeader)
+            return
+        }
+        rec.ipLength = UInt32(totalLength)
+        rec.ipID = UInt32(id)
+        rec.ttl = ttl
+        rec.tuple.proto = proto
+        rec.tuple.src.addr = IPAddress(v4: src)
+        rec.tuple.dst.addr = IPAddress(v4: dst)
+        let cut = captured < Int(totalLength)
+        if headerLength > 20 {
+            rec.notes.insert(.ipOptions)
+            guard r.skip(headerLength - 20) else {
+                rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                return
+            }
+        }
+        let moreFragments = fragField & 0x2000 != 0
+        let fragmentOffset = fragField & 0x1fff
+        if moreFragments || fragmentOffset != 0 { rec.notes.insert(.fragment) }
+        if fragmentOffset != 0 {
+            // Only the first fragment carries the transport header.
+            rec.notes.insert(.nonFirstFragment)
+            return
+        }
+        let l4Length = Int(totalLength) - headerLength
+        // Ethernet pads short frames: read no further than the IP packet.
+        var l4 = r.subReader(upTo: l4Length)
+        transport(proto: proto, &l4, l4Length: l4Length, cut: cut, into: &rec)
+    }
+
+    /// Upper bound on extension headers walked: each consumes at least 8 bytes, so the buffer ends the walk
+    /// anyway; the bound names a hostile chain instead of walking a 64 KiB one.
+    static let maxExtensionHeaders = 16
+
+    static func ipv6(_ r: inout ByteReader, into rec: inout PacketRecord) {
+        let captured = r.remaining
+        guard let word0 = r.be32(), let payloadLength = r.be16(), var next = r.u8(), let hopLimit = r.u8(),
+              let srcHi = r.be64(), let srcLo = r.be64(), let dstHi = r.be64(), let dstLo = r.be64() else {
+            rec.notes.insert(.truncatedIP)
+            return
+        }
+        guard word0 >> 28 == 6 else {
+            rec.notes.insert(.badIPHeader)
+            return
+        }
+        rec.ipLength = 40 + UInt32(payloadLength)
+        rec.ttl = hopLimit
+        rec.tuple.src.addr = IPAddress(v6: srcHi, srcLo)
+        rec.tuple.dst.addr = IPAddress(v6: dstHi, dstLo)
+        let cut = captured < 40 + Int(payloadLength)
+        var l4Length = Int(payloadLength)
+        var walked = 0
+        walk: while true {
+            switch next {
+            case 0, 43, 60, 51, 44:
+                walked += 1
+                rec.notes.insert(.ipv6ExtensionHeaders)
+                guard walked <= maxExtensionHeaders else {
+                    rec.notes.insert(.badIPHeader)
+                    rec.tuple.proto = next
+                    return
+                }
+                guard let nextHeader = r.u8(), let lengthByte = r.u8() else {
+                    rec.tuple.proto = next
+                    rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                    return
+                }
+                let length: Int
+                if next == 44 {
+                    // Fragment header: fixed 8 bytes (offset, M flag, 32-bit identification).
+                    guard let offsetField = r.be16(), let id = r.be32() else {
+                        rec.tuple.proto = next
+                        rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                        return
+                    }
+                    rec.ipID = id
+                    rec.notes.insert(.fragment)
+                    length = 8
+                    if offsetField >> 3 != 0 {
+                        rec.tuple.proto = nextHeader
+                        rec.notes.insert(.nonFirstFragment)
+                        return
+                    }
+                } else {
+                    // AH counts 4-byte words minus 2; the others 8-byte words minus 1.
+                    length = next == 51 ? (Int(lengthByte) + 2) * 4 : (Int(lengthByte) + 1) * 8
+                    guard r.skip(length - 2) else {
+                        rec.tuple.proto = next
+                        rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                        return
+                    }
+                }
+                l4Length -= length
+                next = nextHeader
+            default:
+                break walk
+            }
+        }
+        rec.tuple.proto = next
+        guard l4Length >= 0 else {
+            rec.notes.insert(.badIPHeader)
+            return
+        }
+        // 50 (ESP) and 59 (no next header) end here: nothing readable follows.
+        var l4 = r.subReader(upTo: l4Length)
+        transport(proto: next, &l4, l4Length: l4Length, cut: cut, into: &rec)
+    }
+
+    private static func transport(proto: UInt8, _ r: inout ByteReader, l4Length: Int, cut: Bool, into rec: inout PacketRecord) {
+        TransportDecoder.decode(proto: proto, &r, l4Length: l4Length, into: &rec)
+        if cut && rec.notes.contains(.truncatedTransport) { rec.notes.insert(.snaplenCut) }
+    }
+}

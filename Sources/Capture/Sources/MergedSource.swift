@@ -1,0 +1,63 @@
+// Several captures from one node (an `-i any` capture plus an `nflog:G` capture, or one file per
+// interface) read as one stream, ordered by timestamp: a k-way merge that holds one pending packet per
+// source. Each source's frame buffer stays valid while its packet waits, because a source is only
+// advanced after its pending packet was handed out.
+
+public final class MergedSource: PacketSource {
+    private let sources: [PacketSource]
+    private var heads: [PacketRecord]
+    private var headBytes: [UnsafeRawBufferPointer?]
+    private var headLinkTypes: [Int32]
+    private var primed = false
+    /// The source whose packet was handed out last: advanced on the next call.
+    private var handedOut = -1
+    public private(set) var currentLinkType: Int32 = -1
+
+    public init(_ sources: [PacketSource]) {
+        self.sources = sources
+        heads = Array(repeating: PacketRecord(), count: sources.count)
+        headBytes = Array(repeating: nil, count: sources.count)
+        headLinkTypes = Array(repeating: -1, count: sources.count)
+    }
+
+    /// Opens each file as a `PcapFileSource` numbered by its position (`FrameRef.source`).
+    public convenience init(paths: [String], tags: RuleTagTable, interfaceNames: [String?] = []) throws {
+        guard paths.count <= Int(UInt16.max) else { throw MeshtraceError.badInput("too many capture files (\(paths.count))") }
+        var files: [PacketSource] = []
+        for (i, path) in paths.enumerated() {
+            let name = i < interfaceNames.count ? interfaceNames[i] : nil
+            files.append(try PcapFileSource(path: path, index: UInt16(i), tags: tags, interfaceName: name))
+        }
+        self.init(files)
+    }
+
+    public func next(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
+        if !primed {
+            primed = true
+            for i in sources.indices { advance(i) }
+        } else if handedOut >= 0 {
+            advance(handedOut)
+        }
+        var best = -1
+        for i in sources.indices where headBytes[i] != nil {
+            if best < 0 || heads[i].time < heads[best].time { best = i }
+        }
+        handedOut = best
+        guard best >= 0 else { return nil }
+        record = heads[best]
+        currentLinkType = headLinkTypes[best]
+        return headBytes[best]
+    }
+
+    /// Every source's damage, in source order, as one message (nil when all ended cleanly).
+    public var damage: MeshtraceError? {
+        let damaged = sources.compactMap(\.damage)
+        guard let first = damaged.first else { return nil }
+        return damaged.count == 1 ? first : .damaged(damaged.map(\.message).joined(separator: "; "))
+    }
+
+    private func advance(_ i: Int) {
+        headBytes[i] = sources[i].next(into: &heads[i])
+        headLinkTypes[i] = sources[i].currentLinkType
+    }
+}

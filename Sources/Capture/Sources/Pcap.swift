@@ -1,0 +1,256 @@
+// The libpcap boundary: the only file that calls libpcap. Pointers and return codes become Swift
+// values and thrown `MeshtraceError`s here; nothing above this file touches a pcap_t.
+
+import CPcap
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One packet as libpcap handed it out. `bytes` points into libpcap's buffer: valid until the next read
+/// on the same handle.
+public struct PcapPacket {
+    public var time: Timestamp
+    public var wireLength: UInt32
+    public var bytes: UnsafeRawBufferPointer
+}
+
+/// libpcap's counters for a live capture (pcap_stats).
+public struct PcapStatistics: Sendable, Equatable {
+    public var received: UInt32
+    /// Dropped because the capture buffer was full (ps_drop): packets the trace did not see.
+    public var dropped: UInt32
+    public var interfaceDropped: UInt32
+}
+
+/// A libpcap capture handle: a file being read, or an activated live device (an interface, `any`, `nflog:G`).
+public final class PcapHandle: @unchecked Sendable {
+    public enum ReadResult {
+        case packet(PcapPacket)
+        /// Live capture: the read timeout passed (or nonblocking and nothing waiting).
+        case timeout
+        /// File: no more packets. Live: `breakLoop()` was called.
+        case end
+        /// libpcap failed; for a file, "truncated dump file; ..." means the file ends inside a record.
+        case error(String)
+    }
+
+    private var handle: OpaquePointer?
+    /// The file path or device name, for messages.
+    public let name: String
+    /// True when `time` of packets is nanosecond-exact (ns files, or live with nanosecond stamps).
+    public let nanosecondTimestamps: Bool
+
+    private init(handle: OpaquePointer, name: String) {
+        self.handle = handle
+        self.name = name
+        nanosecondTimestamps = pcap_get_tstamp_precision(handle) == PCAP_TSTAMP_PRECISION_NANO
+    }
+
+    deinit { close() }
+
+    // MARK: opening
+
+    /// Opens a pcap (µs or ns) or pcapng file; timestamps come out in nanoseconds either way.
+    public static func openOffline(path: String) throws -> PcapHandle {
+        var errbuf = [CChar](repeating: 0, count: Int(PCAP_ERRBUF_SIZE))
+        guard let p = pcap_open_offline_with_tstamp_precision(path, UInt32(PCAP_TSTAMP_PRECISION_NANO), &errbuf) else {
+            throw MeshtraceError.badInput("\(path): \(String(cString: errbuf))")
+        }
+        return PcapHandle(handle: p, name: path)
+    }
+
+    /// Creates and activates a live capture on `device` in the current network namespace (the caller's
+    /// thread must already be inside the pod's netns). `nflog:G` opens NFLOG group G the same way.
+    /// - Parameters:
+    ///   - snaplen: bytes kept per packet.
+    ///   - bufferSize: kernel capture buffer in bytes (bursts are lost, and counted in `ps_drop`, beyond it).
+    ///   - immediate: deliver each packet as it arrives instead of when the buffer fills.
+    ///   - timeoutMilliseconds: how long a blocking read waits before returning `.timeout`.
+    public static func openLive(device: String, snaplen: Int32 = 262_144, bufferSize: Int32 = 4 << 20,
+                                immediate: Bool = true, promiscuous: Bool = false,
+                                timeoutMilliseconds: Int32 = 100) throws -> PcapHandle {
+        var errbuf = [CChar](repeating: 0, count: Int(PCAP_ERRBUF_SIZE))
+        guard let p = pcap_create(device, &errbuf) else {
+            throw MeshtraceError.badInput("cannot capture on \(device): \(String(cString: errbuf))")
+        }
+        _ = pcap_set_snaplen(p, snaplen)
+        _ = pcap_set_promisc(p, promiscuous ? 1 : 0)
+        _ = pcap_set_timeout(p, timeoutMilliseconds)
+        _ = pcap_set_buffer_size(p, bufferSize)
+        _ = pcap_set_immediate_mode(p, immediate ? 1 : 0)
+        // Not every device can stamp in ns (nflog cannot); then it stays µs, scaled up on read.
+        _ = pcap_set_tstamp_precision(p, Int32(PCAP_TSTAMP_PRECISION_NANO))
+        let status = pcap_activate(p)
+        if status < 0 {
+            let detail = String(cString: pcap_geterr(p))
+            pcap_close(p)
+            throw activationError(device: device, status: status, detail: detail)
+        }
+        return PcapHandle(handle: p, name: device)
+    }
+
+    private static func activationError(device: String, status: Int32, detail: String) -> MeshtraceError {
+        let why = detail.isEmpty ? String(cString: pcap_statustostr(status)) : detail
+        switch status {
+        case PCAP_ERROR_NO_SUCH_DEVICE:
+            return MeshtraceError.badInput("no capture device \(device) in this network namespace: \(why)")
+        case PCAP_ERROR_PERM_DENIED, PCAP_ERROR_PROMISC_PERM_DENIED:
+            return MeshtraceError(.noPrivilege, "capturing on \(device) needs root (CAP_NET_RAW): \(why)")
+        default:
+            // libpcap reports a busy NFLOG group as a bind failure (another listener owns it in this netns).
+            if device.hasPrefix("nflog"), why.contains("busy") || why.contains("bind") {
+                return MeshtraceError(.nflogGroupBusy, "cannot capture on \(device): \(why) (is another listener on that group?)")
+            }
+            return MeshtraceError(.kernelRefused, "cannot capture on \(device): \(why)")
+        }
+    }
+
+    // MARK: facts about the capture
+
+    /// The DLT of the packets (see `LinkType`; RAW files report DLT_RAW 12, not 101).
+    public var linkType: Int32 { handle.map { pcap_datalink($0) } ?? -1 }
+    public var snapshotLength: Int32 { handle.map { pcap_snapshot($0) } ?? 0 }
+    /// True when the file was written on a machine of the other byte order.
+    public var isSwapped: Bool { handle.map { pcap_is_swapped($0) == 1 } ?? false }
+
+    // MARK: reading
+
+    /// The next packet. For files: `.end` at a clean end, `.error` for a damaged one.
+    public func next() -> ReadResult {
+        guard let handle else { return .end }
+        var header: UnsafeMutablePointer<pcap_pkthdr>? = nil
+        var data: UnsafePointer<u_char>? = nil
+        switch pcap_next_ex(handle, &header, &data) {
+        case 1:
+            guard let h = header?.pointee else { return .error("libpcap returned a packet without a header") }
+            let fraction = Int64(h.ts.tv_usec)
+            let time = Timestamp(seconds: Int64(h.ts.tv_sec),
+                                 nanoseconds: Int32(truncatingIfNeeded: nanosecondTimestamps ? fraction : fraction * 1000))
+            let bytes = UnsafeRawBufferPointer(start: data, count: Int(h.caplen))
+            return .packet(PcapPacket(time: time, wireLength: h.len, bytes: bytes))
+        case 0:
+            return .timeout
+        case PCAP_ERROR_BREAK:
+            return .end
+        default:
+            return .error(String(cString: pcap_geterr(handle)))
+        }
+    }
+
+    // MARK: live controls
+
+    /// Compiles and installs a tcpdump-syntax filter (classic BPF). A bad expression is a usage error.
+    public func setFilter(_ expression: String) throws {
+        guard let handle else { return }
+        var program = bpf_program()
+        guard pcap_compile(handle, &program, expression, 1, PCAP_NETMASK_UNKNOWN) == 0 else {
+            throw MeshtraceError(.usage, "bad filter '\(expression)': \(String(cString: pcap_geterr(handle)))")
+        }
+        defer { pcap_freecode(&program) }
+        guard pcap_setfilter(handle, &program) == 0 else {
+            throw MeshtraceError(.kernelRefused, "cannot install filter '\(expression)' on \(name): \(String(cString: pcap_geterr(handle)))")
+        }
+    }
+
+    public func setNonblocking(_ on: Bool) throws {
+        guard let handle else { return }
+        var errbuf = [CChar](repeating: 0, count: Int(PCAP_ERRBUF_SIZE))
+        guard pcap_setnonblock(handle, on ? 1 : 0, &errbuf) == 0 else {
+            throw MeshtraceError(.kernelRefused, "\(name): cannot set nonblocking: \(String(cString: errbuf))")
+        }
+    }
+
+    /// A descriptor to poll(2) for readability, when the device has one.
+    public var selectableFileDescriptor: Int32? {
+        guard let handle else { return nil }
+        let fd = pcap_get_selectable_fd(handle)
+        return fd >= 0 ? fd : nil
+    }
+
+    public func statistics() throws -> PcapStatistics {
+        guard let handle else { throw MeshtraceError(.kernelRefused, "\(name): capture is closed") }
+        var s = pcap_stat()
+        guard pcap_stats(handle, &s) == 0 else {
+            throw MeshtraceError(.kernelRefused, "\(name): cannot read capture statistics: \(String(cString: pcap_geterr(handle)))")
+        }
+        return PcapStatistics(received: s.ps_recv, dropped: s.ps_drop, interfaceDropped: s.ps_ifdrop)
+    }
+
+    /// Makes a blocked or future `next()` return `.end`; safe from another thread or a signal handler.
+    public func breakLoop() {
+        if let handle { pcap_breakloop(handle) }
+    }
+
+    public func close() {
+        if let handle { pcap_close(handle) }
+        handle = nil
+    }
+}
+
+/// Writes a classic pcap file with `pcap_dump` (what `-w` produces; pcapng with comments is the report
+/// stage's own writer). Nanosecond files by default, so timestamps survive exactly.
+public final class PcapDumpWriter: @unchecked Sendable {
+    private var dead: OpaquePointer?
+    private var dumper: OpaquePointer?
+    public let path: String
+    private let nanosecond: Bool
+
+    /// A writer for packets of one link type.
+    public init(path: String, linkType: Int32, snaplen: Int32 = 262_144, nanosecond: Bool = true) throws {
+        self.path = path
+        self.nanosecond = nanosecond
+        guard let d = pcap_open_dead_with_tstamp_precision(linkType, snaplen,
+                                                           UInt32(nanosecond ? PCAP_TSTAMP_PRECISION_NANO : PCAP_TSTAMP_PRECISION_MICRO)) else {
+            throw MeshtraceError.badInput("cannot write \(path): libpcap does not know link type \(linkType)")
+        }
+        dead = d
+        guard let w = pcap_dump_open(d, path) else {
+            let why = String(cString: pcap_geterr(d))
+            pcap_close(d)
+            dead = nil
+            throw MeshtraceError.badInput("cannot write \(path): \(why)")
+        }
+        dumper = w
+    }
+
+    /// A writer with the link type and snaplen of a live capture.
+    public convenience init(path: String, like capture: PcapHandle) throws {
+        try self.init(path: path, linkType: capture.linkType, snaplen: capture.snapshotLength)
+    }
+
+    public func write(time: Timestamp, bytes: UnsafeRawBufferPointer, wireLength: UInt32) {
+        guard let dumper else { return }
+        var header = pcap_pkthdr()
+        header.ts.tv_sec = Int(time.seconds)
+        header.ts.tv_usec = Int(nanosecond ? Int64(time.nanoseconds) : Int64(time.nanoseconds) / 1000)
+        header.caplen = UInt32(bytes.count)
+        header.len = max(wireLength, UInt32(bytes.count))
+        let user = UnsafeMutableRawPointer(dumper).assumingMemoryBound(to: u_char.self)
+        let start = bytes.baseAddress?.assumingMemoryBound(to: u_char.self)
+        withUnsafePointer(to: header) { pcap_dump(user, $0, start) }
+    }
+
+    public func flush() throws {
+        guard let dumper else { return }
+        guard pcap_dump_flush(dumper) == 0 else {
+            throw MeshtraceError(.kernelRefused, "cannot write \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    public func close() {
+        if let dumper { pcap_dump_close(dumper) }
+        if let dead { pcap_close(dead) }
+        dumper = nil
+        dead = nil
+    }
+
+    deinit { close() }
+}
+
+extension PcapHandle {
+    /// libpcap's name for a DLT ("IEEE802_11"), or "unknown".
+    public static func linkTypeName(_ linkType: Int32) -> String {
+        guard let name = pcap_datalink_val_to_name(linkType) else { return "unknown" }
+        return String(cString: name)
+    }
+}
