@@ -92,9 +92,10 @@ public struct RulesetAnalysis: Sendable {
             case .ipv4: variant.ipv4 = true
             case .ipv6: variant.ipv6 = true
             case .inet:
+                // Only what a rule names explicitly: mark rules of an inet table apply to both families.
                 let fams = RulesetAnalysis.families(of: r)
-                if fams.contains(.ipv4) { variant.ipv4 = true }
-                if fams.contains(.ipv6) { variant.ipv6 = true }
+                if fams == [.ipv4] { variant.ipv4 = true }
+                if fams == [.ipv6] { variant.ipv6 = true }
             }
             if r.role == .probeBypassInbound || r.role == .probeBypassOutbound {
                 for m in r.matches {
