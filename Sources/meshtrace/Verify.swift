@@ -48,6 +48,7 @@ struct Verify: ParsableCommand {
     func run() throws {
         try reportingErrors {
             let rs = try source.load()
+            try Verifier.checkVerifiable(rs)
             var pod = PodParameters()
             pod.dualStack = ipv6
             pod.interface = interface

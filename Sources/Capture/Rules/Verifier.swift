@@ -179,7 +179,24 @@ public struct Verifier {
                 if worst == nil || v.severity > worst!.verdict.severity { worst = cv }
             }
         }
+        // A marked packet that escapes is only the mark's fault when the unmarked one is captured.
+        if c.mark != .none, case .escape = worst!.verdict {
+            let plain = evaluate(PacketClass(family: c.family, proto: c.proto, path: c.path, port: c.port, mark: .none, probe: c.probe))
+            if case .escape = plain.verdict {
+                var r = plain
+                r.packetClass = c
+                return r
+            }
+        }
         return worst!
+    }
+
+    /// `verify` is about a pod's netns; the node's own rules (probe SNAT) say nothing about a pod's escapes.
+    public static func checkVerifiable(_ rs: Ruleset) throws {
+        let roles = Set(rs.allRules.map(\.role))
+        if roles.contains(.hostProbeSNAT) && roles.isDisjoint(with: [.outboundCapture, .inboundCapture, .inboundCaptureTproxy, .connmarkFromZtunnel, .connmarkRestore]) {
+            throw MeshtraceError.badInput("\(rs.origin) holds the node's probe SNAT rules (ISTIO_POSTRT), not a pod's: verify a pod's netns (--netns/--pid) or its iptables-save")
+        }
     }
 
     func describe(_ s: PacketState) -> String {
@@ -542,7 +559,7 @@ public struct Verifier {
                                reason: "no \(c.family == .ipv6 ? "IPv6" : "IPv4") rules at all: inbound TCP reaches the app without ztunnel")
             }
             if analysis.variant.ingressMode { return .bypass(reason: "ingress mode: inbound capture is off for this pod") }
-            return .escape(code: "inbound-uncaptured", reason: "inbound TCP reaches the app on port \(w.state.dport) without ztunnel (no policy, no mTLS)")
+            return .escape(code: "inbound-uncaptured", reason: "inbound TCP reaches the app without ztunnel (no policy, no mTLS)")
         }
     }
 }
