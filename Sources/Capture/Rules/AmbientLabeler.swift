@@ -23,7 +23,8 @@ public enum AmbientLabeler {
                 // Rules ahead of the jump into the ambient chain see every packet first.
                 let jumpIndex = chain.rules.firstIndex { r in
                     switch r.target {
-                    case .jump(let n), .goto(let n): return isAmbientChain(table: table, chain: n)
+                    // The host's ISTIO_POSTRT sits among the node's own rules; only the pod's jumps are guarded.
+                    case .jump(let n), .goto(let n): return isAmbientChain(table: table, chain: n) && n != "ISTIO_POSTRT"
                     default: return false
                     }
                 }

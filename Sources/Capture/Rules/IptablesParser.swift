@@ -76,7 +76,7 @@ struct IptablesParser {
                 }
                 current = PendingTable(name: name, family: family, backend: headerBackend ?? .unknown,
                                        chains: IptablesParser.builtinChains[name]!.map { hook in
-                                           Chain(name: hook.0, hook: hook.1, priority: IptablesParser.priority(table: name),
+                                           Chain(name: hook.0, hook: hook.1, priority: IptablesParser.priority(table: name, hook: hook.1),
                                                  type: name == "nat" ? "nat" : "filter", policy: .accept)
                                        },
                                        line: lineNo)
@@ -287,11 +287,11 @@ struct IptablesParser {
     ]
 
     /// The fixed priorities of the xtables tables (include/uapi/linux/netfilter_ipv4.h NF_IP_PRI_*).
-    static func priority(table: String) -> Int {
+    static func priority(table: String, hook: NetfilterHook) -> Int {
         switch table {
         case "raw": return -300
         case "mangle": return -150
-        case "nat": return -100   // DNAT hooks; SNAT (POSTROUTING, INPUT) run at +100, see `hookPriority`
+        case "nat": return hook == .postrouting || hook == .input ? 100 : -100   // SNAT hooks run late, DNAT early
         case "filter": return 0
         case "security": return 50
         default: return 0

@@ -106,8 +106,13 @@ struct NftTextParser {
 
     private func peek(_ k: Int = 0) -> NftToken? { pos + k < tokens.count ? tokens[pos + k] : nil }
     private mutating func next() -> NftToken? { defer { pos += 1 }; return peek() }
+    /// Newlines, `;`, and the `# handle N` comments `nft -a` puts after a table's or chain's `{`.
     private mutating func skipSeparators() {
-        while let t = peek(), t.kind == .newline || t.kind == .semicolon { pos += 1 }
+        while let t = peek() {
+            if t.kind == .newline || t.kind == .semicolon { pos += 1; continue }
+            if t.kind == .word, t.text == "#handle" { pos += 2; continue }
+            break
+        }
     }
     private func err(_ t: NftToken?, _ m: String) -> MeshtraceError {
         MeshtraceError.badInput("\(origin) line \(t?.line ?? (tokens.last?.line ?? 1)): \(m)")

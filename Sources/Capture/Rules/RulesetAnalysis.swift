@@ -92,9 +92,10 @@ public struct RulesetAnalysis: Sendable {
             case .ipv4: variant.ipv4 = true
             case .ipv6: variant.ipv6 = true
             case .inet:
+                // Only what a rule names explicitly: mark rules of an inet table apply to both families.
                 let fams = RulesetAnalysis.families(of: r)
-                if fams.contains(.ipv4) { variant.ipv4 = true }
-                if fams.contains(.ipv6) { variant.ipv6 = true }
+                if fams == [.ipv4] { variant.ipv4 = true }
+                if fams == [.ipv6] { variant.ipv6 = true }
             }
             if r.role == .probeBypassInbound || r.role == .probeBypassOutbound {
                 for m in r.matches {
@@ -251,11 +252,12 @@ public struct RulesetAnalysis: Sendable {
         }
     }
 
-    /// Istio's own order within each chain; a rule before one it must follow changes what wins.
-    private static let expectedOrder: [[AmbientRole]] = [
-        [.probeBypassOutbound, .dnsCapture, .ztunnelReplyBypass, .localBypass, .outboundCapture],
-        [.virtualInterfaceCapture, .virtualInterfaceReturn, .probeBypassInbound, .inboundCapture],
-        [.connmarkFromZtunnel, .loopbackAccept, .inboundHboneTproxy, .establishedAccept, .inboundCaptureTproxy],
+    /// Istio's own order within each chain, as ranks; a rule before one of lower rank changes what wins.
+    /// Virtual-interface capture/return pairs repeat per interface, so they share a rank.
+    private static let expectedOrder: [[AmbientRole: Int]] = [
+        [.probeBypassOutbound: 0, .dnsCapture: 1, .ztunnelReplyBypass: 2, .localBypass: 3, .outboundCapture: 4],
+        [.virtualInterfaceCapture: 0, .virtualInterfaceReturn: 0, .probeBypassInbound: 1, .inboundCapture: 2],
+        [.connmarkFromZtunnel: 0, .loopbackAccept: 1, .inboundHboneTproxy: 2, .establishedAccept: 3, .inboundCaptureTproxy: 4],
     ]
     private static let captureRoles: Set<AmbientRole> = [.outboundCapture, .inboundCapture, .inboundCaptureTproxy, .inboundHboneTproxy, .dnsCapture]
 
@@ -265,7 +267,7 @@ public struct RulesetAnalysis: Sendable {
             for order in RulesetAnalysis.expectedOrder {
                 var highest: (Int, Rule)? = nil
                 for r in rules {
-                    guard let k = order.firstIndex(of: r.role) else { continue }
+                    guard let k = order[r.role] else { continue }
                     if let h = highest, k < h.0 {
                         findings.append(RulesetFinding(kind: .outOfOrder, severity: .problem,
                             message: "\(t.name) \(c.name): '\(r.role.rawValue)' (rule \(r.position)) comes after '\(h.1.role.rawValue)' (rule \(h.1.position)); Istio puts it first", rule: r))
