@@ -1,10 +1,160 @@
 import ArgumentParser
 import Capture
+import Foundation
 
 struct Lab: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "lab", abstract: "(not built yet)")
+    static let configuration = CommandConfiguration(
+        commandName: "lab",
+        abstract: "Build a real ambient pod pair from network namespaces, run scenarios through it, and trace them.",
+        discussion: """
+        Needs root. Builds a node, a client pod and a server pod (ambient rules + a ztunnel stand-in each) and a peer
+        outside the mesh, all in their own network namespaces (mt-l<pid>-N); nothing touches the root namespace.
+        Each scenario prints its expected verdict next to what the kernel showed and what meshtrace found.
+        Everything is removed at the end, on Ctrl-C and on errors, unless --keep. See docs/LAB.md.
+        """,
+        subcommands: [Run.self, Down.self],
+        defaultSubcommand: Run.self)
 
-    func run() throws {
-        try reportingErrors { throw MeshtraceError(.usage, "meshtrace lab is not built yet") }
+    struct Run: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "run", abstract: "Build the lab, run the scenarios, tear it down (the default).")
+
+        @Option(name: .long, parsing: .upToNextOption,
+                help: "Scenarios to run (repeatable or comma-separated; default: all). --list names them.")
+        var scenario: [String] = []
+
+        @Option(name: .long, help: "The ruleset: seed (default), istio-default, nft, or a file (iptables-save, golden, nft).")
+        var ruleset: String = "seed"
+
+        @Option(name: .long, help: "What loads iptables-form rulesets: iptables-nft (default) or iptables-legacy.")
+        var backend: String = "iptables-nft"
+
+        @Flag(name: .long, help: "Leave the lab up afterwards and print how to poke at it (remove it with `meshtrace lab down`).")
+        var keep = false
+
+        @Flag(name: .long, help: "List the scenarios and the built-in rulesets, then exit.")
+        var list = false
+
+        @Option(name: .long, help: "Also keep each scenario's capture files (tcpdump -i any in the traced pod) in this directory.")
+        var captureDir: String?
+
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            try reportingErrors {
+                if list { printList(); return .ok }
+                let scenarios = try selectedScenarios()
+                var options = LabOptions(executable: try selfExecutable())
+                options.ruleset = try LabRuleset.named(ruleset)
+                guard let b = LabBackend(rawValue: backend) else {
+                    throw MeshtraceError(.usage, "--backend takes \(LabBackend.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                options.backend = options.ruleset.form == .nftables ? .nftables : b
+                options.dualStack = scenarios.contains { $0.needsDualStack }
+                options.keep = keep
+
+                LabTopology.tearDownOnSignals()
+                let lab = try LabTopology(options: options)
+                defer { lab.teardown() }
+                printTopology(lab)
+
+                let runDir = captureDir ?? "\(lab.runDirectory)/captures"
+                let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: runDir))
+                var results: [ScenarioResult] = []
+                for s in scenarios {
+                    let r = try runner.run(s)
+                    results.append(r)
+                    printResult(r, lab: lab)
+                }
+                printSummary(results)
+                if keep { printKeepHelp(lab) }
+                return results.allSatisfy(\.matches) ? .ok : .escapeFound
+            }
+        }
+
+        private func selectedScenarios() throws -> [Scenario] {
+            let names = scenario.flatMap { $0.split(separator: ",").map(String.init) }
+            return names.isEmpty ? Scenario.defaultSet : try names.map(Scenario.named)
+        }
+
+        private func printList() {
+            print("Scenarios:")
+            for s in Scenario.allCases { print("  \(s.rawValue.padding(toLength: 18, withPad: " ", startingAt: 0)) \(s.summary)") }
+            print("Rulesets:")
+            for r in LabRuleset.builtIn { print("  \(r.name.padding(toLength: 18, withPad: " ", startingAt: 0)) \(r.summary)") }
+        }
+
+        private func printTopology(_ lab: LabTopology) {
+            print("meshtrace lab: ruleset \(lab.options.ruleset.name) (\(lab.options.backend.rawValue))")
+            for pod in lab.pods {
+                let what: String
+                switch pod.role {
+                case .node: what = "node: bridge, kubelet probe source \(LabTopology.probeSource), DNS at \(LabTopology.dnsServer)"
+                case .client: what = "client pod: ambient rules, ztunnel stand-in"
+                case .server: what = "server pod: ambient rules, ztunnel stand-in, app on :\(LabTopology.appPort)"
+                case .peer: what = "peer outside the mesh: app on :\(LabTopology.appPort), UDP echo on :\(LabTopology.udpEchoPort)"
+                }
+                print("  \(pod.name.padding(toLength: 14, withPad: " ", startingAt: 0)) \(pod.addresses.map(\.description).joined(separator: " ").padding(toLength: 28, withPad: " ", startingAt: 0)) \(what)")
+            }
+            print("")
+        }
+
+        private func printResult(_ r: ScenarioResult, lab: LabTopology) {
+            let traced = lab.pods.first { $0.role == r.scenario.tracedRole }!
+            print("── \(r.scenario.rawValue): \(r.scenario.summary)")
+            print("   traced in    \(traced.role.rawValue) pod (\(traced.name))")
+            print("   app got      \(r.appOutcome)")
+            print("   expected     \(r.expected.verdict.rawValue) — \(r.expected.because)")
+            print("   kernel shows \(r.kernelVerdict?.rawValue ?? "no result (the traffic failed)")")
+            print("   meshtrace    \(r.traced?.verdict?.rawValue ?? "no verdict yet (capture only)")")
+            for line in r.evidence { print("     \(line)") }
+            if let report = r.traced?.report, !report.isEmpty {
+                for line in report.split(whereSeparator: \.isNewline) { print("     | \(line)") }
+            }
+            print("   \(r.matches ? "as expected" : "DOES NOT MATCH the scenario's truth")\n")
+        }
+
+        private func printSummary(_ results: [ScenarioResult]) {
+            func col(_ s: String, _ n: Int) -> String { s.padding(toLength: n, withPad: " ", startingAt: 0) }
+            print(col("scenario", 19) + col("expected", 18) + col("kernel", 18) + col("meshtrace", 18) + "result")
+            for r in results {
+                print(col(r.scenario.rawValue, 19) + col(r.expected.verdict.rawValue, 18)
+                      + col(r.kernelVerdict?.rawValue ?? "-", 18) + col(r.traced?.verdict?.rawValue ?? "-", 18)
+                      + (r.matches ? "ok" : "MISMATCH"))
+            }
+        }
+
+        private func printKeepHelp(_ lab: LabTopology) {
+            let exe = lab.options.executable
+            print("""
+
+            The lab stays up (--keep). Try:
+              ip netns exec \(lab.client.name) \(exe) _app get \(lab.server.ipv4):80
+              ip netns exec \(lab.client.name) iptables-save -c
+              \(exe) trace --netns \(lab.client.name)
+              cat \(lab.runDirectory)/*.log
+            Remove it with: \(exe) lab down
+            """)
+        }
     }
+
+    struct Down: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "down", abstract: "Remove every lab namespace (mt-l*) of this and earlier runs, with its processes.")
+
+        func run() throws {
+            try reportingErrors {
+                let removed = try LabTopology.removeAll()
+                print(removed.isEmpty ? "no lab namespaces" : "removed \(removed.joined(separator: " "))")
+                return .ok
+            }
+        }
+    }
+}
+
+/// The running meshtrace binary: the lab starts it again inside the namespaces for the stand-ins.
+func selfExecutable() throws -> String {
+    let path = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+    guard FileManager.default.isExecutableFile(atPath: path) else {
+        throw MeshtraceError(.missingTool, "cannot find meshtrace's own executable (/proc/self/exe)")
+    }
+    return path
 }

@@ -16,7 +16,8 @@ struct Meshtrace: ParsableCommand {
         6 NFLOG group busy, 7 missing tool, 8 kernel refused, 9 leftovers, 10 events lost (--strict), 64 usage.
         """,
         version: "0.1.0",
-        subcommands: [Analyze.self, Trace.self, Rules.self, Verify.self, Plan.self, Cleanup.self, Lab.self]
+        subcommands: [Analyze.self, Trace.self, Rules.self, Verify.self, Plan.self, Cleanup.self, Lab.self,
+                      ZtunnelCommand.self, AppCommand.self]
     )
 }
 

@@ -1,10 +1,74 @@
 import ArgumentParser
 import Capture
+import Foundation
+
+/// Where `rules` and `verify` read the ruleset from: a file, or a live pod netns.
+struct RulesetSourceOptions: ParsableArguments {
+    @Option(name: .long, help: "A ruleset file: iptables-save / ip6tables-save output, iptables-restore input, an Istio golden, nft list ruleset, or nft -j list ruleset.")
+    var rules: String?
+
+    @Option(name: .long, help: "Read the live rules of this network namespace (a name under /var/run/netns, or a path).")
+    var netns: String?
+
+    @Option(name: .long, help: "Read the live rules of this process's network namespace.")
+    var pid: Int32?
+
+    func validate() throws {
+        let given = [rules != nil, netns != nil, pid != nil].filter { $0 }.count
+        guard given == 1 else { throw ValidationError("give exactly one of --rules FILE, --netns NAME|PATH, --pid N") }
+    }
+
+    func load() throws -> Ruleset {
+        if let rules { return try RulesetLoader.load(file: rules) }
+        try Command.requireRoot("reading a pod's live rules")
+        let ref = try NetnsRef.resolve(netns: netns, pid: pid)
+        return try RulesetLoader.load(netns: ref)
+    }
+}
 
 struct Rules: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "rules", abstract: "(not built yet)")
+    static let configuration = CommandConfiguration(
+        commandName: "rules",
+        abstract: "Show a pod's ruleset as ambient sees it: each rule's role, the variant, and what is foreign, missing, duplicated or out of order.",
+        discussion: """
+        Examples:
+          meshtrace rules --rules pod.iptables-save.txt
+          sudo meshtrace rules --netns cni-1234 --json
+          meshtrace rules --rules ruleset.nft --graph --graph-out flow.svg
+        Exit codes: 0 no structural problem, 1 problems found, 2 bad input. See docs/RULES.md.
+        """
+    )
+
+    @OptionGroup var source: RulesetSourceOptions
+
+    @Flag(name: .long, help: "One JSON object on stdout (docs/RULES.md).")
+    var json = false
+
+    @Flag(name: .long, help: "Print the chain flow as Graphviz DOT (hooks → chains → rules with roles).")
+    var graph = false
+
+    @Option(name: .long, help: "With --graph: write to this file instead of stdout; a .svg name renders it with `dot -Tsvg`.")
+    var graphOut: String?
 
     func run() throws {
-        try reportingErrors { throw MeshtraceError(.usage, "meshtrace rules is not built yet") }
+        try reportingErrors {
+            let rs = try source.load()
+            let analysis = RulesetAnalysis(rs)
+            if graph {
+                let dot = RulesetGraph.dot(rs)
+                if let out = graphOut {
+                    try RulesetGraph.write(dot: dot, to: out)
+                } else {
+                    print(dot, terminator: "")
+                }
+                return .ok
+            }
+            if json {
+                print(RulesetReport.json(rs, analysis))
+            } else {
+                print(RulesetReport.text(rs, analysis), terminator: "")
+            }
+            return .ok
+        }
     }
 }

@@ -184,6 +184,10 @@ public struct AnalysisSummary: Sendable {
     /// Live only: the kernel's counters for the twin rules, and events lost.
     public var kernelCounters: [String: UInt64] = [:]
     public var eventsLost: Int = 0
+    /// Findings sent to the sinks but not kept in `findings` (the summary keeps a bounded number).
+    public var findingsOmitted: Int = 0
+    /// The pod's addresses the analysis used (given with `--pod-ip`, or inferred from the traffic).
+    public var podAddresses: [IPAddress] = []
     public init() {}
     public var escapes: Int { findings.filter(\.isEscape).count }
 }

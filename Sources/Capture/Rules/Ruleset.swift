@@ -38,6 +38,10 @@ public indirect enum RuleMatch: Hashable, Sendable {
     case set(name: String, direction: String, negated: Bool)
     case comment(String)
     case unknown(String)
+    /// nft `meta nfproto ipv4` (and what `ip ...` / `ip6 ...` imply in an inet table).
+    case family(RuleFamily, negated: Bool)
+    /// Any one of these: nft anonymous sets `{ 53, 80 }`, `-m multiport --dports`, comma lists in `-s`.
+    case anyOf([RuleMatch], negated: Bool)
 }
 
 public struct CIDR: Hashable, Sendable, CustomStringConvertible {

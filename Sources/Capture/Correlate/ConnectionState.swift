@@ -1,0 +1,120 @@
+// The correlator's working state for one open connection. The `ConnectionTimeline` it carries is what
+// the sinks finally receive; the rest is evidence gathered on the way (NAT views, marks, where it left).
+
+/// A 5-tuple without direction: both directions of a connection (and its replies) hash the same.
+struct FlowKey: Hashable {
+    var proto: UInt8
+    var a: Endpoint
+    var b: Endpoint
+
+    init(_ t: FiveTuple) {
+        proto = t.proto
+        if FlowKey.endpointLess(t.src, t.dst) { a = t.src; b = t.dst } else { a = t.dst; b = t.src }
+    }
+
+    @inline(__always)
+    static func endpointLess(_ x: Endpoint, _ y: Endpoint) -> Bool {
+        if x.addr != y.addr { return x.addr < y.addr }
+        return x.port < y.port
+    }
+
+    func hash(into h: inout Hasher) {
+        // One mixed word instead of every field: the table is probed once per packet.
+        var w = a.addr.lo &* 0x9E37_79B9_7F4A_7C15
+        w ^= b.addr.lo &+ (a.addr.hi &* 31) &+ b.addr.hi
+        w ^= UInt64(a.port) << 48 | UInt64(b.port) << 32 | UInt64(proto) << 16
+        h.combine(w)
+    }
+}
+
+/// The initiator's endpoint and protocol: REDIRECT never changes the source, so every NAT view of
+/// a connection shares it.
+struct InitiatorKey: Hashable {
+    var proto: UInt8
+    var endpoint: Endpoint
+}
+
+final class ConnectionState {
+    var timeline: ConnectionTimeline
+    /// Every flow key this connection is registered under (original, post-NAT).
+    var keys: [FlowKey] = []
+    var initiator: Endpoint
+    /// The responder as the initiator addressed it (pre-NAT when a NAT view was linked).
+    var responder: Endpoint
+    /// The responder after REDIRECT (127.0.0.1:15001, podIP:15006), when a NAT view was seen.
+    var natResponder: Endpoint?
+    /// True once the initiator is known from a SYN rather than guessed from ports.
+    var initiatorFromSYN = false
+    /// True when the pre-NAT responder is known (from a pre-NAT view, a reply on lo, or conntrack).
+    var originalKnown = false
+
+    var isnForward: UInt32?
+    var isnReply: UInt32?
+    var finForward = false
+    var finReply = false
+    var reset = false
+    var closedAt: Int64?
+    var lastSeenNanos: Int64 = 0
+    var firstSeenNanos: Int64 = 0
+
+    /// ztunnel's packet mark 0x539 on the initiator's packets (NFLOG mark, or conntrack mark).
+    var ztunnelMarkFrames: [FrameRef] = []
+    /// Connmark 0x111 seen: the connmark-set rule hit, restored mark on replies, or NFULA_CT mark.
+    var sawZtunnelConnmark = false
+    var sawNflog = false
+    var sawLoopback = false
+    /// The initiator's packets seen on a non-loopback interface (or leaving through one at POSTROUTING).
+    var leftFrames: [FrameRef] = []
+    var arrivedFrames: [FrameRef] = []
+    var sawRedirectHit = false
+    var payloadForward: UInt64 = 0
+    var payloadReply: UInt64 = 0
+
+    /// Index in the correlator's open list, for O(1) removal.
+    var openIndex = -1
+    /// Set when this connection's events were moved into another (two views first seen apart).
+    var mergedInto: ConnectionState?
+    var hopLinks: [HopLink] = []
+    var emitted = false
+    var conntrackApplied = false
+    /// The initiator's packets were seen leaving this host (NFLOG OUTPUT/POSTROUTING, or outgoing on an interface).
+    var initiatorSentLocally = false
+    /// The initiator's packets arrived from outside (incoming on a non-loopback interface, NFLOG PREROUTING from one).
+    var initiatorArrivedFromOutside = false
+    var eventsNeedSorting = false
+    /// Membership in the hop candidate lists.
+    var pendingRoles: HopRoles = []
+
+    init(id: ConnectionID, tuple: FiveTuple, initiator: Endpoint, responder: Endpoint) {
+        timeline = ConnectionTimeline(id: id, kind: .unknown,
+                                      original: FiveTuple(proto: tuple.proto, src: initiator, dst: responder))
+        self.initiator = initiator
+        self.responder = responder
+    }
+
+    var id: ConnectionID { timeline.id }
+    var proto: UInt8 { timeline.original.proto }
+    var isClosed: Bool { closedAt != nil }
+    var hasOutboundHop: Bool { hopLinks.contains { $0.hop.direction == .outbound } }
+    var hasInboundHop: Bool { hopLinks.contains { $0.hop.direction == .inbound } }
+    var sawZtunnelMark: Bool { !ztunnelMarkFrames.isEmpty }
+}
+
+/// A hop shared by its two connections: both print the same evidence.
+final class HopLink {
+    var hop: ZtunnelHop
+    // Strong on purpose: an emitted connection clears its own links, so the pair is freed once both are out.
+    var outer: ConnectionState
+    var inner: ConnectionState
+    init(hop: ZtunnelHop, outer: ConnectionState, inner: ConnectionState) {
+        self.hop = hop; self.outer = outer; self.inner = inner
+    }
+}
+
+struct HopRoles: OptionSet {
+    let rawValue: UInt8
+    static let outerOutbound = HopRoles(rawValue: 1)
+    static let innerOutbound = HopRoles(rawValue: 2)
+    static let outerInbound = HopRoles(rawValue: 4)
+    static let innerInbound = HopRoles(rawValue: 8)
+}

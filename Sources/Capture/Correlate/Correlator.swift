@@ -1,0 +1,854 @@
+// The correlation engine: one for offline analysis and live tracing.
+//
+// Packets arrive one at a time, from libpcap interface captures and NFLOG records, in roughly capture-time
+// order. Each is placed on one logical connection, whatever view of it the packet shows:
+//   - the app's pre-NAT view (`app → S:80`, NFLOG at nat OUTPUT before the REDIRECT),
+//   - the post-NAT view on lo (`app → 127.0.0.1:15001`),
+//   - the replies on lo, de-NATed at POSTROUTING (`S:80 → app`).
+// REDIRECT never rewrites the source, so all views share the initiator's endpoint; NFULA_CT tuples link
+// them exactly, and without conntrack the views are linked by that endpoint plus TCP sequence numbers
+// (NFLOG records are stamped on receipt in batches, so time cannot be trusted to order them).
+//
+// Connections are emitted to the sink when they close (FIN both ways, or RST) plus a short linger, or
+// when they idle out by capture time, so memory stays bounded however long the capture is.
+
+public final class Correlator {
+    public let tags: RuleTagTable
+    public let ruleset: Ruleset?
+    public let options: CorrelatorOptions
+    public let sink: ReportSink
+
+    private var table: [FlowKey: ConnectionState] = [:]
+    private var byInitiator: [InitiatorKey: ConnectionState] = [:]
+    private var open: [ConnectionState] = []
+    private var nextID: ConnectionID = 1
+    private var now: Int64 = .min
+    private var nextSweep: Int64 = .min
+    private let sweepInterval: Int64 = 1_000_000_000
+
+    private var hitCache: [CachedHit?] = []
+    private var hitCounts: [Int] = []
+
+    private var podVotes: [IPAddress: Int] = [:]
+    private var podVotesTotal = 0
+    private var inferredPod: [IPAddress] = []
+    private var podInferenceDirty = false
+    private static let podVoteLimit = 4096
+
+    /// Hop candidate lists, roughly in first-seen order (pruned from the front by age).
+    private var outerOutbound: [ConnectionState] = []
+    private var innerOutbound: [ConnectionState] = []
+    private var outerInbound: [ConnectionState] = []
+    private var innerInbound: [ConnectionState] = []
+
+    private var summary = AnalysisSummary()
+    private var findingsOmitted = 0
+    private var escapesKept = 0
+    private var byDesignKept = 0
+    private var redirectTargetPorts: Set<UInt16>
+
+    public private(set) var peakOpenConnections = 0
+    public var openConnectionCount: Int { open.count }
+    /// The pod's addresses: given, or inferred from the traffic so far.
+    public var podAddresses: [IPAddress] { options.podAddresses.isEmpty ? currentInferredPod() : options.podAddresses }
+
+    public init(tags: RuleTagTable, ruleset: Ruleset?, options: CorrelatorOptions = CorrelatorOptions(), sink: ReportSink) {
+        self.tags = tags
+        self.ruleset = ruleset
+        self.options = options
+        self.sink = sink
+        var ports: Set<UInt16> = [options.outboundCapturePort, options.inboundPlaintextPort, options.dnsCapturePort]
+        for rule in ruleset?.allRules ?? [] {
+            switch rule.target {
+            case .redirect(let p?): ports.insert(p)
+            case .tproxy(let p, _, _, _): ports.insert(p)
+            default: break
+            }
+        }
+        redirectTargetPorts = ports
+    }
+
+    // MARK: - The hot path
+
+    /// Places one packet on its connection and returns that connection (nil for packets that carry no
+    /// usable tuple: not IP, non-first fragments).
+    @discardableResult
+    public func ingest(_ r: PacketRecord) -> ConnectionID? {
+        summary.packets += 1
+        let t = r.time.totalNanoseconds
+        if t > now { now = t }
+        if now >= nextSweep {
+            if nextSweep != .min { sweep() }
+            nextSweep = now + sweepInterval
+        }
+
+        var hitID: UInt32 = 0
+        if let meta = r.nflog {
+            summary.nflogRecords += 1
+            hitID = meta.prefixID
+            if hitID != 0 { countHit(hitID) }
+        }
+        if !r.notes.intersection(Correlator.damageNotes).isEmpty { summary.damagedPackets += 1 }
+        guard r.isIP, !r.notes.contains(.nonFirstFragment) else { return nil }
+
+        if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(r) }
+
+        let c = connection(for: r)
+        record(r, hitID: hitID, on: c)
+        return c.id
+    }
+
+    private static let damageNotes: DecodeNotes = [.truncatedLink, .truncatedIP, .truncatedTransport, .badIPHeader,
+                                                   .badNflogTLV, .truncatedNflog, .badConntrack]
+
+    private func connection(for r: PacketRecord) -> ConnectionState {
+        let key = FlowKey(r.tuple)
+        var c: ConnectionState
+        if let known = table[key] {
+            c = known
+            if r.tuple.proto == IPProto.tcp, isFreshSYN(r, on: c) {
+                // The 4-tuple was reused (or two sockets share it across views): a new SYN with another ISN.
+                retire(c)
+                c = newConnection(r, key: key)
+            }
+        } else if let linked = linkNATView(r, key: key) {
+            c = linked
+        } else {
+            c = newConnection(r, key: key)
+        }
+        if !c.conntrackApplied, let ct = r.nflog?.conntrack {
+            c = applyConntrack(ct, to: c)
+        }
+        return c
+    }
+
+    @inline(__always)
+    private func isFreshSYN(_ r: PacketRecord, on c: ConnectionState) -> Bool {
+        guard r.tcpFlags.contains(.syn), !r.tcpFlags.contains(.ack) else { return false }
+        if let isn = c.isnForward { return isn != r.tcpSeq }
+        return c.isClosed
+    }
+
+    private func newConnection(_ r: PacketRecord, key: FlowKey) -> ConnectionState {
+        let (initiator, responder, fromSYN) = initiatorAndResponder(r)
+        let c = ConnectionState(id: nextID, tuple: r.tuple, initiator: initiator, responder: responder)
+        nextID &+= 1
+        c.initiatorFromSYN = fromSYN
+        c.firstSeenNanos = now
+        c.timeline.firstSeen = r.time
+        c.timeline.lastSeen = r.time
+        c.timeline.events.reserveCapacity(min(16, options.maxEventsPerConnection))
+        if isRedirectTarget(responder) {
+            c.natResponder = responder
+        } else {
+            c.originalKnown = true
+        }
+        c.keys.append(key)
+        table[key] = c
+        byInitiator[InitiatorKey(proto: r.tuple.proto, endpoint: initiator)] = c
+        c.openIndex = open.count
+        open.append(c)
+        if open.count > peakOpenConnections { peakOpenConnections = open.count }
+        return c
+    }
+
+    /// Who opened the connection: the SYN's sender; else the side that does not look like a listener.
+    private func initiatorAndResponder(_ r: PacketRecord) -> (Endpoint, Endpoint, Bool) {
+        let src = r.tuple.src, dst = r.tuple.dst
+        if r.tuple.proto == IPProto.tcp && r.tcpFlags.contains(.syn) {
+            return r.tcpFlags.contains(.ack) ? (dst, src, true) : (src, dst, true)
+        }
+        if isRedirectTarget(src) || (looksLikeListener(src.port) && !looksLikeListener(dst.port)) {
+            return (dst, src, false)
+        }
+        return (src, dst, false)
+    }
+
+    private func looksLikeListener(_ port: UInt16) -> Bool {
+        port == options.hbonePort || port == 53 || redirectTargetPorts.contains(port) || (port != 0 && port < 32768 && port < 10000)
+    }
+
+    /// A post-REDIRECT destination: ztunnel's capture ports on a loopback address (nat OUTPUT REDIRECT
+    /// goes to 127.0.0.1 / ::1), or on the pod's own address (nat PREROUTING REDIRECT keeps the
+    /// interface's primary address and changes only the port).
+    @inline(__always)
+    private func isRedirectTarget(_ e: Endpoint) -> Bool {
+        guard redirectTargetPorts.contains(e.port) else { return false }
+        if e.addr.isLoopback { return true }
+        return e.port == options.inboundPlaintextPort || (!options.podAddresses.isEmpty && options.podAddresses.contains(e.addr))
+    }
+
+    /// Finds the connection this packet is another NAT view of, by the shared initiator endpoint, checked
+    /// against the TCP sequence space so two sockets that reuse a source port are not merged.
+    private func linkNATView(_ r: PacketRecord, key: FlowKey) -> ConnectionState? {
+        let proto = r.tuple.proto
+        guard proto == IPProto.tcp || proto == IPProto.udp else { return nil }
+        if let c = byInitiator[InitiatorKey(proto: proto, endpoint: r.tuple.src)],
+           natCompatible(c, otherEnd: r.tuple.dst, r, forward: true) {
+            addView(c, otherEnd: r.tuple.dst, key: key)
+            return c
+        }
+        if let c = byInitiator[InitiatorKey(proto: proto, endpoint: r.tuple.dst)],
+           natCompatible(c, otherEnd: r.tuple.src, r, forward: false) {
+            addView(c, otherEnd: r.tuple.src, key: key)
+            return c
+        }
+        return nil
+    }
+
+    private func natCompatible(_ c: ConnectionState, otherEnd: Endpoint, _ r: PacketRecord, forward: Bool) -> Bool {
+        guard !c.emitted, c.mergedInto == nil else { return false }
+        if let closed = c.closedAt, now - closed > options.closeLingerNanos { return false }
+        let target = isRedirectTarget(otherEnd)
+        if target { guard c.natResponder == nil else { return false } } else { guard !c.originalKnown else { return false } }
+        if r.tuple.proto == IPProto.udp {
+            return now - c.lastSeenNanos <= 2_000_000_000
+        }
+        let window: UInt32 = 1 << 30
+        if forward {
+            if r.tcpFlags.contains(.syn) && !r.tcpFlags.contains(.ack) {
+                return c.isnForward == nil ? now - c.lastSeenNanos <= 2_000_000_000 : c.isnForward == r.tcpSeq
+            }
+            if let isn = c.isnForward { return r.tcpSeq &- isn < window }
+            if let isn = c.isnReply, r.tcpFlags.contains(.ack) { return r.tcpAck &- isn &- 1 < window }
+        } else {
+            if r.tcpFlags.contains(.syn) {
+                if let isn = c.isnForward { return r.tcpAck == isn &+ 1 }
+                return c.isnReply == nil || c.isnReply == r.tcpSeq
+            }
+            if let isn = c.isnReply { return r.tcpSeq &- isn < window }
+            if let isn = c.isnForward, r.tcpFlags.contains(.ack) { return r.tcpAck &- isn &- 1 < window }
+        }
+        return now - c.lastSeenNanos <= 2_000_000_000
+    }
+
+    private func addView(_ c: ConnectionState, otherEnd: Endpoint, key: FlowKey) {
+        c.keys.append(key)
+        table[key] = c
+        if isRedirectTarget(otherEnd) {
+            c.natResponder = otherEnd
+        } else {
+            c.responder = otherEnd
+            c.originalKnown = true
+            c.timeline.original.dst = otherEnd
+        }
+        if let nat = c.natResponder, c.timeline.redirect == nil {
+            c.timeline.redirect = .redirected(toPort: nat.port, originalDestination: c.originalKnown ? c.responder : nil)
+        }
+        c.eventsNeedSorting = true
+        reconsiderHops(c)
+    }
+
+    /// NFULA_CT names both tuples exactly: register both views, merging a view first seen on its own.
+    private func applyConntrack(_ ct: ConntrackInfo, to c: ConnectionState) -> ConnectionState {
+        c.conntrackApplied = true
+        if (ct.mark & options.markMask) == options.ztunnelConnmark { c.sawZtunnelConnmark = true }
+        guard ct.isDestinationNATed, ct.original.proto == c.proto else { return c }
+        let natForward = ct.reply.reversed
+        var target = c
+        for view in [ct.original, natForward] {
+            let k = FlowKey(view)
+            if let other = table[k], other !== target {
+                let (keep, gone) = other.id < target.id ? (other, target) : (target, other)
+                merge(gone, into: keep)
+                target = keep
+            } else if table[k] == nil {
+                target.keys.append(k)
+                table[k] = target
+            }
+        }
+        target.conntrackApplied = true
+        target.initiator = ct.original.src
+        target.responder = ct.original.dst
+        target.originalKnown = true
+        target.natResponder = ct.reply.src
+        target.timeline.original = ct.original
+        if target.timeline.redirect == nil || !isRedirectWithOriginal(target.timeline.redirect) {
+            target.timeline.redirect = .redirected(toPort: ct.reply.src.port, originalDestination: ct.original.dst)
+        }
+        byInitiator[InitiatorKey(proto: ct.original.proto, endpoint: ct.original.src)] = target
+        reconsiderHops(target)
+        return target
+    }
+
+    private func isRedirectWithOriginal(_ a: RuleAction?) -> Bool {
+        if case .redirected(_, let o?)? = a { return o.addr.family != .none }
+        return false
+    }
+
+    private func record(_ r: PacketRecord, hitID: UInt32, on c: ConnectionState) {
+        let forward = r.tuple.src == c.initiator
+        var point = r.point
+        var factsChanged = false
+        if let meta = r.nflog {
+            if point.kind != .netfilter { point = .netfilter(meta.hook) }
+            if !c.sawNflog { c.sawNflog = true; factsChanged = true }
+        } else if point.kind == .interface && !point.isLoopback, let name = options.interfaceName, point.interface == "any" {
+            point.interface = name
+        }
+
+        var hit: RuleHit? = nil
+        if hitID != 0, let cached = cachedHit(hitID) {
+            hit = cached.hit
+            switch cached.actionKind {
+            case .redirect(let port):
+                hit!.action = .redirected(toPort: port, originalDestination: r.tuple.dst)
+                if !c.sawRedirectHit { c.sawRedirectHit = true; factsChanged = true }
+                if !isRedirectWithOriginal(c.timeline.redirect) && forward {
+                    c.timeline.redirect = hit!.action
+                }
+            case .connmarkRestore:
+                hit!.action = .connmarkRestored(r.nflog?.conntrack?.mark ?? r.nflog?.mark)
+            case .connmarkSet(let v):
+                if (v & options.markMask) == options.ztunnelConnmark && !c.sawZtunnelConnmark {
+                    c.sawZtunnelConnmark = true; factsChanged = true
+                }
+            case .plain:
+                break
+            }
+        }
+
+        let mark = r.nflog?.mark
+        if let m = mark, m != 0 {
+            if !c.timeline.marks.contains(m) { c.timeline.marks.append(m) }
+            let masked = m & options.markMask
+            if masked == options.ztunnelMark && forward {
+                if c.ztunnelMarkFrames.isEmpty { factsChanged = true }
+                if c.ztunnelMarkFrames.count < 4 { c.ztunnelMarkFrames.append(r.ref) }
+            } else if masked == options.ztunnelConnmark && !c.sawZtunnelConnmark {
+                c.sawZtunnelConnmark = true; factsChanged = true
+            }
+        }
+
+        // Where the packet was: lo, another interface (which way), or a hook.
+        switch point.kind {
+        case .interface:
+            if point.isLoopback {
+                if !c.sawLoopback { c.sawLoopback = true; factsChanged = true }
+            } else if forward {
+                if r.direction == .inbound {
+                    if !c.initiatorArrivedFromOutside { c.initiatorArrivedFromOutside = true; factsChanged = true }
+                    if c.arrivedFrames.count < 8 { c.arrivedFrames.append(r.ref) }
+                } else {
+                    if r.direction == .outbound && !c.initiatorSentLocally { c.initiatorSentLocally = true; factsChanged = true }
+                    if c.leftFrames.isEmpty { factsChanged = true }
+                    if c.leftFrames.count < 8 { c.leftFrames.append(r.ref) }
+                }
+            }
+        case .netfilter:
+            if let meta = r.nflog, forward {
+                switch meta.hook {
+                case .output, .postrouting:
+                    if !c.initiatorSentLocally { c.initiatorSentLocally = true; factsChanged = true }
+                    // ifindex 1 is lo in every netns. At OUTPUT the route is the pre-REDIRECT one, so only
+                    // POSTROUTING tells where the packet really left.
+                    if meta.hook == .postrouting, let out = meta.outputIfindex, out != 1 {
+                        if c.leftFrames.isEmpty { factsChanged = true }
+                        if c.leftFrames.count < 8 { c.leftFrames.append(r.ref) }
+                    } else if meta.hook == .postrouting, meta.outputIfindex == 1, !c.sawLoopback {
+                        c.sawLoopback = true; factsChanged = true
+                    }
+                case .prerouting, .input:
+                    if let inIf = meta.inputIfindex {
+                        if inIf == 1 {
+                            if !c.sawLoopback { c.sawLoopback = true; factsChanged = true }
+                        } else if !c.initiatorArrivedFromOutside {
+                            c.initiatorArrivedFromOutside = true; factsChanged = true
+                            if c.arrivedFrames.count < 8 { c.arrivedFrames.append(r.ref) }
+                        }
+                    }
+                default: break
+                }
+            }
+        case .unknown:
+            break
+        }
+
+        // Counters: every event is a packet seen; bytes only once per packet (interface captures, and on
+        // lo only the outgoing copy that `-i any` shows beside the incoming one).
+        c.timeline.packets += 1
+        if point.kind == .interface && !(point.isLoopback && r.direction == .inbound) {
+            c.timeline.bytes &+= UInt64(r.ipLength != 0 ? r.ipLength : r.wireLength)
+            if forward { c.payloadForward &+= UInt64(r.payloadLength) } else { c.payloadReply &+= UInt64(r.payloadLength) }
+        }
+        if r.time < c.timeline.firstSeen { c.timeline.firstSeen = r.time; c.eventsNeedSorting = true }
+        if c.timeline.lastSeen < r.time { c.timeline.lastSeen = r.time } else if r.time < c.timeline.lastSeen { c.eventsNeedSorting = true }
+        c.lastSeenNanos = now
+
+        if r.tuple.proto == IPProto.tcp { trackTCP(r, forward: forward, on: c) }
+
+        if c.timeline.events.count < options.maxEventsPerConnection {
+            c.timeline.events.append(TimelineEvent(
+                time: r.time, frame: r.ref, point: point, direction: r.direction, tuple: r.tuple,
+                isReply: !forward, tcpFlags: r.tcpFlags, length: r.ipLength != 0 ? r.ipLength : r.wireLength,
+                mark: mark, hit: hit, notes: r.notes))
+        } else {
+            c.timeline.droppedEvents += 1
+        }
+
+        if factsChanged { reconsiderHops(c) }
+    }
+
+    private func trackTCP(_ r: PacketRecord, forward: Bool, on c: ConnectionState) {
+        let f = r.tcpFlags
+        if f.contains(.syn) {
+            if f.contains(.ack) {
+                if c.isnReply == nil { c.isnReply = r.tcpSeq }
+            } else if forward, c.isnForward == nil {
+                c.isnForward = r.tcpSeq
+                if !c.initiatorFromSYN { c.initiatorFromSYN = true }
+            }
+        }
+        if f.contains(.fin) { if forward { c.finForward = true } else { c.finReply = true } }
+        if f.contains(.rst) { c.reset = true }
+        if c.closedAt == nil && (c.reset || (c.finForward && c.finReply)) {
+            c.closedAt = now
+            c.timeline.closed = true
+        }
+    }
+
+    // MARK: - Rule hits
+
+    private enum ActionKind {
+        case plain
+        case redirect(UInt16)
+        case connmarkRestore
+        case connmarkSet(UInt32)
+    }
+
+    private struct CachedHit {
+        var hit: RuleHit
+        var actionKind: ActionKind
+    }
+
+    @inline(__always)
+    private func countHit(_ id: UInt32) {
+        let i = Int(id)
+        if i >= hitCounts.count { hitCounts.append(contentsOf: repeatElement(0, count: i + 1 - hitCounts.count)) }
+        hitCounts[i] += 1
+    }
+
+    private func cachedHit(_ id: UInt32) -> CachedHit? {
+        let i = Int(id)
+        if i < hitCache.count, let h = hitCache[i] { return h }
+        if i >= hitCache.count { hitCache.append(contentsOf: repeatElement(nil, count: i + 1 - hitCache.count)) }
+        let built = buildHit(id)
+        hitCache[i] = built
+        return built
+    }
+
+    private func buildHit(_ id: UInt32) -> CachedHit {
+        let tag = tags.tag(for: id)
+        let text = tags.text(for: id)
+        var kind = ActionKind.plain
+        guard let tag else { return CachedHit(hit: RuleHit(tag: nil, prefixText: text), actionKind: .plain) }
+        switch tag.position {
+        case .observeIn, .observeOut:
+            return CachedHit(hit: RuleHit(tag: tag, prefixText: text, role: .meshtraceObservation, action: .observed),
+                             actionKind: .plain)
+        case .rule:
+            break
+        }
+        guard let rule = ruleset?.rule(for: tag) else {
+            return CachedHit(hit: RuleHit(tag: tag, prefixText: text), actionKind: .plain)
+        }
+        let action: RuleAction
+        switch rule.target {
+        case .redirect(let p):
+            action = .redirected(toPort: p ?? 0, originalDestination: nil); kind = .redirect(p ?? 0)
+        case .tproxy(let port, _, let mark, _): action = .tproxied(toPort: port, mark: mark)
+        case .setMark(let v, _): action = .markSet(v)
+        case .connmarkSet(let v, _): action = .connmarkSet(v); kind = .connmarkSet(v)
+        case .connmarkRestore: action = .connmarkRestored(nil); kind = .connmarkRestore
+        case .connmarkSave: action = .other("CONNMARK --save-mark")
+        case .accept: action = .accepted
+        case .return: action = .returned
+        case .jump(let c), .goto(let c): action = .jumped(c)
+        case .ctZone(let z): action = .ctZone(z)
+        case .drop, .reject: action = .dropped
+        case .nflog, .log, .trace, .counterOnly: action = .observed
+        case .dnat(let s): action = .other("DNAT \(s)")
+        case .snat(let s): action = .other("SNAT \(s)")
+        case .masquerade: action = .other("MASQUERADE")
+        case .unknown(let s): action = .other(s)
+        }
+        return CachedHit(hit: RuleHit(tag: tag, prefixText: text, rule: rule, role: rule.role, action: action), actionKind: kind)
+    }
+
+    // MARK: - Pod address inference
+
+    private func votePodAddress(_ r: PacketRecord) {
+        var addr: IPAddress? = nil
+        if r.point.kind == .interface && !r.point.isLoopback {
+            if r.direction == .outbound { addr = r.tuple.src.addr } else if r.direction == .inbound { addr = r.tuple.dst.addr }
+        } else if let meta = r.nflog, (meta.mark ?? 0) & options.markMask != options.ztunnelMark {
+            // ztunnel's packets into the app carry the client's address (IP_TRANSPARENT) and mark 0x539.
+            if meta.hook == .output || meta.hook == .postrouting { addr = r.tuple.src.addr }
+        }
+        guard let a = addr, !a.isLoopback, a.family != .none else { return }
+        podVotes[a, default: 0] += 1
+        podVotesTotal += 1
+        podInferenceDirty = true
+    }
+
+    private func currentInferredPod() -> [IPAddress] {
+        if podInferenceDirty {
+            podInferenceDirty = false
+            var best: [IPAddress.Family: (IPAddress, Int)] = [:]
+            for (a, n) in podVotes where n > (best[a.family]?.1 ?? 0) { best[a.family] = (a, n) }
+            inferredPod = best.values.map(\.0).sorted()
+        }
+        return inferredPod
+    }
+
+    func isLocal(_ a: IPAddress) -> Bool {
+        a.isLoopback || podAddresses.contains(a)
+    }
+
+    func isProbe(_ a: IPAddress) -> Bool { options.probeAddresses.contains(a) }
+
+    /// The initiator is in the pod (the app, or ztunnel's own sockets other than its IP_TRANSPARENT ones).
+    func initiatorIsLocal(_ c: ConnectionState) -> Bool {
+        if c.initiator.addr.isLoopback { return true }
+        let pod = podAddresses
+        if !pod.isEmpty { return pod.contains(c.initiator.addr) }
+        return c.initiatorSentLocally && !c.initiatorArrivedFromOutside && !c.sawZtunnelConnmark
+    }
+
+    // MARK: - The ztunnel hop
+
+    private func reconsiderHops(_ c: ConnectionState) {
+        guard c.proto == IPProto.tcp, !c.emitted, c.mergedInto == nil else { return }
+        let roles = candidateRoles(c)
+        if roles.contains(.outerOutbound) && !c.pendingRoles.contains(.outerOutbound) {
+            c.pendingRoles.insert(.outerOutbound); outerOutbound.append(c)
+        }
+        if roles.contains(.innerOutbound) && !c.pendingRoles.contains(.innerOutbound) {
+            c.pendingRoles.insert(.innerOutbound); innerOutbound.append(c)
+        }
+        if roles.contains(.outerInbound) && !c.pendingRoles.contains(.outerInbound) {
+            c.pendingRoles.insert(.outerInbound); outerInbound.append(c)
+        }
+        if roles.contains(.innerInbound) && !c.pendingRoles.contains(.innerInbound) {
+            c.pendingRoles.insert(.innerInbound); innerInbound.append(c)
+        }
+        if roles.contains(.outerOutbound) && !c.hasOutboundHop {
+            if let (z, ev, conf) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound) {
+                join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf)
+            }
+        }
+        if roles.contains(.innerOutbound) && !c.hasOutboundHop {
+            if let (a, ev, conf) = bestPartner(for: c, among: &outerOutbound, asOuter: false, direction: .outbound) {
+                join(.outbound, outer: a, inner: c, evidence: ev, confidence: conf)
+            }
+        }
+        if roles.contains(.outerInbound) && !c.hasInboundHop {
+            if let (i, ev, conf) = bestPartner(for: c, among: &innerInbound, asOuter: true, direction: .inbound) {
+                join(.inbound, outer: c, inner: i, evidence: ev, confidence: conf)
+            }
+        }
+        if roles.contains(.innerInbound) && !c.hasInboundHop {
+            if let (h, ev, conf) = bestPartner(for: c, among: &outerInbound, asOuter: false, direction: .inbound) {
+                join(.inbound, outer: h, inner: c, evidence: ev, confidence: conf)
+            }
+        }
+    }
+
+    private func candidateRoles(_ c: ConnectionState) -> HopRoles {
+        var roles: HopRoles = []
+        if isProbe(c.initiator.addr) || isProbe(c.responder.addr) { return roles }
+        let local = initiatorIsLocal(c)
+        if let nat = c.natResponder {
+            if nat.port == options.outboundCapturePort { roles.insert(.outerOutbound) }
+            if nat.port == options.inboundPlaintextPort { roles.insert(.outerInbound) }
+            return roles
+        }
+        if local {
+            if !c.responder.addr.isLoopback && !isLocal(c.responder.addr)
+                && (c.sawZtunnelMark || c.responder.port == options.hbonePort) {
+                roles.insert(.innerOutbound)
+            }
+        } else if !c.initiator.addr.isLoopback {
+            if c.initiatorArrivedFromOutside && !c.sawLoopback {
+                roles.insert(.outerInbound)
+            } else if c.sawLoopback || c.sawZtunnelMark || c.sawZtunnelConnmark {
+                // On lo with a foreign source address: only ztunnel's IP_TRANSPARENT sockets send those.
+                if !c.initiatorArrivedFromOutside { roles.insert(.innerInbound) }
+            }
+        }
+        return roles
+    }
+
+    private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState], asOuter: Bool,
+                             direction: ZtunnelHop.Direction) -> (ConnectionState, [HopEvidence], Confidence)? {
+        pruneCandidates(&list)
+        var strong: [ConnectionState] = []
+        var weak: [ConnectionState] = []
+        for p in list where p !== c && !p.emitted && p.mergedInto == nil {
+            let outer = asOuter ? c : p, inner = asOuter ? p : c
+            if direction == .outbound ? (outer.hasOutboundHop && outer !== c) || (inner.hasOutboundHop && inner !== c)
+                                      : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { continue }
+            let dt = inner.firstSeenNanos - outer.firstSeenNanos
+            guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
+            if identityEvidence(outer: outer, inner: inner, direction: direction) != nil { strong.append(p) } else { weak.append(p) }
+        }
+        let chosen: ConnectionState
+        let unique: Bool
+        if !strong.isEmpty {
+            chosen = strong.min { $0.firstSeenNanos < $1.firstSeenNanos }!
+            unique = strong.count == 1
+        } else if direction == .outbound, weak.count == 1 {
+            // No identity match (a service VIP resolved to another pod IP): only a lone, marked candidate.
+            let z = asOuter ? weak[0] : c
+            guard z.sawZtunnelMark else { return nil }
+            chosen = weak[0]
+            unique = true
+        } else {
+            return nil
+        }
+        let outer = asOuter ? c : chosen, inner = asOuter ? chosen : c
+        var evidence: [HopEvidence] = []
+        var hasMark = false
+        if let f = inner.ztunnelMarkFrames.first {
+            hasMark = true
+            evidence.append(HopEvidence(kind: "ztunnel-mark",
+                detail: "inner connection carries ztunnel's mark 0x\(hex(options.ztunnelMark)) (frame \(f.frame))"))
+        }
+        if direction == .inbound && inner.sawZtunnelConnmark {
+            hasMark = true
+            evidence.append(HopEvidence(kind: "ztunnel-connmark",
+                detail: "inner connection has connmark 0x\(hex(options.ztunnelConnmark)) (ztunnel's connection into the pod)"))
+        }
+        if direction == .outbound && !hasMark && inner.responder.port == options.hbonePort {
+            hasMark = true
+            evidence.append(HopEvidence(kind: "hbone-port", detail: "inner connection goes to :\(options.hbonePort) (HBONE) without being redirected"))
+        }
+        let identity = identityEvidence(outer: outer, inner: inner, direction: direction)
+        if let identity { evidence.append(contentsOf: identity) }
+        let dt = inner.firstSeenNanos - outer.firstSeenNanos
+        evidence.append(HopEvidence(kind: "timing", detail: "inner connection starts \(formatDelta(dt)) after the outer one"))
+        let pool = !strong.isEmpty ? strong.count : weak.count
+        evidence.append(HopEvidence(kind: "unique", detail: unique
+            ? "the only candidate within \(formatDelta(options.hopWindowNanos))"
+            : "one of \(pool) candidates within \(formatDelta(options.hopWindowNanos)); the earliest was chosen"))
+        let confidence: Confidence
+        if identity != nil && unique && hasMark { confidence = .high }
+        else if identity != nil && (unique || hasMark) { confidence = .medium }
+        else { confidence = .low }
+        return (chosen, evidence, confidence)
+    }
+
+    /// Evidence that names the same destination or client on both sides; without one, a join needs a lone marked candidate.
+    private func identityEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction) -> [HopEvidence]? {
+        switch direction {
+        case .outbound:
+            guard outer.originalKnown else { return nil }
+            let original = outer.responder
+            if inner.responder == original {
+                return [HopEvidence(kind: "original-destination",
+                                    detail: "passthrough destination \(inner.responder) equals the app's original destination")]
+            }
+            if inner.responder.port == options.hbonePort && inner.responder.addr == original.addr {
+                return [HopEvidence(kind: "original-destination",
+                                    detail: "HBONE destination \(inner.responder.addr) equals the app's original destination \(original)")]
+            }
+            return nil
+        case .inbound:
+            guard inner.initiator.addr == outer.initiator.addr else { return nil }
+            var ev = [HopEvidence(kind: "client-address",
+                                  detail: "inner source \(inner.initiator.addr) equals the outer client \(outer.initiator.addr)")]
+            if outer.responder.port != options.hbonePort {
+                guard outer.responder.port == inner.responder.port else { return nil }
+                ev.append(HopEvidence(kind: "original-port",
+                                      detail: "inner destination port \(inner.responder.port) equals the original destination port"))
+            }
+            return ev
+        }
+    }
+
+    private func pruneCandidates(_ list: inout [ConnectionState]) {
+        let horizon = now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos
+        var drop = 0
+        while drop < list.count {
+            let p = list[drop]
+            if p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon { drop += 1 } else { break }
+        }
+        if drop > 0 { list.removeFirst(drop) }
+    }
+
+    private func join(_ direction: ZtunnelHop.Direction, outer: ConnectionState, inner: ConnectionState,
+                      evidence: [HopEvidence], confidence: Confidence) {
+        let link = HopLink(hop: ZtunnelHop(direction: direction, outer: outer.id, inner: inner.id,
+                                           evidence: evidence, confidence: confidence),
+                           outer: outer, inner: inner)
+        outer.hopLinks.append(link)
+        inner.hopLinks.append(link)
+        summary.hops += 1
+    }
+
+    // MARK: - Merging and emission
+
+    private func merge(_ gone: ConnectionState, into keep: ConnectionState) {
+        for k in gone.keys where table[k] === gone {
+            table[k] = keep
+            if !keep.keys.contains(k) { keep.keys.append(k) }
+        }
+        let room = options.maxEventsPerConnection - keep.timeline.events.count
+        if room > 0 { keep.timeline.events.append(contentsOf: gone.timeline.events.prefix(room)) }
+        keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.timeline.events.count - max(0, room))
+        keep.timeline.packets += gone.timeline.packets
+        keep.timeline.bytes &+= gone.timeline.bytes
+        if gone.timeline.firstSeen < keep.timeline.firstSeen { keep.timeline.firstSeen = gone.timeline.firstSeen }
+        if keep.timeline.lastSeen < gone.timeline.lastSeen { keep.timeline.lastSeen = gone.timeline.lastSeen }
+        keep.firstSeenNanos = min(keep.firstSeenNanos, gone.firstSeenNanos)
+        keep.lastSeenNanos = max(keep.lastSeenNanos, gone.lastSeenNanos)
+        for m in gone.timeline.marks where !keep.timeline.marks.contains(m) { keep.timeline.marks.append(m) }
+        keep.isnForward = keep.isnForward ?? gone.isnForward
+        keep.isnReply = keep.isnReply ?? gone.isnReply
+        keep.finForward = keep.finForward || gone.finForward
+        keep.finReply = keep.finReply || gone.finReply
+        keep.reset = keep.reset || gone.reset
+        if keep.closedAt == nil { keep.closedAt = gone.closedAt }
+        keep.timeline.closed = keep.timeline.closed || gone.timeline.closed
+        keep.ztunnelMarkFrames += gone.ztunnelMarkFrames.prefix(max(0, 4 - keep.ztunnelMarkFrames.count))
+        keep.sawZtunnelConnmark = keep.sawZtunnelConnmark || gone.sawZtunnelConnmark
+        keep.sawNflog = keep.sawNflog || gone.sawNflog
+        keep.sawLoopback = keep.sawLoopback || gone.sawLoopback
+        keep.leftFrames += gone.leftFrames.prefix(max(0, 8 - keep.leftFrames.count))
+        keep.arrivedFrames += gone.arrivedFrames.prefix(max(0, 8 - keep.arrivedFrames.count))
+        keep.sawRedirectHit = keep.sawRedirectHit || gone.sawRedirectHit
+        keep.initiatorSentLocally = keep.initiatorSentLocally || gone.initiatorSentLocally
+        keep.initiatorArrivedFromOutside = keep.initiatorArrivedFromOutside || gone.initiatorArrivedFromOutside
+        keep.payloadForward &+= gone.payloadForward
+        keep.payloadReply &+= gone.payloadReply
+        if keep.timeline.redirect == nil { keep.timeline.redirect = gone.timeline.redirect }
+        for link in gone.hopLinks {
+            if link.outer === gone { link.outer = keep; link.hop.outer = keep.id }
+            if link.inner === gone { link.inner = keep; link.hop.inner = keep.id }
+            keep.hopLinks.append(link)
+        }
+        gone.hopLinks = []
+        keep.eventsNeedSorting = true
+        gone.mergedInto = keep
+        removeFromOpen(gone)
+        gone.emitted = true
+    }
+
+    private func removeFromOpen(_ c: ConnectionState) {
+        let i = c.openIndex
+        guard i >= 0, i < open.count, open[i] === c else { return }
+        let last = open.removeLast()
+        if last !== c { open[i] = last; last.openIndex = i }
+        c.openIndex = -1
+    }
+
+    /// A connection replaced by a new one on the same tuple: emit it now.
+    private func retire(_ c: ConnectionState) {
+        if c.closedAt == nil { c.closedAt = now }
+        emit(c)
+    }
+
+    private func sweep() {
+        var ready: [ConnectionState] = []
+        for c in open {
+            if let closed = c.closedAt {
+                if now - closed >= options.closeLingerNanos { ready.append(c) }
+            } else {
+                let idle = c.proto == IPProto.tcp ? options.tcpIdleTimeoutNanos : options.otherIdleTimeoutNanos
+                if now - c.lastSeenNanos >= idle { ready.append(c) }
+            }
+        }
+        if ready.isEmpty { return }
+        ready.sort { $0.id < $1.id }
+        for c in ready { emit(c) }
+    }
+
+    private func emit(_ c: ConnectionState) {
+        guard !c.emitted else { return }
+        c.emitted = true
+        for k in c.keys where table[k] === c { table[k] = nil }
+        let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)
+        if byInitiator[ik] === c { byInitiator[ik] = nil }
+        removeFromOpen(c)
+
+        var t = c.timeline
+        t.original = FiveTuple(proto: c.proto, src: c.initiator, dst: c.responder)
+        t.aliases = []
+        if let nat = c.natResponder {
+            t.aliases.append(FiveTuple(proto: c.proto, src: c.initiator, dst: nat))
+        }
+        if c.eventsNeedSorting {
+            // Stable: events with equal stamps (an NFLOG batch) keep their arrival order.
+            let indexed = t.events.enumerated().sorted {
+                $0.element.time != $1.element.time ? $0.element.time < $1.element.time : $0.offset < $1.offset
+            }
+            t.events = indexed.map(\.element)
+        }
+        for i in t.events.indices { t.events[i].isReply = t.events[i].tuple.src != c.initiator }
+        t.hops = c.hopLinks.map { link in
+            var hop = link.hop
+            addByteEvidence(&hop, outer: link.outer, inner: link.inner)
+            return hop
+        }
+        let (kind, findings) = classify(c)
+        t.kind = kind
+        c.hopLinks = []
+        summary.connections += 1
+        sink.connection(t)
+        for f in findings { report(f) }
+    }
+
+    private func addByteEvidence(_ hop: inout ZtunnelHop, outer: ConnectionState, inner: ConnectionState) {
+        let outerBytes = outer.payloadForward + outer.payloadReply
+        let innerBytes = inner.payloadForward + inner.payloadReply
+        guard outerBytes > 0, innerBytes > 0 else { return }
+        // HBONE/mTLS wraps the app's bytes, so the tunnel carries at least as many.
+        let consistent = hop.direction == .outbound ? innerBytes >= outerBytes : outerBytes >= innerBytes
+        let (big, small) = hop.direction == .outbound ? ("inner", "outer") : ("outer", "inner")
+        hop.evidence.append(HopEvidence(kind: "bytes", detail: consistent
+            ? "\(big) carried \(max(innerBytes, outerBytes)) payload bytes, \(small) \(min(innerBytes, outerBytes)): consistent with tunnelling"
+            : "\(big) carried fewer payload bytes than \(small) (\(innerBytes) vs \(outerBytes)): not consistent (capture cut?)"))
+    }
+
+    private func report(_ f: EscapeFinding) {
+        let limit = f.isEscape ? options.maxFindingsKept : options.maxFindingsKept / 10
+        let kept = f.isEscape ? escapesKept : byDesignKept
+        if kept < limit {
+            summary.findings.append(f)
+            if f.isEscape { escapesKept += 1 } else { byDesignKept += 1 }
+        } else {
+            findingsOmitted += 1
+        }
+        sink.finding(f)
+    }
+
+    /// Ends the analysis: emits every connection still open (by id) and returns the totals.
+    @discardableResult
+    public func finish() -> AnalysisSummary {
+        let rest = open.sorted { $0.id < $1.id }
+        for c in rest { emit(c) }
+        outerOutbound = []; innerOutbound = []; outerInbound = []; innerInbound = []
+        var s = summary
+        s.ruleHits = []
+        for (i, n) in hitCounts.enumerated() where n > 0 {
+            let id = UInt32(i)
+            let rule = tags.tag(for: id).flatMap { ruleset?.rule(for: $0) }
+            s.ruleHits.append((prefix: tags.text(for: id), rule: rule, count: n))
+        }
+        s.ruleHits.sort { $0.prefix < $1.prefix }
+        s.findingsOmitted = findingsOmitted
+        s.podAddresses = podAddresses
+        return s
+    }
+}
+
+func hex(_ v: UInt32) -> String { String(v, radix: 16) }
+
+func formatDelta(_ nanos: Int64) -> String {
+    let a = abs(nanos)
+    let sign = nanos < 0 ? "-" : ""
+    if a < 1_000 { return "\(sign)\(a) ns" }
+    if a < 1_000_000 { return "\(sign)\(a / 1_000) µs" }
+    if a < 1_000_000_000 { return "\(sign)\(a / 1_000_000).\((a / 100_000) % 10) ms" }
+    return "\(sign)\(a / 1_000_000_000).\((a / 100_000_000) % 10) s"
+}

@@ -1,0 +1,44 @@
+// The knobs of the correlation engine. Defaults follow Istio ambient's in-pod redirection
+// (AMBIENT.md): ztunnel's ports, its socket mark and the connmark it leaves on connections into the pod.
+
+public struct CorrelatorOptions: Sendable {
+    /// The pod's own addresses (`--pod-ip`). When empty they are inferred from the traffic.
+    public var podAddresses: [IPAddress] = []
+    /// A name for the pod's non-loopback interface when the capture does not carry one (`tcpdump -i any` in SLL v1).
+    public var interfaceName: String? = nil
+
+    /// Events kept per connection; later packets are counted in `droppedEvents`, so a long-lived connection
+    /// (a pooled HBONE tunnel) cannot grow without bound.
+    public var maxEventsPerConnection = 512
+    /// Connections with no packet for this long (capture time) are emitted and dropped.
+    public var tcpIdleTimeoutNanos: Int64 = 120_000_000_000
+    public var otherIdleTimeoutNanos: Int64 = 30_000_000_000
+    /// A closed connection stays in the table this long, because NFLOG records arrive in batches and
+    /// the last ones may be stamped after the capture's FIN/ACK.
+    public var closeLingerNanos: Int64 = 2_000_000_000
+    /// How far apart the two connections of a ztunnel hop may start. Timing is only ever supporting evidence.
+    public var hopWindowNanos: Int64 = 2_000_000_000
+    /// NFLOG records are stamped on receipt in batches, so a hop's inner connection can appear stamped
+    /// slightly *before* its outer one.
+    public var hopSlackNanos: Int64 = 1_000_000_000
+
+    /// ztunnel's SO_MARK (0x539/0xfff) and the connmark its connections into the pod get (0x111/0xfff).
+    public var ztunnelMark: UInt32 = 0x539
+    public var ztunnelConnmark: UInt32 = 0x111
+    public var markMask: UInt32 = 0xfff
+
+    public var outboundCapturePort: UInt16 = 15001
+    public var inboundPlaintextPort: UInt16 = 15006
+    public var hbonePort: UInt16 = 15008
+    public var dnsCapturePort: UInt16 = 15053
+
+    /// kubelet probes are SNATed on the host to these (Istio `cni/pkg/config`).
+    public var probeAddresses: [IPAddress] = [
+        IPAddress("169.254.7.127")!, IPAddress("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")!,
+    ]
+
+    /// Findings kept in the summary; later ones are still sent to the sinks and counted.
+    public var maxFindingsKept = 10_000
+
+    public init() {}
+}

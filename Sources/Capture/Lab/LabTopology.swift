@@ -1,0 +1,337 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Which program loads the iptables-form rulesets into the lab's pods (nft-form rulesets always use `nft`).
+public enum LabBackend: String, Sendable, CaseIterable {
+    case iptablesNft = "iptables-nft"
+    case iptablesLegacy = "iptables-legacy"
+    case nftables = "nft"
+}
+
+public struct LabOptions: Sendable {
+    public var ruleset: LabRuleset = .seed
+    public var backend: LabBackend = .iptablesNft
+    /// Give every pod an IPv6 address too (the IPv6 scenarios need it).
+    public var dualStack = false
+    /// The meshtrace executable that runs the stand-ins (`_ztunnel`, `_app`) inside the namespaces.
+    public var executable: String
+    /// Leave the stand-ins running after this process exits (`meshtrace lab --keep`).
+    public var keep = false
+
+    public init(executable: String) { self.executable = executable }
+}
+
+/// One network namespace of the lab and what lives in it.
+public final class LabPod: @unchecked Sendable {
+    public enum Role: String, Sendable { case node, client, server, peer }
+    public let role: Role
+    public let netns: ScratchNetns
+    public let ipv4: IPAddress
+    public let ipv6: IPAddress?
+    /// Pods in the mesh have the ambient rules and a ztunnel stand-in.
+    public var inMesh: Bool { role == .client || role == .server }
+    public var name: String { netns.name }
+    public var ref: NetnsRef { netns.ref }
+    public var addresses: [IPAddress] { [ipv4] + (ipv6.map { [$0] } ?? []) }
+
+    init(role: Role, netns: ScratchNetns, ipv4: IPAddress, ipv6: IPAddress?) {
+        self.role = role; self.netns = netns; self.ipv4 = ipv4; self.ipv6 = ipv6
+    }
+}
+
+/// A process the lab started inside one of its namespaces; its output goes to a log file.
+final class LabProcess: @unchecked Sendable {
+    let label: String
+    let process: Process
+    let logPath: String
+
+    init(label: String, process: Process, logPath: String) {
+        self.label = label; self.process = process; self.logPath = logPath
+    }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    func stop() {
+        guard process.isRunning else { return }
+        kill(process.processIdentifier, SIGTERM)
+        let deadline = Date().addingTimeInterval(1)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
+    }
+}
+
+/// A small ambient data path built for real from network namespaces:
+///
+///     node (br0 10.244.0.1/16, kubelet probe source 169.254.7.127, DNS at 10.244.0.1:53)
+///      ├── client pod 10.244.1.10  ambient rules + ztunnel stand-in (an app that makes requests)
+///      ├── server pod 10.244.2.10  ambient rules + ztunnel stand-in + app on :80
+///      └── peer       10.244.9.10  outside the mesh: app on :80, UDP echo on :9999
+///
+/// The addresses exist only inside these namespaces. Everything is removed by `teardown()`, which also runs on
+/// SIGINT/SIGTERM/SIGHUP (see `tearDownOnSignals()`); `LabTopology.removeAll()` sweeps what earlier runs left.
+public final class LabTopology: @unchecked Sendable {
+    public static let nodeIPv4 = IPAddress("10.244.0.1")!
+    public static let nodeIPv6 = IPAddress("fd00:10:244::1")!
+    public static let probeSource = IPAddress("169.254.7.127")!
+    public static let appPort: UInt16 = 80
+    public static let udpEchoPort: UInt16 = 9999
+    public static var dnsServer: Endpoint { Endpoint(nodeIPv4, 53) }
+
+    public let options: LabOptions
+    public private(set) var pods: [LabPod] = []
+    public let runDirectory: String
+    private var processes: [LabProcess] = []
+    private let lock = NSLock()
+    private var tornDown = false
+
+    public var node: LabPod { pods[0] }
+    public var client: LabPod { pods[1] }
+    public var server: LabPod { pods[2] }
+    public var peer: LabPod { pods[3] }
+    public var meshPods: [LabPod] { pods.filter(\.inMesh) }
+
+    /// Builds the whole lab; on any failure removes what was made and rethrows.
+    public init(options: LabOptions) throws {
+        try Command.requireRoot("meshtrace lab")
+        for tool in ["ip", "nsenter"] + LabTopology.loaderTools(options) where Command.which(tool) == nil {
+            throw MeshtraceError(.missingTool, "\(tool) is not installed (scripts/setup installs what the lab needs)")
+        }
+        guard FileManager.default.isExecutableFile(atPath: options.executable) else {
+            throw MeshtraceError(.missingTool, "the meshtrace executable \(options.executable) is missing (swift build)")
+        }
+        self.options = options
+        runDirectory = "/tmp/meshtrace-lab-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        LabTopology.register(self)
+        do {
+            try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
+            try build()
+        } catch {
+            teardown()
+            throw error
+        }
+    }
+
+    deinit { teardown() }
+
+    static func loaderTools(_ o: LabOptions) -> [String] {
+        if o.ruleset.form == .nftables || o.backend == .nftables { return ["nft"] }
+        return o.backend == .iptablesLegacy ? ["iptables-legacy-restore"] : ["iptables-nft-restore"]
+    }
+
+    private func build() throws {
+        let v6 = options.dualStack
+        let specs: [(LabPod.Role, String, String)] = [
+            (.node, "10.244.0.1", "fd00:10:244::1"), (.client, "10.244.1.10", "fd00:10:244::110"),
+            (.server, "10.244.2.10", "fd00:10:244::210"), (.peer, "10.244.9.10", "fd00:10:244::910"),
+        ]
+        for (role, a4, a6) in specs {
+            let ns = try ScratchNetns(kind: "l")
+            pods.append(LabPod(role: role, netns: ns, ipv4: IPAddress(a4)!, ipv6: v6 ? IPAddress(a6)! : nil))
+        }
+        for pod in pods {
+            // Without IPv6 the captures stay free of router solicitations and MLD reports.
+            try pod.netns.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=\(v6 ? 0 : 1)",
+                               "net.ipv6.conf.default.disable_ipv6=\(v6 ? 0 : 1)", "net.ipv6.conf.default.accept_ra=0"])
+        }
+        try node.netns.run(["ip", "link", "add", "br0", "type", "bridge"])
+        try node.netns.run(["ip", "link", "set", "br0", "up"])
+        try node.netns.run(["ip", "addr", "add", "10.244.0.1/16", "dev", "br0"])
+        // The kubelet's probes reach pods SNATed to this address (AMBIENT.md); here the node owns it directly.
+        try node.netns.run(["ip", "addr", "add", "\(LabTopology.probeSource)/32", "dev", "br0"])
+        if v6 { try node.netns.run(["ip", "-6", "addr", "add", "fd00:10:244::1/64", "dev", "br0", "nodad"]) }
+        for pod in pods.dropFirst() {
+            let veth = "v\(pod.role.rawValue)"
+            try node.netns.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod.name])
+            try node.netns.run(["ip", "link", "set", veth, "master", "br0", "up"])
+            try pod.netns.run(["ip", "addr", "add", "\(pod.ipv4)/16", "dev", "eth0"])
+            if let a6 = pod.ipv6 { try pod.netns.run(["ip", "-6", "addr", "add", "\(a6)/64", "dev", "eth0", "nodad"]) }
+            try pod.netns.run(["ip", "link", "set", "eth0", "up"])
+            try pod.netns.run(["ip", "route", "add", "default", "via", "10.244.0.1"])
+            if v6 { try pod.netns.run(["ip", "-6", "route", "add", "default", "via", "fd00:10:244::1"]) }
+        }
+        for pod in meshPods {
+            try loadRuleset(into: pod)
+            try addPolicyRouting(pod)
+        }
+        try startStandIns()
+    }
+
+    /// What istio-cni adds besides the rules: packets marked 0x111 (the app's replies to ztunnel's transparent
+    /// connections) are delivered locally via lo, back to ztunnel, instead of leaving through eth0.
+    private func addPolicyRouting(_ pod: LabPod) throws {
+        try pod.netns.run(["ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"])
+        try pod.netns.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
+        if options.dualStack {
+            try pod.netns.run(["ip", "-6", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"])
+            try pod.netns.run(["ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100"])
+        }
+    }
+
+    /// Loads (or reloads, replacing what is there) the lab's ruleset into a mesh pod.
+    public func loadRuleset(into pod: LabPod) throws {
+        let r = options.ruleset
+        if r.form == .nftables {
+            _ = pod.netns.attempt(["nft", "flush", "ruleset"])
+            try pod.netns.run(["nft", "-f", "-"], input: r.text)
+            return
+        }
+        let legacy = options.backend == .iptablesLegacy
+        if !r.text.isEmpty {
+            try pod.netns.run([legacy ? "iptables-legacy-restore" : "iptables-nft-restore"], input: r.text)
+        }
+        if options.dualStack, let v6 = r.ipv6Text {
+            try pod.netns.run([legacy ? "ip6tables-legacy-restore" : "ip6tables-nft-restore"], input: v6)
+        }
+    }
+
+    /// The iptables program family for rule edits in this lab (`iptables-nft`, `iptables-legacy`).
+    public func iptables(v6: Bool = false) -> String {
+        let base = v6 ? "ip6tables" : "iptables"
+        return options.backend == .iptablesLegacy ? "\(base)-legacy" : "\(base)-nft"
+    }
+
+    private func meshArguments() -> [String] {
+        meshPods.flatMap { $0.addresses.flatMap { ["--mesh", $0.description] } }
+    }
+
+    private func startStandIns() throws {
+        let keepFlags = options.keep ? [] : ["--die-with-parent"]
+        var waits: [(LabProcess, String)] = []
+        for pod in meshPods {
+            var argv = ["_ztunnel"] + pod.addresses.flatMap { ["--pod-ip", $0.description] } + meshArguments()
+            if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
+            waits.append((try start(argv + keepFlags, in: pod, label: "ztunnel"), "ztunnel stand-in up"))
+        }
+        let v6 = options.dualStack ? ["--ipv6"] : []
+        waits.append((try start(["_app", "serve", "--name", "server", "--port", "\(LabTopology.appPort)"] + v6 + keepFlags,
+                                in: server, label: "app"), "listening"))
+        waits.append((try start(["_app", "serve", "--name", "peer", "--port", "\(LabTopology.appPort)",
+                                 "--udp-echo", "\(LabTopology.udpEchoPort)"] + v6 + keepFlags, in: peer, label: "app"), "listening"))
+        waits.append((try start(["_app", "serve", "--name", "node", "--port", "8080", "--dns", "53"] + keepFlags,
+                                in: node, label: "app"), "listening"))
+        for (p, line) in waits {
+            let deadline = Date().addingTimeInterval(10)
+            while !p.log.contains(line) {
+                guard p.process.isRunning, Date() < deadline else {
+                    throw MeshtraceError(.kernelRefused, "the \(p.label) stand-in did not start: \(p.log.suffix(300))")
+                }
+                usleep(20_000)
+            }
+        }
+        // A stand-in that failed after its first line (a port taken) is gone by now.
+        usleep(100_000)
+        for (p, _) in waits where !p.process.isRunning {
+            throw MeshtraceError(.kernelRefused, "the \(p.label) stand-in exited: \(p.log.suffix(300))")
+        }
+    }
+
+    /// Starts `meshtrace ARGS` inside a pod's netns, its output to `<run dir>/<pod>-<label>.log`.
+    private func start(_ args: [String], in pod: LabPod, label: String) throws -> LabProcess {
+        let logPath = "\(runDirectory)/\(pod.role.rawValue)-\(label).log"
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        guard let out = FileHandle(forWritingAtPath: logPath) else {
+            throw MeshtraceError(.kernelRefused, "cannot write \(logPath)")
+        }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Command.which("nsenter") ?? "/usr/bin/nsenter")
+        p.arguments = ["--net=\(pod.ref.path)", "--", options.executable] + args
+        p.standardOutput = out
+        p.standardError = out
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        let lp = LabProcess(label: "\(pod.role.rawValue) \(label)", process: p, logPath: logPath)
+        lock.lock(); processes.append(lp); lock.unlock()
+        return lp
+    }
+
+    /// The output of a stand-in so far (for tests and the lab's kernel-side evidence).
+    public func log(of pod: LabPod, _ label: String) -> String {
+        (try? String(contentsOfFile: "\(runDirectory)/\(pod.role.rawValue)-\(label).log", encoding: .utf8)) ?? ""
+    }
+
+    /// Runs `meshtrace ARGS` to completion inside a pod (the app side of a scenario).
+    @discardableResult
+    public func runApp(_ args: [String], in pod: LabPod) throws -> Command.Result {
+        try Command.run([options.executable] + args, in: pod.ref)
+    }
+
+    /// The pids of every process the lab started that still runs.
+    public var runningPids: [Int32] {
+        lock.lock(); defer { lock.unlock() }
+        return processes.filter { $0.process.isRunning }.map(\.process.processIdentifier)
+    }
+
+    /// Stops the stand-ins and removes every namespace (with its veths, rules and routes) and the run directory.
+    /// Safe to call more than once, from any thread. With `keep`, only forgets the lab (it stays up).
+    public func teardown() {
+        lock.lock()
+        if tornDown { lock.unlock(); return }
+        tornDown = true
+        let procs = processes
+        processes.removeAll()
+        lock.unlock()
+        LabTopology.unregister(self)
+        if options.keep { return }
+        for p in procs { p.stop() }
+        for pod in pods.reversed() { pod.netns.remove() }
+        try? FileManager.default.removeItem(atPath: runDirectory)
+    }
+
+    // MARK: - Every lab of this process, for signal-time teardown
+
+    nonisolated(unsafe) private static var live: [ObjectIdentifier: LabTopology] = [:]
+    private static let liveLock = NSLock()
+    nonisolated(unsafe) private static var signalSources: [DispatchSourceSignal] = []
+
+    private static func register(_ t: LabTopology) { liveLock.lock(); live[ObjectIdentifier(t)] = t; liveLock.unlock() }
+    private static func unregister(_ t: LabTopology) { liveLock.lock(); live[ObjectIdentifier(t)] = nil; liveLock.unlock() }
+
+    /// On SIGINT, SIGTERM or SIGHUP: tear down every lab of this process, run `also` (e.g. the tracer's cleanup),
+    /// and exit with 128+signal.
+    public static func tearDownOnSignals(also: @escaping @Sendable () -> Void = {}) {
+        liveLock.lock(); defer { liveLock.unlock() }
+        guard signalSources.isEmpty else { return }
+        for sig in [SIGINT, SIGTERM, SIGHUP] {
+            signal(sig, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())
+            src.setEventHandler {
+                FileHandle.standardError.write(Data("\nmeshtrace lab: signal \(sig), removing the lab\n".utf8))
+                also()
+                liveLock.lock(); let labs = Array(live.values); liveLock.unlock()
+                for lab in labs { lab.teardown() }
+                exit(128 + sig)
+            }
+            src.resume()
+            signalSources.append(src)
+        }
+    }
+
+    /// `meshtrace lab down`: removes every lab namespace of this and earlier runs (`mt-l*`), with the processes
+    /// inside them, and their run directories. Returns the names removed.
+    @discardableResult
+    public static func removeAll() throws -> [String] {
+        try Command.requireRoot("meshtrace lab down")
+        let list = try Command.run(["ip", "netns", "list"])
+        var removed: [String] = []
+        for line in list.stdout.split(whereSeparator: \.isNewline) {
+            let name = String(line.split(separator: " ").first ?? "")
+            guard name.hasPrefix("mt-l") else { continue }
+            if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {
+                for p in pids.stdout.split(whereSeparator: \.isNewline) { if let pid = Int32(p) { kill(pid, SIGKILL) } }
+            }
+            if (try? Command.run(["ip", "netns", "del", name]))?.ok == true { removed.append(name) }
+        }
+        // Run directories are named meshtrace-lab-<pid>-<n>: remove those whose process is gone.
+        if let dirs = try? FileManager.default.contentsOfDirectory(atPath: "/tmp") {
+            for d in dirs where d.hasPrefix("meshtrace-lab-") {
+                let pid = Int32(d.dropFirst("meshtrace-lab-".count).split(separator: "-").first ?? "") ?? 0
+                if pid != getpid() && (pid <= 0 || (kill(pid, 0) != 0 && errno == ESRCH)) {
+                    try? FileManager.default.removeItem(atPath: "/tmp/\(d)")
+                }
+            }
+        }
+        return removed
+    }
+}

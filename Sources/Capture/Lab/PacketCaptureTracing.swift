@@ -1,0 +1,54 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Records each scenario with `tcpdump -i any` inside the traced pod (one pcap per scenario). It gives no verdict:
+/// the files are for `meshtrace analyze` and for `samples/`; the live engine (`LiveTracer`) is what judges.
+public final class PacketCaptureTracing: LabTracing {
+    public let directory: String
+    private var process: Process?
+    private var file: String?
+    private var errPath: String?
+
+    public init(directory: String) { self.directory = directory }
+
+    public func start(pod: LabPod, scenario: Scenario, lab: LabTopology) throws {
+        guard let tcpdump = Command.which("tcpdump") else {
+            throw MeshtraceError(.missingTool, "tcpdump is not installed (scripts/setup installs it)")
+        }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let path = "\(directory)/\(scenario.rawValue)-\(pod.role.rawValue)-any.pcap"
+        let err = "\(directory)/.\(scenario.rawValue).tcpdump.err"
+        FileManager.default.createFile(atPath: err, contents: nil)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Command.which("nsenter") ?? "/usr/bin/nsenter")
+        // -U: write each packet as it comes, so stopping with SIGINT loses nothing; -Z root: no privilege drop
+        // (the file is in a root-owned directory).
+        p.arguments = ["--net=\(pod.ref.path)", "--", tcpdump, "-i", "any", "-n", "-U", "-Z", "root", "-s", "256", "-w", path]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle(forWritingAtPath: err)
+        try p.run()
+        // tcpdump says "listening on" once the capture is open; traffic before that would be missed.
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline {
+            if let t = try? String(contentsOfFile: err, encoding: .utf8), t.contains("listening on") { break }
+            if !p.isRunning { throw MeshtraceError(.kernelRefused, "tcpdump in \(pod.name) exited: \((try? String(contentsOfFile: err, encoding: .utf8)) ?? "")") }
+            usleep(20_000)
+        }
+        process = p; file = path; errPath = err
+    }
+
+    public func stop() throws -> LabTraceFinding {
+        guard let p = process, let path = file else { return LabTraceFinding(verdict: nil, report: "") }
+        kill(p.processIdentifier, SIGINT)
+        let deadline = Date().addingTimeInterval(3)
+        while p.isRunning && Date() < deadline { usleep(20_000) }
+        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
+        p.waitUntilExit()
+        if let e = errPath { try? FileManager.default.removeItem(atPath: e) }
+        process = nil; file = nil
+        let text = (try? Command.run(["tcpdump", "-n", "-r", path]))?.stdout ?? ""
+        return LabTraceFinding(verdict: nil, report: text, files: [path])
+    }
+}

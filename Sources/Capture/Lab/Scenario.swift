@@ -1,0 +1,87 @@
+import Foundation
+
+/// How a connection's journey through a pod's rules ended, in the terms `meshtrace verify` and the correlator use.
+public enum LabVerdict: String, Sendable, Codable {
+    /// The connection went through ztunnel (a listener on 15001/15006/15008/15053 handled it).
+    case captured
+    /// It passed uncaptured, as the ambient design intends (probe, non-DNS UDP, DNS capture off, ...).
+    case bypass = "bypass by design"
+    /// It left (or entered) the pod without ztunnel, and nothing in the design says it should.
+    case escape
+}
+
+/// What the truth of a scenario is: the verdict and, in words, why.
+public struct ScenarioExpectation: Sendable {
+    public var verdict: LabVerdict
+    public var because: String
+}
+
+/// One thing the lab makes happen in the pods, with its known truth.
+public enum Scenario: String, Sendable, CaseIterable {
+    case outbound = "outbound"
+    case inboundHBONE = "inbound-hbone"
+    case inboundPlaintext = "inbound-plaintext"
+    case probe = "probe"
+    case passthrough = "passthrough"
+    case dns = "dns"
+    case udp = "udp"
+    case markEscape = "mark-escape"
+    case ipv6Escape = "ipv6-escape"
+    case ruleDeleted = "rule-deleted"
+    case foreignAccept = "foreign-accept"
+
+    public static func named(_ name: String) throws -> Scenario {
+        guard let s = Scenario(rawValue: name) else {
+            throw MeshtraceError(.usage, "unknown scenario '\(name)': one of \(allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        return s
+    }
+
+    public var summary: String {
+        switch self {
+        case .outbound: return "client app -> server:80, through the client's ztunnel (15001) and HBONE to the server's :15008"
+        case .inboundHBONE: return "the same request seen in the server pod: HBONE in on :15008, ztunnel's 0x539 leg into the app, 0x111 replies"
+        case .inboundPlaintext: return "peer outside the mesh -> server:80, redirected to the server's ztunnel on 15006"
+        case .probe: return "kubelet-style probe from 169.254.7.127 -> server:80"
+        case .passthrough: return "client app -> peer:80 (outside the mesh): ztunnel passes it through, 0x539-marked"
+        case .dns: return "client app -> DNS 10.244.0.1:53 over UDP"
+        case .udp: return "client app -> peer:9999 over UDP (not DNS)"
+        case .markEscape: return "client app sets SO_MARK 0x539 on its own socket, then -> server:80"
+        case .ipv6Escape: return "dual-stack client pod without ip6tables rules: app -> server [IPv6]:80"
+        case .ruleDeleted: return "the client's 15001 REDIRECT rule deleted, then app -> server:80"
+        case .foreignAccept: return "another tool's ACCEPT inserted ahead of the 15001 rule, then app -> server:80"
+        }
+    }
+
+    /// The pod whose network namespace is traced for this scenario.
+    public var tracedRole: LabPod.Role {
+        switch self {
+        case .inboundHBONE, .inboundPlaintext, .probe: return .server
+        default: return .client
+        }
+    }
+
+    public var needsDualStack: Bool { self == .ipv6Escape }
+
+    /// The scenarios `meshtrace lab` runs when none is named: all of them, the rule mutations last.
+    public static var defaultSet: [Scenario] { allCases }
+
+    public func expectation(ruleset: LabRuleset) -> ScenarioExpectation {
+        switch self {
+        case .outbound: return .init(verdict: .captured, because: "nat ISTIO_OUTPUT REDIRECTs app TCP to 15001; ztunnel tunnels it to server:15008")
+        case .inboundHBONE: return .init(verdict: .captured, because: "dport 15008 is not redirected and lands on ztunnel, which connects to the app from the client's address")
+        case .inboundPlaintext: return .init(verdict: .captured, because: "nat ISTIO_PRERT REDIRECTs inbound TCP (not 15008) to 15006")
+        case .probe: return .init(verdict: .bypass, because: "the probe source 169.254.7.127 is ACCEPTed before the 15006 REDIRECT")
+        case .passthrough: return .init(verdict: .captured, because: "redirected to 15001; the destination is outside the mesh, so ztunnel connects to it directly")
+        case .dns:
+            return ruleset.capturesDNS
+                ? .init(verdict: .captured, because: "DNS capture is on: UDP/53 is REDIRECTed to ztunnel's 15053")
+                : .init(verdict: .bypass, because: "this ruleset has DNS capture off: DNS goes straight to the resolver")
+        case .udp: return .init(verdict: .bypass, because: "the rules capture TCP (and DNS) only: other UDP passes by design")
+        case .markEscape: return .init(verdict: .escape, because: "a socket marked 0x539 matches '! --mark 0x539' nowhere: the app passes as ztunnel")
+        case .ipv6Escape: return .init(verdict: .escape, because: "no ip6tables rules: IPv6 TCP is never redirected")
+        case .ruleDeleted: return .init(verdict: .escape, because: "without the 15001 REDIRECT nothing captures outbound TCP")
+        case .foreignAccept: return .init(verdict: .escape, because: "the foreign ACCEPT ends the nat walk before the 15001 REDIRECT")
+        }
+    }
+}

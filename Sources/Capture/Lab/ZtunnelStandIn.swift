@@ -1,0 +1,204 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the ztunnel stand-in needs to know about the pod it serves.
+public struct ZtunnelConfig: Sendable {
+    /// The pod's own addresses (one per family it has). Listeners are opened for each family present.
+    public var podAddresses: [IPAddress]
+    /// Addresses of pods in the mesh: outbound connections to them are tunnelled to `peer:15008`;
+    /// anything else is passed through directly (still from a 0x539-marked socket), as ztunnel does.
+    public var mesh: [CIDR]
+    /// The packet mark on every socket ztunnel makes in the pod (Istio: 0x539, mask 0xfff).
+    public var mark: UInt32 = 0x539
+    public var outboundPort: UInt16 = 15001
+    public var inboundPlaintextPort: UInt16 = 15006
+    public var hbonePort: UInt16 = 15008
+    /// The DNS proxy port (15053) and where it forwards queries; nil: no DNS proxy.
+    public var dnsPort: UInt16? = nil
+    public var dnsUpstream: Endpoint? = nil
+    /// Connections served at once; more are refused (closed), so a runaway client cannot exhaust the process.
+    public var maxConnections = 256
+    /// A relay with no bytes moving for this long is closed.
+    public var idleSeconds: Double = 30
+
+    public init(podAddresses: [IPAddress], mesh: [CIDR]) {
+        self.podAddresses = podAddresses
+        self.mesh = mesh
+    }
+
+    func inMesh(_ a: IPAddress) -> Bool { mesh.contains { $0.contains(a) } }
+}
+
+/// A small stand-in for ztunnel in in-pod mode, written from AMBIENT.md. It runs inside a pod's network namespace:
+/// - 15001 (outbound capture): reads the original destination (SO_ORIGINAL_DST), and for a mesh destination opens a
+///   new 0x539-marked connection to `destination:15008` carrying an opaque tunnel; otherwise connects directly.
+/// - 15008 (inbound HBONE): reads the tunnel header, connects to the app at the target from the HBONE peer's address
+///   (IP_TRANSPARENT), 0x539-marked, so the pod's connmark 0x111 path runs for the app's replies.
+/// - 15006 (inbound plaintext): the same without a tunnel; the target is the original destination.
+/// - 15053 (optional): forwards DNS over UDP to an upstream from a 0x539-marked socket.
+/// What differs from ztunnel: no mTLS (an XOR keystream makes the tunnel opaque, nothing more), no HTTP/2 CONNECT
+/// framing, no identities or policy, no DNS answers of its own (docs/LAB.md).
+public final class ZtunnelStandIn: @unchecked Sendable {
+    public let config: ZtunnelConfig
+    private let log: @Sendable (String) -> Void
+    private var listeners: [LabSocket] = []
+    private var dnsSocket: LabSocket?
+    private let lock = NSLock()
+    private var active = 0
+    private var stopped = false
+
+    public init(config: ZtunnelConfig, log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.config = config
+        self.log = log
+    }
+
+    /// Opens every listener (throws if one cannot be opened: a port taken, no CAP_NET_ADMIN for SO_MARK), then serves
+    /// each on its own thread.
+    public func start() throws {
+        let families = Array(Set(config.podAddresses.map(\.family))).sorted { $0.rawValue < $1.rawValue }
+        do {
+            for family in families {
+                for (port, serve) in [(config.outboundPort, serveOutbound), (config.inboundPlaintextPort, serveInboundPlaintext),
+                                      (config.hbonePort, serveHBONE)] as [(UInt16, (LabSocket, Endpoint) -> Void)] {
+                    let l = try LabSocket.tcpListener(port: port, family: family, mark: config.mark)
+                    listeners.append(l)
+                    startAcceptLoop(l, serve)
+                }
+            }
+            if let port = config.dnsPort, let upstream = config.dnsUpstream {
+                // Bound to loopback: a REDIRECTed query's reply must come from 127.0.0.1 for conntrack to un-NAT it.
+                let s = try LabSocket.udp(bound: Endpoint(IPAddress(v4: 0x7f00_0001), port), family: .v4, mark: config.mark)
+                dnsSocket = s
+                Thread.detachNewThread { [self] in serveDNS(s, upstream: upstream) }
+            }
+        } catch {
+            stop()
+            throw error
+        }
+        log("ztunnel stand-in up: pod \(config.podAddresses.map(\.description).joined(separator: ",")) mesh \(config.mesh.map(\.description).joined(separator: ",")) mark 0x\(String(config.mark, radix: 16))")
+    }
+
+    public func stop() {
+        lock.lock()
+        stopped = true
+        let ls = listeners
+        listeners.removeAll()
+        lock.unlock()
+        // shutdown() wakes the threads blocked in accept(); close alone would not.
+        for l in ls { _ = Glibc.shutdown(l.fd, Int32(SHUT_RDWR)); l.close() }
+        if let d = dnsSocket { _ = Glibc.shutdown(d.fd, Int32(SHUT_RDWR)); d.close() }
+    }
+
+    private func startAcceptLoop(_ listener: LabSocket, _ serve: @escaping (LabSocket, Endpoint) -> Void) {
+        Thread.detachNewThread { [self] in
+            while let (conn, peer) = listener.accept() {
+                guard admit() else { log("refused \(peer): \(config.maxConnections) connections open"); conn.close(); continue }
+                Thread.detachNewThread { [self] in
+                    serve(conn, peer)
+                    conn.close()
+                    release()
+                }
+            }
+        }
+    }
+
+    private func admit() -> Bool {
+        lock.lock(); defer { lock.unlock() }
+        guard !stopped, active < config.maxConnections else { return false }
+        active += 1
+        return true
+    }
+
+    private func release() { lock.lock(); active -= 1; lock.unlock() }
+
+    private func serveOutbound(_ app: LabSocket, _ peer: Endpoint) {
+        let target: Endpoint
+        do { target = try app.originalDestination() } catch { log("outbound \(peer): \(error)"); return }
+        if config.inMesh(target.addr) {
+            let hbone = Endpoint(target.addr, config.hbonePort)
+            guard let tunnel = try? LabSocket.tcpConnect(to: hbone, mark: config.mark) else {
+                log("outbound \(peer) -> \(target): HBONE connect to \(hbone) failed"); return
+            }
+            tunnel.setTimeouts(seconds: 0)
+            var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
+            for i in nonce.indices { nonce[i] = UInt8.random(in: 0...255) }
+            var up = TunnelKeystream(nonce: nonce, direction: .toPeer)
+            var down = TunnelKeystream(nonce: nonce, direction: .fromPeer)
+            guard tunnel.writeAll(nonce), tunnel.writeAll(up.applied(TunnelHeader.line(target: target))) else { return }
+            log("outbound \(peer) -> \(target): hbone \(tunnel.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
+            app.relay(with: tunnel, idle: config.idleSeconds,
+                      transformUp: { up.apply($0) }, transformDown: { down.apply($0) })
+        } else {
+            guard let direct = try? LabSocket.tcpConnect(to: target, mark: config.mark) else {
+                log("outbound \(peer) -> \(target): passthrough connect failed"); return
+            }
+            direct.setTimeouts(seconds: 0)
+            log("outbound \(peer) -> \(target): passthrough \(direct.localEndpoint.map(\.description) ?? "?") -> \(target)")
+            app.relay(with: direct, idle: config.idleSeconds)
+        }
+    }
+
+    private func serveHBONE(_ tunnel: LabSocket, _ peer: Endpoint) {
+        tunnel.setTimeouts(seconds: 5)
+        var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
+        let n = nonce.withUnsafeMutableBytes { b -> Int in
+            var got = 0
+            while got < b.count {
+                let r = tunnel.read(into: b.baseAddress! + got, count: b.count - got)
+                if r <= 0 { return got }
+                got += r
+            }
+            return got
+        }
+        guard n == TunnelHeader.nonceLength else { log("hbone \(peer): no tunnel header"); return }
+        var up = TunnelKeystream(nonce: nonce, direction: .toPeer)
+        var down = TunnelKeystream(nonce: nonce, direction: .fromPeer)
+        guard let line = tunnel.readLine(transform: { up.apply(&$0) }), let target = TunnelHeader.parse(line) else {
+            log("hbone \(peer): bad tunnel header"); return
+        }
+        tunnel.setTimeouts(seconds: 0)
+        connectToApp(target: target, client: peer, kind: "hbone") { app in
+            tunnel.relay(with: app, idle: config.idleSeconds,
+                         transformUp: { up.apply($0) }, transformDown: { down.apply($0) })
+        }
+    }
+
+    private func serveInboundPlaintext(_ conn: LabSocket, _ peer: Endpoint) {
+        let target: Endpoint
+        do { target = try conn.originalDestination() } catch { log("inbound \(peer): \(error)"); return }
+        connectToApp(target: target, client: peer, kind: "inbound") { app in
+            conn.relay(with: app, idle: config.idleSeconds)
+        }
+    }
+
+    /// Connects to the app as the original client (IP_TRANSPARENT, bound to the client's address), 0x539-marked:
+    /// the packets loop through lo, mangle PREROUTING sets connmark 0x111, and the app's replies come back here.
+    private func connectToApp(target: Endpoint, client: Endpoint, kind: String, relay: (LabSocket) -> Void) {
+        let source = client.addr.family == target.addr.family ? Endpoint(client.addr, 0) : nil
+        do {
+            let app = try LabSocket.tcpConnect(to: target, from: source, mark: config.mark, transparent: source != nil)
+            app.setTimeouts(seconds: 0)
+            log("\(kind) \(client) -> \(target): app leg \(app.localEndpoint.map(\.description) ?? "?") -> \(target)")
+            relay(app)
+        } catch {
+            log("\(kind) \(client) -> \(target): \(error)")
+        }
+    }
+
+    private func serveDNS(_ s: LabSocket, upstream: Endpoint) {
+        while let (query, from) = s.receiveFrom() {
+            guard !query.isEmpty else { continue }
+            guard let up = try? LabSocket.udp(bound: nil, family: upstream.addr.family, mark: config.mark) else { continue }
+            up.setTimeouts(seconds: 2)
+            if up.sendTo(query, upstream), let (answer, _) = up.receiveFrom() {
+                _ = s.sendTo(answer, from)
+                log("dns \(from) -> \(upstream): \(answer.count) bytes answered")
+            } else {
+                log("dns \(from) -> \(upstream): no answer")
+            }
+            up.close()
+        }
+    }
+}

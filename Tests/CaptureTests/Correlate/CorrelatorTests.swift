@@ -1,0 +1,408 @@
+import XCTest
+@testable import Capture
+
+/// Keeps what the correlator emits.
+final class CollectingSink: ReportSink {
+    var timelines: [ConnectionTimeline] = []
+    var findings: [EscapeFinding] = []
+    var keepTimelines = true
+    var connectionsSeen = 0
+    var summary: AnalysisSummary?
+    func connection(_ timeline: ConnectionTimeline) {
+        connectionsSeen += 1
+        if keepTimelines { timelines.append(timeline) }
+    }
+    func finding(_ finding: EscapeFinding) { findings.append(finding) }
+    func finish(_ summary: AnalysisSummary) throws { self.summary = summary }
+
+    func timeline(_ kind: ConnectionKind) -> ConnectionTimeline? { timelines.first { $0.kind == kind } }
+}
+
+/// Builds packets the way the decoders fill them, with the ground truth decided by the test.
+struct PacketFactory {
+    let tags = RuleTagTable()
+    var frame: UInt64 = 0
+    var clock: Int64 = 1_700_000_000_000_000_000
+
+    static func ep(_ s: String, _ port: UInt16) -> Endpoint { Endpoint(IPAddress(s)!, port) }
+
+    mutating func advance(micros: Int64) { clock += micros * 1_000 }
+
+    mutating func packet(_ src: Endpoint, _ dst: Endpoint, proto: UInt8 = IPProto.tcp, flags: TCPFlags = [.ack],
+                         seq: UInt32 = 0, ack: UInt32 = 0, payload: UInt32 = 0,
+                         on point: CapturePoint, direction: PacketDirection = .unknown, source: UInt16 = 0) -> PacketRecord {
+        frame += 1
+        var r = PacketRecord()
+        r.ref = FrameRef(source: source, frame: frame)
+        r.time = Timestamp(seconds: clock / 1_000_000_000, nanoseconds: Int32(clock % 1_000_000_000))
+        r.point = point
+        r.direction = direction
+        r.tuple = FiveTuple(proto: proto, src: src, dst: dst)
+        r.tcpFlags = proto == IPProto.tcp ? flags : []
+        r.tcpSeq = seq
+        r.tcpAck = ack
+        r.payloadLength = payload
+        r.ipLength = 40 + payload
+        r.wireLength = r.ipLength + 16
+        return r
+    }
+
+    /// An NFLOG record as `tcpdump -i nflog:G` stores it: hook, prefix, mark, interfaces, optional conntrack.
+    mutating func nflog(_ src: Endpoint, _ dst: Endpoint, proto: UInt8 = IPProto.tcp, flags: TCPFlags = [.ack],
+                        seq: UInt32 = 0, ack: UInt32 = 0, hook: NetfilterHook, prefix: String, mark: UInt32? = nil,
+                        inIf: UInt32? = nil, outIf: UInt32? = nil, ct: ConntrackInfo? = nil) -> PacketRecord {
+        var r = packet(src, dst, proto: proto, flags: flags, seq: seq, ack: ack, on: .netfilter(hook), source: 1)
+        var m = NflogMeta()
+        m.group = 42
+        m.hook = hook
+        m.prefixID = tags.intern(prefix)
+        m.mark = mark
+        m.inputIfindex = inIf
+        m.outputIfindex = outIf
+        m.conntrack = ct
+        r.nflog = m
+        r.direction = (hook == .output || hook == .postrouting) ? .outbound : .inbound
+        return r
+    }
+}
+
+let lo = CapturePoint(kind: .interface, interface: "lo", isLoopback: true)
+let eth0 = CapturePoint.interface("eth0")
+
+/// The seed ruleset's nat rules, built by hand (positions as in seed-ambient-pod.iptables-save.txt).
+func seedNatRuleset() -> Ruleset {
+    func rule(_ chain: String, _ pos: Int, _ text: String, _ target: RuleTarget, _ role: AmbientRole, table: String = "nat") -> Rule {
+        Rule(table: table, chain: chain, position: pos, family: .ipv4, backend: .iptablesNft, text: text,
+             matchText: text, matches: [], target: target, role: role)
+    }
+    let natOut = Chain(name: "ISTIO_OUTPUT", rules: [
+        rule("ISTIO_OUTPUT", 1, "-A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT", .accept, .probeBypassOutbound),
+        rule("ISTIO_OUTPUT", 2, "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT", .accept, .ztunnelReplyBypass),
+        rule("ISTIO_OUTPUT", 3, "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT", .accept, .localBypass),
+        rule("ISTIO_OUTPUT", 4, "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
+             .redirect(toPort: 15001), .outboundCapture),
+    ])
+    let natPre = Chain(name: "ISTIO_PRERT", rules: [
+        rule("ISTIO_PRERT", 1, "-A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT", .accept, .probeBypassInbound),
+        rule("ISTIO_PRERT", 2, "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006",
+             .redirect(toPort: 15006), .inboundCapture),
+    ])
+    let manglePre = Chain(name: "ISTIO_PRERT", rules: [
+        rule("ISTIO_PRERT", 1, "-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff",
+             .connmarkSet(value: 0x111, mask: 0xfff), .connmarkFromZtunnel, table: "mangle"),
+    ])
+    return Ruleset(tables: [Table(name: "nat", family: .ipv4, backend: .iptablesNft, chains: [natOut, natPre]),
+                            Table(name: "mangle", family: .ipv4, backend: .iptablesNft, chains: [manglePre])],
+                   origin: "test")
+}
+
+func twin(_ table: String, _ chain: String, _ pos: Int, ruleset: Ruleset? = nil) -> String {
+    let rule = ruleset?.tables.first { $0.name == table }?.chain(chain)?.rules[pos - 1]
+    return RuleTag(family: .v4, table: table, chain: chain, position: .rule(pos),
+                   textHash: rule.map { RuleTag.textHash($0.canonicalText) }).prefix
+}
+
+final class CorrelatorTests: XCTestCase {
+    let app = PacketFactory.ep("10.0.1.5", 40000)
+    let service = PacketFactory.ep("10.0.2.2", 80)
+    let ztunnelOut = PacketFactory.ep("10.0.1.5", 50000)
+    let peerHBONE = PacketFactory.ep("10.0.2.2", 15008)
+    let capture15001 = PacketFactory.ep("127.0.0.1", 15001)
+
+    /// The app's connection to S:80: pre-NAT at nat OUTPUT, post-NAT on lo, replies de-NATed on lo; then
+    /// ztunnel's 0x539 connection to S:15008 on eth0. Returns the packets in capture order.
+    func outboundScenario(_ f: inout PacketFactory, ruleset: Ruleset?, destination: Endpoint? = nil,
+                          hboneTo: Endpoint? = nil) -> [PacketRecord] {
+        let dst = destination ?? service
+        let inner = hboneTo ?? peerHBONE
+        var out: [PacketRecord] = []
+        out.append(f.nflog(app, dst, flags: [.syn], seq: 1000, hook: .output,
+                           prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: ruleset), outIf: 2))
+        f.advance(micros: 5)
+        out.append(f.packet(app, capture15001, flags: [.syn], seq: 1000, on: lo, direction: .outbound))
+        out.append(f.packet(app, capture15001, flags: [.syn], seq: 1000, on: lo, direction: .inbound))
+        f.advance(micros: 20)
+        out.append(f.packet(dst, app, flags: [.syn, .ack], seq: 5000, ack: 1001, on: lo, direction: .outbound))
+        f.advance(micros: 20)
+        out.append(f.packet(app, capture15001, flags: [.ack], seq: 1001, ack: 5001, on: lo, direction: .outbound))
+        f.advance(micros: 300)
+        out.append(f.nflog(ztunnelOut, inner, flags: [.syn], seq: 7000, hook: .postrouting,
+                           prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
+                           mark: 0x539, outIf: 2))
+        out.append(f.packet(ztunnelOut, inner, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
+        f.advance(micros: 400)
+        out.append(f.packet(inner, ztunnelOut, flags: [.syn, .ack], seq: 9000, ack: 7001, on: eth0, direction: .inbound))
+        out.append(f.packet(ztunnelOut, inner, flags: [.ack], seq: 7001, ack: 9001, on: eth0, direction: .outbound))
+        f.advance(micros: 100)
+        out.append(f.packet(app, capture15001, flags: [.ack, .psh], seq: 1001, ack: 5001, payload: 100, on: lo, direction: .outbound))
+        f.advance(micros: 50)
+        out.append(f.packet(ztunnelOut, inner, flags: [.ack, .psh], seq: 7001, ack: 9001, payload: 180, on: eth0, direction: .outbound))
+        f.advance(micros: 900)
+        out.append(f.packet(inner, ztunnelOut, flags: [.ack, .psh], seq: 9001, ack: 7181, payload: 400, on: eth0, direction: .inbound))
+        f.advance(micros: 50)
+        out.append(f.packet(dst, app, flags: [.ack, .psh], seq: 5001, ack: 1101, payload: 300, on: lo, direction: .outbound))
+        f.advance(micros: 50)
+        out.append(f.packet(app, capture15001, flags: [.fin, .ack], seq: 1101, ack: 5301, on: lo, direction: .outbound))
+        out.append(f.packet(dst, app, flags: [.fin, .ack], seq: 5301, ack: 1102, on: lo, direction: .outbound))
+        out.append(f.packet(ztunnelOut, inner, flags: [.fin, .ack], seq: 7181, ack: 9401, on: eth0, direction: .outbound))
+        out.append(f.packet(inner, ztunnelOut, flags: [.fin, .ack], seq: 9401, ack: 7182, on: eth0, direction: .inbound))
+        return out
+    }
+
+    func run(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset? = nil,
+             options: CorrelatorOptions = CorrelatorOptions()) -> (CollectingSink, AnalysisSummary) {
+        let sink = CollectingSink()
+        let c = Correlator(tags: tags, ruleset: ruleset, options: options, sink: sink)
+        for p in packets { c.ingest(p) }
+        return (sink, c.finish())
+    }
+
+    func testTheThreeNATViewsOfAnOutboundConnectionFormOneTimeline() throws {
+        var f = PacketFactory()
+        let packets = outboundScenario(&f, ruleset: nil)
+        let (sink, summary) = run(packets, tags: f.tags)
+        let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
+        XCTAssertEqual(appConn.original, FiveTuple(proto: IPProto.tcp, src: app, dst: service))
+        XCTAssertEqual(appConn.aliases, [FiveTuple(proto: IPProto.tcp, src: app, dst: capture15001)])
+        XCTAssertEqual(appConn.redirect, .redirected(toPort: 15001, originalDestination: service))
+        // pre-NAT NFLOG + 2 SYN copies + SYN-ACK + ACK + data both ways + 2 FINs
+        XCTAssertEqual(appConn.events.count, 9)
+        XCTAssertEqual(appConn.events.filter(\.isReply).count, 3)
+        XCTAssertEqual(Set(appConn.events.map { FlowKey($0.tuple) }).count, 2, "two distinct tuples, one connection")
+        XCTAssertTrue(appConn.closed)
+        XCTAssertEqual(summary.connections, 2)
+        XCTAssertEqual(sink.timelines.count, 2)
+        XCTAssertEqual(summary.escapes, 0)
+    }
+
+    func testOutboundHopIsJoinedWithHighConfidenceAndItsEvidence() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let (sink, summary) = run(outboundScenario(&f, ruleset: rules), tags: f.tags, ruleset: rules)
+        let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
+        let hbone = try XCTUnwrap(sink.timeline(.hboneOutbound))
+        XCTAssertEqual(hbone.original, FiveTuple(proto: IPProto.tcp, src: ztunnelOut, dst: peerHBONE))
+        XCTAssertEqual(summary.hops, 1)
+        let hop = try XCTUnwrap(appConn.hops.first)
+        XCTAssertEqual(hop.direction, .outbound)
+        XCTAssertEqual(hop.outer, appConn.id)
+        XCTAssertEqual(hop.inner, hbone.id)
+        XCTAssertEqual(hop.confidence, .high)
+        let kinds = Set(hop.evidence.map(\.kind))
+        XCTAssertTrue(kinds.isSuperset(of: ["ztunnel-mark", "original-destination", "timing", "unique", "bytes"]), "\(kinds)")
+        XCTAssertEqual(hbone.hops.first?.outer, appConn.id)
+        // With the ruleset the pre-NAT hit names the rule, its role and the original destination.
+        let hitEvent = try XCTUnwrap(appConn.events.first { $0.hit != nil })
+        XCTAssertEqual(hitEvent.hit?.role, .outboundCapture)
+        XCTAssertEqual(hitEvent.hit?.action, .redirected(toPort: 15001, originalDestination: service))
+        XCTAssertEqual(hitEvent.point, .netfilter(.output))
+        XCTAssertEqual(hbone.marks, [0x539])
+        XCTAssertEqual(summary.ruleHits.count, 2)
+    }
+
+    func testAServiceVIPResolvedElsewhereStillJoinsButOnlyWithLowConfidence() throws {
+        var f = PacketFactory()
+        let vip = PacketFactory.ep("10.96.0.20", 80)
+        let (sink, _) = run(outboundScenario(&f, ruleset: nil, destination: vip), tags: f.tags)
+        let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
+        let hop = try XCTUnwrap(appConn.hops.first)
+        XCTAssertEqual(hop.confidence, .low)
+        XCTAssertFalse(hop.evidence.contains { $0.kind == "original-destination" })
+    }
+
+    func testTimeAloneNeverJoins() throws {
+        // A connection to :15008 that starts right after the app's, but carries no mark and goes elsewhere,
+        // among two candidates: no join.
+        var f = PacketFactory()
+        var packets = outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
+        packets.removeAll { $0.nflog?.mark == 0x539 }
+        let (sink, summary) = run(packets, tags: f.tags)
+        XCTAssertEqual(summary.hops, 0)
+        XCTAssertTrue(sink.timelines.allSatisfy { $0.hops.isEmpty })
+    }
+
+    func testPassthroughToANonMeshDestination() throws {
+        var f = PacketFactory()
+        let external = PacketFactory.ep("93.184.216.34", 443)
+        let (sink, summary) = run(outboundScenario(&f, ruleset: nil, destination: external, hboneTo: external), tags: f.tags)
+        let pass = try XCTUnwrap(sink.timeline(.ztunnelPassthrough))
+        XCTAssertEqual(pass.original.dst, external)
+        let hop = try XCTUnwrap(pass.hops.first)
+        XCTAssertEqual(hop.confidence, .high)
+        XCTAssertTrue(hop.evidence.contains { $0.kind == "original-destination" && $0.detail.contains("passthrough") })
+        XCTAssertEqual(summary.escapes, 0)
+    }
+
+    func testConntrackTuplesLinkTheViewsExactly() throws {
+        var f = PacketFactory()
+        let ct = ConntrackInfo(original: FiveTuple(proto: IPProto.tcp, src: app, dst: service),
+                               reply: FiveTuple(proto: IPProto.tcp, src: capture15001, dst: app))
+        var packets: [PacketRecord] = []
+        // lo first, then a later NFLOG record carrying NFULA_CT (records are stamped late, in batches).
+        packets.append(f.packet(app, capture15001, flags: [.ack], seq: 1001, ack: 5001, on: lo, direction: .outbound))
+        packets.append(f.packet(service, app, flags: [.ack], seq: 5001, ack: 1001, on: lo, direction: .outbound))
+        packets.append(f.nflog(app, capture15001, flags: [.ack], seq: 1001, ack: 5001, hook: .postrouting,
+                               prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
+                               outIf: 1, ct: ct))
+        let (sink, _) = run(packets, tags: f.tags)
+        XCTAssertEqual(sink.timelines.count, 1)
+        let t = try XCTUnwrap(sink.timelines.first)
+        XCTAssertEqual(t.original, ct.original)
+        XCTAssertEqual(t.kind, .appOutbound)
+        XCTAssertEqual(t.events.count, 3)
+    }
+
+    func testInboundHBONEHopIsJoinedToZtunnelsConnectionIntoTheApp() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let peer = PacketFactory.ep("10.0.2.2", 41000)
+        let podHBONE = PacketFactory.ep("10.0.1.5", 15008)
+        let ztunnelAsPeer = PacketFactory.ep("10.0.2.2", 42000)
+        let appPort = PacketFactory.ep("10.0.1.5", 8080)
+        let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
+        var p: [PacketRecord] = []
+        p.append(f.packet(peer, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound))
+        p.append(f.packet(podHBONE, peer, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound))
+        p.append(f.packet(peer, podHBONE, flags: [.ack], seq: 2, ack: 101, on: eth0, direction: .inbound))
+        f.advance(micros: 800)
+        p.append(f.nflog(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1))
+        p.append(f.packet(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, on: lo, direction: .outbound))
+        p.append(f.packet(appPort, ztunnelAsPeer, flags: [.syn, .ack], seq: 900, ack: 501, on: lo, direction: .outbound))
+        p.append(f.nflog(appPort, ztunnelAsPeer, flags: [.syn, .ack], seq: 900, ack: 501, hook: .output,
+                         prefix: twin("nat", "ISTIO_OUTPUT", 2, ruleset: rules), mark: 0x111))
+        p.append(f.packet(ztunnelAsPeer, appPort, flags: [.rst], seq: 501, on: lo, direction: .outbound))
+        p.append(f.packet(peer, podHBONE, flags: [.rst], seq: 2, on: eth0, direction: .inbound))
+        let (sink, summary) = run(p, tags: f.tags, ruleset: rules)
+        let outer = try XCTUnwrap(sink.timeline(.hboneInbound))
+        let inner = try XCTUnwrap(sink.timeline(.ztunnelToApp))
+        XCTAssertEqual(summary.hops, 1)
+        let hop = try XCTUnwrap(outer.hops.first)
+        XCTAssertEqual(hop.direction, .inbound)
+        XCTAssertEqual(hop.inner, inner.id)
+        XCTAssertEqual(hop.confidence, .high)
+        XCTAssertTrue(Set(hop.evidence.map(\.kind)).isSuperset(of: ["client-address", "ztunnel-mark", "ztunnel-connmark", "unique"]))
+        XCTAssertEqual(Set(inner.marks), [0x539, 0x111])
+        XCTAssertEqual(inner.events.first { $0.hit?.role == .connmarkFromZtunnel }?.hit?.action, .connmarkSet(0x111))
+        XCTAssertEqual(summary.podAddresses, [IPAddress("10.0.1.5")!])
+        XCTAssertEqual(summary.escapes, 0)
+    }
+
+    func testInboundPlaintextRedirectTo15006AndItsHop() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let client = PacketFactory.ep("10.0.3.3", 43000)
+        let pod80 = PacketFactory.ep("10.0.1.5", 80)
+        let pod15006 = PacketFactory.ep("10.0.1.5", 15006)
+        let ztunnelAsClient = PacketFactory.ep("10.0.3.3", 43999)
+        var p: [PacketRecord] = []
+        p.append(f.packet(client, pod80, flags: [.syn], seq: 10, on: eth0, direction: .inbound))
+        p.append(f.nflog(client, pod80, flags: [.syn], seq: 10, hook: .prerouting, prefix: twin("nat", "ISTIO_PRERT", 2, ruleset: rules), inIf: 2))
+        p.append(f.nflog(client, pod15006, flags: [.syn], seq: 10, hook: .input,
+                         prefix: RuleTag(family: .v4, table: "mangle", chain: "INPUT", position: .observeIn).prefix, inIf: 2))
+        p.append(f.packet(pod80, client, flags: [.syn, .ack], seq: 70, ack: 11, on: eth0, direction: .outbound))
+        f.advance(micros: 500)
+        p.append(f.packet(ztunnelAsClient, pod80, flags: [.syn], seq: 300, on: lo, direction: .outbound))
+        p.append(f.packet(pod80, ztunnelAsClient, flags: [.syn, .ack], seq: 800, ack: 301, on: lo, direction: .outbound))
+        let (sink, _) = run(p, tags: f.tags, ruleset: rules)
+        let outer = try XCTUnwrap(sink.timeline(.inboundPlaintext))
+        XCTAssertEqual(outer.original.dst, pod80)
+        XCTAssertEqual(outer.aliases.first?.dst, pod15006)
+        XCTAssertEqual(outer.redirect, .redirected(toPort: 15006, originalDestination: pod80))
+        let hop = try XCTUnwrap(outer.hops.first)
+        XCTAssertTrue(hop.evidence.contains { $0.kind == "original-port" })
+        XCTAssertTrue(hop.evidence.contains { $0.kind == "client-address" })
+        XCTAssertNotNil(sink.timeline(.ztunnelToApp))
+    }
+
+    func testAConnectionCarryingAForgedZtunnelMarkIsAFinding() throws {
+        var f = PacketFactory()
+        let app2 = PacketFactory.ep("10.0.1.5", 40100)
+        let target = PacketFactory.ep("10.0.9.9", 80)
+        var p: [PacketRecord] = []
+        p.append(f.nflog(app2, target, flags: [.syn], seq: 1, hook: .postrouting,
+                         prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
+                         mark: 0x539, outIf: 2))
+        p.append(f.packet(app2, target, flags: [.syn], seq: 1, on: eth0, direction: .outbound))
+        p.append(f.packet(target, app2, flags: [.syn, .ack], seq: 9, ack: 2, on: eth0, direction: .inbound))
+        let (sink, summary) = run(p, tags: f.tags)
+        XCTAssertEqual(summary.escapes, 1)
+        let finding = try XCTUnwrap(sink.findings.first)
+        XCTAssertEqual(finding.findingClass, .forgedZtunnelMark)
+        XCTAssertEqual(finding.tuple.dst, target)
+        XCTAssertEqual(finding.confidence, .high)
+        XCTAssertTrue(finding.frames.contains(FrameRef(source: 1, frame: 1)))
+        XCTAssertTrue(finding.frames.contains(FrameRef(source: 0, frame: 2)))
+    }
+
+    func testUncapturedAppTCPIsAnEscapeButTrafficToItsOwnPodIPIsNot() throws {
+        var f = PacketFactory()
+        var opts = CorrelatorOptions()
+        opts.podAddresses = [IPAddress("10.0.1.5")!]
+        let escaping = PacketFactory.ep("10.0.1.5", 40200)
+        var p: [PacketRecord] = []
+        p.append(f.packet(escaping, PacketFactory.ep("10.0.9.9", 443), flags: [.syn], seq: 1, on: eth0))
+        p.append(f.packet(PacketFactory.ep("10.0.1.5", 40300), PacketFactory.ep("10.0.1.5", 8080), flags: [.syn], seq: 1, on: lo))
+        p.append(f.packet(PacketFactory.ep("10.0.1.5", 40400), PacketFactory.ep("169.254.7.127", 9000), flags: [.syn], seq: 1, on: eth0))
+        let (sink, summary) = run(p, tags: f.tags, options: opts)
+        XCTAssertEqual(summary.escapes, 1)
+        XCTAssertEqual(sink.findings.map(\.findingClass), [.uncapturedTCP])
+        XCTAssertEqual(sink.findings.first?.frames, [FrameRef(source: 0, frame: 1)])
+        XCTAssertEqual(sink.timelines.map(\.kind), [.unknown, .local, .probe])
+    }
+
+    func testNonDNSUDPAndICMPAreReportedAsByDesign() throws {
+        var f = PacketFactory()
+        let a = PacketFactory.ep("10.0.1.5", 5000)
+        var p: [PacketRecord] = []
+        p.append(f.packet(a, PacketFactory.ep("10.0.9.9", 9999), proto: IPProto.udp, on: eth0, direction: .outbound))
+        p.append(f.packet(PacketFactory.ep("10.0.1.5", 0), PacketFactory.ep("10.0.9.9", 0), proto: IPProto.icmp, on: eth0, direction: .outbound))
+        p.append(f.packet(PacketFactory.ep("10.0.1.5", 5353), PacketFactory.ep("10.96.0.10", 53), proto: IPProto.udp, on: eth0, direction: .outbound))
+        let (sink, summary) = run(p, tags: f.tags)
+        XCTAssertEqual(summary.escapes, 0)
+        XCTAssertEqual(sink.findings.map(\.findingClass), [.byDesign, .byDesign])
+        XCTAssertEqual(sink.timelines.map(\.kind), [.uncapturedByDesign, .uncapturedByDesign, .dns])
+    }
+
+    func testClosedAndIdleConnectionsAreEmittedSoTheOpenTableStaysSmall() {
+        var f = PacketFactory()
+        let sink = CollectingSink()
+        sink.keepTimelines = false
+        var opts = CorrelatorOptions()
+        opts.tcpIdleTimeoutNanos = 10_000_000_000
+        let c = Correlator(tags: f.tags, ruleset: nil, options: opts, sink: sink)
+        let server = PacketFactory.ep("10.0.9.9", 80)
+        var maxOpen = 0
+        for i in 0..<100_000 {
+            let client = Endpoint(IPAddress(v4: 0x0A00_0105), UInt16(10_000 + i % 50_000))
+            let isn = UInt32(i) &* 7919
+            c.ingest(f.packet(client, server, flags: [.syn], seq: isn, on: eth0, direction: .outbound))
+            c.ingest(f.packet(server, client, flags: [.syn, .ack], seq: 1, ack: isn &+ 1, on: eth0, direction: .inbound))
+            if i % 10 != 0 {
+                // Every tenth connection never closes: it must idle out instead.
+                c.ingest(f.packet(client, server, flags: [.fin, .ack], seq: isn &+ 1, ack: 2, on: eth0, direction: .outbound))
+                c.ingest(f.packet(server, client, flags: [.fin, .ack], seq: 2, ack: isn &+ 2, on: eth0, direction: .inbound))
+            }
+            f.advance(micros: 1_000)
+            maxOpen = max(maxOpen, c.openConnectionCount)
+        }
+        // 2 s linger + 1 s sweep at 1000 connections/s, plus the unclosed tenth for the 10 s idle timeout.
+        XCTAssertLessThan(maxOpen, 3_200 + 1_100)
+        XCTAssertGreaterThan(sink.connectionsSeen, 80_000, "most were emitted before the end")
+        let summary = c.finish()
+        XCTAssertEqual(summary.connections, 100_000)
+        XCTAssertEqual(sink.connectionsSeen, 100_000)
+        XCTAssertEqual(c.openConnectionCount, 0)
+    }
+
+    func testEventsPerConnectionAreCappedAndTheRestCounted() {
+        var f = PacketFactory()
+        var opts = CorrelatorOptions()
+        opts.maxEventsPerConnection = 10
+        let a = PacketFactory.ep("10.0.1.5", 40000)
+        let p = (0..<25).map { i in f.packet(a, capture15001, flags: [.ack], seq: UInt32(i), on: lo) }
+        let (sink, _) = run(p, tags: f.tags, options: opts)
+        XCTAssertEqual(sink.timelines.first?.events.count, 10)
+        XCTAssertEqual(sink.timelines.first?.droppedEvents, 15)
+        XCTAssertEqual(sink.timelines.first?.packets, 25)
+    }
+}
