@@ -1,10 +1,101 @@
 import ArgumentParser
 import Capture
+import Foundation
 
 struct Analyze: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "analyze", abstract: "(not built yet)")
+    static let configuration = CommandConfiguration(
+        commandName: "analyze",
+        abstract: "Per-connection timelines from captures: which rule hit which packet, marks, redirects, the ztunnel hop, escapes.",
+        discussion: """
+        Reads pcap (µs and ns) and pcapng through libpcap: EN10MB, LINUX_SLL (tcpdump -i any), LINUX_SLL2,
+        RAW, NULL/LOOP and NFLOG (tcpdump -i nflog:G). Several files from one node are merged into one
+        analysis, e.g. an `-i any` capture plus an `nflog:G` capture of meshtrace's NFLOG twins
+        (see `meshtrace plan`).
+
+        Examples:
+          meshtrace analyze any.pcap nflog.pcap --rules pod.iptables-save.txt
+          meshtrace analyze capture.pcapng --pod-ip 10.244.1.5 --json | jq 'select(.type=="finding")'
+
+        Exit codes: 0 no escape, 1 an escape was found (also in a damaged capture), 2 bad input
+        (not a capture, unknown link type, empty file, bad --rules file), 3 damaged input and no escape
+        (what could be read was analysed), 64 usage. JSON schema: docs/JSON.md.
+        """
+    )
+
+    @Argument(help: "Capture files from one node (pcap or pcapng).")
+    var files: [String] = []
+
+    @Option(name: .long, help: "The pod's ruleset (iptables-save / nft list ruleset output): adds each hit's rule text and ambient role.")
+    var rules: String?
+
+    @Option(name: .customLong("pod-ip"), help: "The pod's address (repeat for IPv4 and IPv6). Inferred from the traffic when not given.")
+    var podIPs: [String] = []
+
+    @Option(name: .long, help: "Name for the pod's non-loopback interface when the capture does not carry one (tcpdump -i any).")
+    var interfaceName: String?
+
+    @Flag(name: .long, help: "Text view: connection headers, hops and findings only, no per-packet lines.")
+    var brief = false
+
+    @Option(name: .long, help: "Packet events kept per connection; later ones are counted.")
+    var maxEvents: Int = 512
+
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        guard !files.isEmpty else { throw ValidationError("give at least one capture file") }
+        for ip in podIPs where IPAddress(ip) == nil { throw ValidationError("--pod-ip \(ip) is not an IPv4 or IPv6 address") }
+        guard maxEvents > 0 else { throw ValidationError("--max-events must be positive") }
+    }
 
     func run() throws {
-        try reportingErrors { throw MeshtraceError(.usage, "meshtrace analyze is not built yet") }
+        try reportingErrors { try analyze() }
+    }
+
+    private func analyze() throws -> ExitStatus {
+        let config = output.config
+        let ruleset = try rules.map { try RulesetLoader.load(file: $0) }
+        let tags = RuleTagTable()
+        let source = try MergedSource(paths: files, tags: tags)
+
+        let main: ReportSink = config.json
+            ? JSONReport()
+            : TextReport(style: Style(config: config), showEvents: !brief)
+        let reporter = try Reporter.make(config: config, ruleset: ruleset, tags: tags,
+                                         title: "meshtrace analyze " + files.joined(separator: " "), sinks: [main])
+
+        var options = CorrelatorOptions()
+        options.podAddresses = podIPs.compactMap { IPAddress($0) }
+        options.interfaceName = interfaceName
+        options.maxEventsPerConnection = maxEvents
+        let correlator = Correlator(tags: tags, ruleset: ruleset, options: options, sink: reporter)
+
+        let progress = ProgressLine(config: config, label: "reading " + files.joined(separator: " + "),
+                                    totalBytes: ProgressLine.totalSize(of: files))
+        var record = PacketRecord()
+        var bytesRead: UInt64 = 24
+        var count = 0
+        while let frame = source.next(into: &record) {
+            let id = correlator.ingest(record)
+            if reporter.wantsPackets {
+                reporter.packet(record, frame: frame, linkType: source.currentLinkType, connection: id)
+            }
+            bytesRead &+= UInt64(frame.count) &+ 16
+            count &+= 1
+            if count & 0xfff == 0 { progress.update(bytesRead: bytesRead) }
+        }
+        progress.line.clear()
+
+        var summary = correlator.finish()
+        let damage = source.damage
+        if let damage { summary.fileDamage.append(damage.message) }
+        try reporter.finish(summary)
+
+        if summary.escapes > 0 {
+            if let damage { FileHandle.standardError.write(Data("meshtrace: \(damage.message)\n".utf8)) }
+            return .escapeFound
+        }
+        if let damage { throw damage }
+        return .ok
     }
 }

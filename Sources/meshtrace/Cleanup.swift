@@ -2,9 +2,29 @@ import ArgumentParser
 import Capture
 
 struct Cleanup: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "cleanup", abstract: "(not built yet)")
+    static let configuration = CommandConfiguration(
+        commandName: "cleanup",
+        abstract: "Remove every rule meshtrace added to a pod's netns (after a trace was killed).",
+        discussion: """
+        Rules are found by their tag (comment "meshtrace", NFLOG prefix "mt:"), in every backend (iptables-nft,
+        iptables-legacy, ip6tables, nftables), so this works after istio-cni re-applied its own rules. No other
+        rule is touched. Exit 0 when none remain.
+        """
+    )
+
+    @Option(name: .long, help: "The pod's network namespace: a name under /var/run/netns, or a path.")
+    var netns: String?
+
+    @Option(name: .long, help: "A process in the pod: its network namespace is used.")
+    var pid: Int32?
 
     func run() throws {
-        try reportingErrors { throw MeshtraceError(.usage, "meshtrace cleanup is not built yet") }
+        try reportingErrors {
+            let ref = try NetnsRef.resolve(netns: netns, pid: pid)
+            let instrumenter = Instrumenter(netns: ref, settings: InstrumentationSettings(), parse: Instrumenter.parseHome)
+            let removed = try instrumenter.remove()
+            print(removed == 0 ? "no meshtrace rules in \(ref)" : "removed \(removed) meshtrace rules from \(ref)")
+            return .ok
+        }
     }
 }

@@ -41,34 +41,43 @@ struct Lab: ParsableCommand {
 
         func run() throws {
             try reportingErrors {
-                if list { printList(); return .ok }
-                let scenarios = try selectedScenarios()
-                var options = LabOptions(executable: try selfExecutable())
-                options.ruleset = try LabRuleset.named(ruleset)
-                guard let b = LabBackend(rawValue: backend) else {
-                    throw MeshtraceError(.usage, "--backend takes \(LabBackend.allCases.map(\.rawValue).joined(separator: ", "))")
+                do { return try runLab() } catch {
+                    // A Ctrl-C tears the lab down under the running scenario; its failure is not the story.
+                    LabTopology.waitIfInterrupted()
+                    throw error
                 }
-                options.backend = options.ruleset.form == .nftables ? .nftables : b
-                options.dualStack = scenarios.contains { $0.needsDualStack }
-                options.keep = keep
-
-                LabTopology.tearDownOnSignals()
-                let lab = try LabTopology(options: options)
-                defer { lab.teardown() }
-                printTopology(lab)
-
-                let runDir = captureDir ?? "\(lab.runDirectory)/captures"
-                let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: runDir))
-                var results: [ScenarioResult] = []
-                for s in scenarios {
-                    let r = try runner.run(s)
-                    results.append(r)
-                    printResult(r, lab: lab)
-                }
-                printSummary(results)
-                if keep { printKeepHelp(lab) }
-                return results.allSatisfy(\.matches) ? .ok : .escapeFound
             }
+        }
+
+        private func runLab() throws -> ExitStatus {
+            if list { printList(); return .ok }
+            let scenarios = try selectedScenarios()
+            var options = LabOptions(executable: try selfExecutable())
+            options.ruleset = try LabRuleset.named(ruleset)
+            guard let b = LabBackend(rawValue: backend) else {
+                throw MeshtraceError(.usage, "--backend takes \(LabBackend.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            options.backend = options.ruleset.form == .nftables ? .nftables : b
+            options.dualStack = scenarios.contains { $0.needsDualStack }
+            options.keep = keep
+
+            LabTopology.tearDownOnSignals()
+            let lab = try LabTopology(options: options)
+            defer { lab.teardown() }
+            printTopology(lab)
+
+            let runDir = captureDir ?? "\(lab.runDirectory)/captures"
+            let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: runDir))
+            var results: [ScenarioResult] = []
+            for s in scenarios {
+                let r = try runner.run(s)
+                LabTopology.waitIfInterrupted()
+                results.append(r)
+                printResult(r, lab: lab)
+            }
+            printSummary(results)
+            if keep { printKeepHelp(lab) }
+            return results.allSatisfy(\.matches) ? .ok : .escapeFound
         }
 
         private func selectedScenarios() throws -> [Scenario] {
@@ -138,11 +147,14 @@ struct Lab: ParsableCommand {
     }
 
     struct Down: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "down", abstract: "Remove every lab namespace (mt-l*) of this and earlier runs, with its processes.")
+        static let configuration = CommandConfiguration(commandName: "down", abstract: "Remove the lab namespaces (mt-l*) left by earlier runs (--keep, killed runs), with their processes.")
+
+        @Flag(name: .long, help: "Also remove labs whose meshtrace process still runs.")
+        var all = false
 
         func run() throws {
             try reportingErrors {
-                let removed = try LabTopology.removeAll()
+                let removed = try LabTopology.removeAll(includingRunning: all)
                 print(removed.isEmpty ? "no lab namespaces" : "removed \(removed.joined(separator: " "))")
                 return .ok
             }

@@ -273,7 +273,11 @@ public final class LabTopology: @unchecked Sendable {
         processes.removeAll()
         lock.unlock()
         LabTopology.unregister(self)
-        if options.keep { return }
+        if options.keep {
+            // ScratchNetns removes its namespace when released; a kept lab must outlive this object.
+            LabTopology.liveLock.lock(); LabTopology.kept.append(self); LabTopology.liveLock.unlock()
+            return
+        }
         for p in procs { p.stop() }
         for pod in pods.reversed() { pod.netns.remove() }
         try? FileManager.default.removeItem(atPath: runDirectory)
@@ -283,6 +287,7 @@ public final class LabTopology: @unchecked Sendable {
 
     nonisolated(unsafe) private static var live: [ObjectIdentifier: LabTopology] = [:]
     private static let liveLock = NSLock()
+    nonisolated(unsafe) private static var kept: [LabTopology] = []
     nonisolated(unsafe) private static var signalSources: [DispatchSourceSignal] = []
 
     private static func register(_ t: LabTopology) { liveLock.lock(); live[ObjectIdentifier(t)] = t; liveLock.unlock() }
@@ -297,6 +302,7 @@ public final class LabTopology: @unchecked Sendable {
             signal(sig, SIG_IGN)
             let src = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())
             src.setEventHandler {
+                interruptLock.lock(); interrupted = true; interruptLock.unlock()
                 FileHandle.standardError.write(Data("\nmeshtrace lab: signal \(sig), removing the lab\n".utf8))
                 also()
                 liveLock.lock(); let labs = Array(live.values); liveLock.unlock()
@@ -308,16 +314,31 @@ public final class LabTopology: @unchecked Sendable {
         }
     }
 
-    /// `meshtrace lab down`: removes every lab namespace of this and earlier runs (`mt-l*`), with the processes
-    /// inside them, and their run directories. Returns the names removed.
+    nonisolated(unsafe) private static var interrupted = false
+    private static let interruptLock = NSLock()
+
+    /// When a signal is tearing the lab down, errors on the main thread (a stand-in vanished, a netns went away)
+    /// are its consequence: block here and let the signal handler finish and exit with 128+signal.
+    public static func waitIfInterrupted() {
+        interruptLock.lock(); let i = interrupted; interruptLock.unlock()
+        if i { Thread.sleep(forTimeInterval: 30) }
+    }
+
+    /// `meshtrace lab down`: removes the lab namespaces (`mt-l<pid>-N`) of earlier runs — those whose creating
+    /// process is gone, as after `--keep` or a SIGKILL — with the processes inside them, and their run directories.
+    /// `includingRunning` also removes labs whose creator still runs (another `meshtrace lab` in progress).
+    /// Returns the names removed.
     @discardableResult
-    public static func removeAll() throws -> [String] {
+    public static func removeAll(includingRunning: Bool = false) throws -> [String] {
         try Command.requireRoot("meshtrace lab down")
         let list = try Command.run(["ip", "netns", "list"])
         var removed: [String] = []
         for line in list.stdout.split(whereSeparator: \.isNewline) {
             let name = String(line.split(separator: " ").first ?? "")
             guard name.hasPrefix("mt-l") else { continue }
+            let creator = Int32(name.dropFirst(4).prefix { $0.isNumber }) ?? 0
+            let creatorRuns = creator > 0 && creator != getpid() && (kill(creator, 0) == 0 || errno != ESRCH)
+            if creatorRuns && !includingRunning { continue }
             if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {
                 for p in pids.stdout.split(whereSeparator: \.isNewline) { if let pid = Int32(p) { kill(pid, SIGKILL) } }
             }

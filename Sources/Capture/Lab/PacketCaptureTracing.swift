@@ -7,25 +7,28 @@ import Glibc
 /// the files are for `meshtrace analyze` and for `samples/`; the live engine (`LiveTracer`) is what judges.
 public final class PacketCaptureTracing: LabTracing {
     public let directory: String
+    /// The interface tcpdump listens on inside the traced pod (`any`: every one, lo included).
+    public let interface: String
     private var process: Process?
     private var file: String?
     private var errPath: String?
 
-    public init(directory: String) { self.directory = directory }
+    public init(directory: String, interface: String = "any") { self.directory = directory; self.interface = interface }
 
     public func start(pod: LabPod, scenario: Scenario, lab: LabTopology) throws {
         guard let tcpdump = Command.which("tcpdump") else {
             throw MeshtraceError(.missingTool, "tcpdump is not installed (scripts/setup installs it)")
         }
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        let path = "\(directory)/\(scenario.rawValue)-\(pod.role.rawValue)-any.pcap"
+        let path = "\(directory)/\(scenario.rawValue)-\(pod.role.rawValue)-\(interface).pcap"
         let err = "\(directory)/.\(scenario.rawValue).tcpdump.err"
         FileManager.default.createFile(atPath: err, contents: nil)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Command.which("nsenter") ?? "/usr/bin/nsenter")
-        // -U: write each packet as it comes, so stopping with SIGINT loses nothing; -Z root: no privilege drop
+        // --immediate-mode: with TPACKET_V3 packets wait in a ring block until it retires (1 s); a SIGINT before that
+        // drops them ("received by filter", never captured). -U: write each packet as it comes. -Z root: no privilege drop
         // (the file is in a root-owned directory).
-        p.arguments = ["--net=\(pod.ref.path)", "--", tcpdump, "-i", "any", "-n", "-U", "-Z", "root", "-s", "256", "-w", path]
+        p.arguments = ["--net=\(pod.ref.path)", "--", tcpdump, "-i", interface, "--immediate-mode", "-n", "-U", "-Z", "root", "-s", "256", "-w", path]
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle(forWritingAtPath: err)
         try p.run()

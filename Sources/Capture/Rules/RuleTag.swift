@@ -113,9 +113,14 @@ public final class RuleTagTable: @unchecked Sendable {
         var h: UInt32 = 0x811c9dc5
         for i in 0..<n { h = (h ^ UInt32(prefix[i])) &* 0x01000193 }
         if let ids = buckets[h] {
-            for id in ids {
+            // Indexed, not `for id in ids`: unspecialized (debug) code iterates an Array through a read
+            // coroutine whose frame is heap-allocated, one allocation per packet (AllocationTests).
+            var k = 0
+            while k < ids.count {
+                let id = ids[k]
                 let known = bytes[Int(id)]
                 if known.count == n && known.withUnsafeBytes({ memcmpEqual($0, prefix, n) }) { return id }
+                k += 1
             }
         }
         let copy = [UInt8](UnsafeRawBufferPointer(rebasing: prefix[0..<n]))

@@ -1,0 +1,267 @@
+import Foundation
+
+/// Adds meshtrace's NFLOG twins to a live pod netns and takes them out again.
+///
+/// Safety rules, in the order they are enforced:
+///  - one transaction per table (`iptables-restore --noflush --wait`, `nft -f`); nothing is flushed or rewritten;
+///  - after applying, the original rules are read back and must be unchanged in content and order, and every
+///    twin must sit right before its rule; otherwise everything added is removed and `.kernelRefused` thrown;
+///  - removal finds meshtrace's rules by their tag in the live rules, so it works after istio-cni re-applied
+///    its own rules (positions moved, chains recreated), and after a SIGKILL (`meshtrace cleanup`).
+public final class Instrumenter: @unchecked Sendable {
+    public let netns: NetnsRef
+    public let settings: InstrumentationSettings
+    /// Turns one home's saved text into tables (the ruleset model's parsers).
+    public let parse: (RuleHome, String) throws -> [Table]
+
+    public private(set) var plan: InstrumentationPlan?
+    /// Normalized rules per home before meshtrace touched them.
+    public private(set) var before: [RuleHome: String] = [:]
+    /// The rules as read before instrumenting (for the correlator: hits map to these rules).
+    public private(set) var tables: [(home: RuleHome, table: Table)] = []
+    private var installed = false
+
+    public init(netns: NetnsRef, settings: InstrumentationSettings, parse: @escaping (RuleHome, String) throws -> [Table]) {
+        self.netns = netns; self.settings = settings; self.parse = parse
+    }
+
+    // MARK: reading
+
+    /// The homes present in the netns with their saved text. iptables tools are required; a home whose tool
+    /// is absent (nft, ip6tables) is skipped.
+    public func readHomes(withCounters: Bool = false) throws -> [SavedRules] {
+        try requireTools()
+        var out: [SavedRules] = []
+        for home in RuleHome.all {
+            let argv = withCounters ? home.saveWithCountersCommand : home.saveCommand
+            guard Command.which(argv[0]) != nil else { continue }
+            let r = try Command.run(argv, in: netns)
+            guard r.ok else {
+                if r.stderr.contains("Permission denied") || r.stderr.contains("Operation not permitted") {
+                    throw MeshtraceError(.noPrivilege, "\(argv[0]) in netns \(netns): \(r.stderr)")
+                }
+                // A legacy table module that is not loaded, or an nft without kernel support: nothing there.
+                continue
+            }
+            out.append(SavedRules(home: home, text: r.stdout))
+        }
+        // The nftables home must leave iptables-nft's own tables alone. nft says which they are on stderr
+        // ("# Warning: table ip nat is managed by iptables-nft"); the iptables-nft homes say it too.
+        if let i = out.firstIndex(where: { $0.home.isNftables }) {
+            var managed: [String] = []
+            for saved in out where saved.home.backend == .iptablesNft {
+                let family = saved.home.family == .ipv6 ? "ip6" : "ip"
+                for line in saved.text.split(separator: "\n") where line.hasPrefix("*") {
+                    managed.append("# Warning: table \(family) \(line.dropFirst()) is managed by iptables-nft")
+                }
+            }
+            if !managed.isEmpty { out[i].text += "\n" + managed.joined(separator: "\n") + "\n" }
+        }
+        return out
+    }
+
+    func requireTools() throws {
+        try Command.requireRoot("meshtrace needs to change the pod's rules, which")
+        for tool in ["nsenter", "iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save", "iptables-legacy-restore"]
+        where Command.which(tool) == nil {
+            throw MeshtraceError(.missingTool, "\(tool) is not installed (Debian: apt-get install iptables util-linux)")
+        }
+    }
+
+    /// meshtrace rules already in the netns (from a run that was killed), per home.
+    public func leftovers() throws -> [(home: RuleHome, rule: SavedRules.OwnRule)] {
+        try readHomes().flatMap { saved in saved.ownRules.map { (saved.home, $0) } }
+    }
+
+    // MARK: installing
+
+    /// Reads the rules, plans the twins and applies them. `replace`: remove leftovers first instead of failing.
+    @discardableResult
+    public func install(replace: Bool = false) throws -> InstrumentationPlan {
+        var homes = try readHomes()
+        let left = homes.reduce(0) { $0 + $1.ownRules.count }
+        if left > 0 {
+            guard replace else {
+                throw MeshtraceError(.leftovers, "\(left) meshtrace rules are already in netns \(netns) (a run that was killed?): run `meshtrace cleanup --netns \(netns.label)` or pass --replace")
+            }
+            _ = try remove()
+            homes = try readHomes()
+        }
+        var tables: [(home: RuleHome, table: Table)] = []
+        for saved in homes {
+            for t in try parse(saved.home, saved.text) { tables.append((saved.home, t)) }
+            before[saved.home] = saved.normalized
+        }
+        self.tables = tables
+        var plan = try InstrumentationPlan.make(tables: tables, settings: settings)
+        if let nft = homes.first(where: { $0.home.isNftables }) {
+            let handles = nft.nftRuleHandles
+            for ci in plan.changes.indices where plan.changes[ci].home.isNftables {
+                let c = plan.changes[ci]
+                for ti in c.twins.indices where !c.twins[ti].isObservation {
+                    let key = "\(c.nftFamily) \(c.table) \(c.twins[ti].chain)"
+                    guard let list = handles[key], c.twins[ti].position <= list.count else {
+                        throw MeshtraceError(.kernelRefused, "no nft handle for rule \(c.twins[ti].position) of \(key)")
+                    }
+                    plan.changes[ci].twins[ti].beforeHandle = list[c.twins[ti].position - 1]
+                }
+            }
+        }
+        guard !plan.ambientHomes.isEmpty else {
+            throw MeshtraceError(.badInput, "no ambient rules (ISTIO_* chains or istio-* nft tables) in netns \(netns): nothing to trace")
+        }
+        self.plan = plan
+        installed = true
+        do {
+            for change in plan.changes {
+                let r = try Command.run(change.home.applyCommand, in: netns, input: plan.applyScript(change))
+                guard r.ok else {
+                    throw MeshtraceError(.kernelRefused, "\(change.home.restoreTool) refused the twins for table \(change.table): \(r.stderr)")
+                }
+            }
+            try checkUnchanged()
+        } catch {
+            let removeError: Error?
+            do { _ = try remove(); removeError = nil } catch let e { removeError = e }
+            if let removeError { throw MeshtraceError(.kernelRefused, "\(error); and removing what was added failed: \(removeError)") }
+            if let e = error as? MeshtraceError { throw e }
+            throw MeshtraceError(.kernelRefused, "\(error)")
+        }
+        return plan
+    }
+
+    /// The original rules must read back identical, and each twin must sit right before its rule.
+    func checkUnchanged() throws {
+        for saved in try readHomes() {
+            if let old = before[saved.home], old != saved.normalized {
+                throw MeshtraceError(.kernelRefused, "the original rules of \(saved.home) in netns \(netns) changed while the twins were added (istio-cni re-applying them?); rolled back")
+            }
+            if let problem = saved.misplacedTwin() {
+                throw MeshtraceError(.kernelRefused, "\(problem) (\(saved.home), netns \(netns)); rolled back")
+            }
+        }
+        let expected = plan?.twins.count ?? 0
+        let found = try leftovers().count
+        if found != expected {
+            throw MeshtraceError(.kernelRefused, "expected \(expected) meshtrace rules in netns \(netns) after applying, found \(found); rolled back")
+        }
+    }
+
+    // MARK: counting
+
+    /// The kernel's packet counters of the twins, by NFLOG prefix (the ground truth for hit counts).
+    public func kernelCounters() throws -> [String: UInt64] {
+        var out: [String: UInt64] = [:]
+        for saved in try readHomes(withCounters: true) {
+            for r in saved.ownRules { if let p = r.prefix, let n = r.packets { out[p, default: 0] += n } }
+        }
+        return out
+    }
+
+    // MARK: removing
+
+    /// Removes every meshtrace rule in the netns, found by tag in the live rules. Returns how many were removed.
+    /// Throws when some could not be removed (and says how many remain).
+    @discardableResult
+    public func remove() throws -> Int {
+        installed = false
+        var removed = 0
+        // `--mode trace`'s own nft table goes as a whole (its rules carry the comment too).
+        try TraceRules.remove(netns: netns)
+        for saved in try readHomes() {
+            let own = saved.ownRules
+            guard !own.isEmpty else { continue }
+            let scripts = Instrumenter.removalScripts(own, home: saved.home)
+            // One transaction per table; if the table changed under us (a rule already gone), fall back to one
+            // rule at a time so the rest still go.
+            for script in scripts {
+                let r = try Command.run(saved.home.applyCommand, in: netns, input: script.whole)
+                if r.ok { removed += script.rules.count; continue }
+                for single in script.singles {
+                    if (try? Command.run(saved.home.applyCommand, in: netns, input: single))?.ok == true { removed += 1 }
+                }
+            }
+        }
+        let remaining = try leftovers().count
+        if remaining > 0 {
+            throw MeshtraceError(.kernelRefused, "\(remaining) meshtrace rules could not be removed from netns \(netns); run `meshtrace cleanup --netns \(netns.label)`")
+        }
+        return removed
+    }
+
+    /// Removes the twins if `install` put them in and they are still there. For deferred cleanup on every path.
+    public func removeIfInstalled() throws {
+        if installed { try remove() }
+    }
+
+    struct RemovalScript { var rules: [SavedRules.OwnRule]; var whole: String; var singles: [String] }
+
+    /// The transactions that delete these rules: `-D CHAIN spec` per iptables table, `delete rule ... handle H` for nft.
+    static func removalScripts(_ own: [SavedRules.OwnRule], home: RuleHome) -> [RemovalScript] {
+        var byTable: [String: [SavedRules.OwnRule]] = [:]
+        var order: [String] = []
+        for r in own {
+            let key = home.isNftables ? "\(r.nftFamily) \(r.table)" : r.table
+            if byTable[key] == nil { order.append(key) }
+            byTable[key, default: []].append(r)
+        }
+        return order.map { key in
+            let rules = byTable[key]!
+            if home.isNftables {
+                let lines = rules.compactMap { r in r.handle.map { "delete rule \(r.nftFamily) \(r.table) \(r.chain) handle \($0)" } }
+                return RemovalScript(rules: rules, whole: lines.joined(separator: "\n") + "\n", singles: lines.map { $0 + "\n" })
+            }
+            let lines = rules.map { "-D \($0.chain) \($0.spec)" }
+            func wrap(_ l: [String]) -> String { (["*\(key)"] + l + ["COMMIT"]).joined(separator: "\n") + "\n" }
+            return RemovalScript(rules: rules, whole: wrap(lines), singles: lines.map { wrap([$0]) })
+        }
+    }
+}
+
+extension Instrumenter {
+    /// Reads one home's saved text into tables with the ruleset model's parsers, labelled with the home's
+    /// backend and family (the text alone does not say `ip6tables` or `legacy` reliably). In the nft text, the
+    /// tables iptables-nft manages are left out: they belong to the iptables-nft homes.
+    public static func parseHome(_ home: RuleHome, _ text: String) throws -> [Table] {
+        let saved = SavedRules(home: home, text: text)
+        if home.isNftables {
+            guard !text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty else { return [] }
+            let managed = saved.xtablesManagedTables
+            // Handles are taken from the text by `SavedRules.nftRuleHandles`; the model is read without them
+            // (the nft parser on main turns a chain header's `# handle N` into an empty rule).
+            let plain = text.replacingOccurrences(of: #" # handle \d+"#, with: "", options: .regularExpression)
+            let rs = try RulesetLoader.load(text: plain, origin: "\(home)", format: .nftText)
+            return rs.tables.filter { !managed.contains("\(InstrumentationPlan.nftFamilyKeyword($0.family)) \($0.name)") }
+                .map { relabel($0, backend: .nftables, family: nil) }
+        }
+        guard text.contains("*") else { return [] }
+        let rs = try RulesetLoader.load(text: text, origin: "\(home)", format: .iptables)
+        return rs.tables.map { relabel($0, backend: home.backend, family: home.family) }
+    }
+
+    static func relabel(_ table: Table, backend: RulesetBackend, family: RuleFamily?) -> Table {
+        var t = table
+        t.backend = backend
+        if let family { t.family = family }
+        for ci in t.chains.indices {
+            for ri in t.chains[ci].rules.indices {
+                t.chains[ci].rules[ri].backend = backend
+                if let family { t.chains[ci].rules[ri].family = family }
+            }
+        }
+        return t
+    }
+
+    /// The homes a ruleset read from a file belongs to: each table's own backend and family.
+    public static func homes(of ruleset: Ruleset) -> [(home: RuleHome, table: Table)] {
+        ruleset.tables.map { t in
+            if t.backend == .nftables { return (RuleHome(backend: .nftables, family: .inet), t) }
+            return (RuleHome(backend: t.backend, family: t.family == .ipv6 ? .ipv6 : .ipv4), t)
+        }
+    }
+
+    /// The ruleset model of what was read before instrumenting, for the correlator (hits → rules and roles).
+    public var ruleset: Ruleset {
+        Ruleset(tables: tables.map(\.table), origin: "netns \(netns)")
+    }
+}

@@ -1,0 +1,47 @@
+/// Conntrack's view of the pod's recent connections, from ctnetlink NEW/UPDATE events.
+///
+/// It stands in for NFULA_CT where the kernel cannot attach conntrack to NFLOG messages (built without
+/// CONFIG_NETFILTER_NETLINK_GLUE_CT: `nflog_set_flags(NFULNL_CFG_F_CONNTRACK)` fails with EOPNOTSUPP).
+/// The events carry the same ctnetlink attributes, decoded by the same `ConntrackDecoder`. A connection's
+/// NEW event is sent when conntrack confirms it, after the NFLOG twins saw its first packet: the tracer
+/// holds records briefly (`LiveTracer.holdNanos`) so the event is in the table when the record is released.
+///
+/// Bounded: the oldest entries are forgotten first.
+final class ConntrackTable {
+    private var byTuple: [FiveTuple: ConntrackInfo] = [:]
+    private var order: [FiveTuple]
+    private var next = 0
+    private let capacity: Int
+    private(set) var eventsSeen: UInt64 = 0
+
+    init(capacity: Int = 1 << 15) {
+        self.capacity = capacity
+        order = []
+        order.reserveCapacity(capacity)
+        byTuple.reserveCapacity(capacity)
+    }
+
+    /// Takes in the attributes of one IPCTNL_MSG_CT_NEW message (event NEW or UPDATE).
+    func apply(_ attributes: ByteReader) {
+        guard let info = ConntrackDecoder.decode(attributes, order: .host) else { return }
+        eventsSeen += 1
+        // Keys for every view a twin can see: the original direction before NAT, the reply direction, and
+        // the original direction after NAT (the reply tuple reversed).
+        remember(info.original, info)
+        remember(info.reply, info)
+        if info.isDestinationNATed { remember(info.reply.reversed, info) }
+    }
+
+    private func remember(_ key: FiveTuple, _ info: ConntrackInfo) {
+        if byTuple.updateValue(info, forKey: key) != nil { return }
+        if order.count < capacity {
+            order.append(key)
+        } else {
+            byTuple.removeValue(forKey: order[next])
+            order[next] = key
+            next = (next + 1) % capacity
+        }
+    }
+
+    func lookup(_ tuple: FiveTuple) -> ConntrackInfo? { byTuple[tuple] }
+}

@@ -1,0 +1,163 @@
+import Foundation
+
+// `--mode trace`: the kernel's own rule-by-rule walk, joined into the timelines as rule hits.
+//
+//  - nf_tables (iptables-nft and native nft): packets get `meta nftrace set 1` from meshtrace's own table
+//    `inet meshtrace` (base chains just before raw), and the kernel then reports every rule they traverse in
+//    every nft table, iptables-nft's included, as NFT_MSG_TRACE on NFNLGRP_NFTRACE. A table of its own means
+//    no iptables table is created or touched for TRACE, and removal is one `delete table`.
+//  - iptables-legacy: `-t raw -j TRACE` logs through nf_log; nfnetlink_log bound as the netns's logger
+//    (`nflog_bind_pf`) delivers it as NFLOG on group 0 with the prefix `TRACE: table:chain:type:rulenum `,
+//    where rulenum counts meshtrace's twins too: it is mapped back to the original rule's position.
+//
+// Each step becomes a record carrying the prefix `TRACE: table:chain:type:position`, with the packet's tuple
+// from the trace's network/transport headers, so the correlator places it on the same connection.
+
+enum TraceRules {
+    static let nftTable = "meshtrace"
+
+    static func install(netns: NetnsRef, homes: [RuleHome]) throws {
+        let nfTables = homes.contains { $0.backend == .iptablesNft || $0.backend == .nftables }
+        if nfTables {
+            let script = """
+            add table inet \(nftTable)
+            add chain inet \(nftTable) prerouting { type filter hook prerouting priority -350; policy accept; }
+            add chain inet \(nftTable) output { type filter hook output priority -350; policy accept; }
+            add rule inet \(nftTable) prerouting meta nftrace set 1 comment "\(InstrumentationSettings.comment)"
+            add rule inet \(nftTable) output meta nftrace set 1 comment "\(InstrumentationSettings.comment)"
+
+            """
+            let r = try Command.run(["nft", "-f", "-"], in: netns, input: script)
+            guard r.ok else { throw MeshtraceError(.kernelRefused, "nft refused the TRACE table: \(r.stderr)") }
+        }
+        for home in homes where home.backend == .iptablesLegacy {
+            let input = "*raw\n-I PREROUTING 1 -m comment --comment meshtrace -j TRACE\n-I OUTPUT 1 -m comment --comment meshtrace -j TRACE\nCOMMIT\n"
+            let r = try Command.run(home.applyCommand, in: netns, input: input)
+            guard r.ok else { throw MeshtraceError(.kernelRefused, "\(home.restoreTool) refused the TRACE rules: \(r.stderr)") }
+        }
+    }
+
+    /// Original rule positions by nft handle ("nfproto table chain handle" → position), meshtrace's rules skipped.
+    static func handlePositions(netns: NetnsRef) throws -> [String: Int] {
+        guard Command.which("nft") != nil else { return [:] }
+        let r = try Command.run(["nft", "-a", "list", "ruleset"], in: netns)
+        guard r.ok else { return [:] }
+        var out: [String: Int] = [:]
+        var family = 0, table = "", chain = "", position = 0
+        for raw in r.stdout.split(separator: "\n") {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            let words = line.split(separator: " ")
+            if line.hasPrefix("table "), words.count >= 3 {
+                family = ["inet": 1, "ip": 2, "ip6": 10][String(words[1])] ?? 0
+                table = String(words[2])
+            } else if line.hasPrefix("chain "), words.count >= 2 {
+                chain = String(words[1]); position = 0
+            } else if let h = SavedRules.number(after: "# handle ", in: line), !line.hasPrefix("type "),
+                      !SavedRules.isOwn(Substring(line)) {
+                position += 1
+                out["\(family) \(table) \(chain) \(h)"] = position
+            }
+        }
+        return out
+    }
+
+    /// Removes meshtrace's TRACE table (the legacy TRACE rules carry the comment and go with the twins).
+    static func remove(netns: NetnsRef) throws {
+        guard Command.which("nft") != nil else { return }
+        let list = try Command.run(["nft", "list", "tables"], in: netns)
+        guard list.ok, list.stdout.contains("table inet \(nftTable)\n") || list.stdout.hasSuffix("table inet \(nftTable)") else { return }
+        let r = try Command.run(["nft", "delete", "table", "inet", nftTable], in: netns)
+        guard r.ok else { throw MeshtraceError(.kernelRefused, "could not remove nft table inet \(nftTable): \(r.stderr)") }
+    }
+}
+
+/// Turns TRACE steps into records for the correlator.
+final class TraceJoiner {
+    private let tags: RuleTagTable
+    private var decoder: PacketDecoder
+    /// The last decoded headers per trace id: only the first event of a base-chain walk carries them.
+    private var tuples: [UInt32: (FiveTuple, TCPFlags)] = [:]
+    private var tupleOrder: [UInt32] = []
+    private var scratch = [UInt8](repeating: 0, count: 512)
+    private(set) var steps: UInt64 = 0
+    /// "family table chain handle" → original rule position, from the nft listing at install time.
+    var positions: [String: Int] = [:]
+    private var names: RuleTagTable
+
+    init(tags: RuleTagTable) {
+        self.tags = tags
+        self.names = RuleTagTable()
+        decoder = PacketDecoder(tags: RuleTagTable())
+    }
+
+    /// Builds a record from one NFT_MSG_TRACE message; nil for steps that are not rules or have no packet.
+    func record(_ attrs: ByteReader, family: UInt8, into record: inout PacketRecord) -> Bool? {
+        guard let e = NftTraceEvent.decode(attrs, names: names) else { return nil }
+        let table = names.text(for: e.tableID), chain = names.text(for: e.chainID)
+        if table == TraceRules.nftTable { return nil }
+        if let net = e.network {
+            let n = min(net.count, 256)
+            var t = e.transport.map { min($0.count, 256) } ?? 0
+            t = min(t, scratch.count - n)
+            scratch.withUnsafeMutableBytes { buf in
+                buf.baseAddress!.copyMemory(from: net.baseAddress!, byteCount: n)
+                if t > 0, let tr = e.transport { (buf.baseAddress! + n).copyMemory(from: tr.baseAddress!, byteCount: t) }
+            }
+            var probe = PacketRecord()
+            scratch.withUnsafeBytes { buf in
+                decoder.decode(linkType: LinkType.raw, bytes: UnsafeRawBufferPointer(rebasing: buf[0..<(n + t)]),
+                               wireLength: UInt32(n + t), into: &probe)
+            }
+            if probe.isIP {
+                if tuples[e.id] == nil {
+                    tupleOrder.append(e.id)
+                    if tupleOrder.count > 4096 { tuples.removeValue(forKey: tupleOrder.removeFirst()) }
+                }
+                tuples[e.id] = (probe.tuple, probe.tcpFlags)
+            }
+        }
+        guard let (tuple, flags) = tuples[e.id] else { return nil }
+        let kind: String
+        switch e.kind {
+        case .rule: kind = "rule"
+        case .return: kind = "return"
+        case .policy: kind = "policy"
+        case .unknown: return nil
+        }
+        let key = "\(family) \(table) \(chain) \(e.ruleHandle)"
+        let position = positions[key].map(String.init) ?? "h\(e.ruleHandle)"
+        steps += 1
+        var meta = NflogMeta()
+        meta.mark = e.mark
+        meta.inputIfindex = e.inputIfindex
+        meta.outputIfindex = e.outputIfindex
+        meta.prefixID = tags.intern("TRACE: \(table):\(chain):\(kind):\(position)")
+        record = PacketRecord()
+        record.ref = FrameRef(source: 4, frame: steps)
+        record.time = NflogSource.realtime()
+        record.point = .netfilter(.unknown)
+        record.tuple = tuple
+        record.tcpFlags = flags
+        record.nflog = meta
+        return true
+    }
+
+    /// Legacy TRACE arrives as NFLOG on group 0 with `TRACE: table:chain:type:rulenum`; rulenum counts
+    /// meshtrace's own twins, which are taken back out so the position names the original rule.
+    func rewriteLegacy(_ record: inout PacketRecord, instrumenter: Instrumenter) -> Bool {
+        guard var meta = record.nflog else { return false }
+        let text = tags.text(for: meta.prefixID)
+        guard text.hasPrefix("TRACE: ") else { return false }
+        let parts = text.dropFirst(7).trimmingCharacters(in: .whitespaces).split(separator: ":")
+        guard parts.count == 4, let num = Int(parts[3]) else { return false }
+        let twinsBefore = instrumenter.plan?.twins.filter {
+            !$0.home.isNftables && $0.table == parts[0] && $0.chain == parts[1]
+        }.count ?? 0
+        // Twins sit right before their rules, so rule k (original) is at 2k with all its predecessors twinned.
+        let original = twinsBefore > 0 ? (num + 1) / 2 : num
+        meta.prefixID = tags.intern("TRACE: \(parts[0]):\(parts[1]):\(parts[2]):\(original)")
+        record.nflog = meta
+        steps += 1
+        return true
+    }
+}

@@ -1,0 +1,247 @@
+import Foundation
+
+// JSON Lines (docs/JSON.md): one `connection` record per finished connection, one `finding` record per
+// finding right after its connection, and one `summary` record at the end. Written by hand into a byte
+// buffer: a record per connection of a million-packet capture must not cost more than the analysis.
+
+public final class JSONReport: ReportSink {
+    public static let schemaVersion = 1
+    private let out: ReportBuffer
+    private var comma = false
+
+    public init(fileDescriptor: Int32 = STDOUT_FILENO) {
+        out = ReportBuffer(fileDescriptor: fileDescriptor)
+    }
+
+    // MARK: - Small writers
+
+    private func key(_ k: StaticString) {
+        if comma { out.byte(UInt8(ascii: ",")) }
+        out.byte(0x22); out.text(k); out.text("\":")
+        comma = true
+    }
+    private func open(_ b: UInt8) { out.byte(b); comma = false }
+    private func close(_ b: UInt8) { out.byte(b); comma = true }
+    private func element() { if comma { out.byte(UInt8(ascii: ",")) }; comma = true }
+
+    private func endpointString(_ e: Endpoint) {
+        out.byte(0x22); out.endpoint(e); out.byte(0x22)
+    }
+    private func addressString(_ a: IPAddress) { out.byte(0x22); out.address(a); out.byte(0x22) }
+
+    private func tuple(_ t: FiveTuple) {
+        open(UInt8(ascii: "{"))
+        key("proto"); out.byte(0x22); out.text(IPProto.name(t.proto)); out.byte(0x22)
+        key("src"); addressString(t.src.addr)
+        key("sport"); out.unsignedDecimal(UInt64(t.src.port))
+        key("dst"); addressString(t.dst.addr)
+        key("dport"); out.unsignedDecimal(UInt64(t.dst.port))
+        close(UInt8(ascii: "}"))
+    }
+
+    private func frame(_ f: FrameRef) {
+        open(UInt8(ascii: "["))
+        out.unsignedDecimal(UInt64(f.source)); out.byte(UInt8(ascii: ",")); out.unsignedDecimal(f.frame)
+        close(UInt8(ascii: "]"))
+    }
+
+    private func time(_ t: Timestamp) { out.byte(0x22); out.timestamp(t); out.byte(0x22) }
+
+    private func action(_ a: RuleAction) {
+        open(UInt8(ascii: "{"))
+        key("type")
+        switch a {
+        case .redirected(let port, let original):
+            out.text("\"redirect\""); key("to_port"); out.unsignedDecimal(UInt64(port))
+            if let o = original { key("original_dst"); endpointString(o) }
+        case .tproxied(let port, let mark):
+            out.text("\"tproxy\""); key("to_port"); out.unsignedDecimal(UInt64(port))
+            if let m = mark { key("mark"); out.unsignedDecimal(UInt64(m)) }
+        case .markSet(let m): out.text("\"mark-set\""); key("mark"); out.unsignedDecimal(UInt64(m))
+        case .connmarkSet(let m): out.text("\"connmark-set\""); key("connmark"); out.unsignedDecimal(UInt64(m))
+        case .connmarkRestored(let m):
+            out.text("\"connmark-restore\"")
+            if let m { key("mark"); out.unsignedDecimal(UInt64(m)) }
+        case .accepted: out.text("\"accept\"")
+        case .returned: out.text("\"return\"")
+        case .jumped(let c): out.text("\"jump\""); key("chain"); out.jsonString(c)
+        case .ctZone(let z): out.text("\"ct-zone\""); key("zone"); out.unsignedDecimal(UInt64(z))
+        case .dropped: out.text("\"drop\"")
+        case .observed: out.text("\"observe\"")
+        case .other(let s): out.text("\"other\""); key("text"); out.jsonString(s)
+        }
+        close(UInt8(ascii: "}"))
+    }
+
+    private func hit(_ h: RuleHit) {
+        open(UInt8(ascii: "{"))
+        key("prefix"); out.jsonString(h.prefixText)
+        if let tag = h.tag {
+            key("table"); out.jsonString(tag.table)
+            key("chain"); out.jsonString(tag.chain)
+            key("position")
+            switch tag.position {
+            case .rule(let n): out.decimal(n)
+            case .observeIn: out.text("\"in\"")
+            case .observeOut: out.text("\"out\"")
+            }
+        }
+        if let r = h.rule { key("rule"); out.jsonString(r.canonicalText) }
+        if let role = h.role { key("role"); out.byte(0x22); out.text(role.rawValue); out.byte(0x22) }
+        if let a = h.action { key("action"); action(a) }
+        close(UInt8(ascii: "}"))
+    }
+
+    private func event(_ e: TimelineEvent) {
+        open(UInt8(ascii: "{"))
+        key("time"); time(e.time)
+        key("frame"); frame(e.frame)
+        key("point")
+        switch e.point.kind {
+        case .interface: out.jsonString(e.point.interface)
+        case .netfilter: out.text("\"nf:"); out.text(e.point.hook.description); out.byte(0x22)
+        case .unknown: out.text("\"?\"")
+        }
+        key("dir")
+        switch e.direction {
+        case .inbound: out.text("\"in\"")
+        case .outbound: out.text("\"out\"")
+        case .unknown: out.text("null")
+        }
+        key("tuple"); tuple(e.tuple)
+        key("reply"); out.text(e.isReply ? "true" : "false")
+        if e.tuple.proto == IPProto.tcp { key("flags"); out.byte(0x22); out.text(e.tcpFlags.description); out.byte(0x22) }
+        key("len"); out.unsignedDecimal(UInt64(e.length))
+        if let m = e.mark { key("mark"); out.unsignedDecimal(UInt64(m)) }
+        if let h = e.hit { key("hit"); hit(h) }
+        if !e.notes.isEmpty {
+            key("notes"); open(UInt8(ascii: "["))
+            for n in e.notes.descriptions { element(); out.jsonString(n) }
+            close(UInt8(ascii: "]"))
+        }
+        close(UInt8(ascii: "}"))
+    }
+
+    private func evidence(_ ev: HopEvidence) {
+        open(UInt8(ascii: "{"))
+        key("kind"); out.jsonString(ev.kind)
+        key("detail"); out.jsonString(ev.detail)
+        close(UInt8(ascii: "}"))
+    }
+
+    // MARK: - Records
+
+    public func connection(_ t: ConnectionTimeline) {
+        open(UInt8(ascii: "{"))
+        key("type"); out.text("\"connection\"")
+        key("id"); out.unsignedDecimal(UInt64(t.id))
+        key("kind"); out.byte(0x22); out.text(t.kind.rawValue); out.byte(0x22)
+        key("original"); tuple(t.original)
+        key("aliases"); open(UInt8(ascii: "["))
+        for a in t.aliases { element(); tuple(a) }
+        close(UInt8(ascii: "]"))
+        if let r = t.redirect { key("redirect"); action(r) }
+        key("marks"); open(UInt8(ascii: "["))
+        for m in t.marks { element(); out.unsignedDecimal(UInt64(m)) }
+        close(UInt8(ascii: "]"))
+        key("first_seen"); time(t.firstSeen)
+        key("last_seen"); time(t.lastSeen)
+        key("packets"); out.decimal(t.packets)
+        key("bytes"); out.unsignedDecimal(t.bytes)
+        key("closed"); out.text(t.closed ? "true" : "false")
+        key("hops"); open(UInt8(ascii: "["))
+        for h in t.hops {
+            element(); open(UInt8(ascii: "{"))
+            key("direction"); out.byte(0x22); out.text(h.direction.rawValue); out.byte(0x22)
+            key("outer"); out.unsignedDecimal(UInt64(h.outer))
+            key("inner"); out.unsignedDecimal(UInt64(h.inner))
+            key("confidence"); out.byte(0x22); out.text(h.confidence.rawValue); out.byte(0x22)
+            key("evidence"); open(UInt8(ascii: "["))
+            for ev in h.evidence { element(); evidence(ev) }
+            close(UInt8(ascii: "]"))
+            close(UInt8(ascii: "}"))
+        }
+        close(UInt8(ascii: "]"))
+        key("events"); open(UInt8(ascii: "["))
+        for e in t.events { element(); event(e) }
+        close(UInt8(ascii: "]"))
+        key("events_not_listed"); out.decimal(t.droppedEvents)
+        close(UInt8(ascii: "}"))
+        out.byte(0x0a)
+        comma = false
+        out.flushIfFull()
+    }
+
+    private func findingBody(_ f: EscapeFinding) {
+        open(UInt8(ascii: "{"))
+        key("type"); out.text("\"finding\"")
+        key("class"); out.byte(0x22); out.text(f.findingClass.rawValue); out.byte(0x22)
+        key("escape"); out.text(f.isEscape ? "true" : "false")
+        key("connection"); if let c = f.connection { out.unsignedDecimal(UInt64(c)) } else { out.text("null") }
+        key("tuple"); tuple(f.tuple)
+        key("summary"); out.jsonString(f.summary)
+        key("confidence"); out.byte(0x22); out.text(f.confidence.rawValue); out.byte(0x22)
+        key("frames"); open(UInt8(ascii: "["))
+        for r in f.frames { element(); frame(r) }
+        close(UInt8(ascii: "]"))
+        close(UInt8(ascii: "}"))
+    }
+
+    public func finding(_ f: EscapeFinding) {
+        findingBody(f)
+        out.byte(0x0a)
+        comma = false
+        out.flushIfFull()
+    }
+
+    public func finish(_ s: AnalysisSummary) throws {
+        open(UInt8(ascii: "{"))
+        key("type"); out.text("\"summary\"")
+        key("schema"); out.decimal(JSONReport.schemaVersion)
+        key("packets"); out.decimal(s.packets)
+        key("nflog_records"); out.decimal(s.nflogRecords)
+        key("connections"); out.decimal(s.connections)
+        key("hops"); out.decimal(s.hops)
+        key("escapes"); out.decimal(s.escapes)
+        key("by_design"); out.decimal(s.findings.count - s.escapes)
+        key("findings_omitted"); out.decimal(s.findingsOmitted)
+        key("damaged_packets"); out.decimal(s.damagedPackets)
+        key("file_damage"); open(UInt8(ascii: "["))
+        for d in s.fileDamage { element(); out.jsonString(d) }
+        close(UInt8(ascii: "]"))
+        key("pod_addresses"); open(UInt8(ascii: "["))
+        for a in s.podAddresses { element(); addressString(a) }
+        close(UInt8(ascii: "]"))
+        key("rule_hits"); open(UInt8(ascii: "["))
+        for h in s.ruleHits {
+            element(); open(UInt8(ascii: "{"))
+            key("prefix"); out.jsonString(h.prefix)
+            key("count"); out.decimal(h.count)
+            if let r = h.rule {
+                key("table"); out.jsonString(r.table)
+                key("chain"); out.jsonString(r.chain)
+                key("position"); out.decimal(r.position)
+                key("rule"); out.jsonString(r.canonicalText)
+                key("role"); out.byte(0x22); out.text(r.role.rawValue); out.byte(0x22)
+            }
+            close(UInt8(ascii: "}"))
+        }
+        close(UInt8(ascii: "]"))
+        key("events_lost"); out.decimal(s.eventsLost)
+        key("kernel_counters"); open(UInt8(ascii: "{"))
+        for (k, v) in s.kernelCounters.sorted(by: { $0.key < $1.key }) {
+            element(); out.jsonString(k); out.byte(UInt8(ascii: ":")); out.unsignedDecimal(v)
+        }
+        close(UInt8(ascii: "}"))
+        key("findings"); open(UInt8(ascii: "["))
+        for f in s.findings where f.isEscape { element(); findingBody(f) }
+        close(UInt8(ascii: "]"))
+        close(UInt8(ascii: "}"))
+        out.byte(0x0a)
+        comma = false
+        out.flush()
+        if out.writeError != 0 && out.writeError != EPIPE {
+            throw MeshtraceError(.badInput, "cannot write the JSON report: \(String(cString: strerror(out.writeError)))")
+        }
+    }
+}

@@ -1,0 +1,252 @@
+import Foundation
+
+// The human view: one block per connection as it finishes (header, redirect, hop with its evidence,
+// then one line per packet event), escapes right under their connection and again at the end, then the
+// per-rule hit counts and the totals.
+//
+//   #3 app-outbound  tcp 10.0.1.5:40000 > 10.0.2.2:80  closed, 9 packets, 1240 bytes, 2.1 ms
+//     redirect  REDIRECT to :15001, original destination 10.0.2.2:80 (seen as 10.0.1.5:40000 > 127.0.0.1:15001)
+//     hop       outbound → #4 (ztunnel's connection), confidence high
+//                 ztunnel-mark          inner connection carries ztunnel's mark 0x539 (frame 6)
+//     +0.000000  nf:OUTPUT  out  10.0.1.5:40000 > 10.0.2.2:80  S  nat ISTIO_OUTPUT #4 [outbound-capture] REDIRECT :15001 (original 10.0.2.2:80)
+//     +0.000005  lo         out  10.0.1.5:40000 > 127.0.0.1:15001  S
+
+public final class TextReport: ReportSink {
+    private let out: ReportBuffer
+    private let style: Style
+    private let showEvents: Bool
+    private var escapes: [EscapeFinding] = []
+    private var escapesNotListed = 0
+
+    /// - showEvents: false prints only the connection headers (a summary view).
+    public init(fileDescriptor: Int32 = STDOUT_FILENO, style: Style = .plain, showEvents: Bool = true) {
+        out = ReportBuffer(fileDescriptor: fileDescriptor)
+        self.style = style
+        self.showEvents = showEvents
+    }
+
+    private func styled(_ paint: (Style) -> (String) -> String, _ s: String) {
+        if style.enabled { out.text(paint(style)(s)) } else { out.text(s) }
+    }
+
+    private func tuple(_ t: FiveTuple) {
+        out.text(IPProto.name(t.proto)); out.byte(0x20)
+        out.endpoint(t.src); out.text(" > "); out.endpoint(t.dst)
+    }
+
+    public func connection(_ t: ConnectionTimeline) {
+        out.byte(UInt8(ascii: "#")); out.unsignedDecimal(UInt64(t.id)); out.byte(0x20)
+        styled(Style.bold, t.kind.rawValue)
+        out.text("  ")
+        tuple(t.original)
+        out.text("  ")
+        out.text(t.closed ? "closed" : "open at end or idle")
+        out.text(", "); out.decimal(t.packets); out.text(t.packets == 1 ? " packet" : " packets")
+        out.text(", "); out.unsignedDecimal(t.bytes); out.text(" bytes, ")
+        out.text(formatDelta(t.lastSeen.totalNanoseconds - t.firstSeen.totalNanoseconds))
+        out.text(", from "); out.timestamp(t.firstSeen)
+        out.byte(0x0a)
+
+        if let r = t.redirect {
+            out.text("  redirect  ")
+            action(r, styledAsRedirect: true)
+            if let alias = t.aliases.first { out.text(" (seen as "); tuple(alias); out.byte(UInt8(ascii: ")")) }
+            out.byte(0x0a)
+        }
+        if !t.marks.isEmpty {
+            out.text("  marks     ")
+            for (i, m) in t.marks.enumerated() {
+                if i > 0 { out.text(", ") }
+                styled(Style.mark, "0x" + String(m, radix: 16))
+            }
+            out.byte(0x0a)
+        }
+        for hop in t.hops { self.hop(hop, from: t) }
+
+        if showEvents {
+            let base = t.events.first?.time.totalNanoseconds ?? t.firstSeen.totalNanoseconds
+            for e in t.events { event(e, base: base) }
+            if t.droppedEvents > 0 {
+                out.text("    ("); out.decimal(t.droppedEvents); out.text(" more packets counted, not listed)\n")
+            }
+        }
+        out.flushIfFull()
+    }
+
+    private func hop(_ hop: ZtunnelHop, from t: ConnectionTimeline) {
+        let isOuter = hop.outer == t.id
+        let other = isOuter ? hop.inner : hop.outer
+        out.text("  hop       ")
+        out.text(hop.direction.rawValue)
+        out.text(isOuter ? " → #" : " ← #")
+        out.unsignedDecimal(UInt64(other))
+        switch (hop.direction, isOuter) {
+        case (.outbound, true): out.text(" (ztunnel's connection onwards)")
+        case (.outbound, false): out.text(" (the app's redirected connection)")
+        case (.inbound, true): out.text(" (ztunnel's connection into the app)")
+        case (.inbound, false): out.text(" (the connection ztunnel received)")
+        }
+        out.text(", confidence ")
+        if hop.confidence == .high { styled(Style.ok, hop.confidence.rawValue) } else { styled(Style.warn, hop.confidence.rawValue) }
+        out.byte(0x0a)
+        for ev in hop.evidence {
+            out.text("              ")
+            out.text(ev.kind)
+            out.spaces(22 - ev.kind.utf8.count)
+            styled(Style.dim, ev.detail)
+            out.byte(0x0a)
+        }
+    }
+
+    private func event(_ e: TimelineEvent, base: Int64) {
+        out.text("    +")
+        let d = e.time.totalNanoseconds - base
+        if d < 0 { out.byte(UInt8(ascii: "-")) }
+        let a = UInt64(abs(d))
+        out.unsignedDecimal(a / 1_000_000_000); out.byte(0x2e); out.padded((a % 1_000_000_000) / 1_000, width: 6)
+        out.text("  ")
+        let pointWidth: Int
+        switch e.point.kind {
+        case .interface: out.text(e.point.interface); pointWidth = e.point.interface.utf8.count
+        case .netfilter: out.text("nf:"); out.text(e.point.hook.description); pointWidth = 3 + e.point.hook.description.utf8.count
+        case .unknown: out.byte(UInt8(ascii: "?")); pointWidth = 1
+        }
+        out.spaces(15 - pointWidth)
+        switch e.direction {
+        case .inbound: out.text("in   ")
+        case .outbound: out.text("out  ")
+        case .unknown: out.text("     ")
+        }
+        out.endpoint(e.tuple.src); out.text(" > "); out.endpoint(e.tuple.dst)
+        if e.tuple.proto == IPProto.tcp { out.text("  "); out.text(e.tcpFlags.description) } else {
+            out.text("  "); out.text(IPProto.name(e.tuple.proto))
+        }
+        out.text("  len "); out.unsignedDecimal(UInt64(e.length))
+        if let m = e.mark, m != 0 { out.text("  mark "); styled(Style.mark, "0x" + String(m, radix: 16)) }
+        if let h = e.hit { out.text("  "); hit(h) }
+        if !e.notes.isEmpty {
+            out.text("  [")
+            for (i, n) in e.notes.descriptions.enumerated() { if i > 0 { out.text(", ") }; out.text(n) }
+            out.byte(UInt8(ascii: "]"))
+        }
+        out.byte(0x0a)
+    }
+
+    private func hit(_ h: RuleHit) {
+        if let rule = h.rule {
+            styled(Style.rule, "\(rule.table) \(rule.chain) #\(rule.position)")
+        } else if let tag = h.tag {
+            switch tag.position {
+            case .rule(let n): styled(Style.rule, "\(tag.table) \(tag.chain) #\(n)")
+            case .observeIn: styled(Style.rule, "observe \(tag.table) \(tag.chain) in")
+            case .observeOut: styled(Style.rule, "observe \(tag.table) \(tag.chain) out")
+            }
+        } else {
+            out.text("log \""); out.text(h.prefixText); out.byte(0x22)
+        }
+        if let role = h.role, role != .meshtraceObservation {
+            out.text(" ["); styled(Style.role, role.rawValue); out.byte(UInt8(ascii: "]"))
+        }
+        if let a = h.action, a != .observed { out.byte(0x20); action(a, styledAsRedirect: false) }
+    }
+
+    private func action(_ a: RuleAction, styledAsRedirect: Bool) {
+        switch a {
+        case .redirected(let port, let original):
+            styled(Style.redirect, "REDIRECT to :\(port)")
+            if let o = original {
+                out.text(styledAsRedirect ? ", original destination " : " (original ")
+                out.endpoint(o)
+                if !styledAsRedirect { out.byte(UInt8(ascii: ")")) }
+            }
+        case .tproxied(let port, let mark):
+            styled(Style.redirect, "TPROXY to :\(port)")
+            if let m = mark { out.text(" mark "); styled(Style.mark, "0x" + String(m, radix: 16)) }
+        case .markSet(let m): out.text("mark set "); styled(Style.mark, "0x" + String(m, radix: 16))
+        case .connmarkSet(let m): out.text("connmark set "); styled(Style.mark, "0x" + String(m, radix: 16))
+        case .connmarkRestored(let m):
+            out.text("connmark restored")
+            if let m { out.text(" → mark "); styled(Style.mark, "0x" + String(m, radix: 16)) }
+        case .accepted: out.text("ACCEPT")
+        case .returned: out.text("RETURN")
+        case .jumped(let c): out.text("jump "); out.text(c)
+        case .ctZone(let z): out.text("CT zone "); out.unsignedDecimal(UInt64(z))
+        case .dropped: styled(Style.warn, "DROP")
+        case .observed: out.text("observed")
+        case .other(let s): out.text(s)
+        }
+    }
+
+    public func finding(_ f: EscapeFinding) {
+        let label = f.isEscape ? "  !! ESCAPE " : "  -- by design "
+        if f.isEscape { styled(Style.escape, label + "(\(f.findingClass.rawValue), confidence \(f.confidence.rawValue))") } else {
+            styled(Style.warn, label + "(\(f.findingClass.rawValue))")
+        }
+        out.text(": "); out.text(f.summary)
+        frames(f.frames)
+        out.byte(0x0a)
+        if f.isEscape {
+            if escapes.count < 1000 { escapes.append(f) } else { escapesNotListed += 1 }
+        }
+        out.flushIfFull()
+    }
+
+    private func frames(_ refs: [FrameRef]) {
+        guard !refs.isEmpty else { return }
+        out.text(refs.count == 1 ? "; proof: frame " : "; proof: frames ")
+        for (i, r) in refs.enumerated() {
+            if i > 0 { out.text(", ") }
+            out.unsignedDecimal(UInt64(r.source)); out.byte(UInt8(ascii: ":")); out.unsignedDecimal(r.frame)
+        }
+    }
+
+    public func finish(_ s: AnalysisSummary) throws {
+        out.byte(0x0a)
+        if !s.ruleHits.isEmpty {
+            styled(Style.heading, "Rule hits"); out.byte(0x0a)
+            for h in s.ruleHits {
+                out.text("  ")
+                let n = String(h.count)
+                out.spaces(9 - n.utf8.count); out.text(n); out.text("  ")
+                styled(Style.rule, h.prefix)
+                if let r = h.rule {
+                    out.text("  ["); styled(Style.role, r.role.rawValue); out.text("]  "); out.text(r.canonicalText)
+                }
+                out.byte(0x0a)
+            }
+        }
+        styled(Style.heading, "Totals"); out.byte(0x0a)
+        out.text("  "); out.decimal(s.packets); out.text(" packets ("); out.decimal(s.nflogRecords); out.text(" NFLOG records), ")
+        out.decimal(s.connections); out.text(" connections, "); out.decimal(s.hops); out.text(" ztunnel hops joined\n")
+        let byDesign = s.findings.count - s.escapes
+        out.text("  ")
+        if s.escapes > 0 { styled(Style.escape, "\(s.escapes) escape\(s.escapes == 1 ? "" : "s")") } else { styled(Style.ok, "no escapes") }
+        out.text(", "); out.decimal(byDesign); out.text(" uncaptured by design")
+        if s.findingsOmitted > 0 { out.text(" ("); out.decimal(s.findingsOmitted); out.text(" more findings not kept)") }
+        out.byte(0x0a)
+        if !s.podAddresses.isEmpty {
+            out.text("  pod address: "); out.text(s.podAddresses.map(\.description).joined(separator: ", ")); out.byte(0x0a)
+        }
+        if s.damagedPackets > 0 {
+            out.text("  "); styled(Style.warn, "\(s.damagedPackets) packets only partly decoded"); out.byte(0x0a)
+        }
+        for d in s.fileDamage { out.text("  "); styled(Style.warn, d); out.byte(0x0a) }
+        if s.eventsLost > 0 { out.text("  "); styled(Style.warn, "\(s.eventsLost) events lost"); out.byte(0x0a) }
+        if !escapes.isEmpty {
+            styled(Style.heading, "Escapes"); out.byte(0x0a)
+            for f in escapes {
+                out.text("  "); styled(Style.escape, f.findingClass.rawValue)
+                if let c = f.connection { out.text(" #"); out.unsignedDecimal(UInt64(c)) }
+                out.byte(0x20); tuple(f.tuple)
+                out.text(" ("); out.text(f.confidence.rawValue); out.text("): "); out.text(f.summary)
+                frames(f.frames)
+                out.byte(0x0a)
+            }
+            if escapesNotListed > 0 { out.text("  ... and "); out.decimal(escapesNotListed); out.text(" more\n") }
+        }
+        out.flush()
+        if out.writeError != 0 && out.writeError != EPIPE {
+            throw MeshtraceError(.badInput, "cannot write the report: \(String(cString: strerror(out.writeError)))")
+        }
+    }
+}

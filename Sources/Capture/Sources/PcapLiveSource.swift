@@ -1,0 +1,80 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The pod's packets as libpcap sees them, live: one capture on the `any` device of the pod's netns, which
+/// covers lo and every other interface at once, with each packet's direction (LINUX_SLL packet type) and
+/// loopback flag. One capture instead of one per interface means one fd, one time order, and one `-w` file
+/// that `meshtrace analyze` reads back as is. Must be opened on the thread that entered the netns.
+public final class PcapLiveSource {
+    public let capture: PcapHandle
+    public let index: UInt16
+    public let linkType: Int32
+    private var decoder: PacketDecoder
+    private let writer: PcapDumpWriter?
+    /// The pod's one non-loopback interface when it has exactly one (eth0): cooked v1 headers carry no
+    /// interface index, so packets that are not loopback are named after it; otherwise they stay "any".
+    public let podInterface: String?
+    public private(set) var framesRead: UInt64 = 0
+
+    public init(index: UInt16, tags: RuleTagTable, snaplen: Int32, filter: String?, writePath: String?) throws {
+        self.index = index
+        capture = try PcapHandle.openLive(device: "any", snaplen: snaplen, bufferSize: 8 << 20, immediate: true,
+                                          timeoutMilliseconds: 10)
+        if let filter, !filter.isEmpty { try capture.setFilter(filter) }
+        try capture.setNonblocking(true)
+        linkType = capture.linkType
+        decoder = PacketDecoder(tags: tags)
+        let live = capture
+        writer = try writePath.map { try PcapDumpWriter(path: $0, like: live) }
+        let others = PcapLiveSource.interfaceNames().filter { $0 != "lo" }
+        podInterface = others.count == 1 ? others[0] : nil
+    }
+
+    public var fd: Int32? { capture.selectableFileDescriptor }
+
+    /// Decodes up to `limit` waiting packets, handing each to `body` with its frame bytes (valid during the call).
+    @discardableResult
+    public func drain(limit: Int, into record: inout PacketRecord,
+                      _ body: (inout PacketRecord, UnsafeRawBufferPointer) -> Void) -> Int {
+        var n = 0
+        while n < limit {
+            guard case .packet(let p) = capture.next() else { break }
+            framesRead += 1
+            n += 1
+            writer?.write(time: p.time, bytes: p.bytes, wireLength: p.wireLength)
+            record.ref = FrameRef(source: index, frame: framesRead)
+            record.time = p.time
+            record.point = .interface("any")
+            decoder.decode(linkType: linkType, bytes: p.bytes, wireLength: p.wireLength, into: &record)
+            if let podInterface, !record.point.isLoopback, record.point.interface == "any" {
+                record.point.interface = podInterface
+            }
+            body(&record, p.bytes)
+        }
+        return n
+    }
+
+    /// Packets the kernel dropped because the capture buffer was full.
+    public var dropped: UInt32 { (try? capture.statistics().dropped) ?? 0 }
+
+    public func close() {
+        try? writer?.flush()
+        writer?.close()
+        capture.close()
+    }
+
+    /// Interface names of the calling thread's netns.
+    public static func interfaceNames() -> [String] {
+        guard let list = if_nameindex() else { return [] }
+        defer { if_freenameindex(list) }
+        var out: [String] = []
+        var p = list
+        while p.pointee.if_index != 0, let name = p.pointee.if_name {
+            out.append(String(cString: name))
+            p += 1
+        }
+        return out
+    }
+}

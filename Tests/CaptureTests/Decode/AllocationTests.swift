@@ -1,0 +1,133 @@
+import Foundation
+import XCTest
+@testable import Capture
+
+/// The hot path allocates nothing per packet. Counted with glibc's malloc tracer: the test re-runs this
+/// test binary with libc_malloc_debug preloaded, the child turns tracing on (mtrace) around the loop only,
+/// and the parent counts the traced allocations. A control phase that allocates per iteration shows the
+/// counter sees allocations, so the zero results can fail.
+final class AllocationTests: XCTestCase {
+    private static let phaseVariable = "MESHTRACE_ALLOC_PHASE"
+    private static let mallocDebug = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
+    private static let iterations = 100_000
+
+    func testDecodingAndReadingDoNotAllocatePerPacket() throws {
+        try XCTSkipIf(ProcessInfo.processInfo.environment[AllocationTests.phaseVariable] != nil)
+        let preload = [AllocationTests.mallocDebug, "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
+                       "/lib/aarch64-linux-gnu/libc_malloc_debug.so.0"].first { FileManager.default.fileExists(atPath: $0) }
+        try XCTSkipUnless(preload != nil, "glibc's libc_malloc_debug.so is not installed")
+        let dir = try makeTemporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let control = try allocations(phase: "control", preload: preload!, dir: dir)
+        XCTAssertGreaterThanOrEqual(control, 1000, "the control loop allocates once per iteration: the counter must see it")
+        for phase in ["decode", "file", "merged"] {
+            let n = try allocations(phase: phase, preload: preload!, dir: dir)
+            // A few allocations from other threads may land in the window; one per packet would be 100k.
+            XCTAssertLessThan(n, 100, "\(phase): \(n) allocations while handling \(AllocationTests.iterations) packets")
+        }
+    }
+
+    private func allocations(phase: String, preload: String, dir: URL) throws -> Int {
+        let trace = dir.appendingPathComponent("mtrace.\(phase)")
+        let binary = CommandLine.arguments[0]
+        let r = try Command.run(["env", "LD_PRELOAD=\(preload)", "MALLOC_TRACE=\(trace.path)",
+                                 "\(AllocationTests.phaseVariable)=\(phase)", "MESHTRACE_ALLOC_DIR=\(dir.path)",
+                                 binary, "CaptureTests.AllocationTests/testChildLoopUnderMallocTrace"])
+        XCTAssertTrue(r.ok, "child \(phase) failed: \(r.stdout.suffix(2000)) \(r.stderr.suffix(2000))")
+        XCTAssertTrue(r.stdout.contains("traced \(phase)") || r.stderr.contains("traced \(phase)"), "child \(phase) did not run its loop")
+        let text = try String(contentsOf: trace, encoding: .utf8)
+        // mtrace lines: "@ caller + 0xADDR 0xSIZE" for malloc, "< / >" pairs for realloc, "- 0xADDR" for free.
+        return text.split(separator: "\n").filter { $0.contains(" + ") || $0.contains(" > ") }.count
+    }
+
+    /// Runs only as the child of the test above.
+    func testChildLoopUnderMallocTrace() throws {
+        guard let phase = ProcessInfo.processInfo.environment[AllocationTests.phaseVariable],
+              let dir = ProcessInfo.processInfo.environment["MESHTRACE_ALLOC_DIR"] else {
+            throw XCTSkip("runs as the child of testDecodingAndReadingDoNotAllocatePerPacket")
+        }
+        typealias Toggle = @convention(c) () -> Void
+        typealias VersionedLookup = @convention(c) (UnsafeMutableRawPointer?, UnsafePointer<CChar>, UnsafePointer<CChar>) -> UnsafeMutableRawPointer?
+        // Since glibc 2.34 libc's own mtrace is a stub (the default symbol version); the working one is the
+        // preloaded libc_malloc_debug's non-default mtrace@GLIBC_2.2.5, which only dlvsym on its handle finds.
+        guard let preload = ProcessInfo.processInfo.environment["LD_PRELOAD"],
+              let handle = dlopen(preload, RTLD_NOW | RTLD_NOLOAD),
+              let dlvsymAddress = dlsym(nil, "dlvsym") else {
+            XCTFail("libc_malloc_debug is not loaded")
+            return
+        }
+        let dlvsym = unsafeBitCast(dlvsymAddress, to: VersionedLookup.self)
+        guard let on = dlvsym(handle, "mtrace", "GLIBC_2.2.5"), let off = dlvsym(handle, "muntrace", "GLIBC_2.2.5") else {
+            XCTFail("no mtrace in libc_malloc_debug")
+            return
+        }
+        let mtrace = unsafeBitCast(on, to: Toggle.self), muntrace = unsafeBitCast(off, to: Toggle.self)
+        let frames = AllocationTests.sampleFrames()
+        let tags = RuleTagTable()
+        var decoder = PacketDecoder(tags: tags)
+        var record = PacketRecord()
+        var checksum: UInt64 = 0
+        switch phase {
+        case "control":
+            var kept = 0
+            mtrace()
+            for i in 0..<5000 {
+                let boxed = [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: 64 + i % 7)
+                kept &+= boxed.count
+            }
+            muntrace()
+            checksum = UInt64(kept)
+        case "decode":
+            for (lt, f) in frames { f.withUnsafeBytes { decoder.decode(linkType: lt, bytes: $0, wireLength: UInt32(f.count), into: &record) } }
+            let buffers = frames.map { (lt, f) -> (Int32, UnsafeRawBufferPointer) in
+                let p = UnsafeMutableRawBufferPointer.allocate(byteCount: f.count, alignment: 8)
+                p.copyBytes(from: f)
+                return (lt, UnsafeRawBufferPointer(p))
+            }
+            mtrace()
+            for i in 0..<AllocationTests.iterations {
+                let (lt, b) = buffers[i % buffers.count]
+                decoder.decode(linkType: lt, bytes: b, wireLength: UInt32(b.count), into: &record)
+                checksum &+= UInt64(record.tuple.dst.port) &+ UInt64(record.nflog?.prefixID ?? 0)
+            }
+            muntrace()
+        case "file", "merged":
+            var sll = PcapFileBuilder(linkType: 113)
+            var nflog = PcapFileBuilder(linkType: 239)
+            for i in 0..<(AllocationTests.iterations / 2) {
+                sll.add(frames[1].1, fraction: UInt32(i * 2))
+                nflog.add(frames.last!.1, fraction: UInt32(i * 2 + 1))
+            }
+            let paths = [try sll.write(URL(fileURLWithPath: dir), "sll.pcap"), try nflog.write(URL(fileURLWithPath: dir), "nflog.pcap")]
+            let source: PacketSource = phase == "file" ? try PcapFileSource(path: paths[1], tags: tags)
+                                                       : try MergedSource(paths: paths, tags: tags)
+            _ = source.next(into: &record)
+            mtrace()
+            while let bytes = source.next(into: &record) {
+                checksum &+= UInt64(bytes.count) &+ UInt64(record.tuple.src.port)
+            }
+            muntrace()
+        default:
+            XCTFail("unknown phase \(phase)")
+        }
+        print("traced \(phase) \(checksum)")
+    }
+
+    /// One frame per decoder path, NFLOG with a prefix, conntrack and a payload.
+    static func sampleFrames() -> [(Int32, [UInt8])] {
+        let tcp4 = Frame.ipv4(src: "10.0.0.1", dst: "10.0.0.2", proto: 6, payload: Frame.tcp(sport: 40000, dport: 80, seq: 1, ack: 2, flags: 0x18, payload: 100))
+        let udp6 = Frame.ipv6(src: "fd00::1", dst: "fd00::2", next: 0, payload: [17, 0, 1, 4, 0, 0, 0, 0] + Frame.udp(sport: 53, dport: 5353, payload: 40))
+        let ip = Frame.attr(1, Frame.attr(1, Frame.v4("10.0.0.1")) + Frame.attr(2, Frame.v4("10.96.0.1")))
+        let ports = Frame.attr(2, Frame.attr(1, [6]) + Frame.attr(2, Frame.be16(40000)) + Frame.attr(3, Frame.be16(80)))
+        let ct = Frame.attr(18, Frame.attr(1, ip + ports) + Frame.attr(2, ip + ports) + Frame.attr(8, Frame.be32(0x111)))
+        let nflog = Frame.nflog(group: 5, Frame.attr(1, Frame.be16(0x0800) + [3, 0]) + Frame.attr(2, Frame.be32(0x539))
+            + Frame.attr(10, Frame.cString("mt:4:nat:ISTIO_OUTPUT:4:0f0f")) + ct + Frame.attr(9, tcp4))
+        return [
+            (LinkType.ethernet, Frame.ethernet(type: 0x0800, vlan: 9, payload: tcp4)),
+            (LinkType.linuxSLL, Frame.sll(packetType: 4, arphrd: 772, proto: 0x0800, payload: tcp4)),
+            (LinkType.linuxSLL2, Frame.sll2(proto: 0x86dd, ifindex: 2, packetType: 0, payload: udp6)),
+            (LinkType.raw, udp6), (LinkType.loop, [0, 0, 0, 2] + tcp4),
+            (LinkType.nflog, nflog),
+        ]
+    }
+}

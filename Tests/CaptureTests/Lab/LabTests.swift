@@ -1,0 +1,242 @@
+import XCTest
+@testable import Capture
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The lab against the real kernel: namespaces, the ambient rules, the ztunnel stand-in, real connections.
+/// Every test checks what it claims against facts the lab does not produce itself (conntrack, rule counters,
+/// tcpdump on the wire, the namespace and process lists).
+final class LabTests: KernelTestCase {
+    private var labs: [LabTopology] = []
+
+    override func tearDown() {
+        for lab in labs { lab.teardown() }
+        labs.removeAll()
+        super.tearDown()
+    }
+
+    private var executable: String {
+        ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path
+    }
+
+    private func makeLab(_ configure: (inout LabOptions) -> Void = { _ in }) throws -> LabTopology {
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        var o = LabOptions(executable: executable)
+        configure(&o)
+        let lab = try LabTopology(options: o)
+        labs.append(lab)
+        return lab
+    }
+
+    /// True once `pid` has exited (a zombie waiting for its reaper counts as exited), waiting up to 3 s.
+    private func gone(_ pid: Int32) -> Bool {
+        let deadline = Date().addingTimeInterval(3)
+        repeat {
+            if kill(pid, 0) != 0 { return true }
+            let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+            if let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)...].hasPrefix("Z") { return true }
+            usleep(50_000)
+        } while Date() < deadline
+        return false
+    }
+
+    private func conntrack(_ pod: LabPod) -> [String] {
+        pod.netns.attempt(["conntrack", "-L"]).stdout.split(whereSeparator: \.isNewline).map(String.init)
+    }
+
+    /// `[packets, bytes]` of the first rule in `table` whose iptables-save line contains `needle`.
+    private func counter(_ lab: LabTopology, _ pod: LabPod, table: String, _ needle: String) throws -> Int {
+        let save = try pod.netns.run([lab.options.backend == .iptablesLegacy ? "iptables-legacy-save" : "iptables-nft-save",
+                                      "-c", "-t", table]).stdout
+        let line = try XCTUnwrap(save.split(whereSeparator: \.isNewline).first { $0.contains(needle) }, "no rule with \(needle)")
+        let packets = line.dropFirst().prefix { $0 != ":" }
+        return Int(packets) ?? -1
+    }
+
+    func testOutboundRequestIsRedirectedTo15001AndTunnelledToTheServersHBONEListener() throws {
+        try XCTSkipIf(Command.which("conntrack") == nil, "conntrack is needed as the independent oracle")
+        let lab = try makeLab()
+        let dir = lab.runDirectory + "/t"
+        let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: dir, interface: "eth0"))
+        let result = try runner.run(.outbound)
+
+        XCTAssertEqual(result.kernelVerdict, .captured, result.evidence.joined(separator: "\n"))
+        XCTAssertTrue(result.appOutcome.hasPrefix("server answered \(lab.client.ipv4):"), result.appOutcome)
+        let ct = conntrack(lab.client).joined(separator: "\n")
+        // The app's connection: original destination server:80, reply from the REDIRECT target 127.0.0.1:15001.
+        XCTAssertTrue(ct.contains("src=\(lab.client.ipv4) dst=\(lab.server.ipv4)") && ct.contains("dport=80 src=127.0.0.1"), ct)
+        XCTAssertTrue(ct.contains("sport=15001"), ct)
+        // ztunnel's own connection to the server pod's HBONE port.
+        XCTAssertTrue(ct.contains("dst=\(lab.server.ipv4)") && ct.contains("dport=15008"), ct)
+        XCTAssertGreaterThan(try counter(lab, lab.client, table: "nat", "--to-ports 15001"), 0)
+
+        // On the wire (client eth0) the request only travels inside the tunnel: no plaintext, only :15008.
+        let pcap = try XCTUnwrap(result.traced?.files.first)
+        let read = try Command.run(["tcpdump", "-n", "-A", "-r", pcap])
+        let wire = read.stdout
+        XCTAssertTrue(wire.contains("\(lab.server.ipv4).15008"), "\(pcap): \(read.stderr) \(wire)")
+        XCTAssertFalse(wire.contains("GET / HTTP/1.0"), "the tunnel must be opaque on the wire")
+        XCTAssertFalse(wire.contains("\(lab.server.ipv4).80:"), "the app's connection must not leave the pod as such")
+    }
+
+    func testInboundHBONEReachesTheAppFromTheClientAddressAndRepliesReturnThroughConnmark0x111() throws {
+        try XCTSkipIf(Command.which("conntrack") == nil, "conntrack is needed as the independent oracle")
+        let lab = try makeLab()
+        let result = try ScenarioRunner(lab: lab).run(.inboundHBONE)
+
+        XCTAssertEqual(result.kernelVerdict, .captured, result.evidence.joined(separator: "\n"))
+        // The app saw the client pod's address (IP_TRANSPARENT), not the server's own.
+        XCTAssertTrue(result.appOutcome.hasPrefix("server answered \(lab.client.ipv4):"), result.appOutcome)
+        let ct = conntrack(lab.server)
+        // ztunnel's app leg: client address -> server:80, connmark 0x111 (273) set by mangle ISTIO_PRERT.
+        XCTAssertTrue(ct.contains { $0.contains("src=\(lab.client.ipv4) dst=\(lab.server.ipv4)") && $0.contains("dport=80 src=\(lab.server.ipv4)") && $0.contains("mark=273") },
+                      ct.joined(separator: "\n"))
+        XCTAssertTrue(ct.contains { $0.contains("dport=15008") && $0.contains("sport=15008") }, ct.joined(separator: "\n"))
+        // The reply really took the connmark path: restored in mangle OUTPUT and kept from nat capture.
+        XCTAssertGreaterThan(try counter(lab, lab.server, table: "mangle", "CONNMARK --set-xmark 0x111/0xfff"), 0)
+        XCTAssertGreaterThan(try counter(lab, lab.server, table: "mangle", "CONNMARK --restore-mark"), 0)
+    }
+
+    func testEveryScenarioEndsAsItsKnownTruthOnTheSeedRuleset() throws {
+        try XCTSkipIf(Command.which("conntrack") == nil, "conntrack is needed as the independent oracle")
+        let lab = try makeLab { $0.dualStack = true }
+        let runner = ScenarioRunner(lab: lab)
+        for scenario in Scenario.allCases {
+            let r = try runner.run(scenario)
+            XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.appOutcome)\n\(r.evidence.joined(separator: "\n"))")
+            XCTAssertFalse(r.appOutcome.contains("meshtrace:"), "\(scenario.rawValue): the traffic failed: \(r.appOutcome)")
+            // Independent of the stand-ins' logs: a client-side TCP scenario was captured iff conntrack shows the
+            // app's connection answered by the 15001 REDIRECT target.
+            let ct = r.evidence.filter { $0.hasPrefix("conntrack client:") }
+            let redirected = ct.contains { $0.contains("sport=15001") }
+            switch scenario {
+            case .outbound, .passthrough: XCTAssertTrue(redirected, "\(scenario.rawValue): \(ct)")
+            case .markEscape, .ruleDeleted, .foreignAccept, .ipv6Escape, .udp: XCTAssertFalse(redirected, "\(scenario.rawValue): \(ct)")
+            default: break
+            }
+        }
+        // The mutations were undone: the 15001 rule is back, once, and nothing foreign stayed.
+        let nat = try lab.client.netns.run(["iptables-nft-save", "-t", "nat"]).stdout
+        XCTAssertEqual(nat.components(separatedBy: "--to-ports 15001").count - 1, 1)
+        XCTAssertFalse(nat.contains("--dport 80 -j ACCEPT"))
+    }
+
+    func testNativeNftablesAndLegacyBackendsCaptureAndTheirMutationsEscape() throws {
+        for configure in [{ (o: inout LabOptions) in o.ruleset = .nftNative; o.backend = .nftables },
+                          { (o: inout LabOptions) in o.backend = .iptablesLegacy }] {
+            let lab = try makeLab(configure)
+            let runner = ScenarioRunner(lab: lab)
+            for scenario in [Scenario.outbound, .dns, .ruleDeleted, .foreignAccept] {
+                let r = try runner.run(scenario)
+                XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(lab.options.ruleset.name)/\(lab.options.backend.rawValue) \(scenario.rawValue): \(r.evidence)")
+            }
+            if lab.options.backend == .iptablesLegacy {
+                // The rules really are in the legacy backend, and only there.
+                XCTAssertTrue(try lab.client.netns.run(["iptables-legacy-save"]).stdout.contains("ISTIO_OUTPUT"))
+                XCTAssertFalse(try lab.client.netns.run(["iptables-nft-save"]).stdout.contains("ISTIO_OUTPUT"))
+            } else {
+                XCTAssertTrue(try lab.client.netns.run(["nft", "list", "ruleset"]).stdout.contains("istio-ambient-nat"))
+            }
+            lab.teardown()
+        }
+    }
+
+    func testTeardownLeavesNoNamespaceVethRuleOrProcess() throws {
+        let linksBefore = try Command.run(["ip", "-o", "link"]).stdout.split(whereSeparator: \.isNewline).map { $0.split(separator: ":")[1] }
+        let rulesBefore = try Command.run(["iptables-save"]).stdout.filter { !$0.isNumber }
+        let lab = try makeLab()
+        let names = lab.pods.map(\.name)
+        let pids = lab.runningPids
+        XCTAssertEqual(pids.count, 5, "two ztunnels, three apps")
+        _ = try ScenarioRunner(lab: lab).run(.outbound)
+        lab.teardown()
+
+        let netns = try Command.run(["ip", "netns", "list"]).stdout
+        for n in names { XCTAssertFalse(netns.contains(n), "\(n) remains") }
+        for p in pids { XCTAssertTrue(gone(p), "process \(p) remains") }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: lab.runDirectory))
+        let linksAfter = try Command.run(["ip", "-o", "link"]).stdout.split(whereSeparator: \.isNewline).map { $0.split(separator: ":")[1] }
+        XCTAssertEqual(Set(linksAfter).subtracting(linksBefore), [], "links appeared in the root namespace")
+        XCTAssertEqual(try Command.run(["iptables-save"]).stdout.filter { !$0.isNumber }, rulesBefore)
+    }
+
+    /// The CLI end to end: Ctrl-C in the middle of a run, then --keep and `lab down`.
+    func testInterruptedLabAndLabDownLeaveNothingBehind() throws {
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        // SIGINT while the lab is up.
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = ["lab", "--scenario", "outbound,udp,probe,passthrough,mark-escape"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let prefix = "mt-l\(p.processIdentifier)-"
+        var standIns: [Int32] = []
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            let list = try Command.run(["ip", "netns", "list"]).stdout
+            let ours = list.split(whereSeparator: \.isNewline).map { String($0.split(separator: " ")[0]) }.filter { $0.hasPrefix(prefix) }
+            standIns = ours.flatMap { ns in
+                ((try? Command.run(["ip", "netns", "pids", ns]))?.stdout ?? "").split(whereSeparator: \.isNewline).compactMap { Int32($0) }
+            }
+            if standIns.count >= 5 { break }
+            usleep(50_000)
+        }
+        XCTAssertGreaterThanOrEqual(standIns.count, 5, "the lab did not come up")
+        kill(p.processIdentifier, SIGINT)
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 128 + SIGINT)
+        XCTAssertFalse(try Command.run(["ip", "netns", "list"]).stdout.contains(prefix))
+        for pid in standIns { XCTAssertTrue(gone(pid), "stand-in \(pid) survived the interrupt") }
+
+        // --keep leaves it up (stand-ins included), `lab down` removes it.
+        let kept = try Command.run([executable, "lab", "--keep", "--scenario", "outbound"])
+        XCTAssertEqual(kept.status, 0, kept.stderr)
+        // Other labs may run on this machine: look only at the namespaces this run printed.
+        let keptPrefix = try XCTUnwrap(kept.stdout.range(of: #"mt-l[0-9]+-"#, options: .regularExpression).map { String(kept.stdout[$0]) })
+        let keptNames = try Command.run(["ip", "netns", "list"]).stdout.split(whereSeparator: \.isNewline)
+            .map { String($0.split(separator: " ")[0]) }.filter { $0.hasPrefix(keptPrefix) }
+        XCTAssertEqual(keptNames.count, 4, "node, client, server, peer")
+        let keptPids = keptNames.flatMap { ns in
+            ((try? Command.run(["ip", "netns", "pids", ns]))?.stdout ?? "").split(whereSeparator: \.isNewline).compactMap { Int32($0) }
+        }
+        XCTAssertEqual(keptPids.count, 5)
+        let down = try Command.run([executable, "lab", "down"])
+        XCTAssertEqual(down.status, 0, down.stderr)
+        let after = try Command.run(["ip", "netns", "list"]).stdout
+        for n in keptNames { XCTAssertFalse(after.contains(n)) }
+        for pid in keptPids { XCTAssertTrue(gone(pid), "stand-in \(pid) survived lab down") }
+    }
+
+    func testTunnelKeystreamHidesTheHeaderAndRoundTrips() {
+        let nonce = (0..<16).map { UInt8($0 * 7) }
+        var a = TunnelKeystream(nonce: nonce, direction: .toPeer)
+        var b = TunnelKeystream(nonce: nonce, direction: .toPeer)
+        let header = TunnelHeader.line(target: Endpoint(IPAddress("10.244.2.10")!, 80))
+        let hidden = a.applied(header)
+        XCTAssertNotEqual(hidden, header)
+        XCTAssertNil(String(bytes: hidden, encoding: .utf8).flatMap { $0.contains("10.244") ? $0 : nil })
+        XCTAssertEqual(TunnelHeader.parse(b.applied(hidden)), Endpoint(IPAddress("10.244.2.10")!, 80))
+        var other = TunnelKeystream(nonce: nonce, direction: .fromPeer)
+        XCTAssertNotEqual(other.applied(header), hidden, "the two directions use different streams")
+    }
+
+    func testRulesetFilesAreRecognised() throws {
+        let golden = ProjectPaths.reference.appendingPathComponent("rulesets/istio/iptables_master_default_ipv6.golden").path
+        try XCTSkipUnless(FileManager.default.fileExists(atPath: golden), "reference rulesets not present")
+        let r = try LabRuleset.named(golden)
+        XCTAssertEqual(r.form, .iptables)
+        XCTAssertTrue(r.capturesDNS)
+        XCTAssertTrue(r.text.contains("127.0.0.1/32") && !r.text.contains("::1/128"))
+        XCTAssertTrue(r.ipv6Text?.contains("::1/128") == true)
+        let nft = try LabRuleset.named(ProjectPaths.reference.appendingPathComponent("rulesets/istio/nft_master_default.nft-list-ruleset.txt").path)
+        XCTAssertEqual(nft.form, .nftables)
+        XCTAssertThrowsError(try LabRuleset.named("no-such-variant")) { e in
+            XCTAssertEqual((e as? MeshtraceError)?.code, .usage)
+        }
+        XCTAssertThrowsError(try LabRuleset.named("/etc/hostname")) { e in
+            XCTAssertEqual((e as? MeshtraceError)?.code, .badInput)
+        }
+    }
+}

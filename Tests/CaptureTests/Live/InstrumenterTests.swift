@@ -1,0 +1,123 @@
+import XCTest
+@testable import Capture
+
+/// The rules meshtrace adds to a pod's netns: twins right before each ambient rule, nothing else touched,
+/// and everything gone again afterwards, whatever happened in between.
+final class InstrumenterTests: KernelTestCase {
+    static var seed: String {
+        (try? String(contentsOf: ProjectPaths.reference.appendingPathComponent("rulesets/seed-ambient-pod.iptables-save.txt"), encoding: .utf8)) ?? ""
+    }
+    static var nftGolden: String {
+        (try? String(contentsOf: ProjectPaths.reference.appendingPathComponent("rulesets/istio/nft_master_default.nft-list-ruleset.txt"), encoding: .utf8)) ?? ""
+    }
+
+    /// Rules as a person compares them: save output without counters and date comments.
+    static func rulesText(_ ns: ScratchNetns) throws -> String {
+        var out = ""
+        for tool in ["iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"] {
+            out += try ns.run([tool]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+                .map { $0.hasPrefix(":") ? String($0.split(separator: "[")[0]) : String($0) }.joined(separator: "\n")
+        }
+        let nft = try ns.run(["nft", "list", "ruleset"]).stdout
+        out += nft.replacingOccurrences(of: #"counter packets \d+ bytes \d+"#, with: "counter", options: .regularExpression)
+        return out
+    }
+
+    func testSeedRulesetGetsATwinBeforeEveryAmbientRuleAndComesBackUnchanged() throws {
+        let ns = try makeNetns()
+        try ns.run(["iptables-restore"], input: Self.seed)
+        let before = try Self.rulesText(ns)
+
+        let instrumenter = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5301), parse: Instrumenter.parseHome)
+        let plan = try instrumenter.install()
+        // 8 nat rules + 4 mangle rules in the seed, each twinned; the unconditional jumps at the top of mangle
+        // PREROUTING/OUTPUT already see every packet, so no separate observation points there.
+        XCTAssertEqual(plan.twins.filter { !$0.isObservation }.count, 12)
+
+        let saved = try ns.run(["iptables-save"]).stdout
+        let lines = saved.split(separator: "\n").map(String.init)
+        // Each twin is followed by the rule it twins, with the same match text.
+        var checked = 0
+        for (i, line) in lines.enumerated() where line.contains("--comment meshtrace") {
+            let next = lines[i + 1]
+            XCTAssertFalse(next.contains("meshtrace"), "twin followed by another meshtrace rule: \(line)")
+            let twinMatch = line.components(separatedBy: " -m comment --comment meshtrace").first!
+            let ruleMatch = next.components(separatedBy: " -j ").first!
+            XCTAssertEqual(twinMatch, ruleMatch)
+            checked += 1
+        }
+        XCTAssertEqual(checked, 12)
+        XCTAssertEqual(try instrumenter.leftovers().count, 12)
+
+        XCTAssertEqual(try instrumenter.remove(), 12)
+        XCTAssertEqual(try Self.rulesText(ns), before)
+        XCTAssertEqual(try instrumenter.leftovers().count, 0)
+    }
+
+    func testRemovalFindsTwinsAfterIstioReappliedItsRules() throws {
+        let ns = try makeNetns()
+        try ns.run(["iptables-restore"], input: Self.seed)
+        let instrumenter = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5302), parse: Instrumenter.parseHome)
+        try instrumenter.install()
+        // istio-cni reconciling: a rule inserted at the top of ISTIO_OUTPUT moves every position.
+        try ns.run(["iptables", "-t", "nat", "-I", "ISTIO_OUTPUT", "1", "-p", "udp", "-j", "RETURN"])
+        let reapplied = try ns.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        let left = try Instrumenter(netns: ns.ref, settings: InstrumentationSettings(), parse: Instrumenter.parseHome).remove()
+        XCTAssertEqual(left, 12)
+        let after = try ns.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        XCTAssertFalse(after.contains { $0.contains("meshtrace") })
+        XCTAssertTrue(after.contains("-A ISTIO_OUTPUT -p udp -j RETURN"))
+        XCTAssertEqual(after, reapplied.filter { !$0.contains("meshtrace") })
+    }
+
+    func testLeftoversMakeTheNextInstallRefuseUnlessReplacing() throws {
+        let ns = try makeNetns()
+        try ns.run(["iptables-restore"], input: Self.seed)
+        try Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5303), parse: Instrumenter.parseHome).install()
+        let second = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5303), parse: Instrumenter.parseHome)
+        XCTAssertThrowsError(try second.install()) { error in
+            XCTAssertEqual((error as? MeshtraceError)?.code, .leftovers)
+        }
+        try second.install(replace: true)
+        XCTAssertEqual(try second.leftovers().count, 12)
+        try second.remove()
+    }
+
+    func testNativeNftablesRulesetGetsTwinsByHandle() throws {
+        let ns = try makeNetns()
+        try ns.run(["nft", "-f", "-"], input: Self.nftGolden)
+        let before = try Self.rulesText(ns)
+        let instrumenter = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5304), parse: Instrumenter.parseHome)
+        let plan = try instrumenter.install()
+        let ruleCount = Self.nftGolden.split(separator: "\n").filter { $0.contains("counter packets") || $0.contains("\tjump ") }.count
+        XCTAssertEqual(plan.twins.filter { !$0.isObservation }.count, ruleCount)
+        let listed = try ns.run(["nft", "list", "ruleset"]).stdout
+        XCTAssertEqual(listed.components(separatedBy: "comment \"meshtrace\"").count - 1, plan.twins.count)
+        // The connmark restore's twin carries only the match, never the `meta mark set` statement.
+        XCTAssertFalse(listed.split(separator: "\n").contains { $0.contains("meshtrace") && $0.contains(" set ") })
+        try instrumenter.remove()
+        XCTAssertEqual(try Self.rulesText(ns), before)
+    }
+
+    func testNetnsWithoutAmbientRulesIsRefusedAndLeftAlone() throws {
+        let ns = try makeNetns()
+        let before = try Self.rulesText(ns)
+        let instrumenter = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5305), parse: Instrumenter.parseHome)
+        XCTAssertThrowsError(try instrumenter.install()) { error in
+            XCTAssertEqual((error as? MeshtraceError)?.code, .badInput)
+        }
+        XCTAssertEqual(try Self.rulesText(ns), before)
+    }
+
+    func testPlanFromFileRendersRestoreInputThatAppliesAndRemovesCleanly() throws {
+        let ns = try makeNetns()
+        try ns.run(["iptables-restore"], input: Self.seed)
+        let before = try Self.rulesText(ns)
+        let rs = try RulesetLoader.load(text: Self.seed, origin: "seed")
+        let plan = try InstrumentationPlan.make(tables: Instrumenter.homes(of: rs), settings: InstrumentationSettings(group: 5306))
+        for change in plan.changes { try ns.run(["iptables-nft-restore", "--noflush"], input: plan.applyScript(change)) }
+        XCTAssertEqual(try ns.run(["iptables-save"]).stdout.components(separatedBy: "--comment meshtrace").count - 1, plan.twins.count)
+        for change in plan.changes { try ns.run(["iptables-nft-restore", "--noflush"], input: plan.xtablesRemovalScript(change)) }
+        XCTAssertEqual(try Self.rulesText(ns), before)
+    }
+}
