@@ -37,6 +37,9 @@ struct Lab: ParsableCommand {
         @Option(name: .long, help: "Also keep each scenario's capture files (tcpdump -i any in the traced pod) in this directory.")
         var captureDir: String?
 
+        @Option(name: .long, help: "With --capture-dir: also add NFLOG twins (group G) and keep a tcpdump -i nflog:G capture.")
+        var nflogGroup: UInt16?
+
         @OptionGroup var output: OutputOptions
 
         func run() throws {
@@ -67,7 +70,7 @@ struct Lab: ParsableCommand {
             printTopology(lab)
 
             let runDir = captureDir ?? "\(lab.runDirectory)/captures"
-            let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: runDir))
+            let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: runDir, nflogGroup: nflogGroup))
             var results: [ScenarioResult] = []
             for s in scenarios {
                 let r = try runner.run(s)

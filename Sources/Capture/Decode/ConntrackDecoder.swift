@@ -124,3 +124,14 @@ enum ConntrackDecoder {
         return attrs.failure == .none
     }
 }
+
+extension ConntrackInfo {
+    /// Decodes ctnetlink attributes (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_MARK, ...): the value of NFULA_CT, or
+    /// the payload after nfgenmsg of a ctnetlink message (IPCTNL_MSG_CT_NEW from a dump or a `conntrack -E`
+    /// style event subscription), which carry the same attributes. nil when malformed or without the
+    /// original tuple. `byteOrder` is that of the attribute headers: `.host` for live netlink.
+    public init?(ctnetlinkAttributes buf: UnsafeRawBufferPointer, byteOrder: ByteOrder = .host) {
+        guard let info = ConntrackDecoder.decode(ByteReader(buf), order: byteOrder) else { return nil }
+        self = info
+    }
+}

@@ -24,6 +24,15 @@ extension Reporter {
         if let path = config.pcapngPath {
             add(try PcapngReport(path: path, ruleset: ruleset, tags: tags), wantsPackets: true)
         }
-        _ = title
+        if let path = config.htmlPath {
+            add(try HTMLReport(path: path, title: title, ruleset: ruleset))
+        }
+    }
+
+    /// `meshtrace verify --html FILE`: writes the verdict page when `config` asks for one.
+    public static func writeVerificationHTML(config: OutputConfig, ruleset: Ruleset?, rows: [VerdictRow],
+                                             title: String = "meshtrace verify", notes: [String] = []) throws {
+        guard let path = config.htmlPath else { return }
+        try HTMLVerificationReport.write(path: path, title: title, ruleset: ruleset, rows: rows, notes: notes)
     }
 }
