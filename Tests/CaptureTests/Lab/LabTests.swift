@@ -124,6 +124,20 @@ final class LabTests: KernelTestCase {
         XCTAssertFalse(nat.contains("--dport 80 -j ACCEPT"))
     }
 
+    func testLiveTracingJudgesScenariosAsTheirTruthAndLeavesTheRulesAsTheyWere() throws {
+        let lab = try makeLab()
+        let before = try lab.client.netns.run(["iptables-nft-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        let runner = ScenarioRunner(lab: lab, tracing: LiveTraceTracing(group: 4103))
+        for scenario in [Scenario.outbound, .inboundHBONE, .probe, .markEscape, .foreignAccept] {
+            let r = try runner.run(scenario)
+            XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.evidence)")
+            XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace trace said\n\(r.traced?.report ?? "nothing")")
+            XCTAssertTrue(r.traced?.report.contains("rule hits (meshtrace / kernel counter)") == true)
+        }
+        let after = try lab.client.netns.run(["iptables-nft-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        XCTAssertEqual(after, before, "the twins must be gone and the ruleset restored after the mutation")
+    }
+
     func testNativeNftablesAndLegacyBackendsCaptureAndTheirMutationsEscape() throws {
         for configure in [{ (o: inout LabOptions) in o.ruleset = .nftNative; o.backend = .nftables },
                           { (o: inout LabOptions) in o.backend = .iptablesLegacy }] {
