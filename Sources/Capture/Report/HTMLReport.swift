@@ -21,7 +21,8 @@ public final class HTMLReport: ReportSink {
 
     public let path: String
     private let title: String
-    private let ruleset: Ruleset?
+    /// Drawn as the rule flow; settable until `finish` (a live trace knows its ruleset only once it ran).
+    public var ruleset: Ruleset?
     private let spoolPath: String
     private var spool: BufferedFileOutput?
     private var flows: [Flow] = []

@@ -230,3 +230,28 @@ final class HTMLVerificationReportTests: XCTestCase {
         XCTAssertFalse(r.wantsPackets)
     }
 }
+
+/// `meshtrace verify --html` on a real ruleset: the page holds every class the JSON lists, escapes first.
+final class VerifyHTMLCommandTests: XCTestCase {
+    func testVerifyWritesOneRowPerClassWithTheEscapesOnTop() throws {
+        let meshtrace = ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: meshtrace), "build the CLI first (swift build)")
+        let rules = ProjectPaths.root.appendingPathComponent("samples/rulesets/seed-ambient-pod.iptables-save.txt").path
+        let html = FileManager.default.temporaryDirectory.appendingPathComponent("mt-verify-\(getpid()).html").path
+        defer { try? FileManager.default.removeItem(atPath: html) }
+        let json = try Command.run([meshtrace, "verify", "--rules", rules, "--json"])
+        let page = try Command.run([meshtrace, "verify", "--rules", rules, "--html", html])
+        XCTAssertEqual(page.status, json.status)
+        let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as! [String: Any]
+        let classes = object["classes"] as! [[String: Any]]
+        let text = try String(contentsOfFile: html, encoding: .utf8)
+        let rows = text.components(separatedBy: "<tr class=").dropFirst()
+        XCTAssertEqual(rows.count, classes.count)
+        let escapes = classes.filter { ($0["verdict"] as? String) == "escape" || (($0["verdict"] as? [String: Any])?["kind"] as? String) == "escape" }
+        XCTAssertGreaterThan(escapes.count, 0, "the seed ruleset lets a forged 0x539 mark escape")
+        let escapeRows = rows.filter { $0.hasPrefix("\"esc\"") }
+        XCTAssertEqual(escapeRows.count, escapes.count, "escape rows match the JSON")
+        XCTAssertEqual(Array(rows.prefix(escapeRows.count)).map { $0.hasPrefix("\"esc\"") }, Array(repeating: true, count: escapeRows.count))
+        for c in escapes { XCTAssertTrue(text.contains(HTML.escape(c["class"] as! String)), "\(c["class"]!)") }
+    }
+}
