@@ -39,22 +39,9 @@ final class HTMLReportTests: XCTestCase {
         return r.stdout
     }
 
-    /// `data-conns` of every `<svg class="seq" ...>` in the DOM, in order.
-    func diagrams(in dom: String) -> [[ConnectionID]] {
-        var out: [[ConnectionID]] = []
-        var rest = dom[...]
-        while let r = rest.range(of: "<svg class=\"seq\"") {
-            let tagEnd = rest[r.upperBound...].firstIndex(of: ">") ?? rest.endIndex
-            let tag = rest[r.upperBound..<tagEnd]
-            if let a = tag.range(of: "data-conns=\"") {
-                let value = tag[a.upperBound...].prefix { $0 != "\"" }
-                out.append(value.split(separator: " ").compactMap { ConnectionID($0) })
-            } else {
-                out.append([])
-            }
-            rest = rest[tagEnd...]
-        }
-        return out
+    func diagrams(in dom: String) -> [[ConnectionID]] { BrowserChecks.diagrams(in: dom) }
+    func pngStatistics(_ path: String) throws -> (width: Int, distinctColors: Int, variance: Double) {
+        try BrowserChecks.pngStatistics(path)
     }
 
     func testChromiumShowsOneDiagramPerConnectionWithTheHopsJoinedAndEscapesFirst() throws {
@@ -152,47 +139,6 @@ final class HTMLReportTests: XCTestCase {
         XCTAssertTrue(html.contains("&lt;/script&gt;&lt;script&gt;alert(1)"))
     }
 
-    /// Width, number of distinct colours and luminance variance of a PNG, decoded by Python's zlib
-    /// (the test has no PNG decoder of its own; python3 is part of Debian's base).
-    func pngStatistics(_ path: String) throws -> (width: Int, distinctColors: Int, variance: Double) {
-        guard Command.which("python3") != nil else { throw XCTSkip("python3 is not installed") }
-        let script = """
-        import struct, sys, zlib
-        data = open(sys.argv[1], 'rb').read()
-        assert data[:8] == b'\\x89PNG\\r\\n\\x1a\\n'
-        pos, idat = 8, b''
-        while pos < len(data):
-            n, kind = struct.unpack('>I4s', data[pos:pos+8]); body = data[pos+8:pos+8+n]; pos += 12 + n
-            if kind == b'IHDR': w, h, depth, ctype = struct.unpack('>IIBB', body[:10])
-            if kind == b'IDAT': idat += body
-        bpp = {2: 3, 6: 4}[ctype]; stride = w * bpp; raw = zlib.decompress(idat)
-        prev = bytearray(stride); colors = set(); total = 0.0; total2 = 0.0; count = 0
-        for y in range(h):
-            f = raw[y * (stride + 1)]; line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
-            for i in range(stride):
-                a = line[i - bpp] if i >= bpp else 0; b = prev[i]; c = prev[i - bpp] if i >= bpp else 0
-                if f == 1: line[i] = (line[i] + a) & 255
-                elif f == 2: line[i] = (line[i] + b) & 255
-                elif f == 3: line[i] = (line[i] + (a + b) // 2) & 255
-                elif f == 4:
-                    p = a + b - c; pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    line[i] = (line[i] + (a if pa <= pb and pa <= pc else (b if pb <= pc else c))) & 255
-            if y % 4 == 0:
-                for x in range(0, w, 2):
-                    r, g, bl = line[x * bpp:x * bpp + 3]; colors.add((r, g, bl))
-                    lum = 0.299 * r + 0.587 * g + 0.114 * bl; total += lum; total2 += lum * lum; count += 1
-            prev = line
-        mean = total / count
-        print(w, len(colors), total2 / count - mean * mean)
-        """
-        let r = try Command.run(["python3", "-c", script, path])
-        XCTAssertTrue(r.ok, r.stderr)
-        let parts = r.stdout.split(separator: " ").map { String($0).trimmingCharacters(in: .whitespacesAndNewlines) }
-        guard parts.count == 3, let w = Int(parts[0]), let c = Int(parts[1]), let v = Double(parts[2]) else {
-            XCTFail("png statistics: \(r.stdout) \(r.stderr)"); return (0, 0, 0)
-        }
-        return (w, c, v)
-    }
 }
 
 final class HTMLVerificationReportTests: XCTestCase {
@@ -253,5 +199,68 @@ final class VerifyHTMLCommandTests: XCTestCase {
         XCTAssertEqual(escapeRows.count, escapes.count, "escape rows match the JSON")
         XCTAssertEqual(Array(rows.prefix(escapeRows.count)).map { $0.hasPrefix("\"esc\"") }, Array(repeating: true, count: escapeRows.count))
         for c in escapes { XCTAssertTrue(text.contains(HTML.escape(c["class"] as! String)), "\(c["class"]!)") }
+    }
+}
+
+/// What the browser tests read back: the diagrams in a DOM, and whether a screenshot is blank.
+enum BrowserChecks {
+    /// `data-conns` of every `<svg class="seq" ...>` in the DOM, in order.
+    static func diagrams(in dom: String) -> [[ConnectionID]] {
+        var out: [[ConnectionID]] = []
+        var rest = dom[...]
+        while let r = rest.range(of: "<svg class=\"seq\"") {
+            let tagEnd = rest[r.upperBound...].firstIndex(of: ">") ?? rest.endIndex
+            let tag = rest[r.upperBound..<tagEnd]
+            if let a = tag.range(of: "data-conns=\"") {
+                let value = tag[a.upperBound...].prefix { $0 != "\"" }
+                out.append(value.split(separator: " ").compactMap { ConnectionID($0) })
+            } else {
+                out.append([])
+            }
+            rest = rest[tagEnd...]
+        }
+        return out
+    }
+
+    /// Width, number of distinct colours and luminance variance of a PNG, decoded by Python's zlib
+    /// (the test has no PNG decoder of its own; python3 is part of Debian's base).
+    static func pngStatistics(_ path: String) throws -> (width: Int, distinctColors: Int, variance: Double) {
+        guard Command.which("python3") != nil else { throw XCTSkip("python3 is not installed") }
+        let script = """
+        import struct, sys, zlib
+        data = open(sys.argv[1], 'rb').read()
+        assert data[:8] == b'\\x89PNG\\r\\n\\x1a\\n'
+        pos, idat = 8, b''
+        while pos < len(data):
+            n, kind = struct.unpack('>I4s', data[pos:pos+8]); body = data[pos+8:pos+8+n]; pos += 12 + n
+            if kind == b'IHDR': w, h, depth, ctype = struct.unpack('>IIBB', body[:10])
+            if kind == b'IDAT': idat += body
+        bpp = {2: 3, 6: 4}[ctype]; stride = w * bpp; raw = zlib.decompress(idat)
+        prev = bytearray(stride); colors = set(); total = 0.0; total2 = 0.0; count = 0
+        for y in range(h):
+            f = raw[y * (stride + 1)]; line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+            for i in range(stride):
+                a = line[i - bpp] if i >= bpp else 0; b = prev[i]; c = prev[i - bpp] if i >= bpp else 0
+                if f == 1: line[i] = (line[i] + a) & 255
+                elif f == 2: line[i] = (line[i] + b) & 255
+                elif f == 3: line[i] = (line[i] + (a + b) // 2) & 255
+                elif f == 4:
+                    p = a + b - c; pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    line[i] = (line[i] + (a if pa <= pb and pa <= pc else (b if pb <= pc else c))) & 255
+            if y % 4 == 0:
+                for x in range(0, w, 2):
+                    r, g, bl = line[x * bpp:x * bpp + 3]; colors.add((r, g, bl))
+                    lum = 0.299 * r + 0.587 * g + 0.114 * bl; total += lum; total2 += lum * lum; count += 1
+            prev = line
+        mean = total / count
+        print(w, len(colors), total2 / count - mean * mean)
+        """
+        let r = try Command.run(["python3", "-c", script, path])
+        XCTAssertTrue(r.ok, r.stderr)
+        let parts = r.stdout.split(separator: " ").map { String($0).trimmingCharacters(in: .whitespacesAndNewlines) }
+        guard parts.count == 3, let w = Int(parts[0]), let c = Int(parts[1]), let v = Double(parts[2]) else {
+            XCTFail("png statistics: \(r.stdout) \(r.stderr)"); return (0, 0, 0)
+        }
+        return (w, c, v)
     }
 }
