@@ -34,11 +34,11 @@ struct Lab: ParsableCommand {
         @Flag(name: .long, help: "List the scenarios and the built-in rulesets, then exit.")
         var list = false
 
-        @Option(name: .long, help: "Also keep each scenario's capture files (tcpdump -i any in the traced pod) in this directory.")
+        @Option(name: .long, help: "Keep each scenario's files here: tcpdump -i any and -i nflog:G captures of the traced pod, and its rules.")
         var captureDir: String?
 
-        @Option(name: .long, help: "With --capture-dir: also add NFLOG twins (group G) and keep a tcpdump -i nflog:G capture.")
-        var nflogGroup: UInt16?
+        @Option(name: .long, help: "NFLOG group for meshtrace's twins in the traced pod (not 0).")
+        var nflogGroup: UInt16 = 5153
 
         @OptionGroup var output: OutputOptions
 
