@@ -34,8 +34,14 @@ struct Lab: ParsableCommand {
         @Flag(name: .long, help: "List the scenarios and the built-in rulesets, then exit.")
         var list = false
 
-        @Option(name: .long, help: "Also keep each scenario's capture files (tcpdump -i any in the traced pod) in this directory.")
+        @Option(name: .long, help: "Keep each scenario's files here: tcpdump -i any and -i nflog:G captures of the traced pod, and its rules.")
         var captureDir: String?
+
+        @Option(name: .long, help: "NFLOG group for meshtrace's twins in the traced pod (not 0).")
+        var nflogGroup: UInt16 = 5153
+
+        @Flag(name: .long, help: "Timelines without their per-packet lines.")
+        var brief = false
 
         @OptionGroup var output: OutputOptions
 
@@ -66,8 +72,11 @@ struct Lab: ParsableCommand {
             defer { lab.teardown() }
             printTopology(lab)
 
-            let runDir = captureDir ?? "\(lab.runDirectory)/captures"
-            let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: runDir))
+            // Live by default (the engine of `meshtrace trace`); with --capture-dir, recorded as an operator would
+            // (twins + tcpdump) and read back by the engine of `meshtrace analyze`.
+            let tracing: LabTracing = captureDir.map { PacketCaptureTracing(directory: $0, nflogGroup: nflogGroup) }
+                ?? LiveTraceTracing(group: nflogGroup, showEvents: !brief)
+            let runner = ScenarioRunner(lab: lab, tracing: tracing)
             var results: [ScenarioResult] = []
             for s in scenarios {
                 let r = try runner.run(s)

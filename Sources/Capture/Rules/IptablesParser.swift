@@ -215,17 +215,23 @@ struct IptablesParser {
                     throw err(lineNo, "-D \(chainName): no rule matches '\(IptablesParser.excerpt(specText))'")
                 }
                 table.chains[i].rules.remove(at: j)
+                renumber(&table.chains[i])
             } else if let n = insertAt {
                 guard n <= table.chains[i].rules.count + 1 else {
                     throw err(lineNo, "-I \(chainName) \(n): the chain has only \(table.chains[i].rules.count) rules")
                 }
                 table.chains[i].rules.insert(rule, at: n - 1)
+                renumber(&table.chains[i])
             } else if cmd == "-I" || cmd == "--insert" {
                 table.chains[i].rules.insert(rule, at: 0)
+                renumber(&table.chains[i])
             } else {
+                // Appending is the common case (save output): number it without recounting the chain.
+                let isOurs: (Rule) -> Bool = { $0.isMeshtraceRule || IptablesParser.isMeshtraceNflog($0.target) }
+                let before = table.chains[i].rules.last(where: { !isOurs($0) })?.position ?? 0
+                rule.position = isOurs(rule) ? max(before, 1) : before + 1
                 table.chains[i].rules.append(rule)
             }
-            renumber(&table.chains[i])
         default:
             throw err(lineNo, "unknown command '\(IptablesParser.excerpt(cmd))'")
         }

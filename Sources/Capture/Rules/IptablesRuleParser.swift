@@ -243,7 +243,7 @@ enum IptablesRuleParser {
         case "RETURN": return .return
         case "REJECT": return .reject
         case "TRACE": return .trace
-        case "MASQUERADE": return .masquerade
+        case "MASQUERADE" where opts.isEmpty: return .masquerade
         case "REDIRECT":
             guard let p = o["--to-ports"] ?? o["--to-port"] else { return .redirect(toPort: nil) }
             guard let r = parsePortRange(p.replacingOccurrences(of: "-", with: ":")) else { throw onError("bad --to-ports '\(IptablesParser.excerpt(p))'") }
@@ -281,11 +281,19 @@ enum IptablesRuleParser {
         case "LOG":
             return .log(prefix: o["--log-prefix"] ?? "")
         default:
-            // A user chain (checked once the table is complete) or an extension meshtrace does not model.
-            if opts.isEmpty { return .jump(name) }
-            return .unknown(verbatim)
+            // An extension meshtrace does not model, or a user chain (checked once the table is complete).
+            if knownExtensionTargets.contains(name) { return .unknown(verbatim) }
+            guard opts.isEmpty else { throw onError("unknown target '\(IptablesParser.excerpt(name))'") }
+            return .jump(name)
         }
     }
+
+    /// xtables target extensions (iptables-extensions(8)) that are not chains.
+    static let knownExtensionTargets: Set<String> = [
+        "AUDIT", "CHECKSUM", "CLASSIFY", "CLUSTERIP", "CONNSECMARK", "DNPT", "DSCP", "ECN", "HL", "HMARK", "IDLETIMER",
+        "LED", "NETMAP", "NFQUEUE", "NOTRACK", "QUEUE", "RATEEST", "SECMARK", "SET", "SNPT", "SYNPROXY", "TCPMSS",
+        "TCPOPTSTRIP", "TEE", "TOS", "TTL", "ULOG", "MASQUERADE", "CT", "MARK", "CONNMARK",
+    ]
 
     static func protocolNumber(_ v: String) -> UInt8? {
         switch v.lowercased() {

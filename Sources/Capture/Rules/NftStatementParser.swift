@@ -184,7 +184,7 @@ enum NftStatementParser {
                 if word(k + 1) == "set" {
                     isMatch = false
                     let (end, target) = try setStatement(key: key, ct: false, from: k + 2, toks: toks, fail: fail)
-                    action = target
+                    action = combine(action, target)
                     i = end
                     break
                 }
@@ -264,7 +264,7 @@ enum NftStatementParser {
                 if word(i + 2) == "set" {
                     isMatch = false
                     let (end, target) = try setStatement(key: key, ct: true, from: i + 3, toks: toks, fail: fail)
-                    action = target
+                    action = combine(action, target)
                     i = end
                     break
                 }
@@ -297,6 +297,13 @@ enum NftStatementParser {
         return Rule(table: "", chain: "", position: 0, family: family, backend: .nftables,
                     text: render(textTokens[...]), matchText: render(matchTokens[...]),
                     matches: matches, target: target, line: line, handle: handle)
+    }
+
+    /// The first action decides, except that `tproxy ... meta mark set M` is one TPROXY with its mark.
+    private static func combine(_ first: RuleTarget?, _ next: RuleTarget) -> RuleTarget {
+        guard let first else { return next }
+        if case .tproxy(let p, let ip, nil, nil) = first, case .setMark(let v, let m) = next { return .tproxy(onPort: p, onIP: ip, mark: v, mask: m) }
+        return first
     }
 
     /// `meta mark set ...`, `ct mark set ...`, `ct zone set N`, `meta nftrace set 1`.

@@ -92,10 +92,7 @@ public enum RulesetLoader {
                         if rs.tables[ti].backend == .nftables {
                             throw MeshtraceError.badInput("\(rs.origin) line \(r.line): jump to '\(n)', which table \(rs.tables[ti].name) does not have")
                         }
-                        guard n.uppercased() == n, n.first?.isLetter == true else {
-                            throw MeshtraceError.badInput("\(rs.origin) line \(r.line): -j \(IptablesParser.excerpt(n)): no such chain in table \(rs.tables[ti].name)")
-                        }
-                        rs.tables[ti].chains[ci].rules[ri].target = .unknown(n)
+                        throw MeshtraceError.badInput("\(rs.origin) line \(r.line): -j \(IptablesParser.excerpt(n)): no such chain or target in table \(rs.tables[ti].name)")
                     case .goto(let n) where !names.contains(n):
                         throw MeshtraceError.badInput("\(rs.origin) line \(r.line): goto '\(IptablesParser.excerpt(n))': no such chain in table \(rs.tables[ti].name)")
                     default: break
