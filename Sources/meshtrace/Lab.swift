@@ -40,6 +40,9 @@ struct Lab: ParsableCommand {
         @Option(name: .long, help: "NFLOG group for meshtrace's twins in the traced pod (not 0).")
         var nflogGroup: UInt16 = 5153
 
+        @Flag(name: .long, help: "Timelines without their per-packet lines.")
+        var brief = false
+
         @OptionGroup var output: OutputOptions
 
         func run() throws {
@@ -69,8 +72,11 @@ struct Lab: ParsableCommand {
             defer { lab.teardown() }
             printTopology(lab)
 
-            let runDir = captureDir ?? "\(lab.runDirectory)/captures"
-            let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: runDir, nflogGroup: nflogGroup))
+            // Live by default (the engine of `meshtrace trace`); with --capture-dir, recorded as an operator would
+            // (twins + tcpdump) and read back by the engine of `meshtrace analyze`.
+            let tracing: LabTracing = captureDir.map { PacketCaptureTracing(directory: $0, nflogGroup: nflogGroup) }
+                ?? LiveTraceTracing(group: nflogGroup, showEvents: !brief)
+            let runner = ScenarioRunner(lab: lab, tracing: tracing)
             var results: [ScenarioResult] = []
             for s in scenarios {
                 let r = try runner.run(s)

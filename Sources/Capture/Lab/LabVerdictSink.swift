@@ -57,7 +57,7 @@ extension Scenario {
         case .passthrough: return [Endpoint(lab.peer.ipv4, LabTopology.appPort)]
         case .dns: return [LabTopology.dnsServer]
         case .udp: return [Endpoint(lab.peer.ipv4, LabTopology.udpEchoPort)]
-        case .ipv6Escape: return lab.server.ipv6.map { [Endpoint($0, LabTopology.appPort)] } ?? [server]
+        case .ipv6Escape, .outboundIPv6: return lab.server.ipv6.map { [Endpoint($0, LabTopology.appPort)] } ?? [server]
         }
     }
 }
