@@ -17,9 +17,13 @@ public final class LiveTraceTracing: LabTracing {
     private var done = DispatchSemaphore(value: 0)
     private var current: (scenario: Scenario, lab: LabTopology, textPath: String, fd: Int32)?
 
-    public init(group: UInt16 = 5153, showEvents: Bool = true) {
+    /// `--html` / `--pcapng` of `meshtrace lab`: one file per scenario (`report.html` → `report-outbound.html`).
+    public let output: OutputConfig
+
+    public init(group: UInt16 = 5153, showEvents: Bool = true, output: OutputConfig = OutputConfig()) {
         self.group = group
         self.showEvents = showEvents
+        self.output = output
     }
 
     public func start(pod: LabPod, scenario: Scenario, lab: LabTopology) throws {
@@ -31,7 +35,9 @@ public final class LiveTraceTracing: LabTracing {
         let fd = open(textPath, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw MeshtraceError(.kernelRefused, "cannot write \(textPath)") }
         verdicts = LabVerdictSink()
-        let reporter = Reporter(sinks: [TextReport(fileDescriptor: fd, style: Style(enabled: false), showEvents: showEvents), verdicts])
+        let reporter = try Reporter.make(config: output.perScenario(scenario), tags: tracer.tags,
+                                         title: "meshtrace lab: \(scenario.rawValue), traced in the \(pod.role.rawValue) pod",
+                                         sinks: [TextReport(fileDescriptor: fd, style: Style(enabled: false), showEvents: showEvents), verdicts])
         self.tracer = tracer
         self.reporter = reporter
         current = (scenario, lab, textPath, fd)
@@ -80,5 +86,22 @@ public final class LiveTraceTracing: LabTracing {
         close(c.fd)
         unlink(c.textPath)
         current = nil
+    }
+}
+
+extension OutputConfig {
+    /// The file outputs of one scenario: `--html report.html` becomes `report-<scenario>.html` (same for pcapng).
+    public func perScenario(_ scenario: Scenario) -> OutputConfig {
+        func suffixed(_ path: String?) -> String? {
+            guard let path else { return nil }
+            let url = URL(fileURLWithPath: path)
+            let ext = url.pathExtension
+            let stem = url.deletingPathExtension().path
+            return ext.isEmpty ? "\(stem)-\(scenario.rawValue)" : "\(stem)-\(scenario.rawValue).\(ext)"
+        }
+        var c = self
+        c.pcapngPath = suffixed(pcapngPath)
+        c.htmlPath = suffixed(htmlPath)
+        return c
     }
 }
