@@ -76,6 +76,7 @@ struct Trace: ParsableCommand {
             let reporter = try Reporter.make(config: config, tags: tracer.tags, title: "meshtrace trace --netns \(ref.label)",
                                              sinks: [printer])
             let outcome = try tracer.run(reporter: reporter)
+            reporter.updateRuleset(tracer.ruleset)
             try reporter.finish(outcome.summary)
             if !config.json { print(TraceSummaryText.render(outcome, ruleset: tracer.ruleset)) }
             if outcome.losses.any && strict { return .eventsLost }

@@ -116,7 +116,7 @@ enum HTML {
     svg.seq .arrow.reply{stroke-dasharray:5 3}
     svg.seq .arrow.hit{stroke:var(--nf)}
     svg.seq .arrow.marked{stroke:var(--mark)}
-    svg.seq .arrow.esc{stroke:var(--esc);stroke-width:2}
+    svg.seq .arrow.esc,.flow.escape svg.seq .arrow:not(.hit){stroke:var(--esc);stroke-width:2}
     svg.seq .lbl{font-size:11px;fill:#263041}
     svg.seq .lbl.hit{fill:var(--nf)}
     svg.seq .lbl.esc{fill:var(--esc);font-weight:700}

@@ -21,7 +21,8 @@ public final class HTMLReport: ReportSink {
 
     public let path: String
     private let title: String
-    private let ruleset: Ruleset?
+    /// Drawn as the rule flow; settable until `finish` (a live trace knows its ruleset only once it ran).
+    public var ruleset: Ruleset?
     private let spoolPath: String
     private var spool: BufferedFileOutput?
     private var flows: [Flow] = []
@@ -260,8 +261,8 @@ struct HTMLReportPage {
         stat("by design", byDesign.count)
         stat("connections", summary.connections)
         stat("ztunnel hops", summary.hops)
-        stat("packets", summary.packets)
-        stat("NFLOG records", summary.nflogRecords)
+        stat("frames read", summary.packets)
+        stat("of them NFLOG records", summary.nflogRecords)
         if summary.damagedPackets > 0 { stat("damaged packets", summary.damagedPackets, "esc") }
         if summary.eventsLost > 0 { stat("events lost", summary.eventsLost, "esc") }
         s += "</div>"

@@ -23,7 +23,8 @@ public final class PcapngReport: ReportSink {
     public let path: String
     public static let samePacketWindow = 2048
 
-    private let ruleset: Ruleset?
+    /// Names the roles of hits; settable until `finish` (a live trace knows its ruleset only once it ran).
+    public var ruleset: Ruleset?
     private let tags: RuleTagTable?
     private let spoolPath: String
     private var spool: BufferedFileOutput?
