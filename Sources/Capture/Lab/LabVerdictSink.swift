@@ -57,7 +57,7 @@ extension Scenario {
         case .passthrough: return [Endpoint(lab.peer.ipv4, LabTopology.appPort)]
         case .dns: return [LabTopology.dnsServer]
         case .udp: return [Endpoint(lab.peer.ipv4, LabTopology.udpEchoPort)]
-        case .ipv6Escape: return lab.server.ipv6.map { [Endpoint($0, LabTopology.appPort)] } ?? [server]
+        case .ipv6Escape, .outboundIPv6: return lab.server.ipv6.map { [Endpoint($0, LabTopology.appPort)] } ?? [server]
         }
     }
 }
@@ -66,7 +66,7 @@ extension Scenario {
 /// `MergedSource` → `Correlator` → sinks (the text report into a buffer, and the verdict sink).
 public enum LabCaptureAnalysis {
     public static func analyze(files: [String], rulesFile: String?, podAddresses: [IPAddress],
-                               scenario: Scenario, lab: LabTopology) throws -> LabTraceFinding {
+                               scenario: Scenario, lab: LabTopology, output: OutputConfig = OutputConfig()) throws -> LabTraceFinding {
         let captures = files.filter { $0.hasSuffix(".pcap") }
         guard !captures.isEmpty else { return LabTraceFinding(verdict: nil, report: "") }
         let ruleset = try rulesFile.map { try RulesetLoader.load(file: $0) }
@@ -77,14 +77,17 @@ public enum LabCaptureAnalysis {
         guard fd >= 0 else { throw MeshtraceError(.kernelRefused, "cannot write \(textPath)") }
         defer { close(fd); unlink(textPath) }
         let verdicts = LabVerdictSink()
-        let reporter = Reporter(sinks: [TextReport(fileDescriptor: fd, style: Style(enabled: false), showEvents: true), verdicts])
+        let reporter = try Reporter.make(config: output.perScenario(scenario), ruleset: ruleset, tags: tags,
+                                         title: "meshtrace lab: \(scenario.rawValue) (recorded)",
+                                         sinks: [TextReport(fileDescriptor: fd, style: Style(enabled: false), showEvents: true), verdicts])
         var options = CorrelatorOptions()
         options.podAddresses = podAddresses
         let correlator = Correlator(tags: tags, ruleset: ruleset, options: options, sink: reporter)
         var record = PacketRecord()
         var count = 0
-        while count < 1_000_000, source.next(into: &record) != nil {
-            _ = correlator.ingest(record)
+        while count < 1_000_000, let frame = source.next(into: &record) {
+            let id = correlator.ingest(record)
+            if reporter.wantsPackets { reporter.packet(record, frame: frame, linkType: source.currentLinkType, connection: id) }
             count += 1
         }
         try reporter.finish(correlator.finish())

@@ -19,8 +19,11 @@ public final class PacketCaptureTracing: LabTracing {
     private var files: [String] = []
     private var current: (pod: LabPod, scenario: Scenario, lab: LabTopology)?
 
-    public init(directory: String, interface: String = "any", nflogGroup: UInt16? = nil) {
-        self.directory = directory; self.interface = interface; self.nflogGroup = nflogGroup
+    /// `--html` / `--pcapng`: one file per scenario (see `OutputConfig.perScenario`).
+    public let output: OutputConfig
+
+    public init(directory: String, interface: String = "any", nflogGroup: UInt16? = nil, output: OutputConfig = OutputConfig()) {
+        self.directory = directory; self.interface = interface; self.nflogGroup = nflogGroup; self.output = output
     }
 
     public func start(pod: LabPod, scenario: Scenario, lab: LabTopology) throws {
@@ -99,6 +102,6 @@ public final class PacketCaptureTracing: LabTracing {
         guard let (pod, scenario, lab) = current else { return LabTraceFinding(verdict: nil, report: "", files: files) }
         current = nil
         return try LabCaptureAnalysis.analyze(files: files, rulesFile: files.first { $0.hasSuffix("-rules.txt") },
-                                              podAddresses: pod.addresses, scenario: scenario, lab: lab)
+                                              podAddresses: pod.addresses, scenario: scenario, lab: lab, output: output)
     }
 }

@@ -27,6 +27,9 @@ public struct TraceOptions: Sendable {
     /// Also capture packets with libpcap (off only for benchmarks of the NFLOG path alone).
     public var capturePackets: Bool = true
     public var correlator = CorrelatorOptions()
+    /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
+    public var perRuleThreshold: Int? = nil
+    public var queueThreshold: UInt32 = 16
 
     public init(netns: NetnsRef) { self.netns = netns }
 
@@ -43,10 +46,13 @@ public struct TraceLosses: Sendable {
     public var pcapDropped: UInt32 = 0
     /// ENOBUFS on the conntrack / TRACE event socket.
     public var eventSocketOverruns = 0
+    /// Twin hits the kernel counted beyond those meshtrace received. Catches what sequence numbers cannot:
+    /// messages dropped at the very end, after the last one that arrived.
+    public var counterShortfall: UInt64 = 0
 
     /// NFLOG events lost: the exact gap, or at least one per overrun when the gap could not show it
     /// (an overrun right at the end leaves no later sequence number to reveal it).
-    public var nflogEventsLost: Int { max(Int(nflogSequenceGap), nflogOverruns) }
+    public var nflogEventsLost: Int { max(Int(nflogSequenceGap), nflogOverruns, Int(counterShortfall)) }
     public var any: Bool { nflogEventsLost > 0 || pcapDropped > 0 || eventSocketOverruns > 0 }
 }
 
@@ -110,6 +116,7 @@ public final class LiveTracer: @unchecked Sendable {
         self.options = options
         var settings = InstrumentationSettings(group: options.group, snaplen: options.snaplen)
         settings.observe = true
+        settings.perRuleThreshold = options.perRuleThreshold
         instrumenter = Instrumenter(netns: options.netns, settings: settings, parse: Instrumenter.parseHome)
         pending = PendingRecords(capacity: 1 << 14, keepFrames: false)
     }
@@ -176,10 +183,13 @@ public final class LiveTracer: @unchecked Sendable {
         losses.nflogOverruns = nflog?.overruns ?? 0
         losses.pcapDropped = pcap?.dropped ?? 0
         losses.eventSocketOverruns = events?.overruns ?? 0
-        summary.kernelCounters = kernel
-        summary.eventsLost = losses.nflogEventsLost
         var counts: [String: Int] = [:]
         for (id, n) in hits.enumerated() where n > 0 { counts[tags.text(for: UInt32(id)), default: 0] += n }
+        let kernelTotal = kernel.values.reduce(0, +)
+        let received = kernel.keys.reduce(UInt64(0)) { $0 + UInt64(counts[$1] ?? 0) }
+        losses.counterShortfall = kernelTotal > received ? kernelTotal - received : 0
+        summary.kernelCounters = kernel
+        summary.eventsLost = losses.nflogEventsLost
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
         let outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
                                    conntrackNote: nflog?.socket.conntrackProblem.map { "\($0); original destinations come from ctnetlink events instead" },
@@ -221,6 +231,7 @@ public final class LiveTracer: @unchecked Sendable {
         do {
             var opts = NflogSocket.Options(group: options.group)
             opts.copyRange = UInt32(options.snaplen)
+            opts.queueThreshold = options.queueThreshold
             nflog = try NflogSource(index: 1, tags: tags, options: opts)
             var groups: [NetfilterEventSocket.Group] = [.conntrackNew, .conntrackUpdate]
             if options.mode == .trace {
@@ -355,7 +366,9 @@ public final class LiveTracer: @unchecked Sendable {
     // MARK: - TRACE rules (--mode trace)
 
     private func installTraceRules() throws {
-        trace?.positions = try TraceRules.handlePositions(netns: options.netns)
+        let handles = try TraceRules.handlePositions(netns: options.netns)
+        trace?.positions = handles.positions
+        trace?.ownHandles = handles.own
         try TraceRules.install(netns: options.netns, homes: instrumenter.plan?.ambientHomes ?? [])
     }
 

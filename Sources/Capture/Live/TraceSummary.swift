@@ -32,7 +32,7 @@ public enum TraceSummaryText {
         let l = outcome.losses
         out.append("  \(pad(String(ourTotal), 7)) / \(pad(String(kernelTotal), 7))  total")
         let gap = Int64(kernelTotal) - Int64(ourTotal)
-        var lost = "events lost: \(l.nflogEventsLost) (NFLOG sequence gaps \(l.nflogSequenceGap), ENOBUFS \(l.nflogOverruns))"
+        var lost = "events lost: \(l.nflogEventsLost) (NFLOG sequence gaps \(l.nflogSequenceGap), ENOBUFS \(l.nflogOverruns), kernel counted \(l.counterShortfall) more)"
         lost += ", capture drops \(l.pcapDropped), event socket overruns \(l.eventSocketOverruns)"
         out.append(lost)
         if gap != 0 {
