@@ -34,11 +34,14 @@ struct Lab: ParsableCommand {
         @Flag(name: .long, help: "List the scenarios and the built-in rulesets, then exit.")
         var list = false
 
-        @Option(name: .long, help: "Also keep each scenario's capture files (tcpdump -i any in the traced pod) in this directory.")
+        @Option(name: .long, help: "Keep each scenario's files here: tcpdump -i any and -i nflog:G captures of the traced pod, and its rules.")
         var captureDir: String?
 
-        @Option(name: .long, help: "With --capture-dir: also add NFLOG twins (group G) and keep a tcpdump -i nflog:G capture.")
-        var nflogGroup: UInt16?
+        @Option(name: .long, help: "NFLOG group for meshtrace's twins in the traced pod (not 0).")
+        var nflogGroup: UInt16 = 5153
+
+        @Flag(name: .long, help: "Timelines without their per-packet lines.")
+        var brief = false
 
         @OptionGroup var output: OutputOptions
 
@@ -67,19 +70,29 @@ struct Lab: ParsableCommand {
             LabTopology.tearDownOnSignals()
             let lab = try LabTopology(options: options)
             defer { lab.teardown() }
-            printTopology(lab)
+            let json = output.json
+            if json { emitJSON(topologyRecord(lab)) } else { printTopology(lab) }
 
-            let runDir = captureDir ?? "\(lab.runDirectory)/captures"
-            let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: runDir, nflogGroup: nflogGroup))
+            // Live by default (the engine of `meshtrace trace`); with --capture-dir, recorded as an operator would
+            // (twins + tcpdump) and read back by the engine of `meshtrace analyze`.
+            let config = output.config
+            let tracing: LabTracing = captureDir.map { PacketCaptureTracing(directory: $0, nflogGroup: nflogGroup, output: config) }
+                ?? LiveTraceTracing(group: nflogGroup, showEvents: !brief, output: config)
+            let runner = ScenarioRunner(lab: lab, tracing: tracing)
             var results: [ScenarioResult] = []
             for s in scenarios {
                 let r = try runner.run(s)
                 LabTopology.waitIfInterrupted()
                 results.append(r)
-                printResult(r, lab: lab)
+                if json { emitJSON(scenarioRecord(r, lab: lab)) } else { printResult(r, lab: lab) }
             }
-            printSummary(results)
-            if keep { printKeepHelp(lab) }
+            if json {
+                emitJSON(["type": "summary", "scenarios": results.count, "matching": results.filter(\.matches).count,
+                          "mismatched": results.filter { !$0.matches }.map(\.scenario.rawValue), "kept": keep])
+            } else {
+                printSummary(results)
+                if keep { printKeepHelp(lab) }
+            }
             return results.allSatisfy(\.matches) ? .ok : .escapeFound
         }
 
@@ -133,6 +146,30 @@ struct Lab: ParsableCommand {
                       + col(r.kernelVerdict?.rawValue ?? "-", 18) + col(r.traced?.verdict?.rawValue ?? "-", 18)
                       + (r.matches ? "ok" : "MISMATCH"))
             }
+        }
+
+        // --json: JSON Lines, one record for the lab, one per scenario, one summary (docs/LAB.md).
+        private func emitJSON(_ object: [String: Any]) {
+            guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
+            print(String(decoding: data, as: UTF8.self))
+        }
+
+        private func topologyRecord(_ lab: LabTopology) -> [String: Any] {
+            ["type": "lab", "ruleset": lab.options.ruleset.name, "backend": lab.options.backend.rawValue,
+             "pods": lab.pods.map { ["role": $0.role.rawValue, "netns": $0.name, "addresses": $0.addresses.map(\.description)] }]
+        }
+
+        private func scenarioRecord(_ r: ScenarioResult, lab: LabTopology) -> [String: Any] {
+            let traced = lab.pods.first { $0.role == r.scenario.tracedRole }!
+            var o: [String: Any] = ["type": "scenario", "scenario": r.scenario.rawValue, "summary": r.scenario.summary,
+                                    "traced_pod": traced.role.rawValue, "netns": traced.name, "app": r.appOutcome,
+                                    "expected": r.expected.verdict.rawValue, "because": r.expected.because,
+                                    "evidence": r.evidence, "matches": r.matches]
+            o["kernel"] = r.kernelVerdict?.rawValue ?? NSNull()
+            o["meshtrace"] = r.traced?.verdict?.rawValue ?? NSNull()
+            o["report"] = r.traced?.report ?? ""
+            if let files = r.traced?.files, !files.isEmpty { o["files"] = files }
+            return o
         }
 
         private func printKeepHelp(_ lab: LabTopology) {

@@ -1,10 +1,86 @@
 import ArgumentParser
 import Capture
+import Foundation
 
 struct Trace: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "trace", abstract: "(not built yet)")
+    static let configuration = CommandConfiguration(
+        commandName: "trace",
+        abstract: "Trace a pod's connections through the ambient rules, live.",
+        discussion: """
+        Adds an NFLOG twin before every ambient rule of the pod's netns (and observation points), captures the
+        pod's interfaces with libpcap, and prints one timeline per connection as it finishes; at the end, the
+        per-rule hit counts next to the kernel's counters, and any events lost. The added rules are removed on
+        exit, Ctrl-C, SIGTERM, SIGHUP and errors; after a SIGKILL, `meshtrace cleanup --netns X` removes them.
+        Needs root. Exit codes: docs/EXIT-CODES.md (6: NFLOG group busy, 9: leftover rules, 10: events lost
+        with --strict).
+        """
+    )
+
+    @Option(name: .long, help: "The pod's network namespace: a name under /var/run/netns, or a path.")
+    var netns: String?
+
+    @Option(name: .long, help: "A process in the pod: its network namespace is used.")
+    var pid: Int32?
+
+    @Option(name: .long, help: "Stop after this many seconds (default: until Ctrl-C).")
+    var duration: Double?
+
+    @Option(name: .long, help: "NFLOG group for the twins (not 0; must be free in the pod's netns).")
+    var group: UInt16 = 5153
+
+    @Option(name: .long, help: "tcpdump-syntax filter for the packet capture (compiled by libpcap).")
+    var filter: String?
+
+    @Option(name: [.customShort("w"), .long], help: "Write the captured packets to this pcap file (LINUX_SLL, all interfaces).")
+    var write: String?
+
+    @Option(name: .long, help: "nflog: NFLOG twins (default). trace: also the kernel's rule-by-rule TRACE walk.")
+    var mode: String = "nflog"
+
+    @Option(name: .long, help: "Bytes of each packet copied to meshtrace by the twins (headers only by default).")
+    var snaplen: Int = 128
+
+    @Flag(name: .long, help: "Exit 10 when any event was lost (ENOBUFS, NFLOG sequence gaps, capture drops).")
+    var strict = false
+
+    @Flag(name: .long, help: "Remove leftover meshtrace rules from a killed run first, instead of refusing to start.")
+    var replace = false
+
+    @Flag(name: .long, help: "Only the NFLOG events, no libpcap capture.")
+    var noCapture = false
+
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        guard TraceOptions.Mode(rawValue: mode) != nil else { throw ValidationError("--mode takes nflog or trace") }
+        guard group != 0 else { throw ValidationError("--group 0 is where legacy TRACE logs; pick another group") }
+        guard (16...65535).contains(snaplen) else { throw ValidationError("--snaplen takes 16...65535") }
+        if let duration, !(duration > 0) { throw ValidationError("--duration takes a positive number of seconds") }
+    }
 
     func run() throws {
-        try reportingErrors { throw MeshtraceError(.usage, "meshtrace trace is not built yet") }
+        try reportingErrors {
+            let ref = try NetnsRef.resolve(netns: netns, pid: pid)
+            var options = TraceOptions(netns: ref)
+            options.duration = duration
+            options.group = group
+            options.filter = filter
+            options.writePath = write
+            options.mode = TraceOptions.Mode(rawValue: mode) ?? .nflog
+            options.snaplen = snaplen
+            options.replace = replace
+            options.capturePackets = !noCapture
+            let tracer = LiveTracer(options: options)
+            let config = output.config
+            let printer: ReportSink = config.json ? JSONReport() : TextReport(style: Style(config: config))
+            let reporter = try Reporter.make(config: config, tags: tracer.tags, title: "meshtrace trace --netns \(ref.label)",
+                                             sinks: [printer])
+            let outcome = try tracer.run(reporter: reporter)
+            reporter.updateRuleset(tracer.ruleset)
+            try reporter.finish(outcome.summary)
+            if !config.json { print(TraceSummaryText.render(outcome, ruleset: tracer.ruleset)) }
+            if outcome.losses.any && strict { return .eventsLost }
+            return outcome.summary.escapes > 0 ? .escapeFound : .ok
+        }
     }
 }

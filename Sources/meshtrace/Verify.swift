@@ -45,6 +45,9 @@ struct Verify: ParsableCommand {
     @Flag(name: .long, help: "List every class under its verdict.")
     var all = false
 
+    @Option(name: .long, help: "Also write a self-contained HTML page: escapes first, every class with its rule path, the rule flow.")
+    var html: String?
+
     func run() throws {
         try reportingErrors {
             let rs = try source.load()
@@ -64,6 +67,7 @@ struct Verify: ParsableCommand {
             }
             let pol = try policy.map { try VerifyPolicy.load(file: $0) }
             let report = Verifier(ruleset: rs, pod: pod, policy: pol).run()
+            if let html { var c = OutputConfig(); c.htmlPath = html; try Reporter.writeVerificationHTML(config: c, report: report, ruleset: rs) }
             print(json ? report.json() : report.text(showAll: all), terminator: json ? "\n" : "")
             return report.exitStatus
         }

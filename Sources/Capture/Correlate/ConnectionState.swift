@@ -27,6 +27,16 @@ struct FlowKey: Hashable {
     }
 }
 
+/// What identifies one packet across its views (NAT changes addresses and ports, never these), so an NFLOG
+/// record can be matched to the captured packet it copies.
+struct PacketIdentity: Hashable {
+    var ipID: UInt32
+    var seq: UInt32
+    var ack: UInt32
+    var flags: UInt8
+    var forward: Bool
+}
+
 /// The initiator's endpoint and protocol: REDIRECT never changes the source, so every NAT view of
 /// a connection shares it.
 struct InitiatorKey: Hashable {
@@ -82,6 +92,10 @@ final class ConnectionState {
     /// The initiator's packets arrived from outside (incoming on a non-loopback interface, NFLOG PREROUTING from one).
     var initiatorArrivedFromOutside = false
     var eventsNeedSorting = false
+    /// Parallel to `timeline.events`: each event's packet identity.
+    var eventIdentities: [PacketIdentity] = []
+    var sawNetfilterEvent = false
+    var sawInterfaceEvent = false
     /// Membership in the hop candidate lists.
     var pendingRoles: HopRoles = []
 
@@ -103,11 +117,15 @@ final class ConnectionState {
 /// A hop shared by its two connections: both print the same evidence.
 final class HopLink {
     var hop: ZtunnelHop
+    /// How many candidates there were when it was joined; the evidence is recomputed once, when the first
+    /// of its connections is emitted, because NFLOG records (marks, rule hits) arrive in late batches.
+    var candidates: Int
+    var finalized = false
     // Strong on purpose: an emitted connection clears its own links, so the pair is freed once both are out.
     var outer: ConnectionState
     var inner: ConnectionState
-    init(hop: ZtunnelHop, outer: ConnectionState, inner: ConnectionState) {
-        self.hop = hop; self.outer = outer; self.inner = inner
+    init(hop: ZtunnelHop, outer: ConnectionState, inner: ConnectionState, candidates: Int) {
+        self.hop = hop; self.outer = outer; self.inner = inner; self.candidates = candidates
     }
 }
 

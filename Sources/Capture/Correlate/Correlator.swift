@@ -298,8 +298,11 @@ public final class Correlator {
                     c.timeline.redirect = hit!.action
                 }
             case .connmarkRestore:
-                hit!.action = .connmarkRestored(r.nflog?.conntrack?.mark ?? r.nflog?.mark)
+                // The twin logs the packet before the restore: the mark it gets is the connection's connmark.
+                let restored = r.nflog?.conntrack?.mark ?? (c.sawZtunnelConnmark ? options.ztunnelConnmark : nil)
+                hit!.action = .connmarkRestored(restored)
             case .connmarkSet(let v):
+                if !c.timeline.marks.contains(v) { c.timeline.marks.append(v) }
                 if (v & options.markMask) == options.ztunnelConnmark && !c.sawZtunnelConnmark {
                     c.sawZtunnelConnmark = true; factsChanged = true
                 }
@@ -364,10 +367,10 @@ public final class Correlator {
             break
         }
 
-        // Counters: every event is a packet seen; bytes only once per packet (interface captures, and on
-        // lo only the outgoing copy that `-i any` shows beside the incoming one).
+        // Counters: every event is a packet seen; bytes only from interface captures, since an NFLOG record
+        // repeats a packet an interface capture also shows (`-i any` shows a lo packet once, as incoming).
         c.timeline.packets += 1
-        if point.kind == .interface && !(point.isLoopback && r.direction == .inbound) {
+        if point.kind == .interface {
             c.timeline.bytes &+= UInt64(r.ipLength != 0 ? r.ipLength : r.wireLength)
             if forward { c.payloadForward &+= UInt64(r.payloadLength) } else { c.payloadReply &+= UInt64(r.payloadLength) }
         }
@@ -377,7 +380,10 @@ public final class Correlator {
 
         if r.tuple.proto == IPProto.tcp { trackTCP(r, forward: forward, on: c) }
 
+        if point.kind == .netfilter { c.sawNetfilterEvent = true } else if point.kind == .interface { c.sawInterfaceEvent = true }
         if c.timeline.events.count < options.maxEventsPerConnection {
+            c.eventIdentities.append(PacketIdentity(ipID: r.ipID, seq: r.tcpSeq, ack: r.tcpAck, flags: r.tcpFlags.rawValue,
+                                                    forward: forward))
             c.timeline.events.append(TimelineEvent(
                 time: r.time, frame: r.ref, point: point, direction: r.direction, tuple: r.tuple,
                 isReply: !forward, tcpFlags: r.tcpFlags, length: r.ipLength != 0 ? r.ipLength : r.wireLength,
@@ -533,23 +539,23 @@ public final class Correlator {
             c.pendingRoles.insert(.innerInbound); innerInbound.append(c)
         }
         if roles.contains(.outerOutbound) && !c.hasOutboundHop {
-            if let (z, ev, conf) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound) {
-                join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf)
+            if let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound) {
+                join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
             }
         }
         if roles.contains(.innerOutbound) && !c.hasOutboundHop {
-            if let (a, ev, conf) = bestPartner(for: c, among: &outerOutbound, asOuter: false, direction: .outbound) {
-                join(.outbound, outer: a, inner: c, evidence: ev, confidence: conf)
+            if let (a, ev, conf, n) = bestPartner(for: c, among: &outerOutbound, asOuter: false, direction: .outbound) {
+                join(.outbound, outer: a, inner: c, evidence: ev, confidence: conf, candidates: n)
             }
         }
         if roles.contains(.outerInbound) && !c.hasInboundHop {
-            if let (i, ev, conf) = bestPartner(for: c, among: &innerInbound, asOuter: true, direction: .inbound) {
-                join(.inbound, outer: c, inner: i, evidence: ev, confidence: conf)
+            if let (i, ev, conf, n) = bestPartner(for: c, among: &innerInbound, asOuter: true, direction: .inbound) {
+                join(.inbound, outer: c, inner: i, evidence: ev, confidence: conf, candidates: n)
             }
         }
         if roles.contains(.innerInbound) && !c.hasInboundHop {
-            if let (h, ev, conf) = bestPartner(for: c, among: &outerInbound, asOuter: false, direction: .inbound) {
-                join(.inbound, outer: h, inner: c, evidence: ev, confidence: conf)
+            if let (h, ev, conf, n) = bestPartner(for: c, among: &outerInbound, asOuter: false, direction: .inbound) {
+                join(.inbound, outer: h, inner: c, evidence: ev, confidence: conf, candidates: n)
             }
         }
     }
@@ -580,7 +586,7 @@ public final class Correlator {
     }
 
     private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState], asOuter: Bool,
-                             direction: ZtunnelHop.Direction) -> (ConnectionState, [HopEvidence], Confidence)? {
+                             direction: ZtunnelHop.Direction) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
         pruneCandidates(&list)
         var strong: [ConnectionState] = []
         var weak: [ConnectionState] = []
@@ -607,12 +613,21 @@ public final class Correlator {
             return nil
         }
         let outer = asOuter ? c : chosen, inner = asOuter ? chosen : c
+        let pool = !strong.isEmpty ? strong.count : weak.count
+        let (evidence, confidence) = hopEvidence(outer: outer, inner: inner, direction: direction, candidates: unique ? 1 : pool)
+        return (chosen, evidence, confidence, unique ? 1 : pool)
+    }
+
+    /// The evidence for a join and the confidence it earns. Identity (same destination, same client) is what a
+    /// join rests on; ztunnel's mark and a lone candidate raise it; timing is reported, never decisive.
+    private func hopEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction,
+                             candidates: Int) -> ([HopEvidence], Confidence) {
         var evidence: [HopEvidence] = []
         var hasMark = false
         if let f = inner.ztunnelMarkFrames.first {
             hasMark = true
             evidence.append(HopEvidence(kind: "ztunnel-mark",
-                detail: "inner connection carries ztunnel's mark 0x\(hex(options.ztunnelMark)) (frame \(f.frame))"))
+                detail: "inner connection carries ztunnel's mark 0x\(hex(options.ztunnelMark)) (frame \(f.source):\(f.frame))"))
         }
         if direction == .inbound && inner.sawZtunnelConnmark {
             hasMark = true
@@ -627,15 +642,15 @@ public final class Correlator {
         if let identity { evidence.append(contentsOf: identity) }
         let dt = inner.firstSeenNanos - outer.firstSeenNanos
         evidence.append(HopEvidence(kind: "timing", detail: "inner connection starts \(formatDelta(dt)) after the outer one"))
-        let pool = !strong.isEmpty ? strong.count : weak.count
+        let unique = candidates <= 1
         evidence.append(HopEvidence(kind: "unique", detail: unique
             ? "the only candidate within \(formatDelta(options.hopWindowNanos))"
-            : "one of \(pool) candidates within \(formatDelta(options.hopWindowNanos)); the earliest was chosen"))
+            : "one of \(candidates) candidates within \(formatDelta(options.hopWindowNanos)); the earliest was chosen"))
         let confidence: Confidence
         if identity != nil && unique && hasMark { confidence = .high }
         else if identity != nil && (unique || hasMark) { confidence = .medium }
         else { confidence = .low }
-        return (chosen, evidence, confidence)
+        return (evidence, confidence)
     }
 
     /// Evidence that names the same destination or client on both sides; without one, a join needs a lone marked candidate.
@@ -677,10 +692,10 @@ public final class Correlator {
     }
 
     private func join(_ direction: ZtunnelHop.Direction, outer: ConnectionState, inner: ConnectionState,
-                      evidence: [HopEvidence], confidence: Confidence) {
+                      evidence: [HopEvidence], confidence: Confidence, candidates: Int) {
         let link = HopLink(hop: ZtunnelHop(direction: direction, outer: outer.id, inner: inner.id,
                                            evidence: evidence, confidence: confidence),
-                           outer: outer, inner: inner)
+                           outer: outer, inner: inner, candidates: candidates)
         outer.hopLinks.append(link)
         inner.hopLinks.append(link)
         summary.hops += 1
@@ -694,7 +709,12 @@ public final class Correlator {
             if !keep.keys.contains(k) { keep.keys.append(k) }
         }
         let room = options.maxEventsPerConnection - keep.timeline.events.count
-        if room > 0 { keep.timeline.events.append(contentsOf: gone.timeline.events.prefix(room)) }
+        if room > 0 {
+            keep.timeline.events.append(contentsOf: gone.timeline.events.prefix(room))
+            keep.eventIdentities.append(contentsOf: gone.eventIdentities.prefix(room))
+        }
+        keep.sawNetfilterEvent = keep.sawNetfilterEvent || gone.sawNetfilterEvent
+        keep.sawInterfaceEvent = keep.sawInterfaceEvent || gone.sawInterfaceEvent
         keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.timeline.events.count - max(0, room))
         keep.timeline.packets += gone.timeline.packets
         keep.timeline.bytes &+= gone.timeline.bytes
@@ -777,18 +797,19 @@ public final class Correlator {
         if let nat = c.natResponder {
             t.aliases.append(FiveTuple(proto: c.proto, src: c.initiator, dst: nat))
         }
-        if c.eventsNeedSorting {
-            // Stable: events with equal stamps (an NFLOG batch) keep their arrival order.
-            let indexed = t.events.enumerated().sorted {
-                $0.element.time != $1.element.time ? $0.element.time < $1.element.time : $0.offset < $1.offset
-            }
-            t.events = indexed.map(\.element)
-        }
+        if c.sawNetfilterEvent && c.sawInterfaceEvent && retimeNetfilterEvents(c, &t) { c.eventsNeedSorting = true }
+        if c.eventsNeedSorting { sortEvents(&t) }
         for i in t.events.indices { t.events[i].isReply = t.events[i].tuple.src != c.initiator }
         t.hops = c.hopLinks.map { link in
-            var hop = link.hop
-            addByteEvidence(&hop, outer: link.outer, inner: link.inner)
-            return hop
+            if !link.finalized {
+                link.finalized = true
+                let (ev, conf) = hopEvidence(outer: link.outer, inner: link.inner, direction: link.hop.direction,
+                                             candidates: link.candidates)
+                link.hop.evidence = ev
+                link.hop.confidence = conf
+                addByteEvidence(&link.hop, outer: link.outer, inner: link.inner)
+            }
+            return link.hop
         }
         let (kind, findings) = classify(c)
         t.kind = kind
@@ -796,6 +817,48 @@ public final class Correlator {
         summary.connections += 1
         sink.connection(t)
         for f in findings { report(f) }
+    }
+
+    /// libpcap stamps NFLOG records when it receives them, in batches up to a second late. An NFLOG event that
+    /// copies a packet also captured on an interface (same IP ID, TCP seq/ack and flags, same direction) takes that
+    /// packet's time, so the timeline reads in the order the kernel handled the packet.
+    private func retimeNetfilterEvents(_ c: ConnectionState, _ t: inout ConnectionTimeline) -> Bool {
+        guard c.eventIdentities.count == t.events.count else { return false }
+        var wire: [PacketIdentity: Timestamp] = [:]
+        for (i, e) in t.events.enumerated() where e.point.kind == .interface {
+            let k = c.eventIdentities[i]
+            if wire[k] == nil { wire[k] = e.time }
+        }
+        var changed = false
+        for i in t.events.indices where t.events[i].point.kind == .netfilter {
+            if let time = wire[c.eventIdentities[i]], time != t.events[i].time {
+                t.events[i].time = time
+                changed = true
+            }
+        }
+        if changed && t.droppedEvents == 0, let first = t.events.map(\.time).min(), let last = t.events.map(\.time).max() {
+            t.firstSeen = first
+            t.lastSeen = last
+        }
+        return changed
+    }
+
+    /// By time; at equal times the kernel's order: OUTPUT/POSTROUTING hooks run before a packet is captured
+    /// leaving (lo's copy too), PREROUTING/INPUT after it is captured arriving. Stable otherwise.
+    private func sortEvents(_ t: inout ConnectionTimeline) {
+        func rank(_ e: TimelineEvent) -> Int {
+            guard e.point.kind == .netfilter else { return 1 }
+            switch e.point.hook {
+            case .output, .postrouting: return 0
+            default: return 2
+            }
+        }
+        let indexed = t.events.enumerated().sorted { a, b in
+            if a.element.time != b.element.time { return a.element.time < b.element.time }
+            let ra = rank(a.element), rb = rank(b.element)
+            return ra != rb ? ra < rb : a.offset < b.offset
+        }
+        t.events = indexed.map(\.element)
     }
 
     private func addByteEvidence(_ hop: inout ZtunnelHop, outer: ConnectionState, inner: ConnectionState) {

@@ -15,6 +15,10 @@ public struct InstrumentationSettings: Sendable, Hashable {
     public var snaplen: Int = 128
     /// Add observation points (PREROUTING/OUTPUT `in`/`out`) besides the twins.
     public var observe: Bool = true
+    /// `--nflog-threshold` / `queue-threshold` on each twin: 1 sends every event at once (what `plan` writes,
+    /// for tcpdump, whose NFLOG instance would otherwise wait up to a second); nil leaves batching to the
+    /// listener's instance settings (what `trace` uses: up to 16 events per message, 10 ms at most).
+    public var perRuleThreshold: Int? = 1
 
     public init(group: UInt16 = 5153, snaplen: Int = 128, observe: Bool = true) {
         self.group = group; self.snaplen = snaplen; self.observe = observe
@@ -186,7 +190,8 @@ public struct InstrumentationPlan: Sendable {
     /// The comment and NFLOG target of an iptables twin (after its match part).
     func xtablesTarget(_ twin: TwinRule, withComment: Bool) -> String {
         let comment = withComment ? "-m comment --comment \(InstrumentationSettings.comment) " : ""
-        return "\(comment)-j NFLOG --nflog-group \(settings.group) --nflog-prefix \"\(twin.tag.prefix)\" --nflog-size \(settings.snaplen) --nflog-threshold 1"
+        let threshold = settings.perRuleThreshold.map { " --nflog-threshold \($0)" } ?? ""
+        return "\(comment)-j NFLOG --nflog-group \(settings.group) --nflog-prefix \"\(twin.tag.prefix)\" --nflog-size \(settings.snaplen)\(threshold)"
     }
 
     /// The spec of an iptables twin as it follows `-I CHAIN POS` / `-D CHAIN`.
@@ -200,7 +205,8 @@ public struct InstrumentationPlan: Sendable {
 
     /// The nft statements of a twin after its match part.
     public func nftStatements(_ twin: TwinRule) -> String {
-        let log = "counter log prefix \"\(twin.tag.prefix)\" group \(settings.group) snaplen \(settings.snaplen) queue-threshold 1 comment \"\(InstrumentationSettings.comment)\""
+        let threshold = settings.perRuleThreshold.map { " queue-threshold \($0)" } ?? ""
+        let log = "counter log prefix \"\(twin.tag.prefix)\" group \(settings.group) snaplen \(settings.snaplen)\(threshold) comment \"\(InstrumentationSettings.comment)\""
         return twin.matchText.isEmpty ? log : "\(twin.matchText) \(log)"
     }
 

@@ -128,12 +128,21 @@ public final class LabTopology: @unchecked Sendable {
         ]
         for (role, a4, a6) in specs {
             let ns = try ScratchNetns(kind: "l")
-            pods.append(LabPod(role: role, netns: ns, ipv4: IPAddress(a4)!, ipv6: v6 ? IPAddress(a6)! : nil))
+            lock.lock()
+            let dead = tornDown
+            if !dead { pods.append(LabPod(role: role, netns: ns, ipv4: IPAddress(a4)!, ipv6: v6 ? IPAddress(a6)! : nil)) }
+            lock.unlock()
+            // A signal tore the lab down while it was being built: this namespace came too late for it.
+            if dead { ns.remove(); throw LabTopology.tornDownError }
         }
         for pod in pods {
             // Without IPv6 the captures stay free of router solicitations and MLD reports.
+            // With IPv6 on, no DAD probes and MLD reports sent at once rather than up to a second later, so they
+            // do not show up in the first scenario's trace.
             try pod.netns.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=\(v6 ? 0 : 1)",
-                               "net.ipv6.conf.default.disable_ipv6=\(v6 ? 0 : 1)", "net.ipv6.conf.default.accept_ra=0"])
+                               "net.ipv6.conf.default.disable_ipv6=\(v6 ? 0 : 1)", "net.ipv6.conf.default.accept_ra=0",
+                               "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.default.mldv2_unsolicited_report_interval=0",
+                               "net.ipv6.conf.default.mldv1_unsolicited_report_interval=0"])
         }
         try node.netns.run(["ip", "link", "add", "br0", "type", "bridge"])
         try node.netns.run(["ip", "link", "set", "br0", "up"])
@@ -214,6 +223,8 @@ public final class LabTopology: @unchecked Sendable {
         for (p, line) in waits {
             let deadline = Date().addingTimeInterval(10)
             while !p.log.contains(line) {
+                lock.lock(); let dead = tornDown; lock.unlock()
+                if dead { throw LabTopology.tornDownError }
                 guard p.process.isRunning, Date() < deadline else {
                     throw MeshtraceError(.kernelRefused, "the \(p.label) stand-in did not start: \(p.log.suffix(300))")
                 }
@@ -242,7 +253,11 @@ public final class LabTopology: @unchecked Sendable {
         p.standardInput = FileHandle.nullDevice
         try p.run()
         let lp = LabProcess(label: "\(pod.role.rawValue) \(label)", process: p, logPath: logPath)
-        lock.lock(); processes.append(lp); lock.unlock()
+        lock.lock()
+        let dead = tornDown
+        if !dead { processes.append(lp) }
+        lock.unlock()
+        if dead { lp.stop(); throw LabTopology.tornDownError }
         return lp
     }
 
@@ -271,6 +286,7 @@ public final class LabTopology: @unchecked Sendable {
         tornDown = true
         let procs = processes
         processes.removeAll()
+        let made = pods
         lock.unlock()
         LabTopology.unregister(self)
         if options.keep {
@@ -279,7 +295,7 @@ public final class LabTopology: @unchecked Sendable {
             return
         }
         for p in procs { p.stop() }
-        for pod in pods.reversed() { pod.netns.remove() }
+        for pod in made.reversed() { pod.netns.remove() }
         try? FileManager.default.removeItem(atPath: runDirectory)
     }
 
@@ -288,40 +304,49 @@ public final class LabTopology: @unchecked Sendable {
     nonisolated(unsafe) private static var live: [ObjectIdentifier: LabTopology] = [:]
     private static let liveLock = NSLock()
     nonisolated(unsafe) private static var kept: [LabTopology] = []
-    nonisolated(unsafe) private static var signalSources: [DispatchSourceSignal] = []
+    nonisolated(unsafe) private static var watching = false
 
     private static func register(_ t: LabTopology) { liveLock.lock(); live[ObjectIdentifier(t)] = t; liveLock.unlock() }
     private static func unregister(_ t: LabTopology) { liveLock.lock(); live[ObjectIdentifier(t)] = nil; liveLock.unlock() }
 
-    /// On SIGINT, SIGTERM or SIGHUP: tear down every lab of this process, run `also` (e.g. the tracer's cleanup),
-    /// and exit with 128+signal.
+    /// On SIGINT, SIGTERM or SIGHUP: tear down every lab of this process, run `also`, and exit with 128+signal.
+    /// Uses the same handler as `LiveTracer` (`StopSignal`), so a signal also ends a running trace normally
+    /// (its rules come out) while a watcher thread removes the lab.
     public static func tearDownOnSignals(also: @escaping @Sendable () -> Void = {}) {
         liveLock.lock(); defer { liveLock.unlock() }
-        guard signalSources.isEmpty else { return }
-        for sig in [SIGINT, SIGTERM, SIGHUP] {
-            signal(sig, SIG_IGN)
-            let src = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())
-            src.setEventHandler {
-                interruptLock.lock(); interrupted = true; interruptLock.unlock()
-                FileHandle.standardError.write(Data("\nmeshtrace lab: signal \(sig), removing the lab\n".utf8))
-                also()
-                liveLock.lock(); let labs = Array(live.values); liveLock.unlock()
-                for lab in labs { lab.teardown() }
-                exit(128 + sig)
-            }
-            src.resume()
-            signalSources.append(src)
+        guard !watching else { return }
+        watching = true
+        StopSignal.install()
+        Thread.detachNewThread {
+            while StopSignal.signalNumber == 0 { usleep(50_000) }
+            let sig = StopSignal.signalNumber
+            interruptLock.lock(); interrupted = true; interruptLock.unlock()
+            FileHandle.standardError.write(Data("\nmeshtrace lab: signal \(sig), removing the lab\n".utf8))
+            also()
+            liveLock.lock(); let labs = Array(live.values); liveLock.unlock()
+            for lab in labs { lab.teardown() }
+            teardownDone.signal()
+            // The main thread exits from `waitIfInterrupted` once its current step notices (it may be creating a
+            // namespace right now, which it then removes itself); if it is stuck, exit anyway.
+            Thread.sleep(forTimeInterval: 20)
+            exit(128 + sig)
         }
     }
+
+    private static let teardownDone = DispatchSemaphore(value: 0)
+    static let tornDownError = MeshtraceError(.kernelRefused, "the lab was removed (signal) while it was being used")
 
     nonisolated(unsafe) private static var interrupted = false
     private static let interruptLock = NSLock()
 
     /// When a signal is tearing the lab down, errors on the main thread (a stand-in vanished, a netns went away)
-    /// are its consequence: block here and let the signal handler finish and exit with 128+signal.
+    /// are its consequence: wait here for the teardown to finish, then exit with 128+signal. Called at each step.
     public static func waitIfInterrupted() {
         interruptLock.lock(); let i = interrupted; interruptLock.unlock()
-        if i { Thread.sleep(forTimeInterval: 30) }
+        guard i || StopSignal.signalNumber != 0 else { return }
+        _ = teardownDone.wait(timeout: .now() + 20)
+        teardownDone.signal()
+        exit(128 + StopSignal.signalNumber)
     }
 
     /// `meshtrace lab down`: removes the lab namespaces (`mt-l<pid>-N`) of earlier runs — those whose creating

@@ -6,7 +6,8 @@ import Glibc
 /// Records each scenario the way an operator would collect on a node (`meshtrace plan` + tcpdump): a
 /// `tcpdump -i IFACE` capture inside the traced pod and, with an NFLOG group, the NFLOG twins installed by the
 /// `Instrumenter` and a `tcpdump -i nflog:G` capture of their hits, plus the pod's rules as saved before.
-/// It gives no verdict: the files are for `meshtrace analyze` and for `samples/`.
+/// At `stop` the files go through the same engine as `meshtrace analyze` (`LabCaptureAnalysis`), which gives the
+/// verdict; the files stay for `samples/`.
 public final class PacketCaptureTracing: LabTracing {
     public let directory: String
     /// The interface tcpdump listens on inside the traced pod (`any`: every one, lo included).
@@ -16,9 +17,13 @@ public final class PacketCaptureTracing: LabTracing {
     private var captures: [(Process, String, String)] = []
     private var instrumenter: Instrumenter?
     private var files: [String] = []
+    private var current: (pod: LabPod, scenario: Scenario, lab: LabTopology)?
 
-    public init(directory: String, interface: String = "any", nflogGroup: UInt16? = nil) {
-        self.directory = directory; self.interface = interface; self.nflogGroup = nflogGroup
+    /// `--html` / `--pcapng`: one file per scenario (see `OutputConfig.perScenario`).
+    public let output: OutputConfig
+
+    public init(directory: String, interface: String = "any", nflogGroup: UInt16? = nil, output: OutputConfig = OutputConfig()) {
+        self.directory = directory; self.interface = interface; self.nflogGroup = nflogGroup; self.output = output
     }
 
     public func start(pod: LabPod, scenario: Scenario, lab: LabTopology) throws {
@@ -28,6 +33,7 @@ public final class PacketCaptureTracing: LabTracing {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let base = "\(directory)/\(scenario.rawValue)-\(pod.role.rawValue)"
         files = []
+        current = (pod, scenario, lab)
         do {
             if let group = nflogGroup {
                 let rulesPath = base + "-rules.txt"
@@ -93,8 +99,9 @@ public final class PacketCaptureTracing: LabTracing {
             instrumenter = nil
             try i.remove()
         }
-        let packets = files.first { $0.hasSuffix("-\(interface).pcap") }
-        let text = packets.flatMap { (try? Command.run(["tcpdump", "-n", "-r", $0]))?.stdout } ?? ""
-        return LabTraceFinding(verdict: nil, report: text, files: files)
+        guard let (pod, scenario, lab) = current else { return LabTraceFinding(verdict: nil, report: "", files: files) }
+        current = nil
+        return try LabCaptureAnalysis.analyze(files: files, rulesFile: files.first { $0.hasSuffix("-rules.txt") },
+                                              podAddresses: pod.addresses, scenario: scenario, lab: lab, output: output)
     }
 }

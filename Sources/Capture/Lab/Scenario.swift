@@ -26,6 +26,7 @@ public enum Scenario: String, Sendable, CaseIterable {
     case dns = "dns"
     case udp = "udp"
     case markEscape = "mark-escape"
+    case outboundIPv6 = "outbound-ipv6"
     case ipv6Escape = "ipv6-escape"
     case ruleDeleted = "rule-deleted"
     case foreignAccept = "foreign-accept"
@@ -47,6 +48,7 @@ public enum Scenario: String, Sendable, CaseIterable {
         case .dns: return "client app -> DNS 10.244.0.1:53 over UDP"
         case .udp: return "client app -> peer:9999 over UDP (not DNS)"
         case .markEscape: return "client app sets SO_MARK 0x539 on its own socket, then -> server:80"
+        case .outboundIPv6: return "dual-stack: client app -> server [IPv6]:80, through ztunnel where the ruleset has IPv6 rules"
         case .ipv6Escape: return "dual-stack client pod without ip6tables rules: app -> server [IPv6]:80"
         case .ruleDeleted: return "the client's 15001 REDIRECT rule deleted, then app -> server:80"
         case .foreignAccept: return "another tool's ACCEPT inserted ahead of the 15001 rule, then app -> server:80"
@@ -61,7 +63,7 @@ public enum Scenario: String, Sendable, CaseIterable {
         }
     }
 
-    public var needsDualStack: Bool { self == .ipv6Escape }
+    public var needsDualStack: Bool { self == .ipv6Escape || self == .outboundIPv6 }
 
     /// The scenarios `meshtrace lab` runs when none is named: all of them, the rule mutations last.
     public static var defaultSet: [Scenario] { allCases }
@@ -79,6 +81,13 @@ public enum Scenario: String, Sendable, CaseIterable {
                 : .init(verdict: .bypass, because: "this ruleset has DNS capture off: DNS goes straight to the resolver")
         case .udp: return .init(verdict: .bypass, because: "the rules capture TCP (and DNS) only: other UDP passes by design")
         case .markEscape: return .init(verdict: .escape, because: "a socket marked 0x539 matches '! --mark 0x539' nowhere: the app passes as ztunnel")
+        case .outboundIPv6:
+            if ruleset.form == .iptables && ruleset.ipv6Text != nil {
+                return .init(verdict: .captured, because: "ip6tables nat ISTIO_OUTPUT REDIRECTs to 15001 as for IPv4; HBONE to [server]:15008")
+            }
+            return .init(verdict: .escape, because: ruleset.form == .nftables
+                ? "this nft ruleset matches 'ip daddr' (IPv4 only): IPv6 TCP is not redirected"
+                : "this ruleset has no ip6tables rules: IPv6 TCP is not redirected")
         case .ipv6Escape: return .init(verdict: .escape, because: "no ip6tables rules: IPv6 TCP is never redirected")
         case .ruleDeleted: return .init(verdict: .escape, because: "without the 15001 REDIRECT nothing captures outbound TCP")
         case .foreignAccept: return .init(verdict: .escape, because: "the foreign ACCEPT ends the nat walk before the 15001 REDIRECT")

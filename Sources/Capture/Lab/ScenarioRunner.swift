@@ -96,7 +96,7 @@ public final class ScenarioRunner {
         case .passthrough: (from, args) = (lab.client, ["_app", "get", "\(lab.peer.ipv4):\(LabTopology.appPort)"])
         case .dns: (from, args) = (lab.client, ["_app", "udp", "--dns", "server.lab.mesh", LabTopology.dnsServer.description])
         case .udp: (from, args) = (lab.client, ["_app", "udp", "\(lab.peer.ipv4):\(LabTopology.udpEchoPort)"])
-        case .ipv6Escape:
+        case .ipv6Escape, .outboundIPv6:
             let v6 = lab.server.ipv6.map { "[\($0)]:\(LabTopology.appPort)" } ?? server
             (from, args) = (lab.client, ["_app", "get", v6])
         }
@@ -118,7 +118,7 @@ public final class ScenarioRunner {
             return logged("client ztunnel", "outbound") && logged("client ztunnel", "-> \(server)") ? .captured : .escape
         case .passthrough:
             return logged("client ztunnel", "passthrough") ? .captured : .escape
-        case .ipv6Escape:
+        case .ipv6Escape, .outboundIPv6:
             return logged("client ztunnel", "outbound") ? .captured : .escape
         case .inboundHBONE:
             return logged("server ztunnel", "hbone") ? .captured : .escape

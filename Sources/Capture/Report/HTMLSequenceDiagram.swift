@@ -16,8 +16,8 @@ struct SequenceDiagram {
     static let tailArrows = 10
 
     enum Lifeline: Int, CaseIterable { case app = 0, netfilter, ztunnel, peer }
-    static let x: [Lifeline: Int] = [.app: 170, .netfilter: 420, .ztunnel: 660, .peer: 890]
-    static let width = 1010
+    static let x: [Lifeline: Int] = [.app: 170, .netfilter: 430, .ztunnel: 690, .peer: 950]
+    static let width = 1180
     static let rowHeight = 30
     static let top = 56
 
@@ -137,15 +137,19 @@ struct SequenceDiagram {
             let dir = x2 >= x1 ? 1 : -1
             let full = label
             if label.count > 112 { label = String(label.prefix(111)) + "…" }
-            let lx = min(x1, x2) + 6
-            s += "<g><title>\(HTML.escape(full))</title>"
+            // A label that would run off the right edge ends at the edge instead (about 6.7 px a character).
+            var lx = min(x1, x2) + 6
+            var anchor = ""
+            if lx + Int(Double(label.count) * 6.7) > width - 4 { lx = width - 4; anchor = " text-anchor=\"end\"" }
+            // The whole label on hover only where the drawn one is cut: titles would double the page's size.
+            s += label == full ? "<g>" : "<g><title>\(HTML.escape(full))</title>"
             if from == to {
                 s += "<path class=\"\(cls)\" d=\"M\(x1),\(y - 2) h24 v8 h-22\" marker-end=\"url(#\(marker))\"/>"
             } else {
                 s += "<line class=\"\(cls)\" x1=\"\(x1 + dir * 2)\" y1=\"\(y)\" x2=\"\(x2 - dir * 3)\" y2=\"\(y)\" marker-end=\"url(#\(marker))\"/>"
             }
             if to == .netfilter { s += "<rect class=\"hitbox\" x=\"\(x2 - 5)\" y=\"\(y - 5)\" width=\"10\" height=\"10\" rx=\"2\"/>" }
-            s += "<text class=\"\(labelClass)\" x=\"\(lx)\" y=\"\(y - 5)\">\(HTML.escape(label))</text></g>"
+            s += "<text class=\"\(labelClass)\" x=\"\(lx)\" y=\"\(y - 5)\"\(anchor)>\(HTML.escape(label))</text></g>"
         }
         if extraRow == 1 {
             y += rowHeight

@@ -52,7 +52,7 @@ public enum HTMLVerificationReport {
         if let r = ruleset { try put(" · rules from \(HTML.escape(r.origin))") }
         try put("</div></header><main>\n<section id=\"summary\"><h2>Summary</h2>")
         for e in escapes.prefix(HTMLReportPage.findingsListed) {
-            try put("<div class=\"finding\"><span class=\"cls\">escape</span> \(HTML.escape(e.packetClass))<div class=\"mono muted\">\(HTML.escape(e.path.joined(separator: "  →  ")))</div></div>")
+            try put("<div class=\"finding\"><span class=\"cls\">escape</span> \(HTML.escape(e.packetClass))<div>\(HTML.escape(e.verdict))</div><div class=\"mono muted\">\(HTML.escape(e.path.joined(separator: "  →  ")))</div></div>")
         }
         if escapes.count > HTMLReportPage.findingsListed {
             try put("<p class=\"muted\">\(escapes.count - HTMLReportPage.findingsListed) more escapes in the table below.</p>")
@@ -85,5 +85,30 @@ public enum HTMLVerificationReport {
         }
         try put("</main></body></html>\n")
         try out.close()
+    }
+}
+
+// The verifier's result as rows: the smallest adapter, so the page does not depend on the verifier's types.
+extension VerdictRow {
+    public init(_ v: ClassVerdict) {
+        let outcome: Outcome
+        switch v.verdict {
+        case .escape, .loop: outcome = .escape
+        case .bypass, .dropped: outcome = .bypass
+        case .captured: outcome = .captured
+        }
+        let assumed = v.uncertainty.map { "assumed: \($0)" }
+        self.init(packetClass: "\(v.packetClass)  (\(v.packet))", outcome: outcome, verdict: v.verdict.summary,
+                  path: v.path + assumed, acceptedByPolicy: v.verdict.isFailure && v.acceptedBy != nil)
+    }
+}
+
+extension Reporter {
+    /// `meshtrace verify --html FILE` from the verifier's report.
+    public static func writeVerificationHTML(config: OutputConfig, report: VerifyReport, ruleset: Ruleset?,
+                                             title: String? = nil) throws {
+        let notes = report.findings.map { "\($0.severity.rawValue): \($0.message)" }
+        try writeVerificationHTML(config: config, ruleset: ruleset, rows: report.results.map(VerdictRow.init),
+                                  title: title ?? "meshtrace verify \(report.origin)", notes: notes)
     }
 }

@@ -29,6 +29,15 @@ extension Reporter {
         }
     }
 
+    /// Gives the file outputs the ruleset once it is known (a live trace reads it after the sinks were made).
+    public func updateRuleset(_ ruleset: Ruleset?) {
+        guard let ruleset else { return }
+        for s in sinks {
+            if let p = s as? PcapngReport { p.ruleset = ruleset }
+            if let h = s as? HTMLReport { h.ruleset = ruleset }
+        }
+    }
+
     /// `meshtrace verify --html FILE`: writes the verdict page when `config` asks for one.
     public static func writeVerificationHTML(config: OutputConfig, ruleset: Ruleset?, rows: [VerdictRow],
                                              title: String = "meshtrace verify", notes: [String] = []) throws {

@@ -217,7 +217,8 @@ public final class TextReport: ReportSink {
         }
         styled(Style.heading, "Totals"); out.byte(0x0a)
         out.text("  "); out.decimal(s.packets); out.text(" packets ("); out.decimal(s.nflogRecords); out.text(" NFLOG records), ")
-        out.decimal(s.connections); out.text(" connections, "); out.decimal(s.hops); out.text(" ztunnel hops joined\n")
+        out.decimal(s.connections); out.text(s.connections == 1 ? " connection, " : " connections, ")
+        out.decimal(s.hops); out.text(s.hops == 1 ? " ztunnel hop joined\n" : " ztunnel hops joined\n")
         let byDesign = s.findings.count - s.escapes
         out.text("  ")
         if s.escapes > 0 { styled(Style.escape, "\(s.escapes) escape\(s.escapes == 1 ? "" : "s")") } else { styled(Style.ok, "no escapes") }

@@ -40,9 +40,13 @@ public final class PcapHandle: @unchecked Sendable {
     /// True when `time` of packets is nanosecond-exact (ns files, or live with nanosecond stamps).
     public let nanosecondTimestamps: Bool
 
-    private init(handle: OpaquePointer, name: String) {
+    /// A device capture rather than a file.
+    public let isLive: Bool
+
+    private init(handle: OpaquePointer, name: String, isLive: Bool) {
         self.handle = handle
         self.name = name
+        self.isLive = isLive
         nanosecondTimestamps = pcap_get_tstamp_precision(handle) == PCAP_TSTAMP_PRECISION_NANO
     }
 
@@ -56,7 +60,7 @@ public final class PcapHandle: @unchecked Sendable {
         guard let p = pcap_open_offline_with_tstamp_precision(path, UInt32(PCAP_TSTAMP_PRECISION_NANO), &errbuf) else {
             throw MeshtraceError.badInput("\(path): \(String(cString: errbuf))")
         }
-        return PcapHandle(handle: p, name: path)
+        return PcapHandle(handle: p, name: path, isLive: false)
     }
 
     /// Creates and activates a live capture on `device` in the current network namespace (the caller's
@@ -86,7 +90,7 @@ public final class PcapHandle: @unchecked Sendable {
             pcap_close(p)
             throw activationError(device: device, status: status, detail: detail)
         }
-        return PcapHandle(handle: p, name: device)
+        return PcapHandle(handle: p, name: device, isLive: true)
     }
 
     private static func activationError(device: String, status: Int32, detail: String) -> MeshtraceError {
@@ -97,8 +101,9 @@ public final class PcapHandle: @unchecked Sendable {
         case PCAP_ERROR_PERM_DENIED, PCAP_ERROR_PROMISC_PERM_DENIED:
             return MeshtraceError(.noPrivilege, "capturing on \(device) needs root (CAP_NET_RAW): \(why)")
         default:
-            // libpcap reports a busy NFLOG group as a bind failure (another listener owns it in this netns).
-            if device.hasPrefix("nflog"), why.contains("busy") || why.contains("bind") {
+            // A group another socket in this netns already bound: the kernel answers the bind with EPERM (even
+            // for root) or EBUSY, which libpcap words as "Can't listen on group index: Operation not permitted".
+            if device.hasPrefix("nflog"), why.contains("listen on group") || why.contains("busy") {
                 return MeshtraceError(.nflogGroupBusy, "cannot capture on \(device): \(why) (is another listener on that group?)")
             }
             return MeshtraceError(.kernelRefused, "cannot capture on \(device): \(why)")
@@ -118,6 +123,7 @@ public final class PcapHandle: @unchecked Sendable {
     /// The next packet. For files: `.end` at a clean end, `.error` for a damaged one.
     public func next() -> ReadResult {
         guard let handle else { return .end }
+        errno = 0
         var header: UnsafeMutablePointer<pcap_pkthdr>? = nil
         var data: UnsafePointer<u_char>? = nil
         switch pcap_next_ex(handle, &header, &data) {
@@ -133,6 +139,9 @@ public final class PcapHandle: @unchecked Sendable {
         case PCAP_ERROR_BREAK:
             return .end
         default:
+            // libpcap's nflog reader reports a nonblocking recv's EAGAIN as an error instead of "no packet".
+            let failure = errno
+            if isLive && (failure == EAGAIN || failure == EWOULDBLOCK) { return .timeout }
             return .error(String(cString: pcap_geterr(handle)))
         }
     }
@@ -165,6 +174,15 @@ public final class PcapHandle: @unchecked Sendable {
         guard let handle else { return nil }
         let fd = pcap_get_selectable_fd(handle)
         return fd >= 0 ? fd : nil
+    }
+
+    /// Waits until the capture has something to read or `timeoutMilliseconds` pass; false on timeout.
+    /// On Linux, immediate mode makes libpcap ignore the read timeout: a blocking `next()` with no traffic never
+    /// returns (only `breakLoop()` ends it). Live readers should `setNonblocking(true)` and wait here.
+    public func waitReadable(timeoutMilliseconds: Int32) -> Bool {
+        guard let fd = selectableFileDescriptor else { return true }
+        var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&entry, 1, timeoutMilliseconds) > 0
     }
 
     public func statistics() throws -> PcapStatistics {

@@ -76,7 +76,7 @@ public enum Command {
         if let inPipe, let input {
             let data = Data(input.utf8)
             DispatchQueue.global().async {
-                inPipe.fileHandleForWriting.write(data)
+                Command.writeAll(inPipe.fileHandleForWriting.fileDescriptor, data)
                 try? inPipe.fileHandleForWriting.close()
             }
         }
@@ -85,15 +85,40 @@ public enum Command {
         let group = DispatchGroup()
         group.enter()
         DispatchQueue.global().async {
-            errData = err.fileHandleForReading.readDataToEndOfFile()
+            errData = Command.readAll(err.fileHandleForReading.fileDescriptor)
             group.leave()
         }
-        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        let outData = Command.readAll(out.fileHandleForReading.fileDescriptor)
         group.wait()
         p.waitUntilExit()
         return Result(status: p.terminationStatus,
                       stdout: String(decoding: outData, as: UTF8.self),
                       stderr: String(decoding: errData, as: UTF8.self))
+    }
+
+    // FileHandle.readDataToEndOfFile / write(_:) trap on EINTR (a `try!` inside Foundation), and a signal handler
+    // installed without SA_RESTART (StopSignal) makes any blocking read in any thread return EINTR: retry instead.
+    static func readAll(_ fd: Int32) -> Data {
+        var data = Data()
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n > 0 { data.append(contentsOf: buf[0..<n]); continue }
+            if n < 0 && errno == EINTR { continue }
+            return data
+        }
+    }
+
+    static func writeAll(_ fd: Int32, _ data: Data) {
+        data.withUnsafeBytes { raw in
+            var done = 0
+            while done < raw.count {
+                let n = write(fd, raw.baseAddress! + done, raw.count - done)
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { return }
+                done += n
+            }
+        }
     }
 
     static let searchPath: String = {

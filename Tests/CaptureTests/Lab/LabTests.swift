@@ -101,18 +101,21 @@ final class LabTests: KernelTestCase {
     func testEveryScenarioEndsAsItsKnownTruthOnTheSeedRuleset() throws {
         try XCTSkipIf(Command.which("conntrack") == nil, "conntrack is needed as the independent oracle")
         let lab = try makeLab { $0.dualStack = true }
-        let runner = ScenarioRunner(lab: lab)
+        let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: lab.runDirectory + "/c", nflogGroup: 4101))
         for scenario in Scenario.allCases {
             let r = try runner.run(scenario)
             XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.appOutcome)\n\(r.evidence.joined(separator: "\n"))")
+            // What meshtrace's engine made of the NFLOG twins and the packets, against the same truth.
+            XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace said\n\(r.traced?.report ?? "nothing")")
             XCTAssertFalse(r.appOutcome.contains("meshtrace:"), "\(scenario.rawValue): the traffic failed: \(r.appOutcome)")
             // Independent of the stand-ins' logs: a client-side TCP scenario was captured iff conntrack shows the
             // app's connection answered by the 15001 REDIRECT target.
             let ct = r.evidence.filter { $0.hasPrefix("conntrack client:") }
             let redirected = ct.contains { $0.contains("sport=15001") }
             switch scenario {
-            case .outbound, .passthrough: XCTAssertTrue(redirected, "\(scenario.rawValue): \(ct)")
-            case .markEscape, .ruleDeleted, .foreignAccept, .ipv6Escape, .udp: XCTAssertFalse(redirected, "\(scenario.rawValue): \(ct)")
+            case .outbound, .passthrough, .markEscape, .ruleDeleted, .foreignAccept, .ipv6Escape, .outboundIPv6:
+                XCTAssertEqual(redirected, r.expected.verdict == .captured, "\(scenario.rawValue): \(ct)")
+            case .udp: XCTAssertFalse(redirected, "\(scenario.rawValue): \(ct)")
             default: break
             }
         }
@@ -122,14 +125,51 @@ final class LabTests: KernelTestCase {
         XCTAssertFalse(nat.contains("--dport 80 -j ACCEPT"))
     }
 
+    func testLiveTracingJudgesScenariosAsTheirTruthAndLeavesTheRulesAsTheyWere() throws {
+        let lab = try makeLab()
+        let before = try lab.client.netns.run(["iptables-nft-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        let runner = ScenarioRunner(lab: lab, tracing: LiveTraceTracing(group: 4103))
+        for scenario in [Scenario.outbound, .inboundHBONE, .probe, .markEscape, .foreignAccept] {
+            let r = try runner.run(scenario)
+            XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.evidence)")
+            XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace trace said\n\(r.traced?.report ?? "nothing")")
+            XCTAssertTrue(r.traced?.report.contains("rule hits (meshtrace / kernel counter)") == true)
+        }
+        let after = try lab.client.netns.run(["iptables-nft-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        XCTAssertEqual(after, before, "the twins must be gone and the ruleset restored after the mutation")
+    }
+
+    func testIstioDefaultRulesetCapturesDNSAndIPv6WhileTracedLive() throws {
+        let lab = try makeLab { $0.ruleset = .istioDefault; $0.dualStack = true }
+        let runner = ScenarioRunner(lab: lab, tracing: LiveTraceTracing(group: 4104))
+        var dnsEvidence: [String] = []
+        for scenario in [Scenario.dns, .outboundIPv6, .ipv6Escape] {
+            let r = try runner.run(scenario)
+            if scenario == .dns { dnsEvidence = r.evidence }
+            XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.evidence)")
+            XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace trace said\n\(r.traced?.report ?? "nothing")")
+        }
+        XCTAssertEqual(Scenario.dns.expectation(ruleset: .istioDefault).verdict, .captured)
+        XCTAssertEqual(Scenario.outboundIPv6.expectation(ruleset: .istioDefault).verdict, .captured)
+        // ztunnel's upstream query went out marked 0x539 and into conntrack zone 1 (the raw table's CT rule).
+        if Command.which("conntrack") != nil {
+            XCTAssertTrue(dnsEvidence.contains { $0.hasPrefix("conntrack") && $0.contains("dport=53") && $0.contains("zone=1") },
+                          dnsEvidence.joined(separator: "\n"))
+        }
+        XCTAssertTrue(dnsEvidence.contains { $0.hasPrefix("client ztunnel: dns ") }, dnsEvidence.joined(separator: "\n"))
+        XCTAssertTrue(lab.log(of: lab.client, "ztunnel").contains("outbound [fd00:10:244::110]"))
+    }
+
     func testNativeNftablesAndLegacyBackendsCaptureAndTheirMutationsEscape() throws {
         for configure in [{ (o: inout LabOptions) in o.ruleset = .nftNative; o.backend = .nftables },
                           { (o: inout LabOptions) in o.backend = .iptablesLegacy }] {
             let lab = try makeLab(configure)
-            let runner = ScenarioRunner(lab: lab)
+            let runner = ScenarioRunner(lab: lab, tracing: PacketCaptureTracing(directory: lab.runDirectory + "/c", nflogGroup: 4102))
             for scenario in [Scenario.outbound, .dns, .ruleDeleted, .foreignAccept] {
                 let r = try runner.run(scenario)
-                XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(lab.options.ruleset.name)/\(lab.options.backend.rawValue) \(scenario.rawValue): \(r.evidence)")
+                let label = "\(lab.options.ruleset.name)/\(lab.options.backend.rawValue) \(scenario.rawValue)"
+                XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(label): \(r.evidence)")
+                XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(label): meshtrace said\n\(r.traced?.report ?? "nothing")")
             }
             if lab.options.backend == .iptablesLegacy {
                 // The rules really are in the legacy backend, and only there.

@@ -39,22 +39,9 @@ final class HTMLReportTests: XCTestCase {
         return r.stdout
     }
 
-    /// `data-conns` of every `<svg class="seq" ...>` in the DOM, in order.
-    func diagrams(in dom: String) -> [[ConnectionID]] {
-        var out: [[ConnectionID]] = []
-        var rest = dom[...]
-        while let r = rest.range(of: "<svg class=\"seq\"") {
-            let tagEnd = rest[r.upperBound...].firstIndex(of: ">") ?? rest.endIndex
-            let tag = rest[r.upperBound..<tagEnd]
-            if let a = tag.range(of: "data-conns=\"") {
-                let value = tag[a.upperBound...].prefix { $0 != "\"" }
-                out.append(value.split(separator: " ").compactMap { ConnectionID($0) })
-            } else {
-                out.append([])
-            }
-            rest = rest[tagEnd...]
-        }
-        return out
+    func diagrams(in dom: String) -> [[ConnectionID]] { BrowserChecks.diagrams(in: dom) }
+    func pngStatistics(_ path: String) throws -> (width: Int, distinctColors: Int, variance: Double) {
+        try BrowserChecks.pngStatistics(path)
     }
 
     func testChromiumShowsOneDiagramPerConnectionWithTheHopsJoinedAndEscapesFirst() throws {
@@ -62,7 +49,8 @@ final class HTMLReportTests: XCTestCase {
         let path = try writeReport(scenario)
         let dom = try dumpDOM("file://\(path)")
 
-        let drawn = diagrams(in: dom)
+        let drawn = BrowserChecks.shownDiagrams(in: dom)
+        XCTAssertEqual(diagrams(in: dom).count, drawn.count, "a single page stores no other pages")
         // 7 connections: two hops (drawn as one diagram each), the probe, the forged mark, the UDP flow.
         XCTAssertEqual(drawn.count, 5, "one diagram per flow on the page")
         let ids = drawn.flatMap { $0 }
@@ -91,9 +79,12 @@ final class HTMLReportTests: XCTestCase {
         let scenario = ReportScenario.standard(extraOutbound: 40)
         let path = try writeReport(scenario)
         let flowsTotal = 5 + 40
-        let first = diagrams(in: try dumpDOM("file://\(path)"))
+        let firstDOM = try dumpDOM("file://\(path)")
+        // The whole document holds every diagram exactly once: page 1 live, the other pages as stored markup.
+        XCTAssertEqual(diagrams(in: firstDOM).flatMap { $0 }.sorted(), scenario.timelines.map(\.id).sorted())
+        let first = BrowserChecks.shownDiagrams(in: firstDOM)
         XCTAssertEqual(first.count, HTMLReport.flowsPerPage)
-        let last = diagrams(in: try dumpDOM("file://\(path)#page=\((flowsTotal + HTMLReport.flowsPerPage - 1) / HTMLReport.flowsPerPage)"))
+        let last = BrowserChecks.shownDiagrams(in: try dumpDOM("file://\(path)#page=\((flowsTotal + HTMLReport.flowsPerPage - 1) / HTMLReport.flowsPerPage)"))
         XCTAssertEqual(last.count, flowsTotal % HTMLReport.flowsPerPage == 0 ? HTMLReport.flowsPerPage : flowsTotal % HTMLReport.flowsPerPage)
         XCTAssertTrue(Set(first.flatMap { $0 }).isDisjoint(with: last.flatMap { $0 }))
         XCTAssertTrue(last.flatMap { $0 }.contains(scenario.timelines.last!.id))
@@ -152,9 +143,101 @@ final class HTMLReportTests: XCTestCase {
         XCTAssertTrue(html.contains("&lt;/script&gt;&lt;script&gt;alert(1)"))
     }
 
+}
+
+final class HTMLVerificationReportTests: XCTestCase {
+    func testVerdictPageListsEscapesFirstWithTheirRulePath() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mt-verify-\(getpid())-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("verify.html").path
+        let rows = [
+            VerdictRow(packetClass: "IPv4 TCP app → remote, dport other, no mark", outcome: .captured,
+                       verdict: "captured by ztunnel (15001)", path: ["nat OUTPUT #1 → ISTIO_OUTPUT", "nat ISTIO_OUTPUT #4 REDIRECT :15001"]),
+            VerdictRow(packetClass: "IPv4 UDP app → remote, dport other", outcome: .bypass, verdict: "bypass by design (non-DNS UDP)",
+                       path: ["nat OUTPUT policy ACCEPT"]),
+            VerdictRow(packetClass: "IPv4 TCP app → remote, mark 0x539", outcome: .escape, verdict: "escape",
+                       path: ["nat ISTIO_OUTPUT #4 does not match (mark 0x539)", "nat OUTPUT policy ACCEPT"]),
+            VerdictRow(packetClass: "IPv6 TCP app → remote", outcome: .escape, verdict: "escape", path: ["no ip6tables rules"],
+                       acceptedByPolicy: true),
+        ]
+        var config = OutputConfig(); config.htmlPath = path
+        try Reporter.writeVerificationHTML(config: config, ruleset: ReportScenario.seedRuleset(), rows: rows)
+        let html = try String(contentsOfFile: path, encoding: .utf8)
+        let order = ["mark 0x539</td>", "IPv6 TCP app → remote</td>", "non-DNS UDP", "dport other, no mark</td>"]
+            .map { html.range(of: $0)!.lowerBound }
+        XCTAssertEqual(order, order.sorted(), "escape, accepted escape, bypass, captured")
+        XCTAssertTrue(html.contains("nat ISTIO_OUTPUT #4 does not match (mark 0x539)  →  nat OUTPUT policy ACCEPT"))
+        XCTAssertTrue(html.contains("<b>1</b>escapes"), "the accepted escape is not counted as one")
+        XCTAssertTrue(html.contains("class=\"rules\""), "ruleset flow drawn")
+        XCTAssertEqual(html.components(separatedBy: "<tr class=").count - 1, rows.count)
+    }
+
+    func testNoHTMLFlagWritesNothing() throws {
+        try Reporter.writeVerificationHTML(config: OutputConfig(), ruleset: nil, rows: [])
+        let r = try Reporter.make(config: OutputConfig())
+        XCTAssertTrue(r.sinks.isEmpty)
+        XCTAssertFalse(r.wantsPackets)
+    }
+}
+
+/// `meshtrace verify --html` on a real ruleset: the page holds every class the JSON lists, escapes first.
+final class VerifyHTMLCommandTests: XCTestCase {
+    func testVerifyWritesOneRowPerClassWithTheEscapesOnTop() throws {
+        let meshtrace = ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: meshtrace), "build the CLI first (swift build)")
+        let rules = ProjectPaths.root.appendingPathComponent("samples/rulesets/seed-ambient-pod.iptables-save.txt").path
+        let html = FileManager.default.temporaryDirectory.appendingPathComponent("mt-verify-\(getpid()).html").path
+        defer { try? FileManager.default.removeItem(atPath: html) }
+        let json = try Command.run([meshtrace, "verify", "--rules", rules, "--json"])
+        let page = try Command.run([meshtrace, "verify", "--rules", rules, "--html", html])
+        XCTAssertEqual(page.status, json.status)
+        let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as! [String: Any]
+        let classes = object["classes"] as! [[String: Any]]
+        let text = try String(contentsOfFile: html, encoding: .utf8)
+        let rows = text.components(separatedBy: "<tr class=").dropFirst()
+        XCTAssertEqual(rows.count, classes.count)
+        let escapes = classes.filter { ($0["verdict"] as? String) == "escape" || (($0["verdict"] as? [String: Any])?["kind"] as? String) == "escape" }
+        XCTAssertGreaterThan(escapes.count, 0, "the seed ruleset lets a forged 0x539 mark escape")
+        let escapeRows = rows.filter { $0.hasPrefix("\"esc\"") }
+        XCTAssertEqual(escapeRows.count, escapes.count, "escape rows match the JSON")
+        XCTAssertEqual(Array(rows.prefix(escapeRows.count)).map { $0.hasPrefix("\"esc\"") }, Array(repeating: true, count: escapeRows.count))
+        for c in escapes { XCTAssertTrue(text.contains(HTML.escape(c["class"] as! String)), "\(c["class"]!)") }
+    }
+}
+
+/// What the browser tests read back: the diagrams in a DOM, and whether a screenshot is blank.
+enum BrowserChecks {
+    /// The diagrams on the page shown: inside `#mt-diagrams`, not the stored markup of other pages.
+    static func shownDiagrams(in dom: String) -> [[ConnectionID]] {
+        guard let start = dom.range(of: "id=\"mt-diagrams\"") else { return [] }
+        let rest = dom[start.upperBound...]
+        let end = [rest.range(of: "<script type=\"text/html\"")?.lowerBound, rest.range(of: "</section>")?.lowerBound]
+            .compactMap { $0 }.min() ?? rest.endIndex
+        return diagrams(in: String(rest[..<end]))
+    }
+
+    /// `data-conns` of every `<svg class="seq" ...>` in the DOM, in order.
+    static func diagrams(in dom: String) -> [[ConnectionID]] {
+        var out: [[ConnectionID]] = []
+        var rest = dom[...]
+        while let r = rest.range(of: "<svg class=\"seq\"") {
+            let tagEnd = rest[r.upperBound...].firstIndex(of: ">") ?? rest.endIndex
+            let tag = rest[r.upperBound..<tagEnd]
+            if let a = tag.range(of: "data-conns=\"") {
+                let value = tag[a.upperBound...].prefix { $0 != "\"" }
+                out.append(value.split(separator: " ").compactMap { ConnectionID($0) })
+            } else {
+                out.append([])
+            }
+            rest = rest[tagEnd...]
+        }
+        return out
+    }
+
     /// Width, number of distinct colours and luminance variance of a PNG, decoded by Python's zlib
     /// (the test has no PNG decoder of its own; python3 is part of Debian's base).
-    func pngStatistics(_ path: String) throws -> (width: Int, distinctColors: Int, variance: Double) {
+    static func pngStatistics(_ path: String) throws -> (width: Int, distinctColors: Int, variance: Double) {
         guard Command.which("python3") != nil else { throw XCTSkip("python3 is not installed") }
         let script = """
         import struct, sys, zlib
@@ -195,38 +278,24 @@ final class HTMLReportTests: XCTestCase {
     }
 }
 
-final class HTMLVerificationReportTests: XCTestCase {
-    func testVerdictPageListsEscapesFirstWithTheirRulePath() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mt-verify-\(getpid())-\(UUID().uuidString.prefix(8))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let path = dir.appendingPathComponent("verify.html").path
-        let rows = [
-            VerdictRow(packetClass: "IPv4 TCP app → remote, dport other, no mark", outcome: .captured,
-                       verdict: "captured by ztunnel (15001)", path: ["nat OUTPUT #1 → ISTIO_OUTPUT", "nat ISTIO_OUTPUT #4 REDIRECT :15001"]),
-            VerdictRow(packetClass: "IPv4 UDP app → remote, dport other", outcome: .bypass, verdict: "bypass by design (non-DNS UDP)",
-                       path: ["nat OUTPUT policy ACCEPT"]),
-            VerdictRow(packetClass: "IPv4 TCP app → remote, mark 0x539", outcome: .escape, verdict: "escape",
-                       path: ["nat ISTIO_OUTPUT #4 does not match (mark 0x539)", "nat OUTPUT policy ACCEPT"]),
-            VerdictRow(packetClass: "IPv6 TCP app → remote", outcome: .escape, verdict: "escape", path: ["no ip6tables rules"],
-                       acceptedByPolicy: true),
-        ]
-        var config = OutputConfig(); config.htmlPath = path
-        try Reporter.writeVerificationHTML(config: config, ruleset: ReportScenario.seedRuleset(), rows: rows)
+final class HTMLDiagramBudgetTests: XCTestCase {
+    func testPastTheBudgetConnectionsAreListedNotDrawnButEscapesAlwaysAre() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-budget-\(getpid()).html").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var scenario = ReportScenario.standard(extraOutbound: 6)
+        // Move the escape to the end, past the budget.
+        let escape = scenario.timelines.remove(at: scenario.timelines.firstIndex { $0.id == scenario.findings[0].connection }!)
+        scenario.timelines.append(escape)
+        let sink = try HTMLReport(path: path, ruleset: scenario.ruleset, maxDiagrams: 3)
+        for f in scenario.findings { sink.finding(f) }
+        try scenario.play(into: sink)
         let html = try String(contentsOfFile: path, encoding: .utf8)
-        let order = ["mark 0x539</td>", "IPv6 TCP app → remote</td>", "non-DNS UDP", "dport other, no mark</td>"]
-            .map { html.range(of: $0)!.lowerBound }
-        XCTAssertEqual(order, order.sorted(), "escape, accepted escape, bypass, captured")
-        XCTAssertTrue(html.contains("nat ISTIO_OUTPUT #4 does not match (mark 0x539)  →  nat OUTPUT policy ACCEPT"))
-        XCTAssertTrue(html.contains("<b>1</b>escapes"), "the accepted escape is not counted as one")
-        XCTAssertTrue(html.contains("class=\"rules\""), "ruleset flow drawn")
-        XCTAssertEqual(html.components(separatedBy: "<tr class=").count - 1, rows.count)
-    }
-
-    func testNoHTMLFlagWritesNothing() throws {
-        try Reporter.writeVerificationHTML(config: OutputConfig(), ruleset: nil, rows: [])
-        let r = try Reporter.make(config: OutputConfig())
-        XCTAssertTrue(r.sinks.isEmpty)
-        XCTAssertFalse(r.wantsPackets)
+        let drawn = BrowserChecks.diagrams(in: html)
+        XCTAssertEqual(drawn.count, 4, "three within the budget, and the escape past it")
+        XCTAssertEqual(drawn.first, [escape.id], "escape first")
+        let flows = 5 + 6
+        XCTAssertTrue(html.contains("\(flows - 4) more flows are listed in the index but not drawn"), html)
+        let rows = html.components(separatedBy: "not drawn</span></td>").count - 1
+        XCTAssertEqual(rows, scenario.timelines.count - drawn.flatMap { $0 }.count, "every undrawn connection says so in the index")
     }
 }

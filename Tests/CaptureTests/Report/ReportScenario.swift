@@ -283,7 +283,7 @@ struct ReportScenario {
 
     var summary: AnalysisSummary {
         var s = AnalysisSummary()
-        s.packets = packets.filter { $0.linkType != LinkType.nflog }.count
+        s.packets = packets.count
         s.nflogRecords = packets.filter { $0.linkType == LinkType.nflog }.count
         s.connections = timelines.count
         s.hops = timelines.flatMap(\.hops).count / 2

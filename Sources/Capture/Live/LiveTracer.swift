@@ -1,0 +1,435 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `meshtrace trace` was asked to do.
+public struct TraceOptions: Sendable {
+    public enum Mode: String, Sendable, CaseIterable {
+        /// NFLOG twins of every ambient rule (the default): which rule hit which packet.
+        case nflog
+        /// Additionally the kernel's own rule-by-rule walk (TRACE), joined into the same timelines.
+        case trace
+    }
+    public var netns: NetnsRef
+    /// Stop after this many seconds (nil: until SIGINT/SIGTERM/SIGHUP).
+    public var duration: Double? = nil
+    public var group: UInt16 = 5153
+    /// tcpdump-syntax filter for the libpcap capture (the NFLOG twins see everything the rules see).
+    public var filter: String? = nil
+    /// Write the libpcap capture (the `any` device, LINUX_SLL) here.
+    public var writePath: String? = nil
+    public var mode: Mode = .nflog
+    /// Bytes copied per NFLOG event (headers only by default).
+    public var snaplen: Int = 128
+    /// Remove leftover meshtrace rules first instead of refusing to start.
+    public var replace: Bool = false
+    /// Also capture packets with libpcap (off only for benchmarks of the NFLOG path alone).
+    public var capturePackets: Bool = true
+    public var correlator = CorrelatorOptions()
+    /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
+    public var perRuleThreshold: Int? = nil
+    public var queueThreshold: UInt32 = 16
+
+    public init(netns: NetnsRef) { self.netns = netns }
+
+    public var pcapSnaplen: Int32 { writePath != nil ? 262_144 : Int32(max(snaplen, 256)) }
+}
+
+/// Events meshtrace did not see, by cause. Never ignored: the summary prints them and `--strict` fails on them.
+public struct TraceLosses: Sendable {
+    /// NFULA_SEQ gaps: NFLOG messages the kernel numbered and dropped (exact).
+    public var nflogSequenceGap: UInt64 = 0
+    /// recv() failures with ENOBUFS on the NFLOG socket.
+    public var nflogOverruns = 0
+    /// Packets libpcap's ring dropped (ps_drop).
+    public var pcapDropped: UInt32 = 0
+    /// ENOBUFS on the conntrack / TRACE event socket.
+    public var eventSocketOverruns = 0
+    /// Twin hits the kernel counted beyond those meshtrace received. Catches what sequence numbers cannot:
+    /// messages dropped at the very end, after the last one that arrived.
+    public var counterShortfall: UInt64 = 0
+
+    /// NFLOG events lost: the exact gap, or at least one per overrun when the gap could not show it
+    /// (an overrun right at the end leaves no later sequence number to reveal it).
+    public var nflogEventsLost: Int { max(Int(nflogSequenceGap), nflogOverruns, Int(counterShortfall)) }
+    public var any: Bool { nflogEventsLost > 0 || pcapDropped > 0 || eventSocketOverruns > 0 }
+}
+
+/// The end of a trace: the correlator's summary plus what only live tracing knows.
+public struct TraceOutcome: Sendable {
+    public var summary: AnalysisSummary
+    /// meshtrace's count of NFLOG events per prefix (twins and observation points).
+    public var hitCounts: [String: Int]
+    /// The kernel's packet counters of the same rules, read before they were removed.
+    public var kernelCounters: [String: UInt64]
+    public var losses: TraceLosses
+    /// The instrumentation that was applied.
+    public var plan: InstrumentationPlan
+    /// Set when NFULA_CT was unavailable and conntrack came from ctnetlink events instead.
+    public var conntrackNote: String?
+    /// How many NFLOG events, packets and TRACE steps were read.
+    public var nflogEvents: UInt64
+    public var packetsCaptured: UInt64
+    public var traceSteps: UInt64
+    public var seconds: Double
+    /// The signal that ended the trace (0: the duration ran out).
+    public var stoppedBySignal: Int32
+}
+
+/// Live tracing of one pod: instruments its netns, reads NFLOG events, conntrack events and a libpcap
+/// capture on one netns thread (see `NetnsThread`), feeds them to the one `Correlator` that `analyze` uses,
+/// and takes the rules out again on every path (normal end, SIGINT/SIGTERM/SIGHUP, errors).
+public final class LiveTracer: @unchecked Sendable {
+    public let options: TraceOptions
+    public let tags = RuleTagTable()
+    private var reporter = Reporter()
+    private let instrumenter: Instrumenter
+
+    /// How long records are held before they go to the correlator, so the conntrack event of a connection's
+    /// first packet (sent at confirmation, after the NFLOG twins fired) has arrived.
+    static let holdNanos: Int64 = 30_000_000
+
+    // Owned by the netns thread while it runs.
+    private var correlator: Correlator?
+    private var nflog: NflogSource?
+    private var legacyTrace: NflogSource?
+    private var pcap: PcapLiveSource?
+    private var events: NetfilterEventSocket?
+    private let conntrack = ConntrackTable()
+    private var trace: TraceJoiner?
+    private var pending: PendingRecords
+    private var hits: [Int] = []
+    private var openFailure: Error?
+
+    /// Called on the main thread once the twins are in and events flow (tests and benchmarks start traffic here).
+    public var onReady: (() -> Void)?
+
+    // Main thread ↔ netns thread.
+    private let opened = DispatchSemaphore(value: 0)
+    private let proceed = DispatchSemaphore(value: 0)
+    private var abort = false
+    private var finishPipe: [Int32] = [-1, -1]
+    private let stopPipe = makePipe()
+
+    public init(options: TraceOptions) {
+        self.options = options
+        var settings = InstrumentationSettings(group: options.group, snaplen: options.snaplen)
+        settings.observe = true
+        settings.perRuleThreshold = options.perRuleThreshold
+        instrumenter = Instrumenter(netns: options.netns, settings: settings, parse: Instrumenter.parseHome)
+        pending = PendingRecords(capacity: 1 << 14, keepFrames: false)
+    }
+
+    deinit { close(stopPipe[0]); close(stopPipe[1]) }
+
+    /// The rules as read before the twins went in (nil before `run` installed them).
+    public var ruleset: Ruleset? { instrumenter.plan == nil ? nil : instrumenter.ruleset }
+
+    /// Runs the whole trace. Rules meshtrace added are removed before this returns or throws.
+    /// `reporter` receives the timelines as connections finish (on the netns thread) and is not finished here:
+    /// the caller adds what it prints after the outcome.
+    public func run(reporter: Reporter) throws -> TraceOutcome {
+        try Command.requireRoot("meshtrace trace")
+        self.reporter = reporter
+        pending = PendingRecords(capacity: 1 << 14, keepFrames: reporter.wantsPackets)
+        StopSignal.install()
+        let fds = makePipe()
+        guard fds[0] >= 0 else { throw MeshtraceError(.kernelRefused, "pipe: \(String(cString: strerror(errno)))") }
+        finishPipe = fds
+        defer { close(fds[0]); close(fds[1]) }
+
+        let started = DispatchTime.now()
+        let thread = NetnsThread(netns: options.netns) { [self] in try netnsMain() }
+        thread.start()
+
+        // Sockets first: a busy group or a missing netns fails here, before any rule is touched.
+        opened.wait()
+        if let openFailure {
+            try? thread.join()
+            throw openFailure
+        }
+
+        let plan: InstrumentationPlan
+        do {
+            plan = try instrumenter.install(replace: options.replace)
+            if options.mode == .trace { try installTraceRules() }
+        } catch {
+            abort = true
+            proceed.signal()
+            try? thread.join()
+            try? removeTraceRules()
+            throw error
+        }
+        correlator = Correlator(tags: tags, ruleset: instrumenter.ruleset, options: options.correlator, sink: reporter)
+        proceed.signal()
+        onReady?()
+
+        var kernel: [String: UInt64] = [:]
+        var failures: [Error] = []
+        waitForStop(started: started)
+        do { kernel = try instrumenter.kernelCounters() } catch { failures.append(error) }
+        do { try removeTraceRules() } catch { failures.append(error) }
+        do { try instrumenter.remove() } catch { failures.append(error) }
+        var b: UInt8 = 1
+        _ = write(finishPipe[1], &b, 1)
+        do { try thread.join() } catch { failures.append(error) }
+        if let first = failures.first { throw first }
+
+        guard let correlator else { throw MeshtraceError(.kernelRefused, "the trace did not start") }
+        var summary = correlator.finish()
+        var losses = TraceLosses()
+        losses.nflogSequenceGap = nflog?.sequenceGap ?? 0
+        losses.nflogOverruns = nflog?.overruns ?? 0
+        losses.pcapDropped = pcap?.dropped ?? 0
+        losses.eventSocketOverruns = events?.overruns ?? 0
+        var counts: [String: Int] = [:]
+        for (id, n) in hits.enumerated() where n > 0 { counts[tags.text(for: UInt32(id)), default: 0] += n }
+        let kernelTotal = kernel.values.reduce(0, +)
+        let received = kernel.keys.reduce(UInt64(0)) { $0 + UInt64(counts[$1] ?? 0) }
+        losses.counterShortfall = kernelTotal > received ? kernelTotal - received : 0
+        summary.kernelCounters = kernel
+        summary.eventsLost = losses.nflogEventsLost
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
+        let outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
+                                   conntrackNote: nflog?.socket.conntrackProblem.map { "\($0); original destinations come from ctnetlink events instead" },
+                                   nflogEvents: nflog?.recordsRead ?? 0, packetsCaptured: pcap?.framesRead ?? 0,
+                                   traceSteps: trace?.steps ?? 0, seconds: seconds, stoppedBySignal: StopSignal.signalNumber)
+        pcap?.close()
+        nflog?.close()
+        legacyTrace?.close()
+        return outcome
+    }
+
+    /// Ends the trace from inside the program (tests, benchmarks, a failure on the netns thread); like a signal,
+    /// it lets the main thread remove the rules.
+    public func stop() {
+        var b: UInt8 = 1
+        _ = write(stopPipe[1], &b, 1)
+    }
+
+    /// Blocks until a stop signal, `stop()`, or the duration.
+    private func waitForStop(started: DispatchTime) {
+        let deadline = options.duration.map { started.uptimeNanoseconds + UInt64($0 * 1e9) }
+        while !StopSignal.requested {
+            var timeout: Int32 = 1000
+            if let deadline {
+                let now = DispatchTime.now().uptimeNanoseconds
+                if now >= deadline { return }
+                timeout = Int32(min(1000, (deadline - now) / 1_000_000 + 1))
+            }
+            var p = [pollfd(fd: StopSignal.fd, events: Int16(POLLIN), revents: 0),
+                     pollfd(fd: stopPipe[0], events: Int16(POLLIN), revents: 0)]
+            _ = poll(&p, 2, timeout)
+            if p[1].revents != 0 { return }
+        }
+    }
+
+    // MARK: - the netns thread
+
+    private func netnsMain() throws {
+        do {
+            var opts = NflogSocket.Options(group: options.group)
+            opts.copyRange = UInt32(options.snaplen)
+            opts.queueThreshold = options.queueThreshold
+            nflog = try NflogSource(index: 1, tags: tags, options: opts)
+            var groups: [NetfilterEventSocket.Group] = [.conntrackNew, .conntrackUpdate]
+            if options.mode == .trace {
+                groups.append(.nftrace)
+                trace = TraceJoiner(tags: tags)
+                // Legacy TRACE goes through nf_log; binding nfnetlink_log as this netns's logger sends it to group 0.
+                var legacy = NflogSocket.Options(group: 0)
+                legacy.copyRange = UInt32(options.snaplen)
+                legacy.conntrack = false
+                legacy.bindAsLogger = true
+                legacyTrace = try? NflogSource(index: 3, tags: tags, options: legacy)
+            }
+            events = try NetfilterEventSocket(groups: groups)
+            if options.capturePackets {
+                pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, filter: options.filter,
+                                          writePath: options.writePath)
+            }
+        } catch {
+            openFailure = error
+            opened.signal()
+            return
+        }
+        opened.signal()
+        proceed.wait()
+        if abort { return }
+        do {
+            try loop()
+        } catch {
+            stop()
+            throw error
+        }
+    }
+
+    private func loop() throws {
+        var record = PacketRecord()
+        var fds: [pollfd] = [pollfd(fd: finishPipe[0], events: Int16(POLLIN), revents: 0)]
+        if let nflog { fds.append(pollfd(fd: nflog.fd, events: Int16(POLLIN), revents: 0)) }
+        if let events { fds.append(pollfd(fd: events.fd, events: Int16(POLLIN), revents: 0)) }
+        if let fd = pcap?.fd { fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
+        if let legacyTrace { fds.append(pollfd(fd: legacyTrace.fd, events: Int16(POLLIN), revents: 0)) }
+        let eventBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 8)
+        defer { eventBuffer.deallocate() }
+        var finishing = false
+        var finishDeadline: UInt64 = 0
+        while true {
+            _ = poll(&fds, nfds_t(fds.count), 5)
+            if !finishing, fds[0].revents != 0 {
+                // The rules are out; what the kernel queued before that (flush timeout 10 ms) still arrives.
+                finishing = true
+                finishDeadline = DispatchTime.now().uptimeNanoseconds + 60_000_000
+            }
+            let got = pump(&record, eventBuffer)
+            release(force: false)
+            if finishing && got == 0 && DispatchTime.now().uptimeNanoseconds >= finishDeadline { break }
+        }
+        release(force: true)
+    }
+
+    /// Reads what is waiting on every socket; returns how many items were read.
+    private func pump(_ record: inout PacketRecord, _ eventBuffer: UnsafeMutableRawBufferPointer) -> Int {
+        var got = 0
+        // Conntrack events first: they describe connections whose twins' records are held in `pending`.
+        if let events {
+            for _ in 0..<64 {
+                let n = events.receive(into: eventBuffer)
+                if n <= 0 { if n == 0 { break } else { continue } }
+                got += 1
+                NetfilterEventSocket.forEachMessage(in: UnsafeRawBufferPointer(rebasing: eventBuffer[0..<n])) { subsystem, message, family, attrs in
+                    if subsystem == NetfilterNetlink.subsysCtnetlink, message == NetfilterNetlink.ctMsgNew {
+                        conntrack.apply(attrs)
+                    } else if subsystem == NetfilterNetlink.subsysNftables, message == NetfilterNetlink.nftMsgTrace,
+                              let trace, let step = trace.record(attrs, family: family, into: &record) {
+                        _ = step
+                        hold(&record, frame: nil, linkType: LinkType.raw)
+                    }
+                }
+            }
+        }
+        if let nflog {
+            got += nflog.drain(limit: 64, into: &record) { rec, tlvs in
+                hold(&rec, frame: tlvs, linkType: LinkType.nflog)
+            }
+        }
+        if let legacyTrace {
+            got += legacyTrace.drain(limit: 64, into: &record) { rec, _ in
+                if trace?.rewriteLegacy(&rec, instrumenter: instrumenter) == true { hold(&rec, frame: nil, linkType: LinkType.raw) }
+            }
+        }
+        if let pcap {
+            let link = pcap.linkType
+            got += pcap.drain(limit: 512, into: &record) { rec, frame in
+                hold(&rec, frame: frame, linkType: link)
+            }
+        }
+        return got
+    }
+
+    private func hold(_ record: inout PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32) {
+        if pending.isFull { release(count: 1) }
+        pending.push(record, frame: frame, linkType: linkType, group: options.group,
+                     at: Int64(DispatchTime.now().uptimeNanoseconds))
+    }
+
+    private func release(force: Bool) {
+        let cutoff = Int64(DispatchTime.now().uptimeNanoseconds) - LiveTracer.holdNanos
+        while let at = pending.oldestArrival, force || at <= cutoff { release(count: 1) }
+    }
+
+    private func release(count: Int) {
+        guard let correlator else { return }
+        for _ in 0..<count {
+            pending.popOldest { record, frame, linkType in
+                if var meta = record.nflog {
+                    if meta.conntrack == nil, let ct = conntrack.lookup(record.tuple) {
+                        meta.conntrack = ct
+                        record.nflog = meta
+                    }
+                    let id = Int(meta.prefixID)
+                    if id != 0 {
+                        if id >= hits.count { hits.append(contentsOf: repeatElement(0, count: id + 16 - hits.count)) }
+                        hits[id] += 1
+                    }
+                }
+                let connection = correlator.ingest(record)
+                if reporter.wantsPackets, let frame {
+                    reporter.packet(record, frame: frame, linkType: linkType, connection: connection)
+                }
+            }
+        }
+    }
+
+    // MARK: - TRACE rules (--mode trace)
+
+    private func installTraceRules() throws {
+        let handles = try TraceRules.handlePositions(netns: options.netns)
+        trace?.positions = handles.positions
+        trace?.ownHandles = handles.own
+        try TraceRules.install(netns: options.netns, homes: instrumenter.plan?.ambientHomes ?? [])
+    }
+
+    private func removeTraceRules() throws {
+        guard options.mode == .trace else { return }
+        try TraceRules.remove(netns: options.netns)
+    }
+}
+
+/// Records waiting out the hold time, oldest first, in a fixed ring (no allocation per packet once warm).
+struct PendingRecords {
+    private var records: [PacketRecord]
+    private var arrivals: [Int64]
+    private var linkTypes: [Int32]
+    private var frames: [[UInt8]]
+    private var hasFrame: [Bool]
+    private var head = 0
+    private(set) var count = 0
+    let capacity: Int
+    let keepFrames: Bool
+
+    init(capacity: Int, keepFrames: Bool) {
+        self.capacity = capacity
+        self.keepFrames = keepFrames
+        records = Array(repeating: PacketRecord(), count: capacity)
+        arrivals = Array(repeating: 0, count: capacity)
+        linkTypes = Array(repeating: 0, count: capacity)
+        frames = keepFrames ? Array(repeating: [], count: capacity) : []
+        hasFrame = Array(repeating: false, count: capacity)
+    }
+
+    var isFull: Bool { count == capacity }
+    var oldestArrival: Int64? { count == 0 ? nil : arrivals[head] }
+
+    mutating func push(_ record: PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
+        let i = (head + count) % capacity
+        records[i] = record
+        arrivals[i] = at
+        linkTypes[i] = linkType
+        hasFrame[i] = keepFrames && frame != nil
+        if keepFrames, let frame {
+            frames[i].removeAll(keepingCapacity: true)
+            if linkType == LinkType.nflog {
+                // LINKTYPE_NFLOG frames start with nflog_hdr: family, version 0, be16 group.
+                let family: UInt8 = record.tuple.src.addr.family == .v6 ? 10 : 2
+                frames[i].append(contentsOf: [family, 0, UInt8(group >> 8), UInt8(group & 0xff)])
+            }
+            frames[i].append(contentsOf: frame)
+        }
+        count += 1
+    }
+
+    mutating func popOldest(_ body: (inout PacketRecord, UnsafeRawBufferPointer?, Int32) -> Void) {
+        guard count > 0 else { return }
+        let i = head
+        head = (head + 1) % capacity
+        count -= 1
+        if hasFrame[i] {
+            frames[i].withUnsafeBytes { body(&records[i], $0, linkTypes[i]) }
+        } else {
+            body(&records[i], nil, linkTypes[i])
+        }
+    }
+}

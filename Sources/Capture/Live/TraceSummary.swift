@@ -1,0 +1,49 @@
+// What only a live trace knows, for people: meshtrace's hit count of each twin beside the kernel's own
+// counter for it, the events lost and why, and how conntrack was read. The timelines and the analysis
+// summary themselves are printed by the same report sinks `analyze` uses.
+
+public enum TraceSummaryText {
+    /// One row per rule meshtrace added: prefix, rule (when known), meshtrace's count, the kernel's count.
+    public static func render(_ outcome: TraceOutcome, ruleset: Ruleset?) -> String {
+        var out: [String] = []
+        let s = outcome.summary
+        out.append("trace: \(String(format: "%.1f", outcome.seconds)) s, \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets captured"
+                   + (outcome.traceSteps > 0 ? ", \(outcome.traceSteps) TRACE steps" : "")
+                   + ", \(s.connections) connections, \(s.hops) ztunnel hops, \(s.escapes) escapes")
+        out.append("rule hits (meshtrace / kernel counter):")
+        var ourTotal = 0, kernelTotal: UInt64 = 0
+        for twin in outcome.plan.twins {
+            let prefix = twin.tag.prefix
+            let ours = outcome.hitCounts[prefix] ?? 0
+            let kernel = outcome.kernelCounters[prefix]
+            ourTotal += ours
+            kernelTotal += kernel ?? 0
+            let what: String
+            if let rule = twin.twinned {
+                let role = (ruleset?.rule(for: twin.tag)?.role ?? rule.role)
+                what = "\(rule.text)" + (role == .other ? "" : "  [\(role.rawValue)]")
+            } else {
+                what = "(observation point)"
+            }
+            let k = kernel.map(String.init) ?? "?"
+            let mark = kernel.map { UInt64(ours) == $0 ? "" : "  ≠" } ?? ""
+            out.append("  \(pad(String(ours), 7)) / \(pad(k, 7))\(mark)  \(prefix)  \(what)")
+        }
+        let l = outcome.losses
+        out.append("  \(pad(String(ourTotal), 7)) / \(pad(String(kernelTotal), 7))  total")
+        let gap = Int64(kernelTotal) - Int64(ourTotal)
+        var lost = "events lost: \(l.nflogEventsLost) (NFLOG sequence gaps \(l.nflogSequenceGap), ENOBUFS \(l.nflogOverruns), kernel counted \(l.counterShortfall) more)"
+        lost += ", capture drops \(l.pcapDropped), event socket overruns \(l.eventSocketOverruns)"
+        out.append(lost)
+        if gap != 0 {
+            let explained = gap > 0 && Int64(l.nflogEventsLost) >= gap
+            out.append(explained
+                ? "kernel counted \(gap) more hits than meshtrace received: accounted for by the events lost"
+                : "kernel and meshtrace differ by \(gap) hits (packets in flight while the rules were read and removed)")
+        }
+        if let note = outcome.conntrackNote { out.append("note: \(note)") }
+        return out.joined(separator: "\n")
+    }
+
+    static func pad(_ s: String, _ n: Int) -> String { String(repeating: " ", count: max(0, n - s.count)) + s }
+}

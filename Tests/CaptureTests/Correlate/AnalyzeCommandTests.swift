@@ -1,0 +1,125 @@
+import XCTest
+@testable import Capture
+
+/// `meshtrace analyze` as a user runs it: the built binary, its stdout, stderr and exit code.
+final class AnalyzeCommandTests: XCTestCase {
+    static var executable: String { ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path }
+    private var scratch: URL!
+
+    override func setUpWithError() throws {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: Self.executable), "build meshtrace first (swift build)")
+        scratch = FileManager.default.temporaryDirectory.appendingPathComponent("mt-analyze-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() {
+        if let scratch { try? FileManager.default.removeItem(at: scratch) }
+        super.tearDown()
+    }
+
+    static func analyze(_ args: [String]) throws -> Command.Result {
+        try Command.run([executable, "analyze"] + args)
+    }
+
+    private func file(_ name: String, _ bytes: [UInt8]) throws -> String {
+        let url = scratch.appendingPathComponent(name)
+        try Data(bytes).write(to: url)
+        return url.path
+    }
+
+    private var nflogSample: String { ProjectPaths.reference.appendingPathComponent("captures/tcpdump-tests-nflog.pcap").path }
+
+    private func assertOneErrorLine(_ r: Command.Result, contains needle: String, file: StaticString = #filePath, line: UInt = #line) {
+        let lines = r.stderr.split(whereSeparator: \.isNewline)
+        XCTAssertEqual(lines.count, 1, r.stderr, file: file, line: line)
+        XCTAssertTrue(r.stderr.hasPrefix("meshtrace: "), r.stderr, file: file, line: line)
+        XCTAssertTrue(r.stderr.contains(needle), "\(needle) not in: \(r.stderr)", file: file, line: line)
+    }
+
+    func testAnEmptyFileIsBadInput() throws {
+        let r = try Self.analyze([try file("empty.pcap", [])])
+        XCTAssertEqual(r.status, ExitStatus.badInput.rawValue)
+        assertOneErrorLine(r, contains: "empty")
+    }
+
+    func testAFileThatIsNotACaptureIsBadInput() throws {
+        let r = try Self.analyze([try file("text.pcap", Array("this is not a capture, just text\n".utf8))])
+        XCTAssertEqual(r.status, ExitStatus.badInput.rawValue)
+        assertOneErrorLine(r, contains: "not a pcap")
+    }
+
+    func testAMissingFileIsBadInput() throws {
+        let r = try Self.analyze([scratch.appendingPathComponent("nope.pcap").path])
+        XCTAssertEqual(r.status, ExitStatus.badInput.rawValue)
+        assertOneErrorLine(r, contains: "nope.pcap")
+    }
+
+    func testAnUnknownLinkTypeIsBadInput() throws {
+        // A classic pcap header (µs, little-endian) with link type 147 (USER0), then one 4-byte record.
+        var h: [UInt8] = [0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 147, 0, 0, 0]
+        h += [1, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]
+        let r = try Self.analyze([try file("user0.pcap", h)])
+        XCTAssertEqual(r.status, ExitStatus.badInput.rawValue)
+        assertOneErrorLine(r, contains: "link type 147")
+    }
+
+    func testATruncatedCaptureIsDamagedAndWhatWasReadIsStillAnalysed() throws {
+        let whole = try Data(contentsOf: URL(fileURLWithPath: nflogSample))
+        let cut = Array(whole.prefix(whole.count - 10))
+        let r = try Self.analyze([try file("cut.pcap", cut), "--json"])
+        XCTAssertEqual(r.status, ExitStatus.damagedInput.rawValue, r.stderr)
+        assertOneErrorLine(r, contains: "cut.pcap")
+        // tcpdump reads the same frames before the cut: the analysis covered them.
+        let tcpdump = try Command.run(["tcpdump", "-n", "-r", scratch.appendingPathComponent("cut.pcap").path])
+        let framesBeforeCut = tcpdump.stdout.split(whereSeparator: \.isNewline).count
+        let summary = try XCTUnwrap(jsonLines(r.stdout).last)
+        XCTAssertEqual(summary["type"] as? String, "summary")
+        XCTAssertEqual(summary["packets"] as? Int, framesBeforeCut)
+        XCTAssertEqual((summary["file_damage"] as? [String])?.count, 1)
+    }
+
+    func testAGarbageRulesFileIsBadInput() throws {
+        let rules = try file("rules.txt", Array("*nat\n-A ISTIO_OUTPUT --bogus-flag\nthis is not a rule\n".utf8))
+        let r = try Self.analyze([nflogSample, "--rules", rules])
+        XCTAssertEqual(r.status, ExitStatus.badInput.rawValue, r.stdout + r.stderr)
+        XCTAssertTrue(r.stderr.hasPrefix("meshtrace: "), r.stderr)
+    }
+
+    func testNoFileIsAUsageError() throws {
+        let r = try Self.analyze([])
+        XCTAssertEqual(r.status, ExitStatus.usage.rawValue)
+    }
+
+    func testACleanCaptureExitsZeroAndTheJSONMatchesTcpdumpsView() throws {
+        let r = try Self.analyze([nflogSample, "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let records = jsonLines(r.stdout)
+        let connections = records.filter { $0["type"] as? String == "connection" }
+        // tcpdump's own reading of the four NFLOG records: four DNS answers to distinct client ports.
+        let tcpdump = try Command.run(["tcpdump", "-n", "-r", nflogSample]).stdout
+        let ports = tcpdump.split(whereSeparator: \.isNewline).compactMap { line -> Int? in
+            guard let gt = line.range(of: " > ") else { return nil }
+            let dst = line[gt.upperBound...].prefix { $0 != ":" }
+            return Int(dst.split(separator: ".").last ?? "")
+        }
+        XCTAssertEqual(ports.count, 4)
+        let analysed = connections.compactMap { ($0["original"] as? [String: Any])?["sport"] as? Int }
+        XCTAssertEqual(Set(analysed), Set(ports))
+        XCTAssertTrue(connections.allSatisfy { $0["kind"] as? String == "dns" })
+        XCTAssertEqual(records.last?["nflog_records"] as? Int, 4)
+    }
+
+    func testTheTextViewPrintsABlockPerConnectionAndTotals() throws {
+        let r = try Self.analyze([nflogSample, "--color", "never"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(r.stdout.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("#") }.count, 4)
+        XCTAssertTrue(r.stdout.contains("4 packets (4 NFLOG records), 4 connections"), r.stdout)
+        XCTAssertFalse(r.stdout.contains("\u{1B}["), "no colour with --color never")
+    }
+}
+
+func jsonLines(_ text: String) -> [[String: Any]] {
+    text.split(whereSeparator: \.isNewline).compactMap {
+        (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any]
+    }
+}

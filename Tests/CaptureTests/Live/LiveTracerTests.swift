@@ -1,0 +1,165 @@
+import XCTest
+@testable import Capture
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Collects what a trace reports, for assertions.
+final class TraceRecordingSink: ReportSink {
+    var timelines: [ConnectionTimeline] = []
+    var findings: [EscapeFinding] = []
+    var summary: AnalysisSummary?
+    func connection(_ timeline: ConnectionTimeline) { timelines.append(timeline) }
+    func finding(_ finding: EscapeFinding) { findings.append(finding) }
+    func finish(_ summary: AnalysisSummary) throws { self.summary = summary }
+}
+
+/// Live tracing of a real ambient pod (the lab's namespaces, rules and ztunnel stand-in), with real traffic.
+/// Every claim is checked against something the tracer does not produce: the lab's addresses and ports, the
+/// kernel's rule counters, the rules as iptables-save prints them.
+final class LiveTracerTests: KernelTestCase {
+    private var labs: [LabTopology] = []
+
+    override func tearDown() {
+        for lab in labs { lab.teardown() }
+        labs.removeAll()
+        super.tearDown()
+    }
+
+    static var executable: String { ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path }
+
+    func makeLab(_ configure: (inout LabOptions) -> Void = { _ in }) throws -> LabTopology {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: Self.executable), "build meshtrace first (swift build)")
+        var o = LabOptions(executable: Self.executable)
+        configure(&o)
+        let lab = try LabTopology(options: o)
+        labs.append(lab)
+        return lab
+    }
+
+    /// Traces `pod` while `traffic` runs, then a short linger so replies and FINs are in.
+    func trace(_ pod: LabPod, group: UInt16, mode: TraceOptions.Mode = .nflog,
+               _ traffic: @escaping () throws -> Void) throws -> (TraceOutcome, TraceRecordingSink) {
+        var options = TraceOptions(netns: pod.ref)
+        options.mode = mode
+        options.group = group
+        options.duration = 30
+        let tracer = LiveTracer(options: options)
+        let sink = TraceRecordingSink()
+        var trafficError: Error?
+        tracer.onReady = {
+            do { try traffic() } catch { trafficError = error }
+            usleep(500_000)
+            tracer.stop()
+        }
+        let outcome = try tracer.run(reporter: Reporter(sinks: [sink]))
+        if let trafficError { throw trafficError }
+        return (outcome, sink)
+    }
+
+    func get(_ lab: LabTopology, from pod: LabPod, _ args: [String]) throws {
+        let r = try lab.runApp(["_app", "get"] + args, in: pod)
+        XCTAssertTrue(r.ok, "app get failed: \(r.stdout) \(r.stderr)")
+    }
+
+    func testOutboundConnectionShowsTheRedirectTo15001TheLoLegAndTheHBONEHopJoined() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let rulesBefore = try lab.client.netns.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
+        let (outcome, sink) = try trace(lab.client, group: 5401) { try self.get(lab, from: lab.client, ["\(server)"]) }
+
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server && $0.original.proto == IPProto.tcp },
+                                "no timeline for the app's connection to \(server): \(sink.timelines.map(\.original))")
+        XCTAssertEqual(app.kind, .appOutbound)
+        guard case .redirected(let port, let original)? = app.redirect else { return XCTFail("no redirect on \(app.original): \(String(describing: app.redirect))") }
+        XCTAssertEqual(port, 15001)
+        XCTAssertEqual(original, server)
+        // The REDIRECT rule's twin fired on this connection, and the lo leg (127.0.0.1:15001) is on the same timeline.
+        XCTAssertTrue(app.events.contains { $0.hit?.rule?.role == .outboundCapture })
+        XCTAssertTrue(app.events.contains { $0.point.kind == .interface && $0.point.isLoopback && $0.tuple.dst.port == 15001 })
+        // ztunnel's own connection to the server's :15008, marked 0x539, joined to it.
+        let hbone = try XCTUnwrap(sink.timelines.first { $0.original.dst == Endpoint(lab.server.ipv4, 15008) })
+        XCTAssertEqual(hbone.kind, .hboneOutbound)
+        XCTAssertTrue(hbone.marks.contains { $0 & 0xfff == 0x539 })
+        XCTAssertTrue(app.hops.contains { $0.direction == .outbound && $0.inner == hbone.id && $0.outer == app.id },
+                      "hops of the app connection: \(app.hops)")
+        XCTAssertEqual(outcome.summary.escapes, 0)
+
+        // Nothing lost, and meshtrace's count of every twin equals the kernel's counter for it.
+        XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+        XCTAssertFalse(outcome.kernelCounters.isEmpty)
+        for (prefix, kernel) in outcome.kernelCounters {
+            XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix)
+        }
+        XCTAssertGreaterThan(outcome.kernelCounters["mt:4:nat:ISTIO_OUTPUT:4:\(RuleTag.hex(RuleTag.textHash("-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001"), width: 4))"] ?? 0, 0)
+
+        let rulesAfter = try lab.client.netns.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
+        XCTAssertEqual(rulesAfter, rulesBefore)
+    }
+
+    func testInboundHBONEConnectionShowsZtunnelsLegIntoTheAppAndTheRestoredConnmark() throws {
+        let lab = try makeLab()
+        let (outcome, sink) = try trace(lab.server, group: 5402) {
+            try self.get(lab, from: lab.client, ["\(lab.server.ipv4):\(LabTopology.appPort)"])
+        }
+        let appPort = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let hbone = try XCTUnwrap(sink.timelines.first { $0.original.dst == Endpoint(lab.server.ipv4, 15008) },
+                                  "no HBONE timeline: \(sink.timelines.map(\.original))")
+        XCTAssertEqual(hbone.kind, .hboneInbound)
+        // ztunnel's connection into the app: from the client's address (IP_TRANSPARENT), marked 0x539; the app's
+        // replies carry 0x111, restored from the connmark by mangle ISTIO_OUTPUT.
+        let inner = try XCTUnwrap(sink.timelines.first { $0.original.dst == appPort && $0.original.src.addr == lab.client.ipv4 })
+        XCTAssertEqual(inner.kind, .ztunnelToApp)
+        XCTAssertTrue(inner.events.contains { !$0.isReply && ($0.mark ?? 0) & 0xfff == 0x539 })
+        XCTAssertTrue(inner.events.contains { $0.hit?.rule?.role == .connmarkFromZtunnel })
+        XCTAssertTrue(inner.events.contains { $0.isReply && $0.hit?.rule?.role == .connmarkRestore })
+        XCTAssertTrue(inner.events.contains { $0.isReply && ($0.mark ?? 0) & 0xfff == 0x111 },
+                      "no reply with mark 0x111: \(inner.events.map { ($0.isReply, $0.mark.map { String($0, radix: 16) } ?? "-", $0.hit?.tag?.prefix ?? "") })")
+        XCTAssertTrue(hbone.hops.contains { $0.direction == .inbound && $0.inner == inner.id })
+        XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+    }
+
+    func testAppSettingZtunnelsMarkItselfIsReportedAsAnEscape() throws {
+        let lab = try makeLab()
+        let (outcome, sink) = try trace(lab.client, group: 5403) {
+            try self.get(lab, from: lab.client, ["--mark", "0x539", "\(lab.server.ipv4):\(LabTopology.appPort)"])
+        }
+        let escapes = sink.findings.filter(\.isEscape)
+        XCTAssertFalse(escapes.isEmpty, "no escape reported; findings: \(sink.findings.map(\.summary))")
+        XCTAssertTrue(escapes.contains { $0.tuple.dst == Endpoint(lab.server.ipv4, LabTopology.appPort) || $0.tuple.src == Endpoint(lab.server.ipv4, LabTopology.appPort) })
+        XCTAssertGreaterThan(outcome.summary.escapes, 0)
+    }
+
+    func testNativeNftablesPodIsTracedAndLeftExactlyAsItWas() throws {
+        let lab = try makeLab { $0.ruleset = .nftNative; $0.backend = .nftables }
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let before = try lab.client.netns.run(["nft", "list", "ruleset"]).stdout
+            .replacingOccurrences(of: #"counter packets \d+ bytes \d+"#, with: "counter", options: .regularExpression)
+        let (outcome, sink) = try trace(lab.client, group: 5404) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server }, "\(sink.timelines.map(\.original))")
+        guard case .redirected(15001, let original)? = app.redirect else { return XCTFail("no redirect: \(String(describing: app.redirect))") }
+        XCTAssertEqual(original, server)
+        XCTAssertTrue(app.events.contains { $0.hit?.tag?.family == .nft && $0.hit?.rule?.role == .outboundCapture })
+        XCTAssertTrue(app.hops.contains { $0.direction == .outbound })
+        XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+        for (prefix, kernel) in outcome.kernelCounters { XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix) }
+        let after = try lab.client.netns.run(["nft", "list", "ruleset"]).stdout
+            .replacingOccurrences(of: #"counter packets \d+ bytes \d+"#, with: "counter", options: .regularExpression)
+        XCTAssertEqual(after, before)
+    }
+
+    func testTraceModeJoinsTheKernelsRuleWalkIntoTheTimeline() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let (outcome, sink) = try trace(lab.client, group: 5405, mode: .trace) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        XCTAssertGreaterThan(outcome.traceSteps, 0)
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server })
+        // The seed's 15001 REDIRECT is rule 4 of nat ISTIO_OUTPUT: the kernel's own walk says the SYN went through it.
+        XCTAssertTrue(app.events.contains { $0.hit?.prefixText == "TRACE: nat:ISTIO_OUTPUT:rule:4" && $0.tcpFlags.contains(.syn) },
+                      "\(app.events.compactMap { $0.hit?.prefixText })")
+        // meshtrace's own twins never show up as steps.
+        XCTAssertFalse(app.events.contains { ($0.hit?.prefixText ?? "").hasPrefix("TRACE:") && ($0.hit?.prefixText ?? "").contains(":h") })
+        XCTAssertFalse(try lab.client.netns.run(["nft", "list", "tables"]).stdout.contains("meshtrace"))
+        XCTAssertFalse(try lab.client.netns.run(["iptables-save"]).stdout.contains("meshtrace"))
+    }
+}

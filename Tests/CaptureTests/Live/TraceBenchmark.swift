@@ -1,0 +1,139 @@
+import XCTest
+@testable import Capture
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `scripts/bench-trace`: many short connections through the lab's ztunnel stand-in, without and with
+/// `meshtrace trace` on the client pod. Runs only when MESHTRACE_BENCH=1 (the script sets it); the numbers
+/// go to stdout as `bench-trace:` lines.
+final class TraceBenchmark: KernelTestCase {
+    func testConnectionRateWithAndWithoutTracing() throws {
+        let env = ProcessInfo.processInfo.environment
+        try XCTSkipUnless(env["MESHTRACE_BENCH"] == "1", "benchmark: run scripts/bench-trace")
+        let count = Int(env["MESHTRACE_BENCH_CONNECTIONS"] ?? "") ?? 2000
+        let workers = Int(env["MESHTRACE_BENCH_WORKERS"] ?? "") ?? 4
+        let executable = env["MESHTRACE_BENCH_EXECUTABLE"] ?? LiveTracerTests.executable
+        let lab = try LabTopology(options: LabOptions(executable: executable))
+        defer { lab.teardown() }
+        let target = Endpoint(lab.server.ipv4, LabTopology.appPort)
+
+        // Warm up (ARP, the stand-ins' first accepts), then untraced, traced, and untraced again to see drift.
+        _ = try ConnectionLoad.run(in: lab.client.ref, to: target, count: 100, workers: workers)
+        let plain1 = try ConnectionLoad.run(in: lab.client.ref, to: target, count: count, workers: workers)
+
+        // The traced run uses the CLI as an operator would (MESHTRACE_BENCH_EXECUTABLE: the release build when
+        // the script is asked for one), with its JSON summary as the source of the counts.
+        let log = NSTemporaryDirectory() + "mt-bench-\(getpid()).jsonl"
+        FileManager.default.createFile(atPath: log, contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: log) }
+        let trace = Process()
+        trace.executableURL = URL(fileURLWithPath: executable)
+        trace.arguments = ["trace", "--netns", lab.client.ref.path, "--group", "5601", "--duration", "600", "--json", "--quiet"]
+        trace.standardOutput = try XCTUnwrap(FileHandle(forWritingAtPath: log))
+        trace.standardError = FileHandle.standardError
+        try trace.run()
+        defer { if trace.isRunning { kill(trace.processIdentifier, SIGKILL) } }
+        let deadline = Date().addingTimeInterval(30)
+        while !(try lab.client.netns.run(["iptables-save"]).stdout.contains("--comment meshtrace")) {
+            guard trace.isRunning, Date() < deadline else { return XCTFail("trace did not start") }
+            usleep(50_000)
+        }
+        usleep(200_000)
+        let t = try ConnectionLoad.run(in: lab.client.ref, to: target, count: count, workers: workers)
+        usleep(300_000)
+        kill(trace.processIdentifier, SIGINT)
+        let exitDeadline = Date().addingTimeInterval(60)
+        while trace.isRunning && Date() < exitDeadline { usleep(20_000) }
+        XCTAssertFalse(trace.isRunning)
+        let plain2 = try ConnectionLoad.run(in: lab.client.ref, to: target, count: count, workers: workers)
+
+        let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")
+        let summaryLine = try XCTUnwrap(lines.last { $0.contains("\"events_lost\"") }, "no JSON summary from the trace")
+        let summary = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(summaryLine.utf8)) as? [String: Any])
+        let kernel = (summary["kernel_counters"] as? [String: Any] ?? [:]).mapValues { ($0 as? NSNumber)?.uint64Value ?? 0 }
+        var ours: [String: UInt64] = [:]
+        for h in summary["rule_hits"] as? [[String: Any]] ?? [] {
+            if let p = h["prefix"] as? String, let c = (h["count"] as? NSNumber)?.uint64Value { ours[p] = c }
+        }
+        let kernelTotal = kernel.values.reduce(0, +)
+        let ourTotal = kernel.keys.reduce(UInt64(0)) { $0 + (ours[$1] ?? 0) }
+        let lost = (summary["events_lost"] as? NSNumber)?.intValue ?? -1
+        let events = (summary["nflog_records"] as? NSNumber)?.intValue ?? 0
+        let packets = (summary["packets"] as? NSNumber)?.intValue ?? 0
+        let connections = (summary["connections"] as? NSNumber)?.intValue ?? 0
+
+        let untraced = (plain1.rate + plain2.rate) / 2
+        let ratio = t.rate / untraced
+        func f(_ x: Double) -> String { String(format: "%.0f", x) }
+        print("bench-trace: \(executable)")
+        print("bench-trace: connections per run \(count), workers \(workers), failures untraced \(plain1.failures + plain2.failures), traced \(t.failures)")
+        print("bench-trace: untraced \(f(plain1.rate)) and \(f(plain2.rate)) conn/s, traced \(f(t.rate)) conn/s, ratio \(String(format: "%.2f", ratio)) (target >= 0.80)")
+        print("bench-trace: NFLOG events \(events) during \(String(format: "%.2f", t.seconds)) s of load = \(f(Double(events) / t.seconds)) events/s; \(packets) records correlated into \(connections) connections")
+        print("bench-trace: events lost \(lost); twin hits meshtrace \(ourTotal) / kernel \(kernelTotal) (target: 0 lost, equal)")
+        XCTAssertGreaterThanOrEqual(ourTotal + UInt64(max(lost, 0)), kernelTotal, "losses do not account for the difference")
+    }
+}
+
+/// Short TCP connections from inside a netns: connect, send a request, read to EOF, close.
+enum ConnectionLoad {
+    struct Result { var seconds: Double; var completed: Int; var failures: Int; var rate: Double { Double(completed) / seconds } }
+
+    static func run(in netns: NetnsRef, to target: Endpoint, count: Int, workers: Int) throws -> Result {
+        let lock = NSLock()
+        var next = 0, completed = 0, failures = 0
+        var enterError: Error?
+        let group = DispatchGroup()
+        let start = DispatchTime.now().uptimeNanoseconds
+        for _ in 0..<workers {
+            group.enter()
+            let t = Thread {
+                defer { group.leave() }
+                do { try NetnsThread.enter(netns) } catch { lock.lock(); enterError = error; lock.unlock(); return }
+                var buf = [UInt8](repeating: 0, count: 4096)
+                while true {
+                    lock.lock()
+                    guard next < count else { lock.unlock(); return }
+                    next += 1
+                    lock.unlock()
+                    let ok = once(target, &buf)
+                    lock.lock()
+                    if ok { completed += 1 } else { failures += 1 }
+                    lock.unlock()
+                }
+            }
+            t.start()
+        }
+        guard group.wait(timeout: .now() + 300) == .success else {
+            throw MeshtraceError(.kernelRefused, "connection load did not finish within 300 s")
+        }
+        if let enterError { throw enterError }
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        return Result(seconds: seconds, completed: completed, failures: failures)
+    }
+
+    private static func once(_ target: Endpoint, _ buf: inout [UInt8]) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = target.port.bigEndian
+        addr.sin_addr.s_addr = target.addr.v4Value.bigEndian
+        let connected = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else { return false }
+        let request = Array("GET / HTTP/1.0\r\nHost: bench\r\n\r\n".utf8)
+        guard send(fd, request, request.count, Int32(MSG_NOSIGNAL)) == request.count else { return false }
+        var got = 0
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n > 0 { got += n; continue }
+            return n == 0 && got > 0
+        }
+    }
+}

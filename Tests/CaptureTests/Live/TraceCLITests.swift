@@ -1,0 +1,131 @@
+import XCTest
+@testable import Capture
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The `meshtrace trace` binary as an operator runs it: interrupted, terminated, killed, pointed at a busy
+/// group or a netns that does not exist. The rules must always end up exactly as they were.
+final class TraceCLITests: KernelTestCase {
+    var executable: String { LiveTracerTests.executable }
+
+    func seededNetns() throws -> ScratchNetns {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let ns = try makeNetns()
+        try ns.run(["iptables-restore"], input: InstrumenterTests.seed)
+        return ns
+    }
+
+    /// Starts `meshtrace ARGS` with output to a log file.
+    func start(_ args: [String]) throws -> (Process, String) {
+        let log = NSTemporaryDirectory() + "mt-trace-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let out = try XCTUnwrap(FileHandle(forWritingAtPath: log))
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = args
+        p.standardOutput = out
+        p.standardError = out
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        return (p, log)
+    }
+
+    /// Waits (bounded) until the netns holds meshtrace's rules.
+    func waitForTwins(_ ns: ScratchNetns, _ p: Process) throws {
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            if try ns.run(["iptables-save"]).stdout.contains("--comment meshtrace") { return }
+            XCTAssertTrue(p.isRunning, "trace exited before instrumenting")
+            if !p.isRunning { return }
+            usleep(50_000)
+        }
+        XCTFail("no meshtrace rules appeared within 20 s")
+    }
+
+    func waitForExit(_ p: Process, seconds: Double = 20) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while p.isRunning && Date() < deadline { usleep(20_000) }
+        return !p.isRunning
+    }
+
+    func stopsCleanly(on sig: Int32) throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "\(5500 + UInt16(sig))", "--duration", "60", "--quiet"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        kill(p.processIdentifier, sig)
+        XCTAssertTrue(waitForExit(p), "trace did not exit after signal \(sig)")
+        XCTAssertEqual(p.terminationReason, .exit, "killed by the signal instead of unwinding")
+        XCTAssertEqual(p.terminationStatus, 0, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
+    func testSIGINTRemovesTheRules() throws { try stopsCleanly(on: SIGINT) }
+    func testSIGTERMRemovesTheRules() throws { try stopsCleanly(on: SIGTERM) }
+    func testSIGHUPRemovesTheRules() throws { try stopsCleanly(on: SIGHUP) }
+
+    func testNormalEndRemovesTheRules() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let r = try Command.run([executable, "trace", "--netns", ns.name, "--group", "5510", "--duration", "1", "--quiet"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("rule hits (meshtrace / kernel counter)"), r.stdout)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
+    func testAfterSIGKILLTheNextTraceRefusesAndCleanupRestoresTheRules() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5511", "--duration", "60", "--quiet"])
+        defer { try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        kill(p.processIdentifier, SIGKILL)
+        XCTAssertTrue(waitForExit(p))
+        XCTAssertNotEqual(try InstrumenterTests.rulesText(ns), before, "SIGKILL cannot clean up; the twins must still be there")
+
+        let again = try Command.run([executable, "trace", "--netns", ns.name, "--group", "5512", "--duration", "1", "--quiet"])
+        XCTAssertEqual(again.status, ExitStatus.leftovers.rawValue, again.stderr)
+        XCTAssertTrue(again.stderr.contains("meshtrace cleanup"), again.stderr)
+        XCTAssertEqual(again.stderr.split(separator: "\n").count, 1)
+
+        let cleanup = try Command.run([executable, "cleanup", "--netns", ns.name])
+        XCTAssertEqual(cleanup.status, 0, cleanup.stderr)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
+    func testBusyGroupIsOneLineExit6AndNoRulesAreLeft() throws {
+        try XCTSkipIf(Command.which("tcpdump") == nil, "tcpdump holds the group in this test")
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: Command.which("nsenter")!)
+        holder.arguments = ["--net=\(ns.ref.path)", "--", Command.which("tcpdump")!, "-i", "nflog:5513", "-w", "/dev/null"]
+        let err = Pipe()
+        holder.standardError = err
+        holder.standardOutput = FileHandle.nullDevice
+        try holder.run()
+        defer { if holder.isRunning { holder.terminate(); holder.waitUntilExit() } }
+        // tcpdump says "listening on nflog:5513" once it has bound the group.
+        var said = Data()
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline, !String(decoding: said, as: UTF8.self).contains("listening") {
+            said += err.fileHandleForReading.availableData
+        }
+        let r = try Command.run([executable, "trace", "--netns", ns.name, "--group", "5513", "--duration", "1"])
+        XCTAssertEqual(r.status, ExitStatus.nflogGroupBusy.rawValue, r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.hasPrefix("meshtrace: "), r.stderr)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
+    func testMissingNetnsIsExit4() throws {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        for cmd in ["trace", "cleanup", "plan"] {
+            let r = try Command.run([executable, cmd, "--netns", "mt-no-such-netns-\(getpid())"])
+            XCTAssertEqual(r.status, ExitStatus.noSuchNetns.rawValue, "\(cmd): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1)
+        }
+    }
+}
