@@ -366,7 +366,9 @@ public final class LiveTracer: @unchecked Sendable {
     // MARK: - TRACE rules (--mode trace)
 
     private func installTraceRules() throws {
-        trace?.positions = try TraceRules.handlePositions(netns: options.netns)
+        let handles = try TraceRules.handlePositions(netns: options.netns)
+        trace?.positions = handles.positions
+        trace?.ownHandles = handles.own
         try TraceRules.install(netns: options.netns, homes: instrumenter.plan?.ambientHomes ?? [])
     }
 

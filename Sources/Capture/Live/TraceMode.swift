@@ -38,11 +38,13 @@ enum TraceRules {
     }
 
     /// Original rule positions by nft handle ("nfproto table chain handle" → position), meshtrace's rules skipped.
-    static func handlePositions(netns: NetnsRef) throws -> [String: Int] {
-        guard Command.which("nft") != nil else { return [:] }
+    /// `own`: meshtrace's twins, whose steps are not shown (they are not the pod's rules).
+    static func handlePositions(netns: NetnsRef) throws -> (positions: [String: Int], own: Set<String>) {
+        guard Command.which("nft") != nil else { return ([:], []) }
         let r = try Command.run(["nft", "-a", "list", "ruleset"], in: netns)
-        guard r.ok else { return [:] }
+        guard r.ok else { return ([:], []) }
         var out: [String: Int] = [:]
+        var own: Set<String> = []
         var family = 0, table = "", chain = "", position = 0
         for raw in r.stdout.split(separator: "\n") {
             let line = raw.trimmingCharacters(in: .whitespaces)
@@ -52,13 +54,13 @@ enum TraceRules {
                 table = String(words[2])
             } else if line.hasPrefix("chain "), words.count >= 2 {
                 chain = String(words[1]); position = 0
-            } else if let h = SavedRules.number(after: "# handle ", in: line), !line.hasPrefix("type "),
-                      !SavedRules.isOwn(Substring(line)) {
+            } else if let h = SavedRules.number(after: "# handle ", in: line), !line.hasPrefix("type ") {
+                if SavedRules.isOwn(Substring(line)) { own.insert("\(family) \(table) \(chain) \(h)"); continue }
                 position += 1
                 out["\(family) \(table) \(chain) \(h)"] = position
             }
         }
-        return out
+        return (out, own)
     }
 
     /// Removes meshtrace's TRACE table (the legacy TRACE rules carry the comment and go with the twins).
@@ -82,6 +84,9 @@ final class TraceJoiner {
     private(set) var steps: UInt64 = 0
     /// "family table chain handle" → original rule position, from the nft listing at install time.
     var positions: [String: Int] = [:]
+    var ownHandles: Set<String> = []
+    /// The hook of each trace id's walk so far: user chains (ISTIO_*) inherit it from the base chain.
+    private var hooks: [UInt32: NetfilterHook] = [:]
     private var names: RuleTagTable
 
     init(tags: RuleTagTable) {
@@ -125,7 +130,15 @@ final class TraceJoiner {
         case .unknown: return nil
         }
         let key = "\(family) \(table) \(chain) \(e.ruleHandle)"
-        let position = positions[key].map(String.init) ?? "h\(e.ruleHandle)"
+        // Steps through meshtrace's own twins, and the implicit end-of-chain steps (no handle), are not the
+        // pod's rules: leave them out.
+        if kind == "rule" && (e.ruleHandle == 0 || ownHandles.contains(key)) { return nil }
+        if kind == "return" { return nil }
+        let position = kind == "policy" ? "0" : (positions[key].map(String.init) ?? "h\(e.ruleHandle)")
+        if let hook = InstrumentationPlan.builtinHook(chain) ?? TraceJoiner.nftHook(chain) {
+            if hooks[e.id] == nil, hooks.count > 4096 { hooks.removeAll(keepingCapacity: true) }
+            hooks[e.id] = hook
+        }
         steps += 1
         var meta = NflogMeta()
         meta.mark = e.mark
@@ -135,11 +148,22 @@ final class TraceJoiner {
         record = PacketRecord()
         record.ref = FrameRef(source: 4, frame: steps)
         record.time = NflogSource.realtime()
-        record.point = .netfilter(.unknown)
+        record.point = .netfilter(hooks[e.id] ?? .unknown)
         record.tuple = tuple
         record.tcpFlags = flags
         record.nflog = meta
         return true
+    }
+
+    /// Native nft base chains are named after their hooks by convention (Istio: prerouting, output).
+    static func nftHook(_ chain: String) -> NetfilterHook? {
+        switch chain {
+        case "prerouting": return .prerouting
+        case "output": return .output
+        case "input": return .input
+        case "postrouting": return .postrouting
+        default: return nil
+        }
     }
 
     /// Legacy TRACE arrives as NFLOG on group 0 with `TRACE: table:chain:type:rulenum`; rulenum counts

@@ -38,8 +38,10 @@ final class LiveTracerTests: KernelTestCase {
     }
 
     /// Traces `pod` while `traffic` runs, then a short linger so replies and FINs are in.
-    func trace(_ pod: LabPod, group: UInt16, _ traffic: @escaping () throws -> Void) throws -> (TraceOutcome, TraceRecordingSink) {
+    func trace(_ pod: LabPod, group: UInt16, mode: TraceOptions.Mode = .nflog,
+               _ traffic: @escaping () throws -> Void) throws -> (TraceOutcome, TraceRecordingSink) {
         var options = TraceOptions(netns: pod.ref)
+        options.mode = mode
         options.group = group
         options.duration = 30
         let tracer = LiveTracer(options: options)
@@ -126,5 +128,38 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertFalse(escapes.isEmpty, "no escape reported; findings: \(sink.findings.map(\.summary))")
         XCTAssertTrue(escapes.contains { $0.tuple.dst == Endpoint(lab.server.ipv4, LabTopology.appPort) || $0.tuple.src == Endpoint(lab.server.ipv4, LabTopology.appPort) })
         XCTAssertGreaterThan(outcome.summary.escapes, 0)
+    }
+
+    func testNativeNftablesPodIsTracedAndLeftExactlyAsItWas() throws {
+        let lab = try makeLab { $0.ruleset = .nftNative; $0.backend = .nftables }
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let before = try lab.client.netns.run(["nft", "list", "ruleset"]).stdout
+            .replacingOccurrences(of: #"counter packets \d+ bytes \d+"#, with: "counter", options: .regularExpression)
+        let (outcome, sink) = try trace(lab.client, group: 5404) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server }, "\(sink.timelines.map(\.original))")
+        guard case .redirected(15001, let original)? = app.redirect else { return XCTFail("no redirect: \(String(describing: app.redirect))") }
+        XCTAssertEqual(original, server)
+        XCTAssertTrue(app.events.contains { $0.hit?.tag?.family == .nft && $0.hit?.rule?.role == .outboundCapture })
+        XCTAssertTrue(app.hops.contains { $0.direction == .outbound })
+        XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+        for (prefix, kernel) in outcome.kernelCounters { XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix) }
+        let after = try lab.client.netns.run(["nft", "list", "ruleset"]).stdout
+            .replacingOccurrences(of: #"counter packets \d+ bytes \d+"#, with: "counter", options: .regularExpression)
+        XCTAssertEqual(after, before)
+    }
+
+    func testTraceModeJoinsTheKernelsRuleWalkIntoTheTimeline() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let (outcome, sink) = try trace(lab.client, group: 5405, mode: .trace) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        XCTAssertGreaterThan(outcome.traceSteps, 0)
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server })
+        // The seed's 15001 REDIRECT is rule 4 of nat ISTIO_OUTPUT: the kernel's own walk says the SYN went through it.
+        XCTAssertTrue(app.events.contains { $0.hit?.prefixText == "TRACE: nat:ISTIO_OUTPUT:rule:4" && $0.tcpFlags.contains(.syn) },
+                      "\(app.events.compactMap { $0.hit?.prefixText })")
+        // meshtrace's own twins never show up as steps.
+        XCTAssertFalse(app.events.contains { ($0.hit?.prefixText ?? "").hasPrefix("TRACE:") && ($0.hit?.prefixText ?? "").contains(":h") })
+        XCTAssertFalse(try lab.client.netns.run(["nft", "list", "tables"]).stdout.contains("meshtrace"))
+        XCTAssertFalse(try lab.client.netns.run(["iptables-save"]).stdout.contains("meshtrace"))
     }
 }
