@@ -53,7 +53,7 @@ extension PacketDecoder {
             record.point = .netfilter(.unknown)
             return
         }
-        decodeNflogTLVs(r, family: family, group: group, byteOrder: .host, nestedByteOrder: nestedByteOrder,
+        decodeNflogTLVs(r, family: family, group: group, byteOrder: nflogByteOrder, nestedByteOrder: nestedByteOrder,
                         captureCut: captureCut, into: &record)
     }
 

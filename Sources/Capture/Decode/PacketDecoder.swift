@@ -8,6 +8,9 @@ public struct PacketDecoder {
     /// Byte order of the ctnetlink headers inside NFULA_CT in files: libpcap swaps the NFLOG TLV headers of
     /// an other-endian file to host order but not the nested ones. `PcapFileSource` sets it per file.
     public var nestedByteOrder: ByteOrder = .host
+    /// Byte order of NFLOG TLV headers in LINKTYPE_NFLOG frames: `.host` for frames libpcap handed out (it swaps
+    /// them), the writer's order for pcapng read without libpcap.
+    public var nflogByteOrder: ByteOrder = .host
     /// Frames decoded, and how many of them carried at least one note.
     public private(set) var framesDecoded: UInt64 = 0
     public private(set) var framesWithNotes: UInt64 = 0

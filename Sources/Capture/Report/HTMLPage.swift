@@ -143,15 +143,17 @@ enum HTML {
     static let pagerScript = """
     (function(){
     function data(id){var e=document.getElementById(id);return e?JSON.parse(e.textContent):[];}
-    var flows=data('mt-flows'), conns=data('mt-conns');
+    var conns=data('mt-conns'), box=document.getElementById('mt-diagrams');
+    var nflows=box?parseInt(box.getAttribute('data-flows'),10):0, page1=box?box.innerHTML:'';
     var FP=__FLOWS_PER_PAGE__, CP=__CONNS_PER_PAGE__;
     var flowPage=0, connPage=0, filter='';
     function esc(s){return String(s).replace(/[&<>"]/g,function(c){return {'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c];});}
     function showFlows(p){
-      var n=Math.max(1,Math.ceil(flows.length/FP)); p=Math.max(0,Math.min(n-1,p)); flowPage=p;
-      var box=document.getElementById('mt-diagrams'); if(!box) return;
-      box.innerHTML=flows.slice(p*FP,(p+1)*FP).join('');
-      document.getElementById('mt-flow-page').textContent='page '+(p+1)+' of '+n+' ('+flows.length+' diagrams)';
+      var n=Math.max(1,Math.ceil(nflows/FP)); p=Math.max(0,Math.min(n-1,p));
+      if(!box||p==flowPage) return; flowPage=p;
+      var stored=document.getElementById('mt-page-'+(p+1));
+      box.innerHTML=p==0?page1:(stored?stored.textContent:'');
+      document.getElementById('mt-flow-page').textContent='page '+(p+1)+' of '+n+' ('+nflows+' diagrams)';
       document.getElementById('mt-flow-prev').disabled=p==0;
       document.getElementById('mt-flow-next').disabled=p>=n-1;
     }
@@ -164,7 +166,7 @@ enum HTML {
       var list=visibleConns(), n=Math.max(1,Math.ceil(list.length/CP)); p=Math.max(0,Math.min(n-1,p)); connPage=p;
       var rows=list.slice(p*CP,(p+1)*CP).map(function(c){
         return '<tr class="'+(c[6]?'esc':'')+'"><td class="num">#'+c[0]+'</td><td>'+esc(c[1])+'</td><td class="mono">'+esc(c[2])+
-          '</td><td class="num">'+c[3]+'</td><td>'+esc(c[4])+'</td><td><a href="#flow='+c[5]+'" data-flow="'+c[5]+'">diagram</a>'+
+          '</td><td class="num">'+c[3]+'</td><td>'+esc(c[4])+'</td><td>'+(c[5]>=0?'<a href="#flow='+c[5]+'" data-flow="'+c[5]+'">diagram</a>':'<span class="muted">not drawn</span>')+
           (c[6]?' <span class="pill esc">'+esc(c[6])+'</span>':'')+'</td></tr>';}).join('');
       var body=document.getElementById('mt-conn-rows'); if(!body) return;
       body.innerHTML=rows;
@@ -186,7 +188,7 @@ enum HTML {
     var fi=document.getElementById('mt-conn-filter');
     if(fi) fi.addEventListener('input',function(){filter=fi.value;showConns(0);});
     window.addEventListener('hashchange',route);
-    if(flows.length) { showFlows(0); showConns(0); route(); }
+    showConns(0); route();
     })();
     """
 }

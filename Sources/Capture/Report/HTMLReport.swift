@@ -18,6 +18,10 @@ public final class HTMLReport: ReportSink {
     public static let flowsPerPage = 10
     public static let connectionsPerPage = 100
     public static let maxPendingHops = 512
+    /// Diagrams kept for the page (escapes drawn past it). Beyond it connections are listed, not drawn:
+    /// a diagram is 5-15 kB, and a page of tens of megabytes is no longer one a browser opens quickly.
+    public static let defaultMaxDiagrams = 2000
+    public let maxDiagrams: Int
 
     public let path: String
     private let title: String
@@ -31,10 +35,12 @@ public final class HTMLReport: ReportSink {
     private var pending: [ConnectionID: ConnectionTimeline] = [:]
     private var pendingOrder: [ConnectionID] = []
     private var findings: [EscapeFinding] = []
+    private var escapeConnections: Set<ConnectionID> = []
     private var finished = false
 
     struct Flow {
         var offset: UInt64
+        /// 0: over the diagram budget, not drawn.
         var length: Int
         var connections: [ConnectionID]
         var heading: String
@@ -51,8 +57,9 @@ public final class HTMLReport: ReportSink {
         var flow: Int
     }
 
-    public init(path: String, title: String = "meshtrace report", ruleset: Ruleset? = nil) throws {
-        self.path = path; self.title = title; self.ruleset = ruleset
+    public init(path: String, title: String = "meshtrace report", ruleset: Ruleset? = nil,
+                maxDiagrams: Int = HTMLReport.defaultMaxDiagrams) throws {
+        self.path = path; self.title = title; self.ruleset = ruleset; self.maxDiagrams = max(1, maxDiagrams)
         spoolPath = path + ".meshtrace-spool-\(getpid())"
         spool = try BufferedFileOutput(path: spoolPath)
         // Fail now, not after an hour of tracing, when the report cannot be written.
@@ -62,7 +69,10 @@ public final class HTMLReport: ReportSink {
 
     deinit { if !finished { unlink(spoolPath) } }
 
-    public func finding(_ finding: EscapeFinding) { findings.append(finding) }
+    public func finding(_ finding: EscapeFinding) {
+        findings.append(finding)
+        if finding.isEscape, let c = finding.connection { escapeConnections.insert(c) }
+    }
 
     public func connection(_ timeline: ConnectionTimeline) {
         let partners = timeline.hops.flatMap { [$0.outer, $0.inner] }.filter { $0 != timeline.id }
@@ -97,14 +107,18 @@ public final class HTMLReport: ReportSink {
     // MARK: drawing flows
 
     private var spoolError: Error?
+    private var drawnFlows = 0
 
     private func draw(_ timelines: [ConnectionTimeline]) {
         guard let spool else { return }
-        let escapes = Set(findings.filter(\.isEscape).compactMap(\.connection))
-        let svg = SequenceDiagram.render(timelines: timelines, escapes: escapes)
         let offset = spool.bytesWritten
-        let bytes = Array(svg.utf8)
-        do { try spool.append(bytes) } catch { spoolError = error; self.spool = nil; return }
+        var length = 0
+        if drawnFlows < maxDiagrams || timelines.contains(where: { escapeConnections.contains($0.id) }) {
+            let bytes = Array(SequenceDiagram.render(timelines: timelines, escapes: escapeConnections).utf8)
+            do { try spool.append(bytes) } catch { spoolError = error; self.spool = nil; return }
+            length = bytes.count
+            drawnFlows += 1
+        }
         let flowIndex = flows.count
         var hops: [ZtunnelHop] = []
         var details: [String] = []
@@ -121,7 +135,7 @@ public final class HTMLReport: ReportSink {
             }
         }
         let heading = timelines.map { "#\($0.id) \($0.kind.rawValue)  \($0.original)" }.joined(separator: "   ⇄   ")
-        flows.append(Flow(offset: offset, length: bytes.count, connections: timelines.map(\.id), heading: heading,
+        flows.append(Flow(offset: offset, length: length, connections: timelines.map(\.id), heading: heading,
                           details: details, hops: hops))
         for t in timelines {
             flowOfConnection[t.id] = flowIndex
@@ -151,13 +165,16 @@ struct HTMLReportPage {
     func write() throws {
         let out = try BufferedFileOutput(path: report.path)
         func put(_ s: String) throws { try out.append(Array(s.utf8)) }
+        var findingsOf: [ConnectionID: [EscapeFinding]] = [:]
+        for f in findings { if let c = f.connection { findingsOf[c, default: []].append(f) } }
         let escapeConns = Set(findings.filter(\.isEscape).compactMap(\.connection))
-        let byDesignConns = Set(findings.filter { !$0.isEscape }.compactMap(\.connection))
         // Escape flows first, then the rest in the order they finished.
         let flows = report.pageFlows
-        let order = flows.indices.filter { flows[$0].connections.contains(where: escapeConns.contains) }
-            + flows.indices.filter { !flows[$0].connections.contains(where: escapeConns.contains) }
-        var position = [Int](repeating: 0, count: flows.count)
+        let drawn = flows.indices.filter { flows[$0].length > 0 }
+        let order = drawn.filter { flows[$0].connections.contains(where: escapeConns.contains) }
+            + drawn.filter { !flows[$0].connections.contains(where: escapeConns.contains) }
+        // Position of each flow among the diagrams; -1 when it was not drawn.
+        var position = [Int](repeating: -1, count: flows.count)
         for (p, f) in order.enumerated() { position[f] = p }
 
         try put(HTML.head(title: report.pageTitle))
@@ -165,7 +182,7 @@ struct HTMLReportPage {
         if let r = report.pageRuleset { try put(" · rules from \(HTML.escape(r.origin))") }
         try put("</div></header><main>\n")
 
-        try put(summarySection(findings: findings, position: { c in report.flowIndex(of: c).map { position[$0] } }))
+        try put(summarySection(findings: findings, position: { c in report.flowIndex(of: c).map { position[$0] }.flatMap { $0 >= 0 ? $0 : nil } }))
         try put(ruleHitsSection())
         if let r = report.pageRuleset {
             try put("<section id=\"rules\"><h2>Rules as the kernel walks them</h2><p class=\"muted\">One row per netfilter hook; base chains in priority order, the chains they jump to below them. Numbers are this run's hits. Hover a rule for its text and role.</p><div class=\"scroll\">")
@@ -179,15 +196,14 @@ struct HTMLReportPage {
             return ea != eb ? ea : a.id < b.id
         }
         func findingLabel(_ id: ConnectionID) -> String {
-            escapeConns.contains(id) ? (findings.first { $0.connection == id && $0.isEscape }?.findingClass.rawValue ?? "escape")
-                : (byDesignConns.contains(id) ? "" : "")
+            findingsOf[id]?.first(where: \.isEscape)?.findingClass.rawValue ?? ""
         }
         try put("<section id=\"connections\"><h2>Connections</h2>")
         try put("<div class=\"pager\"><button id=\"mt-conn-prev\" disabled>‹ prev</button><span id=\"mt-conn-page\">page 1 of \(max(1, (entries.count + HTMLReport.connectionsPerPage - 1) / HTMLReport.connectionsPerPage)) (\(entries.count) connections)</span><button id=\"mt-conn-next\"\(entries.count > HTMLReport.connectionsPerPage ? "" : " disabled")>next ›</button><input id=\"mt-conn-filter\" placeholder=\"filter: address, port, kind…\" aria-label=\"filter connections\"></div>")
         try put("<table><thead><tr><th>conn</th><th>kind</th><th>tuple (as the app sent it)</th><th>packets</th><th>ztunnel hop</th><th></th></tr></thead><tbody id=\"mt-conn-rows\">")
         for e in entries.prefix(HTMLReport.connectionsPerPage) {
             let label = findingLabel(e.id)
-            try put("<tr class=\"\(label.isEmpty ? "" : "esc")\"><td class=\"num\">#\(e.id)</td><td>\(e.kind.rawValue)</td><td class=\"mono\">\(HTML.escape(e.tuple))</td><td class=\"num\">\(e.packets)</td><td>\(HTML.escape(e.hop))</td><td><a href=\"#flow=\(position[e.flow])\" data-flow=\"\(position[e.flow])\">diagram</a>\(label.isEmpty ? "" : " <span class=\"pill esc\">\(HTML.escape(label))</span>")</td></tr>")
+            try put("<tr class=\"\(label.isEmpty ? "" : "esc")\"><td class=\"num\">#\(e.id)</td><td>\(e.kind.rawValue)</td><td class=\"mono\">\(HTML.escape(e.tuple))</td><td class=\"num\">\(e.packets)</td><td>\(HTML.escape(e.hop))</td><td>\(position[e.flow] >= 0 ? "<a href=\"#flow=\(position[e.flow])\" data-flow=\"\(position[e.flow])\">diagram</a>" : "<span class=\"muted\">not drawn</span>")\(label.isEmpty ? "" : " <span class=\"pill esc\">\(HTML.escape(label))</span>")</td></tr>")
         }
         try put("</tbody></table>")
         try put("<script type=\"application/json\" id=\"mt-conns\">[")
@@ -196,11 +212,16 @@ struct HTMLReportPage {
         }
         try put("]</script></section>\n")
 
-        // The diagrams.
-        let pages = max(1, (flows.count + HTMLReport.flowsPerPage - 1) / HTMLReport.flowsPerPage)
+        // The diagrams: the first page in the markup, each further page as raw markup in an inert
+        // `<script type="text/html">` (no JSON escaping: labels are HTML-escaped, so no "</script" can occur).
+        let pages = max(1, (order.count + HTMLReport.flowsPerPage - 1) / HTMLReport.flowsPerPage)
         try put("<section id=\"diagrams\"><h2>Sequence diagrams</h2><p class=\"muted\">One diagram per connection; the two connections of a ztunnel hop share one. Lifelines: the app, netfilter (each arrow into it is a rule hit), ztunnel, and the peer. Replies are dashed; packets carrying a mark are orange; escapes are red.</p>")
-        try put("<div class=\"pager\"><button id=\"mt-flow-prev\" disabled>‹ prev</button><span id=\"mt-flow-page\">page 1 of \(pages) (\(flows.count) diagrams)</span><button id=\"mt-flow-next\"\(pages > 1 ? "" : " disabled")>next ›</button></div>")
-        try put("<div id=\"mt-diagrams\">")
+        let undrawn = flows.count - order.count
+        if undrawn > 0 {
+            try put("<p class=\"muted\">\(formatCount(undrawn)) more flows are listed in the index but not drawn: the page keeps at most \(formatCount(report.maxDiagrams)) diagrams (escapes are always drawn). Analyse a narrower capture to see them.</p>")
+        }
+        try put("<div class=\"pager\"><button id=\"mt-flow-prev\" disabled>‹ prev</button><span id=\"mt-flow-page\">page 1 of \(pages) (\(order.count) diagrams)</span><button id=\"mt-flow-next\"\(pages > 1 ? "" : " disabled")>next ›</button></div>")
+        try put("<div id=\"mt-diagrams\" data-flows=\"\(order.count)\">")
         let spool = try FileHandle(forReadingFrom: URL(fileURLWithPath: report.pageSpoolPath))
         defer { try? spool.close() }
         func flowHTML(_ f: Int) throws -> String {
@@ -213,7 +234,7 @@ struct HTMLReportPage {
             let hopText = flow.hops.map { "ztunnel hop \($0.direction.rawValue) #\($0.outer) → #\($0.inner), confidence \($0.confidence.rawValue)" }
             h += "<div class=\"muted\">\(HTML.escape((hopText + flow.details).joined(separator: " · ")))</div>"
             for c in flow.connections {
-                for finding in findings where finding.connection == c {
+                for finding in findingsOf[c] ?? [] {
                     h += "<div class=\"finding\(finding.isEscape ? "" : " bydesign")\"><span class=\"cls\">\(finding.findingClass.rawValue)</span> \(HTML.escape(finding.summary))</div>"
                 }
             }
@@ -226,9 +247,15 @@ struct HTMLReportPage {
         }
         for f in order.prefix(HTMLReport.flowsPerPage) { try put(try flowHTML(f)) }
         if flows.isEmpty { try put("<p class=\"muted\">No connections.</p>") }
-        try put("</div><script type=\"application/json\" id=\"mt-flows\">[")
-        for (i, f) in order.enumerated() { try put((i == 0 ? "" : ",") + HTML.jsonString(try flowHTML(f))) }
-        try put("]</script></section>\n</main>\n<script>")
+        try put("</div>")
+        for page in 1..<pages {
+            try put("<script type=\"text/html\" id=\"mt-page-\(page + 1)\">")
+            for f in order[(page * HTMLReport.flowsPerPage)..<min(order.count, (page + 1) * HTMLReport.flowsPerPage)] {
+                try put(try flowHTML(f))
+            }
+            try put("</script>")
+        }
+        try put("</section>\n</main>\n<script>")
         try put(HTML.pagerScript.replacingOccurrences(of: "__FLOWS_PER_PAGE__", with: String(HTMLReport.flowsPerPage))
             .replacingOccurrences(of: "__CONNS_PER_PAGE__", with: String(HTMLReport.connectionsPerPage)))
         try put("</script>\n</body></html>\n")

@@ -141,7 +141,8 @@ struct SequenceDiagram {
             var lx = min(x1, x2) + 6
             var anchor = ""
             if lx + Int(Double(label.count) * 6.7) > width - 4 { lx = width - 4; anchor = " text-anchor=\"end\"" }
-            s += "<g><title>\(HTML.escape(full))</title>"
+            // The whole label on hover only where the drawn one is cut: titles would double the page's size.
+            s += label == full ? "<g>" : "<g><title>\(HTML.escape(full))</title>"
             if from == to {
                 s += "<path class=\"\(cls)\" d=\"M\(x1),\(y - 2) h24 v8 h-22\" marker-end=\"url(#\(marker))\"/>"
             } else {

@@ -184,7 +184,18 @@ public final class PcapngReport: ReportSink {
 
     func prefixText(_ id: UInt32) -> String { tags?.text(for: id) ?? "prefix#\(id)" }
 
+    /// Per prefix: resolving a rule walks the ruleset and hashes rule text, too slow to repeat per packet.
+    private var hitTexts: [UInt32: String] = [:]
+    private var lastConnection: (id: ConnectionID, text: String)?
+
     func hitText(_ id: UInt32) -> String {
+        if let t = hitTexts[id] { return t }
+        let t = resolveHitText(id)
+        hitTexts[id] = t
+        return t
+    }
+
+    private func resolveHitText(_ id: UInt32) -> String {
         let text = prefixText(id)
         var role: String? = nil
         if let tag = tags?.tag(for: id) {
@@ -196,6 +207,22 @@ public final class PcapngReport: ReportSink {
         }
         if role == nil { role = learnedRoles[text]?.rawValue }
         return role.map { "\(text) \($0)" } ?? text
+    }
+
+    /// "conn #3 app-outbound; ztunnel hop outbound #3 -> #4 (high)", kept for the run of packets of one connection.
+    func connectionText(_ c: ConnectionID) -> String {
+        if let last = lastConnection, last.id == c { return last.text }
+        let note = connections[c]
+        var parts = ["conn #\(c) \(note?.kind.rawValue ?? ConnectionKind.unknown.rawValue)"]
+        for h in note?.hops ?? [] {
+            parts.append("ztunnel hop \(h.direction.rawValue) #\(h.outer) -> #\(h.inner) (\(h.confidence.rawValue))")
+        }
+        for e in note?.escapes ?? [] {
+            parts.append(e == .byDesign ? "uncaptured by design" : "ESCAPE \(e.rawValue)")
+        }
+        let text = parts.joined(separator: "; ")
+        lastConnection = (c, text)
+        return text
     }
 
     func comment(for p: SpooledPacket, index: Int, samePacket: [(index: Int, prefixID: UInt32, mark: UInt32?)]) -> String {
@@ -218,14 +245,7 @@ public final class PcapngReport: ReportSink {
         if !marks.isEmpty { parts.append("mark " + marks.map { "0x" + String($0, radix: 16) }.joined(separator: ",")) }
         if let d = p.originalDestination { parts.append("original destination \(d)") }
         if let c = p.connectionID {
-            let note = connections[c]
-            parts.append("conn #\(c) \(note?.kind.rawValue ?? ConnectionKind.unknown.rawValue)")
-            for h in note?.hops ?? [] {
-                parts.append("ztunnel hop \(h.direction.rawValue) #\(h.outer) -> #\(h.inner) (\(h.confidence.rawValue))")
-            }
-            for e in note?.escapes ?? [] {
-                parts.append(e == .byDesign ? "uncaptured by design" : "ESCAPE \(e.rawValue)")
-            }
+            parts.append(connectionText(c))
         } else {
             parts.append("no connection")
         }

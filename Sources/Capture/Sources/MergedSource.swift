@@ -32,6 +32,12 @@ public final class MergedSource: PacketSource {
     }
 
     public func next(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
+        // One file (the common `analyze FILE`): nothing to merge, no record copied through a head slot.
+        if sources.count == 1 {
+            let bytes = sources[0].next(into: &record)
+            currentLinkType = sources[0].currentLinkType
+            return bytes
+        }
         if !primed {
             primed = true
             for i in sources.indices { advance(i) }

@@ -1,5 +1,7 @@
 // Reading one capture file: opening it with clear errors for what is not a capture, then handing out
 // decoded records one at a time into the caller's record, with the raw frame for writers that copy it.
+// Classic pcap (µs and ns) is read through libpcap; pcapng through `PcapngFileReader`, which keeps each
+// packet's interface (link type and name) that libpcap 1.10 hides or refuses.
 
 import Foundation
 
@@ -19,53 +21,65 @@ public final class PcapFileSource: PacketSource {
     public let path: String
     /// This file's number in `FrameRef.source`.
     public let index: UInt16
+    /// The file's link type (pcapng: its first interface's; later interfaces may differ, see `currentLinkType`).
     public let linkType: Int32
     public let snapshotLength: Int32
-    /// The capture point every packet of the file gets (an NFLOG file's records name their hook instead).
+    /// The capture point of the file's (first) interface; an NFLOG file's records name their hook instead.
     public let point: CapturePoint
     public private(set) var decoder: PacketDecoder
     public private(set) var framesRead: UInt64 = 0
     public private(set) var damage: MeshtraceError? = nil
-    public var currentLinkType: Int32 { linkType }
-    private let capture: PcapHandle
+    public private(set) var currentLinkType: Int32
+    /// pcapng interface names (if_name) in interface order, as far as read; empty for classic pcap.
+    public var interfaceNames: [String?] { pcapng?.interfaces.map(\.name) ?? [] }
+
+    private let capture: PcapHandle?
+    private let pcapng: PcapngFileReader?
+    private let interfaceName: String?
+    /// Capture point per pcapng interface, made once per interface block.
+    private var points: [CapturePoint] = []
     private var ended = false
 
-    /// Opens `path`. `interfaceName` names the capture point when the caller knows it (pcapng interface names
-    /// are not exposed by libpcap); otherwise: "any" for cooked captures ("lo" per packet when the cooked
-    /// header says loopback), the hook for NFLOG, and the file's stem for the rest (`lo.pcap` → lo).
+    /// Opens `path`. `interfaceName` names the capture point when the caller knows it; otherwise a pcapng
+    /// interface's if_name, else "any" for cooked captures ("lo" per packet when the cooked header says
+    /// loopback), the hook for NFLOG, and the file's stem for the rest (`lo.pcap` → lo).
     public init(path: String, index: UInt16 = 0, tags: RuleTagTable, interfaceName: String? = nil) throws {
         self.path = path
         self.index = index
+        self.interfaceName = interfaceName
         try PcapFileSource.checkReadable(path)
-        do {
-            capture = try PcapHandle.openOffline(path: path)
-        } catch let e as MeshtraceError {
-            throw PcapFileSource.explainOpenFailure(path: path, libpcapMessage: e.message)
+        decoder = PacketDecoder(tags: tags)
+        if PcapngFileReader.isPcapng(path: path) {
+            let reader = try PcapngFileReader(path: path)
+            pcapng = reader
+            capture = nil
+            linkType = reader.interfaces.first?.linkType ?? -1
+            snapshotLength = Int32(clamping: reader.interfaces.first?.snaplen ?? 0)
+        } else {
+            let handle: PcapHandle
+            do {
+                handle = try PcapHandle.openOffline(path: path)
+            } catch let e as MeshtraceError {
+                throw PcapFileSource.explainOpenFailure(path: path, libpcapMessage: e.message)
+            }
+            capture = handle
+            pcapng = nil
+            linkType = handle.linkType
+            snapshotLength = handle.snapshotLength
+            decoder.nestedByteOrder = handle.isSwapped ? ByteOrder.host.swapped : .host
         }
-        linkType = capture.linkType
-        snapshotLength = capture.snapshotLength
+        currentLinkType = linkType
         guard LinkType.isSupported(linkType) else {
             let names = ["EN10MB", "LINUX_SLL", "LINUX_SLL2", "RAW", "IPV4", "IPV6", "NULL", "LOOP", "NFLOG"]
             throw MeshtraceError.badInput("\(path): link type \(linkType) (\(PcapFileSource.linkTypeName(linkType))) is not supported; meshtrace reads \(names.joined(separator: ", "))")
         }
-        decoder = PacketDecoder(tags: tags)
-        decoder.nestedByteOrder = capture.isSwapped ? ByteOrder.host.swapped : .host
-        if let interfaceName {
-            point = .interface(interfaceName)
-        } else {
-            switch linkType {
-            case LinkType.linuxSLL, LinkType.linuxSLL2: point = .interface("any")
-            case LinkType.nflog: point = .netfilter(.unknown)
-            default:
-                let stem = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
-                point = .interface(stem.isEmpty ? "?" : stem)
-            }
-        }
+        point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.interfaces.first?.name, path: path)
     }
 
     public func next(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
         guard !ended else { return nil }
-        switch capture.next() {
+        if let pcapng { return nextPcapng(pcapng, into: &record) }
+        switch capture!.next() {
         case .packet(let p):
             framesRead += 1
             record.ref = FrameRef(source: index, frame: framesRead)
@@ -77,15 +91,57 @@ public final class PcapFileSource: PacketSource {
             ended = true
             return nil
         case .error(let message):
-            ended = true
-            damage = .damaged("\(path): damaged after frame \(framesRead) (\(message)); the \(framesRead) frames before it were analysed")
-            return nil
+            return endDamaged(message)
         }
+    }
+
+    private func nextPcapng(_ reader: PcapngFileReader, into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
+        switch reader.next() {
+        case .packet(let time, let wireLength, let bytes, let interface):
+            while points.count < reader.interfaces.count {
+                let i = reader.interfaces[points.count]
+                points.append(PcapFileSource.point(linkType: i.linkType, given: interfaceName, recorded: i.name, path: path))
+            }
+            framesRead += 1
+            let lt = reader.interfaces[interface].linkType
+            currentLinkType = lt
+            record.ref = FrameRef(source: index, frame: framesRead)
+            record.time = time
+            record.point = points[interface]
+            // Without libpcap nothing swapped the NFLOG TLV headers: they are in the section's byte order.
+            decoder.nflogByteOrder = reader.order
+            decoder.nestedByteOrder = reader.order
+            decoder.decode(linkType: lt, bytes: bytes, wireLength: wireLength, into: &record)
+            return bytes
+        case .end, .interfaceAdded:
+            ended = true
+            return nil
+        case .damaged(let why):
+            return endDamaged(why)
+        }
+    }
+
+    private func endDamaged(_ why: String) -> UnsafeRawBufferPointer? {
+        ended = true
+        damage = .damaged("\(path): damaged after frame \(framesRead) (\(why)); the \(framesRead) frames before it were analysed")
+        return nil
     }
 
     public func close() {
         ended = true
-        capture.close()
+        capture?.close()
+    }
+
+    private static func point(linkType: Int32, given: String?, recorded: String?, path: String) -> CapturePoint {
+        if let given { return .interface(given) }
+        if linkType == LinkType.nflog { return .netfilter(.unknown) }
+        if let recorded, !recorded.isEmpty { return .interface(recorded) }
+        switch linkType {
+        case LinkType.linuxSLL, LinkType.linuxSLL2: return .interface("any")
+        default:
+            let stem = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
+            return .interface(stem.isEmpty ? "?" : stem)
+        }
     }
 
     private static func checkReadable(_ path: String) throws {

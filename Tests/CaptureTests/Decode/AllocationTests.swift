@@ -10,6 +10,8 @@ final class AllocationTests: XCTestCase {
     private static let phaseVariable = "MESHTRACE_ALLOC_PHASE"
     private static let mallocDebug = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
     private static let iterations = 100_000
+    /// Packets in the files the reading phases go through (building bigger files in a debug build is slow).
+    private static let filePackets = 20_000
 
     func testDecodingAndReadingDoNotAllocatePerPacket() throws {
         try XCTSkipIf(ProcessInfo.processInfo.environment[AllocationTests.phaseVariable] != nil)
@@ -20,10 +22,10 @@ final class AllocationTests: XCTestCase {
         defer { try? FileManager.default.removeItem(at: dir) }
         let control = try allocations(phase: "control", preload: preload!, dir: dir)
         XCTAssertGreaterThanOrEqual(control, 1000, "the control loop allocates once per iteration: the counter must see it")
-        for phase in ["decode", "file", "merged"] {
+        for phase in ["decode", "file", "merged", "pcapng"] {
             let n = try allocations(phase: phase, preload: preload!, dir: dir)
             // A few allocations from other threads may land in the window; one per packet would be 100k.
-            XCTAssertLessThan(n, 100, "\(phase): \(n) allocations while handling \(AllocationTests.iterations) packets")
+            XCTAssertLessThan(n, 100, "\(phase): \(n) allocations while handling \(phase == "decode" ? AllocationTests.iterations : AllocationTests.filePackets) packets")
         }
     }
 
@@ -91,10 +93,26 @@ final class AllocationTests: XCTestCase {
                 checksum &+= UInt64(record.tuple.dst.port) &+ UInt64(record.nflog?.prefixID ?? 0)
             }
             muntrace()
+        case "pcapng":
+            var b = PcapngFileBuilder()
+            b.addInterface(linkType: 113, name: "eth0")
+            b.addInterface(linkType: 239, name: "nf:OUTPUT", tsresol: 9)
+            for i in 0..<(AllocationTests.filePackets / 2) {
+                b.addPacket(interface: 0, units: UInt64(i * 2), frames[1].1)
+                b.addPacket(interface: 1, units: UInt64(i * 2 + 1) * 1000, frames.last!.1)
+            }
+            let source = try PcapFileSource(path: try b.write(URL(fileURLWithPath: dir), "mixed.pcapng"), tags: tags)
+            _ = source.next(into: &record)
+            _ = source.next(into: &record)
+            mtrace()
+            while let bytes = source.next(into: &record) {
+                checksum &+= UInt64(bytes.count) &+ UInt64(record.tuple.src.port)
+            }
+            muntrace()
         case "file", "merged":
             var sll = PcapFileBuilder(linkType: 113)
             var nflog = PcapFileBuilder(linkType: 239)
-            for i in 0..<(AllocationTests.iterations / 2) {
+            for i in 0..<(AllocationTests.filePackets / 2) {
                 sll.add(frames[1].1, fraction: UInt32(i * 2))
                 nflog.add(frames.last!.1, fraction: UInt32(i * 2 + 1))
             }

@@ -103,3 +103,49 @@ extension PacketDecoder {
         return r
     }
 }
+
+/// A pcapng file built in memory: section header, interface blocks with options, enhanced packet blocks.
+struct PcapngFileBuilder {
+    private(set) var bytes: [UInt8] = []
+    let order: ByteOrder
+
+    init(order: ByteOrder = .host) {
+        self.order = order
+        bytes = block(0x0A0D_0D0A, u32(0x1A2B_3C4D) + u16(1) + u16(0) + [UInt8](repeating: 0xff, count: 8))
+    }
+
+    func u32(_ v: UInt32) -> [UInt8] { order == .big ? Frame.be32(v) : Frame.be32(v).reversed() }
+    func u16(_ v: Int) -> [UInt8] { Frame.u16(v, order) }
+
+    func block(_ type: UInt32, _ body: [UInt8]) -> [UInt8] {
+        let padded = body + [UInt8](repeating: 0, count: (4 - body.count % 4) % 4)
+        let length = UInt32(12 + padded.count)
+        return u32(type) + u32(length) + padded + u32(length)
+    }
+
+    func option(_ code: Int, _ value: [UInt8]) -> [UInt8] {
+        u16(code) + u16(value.count) + value + [UInt8](repeating: 0, count: (4 - value.count % 4) % 4)
+    }
+
+    mutating func addInterface(linkType: Int, name: String?, tsresol: UInt8? = nil, snaplen: UInt32 = 262_144) {
+        var opts: [UInt8] = []
+        if let name { opts += option(2, Array(name.utf8)) }
+        if let tsresol { opts += option(9, [tsresol]) }
+        if !opts.isEmpty { opts += option(0, []) }
+        bytes += block(1, u16(linkType) + u16(0) + u32(snaplen) + opts)
+    }
+
+    /// `units` in the interface's timestamp resolution.
+    mutating func addPacket(interface: UInt32, units: UInt64, _ frame: [UInt8], wireLength: Int? = nil) {
+        bytes += block(6, u32(interface) + u32(UInt32(units >> 32)) + u32(UInt32(units & 0xffff_ffff))
+                       + u32(UInt32(frame.count)) + u32(UInt32(wireLength ?? frame.count)) + frame)
+    }
+
+    mutating func addRaw(_ raw: [UInt8]) { bytes += raw }
+
+    func write(_ dir: URL, _ name: String) throws -> String {
+        let url = dir.appendingPathComponent(name)
+        try Data(bytes).write(to: url)
+        return url.path
+    }
+}

@@ -107,6 +107,16 @@ final class HostileInputTests: XCTestCase {
         XCTAssertEqual(refs.count, 7)
         XCTAssertEqual(refs.filter { $0.source == 0 }.count, 4)
         XCTAssertEqual(merged.damage?.code, .damagedInput)
+
+        // One file through the merge: the same frames, and its damage.
+        let single = try MergedSource(paths: [badPath], tags: RuleTagTable())
+        var frames: [UInt64] = []
+        while single.next(into: &r) != nil {
+            frames.append(r.ref.frame)
+            XCTAssertEqual(single.currentLinkType, LinkType.ethernet)
+        }
+        XCTAssertEqual(frames, [1, 2, 3])
+        XCTAssertEqual(single.damage?.code, .damagedInput)
     }
 
     // MARK: packets cut by a snaplen

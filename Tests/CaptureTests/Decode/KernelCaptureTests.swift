@@ -98,6 +98,12 @@ final class KernelCaptureTests: KernelTestCase {
             running.append(p)
         }
 
+        // dumpcap (through tshark) on two interfaces writes one pcapng with an interface block per device.
+        let multiPath = dir.appendingPathComponent("multi.pcapng").path
+        let (multi, multiLog) = try start(a, ["tshark", "-n", "-q", "-i", "lo", "-i", vethA, "-w", multiPath], log: "multi.log")
+        try waitFor("Capturing on", in: multiLog)
+        running.append(multi)
+
         // Real traffic: TCP with data to a listener, TCP and UDP to closed ports (RST, ICMP unreachable), pings;
         // IPv4 and IPv6 over the veth, and a ping on lo.
         let (listener, _) = try start(b, ["timeout", "10", "nc", "-l", "10.77.0.2", "8080"], log: "nc.log")
@@ -204,6 +210,15 @@ final class KernelCaptureTests: KernelTestCase {
             }
             try assertMatchesTshark(converted, ng, cooked: name == "any")
         }
+
+        // Per-packet interface names from the pcapng interface blocks, as tshark reports them.
+        let multiCapture = try DecodedCapture(multiPath)
+        XCTAssertNil(multiCapture.damage)
+        let names = try Tshark.fields(multiPath, ["frame.interface_name"]).map { $0["frame.interface_name"]! }
+        XCTAssertEqual(multiCapture.records.map(\.point.interface), names)
+        XCTAssertEqual(Set(names), ["lo", vethA])
+        XCTAssertTrue(multiCapture.records.allSatisfy { $0.point.isLoopback == ($0.point.interface == "lo") })
+        try assertMatchesTshark(multiCapture, multiPath, cooked: false)
 
         // Several files of one node merged: every frame once, in time order.
         let merged = try MergedSource(paths: [files["any"]!, files["nflog"]!, files["veth"]!], tags: RuleTagTable())

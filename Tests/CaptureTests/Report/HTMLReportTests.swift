@@ -49,7 +49,8 @@ final class HTMLReportTests: XCTestCase {
         let path = try writeReport(scenario)
         let dom = try dumpDOM("file://\(path)")
 
-        let drawn = diagrams(in: dom)
+        let drawn = BrowserChecks.shownDiagrams(in: dom)
+        XCTAssertEqual(diagrams(in: dom).count, drawn.count, "a single page stores no other pages")
         // 7 connections: two hops (drawn as one diagram each), the probe, the forged mark, the UDP flow.
         XCTAssertEqual(drawn.count, 5, "one diagram per flow on the page")
         let ids = drawn.flatMap { $0 }
@@ -78,9 +79,12 @@ final class HTMLReportTests: XCTestCase {
         let scenario = ReportScenario.standard(extraOutbound: 40)
         let path = try writeReport(scenario)
         let flowsTotal = 5 + 40
-        let first = diagrams(in: try dumpDOM("file://\(path)"))
+        let firstDOM = try dumpDOM("file://\(path)")
+        // The whole document holds every diagram exactly once: page 1 live, the other pages as stored markup.
+        XCTAssertEqual(diagrams(in: firstDOM).flatMap { $0 }.sorted(), scenario.timelines.map(\.id).sorted())
+        let first = BrowserChecks.shownDiagrams(in: firstDOM)
         XCTAssertEqual(first.count, HTMLReport.flowsPerPage)
-        let last = diagrams(in: try dumpDOM("file://\(path)#page=\((flowsTotal + HTMLReport.flowsPerPage - 1) / HTMLReport.flowsPerPage)"))
+        let last = BrowserChecks.shownDiagrams(in: try dumpDOM("file://\(path)#page=\((flowsTotal + HTMLReport.flowsPerPage - 1) / HTMLReport.flowsPerPage)"))
         XCTAssertEqual(last.count, flowsTotal % HTMLReport.flowsPerPage == 0 ? HTMLReport.flowsPerPage : flowsTotal % HTMLReport.flowsPerPage)
         XCTAssertTrue(Set(first.flatMap { $0 }).isDisjoint(with: last.flatMap { $0 }))
         XCTAssertTrue(last.flatMap { $0 }.contains(scenario.timelines.last!.id))
@@ -204,6 +208,15 @@ final class VerifyHTMLCommandTests: XCTestCase {
 
 /// What the browser tests read back: the diagrams in a DOM, and whether a screenshot is blank.
 enum BrowserChecks {
+    /// The diagrams on the page shown: inside `#mt-diagrams`, not the stored markup of other pages.
+    static func shownDiagrams(in dom: String) -> [[ConnectionID]] {
+        guard let start = dom.range(of: "id=\"mt-diagrams\"") else { return [] }
+        let rest = dom[start.upperBound...]
+        let end = [rest.range(of: "<script type=\"text/html\"")?.lowerBound, rest.range(of: "</section>")?.lowerBound]
+            .compactMap { $0 }.min() ?? rest.endIndex
+        return diagrams(in: String(rest[..<end]))
+    }
+
     /// `data-conns` of every `<svg class="seq" ...>` in the DOM, in order.
     static func diagrams(in dom: String) -> [[ConnectionID]] {
         var out: [[ConnectionID]] = []
@@ -262,5 +275,27 @@ enum BrowserChecks {
             XCTFail("png statistics: \(r.stdout) \(r.stderr)"); return (0, 0, 0)
         }
         return (w, c, v)
+    }
+}
+
+final class HTMLDiagramBudgetTests: XCTestCase {
+    func testPastTheBudgetConnectionsAreListedNotDrawnButEscapesAlwaysAre() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-budget-\(getpid()).html").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var scenario = ReportScenario.standard(extraOutbound: 6)
+        // Move the escape to the end, past the budget.
+        let escape = scenario.timelines.remove(at: scenario.timelines.firstIndex { $0.id == scenario.findings[0].connection }!)
+        scenario.timelines.append(escape)
+        let sink = try HTMLReport(path: path, ruleset: scenario.ruleset, maxDiagrams: 3)
+        for f in scenario.findings { sink.finding(f) }
+        try scenario.play(into: sink)
+        let html = try String(contentsOfFile: path, encoding: .utf8)
+        let drawn = BrowserChecks.diagrams(in: html)
+        XCTAssertEqual(drawn.count, 4, "three within the budget, and the escape past it")
+        XCTAssertEqual(drawn.first, [escape.id], "escape first")
+        let flows = 5 + 6
+        XCTAssertTrue(html.contains("\(flows - 4) more flows are listed in the index but not drawn"), html)
+        let rows = html.components(separatedBy: "not drawn</span></td>").count - 1
+        XCTAssertEqual(rows, scenario.timelines.count - drawn.flatMap { $0 }.count, "every undrawn connection says so in the index")
     }
 }

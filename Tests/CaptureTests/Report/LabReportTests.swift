@@ -52,7 +52,7 @@ final class LabReportTests: KernelTestCase {
                         "--no-first-run", "--user-data-dir=\(profile)", "--virtual-time-budget=3000"]
         let dom = try Command.run(chromium + ["--dump-dom", "file://\(html)"])
         XCTAssertTrue(dom.ok, dom.stderr)
-        let drawn = BrowserChecks.diagrams(in: dom.stdout)
+        let drawn = BrowserChecks.shownDiagrams(in: dom.stdout)
         XCTAssertEqual(drawn.flatMap { $0 }.sorted(), ids, "one diagram per connection, none twice")
         for pair in hopPairs { XCTAssertTrue(drawn.contains(pair), "hop \(pair) drawn together: \(drawn)") }
         XCTAssertTrue(dom.stdout.contains("REDIRECT → :15001 (original destination"), "the redirect on the arrow")

@@ -1,0 +1,150 @@
+import Foundation
+import XCTest
+@testable import Capture
+
+/// pcapng read without libpcap: mixed link types (meshtrace's own annotated files, mergecap output), interface
+/// names per packet, timestamp resolutions, either byte order, and damaged blocks.
+final class PcapngTests: XCTestCase {
+    private var dir: URL!
+
+    override func setUpWithError() throws { dir = try makeTemporaryDirectory() }
+    override func tearDown() { try? FileManager.default.removeItem(at: dir) }
+
+    private var tcp: [UInt8] {
+        Frame.ipv4(src: "10.0.0.5", dst: "10.96.0.10", proto: 6, payload: Frame.tcp(sport: 40000, dport: 80, seq: 7, ack: 0, flags: 0x02))
+    }
+
+    func testInterfacesOfDifferentLinkTypesKeepTheirNamesAndTimestamps() throws {
+        for order in [ByteOrder.little, .big] {
+            var b = PcapngFileBuilder(order: order)
+            b.addInterface(linkType: 113, name: "eth0")                 // µs (default resolution)
+            b.addInterface(linkType: 239, name: "nf:OUTPUT", tsresol: 9) // ns
+            b.addInterface(linkType: 1, name: "lo", tsresol: 0x80 | 20)  // 2^-20 s
+            b.addPacket(interface: 0, units: 1_700_000_000_123_456, Frame.sll(packetType: 4, proto: 0x0800, payload: tcp))
+            let tlvs = Frame.attr(1, Frame.be16(0x0800) + [3, 0], order) + Frame.attr(2, Frame.be32(0x539), order)
+                + Frame.attr(10, Frame.cString("mt:4:nat:ISTIO_OUTPUT:2:abcd"), order) + Frame.attr(9, tcp, order)
+            b.addPacket(interface: 1, units: 1_700_000_000_123_456_789, Frame.nflog(group: 3, tlvs))
+            b.addPacket(interface: 2, units: (1_700_000_001 << 20) | (1 << 19), Frame.ethernet(type: 0x0800, payload: tcp))
+            let name = "mixed-\(order).pcapng"
+            let c = try DecodedCapture(try b.write(dir, name))
+            XCTAssertNil(c.damage, "\(order)")
+            XCTAssertEqual(c.records.count, 3)
+            XCTAssertEqual(c.records.map(\.point.description), ["eth0", "nf:OUTPUT", "lo"])
+            XCTAssertEqual(c.records.map(\.time), [Timestamp(seconds: 1_700_000_000, nanoseconds: 123_456_000),
+                                                   Timestamp(seconds: 1_700_000_000, nanoseconds: 123_456_789),
+                                                   Timestamp(seconds: 1_700_000_001, nanoseconds: 500_000_000)])
+            XCTAssertTrue(c.records.allSatisfy { $0.tuple.description == "tcp 10.0.0.5:40000 > 10.96.0.10:80" && $0.notes.isEmpty },
+                          c.records.map { "\($0.tuple) \($0.notes.descriptions)" }.joined(separator: "; "))
+            XCTAssertEqual(c.records[1].nflog?.mark, 0x539)
+            XCTAssertEqual(c.prefix(c.records[1]), "mt:4:nat:ISTIO_OUTPUT:2:abcd")
+            XCTAssertEqual(c.records[0].direction, .outbound)
+            XCTAssertTrue(c.records[2].point.isLoopback)
+            if Tshark.available {
+                let rows = try Tshark.fields(dir.appendingPathComponent(name).path,
+                                             ["frame.time_epoch", "frame.interface_name", "ip.src", "tcp.dstport"])
+                XCTAssertEqual(rows.map { $0["frame.interface_name"]! }, ["eth0", "nf:OUTPUT", "lo"])
+                XCTAssertEqual(rows.map { Tshark.epoch($0["frame.time_epoch"]!) }, c.records.map(\.time))
+            }
+        }
+    }
+
+    func testMergecapOfTwoLinkTypesReadsLikeTheFilesItCameFrom() throws {
+        try XCTSkipUnless(Command.which("mergecap") != nil, "mergecap not installed")
+        let nflog = ReferenceCaptures.path("tcpdump-tests-nflog.pcap")
+        let sll = ReferenceCaptures.path("tcpdump-tests-tcp-handshake-nano.pcap")
+        let mixed = dir.appendingPathComponent("mixed.pcapng").path
+        let r = try Command.run(["mergecap", "-F", "pcapng", "-w", mixed, nflog, sll])
+        XCTAssertTrue(r.ok, r.stderr)
+        // libpcap 1.10 stops at the second interface; meshtrace reads all of it.
+        let c = try DecodedCapture(mixed)
+        XCTAssertNil(c.damage)
+        let a = try DecodedCapture(nflog), b = try DecodedCapture(sll)
+        XCTAssertEqual(c.records.count, a.records.count + b.records.count)
+        for original in a.records + b.records {
+            XCTAssertTrue(c.records.contains { $0.time == original.time && $0.tuple == original.tuple && $0.nflog == original.nflog
+                && $0.tcpFlags == original.tcpFlags && $0.direction == original.direction }, "\(original.tuple) at \(original.time)")
+        }
+        XCTAssertEqual(Set(c.records.compactMap { $0.nflog?.group }), [20])
+    }
+
+    func testDamagedPcapngBlocks() throws {
+        var good = PcapngFileBuilder()
+        good.addInterface(linkType: 101, name: "raw0")
+        good.addPacket(interface: 0, units: 1, tcp)
+        good.addPacket(interface: 0, units: 2, tcp)
+        let base = good.bytes
+
+        func read(_ bytes: [UInt8], _ name: String) throws -> DecodedCapture {
+            let url = dir.appendingPathComponent(name)
+            try Data(bytes).write(to: url)
+            return try DecodedCapture(url.path)
+        }
+        // Cut inside the last block.
+        let cut = try read(Array(base.dropLast(7)), "cut.pcapng")
+        XCTAssertEqual(cut.records.count, 1)
+        XCTAssertEqual(cut.damage?.code, .damagedInput)
+        // A block claiming 2 GiB.
+        var huge = good
+        huge.addRaw(good.u32(6) + good.u32(0x7fff_fff0) + [UInt8](repeating: 0, count: 32))
+        let h = try read(huge.bytes, "huge.pcapng")
+        XCTAssertEqual(h.records.count, 2)
+        XCTAssertTrue(h.damage?.message.contains("bad block length") ?? false, h.damage?.message ?? "")
+        // A packet naming an interface that was never described.
+        var ghost = good
+        ghost.addPacket(interface: 5, units: 3, tcp)
+        let g = try read(ghost.bytes, "ghost.pcapng")
+        XCTAssertEqual(g.records.count, 2)
+        XCTAssertTrue(g.damage?.message.contains("interface 5") ?? false, g.damage?.message ?? "")
+        // Trailing length that disagrees with the leading one.
+        var mismatch = base
+        mismatch[mismatch.count - 1] ^= 0x10
+        mismatch[mismatch.count - 4] ^= 0x10
+        let m = try read(mismatch, "mismatch.pcapng")
+        XCTAssertEqual(m.records.count, 1)
+        XCTAssertNotNil(m.damage)
+        // Captured length beyond the block.
+        var lying = good
+        lying.addRaw(lying.block(6, lying.u32(0) + lying.u32(0) + lying.u32(9) + lying.u32(5000) + lying.u32(5000) + tcp))
+        XCTAssertNotNil(try read(lying.bytes, "lying.pcapng").damage)
+
+        // Not usable at all: bad byte-order magic, section header cut short, no interface, unsupported link type.
+        var badMagic = base
+        badMagic[8] = 0x99
+        XCTAssertEqual(openError(badMagic, "bom.pcapng")?.code, .badInput)
+        XCTAssertEqual(openError(Array(base.prefix(10)), "short.pcapng")?.code, .badInput)
+        XCTAssertEqual(openError(PcapngFileBuilder().bytes, "noif.pcapng")?.code, .badInput)
+        var user = PcapngFileBuilder()
+        user.addInterface(linkType: 147, name: "u")
+        let e = openError(user.bytes, "user.pcapng")
+        XCTAssertEqual(e?.code, .badInput)
+        XCTAssertTrue(e?.message.contains("link type 147") ?? false, e?.message ?? "")
+
+        // Random corruption of a valid file: records or damage, never a crash or a hang.
+        var rng = SeededGenerator(seed: 99)
+        for i in 0..<300 {
+            var bytes = base
+            for _ in 0..<Int.random(in: 1...4, using: &rng) {
+                bytes[Int.random(in: 0..<bytes.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
+            }
+            let url = dir.appendingPathComponent("fuzz.pcapng")
+            try Data(bytes).write(to: url)
+            if let source = try? PcapFileSource(path: url.path, tags: RuleTagTable()) {
+                var r = PacketRecord()
+                var n = 0
+                while source.next(into: &r) != nil && n < 10 { n += 1 }
+                XCTAssertLessThanOrEqual(n, 2, "iteration \(i)")
+            }
+        }
+    }
+
+    private func openError(_ bytes: [UInt8], _ name: String) -> MeshtraceError? {
+        let url = dir.appendingPathComponent(name)
+        try? Data(bytes).write(to: url)
+        do {
+            _ = try PcapFileSource(path: url.path, tags: RuleTagTable())
+            return nil
+        } catch {
+            return error as? MeshtraceError
+        }
+    }
+}
