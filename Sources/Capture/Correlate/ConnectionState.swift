@@ -27,14 +27,46 @@ struct FlowKey: Hashable {
     }
 }
 
-/// What identifies one packet across its views (NAT changes addresses and ports, never these), so an NFLOG
-/// record can be matched to the captured packet it copies.
+/// A timeline event as the correlator keeps it while the connection is open: plain values only, so appending,
+/// merging and sorting copy bytes and never touch a reference count. It becomes a `TimelineEvent` (with its
+/// rule hit, interface name and action) only when the connection is emitted.
+struct CompactEvent {
+    var time: Timestamp
+    var frame: FrameRef
+    var tuple: FiveTuple
+    var length: UInt32
+    var mark: UInt32
+    var hitID: UInt32
+    var restoredMark: UInt32
+    var notes: DecodeNotes
+    /// What identifies the packet across its views (NAT changes addresses and ports, never these), so an NFLOG
+    /// record can be matched to the captured packet it copies.
+    var ipID: UInt32
+    var seq: UInt32
+    var ack: UInt32
+    var interfaceIndex: UInt16
+    var pointKind: CapturePoint.Kind
+    var hook: NetfilterHook
+    var isLoopback: Bool
+    var direction: PacketDirection
+    var flags: TCPFlags
+    var hasMark: Bool
+    var hasRestoredMark: Bool
+    var forward: Bool
+
+    @inline(__always)
+    func samePacket(_ o: CompactEvent) -> Bool {
+        ipID == o.ipID && seq == o.seq && ack == o.ack && flags == o.flags && forward == o.forward
+    }
+}
+
 struct PacketIdentity: Hashable {
     var ipID: UInt32
     var seq: UInt32
     var ack: UInt32
     var flags: UInt8
     var forward: Bool
+    init(_ e: CompactEvent) { ipID = e.ipID; seq = e.seq; ack = e.ack; flags = e.flags.rawValue; forward = e.forward }
 }
 
 /// The initiator's endpoint and protocol: REDIRECT never changes the source, so every NAT view of
@@ -92,8 +124,8 @@ final class ConnectionState {
     /// The initiator's packets arrived from outside (incoming on a non-loopback interface, NFLOG PREROUTING from one).
     var initiatorArrivedFromOutside = false
     var eventsNeedSorting = false
-    /// Parallel to `timeline.events`: each event's packet identity.
-    var eventIdentities: [PacketIdentity] = []
+    /// The events kept so far (at most `maxEventsPerConnection`); `timeline.events` is filled from them on emission.
+    var events: [CompactEvent] = []
     var sawNetfilterEvent = false
     var sawInterfaceEvent = false
     /// Membership in the hop candidate lists.
@@ -109,8 +141,9 @@ final class ConnectionState {
     var id: ConnectionID { timeline.id }
     var proto: UInt8 { timeline.original.proto }
     var isClosed: Bool { closedAt != nil }
-    var hasOutboundHop: Bool { hopLinks.contains { $0.hop.direction == .outbound } }
-    var hasInboundHop: Bool { hopLinks.contains { $0.hop.direction == .inbound } }
+    /// Set when joined, so candidate scans test a flag rather than walk the links.
+    var hasOutboundHop = false
+    var hasInboundHop = false
     var sawZtunnelMark: Bool { !ztunnelMarkFrames.isEmpty }
 }
 

@@ -27,6 +27,9 @@ public final class Correlator {
     private let sweepInterval: Int64 = 1_000_000_000
 
     private var hitCache: [CachedHit?] = []
+    private var interfaceNames: [String] = ["?"]
+    private var lastInterfaceName = "?"
+    private var lastInterfaceIndex: UInt16 = 0
     private var hitCounts: [Int] = []
 
     private var podVotes: [IPAddress: Int] = [:]
@@ -137,7 +140,7 @@ public final class Correlator {
         c.firstSeenNanos = now
         c.timeline.firstSeen = r.time
         c.timeline.lastSeen = r.time
-        c.timeline.events.reserveCapacity(min(16, options.maxEventsPerConnection))
+        c.events.reserveCapacity(min(16, options.maxEventsPerConnection))
         if isRedirectTarget(responder) {
             c.natResponder = responder
         } else {
@@ -287,20 +290,17 @@ public final class Correlator {
             point.interface = name
         }
 
-        var hit: RuleHit? = nil
+        var restoredMark: UInt32? = nil
         if hitID != 0, let cached = cachedHit(hitID) {
-            hit = cached.hit
             switch cached.actionKind {
             case .redirect(let port):
-                hit!.action = .redirected(toPort: port, originalDestination: r.tuple.dst)
                 if !c.sawRedirectHit { c.sawRedirectHit = true; factsChanged = true }
                 if !isRedirectWithOriginal(c.timeline.redirect) && forward {
-                    c.timeline.redirect = hit!.action
+                    c.timeline.redirect = .redirected(toPort: port, originalDestination: r.tuple.dst)
                 }
             case .connmarkRestore:
                 // The twin logs the packet before the restore: the mark it gets is the connection's connmark.
-                let restored = r.nflog?.conntrack?.mark ?? (c.sawZtunnelConnmark ? options.ztunnelConnmark : nil)
-                hit!.action = .connmarkRestored(restored)
+                restoredMark = r.nflog?.conntrack?.mark ?? (c.sawZtunnelConnmark ? options.ztunnelConnmark : nil)
             case .connmarkSet(let v):
                 if !c.timeline.marks.contains(v) { c.timeline.marks.append(v) }
                 if (v & options.markMask) == options.ztunnelConnmark && !c.sawZtunnelConnmark {
@@ -381,13 +381,14 @@ public final class Correlator {
         if r.tuple.proto == IPProto.tcp { trackTCP(r, forward: forward, on: c) }
 
         if point.kind == .netfilter { c.sawNetfilterEvent = true } else if point.kind == .interface { c.sawInterfaceEvent = true }
-        if c.timeline.events.count < options.maxEventsPerConnection {
-            c.eventIdentities.append(PacketIdentity(ipID: r.ipID, seq: r.tcpSeq, ack: r.tcpAck, flags: r.tcpFlags.rawValue,
-                                                    forward: forward))
-            c.timeline.events.append(TimelineEvent(
-                time: r.time, frame: r.ref, point: point, direction: r.direction, tuple: r.tuple,
-                isReply: !forward, tcpFlags: r.tcpFlags, length: r.ipLength != 0 ? r.ipLength : r.wireLength,
-                mark: mark, hit: hit, notes: r.notes))
+        if c.events.count < options.maxEventsPerConnection {
+            c.events.append(CompactEvent(
+                time: r.time, frame: r.ref, tuple: r.tuple, length: r.ipLength != 0 ? r.ipLength : r.wireLength,
+                mark: mark ?? 0, hitID: hitID, restoredMark: restoredMark ?? 0, notes: r.notes,
+                ipID: r.ipID, seq: r.tcpSeq, ack: r.tcpAck,
+                interfaceIndex: point.kind == .interface ? interfaceIndex(point.interface) : 0,
+                pointKind: point.kind, hook: point.hook, isLoopback: point.isLoopback, direction: r.direction,
+                flags: r.tcpFlags, hasMark: mark != nil, hasRestoredMark: restoredMark != nil, forward: forward))
         } else {
             c.timeline.droppedEvents += 1
         }
@@ -587,7 +588,7 @@ public final class Correlator {
 
     private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState], asOuter: Bool,
                              direction: ZtunnelHop.Direction) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
-        pruneCandidates(&list)
+        pruneCandidates(&list, outbound: direction == .outbound)
         var strong: [ConnectionState] = []
         var weak: [ConnectionState] = []
         for p in list where p !== c && !p.emitted && p.mergedInto == nil {
@@ -681,14 +682,13 @@ public final class Correlator {
         }
     }
 
-    private func pruneCandidates(_ list: inout [ConnectionState]) {
+    /// Drops candidates that can no longer be joined: too old, emitted, merged, or already joined in this
+    /// direction. Joins happen within milliseconds in a healthy capture, so the lists stay short.
+    private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool) {
         let horizon = now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos
-        var drop = 0
-        while drop < list.count {
-            let p = list[drop]
-            if p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon { drop += 1 } else { break }
+        list.removeAll { p in
+            p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon || (outbound ? p.hasOutboundHop : p.hasInboundHop)
         }
-        if drop > 0 { list.removeFirst(drop) }
     }
 
     private func join(_ direction: ZtunnelHop.Direction, outer: ConnectionState, inner: ConnectionState,
@@ -698,6 +698,9 @@ public final class Correlator {
                            outer: outer, inner: inner, candidates: candidates)
         outer.hopLinks.append(link)
         inner.hopLinks.append(link)
+        if direction == .outbound { outer.hasOutboundHop = true; inner.hasOutboundHop = true } else {
+            outer.hasInboundHop = true; inner.hasInboundHop = true
+        }
         summary.hops += 1
     }
 
@@ -708,14 +711,11 @@ public final class Correlator {
             table[k] = keep
             if !keep.keys.contains(k) { keep.keys.append(k) }
         }
-        let room = options.maxEventsPerConnection - keep.timeline.events.count
-        if room > 0 {
-            keep.timeline.events.append(contentsOf: gone.timeline.events.prefix(room))
-            keep.eventIdentities.append(contentsOf: gone.eventIdentities.prefix(room))
-        }
+        let room = options.maxEventsPerConnection - keep.events.count
+        if room > 0 { keep.events.append(contentsOf: gone.events.prefix(room)) }
         keep.sawNetfilterEvent = keep.sawNetfilterEvent || gone.sawNetfilterEvent
         keep.sawInterfaceEvent = keep.sawInterfaceEvent || gone.sawInterfaceEvent
-        keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.timeline.events.count - max(0, room))
+        keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.events.count - max(0, room))
         keep.timeline.packets += gone.timeline.packets
         keep.timeline.bytes &+= gone.timeline.bytes
         if gone.timeline.firstSeen < keep.timeline.firstSeen { keep.timeline.firstSeen = gone.timeline.firstSeen }
@@ -742,6 +742,8 @@ public final class Correlator {
         keep.payloadForward &+= gone.payloadForward
         keep.payloadReply &+= gone.payloadReply
         if keep.timeline.redirect == nil { keep.timeline.redirect = gone.timeline.redirect }
+        keep.hasOutboundHop = keep.hasOutboundHop || gone.hasOutboundHop
+        keep.hasInboundHop = keep.hasInboundHop || gone.hasInboundHop
         for link in gone.hopLinks {
             if link.outer === gone { link.outer = keep; link.hop.outer = keep.id }
             if link.inner === gone { link.inner = keep; link.hop.inner = keep.id }
@@ -798,8 +800,9 @@ public final class Correlator {
             t.aliases.append(FiveTuple(proto: c.proto, src: c.initiator, dst: nat))
         }
         if c.sawNetfilterEvent && c.sawInterfaceEvent && retimeNetfilterEvents(c, &t) { c.eventsNeedSorting = true }
-        if c.eventsNeedSorting { sortEvents(&t) }
-        for i in t.events.indices { t.events[i].isReply = t.events[i].tuple.src != c.initiator }
+        if c.eventsNeedSorting { sortEvents(c) }
+        t.events = materialize(c)
+        c.events = []
         t.hops = c.hopLinks.map { link in
             if !link.finalized {
                 link.finalized = true
@@ -823,20 +826,29 @@ public final class Correlator {
     /// copies a packet also captured on an interface (same IP ID, TCP seq/ack and flags, same direction) takes that
     /// packet's time, so the timeline reads in the order the kernel handled the packet.
     private func retimeNetfilterEvents(_ c: ConnectionState, _ t: inout ConnectionTimeline) -> Bool {
-        guard c.eventIdentities.count == t.events.count else { return false }
-        var wire: [PacketIdentity: Timestamp] = [:]
-        for (i, e) in t.events.enumerated() where e.point.kind == .interface {
-            let k = c.eventIdentities[i]
-            if wire[k] == nil { wire[k] = e.time }
-        }
         var changed = false
-        for i in t.events.indices where t.events[i].point.kind == .netfilter {
-            if let time = wire[c.eventIdentities[i]], time != t.events[i].time {
-                t.events[i].time = time
-                changed = true
+        c.events.withUnsafeMutableBufferPointer { ev in
+            if ev.count <= 64 {
+                for i in ev.indices where ev[i].pointKind == .netfilter {
+                    for j in ev.indices where ev[j].pointKind == .interface && ev[j].samePacket(ev[i]) {
+                        if ev[i].time != ev[j].time { ev[i].time = ev[j].time; changed = true }
+                        break
+                    }
+                }
+            } else {
+                var wire: [PacketIdentity: Timestamp] = [:]
+                for e in ev where e.pointKind == .interface {
+                    let k = PacketIdentity(e)
+                    if wire[k] == nil { wire[k] = e.time }
+                }
+                for i in ev.indices where ev[i].pointKind == .netfilter {
+                    if let time = wire[PacketIdentity(ev[i])], time != ev[i].time { ev[i].time = time; changed = true }
+                }
             }
         }
-        if changed && t.droppedEvents == 0, let first = t.events.map(\.time).min(), let last = t.events.map(\.time).max() {
+        if changed && t.droppedEvents == 0, var first = c.events.first?.time {
+            var last = first
+            for e in c.events { if e.time < first { first = e.time }; if last < e.time { last = e.time } }
             t.firstSeen = first
             t.lastSeen = last
         }
@@ -845,20 +857,62 @@ public final class Correlator {
 
     /// By time; at equal times the kernel's order: OUTPUT/POSTROUTING hooks run before a packet is captured
     /// leaving (lo's copy too), PREROUTING/INPUT after it is captured arriving. Stable otherwise.
-    private func sortEvents(_ t: inout ConnectionTimeline) {
-        func rank(_ e: TimelineEvent) -> Int {
-            guard e.point.kind == .netfilter else { return 1 }
-            switch e.point.hook {
+    private func sortEvents(_ c: ConnectionState) {
+        func rank(_ e: CompactEvent) -> Int {
+            guard e.pointKind == .netfilter else { return 1 }
+            switch e.hook {
             case .output, .postrouting: return 0
             default: return 2
             }
         }
-        let indexed = t.events.enumerated().sorted { a, b in
-            if a.element.time != b.element.time { return a.element.time < b.element.time }
-            let ra = rank(a.element), rb = rank(b.element)
-            return ra != rb ? ra < rb : a.offset < b.offset
+        let keys = c.events.map { ($0.time.totalNanoseconds, rank($0)) }
+        let order = keys.indices.sorted { a, b in
+            if keys[a].0 != keys[b].0 { return keys[a].0 < keys[b].0 }
+            return keys[a].1 != keys[b].1 ? keys[a].1 < keys[b].1 : a < b
         }
-        t.events = indexed.map(\.element)
+        if order.elementsEqual(keys.indices) { return }
+        c.events = order.map { c.events[$0] }
+    }
+
+    /// The events as the sinks receive them: interface names, rule hits and what each rule did.
+    private func materialize(_ c: ConnectionState) -> [TimelineEvent] {
+        var out: [TimelineEvent] = []
+        out.reserveCapacity(c.events.count)
+        for e in c.events {
+            var hit: RuleHit? = nil
+            if e.hitID != 0, let cached = cachedHit(e.hitID) {
+                hit = cached.hit
+                switch cached.actionKind {
+                case .redirect(let port): hit!.action = .redirected(toPort: port, originalDestination: e.tuple.dst)
+                case .connmarkRestore: hit!.action = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
+                default: break
+                }
+            }
+            let point: CapturePoint
+            switch e.pointKind {
+            case .interface: point = CapturePoint(kind: .interface, interface: interfaceNames[Int(e.interfaceIndex)],
+                                                  isLoopback: e.isLoopback)
+            case .netfilter: point = .netfilter(e.hook)
+            case .unknown: point = .unknown
+            }
+            out.append(TimelineEvent(time: e.time, frame: e.frame, point: point, direction: e.direction, tuple: e.tuple,
+                                     isReply: e.tuple.src != c.initiator, tcpFlags: e.flags, length: e.length,
+                                     mark: e.hasMark ? e.mark : nil, hit: hit, notes: e.notes))
+        }
+        return out
+    }
+
+    @inline(__always)
+    private func interfaceIndex(_ name: String) -> UInt16 {
+        if name == lastInterfaceName { return lastInterfaceIndex }
+        let i: UInt16
+        if let found = interfaceNames.firstIndex(of: name) { i = UInt16(found) } else {
+            i = UInt16(min(interfaceNames.count, Int(UInt16.max)))
+            if interfaceNames.count < Int(UInt16.max) { interfaceNames.append(name) }
+        }
+        lastInterfaceName = name
+        lastInterfaceIndex = i
+        return i
     }
 
     private func addByteEvidence(_ hop: inout ZtunnelHop, outer: ConnectionState, inner: ConnectionState) {

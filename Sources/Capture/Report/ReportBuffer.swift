@@ -32,16 +32,37 @@ final class ReportBuffer {
         if v < 0 { bytes.append(UInt8(ascii: "-")); unsignedDecimal(UInt64(-Int64(v))) } else { unsignedDecimal(UInt64(v)) }
     }
 
+    /// "00" "01" ... "99": two digits per division.
+    private static let digitPairs: [UInt8] = {
+        var t: [UInt8] = []
+        for n in 0..<100 {
+            let tens = UInt8(n / 10), ones = UInt8(n % 10)
+            t.append(0x30 + tens)
+            t.append(0x30 + ones)
+        }
+        return t
+    }()
+
     func unsignedDecimal(_ v: UInt64) {
         if v < 10 { bytes.append(0x30 + UInt8(v)); return }
-        var tmp: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
-                  UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
-            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        var n = 0
-        var x = v
-        withUnsafeMutableBytes(of: &tmp) { buf in
-            while x > 0 { buf[n] = 0x30 + UInt8(x % 10); x /= 10; n += 1 }
-            for i in stride(from: n - 1, through: 0, by: -1) { bytes.append(buf[i]) }
+        // Digits are written backwards into a 20-byte scratch (UInt64.max has 20), then appended in one go.
+        var scratch: (UInt64, UInt64, UInt64) = (0, 0, 0)
+        withUnsafeMutableBytes(of: &scratch) { buf in
+            var i = 24
+            var x = v
+            ReportBuffer.digitPairs.withUnsafeBufferPointer { pairs in
+                while x >= 100 {
+                    let r = Int(x % 100); x /= 100
+                    i -= 2; buf[i] = pairs[2 * r]; buf[i + 1] = pairs[2 * r + 1]
+                }
+                if x >= 10 {
+                    let r = Int(x)
+                    i -= 2; buf[i] = pairs[2 * r]; buf[i + 1] = pairs[2 * r + 1]
+                } else {
+                    i -= 1; buf[i] = 0x30 + UInt8(x)
+                }
+            }
+            bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: buf[i..<24]))
         }
     }
 

@@ -96,7 +96,10 @@ func tcpdumpTime(_ t: Timestamp, digits: Int) -> String {
 }
 
 enum ReferenceCaptures {
+    /// ../shared/reference/captures when it is beside the checkout, else the copy under Fixtures/captures.
     static func path(_ name: String) -> String {
-        ProjectPaths.reference.appendingPathComponent("captures").appendingPathComponent(name).path
+        let shared = ProjectPaths.reference.appendingPathComponent("captures").appendingPathComponent(name).path
+        if FileManager.default.fileExists(atPath: shared) { return shared }
+        return ProjectPaths.fixtures.appendingPathComponent("captures").appendingPathComponent(name).path
     }
 }
