@@ -78,7 +78,13 @@ struct Trace: ParsableCommand {
             let outcome = try tracer.run(reporter: reporter)
             reporter.updateRuleset(tracer.ruleset)
             try reporter.finish(outcome.summary)
-            if !config.json { print(TraceSummaryText.render(outcome, ruleset: tracer.ruleset)) }
+            if config.json {
+                // stdout stays JSON Lines; the live-only accounting goes to stderr as one line.
+                let l = outcome.losses
+                FileHandle.standardError.write(Data("meshtrace: trace \(String(format: "%.1f", outcome.seconds)) s, \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets; events lost \(l.nflogEventsLost), capture drops \(l.pcapDropped)\n".utf8))
+            } else {
+                print(TraceSummaryText.render(outcome, ruleset: tracer.ruleset))
+            }
             if outcome.losses.any && strict { return .eventsLost }
             return outcome.summary.escapes > 0 ? .escapeFound : .ok
         }

@@ -29,7 +29,7 @@ public struct TraceOptions: Sendable {
     public var correlator = CorrelatorOptions()
     /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
     public var perRuleThreshold: Int? = nil
-    public var queueThreshold: UInt32 = 16
+    public var queueThreshold: UInt32 = 64
 
     public init(netns: NetnsRef) { self.netns = netns }
 
