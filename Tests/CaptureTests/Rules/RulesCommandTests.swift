@@ -83,6 +83,18 @@ final class RulesCommandTests: KernelTestCase {
         XCTAssertEqual(rules.status, 0, rules.stderr)
         XCTAssertTrue(rules.stdout.contains("\"outbound-capture\""))
         XCTAssertEqual(try meshtrace(["verify", "--netns", ns.ref.path]).status, 1)
+        let policy = FileManager.default.temporaryDirectory.appendingPathComponent("mt-rules-live-\(getpid()).txt")
+        try "allow reason forged-mark-0x539\n".write(to: policy, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: policy) }
+        // Without istio-cni's ip rule the replies of ztunnel's inbound connections cannot return to ztunnel.
+        let noRule = try meshtrace(["verify", "--netns", ns.name, "--policy", policy.path, "--json"])
+        XCTAssertEqual(noRule.status, 1)
+        XCTAssertTrue(noRule.stdout.contains("\"reply-uncaptured\""))
+        XCTAssertTrue(noRule.stderr.contains("ip rule"))
+        try ns.run(["ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"])
+        try ns.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
+        let withRule = try meshtrace(["verify", "--netns", ns.name, "--policy", policy.path])
+        XCTAssertEqual(withRule.status, 0, withRule.stdout)
         // Emptying the nat table opens every TCP class; the live verdict follows.
         try ns.run(["iptables", "-t", "nat", "-F", "ISTIO_OUTPUT"])
         let after = try meshtrace(["verify", "--netns", ns.name, "--json"])
