@@ -18,6 +18,12 @@ struct RulesetSourceOptions: ParsableArguments {
         guard given == 1 else { throw ValidationError("give exactly one of --rules FILE, --netns NAME|PATH, --pid N") }
     }
 
+    /// The live netns, when one was named.
+    func liveNetns() throws -> NetnsRef? {
+        guard rules == nil else { return nil }
+        return try NetnsRef.resolve(netns: netns, pid: pid)
+    }
+
     func load() throws -> Ruleset {
         if let rules { return try RulesetLoader.load(file: rules) }
         try Command.requireRoot("reading a pod's live rules")

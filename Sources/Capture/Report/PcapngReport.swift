@@ -13,11 +13,9 @@ import Glibc
 // connection, IP ID, TCP sequence, flags and length) within `samePacketWindow` spooled packets either side.
 // Bounded: the window, not the capture, decides the memory used.
 //
-// Note for readers of the file: libpcap 1.10 (tcpdump, and meshtrace's own reader) refuses a pcapng whose
-// interfaces differ in link type, and even one with two LINKTYPE_RAW interfaces (it compares the first
-// interface's DLT_RAW with the next one's LINKTYPE_RAW); Wireshark and tshark read all of them. A run whose
-// capture points share one link type other than RAW (EN10MB for lo and eth0, one `-i any` capture, one
-// `nflog:G` capture) gives a file that libpcap reads too.
+// Note for readers of the file: libpcap 1.10 (tcpdump) refuses a pcapng whose interfaces differ in link type,
+// and even one with two LINKTYPE_RAW interfaces (it compares the first interface's DLT_RAW with the next one's
+// LINKTYPE_RAW). Wireshark, tshark and meshtrace's own reader (`PcapngFileReader`) read all of them.
 
 public final class PcapngReport: ReportSink {
     public let path: String
