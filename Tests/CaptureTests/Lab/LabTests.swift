@@ -165,6 +165,22 @@ final class LabTests: KernelTestCase {
         XCTAssertTrue(lab.log(of: lab.client, "ztunnel").contains("outbound [fd00:10:244::110]"))
     }
 
+    func testTproxyEraInboundCaptureReachesTransparentListenersWhileTracedLive() throws {
+        let lab = try makeLab { $0.ruleset = .tproxyEra }
+        let runner = ScenarioRunner(lab: lab, tracing: LiveTraceTracing(group: 4105))
+        for scenario in [Scenario.inboundPlaintext, .inboundHBONE, .probe, .outbound] {
+            let r = try runner.run(scenario)
+            XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.evidence)")
+            XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace trace said\n\(r.traced?.report ?? "nothing")")
+            if scenario == .inboundPlaintext {
+                // No NAT with TPROXY: conntrack shows the peer's connection unrewritten, yet ztunnel took it.
+                XCTAssertTrue(r.evidence.contains { $0.hasPrefix("server ztunnel: inbound \(lab.peer.ipv4)") }, "\(r.evidence)")
+                XCTAssertTrue(r.traced?.report.contains("TPROXY") == true)
+            }
+        }
+        XCTAssertGreaterThan(try counter(lab, lab.server, table: "mangle", "--on-port 15006"), 0)
+    }
+
     func testNativeNftablesAndLegacyBackendsCaptureAndTheirMutationsEscape() throws {
         for configure in [{ (o: inout LabOptions) in o.ruleset = .nftNative; o.backend = .nftables },
                           { (o: inout LabOptions) in o.backend = .iptablesLegacy }] {
