@@ -31,7 +31,8 @@ final class RulesetHostileInputTests: XCTestCase {
         expectBadInput("{\"nftables\": [{\"table\": {\"family\": \"inet\", \"name\": \"t\"}}, {\"rule\": {\"family\": \"inet\", \"table\": \"t\", \"chain\": \"c\", \"expr\": []}}]}", mentioning: "item 2")
         expectBadInput("{\"nftables\": [", mentioning: "JSON")
         expectBadInput("*nat\n\u{0}\nCOMMIT\n", mentioning: "binary")
-        expectBadInput("", mentioning: "not a ruleset")
+        expectBadInput("", mentioning: "empty")
+        expectBadInput("\n \n", mentioning: "empty")
     }
 
     func testHostileSizesDoNotHang() {
