@@ -230,6 +230,55 @@ final class RulesKernelTests: KernelTestCase {
         XCTAssertEqual(try outboundTCP(p, q, mark: nil, token: "nocapture"), expectedArrival(v))
     }
 
+    func testForeignAcceptAheadOfTheRedirectInTheKernel() throws {
+        let (p, q) = try makePodAndPeer()
+        var lines = VerifierTests.seedText.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        lines.insert("-A ISTIO_OUTPUT -p tcp -m tcp --dport 8080 -j ACCEPT", at: lines.firstIndex { $0.contains("--to-ports 15001") }!)
+        let text = lines.joined(separator: "\n")
+        try p.run(["iptables-restore"], input: text)
+        let v = staticVerdict(try RulesetLoader.load(text: text, origin: "mutant"), "v4/tcp/app-remote/app/none")
+        XCTAssertEqual(v.code, "uncaptured-tcp")
+        XCTAssertEqual(try outboundTCP(p, q, mark: nil, token: "foreign"), expectedArrival(v))
+    }
+
+    /// Two backends in one netns: the kernel runs both. A stale iptables-legacy copy without the REDIRECT does not
+    /// stop iptables-nft's REDIRECT (nat chains run until one NATs); a legacy MARK 0x539 rule does open a hole.
+    func testTwoBackendsInTheKernel() throws {
+        let legacyStale = VerifierTests.seedText.replacingOccurrences(of: "(nf_tables) ", with: "")
+            .split(separator: "\n").filter { !$0.contains("15001") }.joined(separator: "\n") + "\n"
+        do {
+            let (p, q) = try makePodAndPeer()
+            try p.run(["iptables-nft-restore"], input: VerifierTests.seedText)
+            try p.run(["iptables-legacy-restore"], input: legacyStale)
+            let live = try RulesetLoader.load(netns: p.ref)
+            XCTAssertEqual(Set(live.ambientBackends), [.iptablesNft, .iptablesLegacy])
+            let v = staticVerdict(live, "v4/tcp/app-remote/app/none")
+            XCTAssertEqual(try outboundTCP(p, q, mark: nil, token: "twobackends"), expectedArrival(v), "static: \(v.summary)")
+        }
+        do {
+            let (p, q) = try makePodAndPeer()
+            try p.run(["iptables-nft-restore"], input: VerifierTests.seedText)
+            let legacyMark = """
+            *mangle
+            :PREROUTING ACCEPT [0:0]
+            :INPUT ACCEPT [0:0]
+            :FORWARD ACCEPT [0:0]
+            :OUTPUT ACCEPT [0:0]
+            :POSTROUTING ACCEPT [0:0]
+            :ISTIO_OUTPUT - [0:0]
+            -A OUTPUT -j ISTIO_OUTPUT
+            -A ISTIO_OUTPUT -p tcp -j MARK --set-xmark 0x539/0xfff
+            COMMIT
+
+            """
+            try p.run(["iptables-legacy-restore"], input: legacyMark)
+            let live = try RulesetLoader.load(netns: p.ref)
+            let v = staticVerdict(live, "v4/tcp/app-remote/app/none")
+            XCTAssertTrue(v.isFailure, v.summary)
+            XCTAssertEqual(try outboundTCP(p, q, mark: nil, token: "legacymark"), expectedArrival(v), "static: \(v.summary)")
+        }
+    }
+
     func testStaticVerdictsMatchTheKernelForNativeNftables() throws {
         let (p, q) = try makePodAndPeer()
         let golden = ProjectPaths.reference.appendingPathComponent("rulesets/istio/nft_master_default.golden").path
