@@ -281,7 +281,7 @@ final class RulesKernelTests: KernelTestCase {
 
     func testStaticVerdictsMatchTheKernelForNativeNftables() throws {
         let (p, q) = try makePodAndPeer()
-        let golden = ProjectPaths.reference.appendingPathComponent("rulesets/istio/nft_master_default.golden").path
+        let golden = RulesReference.rulesets.appendingPathComponent("istio/nft_master_default.golden").path
         try p.run(["nft", "-f", golden])
         let rs = try RulesetLoader.load(file: golden)
         let plain = staticVerdict(rs, "v4/tcp/app-remote/app/none")
@@ -330,7 +330,7 @@ final class RulesKernelTests: KernelTestCase {
     func testLoadingALiveNetnsReadsEveryBackendOnce() throws {
         let ns = try makeNetns()
         let seed = try RulesetLoader.load(file: VerifierTests.seedPath)
-        let goldenPath = ProjectPaths.reference.appendingPathComponent("rulesets/istio/nft_master_default.golden").path
+        let goldenPath = RulesReference.rulesets.appendingPathComponent("istio/nft_master_default.golden").path
         let nft = try RulesetLoader.load(file: goldenPath)
         try ns.run(["iptables-nft-restore"], input: VerifierTests.seedText)
         try ns.run(["nft", "-f", goldenPath])
@@ -382,7 +382,7 @@ final class RulesKernelTests: KernelTestCase {
 
         // nft: `matchText log group G prefix P` is valid nft.
         let nftNs = try makeNetns()
-        let golden = ProjectPaths.reference.appendingPathComponent("rulesets/istio/nft_master_default.golden").path
+        let golden = RulesReference.rulesets.appendingPathComponent("istio/nft_master_default.golden").path
         try nftNs.run(["nft", "-f", golden])
         let nft = try RulesetLoader.load(netns: nftNs.ref)
         var script = ""

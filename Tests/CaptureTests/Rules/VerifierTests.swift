@@ -4,7 +4,7 @@ import XCTest
 /// `meshtrace verify`: the untouched rulesets give no escape beyond the one every pod has (a process able to set
 /// mark 0x539), and each mutation an operator meets in the field is caught with the class and the rule path.
 final class VerifierTests: XCTestCase {
-    static let seedPath = ProjectPaths.reference.appendingPathComponent("rulesets/seed-ambient-pod.iptables-save.txt").path
+    static let seedPath = RulesReference.rulesets.appendingPathComponent("seed-ambient-pod.iptables-save.txt").path
     static var seedText: String { (try? String(contentsOfFile: seedPath, encoding: .utf8)) ?? "" }
     static let forgedMarkPolicy = try! VerifyPolicy(text: "# every pod: a CAP_NET_ADMIN process can set ztunnel's mark\nallow reason forged-mark-0x539\n", origin: "policy")
 
@@ -64,12 +64,12 @@ final class VerifierTests: XCTestCase {
     }
 
     func testDnsCaptureOnSendsDnsToZtunnel() throws {
-        let rs = try RulesetLoader.load(file: ProjectPaths.reference.appendingPathComponent("rulesets/istio/iptables_master_default.golden").path)
+        let rs = try RulesetLoader.load(file: RulesReference.rulesets.appendingPathComponent("istio/iptables_master_default.golden").path)
         let r = Verifier(ruleset: rs).run()
         XCTAssertEqual(result(r, "v4/udp/app-remote/53/none").verdict, .captured(port: 15053))
         XCTAssertEqual(result(r, "v4/tcp/app-remote/53/none").verdict, .captured(port: 15053))
         XCTAssertTrue(result(r, "v4/udp/ztunnel/53/mark-0x539").verdict.summary.contains("zone 1"))
-        let v6 = Verifier(ruleset: try RulesetLoader.load(file: ProjectPaths.reference.appendingPathComponent("rulesets/istio/iptables_master_default_ipv6.golden").path)).run()
+        let v6 = Verifier(ruleset: try RulesetLoader.load(file: RulesReference.rulesets.appendingPathComponent("istio/iptables_master_default_ipv6.golden").path)).run()
         XCTAssertEqual(result(v6, "v6/udp/app-remote/53/none").verdict, .captured(port: 15053))
         XCTAssertEqual(result(v6, "v6/tcp/inbound/app/none/probe").verdict.kind, "bypass")
     }
