@@ -260,7 +260,8 @@ public struct Verifier {
                     case .verdict(let v):
                         switch v {
                         case .drop, .reject: r.dropped = "\(t.name) \(c.name): \(RulesetReport.targetWord(v))"
-                        case .redirect, .tproxy, .dnat: r.natAtHook = true
+                        // TPROXY (mangle) is not NAT: the nat chains after it still run for the packet.
+                        case .redirect, .dnat: r.natAtHook = Verifier.isNat(t, c)
                         default: break
                         }
                     case .returned, .fellThrough:
