@@ -174,7 +174,12 @@ public struct Verifier {
             let start = packet(for: c, mark: m)
             for w in walkPacket(start, path: c.path) {
                 let v = verdict(for: c, walk: w, mark: m)
-                let cv = ClassVerdict(packetClass: c, verdict: v, path: w.steps, uncertainty: w.uncertain,
+                var steps = w.steps
+                if case .escape = v, w.nat == nil, w.replyEscape == nil {
+                    steps.append(c.path == .inbound ? "end: no rule redirected it; delivered to the app on port \(w.state.dport)"
+                                                    : "end: no rule redirected it; routed out \(w.state.oif ?? pod.interface)")
+                }
+                let cv = ClassVerdict(packetClass: c, verdict: v, path: steps, uncertainty: w.uncertain,
                                       packet: describe(start), acceptedBy: nil)
                 if worst == nil || v.severity > worst!.verdict.severity { worst = cv }
             }
