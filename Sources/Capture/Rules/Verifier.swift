@@ -104,9 +104,8 @@ public struct Verifier {
         let fams = Set(ruleset.tables.map(\.family))
         var out: [RuleFamily] = []
         if fams.contains(.ipv4) || fams.contains(.inet) || !fams.contains(.ipv6) { out.append(.ipv4) }
-        let v6Rules = ruleset.tables.contains { t in
-            t.family == .ipv6 && t.chains.contains { !$0.rules.isEmpty }
-        } || ruleset.allRules.contains { $0.family == .inet && RulesetAnalysis.families(of: $0) == [.ipv6] }
+        // An IPv6 table, even an empty one, says the pod has IPv6.
+        let v6Rules = ruleset.tables.contains { $0.family == .ipv6 } || ruleset.allRules.contains { $0.family == .inet && RulesetAnalysis.families(of: $0) == [.ipv6] }
         if pod.dualStack || v6Rules { out.append(.ipv6) }
         return out
     }
