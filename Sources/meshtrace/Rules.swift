@@ -18,6 +18,12 @@ struct RulesetSourceOptions: ParsableArguments {
         guard given == 1 else { throw ValidationError("give exactly one of --rules FILE, --netns NAME|PATH, --pid N") }
     }
 
+    /// The live netns, when one was named.
+    func liveNetns() throws -> NetnsRef? {
+        guard rules == nil else { return nil }
+        return try NetnsRef.resolve(netns: netns, pid: pid)
+    }
+
     func load() throws -> Ruleset {
         if let rules { return try RulesetLoader.load(file: rules) }
         try Command.requireRoot("reading a pod's live rules")
@@ -52,7 +58,14 @@ struct Rules: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
-            let rs = try source.load()
+            var reads: [RulesetLoader.BackendRead] = []
+            let rs: Ruleset
+            if let ref = try source.liveNetns() {
+                try Command.requireRoot("reading a pod's live rules")
+                (rs, reads) = try RulesetLoader.loadWithReport(netns: ref)
+            } else {
+                rs = try source.load()
+            }
             let analysis = RulesetAnalysis(rs)
             if graph {
                 let dot = RulesetGraph.dot(rs)
@@ -66,6 +79,9 @@ struct Rules: ParsableCommand {
             if json {
                 print(RulesetReport.json(rs, analysis))
             } else {
+                for r in reads {
+                    print("read: \(r.command.joined(separator: " ")): \(r.ok ? "\(r.tables) table(s)" : "skipped")\(r.note.map { " (\($0.trimmingCharacters(in: .whitespacesAndNewlines)))" } ?? "")")
+                }
                 print(RulesetReport.text(rs, analysis), terminator: "")
             }
             return .ok

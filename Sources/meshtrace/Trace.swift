@@ -73,14 +73,31 @@ struct Trace: ParsableCommand {
             let tracer = LiveTracer(options: options)
             let config = output.config
             let printer: ReportSink = config.json ? JSONReport() : TextReport(style: Style(config: config))
+            let status = LiveStatusLine(config: config, label: "tracing \(ref.label)")
+            tracer.status = status.line.enabled ? status : nil
             let reporter = try Reporter.make(config: config, tags: tracer.tags, title: "meshtrace trace --netns \(ref.label)",
-                                             sinks: [printer])
+                                             sinks: [StatusClearingSink(status: status), printer])
             let outcome = try tracer.run(reporter: reporter)
             reporter.updateRuleset(tracer.ruleset)
             try reporter.finish(outcome.summary)
-            if !config.json { print(TraceSummaryText.render(outcome, ruleset: tracer.ruleset)) }
+            if config.json {
+                // stdout stays JSON Lines; the live-only accounting goes to stderr as one line.
+                let l = outcome.losses
+                FileHandle.standardError.write(Data("meshtrace: trace \(String(format: "%.1f", outcome.seconds)) s, \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets; events lost \(l.nflogEventsLost), capture drops \(l.pcapDropped)\n".utf8))
+            } else {
+                print(TraceSummaryText.render(outcome, ruleset: tracer.ruleset))
+            }
             if outcome.losses.any && strict { return .eventsLost }
             return outcome.summary.escapes > 0 ? .escapeFound : .ok
         }
     }
+}
+
+/// Clears the live status line before a timeline or finding is printed on the same terminal.
+final class StatusClearingSink: ReportSink {
+    let status: LiveStatusLine
+    init(status: LiveStatusLine) { self.status = status }
+    func connection(_ timeline: ConnectionTimeline) { status.suspend() }
+    func finding(_ finding: EscapeFinding) { status.suspend() }
+    func finish(_ summary: AnalysisSummary) throws { status.finish() }
 }

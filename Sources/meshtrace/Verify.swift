@@ -57,6 +57,12 @@ struct Verify: ParsableCommand {
             pod.interface = interface
             pod.appPort = appPort
             pod.policyRouting = !noPolicyRouting
+            if !noPolicyRouting, let ref = try source.liveNetns(), let r = try? Command.run(["ip", "rule", "show"], in: ref), r.ok,
+               !PodParameters.hasIstioPolicyRouting(ipRuleShow: r.stdout) {
+                // Without istio-cni's ip rule, mark 0x111 does not send replies back to ztunnel: evaluate it that way.
+                pod.policyRouting = false
+                FileHandle.standardError.write(Data("meshtrace: note: \(ref) has no 'ip rule fwmark 0x111/0xfff lookup 100' (istio-cni adds it): evaluating without it\n".utf8))
+            }
             if let podIp {
                 guard let a = IPAddress(podIp), a.family == .v4 else { throw MeshtraceError(.usage, "--pod-ip \(podIp) is not an IPv4 address") }
                 pod.podIPv4 = a

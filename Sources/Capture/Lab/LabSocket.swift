@@ -161,12 +161,15 @@ public final class LabSocket: @unchecked Sendable {
         guard r == 0 else { throw MeshtraceError(.kernelRefused, LabSocket.errorText("bind \(ep)")) }
     }
 
-    /// A TCP listener on every address of the family, optionally marked.
-    static func tcpListener(port: UInt16, family: IPAddress.Family, mark: UInt32?, host: IPAddress? = nil) throws -> LabSocket {
+    /// A TCP listener on every address of the family, optionally marked. `transparent` lets TPROXY rules deliver
+    /// to it (xt_TPROXY ignores listeners without IP_TRANSPARENT).
+    static func tcpListener(port: UInt16, family: IPAddress.Family, mark: UInt32?, host: IPAddress? = nil,
+                            transparent: Bool = false) throws -> LabSocket {
         let s = try make(family, Int32(SOCK_STREAM.rawValue))
         try s.setInt(SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR")
         if family == .v6 { try s.setInt(SocketOption.solIPv6, SocketOption.ipv6Only, 1, "IPV6_V6ONLY") }
         if let mark { try s.setMark(mark) }
+        if transparent { try s.setTransparent() }
         let any = family == .v6 ? IPAddress(v6: 0, 0) : IPAddress(v4: 0)
         try s.bind(Endpoint(host ?? any, port))
         guard Glibc.listen(s.fd, 128) == 0 else { throw MeshtraceError(.kernelRefused, errorText("listen :\(port)")) }
@@ -213,14 +216,14 @@ public final class LabSocket: @unchecked Sendable {
     }
 
     /// The destination the app dialled before REDIRECT rewrote it (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST).
+    /// A TPROXY-delivered connection was never NATed (ENOENT): its local address is the original destination.
     func originalDestination() throws -> Endpoint {
         var sa = KernelSockaddr()
         let level = family == .v6 ? SocketOption.solIPv6 : SocketOption.solIP
         let r = sa.withPointer { p, len in getsockopt(fd, level, SocketOption.originalDestination, p, len) }
-        guard r == 0, let ep = sa.endpoint else {
-            throw MeshtraceError(.kernelRefused, LabSocket.errorText("SO_ORIGINAL_DST"))
-        }
-        return ep
+        if r == 0, let ep = sa.endpoint { return ep }
+        if errno == ENOENT, let local = localEndpoint { return local }
+        throw MeshtraceError(.kernelRefused, LabSocket.errorText("SO_ORIGINAL_DST"))
     }
 
     var localEndpoint: Endpoint? {

@@ -42,7 +42,7 @@ public enum Scenario: String, Sendable, CaseIterable {
         switch self {
         case .outbound: return "client app -> server:80, through the client's ztunnel (15001) and HBONE to the server's :15008"
         case .inboundHBONE: return "the same request seen in the server pod: HBONE in on :15008, ztunnel's 0x539 leg into the app, 0x111 replies"
-        case .inboundPlaintext: return "peer outside the mesh -> server:80, redirected to the server's ztunnel on 15006"
+        case .inboundPlaintext: return "peer outside the mesh -> server:80, redirected (or TPROXYed) to the server's ztunnel on 15006"
         case .probe: return "kubelet-style probe from 169.254.7.127 -> server:80"
         case .passthrough: return "client app -> peer:80 (outside the mesh): ztunnel passes it through, 0x539-marked"
         case .dns: return "client app -> DNS 10.244.0.1:53 over UDP"
@@ -72,7 +72,10 @@ public enum Scenario: String, Sendable, CaseIterable {
         switch self {
         case .outbound: return .init(verdict: .captured, because: "nat ISTIO_OUTPUT REDIRECTs app TCP to 15001; ztunnel tunnels it to server:15008")
         case .inboundHBONE: return .init(verdict: .captured, because: "dport 15008 is not redirected and lands on ztunnel, which connects to the app from the client's address")
-        case .inboundPlaintext: return .init(verdict: .captured, because: "nat ISTIO_PRERT REDIRECTs inbound TCP (not 15008) to 15006")
+        case .inboundPlaintext:
+            return .init(verdict: .captured, because: ruleset.text.contains("TPROXY")
+                ? "mangle ISTIO_PRERT TPROXYs inbound TCP to 15006 (mark 0x111, delivered by table 100)"
+                : "nat ISTIO_PRERT REDIRECTs inbound TCP (not 15008) to 15006")
         case .probe: return .init(verdict: .bypass, because: "the probe source 169.254.7.127 is ACCEPTed before the 15006 REDIRECT")
         case .passthrough: return .init(verdict: .captured, because: "redirected to 15001; the destination is outside the mesh, so ztunnel connects to it directly")
         case .dns:

@@ -36,9 +36,11 @@ public struct ScenarioResult: Sendable {
     public var evidence: [String]
     public var traced: LabTraceFinding?
 
-    /// The verdict this scenario is judged by: meshtrace's when it gave one, else the kernel's.
-    public var foundVerdict: LabVerdict? { traced?.verdict ?? kernelVerdict }
-    public var matches: Bool { foundVerdict == expected.verdict && kernelVerdict == expected.verdict }
+    /// True when the kernel's evidence and, when the scenario was traced, meshtrace's verdict both equal the truth.
+    /// A trace that gave no verdict does not match: silence is not agreement.
+    public var matches: Bool {
+        kernelVerdict == expected.verdict && (traced == nil || traced?.verdict == expected.verdict)
+    }
 }
 
 /// Runs scenarios against a lab: applies the scenario's rule change, runs its traffic with the tracer on,

@@ -62,7 +62,9 @@ public final class ZtunnelStandIn: @unchecked Sendable {
             for family in families {
                 for (port, serve) in [(config.outboundPort, serveOutbound), (config.inboundPlaintextPort, serveInboundPlaintext),
                                       (config.hbonePort, serveHBONE)] as [(UInt16, (LabSocket, Endpoint) -> Void)] {
-                    let l = try LabSocket.tcpListener(port: port, family: family, mark: config.mark)
+                    // Transparent so TPROXY-era rulesets (Istio 1.21-1.23) can deliver inbound connections too.
+                    let l = try LabSocket.tcpListener(port: port, family: family, mark: config.mark,
+                                                      transparent: port != config.outboundPort)
                     listeners.append(l)
                     startAcceptLoop(l, serve)
                 }

@@ -29,7 +29,7 @@ public struct TraceOptions: Sendable {
     public var correlator = CorrelatorOptions()
     /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
     public var perRuleThreshold: Int? = nil
-    public var queueThreshold: UInt32 = 16
+    public var queueThreshold: UInt32 = 64
 
     public init(netns: NetnsRef) { self.netns = netns }
 
@@ -104,6 +104,8 @@ public final class LiveTracer: @unchecked Sendable {
 
     /// Called on the main thread once the twins are in and events flow (tests and benchmarks start traffic here).
     public var onReady: (() -> Void)?
+    /// The live status line (events per second, drops, connections open), updated from the netns thread.
+    public var status: LiveStatusLine?
 
     // Main thread ↔ netns thread.
     private let opened = DispatchSemaphore(value: 0)
@@ -285,9 +287,15 @@ public final class LiveTracer: @unchecked Sendable {
             }
             let got = pump(&record, eventBuffer)
             release(force: false)
+            if let status, status.line.due() {
+                let events = Int((nflog?.recordsRead ?? 0) + (pcap?.framesRead ?? 0))
+                let dropped = Int(nflog?.sequenceGap ?? 0) + (nflog?.overruns ?? 0)
+                status.update(events: events, dropped: dropped, openConnections: correlator?.openConnectionCount ?? 0)
+            }
             if finishing && got == 0 && DispatchTime.now().uptimeNanoseconds >= finishDeadline { break }
         }
         release(force: true)
+        status?.finish()
     }
 
     /// Reads what is waiting on every socket; returns how many items were read.

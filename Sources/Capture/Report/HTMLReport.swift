@@ -10,14 +10,15 @@ import Glibc
 // Memory stays bounded as the run grows: each flow's diagram is drawn as soon as its connections are
 // finished and spooled to a temporary file; only a short index entry per connection stays in memory.
 // The page is assembled in `finish`. Paging keeps a 10k-connection page usable: the first page of
-// diagrams and of the index is in the markup, the rest is embedded as JSON and shown page by page.
+// diagrams and of the index is in the markup, the other pages are stored in the page (diagrams as inert
+// markup, the index as JSON) and shown page by page; past `maxDiagrams` connections are listed, not drawn.
 // A connection whose hop partner has not finished yet waits (at most `maxPendingHops` of them) so that
 // both sides of the hop land in one diagram.
 
 public final class HTMLReport: ReportSink {
     public static let flowsPerPage = 10
     public static let connectionsPerPage = 100
-    public static let maxPendingHops = 512
+    public static let maxPendingHops = 256
     /// Diagrams kept for the page (escapes drawn past it). Beyond it connections are listed, not drawn:
     /// a diagram is 5-15 kB, and a page of tens of megabytes is no longer one a browser opens quickly.
     public static let defaultMaxDiagrams = 2000
@@ -135,8 +136,9 @@ public final class HTMLReport: ReportSink {
             }
         }
         let heading = timelines.map { "#\($0.id) \($0.kind.rawValue)  \($0.original)" }.joined(separator: "   ⇄   ")
-        flows.append(Flow(offset: offset, length: length, connections: timelines.map(\.id), heading: heading,
-                          details: details, hops: hops))
+        // An undrawn flow keeps only what the index needs.
+        flows.append(Flow(offset: offset, length: length, connections: timelines.map(\.id),
+                          heading: length > 0 ? heading : "", details: length > 0 ? details : [], hops: length > 0 ? hops : []))
         for t in timelines {
             flowOfConnection[t.id] = flowIndex
             let hop = t.hops.map { h in

@@ -13,11 +13,9 @@ import Glibc
 // connection, IP ID, TCP sequence, flags and length) within `samePacketWindow` spooled packets either side.
 // Bounded: the window, not the capture, decides the memory used.
 //
-// Note for readers of the file: libpcap 1.10 (tcpdump, and meshtrace's own reader) refuses a pcapng whose
-// interfaces differ in link type, and even one with two LINKTYPE_RAW interfaces (it compares the first
-// interface's DLT_RAW with the next one's LINKTYPE_RAW); Wireshark and tshark read all of them. A run whose
-// capture points share one link type other than RAW (EN10MB for lo and eth0, one `-i any` capture, one
-// `nflog:G` capture) gives a file that libpcap reads too.
+// Note for readers of the file: libpcap 1.10 (tcpdump) refuses a pcapng whose interfaces differ in link type,
+// and even one with two LINKTYPE_RAW interfaces (it compares the first interface's DLT_RAW with the next one's
+// LINKTYPE_RAW). Wireshark, tshark and meshtrace's own reader (`PcapngFileReader`) read all of them.
 
 public final class PcapngReport: ReportSink {
     public let path: String
@@ -34,10 +32,16 @@ public final class PcapngReport: ReportSink {
     private var learnedRoles: [String: AmbientRole] = [:]
     private var finished = false
 
+    /// What a comment needs of a connection; kept for every connection until the end, so kept small
+    /// (the hop's evidence stays in the text, JSON and HTML reports).
     struct ConnectionNote {
         var kind: ConnectionKind
-        var hops: [ZtunnelHop] = []
+        var hops: [HopNote] = []
         var escapes: [EscapeFinding.Class] = []
+    }
+    struct HopNote: Equatable {
+        var direction: ZtunnelHop.Direction, outer: ConnectionID, inner: ConnectionID, confidence: Confidence
+        init(_ h: ZtunnelHop) { direction = h.direction; outer = h.outer; inner = h.inner; confidence = h.confidence }
     }
 
     public init(path: String, ruleset: Ruleset? = nil, tags: RuleTagTable? = nil) throws {
@@ -73,19 +77,14 @@ public final class PcapngReport: ReportSink {
     public func connection(_ timeline: ConnectionTimeline) {
         var note = connections[timeline.id] ?? ConnectionNote(kind: timeline.kind)
         note.kind = timeline.kind
-        for h in timeline.hops where !note.hops.contains(where: { $0.outer == h.outer && $0.inner == h.inner }) {
-            note.hops.append(h)
-        }
+        for h in timeline.hops.map(HopNote.init) where !note.hops.contains(h) { note.hops.append(h) }
         connections[timeline.id] = note
         // The partner of a hop may have been emitted before the hop was known: tell it too.
-        for h in timeline.hops {
+        for h in timeline.hops.map(HopNote.init) {
             for other in [h.outer, h.inner] where other != timeline.id {
-                if var n = connections[other] {
-                    if !n.hops.contains(where: { $0.outer == h.outer && $0.inner == h.inner }) { n.hops.append(h) }
-                    connections[other] = n
-                } else {
-                    var n = ConnectionNote(kind: .unknown); n.hops = [h]; connections[other] = n
-                }
+                var n = connections[other] ?? ConnectionNote(kind: .unknown)
+                if !n.hops.contains(h) { n.hops.append(h) }
+                connections[other] = n
             }
         }
         for e in timeline.events {

@@ -17,6 +17,11 @@ public struct PodParameters: Sendable {
     /// istio-cni's `ip rule fwmark 0x111/0xfff lookup 100` + `local default dev lo table 100` are in place.
     public var policyRouting = true
     public init() {}
+
+    /// True when `ip rule show` lists istio-cni's `fwmark 0x111/0xfff lookup 100`.
+    public static func hasIstioPolicyRouting(ipRuleShow: String) -> Bool {
+        ipRuleShow.split(separator: "\n").contains { $0.contains("fwmark 0x111/0xfff") && $0.contains("lookup 100") }
+    }
 }
 
 public struct PacketClass: Hashable, Sendable, CustomStringConvertible {

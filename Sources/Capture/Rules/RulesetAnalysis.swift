@@ -124,7 +124,18 @@ public struct RulesetAnalysis: Sendable {
             guard !scopeAmbient.isEmpty else { continue }
             let fam = tables[0].family
             let scopeName = RulesetAnalysis.scopeName(tables[0])
-            for (_, _, r) in scopeAmbient { rolesByFamily[fam, default: [:]][tables[0].backend, default: [:]][r.role, default: 0] += 1 }
+            for (_, _, r) in scopeAmbient {
+                if fam == .inet {
+                    // An inet table serves both families; a rule counts for the families its matches allow. The
+                    // comparison below only runs for IPv6 when the pod is dual-stack or the table names IPv6 itself.
+                    let explicitV6 = scopeAmbient.contains { RulesetAnalysis.families(of: $0.2) == [.ipv6] }
+                    for f in RulesetAnalysis.families(of: r) where f == .ipv4 || dualStack || explicitV6 {
+                        rolesByFamily[f, default: [:]][tables[0].backend, default: [:]][r.role, default: 0] += 1
+                    }
+                } else {
+                    rolesByFamily[fam, default: [:]][tables[0].backend, default: [:]][r.role, default: 0] += 1
+                }
+            }
             checkForeign(scopeRules)
             checkDuplicates(tables)
             checkMissing(tables, scopeAmbient.map(\.2.role), scopeName: scopeName)

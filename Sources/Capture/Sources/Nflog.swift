@@ -22,6 +22,8 @@ public final class NflogSocket {
         /// Kernel flush timeout in 1/100 s and queue threshold: small, so events arrive while connections run.
         public var flushTimeout: UInt32 = 1
         public var queueThreshold: UInt32 = 16
+        /// Bytes the kernel batches into one message before sending (nflog_set_nlbufsiz).
+        public var batchBytes: UInt32 = 32 << 10
         /// SO_RCVBUF(FORCE) bytes: room for bursts before the kernel drops (ENOBUFS).
         public var receiveBuffer: Int32 = 16 << 20
         /// Legacy TRACE: also bind nfnetlink_log as this netns's nf_log backend for IPv4/IPv6 (group 0).
@@ -86,6 +88,7 @@ public final class NflogSocket {
             }
             _ = nflog_set_timeout(gh, options.flushTimeout)
             _ = nflog_set_qthresh(gh, options.queueThreshold)
+            _ = nflog_set_nlbufsiz(gh, options.batchBytes)
             var size = options.receiveBuffer
             if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) != 0 {
                 _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))

@@ -20,7 +20,7 @@ public final class PcapLiveSource {
 
     public init(index: UInt16, tags: RuleTagTable, snaplen: Int32, filter: String?, writePath: String?) throws {
         self.index = index
-        capture = try PcapHandle.openLive(device: "any", snaplen: snaplen, bufferSize: 8 << 20, immediate: true,
+        capture = try PcapHandle.openLive(device: "any", snaplen: snaplen, bufferSize: 32 << 20, immediate: true,
                                           timeoutMilliseconds: 10)
         if let filter, !filter.isEmpty { try capture.setFilter(filter) }
         try capture.setNonblocking(true)

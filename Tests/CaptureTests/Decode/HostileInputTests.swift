@@ -93,6 +93,18 @@ final class HostileInputTests: XCTestCase {
         }
     }
 
+    func testBogusRecordLengthIsDamageAfterTheGoodRecords() throws {
+        var b = PcapFileBuilder(linkType: 1)
+        b.add(tcpFrame())
+        // A record header claiming 2 GiB captured: libpcap refuses it; meshtrace reports damage, no allocation.
+        let bytes = b.bytes + [0, 0, 0, 0, 0, 0, 0, 0] + [0xf0, 0xff, 0xff, 0x7f] + [0x40, 0, 0, 0] + tcpFrame()
+        let path = dir.appendingPathComponent("huge-record.pcap").path
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        let c = try DecodedCapture(path)
+        XCTAssertEqual(c.records.count, 1)
+        XCTAssertEqual(c.damage?.code, .damagedInput)
+    }
+
     func testDamageInOneMergedFileDoesNotStopTheOthers() throws {
         var good = PcapFileBuilder(linkType: 1)
         var bad = PcapFileBuilder(linkType: 1)

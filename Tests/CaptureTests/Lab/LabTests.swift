@@ -127,7 +127,12 @@ final class LabTests: KernelTestCase {
 
     func testLiveTracingJudgesScenariosAsTheirTruthAndLeavesTheRulesAsTheyWere() throws {
         let lab = try makeLab()
-        let before = try lab.client.netns.run(["iptables-nft-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        // Rules as text, without comments and the chains' packet counters (traffic moves those).
+        func rules() throws -> [String] {
+            try lab.client.netns.run(["iptables-nft-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+                .map { $0.replacingOccurrences(of: #"\[\d+:\d+\]"#, with: "[]", options: .regularExpression) }
+        }
+        let before = try rules()
         let runner = ScenarioRunner(lab: lab, tracing: LiveTraceTracing(group: 4103))
         for scenario in [Scenario.outbound, .inboundHBONE, .probe, .markEscape, .foreignAccept] {
             let r = try runner.run(scenario)
@@ -135,7 +140,7 @@ final class LabTests: KernelTestCase {
             XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace trace said\n\(r.traced?.report ?? "nothing")")
             XCTAssertTrue(r.traced?.report.contains("rule hits (meshtrace / kernel counter)") == true)
         }
-        let after = try lab.client.netns.run(["iptables-nft-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        let after = try rules()
         XCTAssertEqual(after, before, "the twins must be gone and the ruleset restored after the mutation")
     }
 
@@ -158,6 +163,22 @@ final class LabTests: KernelTestCase {
         }
         XCTAssertTrue(dnsEvidence.contains { $0.hasPrefix("client ztunnel: dns ") }, dnsEvidence.joined(separator: "\n"))
         XCTAssertTrue(lab.log(of: lab.client, "ztunnel").contains("outbound [fd00:10:244::110]"))
+    }
+
+    func testTproxyEraInboundCaptureReachesTransparentListenersWhileTracedLive() throws {
+        let lab = try makeLab { $0.ruleset = .tproxyEra }
+        let runner = ScenarioRunner(lab: lab, tracing: LiveTraceTracing(group: 4105))
+        for scenario in [Scenario.inboundPlaintext, .inboundHBONE, .probe, .outbound] {
+            let r = try runner.run(scenario)
+            XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.evidence)")
+            XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace trace said\n\(r.traced?.report ?? "nothing")")
+            if scenario == .inboundPlaintext {
+                // No NAT with TPROXY: conntrack shows the peer's connection unrewritten, yet ztunnel took it.
+                XCTAssertTrue(r.evidence.contains { $0.hasPrefix("server ztunnel: inbound \(lab.peer.ipv4)") }, "\(r.evidence)")
+                XCTAssertTrue(r.traced?.report.contains("TPROXY") == true)
+            }
+        }
+        XCTAssertGreaterThan(try counter(lab, lab.server, table: "mangle", "--on-port 15006"), 0)
     }
 
     func testNativeNftablesAndLegacyBackendsCaptureAndTheirMutationsEscape() throws {
@@ -199,6 +220,35 @@ final class LabTests: KernelTestCase {
         let linksAfter = try Command.run(["ip", "-o", "link"]).stdout.split(whereSeparator: \.isNewline).map { $0.split(separator: ":")[1] }
         XCTAssertEqual(Set(linksAfter).subtracting(linksBefore), [], "links appeared in the root namespace")
         XCTAssertEqual(try Command.run(["iptables-save"]).stdout.filter { !$0.isNumber }, rulesBefore)
+    }
+
+    func testAFailureWhileBuildingRemovesWhatWasMade() throws {
+        // A "meshtrace" that exits at once: the stand-ins never come up, the build fails half-way.
+        var o = LabOptions(executable: "/bin/false")
+        o.ruleset = .seed
+        let before = try Command.run(["ip", "netns", "list"]).stdout
+        XCTAssertThrowsError(try LabTopology(options: o)) { e in
+            XCTAssertEqual((e as? MeshtraceError)?.code, .kernelRefused)
+            XCTAssertTrue("\(e)".contains("stand-in"), "\(e)")
+        }
+        let after = try Command.run(["ip", "netns", "list"]).stdout
+        let ours = after.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("mt-l\(getpid())-") && !before.contains($0) }
+        XCTAssertEqual(ours, [], "namespaces of the failed build remain")
+    }
+
+    func testLabJSONHasOneRecordPerScenarioAndASummary() throws {
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let r = try Command.run([executable, "lab", "--json", "--scenario", "probe,udp"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let records = try r.stdout.split(whereSeparator: \.isNewline).map {
+            try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
+        }
+        XCTAssertEqual(records.map { $0["type"] as? String }, ["lab", "scenario", "scenario", "summary"])
+        XCTAssertEqual(records[1]["scenario"] as? String, "probe")
+        XCTAssertEqual(records[1]["expected"] as? String, "bypass by design")
+        XCTAssertEqual(records[1]["meshtrace"] as? String, "bypass by design")
+        XCTAssertEqual(records[2]["kernel"] as? String, "bypass by design")
+        XCTAssertEqual(records[3]["matching"] as? Int, 2)
     }
 
     /// The CLI end to end: Ctrl-C in the middle of a run, then --keep and `lab down`.

@@ -120,4 +120,38 @@ final class InstrumenterTests: KernelTestCase {
         for change in plan.changes { try ns.run(["iptables-nft-restore", "--noflush"], input: plan.xtablesRemovalScript(change)) }
         XCTAssertEqual(try Self.rulesText(ns), before)
     }
+
+    func testIstioDefaultWithIPv6AndTheRawTableIsTwinnedInBothFamiliesAndRestored() throws {
+        let ns = try makeNetns()
+        let dir = ProjectPaths.reference.appendingPathComponent("rulesets/istio")
+        try ns.run(["iptables-restore"], input: String(contentsOf: dir.appendingPathComponent("iptables_master_default.iptables-save.txt"), encoding: .utf8))
+        try ns.run(["ip6tables-restore"], input: String(contentsOf: dir.appendingPathComponent("iptables_master_default_ipv6.ip6tables-save.txt"), encoding: .utf8))
+        let before = try Self.rulesText(ns)
+        let instrumenter = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5307), parse: Instrumenter.parseHome)
+        let plan = try instrumenter.install()
+        XCTAssertEqual(Set(plan.ambientHomes.map(\.family)), [.ipv4, .ipv6])
+        // The DNS variant's CT-zone rules live in raw: they are twinned too.
+        XCTAssertTrue(plan.twins.contains { $0.table == "raw" && $0.home.family == .ipv4 })
+        XCTAssertTrue(plan.twins.contains { $0.table == "raw" && $0.home.family == .ipv6 })
+        let v4 = try ns.run(["iptables-save"]).stdout, v6 = try ns.run(["ip6tables-save"]).stdout
+        XCTAssertTrue(v4.contains("mt:4:nat:ISTIO_OUTPUT:"))
+        XCTAssertTrue(v6.contains("mt:6:nat:ISTIO_OUTPUT:"))
+        XCTAssertEqual(v4.components(separatedBy: "--comment meshtrace").count - 1 + v6.components(separatedBy: "--comment meshtrace").count - 1,
+                       plan.twins.count)
+        try instrumenter.remove()
+        XCTAssertEqual(try Self.rulesText(ns), before)
+    }
+
+    func testLegacyBackendIsInstrumentedWithLegacyToolsAndRestored() throws {
+        let ns = try makeNetns()
+        try ns.run(["iptables-legacy-restore"], input: Self.seed)
+        let before = try Self.rulesText(ns)
+        let instrumenter = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5308), parse: Instrumenter.parseHome)
+        let plan = try instrumenter.install()
+        XCTAssertEqual(plan.ambientHomes, [RuleHome(backend: .iptablesLegacy, family: .ipv4)])
+        XCTAssertEqual(try ns.run(["iptables-legacy-save"]).stdout.components(separatedBy: "--comment meshtrace").count - 1, 12)
+        XCTAssertFalse(try ns.run(["iptables-nft-save"]).stdout.contains("meshtrace"))
+        try instrumenter.remove()
+        XCTAssertEqual(try Self.rulesText(ns), before)
+    }
 }

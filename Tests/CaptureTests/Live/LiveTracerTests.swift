@@ -162,4 +162,19 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertFalse(try lab.client.netns.run(["nft", "list", "tables"]).stdout.contains("meshtrace"))
         XCTAssertFalse(try lab.client.netns.run(["iptables-save"]).stdout.contains("meshtrace"))
     }
+
+    func testLegacyBackendPodIsTracedWithCountsEqualToTheKernels() throws {
+        let lab = try makeLab { $0.backend = .iptablesLegacy }
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let before = try lab.client.netns.run(["iptables-legacy-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
+        let (outcome, sink) = try trace(lab.client, group: 5406) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server })
+        guard case .redirected(15001, let original)? = app.redirect else { return XCTFail("no redirect: \(String(describing: app.redirect))") }
+        XCTAssertEqual(original, server)
+        XCTAssertEqual(outcome.plan.ambientHomes.map(\.backend), [.iptablesLegacy])
+        XCTAssertFalse(outcome.kernelCounters.isEmpty)
+        for (prefix, kernel) in outcome.kernelCounters { XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix) }
+        let after = try lab.client.netns.run(["iptables-legacy-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
+        XCTAssertEqual(after, before)
+    }
 }

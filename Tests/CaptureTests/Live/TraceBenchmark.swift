@@ -31,7 +31,10 @@ final class TraceBenchmark: KernelTestCase {
         trace.executableURL = URL(fileURLWithPath: executable)
         trace.arguments = ["trace", "--netns", lab.client.ref.path, "--group", "5601", "--duration", "600", "--json", "--quiet"]
         trace.standardOutput = try XCTUnwrap(FileHandle(forWritingAtPath: log))
-        trace.standardError = FileHandle.standardError
+        let errLog = log + ".err"
+        FileManager.default.createFile(atPath: errLog, contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: errLog) }
+        trace.standardError = try XCTUnwrap(FileHandle(forWritingAtPath: errLog))
         try trace.run()
         defer { if trace.isRunning { kill(trace.processIdentifier, SIGKILL) } }
         let deadline = Date().addingTimeInterval(30)
@@ -71,6 +74,8 @@ final class TraceBenchmark: KernelTestCase {
         print("bench-trace: untraced \(f(plain1.rate)) and \(f(plain2.rate)) conn/s, traced \(f(t.rate)) conn/s, ratio \(String(format: "%.2f", ratio)) (target >= 0.80)")
         print("bench-trace: NFLOG events \(events) during \(String(format: "%.2f", t.seconds)) s of load = \(f(Double(events) / t.seconds)) events/s; \(packets) records correlated into \(connections) connections")
         print("bench-trace: events lost \(lost); twin hits meshtrace \(ourTotal) / kernel \(kernelTotal) (target: 0 lost, equal)")
+        let traceSaid = (try? String(contentsOfFile: errLog, encoding: .utf8)) ?? ""
+        if let last = traceSaid.split(separator: "\n").last { print("bench-trace: \(last)") }
         XCTAssertGreaterThanOrEqual(ourTotal + UInt64(max(lost, 0)), kernelTotal, "losses do not account for the difference")
     }
 }

@@ -130,3 +130,26 @@ final class PcapngReportTests: XCTestCase {
         }
     }
 }
+
+final class EmptyRunReportTests: XCTestCase {
+    func testARunWithoutPacketsGivesValidEmptyFiles() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mt-empty-\(getpid())-\(UUID().uuidString.prefix(6))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var config = OutputConfig()
+        config.pcapngPath = dir.appendingPathComponent("empty.pcapng").path
+        config.htmlPath = dir.appendingPathComponent("empty.html").path
+        let reporter = try Reporter.make(config: config, title: "empty")
+        XCTAssertTrue(reporter.wantsPackets)
+        try reporter.finish(AnalysisSummary())
+        let html = try String(contentsOfFile: config.htmlPath!, encoding: .utf8)
+        XCTAssertTrue(html.contains("No connections."))
+        XCTAssertTrue(html.hasSuffix("</html>\n"))
+        if Command.which("tshark") != nil {
+            let r = try Command.run(["tshark", "-r", config.pcapngPath!])
+            XCTAssertTrue(r.ok, r.stderr)
+            XCTAssertEqual(r.stdout, "")
+        }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted(), ["empty.html", "empty.pcapng"], "no spool left")
+    }
+}

@@ -1,0 +1,52 @@
+import XCTest
+@testable import Capture
+
+/// The lab's command line and the samples it recorded, through the built CLI.
+final class LabCommandTests: XCTestCase {
+    private var executable: String { ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path }
+
+    private func meshtrace(_ args: [String]) throws -> Command.Result {
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        return try Command.run([executable] + args)
+    }
+
+    func testBadLabArgumentsAreOneLineErrorsWithTheirExitCodes() throws {
+        let scenario = try meshtrace(["lab", "--scenario", "no-such-scenario"])
+        XCTAssertEqual(scenario.status, ExitStatus.usage.rawValue)
+        XCTAssertTrue(scenario.stderr.contains("unknown scenario 'no-such-scenario'"), scenario.stderr)
+        XCTAssertEqual(scenario.stderr.split(whereSeparator: \.isNewline).count, 1)
+
+        let ruleset = try meshtrace(["lab", "--ruleset", "/etc/hostname"])
+        XCTAssertEqual(ruleset.status, ExitStatus.badInput.rawValue, ruleset.stderr)
+
+        let missing = try meshtrace(["lab", "--ruleset", "/no/such/file.txt"])
+        XCTAssertEqual(missing.status, ExitStatus.badInput.rawValue, missing.stderr)
+
+        let backend = try meshtrace(["lab", "--backend", "ipchains"])
+        XCTAssertEqual(backend.status, ExitStatus.usage.rawValue, backend.stderr)
+
+        let list = try meshtrace(["lab", "--list"])
+        XCTAssertEqual(list.status, 0)
+        for s in Scenario.allCases { XCTAssertTrue(list.stdout.contains(s.rawValue)) }
+    }
+
+    /// samples/README.md says what each recording shows; the analyze engine must agree with it.
+    func testSamplesAnalyzeAsTheirREADMESays() throws {
+        let s = ProjectPaths.samples.path
+        let outbound = try meshtrace(["analyze", "\(s)/outbound-client-any.pcap", "\(s)/outbound-client-nflog.pcap",
+                                      "--rules", "\(s)/outbound-client-rules.txt", "--color", "never"])
+        XCTAssertEqual(outbound.status, 0, outbound.stderr)
+        XCTAssertTrue(outbound.stdout.contains("app-outbound") && outbound.stdout.contains("hbone-outbound"), outbound.stdout)
+        XCTAssertTrue(outbound.stdout.contains("REDIRECT to :15001"), outbound.stdout)
+
+        let inbound = try meshtrace(["analyze", "\(s)/inbound-hbone-server-any.pcap", "\(s)/inbound-hbone-server-nflog.pcap",
+                                     "--rules", "\(s)/inbound-hbone-server-rules.txt", "--color", "never"])
+        XCTAssertEqual(inbound.status, 0, inbound.stderr)
+        XCTAssertTrue(inbound.stdout.contains("hbone-inbound") && inbound.stdout.contains("connmark set 0x111"), inbound.stdout)
+
+        let escape = try meshtrace(["analyze", "\(s)/mark-escape-client-any.pcap", "\(s)/mark-escape-client-nflog.pcap",
+                                    "--rules", "\(s)/mark-escape-client-rules.txt", "--color", "never"])
+        XCTAssertEqual(escape.status, ExitStatus.escapeFound.rawValue, escape.stdout + escape.stderr)
+        XCTAssertTrue(escape.stdout.contains("ESCAPE"), escape.stdout)
+    }
+}
