@@ -109,7 +109,9 @@ struct Lab: ParsableCommand {
         }
 
         private func printTopology(_ lab: LabTopology) {
-            print("meshtrace lab: ruleset \(lab.options.ruleset.name) (\(lab.options.backend.rawValue))")
+            print("meshtrace lab: ruleset \(lab.options.ruleset.name) (\(lab.options.backend.rawValue)), "
+                  + (captureDir == nil ? "each scenario traced live (NFLOG group \(nflogGroup))"
+                                       : "each scenario recorded into \(captureDir!) (NFLOG group \(nflogGroup)) and analyzed"))
             for pod in lab.pods {
                 let what: String
                 switch pod.role {
@@ -130,7 +132,7 @@ struct Lab: ParsableCommand {
             print("   app got      \(r.appOutcome)")
             print("   expected     \(r.expected.verdict.rawValue) — \(r.expected.because)")
             print("   kernel shows \(r.kernelVerdict?.rawValue ?? "no result (the traffic failed)")")
-            print("   meshtrace    \(r.traced?.verdict?.rawValue ?? "no verdict yet (capture only)")")
+            print("   meshtrace    \(r.traced?.verdict?.rawValue ?? (r.traced == nil ? "not traced" : "no verdict (the connection was not seen)"))")
             for line in r.evidence { print("     \(line)") }
             if let report = r.traced?.report, !report.isEmpty {
                 for line in report.split(whereSeparator: \.isNewline) { print("     | \(line)") }

@@ -58,7 +58,14 @@ struct Rules: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
-            let rs = try source.load()
+            var reads: [RulesetLoader.BackendRead] = []
+            let rs: Ruleset
+            if let ref = try source.liveNetns() {
+                try Command.requireRoot("reading a pod's live rules")
+                (rs, reads) = try RulesetLoader.loadWithReport(netns: ref)
+            } else {
+                rs = try source.load()
+            }
             let analysis = RulesetAnalysis(rs)
             if graph {
                 let dot = RulesetGraph.dot(rs)
@@ -72,6 +79,9 @@ struct Rules: ParsableCommand {
             if json {
                 print(RulesetReport.json(rs, analysis))
             } else {
+                for r in reads {
+                    print("read: \(r.command.joined(separator: " ")): \(r.ok ? "\(r.tables) table(s)" : "skipped")\(r.note.map { " (\($0.trimmingCharacters(in: .whitespacesAndNewlines)))" } ?? "")")
+                }
                 print(RulesetReport.text(rs, analysis), terminator: "")
             }
             return .ok

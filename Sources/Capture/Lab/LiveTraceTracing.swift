@@ -74,6 +74,7 @@ public final class LiveTraceTracing: LabTracing {
         guard let result else { throw MeshtraceError(.kernelRefused, "the live trace ended without an outcome") }
         let traced: TraceOutcome
         do { traced = try result.get() } catch { cleanupText(); throw error }
+        reporter.updateRuleset(tracer.ruleset)
         try reporter.finish(traced.summary)
         var text = (try? String(contentsOfFile: current.textPath, encoding: .utf8)) ?? ""
         text += TraceSummaryText.render(traced, ruleset: tracer.ruleset) + "\n"

@@ -32,10 +32,16 @@ public final class PcapngReport: ReportSink {
     private var learnedRoles: [String: AmbientRole] = [:]
     private var finished = false
 
+    /// What a comment needs of a connection; kept for every connection until the end, so kept small
+    /// (the hop's evidence stays in the text, JSON and HTML reports).
     struct ConnectionNote {
         var kind: ConnectionKind
-        var hops: [ZtunnelHop] = []
+        var hops: [HopNote] = []
         var escapes: [EscapeFinding.Class] = []
+    }
+    struct HopNote: Equatable {
+        var direction: ZtunnelHop.Direction, outer: ConnectionID, inner: ConnectionID, confidence: Confidence
+        init(_ h: ZtunnelHop) { direction = h.direction; outer = h.outer; inner = h.inner; confidence = h.confidence }
     }
 
     public init(path: String, ruleset: Ruleset? = nil, tags: RuleTagTable? = nil) throws {
@@ -71,19 +77,14 @@ public final class PcapngReport: ReportSink {
     public func connection(_ timeline: ConnectionTimeline) {
         var note = connections[timeline.id] ?? ConnectionNote(kind: timeline.kind)
         note.kind = timeline.kind
-        for h in timeline.hops where !note.hops.contains(where: { $0.outer == h.outer && $0.inner == h.inner }) {
-            note.hops.append(h)
-        }
+        for h in timeline.hops.map(HopNote.init) where !note.hops.contains(h) { note.hops.append(h) }
         connections[timeline.id] = note
         // The partner of a hop may have been emitted before the hop was known: tell it too.
-        for h in timeline.hops {
+        for h in timeline.hops.map(HopNote.init) {
             for other in [h.outer, h.inner] where other != timeline.id {
-                if var n = connections[other] {
-                    if !n.hops.contains(where: { $0.outer == h.outer && $0.inner == h.inner }) { n.hops.append(h) }
-                    connections[other] = n
-                } else {
-                    var n = ConnectionNote(kind: .unknown); n.hops = [h]; connections[other] = n
-                }
+                var n = connections[other] ?? ConnectionNote(kind: .unknown)
+                if !n.hops.contains(h) { n.hops.append(h) }
+                connections[other] = n
             }
         }
         for e in timeline.events {

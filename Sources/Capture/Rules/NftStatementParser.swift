@@ -49,7 +49,7 @@ enum NftStatementParser {
                 negated = w == "!=" || w == "ne"
                 if !["==", "!=", "eq", "ne"].contains(w) {
                     // Ordered comparisons are not modelled: keep the value, the caller makes it unknown.
-                    return (k + 2, mask, negated, ["<cmp>"], false)
+                    return (min(k + 2, toks.count), mask, negated, ["<cmp>"], false)
                 }
                 k += 1
             }
@@ -120,7 +120,7 @@ enum NftStatementParser {
             case "counter":
                 isMatch = false
                 i += 1
-                if word(i) == "packets" { i += 4 }
+                if word(i) == "packets" { i = min(i + 4, toks.count) }
                 textTokens.append(t)
                 continue
             case "comment":

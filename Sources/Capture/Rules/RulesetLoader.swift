@@ -25,6 +25,7 @@ public enum RulesetLoader {
 
     public static func load(text: String, origin: String, format: RulesetFormat? = nil) throws -> Ruleset {
         guard text.utf8.count <= maxBytes else { throw MeshtraceError.badInput("\(origin): too large for a ruleset") }
+        if text.allSatisfy(\.isWhitespace) { throw MeshtraceError.badInput("\(origin): empty, no rules in it") }
         if text.utf8.contains(0) { throw MeshtraceError.badInput("\(origin): binary data (NUL byte), not a ruleset") }
         guard let fmt = format ?? detectFormat(text) else {
             let first = text.split(whereSeparator: \.isNewline).first { !$0.trimmingCharacters(in: .whitespaces).isEmpty }

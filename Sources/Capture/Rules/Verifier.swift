@@ -104,9 +104,8 @@ public struct Verifier {
         let fams = Set(ruleset.tables.map(\.family))
         var out: [RuleFamily] = []
         if fams.contains(.ipv4) || fams.contains(.inet) || !fams.contains(.ipv6) { out.append(.ipv4) }
-        let v6Rules = ruleset.tables.contains { t in
-            t.family == .ipv6 && t.chains.contains { !$0.rules.isEmpty }
-        } || ruleset.allRules.contains { $0.family == .inet && RulesetAnalysis.families(of: $0) == [.ipv6] }
+        // An IPv6 table, even an empty one, says the pod has IPv6.
+        let v6Rules = ruleset.tables.contains { $0.family == .ipv6 } || ruleset.allRules.contains { $0.family == .inet && RulesetAnalysis.families(of: $0) == [.ipv6] }
         if pod.dualStack || v6Rules { out.append(.ipv6) }
         return out
     }
@@ -174,7 +173,12 @@ public struct Verifier {
             let start = packet(for: c, mark: m)
             for w in walkPacket(start, path: c.path) {
                 let v = verdict(for: c, walk: w, mark: m)
-                let cv = ClassVerdict(packetClass: c, verdict: v, path: w.steps, uncertainty: w.uncertain,
+                var steps = w.steps
+                if case .escape = v, w.nat == nil, w.replyEscape == nil {
+                    steps.append(c.path == .inbound ? "end: no rule redirected it; delivered to the app on port \(w.state.dport)"
+                                                    : "end: no rule redirected it; routed out \(w.state.oif ?? pod.interface)")
+                }
+                let cv = ClassVerdict(packetClass: c, verdict: v, path: steps, uncertainty: w.uncertain,
                                       packet: describe(start), acceptedBy: nil)
                 if worst == nil || v.severity > worst!.verdict.severity { worst = cv }
             }
@@ -260,7 +264,8 @@ public struct Verifier {
                     case .verdict(let v):
                         switch v {
                         case .drop, .reject: r.dropped = "\(t.name) \(c.name): \(RulesetReport.targetWord(v))"
-                        case .redirect, .tproxy, .dnat: r.natAtHook = true
+                        // TPROXY (mangle) is not NAT: the nat chains after it still run for the packet.
+                        case .redirect, .dnat: r.natAtHook = Verifier.isNat(t, c)
                         default: break
                         }
                     case .returned, .fellThrough:

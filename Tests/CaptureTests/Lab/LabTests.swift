@@ -222,6 +222,35 @@ final class LabTests: KernelTestCase {
         XCTAssertEqual(try Command.run(["iptables-save"]).stdout.filter { !$0.isNumber }, rulesBefore)
     }
 
+    func testAFailureWhileBuildingRemovesWhatWasMade() throws {
+        // A "meshtrace" that exits at once: the stand-ins never come up, the build fails half-way.
+        var o = LabOptions(executable: "/bin/false")
+        o.ruleset = .seed
+        let before = try Command.run(["ip", "netns", "list"]).stdout
+        XCTAssertThrowsError(try LabTopology(options: o)) { e in
+            XCTAssertEqual((e as? MeshtraceError)?.code, .kernelRefused)
+            XCTAssertTrue("\(e)".contains("stand-in"), "\(e)")
+        }
+        let after = try Command.run(["ip", "netns", "list"]).stdout
+        let ours = after.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("mt-l\(getpid())-") && !before.contains($0) }
+        XCTAssertEqual(ours, [], "namespaces of the failed build remain")
+    }
+
+    func testLabJSONHasOneRecordPerScenarioAndASummary() throws {
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let r = try Command.run([executable, "lab", "--json", "--scenario", "probe,udp"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let records = try r.stdout.split(whereSeparator: \.isNewline).map {
+            try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
+        }
+        XCTAssertEqual(records.map { $0["type"] as? String }, ["lab", "scenario", "scenario", "summary"])
+        XCTAssertEqual(records[1]["scenario"] as? String, "probe")
+        XCTAssertEqual(records[1]["expected"] as? String, "bypass by design")
+        XCTAssertEqual(records[1]["meshtrace"] as? String, "bypass by design")
+        XCTAssertEqual(records[2]["kernel"] as? String, "bypass by design")
+        XCTAssertEqual(records[3]["matching"] as? Int, 2)
+    }
+
     /// The CLI end to end: Ctrl-C in the middle of a run, then --keep and `lab down`.
     func testInterruptedLabAndLabDownLeaveNothingBehind() throws {
         XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")

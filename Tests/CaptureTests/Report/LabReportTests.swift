@@ -94,6 +94,30 @@ final class LabReportTests: KernelTestCase {
         }
     }
 
+    func testALiveTracedLabRunWritesItsPageAndPcapngPerScenario() throws {
+        guard Command.which("chromium") != nil else { throw XCTSkip("chromium is not installed (scripts/setup --test)") }
+        let html = dir.appendingPathComponent("lab.html").path, pcapng = dir.appendingPathComponent("lab.pcapng").path
+        let lab = try Command.run(["timeout", "240", meshtrace, "lab", "--scenario", "outbound", "--html", html, "--pcapng", pcapng])
+        XCTAssertTrue(lab.ok, lab.stdout + lab.stderr)
+        let page = dir.appendingPathComponent("lab-outbound.html").path
+        let text = try String(contentsOfFile: page, encoding: .utf8)
+        XCTAssertTrue(text.contains("class=\"rules\""), "the live ruleset is drawn")
+        let profile = dir.appendingPathComponent("profile-live").path
+        let dom = try Command.run(["timeout", "90", "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                   "--user-data-dir=\(profile)", "--virtual-time-budget=3000", "--dump-dom", "file://\(page)"])
+        XCTAssertTrue(dom.ok, dom.stderr)
+        // Every connection of the index is drawn exactly once, and the app's connection shares its diagram with
+        // ztunnel's HBONE connection.
+        let indexed = dom.stdout.components(separatedBy: "<td class=\"num\">#").dropFirst().compactMap { ConnectionID($0.prefix { $0.isNumber }) }
+        let drawn = BrowserChecks.shownDiagrams(in: dom.stdout)
+        XCTAssertFalse(indexed.isEmpty)
+        XCTAssertEqual(drawn.flatMap { $0 }.sorted(), indexed.sorted())
+        XCTAssertTrue(drawn.contains { $0.count == 2 }, "the outbound hop joined in one diagram: \(drawn)")
+        let t = try Command.run(["tshark", "-r", dir.appendingPathComponent("lab-outbound.pcapng").path, "-T", "fields", "-e", "frame.comment"])
+        XCTAssertTrue(t.ok, t.stderr)
+        XCTAssertTrue(t.stdout.contains("outbound-capture") && t.stdout.contains("ztunnel hop outbound"))
+    }
+
     static func withoutFrameReferences(_ json: String) -> String {
         var s = json
         for pattern in [#""frame":\[[0-9]+,[0-9]+\]"#, #"frame [0-9]+:[0-9]+"#, #""frames":\[[^\]]*\]"#] {

@@ -31,7 +31,8 @@ final class RulesetHostileInputTests: XCTestCase {
         expectBadInput("{\"nftables\": [{\"table\": {\"family\": \"inet\", \"name\": \"t\"}}, {\"rule\": {\"family\": \"inet\", \"table\": \"t\", \"chain\": \"c\", \"expr\": []}}]}", mentioning: "item 2")
         expectBadInput("{\"nftables\": [", mentioning: "JSON")
         expectBadInput("*nat\n\u{0}\nCOMMIT\n", mentioning: "binary")
-        expectBadInput("", mentioning: "not a ruleset")
+        expectBadInput("", mentioning: "empty")
+        expectBadInput("\n \n", mentioning: "empty")
     }
 
     func testHostileSizesDoNotHang() {
@@ -46,6 +47,54 @@ final class RulesetHostileInputTests: XCTestCase {
         let start = Date()
         XCTAssertEqual(try RulesetLoader.load(text: many, origin: "many").allRules.count, 5000)
         XCTAssertLessThan(Date().timeIntervalSince(start), 10)
+    }
+
+    /// Random iptables rule specifications: every one parses or is a one-line `.badInput` naming line 4.
+    func testRandomIptablesSpecs() {
+        var rng = SplitMix(seed: 0x6970_7473)
+        let words = ["!", "-p", "tcp", "udp", "-s", "-d", "10.0.0.0/8", "::1", "-i", "-o", "lo", "-m", "mark", "connmark", "--mark",
+                     "0x539/0xfff", "--dport", "--sport", "53", "1:2", "-j", "-g", "ACCEPT", "REDIRECT", "--to-ports", "15001",
+                     "TPROXY", "--on-port", "--tproxy-mark", "CONNMARK", "--set-xmark", "--restore-mark", "MARK", "CT", "--zone",
+                     "NFLOG", "--nflog-prefix", "\"mt:4:a:b:1:-\"", "-m", "comment", "--comment", "\"x y\"", "multiport",
+                     "--dports", "80,443", "conntrack", "--ctstate", "NEW", "owner", "--uid-owner", "1337", "set", "--match-set",
+                     "s", "dst", "statistic", "--mode", "random", "ISTIO_OUTPUT", "DNAT", "--to-destination", "1.2.3.4", "-f"]
+        for i in 0..<3000 {
+            let n = 1 + Int(rng.next() % 10)
+            let spec = (0..<n).map { _ in words[Int(rng.next() % UInt64(words.count))] }.joined(separator: " ")
+            let text = "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT \(spec)\nCOMMIT\n"
+            do {
+                let rs = try RulesetLoader.load(text: text, origin: "spec\(i)")
+                _ = Verifier(ruleset: rs).evaluate(PacketClass(family: .ipv4, proto: .tcp, path: .appToRemote, port: .other, mark: .ztunnel))
+            } catch let e as MeshtraceError {
+                XCTAssertEqual(e.code, .badInput, "'\(spec)': \(e.message)")
+                XCTAssertTrue(e.message.contains("line 4"), "'\(spec)': \(e.message)")
+            } catch {
+                XCTFail("'\(spec)': \(error)")
+            }
+        }
+    }
+
+    /// Random sequences of nft statement words inside a chain: every one parses or is a one-line `.badInput`.
+    func testRandomNftStatements() {
+        var rng = SplitMix(seed: 0x6e66_7473)
+        let words = ["meta", "mark", "&", "and", "0xfff", "==", "!=", "<", ">=", "0x539", "ct", "state", "established", ",",
+                     "related", "ip", "ip6", "saddr", "daddr", "10.0.0.1", "::1", "/", "tcp", "udp", "th", "dport", "sport", "53",
+                     "1-2", "{", "}", "counter", "packets", "bytes", "1", "accept", "drop", "jump", "goto", "c", "redirect", "to",
+                     ":15001", "tproxy", "dnat", "snat", "log", "prefix", "\"p\"", "group", "set", "zone", "comment", "oifname",
+                     "\"lo\"", "l4proto", "nfproto", "ipv4", "skuid", "notrack", "masquerade", "@s", "icmp", "type", "reject", "with"]
+        for i in 0..<3000 {
+            let n = 1 + Int(rng.next() % 9)
+            let stmt = (0..<n).map { _ in words[Int(rng.next() % UInt64(words.count))] }.joined(separator: " ")
+            let text = "table inet t {\n chain c {\n }\n chain d {\n  \(stmt)\n }\n}\n"
+            do {
+                let rs = try RulesetLoader.load(text: text, origin: "stmt\(i)")
+                _ = Verifier(ruleset: rs).evaluate(PacketClass(family: .ipv4, proto: .tcp, path: .appToRemote, port: .dns, mark: .none))
+            } catch let e as MeshtraceError {
+                XCTAssertEqual(e.code, .badInput, "'\(stmt)': \(e.message)")
+            } catch {
+                XCTFail("'\(stmt)': \(error)")
+            }
+        }
     }
 
     /// Random mutations of every real ruleset: each parse either succeeds or is a one-line `.badInput`; parsed

@@ -1,11 +1,21 @@
 import XCTest
 @testable import Capture
 
+/// The shared reference rulesets (`../shared/reference/rulesets`), or the copy in Fixtures/rulesets/reference when the
+/// repository is checked out alone (a fresh CI clone).
+enum RulesReference {
+    static var rulesets: URL {
+        let shared = ProjectPaths.reference.appendingPathComponent("rulesets")
+        if FileManager.default.fileExists(atPath: shared.appendingPathComponent("seed-ambient-pod.iptables-save.txt").path) { return shared }
+        return ProjectPaths.fixtures.appendingPathComponent("rulesets/reference")
+    }
+}
+
 /// Every reference ruleset parses into the one model with the roles Istio's own rule texts say, and every form of
 /// the same ruleset (save output, golden, nft text, nft JSON, restore input) reads the same.
 final class RulesetParsingTests: XCTestCase {
     static var referenceFiles: [URL] {
-        let dir = ProjectPaths.reference.appendingPathComponent("rulesets")
+        let dir = RulesReference.rulesets
         let top = (try? FileManager.default.contentsOfDirectory(at: dir, includingPropertiesForKeys: nil)) ?? []
         let istio = (try? FileManager.default.contentsOfDirectory(at: dir.appendingPathComponent("istio"), includingPropertiesForKeys: nil)) ?? []
         return (top + istio).filter { !$0.hasDirectoryPath && $0.pathExtension != "md" }.sorted { $0.path < $1.path }
@@ -32,7 +42,7 @@ final class RulesetParsingTests: XCTestCase {
 
     func testEveryReferenceRulesetParsesWithTheRolesItsTextAnnounces() throws {
         let files = Self.referenceFiles
-        XCTAssertGreaterThanOrEqual(files.count, 10, "reference rulesets not found under \(ProjectPaths.reference.path)")
+        XCTAssertGreaterThanOrEqual(files.count, 10, "reference rulesets not found under \(RulesReference.rulesets.path)")
         for url in files {
             let rs = try RulesetLoader.load(file: url.path)
             let text = try String(contentsOf: url, encoding: .utf8)
@@ -59,7 +69,7 @@ final class RulesetParsingTests: XCTestCase {
 
     func testVariantsAreDetected() throws {
         func variant(_ url: URL) throws -> RulesetVariant { RulesetAnalysis(try RulesetLoader.load(file: url.path)).variant }
-        let ref = ProjectPaths.reference.appendingPathComponent("rulesets")
+        let ref = RulesReference.rulesets
         let seed = try variant(ref.appendingPathComponent("seed-ambient-pod.iptables-save.txt"))
         XCTAssertFalse(seed.dnsCapture)
         XCTAssertEqual(seed.backends, [.iptablesNft])
@@ -120,7 +130,7 @@ final class RulesetParsingTests: XCTestCase {
                 t.chains.sorted { $0.name < $1.name }.flatMap { c in c.rules.map { "\(t.name) \(c.name) \($0.position) \($0.role.rawValue) \($0.matches) \($0.target)" } }
             }
         }
-        let ref = ProjectPaths.reference.appendingPathComponent("rulesets")
+        let ref = RulesReference.rulesets
         let seed = try RulesetLoader.load(file: ref.appendingPathComponent("seed-ambient-pod.iptables-save.txt").path)
         let restore = try RulesetLoader.load(file: Self.fixture("restore-input.rules").path)
         XCTAssertEqual(key(restore), key(seed))
@@ -150,7 +160,7 @@ final class RulesetParsingTests: XCTestCase {
     }
 
     func testMatchTextIsTheVerbatimMatchPartAndReparses() throws {
-        let ref = ProjectPaths.reference.appendingPathComponent("rulesets")
+        let ref = RulesReference.rulesets
         let seed = try RulesetLoader.load(file: ref.appendingPathComponent("seed-ambient-pod.iptables-save.txt").path)
         let redirect = seed.allRules.first { $0.role == .outboundCapture }!
         XCTAssertEqual(redirect.matchText, "! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff")
