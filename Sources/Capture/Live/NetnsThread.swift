@@ -85,7 +85,9 @@ public enum StopSignal {
             var action = sigaction()
             action.__sigaction_handler.sa_handler = stopHandler
             sigemptyset(&action.sa_mask)
-            action.sa_flags = 0
+            // SA_RESTART: Foundation's FileHandle reads and writes trap on EINTR, and a stop signal lands on
+            // whichever thread is running; the netns thread still wakes, because poll(2) is never restarted.
+            action.sa_flags = SA_RESTART
             sigaction(sig, &action, nil)
         }
     }

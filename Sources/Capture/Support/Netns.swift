@@ -97,7 +97,7 @@ public enum Command {
     }
 
     // FileHandle.readDataToEndOfFile / write(_:) trap on EINTR (a `try!` inside Foundation), and a signal handler
-    // installed without SA_RESTART (StopSignal) makes any blocking read in any thread return EINTR: retry instead.
+    // interrupting a blocking read (a handler installed without SA_RESTART) makes it in any thread return EINTR: retry instead.
     static func readAll(_ fd: Int32) -> Data {
         var data = Data()
         var buf = [UInt8](repeating: 0, count: 65536)
