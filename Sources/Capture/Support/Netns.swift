@@ -96,8 +96,8 @@ public enum Command {
                       stderr: String(decoding: errData, as: UTF8.self))
     }
 
-    // FileHandle.readDataToEndOfFile / write(_:) trap on EINTR (a `try!` inside Foundation), and a signal handler
-    // interrupting a blocking read (a handler installed without SA_RESTART) makes it in any thread return EINTR: retry instead.
+    // FileHandle.readDataToEndOfFile / write(_:) trap on EINTR (a `try!` inside Foundation), and any signal handler
+    // installed without SA_RESTART makes a blocking read in any thread return EINTR: retry instead.
     static func readAll(_ fd: Int32) -> Data {
         var data = Data()
         var buf = [UInt8](repeating: 0, count: 65536)
