@@ -151,4 +151,19 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertTrue(try Command.run(["bash", "-c", "set -e\n" + remove.split(separator: "\n").dropFirst().joined(separator: "\n")]).ok)
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
+
+    func testWithoutPrivilegesEveryLiveCommandIsExit5AndTouchesNothing() throws {
+        try XCTSkipIf(Command.which("setpriv") == nil, "setpriv (util-linux) drops root for this test")
+        let ns = try seededNetns()
+        // A checkout under a root-only directory (/root) cannot be run by nobody at all.
+        let reachable = try Command.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-x", executable])
+        try XCTSkipUnless(reachable.ok, "the build directory is not reachable for an unprivileged user")
+        let before = try InstrumenterTests.rulesText(ns)
+        for cmd in ["trace", "cleanup", "plan"] {
+            let r = try Command.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", executable, cmd, "--netns", ns.name])
+            XCTAssertEqual(r.status, ExitStatus.noPrivilege.rawValue, "\(cmd): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        }
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
 }
