@@ -6,8 +6,8 @@ struct Cleanup: ParsableCommand {
         commandName: "cleanup",
         abstract: "Remove every rule meshtrace added to a pod's netns (after a trace was killed).",
         discussion: """
-        Rules are found by their tag (comment "meshtrace", NFLOG prefix "mt:"), in every backend (iptables-nft,
-        iptables-legacy, ip6tables, nftables), so this works after istio-cni re-applied its own rules. No other
+        Rules are found by their tag (comment "meshtrace", NFLOG prefix "mt:"), in every backend (iptables-nft, \
+        iptables-legacy, ip6tables, nftables), so this works after istio-cni re-applied its own rules. No other \
         rule is touched. Exit 0 when none remain.
         """
     )

@@ -6,8 +6,8 @@ struct Plan: ParsableCommand {
         commandName: "plan",
         abstract: "Print the exact commands that add and remove meshtrace's NFLOG twins, without running them.",
         discussion: """
-        For an operator who collects with `tcpdump -i nflog:G` and analyzes later with `meshtrace analyze`.
-        With --netns/--pid the live rules are read (nothing is changed); with --rules FILE the commands are
+        For an operator who collects with `tcpdump -i nflog:G` and analyzes later with `meshtrace analyze`. \
+        With --netns/--pid the live rules are read (nothing is changed); with --rules FILE the commands are \
         for the rules in that file (iptables-save or nft list ruleset output of the pod).
         """
     )

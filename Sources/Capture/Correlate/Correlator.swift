@@ -587,7 +587,7 @@ public final class Correlator {
     }
 
     private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState], asOuter: Bool,
-                             direction: ZtunnelHop.Direction) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
+                             direction: ZtunnelHop.Direction, allowWeak: Bool = false) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
         pruneCandidates(&list, outbound: direction == .outbound)
         var strong: [ConnectionState] = []
         var weak: [ConnectionState] = []
@@ -604,11 +604,17 @@ public final class Correlator {
         if !strong.isEmpty {
             chosen = strong.min { $0.firstSeenNanos < $1.firstSeenNanos }!
             unique = strong.count == 1
-        } else if direction == .outbound, weak.count == 1 {
-            // No identity match (a service VIP resolved to another pod IP): only a lone, marked candidate.
-            let z = asOuter ? weak[0] : c
-            guard z.sawZtunnelMark else { return nil }
-            chosen = weak[0]
+        } else if allowWeak, direction == .outbound, asOuter {
+            // No identity match (the app dialled a service VIP that ztunnel resolved to another pod IP). Tried only
+            // when the app's connection is emitted, so its own tunnel had every chance to show up first, and only for
+            // a lone tunnel to :15008 carrying ztunnel's mark that did not start before the app's connection: a
+            // marked connection to any other port (a forged mark) is never explained away like this.
+            let tunnels = weak.filter {
+                $0.sawZtunnelMark && $0.responder.port == options.hbonePort
+                    && $0.firstSeenNanos - c.firstSeenNanos >= -50_000_000
+            }
+            guard tunnels.count == 1 else { return nil }
+            chosen = tunnels[0]
             unique = true
         } else {
             return nil
@@ -787,6 +793,10 @@ public final class Correlator {
 
     private func emit(_ c: ConnectionState) {
         guard !c.emitted else { return }
+        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.mergedInto == nil,
+           let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound, allowWeak: true) {
+            join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
+        }
         c.emitted = true
         for k in c.keys where table[k] === c { table[k] = nil }
         let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)

@@ -61,7 +61,7 @@ public final class Instrumenter: @unchecked Sendable {
     }
 
     func requireTools() throws {
-        try Command.requireRoot("meshtrace needs to change the pod's rules, which")
+        try Command.requireRoot("reading and changing a pod's rules")
         for tool in ["nsenter", "iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save", "iptables-legacy-restore"]
         where Command.which(tool) == nil {
             throw MeshtraceError(.missingTool, "\(tool) is not installed (Debian: apt-get install iptables util-linux)")

@@ -101,6 +101,7 @@ public final class LiveTracer: @unchecked Sendable {
     private var pending: PendingRecords
     private var hits: [Int] = []
     private var openFailure: Error?
+    private var needsLegacyTrace = false
 
     /// Called on the main thread once the twins are in and events flow (tests and benchmarks start traffic here).
     public var onReady: (() -> Void)?
@@ -141,6 +142,9 @@ public final class LiveTracer: @unchecked Sendable {
         finishPipe = fds
         defer { close(fds[0]); close(fds[1]) }
 
+        if options.mode == .trace {
+            needsLegacyTrace = try instrumenter.readHomes().contains { $0.home.backend == .iptablesLegacy && $0.text.contains("ISTIO") }
+        }
         let started = DispatchTime.now()
         let thread = NetnsThread(netns: options.netns) { [self] in try netnsMain() }
         thread.start()
@@ -154,6 +158,8 @@ public final class LiveTracer: @unchecked Sendable {
 
         let plan: InstrumentationPlan
         do {
+            // A stop asked for while the sockets opened: leave the pod untouched.
+            if StopSignal.requested { throw MeshtraceError(.ok, "stopped before the rules were added") }
             plan = try instrumenter.install(replace: options.replace)
             if options.mode == .trace { try installTraceRules() }
         } catch {
@@ -161,6 +167,7 @@ public final class LiveTracer: @unchecked Sendable {
             proceed.signal()
             try? thread.join()
             try? removeTraceRules()
+            try? instrumenter.removeIfInstalled()
             throw error
         }
         correlator = Correlator(tags: tags, ruleset: instrumenter.ruleset, options: options.correlator, sink: reporter)
@@ -240,11 +247,15 @@ public final class LiveTracer: @unchecked Sendable {
                 groups.append(.nftrace)
                 trace = TraceJoiner(tags: tags)
                 // Legacy TRACE goes through nf_log; binding nfnetlink_log as this netns's logger sends it to group 0.
-                var legacy = NflogSocket.Options(group: 0)
-                legacy.copyRange = UInt32(options.snaplen)
-                legacy.conntrack = false
-                legacy.bindAsLogger = true
-                legacyTrace = try? NflogSource(index: 3, tags: tags, options: legacy)
+                // Only when legacy holds ambient rules: the binding changes the netns's nf_log setting (it is put
+                // back when the trace ends).
+                if needsLegacyTrace {
+                    var legacy = NflogSocket.Options(group: 0)
+                    legacy.copyRange = UInt32(options.snaplen)
+                    legacy.conntrack = false
+                    legacy.bindAsLogger = true
+                    legacyTrace = try? NflogSource(index: 3, tags: tags, options: legacy)
+                }
             }
             events = try NetfilterEventSocket(groups: groups)
             if options.capturePackets {
@@ -258,6 +269,8 @@ public final class LiveTracer: @unchecked Sendable {
         }
         opened.signal()
         proceed.wait()
+        // Runs on this thread, inside the netns, whatever happens below.
+        defer { legacyTrace?.socket.restoreLoggers() }
         if abort { return }
         do {
             try loop()
@@ -378,6 +391,7 @@ public final class LiveTracer: @unchecked Sendable {
         trace?.positions = handles.positions
         trace?.ownHandles = handles.own
         try TraceRules.install(netns: options.netns, homes: instrumenter.plan?.ambientHomes ?? [])
+        if needsLegacyTrace { trace?.legacyPositions = try TraceJoiner.legacyPositions(netns: options.netns) }
     }
 
     private func removeTraceRules() throws {

@@ -166,20 +166,52 @@ final class TraceJoiner {
         }
     }
 
-    /// Legacy TRACE arrives as NFLOG on group 0 with `TRACE: table:chain:type:rulenum`; rulenum counts
-    /// meshtrace's own twins, which are taken back out so the position names the original rule.
+    /// "table:chain:rulenum" of the live legacy rules → the original rule's position, or nil for meshtrace's own.
+    var legacyPositions: [String: Int?] = [:]
+
+    /// Reads the instrumented legacy IPv4 rules once: legacy TRACE's rulenum counts every rule in the chain,
+    /// meshtrace's twins and TRACE rules included.
+    static func legacyPositions(netns: NetnsRef) throws -> [String: Int?] {
+        let r = try Command.run(["iptables-legacy-save"], in: netns)
+        guard r.ok else { return [:] }
+        var out: [String: Int?] = [:]
+        var table = ""
+        var counts: [String: (all: Int, original: Int)] = [:]
+        for line in r.stdout.split(separator: "\n") {
+            if line.hasPrefix("*") { table = String(line.dropFirst()); continue }
+            guard line.hasPrefix("-A ") else { continue }
+            let chain = line.split(separator: " ")[1]
+            let key = "\(table):\(chain)"
+            var c = counts[key] ?? (0, 0)
+            c.all += 1
+            if SavedRules.isOwn(line) {
+                out["\(key):\(c.all)"] = .some(nil)
+            } else {
+                c.original += 1
+                out["\(key):\(c.all)"] = c.original
+            }
+            counts[key] = c
+        }
+        return out
+    }
+
+    /// Legacy TRACE arrives as NFLOG on group 0 with `TRACE: table:chain:type:rulenum`; steps through
+    /// meshtrace's own rules are left out and rulenum becomes the original rule's position.
     func rewriteLegacy(_ record: inout PacketRecord, instrumenter: Instrumenter) -> Bool {
         guard var meta = record.nflog else { return false }
         let text = tags.text(for: meta.prefixID)
         guard text.hasPrefix("TRACE: ") else { return false }
         let parts = text.dropFirst(7).trimmingCharacters(in: .whitespaces).split(separator: ":")
-        guard parts.count == 4, let num = Int(parts[3]) else { return false }
-        let twinsBefore = instrumenter.plan?.twins.filter {
-            !$0.home.isNftables && $0.table == parts[0] && $0.chain == parts[1]
-        }.count ?? 0
-        // Twins sit right before their rules, so rule k (original) is at 2k with all its predecessors twinned.
-        let original = twinsBefore > 0 ? (num + 1) / 2 : num
-        meta.prefixID = tags.intern("TRACE: \(parts[0]):\(parts[1]):\(parts[2]):\(original)")
+        guard parts.count == 4 else { return false }
+        let position: Int
+        switch parts[2] {
+        case "rule":
+            guard let known = legacyPositions["\(parts[0]):\(parts[1]):\(parts[3])"], let original = known else { return false }
+            position = original
+        case "policy": position = 0
+        default: return false
+        }
+        meta.prefixID = tags.intern("TRACE: \(parts[0]):\(parts[1]):\(parts[2]):\(position)")
         record.nflog = meta
         steps += 1
         return true

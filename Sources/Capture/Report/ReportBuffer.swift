@@ -5,31 +5,62 @@ import Foundation
 // analysis, so they append bytes to one reused buffer and write it out in large chunks.
 
 final class ReportBuffer {
-    private var bytes: [UInt8] = []
+    private let capacity = 1 << 17
+    private let base: UnsafeMutablePointer<UInt8>
+    private var count = 0
     private let fd: Int32
     private let flushAt = 1 << 16
     private(set) var writeError: Int32 = 0
 
     init(fileDescriptor: Int32) {
         fd = fileDescriptor
-        bytes.reserveCapacity(flushAt + 4096)
+        base = .allocate(capacity: capacity)
     }
 
-    @inline(__always) func byte(_ b: UInt8) { bytes.append(b) }
+    deinit {
+        flush()
+        base.deallocate()
+    }
+
+    @inline(__always) private func reserve(_ n: Int) { if count + n > capacity { flush() } }
+
+    @inline(__always) func byte(_ b: UInt8) {
+        reserve(1)
+        base[count] = b
+        count += 1
+    }
+
+    private func append(_ src: UnsafeBufferPointer<UInt8>) {
+        let n = src.count
+        guard n > 0, let from = src.baseAddress else { return }
+        if n > capacity / 2 {
+            flush()
+            writeAll(UnsafeRawBufferPointer(src))
+            return
+        }
+        reserve(n)
+        // Most pieces are a few bytes: a loop beats a call to memmove.
+        if n <= 16 {
+            for i in 0..<n { base[count + i] = from[i] }
+        } else {
+            (base + count).update(from: from, count: n)
+        }
+        count += n
+    }
 
     func text(_ s: StaticString) {
-        s.withUTF8Buffer { bytes.append(contentsOf: $0) }
+        s.withUTF8Buffer { append($0) }
     }
 
     func text(_ s: String) {
         var s = s
-        s.withUTF8 { bytes.append(contentsOf: $0) }
+        s.withUTF8 { append($0) }
     }
 
-    func spaces(_ n: Int) { for _ in 0..<max(0, n) { bytes.append(0x20) } }
+    func spaces(_ n: Int) { for _ in 0..<max(0, n) { byte(0x20) } }
 
     func decimal<T: BinaryInteger>(_ v: T) {
-        if v < 0 { bytes.append(UInt8(ascii: "-")); unsignedDecimal(UInt64(-Int64(v))) } else { unsignedDecimal(UInt64(v)) }
+        if v < 0 { byte(UInt8(ascii: "-")); unsignedDecimal(Int64(v).magnitude) } else { unsignedDecimal(UInt64(v)) }
     }
 
     /// "00" "01" ... "99": two digits per division.
@@ -44,33 +75,33 @@ final class ReportBuffer {
     }()
 
     func unsignedDecimal(_ v: UInt64) {
-        if v < 10 { bytes.append(0x30 + UInt8(v)); return }
-        // Digits are written backwards into a 20-byte scratch (UInt64.max has 20), then appended in one go.
-        var scratch: (UInt64, UInt64, UInt64) = (0, 0, 0)
-        withUnsafeMutableBytes(of: &scratch) { buf in
-            var i = 24
-            var x = v
-            ReportBuffer.digitPairs.withUnsafeBufferPointer { pairs in
-                while x >= 100 {
-                    let r = Int(x % 100); x /= 100
-                    i -= 2; buf[i] = pairs[2 * r]; buf[i + 1] = pairs[2 * r + 1]
-                }
-                if x >= 10 {
-                    let r = Int(x)
-                    i -= 2; buf[i] = pairs[2 * r]; buf[i + 1] = pairs[2 * r + 1]
-                } else {
-                    i -= 1; buf[i] = 0x30 + UInt8(x)
-                }
+        if v < 10 { byte(0x30 + UInt8(v)); return }
+        var digits = 2
+        var probe = v / 100
+        while probe > 0 { digits += 1; probe /= 10 }
+        reserve(digits)
+        var i = count + digits
+        var x = v
+        ReportBuffer.digitPairs.withUnsafeBufferPointer { pairs in
+            while x >= 100 {
+                let r = Int(x % 100); x /= 100
+                i -= 2; base[i] = pairs[2 * r]; base[i + 1] = pairs[2 * r + 1]
             }
-            bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: buf[i..<24]))
+            if x >= 10 {
+                let r = Int(x)
+                i -= 2; base[i] = pairs[2 * r]; base[i + 1] = pairs[2 * r + 1]
+            } else {
+                i -= 1; base[i] = 0x30 + UInt8(x)
+            }
         }
+        count += digits
     }
 
     /// Zero-padded to `width` digits.
     func padded(_ v: UInt64, width: Int) {
         var digits = 1, x = v
         while x >= 10 { x /= 10; digits += 1 }
-        for _ in 0..<max(0, width - digits) { bytes.append(0x30) }
+        for _ in 0..<max(0, width - digits) { byte(0x30) }
         unsignedDecimal(v)
     }
 
@@ -80,7 +111,7 @@ final class ReportBuffer {
         digits.withUTF8Buffer { d in
             for shift in stride(from: 28, through: 0, by: -4) {
                 let nibble = Int((v >> UInt32(shift)) & 0xf)
-                if nibble != 0 || started || shift == 0 { bytes.append(d[nibble]); started = true }
+                if nibble != 0 || started || shift == 0 { byte(d[nibble]); started = true }
             }
         }
     }
@@ -124,29 +155,32 @@ final class ReportBuffer {
             case 0..<0x20:
                 text("\\u00")
                 let d: StaticString = "0123456789abcdef"
-                d.withUTF8Buffer { bytes.append($0[Int(b >> 4)]); bytes.append($0[Int(b & 0xf)]) }
-            default: bytes.append(b)
+                d.withUTF8Buffer { byte($0[Int(b >> 4)]); byte($0[Int(b & 0xf)]) }
+            default: byte(b)
             }
         }
         byte(0x22)
     }
 
-    func flushIfFull() { if bytes.count >= flushAt { flush() } }
+    func flushIfFull() { if count >= flushAt { flush() } }
 
     func flush() {
-        guard !bytes.isEmpty else { return }
-        bytes.withUnsafeBytes { raw in
-            var off = 0
-            while off < raw.count {
-                let n = Foundation.write(fd, raw.baseAddress! + off, raw.count - off)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    writeError = errno
-                    break
-                }
-                off += n
+        guard count > 0 else { return }
+        writeAll(UnsafeRawBufferPointer(start: base, count: count))
+        count = 0
+    }
+
+    private func writeAll(_ raw: UnsafeRawBufferPointer) {
+        guard writeError == 0, let start = raw.baseAddress else { return }
+        var off = 0
+        while off < raw.count {
+            let n = Foundation.write(fd, start + off, raw.count - off)
+            if n < 0 {
+                if errno == EINTR { continue }
+                writeError = errno
+                return
             }
+            off += n
         }
-        bytes.removeAll(keepingCapacity: true)
     }
 }

@@ -65,7 +65,7 @@ public final class TextReport: ReportSink {
 
         if showEvents {
             let base = t.events.first?.time.totalNanoseconds ?? t.firstSeen.totalNanoseconds
-            for e in t.events { event(e, base: base) }
+            for i in t.events.indices { event(t.events[i], base: base) }
             if t.droppedEvents > 0 {
                 out.text("    ("); out.decimal(t.droppedEvents); out.text(" more packets counted, not listed)\n")
             }
@@ -98,7 +98,7 @@ public final class TextReport: ReportSink {
         }
     }
 
-    private func event(_ e: TimelineEvent, base: Int64) {
+    private func event(_ e: borrowing TimelineEvent, base: Int64) {
         out.text("    +")
         let d = e.time.totalNanoseconds - base
         if d < 0 { out.byte(UInt8(ascii: "-")) }

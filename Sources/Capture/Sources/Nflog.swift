@@ -54,6 +54,7 @@ public final class NflogSocket {
         do {
             if options.bindAsLogger {
                 for pf in [UInt16(AF_INET), UInt16(AF_INET6)] {
+                    priorLoggers[pf] = NflogSocket.currentLogger(pf)
                     _ = nflog_unbind_pf(h, pf)
                     guard nflog_bind_pf(h, pf) >= 0 else {
                         throw MeshtraceError(.kernelRefused, "binding nfnetlink_log as the nf_log backend (legacy TRACE): \(String(cString: strerror(errno)))")
@@ -102,6 +103,29 @@ public final class NflogSocket {
     }
 
     deinit { close() }
+
+    /// nf_log backends of this netns before `bindAsLogger` changed them ("NONE", "nf_log_ipv4", ...).
+    private var priorLoggers: [UInt16: String] = [:]
+
+    /// The nf_log backend bound for a protocol family in the calling thread's netns (/proc/sys/net is per netns).
+    static func currentLogger(_ pf: UInt16) -> String {
+        let text = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_log/\(pf)", encoding: .utf8)) ?? "NONE"
+        return text.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// Puts the netns's nf_log backends back as they were before `bindAsLogger`. Must run on the thread that is
+    /// in the pod's netns (it may write /proc/sys/net/netfilter/nf_log/PF there).
+    public func restoreLoggers() {
+        for (pf, prior) in priorLoggers {
+            if prior == "NONE", let h = handle {
+                _ = nflog_unbind_pf(h, pf)
+            } else if prior != "nfnetlink_log", let f = fopen("/proc/sys/net/netfilter/nf_log/\(pf)", "w") {
+                fputs(prior, f)
+                fclose(f)
+            }
+        }
+        priorLoggers = [:]
+    }
 
     public func close() {
         if let gh = groupHandle { _ = nflog_unbind_group(gh); groupHandle = nil }

@@ -210,6 +210,27 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertFalse(hop.evidence.contains { $0.kind == "original-destination" })
     }
 
+    func testAForgedMarkJustBeforeAnAppConnectionIsNotTakenForItsTunnel() throws {
+        // A process forges 0x539 to 10.0.9.9:80; right after, the app dials a VIP whose tunnel goes to 10.0.2.2:15008.
+        var f = PacketFactory()
+        let forger = PacketFactory.ep("10.0.1.5", 40500)
+        let target = PacketFactory.ep("10.0.9.9", 80)
+        var p: [PacketRecord] = []
+        p.append(f.nflog(forger, target, flags: [.syn], seq: 1, hook: .postrouting,
+                         prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
+                         mark: 0x539, outIf: 2))
+        p.append(f.packet(forger, target, flags: [.syn], seq: 1, on: eth0, direction: .outbound))
+        f.advance(micros: 200_000)
+        p += outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
+        let (sink, summary) = run(p, tags: f.tags)
+        XCTAssertEqual(sink.findings.filter(\.isEscape).map(\.findingClass), [.forgedZtunnelMark])
+        XCTAssertEqual(summary.escapes, 1)
+        let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
+        let hop = try XCTUnwrap(appConn.hops.first)
+        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.dst, peerHBONE, "joined to its own tunnel")
+        XCTAssertEqual(hop.confidence, .low)
+    }
+
     func testTimeAloneNeverJoins() throws {
         // A connection to :15008 that starts right after the app's, but carries no mark and goes elsewhere,
         // among two candidates: no join.

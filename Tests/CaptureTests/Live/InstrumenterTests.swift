@@ -154,4 +154,19 @@ final class InstrumenterTests: KernelTestCase {
         try instrumenter.remove()
         XCTAssertEqual(try Self.rulesText(ns), before)
     }
+
+    func testRemovalAfterIstioRewroteAWholeTableLeavesExactlyIstiosRules() throws {
+        let ns = try makeNetns()
+        try ns.run(["iptables-restore"], input: Self.seed)
+        let before = try Self.rulesText(ns)
+        let instrumenter = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5309), parse: Instrumenter.parseHome)
+        try instrumenter.install()
+        // istio-cni reconciling with a full restore of the nat table: its chains are flushed and recreated, so
+        // the nat twins are gone; the mangle twins are still there.
+        let natOnly = Self.seed.components(separatedBy: "*nat")[1]
+        try ns.run(["iptables-restore", "--table=nat"], input: "*nat" + natOnly)
+        XCTAssertEqual(try instrumenter.leftovers().count, 4)
+        XCTAssertEqual(try Instrumenter(netns: ns.ref, settings: InstrumentationSettings(), parse: Instrumenter.parseHome).remove(), 4)
+        XCTAssertEqual(try Self.rulesText(ns), before)
+    }
 }

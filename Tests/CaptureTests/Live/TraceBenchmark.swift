@@ -29,7 +29,8 @@ final class TraceBenchmark: KernelTestCase {
         defer { try? FileManager.default.removeItem(atPath: log) }
         let trace = Process()
         trace.executableURL = URL(fileURLWithPath: executable)
-        trace.arguments = ["trace", "--netns", lab.client.ref.path, "--group", "5601", "--duration", "600", "--json", "--quiet"]
+        let extra = (env["MESHTRACE_BENCH_TRACE_ARGS"] ?? "").split(separator: " ").map(String.init)
+        trace.arguments = ["trace", "--netns", lab.client.ref.path, "--group", "5601", "--duration", "600", "--json", "--quiet"] + extra
         trace.standardOutput = try XCTUnwrap(FileHandle(forWritingAtPath: log))
         let errLog = log + ".err"
         FileManager.default.createFile(atPath: errLog, contents: nil)

@@ -128,4 +128,42 @@ final class TraceCLITests: KernelTestCase {
             XCTAssertEqual(r.stderr.split(separator: "\n").count, 1)
         }
     }
+
+    func testPlanPrintsCommandsThatAddAndRemoveTheTwinsExactly() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let r = try Command.run([executable, "plan", "--netns", ns.name, "--group", "5514"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before, "plan must not change anything")
+        // Steps 1 (add) and 3 (remove) are shell an operator pastes; run them as printed.
+        let text = r.stdout
+        func section(_ from: String, _ to: String) throws -> String {
+            let a = try XCTUnwrap(text.range(of: from)), b = try XCTUnwrap(text.range(of: to))
+            return String(text[a.upperBound..<b.lowerBound])
+        }
+        let add = try section("# 1. add", "# 2. collect")
+        let remove = try section("# 3. remove", "# 4. analyze")
+        XCTAssertTrue(add.contains("nsenter --net=\(ns.ref.path) -- iptables-nft-restore --noflush"))
+        XCTAssertTrue(try Command.run(["bash", "-c", "set -e\n" + add.split(separator: "\n").dropFirst().joined(separator: "\n")]).ok)
+        let instrumented = try ns.run(["iptables-save"]).stdout
+        XCTAssertEqual(instrumented.components(separatedBy: "--comment meshtrace").count - 1, 12)
+        XCTAssertTrue(instrumented.contains("--nflog-group 5514"))
+        XCTAssertTrue(try Command.run(["bash", "-c", "set -e\n" + remove.split(separator: "\n").dropFirst().joined(separator: "\n")]).ok)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
+    func testWithoutPrivilegesEveryLiveCommandIsExit5AndTouchesNothing() throws {
+        try XCTSkipIf(Command.which("setpriv") == nil, "setpriv (util-linux) drops root for this test")
+        let ns = try seededNetns()
+        // A checkout under a root-only directory (/root) cannot be run by nobody at all.
+        let reachable = try Command.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-x", executable])
+        try XCTSkipUnless(reachable.ok, "the build directory is not reachable for an unprivileged user")
+        let before = try InstrumenterTests.rulesText(ns)
+        for cmd in ["trace", "cleanup", "plan"] {
+            let r = try Command.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", executable, cmd, "--netns", ns.name])
+            XCTAssertEqual(r.status, ExitStatus.noPrivilege.rawValue, "\(cmd): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        }
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
 }
