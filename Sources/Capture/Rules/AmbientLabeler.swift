@@ -52,7 +52,7 @@ public enum AmbientLabeler {
     /// Istio's chains: `ISTIO_PRERT`, `ISTIO_OUTPUT`, `ISTIO_POSTRT` (host), and every chain of the native nft
     /// tables `istio-ambient-*` (their base chains only jump into `istio-prerouting` / `istio-output`).
     public static func isAmbientChain(table: Table, chain: String) -> Bool {
-        if table.name.hasPrefix("istio-ambient") { return !["prerouting", "output", "postrouting", "input"].contains(chain) || false }
+        if table.name.hasPrefix("istio-ambient") { return !["prerouting", "output", "postrouting", "input"].contains(chain) }
         return chain == "ISTIO_PRERT" || chain == "ISTIO_OUTPUT" || chain == "ISTIO_POSTRT"
     }
 
