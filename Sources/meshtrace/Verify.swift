@@ -12,7 +12,7 @@ struct Verify: ParsableCommand {
         Examples:
           meshtrace verify --rules pod.iptables-save.txt
           sudo meshtrace verify --pid 4242 --ipv6 --policy site-policy.txt --json
-        Exit codes: 0 clean (or every escape accepted by --policy), 1 escape found, 2 bad input.
+        Exit codes: 0 clean (or every escape accepted by --policy; the forged-mark class is accepted unless --strict), 1 escape found, 2 bad input.
         """
     )
 
@@ -23,6 +23,9 @@ struct Verify: ParsableCommand {
 
     @Option(name: .long, help: "A policy file: lines 'allow CLASS-GLOB' or 'allow reason CODE' accept escapes a site allows.")
     var policy: String?
+
+    @Flag(name: .long, help: "Count the class every correct ruleset has (a process that sets ztunnel's mark 0x539 itself) as an escape.")
+    var strict = false
 
     @Flag(name: .long, help: "The pod is dual-stack: evaluate IPv6 even when no rule mentions it (missing ip6tables rules are escapes).")
     var ipv6 = false
@@ -72,7 +75,7 @@ struct Verify: ParsableCommand {
                 pod.podIPv6 = a
             }
             let pol = try policy.map { try VerifyPolicy.load(file: $0) }
-            let report = Verifier(ruleset: rs, pod: pod, policy: pol).run()
+            let report = Verifier(ruleset: rs, pod: pod, policy: pol, strict: strict).run()
             if let html { var c = OutputConfig(); c.htmlPath = html; try Reporter.writeVerificationHTML(config: c, report: report, ruleset: rs) }
             print(json ? report.json() : report.text(showAll: all), terminator: json ? "\n" : "")
             return report.exitStatus

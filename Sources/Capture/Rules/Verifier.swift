@@ -86,6 +86,9 @@ public struct Verifier {
     public let ruleset: Ruleset
     public var pod: PodParameters
     public var policy: VerifyPolicy?
+    /// With `strict`, the class every correct ruleset has (a process that sets ztunnel's mark itself) is an escape
+    /// like any other; without it, it is accepted by `inherentAcceptance` and listed, not counted.
+    public var strict: Bool = false
     let analysis: RulesetAnalysis
     static let ztunnelPorts: Set<UInt16> = [15001, 15006, 15008, 15053]
     static let maxWalks = 512
@@ -93,8 +96,12 @@ public struct Verifier {
     static let decisiveRoles: Set<AmbientRole> = [.outboundCapture, .inboundCapture, .inboundCaptureTproxy, .inboundHboneTproxy,
                                                   .dnsCapture, .virtualInterfaceCapture, .connmarkFromZtunnel, .connmarkRestore]
 
-    public init(ruleset: Ruleset, pod: PodParameters = PodParameters(), policy: VerifyPolicy? = nil) {
-        self.ruleset = ruleset; self.pod = pod; self.policy = policy
+    /// Why `forged-mark-0x539` is accepted unless `strict`: the mark exclusion is how ztunnel's own packets avoid
+    /// being captured again, so no ruleset can close it; only the pod's capabilities can (no CAP_NET_ADMIN/NET_RAW).
+    public static let inherentAcceptance = "built-in: inherent to ambient's mark exclusion; a pod without CAP_NET_ADMIN/CAP_NET_RAW cannot set 0x539 (--strict counts it)"
+
+    public init(ruleset: Ruleset, pod: PodParameters = PodParameters(), policy: VerifyPolicy? = nil, strict: Bool = false) {
+        self.ruleset = ruleset; self.pod = pod; self.policy = policy; self.strict = strict
         self.analysis = RulesetAnalysis(ruleset, dualStack: pod.dualStack)
     }
 
@@ -115,7 +122,11 @@ public struct Verifier {
         for fam in families {
             for c in PacketClass.all(family: fam) {
                 var r = evaluate(c)
-                if r.verdict.isFailure, let p = policy, let line = p.accepts(r) { r.acceptedBy = line }
+                if r.verdict.isFailure, let p = policy, let line = p.accepts(r) {
+                    r.acceptedBy = line
+                } else if !strict, r.verdict.code == "forged-mark-0x539" {
+                    r.acceptedBy = Verifier.inherentAcceptance
+                }
                 results.append(r)
             }
         }

@@ -18,7 +18,7 @@ extension VerifyReport {
             out += "\nno escape: every class is captured by ztunnel or passes by design\n"
         } else {
             // One block per escape code and verdict text; the classes listed under it.
-            out += "\n\(escapes.count) ESCAPE class(es)\(accepted.isEmpty ? "" : ", \(accepted.count) accepted by policy"):\n"
+            out += "\n\(escapes.count) ESCAPE class(es)\(accepted.isEmpty ? "" : ", \(accepted.count) accepted (policy or built-in)"):\n"
             let groups = Dictionary(grouping: failures, by: { "\($0.acceptedBy == nil ? 0 : 1)|\($0.verdict.summary)" })
             for key in groups.keys.sorted() {
                 let list = groups[key]!

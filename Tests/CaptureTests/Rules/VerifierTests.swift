@@ -34,11 +34,17 @@ final class VerifierTests: XCTestCase {
             let report = Verifier(ruleset: rs, policy: Self.forgedMarkPolicy).run()
             XCTAssertEqual(report.escapes.map { "\($0.packetClass.id): \($0.verdict.summary)" }, [], url.lastPathComponent)
             XCTAssertEqual(report.exitStatus, .ok, url.lastPathComponent)
-            // Without the policy the forged-mark class is what remains, and only for TCP (and DNS when captured).
+            // Without a policy the forged-mark class is accepted as inherent (listed, not counted)...
             let bare = Verifier(ruleset: rs).run()
-            XCTAssertFalse(bare.escapes.isEmpty, url.lastPathComponent)
-            XCTAssertTrue(bare.escapes.allSatisfy { $0.verdict.code == "forged-mark-0x539" && $0.packetClass.path == .appToRemote }, url.lastPathComponent)
-            XCTAssertEqual(bare.exitStatus, .escapeFound)
+            XCTAssertEqual(bare.escapes.count, 0, url.lastPathComponent)
+            XCTAssertEqual(bare.exitStatus, .ok, url.lastPathComponent)
+            XCTAssertFalse(bare.accepted.isEmpty, url.lastPathComponent)
+            XCTAssertTrue(bare.accepted.allSatisfy { $0.acceptedBy == Verifier.inherentAcceptance }, url.lastPathComponent)
+            // ...and with --strict it is what remains, and only for TCP (and DNS when captured).
+            let strict = Verifier(ruleset: rs, strict: true).run()
+            XCTAssertFalse(strict.escapes.isEmpty, url.lastPathComponent)
+            XCTAssertTrue(strict.escapes.allSatisfy { $0.verdict.code == "forged-mark-0x539" && $0.packetClass.path == .appToRemote }, url.lastPathComponent)
+            XCTAssertEqual(strict.exitStatus, .escapeFound)
         }
     }
 
