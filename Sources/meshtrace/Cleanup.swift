@@ -12,15 +12,11 @@ struct Cleanup: ParsableCommand {
         """
     )
 
-    @Option(name: .long, help: "The pod's network namespace: a name under /var/run/netns, or a path.")
-    var netns: String?
-
-    @Option(name: .long, help: "A process in the pod: its network namespace is used.")
-    var pid: Int32?
+    @OptionGroup var pod: PodOptions
 
     func run() throws {
         try reportingErrors {
-            let ref = try NetnsRef.resolve(netns: netns, pid: pid)
+            let ref = try pod.resolve()
             let instrumenter = Instrumenter(netns: ref, settings: InstrumentationSettings(), parse: Instrumenter.parseHome)
             let removed = try instrumenter.remove()
             print(removed == 0 ? "no meshtrace rules in \(ref)" : "removed \(removed) meshtrace rules from \(ref)")

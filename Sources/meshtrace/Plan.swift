@@ -12,11 +12,7 @@ struct Plan: ParsableCommand {
         """
     )
 
-    @Option(name: .long, help: "The pod's network namespace: a name under /var/run/netns, or a path.")
-    var netns: String?
-
-    @Option(name: .long, help: "A process in the pod: its network namespace is used.")
-    var pid: Int32?
+    @OptionGroup var pod: PodOptions
 
     @Option(name: .long, help: "Plan for the rules in this file instead of a live netns.")
     var rules: String?
@@ -32,7 +28,7 @@ struct Plan: ParsableCommand {
 
     func validate() throws {
         guard group != 0 else { throw ValidationError("--group 0 is where legacy TRACE logs; pick another group") }
-        guard (rules != nil) != (netns != nil || pid != nil) else {
+        guard (rules != nil) != pod.isGiven else {
             throw ValidationError("give either --rules FILE or --netns NAME|PATH / --pid N")
         }
         guard (16...65535).contains(snaplen) else { throw ValidationError("--snaplen takes 16...65535") }
@@ -46,7 +42,7 @@ struct Plan: ParsableCommand {
             if let rules {
                 tables = Instrumenter.homes(of: try RulesetLoader.load(file: rules))
             } else {
-                let r = try NetnsRef.resolve(netns: netns, pid: pid)
+                let r = try pod.resolve()
                 ref = r
                 let instrumenter = Instrumenter(netns: r, settings: settings, parse: Instrumenter.parseHome)
                 var all: [(home: RuleHome, table: Table)] = []

@@ -16,11 +16,7 @@ struct Trace: ParsableCommand {
         """
     )
 
-    @Option(name: .long, help: "The pod's network namespace: a name under /var/run/netns, or a path.")
-    var netns: String?
-
-    @Option(name: .long, help: "A process in the pod: its network namespace is used.")
-    var pid: Int32?
+    @OptionGroup var pod: PodOptions
 
     @Option(name: .long, help: "Stop after this many seconds (default: until Ctrl-C).")
     var duration: Double?
@@ -60,7 +56,7 @@ struct Trace: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
-            let ref = try NetnsRef.resolve(netns: netns, pid: pid)
+            let ref = try pod.resolve()
             var options = TraceOptions(netns: ref)
             options.duration = duration
             options.group = group

@@ -198,7 +198,7 @@ struct IptablesParser {
             if (cmd == "-D" || cmd == "--delete"), let n = insertAt {
                 guard n <= table.chains[i].rules.count else { throw err(lineNo, "-D \(chainName) \(n): no such rule") }
                 table.chains[i].rules.remove(at: n - 1)
-                renumber(&table.chains[i])
+                table.chains[i].renumberOriginalRules()
                 return
             }
             let specTokens = Array(tokens[specStart...])
@@ -215,16 +215,16 @@ struct IptablesParser {
                     throw err(lineNo, "-D \(chainName): no rule matches '\(IptablesParser.excerpt(specText))'")
                 }
                 table.chains[i].rules.remove(at: j)
-                renumber(&table.chains[i])
+                table.chains[i].renumberOriginalRules()
             } else if let n = insertAt {
                 guard n <= table.chains[i].rules.count + 1 else {
                     throw err(lineNo, "-I \(chainName) \(n): the chain has only \(table.chains[i].rules.count) rules")
                 }
                 table.chains[i].rules.insert(rule, at: n - 1)
-                renumber(&table.chains[i])
+                table.chains[i].renumberOriginalRules()
             } else if cmd == "-I" || cmd == "--insert" {
                 table.chains[i].rules.insert(rule, at: 0)
-                renumber(&table.chains[i])
+                table.chains[i].renumberOriginalRules()
             } else {
                 // Appending is the common case (save output): number it without recounting the chain.
                 let isOurs: (Rule) -> Bool = { $0.isMeshtraceRule || IptablesParser.isMeshtraceNflog($0.target) }
@@ -234,19 +234,6 @@ struct IptablesParser {
             }
         default:
             throw err(lineNo, "unknown command '\(IptablesParser.excerpt(cmd))'")
-        }
-    }
-
-    /// Positions count only rules meshtrace did not add (see `RuleTag`).
-    private func renumber(_ chain: inout Chain) {
-        var n = 0
-        for k in chain.rules.indices {
-            if chain.rules[k].isMeshtraceRule || IptablesParser.isMeshtraceNflog(chain.rules[k].target) {
-                chain.rules[k].position = max(n, 1)
-            } else {
-                n += 1
-                chain.rules[k].position = n
-            }
         }
     }
 

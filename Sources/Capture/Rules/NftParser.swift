@@ -220,7 +220,7 @@ struct NftTextParser {
             rule.backend = backend
             chain.rules.append(rule)
         }
-        renumber(&chain)
+        chain.renumberOriginalRules()
         upsert(chain, in: ti)
     }
 
@@ -301,18 +301,6 @@ struct NftTextParser {
             tables[ti].chains[ci] = chain
         } else {
             tables[ti].chains.append(chain)
-        }
-    }
-
-    private func renumber(_ chain: inout Chain) {
-        var n = 0
-        for k in chain.rules.indices {
-            if chain.rules[k].isMeshtraceRule || IptablesParser.isMeshtraceNflog(chain.rules[k].target) {
-                chain.rules[k].position = max(n, 1)
-            } else {
-                n += 1
-                chain.rules[k].position = n
-            }
         }
     }
 
@@ -403,7 +391,7 @@ struct NftTextParser {
                 else { rules.append(rule) }
             }
             tables[ti].chains[ci].rules = rules
-            renumber(&tables[ti].chains[ci])
+            tables[ti].chains[ci].renumberOriginalRules()
         case (_, "set"), (_, "map"), (_, "element"), (_, "flowtable"), (_, "counter"), (_, "quota"):
             _ = readStatementTokens(stopAtBrace: false)
             if peek()?.kind == .lbrace { pos += 1; try skipBlock() }

@@ -172,6 +172,21 @@ public struct Table: Hashable, Sendable {
     public func chain(_ name: String) -> Chain? { chains.first { $0.name == name } }
 }
 
+extension Chain {
+    /// Positions count only rules meshtrace did not add (see `RuleTag`): a twin shares the number of the rule before it.
+    mutating func renumberOriginalRules() {
+        var n = 0
+        for k in rules.indices {
+            if rules[k].isMeshtraceRule || IptablesParser.isMeshtraceNflog(rules[k].target) {
+                rules[k].position = max(n, 1)
+            } else {
+                n += 1
+                rules[k].position = n
+            }
+        }
+    }
+}
+
 /// Every table read from one source (a file, or one backend/family of a live netns).
 public struct Ruleset: Sendable {
     public var tables: [Table]

@@ -54,12 +54,15 @@ public final class ScratchNetns: @unchecked Sendable {
 
     deinit { remove() }
 
-    /// Removes namespaces named `mt-<kind><pid>-*` whose creating process no longer exists.
-    public static func sweepOrphans() {
+    /// Removes namespaces named `mt-<kind><pid>-*` of the given kinds whose creating process no longer exists.
+    /// Tests sweep their own kinds only: a lab left up with `meshtrace lab --keep` (kind l) outlives its creator on
+    /// purpose, and `meshtrace lab down` is what removes it.
+    public static func sweepOrphans(kinds: Set<Character> = ["t", "b"]) {
         guard let r = try? Command.run(["ip", "netns", "list"]), r.ok else { return }
         for line in r.stdout.split(whereSeparator: \.isNewline) {
             let name = String(line.split(separator: " ").first ?? "")
-            guard name.hasPrefix("mt-"), let dash = name.lastIndex(of: "-"), dash > name.index(name.startIndex, offsetBy: 4) else { continue }
+            guard name.hasPrefix("mt-"), let dash = name.lastIndex(of: "-"), dash > name.index(name.startIndex, offsetBy: 4),
+                  kinds.contains(name[name.index(name.startIndex, offsetBy: 3)]) else { continue }
             let pidText = name[name.index(name.startIndex, offsetBy: 4)..<dash]
             guard let pid = Int32(pidText), pid != getpid() else { continue }
             if kill(pid, 0) != 0 && errno == ESRCH { _ = try? Command.run(["ip", "netns", "del", name]) }
