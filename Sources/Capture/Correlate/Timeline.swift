@@ -51,12 +51,26 @@ public struct RuleHit: Hashable, Sendable {
     public var tag: RuleTag?
     /// The prefix as logged, when it is not a meshtrace tag (another tool's NFLOG rule, legacy TRACE).
     public var prefixText: String
-    public var rule: Rule?
+    /// The rule is shared by reference: every packet's event carries its hit, and a `Rule` by value would make
+    /// each event several times larger (and every copy retain its strings).
+    private var ruleRef: SharedRule?
+    public var rule: Rule? {
+        get { ruleRef?.rule }
+        set { ruleRef = newValue.map(SharedRule.init) }
+    }
     public var role: AmbientRole?
     public var action: RuleAction?
     public init(tag: RuleTag?, prefixText: String, rule: Rule? = nil, role: AmbientRole? = nil, action: RuleAction? = nil) {
-        self.tag = tag; self.prefixText = prefixText; self.rule = rule; self.role = role; self.action = action
+        self.tag = tag; self.prefixText = prefixText; self.ruleRef = rule.map(SharedRule.init); self.role = role; self.action = action
     }
+}
+
+/// One rule, held once for all the events that hit it.
+final class SharedRule: Hashable, Sendable {
+    let rule: Rule
+    init(_ rule: Rule) { self.rule = rule }
+    static func == (a: SharedRule, b: SharedRule) -> Bool { a === b || a.rule == b.rule }
+    func hash(into h: inout Hasher) { h.combine(rule) }
 }
 
 /// One line of a timeline: a packet seen at one capture point, with what the rules did to it.

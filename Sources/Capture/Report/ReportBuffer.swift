@@ -7,6 +7,7 @@ import Foundation
 final class ReportBuffer {
     private let capacity = 1 << 17
     private let base: UnsafeMutablePointer<UInt8>
+    private let pairs = ReportBuffer.makeDigitPairs()
     private var count = 0
     private let fd: Int32
     private let flushAt = 1 << 16
@@ -20,6 +21,7 @@ final class ReportBuffer {
     deinit {
         flush()
         base.deallocate()
+        pairs.deallocate()
     }
 
     @inline(__always) private func reserve(_ n: Int) { if count + n > capacity { flush() } }
@@ -63,16 +65,33 @@ final class ReportBuffer {
         if v < 0 { byte(UInt8(ascii: "-")); unsignedDecimal(Int64(v).magnitude) } else { unsignedDecimal(UInt64(v)) }
     }
 
-    /// "00" "01" ... "99": two digits per division.
-    private static let digitPairs: [UInt8] = {
-        var t: [UInt8] = []
+    /// "00" "01" ... "99": two digits per division. Owned by the buffer (a static array costs a lazy-init check
+    /// and a retain on every number, and a packet line has a dozen numbers).
+    private static func makeDigitPairs() -> UnsafeMutablePointer<UInt8> {
+        let t = UnsafeMutablePointer<UInt8>.allocate(capacity: 200)
         for n in 0..<100 {
-            let tens = UInt8(n / 10), ones = UInt8(n % 10)
-            t.append(0x30 + tens)
-            t.append(0x30 + ones)
+            t[2 * n] = 0x30 + UInt8(n / 10)
+            t[2 * n + 1] = 0x30 + UInt8(n % 10)
         }
         return t
-    }()
+    }
+
+    /// 0...255 without a division loop: an IPv4 address is four of these.
+    @inline(__always)
+    private func octet(_ v: UInt32) {
+        reserve(3)
+        if v >= 100 {
+            let r = Int(v % 100)
+            base[count] = 0x30 + UInt8(v / 100); base[count + 1] = pairs[2 * r]; base[count + 2] = pairs[2 * r + 1]
+            count += 3
+        } else if v >= 10 {
+            base[count] = pairs[2 * Int(v)]; base[count + 1] = pairs[2 * Int(v) + 1]
+            count += 2
+        } else {
+            base[count] = 0x30 + UInt8(v)
+            count += 1
+        }
+    }
 
     func unsignedDecimal(_ v: UInt64) {
         if v < 10 { byte(0x30 + UInt8(v)); return }
@@ -82,17 +101,15 @@ final class ReportBuffer {
         reserve(digits)
         var i = count + digits
         var x = v
-        ReportBuffer.digitPairs.withUnsafeBufferPointer { pairs in
-            while x >= 100 {
-                let r = Int(x % 100); x /= 100
-                i -= 2; base[i] = pairs[2 * r]; base[i + 1] = pairs[2 * r + 1]
-            }
-            if x >= 10 {
-                let r = Int(x)
-                i -= 2; base[i] = pairs[2 * r]; base[i + 1] = pairs[2 * r + 1]
-            } else {
-                i -= 1; base[i] = 0x30 + UInt8(x)
-            }
+        while x >= 100 {
+            let r = Int(x % 100); x /= 100
+            i -= 2; base[i] = pairs[2 * r]; base[i + 1] = pairs[2 * r + 1]
+        }
+        if x >= 10 {
+            let r = Int(x)
+            i -= 2; base[i] = pairs[2 * r]; base[i + 1] = pairs[2 * r + 1]
+        } else {
+            i -= 1; base[i] = 0x30 + UInt8(x)
         }
         count += digits
     }
@@ -120,10 +137,10 @@ final class ReportBuffer {
         switch a.family {
         case .v4:
             let v = a.v4Value
-            unsignedDecimal(UInt64(v >> 24)); byte(0x2e)
-            unsignedDecimal(UInt64((v >> 16) & 0xff)); byte(0x2e)
-            unsignedDecimal(UInt64((v >> 8) & 0xff)); byte(0x2e)
-            unsignedDecimal(UInt64(v & 0xff))
+            octet(v >> 24); byte(0x2e)
+            octet((v >> 16) & 0xff); byte(0x2e)
+            octet((v >> 8) & 0xff); byte(0x2e)
+            octet(v & 0xff)
         case .v6: text(a.description)
         case .none: byte(UInt8(ascii: "-"))
         }

@@ -29,6 +29,33 @@ public final class TextReport: ReportSink {
         if style.enabled { out.text(paint(style)(s)) } else { out.text(s) }
     }
 
+    /// The styled pieces of a packet line written straight into the buffer: `styled` would build a String per
+    /// packet. Returns whether a reset is due.
+    @inline(__always)
+    private func paint(_ sgr: StaticString) -> Bool {
+        guard style.enabled else { return false }
+        out.byte(0x1b); out.byte(UInt8(ascii: "[")); out.text(sgr); out.byte(UInt8(ascii: "m"))
+        return true
+    }
+
+    @inline(__always)
+    private func unpaint(_ painted: Bool) { if painted { out.text("\u{1B}[0m") } }
+
+    private func mark(_ m: UInt32) {
+        let p = paint("33"); out.text("0x"); out.hex(m); unpaint(p)
+    }
+
+    /// tcpdump's letters, as `TCPFlags.description` spells them.
+    private func tcpFlags(_ f: TCPFlags) {
+        if f.isEmpty || f.rawValue & 0x3f == 0 { out.text("none"); return }
+        if f.contains(.syn) { out.byte(UInt8(ascii: "S")) }
+        if f.contains(.fin) { out.byte(UInt8(ascii: "F")) }
+        if f.contains(.rst) { out.byte(UInt8(ascii: "R")) }
+        if f.contains(.psh) { out.byte(UInt8(ascii: "P")) }
+        if f.contains(.urg) { out.byte(UInt8(ascii: "U")) }
+        if f.contains(.ack) { out.byte(UInt8(ascii: ".")) }
+    }
+
     private func tuple(_ t: FiveTuple) {
         out.text(IPProto.name(t.proto)); out.byte(0x20)
         out.endpoint(t.src); out.text(" > "); out.endpoint(t.dst)
@@ -57,7 +84,7 @@ public final class TextReport: ReportSink {
             out.text("  marks     ")
             for (i, m) in t.marks.enumerated() {
                 if i > 0 { out.text(", ") }
-                styled(Style.mark, "0x" + String(m, radix: 16))
+                mark(m)
             }
             out.byte(0x0a)
         }
@@ -118,11 +145,11 @@ public final class TextReport: ReportSink {
         case .unknown: out.text("     ")
         }
         out.endpoint(e.tuple.src); out.text(" > "); out.endpoint(e.tuple.dst)
-        if e.tuple.proto == IPProto.tcp { out.text("  "); out.text(e.tcpFlags.description) } else {
+        if e.tuple.proto == IPProto.tcp { out.text("  "); tcpFlags(e.tcpFlags) } else {
             out.text("  "); out.text(IPProto.name(e.tuple.proto))
         }
         out.text("  len "); out.unsignedDecimal(UInt64(e.length))
-        if let m = e.mark, m != 0 { out.text("  mark "); styled(Style.mark, "0x" + String(m, radix: 16)) }
+        if let m = e.mark, m != 0 { out.text("  mark "); mark(m) }
         if let h = e.hit { out.text("  "); hit(h) }
         if !e.notes.isEmpty {
             out.text("  [")
@@ -134,18 +161,22 @@ public final class TextReport: ReportSink {
 
     private func hit(_ h: RuleHit) {
         if let rule = h.rule {
-            styled(Style.rule, "\(rule.table) \(rule.chain) #\(rule.position)")
+            let p = paint("36")
+            out.text(rule.table); out.byte(0x20); out.text(rule.chain); out.text(" #"); out.decimal(rule.position)
+            unpaint(p)
         } else if let tag = h.tag {
+            let p = paint("36")
             switch tag.position {
-            case .rule(let n): styled(Style.rule, "\(tag.table) \(tag.chain) #\(n)")
-            case .observeIn: styled(Style.rule, "observe \(tag.table) \(tag.chain) in")
-            case .observeOut: styled(Style.rule, "observe \(tag.table) \(tag.chain) out")
+            case .rule(let n): out.text(tag.table); out.byte(0x20); out.text(tag.chain); out.text(" #"); out.decimal(n)
+            case .observeIn: out.text("observe "); out.text(tag.table); out.byte(0x20); out.text(tag.chain); out.text(" in")
+            case .observeOut: out.text("observe "); out.text(tag.table); out.byte(0x20); out.text(tag.chain); out.text(" out")
             }
+            unpaint(p)
         } else {
             out.text("log \""); out.text(h.prefixText); out.byte(0x22)
         }
         if let role = h.role, role != .meshtraceObservation {
-            out.text(" ["); styled(Style.role, role.rawValue); out.byte(UInt8(ascii: "]"))
+            out.text(" ["); let p = paint("35"); out.text(role.rawValue); unpaint(p); out.byte(UInt8(ascii: "]"))
         }
         if let a = h.action, a != .observed { out.byte(0x20); action(a, styledAsRedirect: false) }
     }
@@ -153,7 +184,7 @@ public final class TextReport: ReportSink {
     private func action(_ a: RuleAction, styledAsRedirect: Bool) {
         switch a {
         case .redirected(let port, let original):
-            styled(Style.redirect, "REDIRECT to :\(port)")
+            let p = paint("1;34"); out.text("REDIRECT to :"); out.decimal(port); unpaint(p)
             if let o = original {
                 out.text(styledAsRedirect ? ", original destination " : " (original ")
                 out.endpoint(o)
