@@ -101,6 +101,19 @@ public final class Correlator {
         return c.id
     }
 
+    /// Moves the capture clock to `time` with no packet, and emits what that finishes: closed connections past
+    /// their linger, idle ones past the idle timeout. Live tracing calls it on a timer, so a connection that ends
+    /// just before the pod goes quiet is printed then and not at the end. The linger is also the hop join's grace
+    /// period (a closing app connection waits that long for ztunnel's leg), so `time` must not run ahead of the
+    /// capture's clock: a time earlier than the latest packet's changes nothing.
+    public func advance(to time: Timestamp) {
+        let t = time.totalNanoseconds
+        guard t > now else { return }
+        now = t
+        sweep()
+        nextSweep = now + sweepInterval
+    }
+
     private static let damageNotes: DecodeNotes = [.truncatedLink, .truncatedIP, .truncatedTransport, .badIPHeader,
                                                    .badNflogTLV, .truncatedNflog, .badConntrack]
 

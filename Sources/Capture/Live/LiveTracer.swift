@@ -89,6 +89,9 @@ public final class LiveTracer: @unchecked Sendable {
     /// How long records are held before they go to the correlator, so the conntrack event of a connection's
     /// first packet (sent at confirmation, after the NFLOG twins fired) has arrived.
     static let holdNanos: Int64 = 30_000_000
+    /// How often the correlator's clock is moved on while the pod is quiet, and how far behind the wall clock.
+    static let advanceIntervalNanos: UInt64 = 250_000_000
+    static let advanceLagNanos: Int64 = 200_000_000
 
     // Owned by the netns thread while it runs.
     private var correlator: Correlator?
@@ -291,6 +294,7 @@ public final class LiveTracer: @unchecked Sendable {
         defer { eventBuffer.deallocate() }
         var finishing = false
         var finishDeadline: UInt64 = 0
+        var nextAdvance: UInt64 = 0
         while true {
             _ = poll(&fds, nfds_t(fds.count), 5)
             if !finishing, fds[0].revents != 0 {
@@ -300,6 +304,11 @@ public final class LiveTracer: @unchecked Sendable {
             }
             let got = pump(&record, eventBuffer)
             release(force: false)
+            let tick = DispatchTime.now().uptimeNanoseconds
+            if tick >= nextAdvance {
+                nextAdvance = tick + LiveTracer.advanceIntervalNanos
+                advanceClock()
+            }
             if let status, status.line.due() {
                 let events = Int((nflog?.recordsRead ?? 0) + (pcap?.framesRead ?? 0))
                 let dropped = Int(nflog?.sequenceGap ?? 0) + (nflog?.overruns ?? 0)
@@ -354,6 +363,17 @@ public final class LiveTracer: @unchecked Sendable {
         if pending.isFull { release(count: 1) }
         pending.push(record, frame: frame, linkType: linkType, group: options.group,
                      at: Int64(DispatchTime.now().uptimeNanoseconds))
+    }
+
+    /// Captures stamp packets with the realtime clock, so the wall clock, less what may still be on its way
+    /// (the hold time and NFLOG's batching), is a capture time every packet still to come is later than or
+    /// within the correlator's linger of.
+    private func advanceClock() {
+        guard let correlator else { return }
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let wall = Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec) - LiveTracer.holdNanos - LiveTracer.advanceLagNanos
+        correlator.advance(to: Timestamp(seconds: wall / 1_000_000_000, nanoseconds: Int32(wall % 1_000_000_000)))
     }
 
     private func release(force: Bool) {

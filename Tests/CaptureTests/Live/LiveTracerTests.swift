@@ -178,3 +178,91 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(after, before)
     }
 }
+
+/// Timelines as they reach the sink, from the netns thread, readable from the main thread while the trace runs;
+/// with each, the wall clock when it arrived and the latest capture time of any packet ingested by then.
+final class LockedTraceSink: ReportSink, @unchecked Sendable {
+    struct Arrival { var timeline: ConnectionTimeline; var wallNanos: Int64; var latestPacketNanos: Int64 }
+    private let lock = NSLock()
+    private var received: [Arrival] = []
+    private var latestPacket: Int64 = 0
+    var arrivals: [Arrival] { lock.lock(); defer { lock.unlock() }; return received }
+    func packet(_ record: PacketRecord, frame: UnsafeRawBufferPointer, linkType: Int32, connection: ConnectionID?) {
+        lock.lock(); latestPacket = max(latestPacket, record.time.totalNanoseconds); lock.unlock()
+    }
+    func connection(_ timeline: ConnectionTimeline) {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        lock.lock()
+        received.append(Arrival(timeline: timeline, wallNanos: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec),
+                                latestPacketNanos: latestPacket))
+        lock.unlock()
+    }
+    func finding(_ finding: EscapeFinding) {}
+    func finish(_ summary: AnalysisSummary) throws {}
+}
+
+final class LiveTracerQuietPodTests: KernelTestCase {
+    private var labs: [LabTopology] = []
+
+    override func tearDown() {
+        for lab in labs { lab.teardown() }
+        labs.removeAll()
+        super.tearDown()
+    }
+
+    /// The app's connection closes and the pod goes quiet: with no later packet to move the capture clock, the
+    /// timeline must still be printed while the trace runs (after the close linger, with its hop joined), not
+    /// only when the trace ends.
+    func testConnectionIsReportedWhileTheTraceRunsAfterThePodGoesQuiet() throws {
+        let executable = LiveTracerTests.executable
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let lab = try LabTopology(options: LabOptions(executable: executable))
+        labs.append(lab)
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+
+        var options = TraceOptions(netns: lab.client.ref)
+        options.group = 5409
+        options.duration = 30
+        let tracer = LiveTracer(options: options)
+        let sink = LockedTraceSink()
+        var trafficError: Error?
+        var seenWhileRunning: LockedTraceSink.Arrival?
+        tracer.onReady = {
+            do {
+                let r = try lab.runApp(["_app", "get", "\(server)"], in: lab.client)
+                XCTAssertTrue(r.ok, "app get failed: \(r.stdout) \(r.stderr)")
+            } catch { trafficError = error }
+            let start = Date()
+            // The close linger is 2 s; allow for a loaded machine, bounded.
+            while Date().timeIntervalSince(start) < 10 {
+                if let a = sink.arrivals.first(where: { $0.timeline.original.dst == server && $0.timeline.original.proto == IPProto.tcp }) {
+                    seenWhileRunning = a
+                    break
+                }
+                usleep(50_000)
+            }
+            tracer.stop()
+        }
+        let outcome = try tracer.run(reporter: Reporter(sinks: [sink], wantsPackets: true))
+        if let trafficError { throw trafficError }
+
+        let arrival = try XCTUnwrap(seenWhileRunning, "the app's connection to \(server) reached the sink only at the end: \(sink.arrivals.map(\.timeline.original))")
+        let app = arrival.timeline
+        let linger = CorrelatorOptions().closeLingerNanos
+        // The clock, not a later packet, finished it: it arrived soon after the linger (the timer runs every 250 ms,
+        // 230 ms behind the wall clock), while nothing captured by then was past the linger. Without the timer the
+        // lab's next unrelated packet, seconds later, is what emits it.
+        XCTAssertLessThan(arrival.latestPacketNanos, app.lastSeen.totalNanoseconds + linger)
+        XCTAssertLessThan(arrival.wallNanos, app.lastSeen.totalNanoseconds + linger + 1_500_000_000)
+        // Not emitted early either: the hop partner's grace period (the linger) was waited out in real time.
+        XCTAssertGreaterThanOrEqual(arrival.wallNanos, app.lastSeen.totalNanoseconds + linger)
+        XCTAssertEqual(app.kind, .appOutbound)
+        XCTAssertTrue(app.closed)
+        let hbone = sink.arrivals.map(\.timeline).first { $0.original.dst == Endpoint(lab.server.ipv4, 15008) }
+        XCTAssertTrue(app.hops.contains { $0.direction == .outbound && $0.outer == app.id && (hbone == nil || $0.inner == hbone!.id) },
+                      "hops of the app connection: \(app.hops)")
+        XCTAssertEqual(outcome.summary.escapes, 0)
+        XCTAssertEqual(sink.arrivals.filter { $0.timeline.id == app.id }.count, 1)
+    }
+}
