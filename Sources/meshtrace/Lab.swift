@@ -183,7 +183,7 @@ struct Lab: ParsableCommand {
               ip netns exec \(lab.client.name) iptables-save -c
               \(exe) trace --netns \(lab.client.name)
               cat \(lab.runDirectory)/*.log
-            Remove it with: \(exe) lab down
+            Remove it with: \(exe) lab down --lab \(LabTopology.labID(of: lab.client.name) ?? 0)   (or every kept lab: \(exe) lab down)
             """)
         }
     }
@@ -194,9 +194,12 @@ struct Lab: ParsableCommand {
         @Flag(name: .long, help: "Also remove labs whose meshtrace process still runs.")
         var all = false
 
+        @Option(name: .long, help: "Remove only this lab: the number in its namespace names (mt-l<ID>-n), as --keep prints it.")
+        var lab: Int32?
+
         func run() throws {
             try reportingErrors {
-                let removed = try LabTopology.removeAll(includingRunning: all)
+                let removed = try LabTopology.removeAll(includingRunning: all || lab != nil, only: lab)
                 print(removed.isEmpty ? "no lab namespaces" : "removed \(removed.joined(separator: " "))")
                 return .ok
             }

@@ -42,6 +42,9 @@ struct Trace: ParsableCommand {
     @Flag(name: .long, help: "Remove leftover meshtrace rules from a killed run first, instead of refusing to start.")
     var replace = false
 
+    @Flag(name: .long, help: "Text view: connection headers, hops and findings only, no per-packet lines.")
+    var brief = false
+
     @Flag(name: .long, help: "Only the NFLOG events, no libpcap capture.")
     var noCapture = false
 
@@ -68,7 +71,7 @@ struct Trace: ParsableCommand {
             options.capturePackets = !noCapture
             let tracer = LiveTracer(options: options)
             let config = output.config
-            let printer: ReportSink = config.json ? JSONReport() : TextReport(style: Style(config: config))
+            let printer: ReportSink = config.json ? JSONReport() : TextReport(style: Style(config: config), showEvents: !brief)
             let status = LiveStatusLine(config: config, label: "tracing \(ref.label)")
             tracer.status = status.line.enabled ? status : nil
             let reporter = try Reporter.make(config: config, tags: tracer.tags, title: "meshtrace trace --netns \(ref.label)",

@@ -354,14 +354,22 @@ public final class LabTopology: @unchecked Sendable {
     /// `includingRunning` also removes labs whose creator still runs (another `meshtrace lab` in progress).
     /// Returns the names removed.
     @discardableResult
-    public static func removeAll(includingRunning: Bool = false) throws -> [String] {
+    /// The lab a namespace belongs to: the creating process's pid in `mt-l<ID>-n`.
+    public static func labID(of namespace: String) -> Int32? {
+        guard namespace.hasPrefix("mt-l") else { return nil }
+        return Int32(namespace.dropFirst(4).prefix { $0.isNumber })
+    }
+
+    /// `only`: remove just that lab (by its id), so a test or a user does not sweep another kept lab away.
+    public static func removeAll(includingRunning: Bool = false, only: Int32? = nil) throws -> [String] {
         try Command.requireRoot("meshtrace lab down")
         let list = try Command.run(["ip", "netns", "list"])
         var removed: [String] = []
         for line in list.stdout.split(whereSeparator: \.isNewline) {
             let name = String(line.split(separator: " ").first ?? "")
             guard name.hasPrefix("mt-l") else { continue }
-            let creator = Int32(name.dropFirst(4).prefix { $0.isNumber }) ?? 0
+            let creator = labID(of: name) ?? 0
+            if let only, creator != only { continue }
             let creatorRuns = creator > 0 && creator != getpid() && (kill(creator, 0) == 0 || errno != ESRCH)
             if creatorRuns && !includingRunning { continue }
             if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {

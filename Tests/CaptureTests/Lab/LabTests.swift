@@ -292,7 +292,10 @@ final class LabTests: KernelTestCase {
             ((try? Command.run(["ip", "netns", "pids", ns]))?.stdout ?? "").split(whereSeparator: \.isNewline).compactMap { Int32($0) }
         }
         XCTAssertEqual(keptPids.count, 5)
-        let down = try Command.run([executable, "lab", "down"])
+        // Only this lab: `lab down` alone would also sweep a lab someone else kept on this machine.
+        let keptID = try XCTUnwrap(LabTopology.labID(of: keptNames[0]))
+        XCTAssertTrue(kept.stdout.contains("lab down --lab \(keptID)"), kept.stdout)
+        let down = try Command.run([executable, "lab", "down", "--lab", String(keptID)])
         XCTAssertEqual(down.status, 0, down.stderr)
         let after = try Command.run(["ip", "netns", "list"]).stdout
         for n in keptNames { XCTAssertFalse(after.contains(n)) }
