@@ -58,6 +58,8 @@ public struct RuleHit: Hashable, Sendable {
         get { ruleRef?.rule }
         set { ruleRef = newValue.map(SharedRule.init) }
     }
+    /// `rule?.canonicalText`, computed once per rule rather than once per packet.
+    public var ruleCanonicalText: String? { ruleRef?.canonicalText }
     public var role: AmbientRole?
     public var action: RuleAction?
     public init(tag: RuleTag?, prefixText: String, rule: Rule? = nil, role: AmbientRole? = nil, action: RuleAction? = nil) {
@@ -68,7 +70,8 @@ public struct RuleHit: Hashable, Sendable {
 /// One rule, held once for all the events that hit it.
 final class SharedRule: Hashable, Sendable {
     let rule: Rule
-    init(_ rule: Rule) { self.rule = rule }
+    let canonicalText: String
+    init(_ rule: Rule) { self.rule = rule; canonicalText = rule.canonicalText }
     static func == (a: SharedRule, b: SharedRule) -> Bool { a === b || a.rule == b.rule }
     func hash(into h: inout Hasher) { h.combine(rule) }
 }

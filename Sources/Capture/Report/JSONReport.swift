@@ -86,7 +86,7 @@ public final class JSONReport: ReportSink {
             case .observeOut: out.text("\"out\"")
             }
         }
-        if let r = h.rule { key("rule"); out.jsonString(r.canonicalText) }
+        if let text = h.ruleCanonicalText { key("rule"); out.jsonString(text) }
         if let role = h.role { key("role"); out.byte(0x22); out.text(role.rawValue); out.byte(0x22) }
         if let a = h.action { key("action"); action(a) }
         close(UInt8(ascii: "}"))
@@ -110,7 +110,7 @@ public final class JSONReport: ReportSink {
         }
         key("tuple"); tuple(e.tuple)
         key("reply"); out.text(e.isReply ? "true" : "false")
-        if e.tuple.proto == IPProto.tcp { key("flags"); out.byte(0x22); out.text(e.tcpFlags.description); out.byte(0x22) }
+        if e.tuple.proto == IPProto.tcp { key("flags"); out.byte(0x22); out.tcpFlags(e.tcpFlags); out.byte(0x22) }
         key("len"); out.unsignedDecimal(UInt64(e.length))
         if let m = e.mark { key("mark"); out.unsignedDecimal(UInt64(m)) }
         if let h = e.hit { key("hit"); hit(h) }

@@ -133,6 +133,17 @@ final class ReportBuffer {
         }
     }
 
+    /// tcpdump's letters, as `TCPFlags.description` spells them.
+    func tcpFlags(_ f: TCPFlags) {
+        if f.rawValue & 0x3f == 0 { text("none"); return }
+        if f.contains(.syn) { byte(UInt8(ascii: "S")) }
+        if f.contains(.fin) { byte(UInt8(ascii: "F")) }
+        if f.contains(.rst) { byte(UInt8(ascii: "R")) }
+        if f.contains(.psh) { byte(UInt8(ascii: "P")) }
+        if f.contains(.urg) { byte(UInt8(ascii: "U")) }
+        if f.contains(.ack) { byte(UInt8(ascii: ".")) }
+    }
+
     func address(_ a: IPAddress) {
         switch a.family {
         case .v4:

@@ -45,17 +45,6 @@ public final class TextReport: ReportSink {
         let p = paint("33"); out.text("0x"); out.hex(m); unpaint(p)
     }
 
-    /// tcpdump's letters, as `TCPFlags.description` spells them.
-    private func tcpFlags(_ f: TCPFlags) {
-        if f.isEmpty || f.rawValue & 0x3f == 0 { out.text("none"); return }
-        if f.contains(.syn) { out.byte(UInt8(ascii: "S")) }
-        if f.contains(.fin) { out.byte(UInt8(ascii: "F")) }
-        if f.contains(.rst) { out.byte(UInt8(ascii: "R")) }
-        if f.contains(.psh) { out.byte(UInt8(ascii: "P")) }
-        if f.contains(.urg) { out.byte(UInt8(ascii: "U")) }
-        if f.contains(.ack) { out.byte(UInt8(ascii: ".")) }
-    }
-
     private func tuple(_ t: FiveTuple) {
         out.text(IPProto.name(t.proto)); out.byte(0x20)
         out.endpoint(t.src); out.text(" > "); out.endpoint(t.dst)
@@ -145,7 +134,7 @@ public final class TextReport: ReportSink {
         case .unknown: out.text("     ")
         }
         out.endpoint(e.tuple.src); out.text(" > "); out.endpoint(e.tuple.dst)
-        if e.tuple.proto == IPProto.tcp { out.text("  "); tcpFlags(e.tcpFlags) } else {
+        if e.tuple.proto == IPProto.tcp { out.text("  "); out.tcpFlags(e.tcpFlags) } else {
             out.text("  "); out.text(IPProto.name(e.tuple.proto))
         }
         out.text("  len "); out.unsignedDecimal(UInt64(e.length))
