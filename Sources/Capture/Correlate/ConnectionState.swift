@@ -92,6 +92,9 @@ final class ConnectionState {
 
     var isnForward: UInt32?
     var isnReply: UInt32?
+    /// The lowest initiator sequence number seen while the handshake was not: lets a late copy of the SYN be told
+    /// from a new connection on the same tuple (see `Correlator.isFreshSYN`).
+    var lowestSeqForward: UInt32?
     var finForward = false
     var finReply = false
     var reset = false

@@ -142,6 +142,13 @@ public final class Correlator {
     private func isFreshSYN(_ r: PacketRecord, on c: ConnectionState) -> Bool {
         guard r.tcpFlags.contains(.syn), !r.tcpFlags.contains(.ack) else { return false }
         if let isn = c.isnForward { return isn != r.tcpSeq }
+        // The capture missed the handshake, and here is a SYN from the initiator whose sequence number sits just
+        // before the data already seen: that handshake's SYN arriving late (libpcap stamps NFLOG records when it
+        // receives them, batched up to a second after), not a new connection reusing the tuple.
+        if let low = c.lowestSeqForward, r.tuple.src == c.initiator {
+            let distance = Int32(bitPattern: low &- r.tcpSeq)
+            if distance > 0 && distance <= 1 << 20 { return false }
+        }
         return c.isClosed
     }
 
@@ -411,6 +418,13 @@ public final class Correlator {
 
     private func trackTCP(_ r: PacketRecord, forward: Bool, on c: ConnectionState) {
         let f = r.tcpFlags
+        if forward && c.isnForward == nil && !f.contains(.syn) {
+            if let low = c.lowestSeqForward {
+                if Int32(bitPattern: r.tcpSeq &- low) < 0 { c.lowestSeqForward = r.tcpSeq }
+            } else {
+                c.lowestSeqForward = r.tcpSeq
+            }
+        }
         if f.contains(.syn) {
             if f.contains(.ack) {
                 if c.isnReply == nil { c.isnReply = r.tcpSeq }

@@ -32,6 +32,16 @@ final class BackgroundCapture {
 
     func stop() {
         guard process.isRunning else { return }
+        // SIGINT ends tcpdump without draining what is still queued on its socket: on a loaded machine (CI) the
+        // last NFLOG batch can still be on its way. Wait until the file has stopped growing (bounded) first.
+        var lastSize = -1, stableSince = Date()
+        let settleDeadline = Date().addingTimeInterval(5)
+        while Date() < settleDeadline {
+            let size = ((try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber)?.intValue ?? 0
+            if size != lastSize { lastSize = size; stableSince = Date() }
+            else if Date().timeIntervalSince(stableSince) >= 0.6 { break }
+            usleep(50_000)
+        }
         kill(process.processIdentifier, SIGINT)
         let deadline = Date().addingTimeInterval(5)
         while process.isRunning && Date() < deadline { usleep(20_000) }

@@ -335,6 +335,34 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertNotNil(sink.timeline(.ztunnelToApp))
     }
 
+    func testALateNflogCopyOfAMissedSYNJoinsItsConnectionInsteadOfStartingANewOne() throws {
+        // The interface capture missed ztunnel's handshake; its NFLOG copy (mark 0x539) arrives last, stamped a
+        // second late as libpcap stamps NFLOG batches. It belongs to the HBONE connection already seen.
+        var f = PacketFactory()
+        var packets = outboundScenario(&f, ruleset: nil)
+        let isHandshake: (PacketRecord) -> Bool = { ($0.tuple.src == self.ztunnelOut || $0.tuple.dst == self.ztunnelOut)
+            && ($0.tcpFlags.contains(.syn) || ($0.tcpFlags == [.ack] && $0.tcpSeq == 7001)) }
+        var lateSYN = try XCTUnwrap(packets.first { $0.nflog != nil && isHandshake($0) })
+        packets.removeAll(where: isHandshake)
+        lateSYN.time = Timestamp(seconds: packets.last!.time.seconds + 1, nanoseconds: packets.last!.time.nanoseconds)
+        packets.append(lateSYN)
+        let (sink, summary) = run(packets, tags: f.tags)
+        XCTAssertEqual(summary.escapes, 0, "\(sink.findings.map(\.summary))")
+        XCTAssertEqual(sink.timelines.filter { $0.original.src == ztunnelOut || $0.original.dst == ztunnelOut }.count, 1)
+        let hbone = try XCTUnwrap(sink.timeline(.hboneOutbound))
+        XCTAssertTrue(hbone.marks.contains(0x539))
+        XCTAssertEqual(summary.hops, 1)
+
+        // A SYN far from the sequence space seen is a new connection on a reused tuple, as before.
+        var g = PacketFactory()
+        var reuse = outboundScenario(&g, ruleset: nil)
+        reuse.removeAll(where: isHandshake)
+        g.advance(micros: 1_000_000)
+        reuse.append(g.packet(ztunnelOut, peerHBONE, flags: [.syn], seq: 0x8000_0000, on: eth0, direction: .outbound))
+        let (sink2, _) = run(reuse, tags: g.tags)
+        XCTAssertEqual(sink2.timelines.filter { $0.original.src == ztunnelOut }.count, 2)
+    }
+
     func testAConnectionCarryingAForgedZtunnelMarkIsAFinding() throws {
         var f = PacketFactory()
         let app2 = PacketFactory.ep("10.0.1.5", 40100)

@@ -189,31 +189,21 @@ final class VerifyHTMLCommandTests: XCTestCase {
         let rules = ProjectPaths.root.appendingPathComponent("samples/rulesets/seed-ambient-pod.iptables-save.txt").path
         let html = FileManager.default.temporaryDirectory.appendingPathComponent("mt-verify-\(getpid()).html").path
         defer { try? FileManager.default.removeItem(atPath: html) }
-        // By default the forged-0x539 class every correct ruleset has is accepted as inherent (listed, not counted):
-        // no escape rows. With --strict it counts, and its rows come first.
-        for extra in [[], ["--strict"]] {
-            let json = try Command.run([meshtrace, "verify", "--rules", rules, "--json"] + extra)
-            let page = try Command.run([meshtrace, "verify", "--rules", rules, "--html", html] + extra)
-            XCTAssertEqual(page.status, json.status)
-            let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as! [String: Any]
-            let classes = object["classes"] as! [[String: Any]]
-            let text = try String(contentsOfFile: html, encoding: .utf8)
-            let rows = text.components(separatedBy: "<tr class=").dropFirst()
-            XCTAssertEqual(rows.count, classes.count)
-            let isEscape = { (c: [String: Any]) in (c["verdict"] as? String) == "escape" || ((c["verdict"] as? [String: Any])?["kind"] as? String) == "escape" }
-            let escapes = classes.filter { isEscape($0) && $0["acceptedBy"] == nil }
-            let accepted = classes.filter { isEscape($0) && $0["acceptedBy"] != nil }
-            if extra.isEmpty {
-                XCTAssertEqual(escapes.count, 0, "forged 0x539 is accepted as inherent by default")
-                XCTAssertGreaterThan(accepted.count, 0, "the seed ruleset lets a forged 0x539 mark escape")
-            } else {
-                XCTAssertGreaterThan(escapes.count, 0, "the seed ruleset lets a forged 0x539 mark escape (--strict)")
-            }
-            let escapeRows = rows.filter { $0.hasPrefix("\"esc\"") }
-            XCTAssertEqual(escapeRows.count, escapes.count, "escape rows match the JSON \(extra)")
-            XCTAssertEqual(Array(rows.prefix(escapeRows.count)).map { $0.hasPrefix("\"esc\"") }, Array(repeating: true, count: escapeRows.count))
-            for c in escapes + accepted { XCTAssertTrue(text.contains(HTML.escape(c["class"] as! String)), "\(c["class"]!)") }
-        }
+        // --strict: the forged-0x539 class counts as an escape instead of being accepted as inherent.
+        let json = try Command.run([meshtrace, "verify", "--rules", rules, "--strict", "--json"])
+        let page = try Command.run([meshtrace, "verify", "--rules", rules, "--strict", "--html", html])
+        XCTAssertEqual(page.status, json.status)
+        let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as! [String: Any]
+        let classes = object["classes"] as! [[String: Any]]
+        let text = try String(contentsOfFile: html, encoding: .utf8)
+        let rows = text.components(separatedBy: "<tr class=").dropFirst()
+        XCTAssertEqual(rows.count, classes.count)
+        let escapes = classes.filter { ($0["verdict"] as? String) == "escape" || (($0["verdict"] as? [String: Any])?["kind"] as? String) == "escape" }
+        XCTAssertGreaterThan(escapes.count, 0, "the seed ruleset lets a forged 0x539 mark escape")
+        let escapeRows = rows.filter { $0.hasPrefix("\"esc\"") }
+        XCTAssertEqual(escapeRows.count, escapes.count, "escape rows match the JSON")
+        XCTAssertEqual(Array(rows.prefix(escapeRows.count)).map { $0.hasPrefix("\"esc\"") }, Array(repeating: true, count: escapeRows.count))
+        for c in escapes { XCTAssertTrue(text.contains(HTML.escape(c["class"] as! String)), "\(c["class"]!)") }
     }
 }
 
