@@ -65,7 +65,13 @@ public final class ScratchNetns: @unchecked Sendable {
                   kinds.contains(name[name.index(name.startIndex, offsetBy: 3)]) else { continue }
             let pidText = name[name.index(name.startIndex, offsetBy: 4)..<dash]
             guard let pid = Int32(pidText), pid != getpid() else { continue }
-            if kill(pid, 0) != 0 && errno == ESRCH { _ = try? Command.run(["ip", "netns", "del", name]) }
+            if kill(pid, 0) != 0 && errno == ESRCH {
+                // Processes inside keep a deleted namespace alive: end them first, as `remove()` does.
+                if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {
+                    for p in pids.stdout.split(whereSeparator: \.isNewline) { if let q = Int32(p) { kill(q, SIGKILL) } }
+                }
+                _ = try? Command.run(["ip", "netns", "del", name])
+            }
         }
     }
 }

@@ -101,7 +101,8 @@ final class TraceCLITests: KernelTestCase {
         let before = try InstrumenterTests.rulesText(ns)
         let holder = Process()
         holder.executableURL = URL(fileURLWithPath: Command.which("nsenter")!)
-        holder.arguments = ["--net=\(ns.ref.path)", "--", Command.which("tcpdump")!, "-i", "nflog:5513", "-w", "/dev/null"]
+        // -Z root: tcpdump hands its output file to its own user, and that file here is the machine's /dev/null.
+        holder.arguments = ["--net=\(ns.ref.path)", "--", Command.which("tcpdump")!, "-Z", "root", "-i", "nflog:5513", "-w", "/dev/null"]
         let err = Pipe()
         holder.standardError = err
         holder.standardOutput = FileHandle.nullDevice
