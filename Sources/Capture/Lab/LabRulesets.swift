@@ -50,16 +50,23 @@ public struct LabRuleset: Sendable {
         }
         var text = String(decoding: data, as: UTF8.self)
         let name = URL(fileURLWithPath: nameOrPath).lastPathComponent
-        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
-        if text.contains("table inet ") || text.contains("table ip ") || text.hasPrefix("add table") {
+        // The rules stage decides what the file is and whether it parses (a garbage file fails here with its line
+        // number, before any namespace is built); the lab only needs the text split the way the loaders take it.
+        let format = RulesetLoader.detectFormat(text)
+        guard format == .iptables || format == .nftText else {
+            throw MeshtraceError(.badInput, format == .nftJSON
+                ? "\(nameOrPath): the lab loads nft rulesets as `nft -f` text, not JSON"
+                : "\(nameOrPath) is neither iptables-save/restore text nor an nft ruleset")
+        }
+        let parsed = try RulesetLoader.load(text: text, origin: name, format: format)
+        let capturesDNS = parsed.allRules.contains { $0.role == .dnsCapture }
+        if format == .nftText {
             return LabRuleset(name: name, summary: "nft ruleset from \(nameOrPath)", form: .nftables, text: text,
-                              capturesDNS: text.contains("15053"))
+                              capturesDNS: capturesDNS)
         }
         // Istio goldens start with the two save commands the test recorded; the restore text follows.
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
         if lines.first == "iptables-save" { text = lines.dropFirst(2).joined(separator: "\n") }
-        guard text.contains("*nat") || text.contains("* nat") || text.contains("*mangle") || text.contains("* mangle") else {
-            throw MeshtraceError(.badInput, "\(nameOrPath) is neither iptables-save/restore text nor an nft ruleset")
-        }
         // A golden "_ipv6" file holds the IPv4 block then the IPv6 block: split at the second mangle table.
         var v4 = text, v6: String? = nil
         let marker = text.contains("* mangle") ? "* mangle" : "*mangle"
@@ -67,7 +74,7 @@ public struct LabRuleset: Sendable {
         if parts.count == 3 { v4 = parts[0] + marker + parts[1]; v6 = marker + parts[2] }
         if nameOrPath.contains("ip6tables") { v6 = v4; v4 = "" }
         return LabRuleset(name: name, summary: "iptables ruleset from \(nameOrPath)", form: .iptables, text: v4,
-                          ipv6Text: v6, capturesDNS: text.contains("15053"))
+                          ipv6Text: v6, capturesDNS: capturesDNS)
     }
 }
 

@@ -331,5 +331,14 @@ final class LabTests: KernelTestCase {
         XCTAssertThrowsError(try LabRuleset.named("/etc/hostname")) { e in
             XCTAssertEqual((e as? MeshtraceError)?.code, .badInput)
         }
+        // A file that looks like iptables-save but does not parse is refused before any namespace is built.
+        let garbage = FileManager.default.temporaryDirectory.appendingPathComponent("mt-lab-garbage-\(getpid()).rules")
+        try "*nat\n:OUTPUT ACCEPT [0:0]\nthis is not a rule\nCOMMIT\n"
+            .write(to: garbage, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: garbage) }
+        XCTAssertThrowsError(try LabRuleset.named(garbage.path)) { e in
+            XCTAssertEqual((e as? MeshtraceError)?.code, .badInput)
+            XCTAssertTrue("\(e)".contains("line 3"), "\(e)")
+        }
     }
 }
