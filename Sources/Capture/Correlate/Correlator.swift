@@ -26,10 +26,8 @@ public final class Correlator {
     private var nextSweep: Int64 = .min
     private let sweepInterval: Int64 = 1_000_000_000
 
-    private var hitCache: [CachedHit?] = []
-    private var interfaceNames: [String] = ["?"]
-    private var lastInterfaceName = "?"
-    private var lastInterfaceIndex: UInt16 = 0
+    /// Interface names and rule hits by number, shared with the event lists handed to the sinks.
+    private let context: EventContext
     private var hitCounts: [Int] = []
 
     private var podVotes: [IPAddress: Int] = [:]
@@ -60,6 +58,7 @@ public final class Correlator {
         self.ruleset = ruleset
         self.options = options
         self.sink = sink
+        context = EventContext(tags: tags, ruleset: ruleset)
         var ports: Set<UInt16> = [options.outboundCapturePort, options.inboundPlaintextPort, options.dnsCapturePort]
         for rule in ruleset?.allRules ?? [] {
             switch rule.target {
@@ -311,8 +310,8 @@ public final class Correlator {
         }
 
         var restoredMark: UInt32? = nil
-        if hitID != 0, let cached = cachedHit(hitID) {
-            switch cached.actionKind {
+        if hitID != 0 {
+            switch context.actionKind(hitID) {
             case .redirect(let port):
                 if !c.sawRedirectHit { c.sawRedirectHit = true; factsChanged = true }
                 if !isRedirectWithOriginal(c.timeline.redirect) && forward {
@@ -406,7 +405,7 @@ public final class Correlator {
                 time: r.time, frame: r.ref, tuple: r.tuple, length: r.ipLength != 0 ? r.ipLength : r.wireLength,
                 mark: mark ?? 0, hitID: hitID, restoredMark: restoredMark ?? 0, notes: r.notes,
                 ipID: r.ipID, seq: r.tcpSeq, ack: r.tcpAck,
-                interfaceIndex: point.kind == .interface ? interfaceIndex(point.interface) : 0,
+                interfaceIndex: point.kind == .interface ? context.interfaceIndex(point.interface) : 0,
                 pointKind: point.kind, hook: point.hook, isLoopback: point.isLoopback, direction: r.direction,
                 flags: r.tcpFlags, hasMark: mark != nil, hasRestoredMark: restoredMark != nil, forward: forward))
         } else {
@@ -443,70 +442,11 @@ public final class Correlator {
 
     // MARK: - Rule hits
 
-    private enum ActionKind {
-        case plain
-        case redirect(UInt16)
-        case connmarkRestore
-        case connmarkSet(UInt32)
-    }
-
-    private struct CachedHit {
-        var hit: RuleHit
-        var actionKind: ActionKind
-    }
-
     @inline(__always)
     private func countHit(_ id: UInt32) {
         let i = Int(id)
         if i >= hitCounts.count { hitCounts.append(contentsOf: repeatElement(0, count: i + 1 - hitCounts.count)) }
         hitCounts[i] += 1
-    }
-
-    private func cachedHit(_ id: UInt32) -> CachedHit? {
-        let i = Int(id)
-        if i < hitCache.count, let h = hitCache[i] { return h }
-        if i >= hitCache.count { hitCache.append(contentsOf: repeatElement(nil, count: i + 1 - hitCache.count)) }
-        let built = buildHit(id)
-        hitCache[i] = built
-        return built
-    }
-
-    private func buildHit(_ id: UInt32) -> CachedHit {
-        let tag = tags.tag(for: id)
-        let text = tags.text(for: id)
-        var kind = ActionKind.plain
-        guard let tag else { return CachedHit(hit: RuleHit(tag: nil, prefixText: text), actionKind: .plain) }
-        switch tag.position {
-        case .observeIn, .observeOut:
-            return CachedHit(hit: RuleHit(tag: tag, prefixText: text, role: .meshtraceObservation, action: .observed),
-                             actionKind: .plain)
-        case .rule:
-            break
-        }
-        guard let rule = ruleset?.rule(for: tag) else {
-            return CachedHit(hit: RuleHit(tag: tag, prefixText: text), actionKind: .plain)
-        }
-        let action: RuleAction
-        switch rule.target {
-        case .redirect(let p):
-            action = .redirected(toPort: p ?? 0, originalDestination: nil); kind = .redirect(p ?? 0)
-        case .tproxy(let port, _, let mark, _): action = .tproxied(toPort: port, mark: mark)
-        case .setMark(let v, _): action = .markSet(v)
-        case .connmarkSet(let v, _): action = .connmarkSet(v); kind = .connmarkSet(v)
-        case .connmarkRestore: action = .connmarkRestored(nil); kind = .connmarkRestore
-        case .connmarkSave: action = .other("CONNMARK --save-mark")
-        case .accept: action = .accepted
-        case .return: action = .returned
-        case .jump(let c), .goto(let c): action = .jumped(c)
-        case .ctZone(let z): action = .ctZone(z)
-        case .drop, .reject: action = .dropped
-        case .nflog, .log, .trace, .counterOnly: action = .observed
-        case .dnat(let s): action = .other("DNAT \(s)")
-        case .snat(let s): action = .other("SNAT \(s)")
-        case .masquerade: action = .other("MASQUERADE")
-        case .unknown(let s): action = .other(s)
-        }
-        return CachedHit(hit: RuleHit(tag: tag, prefixText: text, rule: rule, role: rule.role, action: action), actionKind: kind)
     }
 
     // MARK: - Pod address inference
@@ -838,7 +778,7 @@ public final class Correlator {
         }
         if c.sawNetfilterEvent && c.sawInterfaceEvent && retimeNetfilterEvents(c, &t) { c.eventsNeedSorting = true }
         if c.eventsNeedSorting { sortEvents(c) }
-        t.events = materialize(c)
+        let events = TimelineEventList(events: c.events, initiator: c.initiator, context: context)
         c.events = []
         t.hops = c.hopLinks.map { link in
             if !link.finalized {
@@ -855,7 +795,7 @@ public final class Correlator {
         t.kind = kind
         c.hopLinks = []
         summary.connections += 1
-        sink.connection(t)
+        sink.connection(t, events: events)
         for f in findings { report(f) }
     }
 
@@ -909,47 +849,6 @@ public final class Correlator {
         }
         if order.elementsEqual(keys.indices) { return }
         c.events = order.map { c.events[$0] }
-    }
-
-    /// The events as the sinks receive them: interface names, rule hits and what each rule did.
-    private func materialize(_ c: ConnectionState) -> [TimelineEvent] {
-        var out: [TimelineEvent] = []
-        out.reserveCapacity(c.events.count)
-        for e in c.events {
-            var hit: RuleHit? = nil
-            if e.hitID != 0, let cached = cachedHit(e.hitID) {
-                hit = cached.hit
-                switch cached.actionKind {
-                case .redirect(let port): hit!.action = .redirected(toPort: port, originalDestination: e.tuple.dst)
-                case .connmarkRestore: hit!.action = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
-                default: break
-                }
-            }
-            let point: CapturePoint
-            switch e.pointKind {
-            case .interface: point = CapturePoint(kind: .interface, interface: interfaceNames[Int(e.interfaceIndex)],
-                                                  isLoopback: e.isLoopback)
-            case .netfilter: point = .netfilter(e.hook)
-            case .unknown: point = .unknown
-            }
-            out.append(TimelineEvent(time: e.time, frame: e.frame, point: point, direction: e.direction, tuple: e.tuple,
-                                     isReply: e.tuple.src != c.initiator, tcpFlags: e.flags, length: e.length,
-                                     mark: e.hasMark ? e.mark : nil, hit: hit, notes: e.notes))
-        }
-        return out
-    }
-
-    @inline(__always)
-    private func interfaceIndex(_ name: String) -> UInt16 {
-        if name == lastInterfaceName { return lastInterfaceIndex }
-        let i: UInt16
-        if let found = interfaceNames.firstIndex(of: name) { i = UInt16(found) } else {
-            i = UInt16(min(interfaceNames.count, Int(UInt16.max)))
-            if interfaceNames.count < Int(UInt16.max) { interfaceNames.append(name) }
-        }
-        lastInterfaceName = name
-        lastInterfaceIndex = i
-        return i
     }
 
     private func addByteEvidence(_ hop: inout ZtunnelHop, outer: ConnectionState, inner: ConnectionState) {

@@ -50,7 +50,9 @@ public final class MergedSource: PacketSource {
         }
         handedOut = best
         guard best >= 0 else { return nil }
-        record = heads[best]
+        // Swapped, not copied: the head slot is refilled from scratch (every field) before it is looked at
+        // again, and a swap moves the record's inline strings without a retain and a release per packet.
+        swap(&record, &heads[best])
         currentLinkType = headLinkTypes[best]
         return headBytes[best]
     }
