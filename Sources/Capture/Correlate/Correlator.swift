@@ -85,9 +85,10 @@ public final class Correlator {
         }
 
         var hitID: UInt32 = 0
-        if let meta = r.nflog {
+        // Fields of `r.nflog` are read through optional chaining: binding the whole NflogMeta copies ~280 bytes.
+        if let prefixID = r.nflog?.prefixID {
             summary.nflogRecords += 1
-            hitID = meta.prefixID
+            hitID = prefixID
             if hitID != 0 { countHit(hitID) }
         }
         if !r.notes.intersection(Correlator.damageNotes).isEmpty { summary.damagedPackets += 1 }
@@ -302,8 +303,8 @@ public final class Correlator {
         let forward = r.tuple.src == c.initiator
         var point = r.point
         var factsChanged = false
-        if let meta = r.nflog {
-            if point.kind != .netfilter { point = .netfilter(meta.hook) }
+        if let hook = r.nflog?.hook {
+            if point.kind != .netfilter { point = .netfilter(hook) }
             if !c.sawNflog { c.sawNflog = true; factsChanged = true }
         } else if point.kind == .interface && !point.isLoopback, let name = options.interfaceName, point.interface == "any" {
             point.interface = name
@@ -358,20 +359,20 @@ public final class Correlator {
                 }
             }
         case .netfilter:
-            if let meta = r.nflog, forward {
-                switch meta.hook {
+            if forward, let hook = r.nflog?.hook {
+                switch hook {
                 case .output, .postrouting:
                     if !c.initiatorSentLocally { c.initiatorSentLocally = true; factsChanged = true }
                     // ifindex 1 is lo in every netns. At OUTPUT the route is the pre-REDIRECT one, so only
                     // POSTROUTING tells where the packet really left.
-                    if meta.hook == .postrouting, let out = meta.outputIfindex, out != 1 {
+                    if hook == .postrouting, let out = r.nflog?.outputIfindex, out != 1 {
                         if c.leftFrames.isEmpty { factsChanged = true }
                         if c.leftFrames.count < 8 { c.leftFrames.append(r.ref) }
-                    } else if meta.hook == .postrouting, meta.outputIfindex == 1, !c.sawLoopback {
+                    } else if hook == .postrouting, r.nflog?.outputIfindex == 1, !c.sawLoopback {
                         c.sawLoopback = true; factsChanged = true
                     }
                 case .prerouting, .input:
-                    if let inIf = meta.inputIfindex {
+                    if let inIf = r.nflog?.inputIfindex {
                         if inIf == 1 {
                             if !c.sawLoopback { c.sawLoopback = true; factsChanged = true }
                         } else if !c.initiatorArrivedFromOutside {
@@ -455,9 +456,9 @@ public final class Correlator {
         var addr: IPAddress? = nil
         if r.point.kind == .interface && !r.point.isLoopback {
             if r.direction == .outbound { addr = r.tuple.src.addr } else if r.direction == .inbound { addr = r.tuple.dst.addr }
-        } else if let meta = r.nflog, (meta.mark ?? 0) & options.markMask != options.ztunnelMark {
+        } else if let hook = r.nflog?.hook, (r.nflog?.mark ?? 0) & options.markMask != options.ztunnelMark {
             // ztunnel's packets into the app carry the client's address (IP_TRANSPARENT) and mark 0x539.
-            if meta.hook == .output || meta.hook == .postrouting { addr = r.tuple.src.addr }
+            if hook == .output || hook == .postrouting { addr = r.tuple.src.addr }
         }
         guard let a = addr, !a.isLoopback, a.family != .none else { return }
         podVotes[a, default: 0] += 1

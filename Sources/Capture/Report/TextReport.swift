@@ -191,7 +191,7 @@ public final class TextReport: ReportSink {
         let d = time.totalNanoseconds - base
         if d < 0 { out.byte(UInt8(ascii: "-")) }
         let a = UInt64(abs(d))
-        out.unsignedDecimal(a / 1_000_000_000); out.byte(0x2e); out.padded((a % 1_000_000_000) / 1_000, width: 6)
+        out.unsignedDecimal(a / 1_000_000_000); out.byte(0x2e); out.sixDigits((a % 1_000_000_000) / 1_000)
         out.text("  ")
     }
 

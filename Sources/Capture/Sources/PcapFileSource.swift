@@ -39,6 +39,12 @@ public final class PcapFileSource: PacketSource {
     /// Capture point per pcapng interface, made once per interface block.
     private var points: [CapturePoint] = []
     private var ended = false
+    /// The frame `advance()` read and `decodePending(into:)` has not decoded yet: its bytes stay valid until the
+    /// next `advance()`.
+    private var pendingBytes = UnsafeRawBufferPointer(start: nil, count: 0)
+    private var pendingTime = Timestamp.zero
+    private var pendingWireLength: UInt32 = 0
+    private var pendingInterface = 0
 
     /// Opens `path`. `interfaceName` names the capture point when the caller knows it; otherwise a pcapng
     /// interface's if_name, else "any" for cooked captures ("lo" per packet when the cooked header says
@@ -77,54 +83,76 @@ public final class PcapFileSource: PacketSource {
     }
 
     public func next(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
+        guard advance() != nil else { return nil }
+        return decodePending(into: &record)
+    }
+
+    /// Reads the next frame without decoding it and returns its capture time (nil at the end, or on damage).
+    /// `MergedSource` orders files by this time and decodes only the frame it hands out, straight into the
+    /// caller's record: no decoded record is parked and copied per packet.
+    func advance() -> Timestamp? {
         guard !ended else { return nil }
-        if let pcapng { return nextPcapng(pcapng, into: &record) }
+        if let pcapng {
+            switch pcapng.next() {
+            case .packet(let time, let wireLength, let bytes, let interface):
+                while points.count < pcapng.interfaces.count {
+                    let i = pcapng.interfaces[points.count]
+                    points.append(PcapFileSource.point(linkType: i.linkType, given: interfaceName, recorded: i.name, path: path))
+                }
+                framesRead += 1
+                currentLinkType = pcapng.interfaces[interface].linkType
+                pending(time: time, wireLength: wireLength, bytes: bytes, interface: interface)
+                return time
+            case .end, .interfaceAdded:
+                ended = true
+                return nil
+            case .damaged(let why):
+                endDamaged(why)
+                return nil
+            }
+        }
         switch capture!.next() {
         case .packet(let p):
             framesRead += 1
-            record.ref = FrameRef(source: index, frame: framesRead)
-            record.time = p.time
-            record.point = point
-            decoder.decode(linkType: linkType, bytes: p.bytes, wireLength: p.wireLength, into: &record)
-            return p.bytes
+            pending(time: p.time, wireLength: p.wireLength, bytes: p.bytes, interface: 0)
+            return p.time
         case .end, .timeout:
             ended = true
             return nil
         case .error(let message):
-            return endDamaged(message)
-        }
-    }
-
-    private func nextPcapng(_ reader: PcapngFileReader, into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
-        switch reader.next() {
-        case .packet(let time, let wireLength, let bytes, let interface):
-            while points.count < reader.interfaces.count {
-                let i = reader.interfaces[points.count]
-                points.append(PcapFileSource.point(linkType: i.linkType, given: interfaceName, recorded: i.name, path: path))
-            }
-            framesRead += 1
-            let lt = reader.interfaces[interface].linkType
-            currentLinkType = lt
-            record.ref = FrameRef(source: index, frame: framesRead)
-            record.time = time
-            record.point = points[interface]
-            // Without libpcap nothing swapped the NFLOG TLV headers: they are in the section's byte order.
-            decoder.nflogByteOrder = reader.order
-            decoder.nestedByteOrder = reader.order
-            decoder.decode(linkType: lt, bytes: bytes, wireLength: wireLength, into: &record)
-            return bytes
-        case .end, .interfaceAdded:
-            ended = true
+            endDamaged(message)
             return nil
-        case .damaged(let why):
-            return endDamaged(why)
         }
     }
 
-    private func endDamaged(_ why: String) -> UnsafeRawBufferPointer? {
+    @inline(__always)
+    private func pending(time: Timestamp, wireLength: UInt32, bytes: UnsafeRawBufferPointer, interface: Int) {
+        pendingTime = time
+        pendingWireLength = wireLength
+        pendingBytes = bytes
+        pendingInterface = interface
+    }
+
+    /// Decodes the frame the last `advance()` read into `record` and returns its bytes.
+    func decodePending(into record: inout PacketRecord) -> UnsafeRawBufferPointer {
+        record.ref = FrameRef(source: index, frame: framesRead)
+        record.time = pendingTime
+        if let pcapng {
+            record.point = points[pendingInterface]
+            // Without libpcap nothing swapped the NFLOG TLV headers: they are in the section's byte order.
+            decoder.nflogByteOrder = pcapng.order
+            decoder.nestedByteOrder = pcapng.order
+            decoder.decode(linkType: currentLinkType, bytes: pendingBytes, wireLength: pendingWireLength, into: &record)
+        } else {
+            record.point = point
+            decoder.decode(linkType: linkType, bytes: pendingBytes, wireLength: pendingWireLength, into: &record)
+        }
+        return pendingBytes
+    }
+
+    private func endDamaged(_ why: String) {
         ended = true
         damage = .damaged("\(path): damaged after frame \(framesRead) (\(why)); the \(framesRead) frames before it were analysed")
-        return nil
     }
 
     public func close() {
