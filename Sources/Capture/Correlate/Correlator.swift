@@ -85,19 +85,19 @@ public final class Correlator {
         }
 
         var hitID: UInt32 = 0
-        // Fields of `r.nflog` are read through optional chaining: binding the whole NflogMeta copies ~280 bytes.
-        if let prefixID = r.nflog?.prefixID {
+        let nf = NflogFacts(r)
+        if nf.present {
             summary.nflogRecords += 1
-            hitID = prefixID
+            hitID = nf.prefixID
             if hitID != 0 { countHit(hitID) }
         }
         if !r.notes.intersection(Correlator.damageNotes).isEmpty { summary.damagedPackets += 1 }
         guard r.isIP, !r.notes.contains(.nonFirstFragment) else { return nil }
 
-        if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(r) }
+        if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(r, nf) }
 
-        let c = connection(for: r)
-        record(r, hitID: hitID, on: c)
+        let c = connection(for: r, nf)
+        record(r, nf, hitID: hitID, on: c)
         return c.id
     }
 
@@ -117,7 +117,7 @@ public final class Correlator {
     private static let damageNotes: DecodeNotes = [.truncatedLink, .truncatedIP, .truncatedTransport, .badIPHeader,
                                                    .badNflogTLV, .truncatedNflog, .badConntrack]
 
-    private func connection(for r: PacketRecord) -> ConnectionState {
+    private func connection(for r: PacketRecord, _ nf: NflogFacts) -> ConnectionState {
         let key = FlowKey(r.tuple)
         var c: ConnectionState
         if let known = table[key] {
@@ -132,7 +132,7 @@ public final class Correlator {
         } else {
             c = newConnection(r, key: key)
         }
-        if !c.conntrackApplied, let ct = r.nflog?.conntrack {
+        if !c.conntrackApplied, nf.hasConntrack, let ct = r.nflog?.conntrack {
             c = applyConntrack(ct, to: c)
         }
         return c
@@ -160,7 +160,7 @@ public final class Correlator {
         c.firstSeenNanos = now
         c.timeline.firstSeen = r.time
         c.timeline.lastSeen = r.time
-        c.events.reserveCapacity(min(16, options.maxEventsPerConnection))
+        c.events.reserveCapacity(min(32, options.maxEventsPerConnection))
         if isRedirectTarget(responder) {
             c.natResponder = responder
         } else {
@@ -299,12 +299,12 @@ public final class Correlator {
         return false
     }
 
-    private func record(_ r: PacketRecord, hitID: UInt32, on c: ConnectionState) {
+    private func record(_ r: PacketRecord, _ nf: NflogFacts, hitID: UInt32, on c: ConnectionState) {
         let forward = r.tuple.src == c.initiator
         var point = r.point
         var factsChanged = false
-        if let hook = r.nflog?.hook {
-            if point.kind != .netfilter { point = .netfilter(hook) }
+        if nf.present {
+            if point.kind != .netfilter { point = .netfilter(nf.hook) }
             if !c.sawNflog { c.sawNflog = true; factsChanged = true }
         } else if point.kind == .interface && !point.isLoopback, let name = options.interfaceName, point.interface == "any" {
             point.interface = name
@@ -331,7 +331,7 @@ public final class Correlator {
             }
         }
 
-        let mark = r.nflog?.mark
+        let mark = nf.mark
         if let m = mark, m != 0 {
             if !c.timeline.marks.contains(m) { c.timeline.marks.append(m) }
             let masked = m & options.markMask
@@ -359,20 +359,21 @@ public final class Correlator {
                 }
             }
         case .netfilter:
-            if forward, let hook = r.nflog?.hook {
+            if forward, nf.present {
+                let hook = nf.hook
                 switch hook {
                 case .output, .postrouting:
                     if !c.initiatorSentLocally { c.initiatorSentLocally = true; factsChanged = true }
                     // ifindex 1 is lo in every netns. At OUTPUT the route is the pre-REDIRECT one, so only
                     // POSTROUTING tells where the packet really left.
-                    if hook == .postrouting, let out = r.nflog?.outputIfindex, out != 1 {
+                    if hook == .postrouting, let out = nf.outputIfindex, out != 1 {
                         if c.leftFrames.isEmpty { factsChanged = true }
                         if c.leftFrames.count < 8 { c.leftFrames.append(r.ref) }
-                    } else if hook == .postrouting, r.nflog?.outputIfindex == 1, !c.sawLoopback {
+                    } else if hook == .postrouting, nf.outputIfindex == 1, !c.sawLoopback {
                         c.sawLoopback = true; factsChanged = true
                     }
                 case .prerouting, .input:
-                    if let inIf = r.nflog?.inputIfindex {
+                    if let inIf = nf.inputIfindex {
                         if inIf == 1 {
                             if !c.sawLoopback { c.sawLoopback = true; factsChanged = true }
                         } else if !c.initiatorArrivedFromOutside {
@@ -452,13 +453,13 @@ public final class Correlator {
 
     // MARK: - Pod address inference
 
-    private func votePodAddress(_ r: PacketRecord) {
+    private func votePodAddress(_ r: PacketRecord, _ nf: NflogFacts) {
         var addr: IPAddress? = nil
         if r.point.kind == .interface && !r.point.isLoopback {
             if r.direction == .outbound { addr = r.tuple.src.addr } else if r.direction == .inbound { addr = r.tuple.dst.addr }
-        } else if let hook = r.nflog?.hook, (r.nflog?.mark ?? 0) & options.markMask != options.ztunnelMark {
+        } else if nf.present, (nf.mark ?? 0) & options.markMask != options.ztunnelMark {
             // ztunnel's packets into the app carry the client's address (IP_TRANSPARENT) and mark 0x539.
-            if hook == .output || hook == .postrouting { addr = r.tuple.src.addr }
+            if nf.hook == .output || nf.hook == .postrouting { addr = r.tuple.src.addr }
         }
         guard let a = addr, !a.isLoopback, a.family != .none else { return }
         podVotes[a, default: 0] += 1
@@ -893,6 +894,30 @@ public final class Correlator {
         s.findingsOmitted = findingsOmitted
         s.podAddresses = podAddresses
         return s
+    }
+}
+
+/// The NFLOG fields the correlator reads, taken out of the record once per packet: every read of `r.nflog`
+/// (binding it, or optional chaining into it) copies the whole ~280-byte `NflogMeta`.
+struct NflogFacts {
+    var present = false
+    var hook = NetfilterHook.unknown
+    var prefixID: UInt32 = 0
+    var mark: UInt32? = nil
+    var inputIfindex: UInt32? = nil
+    var outputIfindex: UInt32? = nil
+    var hasConntrack = false
+
+    @inline(__always)
+    init(_ r: PacketRecord) {
+        guard let m = r.nflog else { return }
+        present = true
+        hook = m.hook
+        prefixID = m.prefixID
+        mark = m.mark
+        inputIfindex = m.inputIfindex
+        outputIfindex = m.outputIfindex
+        hasConntrack = m.conntrack != nil
     }
 }
 

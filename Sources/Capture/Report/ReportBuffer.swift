@@ -124,6 +124,16 @@ final class ReportBuffer {
             count += 2
             return
         }
+        if v < 100_000 {
+            // Ports above 9999 (ephemeral ports, 15001, 15008).
+            reserve(5)
+            let top = Int(v / 10_000), mid = Int((v / 100) % 100), lo = Int(v % 100)
+            base[count] = 0x30 + UInt8(top)
+            base[count + 1] = pairs[2 * mid]; base[count + 2] = pairs[2 * mid + 1]
+            base[count + 3] = pairs[2 * lo]; base[count + 4] = pairs[2 * lo + 1]
+            count += 5
+            return
+        }
         largeDecimal(v)
     }
 

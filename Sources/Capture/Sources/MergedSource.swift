@@ -80,7 +80,8 @@ public final class MergedSource: PacketSource {
         }
         handedOut = best
         guard best >= 0 else { return nil }
-        let file = files[best]
+        // unowned(unsafe): `files` keeps every source alive; a strong local would cost a retain and a release per packet.
+        unowned(unsafe) let file = files[best]
         currentLinkType = file.currentLinkType
         return file.decodePending(into: &record)
     }
