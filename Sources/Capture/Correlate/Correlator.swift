@@ -18,8 +18,8 @@ public final class Correlator {
     public let options: CorrelatorOptions
     public let sink: ReportSink
 
-    private var table: [FlowKey: ConnectionState] = [:]
-    private var byInitiator: [InitiatorKey: ConnectionState] = [:]
+    private let table = FlowTable<FlowKey>()
+    private let byInitiator = FlowTable<InitiatorKey>()
     private var open: [ConnectionState] = []
     private var nextID: ConnectionID = 1
     private var now: Int64 = .min
