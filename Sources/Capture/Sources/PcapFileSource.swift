@@ -1,7 +1,8 @@
 // Reading one capture file: opening it with clear errors for what is not a capture, then handing out
 // decoded records one at a time into the caller's record, with the raw frame for writers that copy it.
-// Classic pcap (µs and ns) is read through libpcap; pcapng through `PcapngFileReader`, which keeps each
-// packet's interface (link type and name) that libpcap 1.10 hides or refuses.
+// Classic pcap (µs and ns) is opened by libpcap and its records are read in blocks by `PcapRecordReader`
+// (libpcap reads whatever that reader does not take: other versions, damage); pcapng through
+// `PcapngFileReader`, which keeps each packet's interface (link type and name) that libpcap 1.10 hides or refuses.
 
 import Foundation
 
@@ -34,6 +35,11 @@ public final class PcapFileSource: PacketSource {
     public var interfaceNames: [String?] { pcapng?.interfaces.map(\.name) ?? [] }
 
     private let capture: PcapHandle?
+    /// Classic pcap records read in blocks, until the first record it leaves to libpcap (`capture`).
+    private var records: PcapRecordReader?
+    /// True while classic pcap records are read by `PcapRecordReader` rather than libpcap (tests check which
+    /// path a file took).
+    var readsRecordsInBlocks: Bool { records != nil }
     private let pcapng: PcapngFileReader?
     private let interfaceName: String?
     /// Capture point per pcapng interface, made once per interface block.
@@ -80,6 +86,9 @@ public final class PcapFileSource: PacketSource {
             throw MeshtraceError.badInput("\(path): link type \(linkType) (\(PcapFileSource.linkTypeName(linkType))) is not supported; meshtrace reads \(names.joined(separator: ", "))")
         }
         point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.interfaces.first?.name, path: path)
+        if let capture {
+            records = PcapRecordReader.open(path: path, snapshot: capture.snapshotLength, linkType: linkType)
+        }
     }
 
     public func next(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
@@ -109,6 +118,24 @@ public final class PcapFileSource: PacketSource {
             case .damaged(let why):
                 endDamaged(why)
                 return nil
+            }
+        }
+        if let records {
+            switch records.next() {
+            case .packet(let time, let wireLength, let bytes):
+                framesRead += 1
+                pending(time: time, wireLength: wireLength, bytes: bytes, interface: 0)
+                return time
+            case .end:
+                ended = true
+                return nil
+            case .irregular(let offset):
+                // libpcap reads on from this record: it decides what the damage is and words it.
+                self.records = nil
+                guard capture!.seek(toFileOffset: offset) else {
+                    endDamaged("cannot seek to offset \(offset)")
+                    return nil
+                }
             }
         }
         switch capture!.next() {
