@@ -75,7 +75,7 @@ public final class Correlator {
     /// Places one packet on its connection and returns that connection (nil for packets that carry no
     /// usable tuple: not IP, non-first fragments).
     @discardableResult
-    public func ingest(_ r: PacketRecord) -> ConnectionID? {
+    public func ingest(_ r: borrowing PacketRecord) -> ConnectionID? {
         summary.packets += 1
         let t = r.time.totalNanoseconds
         if t > now { now = t }
@@ -566,7 +566,7 @@ public final class Correlator {
                                       : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { continue }
             let dt = inner.firstSeenNanos - outer.firstSeenNanos
             guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
-            if identityEvidence(outer: outer, inner: inner, direction: direction) != nil { strong.append(p) } else { weak.append(p) }
+            if identityMatches(outer: outer, inner: inner, direction: direction) { strong.append(p) } else { weak.append(p) }
         }
         let chosen: ConnectionState
         let unique: Bool
@@ -588,10 +588,10 @@ public final class Correlator {
         } else {
             return nil
         }
-        let outer = asOuter ? c : chosen, inner = asOuter ? chosen : c
         let pool = !strong.isEmpty ? strong.count : weak.count
-        let (evidence, confidence) = hopEvidence(outer: outer, inner: inner, direction: direction, candidates: unique ? 1 : pool)
-        return (chosen, evidence, confidence, unique ? 1 : pool)
+        // No evidence yet: a hop's evidence and confidence are worked out when the first of its connections is
+        // emitted (`emit`), once the late NFLOG batches are in; wording them here for every join was wasted.
+        return (chosen, [], .low, unique ? 1 : pool)
     }
 
     /// The evidence for a join and the confidence it earns. Identity (same destination, same client) is what a
@@ -630,6 +630,20 @@ public final class Correlator {
     }
 
     /// Evidence that names the same destination or client on both sides; without one, a join needs a lone marked candidate.
+    /// Whether `identityEvidence` has something to say, without wording it (tested for every candidate pair).
+    private func identityMatches(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction) -> Bool {
+        switch direction {
+        case .outbound:
+            guard outer.originalKnown else { return false }
+            let original = outer.responder
+            return inner.responder == original
+                || (inner.responder.port == options.hbonePort && inner.responder.addr == original.addr)
+        case .inbound:
+            guard inner.initiator.addr == outer.initiator.addr else { return false }
+            return outer.responder.port == options.hbonePort || outer.responder.port == inner.responder.port
+        }
+    }
+
     private func identityEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction) -> [HopEvidence]? {
         switch direction {
         case .outbound:
@@ -909,7 +923,7 @@ struct NflogFacts {
     var hasConntrack = false
 
     @inline(__always)
-    init(_ r: PacketRecord) {
+    init(_ r: borrowing PacketRecord) {
         guard let m = r.nflog else { return }
         present = true
         hook = m.hook

@@ -55,6 +55,9 @@ final class EventContext {
     private var lastInterfaceName = "?"
     private var lastInterfaceIndex: UInt16 = 0
     private var hitCache: [CachedHit?] = []
+    /// `hitCache[i]?.actionKind`, kept apart: the correlator asks for it on every NFLOG record, and reading it out of
+    /// a `CachedHit` copies the hit's strings and rule reference.
+    private var actionKinds: [ActionKind] = []
 
     init(tags: RuleTagTable, ruleset: Ruleset?) {
         self.tags = tags
@@ -92,6 +95,8 @@ final class EventContext {
         if i >= hitCache.count { hitCache.append(contentsOf: repeatElement(nil, count: i + 1 - hitCache.count)) }
         let built = buildHit(id)
         hitCache[i] = built
+        if i >= actionKinds.count { actionKinds.append(contentsOf: repeatElement(.plain, count: i + 1 - actionKinds.count)) }
+        actionKinds[i] = built.actionKind
         return built
     }
 
@@ -99,8 +104,8 @@ final class EventContext {
     @inline(__always)
     func actionKind(_ id: UInt32) -> ActionKind {
         let i = Int(id)
-        if i < hitCache.count, let h = hitCache[i] { return h.actionKind }
-        return cachedHit(id)?.actionKind ?? .plain
+        if i >= hitCache.count || hitCache[i] == nil { _ = cachedHit(id) }
+        return actionKinds[i]
     }
 
     /// Calls `body` with the cached hit for `id` in place (no copy, no reference counting); nil when the id has none.
