@@ -822,10 +822,23 @@ public final class Correlator {
         var changed = false
         c.events.withUnsafeMutableBufferPointer { ev in
             if ev.count <= 64 {
-                for i in ev.indices where ev[i].pointKind == .netfilter {
-                    for j in ev.indices where ev[j].pointKind == .interface && ev[j].samePacket(ev[i]) {
-                        if ev[i].time != ev[j].time { ev[i].time = ev[j].time; changed = true }
-                        break
+                // The interface events' identities, packed, in event order: the scan for each NFLOG event reads
+                // these few words instead of whole events. The first match wins, as before.
+                withUnsafeTemporaryAllocation(of: (UInt64, UInt64, Int).self, capacity: ev.count) { wire in
+                    var n = 0
+                    for j in ev.indices where ev[j].pointKind == .interface {
+                        let (a, b, _) = ev[j].packedIdentity
+                        wire[n] = (a, b, j)
+                        n += 1
+                    }
+                    guard n > 0 else { return }
+                    for i in ev.indices where ev[i].pointKind == .netfilter {
+                        let (a, b, _) = ev[i].packedIdentity
+                        for k in 0..<n where wire[k].0 == a && wire[k].1 == b {
+                            let j = wire[k].2
+                            if ev[i].time != ev[j].time { ev[i].time = ev[j].time; changed = true }
+                            break
+                        }
                     }
                 }
             } else {
@@ -858,6 +871,18 @@ public final class Correlator {
             default: return 2
             }
         }
+        // Usually already in order once retimed: one pass, no allocation, settles that.
+        let inOrder = c.events.withUnsafeBufferPointer { ev -> Bool in
+            guard ev.count > 1 else { return true }
+            var previous = (ev[0].time.totalNanoseconds, rank(ev[0]))
+            for i in 1..<ev.count {
+                let key = (ev[i].time.totalNanoseconds, rank(ev[i]))
+                if key.0 < previous.0 || (key.0 == previous.0 && key.1 < previous.1) { return false }
+                previous = key
+            }
+            return true
+        }
+        if inOrder { return }
         let keys = c.events.map { ($0.time.totalNanoseconds, rank($0)) }
         let order = keys.indices.sorted { a, b in
             if keys[a].0 != keys[b].0 { return keys[a].0 < keys[b].0 }

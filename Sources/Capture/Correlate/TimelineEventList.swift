@@ -52,6 +52,10 @@ final class EventContext {
     let ruleset: Ruleset?
     /// Interface names by `CompactEvent.interfaceIndex`; 0 is "?".
     private(set) var interfaceNames: [String] = ["?"]
+    /// The same names as UTF-8, back to back, and each one's start and length there: printers copy a name's
+    /// bytes rather than go through a String per packet line.
+    private(set) var interfaceNameBytes: [UInt8] = [UInt8(ascii: "?")]
+    private(set) var interfaceNameRanges: [(start: Int, count: Int)] = [(0, 1)]
     private var lastInterfaceName = "?"
     private var lastInterfaceIndex: UInt16 = 0
     private var hitCache: [CachedHit?] = []
@@ -82,7 +86,11 @@ final class EventContext {
         let i: UInt16
         if let found = interfaceNames.firstIndex(of: name) { i = UInt16(found) } else {
             i = UInt16(min(interfaceNames.count, Int(UInt16.max)))
-            if interfaceNames.count < Int(UInt16.max) { interfaceNames.append(name) }
+            if interfaceNames.count < Int(UInt16.max) {
+                interfaceNames.append(name)
+                interfaceNameRanges.append((interfaceNameBytes.count, name.utf8.count))
+                interfaceNameBytes.append(contentsOf: name.utf8)
+            }
         }
         lastInterfaceName = name
         lastInterfaceIndex = i

@@ -68,8 +68,14 @@ public final class TextReport: ReportSink {
         if showEvents {
             let base = events.firstTime?.totalNanoseconds ?? t.firstSeen.totalNanoseconds
             let context = events.context
-            events.events.withUnsafeBufferPointer { list in
-                for i in list.indices { compactEvent(list[i], base: base, context: context) }
+            context.interfaceNameBytes.withUnsafeBufferPointer { nameBytes in
+                context.interfaceNameRanges.withUnsafeBufferPointer { nameRanges in
+                    events.events.withUnsafeBufferPointer { list in
+                        for i in list.indices {
+                            compactEvent(list[i], base: base, context: context, nameBytes: nameBytes, nameRanges: nameRanges)
+                        }
+                    }
+                }
             }
             dropped(t)
         }
@@ -153,16 +159,15 @@ public final class TextReport: ReportSink {
 
     /// One packet line from a compact event: the same bytes `event(_:base:)` prints for its `TimelineEvent`.
     @inline(__always)
-    private func compactEvent(_ e: CompactEvent, base: Int64, context: EventContext) {
+    private func compactEvent(_ e: CompactEvent, base: Int64, context: EventContext, nameBytes: UnsafeBufferPointer<UInt8>,
+                              nameRanges: UnsafeBufferPointer<(start: Int, count: Int)>) {
         eventStart(e.time, base: base)
         let pointWidth: Int
         switch e.pointKind {
         case .interface:
-            pointWidth = context.interfaceNames.withUnsafeBufferPointer { names in
-                let name = names[Int(e.interfaceIndex)]
-                out.text(name)
-                return name.utf8.count
-            }
+            let range = nameRanges[Int(e.interfaceIndex)]
+            out.bytes(UnsafeBufferPointer(rebasing: nameBytes[range.start..<(range.start + range.count)]))
+            pointWidth = range.count
         case .netfilter: pointWidth = hookName(e.hook)
         case .unknown: out.byte(UInt8(ascii: "?")); pointWidth = 1
         }
