@@ -262,8 +262,24 @@ final class ReportBuffer {
 
     func flushIfFull() { if count >= flushAt { flush() } }
 
+    /// Times the buffer was written out: a `mark` from before a flush no longer points at its bytes.
+    private var flushes = 0
+
+    /// Where the next byte goes, with `room` bytes free after it, for `written(since:)`.
+    func mark(room: Int) -> (offset: Int, flushes: Int) {
+        reserve(min(room, capacity / 2))
+        return (count, flushes)
+    }
+
+    /// The bytes written since `mark`, nil when they were flushed in between.
+    func written(since mark: (offset: Int, flushes: Int)) -> [UInt8]? {
+        guard mark.flushes == flushes, mark.offset <= count else { return nil }
+        return Array(UnsafeBufferPointer(start: base + mark.offset, count: count - mark.offset))
+    }
+
     func flush() {
         guard count > 0 else { return }
+        flushes &+= 1
         writeAll(UnsafeRawBufferPointer(start: base, count: count))
         count = 0
     }
