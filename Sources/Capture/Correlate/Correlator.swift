@@ -821,9 +821,10 @@ public final class Correlator {
     private func retimeNetfilterEvents(_ c: ConnectionState, _ t: inout ConnectionTimeline) -> Bool {
         var changed = false
         c.events.withUnsafeMutableBufferPointer { ev in
-            if ev.count <= 64 {
+            if ev.count <= 512 {
                 // The interface events' identities, packed, in event order: the scan for each NFLOG event reads
-                // these few words instead of whole events. The first match wins, as before.
+                // these few words instead of whole events, and the first match wins (as the map below keeps the
+                // first). Quadratic, so only up to the default 512 events kept per connection.
                 withUnsafeTemporaryAllocation(of: (UInt64, UInt64, Int).self, capacity: ev.count) { wire in
                     var n = 0
                     for j in ev.indices where ev[j].pointKind == .interface {
@@ -854,7 +855,13 @@ public final class Correlator {
         }
         if changed && t.droppedEvents == 0, var first = c.events.first?.time {
             var last = first
-            for e in c.events { if e.time < first { first = e.time }; if last < e.time { last = e.time } }
+            c.events.withUnsafeBufferPointer { ev in
+                for i in ev.indices {
+                    let time = ev[i].time
+                    if time < first { first = time }
+                    if last < time { last = time }
+                }
+            }
             t.firstSeen = first
             t.lastSeen = last
         }
@@ -883,6 +890,33 @@ public final class Correlator {
             return true
         }
         if inOrder { return }
+        let n = c.events.count
+        if n <= 1024 {
+            // Nearly in order (NFLOG events retimed a few places back): a stable insertion sort of (time, rank,
+            // index) keys moves only what is out of place; then one pass builds the sorted events.
+            withUnsafeTemporaryAllocation(of: (Int64, Int, Int).self, capacity: n) { keys in
+                c.events.withUnsafeBufferPointer { ev in
+                    for i in 0..<n { keys[i] = (ev[i].time.totalNanoseconds, rank(ev[i]), i) }
+                }
+                for i in 1..<n {
+                    let x = keys[i]
+                    var j = i - 1
+                    while j >= 0 && (x.0 < keys[j].0 || (x.0 == keys[j].0 && x.1 < keys[j].1)) {
+                        keys[j + 1] = keys[j]
+                        j -= 1
+                    }
+                    keys[j + 1] = x
+                }
+                let old = c.events
+                c.events = old.withUnsafeBufferPointer { ev in
+                    [CompactEvent](unsafeUninitializedCapacity: n) { out, count in
+                        for k in 0..<n { (out.baseAddress! + k).initialize(to: ev[keys[k].2]) }
+                        count = n
+                    }
+                }
+            }
+            return
+        }
         let keys = c.events.map { ($0.time.totalNanoseconds, rank($0)) }
         let order = keys.indices.sorted { a, b in
             if keys[a].0 != keys[b].0 { return keys[a].0 < keys[b].0 }
