@@ -160,7 +160,9 @@ public final class Correlator {
         c.firstSeenNanos = now
         c.timeline.firstSeen = r.time
         c.timeline.lastSeen = r.time
-        c.events.reserveCapacity(min(32, options.maxEventsPerConnection))
+        if let spare = spareEventArrays.popLast() { c.events = spare } else {
+            c.events.reserveCapacity(min(32, options.maxEventsPerConnection))
+        }
         if isRedirectTarget(responder) {
             c.natResponder = responder
         } else {
@@ -794,7 +796,7 @@ public final class Correlator {
         }
         if c.sawNetfilterEvent && c.sawInterfaceEvent && retimeNetfilterEvents(c, &t) { c.eventsNeedSorting = true }
         if c.eventsNeedSorting { sortEvents(c) }
-        let events = TimelineEventList(events: c.events, initiator: c.initiator, context: context)
+        var events = TimelineEventList(events: c.events, initiator: c.initiator, context: context)
         c.events = []
         t.hops = c.hopLinks.map { link in
             if !link.finalized {
@@ -812,7 +814,21 @@ public final class Correlator {
         c.hopLinks = []
         summary.connections += 1
         sink.connection(t, events: events)
+        recycle(&events)
         for f in findings { report(f) }
+    }
+
+    /// Emitted connections' event arrays, emptied, for new connections: one allocation (and its growth) saved per
+    /// connection. Bounded, so memory stays bounded by the open connections.
+    private var spareEventArrays: [[CompactEvent]] = []
+
+    private func recycle(_ list: inout TimelineEventList) {
+        var events = list.events
+        list = TimelineEventList(events: [], initiator: list.initiator, context: context)
+        guard spareEventArrays.count < 64 else { return }
+        // Kept only when no sink held on to it (then the array is ours alone and keeps its storage).
+        events.removeAll(keepingCapacity: true)
+        spareEventArrays.append(events)
     }
 
     /// libpcap stamps NFLOG records when it receives them, in batches up to a second late. An NFLOG event that
@@ -907,11 +923,12 @@ public final class Correlator {
                     }
                     keys[j + 1] = x
                 }
-                let old = c.events
-                c.events = old.withUnsafeBufferPointer { ev in
-                    [CompactEvent](unsafeUninitializedCapacity: n) { out, count in
-                        for k in 0..<n { (out.baseAddress! + k).initialize(to: ev[keys[k].2]) }
-                        count = n
+                // Rewritten in place from a copy: no new array.
+                c.events.withUnsafeMutableBufferPointer { ev in
+                    withUnsafeTemporaryAllocation(of: CompactEvent.self, capacity: n) { old in
+                        _ = old.initialize(from: ev)
+                        for k in 0..<n { ev[k] = old[keys[k].2] }
+                        old.baseAddress!.deinitialize(count: n)
                     }
                 }
             }
