@@ -29,7 +29,7 @@ public struct TraceOptions: Sendable {
     public var correlator = CorrelatorOptions()
     /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
     public var perRuleThreshold: Int? = nil
-    public var queueThreshold: UInt32 = 64
+    public var queueThreshold: UInt32 = 256
 
     public init(netns: NetnsRef) { self.netns = netns }
 
@@ -73,6 +73,9 @@ public struct TraceOutcome: Sendable {
     public var packetsCaptured: UInt64
     public var traceSteps: UInt64
     public var seconds: Double
+    /// CPU time meshtrace itself used (user + system, all threads), what tracing cost the node beyond the kernel's
+    /// share of sending the events.
+    public var cpuSeconds: Double = 0
     /// The signal that ended the trace (0: the duration ran out).
     public var stoppedBySignal: Int32
 }
@@ -103,6 +106,10 @@ public final class LiveTracer: @unchecked Sendable {
     private var trace: TraceJoiner?
     private var pending: PendingRecords
     private var hits: [Int] = []
+    /// Per NFLOG prefix id: 0 not yet known, 1 the twin's rule rewrites the destination (its records get the
+    /// conntrack entry that names the original destination), 2 it does not.
+    private var rewritesDestination: [UInt8] = []
+    private var arrival: Int64 = 0
     private var openFailure: Error?
     private var needsLegacyTrace = false
 
@@ -140,6 +147,7 @@ public final class LiveTracer: @unchecked Sendable {
         self.reporter = reporter
         pending = PendingRecords(capacity: 1 << 14, keepFrames: reporter.wantsPackets)
         StopSignal.install()
+        LiveTracer.keepHeapWarm()
         let fds = makePipe()
         guard fds[0] >= 0 else { throw MeshtraceError(.kernelRefused, "pipe: \(String(cString: strerror(errno)))") }
         finishPipe = fds
@@ -206,11 +214,31 @@ public final class LiveTracer: @unchecked Sendable {
         let outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
                                    conntrackNote: nflog?.socket.conntrackProblem.map { "\($0); original destinations come from ctnetlink events instead" },
                                    nflogEvents: nflog?.recordsRead ?? 0, packetsCaptured: pcap?.framesRead ?? 0,
-                                   traceSteps: trace?.steps ?? 0, seconds: seconds, stoppedBySignal: StopSignal.signalNumber)
+                                   traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
+                                   stoppedBySignal: StopSignal.signalNumber)
         pcap?.close()
         nflog?.close()
         legacyTrace?.close()
         return outcome
+    }
+
+    /// glibc gives a thread arena's free top back to the kernel (128 KiB trim threshold) and grows it again
+    /// moments later: at tens of thousands of events per second that churn was ~8 % of the trace's CPU in page
+    /// faults and mprotect. A trace's heap is bounded (open connections, the hold ring), so it is kept.
+    static func keepHeapWarm() {
+        // mallopt is glibc's (malloc.h, which the Glibc module does not bring in): M_TRIM_THRESHOLD -1, M_TOP_PAD -2.
+        typealias Mallopt = @convention(c) (Int32, Int32) -> Int32
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "mallopt") else { return }
+        let mallopt = unsafeBitCast(symbol, to: Mallopt.self)
+        _ = mallopt(-1, 256 << 20)
+        _ = mallopt(-2, 16 << 20)
+    }
+
+    static func processCPUSeconds() -> Double {
+        var usage = rusage()
+        guard getrusage(RUSAGE_SELF.rawValue, &usage) == 0 else { return 0 }
+        func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+        return seconds(usage.ru_utime) + seconds(usage.ru_stime)
     }
 
     /// Ends the trace from inside the program (tests, benchmarks, a failure on the netns thread); like a signal,
@@ -245,7 +273,8 @@ public final class LiveTracer: @unchecked Sendable {
             opts.copyRange = UInt32(options.snaplen)
             opts.queueThreshold = options.queueThreshold
             nflog = try NflogSource(index: 1, tags: tags, options: opts)
-            var groups: [NetfilterEventSocket.Group] = [.conntrackNew, .conntrackUpdate]
+            // ctnetlink NEW events only where NFLOG cannot attach conntrack itself (see `ConntrackTable`).
+            var groups: [NetfilterEventSocket.Group] = nflog?.socket.conntrackAttached == true ? [] : [.conntrackNew]
             if options.mode == .trace {
                 groups.append(.nftrace)
                 trace = TraceJoiner(tags: tags)
@@ -260,7 +289,7 @@ public final class LiveTracer: @unchecked Sendable {
                     legacyTrace = try? NflogSource(index: 3, tags: tags, options: legacy)
                 }
             }
-            events = try NetfilterEventSocket(groups: groups)
+            if !groups.isEmpty { events = try NetfilterEventSocket(groups: groups) }
             if options.capturePackets {
                 pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, filter: options.filter,
                                           writePath: options.writePath)
@@ -302,7 +331,7 @@ public final class LiveTracer: @unchecked Sendable {
                 finishing = true
                 finishDeadline = DispatchTime.now().uptimeNanoseconds + 60_000_000
             }
-            let got = pump(&record, eventBuffer)
+            let got = pump(&record, eventBuffer, ready: fds)
             release(force: false)
             let tick = DispatchTime.now().uptimeNanoseconds
             if tick >= nextAdvance {
@@ -321,10 +350,14 @@ public final class LiveTracer: @unchecked Sendable {
     }
 
     /// Reads what is waiting on every socket; returns how many items were read.
-    private func pump(_ record: inout PacketRecord, _ eventBuffer: UnsafeMutableRawBufferPointer) -> Int {
+    private func pump(_ record: inout PacketRecord, _ eventBuffer: UnsafeMutableRawBufferPointer, ready fds: [pollfd]) -> Int {
         var got = 0
+        // One arrival time per pass: the hold is 30 ms, a pass takes far less.
+        arrival = Int64(DispatchTime.now().uptimeNanoseconds)
         // Conntrack events first: they describe connections whose twins' records are held in `pending`.
-        if let events {
+        // A socket poll did not flag has nothing to read: no recv() that would only say EAGAIN.
+        func isReady(_ fd: Int32) -> Bool { fds.contains { $0.fd == fd && $0.revents != 0 } }
+        if let events, isReady(events.fd) {
             for _ in 0..<64 {
                 let n = events.receive(into: eventBuffer)
                 if n <= 0 { if n == 0 { break } else { continue } }
@@ -340,12 +373,12 @@ public final class LiveTracer: @unchecked Sendable {
                 }
             }
         }
-        if let nflog {
+        if let nflog, isReady(nflog.fd) {
             got += nflog.drain(limit: 64, into: &record) { rec, tlvs in
                 hold(&rec, frame: tlvs, linkType: LinkType.nflog)
             }
         }
-        if let legacyTrace {
+        if let legacyTrace, isReady(legacyTrace.fd) {
             got += legacyTrace.drain(limit: 64, into: &record) { rec, _ in
                 if trace?.rewriteLegacy(&rec, instrumenter: instrumenter) == true { hold(&rec, frame: nil, linkType: LinkType.raw) }
             }
@@ -361,8 +394,7 @@ public final class LiveTracer: @unchecked Sendable {
 
     private func hold(_ record: inout PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32) {
         if pending.isFull { release(count: 1) }
-        pending.push(record, frame: frame, linkType: linkType, group: options.group,
-                     at: Int64(DispatchTime.now().uptimeNanoseconds))
+        pending.push(record, frame: frame, linkType: linkType, group: options.group, at: arrival)
     }
 
     /// Captures stamp packets with the realtime clock, so the wall clock, less what may still be on its way
@@ -385,15 +417,16 @@ public final class LiveTracer: @unchecked Sendable {
         guard let correlator else { return }
         for _ in 0..<count {
             pending.popOldest { record, frame, linkType in
-                if var meta = record.nflog {
-                    if meta.conntrack == nil, let ct = conntrack.lookup(record.tuple) {
-                        meta.conntrack = ct
-                        record.nflog = meta
+                if let id = record.nflog?.prefixID, id != 0 {
+                    let i = Int(id)
+                    if i >= hits.count {
+                        hits.append(contentsOf: repeatElement(0, count: i + 16 - hits.count))
+                        rewritesDestination.append(contentsOf: repeatElement(0, count: hits.count - rewritesDestination.count))
                     }
-                    let id = Int(meta.prefixID)
-                    if id != 0 {
-                        if id >= hits.count { hits.append(contentsOf: repeatElement(0, count: id + 16 - hits.count)) }
-                        hits[id] += 1
+                    hits[i] += 1
+                    if !conntrack.isEmpty, rewritesDestination(i), record.nflog?.conntrack == nil,
+                       let ct = conntrack.lookup(record.tuple) {
+                        record.nflog?.conntrack = ct
                     }
                 }
                 let connection = correlator.ingest(record)
@@ -402,6 +435,22 @@ public final class LiveTracer: @unchecked Sendable {
                 }
             }
         }
+    }
+
+    /// Whether the rule a twin stands for rewrites the destination (REDIRECT, DNAT): only its hits, the first
+    /// packet of each NATed connection, need the conntrack entry.
+    private func rewritesDestination(_ id: Int) -> Bool {
+        if rewritesDestination[id] == 0 {
+            var rewrites = false
+            if let tag = tags.tag(for: UInt32(id)), let rule = instrumenter.ruleset.rule(for: tag) {
+                switch rule.target {
+                case .redirect, .dnat: rewrites = true
+                default: break
+                }
+            }
+            rewritesDestination[id] = rewrites ? 1 : 2
+        }
+        return rewritesDestination[id] == 1
     }
 
     // MARK: - TRACE rules (--mode trace)

@@ -20,7 +20,11 @@ public final class PcapLiveSource {
 
     public init(index: UInt16, tags: RuleTagTable, snaplen: Int32, filter: String?, writePath: String?) throws {
         self.index = index
-        capture = try PcapHandle.openLive(device: "any", snaplen: snaplen, bufferSize: 32 << 20, immediate: true,
+        // Not immediate: TPACKET_V3 hands packets over a ring block at a time (when the block fills, or 10 ms
+        // after its first packet), one wakeup per block instead of one per packet. The tracer holds records
+        // 30 ms anyway, and after the rules are out it reads on for longer than the block timeout, so nothing
+        // waits in a half-filled block at the end (tcpdump loses those on SIGINT; see PacketCaptureTracing).
+        capture = try PcapHandle.openLive(device: "any", snaplen: snaplen, bufferSize: 32 << 20, immediate: false,
                                           timeoutMilliseconds: 10)
         if let filter, !filter.isEmpty { try capture.setFilter(filter) }
         try capture.setNonblocking(true)
