@@ -75,6 +75,10 @@ final class TraceBenchmark: KernelTestCase {
         print("bench-trace: untraced \(f(plain1.rate)) and \(f(plain2.rate)) conn/s, traced \(f(t.rate)) conn/s, ratio \(String(format: "%.2f", ratio)) (target >= 0.80)")
         print("bench-trace: NFLOG events \(events) during \(String(format: "%.2f", t.seconds)) s of load = \(f(Double(events) / t.seconds)) events/s; \(packets) records correlated into \(connections) connections")
         print("bench-trace: events lost \(lost); twin hits meshtrace \(ourTotal) / kernel \(kernelTotal) (target: 0 lost, equal)")
+        // Where the events come from: each twin's or observation point's share, per connection.
+        let perConnection = kernel.sorted { $0.value > $1.value }.filter { $0.value > 0 }
+            .map { "\($0.key) \(String(format: "%.1f", Double($0.value) / Double(max(count, 1))))" }
+        print("bench-trace: NFLOG events per connection by prefix: " + perConnection.joined(separator: ", "))
         let traceSaid = (try? String(contentsOfFile: errLog, encoding: .utf8)) ?? ""
         if let last = traceSaid.split(separator: "\n").last { print("bench-trace: \(last)") }
         XCTAssertGreaterThanOrEqual(ourTotal + UInt64(max(lost, 0)), kernelTotal, "losses do not account for the difference")
