@@ -18,18 +18,16 @@ public final class Correlator {
     public let options: CorrelatorOptions
     public let sink: ReportSink
 
-    private var table: [FlowKey: ConnectionState] = [:]
-    private var byInitiator: [InitiatorKey: ConnectionState] = [:]
+    private let table = FlowTable<FlowKey>()
+    private let byInitiator = FlowTable<InitiatorKey>()
     private var open: [ConnectionState] = []
     private var nextID: ConnectionID = 1
     private var now: Int64 = .min
     private var nextSweep: Int64 = .min
     private let sweepInterval: Int64 = 1_000_000_000
 
-    private var hitCache: [CachedHit?] = []
-    private var interfaceNames: [String] = ["?"]
-    private var lastInterfaceName = "?"
-    private var lastInterfaceIndex: UInt16 = 0
+    /// Interface names and rule hits by number, shared with the event lists handed to the sinks.
+    private let context: EventContext
     private var hitCounts: [Int] = []
 
     private var podVotes: [IPAddress: Int] = [:]
@@ -60,6 +58,7 @@ public final class Correlator {
         self.ruleset = ruleset
         self.options = options
         self.sink = sink
+        context = EventContext(tags: tags, ruleset: ruleset)
         var ports: Set<UInt16> = [options.outboundCapturePort, options.inboundPlaintextPort, options.dnsCapturePort]
         for rule in ruleset?.allRules ?? [] {
             switch rule.target {
@@ -86,18 +85,19 @@ public final class Correlator {
         }
 
         var hitID: UInt32 = 0
-        if let meta = r.nflog {
+        let nf = NflogFacts(r)
+        if nf.present {
             summary.nflogRecords += 1
-            hitID = meta.prefixID
+            hitID = nf.prefixID
             if hitID != 0 { countHit(hitID) }
         }
         if !r.notes.intersection(Correlator.damageNotes).isEmpty { summary.damagedPackets += 1 }
         guard r.isIP, !r.notes.contains(.nonFirstFragment) else { return nil }
 
-        if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(r) }
+        if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(r, nf) }
 
-        let c = connection(for: r)
-        record(r, hitID: hitID, on: c)
+        let c = connection(for: r, nf)
+        record(r, nf, hitID: hitID, on: c)
         return c.id
     }
 
@@ -117,7 +117,7 @@ public final class Correlator {
     private static let damageNotes: DecodeNotes = [.truncatedLink, .truncatedIP, .truncatedTransport, .badIPHeader,
                                                    .badNflogTLV, .truncatedNflog, .badConntrack]
 
-    private func connection(for r: PacketRecord) -> ConnectionState {
+    private func connection(for r: PacketRecord, _ nf: NflogFacts) -> ConnectionState {
         let key = FlowKey(r.tuple)
         var c: ConnectionState
         if let known = table[key] {
@@ -132,7 +132,7 @@ public final class Correlator {
         } else {
             c = newConnection(r, key: key)
         }
-        if !c.conntrackApplied, let ct = r.nflog?.conntrack {
+        if !c.conntrackApplied, nf.hasConntrack, let ct = r.nflog?.conntrack {
             c = applyConntrack(ct, to: c)
         }
         return c
@@ -160,7 +160,7 @@ public final class Correlator {
         c.firstSeenNanos = now
         c.timeline.firstSeen = r.time
         c.timeline.lastSeen = r.time
-        c.events.reserveCapacity(min(16, options.maxEventsPerConnection))
+        c.events.reserveCapacity(min(32, options.maxEventsPerConnection))
         if isRedirectTarget(responder) {
             c.natResponder = responder
         } else {
@@ -299,20 +299,20 @@ public final class Correlator {
         return false
     }
 
-    private func record(_ r: PacketRecord, hitID: UInt32, on c: ConnectionState) {
+    private func record(_ r: PacketRecord, _ nf: NflogFacts, hitID: UInt32, on c: ConnectionState) {
         let forward = r.tuple.src == c.initiator
         var point = r.point
         var factsChanged = false
-        if let meta = r.nflog {
-            if point.kind != .netfilter { point = .netfilter(meta.hook) }
+        if nf.present {
+            if point.kind != .netfilter { point = .netfilter(nf.hook) }
             if !c.sawNflog { c.sawNflog = true; factsChanged = true }
         } else if point.kind == .interface && !point.isLoopback, let name = options.interfaceName, point.interface == "any" {
             point.interface = name
         }
 
         var restoredMark: UInt32? = nil
-        if hitID != 0, let cached = cachedHit(hitID) {
-            switch cached.actionKind {
+        if hitID != 0 {
+            switch context.actionKind(hitID) {
             case .redirect(let port):
                 if !c.sawRedirectHit { c.sawRedirectHit = true; factsChanged = true }
                 if !isRedirectWithOriginal(c.timeline.redirect) && forward {
@@ -331,7 +331,7 @@ public final class Correlator {
             }
         }
 
-        let mark = r.nflog?.mark
+        let mark = nf.mark
         if let m = mark, m != 0 {
             if !c.timeline.marks.contains(m) { c.timeline.marks.append(m) }
             let masked = m & options.markMask
@@ -359,20 +359,21 @@ public final class Correlator {
                 }
             }
         case .netfilter:
-            if let meta = r.nflog, forward {
-                switch meta.hook {
+            if forward, nf.present {
+                let hook = nf.hook
+                switch hook {
                 case .output, .postrouting:
                     if !c.initiatorSentLocally { c.initiatorSentLocally = true; factsChanged = true }
                     // ifindex 1 is lo in every netns. At OUTPUT the route is the pre-REDIRECT one, so only
                     // POSTROUTING tells where the packet really left.
-                    if meta.hook == .postrouting, let out = meta.outputIfindex, out != 1 {
+                    if hook == .postrouting, let out = nf.outputIfindex, out != 1 {
                         if c.leftFrames.isEmpty { factsChanged = true }
                         if c.leftFrames.count < 8 { c.leftFrames.append(r.ref) }
-                    } else if meta.hook == .postrouting, meta.outputIfindex == 1, !c.sawLoopback {
+                    } else if hook == .postrouting, nf.outputIfindex == 1, !c.sawLoopback {
                         c.sawLoopback = true; factsChanged = true
                     }
                 case .prerouting, .input:
-                    if let inIf = meta.inputIfindex {
+                    if let inIf = nf.inputIfindex {
                         if inIf == 1 {
                             if !c.sawLoopback { c.sawLoopback = true; factsChanged = true }
                         } else if !c.initiatorArrivedFromOutside {
@@ -406,7 +407,7 @@ public final class Correlator {
                 time: r.time, frame: r.ref, tuple: r.tuple, length: r.ipLength != 0 ? r.ipLength : r.wireLength,
                 mark: mark ?? 0, hitID: hitID, restoredMark: restoredMark ?? 0, notes: r.notes,
                 ipID: r.ipID, seq: r.tcpSeq, ack: r.tcpAck,
-                interfaceIndex: point.kind == .interface ? interfaceIndex(point.interface) : 0,
+                interfaceIndex: point.kind == .interface ? context.interfaceIndex(point.interface) : 0,
                 pointKind: point.kind, hook: point.hook, isLoopback: point.isLoopback, direction: r.direction,
                 flags: r.tcpFlags, hasMark: mark != nil, hasRestoredMark: restoredMark != nil, forward: forward))
         } else {
@@ -443,18 +444,6 @@ public final class Correlator {
 
     // MARK: - Rule hits
 
-    private enum ActionKind {
-        case plain
-        case redirect(UInt16)
-        case connmarkRestore
-        case connmarkSet(UInt32)
-    }
-
-    private struct CachedHit {
-        var hit: RuleHit
-        var actionKind: ActionKind
-    }
-
     @inline(__always)
     private func countHit(_ id: UInt32) {
         let i = Int(id)
@@ -462,62 +451,15 @@ public final class Correlator {
         hitCounts[i] += 1
     }
 
-    private func cachedHit(_ id: UInt32) -> CachedHit? {
-        let i = Int(id)
-        if i < hitCache.count, let h = hitCache[i] { return h }
-        if i >= hitCache.count { hitCache.append(contentsOf: repeatElement(nil, count: i + 1 - hitCache.count)) }
-        let built = buildHit(id)
-        hitCache[i] = built
-        return built
-    }
-
-    private func buildHit(_ id: UInt32) -> CachedHit {
-        let tag = tags.tag(for: id)
-        let text = tags.text(for: id)
-        var kind = ActionKind.plain
-        guard let tag else { return CachedHit(hit: RuleHit(tag: nil, prefixText: text), actionKind: .plain) }
-        switch tag.position {
-        case .observeIn, .observeOut:
-            return CachedHit(hit: RuleHit(tag: tag, prefixText: text, role: .meshtraceObservation, action: .observed),
-                             actionKind: .plain)
-        case .rule:
-            break
-        }
-        guard let rule = ruleset?.rule(for: tag) else {
-            return CachedHit(hit: RuleHit(tag: tag, prefixText: text), actionKind: .plain)
-        }
-        let action: RuleAction
-        switch rule.target {
-        case .redirect(let p):
-            action = .redirected(toPort: p ?? 0, originalDestination: nil); kind = .redirect(p ?? 0)
-        case .tproxy(let port, _, let mark, _): action = .tproxied(toPort: port, mark: mark)
-        case .setMark(let v, _): action = .markSet(v)
-        case .connmarkSet(let v, _): action = .connmarkSet(v); kind = .connmarkSet(v)
-        case .connmarkRestore: action = .connmarkRestored(nil); kind = .connmarkRestore
-        case .connmarkSave: action = .other("CONNMARK --save-mark")
-        case .accept: action = .accepted
-        case .return: action = .returned
-        case .jump(let c), .goto(let c): action = .jumped(c)
-        case .ctZone(let z): action = .ctZone(z)
-        case .drop, .reject: action = .dropped
-        case .nflog, .log, .trace, .counterOnly: action = .observed
-        case .dnat(let s): action = .other("DNAT \(s)")
-        case .snat(let s): action = .other("SNAT \(s)")
-        case .masquerade: action = .other("MASQUERADE")
-        case .unknown(let s): action = .other(s)
-        }
-        return CachedHit(hit: RuleHit(tag: tag, prefixText: text, rule: rule, role: rule.role, action: action), actionKind: kind)
-    }
-
     // MARK: - Pod address inference
 
-    private func votePodAddress(_ r: PacketRecord) {
+    private func votePodAddress(_ r: PacketRecord, _ nf: NflogFacts) {
         var addr: IPAddress? = nil
         if r.point.kind == .interface && !r.point.isLoopback {
             if r.direction == .outbound { addr = r.tuple.src.addr } else if r.direction == .inbound { addr = r.tuple.dst.addr }
-        } else if let meta = r.nflog, (meta.mark ?? 0) & options.markMask != options.ztunnelMark {
+        } else if nf.present, (nf.mark ?? 0) & options.markMask != options.ztunnelMark {
             // ztunnel's packets into the app carry the client's address (IP_TRANSPARENT) and mark 0x539.
-            if meta.hook == .output || meta.hook == .postrouting { addr = r.tuple.src.addr }
+            if nf.hook == .output || nf.hook == .postrouting { addr = r.tuple.src.addr }
         }
         guard let a = addr, !a.isLoopback, a.family != .none else { return }
         podVotes[a, default: 0] += 1
@@ -838,7 +780,7 @@ public final class Correlator {
         }
         if c.sawNetfilterEvent && c.sawInterfaceEvent && retimeNetfilterEvents(c, &t) { c.eventsNeedSorting = true }
         if c.eventsNeedSorting { sortEvents(c) }
-        t.events = materialize(c)
+        let events = TimelineEventList(events: c.events, initiator: c.initiator, context: context)
         c.events = []
         t.hops = c.hopLinks.map { link in
             if !link.finalized {
@@ -855,7 +797,7 @@ public final class Correlator {
         t.kind = kind
         c.hopLinks = []
         summary.connections += 1
-        sink.connection(t)
+        sink.connection(t, events: events)
         for f in findings { report(f) }
     }
 
@@ -911,47 +853,6 @@ public final class Correlator {
         c.events = order.map { c.events[$0] }
     }
 
-    /// The events as the sinks receive them: interface names, rule hits and what each rule did.
-    private func materialize(_ c: ConnectionState) -> [TimelineEvent] {
-        var out: [TimelineEvent] = []
-        out.reserveCapacity(c.events.count)
-        for e in c.events {
-            var hit: RuleHit? = nil
-            if e.hitID != 0, let cached = cachedHit(e.hitID) {
-                hit = cached.hit
-                switch cached.actionKind {
-                case .redirect(let port): hit!.action = .redirected(toPort: port, originalDestination: e.tuple.dst)
-                case .connmarkRestore: hit!.action = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
-                default: break
-                }
-            }
-            let point: CapturePoint
-            switch e.pointKind {
-            case .interface: point = CapturePoint(kind: .interface, interface: interfaceNames[Int(e.interfaceIndex)],
-                                                  isLoopback: e.isLoopback)
-            case .netfilter: point = .netfilter(e.hook)
-            case .unknown: point = .unknown
-            }
-            out.append(TimelineEvent(time: e.time, frame: e.frame, point: point, direction: e.direction, tuple: e.tuple,
-                                     isReply: e.tuple.src != c.initiator, tcpFlags: e.flags, length: e.length,
-                                     mark: e.hasMark ? e.mark : nil, hit: hit, notes: e.notes))
-        }
-        return out
-    }
-
-    @inline(__always)
-    private func interfaceIndex(_ name: String) -> UInt16 {
-        if name == lastInterfaceName { return lastInterfaceIndex }
-        let i: UInt16
-        if let found = interfaceNames.firstIndex(of: name) { i = UInt16(found) } else {
-            i = UInt16(min(interfaceNames.count, Int(UInt16.max)))
-            if interfaceNames.count < Int(UInt16.max) { interfaceNames.append(name) }
-        }
-        lastInterfaceName = name
-        lastInterfaceIndex = i
-        return i
-    }
-
     private func addByteEvidence(_ hop: inout ZtunnelHop, outer: ConnectionState, inner: ConnectionState) {
         let outerBytes = outer.payloadForward + outer.payloadReply
         let innerBytes = inner.payloadForward + inner.payloadReply
@@ -993,6 +894,30 @@ public final class Correlator {
         s.findingsOmitted = findingsOmitted
         s.podAddresses = podAddresses
         return s
+    }
+}
+
+/// The NFLOG fields the correlator reads, taken out of the record once per packet: every read of `r.nflog`
+/// (binding it, or optional chaining into it) copies the whole ~280-byte `NflogMeta`.
+struct NflogFacts {
+    var present = false
+    var hook = NetfilterHook.unknown
+    var prefixID: UInt32 = 0
+    var mark: UInt32? = nil
+    var inputIfindex: UInt32? = nil
+    var outputIfindex: UInt32? = nil
+    var hasConntrack = false
+
+    @inline(__always)
+    init(_ r: PacketRecord) {
+        guard let m = r.nflog else { return }
+        present = true
+        hook = m.hook
+        prefixID = m.prefixID
+        mark = m.mark
+        inputIfindex = m.inputIfindex
+        outputIfindex = m.outputIfindex
+        hasConntrack = m.conntrack != nil
     }
 }
 

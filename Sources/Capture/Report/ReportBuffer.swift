@@ -32,6 +32,7 @@ final class ReportBuffer {
         count += 1
     }
 
+    @inline(__always)
     private func append(_ src: UnsafeBufferPointer<UInt8>) {
         let n = src.count
         guard n > 0, let from = src.baseAddress else { return }
@@ -50,6 +51,7 @@ final class ReportBuffer {
         count += n
     }
 
+    @inline(__always)
     func text(_ s: StaticString) {
         s.withUTF8Buffer { append($0) }
     }
@@ -59,7 +61,13 @@ final class ReportBuffer {
         s.withUTF8 { append($0) }
     }
 
-    func spaces(_ n: Int) { for _ in 0..<max(0, n) { byte(0x20) } }
+    @inline(__always)
+    func spaces(_ n: Int) {
+        guard n > 0 else { return }
+        reserve(n)
+        for i in 0..<n { base[count + i] = 0x20 }
+        count += n
+    }
 
     func decimal<T: BinaryInteger>(_ v: T) {
         if v < 0 { byte(UInt8(ascii: "-")); unsignedDecimal(Int64(v).magnitude) } else { unsignedDecimal(UInt64(v)) }
@@ -76,10 +84,9 @@ final class ReportBuffer {
         return t
     }
 
-    /// 0...255 without a division loop: an IPv4 address is four of these.
+    /// 0...255 without a division loop: an IPv4 address is four of these. The caller reserved the room.
     @inline(__always)
     private func octet(_ v: UInt32) {
-        reserve(3)
         if v >= 100 {
             let r = Int(v % 100)
             base[count] = 0x30 + UInt8(v / 100); base[count + 1] = pairs[2 * r]; base[count + 2] = pairs[2 * r + 1]
@@ -93,8 +100,44 @@ final class ReportBuffer {
         }
     }
 
+    /// Ports, lengths and small counters (below 10 000) without a digit-counting loop.
+    @inline(__always)
     func unsignedDecimal(_ v: UInt64) {
-        if v < 10 { byte(0x30 + UInt8(v)); return }
+        if v < 100 {
+            if v < 10 { byte(0x30 + UInt8(v)); return }
+            reserve(2)
+            base[count] = pairs[2 * Int(v)]; base[count + 1] = pairs[2 * Int(v) + 1]
+            count += 2
+            return
+        }
+        if v < 10_000 {
+            reserve(4)
+            let hi = Int(v / 100), lo = Int(v % 100)
+            if hi >= 10 {
+                base[count] = pairs[2 * hi]; base[count + 1] = pairs[2 * hi + 1]
+                count += 2
+            } else {
+                base[count] = 0x30 + UInt8(hi)
+                count += 1
+            }
+            base[count] = pairs[2 * lo]; base[count + 1] = pairs[2 * lo + 1]
+            count += 2
+            return
+        }
+        if v < 100_000 {
+            // Ports above 9999 (ephemeral ports, 15001, 15008).
+            reserve(5)
+            let top = Int(v / 10_000), mid = Int((v / 100) % 100), lo = Int(v % 100)
+            base[count] = 0x30 + UInt8(top)
+            base[count + 1] = pairs[2 * mid]; base[count + 2] = pairs[2 * mid + 1]
+            base[count + 3] = pairs[2 * lo]; base[count + 4] = pairs[2 * lo + 1]
+            count += 5
+            return
+        }
+        largeDecimal(v)
+    }
+
+    private func largeDecimal(_ v: UInt64) {
         var digits = 2
         var probe = v / 100
         while probe > 0 { digits += 1; probe /= 10 }
@@ -112,6 +155,17 @@ final class ReportBuffer {
             i -= 1; base[i] = 0x30 + UInt8(x)
         }
         count += digits
+    }
+
+    /// Exactly six digits, zero-padded (the microseconds of a timeline offset); `v` is below 1 000 000.
+    @inline(__always)
+    func sixDigits(_ v: UInt64) {
+        reserve(6)
+        let a = Int(v / 10_000), b = Int((v / 100) % 100), c = Int(v % 100)
+        base[count] = pairs[2 * a]; base[count + 1] = pairs[2 * a + 1]
+        base[count + 2] = pairs[2 * b]; base[count + 3] = pairs[2 * b + 1]
+        base[count + 4] = pairs[2 * c]; base[count + 5] = pairs[2 * c + 1]
+        count += 6
     }
 
     /// Zero-padded to `width` digits.
@@ -134,6 +188,7 @@ final class ReportBuffer {
     }
 
     /// tcpdump's letters, as `TCPFlags.description` spells them.
+    @inline(__always)
     func tcpFlags(_ f: TCPFlags) {
         if f.rawValue & 0x3f == 0 { text("none"); return }
         if f.contains(.syn) { byte(UInt8(ascii: "S")) }
@@ -144,19 +199,22 @@ final class ReportBuffer {
         if f.contains(.ack) { byte(UInt8(ascii: ".")) }
     }
 
+    @inline(__always)
     func address(_ a: IPAddress) {
         switch a.family {
         case .v4:
+            reserve(15)
             let v = a.v4Value
-            octet(v >> 24); byte(0x2e)
-            octet((v >> 16) & 0xff); byte(0x2e)
-            octet((v >> 8) & 0xff); byte(0x2e)
+            octet(v >> 24); base[count] = 0x2e; count += 1
+            octet((v >> 16) & 0xff); base[count] = 0x2e; count += 1
+            octet((v >> 8) & 0xff); base[count] = 0x2e; count += 1
             octet(v & 0xff)
         case .v6: text(a.description)
         case .none: byte(UInt8(ascii: "-"))
         }
     }
 
+    @inline(__always)
     func endpoint(_ e: Endpoint) {
         if e.addr.family == .v6 { byte(UInt8(ascii: "[")); address(e.addr); byte(UInt8(ascii: "]")) } else { address(e.addr) }
         byte(UInt8(ascii: ":"))

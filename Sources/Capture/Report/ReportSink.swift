@@ -7,6 +7,13 @@ public protocol ReportSink: AnyObject {
     func packet(_ record: PacketRecord, frame: UnsafeRawBufferPointer, linkType: Int32, connection: ConnectionID?)
     /// A connection's timeline once it is finished (closed, idle, or at the end of input).
     func connection(_ timeline: ConnectionTimeline)
+    /// The same, with the events still in the correlator's compact form (`timeline.events` is empty). Only sinks
+    /// that say `readsCompactEvents` get this call from the `Reporter`; the default fills `timeline.events` and
+    /// calls `connection(_:)`.
+    func connection(_ timeline: ConnectionTimeline, events: TimelineEventList)
+    /// True for printers that read `TimelineEventList` directly (the text report): a million-packet capture then
+    /// never builds a million `TimelineEvent`s.
+    var readsCompactEvents: Bool { get }
     /// An escape finding, as soon as it is established.
     func finding(_ finding: EscapeFinding)
     /// The end: totals, rule hit counts, losses. Sinks flush and close their files here.
@@ -16,6 +23,12 @@ public protocol ReportSink: AnyObject {
 extension ReportSink {
     public func packet(_ record: PacketRecord, frame: UnsafeRawBufferPointer, linkType: Int32, connection: ConnectionID?) {}
     public func finding(_ finding: EscapeFinding) {}
+    public func connection(_ timeline: ConnectionTimeline, events: TimelineEventList) {
+        var t = timeline
+        t.events = events.materialize()
+        connection(t)
+    }
+    public var readsCompactEvents: Bool { false }
 }
 
 /// Fans records out to several sinks.
@@ -33,6 +46,23 @@ public final class Reporter: ReportSink {
         for s in sinks { s.packet(record, frame: frame, linkType: linkType, connection: connection) }
     }
     public func connection(_ timeline: ConnectionTimeline) { for s in sinks { s.connection(timeline) } }
+    /// Compact events go as they are to the sinks that read them; the others share one materialized timeline.
+    public func connection(_ timeline: ConnectionTimeline, events: TimelineEventList) {
+        var materialized: ConnectionTimeline? = nil
+        for s in sinks {
+            if s.readsCompactEvents {
+                s.connection(timeline, events: events)
+            } else {
+                if materialized == nil {
+                    var t = timeline
+                    t.events = events.materialize()
+                    materialized = t
+                }
+                s.connection(materialized!)
+            }
+        }
+    }
+    public var readsCompactEvents: Bool { true }
     public func finding(_ finding: EscapeFinding) { for s in sinks { s.finding(finding) } }
     public func finish(_ summary: AnalysisSummary) throws { for s in sinks { try s.finish(summary) } }
 }

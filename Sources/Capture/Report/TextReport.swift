@@ -51,6 +51,38 @@ public final class TextReport: ReportSink {
     }
 
     public func connection(_ t: ConnectionTimeline) {
+        header(t)
+        if showEvents {
+            let base = t.events.first?.time.totalNanoseconds ?? t.firstSeen.totalNanoseconds
+            for i in t.events.indices { event(t.events[i], base: base) }
+            dropped(t)
+        }
+        out.flushIfFull()
+    }
+
+    public var readsCompactEvents: Bool { true }
+
+    /// The same lines as `connection(_:)` prints, read from the correlator's compact events.
+    public func connection(_ t: ConnectionTimeline, events: TimelineEventList) {
+        header(t)
+        if showEvents {
+            let base = events.firstTime?.totalNanoseconds ?? t.firstSeen.totalNanoseconds
+            let context = events.context
+            events.events.withUnsafeBufferPointer { list in
+                for i in list.indices { compactEvent(list[i], base: base, context: context) }
+            }
+            dropped(t)
+        }
+        out.flushIfFull()
+    }
+
+    private func dropped(_ t: ConnectionTimeline) {
+        if t.droppedEvents > 0 {
+            out.text("    ("); out.decimal(t.droppedEvents); out.text(" more packets counted, not listed)\n")
+        }
+    }
+
+    private func header(_ t: ConnectionTimeline) {
         out.byte(UInt8(ascii: "#")); out.unsignedDecimal(UInt64(t.id)); out.byte(0x20)
         styled(Style.bold, t.kind.rawValue)
         out.text("  ")
@@ -78,15 +110,6 @@ public final class TextReport: ReportSink {
             out.byte(0x0a)
         }
         for hop in t.hops { self.hop(hop, from: t) }
-
-        if showEvents {
-            let base = t.events.first?.time.totalNanoseconds ?? t.firstSeen.totalNanoseconds
-            for i in t.events.indices { event(t.events[i], base: base) }
-            if t.droppedEvents > 0 {
-                out.text("    ("); out.decimal(t.droppedEvents); out.text(" more packets counted, not listed)\n")
-            }
-        }
-        out.flushIfFull()
     }
 
     private func hop(_ hop: ZtunnelHop, from t: ConnectionTimeline) {
@@ -115,40 +138,110 @@ public final class TextReport: ReportSink {
     }
 
     private func event(_ e: borrowing TimelineEvent, base: Int64) {
-        out.text("    +")
-        let d = e.time.totalNanoseconds - base
-        if d < 0 { out.byte(UInt8(ascii: "-")) }
-        let a = UInt64(abs(d))
-        out.unsignedDecimal(a / 1_000_000_000); out.byte(0x2e); out.padded((a % 1_000_000_000) / 1_000, width: 6)
-        out.text("  ")
+        eventStart(e.time, base: base)
         let pointWidth: Int
         switch e.point.kind {
         case .interface: out.text(e.point.interface); pointWidth = e.point.interface.utf8.count
-        case .netfilter: out.text("nf:"); out.text(e.point.hook.description); pointWidth = 3 + e.point.hook.description.utf8.count
+        case .netfilter: pointWidth = hookName(e.point.hook)
         case .unknown: out.byte(UInt8(ascii: "?")); pointWidth = 1
         }
+        eventPacket(pointWidth: pointWidth, direction: e.direction, tuple: e.tuple, flags: e.tcpFlags, length: e.length)
+        if let m = e.mark, m != 0 { out.text("  mark "); mark(m) }
+        if let h = e.hit { out.text("  "); hit(h) }
+        eventEnd(e.notes)
+    }
+
+    /// One packet line from a compact event: the same bytes `event(_:base:)` prints for its `TimelineEvent`.
+    @inline(__always)
+    private func compactEvent(_ e: CompactEvent, base: Int64, context: EventContext) {
+        eventStart(e.time, base: base)
+        let pointWidth: Int
+        switch e.pointKind {
+        case .interface:
+            pointWidth = context.interfaceNames.withUnsafeBufferPointer { names in
+                let name = names[Int(e.interfaceIndex)]
+                out.text(name)
+                return name.utf8.count
+            }
+        case .netfilter: pointWidth = hookName(e.hook)
+        case .unknown: out.byte(UInt8(ascii: "?")); pointWidth = 1
+        }
+        eventPacket(pointWidth: pointWidth, direction: e.direction, tuple: e.tuple, flags: e.flags, length: e.length)
+        if e.hasMark && e.mark != 0 { out.text("  mark "); mark(e.mark) }
+        if e.hitID != 0 {
+            context.withHit(e.hitID) { cached in
+                guard let cached else { return }
+                out.text("  ")
+                switch cached.actionKind {
+                case .redirect(let port):
+                    hit(cached.hit, action: .redirected(toPort: port, originalDestination: e.tuple.dst))
+                case .connmarkRestore:
+                    hit(cached.hit, action: .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil))
+                default:
+                    hit(cached.hit, action: cached.hit.action)
+                }
+            }
+        }
+        eventEnd(e.notes)
+    }
+
+    @inline(__always)
+    private func eventStart(_ time: Timestamp, base: Int64) {
+        out.text("    +")
+        let d = time.totalNanoseconds - base
+        if d < 0 { out.byte(UInt8(ascii: "-")) }
+        let a = UInt64(abs(d))
+        out.unsignedDecimal(a / 1_000_000_000); out.byte(0x2e); out.sixDigits((a % 1_000_000_000) / 1_000)
+        out.text("  ")
+    }
+
+    /// "nf:HOOK"; returns its width.
+    @inline(__always)
+    private func hookName(_ hook: NetfilterHook) -> Int {
+        out.text("nf:")
+        let name: StaticString
+        switch hook {
+        case .prerouting: name = "PREROUTING"
+        case .input: name = "INPUT"
+        case .forward: name = "FORWARD"
+        case .output: name = "OUTPUT"
+        case .postrouting: name = "POSTROUTING"
+        case .ingress: name = "INGRESS"
+        case .unknown: name = "?"
+        }
+        out.text(name)
+        return 3 + name.utf8CodeUnitCount
+    }
+
+    @inline(__always)
+    private func eventPacket(pointWidth: Int, direction: PacketDirection, tuple: FiveTuple, flags: TCPFlags, length: UInt32) {
         out.spaces(15 - pointWidth)
-        switch e.direction {
+        switch direction {
         case .inbound: out.text("in   ")
         case .outbound: out.text("out  ")
         case .unknown: out.text("     ")
         }
-        out.endpoint(e.tuple.src); out.text(" > "); out.endpoint(e.tuple.dst)
-        if e.tuple.proto == IPProto.tcp { out.text("  "); out.tcpFlags(e.tcpFlags) } else {
-            out.text("  "); out.text(IPProto.name(e.tuple.proto))
+        out.endpoint(tuple.src); out.text(" > "); out.endpoint(tuple.dst)
+        if tuple.proto == IPProto.tcp { out.text("  "); out.tcpFlags(flags) } else {
+            out.text("  "); out.text(IPProto.name(tuple.proto))
         }
-        out.text("  len "); out.unsignedDecimal(UInt64(e.length))
-        if let m = e.mark, m != 0 { out.text("  mark "); mark(m) }
-        if let h = e.hit { out.text("  "); hit(h) }
-        if !e.notes.isEmpty {
+        out.text("  len "); out.unsignedDecimal(UInt64(length))
+    }
+
+    @inline(__always)
+    private func eventEnd(_ notes: DecodeNotes) {
+        if !notes.isEmpty {
             out.text("  [")
-            for (i, n) in e.notes.descriptions.enumerated() { if i > 0 { out.text(", ") }; out.text(n) }
+            for (i, n) in notes.descriptions.enumerated() { if i > 0 { out.text(", ") }; out.text(n) }
             out.byte(UInt8(ascii: "]"))
         }
         out.byte(0x0a)
     }
 
-    private func hit(_ h: RuleHit) {
+    private func hit(_ h: RuleHit) { hit(h, action: h.action) }
+
+    /// A hit with the action this packet got (a REDIRECT's original destination is the packet's own).
+    private func hit(_ h: borrowing RuleHit, action: RuleAction?) {
         if let rule = h.rule {
             let p = paint("36")
             out.text(rule.table); out.byte(0x20); out.text(rule.chain); out.text(" #"); out.decimal(rule.position)
@@ -167,7 +260,7 @@ public final class TextReport: ReportSink {
         if let role = h.role, role != .meshtraceObservation {
             out.text(" ["); let p = paint("35"); out.text(role.rawValue); unpaint(p); out.byte(UInt8(ascii: "]"))
         }
-        if let a = h.action, a != .observed { out.byte(0x20); action(a, styledAsRedirect: false) }
+        if let a = action, a != .observed { out.byte(0x20); self.action(a, styledAsRedirect: false) }
     }
 
     private func action(_ a: RuleAction, styledAsRedirect: Bool) {

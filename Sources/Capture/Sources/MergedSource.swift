@@ -11,6 +11,11 @@ public final class MergedSource: PacketSource {
     private var primed = false
     /// The source whose packet was handed out last: advanced on the next call.
     private var handedOut = -1
+    /// The same sources when all are files (always, for `init(paths:)`): merged by each file's next frame time,
+    /// read before decoding, so only the frame handed out is decoded, straight into the caller's record.
+    private let files: [PcapFileSource]?
+    private var headTimes: [Timestamp]
+    private var headLive: [Bool]
     public private(set) var currentLinkType: Int32 = -1
 
     public init(_ sources: [PacketSource]) {
@@ -18,6 +23,10 @@ public final class MergedSource: PacketSource {
         heads = Array(repeating: PacketRecord(), count: sources.count)
         headBytes = Array(repeating: nil, count: sources.count)
         headLinkTypes = Array(repeating: -1, count: sources.count)
+        let files = sources.compactMap { $0 as? PcapFileSource }
+        self.files = files.count == sources.count ? files : nil
+        headTimes = Array(repeating: .zero, count: sources.count)
+        headLive = Array(repeating: false, count: sources.count)
     }
 
     /// Opens each file as a `PcapFileSource` numbered by its position (`FrameRef.source`).
@@ -38,6 +47,7 @@ public final class MergedSource: PacketSource {
             currentLinkType = sources[0].currentLinkType
             return bytes
         }
+        if let files { return nextFrame(files, into: &record) }
         if !primed {
             primed = true
             for i in sources.indices { advance(i) }
@@ -50,9 +60,40 @@ public final class MergedSource: PacketSource {
         }
         handedOut = best
         guard best >= 0 else { return nil }
-        record = heads[best]
+        // Swapped, not copied: the head slot is refilled from scratch (every field) before it is looked at
+        // again, and a swap moves the record's inline strings without a retain and a release per packet.
+        swap(&record, &heads[best])
         currentLinkType = headLinkTypes[best]
         return headBytes[best]
+    }
+
+    private func nextFrame(_ files: [PcapFileSource], into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
+        if !primed {
+            primed = true
+            for i in files.indices { advanceFile(files[i], i) }
+        } else if handedOut >= 0 {
+            advanceFile(files[handedOut], handedOut)
+        }
+        var best = -1
+        for i in files.indices where headLive[i] {
+            if best < 0 || headTimes[i] < headTimes[best] { best = i }
+        }
+        handedOut = best
+        guard best >= 0 else { return nil }
+        // unowned(unsafe): `files` keeps every source alive; a strong local would cost a retain and a release per packet.
+        unowned(unsafe) let file = files[best]
+        currentLinkType = file.currentLinkType
+        return file.decodePending(into: &record)
+    }
+
+    @inline(__always)
+    private func advanceFile(_ file: PcapFileSource, _ i: Int) {
+        if let t = file.advance() {
+            headTimes[i] = t
+            headLive[i] = true
+        } else {
+            headLive[i] = false
+        }
     }
 
     /// Every source's damage, in source order, as one message (nil when all ended cleanly).

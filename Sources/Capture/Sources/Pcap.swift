@@ -146,6 +146,14 @@ public final class PcapHandle: @unchecked Sendable {
         }
     }
 
+    /// Files: makes the next read start at `offset` in the file (`PcapRecordReader` hands a file over to libpcap
+    /// at the first record it does not take). libpcap reads a file sequentially through its FILE, so moving that
+    /// is all it takes.
+    public func seek(toFileOffset offset: Int64) -> Bool {
+        guard let handle, !isLive, let file = pcap_file(handle) else { return false }
+        return fseeko(file, off_t(offset), SEEK_SET) == 0
+    }
+
     // MARK: live controls
 
     /// Compiles and installs a tcpdump-syntax filter (classic BPF). A bad expression is a usage error.

@@ -1,7 +1,8 @@
 // Reading one capture file: opening it with clear errors for what is not a capture, then handing out
 // decoded records one at a time into the caller's record, with the raw frame for writers that copy it.
-// Classic pcap (µs and ns) is read through libpcap; pcapng through `PcapngFileReader`, which keeps each
-// packet's interface (link type and name) that libpcap 1.10 hides or refuses.
+// Classic pcap (µs and ns) is opened by libpcap and its records are read in blocks by `PcapRecordReader`
+// (libpcap reads whatever that reader does not take: other versions, damage); pcapng through
+// `PcapngFileReader`, which keeps each packet's interface (link type and name) that libpcap 1.10 hides or refuses.
 
 import Foundation
 
@@ -34,11 +35,22 @@ public final class PcapFileSource: PacketSource {
     public var interfaceNames: [String?] { pcapng?.interfaces.map(\.name) ?? [] }
 
     private let capture: PcapHandle?
+    /// Classic pcap records read in blocks, until the first record it leaves to libpcap (`capture`).
+    private var records: PcapRecordReader?
+    /// True while classic pcap records are read by `PcapRecordReader` rather than libpcap (tests check which
+    /// path a file took).
+    var readsRecordsInBlocks: Bool { records != nil }
     private let pcapng: PcapngFileReader?
     private let interfaceName: String?
     /// Capture point per pcapng interface, made once per interface block.
     private var points: [CapturePoint] = []
     private var ended = false
+    /// The frame `advance()` read and `decodePending(into:)` has not decoded yet: its bytes stay valid until the
+    /// next `advance()`.
+    private var pendingBytes = UnsafeRawBufferPointer(start: nil, count: 0)
+    private var pendingTime = Timestamp.zero
+    private var pendingWireLength: UInt32 = 0
+    private var pendingInterface = 0
 
     /// Opens `path`. `interfaceName` names the capture point when the caller knows it; otherwise a pcapng
     /// interface's if_name, else "any" for cooked captures ("lo" per packet when the cooked header says
@@ -74,57 +86,100 @@ public final class PcapFileSource: PacketSource {
             throw MeshtraceError.badInput("\(path): link type \(linkType) (\(PcapFileSource.linkTypeName(linkType))) is not supported; meshtrace reads \(names.joined(separator: ", "))")
         }
         point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.interfaces.first?.name, path: path)
+        if let capture {
+            records = PcapRecordReader.open(path: path, snapshot: capture.snapshotLength, linkType: linkType)
+        }
     }
 
     public func next(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
+        guard advance() != nil else { return nil }
+        return decodePending(into: &record)
+    }
+
+    /// Reads the next frame without decoding it and returns its capture time (nil at the end, or on damage).
+    /// `MergedSource` orders files by this time and decodes only the frame it hands out, straight into the
+    /// caller's record: no decoded record is parked and copied per packet.
+    func advance() -> Timestamp? {
         guard !ended else { return nil }
-        if let pcapng { return nextPcapng(pcapng, into: &record) }
+        if let pcapng {
+            switch pcapng.next() {
+            case .packet(let time, let wireLength, let bytes, let interface):
+                while points.count < pcapng.interfaces.count {
+                    let i = pcapng.interfaces[points.count]
+                    points.append(PcapFileSource.point(linkType: i.linkType, given: interfaceName, recorded: i.name, path: path))
+                }
+                framesRead += 1
+                currentLinkType = pcapng.interfaces[interface].linkType
+                pending(time: time, wireLength: wireLength, bytes: bytes, interface: interface)
+                return time
+            case .end, .interfaceAdded:
+                ended = true
+                return nil
+            case .damaged(let why):
+                endDamaged(why)
+                return nil
+            }
+        }
+        if let records {
+            switch records.next() {
+            case .packet(let time, let wireLength, let bytes):
+                framesRead += 1
+                pending(time: time, wireLength: wireLength, bytes: bytes, interface: 0)
+                return time
+            case .end:
+                ended = true
+                return nil
+            case .irregular(let offset):
+                // libpcap reads on from this record: it decides what the damage is and words it.
+                self.records = nil
+                guard capture!.seek(toFileOffset: offset) else {
+                    endDamaged("cannot seek to offset \(offset)")
+                    return nil
+                }
+            }
+        }
         switch capture!.next() {
         case .packet(let p):
             framesRead += 1
-            record.ref = FrameRef(source: index, frame: framesRead)
-            record.time = p.time
-            record.point = point
-            decoder.decode(linkType: linkType, bytes: p.bytes, wireLength: p.wireLength, into: &record)
-            return p.bytes
+            pending(time: p.time, wireLength: p.wireLength, bytes: p.bytes, interface: 0)
+            return p.time
         case .end, .timeout:
             ended = true
             return nil
         case .error(let message):
-            return endDamaged(message)
-        }
-    }
-
-    private func nextPcapng(_ reader: PcapngFileReader, into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
-        switch reader.next() {
-        case .packet(let time, let wireLength, let bytes, let interface):
-            while points.count < reader.interfaces.count {
-                let i = reader.interfaces[points.count]
-                points.append(PcapFileSource.point(linkType: i.linkType, given: interfaceName, recorded: i.name, path: path))
-            }
-            framesRead += 1
-            let lt = reader.interfaces[interface].linkType
-            currentLinkType = lt
-            record.ref = FrameRef(source: index, frame: framesRead)
-            record.time = time
-            record.point = points[interface]
-            // Without libpcap nothing swapped the NFLOG TLV headers: they are in the section's byte order.
-            decoder.nflogByteOrder = reader.order
-            decoder.nestedByteOrder = reader.order
-            decoder.decode(linkType: lt, bytes: bytes, wireLength: wireLength, into: &record)
-            return bytes
-        case .end, .interfaceAdded:
-            ended = true
+            endDamaged(message)
             return nil
-        case .damaged(let why):
-            return endDamaged(why)
         }
     }
 
-    private func endDamaged(_ why: String) -> UnsafeRawBufferPointer? {
+    @inline(__always)
+    private func pending(time: Timestamp, wireLength: UInt32, bytes: UnsafeRawBufferPointer, interface: Int) {
+        pendingTime = time
+        pendingWireLength = wireLength
+        pendingBytes = bytes
+        pendingInterface = interface
+    }
+
+    /// Decodes the frame the last `advance()` read into `record` and returns its bytes.
+    func decodePending(into record: inout PacketRecord) -> UnsafeRawBufferPointer {
+        record.ref = FrameRef(source: index, frame: framesRead)
+        record.time = pendingTime
+        if let pcapng {
+            record.point = points[pendingInterface]
+            // Without libpcap nothing swapped the NFLOG TLV headers: they are in the section's byte order.
+            decoder.nflogByteOrder = pcapng.order
+            decoder.nestedByteOrder = pcapng.order
+            decoder.decode(linkType: currentLinkType, bytes: pendingBytes, wireLength: pendingWireLength, into: &record)
+        } else {
+            record.point = point
+            decoder.decode(linkType: linkType, bytes: pendingBytes, wireLength: pendingWireLength, into: &record)
+        }
+        return pendingBytes
+    }
+
+    private func endDamaged(_ why: String) {
         ended = true
         damage = .damaged("\(path): damaged after frame \(framesRead) (\(why)); the \(framesRead) frames before it were analysed")
-        return nil
     }
 
     public func close() {

@@ -1,0 +1,151 @@
+// A finished connection's packet events as the correlator kept them: compact plain values plus the tables
+// that name them (interface names, rule hits by prefix id). The text printer reads them in this form; a
+// sink that wants `TimelineEvent`s (JSON, HTML, pcapng, tests) gets them materialized once, by the reporter.
+// A million-packet capture has a million events: building a ~300-byte `TimelineEvent` with its strings and
+// rule reference for each, only to print it and drop it, cost more than the correlation itself.
+
+/// The events of one finished connection, in timeline order (retimed and sorted).
+public struct TimelineEventList {
+    let events: [CompactEvent]
+    /// The connection's initiator: events from the other side are replies.
+    let initiator: Endpoint
+    let context: EventContext
+
+    public var count: Int { events.count }
+    public var isEmpty: Bool { events.isEmpty }
+    /// The first event's time (the base of a text timeline's offsets).
+    public var firstTime: Timestamp? { events.first?.time }
+
+    /// The events as the `TimelineEvent`s of `ConnectionTimeline.events`.
+    public func materialize() -> [TimelineEvent] {
+        var out: [TimelineEvent] = []
+        out.reserveCapacity(events.count)
+        for e in events {
+            var hit: RuleHit? = nil
+            if e.hitID != 0, let cached = context.cachedHit(e.hitID) {
+                hit = cached.hit
+                switch cached.actionKind {
+                case .redirect(let port): hit!.action = .redirected(toPort: port, originalDestination: e.tuple.dst)
+                case .connmarkRestore: hit!.action = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
+                default: break
+                }
+            }
+            let point: CapturePoint
+            switch e.pointKind {
+            case .interface: point = CapturePoint(kind: .interface, interface: context.interfaceNames[Int(e.interfaceIndex)],
+                                                  isLoopback: e.isLoopback)
+            case .netfilter: point = .netfilter(e.hook)
+            case .unknown: point = .unknown
+            }
+            out.append(TimelineEvent(time: e.time, frame: e.frame, point: point, direction: e.direction, tuple: e.tuple,
+                                     isReply: e.tuple.src != initiator, tcpFlags: e.flags, length: e.length,
+                                     mark: e.hasMark ? e.mark : nil, hit: hit, notes: e.notes))
+        }
+        return out
+    }
+}
+
+/// What the correlator's compact events refer to by number: interface names and rule hits. Shared by the
+/// correlator (which fills it) and the event lists it hands out.
+final class EventContext {
+    let tags: RuleTagTable
+    let ruleset: Ruleset?
+    /// Interface names by `CompactEvent.interfaceIndex`; 0 is "?".
+    private(set) var interfaceNames: [String] = ["?"]
+    private var lastInterfaceName = "?"
+    private var lastInterfaceIndex: UInt16 = 0
+    private var hitCache: [CachedHit?] = []
+
+    init(tags: RuleTagTable, ruleset: Ruleset?) {
+        self.tags = tags
+        self.ruleset = ruleset
+    }
+
+    enum ActionKind {
+        case plain
+        case redirect(UInt16)
+        case connmarkRestore
+        case connmarkSet(UInt32)
+    }
+
+    struct CachedHit {
+        var hit: RuleHit
+        var actionKind: ActionKind
+    }
+
+    @inline(__always)
+    func interfaceIndex(_ name: String) -> UInt16 {
+        if name == lastInterfaceName { return lastInterfaceIndex }
+        let i: UInt16
+        if let found = interfaceNames.firstIndex(of: name) { i = UInt16(found) } else {
+            i = UInt16(min(interfaceNames.count, Int(UInt16.max)))
+            if interfaceNames.count < Int(UInt16.max) { interfaceNames.append(name) }
+        }
+        lastInterfaceName = name
+        lastInterfaceIndex = i
+        return i
+    }
+
+    func cachedHit(_ id: UInt32) -> CachedHit? {
+        let i = Int(id)
+        if i < hitCache.count, let h = hitCache[i] { return h }
+        if i >= hitCache.count { hitCache.append(contentsOf: repeatElement(nil, count: i + 1 - hitCache.count)) }
+        let built = buildHit(id)
+        hitCache[i] = built
+        return built
+    }
+
+    /// The cached hit's action kind alone (no copy of the hit's strings), building the entry when new.
+    @inline(__always)
+    func actionKind(_ id: UInt32) -> ActionKind {
+        let i = Int(id)
+        if i < hitCache.count, let h = hitCache[i] { return h.actionKind }
+        return cachedHit(id)?.actionKind ?? .plain
+    }
+
+    /// Calls `body` with the cached hit for `id` in place (no copy, no reference counting); nil when the id has none.
+    @inline(__always)
+    func withHit<T>(_ id: UInt32, _ body: (borrowing CachedHit?) -> T) -> T {
+        let i = Int(id)
+        if i >= hitCache.count || hitCache[i] == nil { _ = cachedHit(id) }
+        return hitCache.withUnsafeBufferPointer { body($0[i]) }
+    }
+
+    private func buildHit(_ id: UInt32) -> CachedHit {
+        let tag = tags.tag(for: id)
+        let text = tags.text(for: id)
+        var kind = ActionKind.plain
+        guard let tag else { return CachedHit(hit: RuleHit(tag: nil, prefixText: text), actionKind: .plain) }
+        switch tag.position {
+        case .observeIn, .observeOut:
+            return CachedHit(hit: RuleHit(tag: tag, prefixText: text, role: .meshtraceObservation, action: .observed),
+                             actionKind: .plain)
+        case .rule:
+            break
+        }
+        guard let rule = ruleset?.rule(for: tag) else {
+            return CachedHit(hit: RuleHit(tag: tag, prefixText: text), actionKind: .plain)
+        }
+        let action: RuleAction
+        switch rule.target {
+        case .redirect(let p):
+            action = .redirected(toPort: p ?? 0, originalDestination: nil); kind = .redirect(p ?? 0)
+        case .tproxy(let port, _, let mark, _): action = .tproxied(toPort: port, mark: mark)
+        case .setMark(let v, _): action = .markSet(v)
+        case .connmarkSet(let v, _): action = .connmarkSet(v); kind = .connmarkSet(v)
+        case .connmarkRestore: action = .connmarkRestored(nil); kind = .connmarkRestore
+        case .connmarkSave: action = .other("CONNMARK --save-mark")
+        case .accept: action = .accepted
+        case .return: action = .returned
+        case .jump(let c), .goto(let c): action = .jumped(c)
+        case .ctZone(let z): action = .ctZone(z)
+        case .drop, .reject: action = .dropped
+        case .nflog, .log, .trace, .counterOnly: action = .observed
+        case .dnat(let s): action = .other("DNAT \(s)")
+        case .snat(let s): action = .other("SNAT \(s)")
+        case .masquerade: action = .other("MASQUERADE")
+        case .unknown(let s): action = .other(s)
+        }
+        return CachedHit(hit: RuleHit(tag: tag, prefixText: text, rule: rule, role: rule.role, action: action), actionKind: kind)
+    }
+}
