@@ -95,6 +95,7 @@ public final class LiveTracer: @unchecked Sendable {
     /// How often the correlator's clock is moved on while the pod is quiet, and how far behind the wall clock.
     static let advanceIntervalNanos: UInt64 = 250_000_000
     static let advanceLagNanos: Int64 = 200_000_000
+    static let minimumPassNanos: UInt64 = 2_000_000
 
     // Owned by the netns thread while it runs.
     private var correlator: Correlator?
@@ -234,6 +235,15 @@ public final class LiveTracer: @unchecked Sendable {
         _ = mallopt(-2, 16 << 20)
     }
 
+    /// The reading thread gets a little more of the CPU than the pod's own threads (nice -5, this thread only):
+    /// on a busy node a starved reader overflows the NFLOG and capture buffers and events are lost, while its
+    /// work is bounded by the events the pod makes. Best effort: a refusal leaves the default priority.
+    static func raiseReaderPriority() {
+        // gettid(2) by its symbol: glibc has it since 2.30, Swift's Glibc module does not export it.
+        let tid = UInt32(bitPattern: meshtrace_gettid())
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), tid, -5)
+    }
+
     static func processCPUSeconds() -> Double {
         var usage = rusage()
         guard getrusage(RUSAGE_SELF.rawValue, &usage) == 0 else { return 0 }
@@ -301,6 +311,7 @@ public final class LiveTracer: @unchecked Sendable {
         }
         opened.signal()
         proceed.wait()
+        LiveTracer.raiseReaderPriority()
         // Runs on this thread, inside the netns, whatever happens below.
         defer { legacyTrace?.socket.restoreLoggers() }
         if abort { return }
@@ -326,6 +337,7 @@ public final class LiveTracer: @unchecked Sendable {
         var nextAdvance: UInt64 = 0
         while true {
             _ = poll(&fds, nfds_t(fds.count), 5)
+            let woke = DispatchTime.now().uptimeNanoseconds
             if !finishing, fds[0].revents != 0 {
                 // The rules are out; what the kernel queued before that (flush timeout 10 ms) still arrives.
                 finishing = true
@@ -344,6 +356,14 @@ public final class LiveTracer: @unchecked Sendable {
                 status.update(events: events, dropped: dropped, openConnections: correlator?.openConnectionCount ?? 0)
             }
             if finishing && got == 0 && DispatchTime.now().uptimeNanoseconds >= finishDeadline { break }
+            // At most one pass per `minimumPassNanos`: every connection's conntrack event, NFLOG batch and
+            // capture block would otherwise wake the thread on its own, for a few records each. The kernel
+            // buffers hold far more than a pass's worth; the records are held 30 ms anyway.
+            let spent = DispatchTime.now().uptimeNanoseconds - woke
+            if !finishing && got > 0 && spent < LiveTracer.minimumPassNanos {
+                var pause = timespec(tv_sec: 0, tv_nsec: Int(LiveTracer.minimumPassNanos - spent))
+                nanosleep(&pause, nil)
+            }
         }
         release(force: true)
         status?.finish()
@@ -374,19 +394,19 @@ public final class LiveTracer: @unchecked Sendable {
             }
         }
         if let nflog, isReady(nflog.fd) {
-            got += nflog.drain(limit: 64, into: &record) { rec, tlvs in
-                hold(&rec, frame: tlvs, linkType: LinkType.nflog)
+            got += nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
+                commit(frame: tlvs, linkType: LinkType.nflog)
             }
         }
         if let legacyTrace, isReady(legacyTrace.fd) {
-            got += legacyTrace.drain(limit: 64, into: &record) { rec, _ in
-                if trace?.rewriteLegacy(&rec, instrumenter: instrumenter) == true { hold(&rec, frame: nil, linkType: LinkType.raw) }
+            got += legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
+                if trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true { commit(frame: nil, linkType: LinkType.raw) }
             }
         }
         if let pcap {
             let link = pcap.linkType
-            got += pcap.drain(limit: 512, into: &record) { rec, frame in
-                hold(&rec, frame: frame, linkType: link)
+            got += pcap.drain(limit: 4096, slot: freeSlot) { _, frame in
+                commit(frame: frame, linkType: link)
             }
         }
         return got
@@ -395,6 +415,16 @@ public final class LiveTracer: @unchecked Sendable {
     private func hold(_ record: inout PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32) {
         if pending.isFull { release(count: 1) }
         pending.push(record, frame: frame, linkType: linkType, group: options.group, at: arrival)
+    }
+
+    /// A slot of the hold ring for a source to decode into (the oldest record goes on early if it is full).
+    private func freeSlot() -> UnsafeMutablePointer<PacketRecord> {
+        if pending.isFull { release(count: 1) }
+        return pending.nextSlot()
+    }
+
+    private func commit(frame: UnsafeRawBufferPointer?, linkType: Int32) {
+        pending.commit(frame: frame, linkType: linkType, group: options.group, at: arrival)
     }
 
     /// Captures stamp packets with the realtime clock, so the wall clock, less what may still be on its way
@@ -417,21 +447,21 @@ public final class LiveTracer: @unchecked Sendable {
         guard let correlator else { return }
         for _ in 0..<count {
             pending.popOldest { record, frame, linkType in
-                if let id = record.nflog?.prefixID, id != 0 {
+                if let id = record.pointee.nflog?.prefixID, id != 0 {
                     let i = Int(id)
                     if i >= hits.count {
                         hits.append(contentsOf: repeatElement(0, count: i + 16 - hits.count))
                         rewritesDestination.append(contentsOf: repeatElement(0, count: hits.count - rewritesDestination.count))
                     }
                     hits[i] += 1
-                    if !conntrack.isEmpty, rewritesDestination(i), record.nflog?.conntrack == nil,
-                       let ct = conntrack.lookup(record.tuple) {
-                        record.nflog?.conntrack = ct
+                    if !conntrack.isEmpty, rewritesDestination(i), record.pointee.nflog?.conntrack == nil,
+                       let ct = conntrack.lookup(record.pointee.tuple) {
+                        record.pointee.nflog?.conntrack = ct
                     }
                 }
-                let connection = correlator.ingest(record)
+                let connection = correlator.ingest(record.pointee)
                 if reporter.wantsPackets, let frame {
-                    reporter.packet(record, frame: frame, linkType: linkType, connection: connection)
+                    reporter.packet(record.pointee, frame: frame, linkType: linkType, connection: connection)
                 }
             }
         }
@@ -469,9 +499,11 @@ public final class LiveTracer: @unchecked Sendable {
     }
 }
 
-/// Records waiting out the hold time, oldest first, in a fixed ring (no allocation per packet once warm).
-struct PendingRecords {
-    private var records: [PacketRecord]
+/// Records waiting out the hold time, oldest first, in a fixed ring the sources decode into directly: a
+/// record is written once, in its slot, and read from there by the correlator (no copy on the way in or out,
+/// no allocation per packet once warm).
+final class PendingRecords {
+    private let records: UnsafeMutablePointer<PacketRecord>
     private var arrivals: [Int64]
     private var linkTypes: [Int32]
     private var frames: [[UInt8]]
@@ -484,19 +516,31 @@ struct PendingRecords {
     init(capacity: Int, keepFrames: Bool) {
         self.capacity = capacity
         self.keepFrames = keepFrames
-        records = Array(repeating: PacketRecord(), count: capacity)
+        records = .allocate(capacity: capacity)
+        records.initialize(repeating: PacketRecord(), count: capacity)
         arrivals = Array(repeating: 0, count: capacity)
         linkTypes = Array(repeating: 0, count: capacity)
         frames = keepFrames ? Array(repeating: [], count: capacity) : []
         hasFrame = Array(repeating: false, count: capacity)
     }
 
+    deinit {
+        records.deinitialize(count: capacity)
+        records.deallocate()
+    }
+
     var isFull: Bool { count == capacity }
     var oldestArrival: Int64? { count == 0 ? nil : arrivals[head] }
 
-    mutating func push(_ record: PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
+    /// The slot the next record goes into; it joins the ring only when `commit` is called (so a record a
+    /// source decides not to keep just leaves the slot to the next one). The ring must not be full.
+    func nextSlot() -> UnsafeMutablePointer<PacketRecord> {
+        records + (head + count) % capacity
+    }
+
+    /// Adds the record decoded into `nextSlot()`.
+    func commit(frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
         let i = (head + count) % capacity
-        records[i] = record
         arrivals[i] = at
         linkTypes[i] = linkType
         hasFrame[i] = keepFrames && frame != nil
@@ -504,7 +548,7 @@ struct PendingRecords {
             frames[i].removeAll(keepingCapacity: true)
             if linkType == LinkType.nflog {
                 // LINKTYPE_NFLOG frames start with nflog_hdr: family, version 0, be16 group.
-                let family: UInt8 = record.tuple.src.addr.family == .v6 ? 10 : 2
+                let family: UInt8 = records[i].tuple.src.addr.family == .v6 ? 10 : 2
                 frames[i].append(contentsOf: [family, 0, UInt8(group >> 8), UInt8(group & 0xff)])
             }
             frames[i].append(contentsOf: frame)
@@ -512,15 +556,24 @@ struct PendingRecords {
         count += 1
     }
 
-    mutating func popOldest(_ body: (inout PacketRecord, UnsafeRawBufferPointer?, Int32) -> Void) {
+    /// Adds a copy of a record built elsewhere (TRACE steps).
+    func push(_ record: PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
+        nextSlot().pointee = record
+        commit(frame: frame, linkType: linkType, group: group, at: at)
+    }
+
+    func popOldest(_ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer?, Int32) -> Void) {
         guard count > 0 else { return }
         let i = head
         head = (head + 1) % capacity
         count -= 1
         if hasFrame[i] {
-            frames[i].withUnsafeBytes { body(&records[i], $0, linkTypes[i]) }
+            frames[i].withUnsafeBytes { body(records + i, $0, linkTypes[i]) }
         } else {
-            body(&records[i], nil, linkTypes[i])
+            body(records + i, nil, linkTypes[i])
         }
     }
 }
+
+@_silgen_name("gettid")
+private func meshtrace_gettid() -> Int32
