@@ -58,6 +58,13 @@ struct CompactEvent {
     func samePacket(_ o: CompactEvent) -> Bool {
         ipID == o.ipID && seq == o.seq && ack == o.ack && flags == o.flags && forward == o.forward
     }
+
+    /// What `samePacket` compares, in two words (equal words exactly when `samePacket`), with the caller's slot
+    /// for the event's index.
+    var packedIdentity: (UInt64, UInt64, Int) {
+        (UInt64(seq) << 32 | UInt64(ack),
+         UInt64(ipID) << 32 | UInt64(flags.rawValue) << 8 | (forward ? 1 : 0), 0)
+    }
 }
 
 struct PacketIdentity: Hashable {

@@ -75,7 +75,7 @@ public final class Correlator {
     /// Places one packet on its connection and returns that connection (nil for packets that carry no
     /// usable tuple: not IP, non-first fragments).
     @discardableResult
-    public func ingest(_ r: PacketRecord) -> ConnectionID? {
+    public func ingest(_ r: borrowing PacketRecord) -> ConnectionID? {
         summary.packets += 1
         let t = r.time.totalNanoseconds
         if t > now { now = t }
@@ -566,7 +566,7 @@ public final class Correlator {
                                       : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { continue }
             let dt = inner.firstSeenNanos - outer.firstSeenNanos
             guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
-            if identityEvidence(outer: outer, inner: inner, direction: direction) != nil { strong.append(p) } else { weak.append(p) }
+            if identityMatches(outer: outer, inner: inner, direction: direction) { strong.append(p) } else { weak.append(p) }
         }
         let chosen: ConnectionState
         let unique: Bool
@@ -588,10 +588,10 @@ public final class Correlator {
         } else {
             return nil
         }
-        let outer = asOuter ? c : chosen, inner = asOuter ? chosen : c
         let pool = !strong.isEmpty ? strong.count : weak.count
-        let (evidence, confidence) = hopEvidence(outer: outer, inner: inner, direction: direction, candidates: unique ? 1 : pool)
-        return (chosen, evidence, confidence, unique ? 1 : pool)
+        // No evidence yet: a hop's evidence and confidence are worked out when the first of its connections is
+        // emitted (`emit`), once the late NFLOG batches are in; wording them here for every join was wasted.
+        return (chosen, [], .low, unique ? 1 : pool)
     }
 
     /// The evidence for a join and the confidence it earns. Identity (same destination, same client) is what a
@@ -630,6 +630,20 @@ public final class Correlator {
     }
 
     /// Evidence that names the same destination or client on both sides; without one, a join needs a lone marked candidate.
+    /// Whether `identityEvidence` has something to say, without wording it (tested for every candidate pair).
+    private func identityMatches(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction) -> Bool {
+        switch direction {
+        case .outbound:
+            guard outer.originalKnown else { return false }
+            let original = outer.responder
+            return inner.responder == original
+                || (inner.responder.port == options.hbonePort && inner.responder.addr == original.addr)
+        case .inbound:
+            guard inner.initiator.addr == outer.initiator.addr else { return false }
+            return outer.responder.port == options.hbonePort || outer.responder.port == inner.responder.port
+        }
+    }
+
     private func identityEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction) -> [HopEvidence]? {
         switch direction {
         case .outbound:
@@ -808,10 +822,23 @@ public final class Correlator {
         var changed = false
         c.events.withUnsafeMutableBufferPointer { ev in
             if ev.count <= 64 {
-                for i in ev.indices where ev[i].pointKind == .netfilter {
-                    for j in ev.indices where ev[j].pointKind == .interface && ev[j].samePacket(ev[i]) {
-                        if ev[i].time != ev[j].time { ev[i].time = ev[j].time; changed = true }
-                        break
+                // The interface events' identities, packed, in event order: the scan for each NFLOG event reads
+                // these few words instead of whole events. The first match wins, as before.
+                withUnsafeTemporaryAllocation(of: (UInt64, UInt64, Int).self, capacity: ev.count) { wire in
+                    var n = 0
+                    for j in ev.indices where ev[j].pointKind == .interface {
+                        let (a, b, _) = ev[j].packedIdentity
+                        wire[n] = (a, b, j)
+                        n += 1
+                    }
+                    guard n > 0 else { return }
+                    for i in ev.indices where ev[i].pointKind == .netfilter {
+                        let (a, b, _) = ev[i].packedIdentity
+                        for k in 0..<n where wire[k].0 == a && wire[k].1 == b {
+                            let j = wire[k].2
+                            if ev[i].time != ev[j].time { ev[i].time = ev[j].time; changed = true }
+                            break
+                        }
                     }
                 }
             } else {
@@ -844,6 +871,18 @@ public final class Correlator {
             default: return 2
             }
         }
+        // Usually already in order once retimed: one pass, no allocation, settles that.
+        let inOrder = c.events.withUnsafeBufferPointer { ev -> Bool in
+            guard ev.count > 1 else { return true }
+            var previous = (ev[0].time.totalNanoseconds, rank(ev[0]))
+            for i in 1..<ev.count {
+                let key = (ev[i].time.totalNanoseconds, rank(ev[i]))
+                if key.0 < previous.0 || (key.0 == previous.0 && key.1 < previous.1) { return false }
+                previous = key
+            }
+            return true
+        }
+        if inOrder { return }
         let keys = c.events.map { ($0.time.totalNanoseconds, rank($0)) }
         let order = keys.indices.sorted { a, b in
             if keys[a].0 != keys[b].0 { return keys[a].0 < keys[b].0 }
@@ -909,7 +948,7 @@ struct NflogFacts {
     var hasConntrack = false
 
     @inline(__always)
-    init(_ r: PacketRecord) {
+    init(_ r: borrowing PacketRecord) {
         guard let m = r.nflog else { return }
         present = true
         hook = m.hook

@@ -52,9 +52,16 @@ final class EventContext {
     let ruleset: Ruleset?
     /// Interface names by `CompactEvent.interfaceIndex`; 0 is "?".
     private(set) var interfaceNames: [String] = ["?"]
+    /// The same names as UTF-8, back to back, and each one's start and length there: printers copy a name's
+    /// bytes rather than go through a String per packet line.
+    private(set) var interfaceNameBytes: [UInt8] = [UInt8(ascii: "?")]
+    private(set) var interfaceNameRanges: [(start: Int, count: Int)] = [(0, 1)]
     private var lastInterfaceName = "?"
     private var lastInterfaceIndex: UInt16 = 0
     private var hitCache: [CachedHit?] = []
+    /// `hitCache[i]?.actionKind`, kept apart: the correlator asks for it on every NFLOG record, and reading it out of
+    /// a `CachedHit` copies the hit's strings and rule reference.
+    private var actionKinds: [ActionKind] = []
 
     init(tags: RuleTagTable, ruleset: Ruleset?) {
         self.tags = tags
@@ -79,7 +86,11 @@ final class EventContext {
         let i: UInt16
         if let found = interfaceNames.firstIndex(of: name) { i = UInt16(found) } else {
             i = UInt16(min(interfaceNames.count, Int(UInt16.max)))
-            if interfaceNames.count < Int(UInt16.max) { interfaceNames.append(name) }
+            if interfaceNames.count < Int(UInt16.max) {
+                interfaceNames.append(name)
+                interfaceNameRanges.append((interfaceNameBytes.count, name.utf8.count))
+                interfaceNameBytes.append(contentsOf: name.utf8)
+            }
         }
         lastInterfaceName = name
         lastInterfaceIndex = i
@@ -92,6 +103,8 @@ final class EventContext {
         if i >= hitCache.count { hitCache.append(contentsOf: repeatElement(nil, count: i + 1 - hitCache.count)) }
         let built = buildHit(id)
         hitCache[i] = built
+        if i >= actionKinds.count { actionKinds.append(contentsOf: repeatElement(.plain, count: i + 1 - actionKinds.count)) }
+        actionKinds[i] = built.actionKind
         return built
     }
 
@@ -99,8 +112,8 @@ final class EventContext {
     @inline(__always)
     func actionKind(_ id: UInt32) -> ActionKind {
         let i = Int(id)
-        if i < hitCache.count, let h = hitCache[i] { return h.actionKind }
-        return cachedHit(id)?.actionKind ?? .plain
+        if i >= hitCache.count || hitCache[i] == nil { _ = cachedHit(id) }
+        return actionKinds[i]
     }
 
     /// Calls `body` with the cached hit for `id` in place (no copy, no reference counting); nil when the id has none.

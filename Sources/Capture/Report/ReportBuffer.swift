@@ -42,14 +42,26 @@ final class ReportBuffer {
             return
         }
         reserve(n)
-        // Most pieces are a few bytes: a loop beats a call to memmove.
-        if n <= 16 {
+        // Most pieces are a few bytes. A byte loop is turned into a call to memmove by the compiler; two
+        // overlapping word copies (the first and the last 8 or 4 bytes, all inside the piece) are not.
+        let to = UnsafeMutableRawPointer(base + count), raw = UnsafeRawPointer(from)
+        if n >= 8 && n <= 16 {
+            to.storeBytes(of: raw.loadUnaligned(as: UInt64.self), as: UInt64.self)
+            (to + n - 8).storeBytes(of: (raw + n - 8).loadUnaligned(as: UInt64.self), as: UInt64.self)
+        } else if n >= 4 && n < 8 {
+            to.storeBytes(of: raw.loadUnaligned(as: UInt32.self), as: UInt32.self)
+            (to + n - 4).storeBytes(of: (raw + n - 4).loadUnaligned(as: UInt32.self), as: UInt32.self)
+        } else if n < 4 {
             for i in 0..<n { base[count + i] = from[i] }
         } else {
             (base + count).update(from: from, count: n)
         }
         count += n
     }
+
+    /// Bytes from elsewhere (a name table).
+    @inline(__always)
+    func bytes(_ p: UnsafeBufferPointer<UInt8>) { append(p) }
 
     @inline(__always)
     func text(_ s: StaticString) {
@@ -250,8 +262,24 @@ final class ReportBuffer {
 
     func flushIfFull() { if count >= flushAt { flush() } }
 
+    /// Times the buffer was written out: a `mark` from before a flush no longer points at its bytes.
+    private var flushes = 0
+
+    /// Where the next byte goes, with `room` bytes free after it, for `written(since:)`.
+    func mark(room: Int) -> (offset: Int, flushes: Int) {
+        reserve(min(room, capacity / 2))
+        return (count, flushes)
+    }
+
+    /// The bytes written since `mark`, nil when they were flushed in between.
+    func written(since mark: (offset: Int, flushes: Int)) -> [UInt8]? {
+        guard mark.flushes == flushes, mark.offset <= count else { return nil }
+        return Array(UnsafeBufferPointer(start: base + mark.offset, count: count - mark.offset))
+    }
+
     func flush() {
         guard count > 0 else { return }
+        flushes &+= 1
         writeAll(UnsafeRawBufferPointer(start: base, count: count))
         count = 0
     }

@@ -17,6 +17,8 @@ public final class TextReport: ReportSink {
     private let showEvents: Bool
     private var escapes: [EscapeFinding] = []
     private var escapesNotListed = 0
+    /// `hitWords` by hit id (empty: not written yet).
+    private var hitWordsByID: [[UInt8]] = []
 
     /// - showEvents: false prints only the connection headers (a summary view).
     public init(fileDescriptor: Int32 = STDOUT_FILENO, style: Style = .plain, showEvents: Bool = true) {
@@ -68,8 +70,14 @@ public final class TextReport: ReportSink {
         if showEvents {
             let base = events.firstTime?.totalNanoseconds ?? t.firstSeen.totalNanoseconds
             let context = events.context
-            events.events.withUnsafeBufferPointer { list in
-                for i in list.indices { compactEvent(list[i], base: base, context: context) }
+            context.interfaceNameBytes.withUnsafeBufferPointer { nameBytes in
+                context.interfaceNameRanges.withUnsafeBufferPointer { nameRanges in
+                    events.events.withUnsafeBufferPointer { list in
+                        for i in list.indices {
+                            compactEvent(list[i], base: base, context: context, nameBytes: nameBytes, nameRanges: nameRanges)
+                        }
+                    }
+                }
             }
             dropped(t)
         }
@@ -153,36 +161,53 @@ public final class TextReport: ReportSink {
 
     /// One packet line from a compact event: the same bytes `event(_:base:)` prints for its `TimelineEvent`.
     @inline(__always)
-    private func compactEvent(_ e: CompactEvent, base: Int64, context: EventContext) {
+    private func compactEvent(_ e: CompactEvent, base: Int64, context: EventContext, nameBytes: UnsafeBufferPointer<UInt8>,
+                              nameRanges: UnsafeBufferPointer<(start: Int, count: Int)>) {
         eventStart(e.time, base: base)
         let pointWidth: Int
         switch e.pointKind {
         case .interface:
-            pointWidth = context.interfaceNames.withUnsafeBufferPointer { names in
-                let name = names[Int(e.interfaceIndex)]
-                out.text(name)
-                return name.utf8.count
-            }
+            let range = nameRanges[Int(e.interfaceIndex)]
+            out.bytes(UnsafeBufferPointer(rebasing: nameBytes[range.start..<(range.start + range.count)]))
+            pointWidth = range.count
         case .netfilter: pointWidth = hookName(e.hook)
         case .unknown: out.byte(UInt8(ascii: "?")); pointWidth = 1
         }
         eventPacket(pointWidth: pointWidth, direction: e.direction, tuple: e.tuple, flags: e.flags, length: e.length)
         if e.hasMark && e.mark != 0 { out.text("  mark "); mark(e.mark) }
         if e.hitID != 0 {
-            context.withHit(e.hitID) { cached in
-                guard let cached else { return }
-                out.text("  ")
-                switch cached.actionKind {
-                case .redirect(let port):
-                    hit(cached.hit, action: .redirected(toPort: port, originalDestination: e.tuple.dst))
-                case .connmarkRestore:
-                    hit(cached.hit, action: .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil))
-                default:
-                    hit(cached.hit, action: cached.hit.action)
-                }
+            // What a rule did that depends on the packet (a REDIRECT's original destination, the mark a restore
+            // gave) is written per packet; the rest of a hit's words are the same on every packet it hits.
+            let perPacket: RuleAction?
+            switch context.actionKind(e.hitID) {
+            case .redirect(let port): perPacket = .redirected(toPort: port, originalDestination: e.tuple.dst)
+            case .connmarkRestore: perPacket = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
+            default: perPacket = nil
             }
+            out.text("  ")
+            hitWords(e.hitID, context: context, withAction: perPacket == nil)
+            if let a = perPacket, a != .observed { out.byte(0x20); action(a, styledAsRedirect: false) }
         }
         eventEnd(e.notes)
+    }
+
+    /// A hit's rule (or tag), role and, `withAction`, its fixed action, as written the first time (by hit id).
+    private func hitWords(_ id: UInt32, context: EventContext, withAction: Bool) {
+        let i = Int(id)
+        if i < hitWordsByID.count, hitWordsByID[i].count > 0 {
+            hitWordsByID.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
+            return
+        }
+        let mark = out.mark(room: 4096)
+        context.withHit(id) { cached in
+            guard let cached else { return }
+            hitName(cached.hit)
+            if withAction, let a = cached.hit.action, a != .observed { out.byte(0x20); action(a, styledAsRedirect: false) }
+        }
+        if let words = out.written(since: mark), !words.isEmpty {
+            if i >= hitWordsByID.count { hitWordsByID.append(contentsOf: repeatElement([], count: i + 1 - hitWordsByID.count)) }
+            hitWordsByID[i] = words
+        }
     }
 
     @inline(__always)
@@ -242,6 +267,11 @@ public final class TextReport: ReportSink {
 
     /// A hit with the action this packet got (a REDIRECT's original destination is the packet's own).
     private func hit(_ h: borrowing RuleHit, action: RuleAction?) {
+        hitName(h)
+        if let a = action, a != .observed { out.byte(0x20); self.action(a, styledAsRedirect: false) }
+    }
+
+    private func hitName(_ h: borrowing RuleHit) {
         if let rule = h.rule {
             let p = paint("36")
             out.text(rule.table); out.byte(0x20); out.text(rule.chain); out.text(" #"); out.decimal(rule.position)
@@ -260,7 +290,6 @@ public final class TextReport: ReportSink {
         if let role = h.role, role != .meshtraceObservation {
             out.text(" ["); let p = paint("35"); out.text(role.rawValue); unpaint(p); out.byte(UInt8(ascii: "]"))
         }
-        if let a = action, a != .observed { out.byte(0x20); self.action(a, styledAsRedirect: false) }
     }
 
     private func action(_ a: RuleAction, styledAsRedirect: Bool) {

@@ -72,7 +72,8 @@ public final class MergedSource: PacketSource {
             primed = true
             for i in files.indices { advanceFile(files[i], i) }
         } else if handedOut >= 0 {
-            advanceFile(files[handedOut], handedOut)
+            unowned(unsafe) let file = files[handedOut]
+            advanceFile(file, handedOut)
         }
         var best = -1
         for i in files.indices where headLive[i] {
@@ -88,12 +89,9 @@ public final class MergedSource: PacketSource {
 
     @inline(__always)
     private func advanceFile(_ file: PcapFileSource, _ i: Int) {
-        if let t = file.advance() {
-            headTimes[i] = t
-            headLive[i] = true
-        } else {
-            headLive[i] = false
-        }
+        let t = file.advance()
+        headTimes.withUnsafeMutableBufferPointer { $0[i] = t ?? .zero }
+        headLive.withUnsafeMutableBufferPointer { $0[i] = t != nil }
     }
 
     /// Every source's damage, in source order, as one message (nil when all ended cleanly).

@@ -35,11 +35,14 @@ public final class PcapFileSource: PacketSource {
     public var interfaceNames: [String?] { pcapng?.interfaces.map(\.name) ?? [] }
 
     private let capture: PcapHandle?
-    /// Classic pcap records read in blocks, until the first record it leaves to libpcap (`capture`).
-    private var records: PcapRecordReader?
+    /// Classic pcap records read in blocks while `inBlocks`, until the first record it leaves to libpcap
+    /// (`capture`). A `let` and a flag rather than an optional `var`: reading a `var` class reference costs a
+    /// retain and a release per packet.
+    private let records: PcapRecordReader?
+    private var inBlocks: Bool
     /// True while classic pcap records are read by `PcapRecordReader` rather than libpcap (tests check which
     /// path a file took).
-    var readsRecordsInBlocks: Bool { records != nil }
+    var readsRecordsInBlocks: Bool { inBlocks }
     private let pcapng: PcapngFileReader?
     private let interfaceName: String?
     /// Capture point per pcapng interface, made once per interface block.
@@ -61,6 +64,7 @@ public final class PcapFileSource: PacketSource {
         self.interfaceName = interfaceName
         try PcapFileSource.checkReadable(path)
         decoder = PacketDecoder(tags: tags)
+        var classic: PcapHandle? = nil
         if PcapngFileReader.isPcapng(path: path) {
             let reader = try PcapngFileReader(path: path)
             pcapng = reader
@@ -75,6 +79,7 @@ public final class PcapFileSource: PacketSource {
                 throw PcapFileSource.explainOpenFailure(path: path, libpcapMessage: e.message)
             }
             capture = handle
+            classic = handle
             pcapng = nil
             linkType = handle.linkType
             snapshotLength = handle.snapshotLength
@@ -86,9 +91,9 @@ public final class PcapFileSource: PacketSource {
             throw MeshtraceError.badInput("\(path): link type \(linkType) (\(PcapFileSource.linkTypeName(linkType))) is not supported; meshtrace reads \(names.joined(separator: ", "))")
         }
         point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.interfaces.first?.name, path: path)
-        if let capture {
-            records = PcapRecordReader.open(path: path, snapshot: capture.snapshotLength, linkType: linkType)
-        }
+        let type = linkType
+        records = classic.flatMap { PcapRecordReader.open(path: path, snapshot: $0.snapshotLength, linkType: type) }
+        inBlocks = records != nil
     }
 
     public func next(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
@@ -120,8 +125,8 @@ public final class PcapFileSource: PacketSource {
                 return nil
             }
         }
-        if let records {
-            switch records.next() {
+        if inBlocks {
+            switch records.unsafelyUnwrapped.next() {
             case .packet(let time, let wireLength, let bytes):
                 framesRead += 1
                 pending(time: time, wireLength: wireLength, bytes: bytes, interface: 0)
@@ -131,7 +136,7 @@ public final class PcapFileSource: PacketSource {
                 return nil
             case .irregular(let offset):
                 // libpcap reads on from this record: it decides what the damage is and words it.
-                self.records = nil
+                inBlocks = false
                 guard capture!.seek(toFileOffset: offset) else {
                     endDamaged("cannot seek to offset \(offset)")
                     return nil
