@@ -29,7 +29,7 @@ public struct TraceOptions: Sendable {
     public var correlator = CorrelatorOptions()
     /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
     public var perRuleThreshold: Int? = nil
-    public var queueThreshold: UInt32 = 64
+    public var queueThreshold: UInt32 = 256
 
     public init(netns: NetnsRef) { self.netns = netns }
 
@@ -73,6 +73,9 @@ public struct TraceOutcome: Sendable {
     public var packetsCaptured: UInt64
     public var traceSteps: UInt64
     public var seconds: Double
+    /// CPU time meshtrace itself used (user + system, all threads), what tracing cost the node beyond the kernel's
+    /// share of sending the events.
+    public var cpuSeconds: Double = 0
     /// The signal that ended the trace (0: the duration ran out).
     public var stoppedBySignal: Int32
 }
@@ -92,6 +95,7 @@ public final class LiveTracer: @unchecked Sendable {
     /// How often the correlator's clock is moved on while the pod is quiet, and how far behind the wall clock.
     static let advanceIntervalNanos: UInt64 = 250_000_000
     static let advanceLagNanos: Int64 = 200_000_000
+    static let minimumPassNanos: UInt64 = 2_000_000
 
     // Owned by the netns thread while it runs.
     private var correlator: Correlator?
@@ -103,6 +107,10 @@ public final class LiveTracer: @unchecked Sendable {
     private var trace: TraceJoiner?
     private var pending: PendingRecords
     private var hits: [Int] = []
+    /// Per NFLOG prefix id: 0 not yet known, 1 the twin's rule rewrites the destination (its records get the
+    /// conntrack entry that names the original destination), 2 it does not.
+    private var rewritesDestination: [UInt8] = []
+    private var arrival: Int64 = 0
     private var openFailure: Error?
     private var needsLegacyTrace = false
 
@@ -140,6 +148,7 @@ public final class LiveTracer: @unchecked Sendable {
         self.reporter = reporter
         pending = PendingRecords(capacity: 1 << 14, keepFrames: reporter.wantsPackets)
         StopSignal.install()
+        LiveTracer.keepHeapWarm()
         let fds = makePipe()
         guard fds[0] >= 0 else { throw MeshtraceError(.kernelRefused, "pipe: \(String(cString: strerror(errno)))") }
         finishPipe = fds
@@ -206,11 +215,40 @@ public final class LiveTracer: @unchecked Sendable {
         let outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
                                    conntrackNote: nflog?.socket.conntrackProblem.map { "\($0); original destinations come from ctnetlink events instead" },
                                    nflogEvents: nflog?.recordsRead ?? 0, packetsCaptured: pcap?.framesRead ?? 0,
-                                   traceSteps: trace?.steps ?? 0, seconds: seconds, stoppedBySignal: StopSignal.signalNumber)
+                                   traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
+                                   stoppedBySignal: StopSignal.signalNumber)
         pcap?.close()
         nflog?.close()
         legacyTrace?.close()
         return outcome
+    }
+
+    /// glibc gives a thread arena's free top back to the kernel (128 KiB trim threshold) and grows it again
+    /// moments later: at tens of thousands of events per second that churn was ~8 % of the trace's CPU in page
+    /// faults and mprotect. A trace's heap is bounded (open connections, the hold ring), so it is kept.
+    static func keepHeapWarm() {
+        // mallopt is glibc's (malloc.h, which the Glibc module does not bring in): M_TRIM_THRESHOLD -1, M_TOP_PAD -2.
+        typealias Mallopt = @convention(c) (Int32, Int32) -> Int32
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "mallopt") else { return }
+        let mallopt = unsafeBitCast(symbol, to: Mallopt.self)
+        _ = mallopt(-1, 256 << 20)
+        _ = mallopt(-2, 16 << 20)
+    }
+
+    /// The reading thread gets a little more of the CPU than the pod's own threads (nice -5, this thread only):
+    /// on a busy node a starved reader overflows the NFLOG and capture buffers and events are lost, while its
+    /// work is bounded by the events the pod makes. Best effort: a refusal leaves the default priority.
+    static func raiseReaderPriority() {
+        // gettid(2) by its symbol: glibc has it since 2.30, Swift's Glibc module does not export it.
+        let tid = UInt32(bitPattern: meshtrace_gettid())
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), tid, -5)
+    }
+
+    static func processCPUSeconds() -> Double {
+        var usage = rusage()
+        guard getrusage(RUSAGE_SELF.rawValue, &usage) == 0 else { return 0 }
+        func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+        return seconds(usage.ru_utime) + seconds(usage.ru_stime)
     }
 
     /// Ends the trace from inside the program (tests, benchmarks, a failure on the netns thread); like a signal,
@@ -245,7 +283,8 @@ public final class LiveTracer: @unchecked Sendable {
             opts.copyRange = UInt32(options.snaplen)
             opts.queueThreshold = options.queueThreshold
             nflog = try NflogSource(index: 1, tags: tags, options: opts)
-            var groups: [NetfilterEventSocket.Group] = [.conntrackNew, .conntrackUpdate]
+            // ctnetlink NEW events only where NFLOG cannot attach conntrack itself (see `ConntrackTable`).
+            var groups: [NetfilterEventSocket.Group] = nflog?.socket.conntrackAttached == true ? [] : [.conntrackNew]
             if options.mode == .trace {
                 groups.append(.nftrace)
                 trace = TraceJoiner(tags: tags)
@@ -260,7 +299,7 @@ public final class LiveTracer: @unchecked Sendable {
                     legacyTrace = try? NflogSource(index: 3, tags: tags, options: legacy)
                 }
             }
-            events = try NetfilterEventSocket(groups: groups)
+            if !groups.isEmpty { events = try NetfilterEventSocket(groups: groups) }
             if options.capturePackets {
                 pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, filter: options.filter,
                                           writePath: options.writePath)
@@ -272,6 +311,7 @@ public final class LiveTracer: @unchecked Sendable {
         }
         opened.signal()
         proceed.wait()
+        LiveTracer.raiseReaderPriority()
         // Runs on this thread, inside the netns, whatever happens below.
         defer { legacyTrace?.socket.restoreLoggers() }
         if abort { return }
@@ -297,12 +337,13 @@ public final class LiveTracer: @unchecked Sendable {
         var nextAdvance: UInt64 = 0
         while true {
             _ = poll(&fds, nfds_t(fds.count), 5)
+            let woke = DispatchTime.now().uptimeNanoseconds
             if !finishing, fds[0].revents != 0 {
                 // The rules are out; what the kernel queued before that (flush timeout 10 ms) still arrives.
                 finishing = true
                 finishDeadline = DispatchTime.now().uptimeNanoseconds + 60_000_000
             }
-            let got = pump(&record, eventBuffer)
+            let got = pump(&record, eventBuffer, ready: fds)
             release(force: false)
             let tick = DispatchTime.now().uptimeNanoseconds
             if tick >= nextAdvance {
@@ -315,16 +356,28 @@ public final class LiveTracer: @unchecked Sendable {
                 status.update(events: events, dropped: dropped, openConnections: correlator?.openConnectionCount ?? 0)
             }
             if finishing && got == 0 && DispatchTime.now().uptimeNanoseconds >= finishDeadline { break }
+            // At most one pass per `minimumPassNanos`: every connection's conntrack event, NFLOG batch and
+            // capture block would otherwise wake the thread on its own, for a few records each. The kernel
+            // buffers hold far more than a pass's worth; the records are held 30 ms anyway.
+            let spent = DispatchTime.now().uptimeNanoseconds - woke
+            if !finishing && got > 0 && spent < LiveTracer.minimumPassNanos {
+                var pause = timespec(tv_sec: 0, tv_nsec: Int(LiveTracer.minimumPassNanos - spent))
+                nanosleep(&pause, nil)
+            }
         }
         release(force: true)
         status?.finish()
     }
 
     /// Reads what is waiting on every socket; returns how many items were read.
-    private func pump(_ record: inout PacketRecord, _ eventBuffer: UnsafeMutableRawBufferPointer) -> Int {
+    private func pump(_ record: inout PacketRecord, _ eventBuffer: UnsafeMutableRawBufferPointer, ready fds: [pollfd]) -> Int {
         var got = 0
+        // One arrival time per pass: the hold is 30 ms, a pass takes far less.
+        arrival = Int64(DispatchTime.now().uptimeNanoseconds)
         // Conntrack events first: they describe connections whose twins' records are held in `pending`.
-        if let events {
+        // A socket poll did not flag has nothing to read: no recv() that would only say EAGAIN.
+        func isReady(_ fd: Int32) -> Bool { fds.contains { $0.fd == fd && $0.revents != 0 } }
+        if let events, isReady(events.fd) {
             for _ in 0..<64 {
                 let n = events.receive(into: eventBuffer)
                 if n <= 0 { if n == 0 { break } else { continue } }
@@ -340,20 +393,20 @@ public final class LiveTracer: @unchecked Sendable {
                 }
             }
         }
-        if let nflog {
-            got += nflog.drain(limit: 64, into: &record) { rec, tlvs in
-                hold(&rec, frame: tlvs, linkType: LinkType.nflog)
+        if let nflog, isReady(nflog.fd) {
+            got += nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
+                commit(frame: tlvs, linkType: LinkType.nflog)
             }
         }
-        if let legacyTrace {
-            got += legacyTrace.drain(limit: 64, into: &record) { rec, _ in
-                if trace?.rewriteLegacy(&rec, instrumenter: instrumenter) == true { hold(&rec, frame: nil, linkType: LinkType.raw) }
+        if let legacyTrace, isReady(legacyTrace.fd) {
+            got += legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
+                if trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true { commit(frame: nil, linkType: LinkType.raw) }
             }
         }
         if let pcap {
             let link = pcap.linkType
-            got += pcap.drain(limit: 512, into: &record) { rec, frame in
-                hold(&rec, frame: frame, linkType: link)
+            got += pcap.drain(limit: 4096, slot: freeSlot) { _, frame in
+                commit(frame: frame, linkType: link)
             }
         }
         return got
@@ -361,8 +414,17 @@ public final class LiveTracer: @unchecked Sendable {
 
     private func hold(_ record: inout PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32) {
         if pending.isFull { release(count: 1) }
-        pending.push(record, frame: frame, linkType: linkType, group: options.group,
-                     at: Int64(DispatchTime.now().uptimeNanoseconds))
+        pending.push(record, frame: frame, linkType: linkType, group: options.group, at: arrival)
+    }
+
+    /// A slot of the hold ring for a source to decode into (the oldest record goes on early if it is full).
+    private func freeSlot() -> UnsafeMutablePointer<PacketRecord> {
+        if pending.isFull { release(count: 1) }
+        return pending.nextSlot()
+    }
+
+    private func commit(frame: UnsafeRawBufferPointer?, linkType: Int32) {
+        pending.commit(frame: frame, linkType: linkType, group: options.group, at: arrival)
     }
 
     /// Captures stamp packets with the realtime clock, so the wall clock, less what may still be on its way
@@ -385,23 +447,40 @@ public final class LiveTracer: @unchecked Sendable {
         guard let correlator else { return }
         for _ in 0..<count {
             pending.popOldest { record, frame, linkType in
-                if var meta = record.nflog {
-                    if meta.conntrack == nil, let ct = conntrack.lookup(record.tuple) {
-                        meta.conntrack = ct
-                        record.nflog = meta
+                if let id = record.pointee.nflog?.prefixID, id != 0 {
+                    let i = Int(id)
+                    if i >= hits.count {
+                        hits.append(contentsOf: repeatElement(0, count: i + 16 - hits.count))
+                        rewritesDestination.append(contentsOf: repeatElement(0, count: hits.count - rewritesDestination.count))
                     }
-                    let id = Int(meta.prefixID)
-                    if id != 0 {
-                        if id >= hits.count { hits.append(contentsOf: repeatElement(0, count: id + 16 - hits.count)) }
-                        hits[id] += 1
+                    hits[i] += 1
+                    if !conntrack.isEmpty, rewritesDestination(i), record.pointee.nflog?.conntrack == nil,
+                       let ct = conntrack.lookup(record.pointee.tuple) {
+                        record.pointee.nflog?.conntrack = ct
                     }
                 }
-                let connection = correlator.ingest(record)
+                let connection = correlator.ingest(record.pointee)
                 if reporter.wantsPackets, let frame {
-                    reporter.packet(record, frame: frame, linkType: linkType, connection: connection)
+                    reporter.packet(record.pointee, frame: frame, linkType: linkType, connection: connection)
                 }
             }
         }
+    }
+
+    /// Whether the rule a twin stands for rewrites the destination (REDIRECT, DNAT): only its hits, the first
+    /// packet of each NATed connection, need the conntrack entry.
+    private func rewritesDestination(_ id: Int) -> Bool {
+        if rewritesDestination[id] == 0 {
+            var rewrites = false
+            if let tag = tags.tag(for: UInt32(id)), let rule = instrumenter.ruleset.rule(for: tag) {
+                switch rule.target {
+                case .redirect, .dnat: rewrites = true
+                default: break
+                }
+            }
+            rewritesDestination[id] = rewrites ? 1 : 2
+        }
+        return rewritesDestination[id] == 1
     }
 
     // MARK: - TRACE rules (--mode trace)
@@ -420,9 +499,11 @@ public final class LiveTracer: @unchecked Sendable {
     }
 }
 
-/// Records waiting out the hold time, oldest first, in a fixed ring (no allocation per packet once warm).
-struct PendingRecords {
-    private var records: [PacketRecord]
+/// Records waiting out the hold time, oldest first, in a fixed ring the sources decode into directly: a
+/// record is written once, in its slot, and read from there by the correlator (no copy on the way in or out,
+/// no allocation per packet once warm).
+final class PendingRecords {
+    private let records: UnsafeMutablePointer<PacketRecord>
     private var arrivals: [Int64]
     private var linkTypes: [Int32]
     private var frames: [[UInt8]]
@@ -435,19 +516,31 @@ struct PendingRecords {
     init(capacity: Int, keepFrames: Bool) {
         self.capacity = capacity
         self.keepFrames = keepFrames
-        records = Array(repeating: PacketRecord(), count: capacity)
+        records = .allocate(capacity: capacity)
+        records.initialize(repeating: PacketRecord(), count: capacity)
         arrivals = Array(repeating: 0, count: capacity)
         linkTypes = Array(repeating: 0, count: capacity)
         frames = keepFrames ? Array(repeating: [], count: capacity) : []
         hasFrame = Array(repeating: false, count: capacity)
     }
 
+    deinit {
+        records.deinitialize(count: capacity)
+        records.deallocate()
+    }
+
     var isFull: Bool { count == capacity }
     var oldestArrival: Int64? { count == 0 ? nil : arrivals[head] }
 
-    mutating func push(_ record: PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
+    /// The slot the next record goes into; it joins the ring only when `commit` is called (so a record a
+    /// source decides not to keep just leaves the slot to the next one). The ring must not be full.
+    func nextSlot() -> UnsafeMutablePointer<PacketRecord> {
+        records + (head + count) % capacity
+    }
+
+    /// Adds the record decoded into `nextSlot()`.
+    func commit(frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
         let i = (head + count) % capacity
-        records[i] = record
         arrivals[i] = at
         linkTypes[i] = linkType
         hasFrame[i] = keepFrames && frame != nil
@@ -455,7 +548,7 @@ struct PendingRecords {
             frames[i].removeAll(keepingCapacity: true)
             if linkType == LinkType.nflog {
                 // LINKTYPE_NFLOG frames start with nflog_hdr: family, version 0, be16 group.
-                let family: UInt8 = record.tuple.src.addr.family == .v6 ? 10 : 2
+                let family: UInt8 = records[i].tuple.src.addr.family == .v6 ? 10 : 2
                 frames[i].append(contentsOf: [family, 0, UInt8(group >> 8), UInt8(group & 0xff)])
             }
             frames[i].append(contentsOf: frame)
@@ -463,15 +556,24 @@ struct PendingRecords {
         count += 1
     }
 
-    mutating func popOldest(_ body: (inout PacketRecord, UnsafeRawBufferPointer?, Int32) -> Void) {
+    /// Adds a copy of a record built elsewhere (TRACE steps).
+    func push(_ record: PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
+        nextSlot().pointee = record
+        commit(frame: frame, linkType: linkType, group: group, at: at)
+    }
+
+    func popOldest(_ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer?, Int32) -> Void) {
         guard count > 0 else { return }
         let i = head
         head = (head + 1) % capacity
         count -= 1
         if hasFrame[i] {
-            frames[i].withUnsafeBytes { body(&records[i], $0, linkTypes[i]) }
+            frames[i].withUnsafeBytes { body(records + i, $0, linkTypes[i]) }
         } else {
-            body(&records[i], nil, linkTypes[i])
+            body(records + i, nil, linkTypes[i])
         }
     }
 }
+
+@_silgen_name("gettid")
+private func meshtrace_gettid() -> Int32

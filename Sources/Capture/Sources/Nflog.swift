@@ -22,8 +22,9 @@ public final class NflogSocket {
         /// Kernel flush timeout in 1/100 s and queue threshold: small, so events arrive while connections run.
         public var flushTimeout: UInt32 = 1
         public var queueThreshold: UInt32 = 16
-        /// Bytes the kernel batches into one message before sending (nflog_set_nlbufsiz).
-        public var batchBytes: UInt32 = 32 << 10
+        /// Bytes the kernel batches into one message before sending (nflog_set_nlbufsiz; the kernel allows
+        /// up to 128 KiB). 64 KiB holds ~250 headers-only events: one recv() and one wakeup for all of them.
+        public var batchBytes: UInt32 = 64 << 10
         /// SO_RCVBUF(FORCE) bytes: room for bursts before the kernel drops (ENOBUFS).
         public var receiveBuffer: Int32 = 16 << 20
         /// Legacy TRACE: also bind nfnetlink_log as this netns's nf_log backend for IPv4/IPv6 (group 0).

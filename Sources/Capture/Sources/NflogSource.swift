@@ -31,11 +31,12 @@ public final class NflogSource {
     public var fd: Int32 { socket.fd }
     public var overruns: Int { socket.overruns }
 
-    /// Reads up to `limit` datagrams that are waiting and hands each decoded record to `body`
-    /// (with the raw message TLVs, valid during the call). Returns the number of records.
+    /// Reads up to `limit` datagrams that are waiting and decodes each record in place into the slot `slot`
+    /// gives (the tracer's hold ring: no copy of the record on its way in), then hands it to `body` with the
+    /// raw message TLVs (valid during the call). Returns the number of records.
     @discardableResult
-    public func drain(limit: Int, into record: inout PacketRecord,
-                      _ body: (inout PacketRecord, UnsafeRawBufferPointer) -> Void) -> Int {
+    public func drain(limit: Int, slot: () -> UnsafeMutablePointer<PacketRecord>,
+                      _ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer) -> Void) -> Int {
         var records = 0
         for _ in 0..<limit {
             let n: Int
@@ -48,14 +49,13 @@ public final class NflogSource {
             NflogSocket.forEachPacket(in: UnsafeRawBufferPointer(rebasing: buffer[0..<n])) { tlvs, family, group in
                 recordsRead += 1
                 records += 1
-                record.ref = FrameRef(source: index, frame: recordsRead)
-                record.time = now
-                decoder.decodeNflogAttributes(tlvs, family: family, group: group, byteOrder: .host, into: &record)
-                if let meta = record.nflog {
-                    if let kernel = meta.kernelTime { record.time = kernel } else { stampedOnReceipt += 1 }
-                    if let seq = meta.sequence { account(seq) }
-                }
-                body(&record, tlvs)
+                let record = slot()
+                record.pointee.ref = FrameRef(source: index, frame: recordsRead)
+                record.pointee.time = now
+                decoder.decodeNflogAttributes(tlvs, family: family, group: group, byteOrder: .host, into: &record.pointee)
+                if let kernel = record.pointee.nflog?.kernelTime { record.pointee.time = kernel } else { stampedOnReceipt += 1 }
+                if let seq = record.pointee.nflog?.sequence { account(seq) }
+                body(record, tlvs)
             }
         }
         return records

@@ -20,7 +20,13 @@ public final class PcapLiveSource {
 
     public init(index: UInt16, tags: RuleTagTable, snaplen: Int32, filter: String?, writePath: String?) throws {
         self.index = index
-        capture = try PcapHandle.openLive(device: "any", snaplen: snaplen, bufferSize: 32 << 20, immediate: true,
+        // Not immediate: TPACKET_V3 hands packets over a ring block at a time (when the block fills, or 10 ms
+        // after its first packet), one wakeup per block instead of one per packet. The tracer holds records
+        // 30 ms anyway, and after the rules are out it reads on for longer than the block timeout, so nothing
+        // waits in a half-filled block at the end (tcpdump loses those on SIGINT; see PacketCaptureTracing).
+        // 64 MiB: libpcap's V3 blocks are 256 KiB and one retired after 10 ms holds only that long's packets,
+        // so the ring needs more bytes than a frame-per-packet (V2) ring for the same lag.
+        capture = try PcapHandle.openLive(device: "any", snaplen: snaplen, bufferSize: 64 << 20, immediate: false,
                                           timeoutMilliseconds: 10)
         if let filter, !filter.isEmpty { try capture.setFilter(filter) }
         try capture.setNonblocking(true)
@@ -34,24 +40,26 @@ public final class PcapLiveSource {
 
     public var fd: Int32? { capture.selectableFileDescriptor }
 
-    /// Decodes up to `limit` waiting packets, handing each to `body` with its frame bytes (valid during the call).
+    /// Decodes up to `limit` waiting packets, each in place into the slot `slot` gives, and hands it to `body`
+    /// with its frame bytes (valid during the call).
     @discardableResult
-    public func drain(limit: Int, into record: inout PacketRecord,
-                      _ body: (inout PacketRecord, UnsafeRawBufferPointer) -> Void) -> Int {
+    public func drain(limit: Int, slot: () -> UnsafeMutablePointer<PacketRecord>,
+                      _ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer) -> Void) -> Int {
         var n = 0
         while n < limit {
             guard case .packet(let p) = capture.next() else { break }
             framesRead += 1
             n += 1
             writer?.write(time: p.time, bytes: p.bytes, wireLength: p.wireLength)
-            record.ref = FrameRef(source: index, frame: framesRead)
-            record.time = p.time
-            record.point = .interface("any")
-            decoder.decode(linkType: linkType, bytes: p.bytes, wireLength: p.wireLength, into: &record)
-            if let podInterface, !record.point.isLoopback, record.point.interface == "any" {
-                record.point.interface = podInterface
+            let record = slot()
+            record.pointee.ref = FrameRef(source: index, frame: framesRead)
+            record.pointee.time = p.time
+            record.pointee.point = .interface("any")
+            decoder.decode(linkType: linkType, bytes: p.bytes, wireLength: p.wireLength, into: &record.pointee)
+            if let podInterface, !record.pointee.point.isLoopback, record.pointee.point.interface == "any" {
+                record.pointee.point.interface = podInterface
             }
-            body(&record, p.bytes)
+            body(record, p.bytes)
         }
         return n
     }
