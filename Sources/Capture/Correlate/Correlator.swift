@@ -160,7 +160,9 @@ public final class Correlator {
         c.firstSeenNanos = now
         c.timeline.firstSeen = r.time
         c.timeline.lastSeen = r.time
-        c.events.reserveCapacity(min(32, options.maxEventsPerConnection))
+        if let spare = spareEventArrays.popLast() { c.events = spare } else {
+            c.events.reserveCapacity(min(32, options.maxEventsPerConnection))
+        }
         if isRedirectTarget(responder) {
             c.natResponder = responder
         } else {
@@ -794,7 +796,7 @@ public final class Correlator {
         }
         if c.sawNetfilterEvent && c.sawInterfaceEvent && retimeNetfilterEvents(c, &t) { c.eventsNeedSorting = true }
         if c.eventsNeedSorting { sortEvents(c) }
-        let events = TimelineEventList(events: c.events, initiator: c.initiator, context: context)
+        var events = TimelineEventList(events: c.events, initiator: c.initiator, context: context)
         c.events = []
         t.hops = c.hopLinks.map { link in
             if !link.finalized {
@@ -812,7 +814,21 @@ public final class Correlator {
         c.hopLinks = []
         summary.connections += 1
         sink.connection(t, events: events)
+        recycle(&events)
         for f in findings { report(f) }
+    }
+
+    /// Emitted connections' event arrays, emptied, for new connections: one allocation (and its growth) saved per
+    /// connection. Bounded, so memory stays bounded by the open connections.
+    private var spareEventArrays: [[CompactEvent]] = []
+
+    private func recycle(_ list: inout TimelineEventList) {
+        var events = list.events
+        list = TimelineEventList(events: [], initiator: list.initiator, context: context)
+        guard spareEventArrays.count < 64 else { return }
+        // Kept only when no sink held on to it (then the array is ours alone and keeps its storage).
+        events.removeAll(keepingCapacity: true)
+        spareEventArrays.append(events)
     }
 
     /// libpcap stamps NFLOG records when it receives them, in batches up to a second late. An NFLOG event that
@@ -821,9 +837,10 @@ public final class Correlator {
     private func retimeNetfilterEvents(_ c: ConnectionState, _ t: inout ConnectionTimeline) -> Bool {
         var changed = false
         c.events.withUnsafeMutableBufferPointer { ev in
-            if ev.count <= 64 {
+            if ev.count <= 512 {
                 // The interface events' identities, packed, in event order: the scan for each NFLOG event reads
-                // these few words instead of whole events. The first match wins, as before.
+                // these few words instead of whole events, and the first match wins (as the map below keeps the
+                // first). Quadratic, so only up to the default 512 events kept per connection.
                 withUnsafeTemporaryAllocation(of: (UInt64, UInt64, Int).self, capacity: ev.count) { wire in
                     var n = 0
                     for j in ev.indices where ev[j].pointKind == .interface {
@@ -854,7 +871,13 @@ public final class Correlator {
         }
         if changed && t.droppedEvents == 0, var first = c.events.first?.time {
             var last = first
-            for e in c.events { if e.time < first { first = e.time }; if last < e.time { last = e.time } }
+            c.events.withUnsafeBufferPointer { ev in
+                for i in ev.indices {
+                    let time = ev[i].time
+                    if time < first { first = time }
+                    if last < time { last = time }
+                }
+            }
             t.firstSeen = first
             t.lastSeen = last
         }
@@ -883,6 +906,34 @@ public final class Correlator {
             return true
         }
         if inOrder { return }
+        let n = c.events.count
+        if n <= 1024 {
+            // Nearly in order (NFLOG events retimed a few places back): a stable insertion sort of (time, rank,
+            // index) keys moves only what is out of place; then one pass builds the sorted events.
+            withUnsafeTemporaryAllocation(of: (Int64, Int, Int).self, capacity: n) { keys in
+                c.events.withUnsafeBufferPointer { ev in
+                    for i in 0..<n { keys[i] = (ev[i].time.totalNanoseconds, rank(ev[i]), i) }
+                }
+                for i in 1..<n {
+                    let x = keys[i]
+                    var j = i - 1
+                    while j >= 0 && (x.0 < keys[j].0 || (x.0 == keys[j].0 && x.1 < keys[j].1)) {
+                        keys[j + 1] = keys[j]
+                        j -= 1
+                    }
+                    keys[j + 1] = x
+                }
+                // Rewritten in place from a copy: no new array.
+                c.events.withUnsafeMutableBufferPointer { ev in
+                    withUnsafeTemporaryAllocation(of: CompactEvent.self, capacity: n) { old in
+                        _ = old.initialize(from: ev)
+                        for k in 0..<n { ev[k] = old[keys[k].2] }
+                        old.baseAddress!.deinitialize(count: n)
+                    }
+                }
+            }
+            return
+        }
         let keys = c.events.map { ($0.time.totalNanoseconds, rank($0)) }
         let order = keys.indices.sorted { a, b in
             if keys[a].0 != keys[b].0 { return keys[a].0 < keys[b].0 }

@@ -6,7 +6,7 @@
 
 /// The events of one finished connection, in timeline order (retimed and sorted).
 public struct TimelineEventList {
-    let events: [CompactEvent]
+    var events: [CompactEvent]
     /// The connection's initiator: events from the other side are replies.
     let initiator: Endpoint
     let context: EventContext

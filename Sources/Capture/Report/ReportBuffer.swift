@@ -68,6 +68,9 @@ final class ReportBuffer {
         s.withUTF8Buffer { append($0) }
     }
 
+    /// Disfavoured: a literal would otherwise pick this overload (String is the default literal type) and be
+    /// written through a String instead of the StaticString one's inlined copy.
+    @_disfavoredOverload
     func text(_ s: String) {
         var s = s
         s.withUTF8 { append($0) }

@@ -102,6 +102,9 @@ public final class RuleTagTable: @unchecked Sendable {
     private var bytes: [[UInt8]] = [[]]
     private var tags: [RuleTag?] = [nil]
     private var texts: [String] = [""]
+    /// Recently seen prefixes by hash (id 0: empty slot). A capture repeats a handful of prefixes on every NFLOG
+    /// record; this finds them without the dictionary's hashing of the hash.
+    private var recent = [(hash: UInt32, id: UInt32)](repeating: (0, 0), count: 64)
 
     public init() {}
 
@@ -112,6 +115,12 @@ public final class RuleTagTable: @unchecked Sendable {
         if n == 0 { return 0 }
         var h: UInt32 = 0x811c9dc5
         for i in 0..<n { h = (h ^ UInt32(prefix[i])) &* 0x01000193 }
+        let slot = Int(h & 63)
+        let seen = recent[slot]
+        if seen.id != 0 && seen.hash == h {
+            let known = bytes[Int(seen.id)]
+            if known.count == n && known.withUnsafeBytes({ memcmpEqual($0, prefix, n) }) { return seen.id }
+        }
         if let ids = buckets[h] {
             // Indexed, not `for id in ids`: unspecialized (debug) code iterates an Array through a read
             // coroutine whose frame is heap-allocated, one allocation per packet (AllocationTests).
@@ -119,7 +128,10 @@ public final class RuleTagTable: @unchecked Sendable {
             while k < ids.count {
                 let id = ids[k]
                 let known = bytes[Int(id)]
-                if known.count == n && known.withUnsafeBytes({ memcmpEqual($0, prefix, n) }) { return id }
+                if known.count == n && known.withUnsafeBytes({ memcmpEqual($0, prefix, n) }) {
+                    recent[slot] = (h, id)
+                    return id
+                }
                 k += 1
             }
         }
@@ -130,6 +142,7 @@ public final class RuleTagTable: @unchecked Sendable {
         texts.append(text)
         tags.append(RuleTag(prefix: text))
         buckets[h, default: []].append(id)
+        recent[slot] = (h, id)
         return id
     }
 

@@ -13,9 +13,12 @@ public final class MergedSource: PacketSource {
     private var handedOut = -1
     /// The same sources when all are files (always, for `init(paths:)`): merged by each file's next frame time,
     /// read before decoding, so only the frame handed out is decoded, straight into the caller's record.
-    private let files: [PcapFileSource]?
-    private var headTimes: [Timestamp]
-    private var headLive: [Bool]
+    /// Unmanaged, and with the heads in raw memory: the merge runs once per packet, and every reference read
+    /// out of an array costs a retain and a release (`sources` keeps the files alive).
+    private let allFiles: Bool
+    private let files: UnsafeMutablePointer<Unmanaged<PcapFileSource>>
+    private let headTimes: UnsafeMutablePointer<Timestamp>
+    private let headLive: UnsafeMutablePointer<Bool>
     public private(set) var currentLinkType: Int32 = -1
 
     public init(_ sources: [PacketSource]) {
@@ -24,9 +27,19 @@ public final class MergedSource: PacketSource {
         headBytes = Array(repeating: nil, count: sources.count)
         headLinkTypes = Array(repeating: -1, count: sources.count)
         let files = sources.compactMap { $0 as? PcapFileSource }
-        self.files = files.count == sources.count ? files : nil
-        headTimes = Array(repeating: .zero, count: sources.count)
-        headLive = Array(repeating: false, count: sources.count)
+        allFiles = files.count == sources.count
+        self.files = .allocate(capacity: files.count)
+        self.files.initialize(from: files.map { Unmanaged.passUnretained($0) }, count: files.count)
+        headTimes = .allocate(capacity: sources.count)
+        headTimes.initialize(repeating: .zero, count: sources.count)
+        headLive = .allocate(capacity: sources.count)
+        headLive.initialize(repeating: false, count: sources.count)
+    }
+
+    deinit {
+        files.deallocate()
+        headTimes.deallocate()
+        headLive.deallocate()
     }
 
     /// Opens each file as a `PcapFileSource` numbered by its position (`FrameRef.source`).
@@ -47,7 +60,7 @@ public final class MergedSource: PacketSource {
             currentLinkType = sources[0].currentLinkType
             return bytes
         }
-        if let files { return nextFrame(files, into: &record) }
+        if allFiles { return nextFrame(into: &record) }
         if !primed {
             primed = true
             for i in sources.indices { advance(i) }
@@ -67,31 +80,31 @@ public final class MergedSource: PacketSource {
         return headBytes[best]
     }
 
-    private func nextFrame(_ files: [PcapFileSource], into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
+    private func nextFrame(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
+        let n = sources.count
         if !primed {
             primed = true
-            for i in files.indices { advanceFile(files[i], i) }
+            for i in 0..<n { advanceFile(i) }
         } else if handedOut >= 0 {
-            unowned(unsafe) let file = files[handedOut]
-            advanceFile(file, handedOut)
+            advanceFile(handedOut)
         }
         var best = -1
-        for i in files.indices where headLive[i] {
+        for i in 0..<n where headLive[i] {
             if best < 0 || headTimes[i] < headTimes[best] { best = i }
         }
         handedOut = best
         guard best >= 0 else { return nil }
-        // unowned(unsafe): `files` keeps every source alive; a strong local would cost a retain and a release per packet.
-        unowned(unsafe) let file = files[best]
-        currentLinkType = file.currentLinkType
-        return file.decodePending(into: &record)
+        return files[best]._withUnsafeGuaranteedRef { file in
+            currentLinkType = file.currentLinkType
+            return file.decodePending(into: &record)
+        }
     }
 
     @inline(__always)
-    private func advanceFile(_ file: PcapFileSource, _ i: Int) {
-        let t = file.advance()
-        headTimes.withUnsafeMutableBufferPointer { $0[i] = t ?? .zero }
-        headLive.withUnsafeMutableBufferPointer { $0[i] = t != nil }
+    private func advanceFile(_ i: Int) {
+        let t = files[i]._withUnsafeGuaranteedRef { $0.advance() }
+        headTimes[i] = t ?? .zero
+        headLive[i] = t != nil
     }
 
     /// Every source's damage, in source order, as one message (nil when all ended cleanly).

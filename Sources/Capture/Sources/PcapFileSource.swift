@@ -39,6 +39,8 @@ public final class PcapFileSource: PacketSource {
     /// (`capture`). A `let` and a flag rather than an optional `var`: reading a `var` class reference costs a
     /// retain and a release per packet.
     private let records: PcapRecordReader?
+    /// `records`, for the per-packet call without a retain and a release around it (`records` keeps it alive).
+    private let recordsRef: Unmanaged<PcapRecordReader>?
     private var inBlocks: Bool
     /// True while classic pcap records are read by `PcapRecordReader` rather than libpcap (tests check which
     /// path a file took).
@@ -94,6 +96,7 @@ public final class PcapFileSource: PacketSource {
         let type = linkType
         records = classic.flatMap { PcapRecordReader.open(path: path, snapshot: $0.snapshotLength, linkType: type) }
         inBlocks = records != nil
+        recordsRef = records.map { Unmanaged.passUnretained($0) }
     }
 
     public func next(into record: inout PacketRecord) -> UnsafeRawBufferPointer? {
@@ -126,7 +129,7 @@ public final class PcapFileSource: PacketSource {
             }
         }
         if inBlocks {
-            switch records.unsafelyUnwrapped.next() {
+            switch recordsRef.unsafelyUnwrapped._withUnsafeGuaranteedRef({ $0.next() }) {
             case .packet(let time, let wireLength, let bytes):
                 framesRead += 1
                 pending(time: time, wireLength: wireLength, bytes: bytes, interface: 0)
