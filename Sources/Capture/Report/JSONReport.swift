@@ -8,6 +8,9 @@ public final class JSONReport: ReportSink {
     public static let schemaVersion = 1
     private let out: ReportBuffer
     private var comma = false
+    /// `hitRule` of each hit id and each interface name as written the first time, copied after that.
+    private var hitWordsByID: [[UInt8]] = []
+    private var interfaceWords: [[UInt8]] = []
 
     public init(fileDescriptor: Int32 = STDOUT_FILENO) {
         out = ReportBuffer(fileDescriptor: fileDescriptor)
@@ -74,6 +77,13 @@ public final class JSONReport: ReportSink {
     }
 
     private func hit(_ h: RuleHit) {
+        hitRule(h)
+        if let a = h.action { key("action"); action(a) }
+        close(UInt8(ascii: "}"))
+    }
+
+    /// A hit's object up to its action: the same for every packet of one hit id.
+    private func hitRule(_ h: RuleHit) {
         open(UInt8(ascii: "{"))
         key("prefix"); out.jsonString(h.prefixText)
         if let tag = h.tag {
@@ -88,8 +98,6 @@ public final class JSONReport: ReportSink {
         }
         if let text = h.ruleCanonicalText { key("rule"); out.jsonString(text) }
         if let role = h.role { key("role"); out.byte(0x22); out.text(role.rawValue); out.byte(0x22) }
-        if let a = h.action { key("action"); action(a) }
-        close(UInt8(ascii: "}"))
     }
 
     private func event(_ e: TimelineEvent) {
@@ -122,6 +130,85 @@ public final class JSONReport: ReportSink {
         close(UInt8(ascii: "}"))
     }
 
+    /// `event(_:)` for a compact event: the same bytes.
+    private func compactEvent(_ e: CompactEvent, initiator: Endpoint, context: EventContext) {
+        open(UInt8(ascii: "{"))
+        key("time"); time(e.time)
+        key("frame"); frame(e.frame)
+        key("point")
+        switch e.pointKind {
+        case .interface: interfaceName(e.interfaceIndex, context: context)
+        case .netfilter: out.text("\"nf:"); out.text(e.hook.description); out.byte(0x22)
+        case .unknown: out.text("\"?\"")
+        }
+        key("dir")
+        switch e.direction {
+        case .inbound: out.text("\"in\"")
+        case .outbound: out.text("\"out\"")
+        case .unknown: out.text("null")
+        }
+        key("tuple"); tuple(e.tuple)
+        key("reply"); out.text(e.tuple.src != initiator ? "true" : "false")
+        if e.tuple.proto == IPProto.tcp { key("flags"); out.byte(0x22); out.tcpFlags(e.flags); out.byte(0x22) }
+        key("len"); out.unsignedDecimal(UInt64(e.length))
+        if e.hasMark { key("mark"); out.unsignedDecimal(UInt64(e.mark)) }
+        if e.hitID != 0 { compactHit(e, context: context) }
+        if !e.notes.isEmpty {
+            key("notes"); open(UInt8(ascii: "["))
+            for n in e.notes.descriptions { element(); out.jsonString(n) }
+            close(UInt8(ascii: "]"))
+        }
+        close(UInt8(ascii: "}"))
+    }
+
+    /// `"hit":{...}` of a compact event: the rule's part written once per hit id and copied after that, the
+    /// action per packet (a REDIRECT's original destination and a restored mark differ from packet to packet).
+    private func compactHit(_ e: CompactEvent, context: EventContext) {
+        let i = Int(e.hitID)
+        var action: RuleAction? = nil
+        var known = false
+        let kind = context.actionKind(e.hitID)
+        context.withHit(e.hitID) { cached in
+            guard let cached else { return }
+            known = true
+            switch kind {
+            case .redirect(let port): action = .redirected(toPort: port, originalDestination: e.tuple.dst)
+            case .connmarkRestore: action = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
+            default: action = cached.hit.action
+            }
+        }
+        guard known else { return }
+        key("hit")
+        if i < hitWordsByID.count, hitWordsByID[i].count > 0 {
+            hitWordsByID.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
+            comma = true
+        } else {
+            let mark = out.mark(room: 4096)
+            context.withHit(e.hitID) { cached in
+                if let cached { hitRule(cached.hit) }
+            }
+            if let words = out.written(since: mark), !words.isEmpty {
+                if i >= hitWordsByID.count { hitWordsByID.append(contentsOf: repeatElement([], count: i + 1 - hitWordsByID.count)) }
+                hitWordsByID[i] = words
+            }
+        }
+        if let a = action { key("action"); self.action(a) }
+        close(UInt8(ascii: "}"))
+    }
+
+    /// An interface name as a JSON string, escaped once per name.
+    private func interfaceName(_ index: UInt16, context: EventContext) {
+        let i = Int(index)
+        if i >= interfaceWords.count || interfaceWords[i].isEmpty {
+            if i >= interfaceWords.count { interfaceWords.append(contentsOf: repeatElement([], count: i + 1 - interfaceWords.count)) }
+            let mark = out.mark(room: 1024)
+            out.jsonString(context.interfaceNames[i])
+            if let words = out.written(since: mark) { interfaceWords[i] = words }
+            return
+        }
+        interfaceWords.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
+    }
+
     private func evidence(_ ev: HopEvidence) {
         open(UInt8(ascii: "{"))
         key("kind"); out.jsonString(ev.kind)
@@ -132,6 +219,25 @@ public final class JSONReport: ReportSink {
     // MARK: - Records
 
     public func connection(_ t: ConnectionTimeline) {
+        connectionStart(t)
+        for e in t.events { element(); event(e) }
+        connectionEnd(t)
+    }
+
+    public var readsCompactEvents: Bool { true }
+
+    /// The same record as `connection(_:)` writes, with the events read from the correlator's compact form
+    /// (a live trace or a long capture never builds a `TimelineEvent` per packet).
+    public func connection(_ t: ConnectionTimeline, events: TimelineEventList) {
+        connectionStart(t)
+        let context = events.context
+        events.events.withUnsafeBufferPointer { list in
+            for i in list.indices { element(); compactEvent(list[i], initiator: events.initiator, context: context) }
+        }
+        connectionEnd(t)
+    }
+
+    private func connectionStart(_ t: ConnectionTimeline) {
         open(UInt8(ascii: "{"))
         key("type"); out.text("\"connection\"")
         key("id"); out.unsignedDecimal(UInt64(t.id))
@@ -163,7 +269,9 @@ public final class JSONReport: ReportSink {
         }
         close(UInt8(ascii: "]"))
         key("events"); open(UInt8(ascii: "["))
-        for e in t.events { element(); event(e) }
+    }
+
+    private func connectionEnd(_ t: ConnectionTimeline) {
         close(UInt8(ascii: "]"))
         key("events_not_listed"); out.decimal(t.droppedEvents)
         close(UInt8(ascii: "}"))
