@@ -378,7 +378,7 @@ public final class LiveTracer: @unchecked Sendable {
         // A socket poll did not flag has nothing to read: no recv() that would only say EAGAIN.
         func isReady(_ fd: Int32) -> Bool { fds.contains { $0.fd == fd && $0.revents != 0 } }
         if let events, isReady(events.fd) {
-            for _ in 0..<64 {
+            for _ in 0..<1024 {   // one event per datagram: a pass every 2 ms must keep up with a burst of new connections
                 let n = events.receive(into: eventBuffer)
                 if n <= 0 { if n == 0 { break } else { continue } }
                 got += 1
