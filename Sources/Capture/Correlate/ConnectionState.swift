@@ -29,11 +29,19 @@ struct FlowKey: Hashable {
 
 /// A timeline event as the correlator keeps it while the connection is open: plain values only, so appending,
 /// merging and sorting copy bytes and never touch a reference count. It becomes a `TimelineEvent` (with its
-/// rule hit, interface name and action) only when the connection is emitted.
+/// rule hit, interface name and action) only for sinks that want one.
+///
+/// Stored flat, widest fields first: as `Timestamp`, `FrameRef` and `FiveTuple` fields the padding inside them made
+/// an event 152 bytes; flat it is 104, and a million-packet capture writes, sorts and reads a million of them.
+/// `time`, `frame` and `tuple` read (and `time` writes) the same values as before.
 struct CompactEvent {
-    var time: Timestamp
-    var frame: FrameRef
-    var tuple: FiveTuple
+    private var seconds: Int64
+    private var frameNumber: UInt64
+    private var srcHi: UInt64
+    private var srcLo: UInt64
+    private var dstHi: UInt64
+    private var dstLo: UInt64
+    private var nanoseconds: Int32
     var length: UInt32
     var mark: UInt32
     var hitID: UInt32
@@ -44,7 +52,13 @@ struct CompactEvent {
     var ipID: UInt32
     var seq: UInt32
     var ack: UInt32
+    private var frameSource: UInt16
+    private var srcPort: UInt16
+    private var dstPort: UInt16
     var interfaceIndex: UInt16
+    private var proto: UInt8
+    private var srcFamily: IPAddress.Family
+    private var dstFamily: IPAddress.Family
     var pointKind: CapturePoint.Kind
     var hook: NetfilterHook
     var isLoopback: Bool
@@ -53,6 +67,37 @@ struct CompactEvent {
     var hasMark: Bool
     var hasRestoredMark: Bool
     var forward: Bool
+
+    init(time: Timestamp, frame: FrameRef, tuple: FiveTuple, length: UInt32, mark: UInt32, hitID: UInt32,
+         restoredMark: UInt32, notes: DecodeNotes, ipID: UInt32, seq: UInt32, ack: UInt32, interfaceIndex: UInt16,
+         pointKind: CapturePoint.Kind, hook: NetfilterHook, isLoopback: Bool, direction: PacketDirection,
+         flags: TCPFlags, hasMark: Bool, hasRestoredMark: Bool, forward: Bool) {
+        seconds = time.seconds; nanoseconds = time.nanoseconds
+        frameSource = frame.source; frameNumber = frame.frame
+        proto = tuple.proto
+        srcFamily = tuple.src.addr.family; srcHi = tuple.src.addr.hi; srcLo = tuple.src.addr.lo; srcPort = tuple.src.port
+        dstFamily = tuple.dst.addr.family; dstHi = tuple.dst.addr.hi; dstLo = tuple.dst.addr.lo; dstPort = tuple.dst.port
+        self.length = length; self.mark = mark; self.hitID = hitID; self.restoredMark = restoredMark; self.notes = notes
+        self.ipID = ipID; self.seq = seq; self.ack = ack; self.interfaceIndex = interfaceIndex
+        self.pointKind = pointKind; self.hook = hook; self.isLoopback = isLoopback; self.direction = direction
+        self.flags = flags; self.hasMark = hasMark; self.hasRestoredMark = hasRestoredMark; self.forward = forward
+    }
+
+    var time: Timestamp {
+        @inline(__always) get { Timestamp(seconds: seconds, nanoseconds: nanoseconds) }
+        @inline(__always) set { seconds = newValue.seconds; nanoseconds = newValue.nanoseconds }
+    }
+
+    var frame: FrameRef {
+        @inline(__always) get { FrameRef(source: frameSource, frame: frameNumber) }
+    }
+
+    var tuple: FiveTuple {
+        @inline(__always) get {
+            FiveTuple(proto: proto, src: Endpoint(IPAddress(family: srcFamily, hi: srcHi, lo: srcLo), srcPort),
+                      dst: Endpoint(IPAddress(family: dstFamily, hi: dstHi, lo: dstLo), dstPort))
+        }
+    }
 
     @inline(__always)
     func samePacket(_ o: CompactEvent) -> Bool {
