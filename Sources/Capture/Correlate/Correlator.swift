@@ -825,8 +825,9 @@ public final class Correlator {
     private func recycle(_ list: inout TimelineEventList) {
         var events = list.events
         list = TimelineEventList(events: [], initiator: list.initiator, context: context)
-        guard spareEventArrays.count < 64 else { return }
-        // Kept only when no sink held on to it (then the array is ours alone and keeps its storage).
+        // At most 64 arrays of at most 1024 events (~6.5 MB): a huge --max-events must not park huge arrays.
+        guard spareEventArrays.count < 64, events.capacity <= 1024 else { return }
+        // The array is ours alone unless a sink kept the list; then emptying it gets new storage of the same size.
         events.removeAll(keepingCapacity: true)
         spareEventArrays.append(events)
     }
