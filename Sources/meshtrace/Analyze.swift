@@ -7,7 +7,8 @@ struct Analyze: ParsableCommand {
         commandName: "analyze",
         abstract: "Per-connection timelines from captures: which rule hit which packet, marks, redirects, the ztunnel hop, escapes.",
         discussion: """
-        Reads pcap (µs and ns) and pcapng through libpcap: EN10MB, LINUX_SLL (tcpdump -i any), LINUX_SLL2,
+        Reads pcap (µs and ns; libpcap opens each file, records are read in blocks) and pcapng (meshtrace's own
+        block reader: libpcap refuses mixed link types): EN10MB, LINUX_SLL (tcpdump -i any), LINUX_SLL2,
         RAW, NULL/LOOP and NFLOG (tcpdump -i nflog:G). Several files from one node are merged into one
         analysis, e.g. an `-i any` capture plus an `nflog:G` capture of meshtrace's NFLOG twins
         (see `meshtrace plan`).

@@ -5,7 +5,7 @@ import Glibc
 
 // THE raw netlink boundary: a NETLINK_NETFILTER socket subscribed to multicast groups in the calling thread's
 // netns, for two kinds of events:
-//  - ctnetlink NEW/UPDATE (groups 1, 2): the original and reply tuples and the connmark of each connection.
+//  - ctnetlink NEW (group 1; UPDATE is group 2): the original and reply tuples of each new connection.
 //    Kernels built without CONFIG_NETFILTER_NETLINK_GLUE_CT refuse NFULNL_CFG_F_CONNTRACK, so NFLOG records
 //    arrive without NFULA_CT; these events carry the same ctnetlink attributes and fill the gap.
 //  - NFT_MSG_TRACE (group NFNLGRP_NFTRACE, 9): the rule-by-rule walk of packets marked `meta nftrace`
