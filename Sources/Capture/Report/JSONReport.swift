@@ -101,61 +101,50 @@ public final class JSONReport: ReportSink {
     }
 
     private func event(_ e: TimelineEvent) {
-        open(UInt8(ascii: "{"))
-        key("time"); time(e.time)
-        key("frame"); frame(e.frame)
-        key("point")
-        switch e.point.kind {
-        case .interface: out.jsonString(e.point.interface)
-        case .netfilter: out.text("\"nf:"); out.text(e.point.hook.description); out.byte(0x22)
-        case .unknown: out.text("\"?\"")
-        }
-        key("dir")
-        switch e.direction {
-        case .inbound: out.text("\"in\"")
-        case .outbound: out.text("\"out\"")
-        case .unknown: out.text("null")
-        }
-        key("tuple"); tuple(e.tuple)
-        key("reply"); out.text(e.isReply ? "true" : "false")
-        if e.tuple.proto == IPProto.tcp { key("flags"); out.byte(0x22); out.tcpFlags(e.tcpFlags); out.byte(0x22) }
-        key("len"); out.unsignedDecimal(UInt64(e.length))
-        if let m = e.mark { key("mark"); out.unsignedDecimal(UInt64(m)) }
-        if let h = e.hit { key("hit"); hit(h) }
-        if !e.notes.isEmpty {
-            key("notes"); open(UInt8(ascii: "["))
-            for n in e.notes.descriptions { element(); out.jsonString(n) }
-            close(UInt8(ascii: "]"))
-        }
-        close(UInt8(ascii: "}"))
+        eventRecord(time: e.time, frame: e.frame, pointKind: e.point.kind, hook: e.point.hook,
+                    interface: { out.jsonString(e.point.interface) }, direction: e.direction, tuple: e.tuple,
+                    isReply: e.isReply, flags: e.tcpFlags, length: e.length, mark: e.mark,
+                    hit: { if let h = e.hit { key("hit"); hit(h) } }, notes: e.notes)
     }
 
     /// `event(_:)` for a compact event: the same bytes.
     private func compactEvent(_ e: CompactEvent, initiator: Endpoint, context: EventContext) {
+        eventRecord(time: e.time, frame: e.frame, pointKind: e.pointKind, hook: e.hook,
+                    interface: { interfaceName(e.interfaceIndex, context: context) }, direction: e.direction,
+                    tuple: e.tuple, isReply: e.tuple.src != initiator, flags: e.flags, length: e.length,
+                    mark: e.hasMark ? e.mark : nil, hit: { if e.hitID != 0 { compactHit(e, context: context) } },
+                    notes: e.notes)
+    }
+
+    /// One event object; the two event forms differ only in where the interface name and the hit come from.
+    @inline(__always)
+    private func eventRecord(time t: Timestamp, frame f: FrameRef, pointKind: CapturePoint.Kind, hook: NetfilterHook,
+                             interface: () -> Void, direction: PacketDirection, tuple tu: FiveTuple, isReply: Bool,
+                             flags: TCPFlags, length: UInt32, mark: UInt32?, hit: () -> Void, notes: DecodeNotes) {
         open(UInt8(ascii: "{"))
-        key("time"); time(e.time)
-        key("frame"); frame(e.frame)
+        key("time"); time(t)
+        key("frame"); frame(f)
         key("point")
-        switch e.pointKind {
-        case .interface: interfaceName(e.interfaceIndex, context: context)
-        case .netfilter: out.text("\"nf:"); out.text(e.hook.description); out.byte(0x22)
+        switch pointKind {
+        case .interface: interface()
+        case .netfilter: out.text("\"nf:"); out.text(hook.description); out.byte(0x22)
         case .unknown: out.text("\"?\"")
         }
         key("dir")
-        switch e.direction {
+        switch direction {
         case .inbound: out.text("\"in\"")
         case .outbound: out.text("\"out\"")
         case .unknown: out.text("null")
         }
-        key("tuple"); tuple(e.tuple)
-        key("reply"); out.text(e.tuple.src != initiator ? "true" : "false")
-        if e.tuple.proto == IPProto.tcp { key("flags"); out.byte(0x22); out.tcpFlags(e.flags); out.byte(0x22) }
-        key("len"); out.unsignedDecimal(UInt64(e.length))
-        if e.hasMark { key("mark"); out.unsignedDecimal(UInt64(e.mark)) }
-        if e.hitID != 0 { compactHit(e, context: context) }
-        if !e.notes.isEmpty {
+        key("tuple"); tuple(tu)
+        key("reply"); out.text(isReply ? "true" : "false")
+        if tu.proto == IPProto.tcp { key("flags"); out.byte(0x22); out.tcpFlags(flags); out.byte(0x22) }
+        key("len"); out.unsignedDecimal(UInt64(length))
+        if let m = mark { key("mark"); out.unsignedDecimal(UInt64(m)) }
+        hit()
+        if !notes.isEmpty {
             key("notes"); open(UInt8(ascii: "["))
-            for n in e.notes.descriptions { element(); out.jsonString(n) }
+            for n in notes.descriptions { element(); out.jsonString(n) }
             close(UInt8(ascii: "]"))
         }
         close(UInt8(ascii: "}"))
