@@ -68,6 +68,8 @@ public struct TraceOutcome: Sendable {
     public var plan: InstrumentationPlan
     /// Set when NFULA_CT was unavailable and conntrack came from ctnetlink events instead.
     public var conntrackNote: String?
+    /// Rule hits that got their connection's conntrack entry from a ctnetlink event (REDIRECT/DNAT twins).
+    public var conntrackJoins: UInt64 = 0
     /// How many NFLOG events, packets and TRACE steps were read.
     public var nflogEvents: UInt64
     public var packetsCaptured: UInt64
@@ -111,6 +113,7 @@ public final class LiveTracer: @unchecked Sendable {
     /// conntrack entry that names the original destination), 2 it does not.
     private var rewritesDestination: [UInt8] = []
     private var arrival: Int64 = 0
+    private var conntrackJoins: UInt64 = 0
     private var openFailure: Error?
     private var needsLegacyTrace = false
 
@@ -213,7 +216,8 @@ public final class LiveTracer: @unchecked Sendable {
         summary.eventsLost = losses.nflogEventsLost
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
         let outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
-                                   conntrackNote: nflog?.socket.conntrackProblem.map { "\($0); original destinations come from ctnetlink events instead" },
+                                   conntrackNote: nflog?.socket.conntrackProblem.map { "\($0); original destinations come from ctnetlink events instead (\(conntrackJoins) REDIRECT/DNAT hits joined)" },
+                                   conntrackJoins: conntrackJoins,
                                    nflogEvents: nflog?.recordsRead ?? 0, packetsCaptured: pcap?.framesRead ?? 0,
                                    traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
                                    stoppedBySignal: StopSignal.signalNumber)
@@ -412,9 +416,10 @@ public final class LiveTracer: @unchecked Sendable {
         return got
     }
 
+    /// Holds a copy of a record built elsewhere (TRACE steps).
     private func hold(_ record: inout PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32) {
-        if pending.isFull { release(count: 1) }
-        pending.push(record, frame: frame, linkType: linkType, group: options.group, at: arrival)
+        freeSlot().pointee = record
+        commit(frame: frame, linkType: linkType)
     }
 
     /// A slot of the hold ring for a source to decode into (the oldest record goes on early if it is full).
@@ -457,6 +462,7 @@ public final class LiveTracer: @unchecked Sendable {
                     if !conntrack.isEmpty, rewritesDestination(i), record.pointee.nflog?.conntrack == nil,
                        let ct = conntrack.lookup(record.pointee.tuple) {
                         record.pointee.nflog?.conntrack = ct
+                        conntrackJoins += 1
                     }
                 }
                 let connection = correlator.ingest(record.pointee)
@@ -554,12 +560,6 @@ final class PendingRecords {
             frames[i].append(contentsOf: frame)
         }
         count += 1
-    }
-
-    /// Adds a copy of a record built elsewhere (TRACE steps).
-    func push(_ record: PacketRecord, frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
-        nextSlot().pointee = record
-        commit(frame: frame, linkType: linkType, group: group, at: at)
     }
 
     func popOldest(_ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer?, Int32) -> Void) {

@@ -74,6 +74,11 @@ final class LiveTracerTests: KernelTestCase {
         guard case .redirected(let port, let original)? = app.redirect else { return XCTFail("no redirect on \(app.original): \(String(describing: app.redirect))") }
         XCTAssertEqual(port, 15001)
         XCTAssertEqual(original, server)
+        // Where NFLOG comes without NFULA_CT, the REDIRECT twin's hit got the connection's entry from a ctnetlink
+        // NEW event (the exact link between the pre- and post-NAT views).
+        if outcome.conntrackNote != nil {
+            XCTAssertGreaterThanOrEqual(outcome.conntrackJoins, 1, "no REDIRECT hit was joined to a conntrack NEW event")
+        }
         // The REDIRECT rule's twin fired on this connection, and the lo leg (127.0.0.1:15001) is on the same timeline.
         XCTAssertTrue(app.events.contains { $0.hit?.rule?.role == .outboundCapture })
         XCTAssertTrue(app.events.contains { $0.point.kind == .interface && $0.point.isLoopback && $0.tuple.dst.port == 15001 })

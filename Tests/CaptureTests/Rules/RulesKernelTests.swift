@@ -258,20 +258,7 @@ final class RulesKernelTests: KernelTestCase {
         do {
             let (p, q) = try makePodAndPeer()
             try p.run(["iptables-nft-restore"], input: VerifierTests.seedText)
-            let legacyMark = """
-            *mangle
-            :PREROUTING ACCEPT [0:0]
-            :INPUT ACCEPT [0:0]
-            :FORWARD ACCEPT [0:0]
-            :OUTPUT ACCEPT [0:0]
-            :POSTROUTING ACCEPT [0:0]
-            :ISTIO_OUTPUT - [0:0]
-            -A OUTPUT -j ISTIO_OUTPUT
-            -A ISTIO_OUTPUT -p tcp -j MARK --set-xmark 0x539/0xfff
-            COMMIT
-
-            """
-            try p.run(["iptables-legacy-restore"], input: legacyMark)
+            try p.run(["iptables-legacy-restore"], input: VerifierTests.legacyForgedMarkTable)
             let live = try RulesetLoader.load(netns: p.ref)
             let v = staticVerdict(live, "v4/tcp/app-remote/app/none")
             XCTAssertTrue(v.isFailure, v.summary)

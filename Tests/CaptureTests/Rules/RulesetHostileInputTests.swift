@@ -58,18 +58,28 @@ final class RulesetHostileInputTests: XCTestCase {
                      "NFLOG", "--nflog-prefix", "\"mt:4:a:b:1:-\"", "-m", "comment", "--comment", "\"x y\"", "multiport",
                      "--dports", "80,443", "conntrack", "--ctstate", "NEW", "owner", "--uid-owner", "1337", "set", "--match-set",
                      "s", "dst", "statistic", "--mode", "random", "ISTIO_OUTPUT", "DNAT", "--to-destination", "1.2.3.4", "-f"]
+        fuzzWordSequences(&rng, words: words, maxWords: 10, errorLine: 4,
+                          probe: PacketClass(family: .ipv4, proto: .tcp, path: .appToRemote, port: .other, mark: .ztunnel)) { spec in
+            "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT \(spec)\nCOMMIT\n"
+        }
+    }
+
+    /// 3000 random sequences of 1...`maxWords` of `words`, each placed in a ruleset by `text`: every one parses (and
+    /// its verdict for `probe` is worked out without trapping) or is a one-line `.badInput`, naming `errorLine`
+    /// when given.
+    private func fuzzWordSequences(_ rng: inout SplitMix, words: [String], maxWords: UInt64, errorLine: Int?,
+                                   probe: PacketClass, text: (String) -> String) {
         for i in 0..<3000 {
-            let n = 1 + Int(rng.next() % 10)
-            let spec = (0..<n).map { _ in words[Int(rng.next() % UInt64(words.count))] }.joined(separator: " ")
-            let text = "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT \(spec)\nCOMMIT\n"
+            let n = 1 + Int(rng.next() % maxWords)
+            let sequence = (0..<n).map { _ in words[Int(rng.next() % UInt64(words.count))] }.joined(separator: " ")
             do {
-                let rs = try RulesetLoader.load(text: text, origin: "spec\(i)")
-                _ = Verifier(ruleset: rs).evaluate(PacketClass(family: .ipv4, proto: .tcp, path: .appToRemote, port: .other, mark: .ztunnel))
+                let rs = try RulesetLoader.load(text: text(sequence), origin: "fuzz\(i)")
+                _ = Verifier(ruleset: rs).evaluate(probe)
             } catch let e as MeshtraceError {
-                XCTAssertEqual(e.code, .badInput, "'\(spec)': \(e.message)")
-                XCTAssertTrue(e.message.contains("line 4"), "'\(spec)': \(e.message)")
+                XCTAssertEqual(e.code, .badInput, "'\(sequence)': \(e.message)")
+                if let errorLine { XCTAssertTrue(e.message.contains("line \(errorLine)"), "'\(sequence)': \(e.message)") }
             } catch {
-                XCTFail("'\(spec)': \(error)")
+                XCTFail("'\(sequence)': \(error)")
             }
         }
     }
@@ -82,18 +92,9 @@ final class RulesetHostileInputTests: XCTestCase {
                      "1-2", "{", "}", "counter", "packets", "bytes", "1", "accept", "drop", "jump", "goto", "c", "redirect", "to",
                      ":15001", "tproxy", "dnat", "snat", "log", "prefix", "\"p\"", "group", "set", "zone", "comment", "oifname",
                      "\"lo\"", "l4proto", "nfproto", "ipv4", "skuid", "notrack", "masquerade", "@s", "icmp", "type", "reject", "with"]
-        for i in 0..<3000 {
-            let n = 1 + Int(rng.next() % 9)
-            let stmt = (0..<n).map { _ in words[Int(rng.next() % UInt64(words.count))] }.joined(separator: " ")
-            let text = "table inet t {\n chain c {\n }\n chain d {\n  \(stmt)\n }\n}\n"
-            do {
-                let rs = try RulesetLoader.load(text: text, origin: "stmt\(i)")
-                _ = Verifier(ruleset: rs).evaluate(PacketClass(family: .ipv4, proto: .tcp, path: .appToRemote, port: .dns, mark: .none))
-            } catch let e as MeshtraceError {
-                XCTAssertEqual(e.code, .badInput, "'\(stmt)': \(e.message)")
-            } catch {
-                XCTFail("'\(stmt)': \(error)")
-            }
+        fuzzWordSequences(&rng, words: words, maxWords: 9, errorLine: nil,
+                          probe: PacketClass(family: .ipv4, proto: .tcp, path: .appToRemote, port: .dns, mark: .none)) { stmt in
+            "table inet t {\n chain c {\n }\n chain d {\n  \(stmt)\n }\n}\n"
         }
     }
 
