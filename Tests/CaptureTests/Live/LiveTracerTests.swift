@@ -62,6 +62,51 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertTrue(r.ok, "app get failed: \(r.stdout) \(r.stderr)")
     }
 
+    /// `trace --pcapng`: the frames the hold ring keeps (NFLOG messages with their nflog_hdr rebuilt, captured
+    /// packets as libpcap gave them) are written, and `meshtrace analyze` reads the file back to the same run.
+    func testLivePcapngHoldsEveryEventAndAnalyzesToTheSameConnection() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let path = NSTemporaryDirectory() + "mt-live-\(getpid()).pcapng"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var options = TraceOptions(netns: lab.client.ref)
+        options.group = 5407
+        options.duration = 30
+        let tracer = LiveTracer(options: options)
+        let pcapng = try PcapngReport(path: path, tags: tracer.tags)
+        let reporter = Reporter(sinks: [TraceRecordingSink(), pcapng], wantsPackets: true)
+        var trafficError: Error?
+        tracer.onReady = {
+            do { try self.get(lab, from: lab.client, ["\(server)"]) } catch { trafficError = error }
+            usleep(500_000)
+            tracer.stop()
+        }
+        let outcome = try tracer.run(reporter: reporter)
+        if let trafficError { throw trafficError }
+        pcapng.ruleset = tracer.ruleset
+        try reporter.finish(outcome.summary)
+
+        let r = try Command.run([Self.executable, "analyze", path, "--json", "--quiet"])
+        let lines = r.stdout.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        let summary = try XCTUnwrap(lines.last { $0["type"] as? String == "summary" }, r.stderr)
+        XCTAssertEqual((summary["packets"] as? NSNumber)?.uint64Value, outcome.nflogEvents + outcome.packetsCaptured)
+        XCTAssertEqual((summary["nflog_records"] as? NSNumber)?.uint64Value, outcome.nflogEvents)
+        // Every NFLOG record decodes back to the twin it came from: the file's hit counts are the live ones.
+        var fileHits: [String: Int] = [:]
+        for h in summary["rule_hits"] as? [[String: Any]] ?? [] {
+            if let p = h["prefix"] as? String, let c = (h["count"] as? NSNumber)?.intValue { fileHits[p] = c }
+        }
+        XCTAssertFalse(outcome.hitCounts.isEmpty)
+        XCTAssertEqual(fileHits, outcome.hitCounts)
+        let app = try XCTUnwrap(lines.first {
+            guard $0["type"] as? String == "connection", let o = $0["original"] as? [String: Any] else { return false }
+            return o["dst"] as? String == lab.server.ipv4.description && (o["dport"] as? NSNumber)?.intValue == Int(server.port)
+        }, "no connection to \(server) in the file")
+        let redirect = try XCTUnwrap(app["redirect"] as? [String: Any])
+        XCTAssertEqual((redirect["to_port"] as? NSNumber)?.intValue, 15001)
+        XCTAssertFalse((app["hops"] as? [Any] ?? []).isEmpty, "the hop is not found again in the file")
+    }
+
     func testOutboundConnectionShowsTheRedirectTo15001TheLoLegAndTheHBONEHopJoined() throws {
         let lab = try makeLab()
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
