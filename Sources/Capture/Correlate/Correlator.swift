@@ -47,6 +47,8 @@ public final class Correlator {
     private var escapesKept = 0
     private var byDesignKept = 0
     private var redirectTargetPorts: Set<UInt16>
+    /// `options.interfaceName`, interned once.
+    private let givenInterfaceName: InterfaceName?
 
     public private(set) var peakOpenConnections = 0
     public var openConnectionCount: Int { open.count }
@@ -56,6 +58,7 @@ public final class Correlator {
     public init(tags: RuleTagTable, ruleset: Ruleset?, options: CorrelatorOptions = CorrelatorOptions(), sink: ReportSink) {
         self.tags = tags
         self.ruleset = ruleset
+        givenInterfaceName = options.interfaceName.map { InterfaceName($0) }
         self.options = options
         self.sink = sink
         context = EventContext(tags: tags, ruleset: ruleset)
@@ -132,7 +135,7 @@ public final class Correlator {
         } else {
             c = newConnection(r, key: key)
         }
-        if !c.conntrackApplied, nf.hasConntrack, let ct = r.nflog?.conntrack {
+        if !c.conntrackApplied, nf.hasConntrack, let ct = r.nflogFields.conntrack {
             c = applyConntrack(ct, to: c)
         }
         return c
@@ -308,8 +311,8 @@ public final class Correlator {
         if nf.present {
             if point.kind != .netfilter { point = .netfilter(nf.hook) }
             if !c.sawNflog { c.sawNflog = true; factsChanged = true }
-        } else if point.kind == .interface && !point.isLoopback, let name = options.interfaceName, point.interface == "any" {
-            point.interface = name
+        } else if point.kind == .interface && !point.isLoopback, let name = givenInterfaceName, point.interfaceName == .any {
+            point.interfaceName = name
         }
 
         var restoredMark: UInt32? = nil
@@ -322,7 +325,7 @@ public final class Correlator {
                 }
             case .connmarkRestore:
                 // The twin logs the packet before the restore: the mark it gets is the connection's connmark.
-                restoredMark = r.nflog?.conntrack?.mark ?? (c.sawZtunnelConnmark ? options.ztunnelConnmark : nil)
+                restoredMark = (nf.hasConntrack ? r.nflogFields.conntrack?.mark : nil) ?? (c.sawZtunnelConnmark ? options.ztunnelConnmark : nil)
             case .connmarkSet(let v):
                 if !c.timeline.marks.contains(v) { c.timeline.marks.append(v) }
                 if (v & options.markMask) == options.ztunnelConnmark && !c.sawZtunnelConnmark {
@@ -409,7 +412,7 @@ public final class Correlator {
                 time: r.time, frame: r.ref, tuple: r.tuple, length: r.ipLength != 0 ? r.ipLength : r.wireLength,
                 mark: mark ?? 0, hitID: hitID, restoredMark: restoredMark ?? 0, notes: r.notes,
                 ipID: r.ipID, seq: r.tcpSeq, ack: r.tcpAck,
-                interfaceIndex: point.kind == .interface ? context.interfaceIndex(point.interface) : 0,
+                interfaceIndex: point.kind == .interface ? context.interfaceIndex(point.interfaceName) : 0,
                 pointKind: point.kind, hook: point.hook, isLoopback: point.isLoopback, direction: r.direction,
                 flags: r.tcpFlags, hasMark: mark != nil, hasRestoredMark: restoredMark != nil, forward: forward))
         } else {
@@ -988,8 +991,7 @@ public final class Correlator {
     }
 }
 
-/// The NFLOG fields the correlator reads, taken out of the record once per packet: every read of `r.nflog`
-/// (binding it, or optional chaining into it) copies the whole ~280-byte `NflogMeta`.
+/// The NFLOG fields the correlator reads, taken out of the record once per packet.
 struct NflogFacts {
     var present = false
     var hook = NetfilterHook.unknown
@@ -1001,14 +1003,14 @@ struct NflogFacts {
 
     @inline(__always)
     init(_ r: borrowing PacketRecord) {
-        guard let m = r.nflog else { return }
+        guard r.hasNflog else { return }
         present = true
-        hook = m.hook
-        prefixID = m.prefixID
-        mark = m.mark
-        inputIfindex = m.inputIfindex
-        outputIfindex = m.outputIfindex
-        hasConntrack = m.conntrack != nil
+        hook = r.nflogFields.hook
+        prefixID = r.nflogFields.prefixID
+        mark = r.nflogFields.mark
+        inputIfindex = r.nflogFields.inputIfindex
+        outputIfindex = r.nflogFields.outputIfindex
+        hasConntrack = r.nflogFields.conntrack != nil
     }
 }
 

@@ -56,8 +56,8 @@ final class EventContext {
     /// bytes rather than go through a String per packet line.
     private(set) var interfaceNameBytes: [UInt8] = [UInt8(ascii: "?")]
     private(set) var interfaceNameRanges: [(start: Int, count: Int)] = [(0, 1)]
-    private var lastInterfaceName = "?"
-    private var lastInterfaceIndex: UInt16 = 0
+    /// `interfaceIndex` by `InterfaceName.id` (UInt16.max: not numbered yet).
+    private var indexByNameID: [UInt16] = []
     private var hitCache: [CachedHit?] = []
     /// `hitCache[i]?.actionKind`, kept apart: the correlator asks for it on every NFLOG record, and reading it out of
     /// a `CachedHit` copies the hit's strings and rule reference.
@@ -81,19 +81,26 @@ final class EventContext {
     }
 
     @inline(__always)
-    func interfaceIndex(_ name: String) -> UInt16 {
-        if name == lastInterfaceName { return lastInterfaceIndex }
+    func interfaceIndex(_ name: InterfaceName) -> UInt16 {
+        let id = Int(name.id)
+        if id < indexByNameID.count, indexByNameID[id] != UInt16.max { return indexByNameID[id] }
+        return numberInterface(name)
+    }
+
+    private func numberInterface(_ name: InterfaceName) -> UInt16 {
+        let text = name.string
         let i: UInt16
-        if let found = interfaceNames.firstIndex(of: name) { i = UInt16(found) } else {
+        if let found = interfaceNames.firstIndex(of: text) { i = UInt16(found) } else {
             i = UInt16(min(interfaceNames.count, Int(UInt16.max)))
             if interfaceNames.count < Int(UInt16.max) {
-                interfaceNames.append(name)
-                interfaceNameRanges.append((interfaceNameBytes.count, name.utf8.count))
-                interfaceNameBytes.append(contentsOf: name.utf8)
+                interfaceNames.append(text)
+                interfaceNameRanges.append((interfaceNameBytes.count, text.utf8.count))
+                interfaceNameBytes.append(contentsOf: text.utf8)
             }
         }
-        lastInterfaceName = name
-        lastInterfaceIndex = i
+        let id = Int(name.id)
+        if id >= indexByNameID.count { indexByNameID.append(contentsOf: repeatElement(UInt16.max, count: id + 1 - indexByNameID.count)) }
+        indexByNameID[id] = i
         return i
     }
 

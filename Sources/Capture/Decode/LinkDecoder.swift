@@ -119,7 +119,7 @@ enum LinkDecoder {
         if arphrd == arphrdLoopback {
             rec.point.isLoopback = true
             // A cooked capture has no interface names; ARPHRD_LOOPBACK is the one name it does tell.
-            if rec.point.kind == .interface && rec.point.interface == "any" { rec.point.interface = "lo" }
+            if rec.point.kind == .interface && rec.point.interfaceName == .any { rec.point.interfaceName = .lo }
         }
     }
 

@@ -59,8 +59,10 @@ extension PacketDecoder {
 
     private mutating func decodeNflogTLVs(_ r: ByteReader, family: UInt8, group: UInt16, byteOrder: ByteOrder,
                                           nestedByteOrder: ByteOrder, captureCut: Bool, into record: inout PacketRecord) {
-        var meta = NflogMeta()
-        meta.group = group
+        // Filled in place: the record's NFLOG fields are ~270 bytes, and this runs for every NFLOG record.
+        record.nflogFields = NflogMeta()
+        record.hasNflog = true
+        record.nflogFields.group = group
         var payload: ByteReader? = nil
         var attrs = NetlinkAttributes(r, order: byteOrder)
         while let (type, value) = attrs.next() {
@@ -68,31 +70,31 @@ extension PacketDecoder {
             switch type {
             case NFULA.packetHeader:
                 guard let proto = v.be16(), let hook = v.u8() else { record.notes.insert(.badNflogTLV); continue }
-                meta.hwProtocol = proto
-                meta.hook = NetfilterHook(rawValue: hook) ?? .unknown
-            case NFULA.mark: meta.mark = be32(&v, &record)
+                record.nflogFields.hwProtocol = proto
+                record.nflogFields.hook = NetfilterHook(rawValue: hook) ?? .unknown
+            case NFULA.mark: record.nflogFields.mark = be32(&v, &record)
             case NFULA.timestamp:
                 guard let sec = v.be64(), let usec = v.be64() else { record.notes.insert(.badNflogTLV); continue }
-                meta.hadKernelTimestamp = true
-                meta.kernelTime = Timestamp(seconds: Int64(truncatingIfNeeded: sec),
-                                            nanoseconds: Int32(truncatingIfNeeded: (usec % 1_000_000) * 1000))
-            case NFULA.inputIfindex: meta.inputIfindex = be32(&v, &record)
-            case NFULA.outputIfindex: meta.outputIfindex = be32(&v, &record)
-            case NFULA.physInputIfindex: meta.physInputIfindex = be32(&v, &record)
-            case NFULA.physOutputIfindex: meta.physOutputIfindex = be32(&v, &record)
+                record.nflogFields.hadKernelTimestamp = true
+                record.nflogFields.kernelTime = Timestamp(seconds: Int64(truncatingIfNeeded: sec),
+                                                          nanoseconds: Int32(truncatingIfNeeded: (usec % 1_000_000) * 1000))
+            case NFULA.inputIfindex: record.nflogFields.inputIfindex = be32(&v, &record)
+            case NFULA.outputIfindex: record.nflogFields.outputIfindex = be32(&v, &record)
+            case NFULA.physInputIfindex: record.nflogFields.physInputIfindex = be32(&v, &record)
+            case NFULA.physOutputIfindex: record.nflogFields.physOutputIfindex = be32(&v, &record)
             case NFULA.payload: payload = v
-            case NFULA.prefix: meta.prefixID = tags.intern(v.rest)
-            case NFULA.uid: meta.uid = be32(&v, &record)
-            case NFULA.gid: meta.gid = be32(&v, &record)
-            case NFULA.sequence: meta.sequence = be32(&v, &record)
-            case NFULA.globalSequence: meta.globalSequence = be32(&v, &record)
+            case NFULA.prefix: record.nflogFields.prefixID = tags.intern(v.rest)
+            case NFULA.uid: record.nflogFields.uid = be32(&v, &record)
+            case NFULA.gid: record.nflogFields.gid = be32(&v, &record)
+            case NFULA.sequence: record.nflogFields.sequence = be32(&v, &record)
+            case NFULA.globalSequence: record.nflogFields.globalSequence = be32(&v, &record)
             case NFULA.conntrack:
                 if let ct = ConntrackDecoder.decode(v, order: nestedByteOrder) {
-                    meta.conntrack = ct
+                    record.nflogFields.conntrack = ct
                 } else {
                     record.notes.insert(.badConntrack)
                 }
-            case NFULA.conntrackInfo: meta.conntrackState = be32(&v, &record)
+            case NFULA.conntrackInfo: record.nflogFields.conntrackState = be32(&v, &record)
             default:
                 // HWADDR, HWTYPE, HWHEADER, HWLEN, VLAN, L2HDR, and types newer than this decoder: the
                 // walker already stepped over them by their length.
@@ -106,13 +108,12 @@ extension PacketDecoder {
         case .trailingBytes: record.notes.insert(captureCut ? [.truncatedNflog, .snaplenCut] : .badNflogTLV)
         }
 
-        record.point = .netfilter(meta.hook)
-        switch meta.hook {
+        record.point = .netfilter(record.nflogFields.hook)
+        switch record.nflogFields.hook {
         case .output, .postrouting: record.direction = .outbound
         case .prerouting, .input, .ingress: record.direction = .inbound
         default: record.direction = .unknown
         }
-        record.nflog = meta
         guard var p = payload else { return }
         if record.wireLength == 0 { record.wireLength = UInt32(p.remaining) }
         // The family in the header is the rule's (an inet-family nft table logs both); the payload's own

@@ -67,7 +67,7 @@ extension PacketRecord {
         payloadLength = 0
         icmpType = 0
         icmpCode = 0
-        nflog = nil
+        hasNflog = false
         notes = []
         ifindex = 0
     }

@@ -211,23 +211,31 @@ public enum PacketDirection: UInt8, Sendable {
 public struct CapturePoint: Hashable, Sendable, CustomStringConvertible {
     public enum Kind: UInt8, Sendable { case interface = 0, netfilter = 1, unknown = 2 }
     public var kind: Kind
+    /// The interface name as its number in the process-wide name table: a record is copied and compared per
+    /// packet, and a `String` in it (even an inline small one) costs a retain and a release at every copy.
+    public var interfaceName: InterfaceName
     /// Interface name when known ("lo", "eth0"; "any" for a cooked capture without names).
-    /// Names are at most 15 bytes (IFNAMSIZ), so this String is stored inline, without allocation.
-    public var interface: String
+    public var interface: String {
+        get { interfaceName.string }
+        set { interfaceName = InterfaceName(newValue) }
+    }
     /// For `.netfilter`: the hook the record came from.
     public var hook: NetfilterHook
     /// True when the interface is a loopback device (from the name, or ARPHRD_LOOPBACK in SLL headers).
     public var isLoopback: Bool
 
     public init(kind: Kind, interface: String, hook: NetfilterHook = .unknown, isLoopback: Bool = false) {
-        self.kind = kind; self.interface = interface; self.hook = hook; self.isLoopback = isLoopback
+        self.init(kind: kind, interfaceName: InterfaceName(interface), hook: hook, isLoopback: isLoopback)
     }
-    public static let unknown = CapturePoint(kind: .unknown, interface: "?")
+    public init(kind: Kind, interfaceName: InterfaceName, hook: NetfilterHook = .unknown, isLoopback: Bool = false) {
+        self.kind = kind; self.interfaceName = interfaceName; self.hook = hook; self.isLoopback = isLoopback
+    }
+    public static var unknown: CapturePoint { CapturePoint(kind: .unknown, interfaceName: .questionMark) }
     public static func interface(_ name: String) -> CapturePoint {
         CapturePoint(kind: .interface, interface: name, isLoopback: name == "lo")
     }
     public static func netfilter(_ hook: NetfilterHook) -> CapturePoint {
-        CapturePoint(kind: .netfilter, interface: "", hook: hook)
+        CapturePoint(kind: .netfilter, interfaceName: .empty, hook: hook)
     }
     public var description: String {
         switch kind {
@@ -379,8 +387,18 @@ public struct PacketRecord: Sendable {
     public var payloadLength: UInt32 = 0
     public var icmpType: UInt8 = 0
     public var icmpCode: UInt8 = 0
-    /// Present for NFLOG records only.
-    public var nflog: NflogMeta? = nil
+    /// Present for NFLOG records only. Stored as `nflogFields` plus `hasNflog`: an optional of this ~270-byte
+    /// struct is copied whole even to be tested for nil, so per-packet code reads the stored fields.
+    public var nflog: NflogMeta? {
+        get { hasNflog ? nflogFields : nil }
+        set {
+            if let m = newValue { nflogFields = m; hasNflog = true } else { hasNflog = false; nflogFields = NflogMeta() }
+        }
+    }
+    /// The NFLOG fields; meaningful only when `hasNflog`.
+    public var nflogFields = NflogMeta()
+    /// True for NFLOG records.
+    public var hasNflog = false
     public var notes: DecodeNotes = []
     /// Interface index from the link layer when it carries one (LINUX_SLL2), else 0.
     public var ifindex: UInt32 = 0
