@@ -77,7 +77,7 @@ struct Analyze: ParsableCommand {
         var bytesRead: UInt64 = 24
         var count = 0
         while let frame = source.next(into: &record) {
-            let id = correlator.ingest(record)
+            let id = correlator.ingest(inPlace: &record)
             if reporter.wantsPackets {
                 reporter.packet(record, frame: frame, linkType: source.currentLinkType, connection: id)
             }

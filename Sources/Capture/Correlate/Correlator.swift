@@ -78,7 +78,16 @@ public final class Correlator {
     /// Places one packet on its connection and returns that connection (nil for packets that carry no
     /// usable tuple: not IP, non-first fragments).
     @discardableResult
-    public func ingest(_ r: borrowing PacketRecord) -> ConnectionID? {
+    public func ingest(_ r: borrowing PacketRecord) -> ConnectionID? { place(r) }
+
+    /// `ingest(_:)` for a caller that reads every packet into one record variable: passed by address, the record
+    /// is not copied. Across the module boundary a borrowed argument from a `var` (or a pointer's `pointee`) is
+    /// copied whole for the call, ~420 bytes per packet. The record is not changed.
+    @discardableResult
+    public func ingest(inPlace r: inout PacketRecord) -> ConnectionID? { place(r) }
+
+    @inline(__always)
+    private func place(_ r: borrowing PacketRecord) -> ConnectionID? {
         summary.packets += 1
         let t = r.time.totalNanoseconds
         if t > now { now = t }
@@ -1010,7 +1019,8 @@ struct NflogFacts {
         mark = r.nflogFields.mark
         inputIfindex = r.nflogFields.inputIfindex
         outputIfindex = r.nflogFields.outputIfindex
-        hasConntrack = r.nflogFields.conntrack != nil
+        // A pattern, not `!= nil`: that picked the Equatable `!=` and copied the ~160-byte tuples three times.
+        if case .some = r.nflogFields.conntrack { hasConntrack = true }
     }
 }
 
