@@ -97,6 +97,9 @@ final class StatusClearingSink: ReportSink {
     let status: LiveStatusLine
     init(status: LiveStatusLine) { self.status = status }
     func connection(_ timeline: ConnectionTimeline) { status.suspend() }
+    // It reads no event: say so, or the reporter would materialize every connection's events for it.
+    var readsCompactEvents: Bool { true }
+    func connection(_ timeline: ConnectionTimeline, events: TimelineEventList) { status.suspend() }
     func finding(_ finding: EscapeFinding) { status.suspend() }
     func finish(_ summary: AnalysisSummary) throws { status.finish() }
 }

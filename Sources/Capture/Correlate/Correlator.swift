@@ -24,7 +24,7 @@ public final class Correlator {
     private var nextID: ConnectionID = 1
     private var now: Int64 = .min
     private var nextSweep: Int64 = .min
-    private let sweepInterval: Int64 = 1_000_000_000
+    private var sweepInterval: Int64 { options.sweepIntervalNanos }
 
     /// Interface names and rule hits by number, shared with the event lists handed to the sinks.
     private let context: EventContext

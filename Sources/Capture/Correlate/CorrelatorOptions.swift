@@ -16,6 +16,8 @@ public struct CorrelatorOptions: Sendable {
     /// A closed connection stays in the table this long, because NFLOG records arrive in batches and
     /// the last ones may be stamped after the capture's FIN/ACK.
     public var closeLingerNanos: Int64 = 2_000_000_000
+    /// How often (capture time) the open connections are checked for the linger and the idle timeouts.
+    public var sweepIntervalNanos: Int64 = 1_000_000_000
     /// How far apart the two connections of a ztunnel hop may start. Timing is only ever supporting evidence.
     public var hopWindowNanos: Int64 = 2_000_000_000
     /// NFLOG records are stamped on receipt in batches, so a hop's inner connection can appear stamped
@@ -41,4 +43,15 @@ public struct CorrelatorOptions: Sendable {
     public var maxFindingsKept = 10_000
 
     public init() {}
+
+    /// Live tracing: meshtrace's own NFLOG instance flushes within 10 ms and the tracer holds records 30 ms, so
+    /// late records are ~50 ms late at most, not the up-to-a-second of a `tcpdump -i nflog` capture. A closed
+    /// connection is printed ~0.5-0.75 s after its close, and the table holds a quarter of the connections the
+    /// file default would (what a busy pod costs in memory and in page faults).
+    public static var live: CorrelatorOptions {
+        var o = CorrelatorOptions()
+        o.closeLingerNanos = 500_000_000
+        o.sweepIntervalNanos = 250_000_000
+        return o
+    }
 }

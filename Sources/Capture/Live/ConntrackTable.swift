@@ -12,22 +12,41 @@
 /// message each for every connection of the pod, several times the NEW events, for nothing a timeline shows
 /// (the restored connmark is shown from the CONNMARK rules' own hits).
 ///
-/// Bounded: the oldest entries are forgotten first.
+/// Bounded, and looked up for each REDIRECT/DNAT twin hit: a set-associative cache (4 ways per set, the set
+/// chosen by a seeded mix of the tuple's words), where a new key replaces the oldest entry of its set. Three keys
+/// per NATed connection went into a `Dictionary` before, hashed with SipHash over every field: ~5 % of the
+/// tracer's time under load.
 final class ConntrackTable {
-    private var byTuple: [FiveTuple: ConntrackInfo] = [:]
-    private var order: [FiveTuple]
-    private var next = 0
-    private let capacity: Int
+    private static let ways = 4
+    private struct Slot {
+        var key: FiveTuple
+        var info: ConntrackInfo
+        /// Insertion order; 0 marks an empty slot.
+        var stamp: UInt64
+    }
+    private let slots: UnsafeMutablePointer<Slot>
+    private let setMask: Int
+    private let seed: UInt64
+    private var stamp: UInt64 = 0
     private(set) var eventsSeen: UInt64 = 0
+    private(set) var isEmpty = true
 
+    /// Room for about `capacity` keys (three per NATed connection).
     init(capacity: Int = 1 << 15) {
-        self.capacity = capacity
-        order = []
-        order.reserveCapacity(capacity)
-        byTuple.reserveCapacity(capacity)
+        var sets = 1
+        while sets * ConntrackTable.ways < capacity { sets <<= 1 }
+        setMask = sets - 1
+        let empty = FiveTuple(proto: 0, src: Endpoint(.none, 0), dst: Endpoint(.none, 0))
+        slots = .allocate(capacity: sets * ConntrackTable.ways)
+        slots.initialize(repeating: Slot(key: empty, info: ConntrackInfo(original: empty, reply: empty), stamp: 0),
+                         count: sets * ConntrackTable.ways)
+        seed = UInt64.random(in: 1...UInt64.max)
     }
 
-    var isEmpty: Bool { byTuple.isEmpty }
+    deinit {
+        slots.deinitialize(count: (setMask + 1) * ConntrackTable.ways)
+        slots.deallocate()
+    }
 
     /// Takes in the attributes of one IPCTNL_MSG_CT_NEW message.
     func apply(_ attributes: ByteReader) {
@@ -39,18 +58,32 @@ final class ConntrackTable {
         remember(info.original, info)
         remember(info.reply, info)
         remember(info.reply.reversed, info)
+        isEmpty = false
     }
 
-    private func remember(_ key: FiveTuple, _ info: ConntrackInfo) {
-        if byTuple.updateValue(info, forKey: key) != nil { return }
-        if order.count < capacity {
-            order.append(key)
-        } else {
-            byTuple.removeValue(forKey: order[next])
-            order[next] = key
-            next = (next + 1) % capacity
+    @inline(__always)
+    private func set(of t: FiveTuple) -> UnsafeMutablePointer<Slot> {
+        var h = seed ^ (t.src.addr.lo &* 0x9E37_79B9_7F4A_7C15)
+        h = (h ^ t.dst.addr.lo) &* 0xC2B2_AE3D_27D4_EB4F
+        h = (h ^ t.src.addr.hi ^ (t.dst.addr.hi &* 31)) &* 0x1656_67B1_9E37_79F9
+        h ^= UInt64(t.src.port) << 48 | UInt64(t.dst.port) << 32 | UInt64(t.proto) << 16
+        return slots + (Int(truncatingIfNeeded: fmix64(h)) & setMask) * ConntrackTable.ways
+    }
+
+    func remember(_ key: FiveTuple, _ info: ConntrackInfo) {
+        let s = set(of: key)
+        stamp += 1
+        var victim = 0
+        for w in 0..<ConntrackTable.ways {
+            if s[w].stamp != 0 && s[w].key == key { victim = w; break }
+            if s[w].stamp < s[victim].stamp { victim = w }
         }
+        s[victim] = Slot(key: key, info: info, stamp: stamp)
     }
 
-    func lookup(_ tuple: FiveTuple) -> ConntrackInfo? { byTuple[tuple] }
+    func lookup(_ tuple: FiveTuple) -> ConntrackInfo? {
+        let s = set(of: tuple)
+        for w in 0..<ConntrackTable.ways where s[w].stamp != 0 && s[w].key == tuple { return s[w].info }
+        return nil
+    }
 }

@@ -26,7 +26,7 @@ public struct TraceOptions: Sendable {
     public var replace: Bool = false
     /// Also capture packets with libpcap (off only for benchmarks of the NFLOG path alone).
     public var capturePackets: Bool = true
-    public var correlator = CorrelatorOptions()
+    public var correlator = CorrelatorOptions.live
     /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
     public var perRuleThreshold: Int? = nil
     public var queueThreshold: UInt32 = 256

@@ -16,11 +16,13 @@ public final class JSONReport: ReportSink {
         out = ReportBuffer(fileDescriptor: fileDescriptor)
     }
 
+    deinit { tupleCacheBytes.deallocate() }
+
     // MARK: - Small writers
 
+    @inline(__always)
     private func key(_ k: StaticString) {
-        if comma { out.byte(UInt8(ascii: ",")) }
-        out.byte(0x22); out.text(k); out.text("\":")
+        out.jsonKey(k, comma: comma)
         comma = true
     }
     private func open(_ b: UInt8) { out.byte(b); comma = false }
@@ -32,7 +34,34 @@ public final class JSONReport: ReportSink {
     }
     private func addressString(_ a: IPAddress) { out.byte(0x22); out.address(a); out.byte(0x22) }
 
+    /// A tuple object. One connection's events carry a few tuples (its NAT views, both ways) over and over:
+    /// the last few written are kept as bytes and copied.
     private func tuple(_ t: FiveTuple) {
+        for i in 0..<JSONReport.tupleCacheSize where tupleCacheLengths[i] > 0 && tupleCacheKeys[i] == t {
+            out.bytes(UnsafeBufferPointer(start: tupleCacheBytes + i * JSONReport.tupleCacheStride, count: tupleCacheLengths[i]))
+            comma = true
+            return
+        }
+        let mark = out.mark(room: JSONReport.tupleCacheStride)
+        writeTuple(t)
+        let slot = tupleCacheNext
+        out.withWritten(since: mark) { bytes in
+            guard let bytes, bytes.count <= JSONReport.tupleCacheStride, let from = bytes.baseAddress else { return }
+            (tupleCacheBytes + slot * JSONReport.tupleCacheStride).update(from: from, count: bytes.count)
+            tupleCacheLengths[slot] = bytes.count
+            tupleCacheKeys[slot] = t
+            tupleCacheNext = (slot + 1) % JSONReport.tupleCacheSize
+        }
+    }
+    private static let tupleCacheSize = 6
+    private static let tupleCacheStride = 192
+    private let tupleCacheBytes = UnsafeMutablePointer<UInt8>.allocate(capacity: JSONReport.tupleCacheSize * JSONReport.tupleCacheStride)
+    private var tupleCacheLengths = [Int](repeating: 0, count: JSONReport.tupleCacheSize)
+    private var tupleCacheKeys = [FiveTuple](repeating: FiveTuple(proto: 0, src: Endpoint(.none, 0), dst: Endpoint(.none, 0)),
+                                             count: JSONReport.tupleCacheSize)
+    private var tupleCacheNext = 0
+
+    private func writeTuple(_ t: FiveTuple) {
         open(UInt8(ascii: "{"))
         key("proto"); out.byte(0x22); out.text(IPProto.name(t.proto)); out.byte(0x22)
         key("src"); addressString(t.src.addr)
@@ -150,38 +179,43 @@ public final class JSONReport: ReportSink {
         close(UInt8(ascii: "}"))
     }
 
-    /// `"hit":{...}` of a compact event: the rule's part written once per hit id and copied after that, the
-    /// action per packet (a REDIRECT's original destination and a restored mark differ from packet to packet).
+    /// `"hit":{...}` of a compact event: the rule's part written once per hit id and copied after that. The
+    /// action is written per packet only where it differs from packet to packet (a REDIRECT's original
+    /// destination, a restored mark); for every other hit the whole object, action included, is copied.
     private func compactHit(_ e: CompactEvent, context: EventContext) {
         let i = Int(e.hitID)
-        var action: RuleAction? = nil
-        var known = false
         let kind = context.actionKind(e.hitID)
-        context.withHit(e.hitID) { cached in
-            guard let cached else { return }
-            known = true
-            switch kind {
-            case .redirect(let port): action = .redirected(toPort: port, originalDestination: e.tuple.dst)
-            case .connmarkRestore: action = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
-            default: action = cached.hit.action
-            }
+        let perPacket: Bool
+        switch kind {
+        case .redirect, .connmarkRestore: perPacket = true
+        default: perPacket = false
         }
-        guard known else { return }
-        key("hit")
         if i < hitWordsByID.count, hitWordsByID[i].count > 0 {
+            key("hit")
             hitWordsByID.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
             comma = true
         } else {
+            guard context.withHit(e.hitID, { $0 != nil }) else { return }
+            key("hit")
             let mark = out.mark(room: 4096)
             context.withHit(e.hitID) { cached in
-                if let cached { hitRule(cached.hit) }
+                guard let cached else { return }
+                hitRule(cached.hit)
+                if !perPacket, let a = cached.hit.action { key("action"); action(a) }
             }
             if let words = out.written(since: mark), !words.isEmpty {
                 if i >= hitWordsByID.count { hitWordsByID.append(contentsOf: repeatElement([], count: i + 1 - hitWordsByID.count)) }
                 hitWordsByID[i] = words
             }
         }
-        if let a = action { key("action"); self.action(a) }
+        if perPacket {
+            switch kind {
+            case .redirect(let port):
+                key("action"); action(.redirected(toPort: port, originalDestination: e.tuple.dst))
+            default:
+                key("action"); action(.connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil))
+            }
+        }
         close(UInt8(ascii: "}"))
     }
 

@@ -22,6 +22,7 @@ final class ReportBuffer {
         flush()
         base.deallocate()
         pairs.deallocate()
+        secondsDigits.deallocate()
     }
 
     @inline(__always) private func reserve(_ n: Int) { if count + n > capacity { flush() } }
@@ -236,11 +237,64 @@ final class ReportBuffer {
         unsignedDecimal(UInt64(e.port))
     }
 
-    /// seconds.nanoseconds, the form the JSON output and the text headers use.
+    /// seconds.nanoseconds, the form the JSON output and the text headers use. The seconds of one timeline
+    /// rarely change from event to event: their digits are kept and copied.
     func timestamp(_ t: Timestamp) {
-        decimal(t.seconds)
-        byte(0x2e)
-        padded(UInt64(max(0, t.nanoseconds)), width: 9)
+        if t.seconds != lastSeconds {
+            if t.seconds < 0 {
+                decimal(t.seconds); byte(0x2e); nineDigits(UInt64(max(0, t.nanoseconds)))
+                return
+            }
+            var x = UInt64(t.seconds)
+            var n = 0
+            repeat { secondsDigits[19 - n] = 0x30 + UInt8(x % 10); x /= 10; n += 1 } while x > 0
+            secondsCount = n
+            lastSeconds = t.seconds
+        }
+        reserve(secondsCount + 10)
+        (base + count).update(from: secondsDigits + 20 - secondsCount, count: secondsCount)
+        count += secondsCount
+        base[count] = 0x2e
+        count += 1
+        nineDigits(UInt64(max(0, t.nanoseconds)))
+    }
+    private var lastSeconds: Int64 = -1
+    /// The digits of `lastSeconds`, right-aligned in 20 bytes.
+    private let secondsDigits = UnsafeMutablePointer<UInt8>.allocate(capacity: 20)
+    private var secondsCount = 0
+
+    /// Exactly nine digits, zero-padded; `v` is below 1 000 000 000.
+    @inline(__always)
+    func nineDigits(_ v: UInt64) {
+        reserve(9)
+        let top = Int(v / 100_000_000), rest = v % 100_000_000
+        let a = Int(rest / 1_000_000), b = Int((rest / 10_000) % 100), c = Int((rest / 100) % 100), d = Int(rest % 100)
+        base[count] = 0x30 + UInt8(top)
+        base[count + 1] = pairs[2 * a]; base[count + 2] = pairs[2 * a + 1]
+        base[count + 3] = pairs[2 * b]; base[count + 4] = pairs[2 * b + 1]
+        base[count + 5] = pairs[2 * c]; base[count + 6] = pairs[2 * c + 1]
+        base[count + 7] = pairs[2 * d]; base[count + 8] = pairs[2 * d + 1]
+        count += 9
+    }
+
+    /// `,"name":` (the comma when `comma`), in one reservation: a JSON record has a dozen keys per packet.
+    @inline(__always)
+    func jsonKey(_ name: StaticString, comma: Bool) {
+        name.withUTF8Buffer { k in
+            reserve(k.count + 4)
+            if comma { base[count] = UInt8(ascii: ","); count += 1 }
+            base[count] = 0x22
+            count += 1
+            append(k)
+            base[count] = 0x22; base[count + 1] = UInt8(ascii: ":")
+            count += 2
+        }
+    }
+
+    /// Calls `body` with the bytes written since `mark` (nil when they were flushed in between), in place.
+    func withWritten<T>(since mark: (offset: Int, flushes: Int), _ body: (UnsafeBufferPointer<UInt8>?) -> T) -> T {
+        guard mark.flushes == flushes, mark.offset <= count else { return body(nil) }
+        return body(UnsafeBufferPointer(start: base + mark.offset, count: count - mark.offset))
     }
 
     /// A JSON string literal with the escapes RFC 8259 requires.

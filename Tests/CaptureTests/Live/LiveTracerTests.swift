@@ -284,7 +284,7 @@ final class LiveTracerQuietPodTests: KernelTestCase {
                 XCTAssertTrue(r.ok, "app get failed: \(r.stdout) \(r.stderr)")
             } catch { trafficError = error }
             let start = Date()
-            // The close linger is 2 s; allow for a loaded machine, bounded.
+            // The live close linger is 0.5 s; allow for a loaded machine, bounded.
             while Date().timeIntervalSince(start) < 10 {
                 if let a = sink.arrivals.first(where: { $0.timeline.original.dst == server && $0.timeline.original.proto == IPProto.tcp }) {
                     seenWhileRunning = a
@@ -299,7 +299,7 @@ final class LiveTracerQuietPodTests: KernelTestCase {
 
         let arrival = try XCTUnwrap(seenWhileRunning, "the app's connection to \(server) reached the sink only at the end: \(sink.arrivals.map(\.timeline.original))")
         let app = arrival.timeline
-        let linger = CorrelatorOptions().closeLingerNanos
+        let linger = options.correlator.closeLingerNanos
         // The clock, not a later packet, finished it: it arrived soon after the linger (the timer runs every 250 ms,
         // 230 ms behind the wall clock), while nothing captured by then was past the linger. Without the timer the
         // lab's next unrelated packet, seconds later, is what emits it.
