@@ -87,7 +87,7 @@ public final class Correlator {
     public func ingest(inPlace r: inout PacketRecord) -> ConnectionID? { place(r) }
 
     @inline(__always)
-    private func place(_ r: borrowing PacketRecord) -> ConnectionID? {
+    private func place(_ r: PacketRecord) -> ConnectionID? {
         summary.packets += 1
         let t = r.time.totalNanoseconds
         if t > now { now = t }
@@ -108,6 +108,18 @@ public final class Correlator {
 
         if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(r, nf) }
 
+        // Most packets belong to a connection already in the table and change nothing about which one: placed
+        // through an unretained reference (the table holds the connection throughout, and `record` removes
+        // none), which saves a retain and a release per packet (~3 % of an analysis).
+        if let known = table.unretained(FlowKey(r.tuple)) {
+            let placed: ConnectionID? = known._withUnsafeGuaranteedRef { c in
+                if !c.conntrackApplied, nf.hasConntrack { return nil }
+                if r.tuple.proto == IPProto.tcp, isFreshSYN(r, on: c) { return nil }
+                record(r, nf, hitID: hitID, on: c)
+                return c.id
+            }
+            if let placed { return placed }
+        }
         let c = connection(for: r, nf)
         record(r, nf, hitID: hitID, on: c)
         return c.id

@@ -84,6 +84,13 @@ final class FlowTable<Key: FlowTableKey> {
         return -1
     }
 
+    /// The connection under `key` without taking a reference: valid only while the table still holds it.
+    @inline(__always)
+    func unretained(_ key: Key) -> Unmanaged<ConnectionState>? {
+        let i = slot(of: key)
+        return i < 0 ? nil : Unmanaged.passUnretained(values[i].unsafelyUnwrapped)
+    }
+
     subscript(key: Key) -> ConnectionState? {
         @inline(__always) get {
             let i = slot(of: key)
