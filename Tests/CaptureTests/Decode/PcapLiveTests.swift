@@ -85,6 +85,55 @@ final class PcapLiveTests: KernelTestCase {
         }
     }
 
+    /// The live source's `any` capture: loopback's leaving copies are dropped by its socket filter in the kernel
+    /// (received counts each lo packet once), packets leaving through a veth are still captured, and each
+    /// packet is read once.
+    func testLiveSourceDropsLoopbacksLeavingCopiesInTheKernel() throws {
+        let pod = try makeNetns(), peer = try makeNetns()
+        try pod.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name])
+        try pod.run(["ip", "addr", "add", "10.77.0.1/24", "dev", "eth0"])
+        try peer.run(["ip", "addr", "add", "10.77.0.2/24", "dev", "eth0"])
+        try pod.run(["ip", "link", "set", "eth0", "up"])
+        try peer.run(["ip", "link", "set", "eth0", "up"])
+        let source = try NflogTestSocket.inNetns(pod.name) {
+            try PcapLiveSource(index: 0, tags: RuleTagTable(), snaplen: 256, filter: nil, writePath: nil)
+        }
+        defer { source.close() }
+        XCTAssertTrue(source.dropsLoopbackCopiesInKernel)
+        try pod.run(["ping", "-c", "3", "-i", "0.2", "-W", "1", "127.0.0.1"])   // 6 packets on lo, each twice in the kernel
+        try pod.run(["ping", "-c", "2", "-i", "0.2", "-W", "1", "10.77.0.2"])   // 2 leaving eth0, 2 arriving
+
+        var slot = PacketRecord()
+        var seen: [(point: String, dst: IPAddress, type: UInt8, dir: PacketDirection)] = []
+        // Until the 10 pings' packets are in and nothing more came for 300 ms (eth0 also carries ARP and MLD).
+        let deadline = Date().addingTimeInterval(5)
+        var quietSince = Date()
+        while Date() < deadline && (seen.count < 10 || Date().timeIntervalSince(quietSince) < 0.3) {
+            let n = withUnsafeMutablePointer(to: &slot) { p in
+                source.drain(limit: 64, slot: { p }) { r, _ in
+                    seen.append((r.pointee.point.interface, r.pointee.tuple.dst.addr, r.pointee.icmpType, r.pointee.direction))
+                }
+            }
+            if n == 0 { _ = source.capture.waitReadable(timeoutMilliseconds: 50) } else { quietSince = Date() }
+        }
+        let lo = seen.filter { $0.point == "lo" }
+        let eth = seen.filter { $0.point != "lo" && $0.dst.family == .v4 && ($0.type == 8 || $0.type == 0) }
+        XCTAssertEqual(lo.count, 6, "\(seen)")
+        XCTAssertEqual(lo.filter { $0.type == 8 }.count, 3)
+        XCTAssertEqual(eth.count, 4, "\(seen)")
+        XCTAssertEqual(eth.filter { $0.dir == .outbound && $0.type == 8 && $0.dst == IPAddress("10.77.0.2") }.count, 2, "requests leaving eth0")
+        XCTAssertEqual(eth.filter { $0.dir == .inbound && $0.type == 0 }.count, 2, "replies arriving on eth0")
+        // The kernel handed over only what was read: without the filter it would count lo's 6 leaving copies too.
+        XCTAssertEqual(try source.capture.statistics().received, UInt32(seen.count), "\(seen)")
+
+        // With a --filter, libpcap's filter takes the socket, and libpcap drops the leaving copies after the copy.
+        let filtered = try NflogTestSocket.inNetns(pod.name) {
+            try PcapLiveSource(index: 0, tags: RuleTagTable(), snaplen: 256, filter: "icmp", writePath: nil)
+        }
+        defer { filtered.close() }
+        XCTAssertFalse(filtered.dropsLoopbackCopiesInKernel)
+    }
+
     func testBreakLoopEndsABlockedRead() throws {
         let ns = try makeNetns()
         let capture = try NflogTestSocket.inNetns(ns.name) { try PcapHandle.openLive(device: "lo", timeoutMilliseconds: 10_000) }
