@@ -47,6 +47,10 @@ public final class Correlator {
     private var escapesKept = 0
     private var byDesignKept = 0
     private var redirectTargetPorts: Set<UInt16>
+    /// Scratch memory for `sortEvents` (up to 1024 events), made once: a temporary allocation that size is a heap
+    /// allocation, and one per re-sorted connection showed in the profile.
+    private let sortKeys = UnsafeMutablePointer<(Int64, Int, Int)>.allocate(capacity: 1024)
+    private let sortScratch = UnsafeMutablePointer<CompactEvent>.allocate(capacity: 1024)
     /// `options.interfaceName`, interned once.
     private let givenInterfaceName: InterfaceName?
 
@@ -71,6 +75,11 @@ public final class Correlator {
             }
         }
         redirectTargetPorts = ports
+    }
+
+    deinit {
+        sortKeys.deallocate()
+        sortScratch.deallocate()
     }
 
     // MARK: - The hot path
@@ -935,7 +944,8 @@ public final class Correlator {
         if n <= 1024 {
             // Nearly in order (NFLOG events retimed a few places back): a stable insertion sort of (time, rank,
             // index) keys moves only what is out of place; then one pass builds the sorted events.
-            withUnsafeTemporaryAllocation(of: (Int64, Int, Int).self, capacity: n) { keys in
+            do {
+                let keys = sortKeys
                 c.events.withUnsafeBufferPointer { ev in
                     for i in 0..<n { keys[i] = (ev[i].time.totalNanoseconds, rank(ev[i]), i) }
                 }
@@ -950,11 +960,10 @@ public final class Correlator {
                 }
                 // Rewritten in place from a copy: no new array.
                 c.events.withUnsafeMutableBufferPointer { ev in
-                    withUnsafeTemporaryAllocation(of: CompactEvent.self, capacity: n) { old in
-                        _ = old.initialize(from: ev)
-                        for k in 0..<n { ev[k] = old[keys[k].2] }
-                        old.baseAddress!.deinitialize(count: n)
-                    }
+                    let old = sortScratch
+                    old.initialize(from: ev.baseAddress!, count: n)
+                    for k in 0..<n { ev[k] = old[keys[k].2] }
+                    old.deinitialize(count: n)
                 }
             }
             return
