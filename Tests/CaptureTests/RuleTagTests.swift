@@ -35,6 +35,30 @@ final class RuleTagTests: XCTestCase {
         XCTAssertEqual(table.tag(for: a)?.position, .rule(4))
     }
 
+    /// Many prefixes of every length (the hash reads 8-byte words and a tail), near-duplicates that differ in
+    /// one byte or only in length, trailing NULs: each gets one id, kept across repeats, and its own text.
+    func testInterningManyPrefixesAgainstADictionary() {
+        let table = RuleTagTable()
+        var model: [String: UInt32] = [:]
+        var generator = SystemRandomNumberGenerator()
+        var prefixes: [String] = []
+        for length in 1...63 {
+            let base = String((0..<length).map { _ in "abcdefghijklmnopqrstuvwxyz0123456789:".randomElement(using: &generator)! })
+            prefixes.append(base)
+            prefixes.append(String(base.dropLast()) + (base.last == "x" ? "y" : "x"))   // one byte apart
+            prefixes.append(base + "z")                                                   // one byte longer
+        }
+        for round in 0..<3 {
+            for p in prefixes.shuffled(using: &generator) where !p.isEmpty {
+                let id = round == 2 ? Array(p.utf8 + [0, 0]).withUnsafeBytes { table.intern($0) } : table.intern(p)
+                if let known = model[p] { XCTAssertEqual(id, known, p) } else { model[p] = id }
+                XCTAssertEqual(table.text(for: id), p)
+            }
+        }
+        XCTAssertEqual(Set(model.values).count, model.count, "two prefixes share an id")
+        XCTAssertEqual(table.count, model.count)
+    }
+
     func testAddressesParseAndPrint() {
         XCTAssertEqual(IPAddress("169.254.7.127")?.description, "169.254.7.127")
         XCTAssertEqual(IPAddress("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")?.description, "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")

@@ -452,20 +452,21 @@ public final class LiveTracer: @unchecked Sendable {
         guard let correlator else { return }
         for _ in 0..<count {
             pending.popOldest { record, frame, linkType in
-                if let id = record.pointee.nflog?.prefixID, id != 0 {
-                    let i = Int(id)
+                // The stored NFLOG fields, not `nflog` (which would copy all of them into an optional).
+                if record.pointee.hasNflog, record.pointee.nflogFields.prefixID != 0 {
+                    let i = Int(record.pointee.nflogFields.prefixID)
                     if i >= hits.count {
                         hits.append(contentsOf: repeatElement(0, count: i + 16 - hits.count))
                         rewritesDestination.append(contentsOf: repeatElement(0, count: hits.count - rewritesDestination.count))
                     }
                     hits[i] += 1
-                    if !conntrack.isEmpty, rewritesDestination(i), record.pointee.nflog?.conntrack == nil,
+                    if !conntrack.isEmpty, rewritesDestination(i), record.pointee.nflogFields.conntrack == nil,
                        let ct = conntrack.lookup(record.pointee.tuple) {
-                        record.pointee.nflog?.conntrack = ct
+                        record.pointee.nflogFields.conntrack = ct
                         conntrackJoins += 1
                     }
                 }
-                let connection = correlator.ingest(record.pointee)
+                let connection = correlator.ingest(inPlace: &record.pointee)
                 if reporter.wantsPackets, let frame {
                     reporter.packet(record.pointee, frame: frame, linkType: linkType, connection: connection)
                 }

@@ -1,3 +1,4 @@
+import Foundation
 // meshtrace's NFLOG prefix scheme: how a hit names the rule it twins.
 //
 //   mt:<family>:<table>:<chain>:<position>:<hash>
@@ -113,13 +114,15 @@ public final class RuleTagTable: @unchecked Sendable {
         var n = prefix.count
         while n > 0 && prefix[n - 1] == 0 { n -= 1 }
         if n == 0 { return 0 }
-        var h: UInt32 = 0x811c9dc5
-        for i in 0..<n { h = (h ^ UInt32(prefix[i])) &* 0x01000193 }
+        let h = RuleTagTable.hash(prefix, n)
         let slot = Int(h & 63)
         let seen = recent[slot]
         if seen.id != 0 && seen.hash == h {
-            let known = bytes[Int(seen.id)]
-            if known.count == n && known.withUnsafeBytes({ memcmpEqual($0, prefix, n) }) { return seen.id }
+            // Indexed in place: `bytes[i]` as a value would retain the prefix's array for the compare.
+            let equal = bytes.withUnsafeBufferPointer { all in
+                all[Int(seen.id)].count == n && all[Int(seen.id)].withUnsafeBytes { memcmp($0.baseAddress!, prefix.baseAddress!, n) == 0 }
+            }
+            if equal { return seen.id }
         }
         if let ids = buckets[h] {
             // Indexed, not `for id in ids`: unspecialized (debug) code iterates an Array through a read
@@ -144,6 +147,24 @@ public final class RuleTagTable: @unchecked Sendable {
         buckets[h, default: []].append(id)
         recent[slot] = (h, id)
         return id
+    }
+
+    /// A word at a time (every NFLOG record is interned): the prefix's 8-byte words, then its tail, mixed.
+    @inline(__always)
+    private static func hash(_ p: UnsafeRawBufferPointer, _ n: Int) -> UInt32 {
+        var h: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(n)
+        var i = 0
+        while i + 8 <= n {
+            h = (h ^ p.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* 0xff51_afd7_ed55_8ccd
+            h ^= h >> 29
+            i += 8
+        }
+        var tail: UInt64 = 0
+        var shift: UInt64 = 0
+        while i < n { tail |= UInt64(p[i]) << shift; shift += 8; i += 1 }
+        h = (h ^ tail) &* 0xc4ce_b9fe_1a85_ec53
+        h ^= h >> 32
+        return UInt32(truncatingIfNeeded: h)
     }
 
     public func intern(_ prefix: String) -> UInt32 {

@@ -53,8 +53,13 @@ public final class NflogSource {
                 record.pointee.ref = FrameRef(source: index, frame: recordsRead)
                 record.pointee.time = now
                 decoder.decodeNflogAttributes(tlvs, family: family, group: group, byteOrder: .host, into: &record.pointee)
-                if let kernel = record.pointee.nflog?.kernelTime { record.pointee.time = kernel } else { stampedOnReceipt += 1 }
-                if let seq = record.pointee.nflog?.sequence { account(seq) }
+                // The stored fields: `nflog` would copy all of them into an optional, twice per event.
+                if record.pointee.hasNflog, let kernel = record.pointee.nflogFields.kernelTime {
+                    record.pointee.time = kernel
+                } else {
+                    stampedOnReceipt += 1
+                }
+                if record.pointee.hasNflog, let seq = record.pointee.nflogFields.sequence { account(seq) }
                 body(record, tlvs)
             }
         }
