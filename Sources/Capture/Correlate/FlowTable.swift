@@ -24,11 +24,10 @@ func fmix64(_ x: UInt64) -> UInt64 {
 extension FlowKey: FlowTableKey {
     @inline(__always)
     func mixedHash(_ seed: UInt64) -> UInt64 {
-        var h = seed ^ (a.addr.lo &* 0x9E37_79B9_7F4A_7C15)
-        h = (h ^ b.addr.lo) &* 0xC2B2_AE3D_27D4_EB4F
-        h = (h ^ a.addr.hi ^ (b.addr.hi &* 31)) &* 0x1656_67B1_9E37_79F9
-        h ^= UInt64(a.port) << 48 | UInt64(b.port) << 32 | UInt64(proto) << 16 | UInt64(a.addr.family.rawValue) << 8
-            | UInt64(b.addr.family.rawValue)
+        var h = seed ^ (aLo &* 0x9E37_79B9_7F4A_7C15)
+        h = (h ^ bLo) &* 0xC2B2_AE3D_27D4_EB4F
+        h = (h ^ aHi ^ (bHi &* 31)) &* 0x1656_67B1_9E37_79F9
+        h ^= UInt64(aPort) << 48 | UInt64(bPort) << 32 | UInt64(proto) << 16 | UInt64(aFamily) << 8 | UInt64(bFamily)
         return fmix64(h)
     }
 }
