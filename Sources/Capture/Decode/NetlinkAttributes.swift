@@ -27,6 +27,7 @@ struct NetlinkAttributes {
     static let typeMask: UInt16 = 0x3fff
 
     /// The next attribute's type and value, or nil at the end or at the first malformed header (see `failure`).
+    @inline(__always)
     mutating func next() -> (type: UInt16, value: ByteReader)? {
         guard failure == .none else { return nil }
         guard reader.remaining >= 4 else {

@@ -60,7 +60,7 @@ extension PacketDecoder {
     private mutating func decodeNflogTLVs(_ r: ByteReader, family: UInt8, group: UInt16, byteOrder: ByteOrder,
                                           nestedByteOrder: ByteOrder, captureCut: Bool, into record: inout PacketRecord) {
         // Filled in place: the record's NFLOG fields are ~270 bytes, and this runs for every NFLOG record.
-        record.nflogFields = NflogMeta()
+        record.nflogFields.reset()
         record.hasNflog = true
         record.nflogFields.group = group
         var payload: ByteReader? = nil

@@ -290,6 +290,16 @@ public struct NflogMeta: Hashable, Sendable {
     public var physInputIfindex: UInt32? = nil
     public var physOutputIfindex: UInt32? = nil
     public init() {}
+
+    /// Back to `NflogMeta()` field by field, in place: assigning a fresh value builds all ~270 bytes and
+    /// copies them, for every NFLOG record decoded.
+    @inline(__always)
+    public mutating func reset() {
+        group = 0; hook = .unknown; hwProtocol = 0; mark = nil; prefixID = 0
+        inputIfindex = nil; outputIfindex = nil; uid = nil; gid = nil; sequence = nil
+        hadKernelTimestamp = false; conntrack = nil; kernelTime = nil; globalSequence = nil; conntrackState = nil
+        physInputIfindex = nil; physOutputIfindex = nil
+    }
 }
 
 /// Reasons a packet was only partly decoded. A bitset so recording one never allocates.

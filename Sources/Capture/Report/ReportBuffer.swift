@@ -297,8 +297,22 @@ final class ReportBuffer {
         return body(UnsafeBufferPointer(start: base + mark.offset, count: count - mark.offset))
     }
 
-    /// A JSON string literal with the escapes RFC 8259 requires.
+    /// A JSON string literal with the escapes RFC 8259 requires. Most strings (rule text, evidence, names) need
+    /// none: they are scanned once and copied whole.
     func jsonString(_ s: String) {
+        var s = s
+        let copied = s.withUTF8 { u -> Bool in
+            for b in u where b == 0x22 || b == 0x5c || b < 0x20 { return false }
+            if u.count > capacity / 2 { return false }
+            reserve(u.count + 2)
+            base[count] = 0x22
+            count += 1
+            append(u)
+            base[count] = 0x22
+            count += 1
+            return true
+        }
+        if copied { return }
         byte(0x22)
         for b in s.utf8 {
             switch b {

@@ -31,6 +31,14 @@ final class ReportBufferTests: XCTestCase {
 
     func testJSONStringsAreEscapedAndLongOutputIsWrittenWhole() throws {
         XCTAssertEqual(try render { $0.jsonString("a\"b\\c\nd\u{1}é") }, "\"a\\\"b\\\\c\\nd\\u0001é\"")
+        // Strings that need no escape are copied whole: ASCII, UTF-8, empty, one escape at the very end, and
+        // a clean string too long for the buffer's fast path.
+        XCTAssertEqual(try render { $0.jsonString("-A OUTPUT -j ISTIO_OUTPUT"); $0.jsonString("é→ü"); $0.jsonString("") },
+                       "\"-A OUTPUT -j ISTIO_OUTPUT\"\"é→ü\"\"\"")
+        XCTAssertEqual(try render { $0.jsonString("tab at the end\t") }, "\"tab at the end\\t\"")
+        let clean = String(repeating: "rule ", count: 20_000)
+        XCTAssertEqual(try render { b in b.text("x"); b.jsonString(clean); b.jsonString(clean) },
+                       "x\"\(clean)\"\"\(clean)\"")
         let long = String(repeating: "x", count: 300_000)
         let out = try render { b in for _ in 0..<3 { b.text("0123456789") }; b.text(long); b.text("end") }
         XCTAssertEqual(out.utf8.count, 30 + 300_000 + 3)
