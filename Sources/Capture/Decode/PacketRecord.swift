@@ -297,7 +297,10 @@ public struct NflogMeta: Hashable, Sendable {
     public mutating func reset() {
         group = 0; hook = .unknown; hwProtocol = 0; mark = nil; prefixID = 0
         inputIfindex = nil; outputIfindex = nil; uid = nil; gid = nil; sequence = nil
-        hadKernelTimestamp = false; conntrack = nil; kernelTime = nil; globalSequence = nil; conntrackState = nil
+        // The ~100-byte conntrack optional is written only when set: clearing it unconditionally copied a whole
+        // empty value in, for every record (almost none carries one).
+        hadKernelTimestamp = false; kernelTime = nil; globalSequence = nil; conntrackState = nil
+        if conntrack != nil { conntrack = nil }
         physInputIfindex = nil; physOutputIfindex = nil
     }
 }

@@ -108,10 +108,13 @@ public final class LiveTracer: @unchecked Sendable {
     private let conntrack = ConntrackTable()
     private var trace: TraceJoiner?
     private var pending: PendingRecords
-    private var hits: [Int] = []
+    /// NFLOG events per prefix id, counted for every record: plain memory, not an Array property (whose every
+    /// `+= 1` from inside the hold ring's closure checked uniqueness and retained the buffer).
+    private var hits = UnsafeMutablePointer<Int>.allocate(capacity: 0)
+    private var hitsCapacity = 0
     /// Per NFLOG prefix id: 0 not yet known, 1 the twin's rule rewrites the destination (its records get the
     /// conntrack entry that names the original destination), 2 it does not.
-    private var rewritesDestination: [UInt8] = []
+    private var rewritesDestination = UnsafeMutablePointer<UInt8>.allocate(capacity: 0)
     private var arrival: Int64 = 0
     private var conntrackJoins: UInt64 = 0
     private var openFailure: Error?
@@ -138,7 +141,27 @@ public final class LiveTracer: @unchecked Sendable {
         pending = PendingRecords(capacity: 1 << 14, keepFrames: false)
     }
 
-    deinit { close(stopPipe[0]); close(stopPipe[1]) }
+    deinit {
+        close(stopPipe[0]); close(stopPipe[1])
+        hits.deallocate()
+        rewritesDestination.deallocate()
+    }
+
+    /// Room for prefix id `i` in the per-prefix tables (ids are dense, from the tag table).
+    private func growPrefixTables(to i: Int) {
+        let capacity = max(64, (i + 1) * 2)
+        let newHits = UnsafeMutablePointer<Int>.allocate(capacity: capacity)
+        newHits.initialize(repeating: 0, count: capacity)
+        newHits.update(from: hits, count: hitsCapacity)
+        hits.deallocate()
+        hits = newHits
+        let newKinds = UnsafeMutablePointer<UInt8>.allocate(capacity: capacity)
+        newKinds.initialize(repeating: 0, count: capacity)
+        newKinds.update(from: rewritesDestination, count: hitsCapacity)
+        rewritesDestination.deallocate()
+        rewritesDestination = newKinds
+        hitsCapacity = capacity
+    }
 
     /// The rules as read before the twins went in (nil before `run` installed them).
     public var ruleset: Ruleset? { instrumenter.plan == nil ? nil : instrumenter.ruleset }
@@ -208,7 +231,7 @@ public final class LiveTracer: @unchecked Sendable {
         losses.pcapDropped = pcap?.dropped ?? 0
         losses.eventSocketOverruns = events?.overruns ?? 0
         var counts: [String: Int] = [:]
-        for (id, n) in hits.enumerated() where n > 0 { counts[tags.text(for: UInt32(id)), default: 0] += n }
+        for id in 0..<hitsCapacity where hits[id] > 0 { counts[tags.text(for: UInt32(id)), default: 0] += hits[id] }
         let kernelTotal = kernel.values.reduce(0, +)
         let received = kernel.keys.reduce(UInt64(0)) { $0 + UInt64(counts[$1] ?? 0) }
         losses.counterShortfall = kernelTotal > received ? kernelTotal - received : 0
@@ -424,7 +447,9 @@ public final class LiveTracer: @unchecked Sendable {
 
     /// A slot of the hold ring for a source to decode into (the oldest record goes on early if it is full).
     private func freeSlot() -> UnsafeMutablePointer<PacketRecord> {
-        if pending.isFull { release(count: 1) }
+        if pending.isFull, let correlator {
+            releaseOldest(to: correlator, reporter: reporter, wantsPackets: reporter.wantsPackets)
+        }
         return pending.nextSlot()
     }
 
@@ -445,31 +470,31 @@ public final class LiveTracer: @unchecked Sendable {
 
     private func release(force: Bool) {
         let cutoff = Int64(DispatchTime.now().uptimeNanoseconds) - LiveTracer.holdNanos
-        while let at = pending.oldestArrival, force || at <= cutoff { release(count: 1) }
+        guard let correlator else { return }
+        // Loaded once per pass, not once per record.
+        let reporter = self.reporter, wantsPackets = reporter.wantsPackets
+        while let at = pending.oldestArrival, force || at <= cutoff {
+            releaseOldest(to: correlator, reporter: reporter, wantsPackets: wantsPackets)
+        }
     }
 
-    private func release(count: Int) {
-        guard let correlator else { return }
-        for _ in 0..<count {
-            pending.popOldest { record, frame, linkType in
-                // The stored NFLOG fields, not `nflog` (which would copy all of them into an optional).
-                if record.pointee.hasNflog, record.pointee.nflogFields.prefixID != 0 {
-                    let i = Int(record.pointee.nflogFields.prefixID)
-                    if i >= hits.count {
-                        hits.append(contentsOf: repeatElement(0, count: i + 16 - hits.count))
-                        rewritesDestination.append(contentsOf: repeatElement(0, count: hits.count - rewritesDestination.count))
-                    }
-                    hits[i] += 1
-                    if !conntrack.isEmpty, rewritesDestination(i), record.pointee.nflogFields.conntrack == nil,
-                       let ct = conntrack.lookup(record.pointee.tuple) {
-                        record.pointee.nflogFields.conntrack = ct
-                        conntrackJoins += 1
-                    }
+    @inline(__always)
+    private func releaseOldest(to correlator: Correlator, reporter: Reporter, wantsPackets: Bool) {
+        pending.popOldest { record, frame, linkType in
+            // The stored NFLOG fields, not `nflog` (which would copy all of them into an optional).
+            if record.pointee.hasNflog, record.pointee.nflogFields.prefixID != 0 {
+                let i = Int(record.pointee.nflogFields.prefixID)
+                if i >= hitsCapacity { growPrefixTables(to: i) }
+                hits[i] += 1
+                if !conntrack.isEmpty, rewritesDestination(i), record.pointee.nflogFields.conntrack == nil,
+                   let ct = conntrack.lookup(record.pointee.tuple) {
+                    record.pointee.nflogFields.conntrack = ct
+                    conntrackJoins += 1
                 }
-                let connection = correlator.ingest(inPlace: &record.pointee)
-                if reporter.wantsPackets, let frame {
-                    reporter.packet(record.pointee, frame: frame, linkType: linkType, connection: connection)
-                }
+            }
+            let connection = correlator.ingest(inPlace: &record.pointee)
+            if wantsPackets, let frame {
+                reporter.packet(record.pointee, frame: frame, linkType: linkType, connection: connection)
             }
         }
     }
