@@ -66,7 +66,12 @@ final class ReportBuffer {
 
     @inline(__always)
     func text(_ s: StaticString) {
-        s.withUTF8Buffer { append($0) }
+        // A literal's bytes directly: through `withUTF8Buffer`'s closure this stayed a call per piece.
+        if s.hasPointerRepresentation {
+            append(UnsafeBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
+        } else {
+            s.withUTF8Buffer { append($0) }
+        }
     }
 
     /// Disfavoured: a literal would otherwise pick this overload (String is the default literal type) and be

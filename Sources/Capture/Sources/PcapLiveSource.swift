@@ -16,6 +16,9 @@ public final class PcapLiveSource {
     /// The pod's one non-loopback interface when it has exactly one (eth0): cooked v1 headers carry no
     /// interface index, so packets that are not loopback are named after it; otherwise they stay "any".
     public let podInterface: String?
+    /// Interned once: naming a packet by string took the name table's lock and a lookup per packet.
+    private let podInterfaceName: InterfaceName?
+    private let anyPoint = CapturePoint.interface("any")
     public private(set) var framesRead: UInt64 = 0
     /// True when the kernel drops loopback's leaving copies before they are copied into the ring.
     public let dropsLoopbackCopiesInKernel: Bool
@@ -45,6 +48,7 @@ public final class PcapLiveSource {
         writer = try writePath.map { try PcapDumpWriter(path: $0, like: live) }
         let others = PcapLiveSource.interfaceNames().filter { $0 != "lo" }
         podInterface = others.count == 1 ? others[0] : nil
+        podInterfaceName = podInterface.map { InterfaceName($0) }
     }
 
     public var fd: Int32? { capture.selectableFileDescriptor }
@@ -63,10 +67,10 @@ public final class PcapLiveSource {
             let record = slot()
             record.pointee.ref = FrameRef(source: index, frame: framesRead)
             record.pointee.time = p.time
-            record.pointee.point = .interface("any")
+            record.pointee.point = anyPoint
             decoder.decode(linkType: linkType, bytes: p.bytes, wireLength: p.wireLength, into: &record.pointee)
-            if let podInterface, !record.pointee.point.isLoopback, record.pointee.point.interface == "any" {
-                record.pointee.point.interface = podInterface
+            if let podInterfaceName, !record.pointee.point.isLoopback, record.pointee.point.interfaceName == .any {
+                record.pointee.point.interfaceName = podInterfaceName
             }
             body(record, p.bytes)
         }
