@@ -73,17 +73,24 @@ struct Analyze: ParsableCommand {
 
         let progress = ProgressLine(config: config, label: "reading " + files.joined(separator: " + "),
                                     totalBytes: ProgressLine.totalSize(of: files))
-        var record = PacketRecord()
         var bytesRead: UInt64 = 24
-        var count = 0
-        while let frame = source.next(into: &record) {
-            let id = correlator.ingest(inPlace: &record)
-            if reporter.wantsPackets {
+        if reporter.wantsPackets {
+            // pcapng and HTML keep every packet's bytes: one thread, each frame handed over as it is read.
+            var record = PacketRecord()
+            var count = 0
+            while let frame = source.next(into: &record) {
+                let id = correlator.ingest(inPlace: &record)
                 reporter.packet(record, frame: frame, linkType: source.currentLinkType, connection: id)
+                bytesRead &+= UInt64(frame.count) &+ 16
+                count &+= 1
+                if count & 0xfff == 0 { progress.update(bytesRead: bytesRead) }
             }
-            bytesRead &+= UInt64(frame.count) &+ 16
-            count &+= 1
-            if count & 0xfff == 0 { progress.update(bytesRead: bytesRead) }
+        } else {
+            // Reading and decoding on a second thread, correlating and printing on this one, in capture order.
+            ReadAheadSource(source).forEach({ correlator.ingest(inPlace: &$0) }, batchDone: { bytes in
+                bytesRead &+= bytes
+                progress.update(bytesRead: bytesRead)
+            })
         }
         progress.line.clear()
 

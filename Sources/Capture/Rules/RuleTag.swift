@@ -106,6 +106,9 @@ public final class RuleTagTable: @unchecked Sendable {
     /// Recently seen prefixes by hash (id 0: empty slot). A capture repeats a handful of prefixes on every NFLOG
     /// record; this finds them without the dictionary's hashing of the hash.
     private var recent = [(hash: UInt32, id: UInt32)](repeating: (0, 0), count: 64)
+    /// Guards the tables' growth against readers on other threads. Interning itself is for one thread at a time
+    /// (the one decoding); reading tags and texts is for any.
+    private let lock = NSLock()
 
     public init() {}
 
@@ -139,11 +142,16 @@ public final class RuleTagTable: @unchecked Sendable {
             }
         }
         let copy = [UInt8](UnsafeRawBufferPointer(rebasing: prefix[0..<n]))
+        let text = String(decoding: copy, as: UTF8.self)
+        let tag = RuleTag(prefix: text)
+        // Under the lock: `analyze` decodes (and interns) on a read-ahead thread while the correlator reads
+        // tags and texts on its own. Lookups of known prefixes above touch only what this thread writes.
+        lock.lock()
         let id = UInt32(bytes.count)
         bytes.append(copy)
-        let text = String(decoding: copy, as: UTF8.self)
         texts.append(text)
-        tags.append(RuleTag(prefix: text))
+        tags.append(tag)
+        lock.unlock()
         buckets[h, default: []].append(id)
         recent[slot] = (h, id)
         return id
@@ -173,10 +181,19 @@ public final class RuleTagTable: @unchecked Sendable {
     }
 
     /// The parsed meshtrace tag, or nil for an empty or foreign prefix.
-    public func tag(for id: UInt32) -> RuleTag? { Int(id) < tags.count ? tags[Int(id)] : nil }
+    public func tag(for id: UInt32) -> RuleTag? {
+        lock.lock(); defer { lock.unlock() }
+        return Int(id) < tags.count ? tags[Int(id)] : nil
+    }
     /// The prefix text as logged.
-    public func text(for id: UInt32) -> String { Int(id) < texts.count ? texts[Int(id)] : "" }
-    public var count: Int { bytes.count - 1 }
+    public func text(for id: UInt32) -> String {
+        lock.lock(); defer { lock.unlock() }
+        return Int(id) < texts.count ? texts[Int(id)] : ""
+    }
+    public var count: Int {
+        lock.lock(); defer { lock.unlock() }
+        return bytes.count - 1
+    }
 }
 
 @inline(__always)
