@@ -189,7 +189,8 @@ public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible
 /// The netfilter hook an NFLOG record was emitted from (NFULA_PACKET_HDR hook, NF_INET_*).
 public enum NetfilterHook: UInt8, Sendable, CustomStringConvertible {
     case prerouting = 0, input = 1, forward = 2, output = 3, postrouting = 4, ingress = 5, unknown = 255
-    public var description: String {
+    /// The hook's name as a literal (printers copy its bytes without making a String).
+    public var name: StaticString {
         switch self {
         case .prerouting: return "PREROUTING"
         case .input: return "INPUT"
@@ -200,6 +201,7 @@ public enum NetfilterHook: UInt8, Sendable, CustomStringConvertible {
         case .unknown: return "?"
         }
     }
+    public var description: String { "\(name)" }
 }
 
 /// Which way a packet was going at its capture point, relative to the host (pod) that captured it.

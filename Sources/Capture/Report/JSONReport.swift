@@ -158,7 +158,7 @@ public final class JSONReport: ReportSink {
         out.text("],\"point\":")
         switch pointKind {
         case .interface: interface()
-        case .netfilter: out.text("\"nf:"); out.text(JSONReport.hookName(hook)); out.byte(0x22)
+        case .netfilter: out.text("\"nf:"); out.text(hook.name); out.byte(0x22)
         case .unknown: out.text("\"?\"")
         }
         switch direction {
@@ -179,19 +179,6 @@ public final class JSONReport: ReportSink {
             close(UInt8(ascii: "]"))
         }
         close(UInt8(ascii: "}"))
-    }
-
-    /// `NetfilterHook.description` without a String.
-    static func hookName(_ h: NetfilterHook) -> StaticString {
-        switch h {
-        case .prerouting: return "PREROUTING"
-        case .input: return "INPUT"
-        case .forward: return "FORWARD"
-        case .output: return "OUTPUT"
-        case .postrouting: return "POSTROUTING"
-        case .ingress: return "INGRESS"
-        case .unknown: return "?"
-        }
     }
 
     /// `"hit":{...}` of a compact event: the rule's part written once per hit id and copied after that. The

@@ -89,12 +89,7 @@ final class PcapLiveTests: KernelTestCase {
     /// (received counts each lo packet once), packets leaving through a veth are still captured, and each
     /// packet is read once.
     func testLiveSourceDropsLoopbacksLeavingCopiesInTheKernel() throws {
-        let pod = try makeNetns(), peer = try makeNetns()
-        try pod.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name])
-        try pod.run(["ip", "addr", "add", "10.77.0.1/24", "dev", "eth0"])
-        try peer.run(["ip", "addr", "add", "10.77.0.2/24", "dev", "eth0"])
-        try pod.run(["ip", "link", "set", "eth0", "up"])
-        try peer.run(["ip", "link", "set", "eth0", "up"])
+        let (pod, _) = try makeNetnsPair("10.77.0.1", "10.77.0.2")
         let source = try NflogTestSocket.inNetns(pod.name) {
             try PcapLiveSource(index: 0, tags: RuleTagTable(), snaplen: 256, filter: nil, writePath: nil)
         }

@@ -95,12 +95,6 @@ final class JSONReportTests: XCTestCase {
         XCTAssertEqual(compared, 6)
     }
 
-    func testHookNamesAreTheHooksDescriptions() {
-        for hook in [NetfilterHook.prerouting, .input, .forward, .output, .postrouting, .ingress, .unknown] {
-            XCTAssertEqual("\(JSONReport.hookName(hook))", hook.description)
-        }
-    }
-
     /// Timestamps keep their seconds' digits between events: a change of second, a zero and a short value
     /// must each be written afresh.
     func testTimestampsAcrossSecondsAreWrittenInFull() throws {

@@ -27,12 +27,7 @@ final class RulesKernelTests: KernelTestCase {
 
     /// A pod netns and a peer netns joined by a veth (eth0 on both sides).
     func makePodAndPeer() throws -> (pod: ScratchNetns, peer: ScratchNetns) {
-        let pod = try makeNetns(), peer = try makeNetns()
-        try pod.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name])
-        try pod.run(["ip", "addr", "add", "\(podIP)/24", "dev", "eth0"])
-        try peer.run(["ip", "addr", "add", "\(peerIP)/24", "dev", "eth0"])
-        try pod.run(["ip", "link", "set", "eth0", "up"])
-        try peer.run(["ip", "link", "set", "eth0", "up"])
+        let (pod, peer) = try makeNetnsPair(podIP, peerIP)
         return (pod, peer)
     }
 

@@ -23,6 +23,17 @@ class KernelTestCase: XCTestCase {
         namespaces.append(ns)
         return ns
     }
+
+    /// Two new namespaces joined by a veth named `eth0` on both sides, addressed /24 and up.
+    func makeNetnsPair(_ firstAddress: String, _ secondAddress: String) throws -> (ScratchNetns, ScratchNetns) {
+        let first = try makeNetns(), second = try makeNetns()
+        try first.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", second.name])
+        try first.run(["ip", "addr", "add", "\(firstAddress)/24", "dev", "eth0"])
+        try second.run(["ip", "addr", "add", "\(secondAddress)/24", "dev", "eth0"])
+        try first.run(["ip", "link", "set", "eth0", "up"])
+        try second.run(["ip", "link", "set", "eth0", "up"])
+        return (first, second)
+    }
 }
 
 /// Paths of the project's own files, for tests.
