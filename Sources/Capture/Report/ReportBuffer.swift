@@ -189,14 +189,6 @@ final class ReportBuffer {
         count += 6
     }
 
-    /// Zero-padded to `width` digits.
-    func padded(_ v: UInt64, width: Int) {
-        var digits = 1, x = v
-        while x >= 10 { x /= 10; digits += 1 }
-        for _ in 0..<max(0, width - digits) { byte(0x30) }
-        unsignedDecimal(v)
-    }
-
     func hex(_ v: UInt32) {
         let digits: StaticString = "0123456789abcdef"
         var started = false
@@ -245,11 +237,11 @@ final class ReportBuffer {
     /// seconds.nanoseconds, the form the JSON output and the text headers use. The seconds of one timeline
     /// rarely change from event to event: their digits are kept and copied.
     func timestamp(_ t: Timestamp) {
+        if t.seconds < 0 {
+            decimal(t.seconds); byte(0x2e); nineDigits(UInt64(max(0, t.nanoseconds)))
+            return
+        }
         if t.seconds != lastSeconds {
-            if t.seconds < 0 {
-                decimal(t.seconds); byte(0x2e); nineDigits(UInt64(max(0, t.nanoseconds)))
-                return
-            }
             var x = UInt64(t.seconds)
             var n = 0
             repeat { secondsDigits[19 - n] = 0x30 + UInt8(x % 10); x /= 10; n += 1 } while x > 0
@@ -263,6 +255,7 @@ final class ReportBuffer {
         count += 1
         nineDigits(UInt64(max(0, t.nanoseconds)))
     }
+    /// Never a valid cache key at first (negative times are written in full above).
     private var lastSeconds: Int64 = -1
     /// The digits of `lastSeconds`, right-aligned in 20 bytes.
     private let secondsDigits = UnsafeMutablePointer<UInt8>.allocate(capacity: 20)
@@ -347,10 +340,9 @@ final class ReportBuffer {
         return (count, flushes)
     }
 
-    /// The bytes written since `mark`, nil when they were flushed in between.
+    /// A copy of the bytes written since `mark`, nil when they were flushed in between.
     func written(since mark: (offset: Int, flushes: Int)) -> [UInt8]? {
-        guard mark.flushes == flushes, mark.offset <= count else { return nil }
-        return Array(UnsafeBufferPointer(start: base + mark.offset, count: count - mark.offset))
+        withWritten(since: mark) { $0.map { Array($0) } }
     }
 
     func flush() {

@@ -103,7 +103,8 @@ final class JSONReportTests: XCTestCase {
         FileManager.default.createFile(atPath: dir.path, contents: nil)
         let fd = open(dir.path, O_WRONLY | O_TRUNC)
         XCTAssertGreaterThanOrEqual(fd, 0)
-        let times = [Timestamp(seconds: 1_795_823_585, nanoseconds: 5), Timestamp(seconds: 1_795_823_585, nanoseconds: 999_999_999),
+        // A negative second first: the cache's initial key must not be taken for it.
+        let times = [Timestamp(seconds: -1, nanoseconds: 5), Timestamp(seconds: 1_795_823_585, nanoseconds: 5), Timestamp(seconds: 1_795_823_585, nanoseconds: 999_999_999),
                      Timestamp(seconds: 1_795_823_586, nanoseconds: 0), Timestamp(seconds: 7, nanoseconds: 120_000_000),
                      Timestamp(seconds: 0, nanoseconds: 1), Timestamp(seconds: 1_795_823_586, nanoseconds: 42)]
         do {
