@@ -192,24 +192,17 @@ public final class JSONReport: ReportSink {
         case .redirect, .connmarkRestore: perPacket = true
         default: perPacket = false
         }
-        if i < hitWordsByID.count, hitWordsByID[i].count > 0 {
-            key("hit")
-            hitWordsByID.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
-            comma = true
-        } else {
-            guard context.withHit(e.hitID, { $0 != nil }) else { return }
-            key("hit")
-            let mark = out.mark(room: 4096)
+        let known = (i < hitWordsByID.count && !hitWordsByID[i].isEmpty) || context.withHit(e.hitID, { $0 != nil })
+        guard known else { return }
+        key("hit")
+        cached(&hitWordsByID, i) {
             context.withHit(e.hitID) { cached in
                 guard let cached else { return }
                 hitRule(cached.hit)
                 if !perPacket, let a = cached.hit.action { key("action"); action(a) }
             }
-            if let words = out.written(since: mark), !words.isEmpty {
-                if i >= hitWordsByID.count { hitWordsByID.append(contentsOf: repeatElement([], count: i + 1 - hitWordsByID.count)) }
-                hitWordsByID[i] = words
-            }
         }
+        comma = true
         if perPacket {
             switch kind {
             case .redirect(let port):
@@ -223,15 +216,22 @@ public final class JSONReport: ReportSink {
 
     /// An interface name as a JSON string, escaped once per name.
     private func interfaceName(_ index: UInt16, context: EventContext) {
-        let i = Int(index)
-        if i >= interfaceWords.count || interfaceWords[i].isEmpty {
-            if i >= interfaceWords.count { interfaceWords.append(contentsOf: repeatElement([], count: i + 1 - interfaceWords.count)) }
-            let mark = out.mark(room: 1024)
-            out.jsonString(context.interfaceNames[i])
-            if let words = out.written(since: mark) { interfaceWords[i] = words }
+        cached(&interfaceWords, Int(index)) { out.jsonString(context.interfaceNames[Int(index)]) }
+    }
+
+    /// Entry `i` of `table`: its bytes copied when written before, else written by `write` and kept (unless the
+    /// buffer was flushed in between; then the next use writes it again).
+    private func cached(_ table: inout [[UInt8]], _ i: Int, write: () -> Void) {
+        if i < table.count, !table[i].isEmpty {
+            table.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
             return
         }
-        interfaceWords.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
+        let mark = out.mark(room: 4096)
+        write()
+        if let words = out.written(since: mark), !words.isEmpty {
+            if i >= table.count { table.append(contentsOf: repeatElement([], count: i + 1 - table.count)) }
+            table[i] = words
+        }
     }
 
     private func evidence(_ ev: HopEvidence) {

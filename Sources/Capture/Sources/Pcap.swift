@@ -177,6 +177,48 @@ public final class PcapHandle: @unchecked Sendable {
         }
     }
 
+    /// A packet on lo reaches a packet socket twice, leaving (PACKET_OUTGOING) and arriving. libpcap drops the
+    /// leaving copy, but only after the kernel copied it into the ring: half of a pod's loopback traffic (the
+    /// app's legs to ztunnel) copied for nothing. This socket filter drops it in the kernel: classic BPF on the
+    /// packet type and interface index (SKF_AD_PKTTYPE, SKF_AD_IFINDEX), which `any` captures in LINUX_SLL cannot
+    /// express in pcap filter syntax. Kept packets are cut at `snaplen`, as libpcap's own filters do. With a
+    /// `setFilter`, libpcap's filter takes the socket instead and the leaving copies go back to being dropped
+    /// after the copy. Live `any` captures only (PcapLiveSource). Returns false (and changes nothing) when the kernel refuses the filter.
+    public func dropLoopbackLeavingCopies(snaplen: Int32) -> Bool {
+        guard isLive, let fd = selectableFileDescriptor else { return false }
+        let lo = if_nametoindex("lo")
+        guard lo != 0 else { return false }
+        let ldAbsWord: UInt16 = 0x20, jeqK: UInt16 = 0x15, retK: UInt16 = 0x06
+        let ancillary: UInt32 = 0xffff_f000   // SKF_AD_OFF (-0x1000)
+        let pktType: UInt32 = 4, ifIndex: UInt32 = 8, packetOutgoing: UInt32 = 4
+        // (code, jt, jf, k)
+        let program: [(UInt16, UInt8, UInt8, UInt32)] = [
+            (ldAbsWord, 0, 0, ancillary + pktType),
+            (jeqK, 0, 2, packetOutgoing),          // leaving: look at the interface; else keep
+            (ldAbsWord, 0, 0, ancillary + ifIndex),
+            (jeqK, 1, 0, lo),                      // lo: drop; else keep
+            (retK, 0, 0, UInt32(max(snaplen, 1))),
+            (retK, 0, 0, 0),
+        ]
+        // struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }, struct sock_fprog { u16 len; sock_filter *filter; }
+        let instructions = UnsafeMutableRawPointer.allocate(byteCount: program.count * 8, alignment: 8)
+        defer { instructions.deallocate() }
+        for (i, ins) in program.enumerated() {
+            let at = instructions + i * 8
+            at.storeBytes(of: ins.0, toByteOffset: 0, as: UInt16.self)
+            at.storeBytes(of: ins.1, toByteOffset: 2, as: UInt8.self)
+            at.storeBytes(of: ins.2, toByteOffset: 3, as: UInt8.self)
+            at.storeBytes(of: ins.3, toByteOffset: 4, as: UInt32.self)
+        }
+        let fprog = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 8)
+        defer { fprog.deallocate() }
+        fprog.initializeMemory(as: UInt8.self, repeating: 0, count: 16)
+        fprog.storeBytes(of: UInt16(program.count), toByteOffset: 0, as: UInt16.self)
+        fprog.storeBytes(of: UInt(bitPattern: instructions), toByteOffset: 8, as: UInt.self)
+        let soAttachFilter: Int32 = 26
+        return setsockopt(fd, SOL_SOCKET, soAttachFilter, fprog, 16) == 0
+    }
+
     /// A descriptor to poll(2) for readability, when the device has one.
     public var selectableFileDescriptor: Int32? {
         guard let handle else { return nil }
