@@ -32,6 +32,19 @@ extension FlowKey: FlowTableKey {
     }
 }
 
+/// A directed tuple (the live tracer's conntrack cache keys its NAT views by it).
+extension FiveTuple: FlowTableKey {
+    @inline(__always)
+    func mixedHash(_ seed: UInt64) -> UInt64 {
+        var h = seed ^ (src.addr.lo &* 0x9E37_79B9_7F4A_7C15)
+        h = (h ^ dst.addr.lo) &* 0xC2B2_AE3D_27D4_EB4F
+        h = (h ^ src.addr.hi ^ (dst.addr.hi &* 31)) &* 0x1656_67B1_9E37_79F9
+        h ^= UInt64(src.port) << 48 | UInt64(dst.port) << 32 | UInt64(proto) << 16
+            | UInt64(src.addr.family.rawValue) << 8 | UInt64(dst.addr.family.rawValue)
+        return fmix64(h)
+    }
+}
+
 extension InitiatorKey: FlowTableKey {
     @inline(__always)
     func mixedHash(_ seed: UInt64) -> UInt64 {

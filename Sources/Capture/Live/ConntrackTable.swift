@@ -13,7 +13,7 @@
 /// (the restored connmark is shown from the CONNMARK rules' own hits).
 ///
 /// Bounded, and looked up for each REDIRECT/DNAT twin hit: a set-associative cache (4 ways per set, the set
-/// chosen by a seeded mix of the tuple's words), where a new key replaces the oldest entry of its set. Three keys
+/// chosen by the flow table's seeded mix of the tuple's words, `FiveTuple.mixedHash`), where a new key replaces the oldest entry of its set. Three keys
 /// per NATed connection went into a `Dictionary` before, hashed with SipHash over every field: ~5 % of the
 /// tracer's time under load.
 final class ConntrackTable {
@@ -63,11 +63,7 @@ final class ConntrackTable {
 
     @inline(__always)
     private func set(of t: FiveTuple) -> UnsafeMutablePointer<Slot> {
-        var h = seed ^ (t.src.addr.lo &* 0x9E37_79B9_7F4A_7C15)
-        h = (h ^ t.dst.addr.lo) &* 0xC2B2_AE3D_27D4_EB4F
-        h = (h ^ t.src.addr.hi ^ (t.dst.addr.hi &* 31)) &* 0x1656_67B1_9E37_79F9
-        h ^= UInt64(t.src.port) << 48 | UInt64(t.dst.port) << 32 | UInt64(t.proto) << 16
-        return slots + (Int(truncatingIfNeeded: fmix64(h)) & setMask) * ConntrackTable.ways
+        slots + (Int(truncatingIfNeeded: t.mixedHash(seed)) & setMask) * ConntrackTable.ways
     }
 
     func remember(_ key: FiveTuple, _ info: ConntrackInfo) {

@@ -121,11 +121,7 @@ public final class RuleTagTable: @unchecked Sendable {
         let slot = Int(h & 63)
         let seen = recent[slot]
         if seen.id != 0 && seen.hash == h {
-            // Indexed in place: `bytes[i]` as a value would retain the prefix's array for the compare.
-            let equal = bytes.withUnsafeBufferPointer { all in
-                all[Int(seen.id)].count == n && all[Int(seen.id)].withUnsafeBytes { memcmp($0.baseAddress!, prefix.baseAddress!, n) == 0 }
-            }
-            if equal { return seen.id }
+            if holds(seen.id, prefix, n) { return seen.id }
         }
         if let ids = buckets[h] {
             // Indexed, not `for id in ids`: unspecialized (debug) code iterates an Array through a read
@@ -133,8 +129,7 @@ public final class RuleTagTable: @unchecked Sendable {
             var k = 0
             while k < ids.count {
                 let id = ids[k]
-                let known = bytes[Int(id)]
-                if known.count == n && known.withUnsafeBytes({ memcmpEqual($0, prefix, n) }) {
+                if holds(id, prefix, n) {
                     recent[slot] = (h, id)
                     return id
                 }
@@ -155,6 +150,14 @@ public final class RuleTagTable: @unchecked Sendable {
         buckets[h, default: []].append(id)
         recent[slot] = (h, id)
         return id
+    }
+
+    /// Whether id `id` is these `n` bytes. Indexed in place: `bytes[i]` as a value would retain the prefix's array.
+    @inline(__always)
+    private func holds(_ id: UInt32, _ prefix: UnsafeRawBufferPointer, _ n: Int) -> Bool {
+        bytes.withUnsafeBufferPointer { all in
+            all[Int(id)].count == n && all[Int(id)].withUnsafeBytes { memcmp($0.baseAddress!, prefix.baseAddress!, n) == 0 }
+        }
     }
 
     /// A word at a time (every NFLOG record is interned): the prefix's 8-byte words, then its tail, mixed.
@@ -196,8 +199,3 @@ public final class RuleTagTable: @unchecked Sendable {
     }
 }
 
-@inline(__always)
-private func memcmpEqual(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer, _ n: Int) -> Bool {
-    for i in 0..<n where a[i] != b[i] { return false }
-    return true
-}
