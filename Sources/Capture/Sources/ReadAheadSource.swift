@@ -58,11 +58,13 @@ public final class ReadAheadSource {
                 return
             }
             let b = ready.removeFirst()
+            // Read under the lock: the reader writes these arrays (other batches' entries) while we work.
+            let n = counts[b], bytes = frameBytes[b]
             condition.unlock()
 
             let base = slots + b * ReadAheadSource.batchSize
-            for i in 0..<counts[b] { body(&base[i]) }
-            batchDone(frameBytes[b])
+            for i in 0..<n { body(&base[i]) }
+            batchDone(bytes)
 
             condition.lock()
             free.append(b)
