@@ -24,11 +24,7 @@ public struct TimelineEventList {
             var hit: RuleHit? = nil
             if e.hitID != 0, let cached = context.cachedHit(e.hitID) {
                 hit = cached.hit
-                switch cached.actionKind {
-                case .redirect(let port): hit!.action = .redirected(toPort: port, originalDestination: e.tuple.dst)
-                case .connmarkRestore: hit!.action = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
-                default: break
-                }
+                if let a = context.perPacketAction(e) { hit!.action = a }
             }
             let point: CapturePoint
             switch e.pointKind {
@@ -121,6 +117,18 @@ final class EventContext {
         let i = Int(id)
         if i >= hitCache.count || hitCache[i] == nil { _ = cachedHit(id) }
         return actionKinds[i]
+    }
+
+    /// What the rule behind `e`'s hit did that depends on the packet: a REDIRECT's original destination (the
+    /// packet's destination before NAT), the mark a CONNMARK restore gave. nil when the rule's action is the same
+    /// on every packet it hits (then the cached hit's own action says it). Every printer asks here.
+    @inline(__always)
+    func perPacketAction(_ e: CompactEvent) -> RuleAction? {
+        switch actionKind(e.hitID) {
+        case .redirect(let port): return .redirected(toPort: port, originalDestination: e.tuple.dst)
+        case .connmarkRestore: return .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
+        case .plain, .connmarkSet: return nil
+        }
     }
 
     /// Calls `body` with the cached hit for `id` in place (no copy, no reference counting); nil when the id has none.

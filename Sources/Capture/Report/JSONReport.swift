@@ -186,52 +186,25 @@ public final class JSONReport: ReportSink {
     /// destination, a restored mark); for every other hit the whole object, action included, is copied.
     private func compactHit(_ e: CompactEvent, context: EventContext) {
         let i = Int(e.hitID)
-        let kind = context.actionKind(e.hitID)
-        let perPacket: Bool
-        switch kind {
-        case .redirect, .connmarkRestore: perPacket = true
-        default: perPacket = false
-        }
+        let perPacket = context.perPacketAction(e)
         let known = (i < hitWordsByID.count && !hitWordsByID[i].isEmpty) || context.withHit(e.hitID, { $0 != nil })
         guard known else { return }
         key("hit")
-        cached(&hitWordsByID, i) {
+        out.cached(&hitWordsByID, i) {
             context.withHit(e.hitID) { cached in
                 guard let cached else { return }
                 hitRule(cached.hit)
-                if !perPacket, let a = cached.hit.action { key("action"); action(a) }
+                if perPacket == nil, let a = cached.hit.action { key("action"); action(a) }
             }
         }
         comma = true
-        if perPacket {
-            switch kind {
-            case .redirect(let port):
-                key("action"); action(.redirected(toPort: port, originalDestination: e.tuple.dst))
-            default:
-                key("action"); action(.connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil))
-            }
-        }
+        if let a = perPacket { key("action"); action(a) }
         close(UInt8(ascii: "}"))
     }
 
     /// An interface name as a JSON string, escaped once per name.
     private func interfaceName(_ index: UInt16, context: EventContext) {
-        cached(&interfaceWords, Int(index)) { out.jsonString(context.interfaceNames[Int(index)]) }
-    }
-
-    /// Entry `i` of `table`: its bytes copied when written before, else written by `write` and kept (unless the
-    /// buffer was flushed in between; then the next use writes it again).
-    private func cached(_ table: inout [[UInt8]], _ i: Int, write: () -> Void) {
-        if i < table.count, !table[i].isEmpty {
-            table.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
-            return
-        }
-        let mark = out.mark(room: 4096)
-        write()
-        if let words = out.written(since: mark), !words.isEmpty {
-            if i >= table.count { table.append(contentsOf: repeatElement([], count: i + 1 - table.count)) }
-            table[i] = words
-        }
+        out.cached(&interfaceWords, Int(index)) { out.jsonString(context.interfaceNames[Int(index)]) }
     }
 
     private func evidence(_ ev: HopEvidence) {

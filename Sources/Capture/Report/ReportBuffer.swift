@@ -329,6 +329,22 @@ final class ReportBuffer {
         byte(0x22)
     }
 
+    /// Entry `i` of a printer's table of pieces it writes again and again (a rule hit's words, an interface
+    /// name): its bytes copied when written before, else written by `write` and kept (unless the buffer was
+    /// flushed in between; then the next use writes it again).
+    func cached(_ table: inout [[UInt8]], _ i: Int, write: () -> Void) {
+        if i < table.count, !table[i].isEmpty {
+            table.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { bytes($0) } }
+            return
+        }
+        let mark = self.mark(room: 4096)
+        write()
+        if let words = written(since: mark), !words.isEmpty {
+            if i >= table.count { table.append(contentsOf: repeatElement([], count: i + 1 - table.count)) }
+            table[i] = words
+        }
+    }
+
     func flushIfFull() { if count >= flushAt { flush() } }
 
     /// Times the buffer was written out: a `mark` from before a flush no longer points at its bytes.

@@ -178,12 +178,7 @@ public final class TextReport: ReportSink {
         if e.hitID != 0 {
             // What a rule did that depends on the packet (a REDIRECT's original destination, the mark a restore
             // gave) is written per packet; the rest of a hit's words are the same on every packet it hits.
-            let perPacket: RuleAction?
-            switch context.actionKind(e.hitID) {
-            case .redirect(let port): perPacket = .redirected(toPort: port, originalDestination: e.tuple.dst)
-            case .connmarkRestore: perPacket = .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
-            default: perPacket = nil
-            }
+            let perPacket = context.perPacketAction(e)
             out.text("  ")
             hitWords(e.hitID, context: context, withAction: perPacket == nil)
             if let a = perPacket, a != .observed { out.byte(0x20); action(a, styledAsRedirect: false) }
@@ -193,20 +188,12 @@ public final class TextReport: ReportSink {
 
     /// A hit's rule (or tag), role and, `withAction`, its fixed action, as written the first time (by hit id).
     private func hitWords(_ id: UInt32, context: EventContext, withAction: Bool) {
-        let i = Int(id)
-        if i < hitWordsByID.count, hitWordsByID[i].count > 0 {
-            hitWordsByID.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { out.bytes($0) } }
-            return
-        }
-        let mark = out.mark(room: 4096)
-        context.withHit(id) { cached in
-            guard let cached else { return }
-            hitName(cached.hit)
-            if withAction, let a = cached.hit.action, a != .observed { out.byte(0x20); action(a, styledAsRedirect: false) }
-        }
-        if let words = out.written(since: mark), !words.isEmpty {
-            if i >= hitWordsByID.count { hitWordsByID.append(contentsOf: repeatElement([], count: i + 1 - hitWordsByID.count)) }
-            hitWordsByID[i] = words
+        out.cached(&hitWordsByID, Int(id)) {
+            context.withHit(id) { cached in
+                guard let cached else { return }
+                hitName(cached.hit)
+                if withAction, let a = cached.hit.action, a != .observed { out.byte(0x20); action(a, styledAsRedirect: false) }
+            }
         }
     }
 
