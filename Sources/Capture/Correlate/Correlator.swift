@@ -634,32 +634,31 @@ public final class Correlator {
     private func hopEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction,
                              candidates: Int) -> ([HopEvidence], Confidence) {
         var evidence: [HopEvidence] = []
+        // The most a hop gets: mark, connmark, two identity pieces, timing, uniqueness, and bytes (added later).
+        evidence.reserveCapacity(7)
         var hasMark = false
         if let f = inner.ztunnelMarkFrames.first {
             hasMark = true
-            evidence.append(HopEvidence(kind: "ztunnel-mark",
-                detail: "inner connection carries ztunnel's mark 0x\(hex(options.ztunnelMark)) (frame \(f.source):\(f.frame))"))
+            evidence.append(HopEvidence(.ztunnelMark(options.ztunnelMark, frame: f)))
         }
         if direction == .inbound && inner.sawZtunnelConnmark {
             hasMark = true
-            evidence.append(HopEvidence(kind: "ztunnel-connmark",
-                detail: "inner connection has connmark 0x\(hex(options.ztunnelConnmark)) (ztunnel's connection into the pod)"))
+            evidence.append(HopEvidence(.ztunnelConnmark(options.ztunnelConnmark)))
         }
         if direction == .outbound && !hasMark && inner.responder.port == options.hbonePort {
             hasMark = true
-            evidence.append(HopEvidence(kind: "hbone-port", detail: "inner connection goes to :\(options.hbonePort) (HBONE) without being redirected"))
+            evidence.append(HopEvidence(.hbonePort(options.hbonePort)))
         }
-        let identity = identityEvidence(outer: outer, inner: inner, direction: direction)
-        if let identity { evidence.append(contentsOf: identity) }
+        let identity = identityEvidence(outer: outer, inner: inner, direction: direction, into: &evidence)
         let dt = inner.firstSeenNanos - outer.firstSeenNanos
-        evidence.append(HopEvidence(kind: "timing", detail: "inner connection starts \(formatDelta(dt)) after the outer one"))
+        evidence.append(HopEvidence(.timing(nanos: dt)))
         let unique = candidates <= 1
-        evidence.append(HopEvidence(kind: "unique", detail: unique
-            ? "the only candidate within \(formatDelta(options.hopWindowNanos))"
-            : "one of \(candidates) candidates within \(formatDelta(options.hopWindowNanos)); the earliest was chosen"))
+        evidence.append(HopEvidence(unique
+            ? .onlyCandidate(windowNanos: options.hopWindowNanos)
+            : .earliestCandidate(of: candidates, windowNanos: options.hopWindowNanos)))
         let confidence: Confidence
-        if identity != nil && unique && hasMark { confidence = .high }
-        else if identity != nil && (unique || hasMark) { confidence = .medium }
+        if identity && unique && hasMark { confidence = .high }
+        else if identity && (unique || hasMark) { confidence = .medium }
         else { confidence = .low }
         return (evidence, confidence)
     }
@@ -679,30 +678,32 @@ public final class Correlator {
         }
     }
 
-    private func identityEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction) -> [HopEvidence]? {
+    /// Appends the identity evidence for a join, all or nothing; false when there is none.
+    private func identityEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction,
+                                  into evidence: inout [HopEvidence]) -> Bool {
         switch direction {
         case .outbound:
-            guard outer.originalKnown else { return nil }
+            guard outer.originalKnown else { return false }
             let original = outer.responder
             if inner.responder == original {
-                return [HopEvidence(kind: "original-destination",
-                                    detail: "passthrough destination \(inner.responder) equals the app's original destination")]
+                evidence.append(HopEvidence(.passthroughDestination(inner.responder)))
+                return true
             }
             if inner.responder.port == options.hbonePort && inner.responder.addr == original.addr {
-                return [HopEvidence(kind: "original-destination",
-                                    detail: "HBONE destination \(inner.responder.addr) equals the app's original destination \(original)")]
+                evidence.append(HopEvidence(.hboneDestination(inner.responder.addr, original: original)))
+                return true
             }
-            return nil
+            return false
         case .inbound:
-            guard inner.initiator.addr == outer.initiator.addr else { return nil }
-            var ev = [HopEvidence(kind: "client-address",
-                                  detail: "inner source \(inner.initiator.addr) equals the outer client \(outer.initiator.addr)")]
+            guard inner.initiator.addr == outer.initiator.addr else { return false }
             if outer.responder.port != options.hbonePort {
-                guard outer.responder.port == inner.responder.port else { return nil }
-                ev.append(HopEvidence(kind: "original-port",
-                                      detail: "inner destination port \(inner.responder.port) equals the original destination port"))
+                guard outer.responder.port == inner.responder.port else { return false }
+                evidence.append(HopEvidence(.clientAddress(inner: inner.initiator.addr, outer: outer.initiator.addr)))
+                evidence.append(HopEvidence(.originalPort(inner.responder.port)))
+                return true
             }
-            return ev
+            evidence.append(HopEvidence(.clientAddress(inner: inner.initiator.addr, outer: outer.initiator.addr)))
+            return true
         }
     }
 
@@ -983,10 +984,10 @@ public final class Correlator {
         guard outerBytes > 0, innerBytes > 0 else { return }
         // HBONE/mTLS wraps the app's bytes, so the tunnel carries at least as many.
         let consistent = hop.direction == .outbound ? innerBytes >= outerBytes : outerBytes >= innerBytes
-        let (big, small) = hop.direction == .outbound ? ("inner", "outer") : ("outer", "inner")
-        hop.evidence.append(HopEvidence(kind: "bytes", detail: consistent
-            ? "\(big) carried \(max(innerBytes, outerBytes)) payload bytes, \(small) \(min(innerBytes, outerBytes)): consistent with tunnelling"
-            : "\(big) carried fewer payload bytes than \(small) (\(innerBytes) vs \(outerBytes)): not consistent (capture cut?)"))
+        let outbound = hop.direction == .outbound
+        hop.evidence.append(HopEvidence(consistent
+            ? .bytesConsistent(outbound: outbound, larger: max(innerBytes, outerBytes), smaller: min(innerBytes, outerBytes))
+            : .bytesInconsistent(outbound: outbound, inner: innerBytes, outer: outerBytes)))
     }
 
     private func report(_ f: EscapeFinding) {
@@ -1048,10 +1049,7 @@ struct NflogFacts {
 func hex(_ v: UInt32) -> String { String(v, radix: 16) }
 
 func formatDelta(_ nanos: Int64) -> String {
-    let a = abs(nanos)
-    let sign = nanos < 0 ? "-" : ""
-    if a < 1_000 { return "\(sign)\(a) ns" }
-    if a < 1_000_000 { return "\(sign)\(a / 1_000) µs" }
-    if a < 1_000_000_000 { return "\(sign)\(a / 1_000_000).\((a / 100_000) % 10) ms" }
-    return "\(sign)\(a / 1_000_000_000).\((a / 100_000_000) % 10) s"
+    var words = EvidenceString()
+    words.delta(nanos)
+    return words.text
 }

@@ -209,8 +209,16 @@ public final class JSONReport: ReportSink {
 
     private func evidence(_ ev: HopEvidence) {
         open(UInt8(ascii: "{"))
-        key("kind"); out.jsonString(ev.kind)
-        key("detail"); out.jsonString(ev.detail)
+        key("kind")
+        if let kind = ev.fact.kindWords { out.byte(0x22); out.text(kind); out.byte(0x22) } else { out.jsonString(ev.kind) }
+        key("detail")
+        if case .worded(_, let detail) = ev.fact {
+            out.jsonString(detail)
+        } else {
+            // The correlator's own words: addresses, numbers and fixed text, nothing JSON would escape.
+            var words = out
+            out.byte(0x22); ev.fact.word(into: &words); out.byte(0x22)
+        }
         close(UInt8(ascii: "}"))
     }
 

@@ -138,9 +138,19 @@ public final class TextReport: ReportSink {
         out.byte(0x0a)
         for ev in hop.evidence {
             out.text("              ")
-            out.text(ev.kind)
-            out.spaces(22 - ev.kind.utf8.count)
-            styled(Style.dim, ev.detail)
+            if let kind = ev.fact.kindWords {
+                out.text(kind)
+                out.spaces(22 - kind.utf8CodeUnitCount)
+                // Worded straight into the buffer; never empty, so always painted (as `styled` would).
+                let painted = paint("2")
+                var words = out
+                ev.fact.word(into: &words)
+                unpaint(painted)
+            } else {
+                out.text(ev.kind)
+                out.spaces(22 - ev.kind.utf8.count)
+                styled(Style.dim, ev.detail)
+            }
             out.byte(0x0a)
         }
     }

@@ -44,4 +44,48 @@ final class ReportBufferTests: XCTestCase {
         XCTAssertEqual(out.utf8.count, 30 + 300_000 + 3)
         XCTAssertTrue(out.hasSuffix("xend"))
     }
+
+    /// Hop evidence is kept as facts and worded when printed: the words written into the buffer, the `detail`
+    /// String, and the sentences the correlator used to build with interpolation must all be the same.
+    func testHopEvidenceWordsAreTheSameInTheBufferAndAsAString() throws {
+        let v4 = IPAddress("10.244.2.10")!, v6 = IPAddress("fd00:10:244::2")!
+        let cases: [(HopEvidence.Fact, String, String)] = [
+            (.ztunnelMark(0x539, frame: FrameRef(source: 1, frame: 20_000_000_007)), "ztunnel-mark",
+             "inner connection carries ztunnel's mark 0x539 (frame 1:20000000007)"),
+            (.ztunnelConnmark(0x111), "ztunnel-connmark", "inner connection has connmark 0x111 (ztunnel's connection into the pod)"),
+            (.hbonePort(15008), "hbone-port", "inner connection goes to :15008 (HBONE) without being redirected"),
+            (.passthroughDestination(Endpoint(v6, 443)), "original-destination",
+             "passthrough destination [fd00:10:244::2]:443 equals the app's original destination"),
+            (.hboneDestination(v4, original: Endpoint(v4, 80)), "original-destination",
+             "HBONE destination 10.244.2.10 equals the app's original destination 10.244.2.10:80"),
+            (.clientAddress(inner: v6, outer: v6), "client-address", "inner source fd00:10:244::2 equals the outer client fd00:10:244::2"),
+            (.originalPort(8080), "original-port", "inner destination port 8080 equals the original destination port"),
+            (.timing(nanos: 150_000), "timing", "inner connection starts 150 µs after the outer one"),
+            (.timing(nanos: -1_250_000), "timing", "inner connection starts -1.2 ms after the outer one"),
+            (.timing(nanos: 7), "timing", "inner connection starts 7 ns after the outer one"),
+            (.onlyCandidate(windowNanos: 2_000_000_000), "unique", "the only candidate within 2.0 s"),
+            (.earliestCandidate(of: 3, windowNanos: 2_500_000_000), "unique",
+             "one of 3 candidates within 2.5 s; the earliest was chosen"),
+            (.bytesConsistent(outbound: false, larger: 10800, smaller: 8520), "bytes",
+             "outer carried 10800 payload bytes, inner 8520: consistent with tunnelling"),
+            (.bytesConsistent(outbound: true, larger: 5, smaller: 4), "bytes",
+             "inner carried 5 payload bytes, outer 4: consistent with tunnelling"),
+            (.bytesInconsistent(outbound: true, inner: 3, outer: 900), "bytes",
+             "inner carried fewer payload bytes than outer (3 vs 900): not consistent (capture cut?)"),
+            (.worded(kind: "custom", detail: "as \"given\""), "custom", "as \"given\""),
+        ]
+        for (fact, kind, detail) in cases {
+            let ev = HopEvidence(fact)
+            XCTAssertEqual(ev.kind, kind)
+            XCTAssertEqual(ev.detail, detail)
+            XCTAssertEqual(try render { b in var w = b; fact.word(into: &w) }, detail)
+            XCTAssertEqual(ev, HopEvidence(kind: kind, detail: detail))
+        }
+        XCTAssertEqual(formatDelta(999), "999 ns")
+        XCTAssertEqual(formatDelta(-61_000_000_000), "-61.0 s")
+        var edited = HopEvidence(.timing(nanos: 5))
+        edited.detail = "changed"
+        XCTAssertEqual(edited.kind, "timing")
+        XCTAssertEqual(edited.detail, "changed")
+    }
 }

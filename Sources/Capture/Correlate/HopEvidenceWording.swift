@@ -1,0 +1,123 @@
+// The words of a hop's evidence, written once for both readers: a String for whoever reads `detail`
+// (the HTML page, tests), the printers' byte buffer for the text and JSON reports, which write them straight
+// in without building a String per piece.
+
+extension HopEvidence {
+    /// What a piece of evidence says, with its numbers.
+    enum Fact: Sendable {
+        /// Words given by whoever made the evidence (`init(kind:detail:)`, or a `kind`/`detail` assigned).
+        case worded(kind: String, detail: String)
+        case ztunnelMark(UInt32, frame: FrameRef)
+        case ztunnelConnmark(UInt32)
+        case hbonePort(UInt16)
+        case passthroughDestination(Endpoint)
+        case hboneDestination(IPAddress, original: Endpoint)
+        case clientAddress(inner: IPAddress, outer: IPAddress)
+        case originalPort(UInt16)
+        case timing(nanos: Int64)
+        case onlyCandidate(windowNanos: Int64)
+        case earliestCandidate(of: Int, windowNanos: Int64)
+        /// Byte counts that fit a tunnel; `outbound`: the inner connection is the tunnel (else the outer one).
+        case bytesConsistent(outbound: Bool, larger: UInt64, smaller: UInt64)
+        case bytesInconsistent(outbound: Bool, inner: UInt64, outer: UInt64)
+
+        /// The kind's words (nil for `.worded`, whose kind is a String).
+        var kindWords: StaticString? {
+            switch self {
+            case .worded: return nil
+            case .ztunnelMark: return "ztunnel-mark"
+            case .ztunnelConnmark: return "ztunnel-connmark"
+            case .hbonePort: return "hbone-port"
+            case .passthroughDestination, .hboneDestination: return "original-destination"
+            case .clientAddress: return "client-address"
+            case .originalPort: return "original-port"
+            case .timing: return "timing"
+            case .onlyCandidate, .earliestCandidate: return "unique"
+            case .bytesConsistent, .bytesInconsistent: return "bytes"
+            }
+        }
+
+        /// The detail's words.
+        func word<W: EvidenceWriter>(into w: inout W) {
+            switch self {
+            case .worded(_, let detail):
+                w.words(detail)
+            case .ztunnelMark(let mark, let f):
+                w.words("inner connection carries ztunnel's mark 0x"); w.hex(mark)
+                w.words(" (frame "); w.number(UInt64(f.source)); w.words(":"); w.number(f.frame); w.words(")")
+            case .ztunnelConnmark(let mark):
+                w.words("inner connection has connmark 0x"); w.hex(mark); w.words(" (ztunnel's connection into the pod)")
+            case .hbonePort(let port):
+                w.words("inner connection goes to :"); w.number(UInt64(port)); w.words(" (HBONE) without being redirected")
+            case .passthroughDestination(let e):
+                w.words("passthrough destination "); w.endpoint(e); w.words(" equals the app's original destination")
+            case .hboneDestination(let a, let original):
+                w.words("HBONE destination "); w.address(a); w.words(" equals the app's original destination ")
+                w.endpoint(original)
+            case .clientAddress(let inner, let outer):
+                w.words("inner source "); w.address(inner); w.words(" equals the outer client "); w.address(outer)
+            case .originalPort(let port):
+                w.words("inner destination port "); w.number(UInt64(port)); w.words(" equals the original destination port")
+            case .timing(let nanos):
+                w.words("inner connection starts "); w.delta(nanos); w.words(" after the outer one")
+            case .onlyCandidate(let window):
+                w.words("the only candidate within "); w.delta(window)
+            case .earliestCandidate(let n, let window):
+                w.words("one of "); w.signed(Int64(n)); w.words(" candidates within "); w.delta(window)
+                w.words("; the earliest was chosen")
+            case .bytesConsistent(let outbound, let larger, let smaller):
+                w.words(outbound ? "inner" : "outer"); w.words(" carried "); w.number(larger); w.words(" payload bytes, ")
+                w.words(outbound ? "outer" : "inner"); w.words(" "); w.number(smaller); w.words(": consistent with tunnelling")
+            case .bytesInconsistent(let outbound, let inner, let outer):
+                w.words(outbound ? "inner" : "outer"); w.words(" carried fewer payload bytes than ")
+                w.words(outbound ? "outer" : "inner"); w.words(" ("); w.number(inner); w.words(" vs "); w.number(outer)
+                w.words("): not consistent (capture cut?)")
+            }
+        }
+    }
+}
+
+/// Where evidence (and a time difference) is worded: a String, or a printer's byte buffer.
+protocol EvidenceWriter {
+    mutating func words(_ s: StaticString)
+    mutating func words(_ s: String)
+    mutating func number(_ v: UInt64)
+    mutating func signed(_ v: Int64)
+    mutating func hex(_ v: UInt32)
+    mutating func address(_ a: IPAddress)
+    mutating func endpoint(_ e: Endpoint)
+}
+
+extension EvidenceWriter {
+    /// A time difference for people: "150 µs", "2.0 s", "-3 ns".
+    mutating func delta(_ nanos: Int64) {
+        let a = abs(nanos)
+        if nanos < 0 { words("-") }
+        if a < 1_000 { number(UInt64(a)); words(" ns"); return }
+        if a < 1_000_000 { number(UInt64(a / 1_000)); words(" µs"); return }
+        if a < 1_000_000_000 {
+            number(UInt64(a / 1_000_000)); words("."); number(UInt64((a / 100_000) % 10)); words(" ms")
+            return
+        }
+        number(UInt64(a / 1_000_000_000)); words("."); number(UInt64((a / 100_000_000) % 10)); words(" s")
+    }
+}
+
+/// Evidence worded as a String (`HopEvidence.detail`, `formatDelta`).
+struct EvidenceString: EvidenceWriter {
+    var text = ""
+    mutating func words(_ s: StaticString) { text += String(describing: s) }
+    mutating func words(_ s: String) { text += s }
+    mutating func number(_ v: UInt64) { text += String(v) }
+    mutating func signed(_ v: Int64) { text += String(v) }
+    mutating func hex(_ v: UInt32) { text += String(v, radix: 16) }
+    mutating func address(_ a: IPAddress) { text += a.description }
+    mutating func endpoint(_ e: Endpoint) { text += e.description }
+}
+
+extension HopEvidence.Fact {
+    var kindText: String {
+        if case .worded(let kind, _) = self { return kind }
+        return String(describing: kindWords!)
+    }
+}
