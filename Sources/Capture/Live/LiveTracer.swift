@@ -66,9 +66,9 @@ public struct TraceOutcome: Sendable {
     public var losses: TraceLosses
     /// The instrumentation that was applied.
     public var plan: InstrumentationPlan
-    /// Set when NFULA_CT was unavailable and conntrack came from ctnetlink events instead.
+    /// Set when NFULA_CT was unavailable and conntrack was asked instead.
     public var conntrackNote: String?
-    /// Rule hits that got their connection's conntrack entry from a ctnetlink event (REDIRECT/DNAT twins).
+    /// Rule hits that got their connection's conntrack entry from a ctnetlink query (REDIRECT/DNAT twins).
     public var conntrackJoins: UInt64 = 0
     /// How many NFLOG events, packets and TRACE steps were read.
     public var nflogEvents: UInt64
@@ -82,7 +82,7 @@ public struct TraceOutcome: Sendable {
     public var stoppedBySignal: Int32
 }
 
-/// Live tracing of one pod: instruments its netns, reads NFLOG events, conntrack events and a libpcap
+/// Live tracing of one pod: instruments its netns, reads NFLOG events (asking conntrack where they lack it) and a libpcap
 /// capture on one netns thread (see `NetnsThread`), feeds them to the one `Correlator` that `analyze` uses,
 /// and takes the rules out again on every path (normal end, SIGINT/SIGTERM/SIGHUP, errors).
 public final class LiveTracer: @unchecked Sendable {
@@ -91,8 +91,9 @@ public final class LiveTracer: @unchecked Sendable {
     private var reporter = Reporter()
     private let instrumenter: Instrumenter
 
-    /// How long records are held before they go to the correlator, so the conntrack event of a connection's
-    /// first packet (sent at confirmation, after the NFLOG twins fired) has arrived.
+    /// How long records are held before they go to the correlator: the sources deliver in batches (NFLOG's
+    /// flush timeout is 10 ms), and the correlator takes records in capture order. By then the conntrack entry
+    /// of a connection's first packet, confirmed after the NFLOG twins fired, is there to be asked for.
     static let holdNanos: Int64 = 30_000_000
     /// How often the correlator's clock is moved on while the pod is quiet, and how far behind the wall clock.
     static let advanceIntervalNanos: UInt64 = 250_000_000
@@ -105,7 +106,8 @@ public final class LiveTracer: @unchecked Sendable {
     private var legacyTrace: NflogSource?
     private var pcap: PcapLiveSource?
     private var events: NetfilterEventSocket?
-    private let conntrack = ConntrackTable()
+    /// Set when NFLOG cannot attach NFULA_CT: REDIRECT/DNAT hits ask conntrack for their entry instead.
+    private var conntrackQuery: ConntrackQuery?
     private var trace: TraceJoiner?
     private var pending: PendingRecords
     /// NFLOG events per prefix id, counted for every record: plain memory, not an Array property (whose every
@@ -239,7 +241,12 @@ public final class LiveTracer: @unchecked Sendable {
         summary.eventsLost = losses.nflogEventsLost
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
         let outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
-                                   conntrackNote: nflog?.socket.conntrackProblem.map { "\($0); original destinations come from ctnetlink events instead (\(conntrackJoins) REDIRECT/DNAT hits joined)" },
+                                   conntrackNote: nflog?.socket.conntrackProblem.map { problem in
+                                       let q = conntrackQuery
+                                       let missed = q.map { $0.notFound + $0.failed } ?? 0
+                                       return "\(problem); original destinations come from ctnetlink queries instead (\(conntrackJoins) REDIRECT/DNAT hits joined"
+                                           + (missed > 0 ? ", \(missed) without an entry)" : ")")
+                                   },
                                    conntrackJoins: conntrackJoins,
                                    nflogEvents: nflog?.recordsRead ?? 0, packetsCaptured: pcap?.framesRead ?? 0,
                                    traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
@@ -310,8 +317,9 @@ public final class LiveTracer: @unchecked Sendable {
             opts.copyRange = UInt32(options.snaplen)
             opts.queueThreshold = options.queueThreshold
             nflog = try NflogSource(index: 1, tags: tags, options: opts)
-            // ctnetlink NEW events only where NFLOG cannot attach conntrack itself (see `ConntrackTable`).
-            var groups: [NetfilterEventSocket.Group] = nflog?.socket.conntrackAttached == true ? [] : [.conntrackNew]
+            // Conntrack is asked only where NFLOG cannot attach it itself (see `ConntrackQuery`).
+            if nflog?.socket.conntrackAttached != true { conntrackQuery = try ConntrackQuery() }
+            var groups: [NetfilterEventSocket.Group] = []
             if options.mode == .trace {
                 groups.append(.nftrace)
                 trace = TraceJoiner(tags: tags)
@@ -383,7 +391,7 @@ public final class LiveTracer: @unchecked Sendable {
                 status.update(events: events, dropped: dropped, openConnections: correlator?.openConnectionCount ?? 0)
             }
             if finishing && got == 0 && DispatchTime.now().uptimeNanoseconds >= finishDeadline { break }
-            // At most one pass per `minimumPassNanos`: every connection's conntrack event, NFLOG batch and
+            // At most one pass per `minimumPassNanos`: every NFLOG batch and
             // capture block would otherwise wake the thread on its own, for a few records each. The kernel
             // buffers hold far more than a pass's worth; the records are held 30 ms anyway.
             let spent = DispatchTime.now().uptimeNanoseconds - woke
@@ -401,19 +409,16 @@ public final class LiveTracer: @unchecked Sendable {
         var got = 0
         // One arrival time per pass: the hold is 30 ms, a pass takes far less.
         arrival = Int64(DispatchTime.now().uptimeNanoseconds)
-        // Conntrack events first: they describe connections whose twins' records are held in `pending`.
         // A socket poll did not flag has nothing to read: no recv() that would only say EAGAIN.
         func isReady(_ fd: Int32) -> Bool { fds.contains { $0.fd == fd && $0.revents != 0 } }
         if let events, isReady(events.fd) {
-            for _ in 0..<1024 {   // one event per datagram: a pass every 2 ms must keep up with a burst of new connections
+            for _ in 0..<1024 {   // one event per datagram: a pass every 2 ms must keep up with a burst of steps
                 let n = events.receive(into: eventBuffer)
                 if n <= 0 { if n == 0 { break } else { continue } }
                 got += 1
                 NetfilterEventSocket.forEachMessage(in: UnsafeRawBufferPointer(rebasing: eventBuffer[0..<n])) { subsystem, message, family, attrs in
-                    if subsystem == NetfilterNetlink.subsysCtnetlink, message == NetfilterNetlink.ctMsgNew {
-                        conntrack.apply(attrs)
-                    } else if subsystem == NetfilterNetlink.subsysNftables, message == NetfilterNetlink.nftMsgTrace,
-                              let trace, let step = trace.record(attrs, family: family, into: &record) {
+                    if subsystem == NetfilterNetlink.subsysNftables, message == NetfilterNetlink.nftMsgTrace,
+                       let trace, let step = trace.record(attrs, family: family, into: &record) {
                         _ = step
                         hold(&record, frame: nil, linkType: LinkType.raw)
                     }
@@ -486,8 +491,8 @@ public final class LiveTracer: @unchecked Sendable {
                 let i = Int(record.pointee.nflogFields.prefixID)
                 if i >= hitsCapacity { growPrefixTables(to: i) }
                 hits[i] += 1
-                if !conntrack.isEmpty, rewritesDestination(i), record.pointee.nflogFields.conntrack == nil,
-                   let ct = conntrack.lookup(record.pointee.tuple) {
+                if let conntrackQuery, rewritesDestination(i), record.pointee.nflogFields.conntrack == nil,
+                   let ct = conntrackQuery.entry(original: record.pointee.tuple) {
                     record.pointee.nflogFields.conntrack = ct
                     conntrackJoins += 1
                 }

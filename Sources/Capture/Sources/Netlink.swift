@@ -3,13 +3,12 @@ import Foundation
 import Glibc
 #endif
 
-// THE raw netlink boundary: a NETLINK_NETFILTER socket subscribed to multicast groups in the calling thread's
-// netns, for two kinds of events:
-//  - ctnetlink NEW (group 1; UPDATE is group 2): the original and reply tuples of each new connection.
-//    Kernels built without CONFIG_NETFILTER_NETLINK_GLUE_CT refuse NFULNL_CFG_F_CONNTRACK, so NFLOG records
-//    arrive without NFULA_CT; these events carry the same ctnetlink attributes and fill the gap.
-//  - NFT_MSG_TRACE (group NFNLGRP_NFTRACE, 9): the rule-by-rule walk of packets marked `meta nftrace`
-//    (`-j TRACE` on iptables-nft), for `--mode trace`.
+// THE raw netlink boundary: NETLINK_NETFILTER sockets in the calling thread's netns, for
+//  - NFT_MSG_TRACE events (multicast group NFNLGRP_NFTRACE, 9): the rule-by-rule walk of packets marked
+//    `meta nftrace` (`-j TRACE` on iptables-nft), for `--mode trace`;
+//  - ctnetlink queries (IPCTNL_MSG_CT_GET) for one conntrack entry: kernels built without
+//    CONFIG_NETFILTER_NETLINK_GLUE_CT refuse NFULNL_CFG_F_CONNTRACK, so NFLOG records arrive without NFULA_CT,
+//    and the answer carries the same ctnetlink attributes.
 // Attribute headers are host order; values big-endian. Every byte is read through the shared `ByteReader`.
 
 // linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h, nf_tables.h
@@ -19,7 +18,7 @@ enum NetfilterNetlink {
     static let addMembership: Int32 = 1            // NETLINK_ADD_MEMBERSHIP
     static let subsysCtnetlink: UInt8 = 1
     static let subsysNftables: UInt8 = 10
-    static let ctMsgNew: UInt8 = 0                 // IPCTNL_MSG_CT_NEW (NEW and UPDATE events both use it)
+    static let ctMsgNew: UInt8 = 0                 // IPCTNL_MSG_CT_NEW (also the type of a GET's answer)
     static let nftMsgTrace: UInt8 = 17             // NFT_MSG_TRACE
     static let headerBytes = 16 + 4                // nlmsghdr + nfgenmsg
 }
@@ -35,7 +34,7 @@ private struct NetlinkAddress {
 /// A netfilter netlink event socket in the calling thread's netns.
 public final class NetfilterEventSocket {
     public enum Group: UInt32, Sendable {
-        case conntrackNew = 1, conntrackUpdate = 2, nftrace = 9
+        case nftrace = 9
     }
 
     public let fd: Int32
@@ -103,6 +102,158 @@ public final class NetfilterEventSocket {
             _ = r.skip(3)                     // version, res_id
             if let attrs = r.subReader(Int(length) - NetfilterNetlink.headerBytes) {
                 body(UInt8(truncatingIfNeeded: type >> 8), UInt8(truncatingIfNeeded: type), family, attrs)
+            }
+            let aligned = (Int(length) + 3) & ~3
+            guard r.seek(to: min(start + aligned, datagram.count)) else { return }
+        }
+    }
+}
+
+/// Asks conntrack for one entry by its original tuple (IPCTNL_MSG_CT_GET), in the calling thread's netns.
+///
+/// This is how a REDIRECT/DNAT twin's hit learns its original destination where NFLOG cannot attach NFULA_CT
+/// (kernels without CONFIG_NETFILTER_NETLINK_GLUE_CT). Only those hits need it: one query per NATed connection.
+/// Subscribing to ctnetlink NEW events instead made the kernel build and multicast an event for every new
+/// connection of the pod (~7 µs each on this VM, two per connection through ztunnel), and made conntrack keep
+/// its event extension on every entry while a listener existed.
+///
+/// The kernel answers within the send() (netlink requests to the kernel run in the sender's context), so the
+/// answer is read without waiting: a missing answer is counted, never waited for.
+public final class ConntrackQuery {
+    public let fd: Int32
+    private var sequence: UInt32 = 0
+    private let portID: UInt32
+    private let request = UnsafeMutableRawBufferPointer.allocate(byteCount: 128, alignment: 4)
+    private let answer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8192, alignment: 4)
+    /// Queries sent, entries found, and queries conntrack had no entry for (ENOENT: gone, or never confirmed
+    /// because the packet was dropped) or that failed otherwise.
+    public private(set) var asked: UInt64 = 0
+    public private(set) var found: UInt64 = 0
+    public private(set) var notFound: UInt64 = 0
+    public private(set) var failed: UInt64 = 0
+
+    // linux/netfilter/nfnetlink_conntrack.h
+    private static let ctMsgGet: UInt16 = 1
+    private static let nested: UInt16 = 0x8000                   // NLA_F_NESTED
+    private static let nlmsgError: UInt16 = 2                    // NLMSG_ERROR
+    private static let requestFlag: UInt16 = 1                   // NLM_F_REQUEST
+
+    public init() throws {
+        let s = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue),
+                       NetfilterNetlink.protocolNumber)
+        guard s >= 0 else {
+            request.deallocate(); answer.deallocate()
+            throw MeshtraceError(.kernelRefused, "netlink socket (NETLINK_NETFILTER): \(String(cString: strerror(errno)))")
+        }
+        var addr = NetlinkAddress(family: sa_family_t(AF_NETLINK), pad: 0, pid: 0, groups: 0)
+        var length = socklen_t(MemoryLayout<NetlinkAddress>.size)
+        let bound = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(s, $0, length) == 0 && getsockname(s, $0, &length) == 0
+            }
+        }
+        guard bound else {
+            let e = errno
+            Glibc.close(s)
+            request.deallocate(); answer.deallocate()
+            throw MeshtraceError(.kernelRefused, "binding the conntrack query socket: \(String(cString: strerror(e)))")
+        }
+        fd = s
+        portID = addr.pid
+    }
+
+    deinit {
+        Glibc.close(fd)
+        request.deallocate()
+        answer.deallocate()
+    }
+
+    /// The conntrack entry whose original direction is `tuple` (zone 0, where Istio's captured connections
+    /// are; only ztunnel's own upstream DNS uses zone 1, and it is not NATed). nil when there is none.
+    public func entry(original tuple: FiveTuple) -> ConntrackInfo? {
+        // Ports identify the entry only for these; ICMP would need its id/type/code attributes.
+        guard [6, 17, 132, 136].contains(tuple.proto), tuple.src.addr.family != .none,
+              tuple.src.addr.family == tuple.dst.addr.family else { return nil }
+        asked += 1
+        sequence &+= 1
+        let length = build(tuple)
+        guard send(fd, request.baseAddress, length, 0) == length else { failed += 1; return nil }
+        while true {
+            let n = recv(fd, answer.baseAddress, answer.count, Int32(MSG_DONTWAIT))
+            if n < 0 {
+                if errno == EINTR { continue }
+                failed += 1            // EAGAIN: no answer (none is waited for); ENOBUFS: it was dropped
+                return nil
+            }
+            var result: ConntrackInfo?? = nil   // .none: not ours yet; .some(nil): ours, no entry
+            walk(UnsafeRawBufferPointer(rebasing: answer[0..<n]), into: &result)
+            if let settled = result {
+                if settled != nil { found += 1 }
+                return settled
+            }
+        }
+    }
+
+    /// nlmsghdr, nfgenmsg, CTA_TUPLE_ORIG { CTA_TUPLE_IP { src, dst }, CTA_TUPLE_PROTO { num, sport, dport } }.
+    private func build(_ t: FiveTuple) -> Int {
+        let p = request.baseAddress!
+        var at = 0
+        func u8(_ v: UInt8) { p.storeBytes(of: v, toByteOffset: at, as: UInt8.self); at += 1 }
+        func u16(_ v: UInt16) { p.storeBytes(of: v, toByteOffset: at, as: UInt16.self); at += 2 }
+        func u32(_ v: UInt32) { p.storeBytes(of: v, toByteOffset: at, as: UInt32.self); at += 4 }
+        func pad() { while at & 3 != 0 { u8(0) } }
+        /// Starts an attribute; returns where its length goes (written by `close`).
+        func open(_ type: UInt16) -> Int { let start = at; u16(0); u16(type); return start }
+        func close(_ start: Int) { p.storeBytes(of: UInt16(at - start), toByteOffset: start, as: UInt16.self); pad() }
+        let v4 = t.src.addr.family == .v4
+        u32(0)                                                    // length, below
+        u16(UInt16(NetfilterNetlink.subsysCtnetlink) << 8 | ConntrackQuery.ctMsgGet)
+        u16(ConntrackQuery.requestFlag)
+        u32(sequence)
+        u32(portID)
+        u8(UInt8(v4 ? AF_INET : AF_INET6)); u8(0); u16(0)          // nfgenmsg: family, NFNETLINK_V0, res_id
+        let orig = open(1 | ConntrackQuery.nested)                 // CTA_TUPLE_ORIG
+        let ip = open(1 | ConntrackQuery.nested)                   // CTA_TUPLE_IP
+        for (i, a) in [t.src.addr, t.dst.addr].enumerated() {
+            let attr = open(UInt16(v4 ? 1 + i : 3 + i))            // CTA_IP_V4_SRC/DST, CTA_IP_V6_SRC/DST
+            if v4 { u32(a.v4Value.bigEndian) } else { u32(UInt32(truncatingIfNeeded: a.hi >> 32).bigEndian)
+                u32(UInt32(truncatingIfNeeded: a.hi).bigEndian); u32(UInt32(truncatingIfNeeded: a.lo >> 32).bigEndian)
+                u32(UInt32(truncatingIfNeeded: a.lo).bigEndian) }
+            close(attr)
+        }
+        close(ip)
+        let proto = open(2 | ConntrackQuery.nested)                // CTA_TUPLE_PROTO
+        let num = open(1); u8(t.proto); close(num)                 // CTA_PROTO_NUM
+        let sport = open(2); u16(t.src.port.bigEndian); close(sport)
+        let dport = open(3); u16(t.dst.port.bigEndian); close(dport)
+        close(proto)
+        close(orig)
+        p.storeBytes(of: UInt32(at), toByteOffset: 0, as: UInt32.self)
+        return at
+    }
+
+    /// Settles `result` from the message answering the current sequence number; answers to earlier queries
+    /// (which were counted as failed when they did not come in time) are skipped.
+    private func walk(_ datagram: UnsafeRawBufferPointer, into result: inout ConntrackInfo??) {
+        var r = ByteReader(datagram)
+        while r.remaining >= 16 {
+            let start = r.offset
+            guard let length = r.u32(.host), let type = r.u16(.host), r.skip(2), let seq = r.u32(.host), r.skip(4),
+                  length >= 16, Int(length) <= datagram.count - start else { return }
+            if seq == sequence {
+                if type == ConntrackQuery.nlmsgError {
+                    // struct nlmsgerr: a negative errno (0 would be an acknowledgement, which is not asked for).
+                    let code = r.u32(.host).map { Int32(bitPattern: $0) } ?? -EIO
+                    if code == -ENOENT { notFound += 1 } else { failed += 1 }
+                    result = .some(nil)
+                    return
+                }
+                if type == UInt16(NetfilterNetlink.subsysCtnetlink) << 8 | UInt16(NetfilterNetlink.ctMsgNew),
+                   r.skip(4), let attrs = r.subReader(Int(length) - NetfilterNetlink.headerBytes) {
+                    result = .some(ConntrackDecoder.decode(attrs, order: .host))
+                    if result! == nil { failed += 1 }
+                    return
+                }
             }
             let aligned = (Int(length) + 3) & ~3
             guard r.seek(to: min(start + aligned, datagram.count)) else { return }

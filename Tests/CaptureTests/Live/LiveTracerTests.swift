@@ -120,9 +120,9 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(port, 15001)
         XCTAssertEqual(original, server)
         // Where NFLOG comes without NFULA_CT, the REDIRECT twin's hit got the connection's entry from a ctnetlink
-        // NEW event (the exact link between the pre- and post-NAT views).
+        // query (the exact link between the pre- and post-NAT views).
         if outcome.conntrackNote != nil {
-            XCTAssertGreaterThanOrEqual(outcome.conntrackJoins, 1, "no REDIRECT hit was joined to a conntrack NEW event")
+            XCTAssertGreaterThanOrEqual(outcome.conntrackJoins, 1, "no REDIRECT hit was joined to its conntrack entry")
         }
         // The REDIRECT rule's twin fired on this connection, and the lo leg (127.0.0.1:15001) is on the same timeline.
         XCTAssertTrue(app.events.contains { $0.hit?.rule?.role == .outboundCapture })
