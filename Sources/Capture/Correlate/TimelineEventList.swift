@@ -55,9 +55,10 @@ final class EventContext {
     /// `interfaceIndex` by `InterfaceName.id` (UInt16.max: not numbered yet).
     private var indexByNameID: [UInt16] = []
     private var hitCache: [CachedHit?] = []
-    /// `hitCache[i]?.actionKind`, kept apart: the correlator asks for it on every NFLOG record, and reading it out of
-    /// a `CachedHit` copies the hit's strings and rule reference.
-    private var actionKinds: [ActionKind] = []
+    /// `hitCache[i]?.actionKind`, kept apart: the correlator asks for it on every NFLOG record and the printers on
+    /// every hit, and reading it (or testing `hitCache[i]` for nil) copies the hit's strings and rule reference.
+    /// nil: the hit is not built yet.
+    private var actionKinds: [ActionKind?] = []
 
     init(tags: RuleTagTable, ruleset: Ruleset?) {
         self.tags = tags
@@ -106,7 +107,7 @@ final class EventContext {
         if i >= hitCache.count { hitCache.append(contentsOf: repeatElement(nil, count: i + 1 - hitCache.count)) }
         let built = buildHit(id)
         hitCache[i] = built
-        if i >= actionKinds.count { actionKinds.append(contentsOf: repeatElement(.plain, count: i + 1 - actionKinds.count)) }
+        if i >= actionKinds.count { actionKinds.append(contentsOf: repeatElement(nil, count: i + 1 - actionKinds.count)) }
         actionKinds[i] = built.actionKind
         return built
     }
@@ -115,8 +116,8 @@ final class EventContext {
     @inline(__always)
     func actionKind(_ id: UInt32) -> ActionKind {
         let i = Int(id)
-        if i >= hitCache.count || hitCache[i] == nil { _ = cachedHit(id) }
-        return actionKinds[i]
+        if i < actionKinds.count, let kind = actionKinds[i] { return kind }
+        return cachedHit(id)!.actionKind
     }
 
     /// What the rule behind `e`'s hit did that depends on the packet: a REDIRECT's original destination (the
@@ -135,7 +136,7 @@ final class EventContext {
     @inline(__always)
     func withHit<T>(_ id: UInt32, _ body: (borrowing CachedHit?) -> T) -> T {
         let i = Int(id)
-        if i >= hitCache.count || hitCache[i] == nil { _ = cachedHit(id) }
+        if i >= actionKinds.count || actionKinds[i] == nil { _ = cachedHit(id) }
         return hitCache.withUnsafeBufferPointer { body($0[i]) }
     }
 

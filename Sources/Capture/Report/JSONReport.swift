@@ -9,8 +9,8 @@ public final class JSONReport: ReportSink {
     private let out: ReportBuffer
     private var comma = false
     /// `hitRule` of each hit id and each interface name as written the first time, copied after that.
-    private var hitWordsByID: [[UInt8]] = []
-    private var interfaceWords: [[UInt8]] = []
+    private let hitWords = ReportPieces()
+    private let interfaceWords = ReportPieces()
 
     public init(fileDescriptor: Int32 = STDOUT_FILENO) {
         out = ReportBuffer(fileDescriptor: fileDescriptor)
@@ -185,12 +185,9 @@ public final class JSONReport: ReportSink {
     /// action is written per packet only where it differs from packet to packet (a REDIRECT's original
     /// destination, a restored mark); for every other hit the whole object, action included, is copied.
     private func compactHit(_ e: CompactEvent, context: EventContext) {
-        let i = Int(e.hitID)
         let perPacket = context.perPacketAction(e)
-        let known = (i < hitWordsByID.count && !hitWordsByID[i].isEmpty) || context.withHit(e.hitID, { $0 != nil })
-        guard known else { return }
         key("hit")
-        out.cached(&hitWordsByID, i) {
+        out.cached(hitWords, Int(e.hitID)) {
             context.withHit(e.hitID) { cached in
                 guard let cached else { return }
                 hitRule(cached.hit)
@@ -204,7 +201,7 @@ public final class JSONReport: ReportSink {
 
     /// An interface name as a JSON string, escaped once per name.
     private func interfaceName(_ index: UInt16, context: EventContext) {
-        out.cached(&interfaceWords, Int(index)) { out.jsonString(context.interfaceNames[Int(index)]) }
+        out.cached(interfaceWords, Int(index)) { out.jsonString(context.interfaceNames[Int(index)]) }
     }
 
     private func evidence(_ ev: HopEvidence) {

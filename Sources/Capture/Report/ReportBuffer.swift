@@ -329,20 +329,18 @@ final class ReportBuffer {
         byte(0x22)
     }
 
-    /// Entry `i` of a printer's table of pieces it writes again and again (a rule hit's words, an interface
-    /// name): its bytes copied when written before, else written by `write` and kept (unless the buffer was
-    /// flushed in between; then the next use writes it again).
-    func cached(_ table: inout [[UInt8]], _ i: Int, write: () -> Void) {
-        if i < table.count, !table[i].isEmpty {
-            table.withUnsafeBufferPointer { $0[i].withUnsafeBufferPointer { bytes($0) } }
-            return
-        }
+    /// Piece `i` of a printer's pieces (a rule hit's words, an interface name): its bytes copied when kept, else
+    /// written by `write` and kept (unless the buffer was flushed in between; then the next use writes it again).
+    @inline(__always)
+    func cached(_ pieces: ReportPieces, _ i: Int, write: () -> Void) {
+        if let piece = pieces[i] { bytes(piece); return }
+        keeping(in: pieces, i, write: write)
+    }
+
+    private func keeping(in pieces: ReportPieces, _ i: Int, write: () -> Void) {
         let mark = self.mark(room: 4096)
         write()
-        if let words = written(since: mark), !words.isEmpty {
-            if i >= table.count { table.append(contentsOf: repeatElement([], count: i + 1 - table.count)) }
-            table[i] = words
-        }
+        withWritten(since: mark) { if let written = $0 { pieces.keep(i, written) } }
     }
 
     func flushIfFull() { if count >= flushAt { flush() } }
@@ -350,15 +348,10 @@ final class ReportBuffer {
     /// Times the buffer was written out: a `mark` from before a flush no longer points at its bytes.
     private var flushes = 0
 
-    /// Where the next byte goes, with `room` bytes free after it, for `written(since:)`.
+    /// Where the next byte goes, with `room` bytes free after it, for `withWritten(since:)`.
     func mark(room: Int) -> (offset: Int, flushes: Int) {
         reserve(min(room, capacity / 2))
         return (count, flushes)
-    }
-
-    /// A copy of the bytes written since `mark`, nil when they were flushed in between.
-    func written(since mark: (offset: Int, flushes: Int)) -> [UInt8]? {
-        withWritten(since: mark) { $0.map { Array($0) } }
     }
 
     func flush() {
@@ -380,6 +373,63 @@ final class ReportBuffer {
             }
             off += n
         }
+    }
+}
+
+/// A printer's pieces written again and again (a rule hit's words, an interface name), by number: their bytes
+/// as first written, copied on later uses. One unsafe block: as an array of byte arrays, every copy retained and
+/// released the piece's array, and that showed in a trace's profile.
+final class ReportPieces {
+    private var bytes: UnsafeMutablePointer<UInt8>
+    private var byteCapacity = 4096
+    private var used = 0
+    /// Where piece `i` is in `bytes`; count 0: not kept (yet).
+    private var spans: UnsafeMutablePointer<(start: Int, count: Int)>
+    private var spanCapacity = 64
+
+    init() {
+        bytes = .allocate(capacity: byteCapacity)
+        spans = .allocate(capacity: spanCapacity)
+        spans.initialize(repeating: (0, 0), count: spanCapacity)
+    }
+
+    deinit {
+        bytes.deallocate()
+        spans.deallocate()
+    }
+
+    /// Piece `i`'s bytes, valid until the next `keep`; nil when not kept.
+    @inline(__always)
+    subscript(i: Int) -> UnsafeBufferPointer<UInt8>? {
+        guard i >= 0, i < spanCapacity else { return nil }
+        let span = spans[i]
+        return span.count > 0 ? UnsafeBufferPointer(start: bytes + span.start, count: span.count) : nil
+    }
+
+    func keep(_ i: Int, _ piece: UnsafeBufferPointer<UInt8>) {
+        guard i >= 0, let from = piece.baseAddress, piece.count > 0 else { return }
+        if i >= spanCapacity {
+            var n = spanCapacity
+            while n <= i { n *= 2 }
+            let grown = UnsafeMutablePointer<(start: Int, count: Int)>.allocate(capacity: n)
+            grown.moveInitialize(from: spans, count: spanCapacity)
+            (grown + spanCapacity).initialize(repeating: (0, 0), count: n - spanCapacity)
+            spans.deallocate()
+            spans = grown
+            spanCapacity = n
+        }
+        if used + piece.count > byteCapacity {
+            var n = byteCapacity
+            while n < used + piece.count { n *= 2 }
+            let grown = UnsafeMutablePointer<UInt8>.allocate(capacity: n)
+            grown.moveInitialize(from: bytes, count: used)
+            bytes.deallocate()
+            bytes = grown
+            byteCapacity = n
+        }
+        (bytes + used).initialize(from: from, count: piece.count)
+        spans[i] = (used, piece.count)
+        used += piece.count
     }
 }
 

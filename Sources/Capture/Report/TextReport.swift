@@ -18,7 +18,7 @@ public final class TextReport: ReportSink {
     private var escapes: [EscapeFinding] = []
     private var escapesNotListed = 0
     /// `hitWords` by hit id (empty: not written yet).
-    private var hitWordsByID: [[UInt8]] = []
+    private let hitWordsByID = ReportPieces()
 
     /// - showEvents: false prints only the connection headers (a summary view).
     public init(fileDescriptor: Int32 = STDOUT_FILENO, style: Style = .plain, showEvents: Bool = true) {
@@ -198,7 +198,7 @@ public final class TextReport: ReportSink {
 
     /// A hit's rule (or tag), role and, `withAction`, its fixed action, as written the first time (by hit id).
     private func hitWords(_ id: UInt32, context: EventContext, withAction: Bool) {
-        out.cached(&hitWordsByID, Int(id)) {
+        out.cached(hitWordsByID, Int(id)) {
             context.withHit(id) { cached in
                 guard let cached else { return }
                 hitName(cached.hit)
