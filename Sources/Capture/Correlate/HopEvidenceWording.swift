@@ -41,7 +41,7 @@ extension HopEvidence {
         func word<W: EvidenceWriter>(into w: inout W) {
             switch self {
             case .worded(_, let detail):
-                w.words(detail)
+                w.string(detail)
             case .ztunnelMark(let mark, let f):
                 w.words("inner connection carries ztunnel's mark 0x"); w.hex(mark)
                 w.words(" (frame "); w.number(UInt64(f.source)); w.words(":"); w.number(f.frame); w.words(")")
@@ -80,7 +80,8 @@ extension HopEvidence {
 /// Where evidence (and a time difference) is worded: a String, or a printer's byte buffer.
 protocol EvidenceWriter {
     mutating func words(_ s: StaticString)
-    mutating func words(_ s: String)
+    /// Not `words(_:)`: a literal would pick a String overload (String is the default literal type).
+    mutating func string(_ s: String)
     mutating func number(_ v: UInt64)
     mutating func signed(_ v: Int64)
     mutating func hex(_ v: UInt32)
@@ -107,7 +108,7 @@ extension EvidenceWriter {
 struct EvidenceString: EvidenceWriter {
     var text = ""
     mutating func words(_ s: StaticString) { text += String(describing: s) }
-    mutating func words(_ s: String) { text += s }
+    mutating func string(_ s: String) { text += s }
     mutating func number(_ v: UInt64) { text += String(v) }
     mutating func signed(_ v: Int64) { text += String(v) }
     mutating func hex(_ v: UInt32) { text += String(v, radix: 16) }

@@ -436,7 +436,7 @@ final class ReportPieces {
 /// Hop evidence is worded straight into the buffer (`hex`, `address` and `endpoint` are the buffer's own).
 extension ReportBuffer: EvidenceWriter {
     @inline(__always) func words(_ s: StaticString) { text(s) }
-    @inline(__always) func words(_ s: String) { text(s) }
+    @inline(__always) func string(_ s: String) { text(s) }
     @inline(__always) func number(_ v: UInt64) { unsignedDecimal(v) }
     @inline(__always) func signed(_ v: Int64) { decimal(v) }
 }
