@@ -16,7 +16,11 @@ public final class JSONReport: ReportSink {
         out = ReportBuffer(fileDescriptor: fileDescriptor)
     }
 
-    deinit { tupleCacheBytes.deallocate() }
+    deinit {
+        tupleCacheBytes.deallocate()
+        tupleCacheKeys.deallocate()
+        tupleCacheLengths.deallocate()
+    }
 
     // MARK: - Small writers
 
@@ -37,10 +41,21 @@ public final class JSONReport: ReportSink {
     /// A tuple object. One connection's events carry a few tuples (its NAT views, both ways) over and over:
     /// the last few written are kept as bytes and copied.
     private func tuple(_ t: FiveTuple) {
-        for i in 0..<JSONReport.tupleCacheSize where tupleCacheLengths[i] > 0 && tupleCacheKeys[i] == t {
-            out.bytes(UnsafeBufferPointer(start: tupleCacheBytes + i * JSONReport.tupleCacheStride, count: tupleCacheLengths[i]))
-            comma = true
-            return
+        // Keys compared as five packed words (FiveTuple's own == compared it field by field, out of line), the
+        // last slot found first: a connection's events alternate between two or three tuples. Keys are unique,
+        // so where the search starts never changes which bytes are copied.
+        let key = JSONReport.packedKey(t)
+        var i = tupleCacheLast
+        for _ in 0..<JSONReport.tupleCacheSize {
+            let k = tupleCacheKeys[i]
+            if tupleCacheLengths[i] > 0
+                && (k.0 ^ key.0) | (k.1 ^ key.1) | (k.2 ^ key.2) | (k.3 ^ key.3) | (k.4 ^ key.4) == 0 {
+                out.bytes(UnsafeBufferPointer(start: tupleCacheBytes + i * JSONReport.tupleCacheStride, count: tupleCacheLengths[i]))
+                tupleCacheLast = i
+                comma = true
+                return
+            }
+            i = i == JSONReport.tupleCacheSize - 1 ? 0 : i + 1
         }
         let mark = out.mark(room: JSONReport.tupleCacheStride)
         writeTuple(t)
@@ -49,17 +64,36 @@ public final class JSONReport: ReportSink {
             guard let bytes, bytes.count <= JSONReport.tupleCacheStride, let from = bytes.baseAddress else { return }
             (tupleCacheBytes + slot * JSONReport.tupleCacheStride).update(from: from, count: bytes.count)
             tupleCacheLengths[slot] = bytes.count
-            tupleCacheKeys[slot] = t
+            tupleCacheKeys[slot] = key
             tupleCacheNext = (slot + 1) % JSONReport.tupleCacheSize
         }
     }
+
+    /// Everything `FiveTuple ==` compares, in five words.
+    @inline(__always)
+    private static func packedKey(_ t: FiveTuple) -> TupleKey {
+        (t.src.addr.hi, t.src.addr.lo, t.dst.addr.hi, t.dst.addr.lo,
+         UInt64(t.src.port) << 48 | UInt64(t.dst.port) << 32 | UInt64(t.src.addr.family.rawValue) << 16
+            | UInt64(t.dst.addr.family.rawValue) << 8 | UInt64(t.proto))
+    }
+    private typealias TupleKey = (UInt64, UInt64, UInt64, UInt64, UInt64)
     private static let tupleCacheSize = 6
     private static let tupleCacheStride = 192
     private let tupleCacheBytes = UnsafeMutablePointer<UInt8>.allocate(capacity: JSONReport.tupleCacheSize * JSONReport.tupleCacheStride)
-    private var tupleCacheLengths = [Int](repeating: 0, count: JSONReport.tupleCacheSize)
-    private var tupleCacheKeys = [FiveTuple](repeating: FiveTuple(proto: 0, src: Endpoint(.none, 0), dst: Endpoint(.none, 0)),
-                                             count: JSONReport.tupleCacheSize)
+    /// Byte count of each slot (0: empty) and its key, in unsafe storage: as arrays of a class, every read was
+    /// bounds-checked and their exclusivity tracked.
+    private let tupleCacheLengths: UnsafeMutablePointer<Int> = {
+        let p = UnsafeMutablePointer<Int>.allocate(capacity: JSONReport.tupleCacheSize)
+        p.initialize(repeating: 0, count: JSONReport.tupleCacheSize)
+        return p
+    }()
+    private let tupleCacheKeys: UnsafeMutablePointer<TupleKey> = {
+        let p = UnsafeMutablePointer<TupleKey>.allocate(capacity: JSONReport.tupleCacheSize)
+        p.initialize(repeating: (0, 0, 0, 0, 0), count: JSONReport.tupleCacheSize)
+        return p
+    }()
     private var tupleCacheNext = 0
+    private var tupleCacheLast = 0
 
     private func writeTuple(_ t: FiveTuple) {
         open(UInt8(ascii: "{"))
