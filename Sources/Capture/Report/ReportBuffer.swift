@@ -159,9 +159,10 @@ final class ReportBuffer {
     }
 
     private func largeDecimal(_ v: UInt64) {
-        var digits = 2
-        var probe = v / 100
-        while probe > 0 { digits += 1; probe /= 10 }
+        // Counted by multiplying up, not dividing down: frame numbers of a big capture come here on every event.
+        var digits = 6
+        var limit: UInt64 = 1_000_000
+        while digits < 20 && v >= limit { digits += 1; limit = limit &* 10 }
         reserve(digits)
         var i = count + digits
         var x = v

@@ -17,7 +17,8 @@ final class ReportBufferTests: XCTestCase {
     }
 
     func testDecimalsAddressesAndTimestampsMatchSwiftsFormatting() throws {
-        let values: [UInt64] = [0, 9, 10, 99, 100, 101, 999, 1000, 65535, 1_000_000_007, UInt64.max]
+        let values: [UInt64] = [0, 9, 10, 99, 100, 101, 999, 1000, 65535, 99_999, 100_000, 999_999, 1_000_000, 9_999_999,
+                                1_000_000_007, 9_999_999_999_999_999_999, 10_000_000_000_000_000_000, UInt64.max]
         XCTAssertEqual(try render { b in for v in values { b.unsignedDecimal(v); b.byte(0x20) } },
                        values.map(String.init).joined(separator: " ") + " ")
         XCTAssertEqual(try render { $0.decimal(-42) }, "-42")
