@@ -5,19 +5,28 @@ extension Correlator {
     func classify(_ c: ConnectionState) -> (ConnectionKind, [EscapeFinding]) {
         let o = options
         let original = FiveTuple(proto: c.proto, src: c.initiator, dst: c.responder)
-        let local = initiatorIsLocal(c)
+        // The pod's addresses once: the getter copies the array (and may infer them again) on every use.
+        let pod = podAddresses
+        func isLocal(_ a: IPAddress) -> Bool { a.isLoopback || pod.contains(a) }
+        let local = initiatorIsLocal(c, pod: pod)
         let leftPod = !c.leftFrames.isEmpty && local
-        let asInnerOut = c.hopLinks.contains { $0.hop.direction == .outbound && $0.inner === c }
-        let asOuterOut = c.hopLinks.contains { $0.hop.direction == .outbound && $0.outer === c }
-        let asInnerIn = c.hopLinks.contains { $0.hop.direction == .inbound && $0.inner === c }
-        let asOuterIn = c.hopLinks.contains { $0.hop.direction == .inbound && $0.outer === c }
+        var asInnerOut = false, asOuterOut = false, asInnerIn = false, asOuterIn = false
+        for link in c.hopLinks {
+            if link.hop.direction == .outbound {
+                if link.inner === c { asInnerOut = true }
+                if link.outer === c { asOuterOut = true }
+            } else {
+                if link.inner === c { asInnerIn = true }
+                if link.outer === c { asOuterIn = true }
+            }
+        }
         let redirectPort: UInt16? = {
             if let nat = c.natResponder { return nat.port }
             if case .redirected(let p, _)? = c.timeline.redirect { return p }
             return nil
         }()
         let exempt = c.responder.addr.isLoopback || isProbe(c.responder.addr) || isProbe(c.initiator.addr)
-            || (podAddresses.contains(c.responder.addr))
+            || pod.contains(c.responder.addr)
 
         switch c.proto {
         case IPProto.tcp:

@@ -519,9 +519,11 @@ public final class Correlator {
     func isProbe(_ a: IPAddress) -> Bool { options.probeAddresses.contains(a) }
 
     /// The initiator is in the pod (the app, or ztunnel's own sockets other than its IP_TRANSPARENT ones).
-    func initiatorIsLocal(_ c: ConnectionState) -> Bool {
+    func initiatorIsLocal(_ c: ConnectionState) -> Bool { initiatorIsLocal(c, pod: podAddresses) }
+
+    /// `initiatorIsLocal(_:)` with the pod's addresses already read.
+    func initiatorIsLocal(_ c: ConnectionState, pod: [IPAddress]) -> Bool {
         if c.initiator.addr.isLoopback { return true }
-        let pod = podAddresses
         if !pod.isEmpty { return pod.contains(c.initiator.addr) }
         return c.initiatorSentLocally && !c.initiatorArrivedFromOutside && !c.sawZtunnelConnmark
     }
@@ -784,8 +786,13 @@ public final class Correlator {
     private func removeFromOpen(_ c: ConnectionState) {
         let i = c.openIndex
         guard i >= 0, i < open.count, open[i] === c else { return }
-        let last = open.removeLast()
-        if last !== c { open[i] = last; last.openIndex = i }
+        // Swapped to the end and dropped: no reference is copied out of the array and back in.
+        let end = open.count - 1
+        if i != end {
+            open.swapAt(i, end)
+            open[i].openIndex = i
+        }
+        open.removeLast()
         c.openIndex = -1
     }
 
