@@ -786,13 +786,8 @@ public final class Correlator {
     private func removeFromOpen(_ c: ConnectionState) {
         let i = c.openIndex
         guard i >= 0, i < open.count, open[i] === c else { return }
-        // Swapped to the end and dropped: no reference is copied out of the array and back in.
-        let end = open.count - 1
-        if i != end {
-            open.swapAt(i, end)
-            open[i].openIndex = i
-        }
-        open.removeLast()
+        let last = open.removeLast()
+        if last !== c { open[i] = last; last.openIndex = i }
         c.openIndex = -1
     }
 
