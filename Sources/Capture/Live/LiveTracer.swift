@@ -485,23 +485,34 @@ public final class LiveTracer: @unchecked Sendable {
 
     @inline(__always)
     private func releaseOldest(to correlator: Correlator, reporter: Reporter, wantsPackets: Bool) {
-        pending.popOldest { record, frame, linkType in
-            // The stored NFLOG fields, not `nflog` (which would copy all of them into an optional).
-            if record.pointee.hasNflog, record.pointee.nflogFields.prefixID != 0 {
-                let i = Int(record.pointee.nflogFields.prefixID)
-                if i >= hitsCapacity { growPrefixTables(to: i) }
-                hits[i] += 1
-                if let conntrackQuery, rewritesDestination(i), record.pointee.nflogFields.conntrack == nil,
-                   let ct = conntrackQuery.entry(original: record.pointee.tuple) {
-                    record.pointee.nflogFields.conntrack = ct
-                    conntrackJoins += 1
-                }
+        if wantsPackets {
+            pending.popOldest { record, frame, linkType in
+                let connection = place(record, on: correlator)
+                if let frame { reporter.packet(record.pointee, frame: frame, linkType: linkType, connection: connection) }
             }
-            let connection = correlator.ingest(inPlace: &record.pointee)
-            if wantsPackets, let frame {
-                reporter.packet(record.pointee, frame: frame, linkType: linkType, connection: connection)
+        } else {
+            // No closure, no frame: the record is read in its slot.
+            _ = place(pending.takeOldest(), on: correlator)
+        }
+    }
+
+    /// Counts a record's rule hit, gives a destination-rewriting twin's hit its conntrack entry, and hands the
+    /// record to the correlator.
+    @inline(__always)
+    private func place(_ record: UnsafeMutablePointer<PacketRecord>, on correlator: Correlator) -> ConnectionID? {
+        // The stored NFLOG fields, not `nflog` (which would copy all of them into an optional).
+        if record.pointee.hasNflog, record.pointee.nflogFields.prefixID != 0 {
+            let i = Int(record.pointee.nflogFields.prefixID)
+            if i >= hitsCapacity { growPrefixTables(to: i) }
+            hits[i] += 1
+            // A pattern, not `== nil`, which compares whole entries through Equatable.
+            if rewritesDestination(i), case .none = record.pointee.nflogFields.conntrack, let conntrackQuery,
+               let ct = conntrackQuery.entry(original: record.pointee.tuple) {
+                record.pointee.nflogFields.conntrack = ct
+                conntrackJoins += 1
             }
         }
+        return correlator.ingest(inPlace: &record.pointee)
     }
 
     /// Whether the rule a twin stands for rewrites the destination (REDIRECT, DNAT): only its hits, the first
@@ -591,6 +602,15 @@ final class PendingRecords {
             frames[i].append(contentsOf: frame)
         }
         count += 1
+    }
+
+    /// Takes the oldest record off the ring, for a caller that needs no frame; it stays valid in its slot until
+    /// the ring is written again. The ring must not be empty.
+    func takeOldest() -> UnsafeMutablePointer<PacketRecord> {
+        let i = head
+        head = (head + 1) % capacity
+        count -= 1
+        return records + i
     }
 
     func popOldest(_ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer?, Int32) -> Void) {

@@ -73,8 +73,12 @@ final class TraceBenchmark: KernelTestCase {
         }
         var untracedRuns = [try untracedRun()]
         var traced: [TracedRun] = []
-        for _ in 0..<rounds {
-            traced.append(try tracedRun(lab: lab, target: target, count: count, workers: workers, executable: executable, env: env))
+        // MESHTRACE_BENCH_COMPARE=PATH (scripts/bench-trace --compare): odd rounds trace with that build instead,
+        // so two builds are judged in one run, on the same drift, against the same untraced runs.
+        let compare = env["MESHTRACE_BENCH_COMPARE"].flatMap { $0.isEmpty ? nil : $0 }
+        for round in 0..<rounds {
+            let tracer = compare != nil && round % 2 == 1 ? compare! : executable
+            traced.append(try tracedRun(lab: lab, target: target, count: count, workers: workers, executable: tracer, env: env))
             untracedRuns.append(try untracedRun())
         }
         let untraced = untracedRuns.map(\.0)
@@ -92,6 +96,16 @@ final class TraceBenchmark: KernelTestCase {
             let ratio = t.load.rate / ((before + after) / 2)
             ratios.append(ratio)
             print("bench-trace: round \(i + 1): untraced \(f(before)) / \(f(after)) conn/s, traced \(f(t.load.rate)) conn/s, ratio \(String(format: "%.2f", ratio)); \(t.said)")
+        }
+        if let compare {
+            // Each build's rounds on their own: the even rounds traced with `executable`, the odd with `compare`.
+            for (name, parity) in [(executable, 0), (compare, 1)] {
+                let mine = ratios.indices.filter { $0 % 2 == parity }
+                let cpu = mine.map { traced[$0].meshtraceCPU / Double(count) * 1e6 }
+                print("bench-trace: compare \(name): ratio \(String(format: "%.2f", median(mine.map { ratios[$0] }))) "
+                      + "(median of \(mine.count) rounds), meshtrace itself \(f(median(cpu))) µs per connection, "
+                      + "traced CPU \(f(median(mine.map { traced[$0].cpu / Double(count) * 1e6 }))) µs")
+            }
         }
         let ratio = median(ratios)
         print("bench-trace: ratio \(String(format: "%.2f", ratio)) (median of \(rounds) rounds; target >= 0.80)")
