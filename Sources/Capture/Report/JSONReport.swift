@@ -29,9 +29,9 @@ public final class JSONReport: ReportSink {
         out.jsonKey(k, comma: comma)
         comma = true
     }
-    private func open(_ b: UInt8) { out.byte(b); comma = false }
-    private func close(_ b: UInt8) { out.byte(b); comma = true }
-    private func element() { if comma { out.byte(UInt8(ascii: ",")) }; comma = true }
+    @inline(__always) private func open(_ b: UInt8) { out.byte(b); comma = false }
+    @inline(__always) private func close(_ b: UInt8) { out.byte(b); comma = true }
+    @inline(__always) private func element() { if comma { out.byte(UInt8(ascii: ",")) }; comma = true }
 
     private func endpointString(_ e: Endpoint) {
         out.byte(0x22); out.endpoint(e); out.byte(0x22)
@@ -170,7 +170,10 @@ public final class JSONReport: ReportSink {
                     hit: { if let h = e.hit { key("hit"); hit(h) } }, notes: e.notes)
     }
 
-    /// `event(_:)` for a compact event: the same bytes.
+    /// `event(_:)` for a compact event: the same bytes. Never inlined: in a caller as large as `connection` the
+    /// optimizer stops inlining, and every literal piece and key of the event (~12) became a call that tested
+    /// its length at run time; in this function they are inlined and their lengths known.
+    @inline(never)
     private func compactEvent(_ e: CompactEvent, initiator: Endpoint, context: EventContext) {
         eventRecord(time: e.time, frame: e.frame, pointKind: e.pointKind, hook: e.hook,
                     interface: { interfaceName(e.interfaceIndex, context: context) }, direction: e.direction,
