@@ -66,13 +66,19 @@ final class ReportBuffer {
 
     @inline(__always)
     func text(_ s: StaticString) {
-        // A literal's bytes directly: through `withUTF8Buffer`'s closure this stayed a call per piece.
+        // A literal's bytes directly: through `withUTF8Buffer`'s closure this stayed a call per piece. The rare
+        // one-scalar literal (a StaticString may hold a single Unicode scalar instead of a pointer) is written out
+        // of line: with its closure in here too, this was never inlined, and every piece was a call that tested
+        // the piece's length at run time (~10 per JSON event).
         if s.hasPointerRepresentation {
             append(UnsafeBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
         } else {
-            s.withUTF8Buffer { append($0) }
+            scalarText(s)
         }
     }
+
+    @inline(never)
+    private func scalarText(_ s: StaticString) { s.withUTF8Buffer { append($0) } }
 
     /// Disfavoured: a literal would otherwise pick this overload (String is the default literal type) and be
     /// written through a String instead of the StaticString one's inlined copy.
