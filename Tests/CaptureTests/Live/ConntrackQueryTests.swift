@@ -13,71 +13,121 @@ final class ConntrackQueryTests: KernelTestCase {
         try ns.run(["ip", "link", "set", "lo", "up"])
         try ns.run(["iptables-nft", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "10.9.9.9", "--dport", "80",
                     "-j", "REDIRECT", "--to-ports", "15001"])
-
         let original = FiveTuple(proto: IPProto.tcp, src: Endpoint(IPAddress(v4: 0x0a09_0901), 40123),
                                  dst: Endpoint(IPAddress(v4: 0x0a09_0909), 80))
-        var answers: (found: ConntrackInfo?, missing: ConntrackInfo?, missingV6: ConntrackInfo?)
-        var counts: (asked: UInt64, found: UInt64, notFound: UInt64, failed: UInt64) = (0, 0, 0, 0)
+        var absent = original
+        absent.src.port = 40124
+        let v6 = FiveTuple(proto: IPProto.tcp, src: Endpoint(IPAddress(v6: 0xfd00 << 48, 1), 40123),
+                           dst: Endpoint(IPAddress(v6: 0xfd00 << 48, 2), 80))
+        let (answers, query) = try connectAndAsk(ns, original, listenOn: Endpoint(IPAddress(v4: 0x7f00_0001), 15001),
+                                                 then: [absent, v6])
+
+        // The kernel's own account of the connection, read with the conntrack tool.
+        let listed = try ns.run(["conntrack", "-L", "-p", "tcp", "--orig-dst", "10.9.9.9"]).stdout
+        XCTAssertTrue(listed.contains("src=127.0.0.1 dst=10.9.9.1 sport=15001 dport=40123"), "conntrack -L: \(listed)")
+        let info = try XCTUnwrap(answers[0], "no answer for \(original); conntrack -L: \(listed)")
+        XCTAssertEqual(info.original, original)
+        XCTAssertEqual(info.reply, FiveTuple(proto: IPProto.tcp, src: Endpoint(IPAddress(v4: 0x7f00_0001), 15001),
+                                             dst: Endpoint(IPAddress(v4: 0x0a09_0901), 40123)))
+        XCTAssertTrue(info.isDestinationNATed)
+        // A tuple conntrack has no entry for, in either family, is "not found", not a malformed query.
+        XCTAssertNil(answers[1])
+        XCTAssertNil(answers[2])
+        XCTAssertEqual(query.asked, 3)
+        XCTAssertEqual(query.found, 1)
+        XCTAssertEqual(query.notFound, 2)
+        XCTAssertEqual(query.failed, 0)
+    }
+
+    func testAsksConntrackForARedirectedIPv6Connection() throws {
+        let (ns, _) = try makeNetnsPair("10.9.9.1", "10.9.9.2")
+        try ns.run(["ip", "link", "set", "lo", "up"])
+        try ns.run(["ip", "-6", "addr", "add", "fd00::1/64", "dev", "eth0", "nodad"])
+        try ns.run(["ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "fd00::9", "--dport", "80",
+                    "-j", "REDIRECT", "--to-ports", "15001"])
+        let prefix: UInt64 = 0xfd00 << 48
+        let original = FiveTuple(proto: IPProto.tcp, src: Endpoint(IPAddress(v6: prefix, 1), 40123),
+                                 dst: Endpoint(IPAddress(v6: prefix, 9), 80))
+        let (answers, query) = try connectAndAsk(ns, original, listenOn: Endpoint(IPAddress(v6: 0, 1), 15001), then: [])
+
+        let listed = try ns.run(["conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--orig-dst", "fd00::9"]).stdout
+        XCTAssertTrue(listed.contains("src=::1 dst=fd00::1 sport=15001 dport=40123"), "conntrack -L: \(listed)")
+        let info = try XCTUnwrap(answers[0], "no answer for \(original); conntrack -L: \(listed)")
+        XCTAssertEqual(info.original, original)
+        XCTAssertEqual(info.reply, FiveTuple(proto: IPProto.tcp, src: Endpoint(IPAddress(v6: 0, 1), 15001),
+                                             dst: Endpoint(IPAddress(v6: prefix, 1), 40123)))
+        XCTAssertEqual(query.found, 1)
+        XCTAssertEqual(query.failed, 0)
+    }
+
+    /// Inside `ns`: listens on `listener` (the REDIRECT's target), connects from `original.src` to
+    /// `original.dst` and closes, then asks conntrack for `original` and each of `more`.
+    /// Something must listen: the kernel kills the entry of a SYN answered by a RST at once, while a closed
+    /// connection's entry stays for seconds.
+    private func connectAndAsk(_ ns: ScratchNetns, _ original: FiveTuple, listenOn listener: Endpoint,
+                               then more: [FiveTuple]) throws -> ([ConntrackInfo?], ConntrackQuery) {
+        var answers: [ConntrackInfo?] = []
+        var query: ConntrackQuery?
         var threadError: Error?
         let done = DispatchSemaphore(value: 0)
         let thread = Thread {
             defer { done.signal() }
             do {
                 try NetnsThread.enter(ns.ref)
-                // Something listens on 15001 (a connection refused at once would not do: the kernel kills the
-                // entry of a SYN answered by a RST). The closed connection's entry stays for seconds.
-                let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-                defer { close(listener) }
-                var listen15001 = sockaddr_in()
-                listen15001.sin_family = sa_family_t(AF_INET); listen15001.sin_port = UInt16(15001).bigEndian
-                listen15001.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-                let size = socklen_t(MemoryLayout<sockaddr_in>.size)
-                guard withUnsafePointer(to: &listen15001, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, size) } }) == 0,
-                      listen(listener, 4) == 0 else {
-                    throw MeshtraceError(.kernelRefused, "listen on 127.0.0.1:15001: \(String(cString: strerror(errno)))")
+                let server = try Self.socket(bound: listener)
+                defer { close(server) }
+                guard listen(server, 4) == 0 else { throw Self.failure("listen on \(listener)") }
+                let client = try Self.socket(bound: original.src)
+                defer { close(client) }
+                guard Self.withAddress(original.dst, { connect(client, $0, $1) }) == 0 else {
+                    throw Self.failure("connect to \(original.dst) through the REDIRECT")
                 }
-                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-                defer { close(fd) }
-                var local = sockaddr_in(), remote = sockaddr_in()
-                local.sin_family = sa_family_t(AF_INET); local.sin_port = UInt16(40123).bigEndian
-                local.sin_addr.s_addr = UInt32(0x0a09_0901).bigEndian
-                remote.sin_family = sa_family_t(AF_INET); remote.sin_port = UInt16(80).bigEndian
-                remote.sin_addr.s_addr = UInt32(0x0a09_0909).bigEndian
-                guard withUnsafePointer(to: &local, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, size) } }) == 0 else {
-                    throw MeshtraceError(.kernelRefused, "bind: \(String(cString: strerror(errno)))")
-                }
-                guard withUnsafePointer(to: &remote, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, size) } }) == 0 else {
-                    throw MeshtraceError(.kernelRefused, "connect through the REDIRECT: \(String(cString: strerror(errno)))")
-                }
-                let query = try ConntrackQuery()
-                answers.found = query.entry(original: original)
-                var absent = original
-                absent.src.port = 40124
-                answers.missing = query.entry(original: absent)
-                let v6 = FiveTuple(proto: IPProto.tcp, src: Endpoint(IPAddress(v6: 0xfd00 << 48, 1), 40123),
-                                   dst: Endpoint(IPAddress(v6: 0xfd00 << 48, 2), 80))
-                answers.missingV6 = query.entry(original: v6)
-                counts = (query.asked, query.found, query.notFound, query.failed)
+                let q = try ConntrackQuery()
+                answers = ([original] + more).map { q.entry(original: $0) }
+                query = q
             } catch { threadError = error }
         }
         thread.start()
         XCTAssertEqual(done.wait(timeout: .now() + 30), .success)
         if let threadError { throw threadError }
+        return (answers, try XCTUnwrap(query))
+    }
 
-        // The kernel's own account of the connection, read with the conntrack tool.
-        let listed = try ns.run(["conntrack", "-L", "-p", "tcp", "--orig-dst", "10.9.9.9"]).stdout
-        XCTAssertTrue(listed.contains("src=127.0.0.1 dst=10.9.9.1 sport=15001 dport=40123"), "conntrack -L: \(listed)")
-        let info = try XCTUnwrap(answers.found, "no answer for \(original); conntrack -L: \(listed)")
-        XCTAssertEqual(info.original, original)
-        XCTAssertEqual(info.reply, FiveTuple(proto: IPProto.tcp, src: Endpoint(IPAddress(v4: 0x7f00_0001), 15001),
-                                             dst: Endpoint(IPAddress(v4: 0x0a09_0901), 40123)))
-        XCTAssertTrue(info.isDestinationNATed)
-        // A tuple conntrack has no entry for, in either family, is "not found", not a malformed query.
-        XCTAssertNil(answers.missing)
-        XCTAssertNil(answers.missingV6)
-        XCTAssertEqual(counts.asked, 3)
-        XCTAssertEqual(counts.found, 1)
-        XCTAssertEqual(counts.notFound, 2)
-        XCTAssertEqual(counts.failed, 0)
+    private static func socket(bound endpoint: Endpoint) throws -> Int32 {
+        let fd = Glibc.socket(endpoint.addr.family == .v6 ? AF_INET6 : AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw failure("socket") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        guard withAddress(endpoint, { bind(fd, $0, $1) }) == 0 else {
+            close(fd)
+            throw failure("bind \(endpoint)")
+        }
+        return fd
+    }
+
+    private static func withAddress(_ e: Endpoint, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
+        if e.addr.family == .v6 {
+            var a = sockaddr_in6()
+            a.sin6_family = sa_family_t(AF_INET6)
+            a.sin6_port = e.port.bigEndian
+            withUnsafeMutableBytes(of: &a.sin6_addr) { raw in
+                raw.storeBytes(of: e.addr.hi.bigEndian, toByteOffset: 0, as: UInt64.self)
+                raw.storeBytes(of: e.addr.lo.bigEndian, toByteOffset: 8, as: UInt64.self)
+            }
+            return withUnsafePointer(to: &a) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+            }
+        }
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_port = e.port.bigEndian
+        a.sin_addr.s_addr = e.addr.v4Value.bigEndian
+        return withUnsafePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+    }
+
+    private static func failure(_ what: String) -> MeshtraceError {
+        MeshtraceError(.kernelRefused, "\(what): \(String(cString: strerror(errno)))")
     }
 }
