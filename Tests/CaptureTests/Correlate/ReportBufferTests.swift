@@ -30,6 +30,22 @@ final class ReportBufferTests: XCTestCase {
         XCTAssertEqual(try render { $0.hex(0x539); $0.byte(0x20); $0.hex(0) }, "539 0")
     }
 
+    /// Pieces are copied by size class (under 4, 4-7, 8-16 bytes, longer): every length comes out whole.
+    func testPiecesOfEveryLengthAreCopiedWhole() throws {
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ".utf8)
+        var expected = ""
+        let out = try render { b in
+            for n in 0...alphabet.count {
+                let piece = Array(alphabet[(alphabet.count - n)...])
+                piece.withUnsafeBufferPointer { b.bytes($0) }
+                b.byte(0x7c)
+                expected += String(decoding: piece, as: UTF8.self) + "|"
+            }
+            b.text(",\"dir\":\"out\",\"tuple\":")
+        }
+        XCTAssertEqual(out, expected + ",\"dir\":\"out\",\"tuple\":")
+    }
+
     func testJSONStringsAreEscapedAndLongOutputIsWrittenWhole() throws {
         XCTAssertEqual(try render { $0.jsonString("a\"b\\c\nd\u{1}é") }, "\"a\\\"b\\\\c\\nd\\u0001é\"")
         // Strings that need no escape are copied whole: ASCII, UTF-8, empty, one escape at the very end, and
