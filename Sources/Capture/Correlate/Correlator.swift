@@ -1043,8 +1043,7 @@ struct NflogFacts {
         mark = r.nflogFields.mark
         inputIfindex = r.nflogFields.inputIfindex
         outputIfindex = r.nflogFields.outputIfindex
-        // A pattern, not `!= nil`: that picked the Equatable `!=` and copied the ~160-byte tuples three times.
-        if case .some = r.nflogFields.conntrack { hasConntrack = true }
+        hasConntrack = r.nflogFields.hasConntrack
     }
 }
 

@@ -281,7 +281,17 @@ public struct NflogMeta: Hashable, Sendable {
     public var sequence: UInt32? = nil
     /// True when NFULA_TIMESTAMP was present (it is missing on locally generated packets).
     public var hadKernelTimestamp: Bool = false
-    public var conntrack: ConntrackInfo? = nil
+    /// NFULA_CT (or, live, conntrack's answer for a REDIRECT/DNAT twin's hit). Stored beside a presence flag:
+    /// the record's hot paths ask only whether there is one, and testing the ~160-byte optional itself copied it.
+    public var conntrack: ConntrackInfo? {
+        get { storedConntrack }
+        set {
+            if case .some = newValue { hasConntrack = true } else { hasConntrack = false }
+            storedConntrack = newValue
+        }
+    }
+    private var storedConntrack: ConntrackInfo? = nil
+    public private(set) var hasConntrack = false
     /// NFULA_TIMESTAMP itself (the skb's time), when present; the record's `time` stays the capture's.
     public var kernelTime: Timestamp? = nil
     /// NFULA_SEQ_GLOBAL (sequence across all NFLOG instances, with NFULNL_CFG_F_SEQ_GLOBAL).
@@ -300,10 +310,9 @@ public struct NflogMeta: Hashable, Sendable {
         group = 0; hook = .unknown; hwProtocol = 0; mark = nil; prefixID = 0
         inputIfindex = nil; outputIfindex = nil; uid = nil; gid = nil; sequence = nil
         // The ~160-byte conntrack optional is written only when set: clearing it unconditionally copied a whole
-        // empty value in, for every record (almost none carries one). Tested with a pattern: `conntrack != nil`
-        // picked the Equatable `!=`, which copied the value three times and compared it field by field.
+        // empty value in, for every record (almost none carries one).
         hadKernelTimestamp = false; kernelTime = nil; globalSequence = nil; conntrackState = nil
-        if case .some = conntrack { conntrack = nil }
+        if hasConntrack { conntrack = nil }
         physInputIfindex = nil; physOutputIfindex = nil
     }
 }

@@ -505,8 +505,7 @@ public final class LiveTracer: @unchecked Sendable {
             let i = Int(record.pointee.nflogFields.prefixID)
             if i >= hitsCapacity { growPrefixTables(to: i) }
             hits[i] += 1
-            // A pattern, not `== nil`, which compares whole entries through Equatable.
-            if rewritesDestination(i), case .none = record.pointee.nflogFields.conntrack, let conntrackQuery,
+            if rewritesDestination(i), !record.pointee.nflogFields.hasConntrack, let conntrackQuery,
                let ct = conntrackQuery.entry(original: record.pointee.tuple) {
                 record.pointee.nflogFields.conntrack = ct
                 conntrackJoins += 1
