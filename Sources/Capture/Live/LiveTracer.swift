@@ -44,7 +44,7 @@ public struct TraceLosses: Sendable {
     public var nflogOverruns = 0
     /// Packets libpcap's ring dropped (ps_drop).
     public var pcapDropped: UInt32 = 0
-    /// ENOBUFS on the conntrack / TRACE event socket.
+    /// ENOBUFS on the TRACE event socket (`--mode trace`).
     public var eventSocketOverruns = 0
     /// Twin hits the kernel counted beyond those meshtrace received. Catches what sequence numbers cannot:
     /// messages dropped at the very end, after the last one that arrived.
