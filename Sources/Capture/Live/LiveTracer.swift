@@ -108,6 +108,8 @@ public final class LiveTracer: @unchecked Sendable {
     private var events: NetfilterEventSocket?
     /// Set when NFLOG cannot attach NFULA_CT: REDIRECT/DNAT hits ask conntrack for their entry instead.
     private var conntrackQuery: ConntrackQuery?
+    /// REDIRECT/DNAT hits that got their entry: every entry the query found was given to the hit that asked.
+    private var conntrackJoins: UInt64 { conntrackQuery?.found ?? 0 }
     private var trace: TraceJoiner?
     private var pending: PendingRecords
     /// NFLOG events per prefix id, counted for every record: plain memory, not an Array property (whose every
@@ -118,7 +120,6 @@ public final class LiveTracer: @unchecked Sendable {
     /// conntrack entry that names the original destination), 2 it does not.
     private var rewritesDestination = UnsafeMutablePointer<UInt8>.allocate(capacity: 0)
     private var arrival: Int64 = 0
-    private var conntrackJoins: UInt64 = 0
     private var openFailure: Error?
     private var needsLegacyTrace = false
 
@@ -242,8 +243,7 @@ public final class LiveTracer: @unchecked Sendable {
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
         let outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
                                    conntrackNote: nflog?.socket.conntrackProblem.map { problem in
-                                       let q = conntrackQuery
-                                       let missed = q.map { $0.notFound + $0.failed } ?? 0
+                                       let missed = conntrackQuery.map { $0.notFound + $0.failed } ?? 0
                                        return "\(problem); original destinations come from ctnetlink queries instead (\(conntrackJoins) REDIRECT/DNAT hits joined"
                                            + (missed > 0 ? ", \(missed) without an entry)" : ")")
                                    },
@@ -508,7 +508,6 @@ public final class LiveTracer: @unchecked Sendable {
             if rewritesDestination(i), !record.pointee.nflogFields.hasConntrack, let conntrackQuery,
                let ct = conntrackQuery.entry(original: record.pointee.tuple) {
                 record.pointee.nflogFields.conntrack = ct
-                conntrackJoins += 1
             }
         }
         return correlator.ingest(inPlace: &record.pointee)
@@ -615,12 +614,11 @@ final class PendingRecords {
     func popOldest(_ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer?, Int32) -> Void) {
         guard count > 0 else { return }
         let i = head
-        head = (head + 1) % capacity
-        count -= 1
+        let record = takeOldest()
         if hasFrame[i] {
-            frames[i].withUnsafeBytes { body(records + i, $0, linkTypes[i]) }
+            frames[i].withUnsafeBytes { body(record, $0, linkTypes[i]) }
         } else {
-            body(records + i, nil, linkTypes[i])
+            body(record, nil, linkTypes[i])
         }
     }
 }

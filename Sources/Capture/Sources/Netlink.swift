@@ -92,20 +92,28 @@ public final class NetfilterEventSocket {
     /// the attribute area. Truncated or bogus lengths end the walk.
     public static func forEachMessage(in datagram: UnsafeRawBufferPointer,
                                       _ body: (_ subsystem: UInt8, _ message: UInt8, _ family: UInt8, _ attributes: ByteReader) -> Void) {
-        var r = ByteReader(datagram)
-        while r.remaining >= NetfilterNetlink.headerBytes {
-            let start = r.offset
-            guard let length = r.u32(.host), let type = r.u16(.host), length >= UInt32(NetfilterNetlink.headerBytes),
-                  Int(length) <= datagram.count - start else { return }
-            _ = r.skip(2 + 4 + 4)            // flags, seq, portid
-            let family = r.u8() ?? 0
-            _ = r.skip(3)                     // version, res_id
-            if let attrs = r.subReader(Int(length) - NetfilterNetlink.headerBytes) {
-                body(UInt8(truncatingIfNeeded: type >> 8), UInt8(truncatingIfNeeded: type), family, attrs)
-            }
-            let aligned = (Int(length) + 3) & ~3
-            guard r.seek(to: min(start + aligned, datagram.count)) else { return }
+        forEachNetlinkMessage(in: datagram) { type, _, payload in
+            var p = payload
+            guard let family = p.u8(), p.skip(3) else { return false }     // nfgenmsg: family, version, res_id
+            body(UInt8(truncatingIfNeeded: type >> 8), UInt8(truncatingIfNeeded: type), family, p)
+            return true
         }
+    }
+}
+
+/// Walks the netlink messages of one datagram: each one's type, sequence number and payload (what follows the
+/// 16-byte nlmsghdr). `body` returns false to stop; truncated or bogus lengths end the walk.
+func forEachNetlinkMessage(in datagram: UnsafeRawBufferPointer,
+                           _ body: (_ type: UInt16, _ sequence: UInt32, _ payload: ByteReader) -> Bool) {
+    var r = ByteReader(datagram)
+    while r.remaining >= 16 {
+        let start = r.offset
+        guard let length = r.u32(.host), let type = r.u16(.host), r.skip(2), let sequence = r.u32(.host), r.skip(4),
+              length >= 16, Int(length) <= datagram.count - start,
+              let payload = r.subReader(Int(length) - 16) else { return }
+        guard body(type, sequence, payload) else { return }
+        let aligned = (Int(length) + 3) & ~3
+        guard r.seek(to: min(start + aligned, datagram.count)) else { return }
     }
 }
 
@@ -172,7 +180,11 @@ public final class ConntrackQuery {
     /// are; only ztunnel's own upstream DNS uses zone 1, and it is not NATed). nil when there is none.
     public func entry(original tuple: FiveTuple) -> ConntrackInfo? {
         // Ports identify the entry only for these; ICMP would need its id/type/code attributes.
-        guard [6, 17, 132, 136].contains(tuple.proto), tuple.src.addr.family != .none,
+        switch tuple.proto {
+        case IPProto.tcp, IPProto.udp, IPProto.sctp, 136 /* UDP-Lite */: break
+        default: return nil
+        }
+        guard tuple.src.addr.family != .none,
               tuple.src.addr.family == tuple.dst.addr.family else { return nil }
         asked += 1
         sequence &+= 1
@@ -187,10 +199,7 @@ public final class ConntrackQuery {
             }
             var result: ConntrackInfo?? = nil   // .none: not ours yet; .some(nil): ours, no entry
             walk(UnsafeRawBufferPointer(rebasing: answer[0..<n]), into: &result)
-            if let settled = result {
-                if settled != nil { found += 1 }
-                return settled
-            }
+            if let settled = result { return settled }
         }
     }
 
@@ -235,28 +244,22 @@ public final class ConntrackQuery {
     /// Settles `result` from the message answering the current sequence number; answers to earlier queries
     /// (which were counted as failed when they did not come in time) are skipped.
     private func walk(_ datagram: UnsafeRawBufferPointer, into result: inout ConntrackInfo??) {
-        var r = ByteReader(datagram)
-        while r.remaining >= 16 {
-            let start = r.offset
-            guard let length = r.u32(.host), let type = r.u16(.host), r.skip(2), let seq = r.u32(.host), r.skip(4),
-                  length >= 16, Int(length) <= datagram.count - start else { return }
-            if seq == sequence {
-                if type == ConntrackQuery.nlmsgError {
-                    // struct nlmsgerr: a negative errno (0 would be an acknowledgement, which is not asked for).
-                    let code = r.u32(.host).map { Int32(bitPattern: $0) } ?? -EIO
-                    if code == -ENOENT { notFound += 1 } else { failed += 1 }
-                    result = .some(nil)
-                    return
-                }
-                if type == UInt16(NetfilterNetlink.subsysCtnetlink) << 8 | UInt16(NetfilterNetlink.ctMsgNew),
-                   r.skip(4), let attrs = r.subReader(Int(length) - NetfilterNetlink.headerBytes) {
-                    result = .some(ConntrackDecoder.decode(attrs, order: .host))
-                    if result! == nil { failed += 1 }
-                    return
-                }
+        forEachNetlinkMessage(in: datagram) { type, seq, payload in
+            guard seq == sequence else { return true }
+            var p = payload
+            if type == ConntrackQuery.nlmsgError {
+                // struct nlmsgerr: a negative errno (0 would be an acknowledgement, which is not asked for).
+                let code = p.u32(.host).map { Int32(bitPattern: $0) } ?? -EIO
+                if code == -ENOENT { notFound += 1 } else { failed += 1 }
+                result = .some(nil)
+                return false
             }
-            let aligned = (Int(length) + 3) & ~3
-            guard r.seek(to: min(start + aligned, datagram.count)) else { return }
+            guard type == UInt16(NetfilterNetlink.subsysCtnetlink) << 8 | UInt16(NetfilterNetlink.ctMsgNew),
+                  p.skip(4) else { return true }                      // nfgenmsg
+            let info = ConntrackDecoder.decode(p, order: .host)
+            if info == nil { failed += 1 } else { found += 1 }
+            result = .some(info)
+            return false
         }
     }
 }
