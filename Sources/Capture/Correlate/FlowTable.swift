@@ -21,31 +21,13 @@ func fmix64(_ x: UInt64) -> UInt64 {
     return h
 }
 
-/// Two endpoints' address words and the small fields (ports, protocol, families) packed into `tail`, mixed with
-/// the table's seed: the one formula both two-endpoint keys use.
-@inline(__always)
-func mixEndpoints(_ seed: UInt64, aLo: UInt64, bLo: UInt64, aHi: UInt64, bHi: UInt64, tail: UInt64) -> UInt64 {
-    var h = seed ^ (aLo &* 0x9E37_79B9_7F4A_7C15)
-    h = (h ^ bLo) &* 0xC2B2_AE3D_27D4_EB4F
-    h = (h ^ aHi ^ (bHi &* 31)) &* 0x1656_67B1_9E37_79F9
-    return fmix64(h ^ tail)
-}
-
 extension FlowKey: FlowTableKey {
     @inline(__always)
     func mixedHash(_ seed: UInt64) -> UInt64 {
-        mixEndpoints(seed, aLo: aLo, bLo: bLo, aHi: aHi, bHi: bHi,
-                     tail: UInt64(aPort) << 48 | UInt64(bPort) << 32 | UInt64(proto) << 16 | UInt64(aFamily) << 8 | UInt64(bFamily))
-    }
-}
-
-/// A directed tuple (the live tracer's conntrack cache keys its NAT views by it).
-extension FiveTuple: FlowTableKey {
-    @inline(__always)
-    func mixedHash(_ seed: UInt64) -> UInt64 {
-        mixEndpoints(seed, aLo: src.addr.lo, bLo: dst.addr.lo, aHi: src.addr.hi, bHi: dst.addr.hi,
-                     tail: UInt64(src.port) << 48 | UInt64(dst.port) << 32 | UInt64(proto) << 16
-                         | UInt64(src.addr.family.rawValue) << 8 | UInt64(dst.addr.family.rawValue))
+        var h = seed ^ (aLo &* 0x9E37_79B9_7F4A_7C15)
+        h = (h ^ bLo) &* 0xC2B2_AE3D_27D4_EB4F
+        h = (h ^ aHi ^ (bHi &* 31)) &* 0x1656_67B1_9E37_79F9
+        return fmix64(h ^ (UInt64(aPort) << 48 | UInt64(bPort) << 32 | UInt64(proto) << 16 | UInt64(aFamily) << 8 | UInt64(bFamily)))
     }
 }
 
