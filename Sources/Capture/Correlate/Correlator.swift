@@ -698,13 +698,11 @@ public final class Correlator {
             return false
         case .inbound:
             guard inner.initiator.addr == outer.initiator.addr else { return false }
-            if outer.responder.port != options.hbonePort {
-                guard outer.responder.port == inner.responder.port else { return false }
-                evidence.append(HopEvidence(.clientAddress(inner: inner.initiator.addr, outer: outer.initiator.addr)))
-                evidence.append(HopEvidence(.originalPort(inner.responder.port)))
-                return true
-            }
+            // Plaintext inbound (not to HBONE's port): ztunnel connects on to the port the client asked for.
+            let portCounts = outer.responder.port != options.hbonePort
+            if portCounts && outer.responder.port != inner.responder.port { return false }
             evidence.append(HopEvidence(.clientAddress(inner: inner.initiator.addr, outer: outer.initiator.addr)))
+            if portCounts { evidence.append(HopEvidence(.originalPort(inner.responder.port))) }
             return true
         }
     }

@@ -22,8 +22,8 @@ public struct TimelineEventList {
         out.reserveCapacity(events.count)
         for e in events {
             var hit: RuleHit? = nil
-            if e.hitID != 0, let cached = context.cachedHit(e.hitID) {
-                hit = cached.hit
+            if e.hitID != 0 {
+                hit = context.cachedHit(e.hitID).hit
                 if let a = context.perPacketAction(e) { hit!.action = a }
             }
             let point: CapturePoint
@@ -101,7 +101,7 @@ final class EventContext {
         return i
     }
 
-    func cachedHit(_ id: UInt32) -> CachedHit? {
+    func cachedHit(_ id: UInt32) -> CachedHit {
         let i = Int(id)
         if i < hitCache.count, let h = hitCache[i] { return h }
         if i >= hitCache.count { hitCache.append(contentsOf: repeatElement(nil, count: i + 1 - hitCache.count)) }
@@ -117,7 +117,7 @@ final class EventContext {
     func actionKind(_ id: UInt32) -> ActionKind {
         let i = Int(id)
         if i < actionKinds.count, let kind = actionKinds[i] { return kind }
-        return cachedHit(id)!.actionKind
+        return cachedHit(id).actionKind
     }
 
     /// What the rule behind `e`'s hit did that depends on the packet: a REDIRECT's original destination (the
@@ -132,7 +132,8 @@ final class EventContext {
         }
     }
 
-    /// Calls `body` with the cached hit for `id` in place (no copy, no reference counting); nil when the id has none.
+    /// Calls `body` with the cached hit for `id` in place (no copy, no reference counting), built first when new:
+    /// never nil (the optional is the cache's slot type).
     @inline(__always)
     func withHit<T>(_ id: UInt32, _ body: (borrowing CachedHit?) -> T) -> T {
         let i = Int(id)
