@@ -74,14 +74,11 @@ final class ConntrackQueryTests: KernelTestCase {
             defer { done.signal() }
             do {
                 try NetnsThread.enter(ns.ref)
-                let server = try Self.socket(bound: listener)
-                defer { close(server) }
-                guard listen(server, 4) == 0 else { throw Self.failure("listen on \(listener)") }
-                let client = try Self.socket(bound: original.src)
-                defer { close(client) }
-                guard Self.withAddress(original.dst, { connect(client, $0, $1) }) == 0 else {
-                    throw Self.failure("connect to \(original.dst) through the REDIRECT")
-                }
+                let server = try LabSocket.tcpListener(port: listener.port, family: listener.addr.family, mark: nil,
+                                                       host: listener.addr)
+                defer { server.close() }
+                let client = try LabSocket.tcpConnect(to: original.dst, from: original.src)
+                defer { client.close() }
                 let q = try ConntrackQuery()
                 answers = ([original] + more).map { q.entry(original: $0) }
                 query = q
@@ -91,43 +88,5 @@ final class ConntrackQueryTests: KernelTestCase {
         XCTAssertEqual(done.wait(timeout: .now() + 30), .success)
         if let threadError { throw threadError }
         return (answers, try XCTUnwrap(query))
-    }
-
-    private static func socket(bound endpoint: Endpoint) throws -> Int32 {
-        let fd = Glibc.socket(endpoint.addr.family == .v6 ? AF_INET6 : AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw failure("socket") }
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        guard withAddress(endpoint, { bind(fd, $0, $1) }) == 0 else {
-            close(fd)
-            throw failure("bind \(endpoint)")
-        }
-        return fd
-    }
-
-    private static func withAddress(_ e: Endpoint, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
-        if e.addr.family == .v6 {
-            var a = sockaddr_in6()
-            a.sin6_family = sa_family_t(AF_INET6)
-            a.sin6_port = e.port.bigEndian
-            withUnsafeMutableBytes(of: &a.sin6_addr) { raw in
-                raw.storeBytes(of: e.addr.hi.bigEndian, toByteOffset: 0, as: UInt64.self)
-                raw.storeBytes(of: e.addr.lo.bigEndian, toByteOffset: 8, as: UInt64.self)
-            }
-            return withUnsafePointer(to: &a) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
-            }
-        }
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = e.port.bigEndian
-        a.sin_addr.s_addr = e.addr.v4Value.bigEndian
-        return withUnsafePointer(to: &a) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-    }
-
-    private static func failure(_ what: String) -> MeshtraceError {
-        MeshtraceError(.kernelRefused, "\(what): \(String(cString: strerror(errno)))")
     }
 }
