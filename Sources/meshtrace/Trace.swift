@@ -48,6 +48,9 @@ struct Trace: ParsableCommand {
     @Flag(name: .long, help: "Only the NFLOG events, no libpcap capture.")
     var noCapture = false
 
+    @Flag(name: .long, help: "Keep the reading thread at normal priority (nice -5) instead of yielding the CPU to the pod while it keeps up.")
+    var noYield = false
+
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
@@ -69,6 +72,7 @@ struct Trace: ParsableCommand {
             options.snaplen = snaplen
             options.replace = replace
             options.capturePackets = !noCapture
+            options.yieldToPod = !noYield
             let tracer = LiveTracer(options: options)
             let config = output.config
             let printer: ReportSink = config.json ? JSONReport() : TextReport(style: Style(config: config), showEvents: !brief)
@@ -82,7 +86,7 @@ struct Trace: ParsableCommand {
             if config.json {
                 // stdout stays JSON Lines; the live-only accounting goes to stderr as one line.
                 let l = outcome.losses
-                FileHandle.standardError.write(Data("meshtrace: trace \(String(format: "%.1f", outcome.seconds)) s, CPU \(String(format: "%.2f", outcome.cpuSeconds)) s, \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets; events lost \(l.nflogEventsLost), capture drops \(l.pcapDropped)\n".utf8))
+                FileHandle.standardError.write(Data("meshtrace: trace \(String(format: "%.1f", outcome.seconds)) s, CPU \(String(format: "%.2f", outcome.cpuSeconds)) s (\(outcome.readerPrioritySaid)), \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets; events lost \(l.nflogEventsLost), capture drops \(l.pcapDropped)\n".utf8))
             } else {
                 print(TraceSummaryText.render(outcome, ruleset: tracer.ruleset))
             }

@@ -26,6 +26,9 @@ public struct TraceOptions: Sendable {
     public var replace: Bool = false
     /// Also capture packets with libpcap (off only for benchmarks of the NFLOG path alone).
     public var capturePackets: Bool = true
+    /// The reading thread runs only on CPU time the node does not otherwise want, raised when it falls behind
+    /// (`ReaderPriority`); false keeps it at the normal policy.
+    public var yieldToPod: Bool = true
     public var correlator = CorrelatorOptions.live
     /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
     public var perRuleThreshold: Int? = nil
@@ -78,6 +81,15 @@ public struct TraceOutcome: Sendable {
     /// CPU time meshtrace itself used (user + system, all threads), what tracing cost the node beyond the kernel's
     /// share of sending the events.
     public var cpuSeconds: Double = 0
+    /// Whether the reading thread yielded to the pod (SCHED_IDLE while it kept up; see `ReaderPriority`), and
+    /// how many times it was raised because it had fallen behind.
+    public var readerYielded = false
+    public var readerRaises = 0
+    /// Those two in words, for the summaries.
+    public var readerPrioritySaid: String {
+        guard readerYielded else { return "reader at normal priority" }
+        return readerRaises == 0 ? "reader yielded to the pod throughout" : "reader raised \(readerRaises) times when it fell behind"
+    }
     /// The signal that ended the trace (0: the duration ran out).
     public var stoppedBySignal: Int32
 }
@@ -122,6 +134,12 @@ public final class LiveTracer: @unchecked Sendable {
     private var arrival: Int64 = 0
     private var openFailure: Error?
     private var needsLegacyTrace = false
+    /// The reading thread yields to the pod while it keeps up (see `ReaderPriority`).
+    private let priority = ReaderPriority()
+    /// Whether the last pass read every source empty.
+    private var drained = true
+    /// Wall clock (ns) when the last pass that read every source empty began.
+    private var drainedWall: Int64 = 0
 
     /// Called on the main thread once the twins are in and events flow (tests and benchmarks start traffic here).
     public var onReady: (() -> Void)?
@@ -250,6 +268,7 @@ public final class LiveTracer: @unchecked Sendable {
                                    conntrackJoins: conntrackJoins,
                                    nflogEvents: nflog?.recordsRead ?? 0, packetsCaptured: pcap?.framesRead ?? 0,
                                    traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
+                                   readerYielded: priority.yielded, readerRaises: priority.raises,
                                    stoppedBySignal: StopSignal.signalNumber)
         pcap?.close()
         nflog?.close()
@@ -267,15 +286,6 @@ public final class LiveTracer: @unchecked Sendable {
         let mallopt = unsafeBitCast(symbol, to: Mallopt.self)
         _ = mallopt(-1, 256 << 20)
         _ = mallopt(-2, 16 << 20)
-    }
-
-    /// The reading thread gets a little more of the CPU than the pod's own threads (nice -5, this thread only):
-    /// on a busy node a starved reader overflows the NFLOG and capture buffers and events are lost, while its
-    /// work is bounded by the events the pod makes. Best effort: a refusal leaves the default priority.
-    static func raiseReaderPriority() {
-        // gettid(2) by its symbol: glibc has it since 2.30, Swift's Glibc module does not export it.
-        let tid = UInt32(bitPattern: meshtrace_gettid())
-        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), tid, -5)
     }
 
     static func processCPUSeconds() -> Double {
@@ -346,9 +356,10 @@ public final class LiveTracer: @unchecked Sendable {
         }
         opened.signal()
         proceed.wait()
-        LiveTracer.raiseReaderPriority()
+        priority.start(yielding: options.yieldToPod)
         // Runs on this thread, inside the netns, whatever happens below.
         defer { legacyTrace?.socket.restoreLoggers() }
+        defer { priority.stop() }
         if abort { return }
         do {
             try loop()
@@ -373,12 +384,17 @@ public final class LiveTracer: @unchecked Sendable {
         while true {
             _ = poll(&fds, nfds_t(fds.count), 5)
             let woke = DispatchTime.now().uptimeNanoseconds
+            let wokeWall = LiveTracer.realtimeNanos()
             if !finishing, fds[0].revents != 0 {
                 // The rules are out; what the kernel queued before that (flush timeout 10 ms) still arrives.
                 finishing = true
                 finishDeadline = DispatchTime.now().uptimeNanoseconds + 60_000_000
+                // The last events are drained at the normal policy, whatever the node is doing.
+                priority.stop()
             }
             let got = pump(&record, eventBuffer, ready: fds)
+            // Everything the kernel had when this pass began has been read.
+            if drained { drainedWall = wokeWall }
             release(force: false)
             let tick = DispatchTime.now().uptimeNanoseconds
             if tick >= nextAdvance {
@@ -390,7 +406,9 @@ public final class LiveTracer: @unchecked Sendable {
                 let dropped = Int(nflog?.sequenceGap ?? 0) + (nflog?.overruns ?? 0)
                 status.update(events: events, dropped: dropped, openConnections: correlator?.openConnectionCount ?? 0)
             }
-            if finishing && got == 0 && DispatchTime.now().uptimeNanoseconds >= finishDeadline { break }
+            let passed = DispatchTime.now().uptimeNanoseconds
+            priority.passFinished(drained: drained, at: passed)
+            if finishing && got == 0 && passed >= finishDeadline { break }
             // At most one pass per `minimumPassNanos`: every NFLOG batch and
             // capture block would otherwise wake the thread on its own, for a few records each. The kernel
             // buffers hold far more than a pass's worth; the records are held 30 ms anyway.
@@ -407,6 +425,7 @@ public final class LiveTracer: @unchecked Sendable {
     /// Reads what is waiting on every socket; returns how many items were read.
     private func pump(_ record: inout PacketRecord, _ eventBuffer: UnsafeMutableRawBufferPointer, ready fds: [pollfd]) -> Int {
         var got = 0
+        drained = true
         // One arrival time per pass: the hold is 30 ms, a pass takes far less.
         arrival = Int64(DispatchTime.now().uptimeNanoseconds)
         // A socket poll did not flag has nothing to read: no recv() that would only say EAGAIN.
@@ -429,6 +448,7 @@ public final class LiveTracer: @unchecked Sendable {
             got += nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
                 commit(frame: tlvs, linkType: LinkType.nflog)
             }
+            if !nflog.emptied { drained = false }
         }
         if let legacyTrace, isReady(legacyTrace.fd) {
             got += legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
@@ -437,9 +457,11 @@ public final class LiveTracer: @unchecked Sendable {
         }
         if let pcap {
             let link = pcap.linkType
-            got += pcap.drain(limit: 4096, slot: freeSlot) { _, frame in
+            let frames = pcap.drain(limit: 4096, slot: freeSlot) { _, frame in
                 commit(frame: frame, linkType: link)
             }
+            got += frames
+            if frames == 4096 { drained = false }
         }
         return got
     }
@@ -462,15 +484,20 @@ public final class LiveTracer: @unchecked Sendable {
         pending.commit(frame: frame, linkType: linkType, group: options.group, at: arrival)
     }
 
-    /// Captures stamp packets with the realtime clock, so the wall clock, less what may still be on its way
-    /// (the hold time and NFLOG's batching), is a capture time every packet still to come is later than or
-    /// within the correlator's linger of.
+    /// Captures stamp packets with the realtime clock, so the wall clock when a pass began that read every source
+    /// empty, less what may still have been on its way (the hold time and NFLOG's batching), is a capture time every
+    /// packet still to come is later than or within the correlator's linger of. Not the wall clock now: a reader
+    /// that fell behind (a busy node) would otherwise finish connections whose last packets it has yet to read.
     private func advanceClock() {
-        guard let correlator else { return }
+        guard let correlator, drainedWall > 0 else { return }
+        let wall = drainedWall - LiveTracer.holdNanos - LiveTracer.advanceLagNanos
+        correlator.advance(to: Timestamp(seconds: wall / 1_000_000_000, nanoseconds: Int32(wall % 1_000_000_000)))
+    }
+
+    static func realtimeNanos() -> Int64 {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
-        let wall = Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec) - LiveTracer.holdNanos - LiveTracer.advanceLagNanos
-        correlator.advance(to: Timestamp(seconds: wall / 1_000_000_000, nanoseconds: Int32(wall % 1_000_000_000)))
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
 
     private func release(force: Bool) {
@@ -623,5 +650,3 @@ final class PendingRecords {
     }
 }
 
-@_silgen_name("gettid")
-private func meshtrace_gettid() -> Int32

@@ -17,6 +17,8 @@ public final class NflogSource {
     public private(set) var recordsRead: UInt64 = 0
     /// Records that came without NFULA_TIMESTAMP (locally generated packets) and were stamped on receipt.
     public private(set) var stampedOnReceipt: UInt64 = 0
+    /// Whether the last `drain` read the socket empty (false: it stopped at its limit, more may be waiting).
+    public private(set) var emptied = true
 
     public init(index: UInt16, tags: RuleTagTable, options: NflogSocket.Options) throws {
         self.index = index
@@ -38,12 +40,13 @@ public final class NflogSource {
     public func drain(limit: Int, slot: () -> UnsafeMutablePointer<PacketRecord>,
                       _ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer) -> Void) -> Int {
         var records = 0
+        emptied = false
         for _ in 0..<limit {
             let n: Int
             switch socket.receive(into: buffer) {
             case .bytes(let count): n = count
             case .overrun: continue      // counted; the sequence gap says how many were lost
-            case .empty: return records
+            case .empty: emptied = true; return records
             }
             let now = NflogSource.realtime()
             NflogSocket.forEachPacket(in: UnsafeRawBufferPointer(rebasing: buffer[0..<n])) { tlvs, family, group in

@@ -38,10 +38,11 @@ final class LiveTracerTests: KernelTestCase {
     }
 
     /// Traces `pod` while `traffic` runs, then a short linger so replies and FINs are in.
-    func trace(_ pod: LabPod, group: UInt16, mode: TraceOptions.Mode = .nflog,
+    func trace(_ pod: LabPod, group: UInt16, mode: TraceOptions.Mode = .nflog, yieldToPod: Bool = true,
                _ traffic: @escaping () throws -> Void) throws -> (TraceOutcome, TraceRecordingSink) {
         var options = TraceOptions(netns: pod.ref)
         options.mode = mode
+        options.yieldToPod = yieldToPod
         options.group = group
         options.duration = 30
         let tracer = LiveTracer(options: options)
@@ -137,6 +138,8 @@ final class LiveTracerTests: KernelTestCase {
 
         // Nothing lost, and meshtrace's count of every twin equals the kernel's counter for it.
         XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+        // The reader yielded to the pod (wherever it can be raised again: SCHED_FIFO allowed).
+        XCTAssertEqual(outcome.readerYielded, ReaderPriorityTests.realtimeAllowed())
         XCTAssertFalse(outcome.kernelCounters.isEmpty)
         for (prefix, kernel) in outcome.kernelCounters {
             XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix)
@@ -145,6 +148,53 @@ final class LiveTracerTests: KernelTestCase {
 
         let rulesAfter = try lab.client.netns.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
         XCTAssertEqual(rulesAfter, rulesBefore)
+    }
+
+    /// The reader yields to the pod (SCHED_IDLE); on a node whose CPUs are all busy it would never run, so the
+    /// watchdog must raise it, and nothing may be lost. Spinning threads (twice the CPUs, bounded to 60 s) keep
+    /// every CPU busy while 300 connections run through the ztunnel stand-in.
+    func testOnABusyNodeTheReaderIsRaisedAndNothingIsLost() throws {
+        try XCTSkipUnless(ReaderPriorityTests.realtimeAllowed(), "SCHED_FIFO is refused here: the reader does not yield")
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let spinning = UnsafeMutablePointer<Int>.allocate(capacity: 1)
+        defer { spinning.deallocate() }
+        spinning.pointee = 1
+        let spinners = DispatchGroup()
+        for _ in 0..<(2 * ProcessInfo.processInfo.activeProcessorCount) {
+            spinners.enter()
+            Thread {
+                defer { spinners.leave() }
+                let end = DispatchTime.now().uptimeNanoseconds + 60_000_000_000
+                var x: UInt64 = 0
+                while UnsafeMutablePointer<Int>(mutating: spinning).pointee == 1, DispatchTime.now().uptimeNanoseconds < end {
+                    for _ in 0..<10_000 { x = x &* 6364136223846793005 &+ 1 }
+                }
+                _ = x
+            }.start()
+        }
+        var load: ConnectionLoad.Result?
+        let traced: (TraceOutcome, TraceRecordingSink)
+        do {
+            defer { spinning.pointee = 0; spinners.wait() }
+            traced = try trace(lab.client, group: 5407) {
+                load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 300, workers: 2)
+            }
+        }
+        let (outcome, sink) = traced
+        XCTAssertEqual(load?.completed, 300)
+        XCTAssertTrue(outcome.readerYielded)
+        XCTAssertGreaterThan(outcome.readerRaises, 0, "the CPUs were busy, yet the reader was never raised")
+        XCTAssertFalse(outcome.losses.any, "events lost: \(outcome.losses)")
+        XCTAssertFalse(outcome.kernelCounters.isEmpty)
+        for (prefix, kernel) in outcome.kernelCounters {
+            XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix)
+        }
+        let redirected = sink.timelines.filter {
+            if case .redirected(15001, server)? = $0.redirect { return true } else { return false }
+        }
+        // One timeline per connection: a reader left behind the correlator's clock splits connections in two.
+        XCTAssertEqual(redirected.count, 300, "\(Set(redirected.map(\.original)).count) connections in \(redirected.count) timelines")
     }
 
     func testInboundHBONEConnectionShowsZtunnelsLegIntoTheAppAndTheRestoredConnmark() throws {
@@ -217,7 +267,10 @@ final class LiveTracerTests: KernelTestCase {
         let lab = try makeLab { $0.backend = .iptablesLegacy }
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
         let before = try lab.client.netns.run(["iptables-legacy-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
-        let (outcome, sink) = try trace(lab.client, group: 5406) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        // Also the reader at normal priority (--no-yield): the same counts.
+        let (outcome, sink) = try trace(lab.client, group: 5406, yieldToPod: false) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        XCTAssertFalse(outcome.readerYielded)
+        XCTAssertEqual(outcome.readerPrioritySaid, "reader at normal priority")
         let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server })
         guard case .redirected(15001, let original)? = app.redirect else { return XCTFail("no redirect: \(String(describing: app.redirect))") }
         XCTAssertEqual(original, server)

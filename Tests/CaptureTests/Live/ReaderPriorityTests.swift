@@ -1,0 +1,71 @@
+import XCTest
+@testable import Capture
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The reading thread's scheduling (`ReaderPriority`), with the real scheduler: it yields (SCHED_IDLE) while it
+/// keeps up, the watchdog raises it when it stops finishing passes, and it lowers itself once a pass drains.
+final class ReaderPriorityTests: KernelTestCase {
+    static let sched_idle: Int32 = 5, sched_other: Int32 = 0, sched_fifo: Int32 = 1
+
+    /// Whether this process may make a thread SCHED_FIFO (CAP_SYS_NICE and real-time runtime in its cgroup),
+    /// asked of a scratch thread.
+    static func realtimeAllowed() -> Bool {
+        var allowed = false
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            var param = sched_param(sched_priority: 1)
+            allowed = sched_setscheduler(0, sched_fifo, &param) == 0
+            done.signal()
+        }.start()
+        done.wait()
+        return allowed
+    }
+
+    func testReaderYieldsIsRaisedWhenStarvedAndLowersItselfOnceDrained() throws {
+        try XCTSkipUnless(Self.realtimeAllowed(), "SCHED_FIFO is refused here: the reader does not yield")
+        struct Seen { var started: Int32 = -1, nice: Int32 = 0, whileStarved: Int32 = -1, raises = 0
+                      var afterUndrained: Int32 = -1, afterDrained: Int32 = -1, raisesAfterDrained = 0
+                      var afterStop: Int32 = -1, raisesAfterStop = 0 }
+        var seen = Seen()
+        let done = DispatchSemaphore(value: 0)
+        // A thread of its own: the test's thread keeps its policy whatever happens.
+        let thread = Thread {
+            defer { done.signal() }
+            let p = ReaderPriority()
+            p.start()
+            seen.started = sched_getscheduler(0)
+            errno = 0
+            seen.nice = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
+            p.passFinished(drained: true, at: DispatchTime.now().uptimeNanoseconds)
+            // No pass finishes: the watchdog must raise the thread (bounded wait).
+            let deadline = DispatchTime.now().uptimeNanoseconds + 2_000_000_000
+            while sched_getscheduler(0) != Self.sched_fifo && DispatchTime.now().uptimeNanoseconds < deadline { usleep(5_000) }
+            seen.whileStarved = sched_getscheduler(0)
+            seen.raises = p.raises
+            // A pass that stopped at its limit keeps it raised; one that drained lowers it.
+            p.passFinished(drained: false, at: DispatchTime.now().uptimeNanoseconds)
+            seen.afterUndrained = sched_getscheduler(0)
+            p.passFinished(drained: true, at: DispatchTime.now().uptimeNanoseconds)
+            seen.afterDrained = sched_getscheduler(0)
+            seen.raisesAfterDrained = p.raises
+            p.stop()
+            seen.afterStop = sched_getscheduler(0)
+            // The watchdog is gone: a long silence raises nothing any more.
+            usleep(UInt32(ReaderPriority.starvedNanos / 1000) * 3)
+            seen.raisesAfterStop = p.raises
+        }
+        thread.start()
+        XCTAssertEqual(done.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(seen.started, Self.sched_idle)
+        XCTAssertEqual(seen.nice, ReaderPriority.normalNice)
+        XCTAssertEqual(seen.whileStarved, Self.sched_fifo, "the watchdog did not raise a starved reader")
+        XCTAssertEqual(seen.raises, 1)
+        XCTAssertEqual(seen.afterUndrained, Self.sched_fifo)
+        XCTAssertEqual(seen.afterDrained, Self.sched_idle)
+        XCTAssertEqual(seen.raisesAfterDrained, 1)
+        XCTAssertEqual(seen.afterStop, Self.sched_other)
+        XCTAssertEqual(seen.raisesAfterStop, 1)
+    }
+}
