@@ -123,7 +123,8 @@ public final class LiveTracer: @unchecked Sendable {
     /// REDIRECT/DNAT hits that got their entry: every entry the query found was given to the hit that asked.
     private var conntrackJoins: UInt64 { conntrackQuery?.found ?? 0 }
     private var trace: TraceJoiner?
-    private var pending: PendingRecords
+    /// A `let`: as a `var` every use per record retained and released it (the property could be reassigned).
+    private let pending = PendingRecords(capacity: 1 << 14)
     /// NFLOG events per prefix id, counted for every record: plain memory, not an Array property (whose every
     /// `+= 1` from inside the hold ring's closure checked uniqueness and retained the buffer).
     private var hits = UnsafeMutablePointer<Int>.allocate(capacity: 0)
@@ -159,7 +160,6 @@ public final class LiveTracer: @unchecked Sendable {
         settings.observe = true
         settings.perRuleThreshold = options.perRuleThreshold
         instrumenter = Instrumenter(netns: options.netns, settings: settings, parse: Instrumenter.parseHome)
-        pending = PendingRecords(capacity: 1 << 14, keepFrames: false)
     }
 
     deinit {
@@ -193,7 +193,7 @@ public final class LiveTracer: @unchecked Sendable {
     public func run(reporter: Reporter) throws -> TraceOutcome {
         try Command.requireRoot("meshtrace trace")
         self.reporter = reporter
-        pending = PendingRecords(capacity: 1 << 14, keepFrames: reporter.wantsPackets)
+        pending.keepFrames(reporter.wantsPackets)
         StopSignal.install()
         LiveTracer.keepHeapWarm()
         let fds = makePipe()
@@ -584,17 +584,22 @@ final class PendingRecords {
     private var head = 0
     private(set) var count = 0
     let capacity: Int
-    let keepFrames: Bool
+    private(set) var keepsFrames = false
 
-    init(capacity: Int, keepFrames: Bool) {
+    init(capacity: Int) {
         self.capacity = capacity
-        self.keepFrames = keepFrames
         records = .allocate(capacity: capacity)
         records.initialize(repeating: PacketRecord(), count: capacity)
         arrivals = Array(repeating: 0, count: capacity)
         linkTypes = Array(repeating: 0, count: capacity)
-        frames = keepFrames ? Array(repeating: [], count: capacity) : []
+        frames = []
         hasFrame = Array(repeating: false, count: capacity)
+    }
+
+    /// Whether records keep a copy of their frame (for sinks that want packets); set before the first record.
+    func keepFrames(_ keep: Bool) {
+        keepsFrames = keep
+        frames = keep ? Array(repeating: [], count: capacity) : []
     }
 
     deinit {
@@ -616,8 +621,8 @@ final class PendingRecords {
         let i = (head + count) % capacity
         arrivals[i] = at
         linkTypes[i] = linkType
-        hasFrame[i] = keepFrames && frame != nil
-        if keepFrames, let frame {
+        hasFrame[i] = keepsFrames && frame != nil
+        if keepsFrames, let frame {
             frames[i].removeAll(keepingCapacity: true)
             if linkType == LinkType.nflog {
                 // LINKTYPE_NFLOG frames start with nflog_hdr: family, version 0, be16 group.
