@@ -19,12 +19,18 @@ import Glibc
 /// made normal again. Raised that way, the reader still waited 50-500 ms for the CPU on a busy node (measured by
 /// `LiveTracerTests.testOnABusyNodeTheReaderIsRaisedAndNothingIsLost`); raised to SCHED_FIFO it runs at once.
 ///
+/// A raise lasts until a pass drains every source, or `maxRaisedNanos` at most: then the reader lowers itself
+/// anyway, and the watchdog raises it again only after another `starvedNanos` without a pass. So a pod that makes
+/// more events than meshtrace can take in gets at most half of one CPU taken at real-time priority; the rest of
+/// what meshtrace cannot read is lost and counted, never hidden, and the pod keeps running.
+///
 /// The watchdog itself is SCHED_FIFO (it wakes every `checkNanos` for a few microseconds), so it is never
 /// starved either. Where that is refused (no CAP_SYS_NICE, or a cgroup without real-time runtime), the reader
 /// could not be raised, so it does not yield: it keeps the normal policy at nice -5, as it did before.
 final class ReaderPriority: @unchecked Sendable {
     static let checkNanos: UInt64 = 5_000_000
     static let starvedNanos: UInt64 = 20_000_000
+    static let maxRaisedNanos: UInt64 = 20_000_000
     /// The reader's nice value under the normal policy (when it does not yield, and after the trace).
     static let normalNice: Int32 = -5
     static let schedOther: Int32 = 0
@@ -35,6 +41,8 @@ final class ReaderPriority: @unchecked Sendable {
     private let heartbeat = Atomic<UInt64>(0)
     /// Set by the watchdog after it raised the reader, cleared by the reader when it lowers itself.
     private let raised = Atomic<Bool>(false)
+    /// Uptime (ns) when the watchdog last raised the reader (stored before `raised`).
+    private let raisedAt = Atomic<UInt64>(0)
     private let stopping = Atomic<Bool>(false)
     private let raiseCount = Atomic<Int>(0)
     private let watchdogReady = DispatchSemaphore(value: 0)
@@ -49,6 +57,8 @@ final class ReaderPriority: @unchecked Sendable {
 
     /// How many times the watchdog raised the reader.
     var raises: Int { raiseCount.load(ordering: .relaxed) }
+    /// Whether the reader is raised now (set once the raise is complete).
+    var isRaised: Bool { raised.load(ordering: .relaxed) }
 
     /// Called on the reading thread: starts the watchdog, then lowers the thread if the watchdog can raise it.
     /// `yielding` false: the thread only gets the normal policy at nice -5.
@@ -74,7 +84,9 @@ final class ReaderPriority: @unchecked Sendable {
     @inline(__always)
     func passFinished(drained: Bool, at now: UInt64) {
         heartbeat.store(now, ordering: .relaxed)
-        if drained, yielding, raised.load(ordering: .relaxed) {
+        guard yielding, raised.load(ordering: .relaxed) else { return }
+        // Caught up, or raised for as long as one raise may last.
+        if drained || now &- raisedAt.load(ordering: .relaxed) >= ReaderPriority.maxRaisedNanos {
             raised.store(false, ordering: .relaxed)
             _ = ReaderPriority.setPolicy(tid, ReaderPriority.schedIdle)
         }
@@ -106,8 +118,9 @@ final class ReaderPriority: @unchecked Sendable {
             let now = DispatchTime.now().uptimeNanoseconds
             let last = heartbeat.load(ordering: .relaxed)
             guard now > last, now - last >= ReaderPriority.starvedNanos, !raised.load(ordering: .relaxed) else { continue }
-            // The policy first, then the flag: a reader that sees the flag has been raised.
+            // The policy and the time first, then the flag: a reader that sees the flag has been raised.
             if ReaderPriority.setPolicy(tid, ReaderPriority.schedFIFO, priority: 1) { raiseCount.add(1, ordering: .relaxed) }
+            raisedAt.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
             raised.store(true, ordering: .relaxed)
         }
     }

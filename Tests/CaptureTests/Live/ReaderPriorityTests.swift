@@ -23,10 +23,11 @@ final class ReaderPriorityTests: KernelTestCase {
         return allowed
     }
 
-    func testReaderYieldsIsRaisedWhenStarvedAndLowersItselfOnceDrained() throws {
+    func testReaderYieldsIsRaisedWhenStarvedAndLowersItselfOnceDrainedOrAfterItsTime() throws {
         try XCTSkipUnless(Self.realtimeAllowed(), "SCHED_FIFO is refused here: the reader does not yield")
         struct Seen { var started: Int32 = -1, nice: Int32 = 0, whileStarved: Int32 = -1, raises = 0
                       var afterUndrained: Int32 = -1, afterDrained: Int32 = -1, raisesAfterDrained = 0
+                      var raisedAgain: Int32 = -1, afterLongRaise: Int32 = -1, raisesAfterLongRaise = 0
                       var afterStop: Int32 = -1, raisesAfterStop = 0 }
         var seen = Seen()
         let done = DispatchSemaphore(value: 0)
@@ -34,22 +35,32 @@ final class ReaderPriorityTests: KernelTestCase {
         let thread = Thread {
             defer { done.signal() }
             let p = ReaderPriority()
+            func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
+            /// No pass finishes: the watchdog must raise the thread (bounded wait).
+            func starve() -> Int32 {
+                let deadline = now() + 2_000_000_000
+                while !p.isRaised && now() < deadline { usleep(2_000) }
+                return sched_getscheduler(0)
+            }
             p.start()
             seen.started = sched_getscheduler(0)
             errno = 0
             seen.nice = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
-            p.passFinished(drained: true, at: DispatchTime.now().uptimeNanoseconds)
-            // No pass finishes: the watchdog must raise the thread (bounded wait).
-            let deadline = DispatchTime.now().uptimeNanoseconds + 2_000_000_000
-            while sched_getscheduler(0) != Self.sched_fifo && DispatchTime.now().uptimeNanoseconds < deadline { usleep(5_000) }
-            seen.whileStarved = sched_getscheduler(0)
+            p.passFinished(drained: true, at: now())
+            seen.whileStarved = starve()
             seen.raises = p.raises
             // A pass that stopped at its limit keeps it raised; one that drained lowers it.
-            p.passFinished(drained: false, at: DispatchTime.now().uptimeNanoseconds)
+            p.passFinished(drained: false, at: now())
             seen.afterUndrained = sched_getscheduler(0)
-            p.passFinished(drained: true, at: DispatchTime.now().uptimeNanoseconds)
+            p.passFinished(drained: true, at: now())
             seen.afterDrained = sched_getscheduler(0)
             seen.raisesAfterDrained = p.raises
+            // Raised again, it never drains: after `maxRaisedNanos` it lowers itself all the same.
+            seen.raisedAgain = starve()
+            usleep(UInt32(ReaderPriority.maxRaisedNanos / 1000) + 5_000)
+            p.passFinished(drained: false, at: now())
+            seen.afterLongRaise = sched_getscheduler(0)
+            seen.raisesAfterLongRaise = p.raises
             p.stop()
             seen.afterStop = sched_getscheduler(0)
             // The watchdog is gone: a long silence raises nothing any more.
@@ -65,7 +76,10 @@ final class ReaderPriorityTests: KernelTestCase {
         XCTAssertEqual(seen.afterUndrained, Self.sched_fifo)
         XCTAssertEqual(seen.afterDrained, Self.sched_idle)
         XCTAssertEqual(seen.raisesAfterDrained, 1)
+        XCTAssertEqual(seen.raisedAgain, Self.sched_fifo)
+        XCTAssertEqual(seen.afterLongRaise, Self.sched_idle, "a raise outlasted maxRaisedNanos")
+        XCTAssertEqual(seen.raisesAfterLongRaise, 2)
         XCTAssertEqual(seen.afterStop, Self.sched_other)
-        XCTAssertEqual(seen.raisesAfterStop, 1)
+        XCTAssertEqual(seen.raisesAfterStop, 2)
     }
 }
