@@ -431,9 +431,10 @@ public final class LiveTracer: @unchecked Sendable {
         // A socket poll did not flag has nothing to read: no recv() that would only say EAGAIN.
         func isReady(_ fd: Int32) -> Bool { fds.contains { $0.fd == fd && $0.revents != 0 } }
         if let events, isReady(events.fd) {
+            var emptied = false
             for _ in 0..<1024 {   // one event per datagram: a pass every 2 ms must keep up with a burst of steps
                 let n = events.receive(into: eventBuffer)
-                if n <= 0 { if n == 0 { break } else { continue } }
+                if n <= 0 { if n == 0 { emptied = true; break } else { continue } }
                 got += 1
                 NetfilterEventSocket.forEachMessage(in: UnsafeRawBufferPointer(rebasing: eventBuffer[0..<n])) { subsystem, message, family, attrs in
                     if subsystem == NetfilterNetlink.subsysNftables, message == NetfilterNetlink.nftMsgTrace,
@@ -443,6 +444,7 @@ public final class LiveTracer: @unchecked Sendable {
                     }
                 }
             }
+            if !emptied { drained = false }
         }
         if let nflog, isReady(nflog.fd) {
             got += nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
@@ -454,6 +456,7 @@ public final class LiveTracer: @unchecked Sendable {
             got += legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
                 if trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true { commit(frame: nil, linkType: LinkType.raw) }
             }
+            if !legacyTrace.emptied { drained = false }
         }
         if let pcap {
             let link = pcap.linkType
