@@ -154,18 +154,14 @@ public final class NflogSocket {
     /// (with its nfgenmsg family and group). Other messages (acks, errors) are skipped.
     public static func forEachPacket(in datagram: UnsafeRawBufferPointer,
                                      _ body: (_ tlvs: UnsafeRawBufferPointer, _ family: UInt8, _ group: UInt16) -> Void) {
-        var offset = 0
         let packetType = UInt16(NFNL_SUBSYS_ULOG) << 8 | UInt16(NFULNL_MSG_PACKET.rawValue)
-        while offset + 16 <= datagram.count {
-            let length = Int(datagram.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
-            let type = datagram.loadUnaligned(fromByteOffset: offset + 4, as: UInt16.self)
-            guard length >= 16, offset + length <= datagram.count else { return }
-            if type == packetType, length >= 20 {
-                let family = datagram[offset + 16]
-                let group = UInt16(bigEndian: datagram.loadUnaligned(fromByteOffset: offset + 18, as: UInt16.self))
-                body(UnsafeRawBufferPointer(rebasing: datagram[(offset + 20)..<(offset + length)]), family, group)
+        forEachNetlinkMessage(in: datagram) { type, _, payload in
+            // nfgenmsg: family, version, then the group (res_id) big-endian.
+            if type == packetType, payload.count >= 4 {
+                let group = UInt16(bigEndian: payload.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+                body(UnsafeRawBufferPointer(rebasing: payload[4...]), payload[0], group)
             }
-            offset += (length + 3) & ~3
+            return true
         }
     }
 }

@@ -387,3 +387,54 @@ struct SeededGenerator: RandomNumberGenerator {
         return state
     }
 }
+
+/// The one netlink message walk (`forEachNetlinkMessage`) under the NFLOG, TRACE and conntrack readers: messages
+/// of other types are skipped, and a truncated or bogus length ends the walk without reading past the datagram.
+final class NetlinkWalkTests: XCTestCase {
+    /// An nlmsghdr (host order, as the kernel sends it) followed by `payload`, padded to 4 bytes.
+    static func message(type: UInt16, sequence: UInt32, payload: [UInt8], length: UInt32? = nil) -> [UInt8] {
+        var m: [UInt8] = []
+        withUnsafeBytes(of: length ?? UInt32(16 + payload.count)) { m += $0 }
+        withUnsafeBytes(of: type) { m += $0 }
+        m += [0, 0]                                        // flags
+        withUnsafeBytes(of: sequence) { m += $0 }
+        m += [0, 0, 0, 0]                                  // portid
+        m += payload
+        while m.count % 4 != 0 { m.append(0) }
+        return m
+    }
+
+    func testNflogPacketsAreFoundAmongOtherMessagesAndBadLengthsEndTheWalk() {
+        let packetType = UInt16(4) << 8 | 0                // NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET
+        let tlvs: [UInt8] = [8, 0, 1, 0, 0xaa, 0xbb, 0xcc, 0xdd]
+        var datagram = Self.message(type: 2, sequence: 7, payload: [0xff, 0xff, 0xff, 0xff])  // NLMSG_ERROR: skipped
+        datagram += Self.message(type: packetType, sequence: 8, payload: [2, 0, 0x14, 0x21] + tlvs)  // family 2, group 5153
+        datagram += Self.message(type: packetType, sequence: 9, payload: [10, 0, 0, 1])          // no TLVs at all
+        datagram += Self.message(type: packetType, sequence: 10, payload: [2, 0, 0, 1], length: 4096)  // beyond the end
+        datagram += Self.message(type: packetType, sequence: 11, payload: [2, 0, 0, 1])          // after it: never reached
+        var seen: [(UInt8, UInt16, [UInt8])] = []
+        datagram.withUnsafeBytes { d in
+            NflogSocket.forEachPacket(in: d) { t, family, group in seen.append((family, group, Array(t))) }
+        }
+        XCTAssertEqual(seen.count, 2)
+        XCTAssertEqual(seen.first?.0, 2)
+        XCTAssertEqual(seen.first?.1, 5153)
+        XCTAssertEqual(seen.first?.2, tlvs)
+        XCTAssertEqual(seen.last?.0, 10)
+        XCTAssertEqual(seen.last?.2, [])
+
+        var sequences: [UInt32] = []
+        datagram.withUnsafeBytes { d in forEachNetlinkMessage(in: d) { _, seq, _ in sequences.append(seq); return true } }
+        XCTAssertEqual(sequences, [7, 8, 9])
+        // A length below the header's own, and a datagram cut inside a header: nothing, and no read past the end.
+        var short = Self.message(type: packetType, sequence: 1, payload: [], length: 8)
+        short += [1, 2, 3]
+        short.withUnsafeBytes { d in forEachNetlinkMessage(in: d) { _, seq, _ in sequences.append(seq); return true } }
+        Array(datagram.prefix(10)).withUnsafeBytes { d in forEachNetlinkMessage(in: d) { _, seq, _ in sequences.append(seq); return true } }
+        XCTAssertEqual(sequences, [7, 8, 9])
+        // `body` returning false stops the walk.
+        var first: [UInt32] = []
+        datagram.withUnsafeBytes { d in forEachNetlinkMessage(in: d) { _, seq, _ in first.append(seq); return false } }
+        XCTAssertEqual(first, [7])
+    }
+}
