@@ -7,7 +7,6 @@ extension Correlator {
         let original = FiveTuple(proto: c.proto, src: c.initiator, dst: c.responder)
         // The pod's addresses once: the getter copies the array (and may infer them again) on every use.
         let pod = podAddresses
-        func isLocal(_ a: IPAddress) -> Bool { a.isLoopback || pod.contains(a) }
         let local = initiatorIsLocal(c, pod: pod)
         let leftPod = !c.leftFrames.isEmpty && local
         var asInnerOut = false, asOuterOut = false, asInnerIn = false, asOuterIn = false
@@ -37,7 +36,7 @@ extension Correlator {
             if asInnerOut { return (c.responder.port == o.hbonePort ? .hboneOutbound : .ztunnelPassthrough, []) }
             if asInnerIn { return (.ztunnelToApp, []) }
             if asOuterIn { return (c.responder.port == o.hbonePort ? .hboneInbound : .inboundPlaintext, []) }
-            if local && c.sawZtunnelMark && !c.responder.addr.isLoopback && !isLocal(c.responder.addr) {
+            if local && c.sawZtunnelMark && !c.responder.addr.isLoopback && !isLocal(c.responder.addr, pod: pod) {
                 let kind: ConnectionKind = c.responder.port == o.hbonePort ? .hboneOutbound : .ztunnelPassthrough
                 guard leftPod || c.leftFrames.isEmpty else { return (kind, []) }
                 // No app connection in this capture explains ztunnel's mark on it. A tunnel to :15008 opened before
@@ -51,11 +50,11 @@ extension Correlator {
                                              summary: why, frames: Array((c.ztunnelMarkFrames + c.leftFrames).prefix(8)),
                                              confidence: confidence)])
             }
-            if !local && c.responder.port == o.hbonePort && isLocal(c.responder.addr) { return (.hboneInbound, []) }
+            if !local && c.responder.port == o.hbonePort && isLocal(c.responder.addr, pod: pod) { return (.hboneInbound, []) }
             if c.responder.addr.isLoopback || c.responder.addr == c.initiator.addr { return (.local, []) }
             if c.sawLoopback && c.leftFrames.isEmpty && !c.initiatorArrivedFromOutside {
-                if !local && isLocal(c.responder.addr) { return (.ztunnelToApp, []) }
-                if local && isLocal(c.responder.addr) { return (.local, []) }
+                if !local && isLocal(c.responder.addr, pod: pod) { return (.ztunnelToApp, []) }
+                if local && isLocal(c.responder.addr, pod: pod) { return (.local, []) }
             }
             if local && c.responder.port == o.hbonePort && c.leftFrames.isEmpty == false {
                 return (.hboneOutbound, [])
@@ -67,7 +66,7 @@ extension Correlator {
                     summary: "app TCP to \(c.responder) left the pod without passing ztunnel: no redirect to :\(o.outboundCapturePort) and no ztunnel hop",
                     frames: c.leftFrames, confidence: confidence)])
             }
-            if !local && isLocal(c.responder.addr) && c.initiatorArrivedFromOutside {
+            if !local && isLocal(c.responder.addr, pod: pod) && c.initiatorArrivedFromOutside {
                 return (c.responder.port == o.hbonePort ? .hboneInbound : .unknown, [])
             }
             return (.unknown, [])

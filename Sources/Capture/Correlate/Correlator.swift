@@ -512,9 +512,10 @@ public final class Correlator {
         return inferredPod
     }
 
-    func isLocal(_ a: IPAddress) -> Bool {
-        a.isLoopback || podAddresses.contains(a)
-    }
+    func isLocal(_ a: IPAddress) -> Bool { isLocal(a, pod: podAddresses) }
+
+    /// `isLocal(_:)` with the pod's addresses already read.
+    func isLocal(_ a: IPAddress, pod: [IPAddress]) -> Bool { a.isLoopback || pod.contains(a) }
 
     func isProbe(_ a: IPAddress) -> Bool { options.probeAddresses.contains(a) }
 
