@@ -137,8 +137,6 @@ public final class LiveTracer: @unchecked Sendable {
     private var needsLegacyTrace = false
     /// The reading thread yields to the pod while it keeps up (see `ReaderPriority`).
     private let priority = ReaderPriority()
-    /// Whether the last pass read every source empty.
-    private var drained = true
     /// Wall clock (ns) when the last pass that read every source empty began.
     private var drainedWall: Int64 = 0
 
@@ -392,7 +390,7 @@ public final class LiveTracer: @unchecked Sendable {
                 // The last events are drained at the normal policy, whatever the node is doing.
                 priority.stop()
             }
-            let got = pump(&record, eventBuffer, ready: fds)
+            let (got, drained) = pump(&record, eventBuffer, ready: fds)
             // Everything the kernel had when this pass began has been read.
             if drained { drainedWall = wokeWall }
             release(force: false)
@@ -422,10 +420,12 @@ public final class LiveTracer: @unchecked Sendable {
         status?.finish()
     }
 
-    /// Reads what is waiting on every socket; returns how many items were read.
-    private func pump(_ record: inout PacketRecord, _ eventBuffer: UnsafeMutableRawBufferPointer, ready fds: [pollfd]) -> Int {
+    /// Reads what is waiting on every socket: how many items were read, and whether every source was read empty
+    /// (none stopped at its limit with more waiting).
+    private func pump(_ record: inout PacketRecord, _ eventBuffer: UnsafeMutableRawBufferPointer,
+                      ready fds: [pollfd]) -> (items: Int, drained: Bool) {
         var got = 0
-        drained = true
+        var drained = true
         // One arrival time per pass: the hold is 30 ms, a pass takes far less.
         arrival = Int64(DispatchTime.now().uptimeNanoseconds)
         // A socket poll did not flag has nothing to read: no recv() that would only say EAGAIN.
@@ -466,7 +466,7 @@ public final class LiveTracer: @unchecked Sendable {
             got += frames
             if frames == 4096 { drained = false }
         }
-        return got
+        return (got, drained)
     }
 
     /// Holds a copy of a record built elsewhere (TRACE steps).

@@ -39,9 +39,8 @@ final class ReaderPriority: @unchecked Sendable {
 
     /// Uptime (ns) at the reader's last finished pass.
     private let heartbeat = Atomic<UInt64>(0)
-    /// Set by the watchdog after it raised the reader, cleared by the reader when it lowers itself.
-    private let raised = Atomic<Bool>(false)
-    /// Uptime (ns) when the watchdog last raised the reader (stored before `raised`).
+    /// Uptime (ns) when the watchdog raised the reader, stored once the raise is done; 0 while it is not raised
+    /// (the reader sets it back when it lowers itself).
     private let raisedAt = Atomic<UInt64>(0)
     private let stopping = Atomic<Bool>(false)
     private let raiseCount = Atomic<Int>(0)
@@ -58,7 +57,7 @@ final class ReaderPriority: @unchecked Sendable {
     /// How many times the watchdog raised the reader.
     var raises: Int { raiseCount.load(ordering: .relaxed) }
     /// Whether the reader is raised now (set once the raise is complete).
-    var isRaised: Bool { raised.load(ordering: .relaxed) }
+    var isRaised: Bool { raisedAt.load(ordering: .relaxed) != 0 }
 
     /// Called on the reading thread: starts the watchdog, then lowers the thread if the watchdog can raise it.
     /// `yielding` false: the thread only gets the normal policy at nice -5.
@@ -84,10 +83,11 @@ final class ReaderPriority: @unchecked Sendable {
     @inline(__always)
     func passFinished(drained: Bool, at now: UInt64) {
         heartbeat.store(now, ordering: .relaxed)
-        guard yielding, raised.load(ordering: .relaxed) else { return }
+        guard yielding else { return }
+        let raised = raisedAt.load(ordering: .relaxed)
         // Caught up, or raised for as long as one raise may last.
-        if drained || now &- raisedAt.load(ordering: .relaxed) >= ReaderPriority.maxRaisedNanos {
-            raised.store(false, ordering: .relaxed)
+        if raised != 0, drained || now &- raised >= ReaderPriority.maxRaisedNanos {
+            raisedAt.store(0, ordering: .relaxed)
             _ = ReaderPriority.setPolicy(tid, ReaderPriority.schedIdle)
         }
     }
@@ -117,11 +117,10 @@ final class ReaderPriority: @unchecked Sendable {
             nanosleep(&pause, nil)
             let now = DispatchTime.now().uptimeNanoseconds
             let last = heartbeat.load(ordering: .relaxed)
-            guard now > last, now - last >= ReaderPriority.starvedNanos, !raised.load(ordering: .relaxed) else { continue }
-            // The policy and the time first, then the flag: a reader that sees the flag has been raised.
+            guard now > last, now - last >= ReaderPriority.starvedNanos, raisedAt.load(ordering: .relaxed) == 0 else { continue }
+            // The policy first, then the time: a reader that sees the time has been raised.
             if ReaderPriority.setPolicy(tid, ReaderPriority.schedFIFO, priority: 1) { raiseCount.add(1, ordering: .relaxed) }
-            raisedAt.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
-            raised.store(true, ordering: .relaxed)
+            raisedAt.store(max(DispatchTime.now().uptimeNanoseconds, 1), ordering: .relaxed)
         }
     }
 
