@@ -73,6 +73,12 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stdout.contains("rule hits (meshtrace / kernel counter)"), r.stdout)
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+        // The reader yields by default (where SCHED_FIFO is allowed), and not with --no-yield.
+        XCTAssertEqual(r.stdout.contains("reader at normal priority"), !ReaderPriorityTests.realtimeAllowed(), r.stdout)
+        let kept = try Command.run([executable, "trace", "--netns", ns.name, "--group", "5510", "--duration", "1", "--quiet", "--no-yield"])
+        XCTAssertEqual(kept.status, 0, kept.stderr)
+        XCTAssertTrue(kept.stdout.contains("reader at normal priority"), kept.stdout)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
     func testAfterSIGKILLTheNextTraceRefusesAndCleanupRestoresTheRules() throws {
