@@ -1,4 +1,5 @@
 import XCTest
+import Synchronization
 @testable import Capture
 #if canImport(Glibc)
 import Glibc
@@ -157,9 +158,10 @@ final class LiveTracerTests: KernelTestCase {
         try XCTSkipUnless(ReaderPriorityTests.realtimeAllowed(), "SCHED_FIFO is refused here: the reader does not yield")
         let lab = try makeLab()
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        let spinning = UnsafeMutablePointer<Int>.allocate(capacity: 1)
-        defer { spinning.deallocate() }
-        spinning.pointee = 1
+        /// Read by the spinning threads while the test thread clears it: an atomic, so no load is hoisted out
+        /// of their loops.
+        final class Flag: Sendable { let on = Atomic<Bool>(true) }
+        let spinning = Flag()
         let spinners = DispatchGroup()
         for _ in 0..<(2 * ProcessInfo.processInfo.activeProcessorCount) {
             spinners.enter()
@@ -167,7 +169,7 @@ final class LiveTracerTests: KernelTestCase {
                 defer { spinners.leave() }
                 let end = DispatchTime.now().uptimeNanoseconds + 60_000_000_000
                 var x: UInt64 = 0
-                while UnsafeMutablePointer<Int>(mutating: spinning).pointee == 1, DispatchTime.now().uptimeNanoseconds < end {
+                while spinning.on.load(ordering: .relaxed), DispatchTime.now().uptimeNanoseconds < end {
                     for _ in 0..<10_000 { x = x &* 6364136223846793005 &+ 1 }
                 }
                 _ = x
@@ -176,7 +178,7 @@ final class LiveTracerTests: KernelTestCase {
         var load: ConnectionLoad.Result?
         let traced: (TraceOutcome, TraceRecordingSink)
         do {
-            defer { spinning.pointee = 0; spinners.wait() }
+            defer { spinning.on.store(false, ordering: .relaxed); spinners.wait() }
             traced = try trace(lab.client, group: 5407) {
                 load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 300, workers: 2)
             }
