@@ -382,7 +382,7 @@ public final class LiveTracer: @unchecked Sendable {
         while true {
             _ = poll(&fds, nfds_t(fds.count), 5)
             let woke = DispatchTime.now().uptimeNanoseconds
-            let wokeWall = LiveTracer.realtimeNanos()
+            let wokeWall = NflogSource.realtime().totalNanoseconds
             if !finishing, fds[0].revents != 0 {
                 // The rules are out; what the kernel queued before that (flush timeout 10 ms) still arrives.
                 finishing = true
@@ -495,12 +495,6 @@ public final class LiveTracer: @unchecked Sendable {
         guard let correlator, drainedWall > 0 else { return }
         let wall = drainedWall - LiveTracer.holdNanos - LiveTracer.advanceLagNanos
         correlator.advance(to: Timestamp(seconds: wall / 1_000_000_000, nanoseconds: Int32(wall % 1_000_000_000)))
-    }
-
-    static func realtimeNanos() -> Int64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
 
     private func release(force: Bool) {
