@@ -447,16 +447,18 @@ public final class LiveTracer: @unchecked Sendable {
             if !emptied { drained = false }
         }
         if let nflog, isReady(nflog.fd) {
-            got += nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
+            let (records, emptied) = nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
                 commit(frame: tlvs, linkType: LinkType.nflog)
             }
-            if !nflog.emptied { drained = false }
+            got += records
+            if !emptied { drained = false }
         }
         if let legacyTrace, isReady(legacyTrace.fd) {
-            got += legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
+            let (records, emptied) = legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
                 if trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true { commit(frame: nil, linkType: LinkType.raw) }
             }
-            if !legacyTrace.emptied { drained = false }
+            got += records
+            if !emptied { drained = false }
         }
         if let pcap {
             let link = pcap.linkType

@@ -17,8 +17,6 @@ public final class NflogSource {
     public private(set) var recordsRead: UInt64 = 0
     /// Records that came without NFULA_TIMESTAMP (locally generated packets) and were stamped on receipt.
     public private(set) var stampedOnReceipt: UInt64 = 0
-    /// Whether the last `drain` read the socket empty (false: it stopped at its limit, more may be waiting).
-    public private(set) var emptied = true
 
     public init(index: UInt16, tags: RuleTagTable, options: NflogSocket.Options) throws {
         self.index = index
@@ -35,18 +33,18 @@ public final class NflogSource {
 
     /// Reads up to `limit` datagrams that are waiting and decodes each record in place into the slot `slot`
     /// gives (the tracer's hold ring: no copy of the record on its way in), then hands it to `body` with the
-    /// raw message TLVs (valid during the call). Returns the number of records.
+    /// raw message TLVs (valid during the call). Returns the number of records, and whether the socket was read
+    /// empty (false: `limit` datagrams were read and more may be waiting).
     @discardableResult
     public func drain(limit: Int, slot: () -> UnsafeMutablePointer<PacketRecord>,
-                      _ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer) -> Void) -> Int {
+                      _ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer) -> Void) -> (records: Int, emptied: Bool) {
         var records = 0
-        emptied = false
         for _ in 0..<limit {
             let n: Int
             switch socket.receive(into: buffer) {
             case .bytes(let count): n = count
             case .overrun: continue      // counted; the sequence gap says how many were lost
-            case .empty: emptied = true; return records
+            case .empty: return (records, true)
             }
             let now = NflogSource.realtime()
             NflogSocket.forEachPacket(in: UnsafeRawBufferPointer(rebasing: buffer[0..<n])) { tlvs, family, group in
@@ -66,7 +64,7 @@ public final class NflogSource {
                 body(record, tlvs)
             }
         }
-        return records
+        return (records, false)
     }
 
     private func account(_ seq: UInt32) {
