@@ -103,16 +103,21 @@ func twin(_ table: String, _ chain: String, _ pos: Int, ruleset: Ruleset? = nil)
 }
 
 final class CorrelatorTests: XCTestCase {
-    let app = PacketFactory.ep("10.0.1.5", 40000)
-    let service = PacketFactory.ep("10.0.2.2", 80)
-    let ztunnelOut = PacketFactory.ep("10.0.1.5", 50000)
-    let peerHBONE = PacketFactory.ep("10.0.2.2", 15008)
-    let capture15001 = PacketFactory.ep("127.0.0.1", 15001)
+    static let app = PacketFactory.ep("10.0.1.5", 40000)
+    static let service = PacketFactory.ep("10.0.2.2", 80)
+    static let ztunnelOut = PacketFactory.ep("10.0.1.5", 50000)
+    static let peerHBONE = PacketFactory.ep("10.0.2.2", 15008)
+    static let capture15001 = PacketFactory.ep("127.0.0.1", 15001)
+    let app = CorrelatorTests.app
+    let service = CorrelatorTests.service
+    let ztunnelOut = CorrelatorTests.ztunnelOut
+    let peerHBONE = CorrelatorTests.peerHBONE
+    let capture15001 = CorrelatorTests.capture15001
 
     /// The app's connection to S:80: pre-NAT at nat OUTPUT, post-NAT on lo, replies de-NATed on lo; then
     /// ztunnel's 0x539 connection to S:15008 on eth0. Returns the packets in capture order.
-    func outboundScenario(_ f: inout PacketFactory, ruleset: Ruleset?, destination: Endpoint? = nil,
-                          hboneTo: Endpoint? = nil) -> [PacketRecord] {
+    static func outboundScenario(_ f: inout PacketFactory, ruleset: Ruleset?, destination: Endpoint? = nil,
+                                 hboneTo: Endpoint? = nil) -> [PacketRecord] {
         let dst = destination ?? service
         let inner = hboneTo ?? peerHBONE
         var out: [PacketRecord] = []
@@ -159,7 +164,7 @@ final class CorrelatorTests: XCTestCase {
 
     func testTheThreeNATViewsOfAnOutboundConnectionFormOneTimeline() throws {
         var f = PacketFactory()
-        let packets = outboundScenario(&f, ruleset: nil)
+        let packets = Self.outboundScenario(&f, ruleset: nil)
         let (sink, summary) = run(packets, tags: f.tags)
         let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
         XCTAssertEqual(appConn.original, FiveTuple(proto: IPProto.tcp, src: app, dst: service))
@@ -178,7 +183,7 @@ final class CorrelatorTests: XCTestCase {
     func testOutboundHopIsJoinedWithHighConfidenceAndItsEvidence() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let (sink, summary) = run(outboundScenario(&f, ruleset: rules), tags: f.tags, ruleset: rules)
+        let (sink, summary) = run(Self.outboundScenario(&f, ruleset: rules), tags: f.tags, ruleset: rules)
         let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
         let hbone = try XCTUnwrap(sink.timeline(.hboneOutbound))
         XCTAssertEqual(hbone.original, FiveTuple(proto: IPProto.tcp, src: ztunnelOut, dst: peerHBONE))
@@ -203,7 +208,7 @@ final class CorrelatorTests: XCTestCase {
     func testAServiceVIPResolvedElsewhereStillJoinsButOnlyWithLowConfidence() throws {
         var f = PacketFactory()
         let vip = PacketFactory.ep("10.96.0.20", 80)
-        let (sink, _) = run(outboundScenario(&f, ruleset: nil, destination: vip), tags: f.tags)
+        let (sink, _) = run(Self.outboundScenario(&f, ruleset: nil, destination: vip), tags: f.tags)
         let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
         let hop = try XCTUnwrap(appConn.hops.first)
         XCTAssertEqual(hop.confidence, .low)
@@ -221,7 +226,7 @@ final class CorrelatorTests: XCTestCase {
                          mark: 0x539, outIf: 2))
         p.append(f.packet(forger, target, flags: [.syn], seq: 1, on: eth0, direction: .outbound))
         f.advance(micros: 200_000)
-        p += outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
+        p += Self.outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
         let (sink, summary) = run(p, tags: f.tags)
         XCTAssertEqual(sink.findings.filter(\.isEscape).map(\.findingClass), [.forgedZtunnelMark])
         XCTAssertEqual(summary.escapes, 1)
@@ -235,7 +240,7 @@ final class CorrelatorTests: XCTestCase {
         // A connection to :15008 that starts right after the app's, but carries no mark and goes elsewhere,
         // among two candidates: no join.
         var f = PacketFactory()
-        var packets = outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
+        var packets = Self.outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
         packets.removeAll { $0.nflog?.mark == 0x539 }
         let (sink, summary) = run(packets, tags: f.tags)
         XCTAssertEqual(summary.hops, 0)
@@ -245,7 +250,7 @@ final class CorrelatorTests: XCTestCase {
     func testPassthroughToANonMeshDestination() throws {
         var f = PacketFactory()
         let external = PacketFactory.ep("93.184.216.34", 443)
-        let (sink, summary) = run(outboundScenario(&f, ruleset: nil, destination: external, hboneTo: external), tags: f.tags)
+        let (sink, summary) = run(Self.outboundScenario(&f, ruleset: nil, destination: external, hboneTo: external), tags: f.tags)
         let pass = try XCTUnwrap(sink.timeline(.ztunnelPassthrough))
         XCTAssertEqual(pass.original.dst, external)
         let hop = try XCTUnwrap(pass.hops.first)
@@ -339,7 +344,7 @@ final class CorrelatorTests: XCTestCase {
         // The interface capture missed ztunnel's handshake; its NFLOG copy (mark 0x539) arrives last, stamped a
         // second late as libpcap stamps NFLOG batches. It belongs to the HBONE connection already seen.
         var f = PacketFactory()
-        var packets = outboundScenario(&f, ruleset: nil)
+        var packets = Self.outboundScenario(&f, ruleset: nil)
         let isHandshake: (PacketRecord) -> Bool = { ($0.tuple.src == self.ztunnelOut || $0.tuple.dst == self.ztunnelOut)
             && ($0.tcpFlags.contains(.syn) || ($0.tcpFlags == [.ack] && $0.tcpSeq == 7001)) }
         var lateSYN = try XCTUnwrap(packets.first { $0.nflog != nil && isHandshake($0) })
@@ -355,7 +360,7 @@ final class CorrelatorTests: XCTestCase {
 
         // A SYN far from the sequence space seen is a new connection on a reused tuple, as before.
         var g = PacketFactory()
-        var reuse = outboundScenario(&g, ruleset: nil)
+        var reuse = Self.outboundScenario(&g, ruleset: nil)
         reuse.removeAll(where: isHandshake)
         g.advance(micros: 1_000_000)
         reuse.append(g.packet(ztunnelOut, peerHBONE, flags: [.syn], seq: 0x8000_0000, on: eth0, direction: .outbound))
