@@ -184,6 +184,10 @@ final class ConnectionState {
 
     /// Index in the correlator's open list, for O(1) removal.
     var openIndex = -1
+    /// Index in the correlator's list of open connections to the HBONE port (pooled tunnel candidates), or -1.
+    var tunnelIndex = -1
+    /// Pooled joins listed on this tunnel so far (at most `Correlator.maxPooledLinksListed` are kept on it).
+    var pooledLinks = 0
     /// Set when this connection's events were moved into another (two views first seen apart).
     var mergedInto: ConnectionState?
     var hopLinks: [HopLink] = []
@@ -224,6 +228,9 @@ final class HopLink {
     /// of its connections is emitted, because NFLOG records (marks, rule hits) arrive in late batches.
     var candidates: Int
     var finalized = false
+    /// Joined to a tunnel that was open already (ztunnel pools HBONE connections): its evidence says so, and
+    /// timing is not part of it.
+    var pooled = false
     // Strong on purpose: an emitted connection clears its own links, so the pair is freed once both are out.
     var outer: ConnectionState
     var inner: ConnectionState

@@ -41,6 +41,11 @@ public final class Correlator {
     private var innerOutbound: [ConnectionState] = []
     private var outerInbound: [ConnectionState] = []
     private var innerInbound: [ConnectionState] = []
+    /// Open connections to the HBONE port, either way: the tunnels a pooled join may find (see `pooledTunnel`).
+    private var tunnels: [ConnectionState] = []
+    /// Pooled joins listed on the tunnel's own timeline; later ones are listed only on the app's side, so a
+    /// tunnel that carries thousands of connections keeps no more than this many links.
+    static let maxPooledLinksListed = 16
 
     private var summary = AnalysisSummary()
     private var findingsOmitted = 0
@@ -206,6 +211,10 @@ public final class Correlator {
         byInitiator[InitiatorKey(proto: r.tuple.proto, endpoint: initiator)] = c
         c.openIndex = open.count
         open.append(c)
+        if r.tuple.proto == IPProto.tcp && responder.port == options.hbonePort {
+            c.tunnelIndex = tunnels.count
+            tunnels.append(c)
+        }
         if open.count > peakOpenConnections { peakOpenConnections = open.count }
         return c
     }
@@ -632,10 +641,36 @@ public final class Correlator {
         return (chosen, [], .low, unique ? 1 : pool)
     }
 
+    /// The tunnel a connection with no hop of its own went through when ztunnel reused one it had open (HBONE
+    /// connections are pooled per destination): an open connection to the HBONE port that started before this
+    /// connection, was not closed before it began, carried packets after it began, and names the same peer: outbound,
+    /// ztunnel's tunnel from the pod to the app's original destination address; inbound, a tunnel into the pod's
+    /// HBONE port from the client address ztunnel's connection into the app carries. Returns the newest such tunnel
+    /// and how many there were. Tried only when the connection is emitted without a hop, so a tunnel opened for it
+    /// always wins over a pooled one.
+    private func pooledTunnel(for c: ConnectionState, outbound: Bool) -> (ConnectionState, Int)? {
+        guard c.proto == IPProto.tcp, !outbound || c.originalKnown else { return nil }
+        let start = c.firstSeenNanos
+        var chosen: ConnectionState?
+        var count = 0
+        for p in tunnels where p !== c && !p.emitted && p.mergedInto == nil {
+            guard p.responder.port == options.hbonePort, p.firstSeenNanos <= start, p.lastSeenNanos >= start else { continue }
+            if let closed = p.closedAt, closed < start { continue }
+            if outbound {
+                guard p.responder.addr == c.responder.addr, initiatorIsLocal(p) else { continue }
+            } else {
+                guard p.initiator.addr == c.initiator.addr, !initiatorIsLocal(p) else { continue }
+            }
+            count += 1
+            if chosen.map({ p.firstSeenNanos > $0.firstSeenNanos }) ?? true { chosen = p }
+        }
+        return chosen.map { ($0, count) }
+    }
+
     /// The evidence for a join and the confidence it earns. Identity (same destination, same client) is what a
     /// join rests on; ztunnel's mark and a lone candidate raise it; timing is reported, never decisive.
     private func hopEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction,
-                             candidates: Int) -> ([HopEvidence], Confidence) {
+                             candidates: Int, pooled: Bool = false) -> ([HopEvidence], Confidence) {
         var evidence: [HopEvidence] = []
         // The most a hop gets: mark, connmark, two identity pieces, timing, uniqueness, and bytes (added later).
         evidence.reserveCapacity(7)
@@ -653,6 +688,15 @@ public final class Correlator {
             evidence.append(HopEvidence(.hbonePort(options.hbonePort)))
         }
         let identity = identityEvidence(outer: outer, inner: inner, direction: direction, into: &evidence)
+        if pooled {
+            // Timing says nothing about a reused tunnel; that it was open, and whether it was the only one, does.
+            // Never high: which of the tunnel's streams carried this connection is not visible below TLS.
+            let outboundTunnel = direction == .outbound
+            let opened = outboundTunnel ? outer.firstSeenNanos - inner.firstSeenNanos : inner.firstSeenNanos - outer.firstSeenNanos
+            evidence.append(HopEvidence(.pooledTunnel(outbound: outboundTunnel, openedBefore: opened)))
+            evidence.append(HopEvidence(candidates <= 1 ? .onlyOpenTunnel : .newestOpenTunnel(of: candidates)))
+            return (evidence, identity && hasMark && candidates <= 1 ? .medium : .low)
+        }
         let dt = inner.firstSeenNanos - outer.firstSeenNanos
         evidence.append(HopEvidence(.timing(nanos: dt)))
         let unique = candidates <= 1
@@ -718,12 +762,21 @@ public final class Correlator {
     }
 
     private func join(_ direction: ZtunnelHop.Direction, outer: ConnectionState, inner: ConnectionState,
-                      evidence: [HopEvidence], confidence: Confidence, candidates: Int) {
+                      evidence: [HopEvidence], confidence: Confidence, candidates: Int, pooled: Bool = false) {
         let link = HopLink(hop: ZtunnelHop(direction: direction, outer: outer.id, inner: inner.id,
                                            evidence: evidence, confidence: confidence),
                            outer: outer, inner: inner, candidates: candidates)
-        outer.hopLinks.append(link)
-        inner.hopLinks.append(link)
+        link.pooled = pooled
+        if pooled {
+            // The tunnel lists the first few connections it carried; each connection lists its tunnel.
+            let tunnel = direction == .outbound ? inner : outer, carried = direction == .outbound ? outer : inner
+            carried.hopLinks.append(link)
+            if tunnel.pooledLinks < Correlator.maxPooledLinksListed { tunnel.hopLinks.append(link) }
+            tunnel.pooledLinks += 1
+        } else {
+            outer.hopLinks.append(link)
+            inner.hopLinks.append(link)
+        }
         if direction == .outbound { outer.hasOutboundHop = true; inner.hasOutboundHop = true } else {
             outer.hasInboundHop = true; inner.hasInboundHop = true
         }
@@ -783,6 +836,12 @@ public final class Correlator {
     }
 
     private func removeFromOpen(_ c: ConnectionState) {
+        let t = c.tunnelIndex
+        if t >= 0, t < tunnels.count, tunnels[t] === c {
+            let last = tunnels.removeLast()
+            if last !== c { tunnels[t] = last; last.tunnelIndex = t }
+            c.tunnelIndex = -1
+        }
         let i = c.openIndex
         guard i >= 0, i < open.count, open[i] === c else { return }
         let last = open.removeLast()
@@ -817,6 +876,15 @@ public final class Correlator {
            let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound, allowWeak: true) {
             join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
         }
+        // Still no hop: the connection may have gone through a tunnel ztunnel opened earlier and kept (pooled).
+        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.mergedInto == nil,
+           let (z, n) = pooledTunnel(for: c, outbound: true) {
+            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
+        }
+        if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop && c.mergedInto == nil,
+           let (h, n) = pooledTunnel(for: c, outbound: false) {
+            join(.inbound, outer: h, inner: c, evidence: [], confidence: .low, candidates: n, pooled: true)
+        }
         c.emitted = true
         for k in c.keys where table[k] === c { table[k] = nil }
         let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)
@@ -837,7 +905,7 @@ public final class Correlator {
             if !link.finalized {
                 link.finalized = true
                 let (ev, conf) = hopEvidence(outer: link.outer, inner: link.inner, direction: link.hop.direction,
-                                             candidates: link.candidates)
+                                             candidates: link.candidates, pooled: link.pooled)
                 link.hop.evidence = ev
                 link.hop.confidence = conf
                 addByteEvidence(&link.hop, outer: link.outer, inner: link.inner)

@@ -17,6 +17,11 @@ extension HopEvidence {
         case timing(nanos: Int64)
         case onlyCandidate(windowNanos: Int64)
         case earliestCandidate(of: Int, windowNanos: Int64)
+        /// A pooled join: the tunnel (the inner connection outbound, the outer inbound) was open already, since
+        /// `openedBefore` before the connection it carried.
+        case pooledTunnel(outbound: Bool, openedBefore: Int64)
+        case onlyOpenTunnel
+        case newestOpenTunnel(of: Int)
         /// Byte counts that fit a tunnel; `outbound`: the inner connection is the tunnel (else the outer one).
         case bytesConsistent(outbound: Bool, larger: UInt64, smaller: UInt64)
         case bytesInconsistent(outbound: Bool, inner: UInt64, outer: UInt64)
@@ -32,7 +37,8 @@ extension HopEvidence {
             case .clientAddress: return "client-address"
             case .originalPort: return "original-port"
             case .timing: return "timing"
-            case .onlyCandidate, .earliestCandidate: return "unique"
+            case .onlyCandidate, .earliestCandidate, .onlyOpenTunnel, .newestOpenTunnel: return "unique"
+            case .pooledTunnel: return "pooled-tunnel"
             case .bytesConsistent, .bytesInconsistent: return "bytes"
             }
         }
@@ -65,6 +71,14 @@ extension HopEvidence {
             case .earliestCandidate(let n, let window):
                 w.words("one of "); w.signed(Int64(n)); w.words(" candidates within "); w.delta(window)
                 w.words("; the earliest was chosen")
+            case .pooledTunnel(let outbound, let opened):
+                w.words(outbound ? "inner" : "outer"); w.words(" connection (the tunnel) was open already, since ")
+                w.delta(opened); w.words(" before the "); w.words(outbound ? "outer" : "inner")
+                w.words(" one, and carried packets while it ran: a pooled HBONE connection")
+            case .onlyOpenTunnel:
+                w.words("the only open tunnel that fits")
+            case .newestOpenTunnel(let n):
+                w.words("one of "); w.signed(Int64(n)); w.words(" open tunnels that fit; the newest was chosen")
             case .bytesConsistent(let outbound, let larger, let smaller):
                 w.words(outbound ? "inner" : "outer"); w.words(" carried "); w.number(larger); w.words(" payload bytes, ")
                 w.words(outbound ? "outer" : "inner"); w.words(" "); w.number(smaller); w.words(": consistent with tunnelling")

@@ -1,0 +1,220 @@
+import XCTest
+@testable import Capture
+
+/// ztunnel pools HBONE connections: a second app connection to a destination it already has a tunnel to goes
+/// through that tunnel as another HTTP/2 stream, with no new connection to :15008 for a fresh join to find.
+final class PooledTunnelTests: XCTestCase {
+    let app = PacketFactory.ep("10.0.1.5", 40000)
+    let app2 = PacketFactory.ep("10.0.1.5", 40001)
+    let service = PacketFactory.ep("10.0.2.2", 80)
+    let ztunnelOut = PacketFactory.ep("10.0.1.5", 50000)
+    let peerHBONE = PacketFactory.ep("10.0.2.2", 15008)
+    let capture15001 = PacketFactory.ep("127.0.0.1", 15001)
+    let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
+
+    /// The app's first connection and the tunnel ztunnel opens for it (the tunnel is left open), then, `gap`
+    /// later, a second app connection from `app2` to `second` while the tunnel carries its bytes; then the tunnel
+    /// closes. `tunnelClosesFirst` closes the tunnel before the second connection instead.
+    func pooledScenario(_ f: inout PacketFactory, rules: Ruleset, second: Endpoint, gapMicros: Int64 = 5_000_000,
+                        firstApp: Bool = true, tunnelClosesFirst: Bool = false) -> [PacketRecord] {
+        var out: [PacketRecord] = []
+        if firstApp {
+            out += CorrelatorTests.outboundScenario(&f, ruleset: rules)
+            // outboundScenario ends with the tunnel's two FINs: this tunnel stays open.
+            out.removeLast(2)
+        } else {
+            // A tunnel opened before the capture: seen mid-stream, with ztunnel's mark on its NFLOG copy.
+            out.append(f.nflog(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, hook: .postrouting,
+                               prefix: observeOut, mark: 0x539, outIf: 2))
+            out.append(f.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, payload: 90, on: eth0, direction: .outbound))
+            out.append(f.packet(peerHBONE, ztunnelOut, flags: [.ack], seq: 9001, ack: 7091, on: eth0, direction: .inbound))
+        }
+        if tunnelClosesFirst {
+            out.append(f.packet(ztunnelOut, peerHBONE, flags: [.fin, .ack], seq: 7181, ack: 9401, on: eth0, direction: .outbound))
+            out.append(f.packet(peerHBONE, ztunnelOut, flags: [.fin, .ack], seq: 9401, ack: 7182, on: eth0, direction: .inbound))
+        }
+        f.advance(micros: gapMicros)
+        out.append(f.nflog(app2, second, flags: [.syn], seq: 3000, hook: .output,
+                           prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2))
+        f.advance(micros: 5)
+        out.append(f.packet(app2, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound))
+        f.advance(micros: 20)
+        out.append(f.packet(second, app2, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound))
+        out.append(f.packet(app2, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound))
+        f.advance(micros: 100)
+        out.append(f.packet(app2, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound))
+        if !tunnelClosesFirst {
+            // The same tunnel carries the second connection's bytes: no SYN to :15008 this time.
+            f.advance(micros: 50)
+            out.append(f.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7181, ack: 9401, payload: 150, on: eth0, direction: .outbound))
+            f.advance(micros: 700)
+            out.append(f.packet(peerHBONE, ztunnelOut, flags: [.ack, .psh], seq: 9401, ack: 7331, payload: 350, on: eth0, direction: .inbound))
+        }
+        f.advance(micros: 50)
+        out.append(f.packet(second, app2, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound))
+        out.append(f.packet(app2, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound))
+        out.append(f.packet(second, app2, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound))
+        if !tunnelClosesFirst {
+            // ztunnel closes the idle pool later.
+            f.advance(micros: 3_000_000)
+            out.append(f.packet(ztunnelOut, peerHBONE, flags: [.fin, .ack], seq: 7331, ack: 9751, on: eth0, direction: .outbound))
+            out.append(f.packet(peerHBONE, ztunnelOut, flags: [.fin, .ack], seq: 9751, ack: 7332, on: eth0, direction: .inbound))
+        }
+        return out
+    }
+
+    func run(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset) -> (CollectingSink, AnalysisSummary) {
+        let sink = CollectingSink()
+        let c = Correlator(tags: tags, ruleset: ruleset, options: CorrelatorOptions(), sink: sink)
+        for p in packets { c.ingest(p) }
+        return (sink, c.finish())
+    }
+
+    func connection(from src: Endpoint, in sink: CollectingSink) throws -> ConnectionTimeline {
+        try XCTUnwrap(sink.timelines.first { $0.original.src == src }, "no connection from \(src)")
+    }
+
+    func testALaterAppConnectionIsJoinedToTheTunnelItReused() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: service), tags: f.tags, ruleset: rules)
+        let first = try connection(from: app, in: sink)
+        let second = try connection(from: app2, in: sink)
+        let tunnel = try connection(from: ztunnelOut, in: sink)
+        XCTAssertEqual(first.kind, .appOutbound)
+        XCTAssertEqual(second.kind, .appOutbound)
+        XCTAssertEqual(tunnel.kind, .hboneOutbound)
+        XCTAssertEqual(summary.hops, 2)
+        XCTAssertEqual(first.hops.first?.inner, tunnel.id, "the first connection's tunnel, opened for it")
+        XCTAssertFalse(first.hops.first?.evidence.contains { $0.kind == "pooled-tunnel" } ?? true)
+
+        let hop = try XCTUnwrap(second.hops.first)
+        XCTAssertEqual(second.hops.count, 1)
+        XCTAssertEqual(hop.direction, .outbound)
+        XCTAssertEqual(hop.outer, second.id)
+        XCTAssertEqual(hop.inner, tunnel.id)
+        XCTAssertEqual(hop.confidence, .medium, "mark, destination and a lone tunnel; never high for a pooled join")
+        let kinds = hop.evidence.map(\.kind)
+        XCTAssertEqual(Set(kinds), ["ztunnel-mark", "original-destination", "pooled-tunnel", "unique", "bytes"])
+        XCTAssertFalse(kinds.contains("timing"), "timing says nothing about a reused tunnel")
+        let pooled = try XCTUnwrap(hop.evidence.first { $0.kind == "pooled-tunnel" })
+        XCTAssertTrue(pooled.detail.hasPrefix("inner connection (the tunnel) was open already, since 5."), pooled.detail)
+        XCTAssertEqual(hop.evidence.first { $0.kind == "unique" }?.detail, "the only open tunnel that fits")
+
+        // The tunnel lists both connections it carried.
+        XCTAssertEqual(tunnel.hops.map(\.outer), [first.id, second.id])
+        XCTAssertEqual(summary.escapes, 0)
+        XCTAssertTrue(sink.findings.isEmpty)
+    }
+
+    func testATunnelToAnotherDestinationIsNotTaken() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let elsewhere = PacketFactory.ep("10.0.3.3", 80)
+        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: elsewhere), tags: f.tags, ruleset: rules)
+        let second = try connection(from: app2, in: sink)
+        XCTAssertEqual(second.kind, .appOutbound)
+        XCTAssertTrue(second.hops.isEmpty, "an open tunnel to 10.0.2.2 does not carry a connection to 10.0.3.3")
+        XCTAssertEqual(summary.hops, 1)
+    }
+
+    func testATunnelClosedBeforeTheConnectionBeganIsNotTaken() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: service, tunnelClosesFirst: true),
+                                  tags: f.tags, ruleset: rules)
+        XCTAssertTrue(try connection(from: app2, in: sink).hops.isEmpty)
+        XCTAssertEqual(summary.hops, 1)
+    }
+
+    func testATunnelOpenedBeforeTheCaptureIsExplainedByTheConnectionItCarries() throws {
+        // Without the pooled join the tunnel's 0x539 is unexplained: a (low-confidence) forged-mark finding.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: service, firstApp: false),
+                                  tags: f.tags, ruleset: rules)
+        let second = try connection(from: app2, in: sink)
+        let tunnel = try connection(from: ztunnelOut, in: sink)
+        XCTAssertEqual(second.hops.first?.inner, tunnel.id)
+        XCTAssertTrue(second.hops.first?.evidence.contains { $0.kind == "pooled-tunnel" } ?? false)
+        XCTAssertEqual(tunnel.kind, .hboneOutbound)
+        XCTAssertEqual(tunnel.hops.map(\.outer), [second.id])
+        XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map { "\($0.connection.map(String.init) ?? "-") \($0.findingClass) \($0.summary)" })")
+        XCTAssertEqual(summary.escapes, 0)
+    }
+
+    func testTwoOpenTunnelsToTheDestinationGiveTheNewestWithLowConfidence() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        var p = pooledScenario(&f, rules: rules, second: service)
+        // A second tunnel to the same peer, opened 4 s before the second app connection (too early to be opened
+        // for it), and carrying bytes while it runs.
+        let secondTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == app2 })
+        var g = f
+        g.frame = 10_000
+        g.clock = p[at].time.totalNanoseconds - 4_000_000_000
+        let extra = [
+            g.nflog(secondTunnel, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2),
+            g.packet(secondTunnel, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound),
+            g.packet(peerHBONE, secondTunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound),
+        ]
+        p.insert(contentsOf: extra, at: at)
+        var h = f
+        h.frame = 20_000
+        h.clock = p[at + 6].time.totalNanoseconds + 1
+        p.insert(h.packet(secondTunnel, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 40, on: eth0, direction: .outbound),
+                 at: at + 7)
+        let (sink, _) = run(p, tags: f.tags, ruleset: rules)
+        let second = try connection(from: app2, in: sink)
+        let newer = try connection(from: secondTunnel, in: sink)
+        let hop = try XCTUnwrap(second.hops.first)
+        XCTAssertEqual(hop.inner, newer.id)
+        XCTAssertEqual(hop.confidence, .low)
+        XCTAssertEqual(hop.evidence.first { $0.kind == "unique" }?.detail, "one of 2 open tunnels that fit; the newest was chosen")
+    }
+
+    func testALaterStreamOfAnInboundTunnelIsJoinedToIt() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let peer = PacketFactory.ep("10.0.2.2", 41000)
+        let podHBONE = PacketFactory.ep("10.0.1.5", 15008)
+        let appPort = PacketFactory.ep("10.0.1.5", 8080)
+        let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
+        var p: [PacketRecord] = []
+        p.append(f.packet(peer, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound))
+        p.append(f.packet(podHBONE, peer, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound))
+        p.append(f.packet(peer, podHBONE, flags: [.ack], seq: 2, ack: 101, on: eth0, direction: .inbound))
+        // Two streams, each ztunnel's own connection into the app from the client's address, 5 s apart.
+        var seq: UInt32 = 2
+        for (i, gap) in [Int64(800), 5_000_000].enumerated() {
+            f.advance(micros: gap)
+            let ztunnelAsPeer = PacketFactory.ep("10.0.2.2", 42000 + UInt16(i))
+            p.append(f.packet(peer, podHBONE, flags: [.ack, .psh], seq: seq, ack: 101, payload: 120, on: eth0, direction: .inbound))
+            seq += 120
+            p.append(f.nflog(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1))
+            p.append(f.packet(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, on: lo, direction: .outbound))
+            p.append(f.packet(appPort, ztunnelAsPeer, flags: [.syn, .ack], seq: 900, ack: 501, on: lo, direction: .outbound))
+            p.append(f.packet(ztunnelAsPeer, appPort, flags: [.ack, .psh], seq: 501, ack: 901, payload: 60, on: lo, direction: .outbound))
+            p.append(f.packet(ztunnelAsPeer, appPort, flags: [.fin, .ack], seq: 561, ack: 901, on: lo, direction: .outbound))
+            p.append(f.packet(appPort, ztunnelAsPeer, flags: [.fin, .ack], seq: 901, ack: 562, on: lo, direction: .outbound))
+        }
+        f.advance(micros: 3_000_000)
+        p.append(f.packet(peer, podHBONE, flags: [.fin, .ack], seq: seq, ack: 101, on: eth0, direction: .inbound))
+        p.append(f.packet(podHBONE, peer, flags: [.fin, .ack], seq: 101, ack: seq + 1, on: eth0, direction: .outbound))
+        let (sink, summary) = run(p, tags: f.tags, ruleset: rules)
+        let tunnel = try XCTUnwrap(sink.timeline(.hboneInbound))
+        let streams = sink.timelines.filter { $0.kind == .ztunnelToApp }.sorted { $0.id < $1.id }
+        XCTAssertEqual(streams.count, 2)
+        XCTAssertEqual(summary.hops, 2)
+        XCTAssertEqual(streams.map { $0.hops.first?.outer }, [tunnel.id, tunnel.id])
+        XCTAssertFalse(streams[0].hops[0].evidence.contains { $0.kind == "pooled-tunnel" }, "the first stream joins fresh")
+        let pooled = try XCTUnwrap(streams[1].hops.first)
+        XCTAssertEqual(pooled.direction, .inbound)
+        XCTAssertEqual(pooled.confidence, .medium)
+        XCTAssertEqual(Set(pooled.evidence.map(\.kind)), ["ztunnel-mark", "ztunnel-connmark", "client-address", "pooled-tunnel", "unique", "bytes"])
+        XCTAssertTrue(pooled.evidence.contains { $0.detail.hasPrefix("outer connection (the tunnel) was open already, since 5.") })
+        XCTAssertEqual(tunnel.hops.map(\.inner), streams.map(\.id))
+        XCTAssertEqual(summary.escapes, 0)
+    }
+}
