@@ -44,6 +44,20 @@ final class TraceBenchmark: KernelTestCase {
         return seconds
     }
 
+    /// The last line of a file that contains `needle`, looked for in the file's last 8 MB, then in all of it.
+    static func lastLine(of path: String, containing needle: String) -> Substring? {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        let size = (try? handle.seekToEnd()) ?? 0
+        for window: UInt64 in [8 << 20, size] {
+            try? handle.seek(toOffset: size > window ? size - window : 0)
+            let text = String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
+            if let line = text.split(separator: "\n").last(where: { $0.contains(needle) }) { return line }
+            if window >= size { break }
+        }
+        return nil
+    }
+
     static func processCPU(_ pid: Int32) -> Double {
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
               let close = stat.lastIndex(of: ")") else { return 0 }
@@ -174,8 +188,9 @@ final class TraceBenchmark: KernelTestCase {
         while trace.isRunning && Date() < exitDeadline { usleep(20_000) }
         XCTAssertFalse(trace.isRunning)
 
-        let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")
-        let summaryLine = try XCTUnwrap(lines.last { $0.contains("\"events_lost\"") }, "no JSON summary from the trace")
+        // The summary is the last line: read the file's tail, not all of it (~0.5 GB of timelines per run, which
+        // took longer to split into lines than the run itself).
+        let summaryLine = try XCTUnwrap(TraceBenchmark.lastLine(of: log, containing: "\"events_lost\""), "no JSON summary from the trace")
         let summary = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(summaryLine.utf8)) as? [String: Any])
         let kernel = (summary["kernel_counters"] as? [String: Any] ?? [:]).mapValues { ($0 as? NSNumber)?.uint64Value ?? 0 }
         var ours: [String: UInt64] = [:]
