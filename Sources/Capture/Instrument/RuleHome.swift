@@ -23,6 +23,7 @@ public struct RuleHome: Hashable, Sendable, CustomStringConvertible {
     /// The tag family in NFLOG prefixes.
     public var tagFamily: RuleTag.Family {
         if isNftables { return .nft }
+        if backend == .iptablesLegacy { return family == .ipv6 ? .legacyV6 : .legacyV4 }
         return family == .ipv6 ? .v6 : .v4
     }
 

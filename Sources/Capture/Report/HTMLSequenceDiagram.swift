@@ -178,11 +178,12 @@ struct SequenceDiagram {
     static func hitText(_ hit: RuleHit?) -> String {
         guard let hit else { return "observed" }
         var parts: [String] = []
+        let backend = hit.tag?.isLegacy == true ? "legacy " : ""
         if let r = hit.rule {
-            parts.append("\(r.table) \(r.chain) #\(r.position)")
+            parts.append("\(backend)\(r.table) \(r.chain) #\(r.position)")
         } else if let tag = hit.tag {
             switch tag.position {
-            case .rule(let n): parts.append("\(tag.table) \(tag.chain) #\(n)")
+            case .rule(let n): parts.append("\(backend)\(tag.table) \(tag.chain) #\(n)")
             case .observeIn, .observeOut: parts.append("observed")
             }
         } else {

@@ -158,6 +158,7 @@ public final class JSONReport: ReportSink {
             case .observeIn: out.text("\"in\"")
             case .observeOut: out.text("\"out\"")
             }
+            if tag.isLegacy { key("backend"); out.text("\"iptables-legacy\"") }
         }
         if let text = h.ruleCanonicalText { key("rule"); out.jsonString(text) }
         if let role = h.role { key("role"); out.byte(0x22); out.text(role.rawValue); out.byte(0x22) }
@@ -365,6 +366,7 @@ public final class JSONReport: ReportSink {
             element(); open(UInt8(ascii: "{"))
             key("prefix"); out.jsonString(h.prefix)
             key("count"); out.decimal(h.count)
+            if RuleTag(prefix: h.prefix)?.isLegacy == true { key("backend"); out.text("\"iptables-legacy\"") }
             if let r = h.rule {
                 key("table"); out.jsonString(r.table)
                 key("chain"); out.jsonString(r.chain)

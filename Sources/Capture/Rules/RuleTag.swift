@@ -3,7 +3,10 @@ import Foundation
 //
 //   mt:<family>:<table>:<chain>:<position>:<hash>
 //
-//   family    4 (iptables), 6 (ip6tables), n (native nftables; the table's own family is in the ruleset)
+//   family    4 (iptables), 6 (ip6tables), n (native nftables; the table's own family is in the ruleset);
+//             l4 / l6 for the iptables-legacy backend, so a netns whose two backends both hold the ambient rules
+//             (Istio's legacy-vs-nft bug) gets a distinct prefix per backend. 4 / 6 are iptables-nft, or any
+//             iptables backend in prefixes written before l4 / l6 existed.
 //   table     the table name: nat, mangle, raw, filter, or an nft table such as istio-ambient-nat
 //   chain     the chain name, ISTIO_OUTPUT, istio-prerouting, ...
 //   position  1-based position of the twinned rule among the chain's *original* rules (twins not counted),
@@ -16,7 +19,9 @@ import Foundation
 // and `RuleTag.matches(table:)` / `matches(chain:)` compare through the same hash.
 
 public struct RuleTag: Hashable, Sendable, CustomStringConvertible {
-    public enum Family: String, Sendable { case v4 = "4", v6 = "6", nft = "n" }
+    public enum Family: String, Sendable {
+        case v4 = "4", v6 = "6", nft = "n", legacyV4 = "l4", legacyV6 = "l6"
+    }
     public enum Position: Hashable, Sendable {
         case rule(Int)
         case observeIn
@@ -29,6 +34,9 @@ public struct RuleTag: Hashable, Sendable, CustomStringConvertible {
     public var textHash: UInt16?
 
     public static let maxPrefixBytes = 63
+
+    /// The prefix says the twin is in the iptables-legacy backend (l4 / l6).
+    public var isLegacy: Bool { family == .legacyV4 || family == .legacyV6 }
 
     public init(family: Family, table: String, chain: String, position: Position, textHash: UInt16? = nil) {
         self.family = family; self.table = table; self.chain = chain; self.position = position; self.textHash = textHash

@@ -197,16 +197,26 @@ public struct Ruleset: Sendable {
     public var allRules: [Rule] { tables.flatMap { $0.chains.flatMap(\.rules) } }
 
     /// The rule a meshtrace NFLOG prefix names: by table, chain and position, confirmed by the text hash;
-    /// when the hash disagrees (rules moved), the rule in that chain whose text hash matches.
+    /// when the hash disagrees (rules moved), the rule in that chain whose text hash matches. An iptables tag
+    /// looks in its own backend's tables first (l4/l6: iptables-legacy; 4/6: the others), then in the other
+    /// backend's (a prefix written before l4/l6 existed, or a rules file that does not say its backend).
     public func rule(for tag: RuleTag) -> Rule? {
         guard case .rule(let pos) = tag.position else { return nil }
         let fam: [RuleFamily]
+        var legacy: Bool? = nil
         switch tag.family {
-        case .v4: fam = [.ipv4]
-        case .v6: fam = [.ipv6]
+        case .v4: fam = [.ipv4]; legacy = false
+        case .v6: fam = [.ipv6]; legacy = false
+        case .legacyV4: fam = [.ipv4]; legacy = true
+        case .legacyV6: fam = [.ipv6]; legacy = true
         case .nft: fam = [.inet, .ipv4, .ipv6]
         }
-        for t in tables where fam.contains(t.family) && tag.matches(table: t.name) {
+        let candidates = tables.filter { fam.contains($0.family) && tag.matches(table: $0.name) }
+        let ordered = legacy.map { wantsLegacy in
+            candidates.filter { ($0.backend == .iptablesLegacy) == wantsLegacy }
+                + candidates.filter { ($0.backend == .iptablesLegacy) != wantsLegacy }
+        } ?? candidates
+        for t in ordered {
             for c in t.chains where tag.matches(chain: c.name) {
                 let original = c.rules.filter { !$0.isMeshtraceRule }
                 if pos <= original.count {

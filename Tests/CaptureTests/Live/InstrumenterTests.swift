@@ -155,6 +155,33 @@ final class InstrumenterTests: KernelTestCase {
         XCTAssertEqual(try Self.rulesText(ns), before)
     }
 
+    /// Istio's legacy-vs-nft bug: both backends hold a full ambient ruleset, and the kernel runs both. Each twin's
+    /// prefix names its backend (l4 for legacy), so hits and kernel counters are told apart, and each maps back to
+    /// its own backend's rule.
+    func testBothBackendsAreTwinnedWithPrefixesOfTheirOwn() throws {
+        let ns = try makeNetns()
+        try ns.run(["iptables-legacy-restore"], input: Self.seed)
+        try ns.run(["iptables-nft-restore"], input: Self.seed)
+        let before = try Self.rulesText(ns)
+        let instrumenter = Instrumenter(netns: ns.ref, settings: InstrumentationSettings(group: 5310), parse: Instrumenter.parseHome)
+        let plan = try instrumenter.install()
+        XCTAssertEqual(Set(plan.ambientHomes), [RuleHome(backend: .iptablesNft, family: .ipv4), RuleHome(backend: .iptablesLegacy, family: .ipv4)])
+        XCTAssertEqual(plan.twins.count, 24)
+        XCTAssertEqual(Set(plan.twins.map(\.tag.prefix)).count, 24, "every twin has a prefix of its own")
+        let legacy = try ns.run(["iptables-legacy-save"]).stdout, nft = try ns.run(["iptables-nft-save"]).stdout
+        XCTAssertEqual(legacy.components(separatedBy: "--nflog-prefix \"mt:l4:").count - 1, 12, legacy)
+        XCTAssertFalse(legacy.contains("--nflog-prefix \"mt:4:"))
+        XCTAssertEqual(nft.components(separatedBy: "--nflog-prefix \"mt:4:").count - 1, 12, nft)
+        XCTAssertFalse(nft.contains("mt:l4:"))
+        for twin in plan.twins where !twin.isObservation {
+            let rule = try XCTUnwrap(instrumenter.ruleset.rule(for: twin.tag), twin.tag.prefix)
+            XCTAssertEqual(rule.backend, twin.home.backend, twin.tag.prefix)
+            XCTAssertEqual(rule.canonicalText, twin.twinned?.canonicalText)
+        }
+        XCTAssertEqual(try instrumenter.remove(), 24)
+        XCTAssertEqual(try Self.rulesText(ns), before)
+    }
+
     func testRemovalAfterIstioRewroteAWholeTableLeavesExactlyIstiosRules() throws {
         let ns = try makeNetns()
         try ns.run(["iptables-restore"], input: Self.seed)

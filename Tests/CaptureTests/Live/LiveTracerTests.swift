@@ -265,6 +265,33 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertFalse(try lab.client.netns.run(["iptables-save"]).stdout.contains("meshtrace"))
     }
 
+    /// Both backends hold the ambient rules (Istio's legacy-vs-nft bug): the kernel runs both rulesets, and the
+    /// trace counts each backend's twins apart, each equal to its kernel counter, and names the legacy hits so.
+    func testAPodWithBothBackendsIsTracedWithEachBackendsHitsApart() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        try lab.client.netns.run(["iptables-legacy-restore"], input: try lab.client.netns.run(["iptables-nft-save"]).stdout)
+        let rules = { try ["iptables-nft-save", "iptables-legacy-save"].map { tool in
+            try lab.client.netns.run([tool]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
+        } }
+        let before = try rules()
+        let (outcome, sink) = try trace(lab.client, group: 5407) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        XCTAssertEqual(Set(outcome.plan.ambientHomes.map(\.backend)), [.iptablesNft, .iptablesLegacy])
+        let legacyHits = outcome.hitCounts.filter { $0.key.hasPrefix("mt:l4:") && $0.value > 0 }
+        let nftHits = outcome.hitCounts.filter { $0.key.hasPrefix("mt:4:") && $0.value > 0 }
+        // mangle is not NAT: both backends' mangle OUTPUT jump sees every packet the pod sends.
+        XCTAssertEqual(legacyHits.keys.filter { $0.hasPrefix("mt:l4:mangle:OUTPUT:1:") }.count, 1, "\(outcome.hitCounts)")
+        XCTAssertEqual(nftHits.keys.filter { $0.hasPrefix("mt:4:mangle:OUTPUT:1:") }.count, 1, "\(outcome.hitCounts)")
+        XCTAssertEqual(legacyHits.first { $0.key.hasPrefix("mt:l4:mangle:OUTPUT:1:") }?.value,
+                       nftHits.first { $0.key.hasPrefix("mt:4:mangle:OUTPUT:1:") }?.value)
+        XCTAssertEqual(outcome.kernelCounters.count, outcome.plan.twins.count)
+        for (prefix, kernel) in outcome.kernelCounters { XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix) }
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server })
+        XCTAssertTrue(app.events.contains { $0.hit?.tag?.isLegacy == true && $0.hit?.rule?.backend == .iptablesLegacy })
+        XCTAssertTrue(app.events.contains { $0.hit?.tag?.isLegacy == false && $0.hit?.rule?.backend == .iptablesNft })
+        XCTAssertEqual(try rules(), before)
+    }
+
     func testLegacyBackendPodIsTracedWithCountsEqualToTheKernels() throws {
         let lab = try makeLab { $0.backend = .iptablesLegacy }
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
