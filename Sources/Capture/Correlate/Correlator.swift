@@ -867,24 +867,31 @@ public final class Correlator {
         }
         if ready.isEmpty { return }
         ready.sort { $0.id < $1.id }
+        for c in ready { lastChanceJoins(c) }
         for c in ready { emit(c) }
     }
 
-    private func emit(_ c: ConnectionState) {
-        guard !c.emitted else { return }
-        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.mergedInto == nil,
+    /// The joins a connection about to be emitted may still get: the app's tunnel without an identity match (a
+    /// VIP), then a pooled tunnel. Connections emitted together (a sweep, the end) all get theirs before the first
+    /// is emitted, so a tunnel emitted in the same batch is still there for the connections it carried.
+    private func lastChanceJoins(_ c: ConnectionState) {
+        guard !c.emitted, c.mergedInto == nil else { return }
+        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop,
            let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound, allowWeak: true) {
             join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
         }
         // Still no hop: the connection may have gone through a tunnel ztunnel opened earlier and kept (pooled).
-        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.mergedInto == nil,
-           let (z, n) = pooledTunnel(for: c, outbound: true) {
+        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop, let (z, n) = pooledTunnel(for: c, outbound: true) {
             join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
         }
-        if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop && c.mergedInto == nil,
-           let (h, n) = pooledTunnel(for: c, outbound: false) {
+        if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop, let (h, n) = pooledTunnel(for: c, outbound: false) {
             join(.inbound, outer: h, inner: c, evidence: [], confidence: .low, candidates: n, pooled: true)
         }
+    }
+
+    private func emit(_ c: ConnectionState) {
+        guard !c.emitted else { return }
+        lastChanceJoins(c)
         c.emitted = true
         for k in c.keys where table[k] === c { table[k] = nil }
         let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)
@@ -1075,6 +1082,7 @@ public final class Correlator {
     @discardableResult
     public func finish() -> AnalysisSummary {
         let rest = open.sorted { $0.id < $1.id }
+        for c in rest { lastChanceJoins(c) }
         for c in rest { emit(c) }
         outerOutbound = []; innerOutbound = []; outerInbound = []; innerInbound = []
         var s = summary

@@ -16,7 +16,7 @@ final class PooledTunnelTests: XCTestCase {
     /// later, a second app connection from `app2` to `second` while the tunnel carries its bytes; then the tunnel
     /// closes. `tunnelClosesFirst` closes the tunnel before the second connection instead.
     func pooledScenario(_ f: inout PacketFactory, rules: Ruleset, second: Endpoint, gapMicros: Int64 = 5_000_000,
-                        firstApp: Bool = true, tunnelClosesFirst: Bool = false) -> [PacketRecord] {
+                        firstApp: Bool = true, tunnelClosesFirst: Bool = false, tunnelStaysOpen: Bool = false) -> [PacketRecord] {
         var out: [PacketRecord] = []
         if firstApp {
             out += CorrelatorTests.outboundScenario(&f, ruleset: rules)
@@ -54,7 +54,7 @@ final class PooledTunnelTests: XCTestCase {
         out.append(f.packet(second, app2, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound))
         out.append(f.packet(app2, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound))
         out.append(f.packet(second, app2, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound))
-        if !tunnelClosesFirst {
+        if !tunnelClosesFirst && !tunnelStaysOpen {
             // ztunnel closes the idle pool later.
             f.advance(micros: 3_000_000)
             out.append(f.packet(ztunnelOut, peerHBONE, flags: [.fin, .ack], seq: 7331, ack: 9751, on: eth0, direction: .outbound))
@@ -105,6 +105,20 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(tunnel.hops.map(\.outer), [first.id, second.id])
         XCTAssertEqual(summary.escapes, 0)
         XCTAssertTrue(sink.findings.isEmpty)
+    }
+
+    func testATunnelStillOpenWhenTheCaptureEndsIsJoinedToo() throws {
+        // At the end every open connection is emitted at once, the tunnel (an older id) first: the join must have
+        // been made before.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true), tags: f.tags, ruleset: rules)
+        let second = try connection(from: app2, in: sink)
+        let tunnel = try connection(from: ztunnelOut, in: sink)
+        XCTAssertFalse(tunnel.closed)
+        XCTAssertEqual(second.hops.first?.inner, tunnel.id)
+        XCTAssertEqual(tunnel.hops.map(\.outer).count, 2)
+        XCTAssertEqual(summary.hops, 2)
     }
 
     func testATunnelToAnotherDestinationIsNotTaken() throws {
