@@ -52,6 +52,9 @@ struct ZtunnelCommand: ParsableCommand {
     @Option(name: .long, help: "Serve DNS on 127.0.0.1:15053 and forward queries to this upstream (IP:PORT).")
     var dnsUpstream: String?
 
+    @Flag(name: .long, help: "Keep HBONE connections open and send later app connections to the same destination through them (as ztunnel pools them).")
+    var poolTunnels = false
+
     @OptionGroup var lifetime: StandInLifetime
 
     func run() throws {
@@ -67,6 +70,7 @@ struct ZtunnelCommand: ParsableCommand {
                 cidrs.append(c)
             }
             var config = ZtunnelConfig(podAddresses: addrs, mesh: cidrs)
+            config.poolTunnels = poolTunnels
             if let up = dnsUpstream {
                 guard let ep = Endpoint(parsing: up) else { throw MeshtraceError(.usage, "--dns-upstream \(up) is not IP:PORT") }
                 config.dnsPort = 15053

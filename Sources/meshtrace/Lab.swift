@@ -31,6 +31,9 @@ struct Lab: ParsableCommand {
         @Flag(name: .long, help: "Leave the lab up afterwards and print how to poke at it (remove it with `meshtrace lab down`).")
         var keep = false
 
+        @Flag(name: .long, help: "The ztunnel stand-ins keep HBONE connections open and reuse them for later connections to the same pod, as ztunnel pools them.")
+        var poolTunnels = false
+
         @Flag(name: .long, help: "List the scenarios and the built-in rulesets, then exit.")
         var list = false
 
@@ -66,6 +69,7 @@ struct Lab: ParsableCommand {
             options.backend = options.ruleset.form == .nftables ? .nftables : b
             options.dualStack = scenarios.contains { $0.needsDualStack }
             options.keep = keep
+            options.poolTunnels = poolTunnels
 
             LabTopology.tearDownOnSignals()
             let lab = try LabTopology(options: options)

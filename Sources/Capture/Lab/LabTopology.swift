@@ -19,6 +19,8 @@ public struct LabOptions: Sendable {
     public var executable: String
     /// Leave the stand-ins running after this process exits (`meshtrace lab --keep`).
     public var keep = false
+    /// The ztunnel stand-ins keep HBONE connections open and reuse them for later connections to the same pod.
+    public var poolTunnels = false
 
     public init(executable: String) { self.executable = executable }
 }
@@ -211,6 +213,7 @@ public final class LabTopology: @unchecked Sendable {
         for pod in meshPods {
             var argv = ["_ztunnel"] + pod.addresses.flatMap { ["--pod-ip", $0.description] } + meshArguments()
             if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
+            if options.poolTunnels { argv += ["--pool-tunnels"] }
             waits.append((try start(argv + keepFlags, in: pod, label: "ztunnel"), "ztunnel stand-in up"))
         }
         let v6 = options.dualStack ? ["--ipv6"] : []

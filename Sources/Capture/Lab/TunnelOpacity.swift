@@ -2,6 +2,10 @@
 // analyzer can cheat by reading the target out of the payload. This is NOT encryption: a per-connection random
 // nonce seeds a splitmix64 keystream that is XORed over the bytes. Anyone with this file can read it.
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// One direction of a tunnel's keystream. The two directions use different streams from the same nonce.
 struct TunnelKeystream {
     private var state: UInt64
@@ -49,8 +53,82 @@ enum TunnelHeader {
 
     static func line(target: Endpoint) -> [UInt8] { Array("CONNECT \(target)\n".utf8) }
 
+    /// A pooled tunnel's stream header: `CONNECT+ <target>\n`, then length-framed bytes (`PooledTunnel`).
+    static func streamLine(target: Endpoint) -> [UInt8] { Array("CONNECT+ \(target)\n".utf8) }
+
+    static func parseStream(_ line: [UInt8]) -> Endpoint? {
+        guard let text = String(bytes: line, encoding: .utf8), text.hasPrefix("CONNECT+ "), text.hasSuffix("\n") else { return nil }
+        return Endpoint(parsing: String(text.dropFirst(9).dropLast()))
+    }
+
     static func parse(_ line: [UInt8]) -> Endpoint? {
         guard let text = String(bytes: line, encoding: .utf8), text.hasPrefix("CONNECT "), text.hasSuffix("\n") else { return nil }
         return Endpoint(parsing: String(text.dropFirst(8).dropLast()))
+    }
+}
+
+/// An HBONE connection kept for the next app connection to the same destination, with its keystreams (they run on
+/// across streams). A stream is framed: a 4-byte big-endian length and that many bytes, a length of 0 ending the
+/// stream in that direction; after both ends, the next stream header may follow.
+final class PooledTunnel {
+    let socket: LabSocket
+    var up: TunnelKeystream
+    var down: TunnelKeystream
+
+    init(socket: LabSocket, nonce: [UInt8]) {
+        self.socket = socket
+        up = TunnelKeystream(nonce: nonce, direction: .toPeer)
+        down = TunnelKeystream(nonce: nonce, direction: .fromPeer)
+    }
+
+    /// Relays one stream between `plain` (the app-side socket) and `tunnel`: bytes read from `plain` go out as
+    /// frames through `send`, frames read through `receive` go to `plain`. True when both directions ended with an
+    /// end frame, so the tunnel can carry another stream; false on an error, the tunnel closing, or `idle` seconds
+    /// without a byte.
+    static func relayFramed(plain: LabSocket, tunnel: LabSocket, idle: Double,
+                            send: inout TunnelKeystream, receive: inout TunnelKeystream) -> Bool {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * 1024, alignment: 8)
+        defer { buffer.deallocate() }
+        var fds = [pollfd(fd: plain.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: tunnel.fd, events: Int16(POLLIN), revents: 0)]
+        var sending = true, receiving = true
+        func readExactly(_ count: Int) -> Bool {
+            var got = 0
+            while got < count {
+                let n = tunnel.read(into: buffer.baseAddress! + got, count: count - got)
+                if n <= 0 { return false }
+                got += n
+            }
+            receive.apply(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count]))
+            return true
+        }
+        while sending || receiving {
+            fds[0].fd = sending ? plain.fd : -1
+            fds[1].fd = receiving ? tunnel.fd : -1
+            fds[0].revents = 0; fds[1].revents = 0
+            let r = poll(&fds, 2, Int32(idle * 1000))
+            if r < 0 && errno == EINTR { continue }
+            if r <= 0 { return false }
+            if sending && fds[0].revents != 0 {
+                let n = plain.read(into: buffer.baseAddress! + 4, count: buffer.count - 4)
+                if n < 0 { return false }
+                let length = UInt32(max(n, 0)).bigEndian
+                withUnsafeBytes(of: length) { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: 4) }
+                send.apply(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<(4 + n)]))
+                guard tunnel.writeAll(buffer.baseAddress!, count: 4 + n) else { return false }
+                if n == 0 { sending = false }
+            }
+            if receiving && fds[1].revents != 0 {
+                guard readExactly(4) else { return false }
+                let length = Int(buffer.load(as: UInt32.self).bigEndian)
+                guard length <= buffer.count else { return false }
+                if length == 0 {
+                    receiving = false
+                    plain.shutdownWrite()
+                    continue
+                }
+                guard readExactly(length), plain.writeAll(buffer.baseAddress!, count: length) else { return false }
+            }
+        }
+        return true
     }
 }

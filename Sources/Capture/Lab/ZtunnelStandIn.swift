@@ -22,6 +22,10 @@ public struct ZtunnelConfig: Sendable {
     public var maxConnections = 256
     /// A relay with no bytes moving for this long is closed.
     public var idleSeconds: Double = 30
+    /// Keep each HBONE connection open after its app connection ends and send the next app connection to the same
+    /// destination through it, as ztunnel pools HBONE connections (one stream at a time here, framed; ztunnel
+    /// multiplexes HTTP/2 streams). The serving side follows whatever the client does.
+    public var poolTunnels = false
 
     public init(podAddresses: [IPAddress], mesh: [CIDR]) {
         self.podAddresses = podAddresses
@@ -39,7 +43,8 @@ public struct ZtunnelConfig: Sendable {
 /// - 15006 (inbound plaintext): the same without a tunnel; the target is the original destination.
 /// - 15053 (optional): forwards DNS over UDP to an upstream from a 0x539-marked socket.
 /// What differs from ztunnel: no mTLS (an XOR keystream makes the tunnel opaque, nothing more), no HTTP/2 CONNECT
-/// framing, no identities or policy, no DNS answers of its own (docs/LAB.md).
+/// framing (pooled tunnels carry one length-framed stream at a time), no identities or policy, no DNS answers of its
+/// own (docs/LAB.md).
 public final class ZtunnelStandIn: @unchecked Sendable {
     public let config: ZtunnelConfig
     private let log: @Sendable (String) -> Void
@@ -48,6 +53,8 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     private let lock = NSLock()
     private var active = 0
     private var stopped = false
+    /// Idle pooled tunnels by HBONE endpoint (`poolTunnels`), at most one per destination.
+    private var idleTunnels: [Endpoint: PooledTunnel] = [:]
 
     public init(config: ZtunnelConfig, log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.config = config
@@ -90,6 +97,11 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         lock.unlock()
         // shutdown() wakes the threads blocked in accept(); close alone would not.
         for l in ls { _ = Glibc.shutdown(l.fd, Int32(SHUT_RDWR)); l.close() }
+        lock.lock()
+        let idle = idleTunnels.values
+        idleTunnels.removeAll()
+        lock.unlock()
+        for t in idle { t.socket.close() }
         if let d = dnsSocket { _ = Glibc.shutdown(d.fd, Int32(SHUT_RDWR)); d.close() }
     }
 
@@ -118,7 +130,9 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     private func serveOutbound(_ app: LabSocket, _ peer: Endpoint) {
         let target: Endpoint
         do { target = try app.originalDestination() } catch { log("outbound \(peer): \(error)"); return }
-        if config.inMesh(target.addr) {
+        if config.inMesh(target.addr) && config.poolTunnels {
+            servePooled(app, peer, target: target)
+        } else if config.inMesh(target.addr) {
             let hbone = Endpoint(target.addr, config.hbonePort)
             guard let tunnel = try? LabSocket.tcpConnect(to: hbone, mark: config.mark) else {
                 log("outbound \(peer) -> \(target): HBONE connect to \(hbone) failed"); return
@@ -157,13 +171,56 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         guard n == TunnelHeader.nonceLength else { log("hbone \(peer): no tunnel header"); return }
         var up = TunnelKeystream(nonce: nonce, direction: .toPeer)
         var down = TunnelKeystream(nonce: nonce, direction: .fromPeer)
-        guard let line = tunnel.readLine(transform: { up.apply(&$0) }), let target = TunnelHeader.parse(line) else {
+        guard var line = tunnel.readLine(transform: { up.apply(&$0) }) else { log("hbone \(peer): bad tunnel header"); return }
+        // A pooled tunnel: framed streams, one after another, each to its own target.
+        while let target = TunnelHeader.parseStream(line) {
+            tunnel.setTimeouts(seconds: 0)
+            var carried = false
+            connectToApp(target: target, client: peer, kind: "hbone stream") { app in
+                carried = PooledTunnel.relayFramed(plain: app, tunnel: tunnel, idle: config.idleSeconds, send: &down, receive: &up)
+            }
+            guard carried, let next = tunnel.readLine(transform: { up.apply(&$0) }) else { return }
+            line = next
+        }
+        guard let target = TunnelHeader.parse(line) else {
             log("hbone \(peer): bad tunnel header"); return
         }
         tunnel.setTimeouts(seconds: 0)
         connectToApp(target: target, client: peer, kind: "hbone") { app in
             tunnel.relay(with: app, idle: config.idleSeconds,
                          transformUp: { up.apply($0) }, transformDown: { down.apply($0) })
+        }
+    }
+
+    /// An outbound app connection through a pooled tunnel: an idle one to the destination, or a new one; back to
+    /// the pool when its stream ended cleanly.
+    private func servePooled(_ app: LabSocket, _ peer: Endpoint, target: Endpoint) {
+        let hbone = Endpoint(target.addr, config.hbonePort)
+        lock.lock()
+        var tunnel = idleTunnels.removeValue(forKey: hbone)
+        lock.unlock()
+        let reused = tunnel != nil
+        if tunnel == nil {
+            guard let socket = try? LabSocket.tcpConnect(to: hbone, mark: config.mark) else {
+                log("outbound \(peer) -> \(target): HBONE connect to \(hbone) failed"); return
+            }
+            socket.setTimeouts(seconds: 0)
+            var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
+            for i in nonce.indices { nonce[i] = UInt8.random(in: 0...255) }
+            guard socket.writeAll(nonce) else { socket.close(); return }
+            tunnel = PooledTunnel(socket: socket, nonce: nonce)
+        }
+        guard let t = tunnel, t.socket.writeAll(t.up.applied(TunnelHeader.streamLine(target: target))) else {
+            tunnel?.socket.close(); return
+        }
+        log("outbound \(peer) -> \(target): hbone \(reused ? "pooled" : "new") \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
+        if PooledTunnel.relayFramed(plain: app, tunnel: t.socket, idle: config.idleSeconds, send: &t.up, receive: &t.down) {
+            lock.lock()
+            let spare = stopped ? t : idleTunnels.updateValue(t, forKey: hbone)
+            lock.unlock()
+            spare?.socket.close()
+        } else {
+            t.socket.close()
         }
     }
 

@@ -292,6 +292,31 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(try rules(), before)
     }
 
+    /// ztunnel pools HBONE connections: with the stand-ins reusing theirs, the second request goes through the
+    /// tunnel the first one opened, and the trace joins it to that tunnel as a pooled hop.
+    func testALaterConnectionThroughAPooledTunnelIsJoinedToIt() throws {
+        let lab = try makeLab { $0.poolTunnels = true }
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let (outcome, sink) = try trace(lab.client, group: 5408) {
+            try self.get(lab, from: lab.client, ["\(server)"])
+            usleep(300_000)
+            try self.get(lab, from: lab.client, ["\(server)"])
+        }
+        let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }.sorted { $0.id < $1.id }
+        let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
+        XCTAssertEqual(apps.count, 2, "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
+        XCTAssertEqual(tunnels.count, 1, "one tunnel for both: \(tunnels.map(\.original))")
+        let tunnel = try XCTUnwrap(tunnels.first)
+        XCTAssertEqual(tunnel.original.dst, Endpoint(lab.server.ipv4, 15008))
+        XCTAssertEqual(apps.map { $0.hops.first?.inner }, [tunnel.id, tunnel.id])
+        XCTAssertFalse(apps[0].hops[0].evidence.contains { $0.kind == "pooled-tunnel" }, "the first opened the tunnel")
+        let pooled = try XCTUnwrap(apps.last?.hops.first)
+        XCTAssertTrue(pooled.evidence.contains { $0.kind == "pooled-tunnel" }, "\(pooled.evidence.map(\.detail))")
+        XCTAssertEqual(pooled.confidence, .medium)
+        XCTAssertEqual(Set(tunnel.hops.map(\.outer)), Set(apps.map(\.id)))
+        XCTAssertEqual(outcome.summary.escapes, 0)
+    }
+
     func testLegacyBackendPodIsTracedWithCountsEqualToTheKernels() throws {
         let lab = try makeLab { $0.backend = .iptablesLegacy }
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
