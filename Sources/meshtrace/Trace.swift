@@ -45,7 +45,8 @@ struct Trace: ParsableCommand {
     @Flag(name: .long, help: "Text view: connection headers, hops and findings only, no per-packet lines.")
     var brief = false
 
-    @Flag(name: .long, help: "Only the NFLOG events, no libpcap capture.")
+    @Flag(name: [.customLong("no-capture"), .customLong("rules-only")],
+          help: "Only the rule hits (the NFLOG events), no libpcap capture; --rules-only is the same.")
     var noCapture = false
 
     @Flag(name: .long, help: "Keep the reading thread at normal priority (nice -5) instead of yielding the CPU to the pod while it keeps up.")

@@ -81,6 +81,36 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// `--rules-only` (or `--no-capture`): the rule hits and no packet capture. Traffic on the netns's lo (a refused
+    /// TCP connection) hits the mangle OUTPUT/PREROUTING jumps' twins either way; only the default captures packets.
+    func testRulesOnlyReportsRuleHitsWithoutCapturingPackets() throws {
+        let ns = try seededNetns()
+        func traced(_ extra: [String]) throws -> String {
+            let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5513", "--duration", "60", "--quiet"] + extra)
+            defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+            try waitForTwins(ns, p)
+            for port in 1...3 { _ = try? ns.run(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]) }
+            usleep(300_000)
+            kill(p.processIdentifier, SIGINT)
+            XCTAssertTrue(waitForExit(p))
+            XCTAssertEqual(p.terminationStatus, 0)
+            let out = try String(contentsOfFile: log, encoding: .utf8)
+            return try XCTUnwrap(out.split(separator: "\n").first { $0.hasPrefix("trace: ") }.map(String.init), out)
+        }
+        func count(_ what: String, in line: String) -> Int? {
+            guard let r = line.range(of: " \(what)") else { return nil }
+            return Int(line[..<r.lowerBound].split(separator: " ").last ?? "")
+        }
+        for flag in ["--rules-only", "--no-capture"] {
+            let line = try traced([flag])
+            XCTAssertGreaterThanOrEqual(count("NFLOG events", in: line) ?? 0, 6, line)
+            XCTAssertEqual(count("packets captured", in: line), 0, line)
+        }
+        let line = try traced([])
+        XCTAssertGreaterThanOrEqual(count("NFLOG events", in: line) ?? 0, 6, line)
+        XCTAssertGreaterThanOrEqual(count("packets captured", in: line) ?? 0, 6, line)
+    }
+
     func testAfterSIGKILLTheNextTraceRefusesAndCleanupRestoresTheRules() throws {
         let ns = try seededNetns()
         let before = try InstrumenterTests.rulesText(ns)
