@@ -122,7 +122,11 @@ final class TraceBenchmark: KernelTestCase {
             }
         }
         let ratio = median(ratios)
-        print("bench-trace: ratio \(String(format: "%.2f", ratio)) (median of \(rounds) rounds; target >= 0.80)")
+        // The spread of the rounds, so one run's median can be read against its noise: the middle half of them.
+        let sorted = ratios.sorted()
+        let quartiles = sorted.count >= 4
+            ? String(format: "; middle half of the rounds %.2f-%.2f", sorted[sorted.count / 4], sorted[(3 * sorted.count - 1) / 4]) : ""
+        print("bench-trace: ratio \(String(format: "%.2f", ratio)) (median of \(rounds) rounds\(quartiles); target >= 0.80)")
         // The same question asked of CPU time instead of the wall clock: the load is CPU-bound, so the rate
         // ratio on an otherwise idle machine is about the untraced CPU per connection over the traced. This one
         // does not move with the neighbours' load.
