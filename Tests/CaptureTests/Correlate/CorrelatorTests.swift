@@ -278,18 +278,25 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(t.events.count, 3)
     }
 
+    /// An inbound HBONE connection: a peer's ztunnel to the pod's :15008, and the app's port it will reach.
+    static let hbonePeer = PacketFactory.ep("10.0.2.2", 41000)
+    static let podHBONE = PacketFactory.ep("10.0.1.5", 15008)
+    static let appPort = PacketFactory.ep("10.0.1.5", 8080)
+
+    /// The inbound tunnel's handshake on eth0.
+    static func inboundHandshake(_ f: inout PacketFactory) -> [PacketRecord] {
+        [f.packet(hbonePeer, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound),
+         f.packet(podHBONE, hbonePeer, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound),
+         f.packet(hbonePeer, podHBONE, flags: [.ack], seq: 2, ack: 101, on: eth0, direction: .inbound)]
+    }
+
     func testInboundHBONEHopIsJoinedToZtunnelsConnectionIntoTheApp() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let peer = PacketFactory.ep("10.0.2.2", 41000)
-        let podHBONE = PacketFactory.ep("10.0.1.5", 15008)
+        let peer = Self.hbonePeer, podHBONE = Self.podHBONE, appPort = Self.appPort
         let ztunnelAsPeer = PacketFactory.ep("10.0.2.2", 42000)
-        let appPort = PacketFactory.ep("10.0.1.5", 8080)
         let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
-        var p: [PacketRecord] = []
-        p.append(f.packet(peer, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound))
-        p.append(f.packet(podHBONE, peer, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound))
-        p.append(f.packet(peer, podHBONE, flags: [.ack], seq: 2, ack: 101, on: eth0, direction: .inbound))
+        var p = Self.inboundHandshake(&f)
         f.advance(micros: 800)
         p.append(f.nflog(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1))
         p.append(f.packet(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, on: lo, direction: .outbound))

@@ -191,14 +191,9 @@ final class PooledTunnelTests: XCTestCase {
     func testALaterStreamOfAnInboundTunnelIsJoinedToIt() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let peer = PacketFactory.ep("10.0.2.2", 41000)
-        let podHBONE = PacketFactory.ep("10.0.1.5", 15008)
-        let appPort = PacketFactory.ep("10.0.1.5", 8080)
+        let peer = CorrelatorTests.hbonePeer, podHBONE = CorrelatorTests.podHBONE, appPort = CorrelatorTests.appPort
         let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
-        var p: [PacketRecord] = []
-        p.append(f.packet(peer, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound))
-        p.append(f.packet(podHBONE, peer, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound))
-        p.append(f.packet(peer, podHBONE, flags: [.ack], seq: 2, ack: 101, on: eth0, direction: .inbound))
+        var p = CorrelatorTests.inboundHandshake(&f)
         // Two streams, each ztunnel's own connection into the app from the client's address, 5 s apart.
         var seq: UInt32 = 2
         for (i, gap) in [Int64(800), 5_000_000].enumerated() {
