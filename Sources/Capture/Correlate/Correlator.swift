@@ -613,6 +613,9 @@ public final class Correlator {
                                       : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { continue }
             let dt = inner.firstSeenNanos - outer.firstSeenNanos
             guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
+            // A tunnel first seen mid-stream before the app's connection began was not opened for it: if it carried
+            // it, it was pooled (`pooledTunnel`, tried at emission, says so instead of timing).
+            if direction == .outbound && dt < 0 && !inner.initiatorFromSYN { continue }
             if identityMatches(outer: outer, inner: inner, direction: direction) { strong.append(p) } else { weak.append(p) }
         }
         let chosen: ConnectionState

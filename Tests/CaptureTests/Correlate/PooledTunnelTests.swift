@@ -157,6 +157,18 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(summary.escapes, 0)
     }
 
+    func testATunnelSeenMidStreamJustBeforeTheConnectionIsPooledNotFresh() throws {
+        // 100 ms before the app's connection, inside the window a fresh tunnel may precede it by: still a tunnel
+        // that was there already (no SYN), so the join says pooled, not timing.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let (sink, _) = run(pooledScenario(&f, rules: rules, second: service, gapMicros: 100_000, firstApp: false),
+                            tags: f.tags, ruleset: rules)
+        let hop = try XCTUnwrap(try connection(from: app2, in: sink).hops.first)
+        XCTAssertEqual(hop.inner, try connection(from: ztunnelOut, in: sink).id)
+        XCTAssertEqual(Set(hop.evidence.map(\.kind)), ["ztunnel-mark", "original-destination", "pooled-tunnel", "unique", "bytes"])
+    }
+
     func testTwoOpenTunnelsToTheDestinationGiveTheNewestWithLowConfidence() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
