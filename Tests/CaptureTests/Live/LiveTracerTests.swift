@@ -317,6 +317,29 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(outcome.summary.escapes, 0)
     }
 
+    /// The serving side of the same: traced on the server pod, ztunnel's second connection into the app (the second
+    /// stream of the tunnel) is joined to the HBONE connection that was already open.
+    func testALaterStreamOfAPooledInboundTunnelIsJoinedToIt() throws {
+        let lab = try makeLab { $0.poolTunnels = true }
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let (outcome, sink) = try trace(lab.server, group: 5409) {
+            try self.get(lab, from: lab.client, ["\(server)"])
+            usleep(300_000)
+            try self.get(lab, from: lab.client, ["\(server)"])
+        }
+        let tunnels = sink.timelines.filter { $0.kind == .hboneInbound }
+        let streams = sink.timelines.filter { $0.kind == .ztunnelToApp }.sorted { $0.id < $1.id }
+        XCTAssertEqual(tunnels.count, 1, "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
+        XCTAssertEqual(streams.count, 2, "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
+        let tunnel = try XCTUnwrap(tunnels.first)
+        XCTAssertEqual(streams.map { $0.hops.first?.outer }, [tunnel.id, tunnel.id])
+        XCTAssertFalse(streams[0].hops[0].evidence.contains { $0.kind == "pooled-tunnel" })
+        let pooled = try XCTUnwrap(streams.last?.hops.first)
+        XCTAssertTrue(pooled.evidence.contains { $0.kind == "pooled-tunnel" }, "\(pooled.evidence.map(\.detail))")
+        XCTAssertTrue(pooled.evidence.contains { $0.kind == "client-address" })
+        XCTAssertEqual(outcome.summary.escapes, 0)
+    }
+
     func testLegacyBackendPodIsTracedWithCountsEqualToTheKernels() throws {
         let lab = try makeLab { $0.backend = .iptablesLegacy }
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
