@@ -292,16 +292,24 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(try rules(), before)
     }
 
-    /// ztunnel pools HBONE connections: with the stand-ins reusing theirs, the second request goes through the
-    /// tunnel the first one opened, and the trace joins it to that tunnel as a pooled hop.
-    func testALaterConnectionThroughAPooledTunnelIsJoinedToIt() throws {
+    /// Two requests from the client pod to the server's app, 300 ms apart, through a lab whose ztunnel stand-ins
+    /// pool their HBONE connections, traced on the pod `traced` picks.
+    func tracePooledRequests(on traced: (LabTopology) -> LabPod, group: UInt16) throws
+        -> (LabTopology, Endpoint, TraceOutcome, TraceRecordingSink) {
         let lab = try makeLab { $0.poolTunnels = true }
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        let (outcome, sink) = try trace(lab.client, group: 5408) {
+        let (outcome, sink) = try trace(traced(lab), group: group) {
             try self.get(lab, from: lab.client, ["\(server)"])
             usleep(300_000)
             try self.get(lab, from: lab.client, ["\(server)"])
         }
+        return (lab, server, outcome, sink)
+    }
+
+    /// ztunnel pools HBONE connections: with the stand-ins reusing theirs, the second request goes through the
+    /// tunnel the first one opened, and the trace joins it to that tunnel as a pooled hop.
+    func testALaterConnectionThroughAPooledTunnelIsJoinedToIt() throws {
+        let (lab, server, outcome, sink) = try tracePooledRequests(on: { $0.client }, group: 5408)
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }.sorted { $0.id < $1.id }
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
         XCTAssertEqual(apps.count, 2, "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
@@ -320,13 +328,7 @@ final class LiveTracerTests: KernelTestCase {
     /// The serving side of the same: traced on the server pod, ztunnel's second connection into the app (the second
     /// stream of the tunnel) is joined to the HBONE connection that was already open.
     func testALaterStreamOfAPooledInboundTunnelIsJoinedToIt() throws {
-        let lab = try makeLab { $0.poolTunnels = true }
-        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        let (outcome, sink) = try trace(lab.server, group: 5409) {
-            try self.get(lab, from: lab.client, ["\(server)"])
-            usleep(300_000)
-            try self.get(lab, from: lab.client, ["\(server)"])
-        }
+        let (_, _, outcome, sink) = try tracePooledRequests(on: { $0.server }, group: 5409)
         let tunnels = sink.timelines.filter { $0.kind == .hboneInbound }
         let streams = sink.timelines.filter { $0.kind == .ztunnelToApp }.sorted { $0.id < $1.id }
         XCTAssertEqual(tunnels.count, 1, "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
