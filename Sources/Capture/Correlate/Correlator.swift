@@ -1092,8 +1092,8 @@ public final class Correlator {
         s.ruleHits = []
         for (i, n) in hitCounts.enumerated() where n > 0 {
             let id = UInt32(i)
-            let rule = tags.tag(for: id).flatMap { ruleset?.rule(for: $0) }
-            s.ruleHits.append((prefix: tags.text(for: id), rule: rule, count: n))
+            let tag = tags.tag(for: id)
+            s.ruleHits.append((prefix: tags.text(for: id), tag: tag, rule: tag.flatMap { ruleset?.rule(for: $0) }, count: n))
         }
         s.ruleHits.sort { $0.prefix < $1.prefix }
         s.findingsOmitted = findingsOmitted

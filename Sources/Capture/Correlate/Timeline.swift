@@ -216,8 +216,9 @@ public struct AnalysisSummary: Sendable {
     public var connections: Int = 0
     public var hops: Int = 0
     public var findings: [EscapeFinding] = []
-    /// Hits per rule (by prefix text), and the rule when known.
-    public var ruleHits: [(prefix: String, rule: Rule?, count: Int)] = []
+    /// Hits per rule (by prefix text), with the prefix's meshtrace tag (nil for another tool's prefix) and the rule
+    /// when known.
+    public var ruleHits: [(prefix: String, tag: RuleTag?, rule: Rule?, count: Int)] = []
     /// Packets decoded only partly, by note.
     public var damagedPackets: Int = 0
     public var fileDamage: [String] = []

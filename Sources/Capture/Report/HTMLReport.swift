@@ -308,10 +308,10 @@ struct HTMLReportPage {
         if live { s += "<th>kernel counter</th>" }
         s += "</tr></thead><tbody>"
         for h in summary.ruleHits.sorted(by: { $0.count > $1.count }) {
-            let rule = h.rule ?? RuleTag(prefix: h.prefix).flatMap { t in report.pageRuleset?.rule(for: t) }
-            let name = rule.map { "\($0.table) \($0.text)" } ?? h.prefix
+            let rule = h.rule ?? h.tag.flatMap { t in report.pageRuleset?.rule(for: t) }
+            let name = rule.map { "\(h.tag?.isLegacy == true ? "legacy " : "")\($0.table) \($0.text)" } ?? h.prefix
             var role = rule?.role.rawValue ?? ""
-            if rule == nil, let tag = RuleTag(prefix: h.prefix) {
+            if rule == nil, let tag = h.tag {
                 switch tag.position {
                 case .observeIn: role = "observation point (every packet in)"
                 case .observeOut: role = "observation point (every packet out)"

@@ -24,7 +24,7 @@ struct RuleFlowDiagram {
     static func hitCounts(_ summary: AnalysisSummary, ruleset: Ruleset) -> [RuleKey: Int] {
         var out: [RuleKey: Int] = [:]
         for h in summary.ruleHits {
-            let rule = h.rule ?? RuleTag(prefix: h.prefix).flatMap { ruleset.rule(for: $0) }
+            let rule = h.rule ?? h.tag.flatMap { ruleset.rule(for: $0) }
             if let rule { out[RuleKey(rule), default: 0] += h.count }
         }
         return out

@@ -366,7 +366,7 @@ public final class JSONReport: ReportSink {
             element(); open(UInt8(ascii: "{"))
             key("prefix"); out.jsonString(h.prefix)
             key("count"); out.decimal(h.count)
-            if RuleTag(prefix: h.prefix)?.isLegacy == true { key("backend"); out.text("\"iptables-legacy\"") }
+            if h.tag?.isLegacy == true { key("backend"); out.text("\"iptables-legacy\"") }
             if let r = h.rule {
                 key("table"); out.jsonString(r.table)
                 key("chain"); out.jsonString(r.chain)

@@ -294,7 +294,7 @@ struct ReportScenario {
             if counts[h.prefixText] == nil { order.append(h.prefixText); counts[h.prefixText] = (h.rule, 0) }
             counts[h.prefixText]!.1 += 1
         } } }
-        s.ruleHits = order.map { (prefix: $0, rule: counts[$0]!.0, count: counts[$0]!.1) }
+        s.ruleHits = order.map { (prefix: $0, tag: RuleTag(prefix: $0), rule: counts[$0]!.0, count: counts[$0]!.1) }
         return s
     }
 

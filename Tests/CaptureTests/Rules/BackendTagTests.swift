@@ -70,5 +70,13 @@ final class BackendTagTests: XCTestCase {
         let summary = try XCTUnwrap(objects.first { $0["type"] as? String == "summary" })
         let ruleHits = try XCTUnwrap(summary["rule_hits"] as? [[String: Any]])
         XCTAssertEqual(ruleHits.map { $0["backend"] as? String }.sorted { ($0 ?? "") < ($1 ?? "") }, [nil, "iptables-legacy"])
+
+        // The HTML page's rule-hits table names the legacy backend's row too.
+        let page = FileManager.default.temporaryDirectory.appendingPathComponent("mt-backend-\(UUID().uuidString).html").path
+        defer { try? FileManager.default.removeItem(atPath: page) }
+        _ = try render { _ in try! HTMLReport(path: page, ruleset: rules) }
+        let html = try String(contentsOfFile: page, encoding: .utf8)
+        XCTAssertTrue(html.contains(">legacy nat -A ISTIO_OUTPUT "), "no legacy row in the rule hits table")
+        XCTAssertTrue(html.contains(">nat -A ISTIO_OUTPUT "), "no iptables-nft row in the rule hits table")
     }
 }
