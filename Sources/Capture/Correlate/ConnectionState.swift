@@ -186,8 +186,6 @@ final class ConnectionState {
     var openIndex = -1
     /// Index in the correlator's list of open connections to the HBONE port (pooled tunnel candidates), or -1.
     var tunnelIndex = -1
-    /// Pooled joins listed on this tunnel so far (at most `Correlator.maxPooledLinksListed` are kept on it).
-    var pooledLinks = 0
     /// Set when this connection's events were moved into another (two views first seen apart).
     var mergedInto: ConnectionState?
     var hopLinks: [HopLink] = []

@@ -774,8 +774,7 @@ public final class Correlator {
             // The tunnel lists the first few connections it carried; each connection lists its tunnel.
             let tunnel = direction == .outbound ? inner : outer, carried = direction == .outbound ? outer : inner
             carried.hopLinks.append(link)
-            if tunnel.pooledLinks < Correlator.maxPooledLinksListed { tunnel.hopLinks.append(link) }
-            tunnel.pooledLinks += 1
+            if tunnel.hopLinks.lazy.filter(\.pooled).count < Correlator.maxPooledLinksListed { tunnel.hopLinks.append(link) }
         } else {
             outer.hopLinks.append(link)
             inner.hopLinks.append(link)
@@ -855,7 +854,7 @@ public final class Correlator {
     /// A connection replaced by a new one on the same tuple: emit it now.
     private func retire(_ c: ConnectionState) {
         if c.closedAt == nil { c.closedAt = now }
-        emit(c)
+        emit([c])
     }
 
     private func sweep() {
@@ -870,13 +869,19 @@ public final class Correlator {
         }
         if ready.isEmpty { return }
         ready.sort { $0.id < $1.id }
-        for c in ready { lastChanceJoins(c) }
-        for c in ready { emit(c) }
+        emit(ready)
+    }
+
+    /// Emits connections that finish together (a sweep, the end, one retired connection), in this order. Each gets
+    /// its last-chance joins first, all of them before the first is emitted, so a tunnel emitted in the same batch
+    /// is still there for the connections it carried.
+    private func emit(_ batch: [ConnectionState]) {
+        for c in batch { lastChanceJoins(c) }
+        for c in batch { emitJoined(c) }
     }
 
     /// The joins a connection about to be emitted may still get: the app's tunnel without an identity match (a
-    /// VIP), then a pooled tunnel. Connections emitted together (a sweep, the end) all get theirs before the first
-    /// is emitted, so a tunnel emitted in the same batch is still there for the connections it carried.
+    /// VIP), then a pooled tunnel.
     private func lastChanceJoins(_ c: ConnectionState) {
         guard !c.emitted, c.mergedInto == nil else { return }
         if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop,
@@ -892,9 +897,8 @@ public final class Correlator {
         }
     }
 
-    private func emit(_ c: ConnectionState) {
+    private func emitJoined(_ c: ConnectionState) {
         guard !c.emitted else { return }
-        lastChanceJoins(c)
         c.emitted = true
         for k in c.keys where table[k] === c { table[k] = nil }
         let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)
@@ -1085,8 +1089,7 @@ public final class Correlator {
     @discardableResult
     public func finish() -> AnalysisSummary {
         let rest = open.sorted { $0.id < $1.id }
-        for c in rest { lastChanceJoins(c) }
-        for c in rest { emit(c) }
+        emit(rest)
         outerOutbound = []; innerOutbound = []; outerInbound = []; innerInbound = []
         var s = summary
         s.ruleHits = []
