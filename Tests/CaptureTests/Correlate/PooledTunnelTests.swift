@@ -34,32 +34,39 @@ final class PooledTunnelTests: XCTestCase {
             out.append(f.packet(peerHBONE, ztunnelOut, flags: [.fin, .ack], seq: 9401, ack: 7182, on: eth0, direction: .inbound))
         }
         f.advance(micros: gapMicros)
-        out.append(f.nflog(app2, second, flags: [.syn], seq: 3000, hook: .output,
-                           prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2))
-        f.advance(micros: 5)
-        out.append(f.packet(app2, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound))
-        f.advance(micros: 20)
-        out.append(f.packet(second, app2, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound))
-        out.append(f.packet(app2, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound))
-        f.advance(micros: 100)
-        out.append(f.packet(app2, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound))
-        if !tunnelClosesFirst {
-            // The same tunnel carries the second connection's bytes: no SYN to :15008 this time.
-            f.advance(micros: 50)
-            out.append(f.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7181, ack: 9401, payload: 150, on: eth0, direction: .outbound))
-            f.advance(micros: 700)
-            out.append(f.packet(peerHBONE, ztunnelOut, flags: [.ack, .psh], seq: 9401, ack: 7331, payload: 350, on: eth0, direction: .inbound))
-        }
-        f.advance(micros: 50)
-        out.append(f.packet(second, app2, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound))
-        out.append(f.packet(app2, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound))
-        out.append(f.packet(second, app2, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound))
+        out += carried(&f, rules: rules, from: app2, to: second, throughTunnel: !tunnelClosesFirst)
         if !tunnelClosesFirst && !tunnelStaysOpen {
             // ztunnel closes the idle pool later.
             f.advance(micros: 3_000_000)
             out.append(f.packet(ztunnelOut, peerHBONE, flags: [.fin, .ack], seq: 7331, ack: 9751, on: eth0, direction: .outbound))
             out.append(f.packet(peerHBONE, ztunnelOut, flags: [.fin, .ack], seq: 9751, ack: 7332, on: eth0, direction: .inbound))
         }
+        return out
+    }
+
+    /// One app connection from `app` to `dst`, redirected to 15001 and closed; with `throughTunnel`, the open tunnel
+    /// carries bytes while it runs (no SYN to :15008: it reuses the tunnel).
+    func carried(_ f: inout PacketFactory, rules: Ruleset, from app: Endpoint, to dst: Endpoint, throughTunnel: Bool) -> [PacketRecord] {
+        var out: [PacketRecord] = []
+        out.append(f.nflog(app, dst, flags: [.syn], seq: 3000, hook: .output,
+                           prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2))
+        f.advance(micros: 5)
+        out.append(f.packet(app, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound))
+        f.advance(micros: 20)
+        out.append(f.packet(dst, app, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound))
+        out.append(f.packet(app, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound))
+        f.advance(micros: 100)
+        out.append(f.packet(app, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound))
+        if throughTunnel {
+            f.advance(micros: 50)
+            out.append(f.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7181, ack: 9401, payload: 150, on: eth0, direction: .outbound))
+            f.advance(micros: 700)
+            out.append(f.packet(peerHBONE, ztunnelOut, flags: [.ack, .psh], seq: 9401, ack: 7331, payload: 350, on: eth0, direction: .inbound))
+        }
+        f.advance(micros: 50)
+        out.append(f.packet(dst, app, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound))
+        out.append(f.packet(app, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound))
+        out.append(f.packet(dst, app, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound))
         return out
     }
 
@@ -119,6 +126,24 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(second.hops.first?.inner, tunnel.id)
         XCTAssertEqual(tunnel.hops.map(\.outer).count, 2)
         XCTAssertEqual(summary.hops, 2)
+    }
+
+    func testATunnelListsTheFirst16ConnectionsItCarriedAndEachListsTheTunnel() throws {
+        // Memory stays bounded on a tunnel that carries thousands: it keeps 16 pooled links, the rest only on their side.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        var p = pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true)
+        let apps = (0..<20).map { PacketFactory.ep("10.0.1.5", 41000 + UInt16($0)) }
+        for app in apps {
+            f.advance(micros: 3_000_000)
+            p += carried(&f, rules: rules, from: app, to: service, throughTunnel: true)
+        }
+        let (sink, summary) = run(p, tags: f.tags, ruleset: rules)
+        let tunnel = try connection(from: ztunnelOut, in: sink)
+        XCTAssertEqual(summary.hops, 22, "the first, app2's and 20 more")
+        for app in apps { XCTAssertEqual(try connection(from: app, in: sink).hops.map(\.inner), [tunnel.id], "\(app)") }
+        XCTAssertEqual(tunnel.hops.count, 1 + Correlator.maxPooledLinksListed)
+        XCTAssertEqual(tunnel.hops.first?.outer, try connection(from: app, in: sink).id, "the one it was opened for first")
     }
 
     func testATunnelToAnotherDestinationIsNotTaken() throws {
