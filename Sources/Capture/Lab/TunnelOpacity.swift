@@ -53,7 +53,7 @@ enum TunnelHeader {
 
     static func line(target: Endpoint) -> [UInt8] { Array("CONNECT \(target)\n".utf8) }
 
-    /// A pooled tunnel's stream header: `CONNECT+ <target>\n`, then length-framed bytes (`PooledTunnel`).
+    /// A pooled tunnel's stream header: `CONNECT+ <target>\n`, then length-framed bytes (`TunnelConnection.relayFramed`).
     static func streamLine(target: Endpoint) -> [UInt8] { Array("CONNECT+ \(target)\n".utf8) }
 
     static func parseStream(_ line: [UInt8]) -> Endpoint? {
@@ -67,10 +67,10 @@ enum TunnelHeader {
     }
 }
 
-/// An HBONE connection kept for the next app connection to the same destination, with its keystreams (they run on
-/// across streams). A stream is framed: a 4-byte big-endian length and that many bytes, a length of 0 ending the
-/// stream in that direction; after both ends, the next stream header may follow.
-final class PooledTunnel {
+/// One tunnel connection with its two keystreams, which run on for as long as the connection does (across the
+/// streams of a pooled tunnel). A pooled tunnel's stream is framed: a 4-byte big-endian length and that many bytes,
+/// a length of 0 ending the stream in that direction; after both ends, the next stream header may follow.
+final class TunnelConnection {
     let socket: LabSocket
     var up: TunnelKeystream
     var down: TunnelKeystream
@@ -79,6 +79,31 @@ final class PooledTunnel {
         self.socket = socket
         up = TunnelKeystream(nonce: nonce, direction: .toPeer)
         down = TunnelKeystream(nonce: nonce, direction: .fromPeer)
+    }
+
+    /// The client side: connects to `hbone` from a `mark`-ed socket and sends a fresh nonce in the clear.
+    static func open(to hbone: Endpoint, mark: UInt32) -> TunnelConnection? {
+        guard let socket = try? LabSocket.tcpConnect(to: hbone, mark: mark) else { return nil }
+        socket.setTimeouts(seconds: 0)
+        var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
+        for i in nonce.indices { nonce[i] = UInt8.random(in: 0...255) }
+        guard socket.writeAll(nonce) else { return nil }
+        return TunnelConnection(socket: socket, nonce: nonce)
+    }
+
+    /// The serving side: reads the client's nonce; nil when the connection ends (or times out) before it.
+    static func accept(_ socket: LabSocket) -> TunnelConnection? {
+        var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
+        let n = nonce.withUnsafeMutableBytes { b -> Int in
+            var got = 0
+            while got < b.count {
+                let r = socket.read(into: b.baseAddress! + got, count: b.count - got)
+                if r <= 0 { return got }
+                got += r
+            }
+            return got
+        }
+        return n == TunnelHeader.nonceLength ? TunnelConnection(socket: socket, nonce: nonce) : nil
     }
 
     /// Relays one stream between `plain` (the app-side socket) and `tunnel`: bytes read from `plain` go out as
@@ -111,7 +136,7 @@ final class PooledTunnel {
             if sending && fds[0].revents != 0 {
                 let n = plain.read(into: buffer.baseAddress! + 4, count: buffer.count - 4)
                 if n < 0 { return false }
-                let length = UInt32(max(n, 0)).bigEndian
+                let length = UInt32(n).bigEndian
                 withUnsafeBytes(of: length) { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: 4) }
                 send.apply(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<(4 + n)]))
                 guard tunnel.writeAll(buffer.baseAddress!, count: 4 + n) else { return false }

@@ -54,7 +54,7 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     private var active = 0
     private var stopped = false
     /// Idle pooled tunnels by HBONE endpoint (`poolTunnels`), at most one per destination.
-    private var idleTunnels: [Endpoint: PooledTunnel] = [:]
+    private var idleTunnels: [Endpoint: TunnelConnection] = [:]
 
     public init(config: ZtunnelConfig, log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.config = config
@@ -134,18 +134,13 @@ public final class ZtunnelStandIn: @unchecked Sendable {
             servePooled(app, peer, target: target)
         } else if config.inMesh(target.addr) {
             let hbone = Endpoint(target.addr, config.hbonePort)
-            guard let tunnel = try? LabSocket.tcpConnect(to: hbone, mark: config.mark) else {
+            guard let t = TunnelConnection.open(to: hbone, mark: config.mark) else {
                 log("outbound \(peer) -> \(target): HBONE connect to \(hbone) failed"); return
             }
-            tunnel.setTimeouts(seconds: 0)
-            var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
-            for i in nonce.indices { nonce[i] = UInt8.random(in: 0...255) }
-            var up = TunnelKeystream(nonce: nonce, direction: .toPeer)
-            var down = TunnelKeystream(nonce: nonce, direction: .fromPeer)
-            guard tunnel.writeAll(nonce), tunnel.writeAll(up.applied(TunnelHeader.line(target: target))) else { return }
-            log("outbound \(peer) -> \(target): hbone \(tunnel.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
-            app.relay(with: tunnel, idle: config.idleSeconds,
-                      transformUp: { up.apply($0) }, transformDown: { down.apply($0) })
+            guard t.socket.writeAll(t.up.applied(TunnelHeader.line(target: target))) else { return }
+            log("outbound \(peer) -> \(target): hbone \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
+            app.relay(with: t.socket, idle: config.idleSeconds,
+                      transformUp: { t.up.apply($0) }, transformDown: { t.down.apply($0) })
         } else {
             guard let direct = try? LabSocket.tcpConnect(to: target, mark: config.mark) else {
                 log("outbound \(peer) -> \(target): passthrough connect failed"); return
@@ -158,28 +153,16 @@ public final class ZtunnelStandIn: @unchecked Sendable {
 
     private func serveHBONE(_ tunnel: LabSocket, _ peer: Endpoint) {
         tunnel.setTimeouts(seconds: 5)
-        var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
-        let n = nonce.withUnsafeMutableBytes { b -> Int in
-            var got = 0
-            while got < b.count {
-                let r = tunnel.read(into: b.baseAddress! + got, count: b.count - got)
-                if r <= 0 { return got }
-                got += r
-            }
-            return got
-        }
-        guard n == TunnelHeader.nonceLength else { log("hbone \(peer): no tunnel header"); return }
-        var up = TunnelKeystream(nonce: nonce, direction: .toPeer)
-        var down = TunnelKeystream(nonce: nonce, direction: .fromPeer)
-        guard var line = tunnel.readLine(transform: { up.apply(&$0) }) else { log("hbone \(peer): bad tunnel header"); return }
+        guard let t = TunnelConnection.accept(tunnel) else { log("hbone \(peer): no tunnel header"); return }
+        guard var line = tunnel.readLine(transform: { t.up.apply(&$0) }) else { log("hbone \(peer): bad tunnel header"); return }
         // A pooled tunnel: framed streams, one after another, each to its own target.
         while let target = TunnelHeader.parseStream(line) {
             tunnel.setTimeouts(seconds: 0)
             var carried = false
             connectToApp(target: target, client: peer, kind: "hbone stream") { app in
-                carried = PooledTunnel.relayFramed(plain: app, tunnel: tunnel, idle: config.idleSeconds, send: &down, receive: &up)
+                carried = TunnelConnection.relayFramed(plain: app, tunnel: tunnel, idle: config.idleSeconds, send: &t.down, receive: &t.up)
             }
-            guard carried, let next = tunnel.readLine(transform: { up.apply(&$0) }) else { return }
+            guard carried, let next = tunnel.readLine(transform: { t.up.apply(&$0) }) else { return }
             line = next
         }
         guard let target = TunnelHeader.parse(line) else {
@@ -188,7 +171,7 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         tunnel.setTimeouts(seconds: 0)
         connectToApp(target: target, client: peer, kind: "hbone") { app in
             tunnel.relay(with: app, idle: config.idleSeconds,
-                         transformUp: { up.apply($0) }, transformDown: { down.apply($0) })
+                         transformUp: { t.up.apply($0) }, transformDown: { t.down.apply($0) })
         }
     }
 
@@ -197,24 +180,15 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     private func servePooled(_ app: LabSocket, _ peer: Endpoint, target: Endpoint) {
         let hbone = Endpoint(target.addr, config.hbonePort)
         lock.lock()
-        var tunnel = idleTunnels.removeValue(forKey: hbone)
+        let idle = idleTunnels.removeValue(forKey: hbone)
         lock.unlock()
-        let reused = tunnel != nil
-        if tunnel == nil {
-            guard let socket = try? LabSocket.tcpConnect(to: hbone, mark: config.mark) else {
-                log("outbound \(peer) -> \(target): HBONE connect to \(hbone) failed"); return
-            }
-            socket.setTimeouts(seconds: 0)
-            var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
-            for i in nonce.indices { nonce[i] = UInt8.random(in: 0...255) }
-            guard socket.writeAll(nonce) else { socket.close(); return }
-            tunnel = PooledTunnel(socket: socket, nonce: nonce)
+        guard let t = idle ?? TunnelConnection.open(to: hbone, mark: config.mark) else {
+            log("outbound \(peer) -> \(target): HBONE connect to \(hbone) failed"); return
         }
-        guard let t = tunnel, t.socket.writeAll(t.up.applied(TunnelHeader.streamLine(target: target))) else {
-            tunnel?.socket.close(); return
-        }
+        let reused = idle != nil
+        guard t.socket.writeAll(t.up.applied(TunnelHeader.streamLine(target: target))) else { t.socket.close(); return }
         log("outbound \(peer) -> \(target): hbone \(reused ? "pooled" : "new") \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
-        if PooledTunnel.relayFramed(plain: app, tunnel: t.socket, idle: config.idleSeconds, send: &t.up, receive: &t.down) {
+        if TunnelConnection.relayFramed(plain: app, tunnel: t.socket, idle: config.idleSeconds, send: &t.up, receive: &t.down) {
             lock.lock()
             let spare = stopped ? t : idleTunnels.updateValue(t, forKey: hbone)
             lock.unlock()
