@@ -92,16 +92,22 @@ public final class Correlator {
     /// Places one packet on its connection and returns that connection (nil for packets that carry no
     /// usable tuple: not IP, non-first fragments).
     @discardableResult
-    public func ingest(_ r: borrowing PacketRecord) -> ConnectionID? { place(r) }
+    public func ingest(_ r: borrowing PacketRecord) -> ConnectionID? {
+        var record = copy r
+        return place(&record)
+    }
 
     /// `ingest(_:)` for a caller that reads every packet into one record variable: passed by address, the record
     /// is not copied. Across the module boundary a borrowed argument from a `var` (or a pointer's `pointee`) is
     /// copied whole for the call, ~420 bytes per packet. The record is not changed.
     @discardableResult
-    public func ingest(inPlace r: inout PacketRecord) -> ConnectionID? { place(r) }
+    public func ingest(inPlace r: inout PacketRecord) -> ConnectionID? { place(&r) }
 
+    // The per-packet functions below take the record `inout` although none changes it: a ~420-byte record
+    // passed by value is copied onto the stack for each call (the live tracer's records come cold from its hold
+    // ring, and the copy stalled on them), while an `inout` one is passed by address.
     @inline(__always)
-    private func place(_ r: PacketRecord) -> ConnectionID? {
+    private func place(_ r: inout PacketRecord) -> ConnectionID? {
         summary.packets += 1
         let t = r.time.totalNanoseconds
         if t > now { now = t }
@@ -120,7 +126,7 @@ public final class Correlator {
         if !r.notes.intersection(Correlator.damageNotes).isEmpty { summary.damagedPackets += 1 }
         guard r.isIP, !r.notes.contains(.nonFirstFragment) else { return nil }
 
-        if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(r, nf) }
+        if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(&r, nf) }
 
         // Most packets belong to a connection already in the table and change nothing about which one: placed
         // through an unretained reference (the table holds the connection throughout, and `record` removes
@@ -128,14 +134,14 @@ public final class Correlator {
         if let known = table.unretained(FlowKey(r.tuple)) {
             let placed: ConnectionID? = known._withUnsafeGuaranteedRef { c in
                 if !c.conntrackApplied, nf.hasConntrack { return nil }
-                if r.tuple.proto == IPProto.tcp, isFreshSYN(r, on: c) { return nil }
-                record(r, nf, hitID: hitID, on: c)
+                if r.tuple.proto == IPProto.tcp, isFreshSYN(&r, on: c) { return nil }
+                record(&r, nf, hitID: hitID, on: c)
                 return c.id
             }
             if let placed { return placed }
         }
-        let c = connection(for: r, nf)
-        record(r, nf, hitID: hitID, on: c)
+        let c = connection(for: &r, nf)
+        record(&r, nf, hitID: hitID, on: c)
         return c.id
     }
 
@@ -155,12 +161,12 @@ public final class Correlator {
     private static let damageNotes: DecodeNotes = [.truncatedLink, .truncatedIP, .truncatedTransport, .badIPHeader,
                                                    .badNflogTLV, .truncatedNflog, .badConntrack]
 
-    private func connection(for r: PacketRecord, _ nf: NflogFacts) -> ConnectionState {
+    private func connection(for r: inout PacketRecord, _ nf: NflogFacts) -> ConnectionState {
         let key = FlowKey(r.tuple)
         var c: ConnectionState
         if let known = table[key] {
             c = known
-            if r.tuple.proto == IPProto.tcp, isFreshSYN(r, on: c) {
+            if r.tuple.proto == IPProto.tcp, isFreshSYN(&r, on: c) {
                 // The 4-tuple was reused (or two sockets share it across views): a new SYN with another ISN.
                 retire(c)
                 c = newConnection(r, key: key)
@@ -177,7 +183,7 @@ public final class Correlator {
     }
 
     @inline(__always)
-    private func isFreshSYN(_ r: PacketRecord, on c: ConnectionState) -> Bool {
+    private func isFreshSYN(_ r: inout PacketRecord, on c: ConnectionState) -> Bool {
         guard r.tcpFlags.contains(.syn), !r.tcpFlags.contains(.ack) else { return false }
         if let isn = c.isnForward { return isn != r.tcpSeq }
         // The capture missed the handshake, and here is a SYN from the initiator whose sequence number sits just
@@ -343,7 +349,7 @@ public final class Correlator {
         return false
     }
 
-    private func record(_ r: PacketRecord, _ nf: NflogFacts, hitID: UInt32, on c: ConnectionState) {
+    private func record(_ r: inout PacketRecord, _ nf: NflogFacts, hitID: UInt32, on c: ConnectionState) {
         let forward = r.tuple.src == c.initiator
         var point = r.point
         var factsChanged = false
@@ -443,7 +449,7 @@ public final class Correlator {
         if c.timeline.lastSeen < r.time { c.timeline.lastSeen = r.time } else if r.time < c.timeline.lastSeen { c.eventsNeedSorting = true }
         c.lastSeenNanos = now
 
-        if r.tuple.proto == IPProto.tcp { trackTCP(r, forward: forward, on: c) }
+        if r.tuple.proto == IPProto.tcp { trackTCP(&r, forward: forward, on: c) }
 
         if point.kind == .netfilter { c.sawNetfilterEvent = true } else if point.kind == .interface { c.sawInterfaceEvent = true }
         if c.events.count < options.maxEventsPerConnection {
@@ -461,7 +467,7 @@ public final class Correlator {
         if factsChanged { reconsiderHops(c) }
     }
 
-    private func trackTCP(_ r: PacketRecord, forward: Bool, on c: ConnectionState) {
+    private func trackTCP(_ r: inout PacketRecord, forward: Bool, on c: ConnectionState) {
         let f = r.tcpFlags
         if forward && c.isnForward == nil && !f.contains(.syn) {
             if let low = c.lowestSeqForward {
@@ -497,7 +503,7 @@ public final class Correlator {
 
     // MARK: - Pod address inference
 
-    private func votePodAddress(_ r: PacketRecord, _ nf: NflogFacts) {
+    private func votePodAddress(_ r: inout PacketRecord, _ nf: NflogFacts) {
         var addr: IPAddress? = nil
         if r.point.kind == .interface && !r.point.isLoopback {
             if r.direction == .outbound { addr = r.tuple.src.addr } else if r.direction == .inbound { addr = r.tuple.dst.addr }
