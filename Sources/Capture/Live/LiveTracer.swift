@@ -494,9 +494,21 @@ public final class LiveTracer: @unchecked Sendable {
     /// packet still to come is later than or within the correlator's linger of. Not the wall clock now: a reader
     /// that fell behind (a busy node) would otherwise finish connections whose last packets it has yet to read.
     private func advanceClock() {
-        guard let correlator, drainedWall > 0 else { return }
+        guard let correlator, let time = LiveTracer.quietClock(drainedWall: drainedWall, heldRecords: pending.count) else { return }
+        correlator.advance(to: time)
+    }
+
+    /// The capture time the correlator's clock may be moved to while no packet moves it, or nil.
+    /// - Nil while the hold ring has records: the pod is not quiet (their packets move the clock once released),
+    ///   and a reader that was stalled holds packets captured long before `drainedWall`. Moving the clock past
+    ///   them would finish their connections first (a closed one's linger runs out) and split them: the held
+    ///   packets would then start new, headless connections.
+    /// - Otherwise every packet captured before `drainedWall`, less the sources' delivery delay, has been
+    ///   read and released, so the clock may go to `drainedWall` less the hold and the lag.
+    static func quietClock(drainedWall: Int64, heldRecords: Int) -> Timestamp? {
+        guard drainedWall > 0, heldRecords == 0 else { return nil }
         let wall = drainedWall - LiveTracer.holdNanos - LiveTracer.advanceLagNanos
-        correlator.advance(to: Timestamp(seconds: wall / 1_000_000_000, nanoseconds: Int32(wall % 1_000_000_000)))
+        return Timestamp(seconds: wall / 1_000_000_000, nanoseconds: Int32(wall % 1_000_000_000))
     }
 
     private func release(force: Bool) {
