@@ -212,6 +212,7 @@ public final class Correlator {
         } else {
             c.originalKnown = true
         }
+        c.keys.reserveCapacity(4)   // the original and the NAT views: one allocation, not one per view
         c.keys.append(key)
         table[key] = c
         byInitiator[InitiatorKey(proto: r.tuple.proto, endpoint: initiator)] = c
@@ -387,7 +388,7 @@ public final class Correlator {
             let masked = m & options.markMask
             if masked == options.ztunnelMark && forward {
                 if c.ztunnelMarkFrames.isEmpty { factsChanged = true }
-                if c.ztunnelMarkFrames.count < 4 { c.ztunnelMarkFrames.append(r.ref) }
+                c.ztunnelMarkFrames.appendBounded(r.ref, limit: 4)
             } else if masked == options.ztunnelConnmark && !c.sawZtunnelConnmark {
                 c.sawZtunnelConnmark = true; factsChanged = true
             }
@@ -401,11 +402,11 @@ public final class Correlator {
             } else if forward {
                 if r.direction == .inbound {
                     if !c.initiatorArrivedFromOutside { c.initiatorArrivedFromOutside = true; factsChanged = true }
-                    if c.arrivedFrames.count < 8 { c.arrivedFrames.append(r.ref) }
+                    c.arrivedFrames.appendBounded(r.ref, limit: 8)
                 } else {
                     if r.direction == .outbound && !c.initiatorSentLocally { c.initiatorSentLocally = true; factsChanged = true }
                     if c.leftFrames.isEmpty { factsChanged = true }
-                    if c.leftFrames.count < 8 { c.leftFrames.append(r.ref) }
+                    c.leftFrames.appendBounded(r.ref, limit: 8)
                 }
             }
         case .netfilter:
@@ -418,7 +419,7 @@ public final class Correlator {
                     // POSTROUTING tells where the packet really left.
                     if hook == .postrouting, let out = nf.outputIfindex, out != 1 {
                         if c.leftFrames.isEmpty { factsChanged = true }
-                        if c.leftFrames.count < 8 { c.leftFrames.append(r.ref) }
+                        c.leftFrames.appendBounded(r.ref, limit: 8)
                     } else if hook == .postrouting, nf.outputIfindex == 1, !c.sawLoopback {
                         c.sawLoopback = true; factsChanged = true
                     }
@@ -428,7 +429,7 @@ public final class Correlator {
                             if !c.sawLoopback { c.sawLoopback = true; factsChanged = true }
                         } else if !c.initiatorArrivedFromOutside {
                             c.initiatorArrivedFromOutside = true; factsChanged = true
-                            if c.arrivedFrames.count < 8 { c.arrivedFrames.append(r.ref) }
+                            c.arrivedFrames.appendBounded(r.ref, limit: 8)
                         }
                     }
                 default: break
@@ -611,8 +612,15 @@ public final class Correlator {
     private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState], asOuter: Bool,
                              direction: ZtunnelHop.Direction, allowWeak: Bool = false) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
         pruneCandidates(&list, outbound: direction == .outbound)
-        var strong: [ConnectionState] = []
-        var weak: [ConnectionState] = []
+        // Counted as they are met, not gathered into arrays (two allocations and a retain per candidate, for
+        // every connection that may be one side of a hop).
+        var strongest: ConnectionState?, strong = 0, weak = 0
+        // No identity match (the app dialled a service VIP that ztunnel resolved to another pod IP). Tried only
+        // when the app's connection is emitted, so its own tunnel had every chance to show up first, and only for
+        // a lone tunnel to :15008 carrying ztunnel's mark that did not start before the app's connection: a
+        // marked connection to any other port (a forged mark) is never explained away like this.
+        let weakTunnelAllowed = allowWeak && direction == .outbound && asOuter
+        var weakTunnel: ConnectionState?, weakTunnels = 0
         for p in list where p !== c && !p.emitted && p.mergedInto == nil {
             let outer = asOuter ? c : p, inner = asOuter ? p : c
             if direction == .outbound ? (outer.hasOutboundHop && outer !== c) || (inner.hasOutboundHop && inner !== c)
@@ -622,29 +630,32 @@ public final class Correlator {
             // A tunnel first seen mid-stream before the app's connection began was not opened for it: if it carried
             // it, it was pooled (`pooledTunnel`, tried at emission, says so instead of timing).
             if direction == .outbound && dt < 0 && !inner.initiatorFromSYN { continue }
-            if identityMatches(outer: outer, inner: inner, direction: direction) { strong.append(p) } else { weak.append(p) }
+            if identityMatches(outer: outer, inner: inner, direction: direction) {
+                strong += 1
+                // The earliest; of equals, the first met.
+                if strongest.map({ p.firstSeenNanos < $0.firstSeenNanos }) ?? true { strongest = p }
+            } else {
+                weak += 1
+                if weakTunnelAllowed, p.sawZtunnelMark, p.responder.port == options.hbonePort,
+                   p.firstSeenNanos - c.firstSeenNanos >= -50_000_000 {
+                    weakTunnels += 1
+                    if weakTunnel == nil { weakTunnel = p }
+                }
+            }
         }
         let chosen: ConnectionState
         let unique: Bool
-        if !strong.isEmpty {
-            chosen = strong.min { $0.firstSeenNanos < $1.firstSeenNanos }!
-            unique = strong.count == 1
-        } else if allowWeak, direction == .outbound, asOuter {
-            // No identity match (the app dialled a service VIP that ztunnel resolved to another pod IP). Tried only
-            // when the app's connection is emitted, so its own tunnel had every chance to show up first, and only for
-            // a lone tunnel to :15008 carrying ztunnel's mark that did not start before the app's connection: a
-            // marked connection to any other port (a forged mark) is never explained away like this.
-            let tunnels = weak.filter {
-                $0.sawZtunnelMark && $0.responder.port == options.hbonePort
-                    && $0.firstSeenNanos - c.firstSeenNanos >= -50_000_000
-            }
-            guard tunnels.count == 1 else { return nil }
-            chosen = tunnels[0]
+        if let strongest {
+            chosen = strongest
+            unique = strong == 1
+        } else if weakTunnelAllowed {
+            guard weakTunnels == 1, let weakTunnel else { return nil }
+            chosen = weakTunnel
             unique = true
         } else {
             return nil
         }
-        let pool = !strong.isEmpty ? strong.count : weak.count
+        let pool = strong > 0 ? strong : weak
         // No evidence yet: a hop's evidence and confidence are worked out when the first of its connections is
         // emitted (`emit`), once the late NFLOG batches are in; wording them here for every join was wasted.
         return (chosen, [], .low, unique ? 1 : pool)
@@ -1140,4 +1151,15 @@ func formatDelta(_ nanos: Int64) -> String {
     var words = EvidenceString()
     words.delta(nanos)
     return words.text
+}
+
+extension Array where Element == FrameRef {
+    /// Appends while fewer than `limit` are kept; the first append reserves all `limit` (one allocation, not one
+    /// per doubling).
+    @inline(__always)
+    mutating func appendBounded(_ ref: FrameRef, limit: Int) {
+        guard count < limit else { return }
+        if isEmpty { reserveCapacity(limit) }
+        append(ref)
+    }
 }

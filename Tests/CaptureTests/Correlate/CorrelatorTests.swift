@@ -215,6 +215,25 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertFalse(hop.evidence.contains { $0.kind == "original-destination" })
     }
 
+    func testAServiceVIPWithTwoTunnelsThatCouldBeItsIsNotJoinedToEither() throws {
+        // The app dials a VIP; ztunnel opens two marked tunnels to two peers' :15008 right after: which one carries
+        // the app's connection cannot be told, so neither is taken (the lone-tunnel rule of the VIP join).
+        var f = PacketFactory()
+        var p = Self.outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
+        let otherTunnel = PacketFactory.ep("10.0.1.5", 50002), otherPeer = PacketFactory.ep("10.0.3.3", 15008)
+        let firstTunnelPacket = try XCTUnwrap(p.firstIndex { $0.tuple.dst == peerHBONE })
+        f.advance(micros: 50)
+        var second = f.nflog(otherTunnel, otherPeer, flags: [.syn], seq: 3000, hook: .postrouting,
+                             prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
+                             mark: 0x539, outIf: 2)
+        second.time = p[firstTunnelPacket].time
+        p.insert(second, at: firstTunnelPacket + 1)
+        let (sink, _) = run(p, tags: f.tags)
+        let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
+        XCTAssertTrue(appConn.hops.isEmpty, "joined to one of two tunnels that fit equally")
+        XCTAssertEqual(sink.timelines.filter { $0.original.dst.port == 15008 }.count, 2)
+    }
+
     func testAForgedMarkJustBeforeAnAppConnectionIsNotTakenForItsTunnel() throws {
         // A process forges 0x539 to 10.0.9.9:80; right after, the app dials a VIP whose tunnel goes to 10.0.2.2:15008.
         var f = PacketFactory()
