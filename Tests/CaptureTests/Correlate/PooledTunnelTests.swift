@@ -146,6 +146,36 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(tunnel.hops.first?.outer, try connection(from: app, in: sink).id, "the one it was opened for first")
     }
 
+    func testTwoConcurrentStreamsOfOneTunnelAreEachJoinedToIt() throws {
+        // ztunnel multiplexes: two app connections that overlap in time both go through the one open tunnel.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let app3 = PacketFactory.ep("10.0.1.5", 40002)
+        var p = pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true)
+        // The second connection (from app2) is the scenario's; a third starts 60 µs after it, while it runs.
+        let secondStart = try XCTUnwrap(p.first { $0.tuple.src == app2 }).time.totalNanoseconds
+        let end = f.clock
+        f.clock = secondStart + 60_000
+        let third = carried(&f, rules: rules, from: app3, to: service, throughTunnel: true)
+        f.clock = max(end, f.clock)
+        XCTAssertLessThan(third[0].time, try XCTUnwrap(p.last { $0.tuple.src == app2 || $0.tuple.dst == app2 }).time, "the streams overlap")
+        p = (p + third).enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
+        let (sink, summary) = run(p, tags: f.tags, ruleset: rules)
+        let tunnel = try connection(from: ztunnelOut, in: sink)
+        let first = try connection(from: app, in: sink)
+        let second = try connection(from: app2, in: sink), thirdConnection = try connection(from: app3, in: sink)
+        XCTAssertEqual(summary.hops, 3)
+        for c in [second, thirdConnection] {
+            let hop = try XCTUnwrap(c.hops.first, "\(c.original.src) has no hop")
+            XCTAssertEqual(c.hops.count, 1)
+            XCTAssertEqual(hop.inner, tunnel.id)
+            XCTAssertEqual(hop.confidence, .medium)
+            XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" })
+        }
+        XCTAssertEqual(Set(tunnel.hops.map(\.outer)), [first.id, second.id, thirdConnection.id])
+        XCTAssertEqual(summary.escapes, 0)
+    }
+
     func testATunnelToAnotherDestinationIsNotTaken() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
