@@ -58,6 +58,47 @@ final class TraceBenchmark: KernelTestCase {
         return nil
     }
 
+    /// The counts of a text-view trace, from the summary it prints last (`TraceSummaryText`): the `trace:` line,
+    /// one `ours / kernel  prefix  rule` row per twin, the total row and `events lost:`.
+    static func textSummary(of log: String, load: ConnectionLoad.Result, cpu: Double,
+                            meshtraceCPU: Double) throws -> TracedRun {
+        guard let handle = FileHandle(forReadingAtPath: log) else { throw MeshtraceError(.badInput, "no trace output") }
+        defer { try? handle.close() }
+        let size = (try? handle.seekToEnd()) ?? 0
+        try? handle.seek(toOffset: size > 1 << 20 ? size - (1 << 20) : 0)
+        let tail = String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
+        let lines = tail.split(separator: "\n").map(String.init)
+        let start = try XCTUnwrap(lines.lastIndex { $0.hasPrefix("trace: ") }, "no text summary from the trace")
+        /// The integer right before `label` in `line` ("…, 920000 NFLOG events, …").
+        func number(before label: String, in line: String) -> Int {
+            guard let r = line.range(of: " " + label) else { return 0 }
+            return Int(line[..<r.lowerBound].split(separator: " ").last ?? "") ?? 0
+        }
+        let events = number(before: "NFLOG events", in: lines[start])
+        // What the correlator took: every NFLOG record and every captured packet (JSON's "packets").
+        var run = TracedRun(load: load, lost: -1, ourTotal: 0, kernelTotal: 0, events: events,
+                            packets: events + number(before: "packets captured", in: lines[start]),
+                            connections: number(before: "connections", in: lines[start]),
+                            perPrefix: [], said: String(lines[start].dropFirst("trace: ".count)), cpu: cpu, meshtraceCPU: meshtraceCPU)
+        for line in lines[(start + 1)...] {
+            if line.hasPrefix("events lost: ") {
+                run.lost = Int(line.dropFirst("events lost: ".count).split(separator: " ").first ?? "") ?? -1
+                run.said += "; " + line
+                continue
+            }
+            // "  ours / kernel[  ≠]  prefix  rule": only rows whose kernel counter was read.
+            let words = line.split(separator: " ")
+            guard words.count >= 4, words[1] == "/", let ours = UInt64(words[0]), let kernel = UInt64(words[2]) else { continue }
+            let prefix = words[3] == "≠" ? (words.count > 4 ? String(words[4]) : "") : String(words[3])
+            if prefix == "total" { continue }
+            run.ourTotal += ours
+            run.kernelTotal += kernel
+            if kernel > 0 { run.perPrefix.append((prefix, kernel)) }
+        }
+        run.perPrefix.sort { $0.1 > $1.1 }
+        return run
+    }
+
     static func processCPU(_ pid: Int32) -> Double {
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
               let close = stat.lastIndex(of: ")") else { return 0 }
@@ -167,7 +208,10 @@ final class TraceBenchmark: KernelTestCase {
         let trace = Process()
         trace.executableURL = URL(fileURLWithPath: executable)
         let extra = (env["MESHTRACE_BENCH_TRACE_ARGS"] ?? "").split(separator: " ").map(String.init)
-        trace.arguments = ["trace", "--netns", lab.client.ref.path, "--group", "5601", "--duration", "600", "--json", "--quiet"] + extra
+        // MESHTRACE_BENCH_VIEW=text: the default text view (what a terminal shows) instead of JSON Lines.
+        let textView = env["MESHTRACE_BENCH_VIEW"] == "text"
+        trace.arguments = ["trace", "--netns", lab.client.ref.path, "--group", "5601", "--duration", "600", "--quiet"]
+            + (textView ? [] : ["--json"]) + extra
         trace.standardOutput = try XCTUnwrap(FileHandle(forWritingAtPath: log))
         let errLog = log + ".err"
         FileManager.default.createFile(atPath: errLog, contents: nil)
@@ -192,6 +236,10 @@ final class TraceBenchmark: KernelTestCase {
         while trace.isRunning && Date() < exitDeadline { usleep(20_000) }
         XCTAssertFalse(trace.isRunning)
 
+        if textView {
+            return try TraceBenchmark.textSummary(of: log, load: t, cpu: cpu, meshtraceCPU: tracerCPU)
+        }
+        let said = ((try? String(contentsOfFile: errLog, encoding: .utf8)) ?? "").split(separator: "\n").last.map(String.init) ?? ""
         // The summary is the last line: read the file's tail, not all of it (~0.5 GB of timelines per run, which
         // took longer to split into lines than the run itself).
         let summaryLine = try XCTUnwrap(TraceBenchmark.lastLine(of: log, containing: "\"events_lost\""), "no JSON summary from the trace")
@@ -201,7 +249,6 @@ final class TraceBenchmark: KernelTestCase {
         for h in summary["rule_hits"] as? [[String: Any]] ?? [] {
             if let p = h["prefix"] as? String, let c = (h["count"] as? NSNumber)?.uint64Value { ours[p] = c }
         }
-        let said = ((try? String(contentsOfFile: errLog, encoding: .utf8)) ?? "").split(separator: "\n").last.map(String.init) ?? ""
         return TracedRun(load: t, lost: (summary["events_lost"] as? NSNumber)?.intValue ?? -1,
                          ourTotal: kernel.keys.reduce(UInt64(0)) { $0 + (ours[$1] ?? 0) },
                          kernelTotal: kernel.values.reduce(0, +),
