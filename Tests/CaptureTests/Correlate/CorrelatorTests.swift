@@ -222,7 +222,7 @@ final class CorrelatorTests: XCTestCase {
         var p = Self.outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
         let otherTunnel = PacketFactory.ep("10.0.1.5", 50002), otherPeer = PacketFactory.ep("10.0.3.3", 15008)
         let firstTunnelPacket = try XCTUnwrap(p.firstIndex { $0.tuple.dst == peerHBONE })
-        f.advance(micros: 50)
+        // The second tunnel's SYN, at the same time as the first's.
         var second = f.nflog(otherTunnel, otherPeer, flags: [.syn], seq: 3000, hook: .postrouting,
                              prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
                              mark: 0x539, outIf: 2)
