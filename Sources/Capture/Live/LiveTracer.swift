@@ -587,24 +587,34 @@ public final class LiveTracer: @unchecked Sendable {
 /// record is written once, in its slot, and read from there by the correlator (no copy on the way in or out,
 /// no allocation per packet once warm).
 final class PendingRecords {
+    // Plain memory, not Array properties (each write to one checked its buffer's uniqueness), and a power-of-two
+    // capacity so the ring's index wraps with a mask instead of a division: several times per record.
     private let records: UnsafeMutablePointer<PacketRecord>
-    private var arrivals: [Int64]
-    private var linkTypes: [Int32]
+    private let arrivals: UnsafeMutablePointer<Int64>
+    private let linkTypes: UnsafeMutablePointer<Int32>
+    private let hasFrame: UnsafeMutablePointer<Bool>
     private var frames: [[UInt8]]
-    private var hasFrame: [Bool]
     private var head = 0
     private(set) var count = 0
     let capacity: Int
+    private let mask: Int
     private(set) var keepsFrames = false
 
+    /// `capacity` is rounded up to a power of two.
     init(capacity: Int) {
-        self.capacity = capacity
-        records = .allocate(capacity: capacity)
-        records.initialize(repeating: PacketRecord(), count: capacity)
-        arrivals = Array(repeating: 0, count: capacity)
-        linkTypes = Array(repeating: 0, count: capacity)
+        var size = 1
+        while size < capacity { size <<= 1 }
+        self.capacity = size
+        mask = size - 1
+        records = .allocate(capacity: size)
+        records.initialize(repeating: PacketRecord(), count: size)
+        arrivals = .allocate(capacity: size)
+        arrivals.initialize(repeating: 0, count: size)
+        linkTypes = .allocate(capacity: size)
+        linkTypes.initialize(repeating: 0, count: size)
+        hasFrame = .allocate(capacity: size)
+        hasFrame.initialize(repeating: false, count: size)
         frames = []
-        hasFrame = Array(repeating: false, count: capacity)
     }
 
     /// Whether records keep a copy of their frame (for sinks that want packets); set before the first record.
@@ -616,6 +626,9 @@ final class PendingRecords {
     deinit {
         records.deinitialize(count: capacity)
         records.deallocate()
+        arrivals.deallocate()
+        linkTypes.deallocate()
+        hasFrame.deallocate()
     }
 
     var isFull: Bool { count == capacity }
@@ -624,12 +637,12 @@ final class PendingRecords {
     /// The slot the next record goes into; it joins the ring only when `commit` is called (so a record a
     /// source decides not to keep just leaves the slot to the next one). The ring must not be full.
     func nextSlot() -> UnsafeMutablePointer<PacketRecord> {
-        records + (head + count) % capacity
+        records + ((head + count) & mask)
     }
 
     /// Adds the record decoded into `nextSlot()`.
     func commit(frame: UnsafeRawBufferPointer?, linkType: Int32, group: UInt16, at: Int64) {
-        let i = (head + count) % capacity
+        let i = (head + count) & mask
         arrivals[i] = at
         linkTypes[i] = linkType
         hasFrame[i] = keepsFrames && frame != nil
@@ -649,7 +662,7 @@ final class PendingRecords {
     /// the ring is written again. The ring must not be empty.
     func takeOldest() -> UnsafeMutablePointer<PacketRecord> {
         let i = head
-        head = (head + 1) % capacity
+        head = (head + 1) & mask
         count -= 1
         return records + i
     }
