@@ -239,6 +239,17 @@ public final class LabSocket: @unchecked Sendable {
         return n
     }
 
+    /// Reads exactly `count` bytes into `buffer`; false when the stream ends, fails or times out first.
+    func readExactly(into buffer: UnsafeMutableRawPointer, count: Int) -> Bool {
+        var got = 0
+        while got < count {
+            let n = read(into: buffer + got, count: count - got)
+            if n <= 0 { return false }
+            got += n
+        }
+        return true
+    }
+
     func writeAll(_ buffer: UnsafeRawPointer, count: Int) -> Bool {
         var done = 0
         while done < count {

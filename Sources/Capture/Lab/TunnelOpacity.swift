@@ -56,14 +56,14 @@ enum TunnelHeader {
     /// A pooled tunnel's stream header: `CONNECT+ <target>\n`, then length-framed bytes (`TunnelConnection.relayFramed`).
     static func streamLine(target: Endpoint) -> [UInt8] { Array("CONNECT+ \(target)\n".utf8) }
 
-    static func parseStream(_ line: [UInt8]) -> Endpoint? {
-        guard let text = String(bytes: line, encoding: .utf8), text.hasPrefix("CONNECT+ "), text.hasSuffix("\n") else { return nil }
-        return Endpoint(parsing: String(text.dropFirst(9).dropLast()))
-    }
+    static func parseStream(_ line: [UInt8]) -> Endpoint? { target(of: line, after: "CONNECT+ ") }
 
-    static func parse(_ line: [UInt8]) -> Endpoint? {
-        guard let text = String(bytes: line, encoding: .utf8), text.hasPrefix("CONNECT "), text.hasSuffix("\n") else { return nil }
-        return Endpoint(parsing: String(text.dropFirst(8).dropLast()))
+    static func parse(_ line: [UInt8]) -> Endpoint? { target(of: line, after: "CONNECT ") }
+
+    /// The endpoint of a `<verb> <target>\n` header line.
+    private static func target(of line: [UInt8], after verb: String) -> Endpoint? {
+        guard let text = String(bytes: line, encoding: .utf8), text.hasPrefix(verb), text.hasSuffix("\n") else { return nil }
+        return Endpoint(parsing: String(text.dropFirst(verb.count).dropLast()))
     }
 }
 
@@ -94,16 +94,8 @@ final class TunnelConnection {
     /// The serving side: reads the client's nonce; nil when the connection ends (or times out) before it.
     static func accept(_ socket: LabSocket) -> TunnelConnection? {
         var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
-        let n = nonce.withUnsafeMutableBytes { b -> Int in
-            var got = 0
-            while got < b.count {
-                let r = socket.read(into: b.baseAddress! + got, count: b.count - got)
-                if r <= 0 { return got }
-                got += r
-            }
-            return got
-        }
-        return n == TunnelHeader.nonceLength ? TunnelConnection(socket: socket, nonce: nonce) : nil
+        let read = nonce.withUnsafeMutableBytes { socket.readExactly(into: $0.baseAddress!, count: $0.count) }
+        return read ? TunnelConnection(socket: socket, nonce: nonce) : nil
     }
 
     /// Relays one stream between `plain` (the app-side socket) and `tunnel`: bytes read from `plain` go out as
@@ -117,12 +109,7 @@ final class TunnelConnection {
         var fds = [pollfd(fd: plain.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: tunnel.fd, events: Int16(POLLIN), revents: 0)]
         var sending = true, receiving = true
         func readExactly(_ count: Int) -> Bool {
-            var got = 0
-            while got < count {
-                let n = tunnel.read(into: buffer.baseAddress! + got, count: count - got)
-                if n <= 0 { return false }
-                got += n
-            }
+            guard tunnel.readExactly(into: buffer.baseAddress!, count: count) else { return false }
             receive.apply(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count]))
             return true
         }
