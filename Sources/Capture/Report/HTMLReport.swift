@@ -309,7 +309,7 @@ struct HTMLReportPage {
         s += "</tr></thead><tbody>"
         for h in summary.ruleHits.sorted(by: { $0.count > $1.count }) {
             let rule = h.rule ?? h.tag.flatMap { t in report.pageRuleset?.rule(for: t) }
-            let name = rule.map { "\(h.tag?.isLegacy == true ? "legacy " : "")\($0.table) \($0.text)" } ?? h.prefix
+            let name = rule.map { "\(h.tag?.backendWord ?? "")\($0.table) \($0.text)" } ?? h.prefix
             var role = rule?.role.rawValue ?? ""
             if rule == nil, let tag = h.tag {
                 switch tag.position {

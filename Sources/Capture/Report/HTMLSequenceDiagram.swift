@@ -178,7 +178,7 @@ struct SequenceDiagram {
     static func hitText(_ hit: RuleHit?) -> String {
         guard let hit else { return "observed" }
         var parts: [String] = []
-        let backend = hit.tag?.isLegacy == true ? "legacy " : ""
+        let backend = hit.tag?.backendWord ?? ""
         if let r = hit.rule {
             parts.append("\(backend)\(r.table) \(r.chain) #\(r.position)")
         } else if let tag = hit.tag {

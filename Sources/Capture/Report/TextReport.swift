@@ -271,12 +271,12 @@ public final class TextReport: ReportSink {
     private func hitName(_ h: borrowing RuleHit) {
         if let rule = h.rule {
             let p = paint("36")
-            if h.tag?.isLegacy == true { out.text("legacy ") }
+            out.text(h.tag?.backendWord ?? "")
             out.text(rule.table); out.byte(0x20); out.text(rule.chain); out.text(" #"); out.decimal(rule.position)
             unpaint(p)
         } else if let tag = h.tag {
             let p = paint("36")
-            if tag.isLegacy { out.text("legacy ") }
+            out.text(tag.backendWord)
             switch tag.position {
             case .rule(let n): out.text(tag.table); out.byte(0x20); out.text(tag.chain); out.text(" #"); out.decimal(n)
             case .observeIn: out.text("observe "); out.text(tag.table); out.byte(0x20); out.text(tag.chain); out.text(" in")

@@ -38,6 +38,9 @@ public struct RuleTag: Hashable, Sendable, CustomStringConvertible {
     /// The prefix says the twin is in the iptables-legacy backend (l4 / l6).
     public var isLegacy: Bool { family == .legacyV4 || family == .legacyV6 }
 
+    /// What the printers put before a twin's table name: "legacy " in the iptables-legacy backend, else nothing.
+    public var backendWord: StaticString { isLegacy ? "legacy " : "" }
+
     public init(family: Family, table: String, chain: String, position: Position, textHash: UInt16? = nil) {
         self.family = family; self.table = table; self.chain = chain; self.position = position; self.textHash = textHash
     }

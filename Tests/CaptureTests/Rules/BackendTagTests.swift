@@ -78,5 +78,7 @@ final class BackendTagTests: XCTestCase {
         let html = try String(contentsOfFile: page, encoding: .utf8)
         XCTAssertTrue(html.contains(">legacy nat -A ISTIO_OUTPUT "), "no legacy row in the rule hits table")
         XCTAssertTrue(html.contains(">nat -A ISTIO_OUTPUT "), "no iptables-nft row in the rule hits table")
+        // And the connection's sequence diagram names the legacy hit's rule so.
+        XCTAssertTrue(html.contains("legacy nat ISTIO_OUTPUT #4"), "no legacy hit in the sequence diagram")
     }
 }
