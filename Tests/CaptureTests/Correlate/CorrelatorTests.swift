@@ -18,6 +18,15 @@ final class CollectingSink: ReportSink {
     func timeline(_ kind: ConnectionKind) -> ConnectionTimeline? { timelines.first { $0.kind == kind } }
 }
 
+/// Runs packets through a correlator, as `analyze` does, into a sink that keeps what it emits.
+func correlate(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset? = nil,
+               options: CorrelatorOptions = CorrelatorOptions()) -> (CollectingSink, AnalysisSummary) {
+    let sink = CollectingSink()
+    let c = Correlator(tags: tags, ruleset: ruleset, options: options, sink: sink)
+    for p in packets { c.ingest(p) }
+    return (sink, c.finish())
+}
+
 /// Builds packets the way the decoders fill them, with the ground truth decided by the test.
 struct PacketFactory {
     let tags = RuleTagTable()
@@ -154,18 +163,10 @@ final class CorrelatorTests: XCTestCase {
         return out
     }
 
-    func run(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset? = nil,
-             options: CorrelatorOptions = CorrelatorOptions()) -> (CollectingSink, AnalysisSummary) {
-        let sink = CollectingSink()
-        let c = Correlator(tags: tags, ruleset: ruleset, options: options, sink: sink)
-        for p in packets { c.ingest(p) }
-        return (sink, c.finish())
-    }
-
     func testTheThreeNATViewsOfAnOutboundConnectionFormOneTimeline() throws {
         var f = PacketFactory()
         let packets = Self.outboundScenario(&f, ruleset: nil)
-        let (sink, summary) = run(packets, tags: f.tags)
+        let (sink, summary) = correlate(packets, tags: f.tags)
         let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
         XCTAssertEqual(appConn.original, FiveTuple(proto: IPProto.tcp, src: app, dst: service))
         XCTAssertEqual(appConn.aliases, [FiveTuple(proto: IPProto.tcp, src: app, dst: capture15001)])
@@ -183,7 +184,7 @@ final class CorrelatorTests: XCTestCase {
     func testOutboundHopIsJoinedWithHighConfidenceAndItsEvidence() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let (sink, summary) = run(Self.outboundScenario(&f, ruleset: rules), tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(Self.outboundScenario(&f, ruleset: rules), tags: f.tags, ruleset: rules)
         let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
         let hbone = try XCTUnwrap(sink.timeline(.hboneOutbound))
         XCTAssertEqual(hbone.original, FiveTuple(proto: IPProto.tcp, src: ztunnelOut, dst: peerHBONE))
@@ -208,7 +209,7 @@ final class CorrelatorTests: XCTestCase {
     func testAServiceVIPResolvedElsewhereStillJoinsButOnlyWithLowConfidence() throws {
         var f = PacketFactory()
         let vip = PacketFactory.ep("10.96.0.20", 80)
-        let (sink, _) = run(Self.outboundScenario(&f, ruleset: nil, destination: vip), tags: f.tags)
+        let (sink, _) = correlate(Self.outboundScenario(&f, ruleset: nil, destination: vip), tags: f.tags)
         let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
         let hop = try XCTUnwrap(appConn.hops.first)
         XCTAssertEqual(hop.confidence, .low)
@@ -228,7 +229,7 @@ final class CorrelatorTests: XCTestCase {
                              mark: 0x539, outIf: 2)
         second.time = p[firstTunnelPacket].time
         p.insert(second, at: firstTunnelPacket + 1)
-        let (sink, _) = run(p, tags: f.tags)
+        let (sink, _) = correlate(p, tags: f.tags)
         let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
         XCTAssertTrue(appConn.hops.isEmpty, "joined to one of two tunnels that fit equally")
         XCTAssertEqual(sink.timelines.filter { $0.original.dst.port == 15008 }.count, 2)
@@ -246,7 +247,7 @@ final class CorrelatorTests: XCTestCase {
         p.append(f.packet(forger, target, flags: [.syn], seq: 1, on: eth0, direction: .outbound))
         f.advance(micros: 200_000)
         p += Self.outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
-        let (sink, summary) = run(p, tags: f.tags)
+        let (sink, summary) = correlate(p, tags: f.tags)
         XCTAssertEqual(sink.findings.filter(\.isEscape).map(\.findingClass), [.forgedZtunnelMark])
         XCTAssertEqual(summary.escapes, 1)
         let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
@@ -261,7 +262,7 @@ final class CorrelatorTests: XCTestCase {
         var f = PacketFactory()
         var packets = Self.outboundScenario(&f, ruleset: nil, destination: PacketFactory.ep("10.96.0.20", 80))
         packets.removeAll { $0.nflog?.mark == 0x539 }
-        let (sink, summary) = run(packets, tags: f.tags)
+        let (sink, summary) = correlate(packets, tags: f.tags)
         XCTAssertEqual(summary.hops, 0)
         XCTAssertTrue(sink.timelines.allSatisfy { $0.hops.isEmpty })
     }
@@ -269,7 +270,7 @@ final class CorrelatorTests: XCTestCase {
     func testPassthroughToANonMeshDestination() throws {
         var f = PacketFactory()
         let external = PacketFactory.ep("93.184.216.34", 443)
-        let (sink, summary) = run(Self.outboundScenario(&f, ruleset: nil, destination: external, hboneTo: external), tags: f.tags)
+        let (sink, summary) = correlate(Self.outboundScenario(&f, ruleset: nil, destination: external, hboneTo: external), tags: f.tags)
         let pass = try XCTUnwrap(sink.timeline(.ztunnelPassthrough))
         XCTAssertEqual(pass.original.dst, external)
         let hop = try XCTUnwrap(pass.hops.first)
@@ -289,7 +290,7 @@ final class CorrelatorTests: XCTestCase {
         packets.append(f.nflog(app, capture15001, flags: [.ack], seq: 1001, ack: 5001, hook: .postrouting,
                                prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
                                outIf: 1, ct: ct))
-        let (sink, _) = run(packets, tags: f.tags)
+        let (sink, _) = correlate(packets, tags: f.tags)
         XCTAssertEqual(sink.timelines.count, 1)
         let t = try XCTUnwrap(sink.timelines.first)
         XCTAssertEqual(t.original, ct.original)
@@ -324,7 +325,7 @@ final class CorrelatorTests: XCTestCase {
                          prefix: twin("nat", "ISTIO_OUTPUT", 2, ruleset: rules), mark: 0x111))
         p.append(f.packet(ztunnelAsPeer, appPort, flags: [.rst], seq: 501, on: lo, direction: .outbound))
         p.append(f.packet(peer, podHBONE, flags: [.rst], seq: 2, on: eth0, direction: .inbound))
-        let (sink, summary) = run(p, tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
         let outer = try XCTUnwrap(sink.timeline(.hboneInbound))
         let inner = try XCTUnwrap(sink.timeline(.ztunnelToApp))
         XCTAssertEqual(summary.hops, 1)
@@ -355,7 +356,7 @@ final class CorrelatorTests: XCTestCase {
         f.advance(micros: 500)
         p.append(f.packet(ztunnelAsClient, pod80, flags: [.syn], seq: 300, on: lo, direction: .outbound))
         p.append(f.packet(pod80, ztunnelAsClient, flags: [.syn, .ack], seq: 800, ack: 301, on: lo, direction: .outbound))
-        let (sink, _) = run(p, tags: f.tags, ruleset: rules)
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
         let outer = try XCTUnwrap(sink.timeline(.inboundPlaintext))
         XCTAssertEqual(outer.original.dst, pod80)
         XCTAssertEqual(outer.aliases.first?.dst, pod15006)
@@ -377,7 +378,7 @@ final class CorrelatorTests: XCTestCase {
         packets.removeAll(where: isHandshake)
         lateSYN.time = Timestamp(seconds: packets.last!.time.seconds + 1, nanoseconds: packets.last!.time.nanoseconds)
         packets.append(lateSYN)
-        let (sink, summary) = run(packets, tags: f.tags)
+        let (sink, summary) = correlate(packets, tags: f.tags)
         XCTAssertEqual(summary.escapes, 0, "\(sink.findings.map(\.summary))")
         XCTAssertEqual(sink.timelines.filter { $0.original.src == ztunnelOut || $0.original.dst == ztunnelOut }.count, 1)
         let hbone = try XCTUnwrap(sink.timeline(.hboneOutbound))
@@ -390,7 +391,7 @@ final class CorrelatorTests: XCTestCase {
         reuse.removeAll(where: isHandshake)
         g.advance(micros: 1_000_000)
         reuse.append(g.packet(ztunnelOut, peerHBONE, flags: [.syn], seq: 0x8000_0000, on: eth0, direction: .outbound))
-        let (sink2, _) = run(reuse, tags: g.tags)
+        let (sink2, _) = correlate(reuse, tags: g.tags)
         XCTAssertEqual(sink2.timelines.filter { $0.original.src == ztunnelOut }.count, 2)
     }
 
@@ -404,7 +405,7 @@ final class CorrelatorTests: XCTestCase {
                          mark: 0x539, outIf: 2))
         p.append(f.packet(app2, target, flags: [.syn], seq: 1, on: eth0, direction: .outbound))
         p.append(f.packet(target, app2, flags: [.syn, .ack], seq: 9, ack: 2, on: eth0, direction: .inbound))
-        let (sink, summary) = run(p, tags: f.tags)
+        let (sink, summary) = correlate(p, tags: f.tags)
         XCTAssertEqual(summary.escapes, 1)
         let finding = try XCTUnwrap(sink.findings.first)
         XCTAssertEqual(finding.findingClass, .forgedZtunnelMark)
@@ -423,7 +424,7 @@ final class CorrelatorTests: XCTestCase {
         p.append(f.packet(escaping, PacketFactory.ep("10.0.9.9", 443), flags: [.syn], seq: 1, on: eth0))
         p.append(f.packet(PacketFactory.ep("10.0.1.5", 40300), PacketFactory.ep("10.0.1.5", 8080), flags: [.syn], seq: 1, on: lo))
         p.append(f.packet(PacketFactory.ep("10.0.1.5", 40400), PacketFactory.ep("169.254.7.127", 9000), flags: [.syn], seq: 1, on: eth0))
-        let (sink, summary) = run(p, tags: f.tags, options: opts)
+        let (sink, summary) = correlate(p, tags: f.tags, options: opts)
         XCTAssertEqual(summary.escapes, 1)
         XCTAssertEqual(sink.findings.map(\.findingClass), [.uncapturedTCP])
         XCTAssertEqual(sink.findings.first?.frames, [FrameRef(source: 0, frame: 1)])
@@ -437,7 +438,7 @@ final class CorrelatorTests: XCTestCase {
         p.append(f.packet(a, PacketFactory.ep("10.0.9.9", 9999), proto: IPProto.udp, on: eth0, direction: .outbound))
         p.append(f.packet(PacketFactory.ep("10.0.1.5", 0), PacketFactory.ep("10.0.9.9", 0), proto: IPProto.icmp, on: eth0, direction: .outbound))
         p.append(f.packet(PacketFactory.ep("10.0.1.5", 5353), PacketFactory.ep("10.96.0.10", 53), proto: IPProto.udp, on: eth0, direction: .outbound))
-        let (sink, summary) = run(p, tags: f.tags)
+        let (sink, summary) = correlate(p, tags: f.tags)
         XCTAssertEqual(summary.escapes, 0)
         XCTAssertEqual(sink.findings.map(\.findingClass), [.byDesign, .byDesign])
         XCTAssertEqual(sink.timelines.map(\.kind), [.uncapturedByDesign, .uncapturedByDesign, .dns])
@@ -480,7 +481,7 @@ final class CorrelatorTests: XCTestCase {
         opts.maxEventsPerConnection = 10
         let a = PacketFactory.ep("10.0.1.5", 40000)
         let p = (0..<25).map { i in f.packet(a, capture15001, flags: [.ack], seq: UInt32(i), on: lo) }
-        let (sink, _) = run(p, tags: f.tags, options: opts)
+        let (sink, _) = correlate(p, tags: f.tags, options: opts)
         XCTAssertEqual(sink.timelines.first?.events.count, 10)
         XCTAssertEqual(sink.timelines.first?.droppedEvents, 15)
         XCTAssertEqual(sink.timelines.first?.packets, 25)

@@ -70,13 +70,6 @@ final class PooledTunnelTests: XCTestCase {
         return out
     }
 
-    func run(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset) -> (CollectingSink, AnalysisSummary) {
-        let sink = CollectingSink()
-        let c = Correlator(tags: tags, ruleset: ruleset, options: CorrelatorOptions(), sink: sink)
-        for p in packets { c.ingest(p) }
-        return (sink, c.finish())
-    }
-
     func connection(from src: Endpoint, in sink: CollectingSink) throws -> ConnectionTimeline {
         try XCTUnwrap(sink.timelines.first { $0.original.src == src }, "no connection from \(src)")
     }
@@ -84,7 +77,7 @@ final class PooledTunnelTests: XCTestCase {
     func testALaterAppConnectionIsJoinedToTheTunnelItReused() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: service), tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(pooledScenario(&f, rules: rules, second: service), tags: f.tags, ruleset: rules)
         let first = try connection(from: app, in: sink)
         let second = try connection(from: app2, in: sink)
         let tunnel = try connection(from: ztunnelOut, in: sink)
@@ -119,7 +112,7 @@ final class PooledTunnelTests: XCTestCase {
         // been made before.
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true), tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true), tags: f.tags, ruleset: rules)
         let second = try connection(from: app2, in: sink)
         let tunnel = try connection(from: ztunnelOut, in: sink)
         XCTAssertFalse(tunnel.closed)
@@ -138,7 +131,7 @@ final class PooledTunnelTests: XCTestCase {
             f.advance(micros: 3_000_000)
             p += carried(&f, rules: rules, from: app, to: service, throughTunnel: true)
         }
-        let (sink, summary) = run(p, tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
         let tunnel = try connection(from: ztunnelOut, in: sink)
         XCTAssertEqual(summary.hops, 22, "the first, app2's and 20 more")
         for app in apps { XCTAssertEqual(try connection(from: app, in: sink).hops.map(\.inner), [tunnel.id], "\(app)") }
@@ -160,7 +153,7 @@ final class PooledTunnelTests: XCTestCase {
         f.clock = max(end, f.clock)
         XCTAssertLessThan(third[0].time, try XCTUnwrap(p.last { $0.tuple.src == app2 || $0.tuple.dst == app2 }).time, "the streams overlap")
         p = (p + third).enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
-        let (sink, summary) = run(p, tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
         let tunnel = try connection(from: ztunnelOut, in: sink)
         let first = try connection(from: app, in: sink)
         let second = try connection(from: app2, in: sink), thirdConnection = try connection(from: app3, in: sink)
@@ -180,7 +173,7 @@ final class PooledTunnelTests: XCTestCase {
         var f = PacketFactory()
         let rules = seedNatRuleset()
         let elsewhere = PacketFactory.ep("10.0.3.3", 80)
-        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: elsewhere), tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(pooledScenario(&f, rules: rules, second: elsewhere), tags: f.tags, ruleset: rules)
         let second = try connection(from: app2, in: sink)
         XCTAssertEqual(second.kind, .appOutbound)
         XCTAssertTrue(second.hops.isEmpty, "an open tunnel to 10.0.2.2 does not carry a connection to 10.0.3.3")
@@ -190,7 +183,7 @@ final class PooledTunnelTests: XCTestCase {
     func testATunnelClosedBeforeTheConnectionBeganIsNotTaken() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: service, tunnelClosesFirst: true),
+        let (sink, summary) = correlate(pooledScenario(&f, rules: rules, second: service, tunnelClosesFirst: true),
                                   tags: f.tags, ruleset: rules)
         XCTAssertTrue(try connection(from: app2, in: sink).hops.isEmpty)
         XCTAssertEqual(summary.hops, 1)
@@ -200,7 +193,7 @@ final class PooledTunnelTests: XCTestCase {
         // Without the pooled join the tunnel's 0x539 is unexplained: a (low-confidence) forged-mark finding.
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let (sink, summary) = run(pooledScenario(&f, rules: rules, second: service, firstApp: false),
+        let (sink, summary) = correlate(pooledScenario(&f, rules: rules, second: service, firstApp: false),
                                   tags: f.tags, ruleset: rules)
         let second = try connection(from: app2, in: sink)
         let tunnel = try connection(from: ztunnelOut, in: sink)
@@ -217,7 +210,7 @@ final class PooledTunnelTests: XCTestCase {
         // that was there already (no SYN), so the join says pooled, not timing.
         var f = PacketFactory()
         let rules = seedNatRuleset()
-        let (sink, _) = run(pooledScenario(&f, rules: rules, second: service, gapMicros: 100_000, firstApp: false),
+        let (sink, _) = correlate(pooledScenario(&f, rules: rules, second: service, gapMicros: 100_000, firstApp: false),
                             tags: f.tags, ruleset: rules)
         let hop = try XCTUnwrap(try connection(from: app2, in: sink).hops.first)
         XCTAssertEqual(hop.inner, try connection(from: ztunnelOut, in: sink).id)
@@ -246,7 +239,7 @@ final class PooledTunnelTests: XCTestCase {
         h.clock = p[at + 6].time.totalNanoseconds + 1
         p.insert(h.packet(secondTunnel, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 40, on: eth0, direction: .outbound),
                  at: at + 7)
-        let (sink, _) = run(p, tags: f.tags, ruleset: rules)
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
         let second = try connection(from: app2, in: sink)
         let newer = try connection(from: secondTunnel, in: sink)
         let hop = try XCTUnwrap(second.hops.first)
@@ -278,7 +271,7 @@ final class PooledTunnelTests: XCTestCase {
         f.advance(micros: 3_000_000)
         p.append(f.packet(peer, podHBONE, flags: [.fin, .ack], seq: seq, ack: 101, on: eth0, direction: .inbound))
         p.append(f.packet(podHBONE, peer, flags: [.fin, .ack], seq: 101, ack: seq + 1, on: eth0, direction: .outbound))
-        let (sink, summary) = run(p, tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
         let tunnel = try XCTUnwrap(sink.timeline(.hboneInbound))
         let streams = sink.timelines.filter { $0.kind == .ztunnelToApp }.sorted { $0.id < $1.id }
         XCTAssertEqual(streams.count, 2)

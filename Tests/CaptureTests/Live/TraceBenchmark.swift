@@ -69,11 +69,7 @@ final class TraceBenchmark: KernelTestCase {
         let tail = String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
         let lines = tail.split(separator: "\n").map(String.init)
         let start = try XCTUnwrap(lines.lastIndex { $0.hasPrefix("trace: ") }, "no text summary from the trace")
-        /// The integer right before `label` in `line` ("…, 920000 NFLOG events, …").
-        func number(before label: String, in line: String) -> Int {
-            guard let r = line.range(of: " " + label) else { return 0 }
-            return Int(line[..<r.lowerBound].split(separator: " ").last ?? "") ?? 0
-        }
+        func number(before label: String, in line: String) -> Int { TraceCLITests.summaryCount(label, in: line) ?? 0 }
         let events = number(before: "NFLOG events", in: lines[start])
         // What the correlator took: every NFLOG record and every captured packet (JSON's "packets").
         var run = TracedRun(load: load, lost: -1, ourTotal: 0, kernelTotal: 0, events: events,

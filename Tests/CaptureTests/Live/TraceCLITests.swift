@@ -83,6 +83,12 @@ final class TraceCLITests: KernelTestCase {
 
     /// `--rules-only` (or `--no-capture`): the rule hits and no packet capture. Traffic on the netns's lo (a refused
     /// TCP connection) hits the mangle OUTPUT/PREROUTING jumps' twins either way; only the default captures packets.
+    /// The number right before `label` in the text summary's `trace:` line ("…, 920000 NFLOG events, …").
+    static func summaryCount(_ label: String, in line: String) -> Int? {
+        guard let r = line.range(of: " \(label)") else { return nil }
+        return Int(line[..<r.lowerBound].split(separator: " ").last ?? "")
+    }
+
     func testRulesOnlyReportsRuleHitsWithoutCapturingPackets() throws {
         let ns = try seededNetns()
         func traced(_ extra: [String]) throws -> String {
@@ -97,18 +103,14 @@ final class TraceCLITests: KernelTestCase {
             let out = try String(contentsOfFile: log, encoding: .utf8)
             return try XCTUnwrap(out.split(separator: "\n").first { $0.hasPrefix("trace: ") }.map(String.init), out)
         }
-        func count(_ what: String, in line: String) -> Int? {
-            guard let r = line.range(of: " \(what)") else { return nil }
-            return Int(line[..<r.lowerBound].split(separator: " ").last ?? "")
-        }
         for flag in ["--rules-only", "--no-capture"] {
             let line = try traced([flag])
-            XCTAssertGreaterThanOrEqual(count("NFLOG events", in: line) ?? 0, 6, line)
-            XCTAssertEqual(count("packets captured", in: line), 0, line)
+            XCTAssertGreaterThanOrEqual(Self.summaryCount("NFLOG events", in: line) ?? 0, 6, line)
+            XCTAssertEqual(Self.summaryCount("packets captured", in: line), 0, line)
         }
         let line = try traced([])
-        XCTAssertGreaterThanOrEqual(count("NFLOG events", in: line) ?? 0, 6, line)
-        XCTAssertGreaterThanOrEqual(count("packets captured", in: line) ?? 0, 6, line)
+        XCTAssertGreaterThanOrEqual(Self.summaryCount("NFLOG events", in: line) ?? 0, 6, line)
+        XCTAssertGreaterThanOrEqual(Self.summaryCount("packets captured", in: line) ?? 0, 6, line)
     }
 
     func testAfterSIGKILLTheNextTraceRefusesAndCleanupRestoresTheRules() throws {
