@@ -16,12 +16,6 @@ public final class JSONReport: ReportSink {
         out = ReportBuffer(fileDescriptor: fileDescriptor)
     }
 
-    deinit {
-        tupleCacheBytes.deallocate()
-        tupleCacheKeys.deallocate()
-        tupleCacheLengths.deallocate()
-    }
-
     // MARK: - Small writers
 
     @inline(__always)
@@ -41,59 +35,10 @@ public final class JSONReport: ReportSink {
     /// A tuple object. One connection's events carry a few tuples (its NAT views, both ways) over and over:
     /// the last few written are kept as bytes and copied.
     private func tuple(_ t: FiveTuple) {
-        // Keys compared as five packed words (FiveTuple's own == compared it field by field, out of line), the
-        // last slot found first: a connection's events alternate between two or three tuples. Keys are unique,
-        // so where the search starts never changes which bytes are copied.
-        let key = JSONReport.packedKey(t)
-        var i = tupleCacheLast
-        for _ in 0..<JSONReport.tupleCacheSize {
-            let k = tupleCacheKeys[i]
-            if tupleCacheLengths[i] > 0
-                && (k.0 ^ key.0) | (k.1 ^ key.1) | (k.2 ^ key.2) | (k.3 ^ key.3) | (k.4 ^ key.4) == 0 {
-                out.bytes(UnsafeBufferPointer(start: tupleCacheBytes + i * JSONReport.tupleCacheStride, count: tupleCacheLengths[i]))
-                tupleCacheLast = i
-                comma = true
-                return
-            }
-            i = i == JSONReport.tupleCacheSize - 1 ? 0 : i + 1
-        }
-        let mark = out.mark(room: JSONReport.tupleCacheStride)
-        writeTuple(t)
-        let slot = tupleCacheNext
-        out.withWritten(since: mark) { bytes in
-            guard let bytes, bytes.count <= JSONReport.tupleCacheStride, let from = bytes.baseAddress else { return }
-            (tupleCacheBytes + slot * JSONReport.tupleCacheStride).update(from: from, count: bytes.count)
-            tupleCacheLengths[slot] = bytes.count
-            tupleCacheKeys[slot] = key
-            tupleCacheNext = (slot + 1) % JSONReport.tupleCacheSize
-        }
+        tuplePieces.write(t, into: out) { writeTuple(t) }
+        comma = true
     }
-
-    /// Everything `FiveTuple ==` compares, in five words.
-    @inline(__always)
-    private static func packedKey(_ t: FiveTuple) -> TupleKey {
-        (t.src.addr.hi, t.src.addr.lo, t.dst.addr.hi, t.dst.addr.lo,
-         UInt64(t.src.port) << 48 | UInt64(t.dst.port) << 32 | UInt64(t.src.addr.family.rawValue) << 16
-            | UInt64(t.dst.addr.family.rawValue) << 8 | UInt64(t.proto))
-    }
-    private typealias TupleKey = (UInt64, UInt64, UInt64, UInt64, UInt64)
-    private static let tupleCacheSize = 6
-    private static let tupleCacheStride = 192
-    private let tupleCacheBytes = UnsafeMutablePointer<UInt8>.allocate(capacity: JSONReport.tupleCacheSize * JSONReport.tupleCacheStride)
-    /// Byte count of each slot (0: empty) and its key, in unsafe storage: as arrays of a class, every read was
-    /// bounds-checked and their exclusivity tracked.
-    private let tupleCacheLengths: UnsafeMutablePointer<Int> = {
-        let p = UnsafeMutablePointer<Int>.allocate(capacity: JSONReport.tupleCacheSize)
-        p.initialize(repeating: 0, count: JSONReport.tupleCacheSize)
-        return p
-    }()
-    private let tupleCacheKeys: UnsafeMutablePointer<TupleKey> = {
-        let p = UnsafeMutablePointer<TupleKey>.allocate(capacity: JSONReport.tupleCacheSize)
-        p.initialize(repeating: (0, 0, 0, 0, 0), count: JSONReport.tupleCacheSize)
-        return p
-    }()
-    private var tupleCacheNext = 0
-    private var tupleCacheLast = 0
+    private let tuplePieces = TuplePieces()
 
     private func writeTuple(_ t: FiveTuple) {
         open(UInt8(ascii: "{"))
@@ -188,27 +133,34 @@ public final class JSONReport: ReportSink {
     private func eventRecord(time t: Timestamp, frame f: FrameRef, pointKind: CapturePoint.Kind, hook: NetfilterHook,
                              interface: () -> Void, direction: PacketDirection, tuple tu: FiveTuple, isReply: Bool,
                              flags: TCPFlags, length: UInt32, mark: UInt32?, hit: () -> Void, notes: DecodeNotes) {
-        // Written as a few fixed pieces (the keys and punctuation between the values are always the same):
-        // a trace writes ~70 of these objects per connection.
-        out.text("{\"time\":\""); out.timestamp(t)
-        out.text("\",\"frame\":["); out.unsignedDecimal(UInt64(f.source)); out.byte(UInt8(ascii: ","))
-        out.unsignedDecimal(f.frame)
-        out.text("],\"point\":")
-        switch pointKind {
-        case .interface: interface()
-        case .netfilter: out.text("\"nf:"); out.text(hook.name); out.byte(0x22)
-        case .unknown: out.text("\"?\"")
+        // Written as a few fixed pieces (the keys and punctuation between the values are always the same), each
+        // stretch of them through one cursor into room reserved once: a trace writes ~70 of these objects per
+        // connection.
+        let seconds = out.secondsDigits(t.seconds)
+        out.write(room: 128) { w in
+            w.text("{\"time\":\""); w.timestamp(t, seconds: seconds)
+            w.text("\",\"frame\":["); w.unsignedDecimal(UInt64(f.source)); w.byte(UInt8(ascii: ","))
+            w.unsignedDecimal(f.frame)
+            w.text("],\"point\":")
+            switch pointKind {
+            case .interface: break
+            case .netfilter: w.text("\"nf:"); w.text(hook.name); w.byte(0x22)
+            case .unknown: w.text("\"?\"")
+            }
         }
+        if pointKind == .interface { interface() }
         switch direction {
         case .inbound: out.text(",\"dir\":\"in\",\"tuple\":")
         case .outbound: out.text(",\"dir\":\"out\",\"tuple\":")
         case .unknown: out.text(",\"dir\":null,\"tuple\":")
         }
         tuple(tu)
-        out.text(isReply ? ",\"reply\":true" : ",\"reply\":false")
-        if tu.proto == IPProto.tcp { out.text(",\"flags\":\""); out.tcpFlags(flags); out.byte(0x22) }
-        out.text(",\"len\":"); out.unsignedDecimal(UInt64(length))
-        if let m = mark { out.text(",\"mark\":"); out.unsignedDecimal(UInt64(m)) }
+        out.write(room: 96) { w in
+            w.text(isReply ? ",\"reply\":true" : ",\"reply\":false")
+            if tu.proto == IPProto.tcp { w.text(",\"flags\":\""); w.tcpFlags(flags); w.byte(0x22) }
+            w.text(",\"len\":"); w.unsignedDecimal(UInt64(length))
+            if let m = mark { w.text(",\"mark\":"); w.unsignedDecimal(UInt64(m)) }
+        }
         comma = true
         hit()
         if !notes.isEmpty {

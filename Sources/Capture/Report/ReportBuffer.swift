@@ -22,7 +22,7 @@ final class ReportBuffer {
         flush()
         base.deallocate()
         pairs.deallocate()
-        secondsDigits.deallocate()
+        secondsDigitBytes.deallocate()
     }
 
     @inline(__always) private func reserve(_ n: Int) { if count + n > capacity { flush() } }
@@ -33,31 +33,25 @@ final class ReportBuffer {
         count += 1
     }
 
+    /// Writes through a cursor into `room` bytes reserved once (see `ReportCursor`); `body` writes at most that.
+    @inline(__always)
+    func write(room: Int, _ body: (inout ReportCursor) -> Void) {
+        reserve(room)
+        var cursor = ReportCursor(at: base + count, pairs: pairs)
+        body(&cursor)
+        count = cursor.at - base
+    }
+
     @inline(__always)
     private func append(_ src: UnsafeBufferPointer<UInt8>) {
         let n = src.count
-        guard n > 0, let from = src.baseAddress else { return }
+        guard n > 0 else { return }
         if n > capacity / 2 {
             flush()
             writeAll(UnsafeRawBufferPointer(src))
             return
         }
-        reserve(n)
-        // Most pieces are a few bytes. A byte loop is turned into a call to memmove by the compiler; two
-        // overlapping word copies (the first and the last 8 or 4 bytes, all inside the piece) are not.
-        let to = UnsafeMutableRawPointer(base + count), raw = UnsafeRawPointer(from)
-        if n >= 8 && n <= 16 {
-            to.storeBytes(of: raw.loadUnaligned(as: UInt64.self), as: UInt64.self)
-            (to + n - 8).storeBytes(of: (raw + n - 8).loadUnaligned(as: UInt64.self), as: UInt64.self)
-        } else if n >= 4 && n < 8 {
-            to.storeBytes(of: raw.loadUnaligned(as: UInt32.self), as: UInt32.self)
-            (to + n - 4).storeBytes(of: (raw + n - 4).loadUnaligned(as: UInt32.self), as: UInt32.self)
-        } else if n < 4 {
-            for i in 0..<n { base[count + i] = from[i] }
-        } else {
-            (base + count).update(from: from, count: n)
-        }
-        count += n
+        write(room: n) { $0.bytes(src) }
     }
 
     /// Bytes from elsewhere (a name table).
@@ -111,90 +105,12 @@ final class ReportBuffer {
         return t
     }
 
-    /// 0...255 without a division loop: an IPv4 address is four of these. The caller reserved the room.
     @inline(__always)
-    private func octet(_ v: UInt32) {
-        if v >= 100 {
-            let r = Int(v % 100)
-            base[count] = 0x30 + UInt8(v / 100); base[count + 1] = pairs[2 * r]; base[count + 2] = pairs[2 * r + 1]
-            count += 3
-        } else if v >= 10 {
-            base[count] = pairs[2 * Int(v)]; base[count + 1] = pairs[2 * Int(v) + 1]
-            count += 2
-        } else {
-            base[count] = 0x30 + UInt8(v)
-            count += 1
-        }
-    }
-
-    /// Ports, lengths and small counters (below 10 000) without a digit-counting loop.
-    @inline(__always)
-    func unsignedDecimal(_ v: UInt64) {
-        if v < 100 {
-            if v < 10 { byte(0x30 + UInt8(v)); return }
-            reserve(2)
-            base[count] = pairs[2 * Int(v)]; base[count + 1] = pairs[2 * Int(v) + 1]
-            count += 2
-            return
-        }
-        if v < 10_000 {
-            reserve(4)
-            let hi = Int(v / 100), lo = Int(v % 100)
-            if hi >= 10 {
-                base[count] = pairs[2 * hi]; base[count + 1] = pairs[2 * hi + 1]
-                count += 2
-            } else {
-                base[count] = 0x30 + UInt8(hi)
-                count += 1
-            }
-            base[count] = pairs[2 * lo]; base[count + 1] = pairs[2 * lo + 1]
-            count += 2
-            return
-        }
-        if v < 100_000 {
-            // Ports above 9999 (ephemeral ports, 15001, 15008).
-            reserve(5)
-            let top = Int(v / 10_000), mid = Int((v / 100) % 100), lo = Int(v % 100)
-            base[count] = 0x30 + UInt8(top)
-            base[count + 1] = pairs[2 * mid]; base[count + 2] = pairs[2 * mid + 1]
-            base[count + 3] = pairs[2 * lo]; base[count + 4] = pairs[2 * lo + 1]
-            count += 5
-            return
-        }
-        largeDecimal(v)
-    }
-
-    private func largeDecimal(_ v: UInt64) {
-        // Counted by multiplying up, not dividing down: frame numbers of a big capture come here on every event.
-        var digits = 6
-        var limit: UInt64 = 1_000_000
-        while digits < 20 && v >= limit { digits += 1; limit = limit &* 10 }
-        reserve(digits)
-        var i = count + digits
-        var x = v
-        while x >= 100 {
-            let r = Int(x % 100); x /= 100
-            i -= 2; base[i] = pairs[2 * r]; base[i + 1] = pairs[2 * r + 1]
-        }
-        if x >= 10 {
-            let r = Int(x)
-            i -= 2; base[i] = pairs[2 * r]; base[i + 1] = pairs[2 * r + 1]
-        } else {
-            i -= 1; base[i] = 0x30 + UInt8(x)
-        }
-        count += digits
-    }
+    func unsignedDecimal(_ v: UInt64) { write(room: 20) { $0.unsignedDecimal(v) } }
 
     /// Exactly six digits, zero-padded (the microseconds of a timeline offset); `v` is below 1 000 000.
     @inline(__always)
-    func sixDigits(_ v: UInt64) {
-        reserve(6)
-        let a = Int(v / 10_000), b = Int((v / 100) % 100), c = Int(v % 100)
-        base[count] = pairs[2 * a]; base[count + 1] = pairs[2 * a + 1]
-        base[count + 2] = pairs[2 * b]; base[count + 3] = pairs[2 * b + 1]
-        base[count + 4] = pairs[2 * c]; base[count + 5] = pairs[2 * c + 1]
-        count += 6
-    }
+    func sixDigits(_ v: UInt64) { write(room: 6) { $0.sixDigits(v) } }
 
     func hex(_ v: UInt32) {
         let digits: StaticString = "0123456789abcdef"
@@ -209,29 +125,11 @@ final class ReportBuffer {
 
     /// tcpdump's letters, as `TCPFlags.description` spells them.
     @inline(__always)
-    func tcpFlags(_ f: TCPFlags) {
-        if f.rawValue & 0x3f == 0 { text("none"); return }
-        if f.contains(.syn) { byte(UInt8(ascii: "S")) }
-        if f.contains(.fin) { byte(UInt8(ascii: "F")) }
-        if f.contains(.rst) { byte(UInt8(ascii: "R")) }
-        if f.contains(.psh) { byte(UInt8(ascii: "P")) }
-        if f.contains(.urg) { byte(UInt8(ascii: "U")) }
-        if f.contains(.ack) { byte(UInt8(ascii: ".")) }
-    }
+    func tcpFlags(_ f: TCPFlags) { write(room: 6) { $0.tcpFlags(f) } }
 
     @inline(__always)
     func address(_ a: IPAddress) {
-        switch a.family {
-        case .v4:
-            reserve(15)
-            let v = a.v4Value
-            octet(v >> 24); base[count] = 0x2e; count += 1
-            octet((v >> 16) & 0xff); base[count] = 0x2e; count += 1
-            octet((v >> 8) & 0xff); base[count] = 0x2e; count += 1
-            octet(v & 0xff)
-        case .v6: text(a.description)
-        case .none: byte(UInt8(ascii: "-"))
-        }
+        if a.family == .v6 { text(a.description) } else { write(room: 15) { $0.address(a) } }
     }
 
     @inline(__always)
@@ -241,59 +139,39 @@ final class ReportBuffer {
         unsignedDecimal(UInt64(e.port))
     }
 
-    /// seconds.nanoseconds, the form the JSON output and the text headers use. The seconds of one timeline
-    /// rarely change from event to event: their digits are kept and copied.
+    /// seconds.nanoseconds, the form the JSON output and the text headers use.
     func timestamp(_ t: Timestamp) {
-        if t.seconds < 0 {
-            decimal(t.seconds); byte(0x2e); nineDigits(UInt64(max(0, t.nanoseconds)))
-            return
-        }
-        if t.seconds != lastSeconds {
-            var x = UInt64(t.seconds)
-            var n = 0
-            repeat { secondsDigits[19 - n] = 0x30 + UInt8(x % 10); x /= 10; n += 1 } while x > 0
-            secondsCount = n
-            lastSeconds = t.seconds
-        }
-        reserve(secondsCount + 10)
-        (base + count).update(from: secondsDigits + 20 - secondsCount, count: secondsCount)
-        count += secondsCount
-        base[count] = 0x2e
-        count += 1
-        nineDigits(UInt64(max(0, t.nanoseconds)))
+        let seconds = secondsDigits(t.seconds)
+        write(room: ReportCursor.timestampRoom) { $0.timestamp(t, seconds: seconds) }
     }
-    /// Never a valid cache key at first (negative times are written in full above).
+
+    /// The digits of `seconds` (not negative; else empty), for `ReportCursor.timestamp`. The seconds of one
+    /// timeline rarely change from event to event: their digits are kept and copied.
+    @inline(__always)
+    func secondsDigits(_ seconds: Int64) -> UnsafeBufferPointer<UInt8> {
+        if seconds != lastSeconds && seconds >= 0 {
+            var x = UInt64(seconds)
+            var n = 0
+            repeat { secondsDigitBytes[19 - n] = 0x30 + UInt8(x % 10); x /= 10; n += 1 } while x > 0
+            secondsCount = n
+            lastSeconds = seconds
+        }
+        return UnsafeBufferPointer(start: secondsDigitBytes + 20 - secondsCount, count: seconds < 0 ? 0 : secondsCount)
+    }
+    /// Never a valid cache key at first (negative times are written in full).
     private var lastSeconds: Int64 = -1
     /// The digits of `lastSeconds`, right-aligned in 20 bytes.
-    private let secondsDigits = UnsafeMutablePointer<UInt8>.allocate(capacity: 20)
+    private let secondsDigitBytes = UnsafeMutablePointer<UInt8>.allocate(capacity: 20)
     private var secondsCount = 0
 
     /// Exactly nine digits, zero-padded; `v` is below 1 000 000 000.
     @inline(__always)
-    func nineDigits(_ v: UInt64) {
-        reserve(9)
-        let top = Int(v / 100_000_000), rest = v % 100_000_000
-        let a = Int(rest / 1_000_000), b = Int((rest / 10_000) % 100), c = Int((rest / 100) % 100), d = Int(rest % 100)
-        base[count] = 0x30 + UInt8(top)
-        base[count + 1] = pairs[2 * a]; base[count + 2] = pairs[2 * a + 1]
-        base[count + 3] = pairs[2 * b]; base[count + 4] = pairs[2 * b + 1]
-        base[count + 5] = pairs[2 * c]; base[count + 6] = pairs[2 * c + 1]
-        base[count + 7] = pairs[2 * d]; base[count + 8] = pairs[2 * d + 1]
-        count += 9
-    }
+    func nineDigits(_ v: UInt64) { write(room: 9) { $0.nineDigits(v) } }
 
     /// `,"name":` (the comma when `comma`), in one reservation: a JSON record has a dozen keys per packet.
     @inline(__always)
     func jsonKey(_ name: StaticString, comma: Bool) {
-        name.withUTF8Buffer { k in
-            reserve(k.count + 4)
-            if comma { base[count] = UInt8(ascii: ","); count += 1 }
-            base[count] = 0x22
-            count += 1
-            append(k)
-            base[count] = 0x22; base[count + 1] = UInt8(ascii: ":")
-            count += 2
-        }
+        write(room: name.utf8CodeUnitCount + 4) { $0.jsonKey(name, comma: comma) }
     }
 
     /// Calls `body` with the bytes written since `mark` (nil when they were flushed in between), in place.
@@ -440,10 +318,262 @@ final class ReportPieces {
     }
 }
 
+/// The bytes a printer wrote for the last few tuples, by tuple: one connection's events carry a few tuples (its NAT
+/// views, both ways) over and over, so each is written once and copied after that (a JSON tuple object, the text
+/// view's `src > dst` columns).
+final class TuplePieces {
+    private static let slots = 6
+    private static let stride = 192
+    private typealias Key = (UInt64, UInt64, UInt64, UInt64, UInt64)
+    private let bytes = UnsafeMutablePointer<UInt8>.allocate(capacity: TuplePieces.slots * TuplePieces.stride)
+    /// Byte count of each slot (0: empty) and its key, in unsafe storage: as arrays of a class, every read was
+    /// bounds-checked and their exclusivity tracked.
+    private let lengths: UnsafeMutablePointer<Int> = {
+        let p = UnsafeMutablePointer<Int>.allocate(capacity: TuplePieces.slots)
+        p.initialize(repeating: 0, count: TuplePieces.slots)
+        return p
+    }()
+    private let keys: UnsafeMutablePointer<Key> = {
+        let p = UnsafeMutablePointer<Key>.allocate(capacity: TuplePieces.slots)
+        p.initialize(repeating: (0, 0, 0, 0, 0), count: TuplePieces.slots)
+        return p
+    }()
+    private var next = 0
+    private var last = 0
+
+    deinit {
+        bytes.deallocate()
+        lengths.deallocate()
+        keys.deallocate()
+    }
+
+    /// Everything `FiveTuple ==` compares, in five words.
+    @inline(__always)
+    private static func key(_ t: FiveTuple) -> Key {
+        (t.src.addr.hi, t.src.addr.lo, t.dst.addr.hi, t.dst.addr.lo,
+         UInt64(t.src.port) << 48 | UInt64(t.dst.port) << 32 | UInt64(t.src.addr.family.rawValue) << 16
+            | UInt64(t.dst.addr.family.rawValue) << 8 | UInt64(t.proto))
+    }
+
+    /// Copies the bytes kept for `t` into `out`, or has `write` write them there and keeps them (unless they are
+    /// longer than a slot, or the buffer was flushed in between).
+    @inline(__always)
+    func write(_ t: FiveTuple, into out: ReportBuffer, _ write: () -> Void) {
+        // Keys compared as five packed words (FiveTuple's own == compared it field by field, out of line), the
+        // last slot found first: a connection's events alternate between two or three tuples. Keys are unique,
+        // so where the search starts never changes which bytes are copied.
+        let key = TuplePieces.key(t)
+        var i = last
+        for _ in 0..<TuplePieces.slots {
+            let k = keys[i]
+            if lengths[i] > 0 && (k.0 ^ key.0) | (k.1 ^ key.1) | (k.2 ^ key.2) | (k.3 ^ key.3) | (k.4 ^ key.4) == 0 {
+                out.bytes(UnsafeBufferPointer(start: bytes + i * TuplePieces.stride, count: lengths[i]))
+                last = i
+                return
+            }
+            i = i == TuplePieces.slots - 1 ? 0 : i + 1
+        }
+        keep(t, key: key, into: out, write)
+    }
+
+    private func keep(_ t: FiveTuple, key: Key, into out: ReportBuffer, _ write: () -> Void) {
+        let mark = out.mark(room: TuplePieces.stride)
+        write()
+        let slot = next
+        out.withWritten(since: mark) { written in
+            guard let written, written.count <= TuplePieces.stride, let from = written.baseAddress else { return }
+            (bytes + slot * TuplePieces.stride).update(from: from, count: written.count)
+            lengths[slot] = written.count
+            keys[slot] = key
+            next = (slot + 1) % TuplePieces.slots
+        }
+    }
+}
+
 /// Hop evidence is worded straight into the buffer (`hex`, `address` and `endpoint` are the buffer's own).
 extension ReportBuffer: EvidenceWriter {
     @inline(__always) func words(_ s: StaticString) { text(s) }
     @inline(__always) func string(_ s: String) { text(s) }
     @inline(__always) func number(_ v: UInt64) { unsignedDecimal(v) }
     @inline(__always) func signed(_ v: Int64) { decimal(v) }
+}
+
+/// A run of writes into room the buffer reserved once (`ReportBuffer.write(room:_:)`). A printer that knows how
+/// long a stretch of a record can be (a JSON event's fixed fields, a text line's columns) writes it through a
+/// cursor: its position is a local the compiler keeps in a register, where through the buffer every piece
+/// checked the room and loaded and stored the buffer's count (~40 times per JSON event). The buffer's own
+/// number and address writers are these, so both paths write the same bytes.
+struct ReportCursor {
+    fileprivate(set) var at: UnsafeMutablePointer<UInt8>
+    fileprivate let pairs: UnsafeMutablePointer<UInt8>
+
+    /// The most a timestamp takes: a sign, 19 digits of seconds, the point and nine digits.
+    static let timestampRoom = 30
+
+    @inline(__always) mutating func byte(_ b: UInt8) { at.pointee = b; at += 1 }
+
+    @inline(__always)
+    mutating func bytes(_ src: UnsafeBufferPointer<UInt8>) {
+        let n = src.count
+        guard n > 0, let from = src.baseAddress else { return }
+        // Most pieces are a few bytes. A byte loop is turned into a call to memmove by the compiler; two
+        // overlapping word copies (the first and the last 8 or 4 bytes, all inside the piece) are not.
+        let to = UnsafeMutableRawPointer(at), raw = UnsafeRawPointer(from)
+        if n >= 8 && n <= 16 {
+            to.storeBytes(of: raw.loadUnaligned(as: UInt64.self), as: UInt64.self)
+            (to + n - 8).storeBytes(of: (raw + n - 8).loadUnaligned(as: UInt64.self), as: UInt64.self)
+        } else if n >= 4 && n < 8 {
+            to.storeBytes(of: raw.loadUnaligned(as: UInt32.self), as: UInt32.self)
+            (to + n - 4).storeBytes(of: (raw + n - 4).loadUnaligned(as: UInt32.self), as: UInt32.self)
+        } else if n < 4 {
+            for i in 0..<n { at[i] = from[i] }
+        } else {
+            at.update(from: from, count: n)
+        }
+        at += n
+    }
+
+    /// `n` spaces (none when `n` is not positive).
+    @inline(__always)
+    mutating func spaces(_ n: Int) {
+        guard n > 0 else { return }
+        at.initialize(repeating: 0x20, count: n)
+        at += n
+    }
+
+    /// A literal; the caller reserved room for it.
+    @inline(__always)
+    mutating func text(_ s: StaticString) {
+        if s.hasPointerRepresentation {
+            bytes(UnsafeBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
+        } else {
+            scalarText(s)
+        }
+    }
+
+    @inline(never)
+    private mutating func scalarText(_ s: StaticString) { s.withUTF8Buffer { bytes($0) } }
+
+    /// `,"name":` (the comma when `comma`).
+    @inline(__always)
+    mutating func jsonKey(_ name: StaticString, comma: Bool) {
+        if comma { byte(UInt8(ascii: ",")) }
+        byte(0x22)
+        text(name)
+        byte(0x22); byte(UInt8(ascii: ":"))
+    }
+
+    @inline(__always)
+    private mutating func pair(_ n: Int) {
+        at[0] = pairs[2 * n]; at[1] = pairs[2 * n + 1]
+        at += 2
+    }
+
+    /// Ports, lengths and small counters (below 100 000) without a digit-counting loop; up to 20 digits.
+    @inline(__always)
+    mutating func unsignedDecimal(_ v: UInt64) {
+        if v < 100 {
+            if v < 10 { byte(0x30 + UInt8(v)) } else { pair(Int(v)) }
+            return
+        }
+        if v < 10_000 {
+            let hi = Int(v / 100), lo = Int(v % 100)
+            if hi >= 10 { pair(hi) } else { byte(0x30 + UInt8(hi)) }
+            pair(lo)
+            return
+        }
+        if v < 100_000 {
+            // Ports above 9999 (ephemeral ports, 15001, 15008).
+            byte(0x30 + UInt8(v / 10_000))
+            pair(Int((v / 100) % 100)); pair(Int(v % 100))
+            return
+        }
+        largeDecimal(v)
+    }
+
+    private mutating func largeDecimal(_ v: UInt64) {
+        // Counted by multiplying up, not dividing down: frame numbers of a big capture come here on every event.
+        var digits = 6
+        var limit: UInt64 = 1_000_000
+        while digits < 20 && v >= limit { digits += 1; limit = limit &* 10 }
+        var i = digits
+        var x = v
+        while x >= 100 {
+            let r = Int(x % 100); x /= 100
+            i -= 2; at[i] = pairs[2 * r]; at[i + 1] = pairs[2 * r + 1]
+        }
+        if x >= 10 {
+            let r = Int(x)
+            i -= 2; at[i] = pairs[2 * r]; at[i + 1] = pairs[2 * r + 1]
+        } else {
+            i -= 1; at[i] = 0x30 + UInt8(x)
+        }
+        at += digits
+    }
+
+    /// Exactly six digits, zero-padded; `v` is below 1 000 000.
+    @inline(__always)
+    mutating func sixDigits(_ v: UInt64) {
+        pair(Int(v / 10_000)); pair(Int((v / 100) % 100)); pair(Int(v % 100))
+    }
+
+    /// Exactly nine digits, zero-padded; `v` is below 1 000 000 000.
+    @inline(__always)
+    mutating func nineDigits(_ v: UInt64) {
+        let rest = v % 100_000_000
+        byte(0x30 + UInt8(v / 100_000_000))
+        pair(Int(rest / 1_000_000)); pair(Int((rest / 10_000) % 100)); pair(Int((rest / 100) % 100)); pair(Int(rest % 100))
+    }
+
+    /// seconds.nanoseconds; `seconds` holds the digits of `t.seconds` when it is not negative
+    /// (`ReportBuffer.secondsDigits`). Takes at most `timestampRoom` bytes.
+    @inline(__always)
+    mutating func timestamp(_ t: Timestamp, seconds: UnsafeBufferPointer<UInt8>) {
+        if t.seconds < 0 {
+            byte(UInt8(ascii: "-")); unsignedDecimal(t.seconds.magnitude)
+        } else {
+            bytes(seconds)
+        }
+        byte(0x2e)
+        nineDigits(UInt64(max(0, t.nanoseconds)))
+    }
+
+    /// 0...255 without a division loop: an IPv4 address is four of these.
+    @inline(__always)
+    private mutating func octet(_ v: UInt32) {
+        if v >= 100 {
+            byte(0x30 + UInt8(v / 100)); pair(Int(v % 100))
+        } else if v >= 10 {
+            pair(Int(v))
+        } else {
+            byte(0x30 + UInt8(v))
+        }
+    }
+
+    /// An IPv4 address (at most 15 bytes), or "-" for none. IPv6 is written by the buffer (`IPAddress.description`).
+    @inline(__always)
+    mutating func address(_ a: IPAddress) {
+        switch a.family {
+        case .v4:
+            let v = a.v4Value
+            octet(v >> 24); byte(0x2e)
+            octet((v >> 16) & 0xff); byte(0x2e)
+            octet((v >> 8) & 0xff); byte(0x2e)
+            octet(v & 0xff)
+        case .v6: break
+        case .none: byte(UInt8(ascii: "-"))
+        }
+    }
+
+    /// tcpdump's letters, as `TCPFlags.description` spells them (at most 6 bytes).
+    @inline(__always)
+    mutating func tcpFlags(_ f: TCPFlags) {
+        if f.rawValue & 0x3f == 0 { text("none"); return }
+        if f.contains(.syn) { byte(UInt8(ascii: "S")) }
+        if f.contains(.fin) { byte(UInt8(ascii: "F")) }
+        if f.contains(.rst) { byte(UInt8(ascii: "R")) }
+        if f.contains(.psh) { byte(UInt8(ascii: "P")) }
+        if f.contains(.urg) { byte(UInt8(ascii: "U")) }
+        if f.contains(.ack) { byte(UInt8(ascii: ".")) }
+    }
 }

@@ -209,12 +209,14 @@ public final class TextReport: ReportSink {
 
     @inline(__always)
     private func eventStart(_ time: Timestamp, base: Int64) {
-        out.text("    +")
-        let d = time.totalNanoseconds - base
-        if d < 0 { out.byte(UInt8(ascii: "-")) }
-        let a = UInt64(abs(d))
-        out.unsignedDecimal(a / 1_000_000_000); out.byte(0x2e); out.sixDigits((a % 1_000_000_000) / 1_000)
-        out.text("  ")
+        out.write(room: 40) { w in
+            w.text("    +")
+            let d = time.totalNanoseconds - base
+            if d < 0 { w.byte(UInt8(ascii: "-")) }
+            let a = UInt64(abs(d))
+            w.unsignedDecimal(a / 1_000_000_000); w.byte(0x2e); w.sixDigits((a % 1_000_000_000) / 1_000)
+            w.text("  ")
+        }
     }
 
     /// "nf:HOOK"; returns its width.
@@ -237,18 +239,40 @@ public final class TextReport: ReportSink {
 
     @inline(__always)
     private func eventPacket(pointWidth: Int, direction: PacketDirection, tuple: FiveTuple, flags: TCPFlags, length: UInt32) {
-        out.spaces(15 - pointWidth)
-        switch direction {
-        case .inbound: out.text("in   ")
-        case .outbound: out.text("out  ")
-        case .unknown: out.text("     ")
+        let pad = max(0, 15 - pointWidth)
+        out.write(room: 5 + pad) { w in
+            w.spaces(pad)
+            switch direction {
+            case .inbound: w.text("in   ")
+            case .outbound: w.text("out  ")
+            case .unknown: w.text("     ")
+            }
         }
-        out.endpoint(tuple.src); out.text(" > "); out.endpoint(tuple.dst)
-        if tuple.proto == IPProto.tcp { out.text("  "); out.tcpFlags(flags) } else {
+        tuplePieces.write(tuple, into: out) { tupleColumns(tuple) }
+        if tuple.proto == IPProto.tcp {
+            out.write(room: 32) { w in
+                w.text("  "); w.tcpFlags(flags)
+                w.text("  len "); w.unsignedDecimal(UInt64(length))
+            }
+        } else {
             out.text("  "); out.text(IPProto.name(tuple.proto))
+            out.text("  len "); out.unsignedDecimal(UInt64(length))
         }
-        out.text("  len "); out.unsignedDecimal(UInt64(length))
     }
+
+    /// `src:port > dst:port`, written once per tuple and copied after that (`tuplePieces`).
+    private func tupleColumns(_ t: FiveTuple) {
+        guard t.src.addr.family != .v6, t.dst.addr.family != .v6 else {
+            out.endpoint(t.src); out.text(" > "); out.endpoint(t.dst)
+            return
+        }
+        out.write(room: 48) { w in
+            w.address(t.src.addr); w.byte(UInt8(ascii: ":")); w.unsignedDecimal(UInt64(t.src.port))
+            w.text(" > ")
+            w.address(t.dst.addr); w.byte(UInt8(ascii: ":")); w.unsignedDecimal(UInt64(t.dst.port))
+        }
+    }
+    private let tuplePieces = TuplePieces()
 
     @inline(__always)
     private func eventEnd(_ notes: DecodeNotes) {
