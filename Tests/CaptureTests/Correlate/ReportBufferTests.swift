@@ -30,6 +30,60 @@ final class ReportBufferTests: XCTestCase {
         XCTAssertEqual(try render { $0.hex(0x539); $0.byte(0x20); $0.hex(0) }, "539 0")
     }
 
+    /// The cursor (`write(room:)`, what the JSON and text event writers use) gives Swift's formatting too, also
+    /// where a stretch's room is reserved across one of the buffer's flushes (~150 KB through a 128 KiB buffer),
+    /// and for timestamps whose seconds change from one to the next, are 0, or are negative.
+    func testCursorStretchesMatchSwiftsFormattingAcrossFlushes() throws {
+        let times = [Timestamp(seconds: 1_795_821_334, nanoseconds: 5_000), Timestamp(seconds: 1_795_821_334, nanoseconds: 999_999_999),
+                     Timestamp(seconds: 1_795_821_335, nanoseconds: 0), Timestamp(seconds: 0, nanoseconds: 7),
+                     Timestamp(seconds: -3, nanoseconds: 500)]
+        var expected = ""
+        let out = try render { b in
+            for i in 0..<6_000 {
+                let t = times[i % times.count]
+                let address = IPAddress(v4: UInt32(truncatingIfNeeded: i &* 2_654_435_761))
+                let number = UInt64(i) &* 7_919 &* UInt64(i % 7 == 0 ? 1_000_003 : 1)
+                let flags = TCPFlags(rawValue: UInt8(i % 64))
+                let seconds = b.secondsDigits(t.seconds)
+                b.write(room: 96) { w in
+                    w.timestamp(t, seconds: seconds); w.byte(0x20)
+                    w.address(address); w.text(" n=")
+                    w.unsignedDecimal(number); w.byte(0x20)
+                    w.sixDigits(UInt64(i % 1_000_000)); w.spaces(i % 3 - 1); w.byte(0x7c)
+                    w.tcpFlags(flags); w.byte(0x0a)
+                }
+                let six = String(i % 1_000_000)
+                expected += "\(t) \(address) n=\(number) \(String(repeating: "0", count: 6 - six.count))\(six)"
+                    + String(repeating: " ", count: max(0, i % 3 - 1)) + "|\(flags)\n"
+            }
+        }
+        XCTAssertGreaterThan(out.utf8.count, 140_000)
+        XCTAssertEqual(out, expected)
+        XCTAssertEqual(try render { b in b.write(room: 4) { $0.address(IPAddress(family: .none, hi: 0, lo: 0)) } }, "-")
+    }
+
+    /// A tuple's bytes are written once and copied while it is among the last few: the copies are the bytes
+    /// written for that tuple (never another slot's), also when more tuples than slots take turns.
+    func testTuplePiecesCopyEachTuplesOwnBytes() throws {
+        let tuples = (0..<9).map { i in
+            FiveTuple(proto: IPProto.tcp, src: Endpoint(IPAddress(v4: 0x0af4_010a), UInt16(40_000 + i)),
+                      dst: Endpoint(i % 2 == 0 ? IPAddress(v4: 0x7f00_0001) : IPAddress("fd00::\(i)")!, 15_001))
+        }
+        let pieces = TuplePieces()
+        var writes = 0
+        func columns(_ b: ReportBuffer, _ t: FiveTuple) {
+            pieces.write(t, into: b) { writes += 1; b.endpoint(t.src); b.text(" > "); b.endpoint(t.dst) }
+            b.byte(0x0a)
+        }
+        // Two tuples taking turns: each written once, then copied.
+        let two = try render { b in for i in 0..<1_000 { columns(b, tuples[i % 2]) } }
+        XCTAssertEqual(two, (0..<1_000).map { "\(tuples[$0 % 2].src) > \(tuples[$0 % 2].dst)\n" }.joined())
+        XCTAssertEqual(writes, 2)
+        // Nine taking turns through six slots: whatever is copied must still be the right tuple's.
+        let nine = try render { b in for i in 0..<900 { columns(b, tuples[(i * 5) % 9]) } }
+        XCTAssertEqual(nine, (0..<900).map { "\(tuples[($0 * 5) % 9].src) > \(tuples[($0 * 5) % 9].dst)\n" }.joined())
+    }
+
     /// Pieces are copied by size class (under 4, 4-7, 8-16 bytes, longer): every length comes out whole.
     func testPiecesOfEveryLengthAreCopiedWhole() throws {
         let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ".utf8)
