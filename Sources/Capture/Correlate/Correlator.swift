@@ -959,8 +959,11 @@ public final class Correlator {
     private func recycle(_ list: inout TimelineEventList) {
         var events = list.events
         list = TimelineEventList(events: [], initiator: list.initiator, context: context)
-        // At most 64 arrays of at most 1024 events (~6.5 MB): a huge --max-events must not park huge arrays.
-        guard spareEventArrays.count < 64, events.capacity <= 1024 else { return }
+        // At most 64 arrays (live: as many as there are open connections, so the spares never outnumber the arrays
+        // in use), of at most 128 events: an array that grew past that (a long connection, a huge --max-events)
+        // is not parked.
+        let bound = options.spareEventArraysFollowOpenConnections ? max(64, open.count) : 64
+        guard spareEventArrays.count < bound, events.capacity <= 128 else { return }
         // The array is ours alone unless a sink kept the list; then emptying it gets new storage of the same size.
         events.removeAll(keepingCapacity: true)
         spareEventArrays.append(events)

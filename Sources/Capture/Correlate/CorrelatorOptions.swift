@@ -18,6 +18,11 @@ public struct CorrelatorOptions: Sendable {
     public var closeLingerNanos: Int64 = 2_000_000_000
     /// How often (capture time) the open connections are checked for the linger and the idle timeouts.
     public var sweepIntervalNanos: Int64 = 1_000_000_000
+    /// Emitted connections' event arrays kept for new connections: at most 64, or (true) as many as there are
+    /// open connections. A live trace emits in bursts, a sweep's worth at a time, and opens connections steadily:
+    /// with 64 kept, most new connections allocated their array (3-7 KB, from glibc's bins rather than its
+    /// per-thread cache) and the app's leg grew it once more.
+    public var spareEventArraysFollowOpenConnections = false
     /// How far apart the two connections of a ztunnel hop may start. Timing is only ever supporting evidence.
     public var hopWindowNanos: Int64 = 2_000_000_000
     /// NFLOG records are stamped on receipt in batches, so a hop's inner connection can appear stamped
@@ -52,6 +57,7 @@ public struct CorrelatorOptions: Sendable {
         var o = CorrelatorOptions()
         o.closeLingerNanos = 500_000_000
         o.sweepIntervalNanos = 250_000_000
+        o.spareEventArraysFollowOpenConnections = true
         return o
     }
 }

@@ -29,7 +29,24 @@ final class AllocationTests: XCTestCase {
         }
     }
 
-    private func allocations(phase: String, preload: String, dir: URL) throws -> Int {
+    /// A live trace emits connections in bursts (a sweep's worth at a time) and opens them steadily: with live
+    /// options, the emitted connections' event arrays are reused by the next ones, so the arrays (over 3 KB each,
+    /// from glibc's bins) are not allocated again per connection. The control is the same stream with at most 64
+    /// arrays kept, the file default: most connections allocate theirs, and grow it once.
+    func testLiveCorrelatorReusesEventArraysAcrossSweeps() throws {
+        try XCTSkipIf(ProcessInfo.processInfo.environment[AllocationTests.phaseVariable] != nil)
+        let preload = [AllocationTests.mallocDebug, "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
+                       "/lib/aarch64-linux-gnu/libc_malloc_debug.so.0"].first { FileManager.default.fileExists(atPath: $0) }
+        try XCTSkipUnless(preload != nil, "glibc's libc_malloc_debug.so is not installed")
+        let dir = try makeTemporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let capped = try allocations(phase: "events-capped", preload: preload!, dir: dir, minimumBytes: 3000)
+        let live = try allocations(phase: "events-live", preload: preload!, dir: dir, minimumBytes: 3000)
+        XCTAssertGreaterThan(capped, 500, "the control: 1000 connections with at most 64 arrays kept")
+        XCTAssertLessThan(live, 50, "live: \(live) event arrays allocated for 1000 connections (control: \(capped))")
+    }
+
+    private func allocations(phase: String, preload: String, dir: URL, minimumBytes: Int = 0) throws -> Int {
         let trace = dir.appendingPathComponent("mtrace.\(phase)")
         let binary = CommandLine.arguments[0]
         let r = try Command.run(["env", "LD_PRELOAD=\(preload)", "MALLOC_TRACE=\(trace.path)",
@@ -39,7 +56,13 @@ final class AllocationTests: XCTestCase {
         XCTAssertTrue(r.stdout.contains("traced \(phase)") || r.stderr.contains("traced \(phase)"), "child \(phase) did not run its loop")
         let text = try String(contentsOf: trace, encoding: .utf8)
         // mtrace lines: "@ caller + 0xADDR 0xSIZE" for malloc, "< / >" pairs for realloc, "- 0xADDR" for free.
-        return text.split(separator: "\n").filter { $0.contains(" + ") || $0.contains(" > ") }.count
+        return text.split(separator: "\n").filter { line in
+            guard line.contains(" + ") || line.contains(" > ") else { return false }
+            guard minimumBytes > 0 else { return true }
+            // The size is the line's last field, in hex.
+            guard let size = line.split(separator: " ").last.flatMap({ Int($0.dropFirst(2), radix: 16) }) else { return false }
+            return size >= minimumBytes
+        }.count
     }
 
     /// Runs only as the child of the test above.
@@ -125,6 +148,35 @@ final class AllocationTests: XCTestCase {
                 checksum &+= UInt64(bytes.count) &+ UInt64(record.tuple.src.port)
             }
             muntrace()
+        case "events-live", "events-capped":
+            // 2000 connections on lo, one a millisecond, 44 packets each (more than an event array's first 32), so
+            // a sweep every 250 ms emits ~250 at once; the second 1000 are traced, once the spares have grown to
+            // the ~500-750 connections the 0.5 s linger keeps open.
+            var f = PacketFactory()
+            let server = PacketFactory.ep("10.244.2.10", 80)
+            var packets: [PacketRecord] = []
+            packets.reserveCapacity(2_000 * 44)
+            for i in 0..<2_000 {
+                let client = PacketFactory.ep("10.244.1.10", UInt16(20_000 + i))
+                packets.append(f.packet(client, server, flags: [.syn], on: lo))
+                packets.append(f.packet(server, client, flags: [.syn, .ack], on: lo))
+                for k in 0..<20 {
+                    packets.append(f.packet(client, server, flags: [.ack, .psh], seq: UInt32(k), payload: 10, on: lo))
+                    packets.append(f.packet(server, client, flags: [.ack], ack: UInt32(k), on: lo))
+                }
+                packets.append(f.packet(client, server, flags: [.fin, .ack], on: lo))
+                packets.append(f.packet(server, client, flags: [.fin, .ack], on: lo))
+                f.advance(micros: 1_000)
+            }
+            var options = CorrelatorOptions.live
+            options.spareEventArraysFollowOpenConnections = phase == "events-live"
+            let sink = DiscardingSink()
+            let correlator = Correlator(tags: f.tags, ruleset: nil, options: options, sink: sink)
+            for i in 0..<(packets.count / 2) { correlator.ingest(inPlace: &packets[i]) }
+            mtrace()
+            for i in (packets.count / 2)..<packets.count { correlator.ingest(inPlace: &packets[i]) }
+            muntrace()
+            checksum = UInt64(sink.events)
         default:
             XCTFail("unknown phase \(phase)")
         }
@@ -148,4 +200,13 @@ final class AllocationTests: XCTestCase {
             (LinkType.nflog, nflog),
         ]
     }
+}
+
+/// Counts what it is given and keeps nothing, so every emitted event array goes back to the correlator.
+private final class DiscardingSink: ReportSink {
+    var events = 0
+    var readsCompactEvents: Bool { true }
+    func connection(_ timeline: ConnectionTimeline) {}
+    func connection(_ timeline: ConnectionTimeline, events list: TimelineEventList) { events += list.events.count }
+    func finish(_ summary: AnalysisSummary) throws {}
 }
