@@ -33,7 +33,9 @@ final class ReportBuffer {
         count += 1
     }
 
-    /// Writes through a cursor into `room` bytes reserved once (see `ReportCursor`); `body` writes at most that.
+    /// Writes through a cursor into `room` bytes reserved once (see `ReportCursor`); `body` writes at most that,
+    /// and `room` is at most half the buffer (the callers' rooms are a few dozen bytes; `bytes` writes a piece
+    /// longer than half the buffer straight to the file).
     @inline(__always)
     func write(room: Int, _ body: (inout ReportCursor) -> Void) {
         reserve(room)
@@ -550,9 +552,11 @@ struct ReportCursor {
         }
     }
 
-    /// An IPv4 address (at most 15 bytes), or "-" for none. IPv6 is written by the buffer (`IPAddress.description`).
+    /// An IPv4 address (at most 15 bytes), or "-" for none. Not IPv6: its text can be 45 bytes, more than the
+    /// callers reserve for an address, so the buffer writes it (`ReportBuffer.address`, `IPAddress.description`).
     @inline(__always)
     mutating func address(_ a: IPAddress) {
+        assert(a.family != .v6, "an IPv6 address is written by the buffer, not the cursor")
         switch a.family {
         case .v4:
             let v = a.v4Value
