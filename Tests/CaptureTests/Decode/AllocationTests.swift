@@ -13,38 +13,38 @@ final class AllocationTests: XCTestCase {
     /// Packets in the files the reading phases go through (building bigger files in a debug build is slow).
     private static let filePackets = 20_000
 
-    func testDecodingAndReadingDoNotAllocatePerPacket() throws {
+    /// The malloc tracer to preload and a scratch folder for the children's traces (removed after `body`); skips
+    /// when this glibc has no libc_malloc_debug, and in the child runs.
+    private func withMallocTracer(_ body: (String, URL) throws -> Void) throws {
         try XCTSkipIf(ProcessInfo.processInfo.environment[AllocationTests.phaseVariable] != nil)
         let preload = [AllocationTests.mallocDebug, "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
                        "/lib/aarch64-linux-gnu/libc_malloc_debug.so.0"].first { FileManager.default.fileExists(atPath: $0) }
         try XCTSkipUnless(preload != nil, "glibc's libc_malloc_debug.so is not installed")
         let dir = try makeTemporaryDirectory()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let control = try allocations(phase: "control", preload: preload!, dir: dir)
+        try body(preload!, dir)
+    }
+
+    func testDecodingAndReadingDoNotAllocatePerPacket() throws { try withMallocTracer { preload, dir in
+        let control = try allocations(phase: "control", preload: preload, dir: dir)
         XCTAssertGreaterThanOrEqual(control, 1000, "the control loop allocates once per iteration: the counter must see it")
         for phase in ["decode", "file", "merged", "pcapng"] {
-            let n = try allocations(phase: phase, preload: preload!, dir: dir)
+            let n = try allocations(phase: phase, preload: preload, dir: dir)
             // A few allocations from other threads may land in the window; one per packet would be 100k.
             XCTAssertLessThan(n, 100, "\(phase): \(n) allocations while handling \(phase == "decode" ? AllocationTests.iterations : AllocationTests.filePackets) packets")
         }
-    }
+    } }
 
     /// A live trace emits connections in bursts (a sweep's worth at a time) and opens them steadily: with live
     /// options, the emitted connections' event arrays are reused by the next ones, so the arrays (over 3 KB each,
     /// from glibc's bins) are not allocated again per connection. The control is the same stream with at most 64
     /// arrays kept, the file default: most connections allocate theirs, and grow it once.
-    func testLiveCorrelatorReusesEventArraysAcrossSweeps() throws {
-        try XCTSkipIf(ProcessInfo.processInfo.environment[AllocationTests.phaseVariable] != nil)
-        let preload = [AllocationTests.mallocDebug, "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
-                       "/lib/aarch64-linux-gnu/libc_malloc_debug.so.0"].first { FileManager.default.fileExists(atPath: $0) }
-        try XCTSkipUnless(preload != nil, "glibc's libc_malloc_debug.so is not installed")
-        let dir = try makeTemporaryDirectory()
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let capped = try allocations(phase: "events-capped", preload: preload!, dir: dir, minimumBytes: 3000)
-        let live = try allocations(phase: "events-live", preload: preload!, dir: dir, minimumBytes: 3000)
+    func testLiveCorrelatorReusesEventArraysAcrossSweeps() throws { try withMallocTracer { preload, dir in
+        let capped = try allocations(phase: "events-capped", preload: preload, dir: dir, minimumBytes: 3000)
+        let live = try allocations(phase: "events-live", preload: preload, dir: dir, minimumBytes: 3000)
         XCTAssertGreaterThan(capped, 500, "the control: 1000 connections with at most 64 arrays kept")
         XCTAssertLessThan(live, 50, "live: \(live) event arrays allocated for 1000 connections (control: \(capped))")
-    }
+    } }
 
     private func allocations(phase: String, preload: String, dir: URL, minimumBytes: Int = 0) throws -> Int {
         let trace = dir.appendingPathComponent("mtrace.\(phase)")
