@@ -87,9 +87,7 @@ final class ReportBuffer {
     @inline(__always)
     func spaces(_ n: Int) {
         guard n > 0 else { return }
-        reserve(n)
-        for i in 0..<n { base[count + i] = 0x20 }
-        count += n
+        write(room: n) { $0.spaces(n) }
     }
 
     func decimal<T: BinaryInteger>(_ v: T) {

@@ -223,18 +223,8 @@ public final class TextReport: ReportSink {
     @inline(__always)
     private func hookName(_ hook: NetfilterHook) -> Int {
         out.text("nf:")
-        let name: StaticString
-        switch hook {
-        case .prerouting: name = "PREROUTING"
-        case .input: name = "INPUT"
-        case .forward: name = "FORWARD"
-        case .output: name = "OUTPUT"
-        case .postrouting: name = "POSTROUTING"
-        case .ingress: name = "INGRESS"
-        case .unknown: name = "?"
-        }
-        out.text(name)
-        return 3 + name.utf8CodeUnitCount
+        out.text(hook.name)
+        return 3 + hook.name.utf8CodeUnitCount
     }
 
     @inline(__always)

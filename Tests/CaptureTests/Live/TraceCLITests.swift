@@ -81,14 +81,14 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
-    /// `--rules-only` (or `--no-capture`): the rule hits and no packet capture. Traffic on the netns's lo (a refused
-    /// TCP connection) hits the mangle OUTPUT/PREROUTING jumps' twins either way; only the default captures packets.
     /// The number right before `label` in the text summary's `trace:` line ("…, 920000 NFLOG events, …").
     static func summaryCount(_ label: String, in line: String) -> Int? {
         guard let r = line.range(of: " \(label)") else { return nil }
         return Int(line[..<r.lowerBound].split(separator: " ").last ?? "")
     }
 
+    /// `--rules-only` (or `--no-capture`): the rule hits and no packet capture. Traffic on the netns's lo (a refused
+    /// TCP connection) hits the mangle OUTPUT/PREROUTING jumps' twins either way; only the default captures packets.
     func testRulesOnlyReportsRuleHitsWithoutCapturingPackets() throws {
         let ns = try seededNetns()
         func traced(_ extra: [String]) throws -> String {
