@@ -10,7 +10,9 @@ import Glibc
 ///
 /// Untraced and traced runs alternate (U T U T ... U), and each traced run is judged against the mean of the
 /// untraced runs either side of it: on a shared machine the rate drifts with the neighbours' load, and a
-/// single U T U sequence mostly measured that drift. The ratio reported is the median of the rounds.
+/// single U T U sequence mostly measured that drift. The ratio reported is the median of the rounds. Each round
+/// also runs the load while tcpdump collects the same twins and packets (D, judged the same way), so the run
+/// reads U T U D U T U D ... U and says what the live timelines cost beyond collecting the raw records.
 final class TraceBenchmark: KernelTestCase {
     struct TracedRun {
         var load: ConnectionLoad.Result
@@ -25,6 +27,17 @@ final class TraceBenchmark: KernelTestCase {
         /// CPU seconds of the lab, the load and meshtrace during the load (see `labCPU`).
         var cpu: Double
         var meshtraceCPU: Double
+    }
+
+    /// A run of the load while tcpdump collects the same twins' NFLOG group and the pod's packets into files.
+    struct DumpRun {
+        var load: ConnectionLoad.Result
+        var nflogCaptured: Int
+        var kernelTotal: UInt64
+        var packetsCaptured: Int
+        var packetsDropped: Int
+        var cpu: Double
+        var tcpdumpCPU: Double
     }
 
     /// CPU seconds (user + system) used so far by the processes in the lab's namespaces (the ztunnel and app
@@ -127,10 +140,22 @@ final class TraceBenchmark: KernelTestCase {
         // MESHTRACE_BENCH_COMPARE=PATH (scripts/bench-trace --compare): odd rounds trace with that build instead,
         // so two builds are judged in one run, on the same drift, against the same untraced runs.
         let compare = env["MESHTRACE_BENCH_COMPARE"].flatMap { $0.isEmpty ? nil : $0 }
+        // The same twins collected by tcpdump instead (what `meshtrace plan` leads to): every round also runs
+        // U D, so the sequence is U T U D U T U D ... U. MESHTRACE_BENCH_TCPDUMP=0 leaves those runs out.
+        let tcpdump = env["MESHTRACE_BENCH_TCPDUMP"] == "0" ? nil : Command.which("tcpdump")
+        var dumped: [DumpRun] = []
+        // Where each traced and each tcpdump run sits among the untraced runs: after untraced run i, before i + 1.
+        var tracedAfter: [Int] = [], dumpedAfter: [Int] = []
         for round in 0..<rounds {
             let tracer = compare != nil && round % 2 == 1 ? compare! : executable
+            tracedAfter.append(untracedRuns.count - 1)
             traced.append(try tracedRun(lab: lab, target: target, count: count, workers: workers, executable: tracer, env: env))
             untracedRuns.append(try untracedRun())
+            if let tcpdump {
+                dumpedAfter.append(untracedRuns.count - 1)
+                dumped.append(try tcpdumpRun(lab: lab, target: target, count: count, workers: workers, tcpdump: tcpdump))
+                untracedRuns.append(try untracedRun())
+            }
         }
         let untraced = untracedRuns.map(\.0)
 
@@ -143,7 +168,7 @@ final class TraceBenchmark: KernelTestCase {
         print("bench-trace: \(executable)")
         print("bench-trace: connections per run \(count), workers \(workers), rounds \(rounds), failures untraced \(untraced.reduce(0) { $0 + $1.failures }), traced \(traced.reduce(0) { $0 + $1.load.failures })")
         for (i, t) in traced.enumerated() {
-            let before = untraced[i].rate, after = untraced[i + 1].rate
+            let before = untraced[tracedAfter[i]].rate, after = untraced[tracedAfter[i] + 1].rate
             let ratio = t.load.rate / ((before + after) / 2)
             ratios.append(ratio)
             print("bench-trace: round \(i + 1): untraced \(f(before)) / \(f(after)) conn/s, traced \(f(t.load.rate)) conn/s, ratio \(String(format: "%.2f", ratio)); \(t.said)")
@@ -160,10 +185,34 @@ final class TraceBenchmark: KernelTestCase {
         }
         let ratio = median(ratios)
         // The spread of the rounds, so one run's median can be read against its noise: the middle half of them.
-        let sorted = ratios.sorted()
-        let quartiles = sorted.count >= 4
-            ? String(format: "; middle half of the rounds %.2f-%.2f", sorted[sorted.count / 4], sorted[(3 * sorted.count - 1) / 4]) : ""
-        print("bench-trace: ratio \(String(format: "%.2f", ratio)) (median of \(rounds) rounds\(quartiles); target >= 0.80)")
+        func middleHalf(_ xs: [Double]) -> String {
+            let sorted = xs.sorted()
+            return sorted.count >= 4
+                ? String(format: "; middle half of the rounds %.2f-%.2f", sorted[sorted.count / 4], sorted[(3 * sorted.count - 1) / 4]) : ""
+        }
+        print("bench-trace: ratio \(String(format: "%.2f", ratio)) (median of \(rounds) rounds\(middleHalf(ratios)); target >= 0.80)")
+        var dumpRatios: [Double] = []
+        for (i, d) in dumped.enumerated() {
+            let before = untraced[dumpedAfter[i]].rate, after = untraced[dumpedAfter[i] + 1].rate
+            let r = d.load.rate / ((before + after) / 2)
+            dumpRatios.append(r)
+            print("bench-trace: tcpdump round \(i + 1): untraced \(f(before)) / \(f(after)) conn/s, collected \(f(d.load.rate)) conn/s, "
+                  + "ratio \(String(format: "%.2f", r)); tcpdump CPU \(String(format: "%.2f", d.tcpdumpCPU)) s, \(d.nflogCaptured) of the "
+                  + "twins' \(d.kernelTotal) NFLOG events and \(d.packetsCaptured) packets written (\(d.packetsDropped) dropped by the kernel)")
+        }
+        if !dumped.isEmpty {
+            // The standard tool doing the collection half of the job: the same twins (batched as `trace` has them),
+            // `tcpdump -i nflog:G -w` and `tcpdump -i any -w` into tmpfs, nothing decoded or correlated. Its ratio is
+            // what the kernel's share and writing the raw records cost; meshtrace's over it is the price of the
+            // live timelines.
+            let n = Double(count)
+            let dumpRatio = median(dumpRatios)
+            let lost = dumped.reduce(0) { $0 + max(Int($1.kernelTotal) - $1.nflogCaptured, 0) }
+            print("bench-trace: tcpdump collecting the same twins and capture to files: ratio \(String(format: "%.2f", dumpRatio)) "
+                  + "(median of \(dumped.count) rounds\(middleHalf(dumpRatios))), CPU per connection \(f(median(dumped.map { $0.cpu / n }) * 1e6)) µs "
+                  + "(tcpdump itself \(f(median(dumped.map { $0.tcpdumpCPU / n }) * 1e6)) µs), NFLOG events lost \(lost); "
+                  + "meshtrace's ratio / tcpdump's \(String(format: "%.2f", ratio / dumpRatio))")
+        }
         // The same question asked of CPU time instead of the wall clock: the load is CPU-bound, so the rate
         // ratio on an otherwise idle machine is about the untraced CPU per connection over the traced. This one
         // does not move with the neighbours' load.
@@ -254,6 +303,77 @@ final class TraceBenchmark: KernelTestCase {
                          perPrefix: kernel.sorted { $0.value > $1.value }.filter { $0.value > 0 }.map { ($0.key, $0.value) },
                          said: said.hasPrefix("meshtrace: ") ? String(said.dropFirst("meshtrace: ".count)) : said,
                          cpu: cpu, meshtraceCPU: tracerCPU)
+    }
+}
+
+extension TraceBenchmark {
+    /// One run of the load while the standard tools collect what `meshtrace trace` reads: the same twins and
+    /// observation points (installed by meshtrace's instrumenter, batched as `trace` has them: no per-rule
+    /// threshold, so tcpdump's NFLOG instance batches with the kernel's defaults), `tcpdump -i nflog:G -w` and
+    /// `tcpdump -i any -w` started in the pod's netns, their files on tmpfs like the trace's JSON.
+    func tcpdumpRun(lab: LabTopology, target: Endpoint, count: Int, workers: Int, tcpdump: String) throws -> DumpRun {
+        let group: UInt16 = 5602
+        var settings = InstrumentationSettings(group: group)
+        settings.perRuleThreshold = nil
+        let instrumenter = Instrumenter(netns: lab.client.ref, settings: settings, parse: Instrumenter.parseHome)
+        _ = try instrumenter.install()
+        defer { XCTAssertNoThrow(try instrumenter.remove()) }
+        let directory = FileManager.default.isWritableFile(atPath: "/dev/shm") ? "/dev/shm/" : NSTemporaryDirectory()
+        let stem = directory + "mt-bench-\(getpid())"
+        var dumps: [(Process, String)] = []
+        defer {
+            for (p, err) in dumps {
+                if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+                try? FileManager.default.removeItem(atPath: err)
+            }
+            for suffix in ["-nflog.pcap", "-any.pcap"] { try? FileManager.default.removeItem(atPath: stem + suffix) }
+        }
+        // 64 MiB of ring for the capture, as the trace's; -Z root: the files stay writable where they are.
+        for (interface, suffix) in [("nflog:\(group)", "-nflog.pcap"), ("any", "-any.pcap")] {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/nsenter")
+            p.arguments = ["--net=\(lab.client.ref.path)", tcpdump, "-Z", "root", "-B", "65536", "-i", interface, "-w", stem + suffix]
+            let err = stem + suffix + ".err"
+            FileManager.default.createFile(atPath: err, contents: nil)
+            p.standardError = try XCTUnwrap(FileHandle(forWritingAtPath: err))
+            p.standardOutput = FileHandle.nullDevice
+            try p.run()
+            dumps.append((p, err))
+        }
+        func stderr(_ i: Int) -> String { (try? String(contentsOfFile: dumps[i].1, encoding: .utf8)) ?? "" }
+        let deadline = Date().addingTimeInterval(30)
+        while !(0..<dumps.count).allSatisfy({ stderr($0).contains("listening on") }) {
+            guard dumps.allSatisfy({ $0.0.isRunning }), Date() < deadline else {
+                throw MeshtraceError(.kernelRefused, "tcpdump did not start: \(stderr(0)) \(stderr(1))")
+            }
+            usleep(50_000)
+        }
+        usleep(200_000)
+        let pids = dumps.map { $0.0.processIdentifier }
+        let cpuBefore = TraceBenchmark.cpuSeconds(lab, extra: pids)
+        let dumpBefore = pids.reduce(0.0) { $0 + TraceBenchmark.processCPU($1) }
+        let t = try ConnectionLoad.run(in: lab.client.ref, to: target, count: count, workers: workers)
+        usleep(300_000)
+        let cpu = TraceBenchmark.cpuSeconds(lab, extra: pids) - cpuBefore
+        let dumpCPU = pids.reduce(0.0) { $0 + TraceBenchmark.processCPU($1) } - dumpBefore
+        // NFLOG's instance holds events up to a second (the kernel's default flush timeout): let them arrive
+        // before the counters are read and tcpdump is stopped.
+        usleep(1_200_000)
+        let kernel = try instrumenter.kernelCounters().values.reduce(0, +)
+        for (p, _) in dumps { kill(p.processIdentifier, SIGINT) }
+        for (p, _) in dumps { p.waitUntilExit() }
+        // "N packets captured" and "M packets dropped by kernel", tcpdump's last words.
+        func number(_ label: String, in text: String) -> Int {
+            for line in text.split(separator: "\n") where line.hasSuffix(label) {
+                if let n = Int(line.split(separator: " ").first ?? "") { return n }
+            }
+            return -1
+        }
+        let nflog = stderr(0), any = stderr(1)
+        return DumpRun(load: t, nflogCaptured: number("packets captured", in: nflog), kernelTotal: kernel,
+                       packetsCaptured: number("packets captured", in: any),
+                       packetsDropped: number("packets dropped by kernel", in: any),
+                       cpu: cpu, tcpdumpCPU: dumpCPU)
     }
 }
 
