@@ -24,7 +24,7 @@ struct Trace: ParsableCommand {
     @Option(name: .long, help: "NFLOG group for the twins (not 0; must be free in the pod's netns).")
     var group: UInt16 = 5153
 
-    @Option(name: .long, help: "tcpdump-syntax filter for the packet capture (compiled by libpcap).")
+    @Option(name: .long, help: "tcpdump-syntax filter selecting the connections to show: one is shown, whole, with its ztunnel legs, when any of its packets (captured, or in an NFLOG event, in any NAT view) matches. Compiled by libpcap.")
     var filter: String?
 
     @Option(name: [.customShort("w"), .long], help: "Write the captured packets to this pcap file (LINUX_SLL, all interfaces).")

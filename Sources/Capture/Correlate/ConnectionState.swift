@@ -145,6 +145,8 @@ struct InitiatorKey: Hashable {
 
 final class ConnectionState {
     var timeline: ConnectionTimeline
+    /// Some packet of it was selected (`PacketRecord.selected`): shown when the correlator shows only those.
+    var selected = false
     /// Every flow key this connection is registered under (original, post-NAT).
     var keys: [FlowKey] = []
     var initiator: Endpoint

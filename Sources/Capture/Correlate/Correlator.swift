@@ -80,6 +80,7 @@ public final class Correlator {
             }
         }
         redirectTargetPorts = ports
+        if options.showsOnlySelected { summary.connectionsFilteredOut = 0 }
     }
 
     deinit {
@@ -442,6 +443,7 @@ public final class Correlator {
         // Counters: every event is a packet seen; bytes only from interface captures, since an NFLOG record
         // repeats a packet an interface capture also shows (`-i any` shows a lo packet once, as incoming).
         c.timeline.packets += 1
+        if r.selected { c.selected = true }
         if point.kind == .interface {
             c.timeline.bytes &+= UInt64(r.ipLength != 0 ? r.ipLength : r.wireLength)
             if forward { c.payloadForward &+= UInt64(r.payloadLength) } else { c.payloadReply &+= UInt64(r.payloadLength) }
@@ -811,6 +813,7 @@ public final class Correlator {
         }
         let room = options.maxEventsPerConnection - keep.events.count
         if room > 0 { keep.events.append(contentsOf: gone.events.prefix(room)) }
+        keep.selected = keep.selected || gone.selected
         keep.sawNetfilterEvent = keep.sawNetfilterEvent || gone.sawNetfilterEvent
         keep.sawInterfaceEvent = keep.sawInterfaceEvent || gone.sawInterfaceEvent
         keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.events.count - max(0, room))
@@ -945,11 +948,22 @@ public final class Correlator {
         }
         let (kind, findings) = classify(c)
         t.kind = kind
+        // With a filter: shown when a packet of its own matched, or one of a connection a hop joins it to (the
+        // app's connection and ztunnel's leg for it are shown together, whichever matched).
+        let shown = !options.showsOnlySelected || c.selected || c.hopLinks.contains { $0.outer.selected || $0.inner.selected }
+        if !shown {
+            // Both ends of a plain hop are hidden together: counted once, from the outer side.
+            summary.hops -= c.hopLinks.reduce(0) { $0 + ($1.outer === c ? 1 : 0) }
+        }
         c.hopLinks = []
-        summary.connections += 1
-        sink.connection(t, events: events)
+        if shown {
+            summary.connections += 1
+            sink.connection(t, events: events)
+        } else {
+            summary.connectionsFilteredOut = (summary.connectionsFilteredOut ?? 0) + 1
+        }
         recycle(&events)
-        for f in findings { report(f) }
+        if shown { for f in findings { report(f) } }
     }
 
     /// Emitted connections' event arrays, emptied, for new connections: one allocation (and its growth) saved per

@@ -44,6 +44,10 @@ public struct CorrelatorOptions: Sendable {
         IPAddress("169.254.7.127")!, IPAddress("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")!,
     ]
 
+    /// Show only connections with a selected packet (`PacketRecord.selected`, set by `trace --filter`), and the
+    /// connections joined to them by a ztunnel hop; the others are counted in `connectionsFilteredOut`.
+    public var showsOnlySelected = false
+
     /// Findings kept in the summary; later ones are still sent to the sinks and counted.
     public var maxFindingsKept = 10_000
 

@@ -229,6 +229,9 @@ public struct AnalysisSummary: Sendable {
     public var findingsOmitted: Int = 0
     /// The pod's addresses the analysis used (given with `--pod-ip`, or inferred from the traffic).
     public var podAddresses: [IPAddress] = []
+    /// Connections not shown because no packet of theirs matched `--filter` (nil without a filter); `connections`
+    /// counts the shown ones.
+    public var connectionsFilteredOut: Int? = nil
     public init() {}
     public var escapes: Int { findings.filter(\.isEscape).count }
 }

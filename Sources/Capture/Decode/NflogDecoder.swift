@@ -122,6 +122,15 @@ extension PacketDecoder {
         IPDecoder.decode(version: version, &p, into: &record)
     }
 
+    /// The IP packet an NFLOG message carries (NFULA_PAYLOAD), or nil when it has none.
+    public static func nflogPayload(in tlvs: UnsafeRawBufferPointer, byteOrder: ByteOrder) -> UnsafeRawBufferPointer? {
+        var attrs = NetlinkAttributes(ByteReader(tlvs), order: byteOrder)
+        while let (type, value) = attrs.next() {
+            if type == NFULA.payload { return value.rest }
+        }
+        return nil
+    }
+
     private func be32(_ v: inout ByteReader, _ record: inout PacketRecord) -> UInt32? {
         guard let x = v.be32() else {
             record.notes.insert(.badNflogTLV)

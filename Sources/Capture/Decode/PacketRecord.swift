@@ -424,6 +424,9 @@ public struct PacketRecord: Sendable {
     public var nflogFields = NflogMeta()
     /// True for NFLOG records.
     public var hasNflog = false
+    /// Whether the packet selects its connection for showing (`trace --filter`). True unless a filter said no:
+    /// without a filter every connection is shown.
+    public var selected = true
     public var notes: DecodeNotes = []
     /// Interface index from the link layer when it carries one (LINUX_SLL2), else 0.
     public var ifindex: UInt32 = 0

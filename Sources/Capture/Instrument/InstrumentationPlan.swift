@@ -17,7 +17,7 @@ public struct InstrumentationSettings: Sendable, Hashable {
     public var observe: Bool = true
     /// `--nflog-threshold` / `queue-threshold` on each twin: 1 sends every event at once (what `plan` writes,
     /// for tcpdump, whose NFLOG instance would otherwise wait up to a second); nil leaves batching to the
-    /// listener's instance settings (what `trace` uses: up to 16 events per message, 10 ms at most).
+    /// listener's instance settings (what `trace` uses: up to 256 events or 64 KiB per message, 10 ms at most).
     public var perRuleThreshold: Int? = 1
 
     public init(group: UInt16 = 5153, snaplen: Int = 128, observe: Bool = true) {

@@ -15,7 +15,8 @@ public struct TraceOptions: Sendable {
     /// Stop after this many seconds (nil: until SIGINT/SIGTERM/SIGHUP).
     public var duration: Double? = nil
     public var group: UInt16 = 5153
-    /// tcpdump-syntax filter for the libpcap capture (the NFLOG twins see everything the rules see).
+    /// tcpdump-syntax filter selecting the connections to show (`ConnectionFilter`): one is shown when any of its
+    /// packets, captured or carried by an NFLOG event, matches. Everything is still read and counted.
     public var filter: String? = nil
     /// Write the libpcap capture (the `any` device, LINUX_SLL) here.
     public var writePath: String? = nil
@@ -123,6 +124,8 @@ public final class LiveTracer: @unchecked Sendable {
     /// REDIRECT/DNAT hits that got their entry: every entry the query found was given to the hit that asked.
     private var conntrackJoins: UInt64 { conntrackQuery?.found ?? 0 }
     private var trace: TraceJoiner?
+    /// `--filter`: marks each record read as selecting its connection or not (`PacketRecord.selected`).
+    private var filter: ConnectionFilter?
     /// A `let`: as a `var` every use per record retained and released it (the property could be reassigned).
     private let pending = PendingRecords(capacity: 1 << 14)
     /// NFLOG events per prefix id, counted for every record: plain memory, not an Array property (whose every
@@ -189,6 +192,8 @@ public final class LiveTracer: @unchecked Sendable {
     /// `reporter` receives the timelines as connections finish (on the netns thread) and is not finished here:
     /// the caller adds what it prints after the outcome.
     public func run(reporter: Reporter) throws -> TraceOutcome {
+        // A bad --filter is a usage error before anything is opened or touched.
+        if let expression = options.filter, !expression.isEmpty { filter = try ConnectionFilter(expression) }
         try Command.requireRoot("meshtrace trace")
         self.reporter = reporter
         pending.keepFrames(reporter.wantsPackets)
@@ -227,7 +232,9 @@ public final class LiveTracer: @unchecked Sendable {
             try? instrumenter.removeIfInstalled()
             throw error
         }
-        correlator = Correlator(tags: tags, ruleset: instrumenter.ruleset, options: options.correlator, sink: reporter)
+        var correlatorOptions = options.correlator
+        correlatorOptions.showsOnlySelected = filter != nil
+        correlator = Correlator(tags: tags, ruleset: instrumenter.ruleset, options: correlatorOptions, sink: reporter)
         proceed.signal()
         onReady?()
 
@@ -344,8 +351,11 @@ public final class LiveTracer: @unchecked Sendable {
             }
             if !groups.isEmpty { events = try NetfilterEventSocket(groups: groups) }
             if options.capturePackets {
-                pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, filter: options.filter,
+                // `--filter` selects connections, so the capture keeps every packet (a matching connection's lo leg
+                // after a REDIRECT would not match `port 80`); the filter runs on each record as it is read.
+                pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, filter: nil,
                                           writePath: options.writePath)
+                if let pcap { try filter?.prepare(captureLinkType: pcap.linkType) }
             }
         } catch {
             openFailure = error
@@ -440,6 +450,8 @@ public final class LiveTracer: @unchecked Sendable {
                     if subsystem == NetfilterNetlink.subsysNftables, message == NetfilterNetlink.nftMsgTrace,
                        let trace, let step = trace.record(attrs, family: family, into: &record) {
                         _ = step
+                        // TRACE steps follow packets the NFLOG events and the capture already judged.
+                        record.selected = filter == nil
                         hold(&record, frame: nil, linkType: LinkType.raw)
                     }
                 }
@@ -447,7 +459,8 @@ public final class LiveTracer: @unchecked Sendable {
             if !emptied { drained = false }
         }
         if let nflog, isReady(nflog.fd) {
-            let (records, emptied) = nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
+            let (records, emptied) = nflog.drain(limit: 64, slot: freeSlot) { rec, tlvs in
+                if let filter { rec.pointee.selected = filter.matches(nflogAttributes: tlvs) }
                 commit(frame: tlvs, linkType: LinkType.nflog)
             }
             got += records
@@ -455,6 +468,7 @@ public final class LiveTracer: @unchecked Sendable {
         }
         if let legacyTrace, isReady(legacyTrace.fd) {
             let (records, emptied) = legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
+                rec.pointee.selected = filter == nil
                 if trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true { commit(frame: nil, linkType: LinkType.raw) }
             }
             got += records
@@ -462,7 +476,8 @@ public final class LiveTracer: @unchecked Sendable {
         }
         if let pcap {
             let link = pcap.linkType
-            let frames = pcap.drain(limit: 4096, slot: freeSlot) { _, frame in
+            let frames = pcap.drain(limit: 4096, slot: freeSlot) { rec, frame in
+                if let filter { rec.pointee.selected = filter.matches(frame: frame, wireLength: rec.pointee.wireLength) }
                 commit(frame: frame, linkType: link)
             }
             got += frames

@@ -9,7 +9,9 @@ public enum TraceSummaryText {
         let s = outcome.summary
         out.append("trace: \(String(format: "%.1f", outcome.seconds)) s (meshtrace CPU \(String(format: "%.2f", outcome.cpuSeconds)) s, \(outcome.readerPrioritySaid)), \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets captured"
                    + (outcome.traceSteps > 0 ? ", \(outcome.traceSteps) TRACE steps" : "")
-                   + ", \(s.connections) connections, \(s.hops) ztunnel hops, \(s.escapes) escapes")
+                   + ", \(s.connections) connections"
+                   + (s.connectionsFilteredOut.map { " (\($0) more not matching --filter)" } ?? "")
+                   + ", \(s.hops) ztunnel hops, \(s.escapes) escapes")
         out.append("rule hits (meshtrace / kernel counter):")
         var ourTotal = 0, kernelTotal: UInt64 = 0
         for twin in outcome.plan.twins {

@@ -302,6 +302,7 @@ public final class JSONReport: ReportSink {
         key("packets"); out.decimal(s.packets)
         key("nflog_records"); out.decimal(s.nflogRecords)
         key("connections"); out.decimal(s.connections)
+        if let hidden = s.connectionsFilteredOut { key("connections_filtered_out"); out.decimal(hidden) }
         key("hops"); out.decimal(s.hops)
         key("escapes"); out.decimal(s.escapes)
         key("by_design"); out.decimal(s.findings.count - s.escapes)

@@ -372,7 +372,11 @@ public final class TextReport: ReportSink {
         }
         styled(Style.heading, "Totals"); out.byte(0x0a)
         out.text("  "); out.decimal(s.packets); out.text(" packets ("); out.decimal(s.nflogRecords); out.text(" NFLOG records), ")
-        out.decimal(s.connections); out.text(s.connections == 1 ? " connection, " : " connections, ")
+        out.decimal(s.connections); out.text(s.connections == 1 ? " connection" : " connections")
+        if let hidden = s.connectionsFilteredOut {
+            out.text(" ("); out.decimal(hidden); out.text(" more not matching --filter)")
+        }
+        out.text(", ")
         out.decimal(s.hops); out.text(s.hops == 1 ? " ztunnel hop joined\n" : " ztunnel hops joined\n")
         let byDesign = s.findings.count - s.escapes
         out.text("  ")

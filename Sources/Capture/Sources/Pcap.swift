@@ -257,6 +257,36 @@ public final class PcapHandle: @unchecked Sendable {
 
 /// Writes a classic pcap file with `pcap_dump` (what `-w` produces; pcapng with comments is the report
 /// stage's own writer). Nanosecond files by default, so timestamps survive exactly.
+/// A tcpdump-syntax filter compiled by libpcap for one link type and run in userspace on bytes already read
+/// (pcap_offline_filter): how `trace --filter` decides which connections to show.
+public final class PcapFilterProgram: @unchecked Sendable {
+    private var program = bpf_program()
+    public let linkType: Int32
+
+    /// Compiles `expression` for frames of `linkType` (a DLT value). A bad expression is a usage error.
+    public init(_ expression: String, linkType: Int32) throws {
+        self.linkType = linkType
+        guard let dead = pcap_open_dead(linkType, 262_144) else {
+            throw MeshtraceError(.kernelRefused, "libpcap could not open a handle to compile the filter")
+        }
+        defer { pcap_close(dead) }
+        guard pcap_compile(dead, &program, expression, 1, PCAP_NETMASK_UNKNOWN) == 0 else {
+            throw MeshtraceError(.usage, "bad filter '\(expression)': \(String(cString: pcap_geterr(dead)))")
+        }
+    }
+
+    deinit { pcap_freecode(&program) }
+
+    /// Whether the frame passes the filter. `wireLength` is the packet's length before any snaplen cut.
+    public func matches(_ bytes: UnsafeRawBufferPointer, wireLength: UInt32) -> Bool {
+        guard let base = bytes.baseAddress else { return false }
+        var header = pcap_pkthdr()
+        header.caplen = UInt32(bytes.count)
+        header.len = max(wireLength, UInt32(bytes.count))
+        return pcap_offline_filter(&program, &header, base.assumingMemoryBound(to: UInt8.self)) != 0
+    }
+}
+
 public final class PcapDumpWriter: @unchecked Sendable {
     private var dead: OpaquePointer?
     private var dumper: OpaquePointer?

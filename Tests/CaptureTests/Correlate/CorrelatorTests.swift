@@ -486,4 +486,100 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(sink.timelines.first?.droppedEvents, 15)
         XCTAssertEqual(sink.timelines.first?.packets, 25)
     }
+
+    // MARK: - Showing only selected connections (`trace --filter`)
+
+    /// The outbound scenario plus a DNS query, with `selected` set as a filter on `which` would set it.
+    func selectedScenario(showsOnlySelected: Bool = true, _ which: (PacketRecord) -> Bool) -> (CollectingSink, AnalysisSummary) {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        var packets = Self.outboundScenario(&f, ruleset: rules)
+        let resolver = PacketFactory.ep("10.96.0.10", 53), client = PacketFactory.ep("10.0.1.5", 33333)
+        packets.append(f.packet(client, resolver, proto: IPProto.udp, payload: 30, on: eth0, direction: .outbound))
+        f.advance(micros: 200)
+        packets.append(f.packet(resolver, client, proto: IPProto.udp, payload: 60, on: eth0, direction: .inbound))
+        for i in packets.indices { packets[i].selected = which(packets[i]) }
+        var options = CorrelatorOptions()
+        options.showsOnlySelected = showsOnlySelected
+        return correlate(packets, tags: f.tags, ruleset: rules, options: options)
+    }
+
+    func testAFilterShowsTheMatchingConnectionWholeWithItsHopAndHidesTheRest() throws {
+        // `port 80` matches only the app's pre-NAT event: its lo leg (to 127.0.0.1:15001) and ztunnel's HBONE
+        // connection do not match, and are shown all the same.
+        let (sink, summary) = selectedScenario { $0.tuple.dst.port == 80 || $0.tuple.src.port == 80 }
+        let app = try XCTUnwrap(sink.timeline(.appOutbound))
+        XCTAssertTrue(app.events.contains { $0.point.isLoopback && $0.tuple.dst == capture15001 }, "the lo leg is part of the shown connection")
+        let hbone = try XCTUnwrap(sink.timeline(.hboneOutbound), "the hop's inner connection is shown with the app's")
+        // Shown whole: the same events as without a filter.
+        let (unfiltered, _) = selectedScenario(showsOnlySelected: false) { _ in false }
+        XCTAssertEqual(app.events.map(\.frame), unfiltered.timeline(.appOutbound)?.events.map(\.frame))
+        XCTAssertEqual(hbone.events.map(\.frame), unfiltered.timeline(.hboneOutbound)?.events.map(\.frame))
+        XCTAssertEqual(unfiltered.timelines.count, 3)
+        XCTAssertFalse(sink.timelines.contains { $0.original.proto == IPProto.udp }, "the DNS query matched nothing")
+        XCTAssertEqual(summary.connections, 2)
+        XCTAssertEqual(summary.connectionsFilteredOut, 1)
+        XCTAssertEqual(summary.hops, 1)
+        // Every record is still counted: the rule hits stay whole.
+        XCTAssertEqual(summary.packets, 19)
+    }
+
+    func testAFilterMatchingZtunnelsLegShowsTheAppConnectionItCarries() throws {
+        let (sink, summary) = selectedScenario { $0.tuple.dst.port == 15008 || $0.tuple.src.port == 15008 }
+        XCTAssertNotNil(sink.timeline(.hboneOutbound))
+        XCTAssertNotNil(sink.timeline(.appOutbound))
+        XCTAssertEqual(summary.connections, 2)
+        XCTAssertEqual(summary.connectionsFilteredOut, 1)
+    }
+
+    func testAFilterMatchingNothingShowsNothingAndCountsWhatItHid() throws {
+        let (sink, summary) = selectedScenario { _ in false }
+        XCTAssertTrue(sink.timelines.isEmpty)
+        XCTAssertEqual(summary.connections, 0)
+        XCTAssertEqual(summary.connectionsFilteredOut, 3)
+        XCTAssertEqual(summary.hops, 0)
+        XCTAssertEqual(summary.packets, 19)
+        // Without the option the same records show every connection, and the summary says nothing of a filter.
+        var f = PacketFactory()
+        var packets = Self.outboundScenario(&f, ruleset: nil)
+        for i in packets.indices { packets[i].selected = false }
+        let (all, plain) = correlate(packets, tags: f.tags)
+        XCTAssertEqual(all.timelines.count, 2)
+        XCTAssertNil(plain.connectionsFilteredOut)
+    }
+
+
+    /// Both views say how many connections the filter left out, and say nothing of a filter without one.
+    func testTheSummariesCountWhatTheFilterLeftOut() throws {
+        func render(showsOnlySelected: Bool, _ makeSink: (Int32) -> ReportSink) throws -> String {
+            var f = PacketFactory()
+            var packets = Self.outboundScenario(&f, ruleset: nil)
+            for i in packets.indices { packets[i].selected = false }
+            let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-filter-\(UUID().uuidString)").path
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            FileManager.default.createFile(atPath: path, contents: nil)
+            let fd = open(path, O_WRONLY | O_TRUNC)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            do {
+                let sink = makeSink(fd)
+                var options = CorrelatorOptions()
+                options.showsOnlySelected = showsOnlySelected
+                let c = Correlator(tags: f.tags, ruleset: nil, options: options, sink: sink)
+                for p in packets { c.ingest(p) }
+                try sink.finish(c.finish())
+            }
+            close(fd)
+            return try String(contentsOfFile: path, encoding: .utf8)
+        }
+        let text = try render(showsOnlySelected: true) { TextReport(fileDescriptor: $0) }
+        XCTAssertTrue(text.contains("0 connections (2 more not matching --filter), "), text)
+        XCTAssertFalse(try render(showsOnlySelected: false) { TextReport(fileDescriptor: $0) }.contains("--filter"))
+        let json = try render(showsOnlySelected: true) { JSONReport(fileDescriptor: $0) }
+        let summary = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(json.split(separator: "\n").last!.utf8)) as? [String: Any])
+        XCTAssertEqual(summary["connections"] as? Int, 0)
+        XCTAssertEqual(summary["connections_filtered_out"] as? Int, 2)
+        let plain = try render(showsOnlySelected: false) { JSONReport(fileDescriptor: $0) }
+        XCTAssertFalse(plain.contains("connections_filtered_out"))
+    }
+
 }

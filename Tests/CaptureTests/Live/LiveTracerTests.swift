@@ -39,10 +39,11 @@ final class LiveTracerTests: KernelTestCase {
     }
 
     /// Traces `pod` while `traffic` runs, then a short linger so replies and FINs are in.
-    func trace(_ pod: LabPod, group: UInt16, mode: TraceOptions.Mode = .nflog, yieldToPod: Bool = true,
+    func trace(_ pod: LabPod, group: UInt16, mode: TraceOptions.Mode = .nflog, yieldToPod: Bool = true, filter: String? = nil,
                _ traffic: @escaping () throws -> Void) throws -> (TraceOutcome, TraceRecordingSink) {
         var options = TraceOptions(netns: pod.ref)
         options.mode = mode
+        options.filter = filter
         options.yieldToPod = yieldToPod
         options.group = group
         options.duration = 30
@@ -219,6 +220,33 @@ final class LiveTracerTests: KernelTestCase {
                       "no reply with mark 0x111: \(inner.events.map { ($0.isReply, $0.mark.map { String($0, radix: 16) } ?? "-", $0.hit?.tag?.prefix ?? "") })")
         XCTAssertTrue(hbone.hops.contains { $0.direction == .inbound && $0.inner == inner.id })
         XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+    }
+
+    /// `--filter` selects connections: `host S and tcp port 80` matches only the app's packets before the
+    /// REDIRECT, yet its lo leg to 127.0.0.1:15001 and ztunnel's HBONE connection to S:15008 are shown with it;
+    /// a connection to another host is not shown, and every event is still counted against the kernel's counters.
+    func testFilterShowsTheMatchingConnectionWithItsLoLegAndHopAndHidesTheRest() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let other = Endpoint(lab.peer.ipv4, LabTopology.appPort)
+        let (outcome, sink) = try trace(lab.client, group: 5409, filter: "host \(lab.server.ipv4) and tcp port 80") {
+            try self.get(lab, from: lab.client, ["\(server)"])
+            try self.get(lab, from: lab.client, ["\(other)"])
+        }
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server }, "shown: \(sink.timelines.map(\.original))")
+        XCTAssertTrue(app.events.contains { $0.point.kind == .interface && $0.point.isLoopback && $0.tuple.dst.port == 15001 },
+                      "the lo leg after the REDIRECT is on the shown timeline")
+        XCTAssertTrue(app.events.contains { $0.hit?.rule?.role == .outboundCapture })
+        let hbone = try XCTUnwrap(sink.timelines.first { $0.original.dst == Endpoint(lab.server.ipv4, 15008) }, "ztunnel's leg is shown")
+        XCTAssertTrue(app.hops.contains { $0.inner == hbone.id })
+        XCTAssertFalse(sink.timelines.contains { $0.original.dst == other }, "the connection to \(other) matched nothing")
+        XCTAssertTrue(sink.timelines.allSatisfy { $0.original.dst.addr == lab.server.ipv4 }, "shown: \(sink.timelines.map(\.original))")
+        XCTAssertGreaterThanOrEqual(outcome.summary.connectionsFilteredOut ?? 0, 1)
+        XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+        XCTAssertFalse(outcome.kernelCounters.isEmpty)
+        for (prefix, kernel) in outcome.kernelCounters {
+            XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix)
+        }
     }
 
     func testAppSettingZtunnelsMarkItselfIsReportedAsAnEscape() throws {

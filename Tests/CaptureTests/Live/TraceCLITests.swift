@@ -168,6 +168,19 @@ final class TraceCLITests: KernelTestCase {
         }
     }
 
+    /// A `--filter` libpcap cannot compile is a usage error, one line, before the pod is touched.
+    func testBadFilterIsExit64AndNoRulesAreAdded() throws {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let ns = try seededNetns()
+        let before = try ns.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        let r = try Command.run([executable, "trace", "--netns", ns.name, "--filter", "tcp port", "--duration", "1", "--quiet"])
+        XCTAssertEqual(r.status, ExitStatus.usage.rawValue, r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("bad filter 'tcp port'"), r.stderr)
+        let after = try ns.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") }
+        XCTAssertEqual(after, before)
+    }
+
     func testPlanPrintsCommandsThatAddAndRemoveTheTwinsExactly() throws {
         let ns = try seededNetns()
         let before = try InstrumenterTests.rulesText(ns)

@@ -1,0 +1,83 @@
+import XCTest
+@testable import Capture
+
+/// `trace --filter`'s per-packet test, on bytes built here: an IPv4 and an IPv6 TCP packet, as the IP packet of an
+/// NFLOG event (attributes in host order, as read live) and behind a LINUX_SLL header (the `any` capture).
+final class ConnectionFilterTests: XCTestCase {
+    static func ipv4TCP(src: [UInt8], dst: [UInt8], sport: UInt16, dport: UInt16) -> [UInt8] {
+        var ip: [UInt8] = [0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0] + src + dst
+        ip += [UInt8(sport >> 8), UInt8(sport & 0xff), UInt8(dport >> 8), UInt8(dport & 0xff)]
+        ip += [0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]
+        return ip
+    }
+
+    static func ipv6TCP(dport: UInt16) -> [UInt8] {
+        var ip: [UInt8] = [0x60, 0, 0, 0, 0, 20, 6, 64]
+        ip += [UInt8](repeating: 0, count: 15) + [1]                    // ::1
+        ip += [0xfd, 0] + [UInt8](repeating: 0, count: 13) + [2]        // fd00::2
+        ip += [0x9c, 0x40, UInt8(dport >> 8), UInt8(dport & 0xff), 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]
+        return ip
+    }
+
+    /// NFULA_PACKET_HDR and, when given, NFULA_PAYLOAD, each padded to 4 bytes.
+    static func nflogAttributes(payload: [UInt8]?) -> [UInt8] {
+        func tlv(_ type: UInt16, _ value: [UInt8]) -> [UInt8] {
+            let length = UInt16(4 + value.count)
+            var out = withUnsafeBytes(of: length) { Array($0) } + withUnsafeBytes(of: type) { Array($0) } + value
+            while out.count % 4 != 0 { out.append(0) }
+            return out
+        }
+        var out = tlv(1, [0x08, 0x00, 3, 0])
+        out += tlv(10, Array("mt:4:nat:OUTPUT:1:-\0".utf8))
+        if let payload { out += tlv(9, payload) }
+        return out
+    }
+
+    /// LINUX_SLL (v1) header for an outgoing IPv4 packet, then the packet.
+    static func sllFrame(_ ip: [UInt8]) -> [UInt8] {
+        [0, 4, 0, 1, 0, 6, 1, 2, 3, 4, 5, 6, 0, 0, 0x08, 0x00] + ip
+    }
+
+    func matchesNflog(_ expression: String, _ payload: [UInt8]?) throws -> Bool {
+        let filter = try ConnectionFilter(expression)
+        return Self.nflogAttributes(payload: payload).withUnsafeBytes { filter.matches(nflogAttributes: $0) }
+    }
+
+    func testTheIPPacketOfAnNFLOGEventIsMatched() throws {
+        let toService = Self.ipv4TCP(src: [10, 0, 1, 5], dst: [10, 0, 2, 2], sport: 40000, dport: 80)
+        XCTAssertTrue(try matchesNflog("tcp port 80", toService))
+        XCTAssertTrue(try matchesNflog("host 10.0.2.2 and tcp dst port 80", toService))
+        XCTAssertFalse(try matchesNflog("tcp port 81", toService))
+        XCTAssertFalse(try matchesNflog("udp", toService))
+        XCTAssertFalse(try matchesNflog("host 10.0.2.3", toService))
+        // An event that carries no packet selects nothing.
+        XCTAssertFalse(try matchesNflog("tcp", nil))
+    }
+
+    func testIPv6PacketsAreMatchedByTheirOwnVersion() throws {
+        let packet = Self.ipv6TCP(dport: 15008)
+        XCTAssertTrue(try matchesNflog("ip6 and tcp dst port 15008", packet))
+        XCTAssertTrue(try matchesNflog("host fd00::2", packet))
+        XCTAssertFalse(try matchesNflog("ip", packet))
+        XCTAssertFalse(try matchesNflog("tcp dst port 80", packet))
+    }
+
+    func testCapturedFramesAreMatchedBehindTheirCookedHeader() throws {
+        let frame = Self.sllFrame(Self.ipv4TCP(src: [127, 0, 0, 1], dst: [127, 0, 0, 1], sport: 40000, dport: 15001))
+        let filter = try ConnectionFilter("tcp dst port 15001")
+        XCTAssertTrue(frame.withUnsafeBytes { filter.matches(frame: $0, wireLength: UInt32(frame.count)) })
+        let other = try ConnectionFilter("tcp dst port 15006")
+        XCTAssertFalse(frame.withUnsafeBytes { other.matches(frame: $0, wireLength: UInt32(frame.count)) })
+        // `greater` reads the packet's length on the wire, not what was kept of it.
+        let long = try ConnectionFilter("greater 1000")
+        XCTAssertTrue(frame.withUnsafeBytes { long.matches(frame: $0, wireLength: 1500) })
+        XCTAssertFalse(frame.withUnsafeBytes { long.matches(frame: $0, wireLength: UInt32(frame.count)) })
+    }
+
+    func testABadExpressionIsAUsageError() {
+        XCTAssertThrowsError(try ConnectionFilter("tcp port")) { error in
+            XCTAssertEqual((error as? MeshtraceError)?.code, .usage)
+            XCTAssertTrue("\(error)".contains("bad filter 'tcp port'"), "\(error)")
+        }
+    }
+}
