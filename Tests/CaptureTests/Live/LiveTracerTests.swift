@@ -229,7 +229,7 @@ final class LiveTracerTests: KernelTestCase {
         let lab = try makeLab()
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
         let other = Endpoint(lab.peer.ipv4, LabTopology.appPort)
-        let (outcome, sink) = try trace(lab.client, group: 5409, filter: "host \(lab.server.ipv4) and tcp port 80") {
+        let (outcome, sink) = try trace(lab.client, group: 5411, filter: "host \(lab.server.ipv4) and tcp port 80") {
             try self.get(lab, from: lab.client, ["\(server)"])
             try self.get(lab, from: lab.client, ["\(other)"])
         }
@@ -474,5 +474,82 @@ final class LiveTracerQuietPodTests: KernelTestCase {
                       "hops of the app connection: \(app.hops)")
         XCTAssertEqual(outcome.summary.escapes, 0)
         XCTAssertEqual(sink.arrivals.filter { $0.timeline.id == app.id }.count, 1)
+    }
+
+    /// A reader that stalls (stopped by SIGSTOP for 1.5 s, three times the close linger, while connections come and
+    /// go) reads everything the kernel kept for it once it runs again: every connection is printed once, whole
+    /// (from its SYN to its close, with the REDIRECT and the lo leg), nothing is lost, and the hit counts equal the
+    /// kernel's counters. What it cannot make happen on demand is a connection closing just as the reader stops:
+    /// the quiet clock's guard for that case (`LiveTracer.quietClock`) is checked by QuietClockTests, which feeds
+    /// the correlator as a stalled reader does; this one checks the whole path after a real stall.
+    func testAReaderThatStallsLosesNothingAndSplitsNoConnection() throws {
+        let executable = LiveTracerTests.executable
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let lab = try LabTopology(options: LabOptions(executable: executable))
+        labs.append(lab)
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let log = NSTemporaryDirectory() + "mt-stall-\(getpid()).jsonl"
+        FileManager.default.createFile(atPath: log, contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: log) }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = ["trace", "--netns", lab.client.ref.path, "--group", "5412", "--duration", "60", "--json", "--quiet"]
+        p.standardOutput = try XCTUnwrap(FileHandle(forWritingAtPath: log))
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { kill(p.processIdentifier, SIGCONT); kill(p.processIdentifier, SIGKILL) } }
+        let deadline = Date().addingTimeInterval(20)
+        while !(try lab.client.netns.run(["iptables-save"]).stdout.contains("--comment meshtrace")) {
+            guard p.isRunning, Date() < deadline else { return XCTFail("the trace did not instrument the pod") }
+            usleep(50_000)
+        }
+        usleep(200_000)
+        func connections(_ n: Int) throws {
+            for _ in 0..<n {
+                let r = try lab.runApp(["_app", "get", "\(server)"], in: lab.client)
+                XCTAssertTrue(r.ok, "app get failed: \(r.stdout) \(r.stderr)")
+            }
+        }
+        try connections(4)
+        kill(p.processIdentifier, SIGSTOP)
+        let stopped = Date()
+        try connections(4)
+        usleep(useconds_t(max(0, 1.5 - Date().timeIntervalSince(stopped)) * 1e6))
+        kill(p.processIdentifier, SIGCONT)
+        try connections(4)
+        usleep(1_500_000)
+        kill(p.processIdentifier, SIGINT)
+        let exitDeadline = Date().addingTimeInterval(30)
+        while p.isRunning && Date() < exitDeadline { usleep(20_000) }
+        XCTAssertFalse(p.isRunning)
+        XCTAssertEqual(p.terminationStatus, 0)
+
+        let records = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").map {
+            try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
+        }
+        let apps = records.filter {
+            let o = $0["original"] as? [String: Any]
+            return $0["type"] as? String == "connection" && o?["dst"] as? String == "\(server.addr)" && (o?["dport"] as? Int) == Int(server.port)
+        }
+        XCTAssertEqual(apps.count, 12, "each of the 12 connections once: \(apps.map { $0["original"] ?? "" })")
+        for app in apps {
+            let events = app["events"] as? [[String: Any]] ?? []
+            XCTAssertEqual(app["kind"] as? String, "app-outbound")
+            XCTAssertEqual(app["closed"] as? Bool, true)
+            XCTAssertTrue(events.contains { ($0["flags"] as? String) == "S" }, "headless: \(app["original"] ?? "")")
+            XCTAssertTrue(events.contains { (($0["hit"] as? [String: Any])?["role"] as? String) == "outbound-capture" })
+            XCTAssertTrue(events.contains { ($0["point"] as? String) == "lo" && (($0["tuple"] as? [String: Any])?["dport"] as? Int) == 15001 })
+            XCTAssertFalse((app["hops"] as? [Any] ?? []).isEmpty, "no hop: \(app["original"] ?? "")")
+        }
+        let summary = try XCTUnwrap(records.last)
+        XCTAssertEqual(summary["type"] as? String, "summary")
+        XCTAssertEqual(summary["events_lost"] as? Int, 0)
+        let kernel = try XCTUnwrap(summary["kernel_counters"] as? [String: Any])
+        var ours: [String: Int] = [:]
+        for h in summary["rule_hits"] as? [[String: Any]] ?? [] {
+            if let prefix = h["prefix"] as? String { ours[prefix] = h["count"] as? Int }
+        }
+        XCTAssertFalse(kernel.isEmpty)
+        for (prefix, count) in kernel { XCTAssertEqual(ours[prefix] ?? 0, count as? Int, prefix) }
     }
 }
