@@ -27,6 +27,25 @@ func correlate(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset? 
     return (sink, c.finish())
 }
 
+/// Runs packets through a correlator into one printer (`makeSink` gets the file descriptor it writes to) and
+/// returns what it printed, summary included.
+func renderReport(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset? = nil,
+                  options: CorrelatorOptions = CorrelatorOptions(), _ makeSink: (Int32) -> ReportSink) throws -> String {
+    let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-render-\(UUID().uuidString)").path
+    defer { try? FileManager.default.removeItem(atPath: path) }
+    FileManager.default.createFile(atPath: path, contents: nil)
+    let fd = open(path, O_WRONLY | O_TRUNC)
+    XCTAssertGreaterThanOrEqual(fd, 0)
+    do {
+        let sink = makeSink(fd)
+        let c = Correlator(tags: tags, ruleset: ruleset, options: options, sink: sink)
+        for p in packets { c.ingest(p) }
+        try sink.finish(c.finish())
+    }
+    close(fd)
+    return try String(contentsOfFile: path, encoding: .utf8)
+}
+
 /// Builds packets the way the decoders fill them, with the ground truth decided by the test.
 struct PacketFactory {
     let tags = RuleTagTable()
@@ -555,21 +574,9 @@ final class CorrelatorTests: XCTestCase {
             var f = PacketFactory()
             var packets = Self.outboundScenario(&f, ruleset: nil)
             for i in packets.indices { packets[i].selected = false }
-            let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-filter-\(UUID().uuidString)").path
-            defer { try? FileManager.default.removeItem(atPath: path) }
-            FileManager.default.createFile(atPath: path, contents: nil)
-            let fd = open(path, O_WRONLY | O_TRUNC)
-            XCTAssertGreaterThanOrEqual(fd, 0)
-            do {
-                let sink = makeSink(fd)
-                var options = CorrelatorOptions()
-                options.showsOnlySelected = showsOnlySelected
-                let c = Correlator(tags: f.tags, ruleset: nil, options: options, sink: sink)
-                for p in packets { c.ingest(p) }
-                try sink.finish(c.finish())
-            }
-            close(fd)
-            return try String(contentsOfFile: path, encoding: .utf8)
+            var options = CorrelatorOptions()
+            options.showsOnlySelected = showsOnlySelected
+            return try renderReport(packets, tags: f.tags, options: options, makeSink)
         }
         let text = try render(showsOnlySelected: true) { TextReport(fileDescriptor: $0) }
         XCTAssertTrue(text.contains("0 connections (2 more not matching --filter), "), text)

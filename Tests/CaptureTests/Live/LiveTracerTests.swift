@@ -421,14 +421,18 @@ final class LiveTracerQuietPodTests: KernelTestCase {
         super.tearDown()
     }
 
+    private func makeLab() throws -> LabTopology {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: LiveTracerTests.executable), "build meshtrace first (swift build)")
+        let lab = try LabTopology(options: LabOptions(executable: LiveTracerTests.executable))
+        labs.append(lab)
+        return lab
+    }
+
     /// The app's connection closes and the pod goes quiet: with no later packet to move the capture clock, the
     /// timeline must still be printed while the trace runs (after the close linger, with its hop joined), not
     /// only when the trace ends.
     func testConnectionIsReportedWhileTheTraceRunsAfterThePodGoesQuiet() throws {
-        let executable = LiveTracerTests.executable
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
-        let lab = try LabTopology(options: LabOptions(executable: executable))
-        labs.append(lab)
+        let lab = try makeLab()
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
 
         var options = TraceOptions(netns: lab.client.ref)
@@ -483,16 +487,13 @@ final class LiveTracerQuietPodTests: KernelTestCase {
     /// the quiet clock's guard for that case (`LiveTracer.quietClock`) is checked by QuietClockTests, which feeds
     /// the correlator as a stalled reader does; this one checks the whole path after a real stall.
     func testAReaderThatStallsLosesNothingAndSplitsNoConnection() throws {
-        let executable = LiveTracerTests.executable
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
-        let lab = try LabTopology(options: LabOptions(executable: executable))
-        labs.append(lab)
+        let lab = try makeLab()
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
         let log = NSTemporaryDirectory() + "mt-stall-\(getpid()).jsonl"
         FileManager.default.createFile(atPath: log, contents: nil)
         defer { try? FileManager.default.removeItem(atPath: log) }
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
+        p.executableURL = URL(fileURLWithPath: LiveTracerTests.executable)
         p.arguments = ["trace", "--netns", lab.client.ref.path, "--group", "5412", "--duration", "60", "--json", "--quiet"]
         p.standardOutput = try XCTUnwrap(FileHandle(forWritingAtPath: log))
         p.standardError = FileHandle.nullDevice

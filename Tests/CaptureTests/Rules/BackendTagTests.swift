@@ -42,19 +42,7 @@ final class BackendTagTests: XCTestCase {
             f.nflog(app, service, flags: [.syn], seq: 1, hook: .output, prefix: redirectTag(.v4).prefix, outIf: 2),
         ]
         func render(_ makeSink: (Int32) -> ReportSink) throws -> String {
-            let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-backend-\(UUID().uuidString)").path
-            defer { try? FileManager.default.removeItem(atPath: path) }
-            FileManager.default.createFile(atPath: path, contents: nil)
-            let fd = open(path, O_WRONLY | O_TRUNC)
-            XCTAssertGreaterThanOrEqual(fd, 0)
-            do {
-                let sink = makeSink(fd)
-                let c = Correlator(tags: f.tags, ruleset: rules, options: CorrelatorOptions(), sink: sink)
-                for r in records { c.ingest(r) }
-                try sink.finish(c.finish())
-            }
-            close(fd)
-            return try String(contentsOfFile: path, encoding: .utf8)
+            try renderReport(records, tags: f.tags, ruleset: rules, makeSink)
         }
         let text = try render { TextReport(fileDescriptor: $0) }
         XCTAssertEqual(text.components(separatedBy: "legacy nat ISTIO_OUTPUT #4 [outbound-capture]").count - 1, 1, text)
