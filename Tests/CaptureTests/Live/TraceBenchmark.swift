@@ -361,7 +361,9 @@ extension TraceBenchmark {
         usleep(1_200_000)
         let kernel = try instrumenter.kernelCounters().values.reduce(0, +)
         for (p, _) in dumps { kill(p.processIdentifier, SIGINT) }
-        for (p, _) in dumps { p.waitUntilExit() }
+        let exitDeadline = Date().addingTimeInterval(20)
+        while dumps.contains(where: { $0.0.isRunning }) && Date() < exitDeadline { usleep(20_000) }
+        XCTAssertFalse(dumps.contains { $0.0.isRunning }, "tcpdump did not exit on SIGINT")
         // "N packets captured" and "M packets dropped by kernel", tcpdump's last words.
         func number(_ label: String, in text: String) -> Int {
             for line in text.split(separator: "\n") where line.hasSuffix(label) {
