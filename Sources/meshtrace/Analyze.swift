@@ -38,6 +38,9 @@ struct Analyze: ParsableCommand {
     @Flag(name: .long, help: "Text view: connection headers, hops and findings only, no per-packet lines.")
     var brief = false
 
+    @Option(name: .long, help: "tcpdump-syntax filter selecting the connections to show: one is shown, whole, with its ztunnel legs, when any of its packets (captured, or in an NFLOG record, in any NAT view) matches. Compiled by libpcap.")
+    var filter: String?
+
     @Option(name: .long, help: "Packet events kept per connection; later ones are counted.")
     var maxEvents: Int = 512
 
@@ -55,6 +58,8 @@ struct Analyze: ParsableCommand {
 
     private func analyze() throws -> ExitStatus {
         let config = output.config
+        // A bad --filter is a usage error before any file is read.
+        let selector = try filter.flatMap { $0.isEmpty ? nil : try ConnectionFilter($0) }
         let ruleset = try rules.map { try RulesetLoader.load(file: $0) }
         let tags = RuleTagTable()
         let source = try MergedSource(paths: files, tags: tags)
@@ -69,18 +74,23 @@ struct Analyze: ParsableCommand {
         options.podAddresses = podIPs.compactMap { IPAddress($0) }
         options.interfaceName = interfaceName
         options.maxEventsPerConnection = maxEvents
+        options.showsOnlySelected = selector != nil
         let correlator = Correlator(tags: tags, ruleset: ruleset, options: options, sink: reporter)
 
         let progress = ProgressLine(config: config, label: "reading " + files.joined(separator: " + "),
                                     totalBytes: ProgressLine.totalSize(of: files))
         var bytesRead: UInt64 = 24
-        if reporter.wantsPackets {
-            // pcapng and HTML keep every packet's bytes: one thread, each frame handed over as it is read.
+        if reporter.wantsPackets || selector != nil {
+            // pcapng and HTML keep every packet's bytes, and --filter reads them: one thread, each frame handed
+            // over as it is read.
             var record = PacketRecord()
             var count = 0
             while let frame = source.next(into: &record) {
+                if let selector {
+                    record.selected = selector.matches(frame: frame, wireLength: record.wireLength, linkType: source.currentLinkType)
+                }
                 let id = correlator.ingest(inPlace: &record)
-                reporter.packet(record, frame: frame, linkType: source.currentLinkType, connection: id)
+                if reporter.wantsPackets { reporter.packet(record, frame: frame, linkType: source.currentLinkType, connection: id) }
                 bytesRead &+= UInt64(frame.count) &+ 16
                 count &+= 1
                 if count & 0xfff == 0 { progress.update(bytesRead: bytesRead) }

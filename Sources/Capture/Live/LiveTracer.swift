@@ -355,7 +355,6 @@ public final class LiveTracer: @unchecked Sendable {
                 // after a REDIRECT would not match `port 80`); the filter runs on each record as it is read.
                 pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, filter: nil,
                                           writePath: options.writePath)
-                if let pcap { try filter?.prepare(captureLinkType: pcap.linkType) }
             }
         } catch {
             openFailure = error
@@ -477,7 +476,7 @@ public final class LiveTracer: @unchecked Sendable {
         if let pcap {
             let link = pcap.linkType
             let frames = pcap.drain(limit: 4096, slot: freeSlot) { rec, frame in
-                if let filter { rec.pointee.selected = filter.matches(frame: frame, wireLength: rec.pointee.wireLength) }
+                if let filter { rec.pointee.selected = filter.matches(frame: frame, wireLength: rec.pointee.wireLength, linkType: link) }
                 commit(frame: frame, linkType: link)
             }
             got += frames

@@ -36,6 +36,47 @@ final class AnalyzeCommandTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains(needle), "\(needle) not in: \(r.stderr)", file: file, line: line)
     }
 
+    /// `--filter` shows the connections with a matching packet, whole, with the connections their ztunnel hop joins:
+    /// two samples read as one node, `port 15008` matches only ztunnel's HBONE leg of the first, and the app's
+    /// connection it carries is shown with it; the second sample's escaping connection is not shown, so it is not
+    /// counted or reported either (exit 0 instead of 1).
+    func testAFilterShowsMatchingConnectionsWithTheirHopsAndLeavesOutTheRest() throws {
+        let samples = ProjectPaths.root.appendingPathComponent("samples").path
+        let files = ["outbound-client", "mark-escape-client"].flatMap { s in ["any", "nflog"].map { "\(samples)/\(s)-\($0).pcap" } }
+        func run(_ extra: [String]) throws -> (status: Int32, connections: [[String: Any]], summary: [String: Any]) {
+            let r = try Self.analyze(files + ["--rules", "\(samples)/outbound-client-rules.txt", "--json"] + extra)
+            let objects = try r.stdout.split(separator: "\n").map { try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]) }
+            return (r.status, objects.filter { $0["type"] as? String == "connection" }, try XCTUnwrap(objects.last))
+        }
+        let all = try run([])
+        XCTAssertEqual(all.status, ExitStatus.escapeFound.rawValue)
+        XCTAssertEqual(all.connections.count, 3)
+        XCTAssertNil(all.summary["connections_filtered_out"])
+
+        let hbone = try run(["--filter", "tcp port 15008"])
+        XCTAssertEqual(hbone.status, ExitStatus.ok.rawValue)
+        XCTAssertEqual(hbone.connections.compactMap { $0["kind"] as? String }.sorted(), ["app-outbound", "hbone-outbound"])
+        XCTAssertEqual(hbone.summary["connections"] as? Int, 2)
+        XCTAssertEqual(hbone.summary["connections_filtered_out"] as? Int, 1)
+        XCTAssertEqual(hbone.summary["escapes"] as? Int, 0)
+        // Shown whole: the app's connection has the same events as without the filter.
+        func appEvents(_ connections: [[String: Any]]) -> Int? {
+            (connections.first { $0["kind"] as? String == "app-outbound" }?["events"] as? [Any])?.count
+        }
+        XCTAssertEqual(appEvents(hbone.connections), appEvents(all.connections))
+        // Every record is still read and counted.
+        XCTAssertEqual(hbone.summary["packets"] as? Int, all.summary["packets"] as? Int)
+
+        let port80 = try run(["--filter", "tcp dst port 80"])
+        XCTAssertEqual(port80.status, ExitStatus.escapeFound.rawValue)
+        XCTAssertEqual(port80.connections.count, 3)
+        XCTAssertEqual(port80.summary["connections_filtered_out"] as? Int, 0)
+
+        let bad = try Self.analyze(files + ["--filter", "tcp port"])
+        XCTAssertEqual(bad.status, ExitStatus.usage.rawValue)
+        assertOneErrorLine(bad, contains: "bad filter 'tcp port'")
+    }
+
     func testAnEmptyFileIsBadInput() throws {
         let r = try Self.analyze([try file("empty.pcap", [])])
         XCTAssertEqual(r.status, ExitStatus.badInput.rawValue)

@@ -65,13 +65,30 @@ final class ConnectionFilterTests: XCTestCase {
     func testCapturedFramesAreMatchedBehindTheirCookedHeader() throws {
         let frame = Self.sllFrame(Self.ipv4TCP(src: [127, 0, 0, 1], dst: [127, 0, 0, 1], sport: 40000, dport: 15001))
         let filter = try ConnectionFilter("tcp dst port 15001")
-        XCTAssertTrue(frame.withUnsafeBytes { filter.matches(frame: $0, wireLength: UInt32(frame.count)) })
+        XCTAssertTrue(frame.withUnsafeBytes { filter.matches(frame: $0, wireLength: UInt32(frame.count), linkType: LinkType.linuxSLL) })
         let other = try ConnectionFilter("tcp dst port 15006")
-        XCTAssertFalse(frame.withUnsafeBytes { other.matches(frame: $0, wireLength: UInt32(frame.count)) })
+        XCTAssertFalse(frame.withUnsafeBytes { other.matches(frame: $0, wireLength: UInt32(frame.count), linkType: LinkType.linuxSLL) })
         // `greater` reads the packet's length on the wire, not what was kept of it.
         let long = try ConnectionFilter("greater 1000")
-        XCTAssertTrue(frame.withUnsafeBytes { long.matches(frame: $0, wireLength: 1500) })
-        XCTAssertFalse(frame.withUnsafeBytes { long.matches(frame: $0, wireLength: UInt32(frame.count)) })
+        XCTAssertTrue(frame.withUnsafeBytes { long.matches(frame: $0, wireLength: 1500, linkType: LinkType.linuxSLL) })
+        XCTAssertFalse(frame.withUnsafeBytes { long.matches(frame: $0, wireLength: UInt32(frame.count), linkType: LinkType.linuxSLL) })
+    }
+
+    /// `analyze --filter` reads files of every link type: an NFLOG frame as tcpdump wrote it (nflog_hdr, then the
+    /// attributes), raw IP under its pcapng LINKTYPE (101, not the DLT), Ethernet.
+    func testFramesOfEachLinkTypeAreMatchedByTheirOwnProgram() throws {
+        let packet = Self.ipv4TCP(src: [10, 0, 1, 5], dst: [10, 0, 2, 2], sport: 40000, dport: 80)
+        let filter = try ConnectionFilter("tcp dst port 80")
+        let miss = try ConnectionFilter("tcp dst port 81")
+        let nflogFrame: [UInt8] = [2, 0, 0x14, 0x01] + Self.nflogAttributes(payload: packet)
+        let ethernet: [UInt8] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0x08, 0x00] + packet
+        for (frame, linkType) in [(nflogFrame, LinkType.nflog), (packet, LinkType.raw), (packet, LinkType.rawDLT), (ethernet, LinkType.ethernet)] {
+            XCTAssertTrue(frame.withUnsafeBytes { filter.matches(frame: $0, wireLength: UInt32(frame.count), linkType: linkType) }, "link type \(linkType)")
+            XCTAssertFalse(frame.withUnsafeBytes { miss.matches(frame: $0, wireLength: UInt32(frame.count), linkType: linkType) }, "link type \(linkType)")
+        }
+        // The same filter object across link types in turn (it keeps the last one's program at hand).
+        XCTAssertTrue(packet.withUnsafeBytes { filter.matches(frame: $0, wireLength: 40, linkType: LinkType.raw) })
+        XCTAssertFalse(nflogFrame.prefix(3).withUnsafeBytes { filter.matches(frame: $0, wireLength: 3, linkType: LinkType.nflog) })
     }
 
     func testABadExpressionIsAUsageError() {
