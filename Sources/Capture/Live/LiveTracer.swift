@@ -353,8 +353,7 @@ public final class LiveTracer: @unchecked Sendable {
             if options.capturePackets {
                 // `--filter` selects connections, so the capture keeps every packet (a matching connection's lo leg
                 // after a REDIRECT would not match `port 80`); the filter runs on each record as it is read.
-                pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, filter: nil,
-                                          writePath: options.writePath)
+                pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, writePath: options.writePath)
             }
         } catch {
             openFailure = error

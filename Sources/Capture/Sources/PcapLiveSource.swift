@@ -23,7 +23,9 @@ public final class PcapLiveSource {
     /// True when the kernel drops loopback's leaving copies before they are copied into the ring.
     public let dropsLoopbackCopiesInKernel: Bool
 
-    public init(index: UInt16, tags: RuleTagTable, snaplen: Int32, filter: String?, writePath: String?) throws {
+    /// No capture filter: `--filter` selects connections, on the records (`ConnectionFilter`), and a matching
+    /// connection's lo leg after a REDIRECT would not pass it.
+    public init(index: UInt16, tags: RuleTagTable, snaplen: Int32, writePath: String?) throws {
         self.index = index
         // Not immediate: TPACKET_V3 hands packets over a ring block at a time (when the block fills, or 10 ms
         // after its first packet), one wakeup per block instead of one per packet. The tracer holds records
@@ -33,12 +35,7 @@ public final class PcapLiveSource {
         // so the ring needs more bytes than a frame-per-packet (V2) ring for the same lag.
         capture = try PcapHandle.openLive(device: "any", snaplen: snaplen, bufferSize: 64 << 20, immediate: false,
                                           timeoutMilliseconds: 10)
-        if let filter, !filter.isEmpty {
-            try capture.setFilter(filter)
-            dropsLoopbackCopiesInKernel = false
-        } else {
-            dropsLoopbackCopiesInKernel = capture.dropLoopbackLeavingCopies(snaplen: snaplen)
-        }
+        dropsLoopbackCopiesInKernel = capture.dropLoopbackLeavingCopies(snaplen: snaplen)
         try capture.setNonblocking(true)
         linkType = capture.linkType
         decoder = PacketDecoder(tags: tags)
