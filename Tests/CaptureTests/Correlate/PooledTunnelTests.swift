@@ -107,6 +107,29 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertTrue(sink.findings.isEmpty)
     }
 
+    /// `--filter` over a pooled tunnel: the tunnel is shown with the carried connection that matched, the other
+    /// carried connection is not, and the summary counts one hop, the shown one.
+    func testAFilterShowsATunnelWithTheCarriedConnectionThatMatchedOnly() throws {
+        for (selectedApp, hiddenApp) in [(app2, app), (app, app2)] {
+            var f = PacketFactory()
+            let rules = seedNatRuleset()
+            var packets = pooledScenario(&f, rules: rules, second: service)
+            for i in packets.indices {
+                packets[i].selected = packets[i].tuple.src == selectedApp || packets[i].tuple.dst == selectedApp
+            }
+            var options = CorrelatorOptions()
+            options.showsOnlySelected = true
+            let (sink, summary) = correlate(packets, tags: f.tags, ruleset: rules, options: options)
+            let shown = try connection(from: selectedApp, in: sink)
+            let tunnel = try connection(from: ztunnelOut, in: sink)
+            XCTAssertTrue(shown.hops.contains { $0.inner == tunnel.id })
+            XCTAssertFalse(sink.timelines.contains { $0.original.src == hiddenApp }, "\(hiddenApp) matched nothing")
+            XCTAssertEqual(summary.connections, 2)
+            XCTAssertEqual(summary.connectionsFilteredOut, 1)
+            XCTAssertEqual(summary.hops, 1, "the hidden connection's hop to the tunnel is not counted")
+        }
+    }
+
     func testATunnelStillOpenWhenTheCaptureEndsIsJoinedToo() throws {
         // At the end every open connection is emitted at once, the tunnel (an older id) first: the join must have
         // been made before.
