@@ -62,7 +62,7 @@ struct Analyze: ParsableCommand {
         let selector = try filter.flatMap { $0.isEmpty ? nil : try ConnectionFilter($0) }
         let ruleset = try rules.map { try RulesetLoader.load(file: $0) }
         let tags = RuleTagTable()
-        let source = try MergedSource(paths: files, tags: tags)
+        let source = try MergedSource(paths: files, tags: tags, selector: selector)
 
         let main: ReportSink = config.json
             ? JSONReport()
@@ -80,17 +80,13 @@ struct Analyze: ParsableCommand {
         let progress = ProgressLine(config: config, label: "reading " + files.joined(separator: " + "),
                                     totalBytes: ProgressLine.totalSize(of: files))
         var bytesRead: UInt64 = 24
-        if reporter.wantsPackets || selector != nil {
-            // pcapng and HTML keep every packet's bytes, and --filter reads them: one thread, each frame handed
-            // over as it is read.
+        if reporter.wantsPackets {
+            // pcapng and HTML keep every packet's bytes: one thread, each frame handed over as it is read.
             var record = PacketRecord()
             var count = 0
             while let frame = source.next(into: &record) {
-                if let selector {
-                    record.selected = selector.matches(frame: frame, wireLength: record.wireLength, linkType: source.currentLinkType)
-                }
                 let id = correlator.ingest(inPlace: &record)
-                if reporter.wantsPackets { reporter.packet(record, frame: frame, linkType: source.currentLinkType, connection: id) }
+                reporter.packet(record, frame: frame, linkType: source.currentLinkType, connection: id)
                 bytesRead &+= UInt64(frame.count) &+ 16
                 count &+= 1
                 if count & 0xfff == 0 { progress.update(bytesRead: bytesRead) }

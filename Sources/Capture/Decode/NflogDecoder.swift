@@ -51,6 +51,7 @@ extension PacketDecoder {
             record.notes.insert(.truncatedLink)
             record.nflog = NflogMeta()
             record.point = .netfilter(.unknown)
+            if selector != nil { record.selected = false }
             return
         }
         decodeNflogTLVs(r, family: family, group: group, byteOrder: nflogByteOrder, nestedByteOrder: nestedByteOrder,
@@ -114,21 +115,13 @@ extension PacketDecoder {
         case .prerouting, .input, .ingress: record.direction = .inbound
         default: record.direction = .unknown
         }
+        if let selector { record.selected = payload.map { selector.matches(ipPacket: $0.rest) } ?? false }
         guard var p = payload else { return }
         if record.wireLength == 0 { record.wireLength = UInt32(p.remaining) }
         // The family in the header is the rule's (an inet-family nft table logs both); the payload's own
         // version nibble decides, with the header family as the fallback for an empty payload.
         let version: UInt8 = p.peekU8().map { $0 >> 4 } ?? (family == 10 ? 6 : 4)
         IPDecoder.decode(version: version, &p, into: &record)
-    }
-
-    /// The IP packet an NFLOG message carries (NFULA_PAYLOAD), or nil when it has none.
-    public static func nflogPayload(in tlvs: UnsafeRawBufferPointer, byteOrder: ByteOrder) -> UnsafeRawBufferPointer? {
-        var attrs = NetlinkAttributes(ByteReader(tlvs), order: byteOrder)
-        while let (type, value) = attrs.next() {
-            if type == NFULA.payload { return value.rest }
-        }
-        return nil
     }
 
     private func be32(_ v: inout ByteReader, _ record: inout PacketRecord) -> UInt32? {

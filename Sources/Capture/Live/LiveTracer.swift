@@ -124,7 +124,8 @@ public final class LiveTracer: @unchecked Sendable {
     /// REDIRECT/DNAT hits that got their entry: every entry the query found was given to the hit that asked.
     private var conntrackJoins: UInt64 { conntrackQuery?.found ?? 0 }
     private var trace: TraceJoiner?
-    /// `--filter`: marks each record read as selecting its connection or not (`PacketRecord.selected`).
+    /// `--filter`: the sources' decoders mark each record as selecting its connection or not
+    /// (`PacketRecord.selected`); TRACE steps never select.
     private var filter: ConnectionFilter?
     /// A `let`: as a `var` every use per record retained and released it (the property could be reassigned).
     private let pending = PendingRecords(capacity: 1 << 14)
@@ -332,6 +333,7 @@ public final class LiveTracer: @unchecked Sendable {
             opts.copyRange = UInt32(options.snaplen)
             opts.queueThreshold = options.queueThreshold
             nflog = try NflogSource(index: 1, tags: tags, options: opts)
+            nflog?.selector = filter
             // Conntrack is asked only where NFLOG cannot attach it itself (see `ConntrackQuery`).
             if nflog?.socket.conntrackAttached != true { conntrackQuery = try ConntrackQuery() }
             var groups: [NetfilterEventSocket.Group] = []
@@ -347,6 +349,7 @@ public final class LiveTracer: @unchecked Sendable {
                     legacy.conntrack = false
                     legacy.bindAsLogger = true
                     legacyTrace = try? NflogSource(index: 3, tags: tags, options: legacy)
+                    legacyTrace?.selector = filter
                 }
             }
             if !groups.isEmpty { events = try NetfilterEventSocket(groups: groups) }
@@ -354,6 +357,7 @@ public final class LiveTracer: @unchecked Sendable {
                 // `--filter` selects connections, so the capture keeps every packet (a matching connection's lo leg
                 // after a REDIRECT would not match `port 80`); the filter runs on each record as it is read.
                 pcap = try PcapLiveSource(index: 2, tags: tags, snaplen: options.pcapSnaplen, writePath: options.writePath)
+                pcap?.selector = filter
             }
         } catch {
             openFailure = error
@@ -457,8 +461,7 @@ public final class LiveTracer: @unchecked Sendable {
             if !emptied { drained = false }
         }
         if let nflog, isReady(nflog.fd) {
-            let (records, emptied) = nflog.drain(limit: 64, slot: freeSlot) { rec, tlvs in
-                if let filter { rec.pointee.selected = filter.matches(nflogAttributes: tlvs) }
+            let (records, emptied) = nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
                 commit(frame: tlvs, linkType: LinkType.nflog)
             }
             got += records
@@ -466,7 +469,6 @@ public final class LiveTracer: @unchecked Sendable {
         }
         if let legacyTrace, isReady(legacyTrace.fd) {
             let (records, emptied) = legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
-                rec.pointee.selected = filter == nil
                 if trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true { commit(frame: nil, linkType: LinkType.raw) }
             }
             got += records
@@ -474,8 +476,7 @@ public final class LiveTracer: @unchecked Sendable {
         }
         if let pcap {
             let link = pcap.linkType
-            let frames = pcap.drain(limit: 4096, slot: freeSlot) { rec, frame in
-                if let filter { rec.pointee.selected = filter.matches(frame: frame, wireLength: rec.pointee.wireLength, linkType: link) }
+            let frames = pcap.drain(limit: 4096, slot: freeSlot) { _, frame in
                 commit(frame: frame, linkType: link)
             }
             got += frames

@@ -1,8 +1,9 @@
 // `--filter`: which connections `trace` and `analyze` show.
 
 /// A tcpdump-syntax expression run on every packet read: each captured frame (whatever its link type), and the
-/// IP packet inside each NFLOG event. A connection is shown when any of its packets matched, in any of its NAT
-/// views, with everything seen of it (the lo leg after a REDIRECT, which `port 80` would not match) and the
+/// IP packet inside each NFLOG event. The decoders run it (`PacketDecoder.selector`) as they decode each record,
+/// where the frame, its link type and the NFLOG payload (in whatever byte order the file has) are at hand. A
+/// connection is shown when any of its packets matched, in any of its NAT views, with everything seen of it (the lo leg after a REDIRECT, which `port 80` would not match) and the
 /// ztunnel legs joined to it (the HBONE connection to :15008). What the filter does not select is still read and
 /// counted (the rule hits beside the kernel's counters stay whole) but not printed.
 public final class ConnectionFilter: @unchecked Sendable {
@@ -21,6 +22,7 @@ public final class ConnectionFilter: @unchecked Sendable {
         self.expression = expression
         var failure: Error?
         do { ip = try PcapFilterProgram(expression, linkType: LinkType.rawDLT) } catch { ip = nil; failure = error }
+        programs[LinkType.rawDLT] = .some(ip)
         do {
             programs[LinkType.linuxSLL] = try PcapFilterProgram(expression, linkType: LinkType.linuxSLL)
         } catch {
@@ -29,14 +31,9 @@ public final class ConnectionFilter: @unchecked Sendable {
         }
     }
 
-    /// Whether a frame of `linkType` matches: for an NFLOG frame as files hold it (nflog_hdr, then attributes in
-    /// host order), the IP packet it carries.
+    /// Whether a captured frame of `linkType` matches.
     @inline(__always)
     public func matches(frame: UnsafeRawBufferPointer, wireLength: UInt32, linkType: Int32) -> Bool {
-        if linkType == LinkType.nflog {
-            guard frame.count >= 4 else { return false }
-            return matches(nflogAttributes: UnsafeRawBufferPointer(rebasing: frame[4...]))
-        }
         if linkType != lastLinkType {
             lastLinkType = linkType
             last = program(for: linkType)
@@ -44,11 +41,10 @@ public final class ConnectionFilter: @unchecked Sendable {
         return last?.matches(frame, wireLength: wireLength) ?? false
     }
 
-    /// Whether the IP packet an NFLOG event carries matches (its attributes in host byte order, as read live).
+    /// Whether an IP packet (the payload of an NFLOG record) matches.
     @inline(__always)
-    public func matches(nflogAttributes tlvs: UnsafeRawBufferPointer) -> Bool {
-        guard let ip, let payload = PacketDecoder.nflogPayload(in: tlvs, byteOrder: .host) else { return false }
-        return ip.matches(payload, wireLength: UInt32(payload.count))
+    public func matches(ipPacket: UnsafeRawBufferPointer) -> Bool {
+        ip?.matches(ipPacket, wireLength: UInt32(ipPacket.count)) ?? false
     }
 
     private func program(for linkType: Int32) -> PcapFilterProgram? {

@@ -42,13 +42,15 @@ public final class MergedSource: PacketSource {
         headLive.deallocate()
     }
 
-    /// Opens each file as a `PcapFileSource` numbered by its position (`FrameRef.source`).
-    public convenience init(paths: [String], tags: RuleTagTable, interfaceNames: [String?] = []) throws {
+    /// Opens each file as a `PcapFileSource` numbered by its position (`FrameRef.source`), each decoding with
+    /// `selector` (`--filter`) when given.
+    public convenience init(paths: [String], tags: RuleTagTable, interfaceNames: [String?] = [],
+                            selector: ConnectionFilter? = nil) throws {
         guard paths.count <= Int(UInt16.max) else { throw MeshtraceError.badInput("too many capture files (\(paths.count))") }
         var files: [PacketSource] = []
         for (i, path) in paths.enumerated() {
             let name = i < interfaceNames.count ? interfaceNames[i] : nil
-            files.append(try PcapFileSource(path: path, index: UInt16(i), tags: tags, interfaceName: name))
+            files.append(try PcapFileSource(path: path, index: UInt16(i), tags: tags, interfaceName: name, selector: selector))
         }
         self.init(files)
     }

@@ -29,6 +29,11 @@ public final class NflogSource {
     deinit { buffer.deallocate() }
 
     public var fd: Int32 { socket.fd }
+    /// `--filter`: the decoder marks each record selected or not (`PacketDecoder.selector`).
+    public var selector: ConnectionFilter? {
+        get { decoder.selector }
+        set { decoder.selector = newValue }
+    }
     public var overruns: Int { socket.overruns }
 
     /// Reads up to `limit` datagrams that are waiting and decodes each record in place into the slot `slot`

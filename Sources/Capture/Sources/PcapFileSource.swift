@@ -59,13 +59,16 @@ public final class PcapFileSource: PacketSource {
 
     /// Opens `path`. `interfaceName` names the capture point when the caller knows it; otherwise a pcapng
     /// interface's if_name, else "any" for cooked captures ("lo" per packet when the cooked header says
-    /// loopback), the hook for NFLOG, and the file's stem for the rest (`lo.pcap` → lo).
-    public init(path: String, index: UInt16 = 0, tags: RuleTagTable, interfaceName: String? = nil) throws {
+    /// loopback), the hook for NFLOG, and the file's stem for the rest (`lo.pcap` → lo). `selector` (`--filter`)
+    /// marks each record selected or not as it is decoded.
+    public init(path: String, index: UInt16 = 0, tags: RuleTagTable, interfaceName: String? = nil,
+                selector: ConnectionFilter? = nil) throws {
         self.path = path
         self.index = index
         self.interfaceName = interfaceName
         try PcapFileSource.checkReadable(path)
         decoder = PacketDecoder(tags: tags)
+        decoder.selector = selector
         var classic: PcapHandle? = nil
         if PcapngFileReader.isPcapng(path: path) {
             let reader = try PcapngFileReader(path: path)

@@ -47,6 +47,11 @@ public final class PcapLiveSource {
     }
 
     public var fd: Int32? { capture.selectableFileDescriptor }
+    /// `--filter`: the decoder marks each record selected or not (`PacketDecoder.selector`).
+    public var selector: ConnectionFilter? {
+        get { decoder.selector }
+        set { decoder.selector = newValue }
+    }
 
     /// Decodes up to `limit` waiting packets, each in place into the slot `slot` gives, and hands it to `body`
     /// with its frame bytes (valid during the call).
