@@ -49,7 +49,7 @@ public final class TextReport: ReportSink {
 
     private func tuple(_ t: FiveTuple) {
         out.text(IPProto.name(t.proto)); out.byte(0x20)
-        out.endpoint(t.src); out.text(" > "); out.endpoint(t.dst)
+        tupleColumns(t)
     }
 
     public func connection(_ t: ConnectionTimeline) {
@@ -250,17 +250,9 @@ public final class TextReport: ReportSink {
         }
     }
 
-    /// `src:port > dst:port`, written once per tuple and copied after that (`tuplePieces`).
+    /// `src:port > dst:port`; a packet line's are written once per tuple and copied after that (`tuplePieces`).
     private func tupleColumns(_ t: FiveTuple) {
-        guard t.src.addr.family != .v6, t.dst.addr.family != .v6 else {
-            out.endpoint(t.src); out.text(" > "); out.endpoint(t.dst)
-            return
-        }
-        out.write(room: 48) { w in
-            w.address(t.src.addr); w.byte(UInt8(ascii: ":")); w.unsignedDecimal(UInt64(t.src.port))
-            w.text(" > ")
-            w.address(t.dst.addr); w.byte(UInt8(ascii: ":")); w.unsignedDecimal(UInt64(t.dst.port))
-        }
+        out.endpoint(t.src); out.text(" > "); out.endpoint(t.dst)
     }
     private let tuplePieces = TuplePieces()
 
