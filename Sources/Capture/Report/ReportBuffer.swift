@@ -60,21 +60,9 @@ final class ReportBuffer {
     @inline(__always)
     func bytes(_ p: UnsafeBufferPointer<UInt8>) { append(p) }
 
+    /// A literal, through the cursor's writer (literals are short: one reservation).
     @inline(__always)
-    func text(_ s: StaticString) {
-        // A literal's bytes directly: through `withUTF8Buffer`'s closure this stayed a call per piece. The rare
-        // one-scalar literal (a StaticString may hold a single Unicode scalar instead of a pointer) is written out
-        // of line: with its closure in here too, this was never inlined, and every piece was a call that tested
-        // the piece's length at run time (~10 per JSON event).
-        if s.hasPointerRepresentation {
-            append(UnsafeBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
-        } else {
-            scalarText(s)
-        }
-    }
-
-    @inline(never)
-    private func scalarText(_ s: StaticString) { s.withUTF8Buffer { append($0) } }
+    func text(_ s: StaticString) { write(room: s.utf8CodeUnitCount) { $0.text(s) } }
 
     /// Disfavoured: a literal would otherwise pick this overload (String is the default literal type) and be
     /// written through a String instead of the StaticString one's inlined copy.
@@ -441,7 +429,10 @@ struct ReportCursor {
         at += n
     }
 
-    /// A literal; the caller reserved room for it.
+    /// A literal; the caller reserved room for it. Its bytes directly: through `withUTF8Buffer`'s closure this
+    /// stayed a call per piece. The rare one-scalar literal (a StaticString may hold a single Unicode scalar instead
+    /// of a pointer) is written out of line: with its closure in here too, this was never inlined, and every piece
+    /// was a call that tested the piece's length at run time (~10 per JSON event).
     @inline(__always)
     mutating func text(_ s: StaticString) {
         if s.hasPointerRepresentation {
