@@ -53,20 +53,7 @@ public enum Command {
     /// Throws `.missingTool` when the program is not installed.
     @discardableResult
     public static func run(_ argv: [String], in netns: NetnsRef? = nil, input: String? = nil) throws -> Result {
-        let full = (netns?.execPrefix ?? []) + argv
-        guard let exe = which(full[0]) else {
-            throw MeshtraceError(.missingTool, "\(full[0]) is not installed (needed to run: \(argv.joined(separator: " ")))")
-        }
-        if netns != nil, which(argv[0]) == nil {
-            throw MeshtraceError(.missingTool, "\(argv[0]) is not installed")
-        }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = Array(full.dropFirst())
-        var env = ProcessInfo.processInfo.environment
-        env["PATH"] = searchPath
-        env["LC_ALL"] = "C"
-        p.environment = env
+        let p = try process(argv, in: netns)
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err
@@ -94,6 +81,37 @@ public enum Command {
         return Result(status: p.terminationStatus,
                       stdout: String(decoding: outData, as: UTF8.self),
                       stderr: String(decoding: errData, as: UTF8.self))
+    }
+
+    /// Starts `argv` (inside `netns` when given) and returns at once: a program that runs beside the caller
+    /// (tcpdump, a listener). Its stdin and stdout are /dev/null, its stderr `stderr` (else /dev/null); the caller
+    /// ends it and waits for it.
+    public static func start(_ argv: [String], in netns: NetnsRef? = nil, stderr: FileHandle? = nil) throws -> Process {
+        let p = try process(argv, in: netns)
+        p.standardInput = FileHandle.nullDevice
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = stderr ?? FileHandle.nullDevice
+        try p.run()
+        return p
+    }
+
+    /// A Process for `argv`, found on `searchPath`, prefixed to enter `netns`: missing programs are one clear error.
+    private static func process(_ argv: [String], in netns: NetnsRef?) throws -> Process {
+        let full = (netns?.execPrefix ?? []) + argv
+        guard let exe = which(full[0]) else {
+            throw MeshtraceError(.missingTool, "\(full[0]) is not installed (needed to run: \(argv.joined(separator: " ")))")
+        }
+        if netns != nil, which(argv[0]) == nil {
+            throw MeshtraceError(.missingTool, "\(argv[0]) is not installed")
+        }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = Array(full.dropFirst())
+        var env = ProcessInfo.processInfo.environment
+        env["PATH"] = searchPath
+        env["LC_ALL"] = "C"
+        p.environment = env
+        return p
     }
 
     // FileHandle.readDataToEndOfFile / write(_:) trap on EINTR (a `try!` inside Foundation), and any signal handler

@@ -24,14 +24,9 @@ final class KernelCaptureTests: KernelTestCase {
 
     /// Starts `argv` inside `ns` in the background; stderr goes to a file the caller can poll.
     private func start(_ ns: ScratchNetns, _ argv: [String], log: String) throws -> (Process, URL) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Command.which("nsenter")!)
-        p.arguments = ["--net=/var/run/netns/\(ns.name)", "--"] + argv
         let logURL = dir.appendingPathComponent(log)
         FileManager.default.createFile(atPath: logURL.path, contents: nil)
-        p.standardError = try FileHandle(forWritingTo: logURL)
-        p.standardOutput = FileHandle.nullDevice
-        try p.run()
+        let p = try Command.start(argv, in: ns.ref, stderr: try FileHandle(forWritingTo: logURL))
         background.append(p)
         return (p, logURL)
     }

@@ -37,13 +37,7 @@ final class LiveNflogDecodeTests: KernelTestCase {
     }
 
     private func runRedirectedConnection(_ ns: ScratchNetns) throws {
-        let l = Process()
-        l.executableURL = URL(fileURLWithPath: Command.which("nsenter")!)
-        l.arguments = ["--net=/var/run/netns/\(ns.name)", "--", "timeout", "5", "nc", "-l", "15001"]
-        l.standardOutput = FileHandle.nullDevice
-        l.standardError = FileHandle.nullDevice
-        try l.run()
-        listener = l
+        listener = try Command.start(["timeout", "5", "nc", "-l", "15001"], in: ns.ref)
         usleep(300_000)
         ns.attempt(["bash", "-c", "exec 3<>/dev/tcp/10.88.0.2/80; echo hello >&3; sleep 0.2"])
     }

@@ -330,14 +330,10 @@ extension TraceBenchmark {
         }
         // 64 MiB of ring for the capture, as the trace's; -Z root: the files stay writable where they are.
         for (interface, suffix) in [("nflog:\(group)", "-nflog.pcap"), ("any", "-any.pcap")] {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/nsenter")
-            p.arguments = ["--net=\(lab.client.ref.path)", tcpdump, "-Z", "root", "-B", "65536", "-i", interface, "-w", stem + suffix]
             let err = stem + suffix + ".err"
             FileManager.default.createFile(atPath: err, contents: nil)
-            p.standardError = try XCTUnwrap(FileHandle(forWritingAtPath: err))
-            p.standardOutput = FileHandle.nullDevice
-            try p.run()
+            let p = try Command.start([tcpdump, "-Z", "root", "-B", "65536", "-i", interface, "-w", stem + suffix],
+                                      in: lab.client.ref, stderr: try XCTUnwrap(FileHandle(forWritingAtPath: err)))
             dumps.append((p, err))
         }
         func stderr(_ i: Int) -> String { (try? String(contentsOfFile: dumps[i].1, encoding: .utf8)) ?? "" }

@@ -47,14 +47,7 @@ final class RulesKernelTests: KernelTestCase {
         try? FileManager.default.removeItem(at: out)
         // Started as our own child (not through `sh ... &`): a backgrounded grandchild would inherit the descriptor
         // Foundation's Process uses to notice a child's exit, and Command.run would wait for it forever.
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Command.which("nsenter") ?? "/usr/bin/nsenter")
-        p.arguments = ns.ref.execPrefix.dropFirst() + ["socat", "-u", "\(spec),reuseaddr", "OPEN:\(out.path),creat"]
-        p.standardInput = FileHandle.nullDevice
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        listeners.append(p)
+        listeners.append(try Command.start(["socat", "-u", "\(spec),reuseaddr", "OPEN:\(out.path),creat"], in: ns.ref))
         return out
     }
 
