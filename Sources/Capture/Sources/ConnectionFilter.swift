@@ -5,7 +5,8 @@
 /// where the frame, its link type and the NFLOG payload (in whatever byte order the file has) are at hand. A
 /// connection is shown when any of its packets matched, in any of its NAT views, with everything seen of it (the lo leg after a REDIRECT, which `port 80` would not match) and the
 /// ztunnel legs joined to it (the HBONE connection to :15008). What the filter does not select is still read and
-/// counted (the rule hits beside the kernel's counters stay whole) but not printed.
+/// counted (the rule hits beside the kernel's counters stay whole) but not printed. One thread uses it, the one
+/// decoding (the live netns thread, analyze's read-ahead thread): it keeps the last link type's program at hand.
 public final class ConnectionFilter: @unchecked Sendable {
     public let expression: String
     /// For NFLOG payloads: raw IP, version from the first nibble.
