@@ -463,13 +463,16 @@ public final class LiveTracer: @unchecked Sendable {
         if let nflog, isReady(nflog.fd) {
             let (records, emptied) = nflog.drain(limit: 64, slot: freeSlot) { _, tlvs in
                 commit(frame: tlvs, linkType: LinkType.nflog)
+                return true
             }
             got += records
             if !emptied { drained = false }
         }
         if let legacyTrace, isReady(legacyTrace.fd) {
             let (records, emptied) = legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
-                if trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true { commit(frame: nil, linkType: LinkType.raw) }
+                guard trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true else { return false }
+                commit(frame: nil, linkType: LinkType.raw)
+                return true
             }
             got += records
             if !emptied { drained = false }

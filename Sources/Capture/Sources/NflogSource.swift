@@ -15,8 +15,14 @@ public final class NflogSource {
     /// Messages the kernel numbered but meshtrace never received (NFULA_SEQ gaps).
     public private(set) var sequenceGap: UInt64 = 0
     public private(set) var recordsRead: UInt64 = 0
-    /// Records that came without NFULA_TIMESTAMP (locally generated packets) and were stamped on receipt.
+    /// Records that came without NFULA_TIMESTAMP (locally generated packets: the OUTPUT and POSTROUTING hooks);
+    /// `drain` gives them the time of the next record in the kernel's order that has one, or the receipt time.
     public private(set) var stampedOnReceipt: UInt64 = 0
+    /// The slots of records without a kernel time, read since the last record that had one (in this `drain`).
+    private let unstamped: UnsafeMutablePointer<UnsafeMutablePointer<PacketRecord>>
+    /// At most this many wait for a later time; a longer run keeps its receipt times. Far below the hold ring's
+    /// capacity, so a waiting slot cannot be written with another record before its time is settled.
+    static let unstampedCapacity = 1024
 
     public init(index: UInt16, tags: RuleTagTable, options: NflogSocket.Options) throws {
         self.index = index
@@ -24,9 +30,10 @@ public final class NflogSource {
         decoder = PacketDecoder(tags: tags)
         // One datagram can carry a batch of messages (queue threshold); 1 MiB holds any batch the kernel sends.
         buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 8)
+        unstamped = .allocate(capacity: NflogSource.unstampedCapacity)
     }
 
-    deinit { buffer.deallocate() }
+    deinit { buffer.deallocate(); unstamped.deallocate() }
 
     public var fd: Int32 { socket.fd }
     /// `--filter`: the decoder marks each record selected or not (`PacketDecoder.selector`).
@@ -38,12 +45,20 @@ public final class NflogSource {
 
     /// Reads up to `limit` datagrams that are waiting and decodes each record in place into the slot `slot`
     /// gives (the tracer's hold ring: no copy of the record on its way in), then hands it to `body` with the
-    /// raw message TLVs (valid during the call). Returns the number of records, and whether the socket was read
-    /// empty (false: `limit` datagrams were read and more may be waiting).
+    /// raw message TLVs (valid during the call); `body` says whether it kept the record. Returns the number of
+    /// records, and whether the socket was read empty (false: `limit` datagrams were read and more may be waiting).
     @discardableResult
     public func drain(limit: Int, slot: () -> UnsafeMutablePointer<PacketRecord>,
-                      _ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer) -> Void) -> (records: Int, emptied: Bool) {
+                      _ body: (UnsafeMutablePointer<PacketRecord>, UnsafeRawBufferPointer) -> Bool) -> (records: Int, emptied: Bool) {
         var records = 0
+        // The kernel adds NFULA_TIMESTAMP at PREROUTING, INPUT and FORWARD only, and sends events in batches (up to
+        // the flush timeout, 10 ms): stamped on receipt, a batch's OUTPUT events would all read as happening after
+        // every PREROUTING event in it (an app's SYN after the SYN-ACK). The kernel numbers events in the order it
+        // logs them (NFULA_SEQ; batches keep that order), so an event without a time happened before the next one
+        // that has a time: it takes that time when it is earlier than the receipt time. Sorted with the hooks'
+        // rank (OUTPUT before PREROUTING at equal times), the timeline then reads in the kernel's order. Events
+        // with no later stamped event in this pass keep their receipt time, an upper bound too.
+        var waiting = 0
         for _ in 0..<limit {
             let n: Int
             switch socket.receive(into: buffer) {
@@ -60,16 +75,28 @@ public final class NflogSource {
                 record.pointee.time = now
                 decoder.decodeNflogAttributes(tlvs, family: family, group: group, byteOrder: .host, into: &record.pointee)
                 // The stored fields: `nflog` would copy all of them into an optional, twice per event.
+                var stamped = false
                 if record.pointee.hasNflog, let kernel = record.pointee.nflogFields.kernelTime {
                     record.pointee.time = kernel
+                    stamped = true
+                    if waiting > 0 { settle(waiting, before: kernel); waiting = 0 }
                 } else {
                     stampedOnReceipt += 1
                 }
                 if record.pointee.hasNflog, let seq = record.pointee.nflogFields.sequence { account(seq) }
-                body(record, tlvs)
+                // A record the caller did not keep leaves its slot to the next one: only kept ones wait.
+                if body(record, tlvs), !stamped, waiting < NflogSource.unstampedCapacity {
+                    unstamped[waiting] = record
+                    waiting += 1
+                }
             }
         }
         return (records, false)
+    }
+
+    /// The waiting records happened before an event the kernel stamped `kernel`.
+    private func settle(_ count: Int, before kernel: Timestamp) {
+        for i in 0..<count where kernel < unstamped[i].pointee.time { unstamped[i].pointee.time = kernel }
     }
 
     private func account(_ seq: UInt32) {

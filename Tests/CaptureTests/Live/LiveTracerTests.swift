@@ -40,9 +40,11 @@ final class LiveTracerTests: KernelTestCase {
 
     /// Traces `pod` while `traffic` runs, then a short linger so replies and FINs are in.
     func trace(_ pod: LabPod, group: UInt16, mode: TraceOptions.Mode = .nflog, yieldToPod: Bool = true, filter: String? = nil,
+               capturePackets: Bool = true,
                _ traffic: @escaping () throws -> Void) throws -> (TraceOutcome, TraceRecordingSink) {
         var options = TraceOptions(netns: pod.ref)
         options.mode = mode
+        options.capturePackets = capturePackets
         options.filter = filter
         options.yieldToPod = yieldToPod
         options.group = group
@@ -150,6 +152,37 @@ final class LiveTracerTests: KernelTestCase {
 
         let rulesAfter = try lab.client.netns.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
         XCTAssertEqual(rulesAfter, rulesBefore)
+    }
+
+    /// `--rules-only`: no captured packet retimes the NFLOG events, and the kernel stamps none at OUTPUT (NFULA_TIMESTAMP
+    /// only comes at PREROUTING, INPUT and FORWARD). Stamped on receipt, a batch's OUTPUT events all read as after its
+    /// PREROUTING ones (the app's SYN after ztunnel's SYN-ACK, the connection as long as the batch's delay). Each takes
+    /// the time of the next event in the kernel's order that has one, so the timeline reads as the kernel went.
+    func testWithoutACaptureTheRuleHitsReadInTheKernelsOrder() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let (outcome, sink) = try trace(lab.client, group: 5413, capturePackets: false) { try self.get(lab, from: lab.client, ["\(server)"]) }
+        XCTAssertEqual(outcome.packetsCaptured, 0)
+        XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server && $0.original.proto == IPProto.tcp },
+                                "no timeline for the app's connection to \(server): \(sink.timelines.map(\.original))")
+        let events = app.events
+        XCTAssertTrue(events.allSatisfy { $0.point.kind == .netfilter })
+        func describe() -> String { events.map { "\($0.point) \($0.tuple) \($0.tcpFlags)" }.joined(separator: "\n") }
+        // The connection starts where the app's SYN leaves it (OUTPUT, before the REDIRECT).
+        let first = try XCTUnwrap(events.first)
+        XCTAssertEqual(first.point.hook, .output, describe())
+        XCTAssertEqual(first.tcpFlags, .syn, describe())
+        // Then the REDIRECT twin's hit, then the SYN arriving on lo at 127.0.0.1:15001, then ztunnel's SYN-ACK.
+        let redirect = try XCTUnwrap(events.firstIndex { $0.hit?.rule?.role == .outboundCapture }, describe())
+        let loSyn = try XCTUnwrap(events.firstIndex { $0.point.hook == .prerouting && $0.tuple.dst.port == 15001 && $0.tcpFlags == .syn }, describe())
+        let synAck = try XCTUnwrap(events.firstIndex { $0.tcpFlags == [.syn, .ack] }, describe())
+        XCTAssertLessThan(redirect, loSyn, describe())
+        XCTAssertLessThan(loSyn, synAck, describe())
+        // ztunnel's connection onwards starts after the app's (it is opened for it), not at the same instant.
+        let hbone = try XCTUnwrap(sink.timelines.first { $0.original.dst == Endpoint(lab.server.ipv4, 15008) })
+        XCTAssertLessThan(app.firstSeen, hbone.firstSeen)
+        XCTAssertTrue(app.hops.contains { $0.inner == hbone.id }, "hops of the app connection: \(app.hops)")
     }
 
     /// The reader yields to the pod (SCHED_IDLE); on a node whose CPUs are all busy it would never run, so the
