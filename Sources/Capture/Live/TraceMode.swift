@@ -77,8 +77,20 @@ enum TraceRules {
 final class TraceJoiner {
     private let tags: RuleTagTable
     private var decoder: PacketDecoder
+    /// What a step's record needs of its packet: the tuple, and what identifies the packet in the other sources
+    /// (IP ID, TCP flags, sequence and acknowledgement numbers). Without them a step is not the same packet as
+    /// its NFLOG events and capture: its SYN would carry ISN 0, and the twins' SYN, with the real one, would
+    /// start a second connection of the same tuple.
+    struct TracedPacket {
+        var tuple: FiveTuple
+        var flags: TCPFlags
+        var ipID: UInt32
+        var seq: UInt32
+        var ack: UInt32
+        var ipLength: UInt32
+    }
     /// The last decoded headers per trace id: only the first event of a base-chain walk carries them.
-    private var tuples: [UInt32: (FiveTuple, TCPFlags)] = [:]
+    private var tuples: [UInt32: TracedPacket] = [:]
     private var tupleOrder: [UInt32] = []
     private var scratch = [UInt8](repeating: 0, count: 512)
     private(set) var steps: UInt64 = 0
@@ -118,10 +130,11 @@ final class TraceJoiner {
                     tupleOrder.append(e.id)
                     if tupleOrder.count > 4096 { tuples.removeValue(forKey: tupleOrder.removeFirst()) }
                 }
-                tuples[e.id] = (probe.tuple, probe.tcpFlags)
+                tuples[e.id] = TracedPacket(tuple: probe.tuple, flags: probe.tcpFlags, ipID: probe.ipID,
+                                            seq: probe.tcpSeq, ack: probe.tcpAck, ipLength: probe.ipLength)
             }
         }
-        guard let (tuple, flags) = tuples[e.id] else { return nil }
+        guard let packet = tuples[e.id] else { return nil }
         let kind: String
         switch e.kind {
         case .rule: kind = "rule"
@@ -149,8 +162,13 @@ final class TraceJoiner {
         record.ref = FrameRef(source: 4, frame: steps)
         record.time = NflogSource.realtime()
         record.point = .netfilter(hooks[e.id] ?? .unknown)
-        record.tuple = tuple
-        record.tcpFlags = flags
+        record.tuple = packet.tuple
+        record.tcpFlags = packet.flags
+        record.ipID = packet.ipID
+        record.tcpSeq = packet.seq
+        record.tcpAck = packet.ack
+        record.ipLength = packet.ipLength
+        record.wireLength = packet.ipLength
         record.nflog = meta
         return true
     }

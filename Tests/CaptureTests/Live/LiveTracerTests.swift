@@ -320,6 +320,22 @@ final class LiveTracerTests: KernelTestCase {
         // The seed's 15001 REDIRECT is rule 4 of nat ISTIO_OUTPUT: the kernel's own walk says the SYN went through it.
         XCTAssertTrue(app.events.contains { $0.hit?.prefixText == "TRACE: nat:ISTIO_OUTPUT:rule:4" && $0.tcpFlags.contains(.syn) },
                       "\(app.events.compactMap { $0.hit?.prefixText })")
+        // Joined into the same timeline: one connection for the app's tuple, holding the kernel's walk, the
+        // twins' hits and the captured lo leg, joined to ztunnel's HBONE connection; no second, trace-only copy
+        // (whose HBONE leg would then be a forged mark with no app connection to explain it).
+        XCTAssertEqual(sink.timelines.filter { $0.original == app.original }.count, 1,
+                       "\(sink.timelines.map { "#\($0.id) \($0.original)" })")
+        XCTAssertTrue(app.events.contains { $0.hit?.rule?.role == .outboundCapture })
+        XCTAssertTrue(app.events.contains { $0.point.kind == .interface && $0.point.isLoopback && $0.tuple.dst.port == 15001 })
+        let hbone = try XCTUnwrap(sink.timelines.first { $0.original.dst == Endpoint(lab.server.ipv4, 15008) })
+        XCTAssertTrue(app.hops.contains { $0.inner == hbone.id }, "hops of the app connection: \(app.hops)")
+        XCTAssertEqual(sink.timelines.filter { $0.original.dst == Endpoint(lab.server.ipv4, 15008) }.count, 1)
+        XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.map(\.summary))")
+        // A step is the packet the twins logged: it reads with their time (the capture's), not its receipt.
+        let synSteps = app.events.filter { ($0.hit?.prefixText ?? "").hasPrefix("TRACE:") && $0.tcpFlags == .syn }
+        let loSyn = try XCTUnwrap(app.events.first { $0.point.kind == .interface && $0.tcpFlags == .syn })
+        XCTAssertFalse(synSteps.isEmpty)
+        for step in synSteps { XCTAssertLessThanOrEqual(step.time, loSyn.time) }
         // meshtrace's own twins never show up as steps.
         XCTAssertFalse(app.events.contains { ($0.hit?.prefixText ?? "").hasPrefix("TRACE:") && ($0.hit?.prefixText ?? "").contains(":h") })
         XCTAssertFalse(try lab.client.netns.run(["nft", "list", "tables"]).stdout.contains("meshtrace"))
