@@ -209,7 +209,10 @@ public final class LiveTracer: @unchecked Sendable {
             needsLegacyTrace = try instrumenter.readHomes().contains { $0.home.backend == .iptablesLegacy && $0.text.contains("ISTIO") }
         }
         let started = DispatchTime.now()
-        let thread = NetnsThread(netns: options.netns) { [self] in try netnsMain() }
+        let thread = NetnsThread(netns: options.netns, enterFailed: { [self] error in
+            openFailure = error
+            opened.signal()
+        }) { [self] in try netnsMain() }
         thread.start()
 
         // Sockets first: a busy group or a missing netns fails here, before any rule is touched.

@@ -13,12 +13,16 @@ import Glibc
 public final class NetnsThread: @unchecked Sendable {
     private let netns: NetnsRef
     private let body: () throws -> Void
+    private let enterFailed: (Error) -> Void
     private let done = DispatchSemaphore(value: 0)
     private var failure: Error?
     private var thread: Thread?
 
-    public init(netns: NetnsRef, body: @escaping () throws -> Void) {
+    /// `enterFailed` runs on the thread when it cannot enter the netns and `body` will not run: a caller
+    /// waiting for `body` to say something (its sockets are open) must be told instead of waiting forever.
+    public init(netns: NetnsRef, enterFailed: @escaping (Error) -> Void = { _ in }, body: @escaping () throws -> Void) {
         self.netns = netns
+        self.enterFailed = enterFailed
         self.body = body
     }
 
@@ -26,6 +30,13 @@ public final class NetnsThread: @unchecked Sendable {
         let t = Thread { [self] in
             do {
                 try NetnsThread.enter(netns)
+            } catch {
+                failure = error
+                enterFailed(error)
+                done.signal()
+                return
+            }
+            do {
                 try body()
             } catch {
                 failure = error

@@ -20,6 +20,7 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
             guard FileManager.default.fileExists(atPath: p) else {
                 throw MeshtraceError(.noSuchNetns, "no process \(pid): cannot find its network namespace (\(p))")
             }
+            try requireNamespaceFile(p, label: "pid \(pid)")
             return NetnsRef(path: p, label: "pid \(pid)")
         }
         guard let netns, !netns.isEmpty else {
@@ -30,7 +31,25 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
         guard stat(p, &st) == 0 else {
             throw MeshtraceError(.noSuchNetns, "network namespace '\(netns)' does not exist (\(p))")
         }
+        try requireNamespaceFile(p, label: netns)
         return NetnsRef(path: p, label: netns)
+    }
+
+    /// nsfs's magic number (linux/magic.h): the file system of /proc/PID/ns/* and of their bind mounts.
+    static let nsfsMagic = 0x6e73_6673
+
+    /// A namespace file is on nsfs. Anything else (a regular file, a name left under /var/run/netns after its
+    /// mount went away) is said so here, for every command, instead of failing later in setns() or nsenter.
+    static func requireNamespaceFile(_ path: String, label: String) throws {
+        // struct statfs begins with f_type (a long) on Linux; 256 bytes hold the whole struct on every ABI.
+        var buffer = [UInt64](repeating: 0, count: 32)
+        let status = buffer.withUnsafeMutableBytes { meshtrace_statfs(path, $0.baseAddress!) }
+        guard status == 0 else {
+            throw MeshtraceError(.noSuchNetns, "network namespace '\(label)' cannot be read (\(path): \(String(cString: strerror(errno))))")
+        }
+        guard Int(truncatingIfNeeded: buffer[0]) == nsfsMagic else {
+            throw MeshtraceError(.noSuchNetns, "'\(label)' is not a network namespace (\(path) is not a namespace file)")
+        }
     }
 
     public var description: String { label }
@@ -163,3 +182,7 @@ public enum Command {
         }
     }
 }
+
+// statfs(2) is not in Glibc's module map (sys/statfs.h); it is a plain libc symbol.
+@_silgen_name("statfs")
+private func meshtrace_statfs(_ path: UnsafePointer<CChar>, _ buf: UnsafeMutableRawPointer) -> Int32

@@ -168,6 +168,28 @@ final class TraceCLITests: KernelTestCase {
         }
     }
 
+    /// A path that exists but is not a network namespace: one clear line and exit 4 from every command, never a
+    /// hang. (`trace --netns /etc/passwd` used to wait forever: its netns thread could not enter the file, so it
+    /// never said whether its sockets opened, and a trace takes SIGTERM as a request to stop once it runs.)
+    /// `timeout -s KILL` bounds a regression: exit 137 here, not a stuck test run.
+    func testAFileThatIsNotANetworkNamespaceIsExit4AndNeverAHang() throws {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let file = NSTemporaryDirectory() + "mt-not-a-netns-\(getpid())"
+        XCTAssertTrue(FileManager.default.createFile(atPath: file, contents: Data("x".utf8)))
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        for cmd in ["trace", "cleanup", "plan"] {
+            let r = try Command.run(["timeout", "-s", "KILL", "30", executable, cmd, "--netns", file])
+            XCTAssertEqual(r.status, ExitStatus.noSuchNetns.rawValue, "\(cmd): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+            XCTAssertTrue(r.stderr.contains("is not a network namespace"), r.stderr)
+        }
+        // A namespace file of another kind is on nsfs too: entering it as a netns fails on the netns thread.
+        let r = try Command.run(["timeout", "-s", "KILL", "30", executable, "trace", "--netns", "/proc/\(getpid())/ns/mnt", "--duration", "1"])
+        XCTAssertEqual(r.status, ExitStatus.noSuchNetns.rawValue, r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("is not a network namespace"), r.stderr)
+    }
+
     /// A `--filter` libpcap cannot compile is a usage error, one line, before the pod is touched.
     func testBadFilterIsExit64AndNoRulesAreAdded() throws {
         try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
