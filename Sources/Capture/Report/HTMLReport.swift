@@ -62,10 +62,11 @@ public final class HTMLReport: ReportSink {
                 maxDiagrams: Int = HTMLReport.defaultMaxDiagrams) throws {
         self.path = path; self.title = title; self.ruleset = ruleset; self.maxDiagrams = max(1, maxDiagrams)
         spoolPath = path + ".meshtrace-spool-\(getpid())"
-        spool = try BufferedFileOutput(path: spoolPath)
-        // Fail now, not after an hour of tracing, when the report cannot be written.
+        // Fail now, not after an hour of tracing, when the report cannot be written (and name the report, not
+        // the spool beside it, when its directory is missing).
         let probe = try BufferedFileOutput(path: path)
         try probe.close()
+        spool = try BufferedFileOutput(path: spoolPath)
     }
 
     deinit { if !finished { unlink(spoolPath) } }

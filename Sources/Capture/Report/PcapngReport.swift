@@ -47,6 +47,9 @@ public final class PcapngReport: ReportSink {
     public init(path: String, ruleset: Ruleset? = nil, tags: RuleTagTable? = nil) throws {
         self.path = path; self.ruleset = ruleset; self.tags = tags
         spoolPath = path + ".meshtrace-spool-\(getpid())"
+        // Fail now, not at the end of the trace, when the file cannot be written (and name it, not the spool).
+        let probe = try BufferedFileOutput(path: path)
+        try probe.close()
         spool = try BufferedFileOutput(path: spoolPath)
     }
 

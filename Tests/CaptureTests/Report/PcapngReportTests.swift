@@ -127,6 +127,14 @@ final class PcapngReportTests: XCTestCase {
     func testAnUnwritablePathIsAClearError() {
         XCTAssertThrowsError(try PcapngReport(path: "/nonexistent-dir/x.pcapng")) { e in
             XCTAssertEqual((e as? MeshtraceError)?.code, .badInput)
+            // The file asked for is named, not the temporary spool beside it.
+            XCTAssertFalse("\(e)".contains("spool"), "\(e)")
+            XCTAssertTrue("\(e)".contains("/nonexistent-dir/x.pcapng"), "\(e)")
+        }
+        XCTAssertThrowsError(try HTMLReport(path: "/nonexistent-dir/x.html")) { e in
+            XCTAssertEqual((e as? MeshtraceError)?.code, .badInput)
+            XCTAssertFalse("\(e)".contains("spool"), "\(e)")
+            XCTAssertTrue("\(e)".contains("/nonexistent-dir/x.html"), "\(e)")
         }
     }
 }
