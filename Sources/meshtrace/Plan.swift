@@ -48,7 +48,7 @@ struct Plan: ParsableCommand {
                 var all: [(home: RuleHome, table: Table)] = []
                 for saved in try instrumenter.readHomes() {
                     if !saved.ownRules.isEmpty {
-                        throw MeshtraceError(.leftovers, "\(saved.ownRules.count) meshtrace rules are already in \(r) (\(saved.home)): run `meshtrace cleanup --netns \(r.label)` first")
+                        throw MeshtraceError(.leftovers, "\(saved.ownRules.count) meshtrace rules are already in \(r) (\(saved.home)): run `meshtrace cleanup \(r.commandLine)` first")
                     }
                     for t in try Instrumenter.parseHome(saved.home, saved.text) { all.append((saved.home, t)) }
                 }

@@ -82,7 +82,7 @@ public final class Instrumenter: @unchecked Sendable {
         let left = homes.reduce(0) { $0 + $1.ownRules.count }
         if left > 0 {
             guard replace else {
-                throw MeshtraceError(.leftovers, "\(left) meshtrace rules are already in netns \(netns) (a run that was killed?): run `meshtrace cleanup --netns \(netns.label)` or pass --replace")
+                throw MeshtraceError(.leftovers, "\(left) meshtrace rules are already in netns \(netns) (a run that was killed?): run `meshtrace cleanup \(netns.commandLine)` or pass --replace")
             }
             _ = try remove()
             homes = try readHomes()
@@ -184,7 +184,7 @@ public final class Instrumenter: @unchecked Sendable {
         }
         let remaining = try leftovers().count
         if remaining > 0 {
-            throw MeshtraceError(.kernelRefused, "\(remaining) meshtrace rules could not be removed from netns \(netns); run `meshtrace cleanup --netns \(netns.label)`")
+            throw MeshtraceError(.kernelRefused, "\(remaining) meshtrace rules could not be removed from netns \(netns); run `meshtrace cleanup \(netns.commandLine)`")
         }
         return removed
     }

@@ -155,13 +155,21 @@ public final class LiveTracer: @unchecked Sendable {
     private var abort = false
     private var finishPipe: [Int32] = [-1, -1]
     private let stopPipe = makePipe()
+    /// The pod's netns, held open for the whole trace (nil when it could not be opened: `run` says why).
+    private let pin: NetnsPin?
+    /// The path every rule change, rule read and the netns thread use: the pin's while it holds.
+    private let netns: NetnsRef
 
     public init(options: TraceOptions) {
         self.options = options
+        // Everything the trace does in the netns goes through a handle of its own on it, not through the name
+        // or pid it was given (`NetnsPin`): the twins must come out even if the pod's process exits meanwhile.
+        pin = try? NetnsPin(options.netns)
+        netns = pin?.ref ?? options.netns
         var settings = InstrumentationSettings(group: options.group, snaplen: options.snaplen)
         settings.observe = true
         settings.perRuleThreshold = options.perRuleThreshold
-        instrumenter = Instrumenter(netns: options.netns, settings: settings, parse: Instrumenter.parseHome)
+        instrumenter = Instrumenter(netns: netns, settings: settings, parse: Instrumenter.parseHome)
     }
 
     deinit {
@@ -196,6 +204,7 @@ public final class LiveTracer: @unchecked Sendable {
         // A bad --filter is a usage error before anything is opened or touched.
         if let expression = options.filter, !expression.isEmpty { filter = try ConnectionFilter(expression) }
         try Command.requireRoot("meshtrace trace")
+        if pin == nil { _ = try NetnsPin(options.netns) }   // says why it cannot be opened (or it appeared since)
         self.reporter = reporter
         pending.keepFrames(reporter.wantsPackets)
         StopSignal.install()
@@ -209,7 +218,7 @@ public final class LiveTracer: @unchecked Sendable {
             needsLegacyTrace = try instrumenter.readHomes().contains { $0.home.backend == .iptablesLegacy && $0.text.contains("ISTIO") }
         }
         let started = DispatchTime.now()
-        let thread = NetnsThread(netns: options.netns, enterFailed: { [self] error in
+        let thread = NetnsThread(netns: netns, enterFailed: { [self] error in
             openFailure = error
             opened.signal()
         }) { [self] in try netnsMain() }
@@ -590,16 +599,16 @@ public final class LiveTracer: @unchecked Sendable {
     // MARK: - TRACE rules (--mode trace)
 
     private func installTraceRules() throws {
-        let handles = try TraceRules.handlePositions(netns: options.netns)
+        let handles = try TraceRules.handlePositions(netns: netns)
         trace?.positions = handles.positions
         trace?.ownHandles = handles.own
-        try TraceRules.install(netns: options.netns, homes: instrumenter.plan?.ambientHomes ?? [])
-        if needsLegacyTrace { trace?.legacyPositions = try TraceJoiner.legacyPositions(netns: options.netns) }
+        try TraceRules.install(netns: netns, homes: instrumenter.plan?.ambientHomes ?? [])
+        if needsLegacyTrace { trace?.legacyPositions = try TraceJoiner.legacyPositions(netns: netns) }
     }
 
     private func removeTraceRules() throws {
         guard options.mode == .trace else { return }
-        try TraceRules.remove(netns: options.netns)
+        try TraceRules.remove(netns: netns)
     }
 }
 

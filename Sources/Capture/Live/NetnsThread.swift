@@ -63,14 +63,15 @@ public final class NetnsThread: @unchecked Sendable {
         let fd = open(ref.path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
             let e = errno
-            if e == EACCES || e == EPERM { throw MeshtraceError(.noPrivilege, "cannot open \(ref.path): run as root") }
-            throw MeshtraceError(.noSuchNetns, "network namespace \(ref) does not exist (\(ref.path))")
+            // The label, not the path: a trace's path is its own handle on the netns (`NetnsPin`).
+            if e == EACCES || e == EPERM { throw MeshtraceError(.noPrivilege, "cannot open network namespace \(ref): run as root") }
+            throw MeshtraceError(.noSuchNetns, "network namespace \(ref) does not exist")
         }
         defer { close(fd) }
         guard meshtrace_setns(fd, NetnsThread.cloneNewNet) == 0 else {
             let e = errno
             if e == EPERM { throw MeshtraceError(.noPrivilege, "entering netns \(ref) needs CAP_SYS_ADMIN: run as root") }
-            throw MeshtraceError(.noSuchNetns, "\(ref.path) is not a network namespace (\(String(cString: strerror(e))))")
+            throw MeshtraceError(.noSuchNetns, "'\(ref)' is not a network namespace (setns: \(String(cString: strerror(e))))")
         }
     }
 }

@@ -54,8 +54,36 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { label }
 
+    /// How to name this namespace again on the command line (`--pid N` or `--netns NAME|PATH`), for messages.
+    public var commandLine: String {
+        if label.hasPrefix("pid "), let pid = Int(label.dropFirst(4)) { return "--pid \(pid)" }
+        return "--netns \(label)"
+    }
+
     /// The argv prefix that runs a program inside this namespace (util-linux nsenter).
     public var execPrefix: [String] { ["nsenter", "--net=\(path)", "--"] }
+}
+
+/// An open file descriptor on a network namespace, and a path that reaches it through this process
+/// (`/proc/PID/fd/N`) for as long as the pin lives. A trace adds its rules and removes them through that path,
+/// not through the name it was given: a pod whose process exits (an app container restarting, with `--pid`) or
+/// whose name goes away during the trace keeps its netns, and the twins in it must still come out.
+public final class NetnsPin: @unchecked Sendable {
+    public let ref: NetnsRef
+    private let fd: Int32
+
+    public init(_ netns: NetnsRef) throws {
+        let fd = open(netns.path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            let e = errno
+            if e == EACCES || e == EPERM { throw MeshtraceError(.noPrivilege, "cannot open \(netns.path): run as root") }
+            throw MeshtraceError(.noSuchNetns, "network namespace \(netns) went away (\(netns.path): \(String(cString: strerror(e))))")
+        }
+        self.fd = fd
+        ref = NetnsRef(path: "/proc/\(getpid())/fd/\(fd)", label: netns.label)
+    }
+
+    deinit { close(fd) }
 }
 
 /// Runs external programs (iptables-save, nft, ip, ...), optionally inside a netns, and captures their output.

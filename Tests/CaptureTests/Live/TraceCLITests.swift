@@ -168,6 +168,28 @@ final class TraceCLITests: KernelTestCase {
         }
     }
 
+    /// `--pid` names the pod by a process, and processes come and go (an app container restarting) while the
+    /// netns stays. The trace holds its own handle on the netns (`NetnsPin`) and removes its rules through it:
+    /// before, it went through /proc/PID/ns/net, which was gone, and exited 0 leaving every twin in the pod.
+    func testWithPidTheRulesComeOutEvenWhenTheProcessExitsDuringTheTrace() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let app = try Command.start(["sleep", "120"], in: ns.ref)
+        defer { if app.isRunning { kill(app.processIdentifier, SIGKILL) } }
+        let (p, log) = try start(["trace", "--pid", "\(app.processIdentifier)", "--group", "5515", "--duration", "60", "--quiet"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        usleep(500_000)   // past the check that the rules went in as planned: the trace is running
+        kill(app.processIdentifier, SIGKILL)
+        app.waitUntilExit()
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "/proc/\(app.processIdentifier)/ns/net"))
+        kill(p.processIdentifier, SIGINT)
+        XCTAssertTrue(waitForExit(p), "trace did not exit after SIGINT")
+        let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        XCTAssertEqual(p.terminationStatus, 0, out)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before, out)
+    }
+
     /// A path that exists but is not a network namespace: one clear line and exit 4 from every command, never a
     /// hang. (`trace --netns /etc/passwd` used to wait forever: its netns thread could not enter the file, so it
     /// never said whether its sockets opened, and a trace takes SIGTERM as a request to stop once it runs.)
