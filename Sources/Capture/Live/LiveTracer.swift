@@ -74,6 +74,9 @@ public struct TraceOutcome: Sendable {
     public var conntrackNote: String?
     /// Rule hits that got their connection's conntrack entry from a ctnetlink query (REDIRECT/DNAT twins).
     public var conntrackJoins: UInt64 = 0
+    /// Set when the name or pid the trace was given went away while it ran (the netns stayed open through
+    /// meshtrace's own handle, and the rules came out through it).
+    public var netnsNote: String? = nil
     /// How many NFLOG events, packets and TRACE steps were read.
     public var nflogEvents: UInt64
     public var packetsCaptured: UInt64
@@ -288,10 +291,15 @@ public final class LiveTracer: @unchecked Sendable {
                                    traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
                                    readerYielded: priority.yielded, readerRaises: priority.raises,
                                    stoppedBySignal: StopSignal.signalNumber)
+        var ended = outcome
+        if pin != nil, !FileManager.default.fileExists(atPath: options.netns.path) {
+            let what = options.netns.commandLine.hasPrefix("--pid") ? "\(options.netns) exited" : "netns \(options.netns) was removed"
+            ended.netnsNote = "\(what) during the trace; meshtrace held the network namespace open and removed its rules through that handle"
+        }
         pcap?.close()
         nflog?.close()
         legacyTrace?.close()
-        return outcome
+        return ended
     }
 
     /// glibc gives a thread arena's free top back to the kernel (128 KiB trim threshold) and grows it again

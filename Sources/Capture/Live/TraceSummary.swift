@@ -44,6 +44,7 @@ public enum TraceSummaryText {
                 : "kernel and meshtrace differ by \(gap) hits (packets in flight while the rules were read and removed)")
         }
         if let note = outcome.conntrackNote { out.append("note: \(note)") }
+        if let note = outcome.netnsNote { out.append("note: \(note)") }
         return out.joined(separator: "\n")
     }
 

@@ -188,6 +188,7 @@ final class TraceCLITests: KernelTestCase {
         let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         XCTAssertEqual(p.terminationStatus, 0, out)
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before, out)
+        XCTAssertTrue(out.contains("note: pid \(app.processIdentifier) exited during the trace"), out)
     }
 
     /// A path that exists but is not a network namespace: one clear line and exit 4 from every command, never a
