@@ -280,7 +280,7 @@ public final class LiveTracer: @unchecked Sendable {
         summary.kernelCounters = kernel
         summary.eventsLost = losses.nflogEventsLost
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
-        let outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
+        var outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
                                    conntrackNote: nflog?.socket.conntrackProblem.map { problem in
                                        let missed = conntrackQuery.map { $0.notFound + $0.failed } ?? 0
                                        return "\(problem); original destinations come from ctnetlink queries instead (\(conntrackJoins) REDIRECT/DNAT hits joined"
@@ -291,15 +291,14 @@ public final class LiveTracer: @unchecked Sendable {
                                    traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
                                    readerYielded: priority.yielded, readerRaises: priority.raises,
                                    stoppedBySignal: StopSignal.signalNumber)
-        var ended = outcome
         if pin != nil, !FileManager.default.fileExists(atPath: options.netns.path) {
-            let what = options.netns.commandLine.hasPrefix("--pid") ? "\(options.netns) exited" : "netns \(options.netns) was removed"
-            ended.netnsNote = "\(what) during the trace; meshtrace held the network namespace open and removed its rules through that handle"
+            let what = options.netns.pid != nil ? "\(options.netns) exited" : "netns \(options.netns) was removed"
+            outcome.netnsNote = "\(what) during the trace; meshtrace held the network namespace open and removed its rules through that handle"
         }
         pcap?.close()
         nflog?.close()
         legacyTrace?.close()
-        return ended
+        return outcome
     }
 
     /// glibc gives a thread arena's free top back to the kernel (128 KiB trim threshold) and grows it again

@@ -11,7 +11,10 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
     /// How the user named it, for messages.
     public let label: String
 
-    public init(path: String, label: String) { self.path = path; self.label = label }
+    /// The process it was named by (`--pid`), if it was.
+    public let pid: Int32?
+
+    public init(path: String, label: String, pid: Int32? = nil) { self.path = path; self.label = label; self.pid = pid }
 
     /// Resolves `--netns` / `--pid`; throws `.noSuchNetns` when the namespace does not exist.
     public static func resolve(netns: String?, pid: Int32?) throws -> NetnsRef {
@@ -21,7 +24,7 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
                 throw MeshtraceError(.noSuchNetns, "no process \(pid): cannot find its network namespace (\(p))")
             }
             try requireNamespaceFile(p, label: "pid \(pid)")
-            return NetnsRef(path: p, label: "pid \(pid)")
+            return NetnsRef(path: p, label: "pid \(pid)", pid: pid)
         }
         guard let netns, !netns.isEmpty else {
             throw MeshtraceError(.usage, "name the pod's network namespace with --netns NAME|PATH or --pid N")
@@ -55,10 +58,7 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
     public var description: String { label }
 
     /// How to name this namespace again on the command line (`--pid N` or `--netns NAME|PATH`), for messages.
-    public var commandLine: String {
-        if label.hasPrefix("pid "), let pid = Int(label.dropFirst(4)) { return "--pid \(pid)" }
-        return "--netns \(label)"
-    }
+    public var commandLine: String { pid.map { "--pid \($0)" } ?? "--netns \(label)" }
 
     /// The argv prefix that runs a program inside this namespace (util-linux nsenter).
     public var execPrefix: [String] { ["nsenter", "--net=\(path)", "--"] }
@@ -80,7 +80,7 @@ public final class NetnsPin: @unchecked Sendable {
             throw MeshtraceError(.noSuchNetns, "network namespace \(netns) went away (\(netns.path): \(String(cString: strerror(e))))")
         }
         self.fd = fd
-        ref = NetnsRef(path: "/proc/\(getpid())/fd/\(fd)", label: netns.label)
+        ref = NetnsRef(path: "/proc/\(getpid())/fd/\(fd)", label: netns.label, pid: netns.pid)
     }
 
     deinit { close(fd) }

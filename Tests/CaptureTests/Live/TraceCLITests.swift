@@ -159,6 +159,14 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// The hint to run `meshtrace cleanup` names the namespace the way the user did: a pid as `--pid N`.
+    func testCleanupHintsNameTheNamespaceAsTheUserDid() throws {
+        let byPid = try NetnsRef.resolve(netns: nil, pid: getpid())
+        XCTAssertEqual(byPid.commandLine, "--pid \(getpid())")
+        XCTAssertEqual(try NetnsPin(byPid).ref.commandLine, "--pid \(getpid())")
+        XCTAssertEqual(try NetnsRef.resolve(netns: "/proc/\(getpid())/ns/net", pid: nil).commandLine, "--netns /proc/\(getpid())/ns/net")
+    }
+
     func testMissingNetnsIsExit4() throws {
         try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
         for cmd in ["trace", "cleanup", "plan"] {
