@@ -24,6 +24,11 @@ public struct SavedRules: Sendable {
         public var prefix: String?
         /// The kernel's packet counter for it, when the text has counters.
         public var packets: UInt64?
+        /// The NFLOG group it logs to (`--nflog-group N`, nft `group N`).
+        public var group: UInt16? {
+            let n = SavedRules.number(after: "--nflog-group ", in: spec) ?? SavedRules.number(after: " group ", in: " " + spec)
+            return n.flatMap { UInt16(exactly: $0) }
+        }
     }
 
     static func isOwn(_ line: Substring) -> Bool {

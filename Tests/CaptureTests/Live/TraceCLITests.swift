@@ -159,6 +159,29 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// A second trace on a pod another trace is tracing right now (on another group) finds the first one's twins.
+    /// They are not a killed run's leftovers: their group is being read. It says so and refuses, also with
+    /// `--replace` (which would have taken the running trace's rules away), and the first trace is untouched.
+    func testASecondTraceOnAPodBeingTracedRefusesAndLeavesTheFirstAlone() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let (first, log) = try start(["trace", "--netns", ns.name, "--group", "5516", "--duration", "60", "--quiet"])
+        defer { if first.isRunning { kill(first.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, first)
+        let during = try InstrumenterTests.rulesText(ns)
+        for extra in [[], ["--replace"]] {
+            let r = try Command.run(["timeout", "-s", "KILL", "30", executable, "trace", "--netns", ns.name, "--group", "5517", "--duration", "1", "--quiet"] + extra)
+            XCTAssertEqual(r.status, ExitStatus.leftovers.rawValue, "\(extra): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+            XCTAssertTrue(r.stderr.contains("is being traced right now") && r.stderr.contains("NFLOG group 5516"), r.stderr)
+            XCTAssertEqual(try InstrumenterTests.rulesText(ns), during, "the first trace's rules changed")
+        }
+        kill(first.processIdentifier, SIGINT)
+        XCTAssertTrue(waitForExit(first))
+        XCTAssertEqual(first.terminationStatus, 0, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
     /// The hint to run `meshtrace cleanup` names the namespace the way the user did: a pid as `--pid N`.
     func testCleanupHintsNameTheNamespaceAsTheUserDid() throws {
         let byPid = try NetnsRef.resolve(netns: nil, pid: getpid())
