@@ -352,6 +352,7 @@ public final class LiveTracer: @unchecked Sendable {
             opts.copyRange = UInt32(options.snaplen)
             opts.queueThreshold = options.queueThreshold
             nflog = try NflogSource(index: 1, tags: tags, options: opts)
+            nflog?.stampsFromSequence = !options.capturePackets
             nflog?.selector = filter
             // Conntrack is asked only where NFLOG cannot attach it itself (see `ConntrackQuery`).
             if nflog?.socket.conntrackAttached != true { conntrackQuery = try ConntrackQuery() }
@@ -368,6 +369,7 @@ public final class LiveTracer: @unchecked Sendable {
                     legacy.conntrack = false
                     legacy.bindAsLogger = true
                     legacyTrace = try? NflogSource(index: 3, tags: tags, options: legacy)
+                    legacyTrace?.stampsFromSequence = !options.capturePackets
                     legacyTrace?.selector = filter
                 }
             }

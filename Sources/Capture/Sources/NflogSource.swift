@@ -20,6 +20,13 @@ public final class NflogSource {
     public private(set) var stampedOnReceipt: UInt64 = 0
     /// The slots of records without a kernel time, read since the last record that had one (in this `drain`).
     private let unstamped: UnsafeMutablePointer<UnsafeMutablePointer<PacketRecord>>
+    /// Whether `drain` gives a record without a kernel time the next stamped record's time (true), or leaves it
+    /// the receipt time. Only for a trace without a capture: with one, events are retimed from their packets,
+    /// and the records are placed in the order they were read (one source's backlog, then the other's). After a
+    /// stall, the NFLOG backlog would then move the correlator's clock through the whole stall before the
+    /// capture's packets of it are placed, and finish connections whose lo leg is still to come (split them).
+    /// Stamped on receipt, a backlog reads as one instant and moves the clock once.
+    public var stampsFromSequence = true
     /// At most this many wait for a later time; a longer run keeps its receipt times. Far below the hold ring's
     /// capacity, so a waiting slot cannot be written with another record before its time is settled.
     static let unstampedCapacity = 1024
@@ -85,7 +92,7 @@ public final class NflogSource {
                 }
                 if record.pointee.hasNflog, let seq = record.pointee.nflogFields.sequence { account(seq) }
                 // A record the caller did not keep leaves its slot to the next one: only kept ones wait.
-                if body(record, tlvs), !stamped, waiting < NflogSource.unstampedCapacity {
+                if body(record, tlvs), !stamped, stampsFromSequence, waiting < NflogSource.unstampedCapacity {
                     unstamped[waiting] = record
                     waiting += 1
                 }
