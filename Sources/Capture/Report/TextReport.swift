@@ -4,7 +4,7 @@ import Foundation
 // then one line per packet event), escapes right under their connection and again at the end, then the
 // per-rule hit counts and the totals.
 //
-//   #3 app-outbound  tcp 10.0.1.5:40000 > 10.0.2.2:80  closed, 9 packets, 1240 bytes, 2.1 ms
+//   #3 app-outbound  tcp 10.0.1.5:40000 > 10.0.2.2:80  closed, 9 events, 1240 bytes captured, 2.1 ms
 //     redirect  REDIRECT to :15001, original destination 10.0.2.2:80 (seen as 10.0.1.5:40000 > 127.0.0.1:15001)
 //     hop       outbound → #4 (ztunnel's connection), confidence high
 //                 ztunnel-mark          inner connection carries ztunnel's mark 0x539 (frame 6)
@@ -86,7 +86,7 @@ public final class TextReport: ReportSink {
 
     private func dropped(_ t: ConnectionTimeline) {
         if t.droppedEvents > 0 {
-            out.text("    ("); out.decimal(t.droppedEvents); out.text(" more packets counted, not listed)\n")
+            out.text("    ("); out.decimal(t.droppedEvents); out.text(" more events counted, not listed)\n")
         }
     }
 
@@ -97,8 +97,10 @@ public final class TextReport: ReportSink {
         tuple(t.original)
         out.text("  ")
         out.text(t.closed ? "closed" : "open at end or idle")
-        out.text(", "); out.decimal(t.packets); out.text(t.packets == 1 ? " packet" : " packets")
-        out.text(", "); out.unsignedDecimal(t.bytes); out.text(" bytes, ")
+        // Every NFLOG event and every captured packet is an event (a line below); bytes are the captured packets'
+        // (an NFLOG event repeats a packet, and without a capture there are none).
+        out.text(", "); out.decimal(t.packets); out.text(t.packets == 1 ? " event" : " events")
+        out.text(", "); out.unsignedDecimal(t.bytes); out.text(" bytes captured, ")
         out.text(formatDelta(t.lastSeen.totalNanoseconds - t.firstSeen.totalNanoseconds))
         out.text(", from "); out.timestamp(t.firstSeen)
         out.byte(0x0a)
@@ -363,7 +365,8 @@ public final class TextReport: ReportSink {
             }
         }
         styled(Style.heading, "Totals"); out.byte(0x0a)
-        out.text("  "); out.decimal(s.packets); out.text(" packets ("); out.decimal(s.nflogRecords); out.text(" NFLOG records), ")
+        out.text("  "); out.decimal(s.packets); out.text(" events ("); out.decimal(s.nflogRecords); out.text(" NFLOG records, ")
+        out.decimal(s.packets - s.nflogRecords); out.text(" packets captured), ")
         out.decimal(s.connections); out.text(s.connections == 1 ? " connection" : " connections")
         if let hidden = s.connectionsFilteredOut {
             out.text(" ("); out.decimal(hidden); out.text(" more not matching --filter)")

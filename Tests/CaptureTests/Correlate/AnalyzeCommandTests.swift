@@ -154,7 +154,7 @@ final class AnalyzeCommandTests: XCTestCase {
         let r = try Self.analyze([nflogSample, "--color", "never"])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertEqual(r.stdout.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("#") }.count, 4)
-        XCTAssertTrue(r.stdout.contains("4 packets (4 NFLOG records), 4 connections"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("4 events (4 NFLOG records, 0 packets captured), 4 connections"), r.stdout)
         XCTAssertFalse(r.stdout.contains("\u{1B}["), "no colour with --color never")
     }
 }
