@@ -128,7 +128,7 @@ public final class HTMLReport: ReportSink {
             for h in t.hops where !hops.contains(where: { $0.outer == h.outer && $0.inner == h.inner }) { hops.append(h) }
             if let r = t.redirect { details.append("#\(t.id): " + SequenceDiagram.actionText(r)) }
             if !t.marks.isEmpty { details.append("#\(t.id) marks " + t.marks.map { "0x" + String($0, radix: 16) }.joined(separator: ", ")) }
-            details.append("#\(t.id): \(t.packets) packets, \(t.bytes) payload bytes, \(t.closed ? "closed" : "not closed")")
+            details.append("#\(t.id): \(t.packets) events, \(t.bytes) bytes captured, \(t.closed ? "closed" : "not closed")")
             for h in t.hops {
                 let other = h.outer == t.id ? h.inner : h.outer
                 if !timelines.contains(where: { $0.id == other }) {
@@ -203,7 +203,7 @@ struct HTMLReportPage {
         }
         try put("<section id=\"connections\"><h2>Connections</h2>")
         try put("<div class=\"pager\"><button id=\"mt-conn-prev\" disabled>‹ prev</button><span id=\"mt-conn-page\">page 1 of \(max(1, (entries.count + HTMLReport.connectionsPerPage - 1) / HTMLReport.connectionsPerPage)) (\(entries.count) connections)</span><button id=\"mt-conn-next\"\(entries.count > HTMLReport.connectionsPerPage ? "" : " disabled")>next ›</button><input id=\"mt-conn-filter\" placeholder=\"filter: address, port, kind…\" aria-label=\"filter connections\"></div>")
-        try put("<table><thead><tr><th>conn</th><th>kind</th><th>tuple (as the app sent it)</th><th>packets</th><th>ztunnel hop</th><th></th></tr></thead><tbody id=\"mt-conn-rows\">")
+        try put("<table><thead><tr><th>conn</th><th>kind</th><th>tuple (as the app sent it)</th><th>events</th><th>ztunnel hop</th><th></th></tr></thead><tbody id=\"mt-conn-rows\">")
         for e in entries.prefix(HTMLReport.connectionsPerPage) {
             let label = findingLabel(e.id)
             try put("<tr class=\"\(label.isEmpty ? "" : "esc")\"><td class=\"num\">#\(e.id)</td><td>\(e.kind.rawValue)</td><td class=\"mono\">\(HTML.escape(e.tuple))</td><td class=\"num\">\(e.packets)</td><td>\(HTML.escape(e.hop))</td><td>\(position[e.flow] >= 0 ? "<a href=\"#flow=\(position[e.flow])\" data-flow=\"\(position[e.flow])\">diagram</a>" : "<span class=\"muted\">not drawn</span>")\(label.isEmpty ? "" : " <span class=\"pill esc\">\(HTML.escape(label))</span>")</td></tr>")

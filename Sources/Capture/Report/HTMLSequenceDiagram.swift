@@ -99,7 +99,7 @@ struct SequenceDiagram {
         for item in shown {
             y += rowHeight
             guard let (e, t) = item else {
-                s += "<text class=\"elided\" x=\"\(x[.app]! - 60)\" y=\"\(y - 8)\">… \(elided) more packets of this flow not drawn (the first \(maxArrows - tailArrows) and the last \(tailArrows) are) …</text>"
+                s += "<text class=\"elided\" x=\"\(x[.app]! - 60)\" y=\"\(y - 8)\">… \(elided) more events of this flow not drawn (the first \(maxArrows - tailArrows) and the last \(tailArrows) are) …</text>"
                 previousHit = nil
                 continue
             }
@@ -153,9 +153,9 @@ struct SequenceDiagram {
         }
         if extraRow == 1 {
             y += rowHeight
-            s += "<text class=\"elided\" x=\"\(x[.app]! - 60)\" y=\"\(y - 8)\">… \(notKept) more packets were counted but not kept by the correlator …</text>"
+            s += "<text class=\"elided\" x=\"\(x[.app]! - 60)\" y=\"\(y - 8)\">… \(notKept) more events were counted but not kept by the correlator …</text>"
         } else if notKept > 0 {
-            s += "<text class=\"elided\" x=\"\(x[.app]! - 60)\" y=\"\(height - 6)\">(and \(notKept) packets counted but not kept by the correlator)</text>"
+            s += "<text class=\"elided\" x=\"\(x[.app]! - 60)\" y=\"\(height - 6)\">(and \(notKept) events counted but not kept by the correlator)</text>"
         }
         s += "</svg>"
         return s

@@ -100,8 +100,8 @@ final class HTMLReportTests: XCTestCase {
         let svg = SequenceDiagram.render(timelines: [t], escapes: [])
         let arrows = svg.components(separatedBy: "<line class=\"arrow").count - 1 + svg.components(separatedBy: "<path class=\"arrow").count - 1
         XCTAssertEqual(arrows, SequenceDiagram.maxArrows)
-        XCTAssertTrue(svg.contains("… \(t.events.count - SequenceDiagram.maxArrows) more packets of this flow not drawn"), svg)
-        XCTAssertTrue(svg.contains("1234 packets counted but not kept"))
+        XCTAssertTrue(svg.contains("… \(t.events.count - SequenceDiagram.maxArrows) more events of this flow not drawn"), svg)
+        XCTAssertTrue(svg.contains("1234 events counted but not kept"))
     }
 
     func testScreenshotIsNotBlank() throws {
