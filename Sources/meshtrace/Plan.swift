@@ -46,7 +46,9 @@ struct Plan: ParsableCommand {
                 ref = r
                 let instrumenter = Instrumenter(netns: r, settings: settings, parse: Instrumenter.parseHome)
                 var all: [(home: RuleHome, table: Table)] = []
-                for saved in try instrumenter.readHomes() {
+                let homes = try instrumenter.readHomes()
+                try instrumenter.refuseIfBeingTraced(homes, ownGroup: nil)
+                for saved in homes {
                     if !saved.ownRules.isEmpty {
                         throw MeshtraceError(.leftovers, "\(saved.ownRules.count) meshtrace rules are already in \(r) (\(saved.home)): run `meshtrace cleanup \(r.commandLine)` first")
                     }

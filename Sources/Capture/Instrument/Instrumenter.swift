@@ -73,6 +73,17 @@ public final class Instrumenter: @unchecked Sendable {
         try readHomes().flatMap { saved in saved.ownRules.map { (saved.home, $0) } }
     }
 
+    /// Twins whose NFLOG group a process is reading are another trace's, running now: neither stale nor anyone's
+    /// to take away (`cleanup` and `--replace` would leave that trace blind). Throws `.leftovers` saying so.
+    public func refuseIfBeingTraced(_ homes: [SavedRules], ownGroup: UInt16?) throws {
+        let own = homes.flatMap(\.ownRules)
+        var groups = Set(own.compactMap(\.group))
+        if let ownGroup { groups.remove(ownGroup) }
+        guard !groups.isEmpty, let live = try? Instrumenter.boundNflogGroups(in: netns),
+              let busy = groups.intersection(live).sorted().first else { return }
+        throw MeshtraceError(.leftovers, "netns \(netns) is being traced right now: \(own.count) meshtrace rules log to NFLOG group \(busy), which a process is reading (another meshtrace trace?); wait for it to end (`meshtrace cleanup` or --replace would take its rules away)")
+    }
+
     /// The NFLOG groups a process has bound in the netns: the kernel lists each nfnetlink_log instance in the
     /// reader's netns's /proc/net/netfilter/nfnetlink_log (group, portid, queue length, ...).
     static func boundNflogGroups(in netns: NetnsRef) throws -> Set<UInt16> {
@@ -89,13 +100,9 @@ public final class Instrumenter: @unchecked Sendable {
         var homes = try readHomes()
         let left = homes.reduce(0) { $0 + $1.ownRules.count }
         if left > 0 {
-            // Twins whose group a process is reading are another trace's, running now: neither stale nor ours
-            // to take away (`cleanup` and `--replace` would leave that trace blind). Our own group is bound by us
-            // already (a trace opens its socket first, and a group someone else holds stops it there).
-            let groups = Set(homes.flatMap { $0.ownRules.compactMap(\.group) }).subtracting([settings.group])
-            if let live = try? Instrumenter.boundNflogGroups(in: netns), let busy = groups.intersection(live).sorted().first {
-                throw MeshtraceError(.leftovers, "netns \(netns) is being traced right now: \(left) meshtrace rules log to NFLOG group \(busy), which a process is reading (another meshtrace trace?); wait for it to end (`meshtrace cleanup` or --replace would take its rules away)")
-            }
+            // Our own group is bound by us already (a trace opens its socket first, and a group someone else
+            // holds stops it there).
+            try refuseIfBeingTraced(homes, ownGroup: settings.group)
             guard replace else {
                 throw MeshtraceError(.leftovers, "\(left) meshtrace rules are already in netns \(netns) (a run that was killed?): run `meshtrace cleanup \(netns.commandLine)` or pass --replace")
             }

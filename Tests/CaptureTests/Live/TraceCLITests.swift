@@ -176,6 +176,10 @@ final class TraceCLITests: KernelTestCase {
             XCTAssertTrue(r.stderr.contains("is being traced right now") && r.stderr.contains("NFLOG group 5516"), r.stderr)
             XCTAssertEqual(try InstrumenterTests.rulesText(ns), during, "the first trace's rules changed")
         }
+        // `plan` on it says the same (it used to say "run `meshtrace cleanup` first").
+        let plan = try Command.run([executable, "plan", "--netns", ns.name])
+        XCTAssertEqual(plan.status, ExitStatus.leftovers.rawValue, plan.stderr)
+        XCTAssertTrue(plan.stderr.contains("is being traced right now"), plan.stderr)
         kill(first.processIdentifier, SIGINT)
         XCTAssertTrue(waitForExit(first))
         XCTAssertEqual(first.terminationStatus, 0, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
