@@ -432,6 +432,7 @@ public final class LiveTracer: @unchecked Sendable {
                 nextAdvance = tick + LiveTracer.advanceIntervalNanos
                 advanceClock()
             }
+            outputPass()
             if let status, status.line.due() {
                 let events = Int((nflog?.recordsRead ?? 0) + (pcap?.framesRead ?? 0))
                 let dropped = Int(nflog?.sequenceGap ?? 0) + (nflog?.overruns ?? 0)
@@ -450,7 +451,20 @@ public final class LiveTracer: @unchecked Sendable {
             }
         }
         release(force: true)
+        reporter.flushOutput()
         status?.finish()
+    }
+
+    private var stoppedForClosedOutput = false
+
+    /// Timelines finished in this pass go out now (a write only when something was printed: the printers'
+    /// buffers are empty otherwise); a reader that went away (`| head`) ends the trace like a signal.
+    private func outputPass() {
+        reporter.flushOutput()
+        if !stoppedForClosedOutput && reporter.outputClosed {
+            stoppedForClosedOutput = true
+            stop()
+        }
     }
 
     /// Reads what is waiting on every socket: how many items were read, and whether every source was read empty

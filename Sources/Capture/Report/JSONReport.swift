@@ -7,6 +7,8 @@ import Foundation
 public final class JSONReport: ReportSink {
     public static let schemaVersion = 1
     private let out: ReportBuffer
+    public func flushOutput() { out.flush() }
+    public var outputClosed: Bool { out.writeError == EPIPE }
     private var comma = false
     /// `hitRule` of each hit id and each interface name as written the first time, copied after that.
     private let hitWords = ReportPieces()

@@ -18,9 +18,17 @@ public protocol ReportSink: AnyObject {
     func finding(_ finding: EscapeFinding)
     /// The end: totals, rule hit counts, losses. Sinks flush and close their files here.
     func finish(_ summary: AnalysisSummary) throws
+    /// Writes out what the sink holds buffered. A live trace calls it after every pass that emitted something,
+    /// so a timeline appears when its connection finishes, not when 64 KiB of output have gathered.
+    func flushOutput()
+    /// True once the reader of the sink's output went away (EPIPE: `meshtrace trace | head`). A live trace then
+    /// stops, as tcpdump does, instead of tracing into a closed pipe until its duration runs out.
+    var outputClosed: Bool { get }
 }
 
 extension ReportSink {
+    public func flushOutput() {}
+    public var outputClosed: Bool { false }
     public func packet(_ record: PacketRecord, frame: UnsafeRawBufferPointer, linkType: Int32, connection: ConnectionID?) {}
     public func finding(_ finding: EscapeFinding) {}
     public func connection(_ timeline: ConnectionTimeline, events: TimelineEventList) {
@@ -65,6 +73,8 @@ public final class Reporter: ReportSink {
     public var readsCompactEvents: Bool { true }
     public func finding(_ finding: EscapeFinding) { for s in sinks { s.finding(finding) } }
     public func finish(_ summary: AnalysisSummary) throws { for s in sinks { try s.finish(summary) } }
+    public func flushOutput() { for s in sinks { s.flushOutput() } }
+    public var outputClosed: Bool { sinks.contains { $0.outputClosed } }
 }
 
 /// What the user asked for on the command line, shared by analyze, trace, verify and lab.

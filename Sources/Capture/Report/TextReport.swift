@@ -13,6 +13,8 @@ import Foundation
 
 public final class TextReport: ReportSink {
     private let out: ReportBuffer
+    public func flushOutput() { out.flush() }
+    public var outputClosed: Bool { out.writeError == EPIPE }
     private let style: Style
     private let showEvents: Bool
     private var escapes: [EscapeFinding] = []

@@ -56,7 +56,7 @@ final class TraceCLITests: KernelTestCase {
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
         try waitForTwins(ns, p)
         kill(p.processIdentifier, sig)
-        XCTAssertTrue(waitForExit(p), "trace did not exit after signal \(sig)")
+        guard waitForExit(p) else { return XCTFail("trace did not exit after signal \(sig)") }
         XCTAssertEqual(p.terminationReason, .exit, "killed by the signal instead of unwinding")
         XCTAssertEqual(p.terminationStatus, 0, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
@@ -98,7 +98,7 @@ final class TraceCLITests: KernelTestCase {
             for port in 1...3 { _ = try? ns.run(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]) }
             usleep(300_000)
             kill(p.processIdentifier, SIGINT)
-            XCTAssertTrue(waitForExit(p))
+            guard waitForExit(p) else { XCTFail("trace did not exit after SIGINT"); return "" }
             XCTAssertEqual(p.terminationStatus, 0)
             let out = try String(contentsOfFile: log, encoding: .utf8)
             return try XCTUnwrap(out.split(separator: "\n").first { $0.hasPrefix("trace: ") }.map(String.init), out)
@@ -181,8 +181,61 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(plan.status, ExitStatus.leftovers.rawValue, plan.stderr)
         XCTAssertTrue(plan.stderr.contains("is being traced right now"), plan.stderr)
         kill(first.processIdentifier, SIGINT)
-        XCTAssertTrue(waitForExit(first))
+        guard waitForExit(first) else { return XCTFail("the first trace did not exit after SIGINT") }
         XCTAssertEqual(first.terminationStatus, 0, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
+    /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
+    /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
+    func testATimelineIsWrittenWhileTheTraceRuns() throws {
+        let ns = try seededNetns()
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5518", "--duration", "60", "--quiet"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        _ = try? ns.run(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/7"])
+        let deadline = Date().addingTimeInterval(10)
+        var written = ""
+        while Date() < deadline, p.isRunning {
+            written = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            if written.contains("127.0.0.1:7 ") { break }
+            usleep(50_000)
+        }
+        XCTAssertTrue(p.isRunning, "the trace ended early: \(written)")
+        XCTAssertTrue(written.contains("#1 ") && written.contains("127.0.0.1:7 "), "nothing printed while the trace ran: \(written)")
+        kill(p.processIdentifier, SIGINT)
+        XCTAssertTrue(waitForExit(p))
+    }
+
+    /// `meshtrace trace | head`: when the reader of its output goes away the trace stops, removes its rules and
+    /// exits 0, as tcpdump does, instead of tracing into a closed pipe until the duration (or forever).
+    func testATraceWhoseOutputIsClosedStopsAndRemovesItsRules() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = ["trace", "--netns", ns.name, "--group", "5519", "--duration", "120", "--quiet"]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        try waitForTwins(ns, p)
+        let traffic = Date()
+        _ = try? ns.run(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/7"])
+        // Read the first bytes of a timeline, then go away like `head`.
+        let first = out.fileHandleForReading.readData(ofLength: 16)
+        XCTAssertFalse(first.isEmpty)
+        try out.fileHandleForReading.close()
+        // More output to write into the closed pipe.
+        for port in 8...40 { _ = try? ns.run(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]) }
+        // (Foundation traps on the exit status of a running process: fail and let the defer kill it.)
+        guard waitForExit(p, seconds: 30) else { return XCTFail("the trace kept running with its output closed") }
+        // Well before the 120 s duration: the timeline came out at once, and the closed pipe ended the trace.
+        XCTAssertLessThan(Date().timeIntervalSince(traffic), 60)
+        XCTAssertEqual(p.terminationReason, .exit)
+        XCTAssertEqual(p.terminationStatus, 0)
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
@@ -219,7 +272,7 @@ final class TraceCLITests: KernelTestCase {
         app.waitUntilExit()
         XCTAssertFalse(FileManager.default.fileExists(atPath: "/proc/\(app.processIdentifier)/ns/net"))
         kill(p.processIdentifier, SIGINT)
-        XCTAssertTrue(waitForExit(p), "trace did not exit after SIGINT")
+        guard waitForExit(p) else { return XCTFail("trace did not exit after SIGINT") }
         let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         XCTAssertEqual(p.terminationStatus, 0, out)
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before, out)
