@@ -74,7 +74,7 @@ struct Trace: ParsableCommand {
             options.replace = replace
             options.capturePackets = !noCapture
             options.yieldToPod = !noYield
-            let tracer = LiveTracer(options: options)
+            let tracer = try LiveTracer(options: options)
             let config = output.config
             let printer: ReportSink = config.json ? JSONReport() : TextReport(style: Style(config: config), showEvents: !brief)
             let status = LiveStatusLine(config: config, label: "tracing \(ref.label)")

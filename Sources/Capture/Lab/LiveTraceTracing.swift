@@ -30,7 +30,7 @@ public final class LiveTraceTracing: LabTracing {
         var options = TraceOptions(netns: pod.ref)
         options.group = group
         options.correlator.podAddresses = pod.addresses
-        let tracer = LiveTracer(options: options)
+        let tracer = try LiveTracer(options: options)
         let textPath = "\(lab.runDirectory)/.\(scenario.rawValue)-live.txt"
         let fd = open(textPath, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw MeshtraceError(.kernelRefused, "cannot write \(textPath)") }

@@ -158,21 +158,21 @@ public final class LiveTracer: @unchecked Sendable {
     private var abort = false
     private var finishPipe: [Int32] = [-1, -1]
     private let stopPipe = makePipe()
-    /// The pod's netns, held open for the whole trace (nil when it could not be opened: `run` says why).
-    private let pin: NetnsPin?
-    /// The path every rule change, rule read and the netns thread use: the pin's while it holds.
-    private let netns: NetnsRef
+    /// The pod's netns, held open for the whole trace.
+    private let pin: NetnsPin
+    /// The path every rule change, rule read and the netns thread use: the pin's.
+    private var netns: NetnsRef { pin.ref }
 
-    public init(options: TraceOptions) {
+    /// Throws when the netns cannot be opened (gone since it was named, or no privilege).
+    public init(options: TraceOptions) throws {
         self.options = options
         // Everything the trace does in the netns goes through a handle of its own on it, not through the name
         // or pid it was given (`NetnsPin`): the twins must come out even if the pod's process exits meanwhile.
-        pin = try? NetnsPin(options.netns)
-        netns = pin?.ref ?? options.netns
+        pin = try NetnsPin(options.netns)
         var settings = InstrumentationSettings(group: options.group, snaplen: options.snaplen)
         settings.observe = true
         settings.perRuleThreshold = options.perRuleThreshold
-        instrumenter = Instrumenter(netns: netns, settings: settings, parse: Instrumenter.parseHome)
+        instrumenter = Instrumenter(netns: pin.ref, settings: settings, parse: Instrumenter.parseHome)
     }
 
     deinit {
@@ -207,7 +207,6 @@ public final class LiveTracer: @unchecked Sendable {
         // A bad --filter is a usage error before anything is opened or touched.
         if let expression = options.filter, !expression.isEmpty { filter = try ConnectionFilter(expression) }
         try Command.requireRoot("meshtrace trace")
-        if pin == nil { _ = try NetnsPin(options.netns) }   // says why it cannot be opened (or it appeared since)
         self.reporter = reporter
         pending.keepFrames(reporter.wantsPackets)
         StopSignal.install()
@@ -291,7 +290,7 @@ public final class LiveTracer: @unchecked Sendable {
                                    traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
                                    readerYielded: priority.yielded, readerRaises: priority.raises,
                                    stoppedBySignal: StopSignal.signalNumber)
-        if pin != nil, !FileManager.default.fileExists(atPath: options.netns.path) {
+        if !FileManager.default.fileExists(atPath: options.netns.path) {
             let what = options.netns.pid != nil ? "\(options.netns) exited" : "netns \(options.netns) was removed"
             outcome.netnsNote = "\(what) during the trace; meshtrace held the network namespace open and removed its rules through that handle"
         }
@@ -352,6 +351,7 @@ public final class LiveTracer: @unchecked Sendable {
             opts.copyRange = UInt32(options.snaplen)
             opts.queueThreshold = options.queueThreshold
             nflog = try NflogSource(index: 1, tags: tags, options: opts)
+            // Without a capture only: see `stampsFromSequence`.
             nflog?.stampsFromSequence = !options.capturePackets
             nflog?.selector = filter
             // Conntrack is asked only where NFLOG cannot attach it itself (see `ConntrackQuery`).

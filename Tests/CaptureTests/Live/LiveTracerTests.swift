@@ -49,7 +49,7 @@ final class LiveTracerTests: KernelTestCase {
         options.yieldToPod = yieldToPod
         options.group = group
         options.duration = 30
-        let tracer = LiveTracer(options: options)
+        let tracer = try LiveTracer(options: options)
         let sink = TraceRecordingSink()
         var trafficError: Error?
         tracer.onReady = {
@@ -77,7 +77,7 @@ final class LiveTracerTests: KernelTestCase {
         var options = TraceOptions(netns: lab.client.ref)
         options.group = 5407
         options.duration = 30
-        let tracer = LiveTracer(options: options)
+        let tracer = try LiveTracer(options: options)
         let pcapng = try PcapngReport(path: path, tags: tracer.tags)
         let reporter = Reporter(sinks: [TraceRecordingSink(), pcapng], wantsPackets: true)
         var trafficError: Error?
@@ -487,7 +487,7 @@ final class LiveTracerQuietPodTests: KernelTestCase {
         var options = TraceOptions(netns: lab.client.ref)
         options.group = 5409
         options.duration = 30
-        let tracer = LiveTracer(options: options)
+        let tracer = try LiveTracer(options: options)
         let sink = LockedTraceSink()
         var trafficError: Error?
         var seenWhileRunning: LockedTraceSink.Arrival?
