@@ -21,12 +21,12 @@ public final class NflogSource {
     /// The slots of records without a kernel time, read since the last record that had one (in this `drain`).
     private let unstamped: UnsafeMutablePointer<UnsafeMutablePointer<PacketRecord>>
     /// Whether `drain` gives a record without a kernel time the next stamped record's time (true), or leaves it
-    /// the receipt time. Only for a trace without a capture: with one, events are retimed from their packets,
+    /// the receipt time (false, the default). Only for a trace without a capture: with one, events are retimed from their packets,
     /// and the records are placed in the order they were read (one source's backlog, then the other's). After a
     /// stall, the NFLOG backlog would then move the correlator's clock through the whole stall before the
     /// capture's packets of it are placed, and finish connections whose lo leg is still to come (split them).
     /// Stamped on receipt, a backlog reads as one instant and moves the clock once.
-    public var stampsFromSequence = true
+    public var stampsFromSequence = false
     /// At most this many wait for a later time; a longer run keeps its receipt times. Far below the hold ring's
     /// capacity, so a waiting slot cannot be written with another record before its time is settled.
     static let unstampedCapacity = 1024
