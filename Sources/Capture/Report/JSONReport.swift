@@ -8,7 +8,7 @@ public final class JSONReport: ReportSink {
     public static let schemaVersion = 1
     private let out: ReportBuffer
     public func flushOutput() { out.flush() }
-    public var outputClosed: Bool { out.writeError == EPIPE }
+    public var outputClosed: Bool { out.readerGone }
     private var comma = false
     /// `hitRule` of each hit id and each interface name as written the first time, copied after that.
     private let hitWords = ReportPieces()
@@ -345,7 +345,7 @@ public final class JSONReport: ReportSink {
         out.byte(0x0a)
         comma = false
         out.flush()
-        if out.writeError != 0 && out.writeError != EPIPE {
+        if out.writeError != 0 && !out.readerGone {
             throw MeshtraceError(.badInput, "cannot write the JSON report: \(String(cString: strerror(out.writeError)))")
         }
     }

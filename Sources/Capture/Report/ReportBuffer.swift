@@ -12,6 +12,9 @@ final class ReportBuffer {
     private let fd: Int32
     private let flushAt = 1 << 16
     private(set) var writeError: Int32 = 0
+    /// The reader of the output went away (EPIPE): not a failure of the report (`| head`), but nothing more
+    /// written will be read.
+    var readerGone: Bool { writeError == EPIPE }
 
     init(fileDescriptor: Int32) {
         fd = fileDescriptor

@@ -18,8 +18,8 @@ public protocol ReportSink: AnyObject {
     func finding(_ finding: EscapeFinding)
     /// The end: totals, rule hit counts, losses. Sinks flush and close their files here.
     func finish(_ summary: AnalysisSummary) throws
-    /// Writes out what the sink holds buffered. A live trace calls it after every pass that emitted something,
-    /// so a timeline appears when its connection finishes, not when 64 KiB of output have gathered.
+    /// Writes out what the sink holds buffered (nothing when nothing is). A live trace calls it after every
+    /// reader pass, so a timeline appears when its connection finishes, not when 64 KiB of output have gathered.
     func flushOutput()
     /// True once the reader of the sink's output went away (EPIPE: `meshtrace trace | head`). A live trace then
     /// stops, as tcpdump does, instead of tracing into a closed pipe until its duration runs out.

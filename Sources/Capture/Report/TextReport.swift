@@ -14,7 +14,7 @@ import Foundation
 public final class TextReport: ReportSink {
     private let out: ReportBuffer
     public func flushOutput() { out.flush() }
-    public var outputClosed: Bool { out.writeError == EPIPE }
+    public var outputClosed: Bool { out.readerGone }
     private let style: Style
     private let showEvents: Bool
     private var escapes: [EscapeFinding] = []
@@ -402,7 +402,7 @@ public final class TextReport: ReportSink {
             if escapesNotListed > 0 { out.text("  ... and "); out.decimal(escapesNotListed); out.text(" more\n") }
         }
         out.flush()
-        if out.writeError != 0 && out.writeError != EPIPE {
+        if out.writeError != 0 && !out.readerGone {
             throw MeshtraceError(.badInput, "cannot write the report: \(String(cString: strerror(out.writeError)))")
         }
     }
