@@ -127,6 +127,13 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(again.status, ExitStatus.leftovers.rawValue, again.stderr)
         XCTAssertTrue(again.stderr.contains("meshtrace cleanup"), again.stderr)
         XCTAssertEqual(again.stderr.split(separator: "\n").count, 1)
+        XCTAssertTrue(again.stderr.contains("meshtrace cleanup --netns \(ns.name)`"), again.stderr)
+        // Named by a pid, the hint names it by that pid (it said `--netns pid N`, which no command takes).
+        let app = try Command.start(["sleep", "30"], in: ns.ref)
+        defer { kill(app.processIdentifier, SIGKILL) }
+        let byPid = try Command.run([executable, "trace", "--pid", "\(app.processIdentifier)", "--group", "5512", "--duration", "1", "--quiet"])
+        XCTAssertEqual(byPid.status, ExitStatus.leftovers.rawValue, byPid.stderr)
+        XCTAssertTrue(byPid.stderr.contains("meshtrace cleanup --pid \(app.processIdentifier)`"), byPid.stderr)
 
         let cleanup = try Command.run([executable, "cleanup", "--netns", ns.name])
         XCTAssertEqual(cleanup.status, 0, cleanup.stderr)
