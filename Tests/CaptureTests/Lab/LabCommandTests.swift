@@ -3,7 +3,7 @@ import XCTest
 
 /// The lab's command line and the samples it recorded, through the built CLI.
 final class LabCommandTests: XCTestCase {
-    private var executable: String { ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path }
+    private var executable: String { ProjectPaths.meshtrace }
 
     private func meshtrace(_ args: [String]) throws -> Command.Result {
         XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")

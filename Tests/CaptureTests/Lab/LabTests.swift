@@ -16,9 +16,7 @@ final class LabTests: KernelTestCase {
         super.tearDown()
     }
 
-    private var executable: String {
-        ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path
-    }
+    private var executable: String { ProjectPaths.meshtrace }
 
     private func makeLab(_ configure: (inout LabOptions) -> Void = { _ in }) throws -> LabTopology {
         XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")

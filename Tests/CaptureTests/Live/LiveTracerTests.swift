@@ -27,7 +27,7 @@ final class LiveTracerTests: KernelTestCase {
         super.tearDown()
     }
 
-    static var executable: String { ProjectPaths.root.appendingPathComponent(".build/debug/meshtrace").path }
+    static var executable: String { ProjectPaths.meshtrace }
 
     func makeLab(_ configure: (inout LabOptions) -> Void = { _ in }) throws -> LabTopology {
         try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: Self.executable), "build meshtrace first (swift build)")

@@ -45,6 +45,15 @@ enum ProjectPaths {
     static var reference: URL { root.deletingLastPathComponent().appendingPathComponent("shared/reference") }
     static var samples: URL { root.appendingPathComponent("samples") }
     static var fixtures: URL { root.appendingPathComponent("Tests/CaptureTests/Fixtures") }
+    /// The meshtrace binary of the build these tests belong to: `$MESHTRACE_EXECUTABLE`, else the one beside the
+    /// test bundle (`swift test --scratch-path P` tests P's build, not `.build`'s), else `.build/debug/meshtrace`.
+    static var meshtrace: String {
+        if let given = ProcessInfo.processInfo.environment["MESHTRACE_EXECUTABLE"], !given.isEmpty { return given }
+        let beside = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+            .deletingLastPathComponent().appendingPathComponent("meshtrace").path
+        if FileManager.default.isExecutableFile(atPath: beside) { return beside }
+        return root.appendingPathComponent(".build/debug/meshtrace").path
+    }
 }
 
 final class ScratchNetnsTests: KernelTestCase {
