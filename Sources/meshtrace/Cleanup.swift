@@ -8,16 +8,25 @@ struct Cleanup: ParsableCommand {
         discussion: """
         Rules are found by their tag (comment "meshtrace", NFLOG prefix "mt:"), in every backend (iptables-nft, \
         iptables-legacy, ip6tables, nftables), so this works after istio-cni re-applied its own rules. No other \
-        rule is touched. Exit 0 when none remain.
+        rule is touched. Exit 0 when none remain. \
+        Twins whose NFLOG group a process is reading (/proc/net/netfilter/nfnetlink_log in the netns) belong to a \
+        trace running now, not to a killed one: cleanup refuses with exit 9 and touches nothing, unless --force.
         """
     )
 
     @OptionGroup var pod: PodOptions
 
+    @Flag(name: .long, help: "Remove the rules even when a running trace is reading their NFLOG group (that trace goes on blind).")
+    var force = false
+
     func run() throws {
         try reportingErrors {
             let ref = try pod.resolve()
             let instrumenter = Instrumenter(netns: ref, settings: InstrumentationSettings(), parse: Instrumenter.parseHome)
+            if !force {
+                try instrumenter.refuseIfBeingTraced(instrumenter.readHomes(), ownGroup: nil,
+                    advice: "wait for it to end, or stop it (Ctrl-C, SIGTERM: it removes its own rules); `meshtrace cleanup \(ref.commandLine) --force` removes them anyway")
+            }
             let removed = try instrumenter.remove()
             print(removed == 0 ? "no meshtrace rules in \(ref)" : "removed \(removed) meshtrace rules from \(ref)")
             return .ok

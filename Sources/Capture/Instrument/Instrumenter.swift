@@ -74,14 +74,15 @@ public final class Instrumenter: @unchecked Sendable {
     }
 
     /// Twins whose NFLOG group a process is reading are another trace's, running now: neither stale nor anyone's
-    /// to take away (`cleanup` and `--replace` would leave that trace blind). Throws `.leftovers` saying so.
-    public func refuseIfBeingTraced(_ homes: [SavedRules], ownGroup: UInt16?) throws {
+    /// to take away (`cleanup` and `--replace` would leave that trace blind). Throws `.leftovers` saying so;
+    /// `advice` replaces the message's closing advice (the command's own way out).
+    public func refuseIfBeingTraced(_ homes: [SavedRules], ownGroup: UInt16?, advice: String? = nil) throws {
         let own = homes.flatMap(\.ownRules)
         var groups = Set(own.compactMap(\.group))
         if let ownGroup { groups.remove(ownGroup) }
         guard !groups.isEmpty, let live = try? Instrumenter.boundNflogGroups(in: netns),
               let busy = groups.intersection(live).sorted().first else { return }
-        throw MeshtraceError(.leftovers, "netns \(netns) is being traced right now: \(own.count) meshtrace rules log to NFLOG group \(busy), which a process is reading (another meshtrace trace?); wait for it to end (`meshtrace cleanup` or --replace would take its rules away)")
+        throw MeshtraceError(.leftovers, "netns \(netns) is being traced right now: \(own.count) meshtrace rules log to NFLOG group \(busy), which a process is reading (another meshtrace trace?); \(advice ?? "wait for it to end (`meshtrace cleanup` or --replace would take its rules away)")")
     }
 
     /// The NFLOG groups a process has bound in the netns: the kernel lists each nfnetlink_log instance in the

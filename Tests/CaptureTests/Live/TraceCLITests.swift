@@ -193,6 +193,55 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// `cleanup` on a pod being traced right now refuses (exit 9, one line naming the group) and leaves the running
+    /// trace's rules exactly as they are; the trace goes on seeing traffic. It used to remove them silently (exit 0),
+    /// leaving the trace blind. `--force` removes them, and the trace still ends cleanly.
+    func testCleanupRefusesWhileATraceIsRunningUnlessForced() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5521", "--duration", "60", "--quiet", "--rules-only"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        let during = try InstrumenterTests.rulesText(ns)
+        let app = try Command.start(["sleep", "30"], in: ns.ref)
+        defer { kill(app.processIdentifier, SIGKILL) }
+        for target in [["--netns", ns.name], ["--pid", "\(app.processIdentifier)"]] {
+            let r = try Command.run(["timeout", "-s", "KILL", "30", executable, "cleanup"] + target)
+            XCTAssertEqual(r.status, ExitStatus.leftovers.rawValue, "\(target): \(r.stdout) \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+            XCTAssertTrue(r.stderr.hasPrefix("meshtrace: ") && r.stderr.contains("is being traced right now")
+                          && r.stderr.contains("NFLOG group 5521") && r.stderr.contains("--force"), r.stderr)
+            XCTAssertTrue(r.stderr.contains("meshtrace cleanup \(target.joined(separator: " ")) --force`"), r.stderr)
+            XCTAssertEqual(try InstrumenterTests.rulesText(ns), during, "cleanup touched the running trace's rules")
+        }
+        // The trace still sees the pod's traffic: its twins' counters move.
+        func twinPackets() throws -> Int {
+            let saved = try ns.run(["iptables-save", "-c"]).stdout
+            return saved.split(separator: "\n").filter { $0.contains("--comment meshtrace") }
+                .compactMap { line -> Int? in
+                    guard line.hasPrefix("["), let colon = line.firstIndex(of: ":") else { return nil }
+                    return Int(line[line.index(after: line.startIndex)..<colon])
+                }.reduce(0, +)
+        }
+        let hitsBefore = try twinPackets()
+        for port in 1...3 { _ = ns.attempt(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]) }
+        XCTAssertGreaterThan(try twinPackets(), hitsBefore, "the twins saw no traffic after the refused cleanup")
+        XCTAssertTrue(p.isRunning, "the trace ended")
+
+        let forced = try Command.run(["timeout", "-s", "KILL", "30", executable, "cleanup", "--netns", ns.name, "--force"])
+        XCTAssertEqual(forced.status, 0, forced.stderr)
+        XCTAssertTrue(forced.stdout.contains("removed"), forced.stdout)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+        kill(p.processIdentifier, SIGINT)
+        guard waitForExit(p) else { return XCTFail("the trace did not exit after SIGINT") }
+        XCTAssertEqual(p.terminationReason, .exit)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+        // With nothing left, cleanup says so and exits 0.
+        let again = try Command.run([executable, "cleanup", "--netns", ns.name])
+        XCTAssertEqual(again.status, 0, again.stderr)
+        XCTAssertTrue(again.stdout.contains("no meshtrace rules"), again.stdout)
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
