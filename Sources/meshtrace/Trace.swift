@@ -58,7 +58,7 @@ struct Trace: ParsableCommand {
         guard TraceOptions.Mode(rawValue: mode) != nil else { throw ValidationError("--mode takes nflog or trace") }
         guard group != 0 else { throw ValidationError("--group 0 is where legacy TRACE logs; pick another group") }
         guard (16...65535).contains(snaplen) else { throw ValidationError("--snaplen takes 16...65535") }
-        if let duration, !(duration > 0) { throw ValidationError("--duration takes a positive number of seconds") }
+        if let duration, !(duration > 0 && duration.isFinite) { throw ValidationError("--duration takes a positive number of seconds") }
     }
 
     func run() throws {

@@ -328,7 +328,11 @@ public final class LiveTracer: @unchecked Sendable {
 
     /// Blocks until a stop signal, `stop()`, or the duration.
     private func waitForStop(started: DispatchTime) {
-        let deadline = options.duration.map { started.uptimeNanoseconds + UInt64($0 * 1e9) }
+        // A duration past ~30 years is no deadline (`UInt64(d * 1e9)` traps for 1e300 or inf, with the twins in).
+        let deadline = options.duration.flatMap { d -> UInt64? in
+            let ns = d * 1e9
+            return ns.isFinite && ns < 1e18 ? started.uptimeNanoseconds + UInt64(max(0, ns)) : nil
+        }
         while !StopSignal.requested {
             var timeout: Int32 = 1000
             if let deadline {

@@ -242,6 +242,28 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertTrue(again.stdout.contains("no meshtrace rules"), again.stdout)
     }
 
+    /// A --duration too long for a deadline in nanoseconds (1e300) traces until a signal like no --duration: it trapped
+    /// converting it (exit 132) with the twins in, and left them in the pod. `inf` is a usage error (64), touching nothing.
+    func testAnEnormousDurationTracesUntilStoppedAndInfinityIsAUsageError() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5522", "--duration", "1e300", "--quiet"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        usleep(300_000)
+        XCTAssertTrue(p.isRunning, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        kill(p.processIdentifier, SIGINT)
+        guard waitForExit(p) else { return XCTFail("trace did not exit after SIGINT") }
+        XCTAssertEqual(p.terminationReason, .exit)
+        XCTAssertEqual(p.terminationStatus, 0, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+        for bad in ["inf", "nan", "-1", "0"] {
+            let r = try Command.run(["timeout", "-s", "KILL", "30", executable, "trace", "--netns", ns.name, "--duration", bad, "--quiet"])
+            XCTAssertEqual(r.status, ExitStatus.usage.rawValue, "\(bad): \(r.stderr)")
+            XCTAssertEqual(try InstrumenterTests.rulesText(ns), before, bad)
+        }
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
