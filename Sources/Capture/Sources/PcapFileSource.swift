@@ -49,6 +49,8 @@ public final class PcapFileSource: PacketSource {
     private let interfaceName: String?
     /// Capture point per pcapng interface, made once per interface block.
     private var points: [CapturePoint] = []
+    /// The pcapng section `points` were made for.
+    private var pointsSection = 0
     private var ended = false
     /// The frame `advance()` read and `decodePending(into:)` has not decoded yet: its bytes stay valid until the
     /// next `advance()`.
@@ -115,6 +117,11 @@ public final class PcapFileSource: PacketSource {
         if let pcapng {
             switch pcapng.next() {
             case .packet(let time, let wireLength, let bytes, let interface):
+                if pointsSection != pcapng.sectionsRead {
+                    // A new section numbers its interfaces from 0 again, with their own names and link types.
+                    points.removeAll(keepingCapacity: true)
+                    pointsSection = pcapng.sectionsRead
+                }
                 while points.count < pcapng.interfaces.count {
                     let i = pcapng.interfaces[points.count]
                     points.append(PcapFileSource.point(linkType: i.linkType, given: interfaceName, recorded: i.name, path: path))

@@ -40,6 +40,9 @@ final class PcapngFileReader {
     /// The current section's byte order (the writer's): NFLOG TLV headers inside are in it.
     private(set) var order: ByteOrder = .host
     private(set) var interfaces: [Interface] = []
+    /// How many section header blocks were read: a new section restarts interface numbering at 0, so what a
+    /// caller keeps per interface index is stale when this changes (`cat a.pcapng b.pcapng` is one valid file).
+    private(set) var sectionsRead = 0
     private var buffer: UnsafeMutableRawBufferPointer
     private var blocksRead = 0
 
@@ -124,6 +127,7 @@ final class PcapngFileReader {
                 else if magic.byteSwapped == PcapngFileReader.byteOrderMagic { order = ByteOrder.host.swapped }
                 else { return .damaged("bad byte-order magic in section header") }
                 interfaces.removeAll(keepingCapacity: true)
+                sectionsRead += 1
             }
             let type = u32(0)
             let length = Int(u32(4))

@@ -67,6 +67,30 @@ final class PcapngTests: XCTestCase {
         XCTAssertEqual(Set(c.records.compactMap { $0.nflog?.group }), [20])
     }
 
+    /// `cat nflog.pcapng any.pcapng` is one valid pcapng file of two sections, and each section numbers its
+    /// interfaces from 0: a packet of the second section is on the second section's interface 0, not the first's.
+    func testConcatenatedSectionsNameEachPacketsOwnInterface() throws {
+        for order in [ByteOrder.little, .big] {
+            var first = PcapngFileBuilder(order: order)
+            first.addInterface(linkType: 239, name: "nflog:5")
+            let tlvs = Frame.attr(1, Frame.be16(0x0800) + [3, 0], order) + Frame.attr(9, tcp, order)
+            first.addPacket(interface: 0, units: 1_700_000_000_000_001, Frame.nflog(group: 5, tlvs))
+            var second = PcapngFileBuilder(order: order)
+            second.addInterface(linkType: 1, name: "eth0")
+            second.addInterface(linkType: 1, name: "lo")
+            second.addPacket(interface: 0, units: 1_700_000_000_000_002, Frame.ethernet(type: 0x0800, payload: tcp))
+            second.addPacket(interface: 1, units: 1_700_000_000_000_003, Frame.ethernet(type: 0x0800, payload: tcp))
+            var both = first
+            both.addRaw(second.bytes)
+            let c = try DecodedCapture(try both.write(dir, "sections-\(order).pcapng"))
+            XCTAssertNil(c.damage, "\(order)")
+            XCTAssertEqual(c.records.map(\.point.description), ["nf:OUTPUT", "eth0", "lo"], "\(order)")
+            XCTAssertEqual(c.records.map { $0.nflog != nil }, [true, false, false], "\(order)")
+            XCTAssertTrue(c.records.allSatisfy { $0.tuple.description == "tcp 10.0.0.5:40000 > 10.96.0.10:80" },
+                          c.records.map { "\($0.tuple) \($0.notes.descriptions)" }.joined(separator: "; "))
+        }
+    }
+
     func testDamagedPcapngBlocks() throws {
         var good = PcapngFileBuilder()
         good.addInterface(linkType: 101, name: "raw0")
