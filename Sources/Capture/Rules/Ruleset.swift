@@ -65,6 +65,53 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { "\(address)/\(prefixLength)" }
+
+    /// An address the prefix contains: the address itself for a host prefix, else the first one after the network
+    /// address (a host, not the network).
+    public var sampleInside: IPAddress? {
+        let bits = address.family == .v4 ? 32 : 128
+        guard address.family != .none, prefixLength >= 0, prefixLength <= bits else { return nil }
+        if prefixLength >= bits - 1 { return address }
+        return CIDR.offset(network, by: 1)
+    }
+
+    /// The first address after the prefix (nil when it ends the address space).
+    public var firstAddressAfter: IPAddress? {
+        let bits = address.family == .v4 ? 32 : 128
+        guard address.family != .none, prefixLength > 0, prefixLength <= bits else { return nil }
+        let hostBits = bits - prefixLength
+        var last = network
+        if address.family == .v4 {
+            last.lo |= hostBits >= 32 ? 0xffff_ffff : (UInt64(1) << UInt64(hostBits)) - 1
+            return last.lo >= 0xffff_ffff ? nil : CIDR.offset(last, by: 1)
+        }
+        if hostBits >= 64 { last.lo = .max; last.hi |= hostBits >= 128 ? .max : (UInt64(1) << UInt64(hostBits - 64)) - 1 }
+        else { last.lo |= hostBits == 0 ? 0 : (UInt64(1) << UInt64(hostBits)) - 1 }
+        return last.hi == .max && last.lo == .max ? nil : CIDR.offset(last, by: 1)
+    }
+
+    /// The network address (host bits cleared).
+    var network: IPAddress {
+        var a = address
+        if a.family == .v4 {
+            let m: UInt64 = prefixLength >= 32 ? 0xffff_ffff : (prefixLength <= 0 ? 0 : 0xffff_ffff & ~(UInt64(0xffff_ffff) >> UInt64(prefixLength)))
+            a.lo &= m
+            return a
+        }
+        let hiBits = min(64, max(0, prefixLength)), loBits = max(0, prefixLength - 64)
+        a.hi &= hiBits >= 64 ? .max : (hiBits == 0 ? 0 : ~(UInt64.max >> UInt64(hiBits)))
+        a.lo &= loBits >= 64 ? .max : (loBits == 0 ? 0 : ~(UInt64.max >> UInt64(loBits)))
+        return a
+    }
+
+    private static func offset(_ a: IPAddress, by n: UInt64) -> IPAddress {
+        var b = a
+        let (lo, carry) = b.lo.addingReportingOverflow(n)
+        b.lo = lo
+        if carry { b.hi &+= 1 }
+        if b.family == .v4 { b.lo &= 0xffff_ffff }
+        return b
+    }
 }
 
 public struct PortRange: Hashable, Sendable, CustomStringConvertible {

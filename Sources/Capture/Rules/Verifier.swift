@@ -103,6 +103,68 @@ public struct Verifier {
     public init(ruleset: Ruleset, pod: PodParameters = PodParameters(), policy: VerifyPolicy? = nil, strict: Bool = false) {
         self.ruleset = ruleset; self.pod = pod; self.policy = policy; self.strict = strict
         self.analysis = RulesetAnalysis(ruleset, dualStack: pod.dualStack)
+        (self.namedPorts, self.namedAddresses) = Verifier.namedValues(ruleset)
+    }
+
+    // MARK: the values a class is tried with
+
+    /// Destination ports the rules name (a port inside each range they match, one outside each range they match
+    /// negated), tried besides `otherPort` for the "other" port class; and addresses they name the same way, tried
+    /// besides the remote address. One sample port and one sample address cannot exercise a foreign
+    /// `--dport 5432 -j RETURN` or `-d 192.168.0.0/16 -j RETURN`: the class would be called captured while that
+    /// traffic escapes. (The mark class "other" tries several marks for the same reason.)
+    let namedPorts: [UInt16]
+    let namedAddresses: [IPAddress]
+    static let maxNamedSamples = 32
+
+    static func namedValues(_ rs: Ruleset) -> ([UInt16], [IPAddress]) {
+        var ports: [UInt16] = [], addresses: [IPAddress] = []
+        func add(_ m: RuleMatch) {
+            switch m {
+            case .destinationPort(let p, let negated):
+                if !negated { ports.append(p.low) }
+                else if p.low > 1 { ports.append(p.low - 1) }
+                else if p.high < UInt16.max { ports.append(p.high + 1) }
+            case .source(let c, let negated), .destination(let c, let negated):
+                if let a = negated ? c.firstAddressAfter : c.sampleInside { addresses.append(a) }
+            case .anyOf(let items, _):
+                items.forEach(add)
+            default:
+                break
+            }
+        }
+        for r in rs.allRules where !r.isMeshtraceRule { r.matches.forEach(add) }
+        func unique<T: Hashable>(_ xs: [T]) -> [T] {
+            var seen = Set<T>()
+            return Array(xs.filter { seen.insert($0).inserted }.prefix(maxNamedSamples))
+        }
+        return (unique(ports.filter { $0 != 0 }), unique(addresses.filter { !$0.isLoopback }))
+    }
+
+    /// The destination ports a class is tried with: its own port, or for "other" `otherPort` first and then every
+    /// port the rules name that belongs to no other class.
+    func portSamples(_ c: PacketClass) -> [UInt16] {
+        let base = packet(for: c, mark: 0).dport
+        guard c.port == .other else { return [base] }
+        let classPorts: Set<UInt16> = [53, 15001, 15006, 15008, pod.appPort]
+        return [base] + namedPorts.filter { $0 != base && !classPorts.contains($0) }
+    }
+
+    /// The remote addresses a class is tried with: the remote address first, then the addresses the rules name of
+    /// the class's family (never the pod's own, a probe address or loopback: those are classes of their own).
+    func remoteSamples(_ c: PacketClass) -> [IPAddress] {
+        let base = packet(for: c, mark: 0)
+        let remote: IPAddress
+        switch c.path {
+        case .appToRemote, .ztunnel: remote = base.dst
+        case .inbound, .inboundViaLo: remote = base.src
+        case .appToOwnPodIP, .appToLoopback: return [base.dst]
+        }
+        if c.probe { return [remote] }
+        let fam: IPAddress.Family = c.family == .ipv6 ? .v6 : .v4
+        let excluded: Set<IPAddress> = [remote, pod.podIPv4, pod.podIPv6, probeAddress(.ipv4), probeAddress(.ipv6)]
+        let probes = Set(analysis.variant.probeAddresses)
+        return [remote] + namedAddresses.filter { $0.family == fam && !excluded.contains($0) && !probes.contains($0) }
     }
 
     /// The families to evaluate: IPv4 unless the ruleset is IPv6 only; IPv6 when the pod is dual-stack or the
@@ -180,8 +242,15 @@ public struct Verifier {
 
     func evaluate(_ c: PacketClass) -> ClassVerdict {
         var worst: ClassVerdict? = nil
-        for m in c.mark.samples {
-            let start = packet(for: c, mark: m)
+        let ports = portSamples(c), remotes = remoteSamples(c)
+        for m in c.mark.samples { for port in ports { for remote in remotes {
+            var start = packet(for: c, mark: m)
+            start.dport = port
+            switch c.path {
+            case .appToRemote, .ztunnel: start.dst = remote
+            case .inbound, .inboundViaLo: start.src = remote
+            case .appToOwnPodIP, .appToLoopback: break
+            }
             for w in walkPacket(start, path: c.path) {
                 let v = verdict(for: c, walk: w, mark: m)
                 var steps = w.steps
@@ -193,7 +262,7 @@ public struct Verifier {
                                       packet: describe(start), acceptedBy: nil)
                 if worst == nil || v.severity > worst!.verdict.severity { worst = cv }
             }
-        }
+        } } }
         // A marked packet that escapes is only the mark's fault when the unmarked one is captured.
         if c.mark != .none, case .escape = worst!.verdict {
             let plain = evaluate(PacketClass(family: c.family, proto: c.proto, path: c.path, port: c.port, mark: .none, probe: c.probe))

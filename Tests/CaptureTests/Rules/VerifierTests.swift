@@ -130,6 +130,37 @@ final class VerifierTests: XCTestCase {
         XCTAssertEqual(result(Verifier(ruleset: rs).run(), "v4/tcp/app-remote/other/none").verdict.code, "uncaptured-tcp")
     }
 
+    /// A foreign rule that lets one port or one subnet out is an escape whatever port and remote address the class
+    /// samples by default (443, 10.96.0.10): the ports and addresses the rules name are tried too.
+    func testForeignBypassOfAPortOrSubnetTheDefaultSampleDoesNotHitIsCaught() throws {
+        func with(_ rule: String) throws -> VerifyReport {
+            var lines = Self.seedText.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            let k = lines.firstIndex { $0.contains("--to-ports 15001") }!
+            lines.insert(rule, at: k)
+            return try verify(lines.joined(separator: "\n"), policy: Self.forgedMarkPolicy)
+        }
+        let cases: [(rule: String, code: String, packet: String)] = [
+            ("-A ISTIO_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN", "uncaptured-tcp", "→ 10.96.0.10:5432"),
+            ("-A ISTIO_OUTPUT -p tcp -m multiport --dports 6379,11211 -j ACCEPT", "uncaptured-tcp", "→ 10.96.0.10:6379"),
+            ("-A ISTIO_OUTPUT -p tcp -m tcp ! --dport 1:1024 -j ACCEPT", "uncaptured-tcp", "→ 10.96.0.10:"),
+            ("-A ISTIO_OUTPUT -p tcp -m tcp --dport 8443 -j DNAT --to-destination 10.1.2.3:443", "dnat", "→ 10.96.0.10:8443"),
+            ("-A ISTIO_OUTPUT -d 192.168.0.0/16 -j RETURN", "uncaptured-tcp", "→ 192.168.0.1:"),
+            ("-A ISTIO_OUTPUT ! -d 10.0.0.0/8 -j RETURN", "uncaptured-tcp", "→ 11.0.0.0:"),
+        ]
+        for c in cases {
+            let r = try with(c.rule)
+            let v = result(r, "v4/tcp/app-remote/other/none")
+            XCTAssertEqual(v.verdict.code, c.code, c.rule)
+            XCTAssertTrue(v.packet.contains(c.packet), "\(c.rule): \(v.packet)")
+            XCTAssertTrue(v.path.contains { $0.contains(c.rule) }, "\(c.rule): \(v.path)")
+            XCTAssertEqual(r.exitStatus, .escapeFound, c.rule)
+        }
+        // A subnet the app reaches is not a probe address: the probe rules' own address is no remote sample.
+        let seed = try verify(Self.seedText, policy: Self.forgedMarkPolicy)
+        XCTAssertEqual(seed.exitStatus, .ok)
+        XCTAssertEqual(result(seed, "v4/tcp/app-remote/other/none").packet, "tcp 10.244.0.10:40000 → 10.96.0.10:443")
+    }
+
     func testMissingIp6tablesRulesInADualStackPod() throws {
         let r = try verify(Self.seedText, dualStack: true, policy: Self.forgedMarkPolicy)
         XCTAssertEqual(r.families, [.ipv4, .ipv6])
