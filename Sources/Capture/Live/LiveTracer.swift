@@ -262,6 +262,8 @@ public final class LiveTracer: @unchecked Sendable {
         var b: UInt8 = 1
         _ = write(finishPipe[1], &b, 1)
         do { try thread.join() } catch { failures.append(error) }
+        // The -w file: a write that failed (disk full) is an error, not a silently short file.
+        do { try pcap?.finishWriting() } catch { failures.append(error) }
         if let first = failures.first { throw first }
 
         guard let correlator else { throw MeshtraceError(.kernelRefused, "the trace did not start") }

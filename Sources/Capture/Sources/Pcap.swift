@@ -331,8 +331,18 @@ public final class PcapDumpWriter: @unchecked Sendable {
     public func flush() throws {
         guard let dumper else { return }
         guard pcap_dump_flush(dumper) == 0 else {
-            throw MeshtraceError(.kernelRefused, "cannot write \(path): \(String(cString: strerror(errno)))")
+            throw MeshtraceError.badInput("cannot write \(path): \(String(cString: strerror(errno)))")
         }
+        // pcap_dump reports nothing: a write that failed earlier (ENOSPC) is only in the stream's error flag.
+        if let file = pcap_dump_file(dumper), ferror(file) != 0 {
+            throw MeshtraceError.badInput("cannot write \(path): a write failed (disk full?); the file is incomplete")
+        }
+    }
+
+    /// Flushes and closes; throws when any of the file could not be written (after closing it).
+    public func finish() throws {
+        defer { close() }
+        try flush()
     }
 
     public func close() {

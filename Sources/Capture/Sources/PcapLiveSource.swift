@@ -86,6 +86,12 @@ public final class PcapLiveSource {
         capture.close()
     }
 
+    /// Flushes and closes the `-w` file; throws when it could not all be written (a full disk, /dev/full), which
+    /// `close()` would swallow.
+    public func finishWriting() throws {
+        try writer?.finish()
+    }
+
     /// Interface names of the calling thread's netns.
     public static func interfaceNames() -> [String] {
         guard let list = if_nameindex() else { return [] }

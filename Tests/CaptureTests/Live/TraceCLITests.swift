@@ -264,6 +264,27 @@ final class TraceCLITests: KernelTestCase {
         }
     }
 
+    /// A `-w` file that cannot be written (a full disk; /dev/full here) is exit 2 with one line naming it, not exit 0
+    /// with a short or empty file: pcap_dump reports nothing, and the final flush's error was swallowed.
+    func testAWriteFileThatCannotBeWrittenIsAnErrorAndTheRulesComeOut() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5523", "--duration", "60", "--quiet", "-w", "/dev/full"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        for port in 1...3 { _ = ns.attempt(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]) }
+        usleep(300_000)
+        kill(p.processIdentifier, SIGINT)
+        guard waitForExit(p) else { return XCTFail("trace did not exit after SIGINT") }
+        let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        XCTAssertEqual(p.terminationReason, .exit)
+        XCTAssertEqual(p.terminationStatus, ExitStatus.badInput.rawValue, out)
+        let errors = out.split(separator: "\n").filter { $0.hasPrefix("meshtrace: ") }
+        XCTAssertEqual(errors.count, 1, out)
+        XCTAssertTrue(errors.first?.contains("cannot write /dev/full") == true, out)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
