@@ -31,5 +31,23 @@ func reportingErrors(_ body: () throws -> ExitStatus) throws {
         FileHandle.standardError.write(Data("meshtrace: \(e.message)\n".utf8))
         throw ArgumentParser.ExitCode(e.code.rawValue)
     }
+    if let problem = standardOutputProblem() {
+        FileHandle.standardError.write(Data("meshtrace: cannot write the output: \(problem)\n".utf8))
+        throw ArgumentParser.ExitCode(status == .ok ? ExitStatus.badInput.rawValue : status.rawValue)
+    }
     if status != .ok { throw ArgumentParser.ExitCode(status.rawValue) }
+}
+
+/// Why what `print` wrote did not all reach stdout (a full disk: `plan > plan.sh` left an empty file and exit 0),
+/// or nil. A reader that went away (`| head`, EPIPE) is not a failure: the commands stop quietly then.
+func standardOutputProblem() -> String? {
+    if fflush(stdout) != 0 {
+        let e = errno
+        return e == EPIPE ? nil : String(cString: strerror(e))
+    }
+    guard ferror(stdout) != 0 else { return nil }
+    // An earlier write failed and its errno is gone: into a pipe that is most likely EPIPE.
+    var st = stat()
+    if fstat(STDOUT_FILENO, &st) == 0, (st.st_mode & S_IFMT) == S_IFIFO || (st.st_mode & S_IFMT) == S_IFSOCK { return nil }
+    return "a write failed"
 }

@@ -285,6 +285,20 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// `plan > FILE` on a full disk (/dev/full here) is exit 2 with one line: print's failed writes were never
+    /// checked, so the operator got an empty plan and exit 0. Same for `cleanup`'s line (its work is done).
+    func testPlanIntoAFullDiskIsAnError() throws {
+        let ns = try seededNetns()
+        for command in ["plan", "cleanup"] {
+            let r = try Command.run(["timeout", "-s", "KILL", "30", "bash", "-c", "exec \"$0\" \(command) --netns \(ns.name) > /dev/full", executable])
+            XCTAssertEqual(r.status, ExitStatus.badInput.rawValue, "\(command): \(r.stderr)")
+            XCTAssertEqual(r.stderr, "meshtrace: cannot write the output: No space left on device\n", command)
+        }
+        let ok = try Command.run([executable, "plan", "--netns", ns.name])
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertEqual(ok.stderr, "")
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
