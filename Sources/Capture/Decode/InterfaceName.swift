@@ -29,7 +29,9 @@ final class InterfaceNameTable: @unchecked Sendable {
     private var names: [String] = ["", "any", "lo", "?"]
     private var ids: [String: UInt32] = ["": 0, "any": 1, "lo": 2, "?": 3]
 
-    func intern(_ name: String) -> UInt32 {
+    func intern(_ given: String) -> UInt32 {
+        // A name from a capture file (pcapng if_name) is printed as it is kept: without control characters.
+        let name = given.printable
         lock.lock()
         defer { lock.unlock() }
         if let id = ids[name] { return id }

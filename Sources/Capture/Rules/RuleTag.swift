@@ -148,7 +148,8 @@ public final class RuleTagTable: @unchecked Sendable {
             }
         }
         let copy = [UInt8](UnsafeRawBufferPointer(rebasing: prefix[0..<n]))
-        let text = String(decoding: copy, as: UTF8.self)
+        // Printed as kept: a prefix from a capture file may hold control characters (terminal escapes).
+        let text = String(decoding: copy, as: UTF8.self).printable
         let tag = RuleTag(prefix: text)
         // Under the lock: `analyze` decodes (and interns) on a read-ahead thread while the correlator reads
         // tags and texts on its own. Lookups of known prefixes above touch only what this thread writes.

@@ -74,6 +74,31 @@ final class HostileInputTests: XCTestCase {
         XCTAssertEqual(e.code, .badInput)
     }
 
+    /// A capture's own text (a pcapng if_name, an NFLOG prefix) cannot drive the operator's terminal: control
+    /// characters in it are printed as visible escapes, in the text report as everywhere else.
+    func testControlCharactersInACapturesNamesAndPrefixesAreNotPrintedRaw() throws {
+        let evilName = "\u{1B}[31mEVIL\u{1B}]0;pwned\u{07}\u{1B}[2J"
+        let evilPrefix = "x\u{1B}[2K\u{9B}1A"
+        let tcp = Frame.ipv4(src: "10.0.0.5", dst: "10.96.0.10", proto: 6, payload: Frame.tcp(sport: 40000, dport: 80, seq: 7, ack: 0, flags: 0x02))
+        var b = PcapngFileBuilder()
+        b.addInterface(linkType: 101, name: evilName)
+        b.addInterface(linkType: 239, name: "nflog:5")
+        b.addPacket(interface: 0, units: 1_700_000_000_000_001, tcp)
+        let tlvs = Frame.attr(1, Frame.be16(0x0800) + [3, 0]) + Frame.attr(10, Frame.cString(evilPrefix)) + Frame.attr(9, tcp)
+        b.addPacket(interface: 1, units: 1_700_000_000_000_002, Frame.nflog(group: 5, tlvs))
+        let c = try DecodedCapture(try b.write(dir, "evil.pcapng"))
+        XCTAssertNil(c.damage)
+        XCTAssertEqual(c.records.count, 2)
+        XCTAssertEqual(c.records[0].point.description, "\\x1b[31mEVIL\\x1b]0;pwned\\x07\\x1b[2J")
+        XCTAssertEqual(c.prefix(c.records[1]), "x\\x1b[2K\\x9b1A")
+        let text = try renderReport(c.records, tags: c.tags) { TextReport(fileDescriptor: $0) }
+        XCTAssertTrue(text.contains("EVIL"), text)
+        XCTAssertFalse(text.unicodeScalars.contains { $0.value < 0x20 && $0 != "\n" || ($0.value >= 0x7f && $0.value < 0xa0) },
+                       text.debugDescription)
+        // Names without control characters are kept as they are.
+        XCTAssertEqual(InterfaceName("eth0.100@if7").string, "eth0.100@if7")
+    }
+
     // MARK: damage inside the file: records up to it, then a damage report
 
     func testTruncatedLastRecordKeepsEarlierRecordsAndReportsDamage() throws {
