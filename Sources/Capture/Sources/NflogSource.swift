@@ -15,9 +15,6 @@ public final class NflogSource {
     /// Messages the kernel numbered but meshtrace never received (NFULA_SEQ gaps).
     public private(set) var sequenceGap: UInt64 = 0
     public private(set) var recordsRead: UInt64 = 0
-    /// Records that came without NFULA_TIMESTAMP (locally generated packets: the OUTPUT and POSTROUTING hooks);
-    /// `drain` gives them the time of the next record in the kernel's order that has one, or the receipt time.
-    public private(set) var stampedOnReceipt: UInt64 = 0
     /// The slots of records without a kernel time, read since the last record that had one (in this `drain`).
     private let unstamped: UnsafeMutablePointer<UnsafeMutablePointer<PacketRecord>>
     /// Whether `drain` gives a record without a kernel time the next stamped record's time (true), or leaves it
@@ -87,8 +84,6 @@ public final class NflogSource {
                     record.pointee.time = kernel
                     stamped = true
                     if waiting > 0 { settle(waiting, before: kernel); waiting = 0 }
-                } else {
-                    stampedOnReceipt += 1
                 }
                 if record.pointee.hasNflog, let seq = record.pointee.nflogFields.sequence { account(seq) }
                 // A record the caller did not keep leaves its slot to the next one: only kept ones wait.
