@@ -383,6 +383,11 @@ public final class TextReport: ReportSink {
         out.byte(0x0a)
         if !s.podAddresses.isEmpty {
             out.text("  pod address: "); out.text(s.podAddresses.map(\.description).joined(separator: ", ")); out.byte(0x0a)
+        } else if s.connections > 0 {
+            // An Ethernet or raw capture (tcpdump -i eth0) does not say which packets left the pod and has no
+            // NFLOG records to tell: the pod's address is not inferred, and "no escapes" would mean nothing.
+            out.text("  "); styled(Style.warn, "pod address unknown: no packet was seen leaving or reaching the pod through its interface (an Ethernet or raw capture says no direction; NFLOG records would), so traffic leaving the pod could not be judged; give --pod-ip")
+            out.byte(0x0a)
         }
         if s.damagedPackets > 0 {
             out.text("  "); styled(Style.warn, "\(s.damagedPackets) packets only partly decoded"); out.byte(0x0a)

@@ -27,6 +27,25 @@ final class LinkTypeTests: XCTestCase {
 
     private func isV6(_ p: [UInt8]) -> Bool { p[0] >> 4 == 6 }
 
+    /// `tcpdump -i eth0` in the pod: Ethernet says no direction, so without NFLOG records the pod's address is not
+    /// inferred and an app's uncaptured TCP cannot be told from inbound traffic. The text view says so instead of
+    /// a bare "no escapes"; with --pod-ip the escape is found.
+    func testAnEthernetCaptureWithoutThePodsAddressSaysEscapesCouldNotBeJudged() throws {
+        var b = PcapFileBuilder(linkType: 1)
+        for p in packets.prefix(3) { b.add(Frame.ethernet(type: 0x0800, payload: p)) }
+        let c = try DecodedCapture(try b.write(dir, "eth0.pcap"))
+        let unknown = try renderReport(c.records, tags: c.tags) { TextReport(fileDescriptor: $0) }
+        XCTAssertTrue(unknown.contains("no escapes"), unknown)
+        XCTAssertTrue(unknown.contains("pod address unknown"), unknown)
+        XCTAssertTrue(unknown.contains("give --pod-ip"), unknown)
+        var options = CorrelatorOptions()
+        options.podAddresses = [IPAddress("10.0.0.5")!]
+        let known = try renderReport(c.records, tags: c.tags, options: options) { TextReport(fileDescriptor: $0) }
+        XCTAssertTrue(known.contains("1 escape,"), known)
+        XCTAssertTrue(known.contains("pod address: 10.0.0.5"), known)
+        XCTAssertFalse(known.contains("pod address unknown"), known)
+    }
+
     func testEveryLinkTypeDecodesLikeTshark() throws {
         try XCTSkipUnless(Tshark.available, "tshark not installed")
         let kinds: [(String, UInt32, ([UInt8], Int) -> [UInt8])] = [
