@@ -191,7 +191,9 @@ public final class Instrumenter: @unchecked Sendable {
         var removed = 0
         // `--mode trace`'s own nft table goes as a whole (its rules carry the comment too).
         try TraceRules.remove(netns: netns)
-        for saved in try readHomes() {
+        let homes = try readHomes()
+        let loggers = TraceRules.recordedLoggers(in: homes)
+        for saved in homes {
             let own = saved.ownRules
             guard !own.isEmpty else { continue }
             let scripts = Instrumenter.removalScripts(own, home: saved.home)
@@ -209,6 +211,8 @@ public final class Instrumenter: @unchecked Sendable {
         if remaining > 0 {
             throw MeshtraceError(.kernelRefused, "\(remaining) meshtrace rules could not be removed from netns \(netns); run `meshtrace cleanup \(netns.commandLine)`")
         }
+        // A killed legacy `--mode trace` left nfnetlink_log bound as the netns's nf_log backend.
+        try TraceRules.restoreLoggers(netns: netns, recorded: loggers)
         return removed
     }
 

@@ -631,7 +631,8 @@ public final class LiveTracer: @unchecked Sendable {
         let handles = try TraceRules.handlePositions(netns: netns)
         trace?.positions = handles.positions
         trace?.ownHandles = handles.own
-        try TraceRules.install(netns: netns, homes: instrumenter.plan?.ambientHomes ?? [])
+        try TraceRules.install(netns: netns, homes: instrumenter.plan?.ambientHomes ?? [],
+                               priorLoggers: legacyTrace?.socket.priorLoggers ?? [:])
         if needsLegacyTrace { trace?.legacyPositions = try TraceJoiner.legacyPositions(netns: netns) }
     }
 

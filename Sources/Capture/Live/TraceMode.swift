@@ -16,7 +16,50 @@ import Foundation
 enum TraceRules {
     static let nftTable = "meshtrace"
 
-    static func install(netns: NetnsRef, homes: [RuleHome]) throws {
+    /// The comment that records, on the legacy TRACE rules, the nf_log backends binding nfnetlink_log replaced
+    /// ("mt-nf_log:2=nf_log_ipv4,10=nf_log_ipv6"): after a SIGKILL the binding stays, and `cleanup` (any removal)
+    /// puts them back from it.
+    static let loggerCommentPrefix = "mt-nf_log:"
+
+    static func loggerComment(_ prior: [UInt16: String]) -> String? {
+        let parts = prior.sorted { $0.key < $1.key }
+            .filter { !$0.value.isEmpty && $0.value.allSatisfy { $0.isLetter || $0.isNumber || $0 == "_" } }
+            .map { "\($0.key)=\($0.value)" }
+        return parts.isEmpty ? nil : loggerCommentPrefix + parts.joined(separator: ",")
+    }
+
+    /// The nf_log backends recorded on leftover legacy TRACE rules, by protocol family.
+    static func recordedLoggers(in homes: [SavedRules]) -> [UInt16: String] {
+        var out: [UInt16: String] = [:]
+        for saved in homes where saved.home.backend == .iptablesLegacy {
+            for rule in saved.ownRules {
+                guard let r = rule.spec.range(of: loggerCommentPrefix) else { continue }
+                let text = rule.spec[r.upperBound...].prefix { $0 != "\"" && $0 != " " }
+                for pair in text.split(separator: ",") {
+                    let kv = pair.split(separator: "=", maxSplits: 1)
+                    if kv.count == 2, let pf = UInt16(kv[0]) { out[pf] = String(kv[1]) }
+                }
+            }
+        }
+        return out
+    }
+
+    /// Puts back nf_log backends a killed legacy `--mode trace` left bound to nfnetlink_log, when no one reads
+    /// group 0 (a running trace restores its own when it ends) and the binding is still nfnetlink_log's.
+    static func restoreLoggers(netns: NetnsRef, recorded: [UInt16: String]) throws {
+        guard !recorded.isEmpty, !(try Instrumenter.boundNflogGroups(in: netns)).contains(0) else { return }
+        for (pf, prior) in recorded.sorted(by: { $0.key < $1.key }) where prior != "nfnetlink_log" {
+            let path = "/proc/sys/net/netfilter/nf_log/\(pf)"
+            let now = try Command.run(["cat", path], in: netns)
+            guard now.ok, now.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "nfnetlink_log" else { continue }
+            let r = try Command.run(["sh", "-c", "printf %s \"$1\" > \"$2\"", "sh", prior, path], in: netns)
+            guard r.ok else {
+                throw MeshtraceError(.kernelRefused, "could not put back nf_log backend \(prior) for family \(pf) in netns \(netns): \(r.stderr)")
+            }
+        }
+    }
+
+    static func install(netns: NetnsRef, homes: [RuleHome], priorLoggers: [UInt16: String] = [:]) throws {
         let nfTables = homes.contains { $0.backend == .iptablesNft || $0.backend == .nftables }
         if nfTables {
             let script = """
@@ -31,7 +74,8 @@ enum TraceRules {
             guard r.ok else { throw MeshtraceError(.kernelRefused, "nft refused the TRACE table: \(r.stderr)") }
         }
         for home in homes where home.backend == .iptablesLegacy {
-            let input = "*raw\n-I PREROUTING 1 -m comment --comment meshtrace -j TRACE\n-I OUTPUT 1 -m comment --comment meshtrace -j TRACE\nCOMMIT\n"
+            let record = TraceRules.loggerComment(priorLoggers).map { " -m comment --comment \"\($0)\"" } ?? ""
+            let input = "*raw\n-I PREROUTING 1 -m comment --comment meshtrace\(record) -j TRACE\n-I OUTPUT 1 -m comment --comment meshtrace\(record) -j TRACE\nCOMMIT\n"
             let r = try Command.run(home.applyCommand, in: netns, input: input)
             guard r.ok else { throw MeshtraceError(.kernelRefused, "\(home.restoreTool) refused the TRACE rules: \(r.stderr)") }
         }

@@ -106,7 +106,7 @@ public final class NflogSocket {
     deinit { close() }
 
     /// nf_log backends of this netns before `bindAsLogger` changed them ("NONE", "nf_log_ipv4", ...).
-    private var priorLoggers: [UInt16: String] = [:]
+    public private(set) var priorLoggers: [UInt16: String] = [:]
 
     /// The nf_log backend bound for a protocol family in the calling thread's netns (/proc/sys/net is per netns).
     static func currentLogger(_ pf: UInt16) -> String {

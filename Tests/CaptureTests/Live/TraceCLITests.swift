@@ -299,6 +299,41 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(ok.stderr, "")
     }
 
+    /// `--mode trace` on a legacy pod binds nfnetlink_log as the netns's nf_log backend (legacy TRACE reaches
+    /// meshtrace through it). After a SIGKILL that binding stayed: the pod's LOG/TRACE went to an NFLOG group 0
+    /// nobody reads, and `cleanup` removed the rules but never put the backend back (nor did any later trace,
+    /// which took nfnetlink_log for the pod's own). The TRACE rules record the backends; removal restores them.
+    func testCleanupAfterAKilledLegacyTraceModeRunPutsTheLogBackendBack() throws {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let ns = try makeNetns()
+        try ns.run(["iptables-legacy-restore"], input: InstrumenterTests.seed)
+        func logger(_ pf: Int) throws -> String {
+            try ns.run(["cat", "/proc/sys/net/netfilter/nf_log/\(pf)"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        let prior = (try logger(2), try logger(10))
+        try XCTSkipIf(prior.0 == "nfnetlink_log", "this kernel binds nfnetlink_log already")
+        let before = try InstrumenterTests.rulesText(ns)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5524", "--mode", "trace", "--duration", "60", "--quiet"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline, p.isRunning, !(try ns.run(["iptables-legacy-save", "-t", "raw"]).stdout.contains("-j TRACE")) { usleep(50_000) }
+        XCTAssertTrue(try ns.run(["iptables-legacy-save", "-t", "raw"]).stdout.contains("-j TRACE"),
+                      (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        XCTAssertEqual(try logger(2), "nfnetlink_log", "the trace binds nfnetlink_log for legacy TRACE")
+        kill(p.processIdentifier, SIGKILL)
+        XCTAssertTrue(waitForExit(p))
+        XCTAssertEqual(try logger(2), "nfnetlink_log", "a SIGKILL cannot put it back")
+
+        let cleanup = try Command.run(["timeout", "-s", "KILL", "30", executable, "cleanup", "--netns", ns.name])
+        XCTAssertEqual(cleanup.status, 0, cleanup.stderr)
+        XCTAssertEqual(try logger(2), prior.0)
+        XCTAssertEqual(try logger(10), prior.1)
+        // The raw table the TRACE rules needed stays (a legacy table cannot be unregistered); it is empty again.
+        let raw = try ns.run(["iptables-legacy-save", "-t", "raw"]).stdout
+        XCTAssertFalse(raw.contains("-A "), raw)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns).replacingOccurrences(of: "*raw\n:PREROUTING ACCEPT \n:OUTPUT ACCEPT \nCOMMIT\n", with: ""), before)
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
