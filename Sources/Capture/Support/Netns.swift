@@ -20,7 +20,14 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
     public static func resolve(netns: String?, pid: Int32?) throws -> NetnsRef {
         if let pid {
             let p = "/proc/\(pid)/ns/net"
-            guard FileManager.default.fileExists(atPath: p) else {
+            var st = stat()
+            guard stat(p, &st) == 0 else {
+                // Another user's process (or one an LSM hides from us): it exists, we may not enter its netns.
+                // Said as the privilege problem it is (exit 5), not "no process" (exit 4).
+                let e = errno
+                if (e == EACCES || e == EPERM), stat("/proc/\(pid)", &st) == 0 {
+                    throw MeshtraceError(.noPrivilege, "cannot open the network namespace of pid \(pid) (\(p): \(String(cString: strerror(e)))): run it as root")
+                }
                 throw MeshtraceError(.noSuchNetns, "no process \(pid): cannot find its network namespace (\(p))")
             }
             try requireNamespaceFile(p, label: "pid \(pid)")
@@ -32,6 +39,10 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
         let p = netns.contains("/") ? netns : "/var/run/netns/\(netns)"
         var st = stat()
         guard stat(p, &st) == 0 else {
+            let e = errno
+            if e == EACCES || e == EPERM {
+                throw MeshtraceError(.noPrivilege, "cannot open network namespace '\(netns)' (\(p): \(String(cString: strerror(e)))): run it as root")
+            }
             throw MeshtraceError(.noSuchNetns, "network namespace '\(netns)' does not exist (\(p))")
         }
         try requireNamespaceFile(p, label: netns)

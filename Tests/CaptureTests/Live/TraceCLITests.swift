@@ -497,6 +497,16 @@ final class TraceCLITests: KernelTestCase {
             XCTAssertEqual(r.status, ExitStatus.noPrivilege.rawValue, "\(cmd): \(r.stderr)")
             XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
         }
+        // Named by a root process's pid: its netns cannot be opened, which is the same privilege problem; it said
+        // "no process N" (exit 4) of a process that exists.
+        let app = try Command.start(["sleep", "30"], in: ns.ref)
+        defer { kill(app.processIdentifier, SIGKILL) }
+        for cmd in ["trace", "cleanup", "plan"] {
+            let r = try Command.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", executable, cmd, "--pid", "\(app.processIdentifier)"])
+            XCTAssertEqual(r.status, ExitStatus.noPrivilege.rawValue, "\(cmd) --pid: \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+            XCTAssertFalse(r.stderr.contains("no process"), r.stderr)
+        }
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 }
