@@ -18,6 +18,10 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
 
     /// Resolves `--netns` / `--pid`; throws `.noSuchNetns` when the namespace does not exist.
     public static func resolve(netns: String?, pid: Int32?) throws -> NetnsRef {
+        if pid != nil, let netns, !netns.isEmpty {
+            // Two namespaces named at once: one of them would be ignored without a word (it took the pid's).
+            throw MeshtraceError(.usage, "give either --netns \(netns) or --pid \(pid!), not both")
+        }
         if let pid {
             let p = "/proc/\(pid)/ns/net"
             var st = stat()

@@ -334,6 +334,22 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns).replacingOccurrences(of: "*raw\n:PREROUTING ACCEPT \n:OUTPUT ACCEPT \nCOMMIT\n", with: ""), before)
     }
 
+    /// `--netns A --pid B` names two namespaces: a usage error (64) from every live command, touching nothing.
+    /// The pid's was used and --netns ignored without a word (cleanup removed rules from a netns not asked for).
+    func testNetnsAndPidTogetherAreAUsageError() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let app = try Command.start(["sleep", "30"], in: ns.ref)
+        defer { kill(app.processIdentifier, SIGKILL) }
+        for cmd in [["trace", "--duration", "1"], ["plan"], ["cleanup"]] {
+            let r = try Command.run(["timeout", "-s", "KILL", "30", executable] + cmd + ["--netns", "no-such-ns", "--pid", "\(app.processIdentifier)"])
+            XCTAssertEqual(r.status, ExitStatus.usage.rawValue, "\(cmd): \(r.stdout) \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+            XCTAssertTrue(r.stderr.contains("not both"), r.stderr)
+        }
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
