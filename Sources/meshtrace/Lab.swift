@@ -48,6 +48,28 @@ struct Lab: ParsableCommand {
 
         @OptionGroup var output: OutputOptions
 
+        func validate() throws {
+            guard nflogGroup != 0 else { throw ValidationError("--nflog-group 0 is where legacy TRACE logs; pick another group") }
+        }
+
+        /// --capture-dir is made (or found) before any namespace is built: a path that cannot be a directory is one
+        /// line and exit 2, not a Foundation error (exit 1, "an escape was found") after the lab came up.
+        private func prepareCaptureDirectory() throws {
+            guard let captureDir else { return }
+            // mkdir -p, with the system's reason when it cannot (Foundation's NSError text names neither).
+            var path = captureDir.hasPrefix("/") ? "" : "."
+            for part in captureDir.split(separator: "/") {
+                path += "/" + part
+                if mkdir(path, 0o755) != 0 && errno != EEXIST {
+                    throw MeshtraceError.badInput("cannot use --capture-dir \(captureDir): \(path): \(String(cString: strerror(errno)))")
+                }
+            }
+            var st = stat()
+            guard stat(captureDir, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+                throw MeshtraceError.badInput("cannot use --capture-dir \(captureDir): it exists and is not a directory")
+            }
+        }
+
         func run() throws {
             try reportingErrors {
                 do { return try runLab() } catch {
@@ -70,6 +92,7 @@ struct Lab: ParsableCommand {
             options.dualStack = scenarios.contains { $0.needsDualStack }
             options.keep = keep
             options.poolTunnels = poolTunnels
+            try prepareCaptureDirectory()
 
             LabTopology.tearDownOnSignals()
             let lab = try LabTopology(options: options)

@@ -25,6 +25,22 @@ final class LabCommandTests: XCTestCase {
         let backend = try meshtrace(["lab", "--backend", "ipchains"])
         XCTAssertEqual(backend.status, ExitStatus.usage.rawValue, backend.stderr)
 
+        // The help says "not 0" (where legacy TRACE logs), as trace and plan do: the lab ran with it.
+        let group = try meshtrace(["lab", "--nflog-group", "0", "--scenario", "outbound"])
+        XCTAssertEqual(group.status, ExitStatus.usage.rawValue, group.stderr)
+
+        // A --capture-dir that cannot be a directory is one line and exit 2 before any namespace is built: it was a
+        // Foundation error dump and exit 1 ("an escape was found") after the lab came up.
+        if Command.isRoot {
+            for dir in ["/dev/null", "/etc/hostname/sub"] {
+                let r = try meshtrace(["lab", "--capture-dir", dir, "--scenario", "outbound"])
+                XCTAssertEqual(r.status, ExitStatus.badInput.rawValue, "\(dir): \(r.stderr)")
+                XCTAssertEqual(r.stderr.split(whereSeparator: \.isNewline).count, 1, r.stderr)
+                XCTAssertTrue(r.stderr.hasPrefix("meshtrace: cannot use --capture-dir \(dir): "), r.stderr)
+                XCTAssertEqual(r.stdout, "", "the lab was built first")
+            }
+        }
+
         let list = try meshtrace(["lab", "--list"])
         XCTAssertEqual(list.status, 0)
         for s in Scenario.allCases { XCTAssertTrue(list.stdout.contains(s.rawValue)) }
