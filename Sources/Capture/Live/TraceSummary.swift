@@ -14,12 +14,15 @@ public enum TraceSummaryText {
                    + ", \(s.hops) ztunnel hops, \(s.escapes) escapes")
         out.append("rule hits (meshtrace / kernel counter):")
         var ourTotal = 0, kernelTotal: UInt64 = 0
+        // Only twins still in the pod at the end have a kernel counter to compare with.
+        var oursCounted = 0
         for twin in outcome.plan.twins {
             let prefix = twin.tag.prefix
             let ours = outcome.hitCounts[prefix] ?? 0
             let kernel = outcome.kernelCounters[prefix]
             ourTotal += ours
             kernelTotal += kernel ?? 0
+            if kernel != nil { oursCounted += ours }
             let what: String
             if let rule = twin.twinned {
                 let role = (ruleset?.rule(for: twin.tag)?.role ?? rule.role)
@@ -33,7 +36,7 @@ public enum TraceSummaryText {
         }
         let l = outcome.losses
         out.append("  \(pad(String(ourTotal), 7)) / \(pad(String(kernelTotal), 7))  total")
-        let gap = Int64(kernelTotal) - Int64(ourTotal)
+        let gap = Int64(kernelTotal) - Int64(oursCounted)
         var lost = "events lost: \(l.nflogEventsLost) (NFLOG sequence gaps \(l.nflogSequenceGap), ENOBUFS \(l.nflogOverruns), kernel counted \(l.counterShortfall) more)"
         lost += ", capture drops \(l.pcapDropped), event socket overruns \(l.eventSocketOverruns)"
         out.append(lost)
@@ -43,10 +46,24 @@ public enum TraceSummaryText {
                 ? "kernel counted \(gap) more hits than meshtrace received: accounted for by the events lost"
                 : "kernel and meshtrace differ by \(gap) hits (packets in flight while the rules were read and removed)")
         }
+        if let note = outcome.twinsGoneNote { out.append("note: \(note)") }
         if let note = outcome.conntrackNote { out.append("note: \(note)") }
         if let note = outcome.netnsNote { out.append("note: \(note)") }
         return out.joined(separator: "\n")
     }
 
     static func pad(_ s: String, _ n: Int) -> String { String(repeating: " ", count: max(0, n - s.count)) + s }
+}
+
+extension TraceOutcome {
+    /// Twins no longer in the pod when the trace read the kernel's counters at its end: taken out under the running
+    /// trace (istio-cni re-applying the pod's rules, `cleanup --force`, an operator). From then on the trace was
+    /// blind at their rules, which the counts alone do not show (they read as "packets in flight").
+    public var twinsGone: Int { plan.twins.filter { kernelCounters[$0.tag.prefix] == nil }.count }
+
+    public var twinsGoneNote: String? {
+        let gone = twinsGone
+        guard gone > 0 else { return nil }
+        return "\(gone) of \(plan.twins.count) twins were gone from the pod when the trace ended (its rules re-applied by istio-cni? removed by `meshtrace cleanup --force`?): packets through their rules after that were not seen, and their kernel counters are unknown (?)"
+    }
 }

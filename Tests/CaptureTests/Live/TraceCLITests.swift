@@ -350,6 +350,33 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// istio-cni re-applies a pod's rules (a full iptables-restore: the twins go with the old tables) while a trace
+    /// runs. The trace is blind from then on; its summary says so. It said the kernel and meshtrace "differ by -N
+    /// hits (packets in flight while the rules were read and removed)", which is not what happened.
+    func testTwinsTakenOutUnderARunningTraceAreSaidSo() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let original = try ns.run(["iptables-save"]).stdout
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5525", "--duration", "60", "--quiet", "--rules-only"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        for port in 1...3 { _ = ns.attempt(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]) }
+        usleep(300_000)
+        try ns.run(["iptables-restore"], input: original)
+        XCTAssertFalse(try ns.run(["iptables-save"]).stdout.contains("meshtrace"))
+        kill(p.processIdentifier, SIGINT)
+        guard waitForExit(p) else { return XCTFail("trace did not exit after SIGINT") }
+        let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        XCTAssertEqual(p.terminationStatus, 0, out)
+        XCTAssertTrue(out.contains("twins were gone from the pod when the trace ended"), out)
+        XCTAssertFalse(out.contains("packets in flight"), out)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+        // A trace whose twins stayed says nothing of the kind.
+        let normal = try Command.run(["timeout", "-s", "KILL", "30", executable, "trace", "--netns", ns.name, "--group", "5525", "--duration", "1", "--quiet"])
+        XCTAssertEqual(normal.status, 0, normal.stderr)
+        XCTAssertFalse(normal.stdout.contains("twins were gone"), normal.stdout)
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
