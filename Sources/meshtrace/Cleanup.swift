@@ -1,5 +1,6 @@
 import ArgumentParser
 import Capture
+import Foundation
 
 struct Cleanup: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -23,6 +24,9 @@ struct Cleanup: ParsableCommand {
         try reportingErrors {
             let ref = try pod.resolve()
             let instrumenter = Instrumenter(netns: ref, settings: InstrumentationSettings(), parse: Instrumenter.parseHome)
+            // Not while a trace is adding its twins (it holds the lock until they are in and checked).
+            let lock = try Instrumenter.lockNetns(ref)
+            defer { if lock >= 0 { close(lock) } }
             if !force {
                 try instrumenter.refuseIfBeingTraced(instrumenter.readHomes(), ownGroup: nil,
                     advice: "wait for it to end, or stop it (Ctrl-C, SIGTERM: it removes its own rules); `meshtrace cleanup \(ref.commandLine) --force` removes them anyway")

@@ -98,6 +98,11 @@ public final class Instrumenter: @unchecked Sendable {
     /// Reads the rules, plans the twins and applies them. `replace`: remove leftovers first instead of failing.
     @discardableResult
     public func install(replace: Bool = false) throws -> InstrumentationPlan {
+        // One meshtrace at a time adds twins to a netns: two traces started together both read "no twins", both
+        // applied, each found the other's twins misplaced and both rolled back (exit 8, a wrong reason), or one
+        // rolled back the other's. In turn, the second finds the first's twins being read and says so (exit 9).
+        let lock = try Instrumenter.lockNetns(netns)
+        defer { if lock >= 0 { close(lock) } }
         var homes = try readHomes()
         let left = homes.reduce(0) { $0 + $1.ownRules.count }
         if left > 0 {
@@ -151,6 +156,25 @@ public final class Instrumenter: @unchecked Sendable {
             throw MeshtraceError(.kernelRefused, "\(error)")
         }
         return plan
+    }
+
+    /// Serializes meshtrace processes changing one netns's rules: an flock on the namespace file itself (nsfs: the
+    /// same inode through its name, /proc/PID/ns/net and a trace's pin, and nothing left behind on disk). Returns
+    /// the locked fd, or -1 where no lock can be taken (then it goes on without, as before). Waits a bounded time.
+    public static func lockNetns(_ netns: NetnsRef, waitSeconds: Double = 15) throws -> Int32 {
+        let fd = open(netns.path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return -1 }
+        let deadline = Date().addingTimeInterval(waitSeconds)
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let e = errno
+            guard e == EWOULDBLOCK || e == EINTR else { close(fd); return -1 }
+            if Date() >= deadline {
+                close(fd)
+                throw MeshtraceError(.leftovers, "another meshtrace has been changing the rules of netns \(netns) for \(Int(waitSeconds)) s; try again when it is done")
+            }
+            usleep(20_000)
+        }
+        return fd
     }
 
     /// The original rules must read back identical, and each twin must sit right before its rule.

@@ -377,6 +377,30 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertFalse(normal.stdout.contains("twins were gone"), normal.stdout)
     }
 
+    /// Two traces started on one pod at the same moment (two operators, a script run twice): both read "no twins",
+    /// both applied theirs, each found the other's misplaced and both rolled back, exit 8 with a wrong reason
+    /// ("twin ... sits before rule 1"). Installs take turns now: one traces, the other says the pod is being
+    /// traced (exit 9), and the rules come back exactly.
+    func testTwoTracesStartedTogetherOneTracesTheOtherRefuses() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        for round in 0..<3 {
+            let runs = try [5526, 5527].map { group in
+                try start(["trace", "--netns", ns.name, "--group", "\(group)", "--duration", "3", "--quiet"])
+            }
+            defer { for (p, log) in runs { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) } }
+            for (p, _) in runs { XCTAssertTrue(waitForExit(p, seconds: 30), "round \(round): a trace did not end") }
+            let logs = runs.map { (try? String(contentsOfFile: $0.1, encoding: .utf8)) ?? "" }
+            let statuses = runs.map { $0.0.terminationStatus }
+            XCTAssertEqual(statuses.sorted(), [0, ExitStatus.leftovers.rawValue], "round \(round): \(logs)")
+            if let loser = statuses.firstIndex(of: ExitStatus.leftovers.rawValue) {
+                XCTAssertTrue(logs[loser].contains("is being traced right now"), logs[loser])
+                XCTAssertEqual(logs[loser].split(separator: "\n").count, 1, logs[loser])
+            }
+            XCTAssertEqual(try InstrumenterTests.rulesText(ns), before, "round \(round)")
+        }
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
