@@ -56,11 +56,30 @@ public struct TableChange: Sendable {
     public var twins: [TwinRule]
 }
 
+/// A rule meshtrace leaves without a twin: its match changes state other rules (and the rule itself) read, so a
+/// copy evaluated before it would change the pod's verdicts.
+public struct UntwinnedRule: Sendable, Hashable {
+    public var home: RuleHome
+    public var table: String
+    public var chain: String
+    public var position: Int
+    public var text: String
+    /// The match that has the side effect ("-m hashlimit", "update @set", ...).
+    public var reason: String
+
+    /// One line for people: where, why, what.
+    public var said: String {
+        "\(home) \(table) \(chain) #\(position) has no twin (its match `\(reason)` changes shared state: a copy would change the pod's verdicts, so its hits are not seen): \(text)"
+    }
+}
+
 public struct InstrumentationPlan: Sendable {
     public var settings: InstrumentationSettings
     public var changes: [TableChange]
     /// Homes that hold ambient rules, whether or not they got twins (for messages: "ambient rules found in ...").
     public var ambientHomes: [RuleHome]
+    /// Rules of the instrumented chains left without a twin (`sideEffect`).
+    public var untwinned: [UntwinnedRule] = []
 
     public var twins: [TwinRule] { changes.flatMap(\.twins) }
 
@@ -69,6 +88,7 @@ public struct InstrumentationPlan: Sendable {
     public static func make(tables: [(home: RuleHome, table: Table)], settings: InstrumentationSettings) throws -> InstrumentationPlan {
         var changes: [TableChange] = []
         var homes: [RuleHome] = []
+        var untwinned: [UntwinnedRule] = []
         for (home, table) in tables {
             let chains = AmbientChains(table: table, home: home)
             guard !chains.ambient.isEmpty else { continue }
@@ -79,6 +99,11 @@ public struct InstrumentationPlan: Sendable {
                 // Inserting from the last rule up keeps every earlier position valid within one transaction.
                 for (index, rule) in originals.enumerated().reversed() {
                     let position = index + 1
+                    if let effect = sideEffect(rule.matchText, home: home) {
+                        untwinned.append(UntwinnedRule(home: home, table: table.name, chain: chain.name, position: position,
+                                                       text: rule.text, reason: effect))
+                        continue
+                    }
                     let match = try twinMatch(rule, home: home)
                     let tag = RuleTag(family: home.tagFamily, table: table.name, chain: chain.name,
                                       position: .rule(position), textHash: RuleTag.textHash(rule.canonicalText))
@@ -92,7 +117,8 @@ public struct InstrumentationPlan: Sendable {
             for home in homes { addObservationPoints(home: home, tables: tables, changes: &changes) }
         }
         changes.removeAll { $0.twins.isEmpty }
-        return InstrumentationPlan(settings: settings, changes: changes, ambientHomes: homes)
+        return InstrumentationPlan(settings: settings, changes: changes, ambientHomes: homes,
+                                   untwinned: untwinned.sorted { ($0.table, $0.chain, $0.position) < ($1.table, $1.chain, $1.position) })
     }
 
     /// Observation points go at the top of the base chains of PREROUTING and OUTPUT in the mangle table
@@ -147,6 +173,37 @@ public struct InstrumentationPlan: Sendable {
         case .ipv4: return "ip"
         case .ipv6: return "ip6"
         }
+    }
+
+    /// A match whose evaluation changes state shared with other rules or with the rule itself: a twin evaluated
+    /// right before the rule would change what the rule then decides (a hashlimit bucket drained twice, a recent
+    /// list set or removed before the rule reads it, an nft dynamic set updated with its per-element limit, a named
+    /// limit or quota). Returns the match, for messages; nil for a pure match.
+    static func sideEffect(_ matchText: String, home: RuleHome) -> String? {
+        let words = matchText.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+        if home.isNftables {
+            for (i, w) in words.enumerated() {
+                let next = i + 1 < words.count ? words[i + 1] : ""
+                if ["add", "update", "delete"].contains(w) && next.hasPrefix("@") { return "\(w) \(next)" }
+                if w == "meter" { return "meter \(next)" }
+                // A named stateful object is shared by every rule that names it (an anonymous one is the twin's own).
+                if ["limit", "quota", "counter"].contains(w), next == "name" { return "\(w) name" }
+            }
+            return nil
+        }
+        var module: String?
+        for (i, w) in words.enumerated() {
+            if w == "-m" || w == "--match", i + 1 < words.count { module = words[i + 1]; continue }
+            switch module {
+            case "hashlimit"?, "quota2"?, "psd"?, "pknock"?:
+                return "-m \(module!)"
+            case "recent"? where ["--set", "--update", "--remove", "--reap"].contains(w):
+                return "-m recent \(w)"
+            default:
+                continue
+            }
+        }
+        return nil
     }
 
     /// The match part a twin may carry. A twin must never change a packet, so anything that is not a pure

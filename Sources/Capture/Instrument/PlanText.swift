@@ -8,6 +8,7 @@ public enum PlanText {
         var out: [String] = []
         out.append("# meshtrace plan\(netns.map { " for netns \($0.label)" } ?? ""): \(twins) NFLOG twins and \(points) observation points, group \(plan.settings.group)")
         out.append("# ambient rules found in: \(plan.ambientHomes.map(\.description).joined(separator: ", "))")
+        for rule in plan.untwinned { out.append("# note: \(rule.said)") }
         if netns == nil { out.append("# run these inside the pod's netns (nsenter -t <pod pid> -n, or ip netns exec)") }
         out.append("")
         out.append("# 1. add the twins (one transaction per table; nothing is flushed)")

@@ -46,6 +46,7 @@ public enum TraceSummaryText {
                 ? "kernel counted \(gap) more hits than meshtrace received: accounted for by the events lost"
                 : "kernel and meshtrace differ by \(gap) hits (packets in flight while the rules were read and removed)")
         }
+        for rule in outcome.plan.untwinned { out.append("note: \(rule.said)") }
         if let note = outcome.twinsGoneNote { out.append("note: \(note)") }
         if let note = outcome.conntrackNote { out.append("note: \(note)") }
         if let note = outcome.netnsNote { out.append("note: \(note)") }

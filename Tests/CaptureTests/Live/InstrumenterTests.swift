@@ -99,6 +99,42 @@ final class InstrumenterTests: KernelTestCase {
         XCTAssertEqual(try Self.rulesText(ns), before)
     }
 
+    /// A rule whose match changes shared state gets no twin: a copy evaluated first would drain a hashlimit bucket,
+    /// set or remove a recent entry, update an nft dynamic set (and its per-element limit) or a named limit before the
+    /// rule reads it, changing the pod's verdicts. Pure matches keep their twins; the plan says which rules have none.
+    func testRulesWhoseMatchChangesSharedStateGetNoTwin() throws {
+        let foreign = [
+            "-A PREROUTING -p tcp -m tcp --dport 7777 -m hashlimit --hashlimit-above 1/hour --hashlimit-burst 2 --hashlimit-name hb -j DROP",
+            "-A PREROUTING -p tcp -m recent --set --name knock --rsource",
+            "-A PREROUTING -p tcp -m recent --rcheck --name knock --rsource -j MARK --set-xmark 0x9/0xff",
+            "-A PREROUTING -p tcp -m limit --limit 5/sec -j MARK --set-xmark 0x8/0xff",
+        ]
+        let text = Self.seed.replacingOccurrences(of: "-A PREROUTING -j ISTIO_PRERT", with: (foreign + ["-A PREROUTING -j ISTIO_PRERT"]).joined(separator: "\n"),
+                                                  options: [], range: Self.seed.range(of: "-A PREROUTING -j ISTIO_PRERT"))
+        XCTAssertTrue(text.contains("hashlimit"))
+        let rs = try RulesetLoader.load(text: text, origin: "seed+foreign")
+        let plan = try InstrumentationPlan.make(tables: Instrumenter.homes(of: rs), settings: InstrumentationSettings(group: 5307))
+        XCTAssertEqual(plan.untwinned.map(\.reason), ["-m hashlimit", "-m recent --set"])
+        XCTAssertEqual(plan.untwinned.map(\.position), [1, 2])
+        let twinned = plan.twins.compactMap { $0.twinned?.text }
+        XCTAssertFalse(twinned.contains { $0.contains("hashlimit") || $0.contains("--set --name knock") }, "\(twinned)")
+        XCTAssertTrue(twinned.contains { $0.contains("--rcheck") }, "a read-only recent check keeps its twin")
+        XCTAssertTrue(twinned.contains { $0.contains("-m limit") }, "an anonymous limit is the twin's own")
+        XCTAssertTrue(PlanText.render(plan, netns: nil).contains("# note: iptables-nft mangle PREROUTING #1 has no twin (its match `-m hashlimit`"))
+
+        let nft = Self.nftGolden.replacingOccurrences(of: "\t\tjump istio-prerouting", with: """
+        \t\ttcp dport 7777 update @seen { ip saddr limit rate over 1/minute burst 1 packets } drop
+        \t\ttcp dport 7778 limit name "lim1" accept
+        \t\ttcp dport 7779 ip saddr @seen accept
+        \t\tjump istio-prerouting
+        """, options: [], range: Self.nftGolden.range(of: "\t\tjump istio-prerouting"))
+        XCTAssertTrue(nft.contains("update @seen"))
+        let nplan = try InstrumentationPlan.make(tables: Instrumenter.homes(of: try RulesetLoader.load(text: nft, origin: "nft")),
+                                                 settings: InstrumentationSettings(group: 5307))
+        XCTAssertEqual(nplan.untwinned.map(\.reason), ["update @seen", "limit name"])
+        XCTAssertTrue(nplan.twins.contains { $0.matchText.contains("ip saddr @seen") }, "a set lookup is a pure match")
+    }
+
     func testNetnsWithoutAmbientRulesIsRefusedAndLeftAlone() throws {
         let ns = try makeNetns()
         let before = try Self.rulesText(ns)

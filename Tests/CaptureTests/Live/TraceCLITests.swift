@@ -401,6 +401,31 @@ final class TraceCLITests: KernelTestCase {
         }
     }
 
+    /// A foreign rule ahead of Istio's jump with a hashlimit (2 SYNs to :7777, then drop): tracing must not change
+    /// what it decides. Its twin, a copy of the match, drained the same named bucket first, and the pod's second
+    /// connection was dropped while the trace ran. Now the rule has no twin and the summary says so.
+    func testTracingDoesNotChangeTheVerdictOfARuleWithAStatefulMatch() throws {
+        let ns = try seededNetns()
+        try ns.run(["iptables", "-t", "mangle", "-I", "PREROUTING", "1", "-p", "tcp", "--dport", "7777", "--syn",
+                    "-m", "hashlimit", "--hashlimit-name", "mt\(getpid() % 100000)", "--hashlimit-above", "1/hour",
+                    "--hashlimit-burst", "2", "-j", "DROP"])
+        let before = try InstrumenterTests.rulesText(ns)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5528", "--duration", "60", "--quiet", "--rules-only"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        // Nothing listens on :7777: a SYN let through is answered by a RST (refused); a dropped one times out.
+        let verdicts = (1...3).map { _ in
+            ns.attempt(["timeout", "2", "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/7777"]).stderr.contains("refused") ? "pass" : "drop"
+        }
+        XCTAssertEqual(verdicts, ["pass", "pass", "drop"], "the hashlimit decided differently while traced")
+        kill(p.processIdentifier, SIGINT)
+        guard waitForExit(p) else { return XCTFail("trace did not exit after SIGINT") }
+        let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        XCTAssertEqual(p.terminationStatus, 0, out)
+        XCTAssertTrue(out.contains("mangle PREROUTING #1 has no twin (its match `-m hashlimit`"), out)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
