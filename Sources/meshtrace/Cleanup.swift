@@ -9,7 +9,8 @@ struct Cleanup: ParsableCommand {
         discussion: """
         Rules are found by their tag (comment "meshtrace", NFLOG prefix "mt:"), in every backend (iptables-nft, \
         iptables-legacy, ip6tables, nftables), so this works after istio-cni re-applied its own rules. No other \
-        rule is touched. Exit 0 when none remain. \
+        rule is touched; the nf_log backend a killed `--mode trace` on iptables-legacy left bound is put back. \
+        Exit 0 when none remain. \
         Twins whose NFLOG group a process is reading (/proc/net/netfilter/nfnetlink_log in the netns) belong to a \
         trace running now, not to a killed one: cleanup refuses with exit 9 and touches nothing, unless --force.
         """
