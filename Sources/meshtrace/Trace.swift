@@ -10,7 +10,7 @@ struct Trace: ParsableCommand {
         Adds an NFLOG twin before every ambient rule of the pod's netns (and observation points), captures the \
         pod's interfaces with libpcap, and prints one timeline per connection as it finishes; at the end, the \
         per-rule hit counts next to the kernel's counters, and any events lost. The added rules are removed on \
-        exit, Ctrl-C, SIGTERM, SIGHUP and errors; after a SIGKILL, `meshtrace cleanup --netns X` removes them. \
+        exit, Ctrl-C, Ctrl-\\, SIGTERM, SIGHUP, SIGUSR1/2, SIGALRM and errors; after a SIGKILL, `meshtrace cleanup --netns X` removes them. \
         Needs root. Exit codes: docs/EXIT-CODES.md (6: NFLOG group busy, 9: leftover rules, 10: events lost \
         with --strict).
         """

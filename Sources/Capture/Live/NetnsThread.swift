@@ -93,7 +93,9 @@ public enum StopSignal {
         pipeFDs = fds
         stopWriteFD = fds[1]
         signal(SIGPIPE, SIG_IGN)
-        for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // Every signal whose default would end the process with the twins in: Ctrl-\ (SIGQUIT, core dump) is what an
+        // operator presses when Ctrl-C seems slow; SIGUSR1/2 and SIGALRM come from scripts and timers.
+        for sig in StopSignal.signals {
             var action = sigaction()
             action.__sigaction_handler.sa_handler = stopHandler
             sigemptyset(&action.sa_mask)
@@ -103,6 +105,9 @@ public enum StopSignal {
             sigaction(sig, &action, nil)
         }
     }
+
+    /// The signals that stop a trace (and the lab) the normal way: rules out, then exit.
+    public static let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM]
 
     /// True once a stop signal arrived.
     public static var requested: Bool { stopRequested != 0 }

@@ -65,6 +65,10 @@ final class TraceCLITests: KernelTestCase {
     func testSIGINTRemovesTheRules() throws { try stopsCleanly(on: SIGINT) }
     func testSIGTERMRemovesTheRules() throws { try stopsCleanly(on: SIGTERM) }
     func testSIGHUPRemovesTheRules() throws { try stopsCleanly(on: SIGHUP) }
+    /// Ctrl-\ dumped core and SIGUSR1/SIGALRM killed the trace, each leaving every twin in the pod.
+    func testSIGQUITRemovesTheRules() throws { try stopsCleanly(on: SIGQUIT) }
+    func testSIGUSR1RemovesTheRules() throws { try stopsCleanly(on: SIGUSR1) }
+    func testSIGALRMRemovesTheRules() throws { try stopsCleanly(on: SIGALRM) }
 
     func testNormalEndRemovesTheRules() throws {
         let ns = try seededNetns()
