@@ -18,9 +18,26 @@ struct FlowKey: Hashable {
     @inline(__always)
     init(_ t: FiveTuple) {
         proto = t.proto
-        let (a, b) = FlowKey.endpointLess(t.src, t.dst) ? (t.src, t.dst) : (t.dst, t.src)
+        var src = t.src
+        // An ICMP echo's src port is its type (see `TransportDecoder.icmp`), which differs between the request
+        // and the reply: keyed on the identifier at both ends, the two are one connection.
+        if FlowKey.isEcho(t) { src.port = t.dst.port }
+        let (a, b) = FlowKey.endpointLess(src, t.dst) ? (src, t.dst) : (t.dst, src)
         aHi = a.addr.hi; aLo = a.addr.lo; aPort = a.port; aFamily = a.addr.family.rawValue
         bHi = b.addr.hi; bLo = b.addr.lo; bPort = b.port; bFamily = b.addr.family.rawValue
+    }
+
+    /// An ICMP or ICMPv6 echo request or reply (the tuple's src port is type << 8 | code, its dst port the identifier).
+    @inline(__always)
+    static func isEcho(_ t: FiveTuple) -> Bool {
+        if t.proto == IPProto.icmp { return t.src.port == 8 << 8 || t.src.port == 0 }
+        if t.proto == IPProto.icmpv6 { return t.src.port == 128 << 8 || t.src.port == 129 << 8 }
+        return false
+    }
+
+    /// An echo reply: its receiver sent the request.
+    static func isEchoReply(_ t: FiveTuple) -> Bool {
+        (t.proto == IPProto.icmp && t.src.port == 0) || (t.proto == IPProto.icmpv6 && t.src.port == 129 << 8)
     }
 
     /// The order of `IPAddress.<`, then the port, compared word by word (made once per packet).
@@ -143,6 +160,13 @@ struct InitiatorKey: Hashable {
     var endpoint: Endpoint
 }
 
+/// A TCP connection's first SYN, by its sender's address and initial sequence number: the same in every NAT view
+/// of the connection, including one whose source port the kernel changed (see `ConnectionState.natInitiator`).
+struct SYNKey: Equatable {
+    var addr: IPAddress
+    var isn: UInt32
+}
+
 final class ConnectionState {
     var timeline: ConnectionTimeline
     /// Some packet of it was selected (`PacketRecord.selected`): shown when the correlator shows only those.
@@ -154,6 +178,12 @@ final class ConnectionState {
     var responder: Endpoint
     /// The responder after REDIRECT (127.0.0.1:15001, podIP:15006), when a NAT view was seen.
     var natResponder: Endpoint?
+    /// The initiator as the NAT view shows it, when the kernel gave the redirected connection another source port:
+    /// conntrack remaps it when the REDIRECTed tuple's reply would clash with an existing entry (the same app
+    /// port already redirected for another destination). Nil when the port was kept, as it nearly always is.
+    var natInitiator: Endpoint?
+    /// Where the connection is in the correlator's SYN index (`Correlator.bySYN`), to be taken out when it goes.
+    var synKey: SYNKey?
     /// True once the initiator is known from a SYN rather than guessed from ports.
     var initiatorFromSYN = false
     /// True when the pre-NAT responder is known (from a pre-NAT view, a reply on lo, or conntrack).

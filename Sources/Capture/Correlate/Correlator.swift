@@ -20,6 +20,9 @@ public final class Correlator {
 
     private let table = FlowTable<FlowKey>()
     private let byInitiator = FlowTable<InitiatorKey>()
+    /// Open TCP connections by their first SYN (sender address and ISN): finds the NAT view of a connection whose
+    /// source port the kernel changed, where `byInitiator` (the same initiator endpoint) cannot.
+    private let bySYN = FlowTable<SYNKey>(capacity: 256)
     private var open: [ConnectionState] = []
     private var nextID: ConnectionID = 1
     private var now: Int64 = .min
@@ -135,7 +138,10 @@ public final class Correlator {
         if let known = table.unretained(FlowKey(r.tuple)) {
             let placed: ConnectionID? = known._withUnsafeGuaranteedRef { c in
                 if !c.conntrackApplied, nf.hasConntrack { return nil }
-                if r.tuple.proto == IPProto.tcp, isFreshSYN(&r, on: c) { return nil }
+                // A SYN may be the first of this view, whose other view went through a remapped source port
+                // (`joinRemappedViews`): the slow path looks.
+                if r.tuple.proto == IPProto.tcp,
+                   (r.tcpFlags.contains(.syn) && !r.tcpFlags.contains(.ack) && c.synKey == nil) || isFreshSYN(&r, on: c) { return nil }
                 record(&r, nf, hitID: hitID, on: c)
                 return c.id
             }
@@ -171,6 +177,11 @@ public final class Correlator {
                 // The 4-tuple was reused (or two sockets share it across views): a new SYN with another ISN.
                 retire(c)
                 c = newConnection(r, key: key)
+            }
+            if r.tuple.proto == IPProto.tcp, c.synKey == nil, r.tcpFlags.contains(.syn), !r.tcpFlags.contains(.ack),
+               let other = bySYN[SYNKey(addr: r.tuple.src.addr, isn: r.tcpSeq)], other !== c,
+               let joined = joinRemappedViews(c, other) {
+                c = joined
             }
         } else if let linked = linkNATView(r, key: key) {
             c = linked
@@ -230,6 +241,13 @@ public final class Correlator {
     /// Who opened the connection: the SYN's sender; else the side that does not look like a listener.
     private func initiatorAndResponder(_ r: PacketRecord) -> (Endpoint, Endpoint, Bool) {
         let src = r.tuple.src, dst = r.tuple.dst
+        if r.tuple.proto == IPProto.icmp || r.tuple.proto == IPProto.icmpv6 {
+            // ICMP has no listener ports: the sender of a request (or of an error) starts it. An echo reply's
+            // receiver sent the request: its end is the request's (type << 8), the other the identifier.
+            guard FlowKey.isEchoReply(r.tuple) else { return (src, dst, false) }
+            let request: UInt16 = r.tuple.proto == IPProto.icmp ? 8 << 8 : 128 << 8
+            return (Endpoint(dst.addr, request), Endpoint(src.addr, dst.port), false)
+        }
         if r.tuple.proto == IPProto.tcp && r.tcpFlags.contains(.syn) {
             return r.tcpFlags.contains(.ack) ? (dst, src, true) : (src, dst, true)
         }
@@ -268,7 +286,86 @@ public final class Correlator {
             addView(c, otherEnd: r.tuple.src, key: key)
             return c
         }
+        if proto == IPProto.tcp, r.tcpFlags.contains(.syn) {
+            if !r.tcpFlags.contains(.ack) {
+                if let c = bySYN[SYNKey(addr: r.tuple.src.addr, isn: r.tcpSeq)], remappedViewCompatible(c, r) {
+                    addRemappedView(c, r, key: key)
+                    return c
+                }
+            } else if let c = bySYN[SYNKey(addr: r.tuple.dst.addr, isn: r.tcpAck &- 1)], remappedReplyCompatible(c, r) {
+                // The app's view of the SYN-ACK (de-NATed on lo: original destination to the app's own port),
+                // with the SYN seen only redirected, through the remapped port.
+                c.natInitiator = c.initiator
+                c.initiator = r.tuple.dst
+                c.timeline.original.src = r.tuple.dst
+                byInitiator[InitiatorKey(proto: c.proto, endpoint: r.tuple.dst)] = c
+                addView(c, otherEnd: r.tuple.src, key: key)
+                return c
+            }
+        }
         return nil
+    }
+
+    /// Whether a SYN-ACK to `c`'s initiator address, acknowledging `c`'s SYN, at another port, is `c`'s reply in
+    /// the app's view while `c` was seen only redirected.
+    private func remappedReplyCompatible(_ c: ConnectionState, _ r: PacketRecord) -> Bool {
+        guard !c.emitted, c.mergedInto == nil, c.natInitiator == nil, c.initiatorFromSYN, c.natResponder != nil,
+              !c.originalKnown, c.initiator.port != r.tuple.dst.port, !isRedirectTarget(r.tuple.src),
+              now - c.lastSeenNanos <= 2_000_000_000 else { return false }
+        return true
+    }
+
+    /// Whether a SYN with the ISN of `c`'s first SYN, from the same address but another port, is `c` in the other
+    /// NAT view: one side is the app's pre-NAT view, the other the REDIRECTed one, and the kernel changed the
+    /// source port on the way (its reply tuple would have clashed with another connection's).
+    private func remappedViewCompatible(_ c: ConnectionState, _ r: PacketRecord) -> Bool {
+        guard !c.emitted, c.mergedInto == nil, c.natInitiator == nil, c.initiatorFromSYN,
+              c.initiator.port != r.tuple.src.port, now - c.lastSeenNanos <= 2_000_000_000 else { return false }
+        if isRedirectTarget(r.tuple.dst) {
+            return c.natResponder == nil && c.originalKnown   // c is the app's view, the SYN the redirected one
+        }
+        return c.natResponder != nil && !c.originalKnown       // c is the redirected view, the SYN the app's
+    }
+
+    /// Two connections that are one: the app's view (begun by the reply, say) and the REDIRECTed view through a
+    /// remapped source port, whose SYNs carry the same ISN. Nil when they are not that pair.
+    private func joinRemappedViews(_ x: ConnectionState, _ y: ConnectionState) -> ConnectionState? {
+        func appView(_ c: ConnectionState) -> Bool { c.natResponder == nil && c.originalKnown }
+        func natView(_ c: ConnectionState) -> Bool { c.natResponder != nil && !c.originalKnown }
+        guard x.proto == IPProto.tcp, y.proto == IPProto.tcp, !x.emitted, !y.emitted, x.mergedInto == nil, y.mergedInto == nil,
+              x.natInitiator == nil, y.natInitiator == nil, x.initiator.addr == y.initiator.addr,
+              x.initiator.port != y.initiator.port, abs(x.lastSeenNanos - y.lastSeenNanos) <= 2_000_000_000 else { return nil }
+        let app: ConnectionState, nat: ConnectionState
+        if appView(x) && natView(y) { (app, nat) = (x, y) } else if appView(y) && natView(x) { (app, nat) = (y, x) } else { return nil }
+        let appInitiator = app.initiator, appResponder = app.responder
+        let natInitiator = nat.initiator, natResponder = nat.natResponder.unsafelyUnwrapped
+        let (keep, gone) = x.id < y.id ? (x, y) : (y, x)
+        merge(gone, into: keep)
+        keep.initiator = appInitiator
+        keep.responder = appResponder
+        keep.originalKnown = true
+        keep.natInitiator = natInitiator
+        keep.natResponder = natResponder
+        keep.timeline.original = FiveTuple(proto: keep.proto, src: appInitiator, dst: appResponder)
+        if !isRedirectWithOriginal(keep.timeline.redirect) {
+            keep.timeline.redirect = .redirected(toPort: natResponder.port, originalDestination: appResponder)
+        }
+        byInitiator[InitiatorKey(proto: keep.proto, endpoint: appInitiator)] = keep
+        reconsiderHops(keep)
+        return keep
+    }
+
+    private func addRemappedView(_ c: ConnectionState, _ r: PacketRecord, key: FlowKey) {
+        if isRedirectTarget(r.tuple.dst) {
+            c.natInitiator = r.tuple.src
+        } else {
+            // The connection was first seen redirected: its initiator becomes the app's own endpoint.
+            c.natInitiator = c.initiator
+            c.initiator = r.tuple.src
+            c.timeline.original.src = r.tuple.src
+            byInitiator[InitiatorKey(proto: c.proto, endpoint: r.tuple.src)] = c
+        }
+        addView(c, otherEnd: r.tuple.dst, key: key)
     }
 
     private func natCompatible(_ c: ConnectionState, otherEnd: Endpoint, _ r: PacketRecord, forward: Bool) -> Bool {
@@ -337,6 +434,7 @@ public final class Correlator {
         target.responder = ct.original.dst
         target.originalKnown = true
         target.natResponder = ct.reply.src
+        if natForward.src != ct.original.src { target.natInitiator = natForward.src }
         target.timeline.original = ct.original
         if target.timeline.redirect == nil || !isRedirectWithOriginal(target.timeline.redirect) {
             target.timeline.redirect = .redirected(toPort: ct.reply.src.port, originalDestination: ct.original.dst)
@@ -352,7 +450,7 @@ public final class Correlator {
     }
 
     private func record(_ r: inout PacketRecord, _ nf: NflogFacts, hitID: UInt32, on c: ConnectionState) {
-        let forward = r.tuple.src == c.initiator
+        let forward = r.tuple.src == c.initiator || (c.natInitiator != nil && r.tuple.src == c.natInitiator.unsafelyUnwrapped)
         var point = r.point
         var factsChanged = false
         if nf.present {
@@ -485,6 +583,7 @@ public final class Correlator {
             } else if forward, c.isnForward == nil {
                 c.isnForward = r.tcpSeq
                 if !c.initiatorFromSYN { c.initiatorFromSYN = true }
+                if c.synKey == nil { registerSYN(c, addr: r.tuple.src.addr, isn: r.tcpSeq) }
             }
         }
         if f.contains(.fin) { if forward { c.finForward = true } else { c.finReply = true } }
@@ -493,6 +592,14 @@ public final class Correlator {
             c.closedAt = now
             c.timeline.closed = true
         }
+    }
+
+    /// Once per connection: out of line, so `trackTCP` (every TCP packet) stays small.
+    @inline(never)
+    private func registerSYN(_ c: ConnectionState, addr: IPAddress, isn: UInt32) {
+        let k = SYNKey(addr: addr, isn: isn)
+        c.synKey = k
+        bySYN[k] = c
     }
 
     // MARK: - Rule hits
@@ -807,6 +914,8 @@ public final class Correlator {
     // MARK: - Merging and emission
 
     private func merge(_ gone: ConnectionState, into keep: ConnectionState) {
+        let gk = InitiatorKey(proto: gone.proto, endpoint: gone.initiator)
+        if byInitiator[gk] === gone { byInitiator[gk] = nil }
         for k in gone.keys where table[k] === gone {
             table[k] = keep
             if !keep.keys.contains(k) { keep.keys.append(k) }
@@ -826,6 +935,10 @@ public final class Correlator {
         for m in gone.timeline.marks where !keep.timeline.marks.contains(m) { keep.timeline.marks.append(m) }
         keep.isnForward = keep.isnForward ?? gone.isnForward
         keep.isnReply = keep.isnReply ?? gone.isnReply
+        keep.natInitiator = keep.natInitiator ?? gone.natInitiator
+        if let k = gone.synKey, bySYN[k] === gone {
+            if keep.synKey == nil { keep.synKey = k; bySYN[k] = keep } else { bySYN[k] = nil }
+        }
         keep.finForward = keep.finForward || gone.finForward
         keep.finReply = keep.finReply || gone.finReply
         keep.reset = keep.reset || gone.reset
@@ -923,17 +1036,22 @@ public final class Correlator {
         for k in c.keys where table[k] === c { table[k] = nil }
         let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)
         if byInitiator[ik] === c { byInitiator[ik] = nil }
+        if let nat = c.natInitiator {
+            let nk = InitiatorKey(proto: c.proto, endpoint: nat)
+            if byInitiator[nk] === c { byInitiator[nk] = nil }
+        }
+        if let k = c.synKey, bySYN[k] === c { bySYN[k] = nil }
         removeFromOpen(c)
 
         var t = c.timeline
         t.original = FiveTuple(proto: c.proto, src: c.initiator, dst: c.responder)
         t.aliases = []
         if let nat = c.natResponder {
-            t.aliases.append(FiveTuple(proto: c.proto, src: c.initiator, dst: nat))
+            t.aliases.append(FiveTuple(proto: c.proto, src: c.natInitiator ?? c.initiator, dst: nat))
         }
         if c.sawNetfilterEvent && c.sawInterfaceEvent && retimeNetfilterEvents(c, &t) { c.eventsNeedSorting = true }
         if c.eventsNeedSorting { sortEvents(c) }
-        var events = TimelineEventList(events: c.events, initiator: c.initiator, context: context)
+        var events = TimelineEventList(events: c.events, initiator: c.initiator, natInitiator: c.natInitiator, context: context)
         c.events = []
         t.hops = c.hopLinks.map { link in
             if !link.finalized {
@@ -972,7 +1090,7 @@ public final class Correlator {
 
     private func recycle(_ list: inout TimelineEventList) {
         var events = list.events
-        list = TimelineEventList(events: [], initiator: list.initiator, context: context)
+        list = TimelineEventList(events: [], initiator: list.initiator, natInitiator: nil, context: context)
         // At most 64 arrays (live: as many as there are open connections, so the spares never outnumber the arrays
         // in use), of at most 128 events: an array that grew past that (a long connection, a huge --max-events)
         // is not parked.

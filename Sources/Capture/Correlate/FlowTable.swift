@@ -41,6 +41,16 @@ extension InitiatorKey: FlowTableKey {
     }
 }
 
+extension SYNKey: FlowTableKey {
+    @inline(__always)
+    func mixedHash(_ seed: UInt64) -> UInt64 {
+        var h = seed ^ (addr.lo &* 0x9E37_79B9_7F4A_7C15)
+        h = (h ^ addr.hi) &* 0xC2B2_AE3D_27D4_EB4F
+        h ^= UInt64(isn) << 16 | UInt64(addr.family.rawValue)
+        return fmix64(h)
+    }
+}
+
 /// Connections by key. A slot is in use when its value is non-nil; its key is initialized exactly then.
 final class FlowTable<Key: FlowTableKey> {
     private var keys: UnsafeMutablePointer<Key>

@@ -9,7 +9,15 @@ public struct TimelineEventList {
     var events: [CompactEvent]
     /// The connection's initiator: events from the other side are replies.
     let initiator: Endpoint
+    /// The initiator in the REDIRECTed view when the kernel changed its source port (`ConnectionState.natInitiator`).
+    let natInitiator: Endpoint?
     let context: EventContext
+
+    /// Whether the event went from the responder to the initiator (in either NAT view).
+    @inline(__always)
+    func isReply(_ e: CompactEvent) -> Bool {
+        e.tuple.src != initiator && (natInitiator == nil || e.tuple.src != natInitiator.unsafelyUnwrapped)
+    }
 
     public var count: Int { events.count }
     public var isEmpty: Bool { events.isEmpty }
@@ -34,7 +42,7 @@ public struct TimelineEventList {
             case .unknown: point = .unknown
             }
             out.append(TimelineEvent(time: e.time, frame: e.frame, point: point, direction: e.direction, tuple: e.tuple,
-                                     isReply: e.tuple.src != initiator, tcpFlags: e.flags, length: e.length,
+                                     isReply: isReply(e), tcpFlags: e.flags, length: e.length,
                                      mark: e.hasMark ? e.mark : nil, hit: hit, notes: e.notes))
         }
         return out

@@ -122,10 +122,10 @@ public final class JSONReport: ReportSink {
     /// optimizer stops inlining, and every literal piece and key of the event (~12) became a call that tested
     /// its length at run time; in this function they are inlined and their lengths known.
     @inline(never)
-    private func compactEvent(_ e: CompactEvent, initiator: Endpoint, context: EventContext) {
+    private func compactEvent(_ e: CompactEvent, events: TimelineEventList, context: EventContext) {
         eventRecord(time: e.time, frame: e.frame, pointKind: e.pointKind, hook: e.hook,
                     interface: { interfaceName(e.interfaceIndex, context: context) }, direction: e.direction,
-                    tuple: e.tuple, isReply: e.tuple.src != initiator, flags: e.flags, length: e.length,
+                    tuple: e.tuple, isReply: events.isReply(e), flags: e.flags, length: e.length,
                     mark: e.hasMark ? e.mark : nil, hit: { if e.hitID != 0 { compactHit(e, context: context) } },
                     notes: e.notes)
     }
@@ -227,7 +227,7 @@ public final class JSONReport: ReportSink {
         connectionStart(t)
         let context = events.context
         events.events.withUnsafeBufferPointer { list in
-            for i in list.indices { element(); compactEvent(list[i], initiator: events.initiator, context: context) }
+            for i in list.indices { element(); compactEvent(list[i], events: events, context: context) }
         }
         connectionEnd(t)
     }

@@ -455,7 +455,8 @@ final class CorrelatorTests: XCTestCase {
         let a = PacketFactory.ep("10.0.1.5", 5000)
         var p: [PacketRecord] = []
         p.append(f.packet(a, PacketFactory.ep("10.0.9.9", 9999), proto: IPProto.udp, on: eth0, direction: .outbound))
-        p.append(f.packet(PacketFactory.ep("10.0.1.5", 0), PacketFactory.ep("10.0.9.9", 0), proto: IPProto.icmp, on: eth0, direction: .outbound))
+        // An echo request (src port = type 8 << 8, dst port = identifier; see TransportDecoder.icmp).
+        p.append(f.packet(PacketFactory.ep("10.0.1.5", 8 << 8), PacketFactory.ep("10.0.9.9", 1), proto: IPProto.icmp, on: eth0, direction: .outbound))
         p.append(f.packet(PacketFactory.ep("10.0.1.5", 5353), PacketFactory.ep("10.96.0.10", 53), proto: IPProto.udp, on: eth0, direction: .outbound))
         let (sink, summary) = correlate(p, tags: f.tags)
         XCTAssertEqual(summary.escapes, 0)
