@@ -34,7 +34,17 @@ public enum PlanText {
         }
         out.append("")
         out.append("# 4. analyze (the rules file maps each hit back to its rule and role)")
-        out.append("\(enter)\((plan.changes.first?.home.saveCommand ?? ["iptables-save"]).joined(separator: " ")) > pod-rules.txt   # before step 3, or any time: twins are ignored")
+        // Every home that got twins: its hits map to its rules only if its rules are in the file. The iptables homes
+        // (v4, v6, legacy) share one file; nft text cannot join them, so it gets its own (analyze takes one).
+        var homes: [RuleHome] = []
+        for change in plan.changes where !homes.contains(change.home) { homes.append(change.home) }
+        let xtables = homes.filter { !$0.isNftables }.map { "\(enter)\($0.saveCommand.joined(separator: " "))" }
+        let nft = homes.first { $0.isNftables }.map { "\(enter)\($0.saveCommand.joined(separator: " "))" }
+        let saved = xtables.isEmpty ? (nft ?? "\(enter)iptables-save") : xtables.count == 1 ? xtables[0] : "{ \(xtables.joined(separator: "; ")); }"
+        out.append("\(saved) > pod-rules.txt   # before step 3, or any time: twins are ignored")
+        if let nft, !xtables.isEmpty {
+            out.append("\(nft) > pod-rules.nft   # the nftables home's rules (a second analyze with --rules pod-rules.nft maps its hits)")
+        }
         out.append("meshtrace analyze pod-nflog.pcap pod-any.pcap --rules pod-rules.txt")
         return out.joined(separator: "\n")
     }

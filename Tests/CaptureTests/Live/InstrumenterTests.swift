@@ -135,6 +135,22 @@ final class InstrumenterTests: KernelTestCase {
         XCTAssertTrue(nplan.twins.contains { $0.matchText.contains("ip saddr @seen") }, "a set lookup is a pure match")
     }
 
+    /// `plan`'s step 4 saves the rules of every home that got twins: it saved the first home's only
+    /// (iptables-nft-save), so a dual-stack pod's IPv6 hits, or a legacy home's, mapped to no rule in `analyze`.
+    func testPlanSavesTheRulesOfEveryInstrumentedHome() throws {
+        let v4 = try String(contentsOf: ProjectPaths.samples.appendingPathComponent("rulesets/istio-default-dns.iptables-save.txt"), encoding: .utf8)
+        let v6 = try String(contentsOf: ProjectPaths.samples.appendingPathComponent("rulesets/istio-default-dns.ip6tables-save.txt"), encoding: .utf8)
+        let rs = try RulesetLoader.load(text: v4 + v6, origin: "dual-stack")
+        let plan = try InstrumentationPlan.make(tables: Instrumenter.homes(of: rs), settings: InstrumentationSettings(group: 5308))
+        XCTAssertEqual(Set(plan.changes.map(\.home.family)).count, 2, "\(plan.changes.map(\.home))")
+        let text = PlanText.render(plan, netns: nil)
+        XCTAssertTrue(text.contains("{ iptables-nft-save; ip6tables-nft-save; } > pod-rules.txt"), text)
+        // One home: its own save command, as before.
+        let single = PlanText.render(try InstrumentationPlan.make(tables: Instrumenter.homes(of: try RulesetLoader.load(text: v4, origin: "v4")),
+                                                                  settings: InstrumentationSettings(group: 5308)), netns: nil)
+        XCTAssertTrue(single.contains("\niptables-nft-save > pod-rules.txt"), single)
+    }
+
     func testNetnsWithoutAmbientRulesIsRefusedAndLeftAlone() throws {
         let ns = try makeNetns()
         let before = try Self.rulesText(ns)
