@@ -30,6 +30,11 @@ func reportingErrors(_ body: () throws -> ExitStatus) throws {
     } catch let e as MeshtraceError {
         FileHandle.standardError.write(Data("meshtrace: \(e.message)\n".utf8))
         throw ArgumentParser.ExitCode(e.code.rawValue)
+    } catch let e where !(e is ArgumentParser.ExitCode || e is ValidationError || e is CleanExit) {
+        // Anything else (a Foundation file error) is one line and exit 2: uncaught it was ArgumentParser's dump of
+        // the NSError and exit 1, the code that means "an escape was found".
+        FileHandle.standardError.write(Data("meshtrace: \(describe(e))\n".utf8))
+        throw ArgumentParser.ExitCode(ExitStatus.badInput.rawValue)
     }
     if let problem = standardOutputProblem() {
         FileHandle.standardError.write(Data("meshtrace: cannot write the output: \(problem)\n".utf8))
@@ -50,4 +55,25 @@ func standardOutputProblem() -> String? {
     var st = stat()
     if fstat(STDOUT_FILENO, &st) == 0, (st.st_mode & S_IFMT) == S_IFIFO || (st.st_mode & S_IFMT) == S_IFSOCK { return nil }
     return "a write failed"
+}
+
+/// One line for an error that is not meshtrace's own: what could not be done to which file, and the system's
+/// reason when Foundation kept it.
+func describe(_ error: Error) -> String {
+    let ns = error as NSError
+    let path = (ns.userInfo[NSFilePathErrorKey] as? String) ?? (ns.userInfo[NSURLErrorKey] as? URL)?.path
+    let posix = (ns.userInfo[NSUnderlyingErrorKey] as? NSError).flatMap { $0.domain == NSPOSIXErrorDomain ? Int32($0.code) : nil }
+        ?? (ns.domain == NSPOSIXErrorDomain ? Int32(ns.code) : nil)
+    var text: String
+    if let path, ns.domain == NSCocoaErrorDomain {
+        let verb = (512..<1024).contains(ns.code) ? "cannot write" : (256..<512).contains(ns.code) ? "cannot read" : "cannot use"
+        let known: [Int: String] = [257: "permission denied", 513: "permission denied", 260: "no such file", 4: "no such file",
+                                    516: "it exists already", 640: "no space left on the device", 642: "read-only file system"]
+        let reason = posix.map { String(cString: strerror($0)) } ?? known[ns.code]
+        text = "\(verb) \(path)" + (reason.map { ": \($0)" } ?? "")
+    } else {
+        text = posix.map { String(cString: strerror($0)) } ?? ns.localizedDescription
+        if let path { text = "\(path): \(text)" }
+    }
+    return text.split(whereSeparator: \.isNewline).joined(separator: " ")
 }

@@ -41,6 +41,18 @@ final class LabCommandTests: XCTestCase {
             }
         }
 
+        // A Foundation error while the lab runs (here: the rules file cannot be written, a directory has its name)
+        // is one line and exit 2. It was ArgumentParser's dump of the NSError and exit 1, "an escape was found".
+        if Command.isRoot {
+            let dir = NSTemporaryDirectory() + "mt-capdir-\(getpid())"
+            try FileManager.default.createDirectory(atPath: dir + "/outbound-client-rules.txt", withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let r = try meshtrace(["lab", "--capture-dir", dir, "--scenario", "outbound"])
+            XCTAssertEqual(r.status, ExitStatus.badInput.rawValue, r.stderr)
+            XCTAssertEqual(r.stderr.split(whereSeparator: \.isNewline).count, 1, r.stderr)
+            XCTAssertTrue(r.stderr.hasPrefix("meshtrace: cannot write \(dir)/outbound-client-rules.txt"), r.stderr)
+        }
+
         let list = try meshtrace(["lab", "--list"])
         XCTAssertEqual(list.status, 0)
         for s in Scenario.allCases { XCTAssertTrue(list.stdout.contains(s.rawValue)) }
