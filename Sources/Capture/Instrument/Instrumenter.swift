@@ -172,6 +172,11 @@ public final class Instrumenter: @unchecked Sendable {
                 close(fd)
                 throw MeshtraceError(.leftovers, "another meshtrace has been changing the rules of netns \(netns) for \(Int(waitSeconds)) s; try again when it is done")
             }
+            // Ctrl-C while waiting: nothing was touched yet.
+            if StopSignal.requested {
+                close(fd)
+                throw MeshtraceError(.ok, "stopped before the rules were added")
+            }
             usleep(20_000)
         }
         return fd

@@ -430,6 +430,26 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// A trace waiting its turn to add twins (another meshtrace holds the netns's lock) stops at once on SIGTERM,
+    /// touching nothing, instead of waiting out the lock first.
+    func testATraceWaitingForTheNetnsLockStopsOnASignal() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let holder = try Command.start(["flock", "-o", ns.ref.path, "sleep", "12"])
+        defer { kill(holder.processIdentifier, SIGKILL) }
+        usleep(300_000)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5529", "--duration", "60", "--quiet"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        usleep(800_000)
+        XCTAssertFalse(try ns.run(["iptables-save"]).stdout.contains("meshtrace"), "the lock did not hold the trace back")
+        kill(p.processIdentifier, SIGTERM)
+        guard waitForExit(p, seconds: 3) else { return XCTFail("the trace waited for the lock instead of stopping") }
+        let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        XCTAssertEqual(p.terminationStatus, 0, out)
+        XCTAssertTrue(out.contains("stopped before the rules were added"), out)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+    }
+
     /// A timeline is printed when its connection finishes, not when the printer's buffer fills or the trace ends
     /// (it waited for 64 KiB of output: a quiet pod's connections showed up only at Ctrl-C).
     func testATimelineIsWrittenWhileTheTraceRuns() throws {
