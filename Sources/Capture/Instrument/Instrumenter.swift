@@ -20,6 +20,9 @@ public final class Instrumenter: @unchecked Sendable {
     /// The rules as read before instrumenting (for the correlator: hits map to these rules).
     public private(set) var tables: [(home: RuleHome, table: Table)] = []
     private var installed = false
+    /// nf_log backends recorded by a killed `--mode trace` run's leftovers that `remove` could not put back because
+    /// group 0 was being read (by this process's own trace); the tracer restores them when it ends.
+    public private(set) var recoveredLoggers: [UInt16: String] = [:]
 
     public init(netns: NetnsRef, settings: InstrumentationSettings, parse: @escaping (RuleHome, String) throws -> [Table]) {
         self.netns = netns; self.settings = settings; self.parse = parse
@@ -241,7 +244,11 @@ public final class Instrumenter: @unchecked Sendable {
             throw MeshtraceError(.kernelRefused, "\(remaining) meshtrace rules could not be removed from netns \(netns); run `meshtrace cleanup \(netns.commandLine)`")
         }
         // A killed legacy `--mode trace` left nfnetlink_log bound as the netns's nf_log backend.
-        try TraceRules.restoreLoggers(netns: netns, recorded: loggers)
+        if !(try TraceRules.restoreLoggers(netns: netns, recorded: loggers)) {
+            // Our own legacy TRACE socket reads group 0 (`--mode trace --replace` over a killed run's leftovers):
+            // the tracer takes these over as the backends to put back when it ends.
+            recoveredLoggers.merge(loggers) { old, _ in old }
+        }
         return removed
     }
 

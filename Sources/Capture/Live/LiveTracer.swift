@@ -631,6 +631,8 @@ public final class LiveTracer: @unchecked Sendable {
         let handles = try TraceRules.handlePositions(netns: netns)
         trace?.positions = handles.positions
         trace?.ownHandles = handles.own
+        // `--replace` over a killed legacy `--mode trace`: the backends its leftovers recorded are the true ones.
+        legacyTrace?.socket.adoptPriorLoggers(instrumenter.recoveredLoggers)
         try TraceRules.install(netns: netns, homes: instrumenter.plan?.ambientHomes ?? [],
                                priorLoggers: legacyTrace?.socket.priorLoggers ?? [:])
         if needsLegacyTrace { trace?.legacyPositions = try TraceJoiner.legacyPositions(netns: netns) }

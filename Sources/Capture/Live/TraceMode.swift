@@ -46,8 +46,11 @@ enum TraceRules {
 
     /// Puts back nf_log backends a killed legacy `--mode trace` left bound to nfnetlink_log, when no one reads
     /// group 0 (a running trace restores its own when it ends) and the binding is still nfnetlink_log's.
-    static func restoreLoggers(netns: NetnsRef, recorded: [UInt16: String]) throws {
-        guard !recorded.isEmpty, !(try Instrumenter.boundNflogGroups(in: netns)).contains(0) else { return }
+    /// Returns false when it left them because group 0 is being read (a running trace: it restores its own).
+    @discardableResult
+    static func restoreLoggers(netns: NetnsRef, recorded: [UInt16: String]) throws -> Bool {
+        guard !recorded.isEmpty else { return true }
+        guard !(try Instrumenter.boundNflogGroups(in: netns)).contains(0) else { return false }
         for (pf, prior) in recorded.sorted(by: { $0.key < $1.key }) where prior != "nfnetlink_log" {
             let path = "/proc/sys/net/netfilter/nf_log/\(pf)"
             let now = try Command.run(["cat", path], in: netns)
@@ -57,6 +60,7 @@ enum TraceRules {
                 throw MeshtraceError(.kernelRefused, "could not put back nf_log backend \(prior) for family \(pf) in netns \(netns): \(r.stderr)")
             }
         }
+        return true
     }
 
     static func install(netns: NetnsRef, homes: [RuleHome], priorLoggers: [UInt16: String] = [:]) throws {

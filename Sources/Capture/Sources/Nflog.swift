@@ -114,6 +114,12 @@ public final class NflogSocket {
         return text.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
+    /// Takes `recorded` as the backends to put back where this socket found nfnetlink_log already bound (left by a
+    /// killed run that recorded the true ones). Before the netns thread starts reading, or on it.
+    public func adoptPriorLoggers(_ recorded: [UInt16: String]) {
+        for (pf, prior) in recorded where priorLoggers[pf] == "nfnetlink_log" { priorLoggers[pf] = prior }
+    }
+
     /// Puts the netns's nf_log backends back as they were before `bindAsLogger`. Must run on the thread that is
     /// in the pod's netns (it may write /proc/sys/net/netfilter/nf_log/PF there).
     public func restoreLoggers() {

@@ -328,6 +328,23 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertTrue(waitForExit(p))
         XCTAssertEqual(try logger(2), "nfnetlink_log", "a SIGKILL cannot put it back")
 
+        // `--mode trace --replace` over the leftovers: its own socket reads group 0 while it removes them, so it
+        // takes over the recorded backends and puts them back when it ends (it kept nfnetlink_log as "the prior").
+        let replaced = try Command.run(["timeout", "-s", "KILL", "30", executable, "trace", "--netns", ns.name, "--group", "5524",
+                                        "--mode", "trace", "--replace", "--duration", "1", "--quiet"])
+        XCTAssertEqual(replaced.status, 0, replaced.stderr)
+        XCTAssertEqual(try logger(2), prior.0, "after trace --mode trace --replace")
+        XCTAssertEqual(try logger(10), prior.1, "after trace --mode trace --replace")
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns).replacingOccurrences(of: "*raw\n:PREROUTING ACCEPT \n:OUTPUT ACCEPT \nCOMMIT\n", with: ""), before)
+
+        // Killed again: cleanup puts them back.
+        let (again, againLog) = try start(["trace", "--netns", ns.name, "--group", "5524", "--mode", "trace", "--duration", "60", "--quiet"])
+        defer { if again.isRunning { kill(again.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: againLog) }
+        let deadline2 = Date().addingTimeInterval(20)
+        while Date() < deadline2, again.isRunning, !(try ns.run(["iptables-legacy-save", "-t", "raw"]).stdout.contains("-j TRACE")) { usleep(50_000) }
+        kill(again.processIdentifier, SIGKILL)
+        XCTAssertTrue(waitForExit(again))
+        XCTAssertEqual(try logger(2), "nfnetlink_log")
         let cleanup = try Command.run(["timeout", "-s", "KILL", "30", executable, "cleanup", "--netns", ns.name])
         XCTAssertEqual(cleanup.status, 0, cleanup.stderr)
         XCTAssertEqual(try logger(2), prior.0)
