@@ -117,7 +117,7 @@ struct AppCommand: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "get", abstract: "Send one request to IP:PORT and print the reply.")
 
         @Argument(help: "IP:PORT or [IPv6]:PORT") var target: String
-        @Option(name: .long, help: "Bind to this source address first.") var source: String?
+        @Option(name: .long, help: "Bind to this source address (IP, or IP:PORT / [IPv6]:PORT) first.") var source: String?
         @Option(name: .long, help: "Set SO_MARK on the app's own socket (e.g. 0x539: pretend to be ztunnel).") var mark: String?
         @Option(name: .long, help: "Seconds to wait for connect and reply.") var timeout: Double = 5
 
@@ -125,8 +125,9 @@ struct AppCommand: ParsableCommand {
             try reportingErrors {
                 let ep = try LabAddressing.endpoint(target)
                 let src = try source.map { s -> Endpoint in
-                    guard let a = IPAddress(s) else { throw MeshtraceError(.usage, "--source \(s) is not an IP address") }
-                    return Endpoint(a, 0)
+                    if let a = IPAddress(s) { return Endpoint(a, 0) }
+                    guard let ep = Endpoint(parsing: s) else { throw MeshtraceError(.usage, "--source \(s) is not IP, IP:PORT or [IPv6]:PORT") }
+                    return ep
                 }
                 let reply = try AppClient.get(ep, source: src, mark: try mark.map(LabAddressing.mark), timeout: timeout)
                 print(reply, terminator: reply.hasSuffix("\n") ? "" : "\n")

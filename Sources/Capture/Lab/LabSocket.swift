@@ -192,7 +192,12 @@ public final class LabSocket: @unchecked Sendable {
         let s = try make(ep.addr.family, Int32(SOCK_STREAM.rawValue))
         if let mark { try s.setMark(mark) }
         if transparent { try s.setTransparent() }
-        if let source { try s.bind(source) }
+        if let source {
+            // A given port may still be held by the same app's earlier socket (TIME_WAIT): reuse it, as an app
+            // pinning its source port does.
+            if source.port != 0 { try s.setInt(SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR") }
+            try s.bind(source)
+        }
         // SO_SNDTIMEO bounds connect() too (Linux), so a dropped SYN cannot hang the caller.
         s.setTimeouts(seconds: timeout)
         var sa = KernelSockaddr(ep)

@@ -258,6 +258,36 @@ final class LiveTracerTests: KernelTestCase {
     /// `--filter` selects connections: `host S and tcp port 80` matches only the app's packets before the
     /// REDIRECT, yet its lo leg to 127.0.0.1:15001 and ztunnel's HBONE connection to S:15008 are shown with it;
     /// a connection to another host is not shown, and every event is still counted against the kernel's counters.
+    /// conntrack gives a REDIRECTed connection another source port when its reply tuple (127.0.0.1:15001 to the app's
+    /// port) clashes with an entry it still holds: here the same app port, pinned, redirected a moment ago for another
+    /// destination (a busy pod reusing ports across destinations does the same). The lo leg then shows another port
+    /// than the app's; the trace's conntrack query names it, and the timeline is still one connection with its hop.
+    func testARedirectedConnectionWhoseSourcePortTheKernelRemappedIsOneConnection() throws {
+        let lab = try makeLab()
+        let port = UInt16(40000 + Int(getpid() % 10000))
+        let source = "\(lab.client.ipv4):\(port)"
+        // Its conntrack entry (TIME_WAIT, 120 s) keeps the reply tuple 127.0.0.1:15001 > client:port taken.
+        try get(lab, from: lab.client, ["--source", source, "\(Endpoint(lab.server.ipv4, LabTopology.appPort))"])
+        let peer = Endpoint(lab.peer.ipv4, 80)
+        let (outcome, sink) = try trace(lab.client, group: 5412) { try self.get(lab, from: lab.client, ["--source", source, "\(peer)"]) }
+
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == peer && $0.original.proto == IPProto.tcp },
+                                "no timeline for the app's connection to \(peer): \(sink.timelines.map(\.original))")
+        XCTAssertEqual(app.original.src, Endpoint(lab.client.ipv4, port))
+        XCTAssertEqual(app.redirect, .redirected(toPort: 15001, originalDestination: peer))
+        let alias = try XCTUnwrap(app.aliases.first, "no redirected view on \(app.original)")
+        XCTAssertEqual(alias.dst, Endpoint(IPAddress("127.0.0.1")!, 15001))
+        XCTAssertNotEqual(alias.src.port, port, "the kernel kept the port: the test's premise (a clashing entry) did not hold")
+        XCTAssertFalse(sink.timelines.contains { $0.id != app.id && ($0.original.src == alias.src || $0.aliases.contains { $0.src == alias.src }) },
+                       "the remapped view is a connection of its own: \(sink.timelines.map(\.original))")
+        // The lo leg is on the timeline, the app's packets through the remapped port read as the app's.
+        XCTAssertTrue(app.events.contains { $0.point.kind == .interface && $0.point.isLoopback && $0.tuple.src == alias.src && !$0.isReply })
+        XCTAssertFalse(app.events.contains { $0.tuple.src == alias.src && $0.isReply })
+        XCTAssertTrue(app.hops.contains { $0.direction == .outbound && $0.outer == app.id }, "hops: \(app.hops)")
+        XCTAssertEqual(outcome.summary.escapes, 0)
+        XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+    }
+
     func testFilterShowsTheMatchingConnectionWithItsLoLegAndHopAndHidesTheRest() throws {
         let lab = try makeLab()
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
