@@ -114,7 +114,7 @@ public final class Correlator {
     private func place(_ r: inout PacketRecord) -> ConnectionID? {
         summary.packets += 1
         let t = r.time.totalNanoseconds
-        if t > now { now = t }
+        if t > now { now = t } else if now - t > options.closeLingerNanos { summary.lateRecords += 1 }
         if now >= nextSweep {
             if nextSweep != .min { sweep() }
             nextSweep = now + sweepInterval

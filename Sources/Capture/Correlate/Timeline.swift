@@ -221,6 +221,10 @@ public struct AnalysisSummary: Sendable {
     public var ruleHits: [(prefix: String, tag: RuleTag?, rule: Rule?, count: Int)] = []
     /// Packets decoded only partly, by note.
     public var damagedPackets: Int = 0
+    /// Records that came more than the close linger behind the capture's clock (the latest time read so far): a file
+    /// not in time order (pcapng files joined with `cat`), or a live reader that fell far behind. Their connections
+    /// may have been finished already, and split.
+    public var lateRecords: Int = 0
     public var fileDamage: [String] = []
     /// Live only: the kernel's counters for the twin rules, and events lost.
     public var kernelCounters: [String: UInt64] = [:]

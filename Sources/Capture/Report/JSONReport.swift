@@ -310,6 +310,7 @@ public final class JSONReport: ReportSink {
         key("by_design"); out.decimal(s.findings.count - s.escapes)
         key("findings_omitted"); out.decimal(s.findingsOmitted)
         key("damaged_packets"); out.decimal(s.damagedPackets)
+        if s.lateRecords > 0 { key("late_records"); out.decimal(s.lateRecords) }
         key("file_damage"); open(UInt8(ascii: "["))
         for d in s.fileDamage { element(); out.jsonString(d) }
         close(UInt8(ascii: "]"))

@@ -389,6 +389,10 @@ public final class TextReport: ReportSink {
             out.text("  "); styled(Style.warn, "pod address unknown: no packet was seen leaving or reaching the pod through its interface (an Ethernet or raw capture says no direction; NFLOG records would), so traffic leaving the pod could not be judged; give --pod-ip")
             out.byte(0x0a)
         }
+        if s.lateRecords > 0 {
+            out.text("  "); styled(Style.warn, "\(s.lateRecords) records out of time order, older than the latest one read by more than the close linger (pcapng files joined with cat? give them as separate files, or merge them with mergecap): their connections may be split")
+            out.byte(0x0a)
+        }
         if s.damagedPackets > 0 {
             out.text("  "); styled(Style.warn, "\(s.damagedPackets) packets only partly decoded"); out.byte(0x0a)
         }

@@ -152,6 +152,30 @@ final class NATViewTests: XCTestCase {
         }
     }
 
+    /// A file whose packets go back in time by more than the close linger (pcapng files joined with `cat`, the
+    /// second older than the first) splits connections: the records that came late are counted and said, in the
+    /// text summary and the JSON one (`late_records`), instead of printing split connections without a word.
+    func testRecordsFarBehindTheCapturesClockAreCountedAndSaid() throws {
+        var f = PacketFactory()
+        var p: [PacketRecord] = []
+        p.append(f.packet(app, service, flags: [.syn], seq: 1000, on: eth0, direction: .outbound))
+        f.advance(micros: 5_000_000)
+        p.append(f.packet(PacketFactory.ep("10.0.1.5", 40001), service, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
+        f.advance(micros: -4_000_000)   // a second section, older: 4 s behind
+        p.append(f.packet(service, app, flags: [.syn, .ack], seq: 5000, ack: 1001, on: eth0, direction: .inbound))
+        f.advance(micros: 2_500_000)     // 1.5 s behind: within the 2 s linger
+        p.append(f.packet(app, service, flags: [.ack], seq: 1001, ack: 5001, on: eth0, direction: .outbound))
+        let (_, summary) = correlate(p, tags: f.tags)
+        XCTAssertEqual(summary.lateRecords, 1)
+        let text = try renderReport(p, tags: f.tags) { TextReport(fileDescriptor: $0) }
+        XCTAssertTrue(text.contains("1 records out of time order"), text)
+        let json = try renderReport(p, tags: f.tags) { JSONReport(fileDescriptor: $0) }
+        XCTAssertTrue(json.contains("\"late_records\":1"), json)
+        // In time order, nothing is said (and the JSON key is absent).
+        let inOrder = try renderReport(Array(p.prefix(2)), tags: f.tags) { JSONReport(fileDescriptor: $0) }
+        XCTAssertFalse(inOrder.contains("late_records"))
+    }
+
     /// An echo request's src port is its type (8 << 8 = 2048), which "looks like a listener" below 10000: with an
     /// identifier of 10000 or more the request's sender was taken for the responder, and the reply was a second
     /// connection (its type differs). Now one connection per echo, begun by the requester, for ICMP and ICMPv6.
