@@ -821,13 +821,12 @@ public final class Correlator {
             // Timing says nothing about a reused tunnel; that it was open, and whether it was the only one, does.
             // Never high: which of the tunnel's streams carried this connection is not visible below TLS.
             let outboundTunnel = direction == .outbound
-            let opened = outboundTunnel ? outer.firstSeenNanos - inner.firstSeenNanos : inner.firstSeenNanos - outer.firstSeenNanos
+            let opened = outboundTunnel ? firstPacketGap(from: inner, to: outer) : firstPacketGap(from: outer, to: inner)
             evidence.append(HopEvidence(.pooledTunnel(outbound: outboundTunnel, openedBefore: opened)))
             evidence.append(HopEvidence(candidates <= 1 ? .onlyOpenTunnel : .newestOpenTunnel(of: candidates)))
             return (evidence, identity && hasMark && candidates <= 1 ? .medium : .low)
         }
-        let dt = inner.firstSeenNanos - outer.firstSeenNanos
-        evidence.append(HopEvidence(.timing(nanos: dt)))
+        evidence.append(HopEvidence(.timing(nanos: firstPacketGap(from: outer, to: inner))))
         let unique = candidates <= 1
         evidence.append(HopEvidence(unique
             ? .onlyCandidate(windowNanos: options.hopWindowNanos)
@@ -837,6 +836,15 @@ public final class Correlator {
         else if identity && (unique || hasMark) { confidence = .medium }
         else { confidence = .low }
         return (evidence, confidence)
+    }
+
+    /// How long after `a`'s first packet `b`'s came, as their timelines print them: the earliest time of any
+    /// record of each. Not `firstSeenNanos` (the correlator's clock when the connection was first placed): live, that
+    /// is often an NFLOG OUTPUT event stamped on receipt, up to a batch after its packet, and the events are
+    /// retimed from their captured packets only at emission, which never moves a timeline's earliest time (a
+    /// receipt time is later than the packet's, a captured or kernel-stamped one is the packet's).
+    private func firstPacketGap(from a: ConnectionState, to b: ConnectionState) -> Int64 {
+        b.timeline.firstSeen.totalNanoseconds - a.timeline.firstSeen.totalNanoseconds
     }
 
     /// Evidence that names the same destination or client on both sides; without one, a join needs a lone marked candidate.

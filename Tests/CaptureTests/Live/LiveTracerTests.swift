@@ -288,6 +288,31 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
     }
 
+    /// A hop's timing ("inner connection starts X after the outer one") is the gap between the two timelines'
+    /// first packets as printed. It was measured on the correlator's clock when each connection was first placed: live,
+    /// by an NFLOG OUTPUT event stamped on receipt (the kernel stamps none there), up to a batch later than its
+    /// packet, and before the events were retimed from the capture: "0 ns" for a 200 µs gap, or 5 ms.
+    func testAHopsTimingIsTheGapBetweenTheTwoTimelinesFirstPackets() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let (_, sink) = try trace(lab.client, group: 5413) {
+            for _ in 0..<60 { try self.get(lab, from: lab.client, ["\(server)"]) }
+        }
+        let byID = Dictionary(sink.timelines.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
+        var checked = 0
+        for outer in sink.timelines where outer.original.dst == server {
+            for hop in outer.hops where hop.outer == outer.id {
+                guard let inner = byID[hop.inner],
+                      let timing = hop.evidence.first(where: { if case .timing = $0.fact { return true }; return false }),
+                      case .timing(let nanos) = timing.fact else { continue }
+                let gap = inner.firstSeen.totalNanoseconds - outer.firstSeen.totalNanoseconds
+                XCTAssertEqual(nanos, gap, "#\(outer.id) → #\(inner.id): evidence says \(timing.detail), first packets \(gap) ns apart")
+                checked += 1
+            }
+        }
+        XCTAssertGreaterThanOrEqual(checked, 50, "hops with timing evidence: \(checked)")
+    }
+
     func testFilterShowsTheMatchingConnectionWithItsLoLegAndHopAndHidesTheRest() throws {
         let lab = try makeLab()
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
