@@ -20,7 +20,7 @@ struct Plan: ParsableCommand {
     @Option(name: .long, help: "NFLOG group the twins log to (not 0).")
     var group: UInt16 = 5153
 
-    @Option(name: .long, help: "Bytes of each packet the twins copy (headers only by default).")
+    @Option(name: .long, help: "Bytes of each packet the twins copy (headers only by default; 64 or more).")
     var snaplen: Int = 128
 
     @Flag(name: .long, help: "No observation points, only twins.")
@@ -31,7 +31,9 @@ struct Plan: ParsableCommand {
         guard (rules != nil) != pod.isGiven else {
             throw ValidationError("give either --rules FILE or --netns NAME|PATH / --pid N")
         }
-        guard (16...65535).contains(snaplen) else { throw ValidationError("--snaplen takes 16...65535") }
+        guard (64...65535).contains(snaplen) else {
+            throw ValidationError("--snaplen takes 64...65535: each NFLOG copy must hold the IP and TCP headers it is decoded from")
+        }
     }
 
     func run() throws {

@@ -33,7 +33,7 @@ struct Trace: ParsableCommand {
     @Option(name: .long, help: "nflog: NFLOG twins (default). trace: also the kernel's rule-by-rule TRACE walk.")
     var mode: String = "nflog"
 
-    @Option(name: .long, help: "Bytes of each packet copied to meshtrace by the twins (headers only by default).")
+    @Option(name: .long, help: "Bytes of each packet copied to meshtrace by the twins (headers only by default; 64 or more).")
     var snaplen: Int = 128
 
     @Flag(name: .long, help: "Exit 10 when any event was lost (ENOBUFS, NFLOG sequence gaps, capture drops).")
@@ -57,7 +57,9 @@ struct Trace: ParsableCommand {
     func validate() throws {
         guard TraceOptions.Mode(rawValue: mode) != nil else { throw ValidationError("--mode takes nflog or trace") }
         guard group != 0 else { throw ValidationError("--group 0 is where legacy TRACE logs; pick another group") }
-        guard (16...65535).contains(snaplen) else { throw ValidationError("--snaplen takes 16...65535") }
+        guard (64...65535).contains(snaplen) else {
+            throw ValidationError("--snaplen takes 64...65535: each NFLOG copy must hold the IP and TCP headers it is decoded from")
+        }
         if let duration, !(duration > 0 && duration.isFinite) { throw ValidationError("--duration takes a positive number of seconds") }
     }
 

@@ -371,6 +371,22 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// A copy too short for the headers it is decoded from made every NFLOG event "partly decoded" (no ports, no
+    /// TCP flags, no connection): `--snaplen` takes 64 or more, for trace and plan, before anything is touched.
+    func testASnaplenTooShortForTheHeadersIsAUsageError() throws {
+        let rules = ProjectPaths.samples.appendingPathComponent("outbound-client-rules.txt").path
+        for cmd in [["trace", "--netns", "no-such-ns", "--duration", "1"], ["plan", "--rules", rules]] {
+            for short in ["16", "63"] {
+                let r = try Command.run(["timeout", "-s", "KILL", "30", executable] + cmd + ["--snaplen", short])
+                XCTAssertEqual(r.status, ExitStatus.usage.rawValue, "\(cmd) --snaplen \(short): \(r.stdout) \(r.stderr)")
+                XCTAssertTrue(r.stderr.contains("64...65535"), r.stderr)
+            }
+        }
+        let ok = try Command.run([executable, "plan", "--rules", rules, "--snaplen", "64"])
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertTrue(ok.stdout.contains("--nflog-size 64"), ok.stdout)
+    }
+
     /// istio-cni re-applies a pod's rules (a full iptables-restore: the twins go with the old tables) while a trace
     /// runs. The trace is blind from then on; its summary says so. It said the kernel and meshtrace "differ by -N
     /// hits (packets in flight while the rules were read and removed)", which is not what happened.
