@@ -33,7 +33,13 @@ struct Cleanup: ParsableCommand {
                     advice: "wait for it to end, or stop it (Ctrl-C, SIGTERM: it removes its own rules); `meshtrace cleanup \(ref.commandLine) --force` removes them anyway")
             }
             let removed = try instrumenter.remove()
-            print(removed == 0 ? "no meshtrace rules in \(ref)" : "removed \(removed) meshtrace rules from \(ref)")
+            let table = instrumenter.removedTraceTable ? "--mode trace's nft table (inet \(Instrumenter.traceTableName))" : nil
+            switch (removed, table) {
+            case (0, nil): print("no meshtrace rules in \(ref)")
+            case (0, let t?): print("removed \(t) from \(ref)")
+            case (let n, nil): print("removed \(n) meshtrace rules from \(ref)")
+            case (let n, let t?): print("removed \(n) meshtrace rules and \(t) from \(ref)")
+            }
             return .ok
         }
     }

@@ -215,6 +215,11 @@ public final class Instrumenter: @unchecked Sendable {
 
     // MARK: removing
 
+    /// Whether the last `remove()` took out `--mode trace`'s nft table (a killed `--mode trace` run's leftover).
+    public private(set) var removedTraceTable = false
+    /// The name of `--mode trace`'s nft table (family inet), for messages.
+    public static var traceTableName: String { TraceRules.nftTable }
+
     /// Removes every meshtrace rule in the netns, found by tag in the live rules. Returns how many were removed.
     /// Throws when some could not be removed (and says how many remain).
     @discardableResult
@@ -222,7 +227,7 @@ public final class Instrumenter: @unchecked Sendable {
         installed = false
         var removed = 0
         // `--mode trace`'s own nft table goes as a whole (its rules carry the comment too).
-        try TraceRules.remove(netns: netns)
+        removedTraceTable = try TraceRules.remove(netns: netns)
         let homes = try readHomes()
         let loggers = TraceRules.recordedLoggers(in: homes)
         for saved in homes {

@@ -112,12 +112,15 @@ enum TraceRules {
     }
 
     /// Removes meshtrace's TRACE table (the legacy TRACE rules carry the comment and go with the twins).
-    static func remove(netns: NetnsRef) throws {
-        guard Command.which("nft") != nil else { return }
+    /// Removes `--mode trace`'s nft table; true when there was one.
+    @discardableResult
+    static func remove(netns: NetnsRef) throws -> Bool {
+        guard Command.which("nft") != nil else { return false }
         let list = try Command.run(["nft", "list", "tables"], in: netns)
-        guard list.ok, list.stdout.contains("table inet \(nftTable)\n") || list.stdout.hasSuffix("table inet \(nftTable)") else { return }
+        guard list.ok, list.stdout.contains("table inet \(nftTable)\n") || list.stdout.hasSuffix("table inet \(nftTable)") else { return false }
         let r = try Command.run(["nft", "delete", "table", "inet", nftTable], in: netns)
         guard r.ok else { throw MeshtraceError(.kernelRefused, "could not remove nft table inet \(nftTable): \(r.stderr)") }
+        return true
     }
 }
 

@@ -303,6 +303,33 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(ok.stderr, "")
     }
 
+    /// After a SIGKILLed `--mode trace` on an nf_tables pod, `cleanup` removes the twins and the trace's own nft
+    /// table, and says both. A run that left only the table was "no meshtrace rules" although cleanup removed it.
+    func testCleanupAfterAKilledTraceModeRunSaysItRemovedTheTraceTable() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5527", "--mode", "trace", "--duration", "60", "--quiet"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        func hasTable() throws -> Bool { try ns.run(["nft", "list", "tables"]).stdout.contains("table inet \(Instrumenter.traceTableName)") }
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline, p.isRunning, !(try hasTable()) { usleep(50_000) }
+        try waitForTwins(ns, p)
+        XCTAssertTrue(try hasTable(), (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        kill(p.processIdentifier, SIGKILL)
+        XCTAssertTrue(waitForExit(p))
+        let r = try Command.run([executable, "cleanup", "--netns", ns.name])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("meshtrace rules and --mode trace's nft table (inet \(Instrumenter.traceTableName))"), r.stdout)
+        XCTAssertFalse(try hasTable())
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+        // Only the table left (the twins removed by hand): said as such, not "no meshtrace rules".
+        try ns.run(["nft", "add", "table", "inet", Instrumenter.traceTableName])
+        let again = try Command.run([executable, "cleanup", "--netns", ns.name])
+        XCTAssertEqual(again.status, 0, again.stderr)
+        XCTAssertTrue(again.stdout.hasPrefix("removed --mode trace's nft table"), again.stdout)
+        XCTAssertFalse(try hasTable())
+    }
+
     /// `--mode trace` on a legacy pod binds nfnetlink_log as the netns's nf_log backend (legacy TRACE reaches
     /// meshtrace through it). After a SIGKILL that binding stayed: the pod's LOG/TRACE went to an NFLOG group 0
     /// nobody reads, and `cleanup` removed the rules but never put the backend back (nor did any later trace,
