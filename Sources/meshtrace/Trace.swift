@@ -42,6 +42,9 @@ struct Trace: ParsableCommand {
     @Flag(name: .long, help: "Remove leftover meshtrace rules from a killed run first, instead of refusing to start.")
     var replace = false
 
+    @Flag(name: .long, help: "Trace the node's own network namespace (the one meshtrace runs in, or pid 1's: where a host-network pod lives), which is refused without it: ambient does not capture host-network traffic, and the twins would go into the node's rules.")
+    var hostNetns = false
+
     @Flag(name: .long, help: "Text view: connection headers, hops and findings only, no per-packet lines.")
     var brief = false
 
@@ -66,6 +69,9 @@ struct Trace: ParsableCommand {
     func run() throws {
         try reportingErrors {
             let ref = try pod.resolve()
+            if ref.isNodeNetns && !hostNetns {
+                throw MeshtraceError.badInput("\(ref.label) is the node's own network namespace (the one meshtrace runs in; a host-network pod's): ambient does not capture its traffic, and tracing it would put twins in the node's rules; pass --host-netns to trace it anyway")
+            }
             var options = TraceOptions(netns: ref)
             options.duration = duration
             options.group = group

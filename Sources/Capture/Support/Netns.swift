@@ -16,6 +16,18 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
 
     public init(path: String, label: String, pid: Int32? = nil) { self.path = path; self.label = label; self.pid = pid }
 
+    /// Whether this is the node's own network namespace, as far as meshtrace can tell: the one it runs in (on a node,
+    /// the host network), or pid 1's where that may be read. A host-network pod's `--pid` lands there.
+    public var isNodeNetns: Bool {
+        var target = stat()
+        guard stat(path, &target) == 0 else { return false }
+        for node in ["/proc/self/ns/net", "/proc/1/ns/net"] {
+            var st = stat()
+            if stat(node, &st) == 0, st.st_dev == target.st_dev, st.st_ino == target.st_ino { return true }
+        }
+        return false
+    }
+
     /// Resolves `--netns` / `--pid`; throws `.noSuchNetns` when the namespace does not exist.
     public static func resolve(netns: String?, pid: Int32?) throws -> NetnsRef {
         if pid != nil, let netns, !netns.isEmpty {

@@ -398,6 +398,25 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// `--pid` of a host-network process (or `--netns` naming the node's netns) is the node's own network namespace:
+    /// ambient does not capture there, and a trace would put its twins into the node's rules. Refused (exit 2,
+    /// one line naming --host-netns) before anything is read or touched. Here the node is this machine's root netns,
+    /// which the tests never change: only the refusal is tested.
+    func testTheNodesOwnNetworkNamespaceIsRefusedWithoutHostNetns() throws {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let before = try Command.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }
+        for target in [["--pid", "\(getpid())"], ["--netns", "/proc/\(getpid())/ns/net"], ["--netns", "/proc/self/ns/net"]] {
+            let r = try Command.run(["timeout", "-s", "KILL", "30", executable, "trace"] + target + ["--duration", "1", "--quiet"])
+            XCTAssertEqual(r.status, ExitStatus.badInput.rawValue, "\(target): \(r.stdout) \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+            XCTAssertTrue(r.stderr.contains("node's own network namespace") && r.stderr.contains("--host-netns"), r.stderr)
+        }
+        XCTAssertEqual(try Command.run(["iptables-save"]).stdout.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.hasPrefix(":") }, before)
+        // A pod's netns is not the node's.
+        let ns = try makeNetns()
+        XCTAssertFalse(try NetnsRef.resolve(netns: ns.name, pid: nil).isNodeNetns)
+    }
+
     /// A copy too short for the headers it is decoded from made every NFLOG event "partly decoded" (no ports, no
     /// TCP flags, no connection): `--snaplen` takes 64 or more, for trace and plan, before anything is touched.
     func testASnaplenTooShortForTheHeadersIsAUsageError() throws {
