@@ -737,8 +737,14 @@ public final class Correlator {
             let dt = inner.firstSeenNanos - outer.firstSeenNanos
             guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
             // A tunnel first seen mid-stream before the app's connection began was not opened for it: if it carried
-            // it, it was pooled (`pooledTunnel`, tried at emission, says so instead of timing).
-            if direction == .outbound && dt < 0 && !inner.initiatorFromSYN { continue }
+            // it, it was pooled (`pooledTunnel`, tried at emission, says so instead of timing). Nor was one first
+            // seen mid-stream after a connection whose SYN the capture has: it was open before the capture began
+            // (a live trace started while ztunnel's pooled tunnel sat idle sees it first with the bytes it carries).
+            if direction == .outbound && !inner.initiatorFromSYN && (dt < 0 || outer.initiatorFromSYN) { continue }
+            // Inbound likewise: an HBONE tunnel into the pod seen mid-stream, carrying a connection into the app whose
+            // SYN was captured, was there before it.
+            if direction == .inbound && outer.responder.port == options.hbonePort && !outer.initiatorFromSYN
+                && inner.initiatorFromSYN { continue }
             if identityMatches(outer: outer, inner: inner, direction: direction) {
                 strong += 1
                 // The earliest; of equals, the first met.
@@ -783,7 +789,10 @@ public final class Correlator {
         var chosen: ConnectionState?
         var count = 0
         for p in tunnels where p !== c && !p.emitted && p.mergedInto == nil {
-            guard p.responder.port == options.hbonePort, p.firstSeenNanos <= start, p.lastSeenNanos >= start else { continue }
+            // Begun before the connection: seen so, or seen only mid-stream (open before the capture began) while
+            // the connection's own SYN was captured.
+            guard p.responder.port == options.hbonePort, p.lastSeenNanos >= start,
+                  p.firstSeenNanos <= start || (!p.initiatorFromSYN && c.initiatorFromSYN) else { continue }
             if let closed = p.closedAt, closed < start { continue }
             if outbound {
                 guard p.responder.addr == c.responder.addr, initiatorIsLocal(p) else { continue }
@@ -821,8 +830,11 @@ public final class Correlator {
             // Timing says nothing about a reused tunnel; that it was open, and whether it was the only one, does.
             // Never high: which of the tunnel's streams carried this connection is not visible below TLS.
             let outboundTunnel = direction == .outbound
-            let opened = outboundTunnel ? firstPacketGap(from: inner, to: outer) : firstPacketGap(from: outer, to: inner)
-            evidence.append(HopEvidence(.pooledTunnel(outbound: outboundTunnel, openedBefore: opened)))
+            let tunnel = outboundTunnel ? inner : outer, carried = outboundTunnel ? outer : inner
+            let opened = firstPacketGap(from: tunnel, to: carried)
+            evidence.append(HopEvidence(opened < 0 && !tunnel.initiatorFromSYN
+                ? .pooledTunnelBeforeCapture(outbound: outboundTunnel)
+                : .pooledTunnel(outbound: outboundTunnel, openedBefore: opened)))
             evidence.append(HopEvidence(candidates <= 1 ? .onlyOpenTunnel : .newestOpenTunnel(of: candidates)))
             return (evidence, identity && hasMark && candidates <= 1 ? .medium : .low)
         }

@@ -20,6 +20,8 @@ extension HopEvidence {
         /// A pooled join: the tunnel (the inner connection outbound, the outer inbound) was open already, since
         /// `openedBefore` before the connection it carried.
         case pooledTunnel(outbound: Bool, openedBefore: Int64)
+        /// A pooled join whose tunnel was first seen mid-stream after the connection began: open before the capture.
+        case pooledTunnelBeforeCapture(outbound: Bool)
         case onlyOpenTunnel
         case newestOpenTunnel(of: Int)
         /// Byte counts that fit a tunnel; `outbound`: the inner connection is the tunnel (else the outer one).
@@ -38,7 +40,7 @@ extension HopEvidence {
             case .originalPort: return "original-port"
             case .timing: return "timing"
             case .onlyCandidate, .earliestCandidate, .onlyOpenTunnel, .newestOpenTunnel: return "unique"
-            case .pooledTunnel: return "pooled-tunnel"
+            case .pooledTunnel, .pooledTunnelBeforeCapture: return "pooled-tunnel"
             case .bytesConsistent, .bytesInconsistent: return "bytes"
             }
         }
@@ -75,6 +77,9 @@ extension HopEvidence {
                 w.words(outbound ? "inner" : "outer"); w.words(" connection (the tunnel) was open already, since ")
                 w.delta(opened); w.words(" before the "); w.words(outbound ? "outer" : "inner")
                 w.words(" one, and carried packets while it ran: a pooled HBONE connection")
+            case .pooledTunnelBeforeCapture(let outbound):
+                w.words(outbound ? "inner" : "outer"); w.words(" connection (the tunnel) was open before the capture began (first seen mid-stream, with no SYN, after the ")
+                w.words(outbound ? "outer" : "inner"); w.words(" one's SYN), and carried packets while it ran: a pooled HBONE connection")
             case .onlyOpenTunnel:
                 w.words("the only open tunnel that fits")
             case .newestOpenTunnel(let n):

@@ -240,6 +240,30 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(Set(hop.evidence.map(\.kind)), ["ztunnel-mark", "original-destination", "pooled-tunnel", "unique", "bytes"])
     }
 
+    func testATunnelFirstSeenMidStreamAfterTheConnectionBeganIsPooledNotFresh() throws {
+        // A live trace started while ztunnel's pooled tunnel sat idle: the tunnel's first packet in the capture is
+        // the app's request it carries, 150 µs after the app's SYN, with no SYN of its own. It was open before the
+        // capture (so before the app's connection, whose SYN was captured): pooled, not opened for it. It was
+        // joined as a fresh hop ("starts 150 µs after", "the only candidate"), high confidence with the mark.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        var p = carried(&f, rules: rules, from: app2, to: service, throughTunnel: true)
+        p.insert(f.nflog(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7181, ack: 9401, hook: .postrouting,
+                         prefix: observeOut, mark: 0x539, outIf: 2), at: p.firstIndex { $0.tuple.src == ztunnelOut }!)
+        f.advance(micros: 3_000_000)
+        p.append(f.packet(ztunnelOut, peerHBONE, flags: [.fin, .ack], seq: 7331, ack: 9751, on: eth0, direction: .outbound))
+        p.append(f.packet(peerHBONE, ztunnelOut, flags: [.fin, .ack], seq: 9751, ack: 7332, on: eth0, direction: .inbound))
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        let tunnel = try connection(from: ztunnelOut, in: sink)
+        let hop = try XCTUnwrap(try connection(from: app2, in: sink).hops.first)
+        XCTAssertEqual(hop.inner, tunnel.id)
+        XCTAssertEqual(Set(hop.evidence.map(\.kind)), ["ztunnel-mark", "original-destination", "pooled-tunnel", "unique", "bytes"])
+        XCTAssertEqual(hop.confidence, .medium)
+        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "pooled-tunnel" }?.detail)
+        XCTAssertTrue(words.contains("before the capture"), words)
+        XCTAssertEqual(summary.escapes, 0)
+    }
+
     func testTwoOpenTunnelsToTheDestinationGiveTheNewestWithLowConfidence() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
