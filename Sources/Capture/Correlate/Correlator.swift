@@ -783,12 +783,12 @@ public final class Correlator {
     /// HBONE port from the client address ztunnel's connection into the app carries. Returns the newest such tunnel
     /// and how many there were. Tried only when the connection is emitted without a hop, so a tunnel opened for it
     /// always wins over a pooled one.
-    private func pooledTunnel(for c: ConnectionState, outbound: Bool) -> (ConnectionState, Int)? {
+    private func pooledTunnel(for c: ConnectionState, outbound: Bool, excluding: ConnectionState? = nil) -> (ConnectionState, Int)? {
         guard c.proto == IPProto.tcp, !outbound || c.originalKnown else { return nil }
         let start = c.firstSeenNanos
         var chosen: ConnectionState?
         var count = 0
-        for p in tunnels where p !== c && !p.emitted && p.mergedInto == nil {
+        for p in tunnels where p !== c && p !== excluding && !p.emitted && p.mergedInto == nil {
             // Begun before the connection: seen so, or seen only mid-stream (open before the capture began) while
             // the connection's own SYN was captured.
             guard p.responder.port == options.hbonePort, p.lastSeenNanos >= start,
@@ -839,9 +839,14 @@ public final class Correlator {
             return (evidence, identity && hasMark && candidates <= 1 ? .medium : .low)
         }
         evidence.append(HopEvidence(.timing(nanos: firstPacketGap(from: outer, to: inner))))
-        let unique = candidates <= 1
-        evidence.append(HopEvidence(unique
-            ? .onlyCandidate(windowNanos: options.hopWindowNanos)
+        // A tunnel to the same peer that was open already when the app's connection began, and carried packets while
+        // it ran, could have carried it instead (ztunnel pools them): the fresh one is then not the only candidate.
+        // Counted here, once per hop, when whether it carried packets afterwards is known.
+        let openTunnels = direction == .outbound ? (pooledTunnel(for: outer, outbound: true, excluding: inner)?.1 ?? 0) : 0
+        let unique = candidates <= 1 && openTunnels == 0
+        evidence.append(HopEvidence(openTunnels > 0
+            ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos)
+            : unique ? .onlyCandidate(windowNanos: options.hopWindowNanos)
             : .earliestCandidate(of: candidates, windowNanos: options.hopWindowNanos)))
         let confidence: Confidence
         if identity && unique && hasMark { confidence = .high }
@@ -1030,7 +1035,19 @@ public final class Correlator {
     /// is still there for the connections it carried.
     private func emit(_ batch: [ConnectionState]) {
         for c in batch { lastChanceJoins(c) }
+        // Evidence too, before any is emitted: it looks at the tunnels still open (`hopEvidence`).
+        for c in batch where !c.emitted { for link in c.hopLinks { finalize(link) } }
         for c in batch { emitJoined(c) }
+    }
+
+    private func finalize(_ link: HopLink) {
+        guard !link.finalized else { return }
+        link.finalized = true
+        let (ev, conf) = hopEvidence(outer: link.outer, inner: link.inner, direction: link.hop.direction,
+                                     candidates: link.candidates, pooled: link.pooled)
+        link.hop.evidence = ev
+        link.hop.confidence = conf
+        addByteEvidence(&link.hop, outer: link.outer, inner: link.inner)
     }
 
     /// The joins a connection about to be emitted may still get: the app's tunnel without an identity match (a
@@ -1074,14 +1091,7 @@ public final class Correlator {
         var events = TimelineEventList(events: c.events, initiator: c.initiator, natInitiator: c.natInitiator, context: context)
         c.events = []
         t.hops = c.hopLinks.map { link in
-            if !link.finalized {
-                link.finalized = true
-                let (ev, conf) = hopEvidence(outer: link.outer, inner: link.inner, direction: link.hop.direction,
-                                             candidates: link.candidates, pooled: link.pooled)
-                link.hop.evidence = ev
-                link.hop.confidence = conf
-                addByteEvidence(&link.hop, outer: link.outer, inner: link.inner)
-            }
+            finalize(link)
             return link.hop
         }
         let (kind, findings) = classify(c)

@@ -264,6 +264,34 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(summary.escapes, 0)
     }
 
+    func testAFreshTunnelJoinSaysATunnelOpenAlreadyCouldHaveCarriedIt() throws {
+        // Concurrent app connections with --pool-tunnels: one went through the open tunnel, and a new tunnel to the
+        // same peer, opened 200 µs after it began for another connection, was joined to it as 'the only candidate',
+        // high confidence. Which of the two carried it is not visible: one of them was open already and carried
+        // packets while it ran, so the fresh join is not unique (medium) and says why.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        var p = pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true)
+        let fresh = PacketFactory.ep("10.0.1.5", 50002)
+        let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == app2 })
+        var g = f
+        g.frame = 10_000
+        g.clock = p[at].time.totalNanoseconds + 200_000
+        p.insert(contentsOf: [
+            g.nflog(fresh, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2),
+            g.packet(fresh, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound),
+        ], at: at + 5)
+        p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let hop = try XCTUnwrap(try connection(from: app2, in: sink).hops.first)
+        XCTAssertEqual(hop.inner, try connection(from: fresh, in: sink).id)
+        XCTAssertEqual(hop.confidence, .medium)
+        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "unique" }?.detail)
+        XCTAssertTrue(words.contains("1 tunnel to the same peer, open already"), words)
+        // The first app connection's own tunnel was the only one: still high.
+        XCTAssertEqual(try connection(from: app, in: sink).hops.first?.confidence, .high)
+    }
+
     func testTwoOpenTunnelsToTheDestinationGiveTheNewestWithLowConfidence() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
