@@ -103,7 +103,7 @@ public struct Verifier {
     public init(ruleset: Ruleset, pod: PodParameters = PodParameters(), policy: VerifyPolicy? = nil, strict: Bool = false) {
         self.ruleset = ruleset; self.pod = pod; self.policy = policy; self.strict = strict
         self.analysis = RulesetAnalysis(ruleset, dualStack: pod.dualStack)
-        (self.namedPorts, self.namedAddresses) = Verifier.namedValues(ruleset)
+        (self.namedPorts, self.namedSourcePorts, self.namedAddresses) = Verifier.namedSamples(ruleset)
     }
 
     // MARK: the values a class is tried with
@@ -115,16 +115,26 @@ public struct Verifier {
     /// traffic escapes. (The mark class "other" tries several marks for the same reason.)
     let namedPorts: [UInt16]
     let namedAddresses: [IPAddress]
+    /// Source ports the rules name, sampled the same way: any process can bind a source port (above 1023 without
+    /// privileges), so a foreign `--sport 8080 -j RETURN` ahead of the capture is an escape for a connection made
+    /// from that port, and a `--sport 53 -j ACCEPT` in PREROUTING one for inbound traffic sent from it.
+    let namedSourcePorts: [UInt16]
     static let maxNamedSamples = 32
 
-    static func namedValues(_ rs: Ruleset) -> ([UInt16], [IPAddress]) {
-        var ports: [UInt16] = [], addresses: [IPAddress] = []
+    /// Destination ports, source ports and addresses the rules name (see `namedPorts`).
+    static func namedSamples(_ rs: Ruleset) -> ([UInt16], [UInt16], [IPAddress]) {
+        var ports: [UInt16] = [], sourcePorts: [UInt16] = [], addresses: [IPAddress] = []
+        func sample(_ p: PortRange, _ negated: Bool, into xs: inout [UInt16]) {
+            if !negated { xs.append(p.low) }
+            else if p.low > 1 { xs.append(p.low - 1) }
+            else if p.high < UInt16.max { xs.append(p.high + 1) }
+        }
         func add(_ m: RuleMatch) {
             switch m {
             case .destinationPort(let p, let negated):
-                if !negated { ports.append(p.low) }
-                else if p.low > 1 { ports.append(p.low - 1) }
-                else if p.high < UInt16.max { ports.append(p.high + 1) }
+                sample(p, negated, into: &ports)
+            case .sourcePort(let p, let negated):
+                sample(p, negated, into: &sourcePorts)
             case .source(let c, let negated), .destination(let c, let negated):
                 if let a = negated ? c.firstAddressAfter : c.sampleInside { addresses.append(a) }
             case .anyOf(let items, _):
@@ -138,7 +148,7 @@ public struct Verifier {
             var seen = Set<T>()
             return Array(xs.filter { seen.insert($0).inserted }.prefix(maxNamedSamples))
         }
-        return (unique(ports.filter { $0 != 0 }), unique(addresses.filter { !$0.isLoopback }))
+        return (unique(ports.filter { $0 != 0 }), unique(sourcePorts.filter { $0 != 0 }), unique(addresses.filter { !$0.isLoopback }))
     }
 
     /// The destination ports a class is tried with: its own port, or for "other" `otherPort` first and then every
@@ -148,6 +158,13 @@ public struct Verifier {
         guard c.port == .other else { return [base] }
         let classPorts: Set<UInt16> = [53, 15001, 15006, 15008, pod.appPort]
         return [base] + namedPorts.filter { $0 != base && !classPorts.contains($0) }
+    }
+
+    /// The source ports a class is tried with: the ephemeral port first, then every source port the rules name.
+    func sourcePortSamples(_ c: PacketClass) -> [UInt16] {
+        let base = packet(for: c, mark: 0).sport
+        guard c.proto != .icmp else { return [base] }
+        return [base] + namedSourcePorts.filter { $0 != base }
     }
 
     /// The remote addresses a class is tried with: the remote address first, then the addresses the rules name of
@@ -243,9 +260,11 @@ public struct Verifier {
     func evaluate(_ c: PacketClass) -> ClassVerdict {
         var worst: ClassVerdict? = nil
         let ports = portSamples(c), remotes = remoteSamples(c)
-        for m in c.mark.samples { for port in ports { for remote in remotes {
+        let sports = sourcePortSamples(c)
+        for m in c.mark.samples { for port in ports { for remote in remotes { for sport in sports {
             var start = packet(for: c, mark: m)
             start.dport = port
+            start.sport = sport
             switch c.path {
             case .appToRemote, .ztunnel: start.dst = remote
             case .inbound, .inboundViaLo: start.src = remote
@@ -262,7 +281,7 @@ public struct Verifier {
                                       packet: describe(start), acceptedBy: nil)
                 if worst == nil || v.severity > worst!.verdict.severity { worst = cv }
             }
-        } } }
+        } } } }
         // A marked packet that escapes is only the mark's fault when the unmarked one is captured.
         if c.mark != .none, case .escape = worst!.verdict {
             let plain = evaluate(PacketClass(family: c.family, proto: c.proto, path: c.path, port: c.port, mark: .none, probe: c.probe))
@@ -389,9 +408,10 @@ public struct Verifier {
             if m == .maybe {
                 // Assume both: the rule matches for some packets of the class and not for others.
                 var unmatched = w
-                unmatched.uncertain.append("\(t.name) \(c.name) rule \(r.position) may match (\(RulesetAnalysis.unknownText(r)))")
+                let why = uncertainText(r, w.state)
+                unmatched.uncertain.append("\(t.name) \(c.name) rule \(r.position) may match (\(why))")
                 results += walkRules(t, c, from: i + 1, unmatched, depth: depth)
-                w.uncertain.append("\(t.name) \(c.name) rule \(r.position) assumed to match (\(RulesetAnalysis.unknownText(r)))")
+                w.uncertain.append("\(t.name) \(c.name) rule \(r.position) assumed to match (\(why))")
             }
             if results.count > Verifier.maxWalks { return Array(results.prefix(Verifier.maxWalks)) }
             let step = "\(t.name) \(c.name) #\(r.position): \(r.text)"
@@ -454,6 +474,33 @@ public struct Verifier {
     }
 
     enum Tri { case yes, no, maybe }
+
+    /// What makes a rule "may match" for this packet: every match part the walk cannot decide (an owner or set
+    /// match, or one meshtrace does not model), as the operator would recognise it.
+    func uncertainText(_ r: Rule, _ s: PacketState) -> String {
+        func describe(_ m: RuleMatch) -> [String] {
+            guard match(m, s) == .maybe else { return [] }
+            switch m {
+            case .owner(let uid, let gid, let socketExists, let neg):
+                var parts: [String] = []
+                if let u = uid { parts.append("uid \(u)") }
+                if let g = gid { parts.append("gid \(g)") }
+                if socketExists { parts.append("socket exists") }
+                let what = "owner" + (parts.isEmpty ? "" : " " + parts.joined(separator: ", "))
+                return [(neg ? "not " : "") + what + ": the sending process is not known"]
+            case .set(let name, let direction, let neg):
+                return [(neg ? "not in" : "in") + " set \(name) \(direction): its members are not known"]
+            case .unknown(let text):
+                return [text]
+            case .anyOf(let items, _):
+                return items.flatMap(describe)
+            default:
+                return []
+            }
+        }
+        let parts = r.matches.flatMap(describe)
+        return parts.isEmpty ? "a match meshtrace cannot decide" : parts.joined(separator: "; ")
+    }
 
     func matches(_ r: Rule, _ s: PacketState) -> Tri {
         var result = Tri.yes

@@ -254,6 +254,39 @@ final class VerifierTests: XCTestCase {
         XCTAssertTrue(v.uncertainty.joined().contains("statistic"))
     }
 
+    /// An owner match is "may match"; the uncertainty note must say so, not print empty parentheses (it named
+    /// only unmodelled matches: `assumed to match ()`).
+    func testUncertaintyNamesTheOwnerMatch() throws {
+        var lines = Self.seedText.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        let k = lines.firstIndex { $0.contains("--to-ports 15001") }!
+        lines.insert("-A ISTIO_OUTPUT -m owner --uid-owner 1000 -j RETURN", at: k)
+        let r = try verify(lines.joined(separator: "\n"), policy: Self.forgedMarkPolicy)
+        let v = result(r, "v4/tcp/app-remote/other/none")
+        XCTAssertEqual(v.verdict.code, "uncaptured-tcp")
+        XCTAssertFalse(v.uncertainty.isEmpty)
+        XCTAssertFalse(v.uncertainty.joined().contains("()"), v.uncertainty.joined(separator: " | "))
+        XCTAssertTrue(v.uncertainty.joined().contains("owner uid 1000"), v.uncertainty.joined(separator: " | "))
+    }
+
+    /// Any process can bind a source port: a foreign `--sport` RETURN/ACCEPT ahead of the capture is an escape for
+    /// connections made from that port (outbound), or sent from it (inbound). Only the ephemeral port 40000 was tried.
+    func testForeignSourcePortRulesAreWalked() throws {
+        var lines = Self.seedText.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        let k = lines.firstIndex { $0.contains("--to-ports 15001") }!
+        lines.insert("-A ISTIO_OUTPUT -p tcp -m tcp --sport 8080 -j RETURN", at: k)
+        let j = lines.firstIndex { $0.contains("--to-ports 15006") }!
+        lines.insert("-A ISTIO_PRERT -p tcp -m tcp --sport 53 -j ACCEPT", at: j)
+        let r = try verify(lines.joined(separator: "\n"), policy: Self.forgedMarkPolicy)
+        let out = result(r, "v4/tcp/app-remote/other/none")
+        XCTAssertEqual(out.verdict.code, "uncaptured-tcp")
+        XCTAssertTrue(out.packet.contains(":8080 →"), out.packet)
+        let inb = result(r, "v4/tcp/inbound/app/none")
+        XCTAssertEqual(inb.verdict.code, "inbound-uncaptured")
+        XCTAssertTrue(inb.packet.contains(":53 →"), inb.packet)
+        // The untouched ruleset names no source port: still clean.
+        XCTAssertEqual(try verify(Self.seedText, policy: Self.forgedMarkPolicy).escapes.count, 0)
+    }
+
     func testPolicyFiles() throws {
         let p = try VerifyPolicy(text: "allow v4/tcp/app-remote/*/mark-0x539\n\n# ok\nallow reason uncaptured-udp  # by design anyway\n", origin: "p.txt")
         let r = Verifier(ruleset: try RulesetLoader.load(file: Self.seedPath), policy: p).run()
