@@ -616,7 +616,13 @@ public struct Verifier {
         let back = runHook(.output, [Walk(state: reply)], natAllowed: false)
         for b in back {
             if b.state.oif != "lo" {
-                out.replyEscape = "the app's reply (\(describe(reply))) gets mark 0x\(String(b.state.mark, radix: 16)), not 0x111: it leaves via \(b.state.oif ?? "?") instead of returning to ztunnel"
+                let got = "0x\(String(b.state.mark, radix: 16))"
+                if b.state.mark & AmbientLabeler.markMask == AmbientLabeler.connMark {
+                    // The connmark was restored: what is missing is the ip rule that routes 0x111 to lo.
+                    out.replyEscape = "the app's reply (\(describe(reply))) gets mark \(got), but no ip rule (istio-cni's fwmark 0x111/0xfff lookup 100) routes it to lo: it leaves via \(b.state.oif ?? "?") instead of returning to ztunnel"
+                } else {
+                    out.replyEscape = "the app's reply (\(describe(reply))) gets mark \(got), not 0x111: it leaves via \(b.state.oif ?? "?") instead of returning to ztunnel"
+                }
                 out.steps += b.steps.map { "reply: " + $0 }
                 if b.steps.isEmpty { out.steps.append("reply: no rule restores connmark 0x111 as the packet mark") }
             }

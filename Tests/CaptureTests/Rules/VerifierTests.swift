@@ -287,6 +287,21 @@ final class VerifierTests: XCTestCase {
         XCTAssertEqual(try verify(Self.seedText, policy: Self.forgedMarkPolicy).escapes.count, 0)
     }
 
+    /// Without istio-cni's ip rule (a live netns that lacks it, or --no-policy-routing) the reply does get mark 0x111
+    /// and still leaves: the reason must name the missing ip rule, not say "gets mark 0x111, not 0x111".
+    func testReplyEscapeWithoutPolicyRoutingNamesTheIpRule() throws {
+        var pod = PodParameters()
+        pod.policyRouting = false
+        let r = Verifier(ruleset: try RulesetLoader.load(text: Self.seedText, origin: "test"), pod: pod).run()
+        let v = result(r, "v4/tcp/inbound-lo/app/mark-0x539")
+        XCTAssertEqual(v.verdict.code, "reply-uncaptured")
+        XCTAssertFalse(v.verdict.summary.contains("not 0x111"), v.verdict.summary)
+        XCTAssertTrue(v.verdict.summary.contains("no ip rule"), v.verdict.summary)
+        // A missing restore still says which mark the reply got.
+        let text = Self.seedText.split(separator: "\n").filter { !$0.contains("--restore-mark") }.joined(separator: "\n")
+        XCTAssertTrue(result(try verify(text), "v4/tcp/inbound-lo/app/mark-0x539").verdict.summary.contains("gets mark 0x0, not 0x111"))
+    }
+
     func testPolicyFiles() throws {
         let p = try VerifyPolicy(text: "allow v4/tcp/app-remote/*/mark-0x539\n\n# ok\nallow reason uncaptured-udp  # by design anyway\n", origin: "p.txt")
         let r = Verifier(ruleset: try RulesetLoader.load(file: Self.seedPath), policy: p).run()
