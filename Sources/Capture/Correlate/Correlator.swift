@@ -46,6 +46,12 @@ public final class Correlator {
     private var innerInbound: [ConnectionState] = []
     /// Open connections to the HBONE port, either way: the tunnels a pooled join may find (see `pooledTunnel`).
     private var tunnels: [ConnectionState] = []
+    /// Beside each tunnel, what `pooledTunnel` filters on first, so it reads only the few tunnels open across a
+    /// connection's start and not every object in the list (with unpooled tunnels, ~1500 lingering ones live): when it
+    /// began (Int64.min when not from its SYN: it may have been open before the capture) and when it closed
+    /// (Int64.max while open). Either may be more permissive than the object, never less.
+    private var tunnelBegan: [Int64] = []
+    private var tunnelClosed: [Int64] = []
     /// Pooled joins listed on the tunnel's own timeline; later ones are listed only on the app's side, so a
     /// tunnel that carries thousands of connections keeps no more than this many links.
     static let maxPooledLinksListed = 16
@@ -233,6 +239,8 @@ public final class Correlator {
         if r.tuple.proto == IPProto.tcp && responder.port == options.hbonePort {
             c.tunnelIndex = tunnels.count
             tunnels.append(c)
+            tunnelBegan.append(fromSYN ? c.firstSeenNanos : .min)
+            tunnelClosed.append(.max)
         }
         if open.count > peakOpenConnections { peakOpenConnections = open.count }
         return c
@@ -590,6 +598,7 @@ public final class Correlator {
         if f.contains(.rst) { c.reset = true }
         if c.closedAt == nil && (c.reset || (c.finForward && c.finReply)) {
             c.closedAt = now
+            if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }
             c.timeline.closed = true
         }
     }
@@ -788,7 +797,9 @@ public final class Correlator {
         let start = c.firstSeenNanos
         var chosen: ConnectionState?
         var count = 0
-        for p in tunnels where p !== c && p !== excluding && !p.emitted && p.mergedInto == nil {
+        for i in tunnels.indices where tunnelBegan[i] <= start && tunnelClosed[i] >= start {
+            let p = tunnels[i]
+            guard p !== c && p !== excluding && !p.emitted && p.mergedInto == nil else { continue }
             // Begun before the connection: seen so, or seen only mid-stream (open before the capture began) while
             // the connection's own SYN was captured.
             guard p.responder.port == options.hbonePort, p.lastSeenNanos >= start,
@@ -968,6 +979,10 @@ public final class Correlator {
         keep.finReply = keep.finReply || gone.finReply
         keep.reset = keep.reset || gone.reset
         if keep.closedAt == nil { keep.closedAt = gone.closedAt }
+        if keep.tunnelIndex >= 0 {
+            tunnelBegan[keep.tunnelIndex] = .min
+            tunnelClosed[keep.tunnelIndex] = .max
+        }
         keep.timeline.closed = keep.timeline.closed || gone.timeline.closed
         keep.ztunnelMarkFrames += gone.ztunnelMarkFrames.prefix(max(0, 4 - keep.ztunnelMarkFrames.count))
         keep.sawZtunnelConnmark = keep.sawZtunnelConnmark || gone.sawZtunnelConnmark
@@ -999,7 +1014,8 @@ public final class Correlator {
         let t = c.tunnelIndex
         if t >= 0, t < tunnels.count, tunnels[t] === c {
             let last = tunnels.removeLast()
-            if last !== c { tunnels[t] = last; last.tunnelIndex = t }
+            let began = tunnelBegan.removeLast(), closed = tunnelClosed.removeLast()
+            if last !== c { tunnels[t] = last; tunnelBegan[t] = began; tunnelClosed[t] = closed; last.tunnelIndex = t }
             c.tunnelIndex = -1
         }
         let i = c.openIndex
