@@ -300,13 +300,11 @@ public final class Correlator {
                     addRemappedView(c, r, key: key)
                     return c
                 }
-            } else if let c = bySYN[SYNKey(addr: r.tuple.dst.addr, isn: r.tcpAck &- 1)], remappedReplyCompatible(c, r) {
+            } else if let c = bySYN[SYNKey(addr: r.tuple.dst.addr, isn: r.tcpAck &- 1)], remappable(c),
+                      isNATView(c), c.initiator.port != r.tuple.dst.port, !isRedirectTarget(r.tuple.src) {
                 // The app's view of the SYN-ACK (de-NATed on lo: original destination to the app's own port),
                 // with the SYN seen only redirected, through the remapped port.
-                c.natInitiator = c.initiator
-                c.initiator = r.tuple.dst
-                c.timeline.original.src = r.tuple.dst
-                byInitiator[InitiatorKey(proto: c.proto, endpoint: r.tuple.dst)] = c
+                adoptAppInitiator(c, r.tuple.dst)
                 addView(c, otherEnd: r.tuple.src, key: key)
                 return c
             }
@@ -314,37 +312,43 @@ public final class Correlator {
         return nil
     }
 
-    /// Whether a SYN-ACK to `c`'s initiator address, acknowledging `c`'s SYN, at another port, is `c`'s reply in
-    /// the app's view while `c` was seen only redirected.
-    private func remappedReplyCompatible(_ c: ConnectionState, _ r: PacketRecord) -> Bool {
-        guard !c.emitted, c.mergedInto == nil, c.natInitiator == nil, c.initiatorFromSYN, c.natResponder != nil,
-              !c.originalKnown, c.initiator.port != r.tuple.dst.port, !isRedirectTarget(r.tuple.src),
-              now - c.lastSeenNanos <= 2_000_000_000 else { return false }
-        return true
+    // A connection seen in one NAT view only: the app's (pre-NAT destination known, no redirect target yet) or the
+    // REDIRECTed one (to 127.0.0.1:15001 or the pod's :15006, the original destination not yet known).
+    private func isAppView(_ c: ConnectionState) -> Bool { c.natResponder == nil && c.originalKnown }
+    private func isNATView(_ c: ConnectionState) -> Bool { c.natResponder != nil && !c.originalKnown }
+
+    /// Whether `c`, found by its SYN in `bySYN`, may still take its other view through a remapped source port: open,
+    /// not yet joined so, begun by a SYN, and recent. The ISN makes the match; this keeps it to live connections.
+    private func remappable(_ c: ConnectionState) -> Bool {
+        !c.emitted && c.mergedInto == nil && c.natInitiator == nil && c.initiatorFromSYN
+            && now - c.lastSeenNanos <= 2_000_000_000
     }
 
     /// Whether a SYN with the ISN of `c`'s first SYN, from the same address but another port, is `c` in the other
     /// NAT view: one side is the app's pre-NAT view, the other the REDIRECTed one, and the kernel changed the
     /// source port on the way (its reply tuple would have clashed with another connection's).
     private func remappedViewCompatible(_ c: ConnectionState, _ r: PacketRecord) -> Bool {
-        guard !c.emitted, c.mergedInto == nil, c.natInitiator == nil, c.initiatorFromSYN,
-              c.initiator.port != r.tuple.src.port, now - c.lastSeenNanos <= 2_000_000_000 else { return false }
-        if isRedirectTarget(r.tuple.dst) {
-            return c.natResponder == nil && c.originalKnown   // c is the app's view, the SYN the redirected one
-        }
-        return c.natResponder != nil && !c.originalKnown       // c is the redirected view, the SYN the app's
+        guard remappable(c), c.initiator.port != r.tuple.src.port else { return false }
+        // The SYN redirected: c must be the app's view; the SYN the app's: c the redirected view.
+        return isRedirectTarget(r.tuple.dst) ? isAppView(c) : isNATView(c)
+    }
+
+    /// `c`, first seen through its remapped port, takes the app's own endpoint as its initiator.
+    private func adoptAppInitiator(_ c: ConnectionState, _ app: Endpoint) {
+        c.natInitiator = c.initiator
+        c.initiator = app
+        c.timeline.original.src = app
+        byInitiator[InitiatorKey(proto: c.proto, endpoint: app)] = c
     }
 
     /// Two connections that are one: the app's view (begun by the reply, say) and the REDIRECTed view through a
     /// remapped source port, whose SYNs carry the same ISN. Nil when they are not that pair.
     private func joinRemappedViews(_ x: ConnectionState, _ y: ConnectionState) -> ConnectionState? {
-        func appView(_ c: ConnectionState) -> Bool { c.natResponder == nil && c.originalKnown }
-        func natView(_ c: ConnectionState) -> Bool { c.natResponder != nil && !c.originalKnown }
-        guard x.proto == IPProto.tcp, y.proto == IPProto.tcp, !x.emitted, !y.emitted, x.mergedInto == nil, y.mergedInto == nil,
-              x.natInitiator == nil, y.natInitiator == nil, x.initiator.addr == y.initiator.addr,
-              x.initiator.port != y.initiator.port, abs(x.lastSeenNanos - y.lastSeenNanos) <= 2_000_000_000 else { return nil }
+        // `y` came from the SYN index (a TCP connection begun by its SYN); `x` is the connection this SYN was found on.
+        guard x.proto == IPProto.tcp, remappable(y), !x.emitted, x.mergedInto == nil, x.natInitiator == nil,
+              x.initiator.addr == y.initiator.addr, x.initiator.port != y.initiator.port else { return nil }
         let app: ConnectionState, nat: ConnectionState
-        if appView(x) && natView(y) { (app, nat) = (x, y) } else if appView(y) && natView(x) { (app, nat) = (y, x) } else { return nil }
+        if isAppView(x) && isNATView(y) { (app, nat) = (x, y) } else if isAppView(y) && isNATView(x) { (app, nat) = (y, x) } else { return nil }
         let appInitiator = app.initiator, appResponder = app.responder
         let natInitiator = nat.initiator, natResponder = nat.natResponder.unsafelyUnwrapped
         let (keep, gone) = x.id < y.id ? (x, y) : (y, x)
@@ -367,11 +371,7 @@ public final class Correlator {
         if isRedirectTarget(r.tuple.dst) {
             c.natInitiator = r.tuple.src
         } else {
-            // The connection was first seen redirected: its initiator becomes the app's own endpoint.
-            c.natInitiator = c.initiator
-            c.initiator = r.tuple.src
-            c.timeline.original.src = r.tuple.src
-            byInitiator[InitiatorKey(proto: c.proto, endpoint: r.tuple.src)] = c
+            adoptAppInitiator(c, r.tuple.src)   // first seen redirected
         }
         addView(c, otherEnd: r.tuple.dst, key: key)
     }
