@@ -64,7 +64,7 @@ public final class NetnsThread: @unchecked Sendable {
         guard fd >= 0 else {
             let e = errno
             // The label, not the path: a trace's path is its own handle on the netns (`NetnsPin`).
-            if e == EACCES || e == EPERM { throw MeshtraceError(.noPrivilege, "cannot open network namespace \(ref): run as root") }
+            if NetnsRef.isPermission(e) { throw NetnsRef.cannotOpen("network namespace \(ref)", path: nil, errno: e) }
             throw MeshtraceError(.noSuchNetns, "network namespace \(ref) does not exist")
         }
         defer { close(fd) }

@@ -41,8 +41,8 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
                 // Another user's process (or one an LSM hides from us): it exists, we may not enter its netns.
                 // Said as the privilege problem it is (exit 5), not "no process" (exit 4).
                 let e = errno
-                if (e == EACCES || e == EPERM), stat("/proc/\(pid)", &st) == 0 {
-                    throw MeshtraceError(.noPrivilege, "cannot open the network namespace of pid \(pid) (\(p): \(String(cString: strerror(e)))): run it as root")
+                if NetnsRef.isPermission(e), stat("/proc/\(pid)", &st) == 0 {
+                    throw NetnsRef.cannotOpen("the network namespace of pid \(pid)", path: p, errno: e)
                 }
                 throw MeshtraceError(.noSuchNetns, "no process \(pid): cannot find its network namespace (\(p))")
             }
@@ -56,9 +56,7 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
         var st = stat()
         guard stat(p, &st) == 0 else {
             let e = errno
-            if e == EACCES || e == EPERM {
-                throw MeshtraceError(.noPrivilege, "cannot open network namespace '\(netns)' (\(p): \(String(cString: strerror(e)))): run it as root")
-            }
+            if NetnsRef.isPermission(e) { throw NetnsRef.cannotOpen("network namespace '\(netns)'", path: p, errno: e) }
             throw MeshtraceError(.noSuchNetns, "network namespace '\(netns)' does not exist (\(p))")
         }
         try requireNamespaceFile(p, label: netns)
@@ -84,6 +82,15 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { label }
 
+    /// An open or stat of a namespace file refused for lack of privilege (exit 5), not for its absence.
+    static func isPermission(_ e: Int32) -> Bool { e == EACCES || e == EPERM }
+
+    /// The one line for a namespace meshtrace may not open: what, where (nil when the path is meshtrace's own handle,
+    /// which would mean nothing to the operator), and why.
+    static func cannotOpen(_ what: String, path: String?, errno e: Int32) -> MeshtraceError {
+        MeshtraceError(.noPrivilege, "cannot open \(what) (\(path.map { "\($0): " } ?? "")\(String(cString: strerror(e)))): run it as root")
+    }
+
     /// How to name this namespace again on the command line (`--pid N` or `--netns NAME|PATH`), for messages.
     public var commandLine: String { pid.map { "--pid \($0)" } ?? "--netns \(label)" }
 
@@ -103,7 +110,7 @@ public final class NetnsPin: @unchecked Sendable {
         let fd = open(netns.path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
             let e = errno
-            if e == EACCES || e == EPERM { throw MeshtraceError(.noPrivilege, "cannot open \(netns.path): run as root") }
+            if NetnsRef.isPermission(e) { throw NetnsRef.cannotOpen("network namespace \(netns)", path: netns.path, errno: e) }
             throw MeshtraceError(.noSuchNetns, "network namespace \(netns) went away (\(netns.path): \(String(cString: strerror(e))))")
         }
         self.fd = fd
