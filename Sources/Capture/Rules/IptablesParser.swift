@@ -301,9 +301,10 @@ struct IptablesParser {
         return inner.count == 2 && inner.allSatisfy { !$0.isEmpty && UInt64($0) != nil }
     }
 
+    /// A piece of a bad ruleset for an error line: at most 60 characters (`MeshtraceError` shows its control
+    /// characters as escapes, as it does for every message).
     static func excerpt(_ s: String) -> String {
-        let clean = String(s.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : Character($0) })
-        return clean.count > 60 ? String(clean.prefix(60)) + "…" : clean
+        s.count > 60 ? String(s.prefix(60)) + "…" : s
     }
 }
 

@@ -35,9 +35,11 @@ public struct MeshtraceError: Error, CustomStringConvertible, Sendable {
     public var message: String
     public init(_ code: ExitStatus, _ message: String) {
         self.code = code
-        // One line, always: a multi-line message from a tool's stderr is folded.
+        // One line, always: a multi-line message from a tool's stderr is folded. And nothing in it drives the
+        // terminal: a message may quote a bad ruleset line, a file name or a tool's output, whose control
+        // characters (C1 ones too) are shown as escapes.
         self.message = message.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }
-            .filter { !$0.isEmpty }.joined(separator: "; ")
+            .filter { !$0.isEmpty }.joined(separator: "; ").controlsEscaped
     }
     public var description: String { message }
 

@@ -6,11 +6,17 @@
 extension String {
     /// This text with C0 controls, DEL and C1 controls written as visible escapes (the backslash too, so the
     /// escaped form cannot be mistaken for text that was written that way); itself when it has none.
-    var printable: String {
-        guard unicodeScalars.contains(where: { $0.isControlCharacter || $0 == "\\" }) else { return self }
+    var printable: String { escapingControls(backslash: true) }
+
+    /// This text with its control characters written as visible escapes, backslashes left as they are: for a
+    /// message that only quotes outside text (`MeshtraceError`), where no name has to be read back.
+    var controlsEscaped: String { escapingControls(backslash: false) }
+
+    private func escapingControls(backslash: Bool) -> String {
+        guard unicodeScalars.contains(where: { $0.isControlCharacter || (backslash && $0 == "\\") }) else { return self }
         var out = ""
         for s in unicodeScalars {
-            if s == "\\" { out += "\\\\" }
+            if backslash && s == "\\" { out += "\\\\" }
             else if s.isControlCharacter {
                 out += s.value < 0x100 ? "\\x" + String(s.value, radix: 16, uppercase: false).leftPadded(2)
                                        : "\\u{" + String(s.value, radix: 16) + "}"

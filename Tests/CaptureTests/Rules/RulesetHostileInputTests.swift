@@ -35,6 +35,12 @@ final class RulesetHostileInputTests: XCTestCase {
         expectBadInput("\n \n", mentioning: "empty")
     }
 
+    /// The excerpt of a bad line in an error reaches the operator's terminal: its control characters, C1 ones too
+    /// (U+009B is a CSI on many terminals), are shown as escapes, the same way as a capture's names.
+    func testAnErrorShowsTheBadLinesControlCharactersAsEscapes() {
+        expectBadInput("*nat\n:OUTPUT ACCEPT [0:0]\n\u{9B}2J\u{1B}]0;x\u{7}\nCOMMIT\n", mentioning: "\\x9b2J\\x1b]0;x\\x07")
+    }
+
     func testHostileSizesDoNotHang() {
         let long = "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT " + String(repeating: "-p tcp ", count: 5000) + "-j ACCEPT\nCOMMIT\n"
         expectBadInput(long, mentioning: "line 3")
