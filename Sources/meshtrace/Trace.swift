@@ -18,7 +18,7 @@ struct Trace: ParsableCommand {
 
     @OptionGroup var pod: PodOptions
 
-    @Option(name: .long, help: "Stop after this many seconds (default: until Ctrl-C).")
+    @Option(name: .long, help: "Stop after tracing this many seconds, counted from when the twins are in (default: until Ctrl-C).")
     var duration: Double?
 
     @Option(name: .long, help: "NFLOG group for the twins (not 0; must be free in the pod's netns).")
@@ -95,7 +95,7 @@ struct Trace: ParsableCommand {
             if config.json {
                 // stdout stays JSON Lines; the live-only accounting goes to stderr as one line.
                 let l = outcome.losses
-                FileHandle.standardError.write(Data("meshtrace: trace \(String(format: "%.1f", outcome.seconds)) s, CPU \(String(format: "%.2f", outcome.cpuSeconds)) s (\(outcome.readerPrioritySaid)), \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets; events lost \(l.nflogEventsLost), capture drops \(l.pcapDropped)\n".utf8))
+                FileHandle.standardError.write(Data("meshtrace: trace \(String(format: "%.1f", outcome.tracedSeconds)) s traced (\(String(format: "%.1f", outcome.seconds)) s in all), CPU \(String(format: "%.2f", outcome.cpuSeconds)) s (\(outcome.readerPrioritySaid)), \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets; events lost \(l.nflogEventsLost), capture drops \(l.pcapDropped)\n".utf8))
                 for rule in outcome.plan.untwinned { FileHandle.standardError.write(Data("meshtrace: note: \(rule.said)\n".utf8)) }
                 if let note = outcome.twinsGoneNote { FileHandle.standardError.write(Data("meshtrace: note: \(note)\n".utf8)) }
                 if let note = outcome.netnsNote { FileHandle.standardError.write(Data("meshtrace: note: \(note)\n".utf8)) }

@@ -81,7 +81,10 @@ public struct TraceOutcome: Sendable {
     public var nflogEvents: UInt64
     public var packetsCaptured: UInt64
     public var traceSteps: UInt64
+    /// From the start (sockets opened, rules read and installed) to the end (rules removed, last records read).
     public var seconds: Double
+    /// From the moment the twins were in to the stop: the time events were collected, which `--duration` is.
+    public var tracedSeconds: Double = 0
     /// CPU time meshtrace itself used (user + system, all threads), what tracing cost the node beyond the kernel's
     /// share of sending the events.
     public var cpuSeconds: Double = 0
@@ -247,6 +250,9 @@ public final class LiveTracer: @unchecked Sendable {
             try? instrumenter.removeIfInstalled()
             throw error
         }
+        // --duration is the time traced: setting up (the rules read and installed, which may wait for the
+        // xtables lock) does not count against it.
+        let tracing = DispatchTime.now()
         var correlatorOptions = options.correlator
         correlatorOptions.showsOnlySelected = filter != nil
         correlator = Correlator(tags: tags, ruleset: instrumenter.ruleset, options: correlatorOptions, sink: reporter)
@@ -255,7 +261,8 @@ public final class LiveTracer: @unchecked Sendable {
 
         var kernel: [String: UInt64] = [:]
         var failures: [Error] = []
-        waitForStop(started: started)
+        waitForStop(started: tracing)
+        let tracedSeconds = Double(DispatchTime.now().uptimeNanoseconds - tracing.uptimeNanoseconds) / 1e9
         do { kernel = try instrumenter.kernelCounters() } catch { failures.append(error) }
         do { try removeTraceRules() } catch { failures.append(error) }
         do { try instrumenter.remove() } catch { failures.append(error) }
@@ -292,6 +299,7 @@ public final class LiveTracer: @unchecked Sendable {
                                    traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
                                    readerYielded: priority.yielded, readerRaises: priority.raises,
                                    stoppedBySignal: StopSignal.signalNumber)
+        outcome.tracedSeconds = tracedSeconds
         if !FileManager.default.fileExists(atPath: options.netns.path) {
             let what = options.netns.pid != nil ? "\(options.netns) exited" : "netns \(options.netns) was removed"
             outcome.netnsNote = "\(what) during the trace; meshtrace held the network namespace open and removed its rules through that handle"

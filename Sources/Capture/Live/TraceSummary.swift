@@ -7,7 +7,7 @@ public enum TraceSummaryText {
     public static func render(_ outcome: TraceOutcome, ruleset: Ruleset?) -> String {
         var out: [String] = []
         let s = outcome.summary
-        out.append("trace: \(String(format: "%.1f", outcome.seconds)) s (meshtrace CPU \(String(format: "%.2f", outcome.cpuSeconds)) s, \(outcome.readerPrioritySaid)), \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets captured"
+        out.append("trace: \(String(format: "%.1f", outcome.tracedSeconds)) s traced (\(String(format: "%.1f", outcome.seconds)) s with setting up and removing the rules; meshtrace CPU \(String(format: "%.2f", outcome.cpuSeconds)) s, \(outcome.readerPrioritySaid)), \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets captured"
                    + (outcome.traceSteps > 0 ? ", \(outcome.traceSteps) TRACE steps" : "")
                    + ", \(s.connections) connections"
                    + (s.connectionsFilteredOut.map { " (\($0) more not matching --filter)" } ?? "")

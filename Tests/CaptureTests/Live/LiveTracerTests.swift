@@ -348,6 +348,21 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertGreaterThan(outcome.summary.escapes, 0)
     }
 
+    /// `--duration` is the time traced, from when the twins are in: reading the rules and installing the twins
+    /// (tens of milliseconds here, up to the xtables lock's 5 s on a busy node) came off it.
+    func testDurationCountsFromWhenTheTwinsAreIn() throws {
+        let lab = try makeLab()
+        var options = TraceOptions(netns: lab.client.ref)
+        options.group = 5414
+        options.duration = 1
+        let tracer = try LiveTracer(options: options)
+        let outcome = try tracer.run(reporter: Reporter(sinks: [TraceRecordingSink()]))
+        XCTAssertGreaterThanOrEqual(outcome.tracedSeconds, 1.0)
+        XCTAssertLessThan(outcome.tracedSeconds, 3.0)
+        XCTAssertGreaterThan(outcome.seconds, outcome.tracedSeconds, "setting up and removing the rules are in the whole time")
+        XCTAssertEqual(outcome.stoppedBySignal, 0, "the duration ended it")
+    }
+
     func testNativeNftablesPodIsTracedAndLeftExactlyAsItWas() throws {
         let lab = try makeLab { $0.ruleset = .nftNative; $0.backend = .nftables }
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
