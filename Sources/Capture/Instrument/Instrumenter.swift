@@ -35,10 +35,12 @@ public final class Instrumenter: @unchecked Sendable {
     public func readHomes(withCounters: Bool = false) throws -> [SavedRules] {
         try requireTools()
         var out: [SavedRules] = []
-        for home in RuleHome.all {
-            let argv = withCounters ? home.saveWithCountersCommand : home.saveCommand
-            guard Command.which(argv[0]) != nil else { continue }
-            let r = try Command.run(argv, in: netns)
+        let present = RuleHome.all.map { home in (home, withCounters ? home.saveWithCountersCommand : home.saveCommand) }
+            .filter { Command.which($0.1[0]) != nil }
+        // Side by side: a trace reads them four times or more between its start and its end.
+        let results = Command.runAll(present.map(\.1), in: netns)
+        for ((home, argv), result) in zip(present, results) {
+            let r = try result.get()
             guard r.ok else {
                 if r.stderr.contains("Permission denied") || r.stderr.contains("Operation not permitted") {
                     throw MeshtraceError(.noPrivilege, "\(argv[0]) in netns \(netns): \(r.stderr)")
@@ -187,7 +189,8 @@ public final class Instrumenter: @unchecked Sendable {
 
     /// The original rules must read back identical, and each twin must sit right before its rule.
     func checkUnchanged() throws {
-        for saved in try readHomes() {
+        let homes = try readHomes()
+        for saved in homes {
             if let old = before[saved.home], old != saved.normalized {
                 throw MeshtraceError(.kernelRefused, "the original rules of \(saved.home) in netns \(netns) changed while the twins were added (istio-cni re-applying them?); rolled back")
             }
@@ -196,7 +199,7 @@ public final class Instrumenter: @unchecked Sendable {
             }
         }
         let expected = plan?.twins.count ?? 0
-        let found = try leftovers().count
+        let found = homes.reduce(0) { $0 + $1.ownRules.count }
         if found != expected {
             throw MeshtraceError(.kernelRefused, "expected \(expected) meshtrace rules in netns \(netns) after applying, found \(found); rolled back")
         }

@@ -164,6 +164,32 @@ public enum Command {
                       stderr: String(decoding: errData, as: UTF8.self))
     }
 
+    /// Runs each of `commands` (inside `netns` when given) side by side and returns their results in the same
+    /// order: a result, or the error `run` threw for it. For read-only programs that do not depend on each other
+    /// (the five rule dumps of a netns: one after another they took ~0.35 s, each a process entering the netns).
+    public static func runAll(_ commands: [[String]], in netns: NetnsRef? = nil) -> [Swift.Result<Result, Error>] {
+        guard commands.count > 1 else { return commands.map { argv in Swift.Result { try run(argv, in: netns) } } }
+        final class Slots: @unchecked Sendable {
+            let lock = NSLock()
+            var results: [Swift.Result<Result, Error>?]
+            init(_ n: Int) { results = Array(repeating: nil, count: n) }
+        }
+        let slots = Slots(commands.count)
+        let done = DispatchSemaphore(value: 0)
+        // Threads of their own, not the global queue: `run` waits there for its stderr reader.
+        for (i, argv) in commands.enumerated() {
+            let t = Thread {
+                let r = Swift.Result { try run(argv, in: netns) }
+                slots.lock.lock(); slots.results[i] = r; slots.lock.unlock()
+                done.signal()
+            }
+            t.start()
+        }
+        for _ in commands { done.wait() }
+        slots.lock.lock(); defer { slots.lock.unlock() }
+        return slots.results.map { $0! }
+    }
+
     /// Starts `argv` (inside `netns` when given) and returns at once: a program that runs beside the caller
     /// (tcpdump, a listener). Its stdin and stdout are /dev/null, its stderr `stderr` (else /dev/null); the caller
     /// ends it and waits for it.
