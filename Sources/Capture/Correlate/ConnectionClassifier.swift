@@ -22,6 +22,7 @@ extension Correlator {
         let redirectPort: UInt16? = {
             if let nat = c.natResponder { return nat.port }
             if case .redirected(let p, _)? = c.timeline.redirect { return p }
+            if case .tproxied(let p, _)? = c.timeline.redirect { return p }
             return nil
         }()
         let exempt = c.responder.addr.isLoopback || isProbe(c.responder.addr) || isProbe(c.initiator.addr)

@@ -476,6 +476,9 @@ public final class Correlator {
                 if !isRedirectWithOriginal(c.timeline.redirect) && forward {
                     c.timeline.redirect = .redirected(toPort: port, originalDestination: r.tuple.dst)
                 }
+            case .tproxy(let port, let mark):
+                // TPROXY leaves the destination as it was: no NAT view tells of it, only the hit.
+                if c.timeline.redirect == nil && forward { c.timeline.redirect = .tproxied(toPort: port, mark: mark) }
             case .connmarkRestore:
                 // The twin logs the packet before the restore: the mark it gets is the connection's connmark.
                 restoredMark = (nf.hasConntrack ? r.nflogFields.conntrack?.mark : nil) ?? (c.sawZtunnelConnmark ? options.ztunnelConnmark : nil)

@@ -386,6 +386,35 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertNotNil(sink.timeline(.ztunnelToApp))
     }
 
+    /// Istio 1.21-1.23 (and opt-in 1.24) capture inbound TCP with TPROXY in mangle ISTIO_PRERT: the packet keeps
+    /// its destination, so only the rule's hit tells that it was captured.
+    func testInboundPlaintextTPROXYedTo15006IsSaidEvenWhenZtunnelNeverConnectsToTheApp() throws {
+        var f = PacketFactory()
+        let text = "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x111/0xfff"
+        let tproxy = Rule(table: "mangle", chain: "ISTIO_PRERT", position: 1, family: .ipv4, backend: .iptablesNft, text: text,
+                          matchText: text, matches: [], target: .tproxy(onPort: 15006, onIP: IPAddress("0.0.0.0"), mark: 0x111, mask: 0xfff),
+                          role: .inboundCaptureTproxy)
+        let rules = Ruleset(tables: [Table(name: "mangle", family: .ipv4, backend: .iptablesNft,
+                                           chains: [Chain(name: "ISTIO_PRERT", rules: [tproxy])])], origin: "test")
+        let client = PacketFactory.ep("10.0.3.3", 43000)
+        let pod80 = PacketFactory.ep("10.0.1.5", 80)
+        var p: [PacketRecord] = []
+        p.append(f.packet(client, pod80, flags: [.syn], seq: 10, on: eth0, direction: .inbound))
+        p.append(f.nflog(client, pod80, flags: [.syn], seq: 10, hook: .prerouting, prefix: twin("mangle", "ISTIO_PRERT", 1, ruleset: rules), inIf: 2))
+        p.append(f.packet(pod80, client, flags: [.syn, .ack], seq: 70, ack: 11, on: eth0, direction: .outbound))
+        p.append(f.packet(client, pod80, flags: [.ack], seq: 11, ack: 71, on: eth0, direction: .inbound))
+        // ztunnel refuses it (an authorization policy): no connection into the app, a RST to the client.
+        f.advance(micros: 900)
+        p.append(f.packet(pod80, client, flags: [.rst, .ack], seq: 71, ack: 11, on: eth0, direction: .outbound))
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        XCTAssertEqual(summary.connections, 1)
+        let t = try XCTUnwrap(sink.timelines.first)
+        XCTAssertEqual(t.kind, .inboundPlaintext)
+        XCTAssertEqual(t.redirect, .tproxied(toPort: 15006, mark: 0x111))
+        XCTAssertEqual(t.original.dst, pod80)
+        XCTAssertTrue(t.aliases.isEmpty, "TPROXY makes no NAT view")
+    }
+
     func testALateNflogCopyOfAMissedSYNJoinsItsConnectionInsteadOfStartingANewOne() throws {
         // The interface capture missed ztunnel's handshake; its NFLOG copy (mark 0x539) arrives last, stamped a
         // second late as libpcap stamps NFLOG batches. It belongs to the HBONE connection already seen.
