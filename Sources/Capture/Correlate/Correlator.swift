@@ -77,6 +77,16 @@ public final class Correlator {
         self.tags = tags
         self.ruleset = ruleset
         givenInterfaceName = options.interfaceName.map { InterfaceName($0) }
+        var options = options
+        if let ruleset {
+            // The probe bypass rules name the address the node SNATs kubelet's probes to; a ruleset may use another
+            // than Istio's defaults (the ipv6 golden does). A default its rules do not name, for a family they
+            // name one of, is captured like any other client: taken for a probe, it hid ztunnel's hop.
+            let named = RulesetAnalysis(ruleset).variant.probeAddresses
+            if !named.isEmpty {
+                options.probeAddresses = named + options.probeAddresses.filter { d in !named.contains { $0.family == d.family } }
+            }
+        }
         self.options = options
         self.sink = sink
         context = EventContext(tags: tags, ruleset: ruleset)

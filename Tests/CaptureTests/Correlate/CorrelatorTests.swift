@@ -415,6 +415,50 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertTrue(t.aliases.isEmpty, "TPROXY makes no NAT view")
     }
 
+    /// The probe address is the one the pod's rules let bypass: Istio's ipv6 golden names another than the default
+    /// fd16:9254:7127:1337:ffff:ffff:ffff:ffff. From it a probe bypasses; from the default, a client is captured
+    /// like any other and its connection joined to ztunnel's leg into the app.
+    func testTheProbeAddressIsTheOneTheRulesetLetsBypass() throws {
+        let rules = try RulesetLoader.load(text: """
+            *nat
+            :PREROUTING ACCEPT [0:0]
+            :ISTIO_PRERT - [0:0]
+            -A PREROUTING -j ISTIO_PRERT
+            -A ISTIO_PRERT -s e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164/128 -p tcp -m tcp -j ACCEPT
+            -A ISTIO_PRERT ! -d ::1/128 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+            COMMIT
+
+            """, origin: "ip6tables-save")
+        func twin6(_ pos: Int) throws -> String {
+            let rule = try XCTUnwrap(rules.tables.first { $0.name == "nat" }?.chain("ISTIO_PRERT")?.rules[pos - 1])
+            return RuleTag(family: .v6, table: "nat", chain: "ISTIO_PRERT", position: .rule(pos),
+                           textHash: RuleTag.textHash(rule.canonicalText)).prefix
+        }
+        var f = PacketFactory()
+        let pod80 = PacketFactory.ep("fd00:10:244::210", 80)
+        let probe = PacketFactory.ep("e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164", 47045)
+        let client = PacketFactory.ep("fd16:9254:7127:1337:ffff:ffff:ffff:ffff", 41335)
+        let ztunnelAsClient = PacketFactory.ep("fd16:9254:7127:1337:ffff:ffff:ffff:ffff", 59889)
+        var p: [PacketRecord] = []
+        p.append(f.packet(probe, pod80, flags: [.syn], seq: 10, on: eth0, direction: .inbound))
+        p.append(f.nflog(probe, pod80, flags: [.syn], seq: 10, hook: .prerouting, prefix: try twin6(1), inIf: 2))
+        p.append(f.packet(pod80, probe, flags: [.syn, .ack], seq: 70, ack: 11, on: eth0, direction: .outbound))
+        f.advance(micros: 3_000)
+        p.append(f.packet(client, pod80, flags: [.syn], seq: 20, on: eth0, direction: .inbound))
+        p.append(f.nflog(client, pod80, flags: [.syn], seq: 20, hook: .prerouting, prefix: try twin6(2), inIf: 2))
+        p.append(f.packet(pod80, client, flags: [.syn, .ack], seq: 90, ack: 21, on: eth0, direction: .outbound))
+        f.advance(micros: 500)
+        p.append(f.packet(ztunnelAsClient, pod80, flags: [.syn], seq: 300, on: lo, direction: .outbound))
+        p.append(f.packet(pod80, ztunnelAsClient, flags: [.syn, .ack], seq: 800, ack: 301, on: lo, direction: .outbound))
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let kinds = Dictionary(sink.timelines.map { ($0.original.src, $0.kind) }, uniquingKeysWith: { a, _ in a })
+        XCTAssertEqual(kinds[probe], .probe)
+        XCTAssertEqual(kinds[client], .inboundPlaintext)
+        XCTAssertEqual(kinds[ztunnelAsClient], .ztunnelToApp)
+        let outer = try XCTUnwrap(sink.timelines.first { $0.original.src == client })
+        XCTAssertEqual(outer.hops.count, 1, "the captured client's connection is joined to ztunnel's leg")
+    }
+
     func testALateNflogCopyOfAMissedSYNJoinsItsConnectionInsteadOfStartingANewOne() throws {
         // The interface capture missed ztunnel's handshake; its NFLOG copy (mark 0x539) arrives last, stamped a
         // second late as libpcap stamps NFLOG batches. It belongs to the HBONE connection already seen.
