@@ -38,6 +38,7 @@ extension Correlator {
             if asInnerIn { return (.ztunnelToApp, []) }
             if asOuterIn { return (c.responder.port == o.hbonePort ? .hboneInbound : .inboundPlaintext, []) }
             if local && c.sawZtunnelMark && !c.responder.addr.isLoopback && !isLocal(c.responder.addr, pod: pod) {
+                if explainedByDNSProxy(c) { return (.dns, []) }
                 let kind: ConnectionKind = c.responder.port == o.hbonePort ? .hboneOutbound : .ztunnelPassthrough
                 guard leftPod || c.leftFrames.isEmpty else { return (kind, []) }
                 // No app connection in this capture explains ztunnel's mark on it. A tunnel to :15008 opened before

@@ -61,6 +61,8 @@ public final class Correlator {
     private var escapesKept = 0
     private var byDesignKept = 0
     private var redirectTargetPorts: Set<UInt16>
+    /// When the last few emitted connections redirected to ztunnel's DNS port began (`explainedByDNSProxy`).
+    private var dnsCaptureStarts: [Int64] = []
     /// Scratch memory for `sortEvents` (up to 1024 events), made once: a temporary allocation that size is a heap
     /// allocation, and one per re-sorted connection showed in the profile.
     private let sortKeys = UnsafeMutablePointer<(Int64, Int, Int)>.allocate(capacity: 1024)
@@ -1023,6 +1025,23 @@ public final class Correlator {
         gone.emitted = true
     }
 
+    /// An app's DNS query redirected to ztunnel's DNS proxy (15053).
+    func isCapturedDNS(_ c: ConnectionState) -> Bool {
+        if let nat = c.natResponder { return nat.port == options.dnsCapturePort }
+        if case .redirected(let p, _)? = c.timeline.redirect { return p == options.dnsCapturePort }
+        return false
+    }
+
+    /// ztunnel's DNS proxy asks the pod's resolver from its own sockets (mark 0x539), over TCP when the UDP answer
+    /// came back truncated (hickory's resolver, `src/dns/forwarder.rs`): such a connection to :53 is explained by an
+    /// app query captured to 15053 that began shortly before it (the hop window; its slack the other way).
+    func explainedByDNSProxy(_ c: ConnectionState) -> Bool {
+        guard c.responder.port == 53 else { return false }
+        let from = c.firstSeenNanos - options.hopWindowNanos, to = c.firstSeenNanos + options.hopSlackNanos
+        if dnsCaptureStarts.contains(where: { $0 >= from && $0 <= to }) { return true }
+        return open.contains { $0 !== c && $0.firstSeenNanos >= from && $0.firstSeenNanos <= to && isCapturedDNS($0) }
+    }
+
     private func removeFromOpen(_ c: ConnectionState) {
         let t = c.tunnelIndex
         if t >= 0, t < tunnels.count, tunnels[t] === c {
@@ -1125,6 +1144,10 @@ public final class Correlator {
         }
         let (kind, findings) = classify(c)
         t.kind = kind
+        if isCapturedDNS(c) {
+            if dnsCaptureStarts.count == 16 { dnsCaptureStarts.removeFirst() }
+            dnsCaptureStarts.append(c.firstSeenNanos)
+        }
         // With a filter: shown when a packet of its own matched, or one of a connection a hop joins it to (the
         // app's connection and ztunnel's leg for it are shown together, whichever matched).
         let shown = !options.showsOnlySelected || c.selected || c.hopLinks.contains { $0.outer.selected || $0.inner.selected }

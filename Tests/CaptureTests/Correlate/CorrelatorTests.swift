@@ -459,6 +459,48 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(outer.hops.count, 1, "the captured client's connection is joined to ztunnel's leg")
     }
 
+    /// ztunnel's DNS proxy retries a truncated answer over TCP from its own 0x539 socket (hickory's resolver): that
+    /// connection to the resolver's :53, right after an app query captured to 15053, is ztunnel's, not a forged mark.
+    /// The same connection with no captured query before it still is one.
+    func testZtunnelsTCPRetryOfAnAppsDNSQueryIsNotAForgedMark() throws {
+        var f = PacketFactory()
+        let resolver = PacketFactory.ep("10.96.0.10", 53)
+        let appQuery = PacketFactory.ep("10.0.1.5", 41000)
+        let proxy = PacketFactory.ep("127.0.0.1", 15053)
+        let upstreamUDP = PacketFactory.ep("10.0.1.5", 52000)
+        var p: [PacketRecord] = []
+        p.append(f.nflog(appQuery, resolver, proto: IPProto.udp, hook: .output,
+                         prefix: RuleTag(family: .v4, table: "nat", chain: "OUTPUT", position: .rule(1)).prefix, outIf: 2))
+        p.append(f.packet(appQuery, proxy, proto: IPProto.udp, on: lo, direction: .outbound))
+        f.advance(micros: 200)
+        p.append(f.nflog(upstreamUDP, resolver, proto: IPProto.udp, hook: .output,
+                         prefix: RuleTag(family: .v4, table: "raw", chain: "OUTPUT", position: .rule(1)).prefix, mark: 0x539, outIf: 2))
+        p.append(f.packet(upstreamUDP, resolver, proto: IPProto.udp, on: eth0, direction: .outbound))
+        p.append(f.packet(resolver, upstreamUDP, proto: IPProto.udp, on: eth0, direction: .inbound))
+        func tcpUpstream(_ port: UInt16, isn: UInt32) {
+            let z = PacketFactory.ep("10.0.1.5", port)
+            p.append(f.nflog(z, resolver, flags: [.syn], seq: isn, hook: .output,
+                             prefix: RuleTag(family: .v4, table: "nat", chain: "OUTPUT", position: .rule(1)).prefix, mark: 0x539, outIf: 2))
+            p.append(f.packet(z, resolver, flags: [.syn], seq: isn, on: eth0, direction: .outbound))
+            f.advance(micros: 100)
+            p.append(f.packet(resolver, z, flags: [.syn, .ack], seq: 900, ack: isn + 1, on: eth0, direction: .inbound))
+            p.append(f.packet(z, resolver, flags: [.fin, .ack], seq: isn + 1, ack: 901, on: eth0, direction: .outbound))
+            p.append(f.packet(resolver, z, flags: [.fin, .ack], seq: 901, ack: isn + 2, on: eth0, direction: .inbound))
+        }
+        f.advance(micros: 300)
+        tcpUpstream(53000, isn: 7000)
+        f.advance(micros: 5_000_000)
+        tcpUpstream(53001, isn: 8000)
+        let (sink, summary) = correlate(p, tags: f.tags)
+        let retry = try XCTUnwrap(sink.timelines.first { $0.original.src.port == 53000 })
+        XCTAssertEqual(retry.kind, .dns)
+        XCTAssertEqual(sink.timelines.first { $0.original.src == appQuery }?.redirect,
+                       .redirected(toPort: 15053, originalDestination: resolver))
+        XCTAssertEqual(sink.findings.map(\.findingClass), [.forgedZtunnelMark])
+        XCTAssertEqual(sink.findings.first?.tuple.src.port, 53001, "no query was captured before the later one")
+        XCTAssertEqual(summary.escapes, 1)
+    }
+
     func testALateNflogCopyOfAMissedSYNJoinsItsConnectionInsteadOfStartingANewOne() throws {
         // The interface capture missed ztunnel's handshake; its NFLOG copy (mark 0x539) arrives last, stamped a
         // second late as libpcap stamps NFLOG batches. It belongs to the HBONE connection already seen.
