@@ -868,10 +868,14 @@ public final class Correlator {
         // A tunnel to the same peer that was open already when the app's connection began, and carried packets while
         // it ran, could have carried it instead (ztunnel pools them): the fresh one is then not the only candidate.
         // Counted here, once per hop, when whether it carried packets afterwards is known.
-        let openTunnels = direction == .outbound ? (pooledTunnel(for: outer, outbound: true, excluding: inner)?.1 ?? 0) : 0
+        // Inbound likewise: an HBONE tunnel into the pod from the same client, open already when ztunnel's connection
+        // into the app began.
+        let openTunnels = direction == .outbound ? (pooledTunnel(for: outer, outbound: true, excluding: inner)?.1 ?? 0)
+                                                 : (pooledTunnel(for: inner, outbound: false, excluding: outer)?.1 ?? 0)
         let unique = candidates <= 1 && openTunnels == 0
         evidence.append(HopEvidence(openTunnels > 0
-            ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos)
+            ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos,
+                               outbound: direction == .outbound)
             : unique ? .onlyCandidate(windowNanos: options.hopWindowNanos)
             : .earliestCandidate(of: candidates, windowNanos: options.hopWindowNanos)))
         let confidence: Confidence
