@@ -22,6 +22,7 @@ extension Correlator {
         let redirectPort: UInt16? = {
             if let nat = c.natResponder { return nat.port }
             if case .redirected(let p, _)? = c.timeline.redirect { return p }
+            if case .tproxied(let p, _)? = c.timeline.redirect { return p }
             return nil
         }()
         let exempt = c.responder.addr.isLoopback || isProbe(c.responder.addr) || isProbe(c.initiator.addr)
@@ -37,6 +38,7 @@ extension Correlator {
             if asInnerIn { return (.ztunnelToApp, []) }
             if asOuterIn { return (c.responder.port == o.hbonePort ? .hboneInbound : .inboundPlaintext, []) }
             if local && c.sawZtunnelMark && !c.responder.addr.isLoopback && !isLocal(c.responder.addr, pod: pod) {
+                if explainedByDNSProxy(c) { return (.dns, []) }
                 let kind: ConnectionKind = c.responder.port == o.hbonePort ? .hboneOutbound : .ztunnelPassthrough
                 guard leftPod || c.leftFrames.isEmpty else { return (kind, []) }
                 // No app connection in this capture explains ztunnel's mark on it. A tunnel to :15008 opened before

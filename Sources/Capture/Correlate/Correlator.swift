@@ -61,6 +61,8 @@ public final class Correlator {
     private var escapesKept = 0
     private var byDesignKept = 0
     private var redirectTargetPorts: Set<UInt16>
+    /// When the last few emitted connections redirected to ztunnel's DNS port began (`explainedByDNSProxy`).
+    private var dnsCaptureStarts: [Int64] = []
     /// Scratch memory for `sortEvents` (up to 1024 events), made once: a temporary allocation that size is a heap
     /// allocation, and one per re-sorted connection showed in the profile.
     private let sortKeys = UnsafeMutablePointer<(Int64, Int, Int)>.allocate(capacity: 1024)
@@ -77,6 +79,16 @@ public final class Correlator {
         self.tags = tags
         self.ruleset = ruleset
         givenInterfaceName = options.interfaceName.map { InterfaceName($0) }
+        var options = options
+        if let ruleset {
+            // The probe bypass rules name the address the node SNATs kubelet's probes to; a ruleset may use another
+            // than Istio's defaults (the ipv6 golden does). A default its rules do not name, for a family they
+            // name one of, is captured like any other client: taken for a probe, it hid ztunnel's hop.
+            let named = RulesetAnalysis(ruleset).variant.probeAddresses
+            if !named.isEmpty {
+                options.probeAddresses = named + options.probeAddresses.filter { d in !named.contains { $0.family == d.family } }
+            }
+        }
         self.options = options
         self.sink = sink
         context = EventContext(tags: tags, ruleset: ruleset)
@@ -476,6 +488,9 @@ public final class Correlator {
                 if !isRedirectWithOriginal(c.timeline.redirect) && forward {
                     c.timeline.redirect = .redirected(toPort: port, originalDestination: r.tuple.dst)
                 }
+            case .tproxy(let port, let mark):
+                // TPROXY leaves the destination as it was: no NAT view tells of it, only the hit.
+                if c.timeline.redirect == nil && forward { c.timeline.redirect = .tproxied(toPort: port, mark: mark) }
             case .connmarkRestore:
                 // The twin logs the packet before the restore: the mark it gets is the connection's connmark.
                 restoredMark = (nf.hasConntrack ? r.nflogFields.conntrack?.mark : nil) ?? (c.sawZtunnelConnmark ? options.ztunnelConnmark : nil)
@@ -853,10 +868,14 @@ public final class Correlator {
         // A tunnel to the same peer that was open already when the app's connection began, and carried packets while
         // it ran, could have carried it instead (ztunnel pools them): the fresh one is then not the only candidate.
         // Counted here, once per hop, when whether it carried packets afterwards is known.
-        let openTunnels = direction == .outbound ? (pooledTunnel(for: outer, outbound: true, excluding: inner)?.1 ?? 0) : 0
+        // Inbound likewise: an HBONE tunnel into the pod from the same client, open already when ztunnel's connection
+        // into the app began.
+        let openTunnels = direction == .outbound ? (pooledTunnel(for: outer, outbound: true, excluding: inner)?.1 ?? 0)
+                                                 : (pooledTunnel(for: inner, outbound: false, excluding: outer)?.1 ?? 0)
         let unique = candidates <= 1 && openTunnels == 0
         evidence.append(HopEvidence(openTunnels > 0
-            ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos)
+            ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos,
+                               outbound: direction == .outbound)
             : unique ? .onlyCandidate(windowNanos: options.hopWindowNanos)
             : .earliestCandidate(of: candidates, windowNanos: options.hopWindowNanos)))
         let confidence: Confidence
@@ -1010,6 +1029,23 @@ public final class Correlator {
         gone.emitted = true
     }
 
+    /// An app's DNS query redirected to ztunnel's DNS proxy (15053).
+    func isCapturedDNS(_ c: ConnectionState) -> Bool {
+        if let nat = c.natResponder { return nat.port == options.dnsCapturePort }
+        if case .redirected(let p, _)? = c.timeline.redirect { return p == options.dnsCapturePort }
+        return false
+    }
+
+    /// ztunnel's DNS proxy asks the pod's resolver from its own sockets (mark 0x539), over TCP when the UDP answer
+    /// came back truncated (hickory's resolver, `src/dns/forwarder.rs`): such a connection to :53 is explained by an
+    /// app query captured to 15053 that began shortly before it (the hop window; its slack the other way).
+    func explainedByDNSProxy(_ c: ConnectionState) -> Bool {
+        guard c.responder.port == 53 else { return false }
+        let from = c.firstSeenNanos - options.hopWindowNanos, to = c.firstSeenNanos + options.hopSlackNanos
+        if dnsCaptureStarts.contains(where: { $0 >= from && $0 <= to }) { return true }
+        return open.contains { $0 !== c && $0.firstSeenNanos >= from && $0.firstSeenNanos <= to && isCapturedDNS($0) }
+    }
+
     private func removeFromOpen(_ c: ConnectionState) {
         let t = c.tunnelIndex
         if t >= 0, t < tunnels.count, tunnels[t] === c {
@@ -1112,6 +1148,10 @@ public final class Correlator {
         }
         let (kind, findings) = classify(c)
         t.kind = kind
+        if isCapturedDNS(c) {
+            if dnsCaptureStarts.count == 16 { dnsCaptureStarts.removeFirst() }
+            dnsCaptureStarts.append(c.firstSeenNanos)
+        }
         // With a filter: shown when a packet of its own matched, or one of a connection a hop joins it to (the
         // app's connection and ztunnel's leg for it are shown together, whichever matched).
         let shown = !options.showsOnlySelected || c.selected || c.hopLinks.contains { $0.outer.selected || $0.inner.selected }

@@ -18,7 +18,7 @@ extension HopEvidence {
         case onlyCandidate(windowNanos: Int64)
         case earliestCandidate(of: Int, windowNanos: Int64)
         /// A fresh join while `open` tunnels to the same peer, open already, could have carried the connection instead.
-        case alsoOpenTunnels(candidates: Int, open: Int, windowNanos: Int64)
+        case alsoOpenTunnels(candidates: Int, open: Int, windowNanos: Int64, outbound: Bool)
         /// A pooled join: the tunnel (the inner connection outbound, the outer inbound) was open already, since
         /// `openedBefore` before the connection it carried.
         case pooledTunnel(outbound: Bool, openedBefore: Int64)
@@ -75,12 +75,14 @@ extension HopEvidence {
             case .earliestCandidate(let n, let window):
                 w.words("one of "); w.signed(Int64(n)); w.words(" candidates within "); w.delta(window)
                 w.words("; the earliest was chosen")
-            case .alsoOpenTunnels(let n, let open, let window):
+            case .alsoOpenTunnels(let n, let open, let window, let outbound):
                 if n <= 1 { w.words("the only new candidate within ") } else {
                     w.words("one of "); w.signed(Int64(n)); w.words(" new candidates within ")
                 }
                 w.delta(window); w.words(", but "); w.signed(Int64(open))
-                w.words(open == 1 ? " tunnel" : " tunnels"); w.words(" to the same peer, open already, carried packets while it ran and may have carried it instead (pooled)")
+                w.words(open == 1 ? " tunnel" : " tunnels")
+                w.words(outbound ? " to the same peer" : " from the same client")
+                w.words(", open already, carried packets while it ran and may have carried it instead (pooled)")
                 if n > 1 { w.words("; the earliest was chosen") }
             case .pooledTunnel(let outbound, let opened):
                 w.words(outbound ? "inner" : "outer"); w.words(" connection (the tunnel) was open already, since ")

@@ -76,6 +76,8 @@ final class EventContext {
     enum ActionKind {
         case plain
         case redirect(UInt16)
+        /// TPROXY (the 1.21-1.23 inbound capture): the packet keeps its destination; the connection's redirect.
+        case tproxy(UInt16, UInt32?)
         case connmarkRestore
         case connmarkSet(UInt32)
     }
@@ -136,7 +138,7 @@ final class EventContext {
         switch actionKind(e.hitID) {
         case .redirect(let port): return .redirected(toPort: port, originalDestination: e.tuple.dst)
         case .connmarkRestore: return .connmarkRestored(e.hasRestoredMark ? e.restoredMark : nil)
-        case .plain, .connmarkSet: return nil
+        case .plain, .connmarkSet, .tproxy: return nil
         }
     }
 
@@ -168,7 +170,7 @@ final class EventContext {
         switch rule.target {
         case .redirect(let p):
             action = .redirected(toPort: p ?? 0, originalDestination: nil); kind = .redirect(p ?? 0)
-        case .tproxy(let port, _, let mark, _): action = .tproxied(toPort: port, mark: mark)
+        case .tproxy(let port, _, let mark, _): action = .tproxied(toPort: port, mark: mark); kind = .tproxy(port, mark)
         case .setMark(let v, _): action = .markSet(v)
         case .connmarkSet(let v, _): action = .connmarkSet(v); kind = .connmarkSet(v)
         case .connmarkRestore: action = .connmarkRestored(nil); kind = .connmarkRestore

@@ -42,9 +42,13 @@ public final class PacketCaptureTracing: LabTracing {
                 let i = Instrumenter(netns: pod.ref, settings: InstrumentationSettings(group: group), parse: Instrumenter.parseHome)
                 instrumenter = i
                 _ = try i.install()
-                try startCapture(tcpdump, iface: "nflog:\(group)", path: base + "-nflog.pcap", pod: pod)
+                // No -s: an NFLOG record is its TLVs (prefix, interfaces, a hardware header and a timestamp
+                // arriving) plus the twins' 128-byte copy of the packet, over 256 bytes for a full packet
+                // arriving; tcpdump writes it whole, but libpcap cuts each record to the file's snaplen when
+                // reading it back, and the cut records were lost to `analyze` ("partly decoded").
+                try startCapture(tcpdump, iface: "nflog:\(group)", snaplen: nil, path: base + "-nflog.pcap", pod: pod)
             }
-            try startCapture(tcpdump, iface: interface, path: base + "-\(interface).pcap", pod: pod)
+            try startCapture(tcpdump, iface: interface, snaplen: 256, path: base + "-\(interface).pcap", pod: pod)
         } catch {
             _ = try? stop()
             throw error
@@ -59,7 +63,7 @@ public final class PacketCaptureTracing: LabTracing {
         return text
     }
 
-    private func startCapture(_ tcpdump: String, iface: String, path: String, pod: LabPod) throws {
+    private func startCapture(_ tcpdump: String, iface: String, snaplen: Int?, path: String, pod: LabPod) throws {
         let err = path + ".err"
         FileManager.default.createFile(atPath: err, contents: nil)
         let p = Process()
@@ -67,8 +71,8 @@ public final class PacketCaptureTracing: LabTracing {
         // --immediate-mode: with TPACKET_V3 packets wait in a ring block until it retires (1 s); a SIGINT before that
         // drops them ("received by filter", never captured). -U: write each packet as it comes. -Z root: no privilege
         // drop (the file is in a root-owned directory).
-        p.arguments = ["--net=\(pod.ref.path)", "--", tcpdump, "-i", iface, "--immediate-mode", "-n", "-U", "-Z", "root",
-                       "-s", "256", "-w", path]
+        p.arguments = ["--net=\(pod.ref.path)", "--", tcpdump, "-i", iface, "--immediate-mode", "-n", "-U", "-Z", "root"]
+            + (snaplen.map { ["-s", String($0)] } ?? []) + ["-w", path]
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle(forWritingAtPath: err)
         try p.run()

@@ -386,6 +386,121 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertNotNil(sink.timeline(.ztunnelToApp))
     }
 
+    /// Istio 1.21-1.23 (and opt-in 1.24) capture inbound TCP with TPROXY in mangle ISTIO_PRERT: the packet keeps
+    /// its destination, so only the rule's hit tells that it was captured.
+    func testInboundPlaintextTPROXYedTo15006IsSaidEvenWhenZtunnelNeverConnectsToTheApp() throws {
+        var f = PacketFactory()
+        let text = "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x111/0xfff"
+        let tproxy = Rule(table: "mangle", chain: "ISTIO_PRERT", position: 1, family: .ipv4, backend: .iptablesNft, text: text,
+                          matchText: text, matches: [], target: .tproxy(onPort: 15006, onIP: IPAddress("0.0.0.0"), mark: 0x111, mask: 0xfff),
+                          role: .inboundCaptureTproxy)
+        let rules = Ruleset(tables: [Table(name: "mangle", family: .ipv4, backend: .iptablesNft,
+                                           chains: [Chain(name: "ISTIO_PRERT", rules: [tproxy])])], origin: "test")
+        let client = PacketFactory.ep("10.0.3.3", 43000)
+        let pod80 = PacketFactory.ep("10.0.1.5", 80)
+        var p: [PacketRecord] = []
+        p.append(f.packet(client, pod80, flags: [.syn], seq: 10, on: eth0, direction: .inbound))
+        p.append(f.nflog(client, pod80, flags: [.syn], seq: 10, hook: .prerouting, prefix: twin("mangle", "ISTIO_PRERT", 1, ruleset: rules), inIf: 2))
+        p.append(f.packet(pod80, client, flags: [.syn, .ack], seq: 70, ack: 11, on: eth0, direction: .outbound))
+        p.append(f.packet(client, pod80, flags: [.ack], seq: 11, ack: 71, on: eth0, direction: .inbound))
+        // ztunnel refuses it (an authorization policy): no connection into the app, a RST to the client.
+        f.advance(micros: 900)
+        p.append(f.packet(pod80, client, flags: [.rst, .ack], seq: 71, ack: 11, on: eth0, direction: .outbound))
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        XCTAssertEqual(summary.connections, 1)
+        let t = try XCTUnwrap(sink.timelines.first)
+        XCTAssertEqual(t.kind, .inboundPlaintext)
+        XCTAssertEqual(t.redirect, .tproxied(toPort: 15006, mark: 0x111))
+        XCTAssertEqual(t.original.dst, pod80)
+        XCTAssertTrue(t.aliases.isEmpty, "TPROXY makes no NAT view")
+    }
+
+    /// The probe address is the one the pod's rules let bypass: Istio's ipv6 golden names another than the default
+    /// fd16:9254:7127:1337:ffff:ffff:ffff:ffff. From it a probe bypasses; from the default, a client is captured
+    /// like any other and its connection joined to ztunnel's leg into the app.
+    func testTheProbeAddressIsTheOneTheRulesetLetsBypass() throws {
+        let rules = try RulesetLoader.load(text: """
+            *nat
+            :PREROUTING ACCEPT [0:0]
+            :ISTIO_PRERT - [0:0]
+            -A PREROUTING -j ISTIO_PRERT
+            -A ISTIO_PRERT -s e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164/128 -p tcp -m tcp -j ACCEPT
+            -A ISTIO_PRERT ! -d ::1/128 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+            COMMIT
+
+            """, origin: "ip6tables-save")
+        func twin6(_ pos: Int) throws -> String {
+            let rule = try XCTUnwrap(rules.tables.first { $0.name == "nat" }?.chain("ISTIO_PRERT")?.rules[pos - 1])
+            return RuleTag(family: .v6, table: "nat", chain: "ISTIO_PRERT", position: .rule(pos),
+                           textHash: RuleTag.textHash(rule.canonicalText)).prefix
+        }
+        var f = PacketFactory()
+        let pod80 = PacketFactory.ep("fd00:10:244::210", 80)
+        let probe = PacketFactory.ep("e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164", 47045)
+        let client = PacketFactory.ep("fd16:9254:7127:1337:ffff:ffff:ffff:ffff", 41335)
+        let ztunnelAsClient = PacketFactory.ep("fd16:9254:7127:1337:ffff:ffff:ffff:ffff", 59889)
+        var p: [PacketRecord] = []
+        p.append(f.packet(probe, pod80, flags: [.syn], seq: 10, on: eth0, direction: .inbound))
+        p.append(f.nflog(probe, pod80, flags: [.syn], seq: 10, hook: .prerouting, prefix: try twin6(1), inIf: 2))
+        p.append(f.packet(pod80, probe, flags: [.syn, .ack], seq: 70, ack: 11, on: eth0, direction: .outbound))
+        f.advance(micros: 3_000)
+        p.append(f.packet(client, pod80, flags: [.syn], seq: 20, on: eth0, direction: .inbound))
+        p.append(f.nflog(client, pod80, flags: [.syn], seq: 20, hook: .prerouting, prefix: try twin6(2), inIf: 2))
+        p.append(f.packet(pod80, client, flags: [.syn, .ack], seq: 90, ack: 21, on: eth0, direction: .outbound))
+        f.advance(micros: 500)
+        p.append(f.packet(ztunnelAsClient, pod80, flags: [.syn], seq: 300, on: lo, direction: .outbound))
+        p.append(f.packet(pod80, ztunnelAsClient, flags: [.syn, .ack], seq: 800, ack: 301, on: lo, direction: .outbound))
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let kinds = Dictionary(sink.timelines.map { ($0.original.src, $0.kind) }, uniquingKeysWith: { a, _ in a })
+        XCTAssertEqual(kinds[probe], .probe)
+        XCTAssertEqual(kinds[client], .inboundPlaintext)
+        XCTAssertEqual(kinds[ztunnelAsClient], .ztunnelToApp)
+        let outer = try XCTUnwrap(sink.timelines.first { $0.original.src == client })
+        XCTAssertEqual(outer.hops.count, 1, "the captured client's connection is joined to ztunnel's leg")
+    }
+
+    /// ztunnel's DNS proxy retries a truncated answer over TCP from its own 0x539 socket (hickory's resolver): that
+    /// connection to the resolver's :53, right after an app query captured to 15053, is ztunnel's, not a forged mark.
+    /// The same connection with no captured query before it still is one.
+    func testZtunnelsTCPRetryOfAnAppsDNSQueryIsNotAForgedMark() throws {
+        var f = PacketFactory()
+        let resolver = PacketFactory.ep("10.96.0.10", 53)
+        let appQuery = PacketFactory.ep("10.0.1.5", 41000)
+        let proxy = PacketFactory.ep("127.0.0.1", 15053)
+        let upstreamUDP = PacketFactory.ep("10.0.1.5", 52000)
+        var p: [PacketRecord] = []
+        p.append(f.nflog(appQuery, resolver, proto: IPProto.udp, hook: .output,
+                         prefix: RuleTag(family: .v4, table: "nat", chain: "OUTPUT", position: .rule(1)).prefix, outIf: 2))
+        p.append(f.packet(appQuery, proxy, proto: IPProto.udp, on: lo, direction: .outbound))
+        f.advance(micros: 200)
+        p.append(f.nflog(upstreamUDP, resolver, proto: IPProto.udp, hook: .output,
+                         prefix: RuleTag(family: .v4, table: "raw", chain: "OUTPUT", position: .rule(1)).prefix, mark: 0x539, outIf: 2))
+        p.append(f.packet(upstreamUDP, resolver, proto: IPProto.udp, on: eth0, direction: .outbound))
+        p.append(f.packet(resolver, upstreamUDP, proto: IPProto.udp, on: eth0, direction: .inbound))
+        func tcpUpstream(_ port: UInt16, isn: UInt32) {
+            let z = PacketFactory.ep("10.0.1.5", port)
+            p.append(f.nflog(z, resolver, flags: [.syn], seq: isn, hook: .output,
+                             prefix: RuleTag(family: .v4, table: "nat", chain: "OUTPUT", position: .rule(1)).prefix, mark: 0x539, outIf: 2))
+            p.append(f.packet(z, resolver, flags: [.syn], seq: isn, on: eth0, direction: .outbound))
+            f.advance(micros: 100)
+            p.append(f.packet(resolver, z, flags: [.syn, .ack], seq: 900, ack: isn + 1, on: eth0, direction: .inbound))
+            p.append(f.packet(z, resolver, flags: [.fin, .ack], seq: isn + 1, ack: 901, on: eth0, direction: .outbound))
+            p.append(f.packet(resolver, z, flags: [.fin, .ack], seq: 901, ack: isn + 2, on: eth0, direction: .inbound))
+        }
+        f.advance(micros: 300)
+        tcpUpstream(53000, isn: 7000)
+        f.advance(micros: 5_000_000)
+        tcpUpstream(53001, isn: 8000)
+        let (sink, summary) = correlate(p, tags: f.tags)
+        let retry = try XCTUnwrap(sink.timelines.first { $0.original.src.port == 53000 })
+        XCTAssertEqual(retry.kind, .dns)
+        XCTAssertEqual(sink.timelines.first { $0.original.src == appQuery }?.redirect,
+                       .redirected(toPort: 15053, originalDestination: resolver))
+        XCTAssertEqual(sink.findings.map(\.findingClass), [.forgedZtunnelMark])
+        XCTAssertEqual(sink.findings.first?.tuple.src.port, 53001, "no query was captured before the later one")
+        XCTAssertEqual(summary.escapes, 1)
+    }
+
     func testALateNflogCopyOfAMissedSYNJoinsItsConnectionInsteadOfStartingANewOne() throws {
         // The interface capture missed ztunnel's handshake; its NFLOG copy (mark 0x539) arrives last, stamped a
         // second late as libpcap stamps NFLOG batches. It belongs to the HBONE connection already seen.

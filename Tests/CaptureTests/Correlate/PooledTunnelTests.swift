@@ -323,6 +323,41 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(hop.evidence.first { $0.kind == "unique" }?.detail, "one of 2 open tunnels that fit; the newest was chosen")
     }
 
+    func testAFreshInboundTunnelJoinSaysATunnelOpenAlreadyCouldHaveCarriedIt() throws {
+        // The server side of concurrent requests with --pool-tunnels: ztunnel's connection into the app came through
+        // a tunnel from the client open for seconds, while the client's ztunnel opened a second tunnel for another
+        // request. The app leg was joined to the new tunnel as 'the only candidate within 2.0 s', high confidence
+        // (in a lab run, 3 of 8 app legs were so joined, all wrongly); the outbound side already said better.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let peer = CorrelatorTests.hbonePeer, podHBONE = CorrelatorTests.podHBONE, appPort = CorrelatorTests.appPort
+        let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
+        let secondTunnel = PacketFactory.ep("10.0.2.2", 41001)
+        let ztunnelAsPeer = PacketFactory.ep("10.0.2.2", 42000)
+        var p = CorrelatorTests.inboundHandshake(&f)
+        f.advance(micros: 5_000_000)
+        p.append(f.packet(secondTunnel, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound))
+        p.append(f.packet(podHBONE, secondTunnel, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound))
+        f.advance(micros: 100)
+        p.append(f.packet(peer, podHBONE, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound))
+        f.advance(micros: 200)
+        p.append(f.nflog(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1))
+        p.append(f.packet(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, on: lo, direction: .outbound))
+        p.append(f.packet(appPort, ztunnelAsPeer, flags: [.syn, .ack], seq: 900, ack: 501, on: lo, direction: .outbound))
+        p.append(f.packet(ztunnelAsPeer, appPort, flags: [.ack, .psh], seq: 501, ack: 901, payload: 60, on: lo, direction: .outbound))
+        f.advance(micros: 300)
+        p.append(f.packet(podHBONE, peer, flags: [.ack, .psh], seq: 101, ack: 122, payload: 200, on: eth0, direction: .outbound))
+        p.append(f.packet(ztunnelAsPeer, appPort, flags: [.fin, .ack], seq: 561, ack: 901, on: lo, direction: .outbound))
+        p.append(f.packet(appPort, ztunnelAsPeer, flags: [.fin, .ack], seq: 901, ack: 562, on: lo, direction: .outbound))
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let leg = try XCTUnwrap(sink.timeline(.ztunnelToApp))
+        let hop = try XCTUnwrap(leg.hops.first)
+        XCTAssertEqual(hop.outer, try connection(from: secondTunnel, in: sink).id, "the fresh join is kept (timing)")
+        XCTAssertEqual(hop.confidence, .medium)
+        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "unique" }?.detail)
+        XCTAssertTrue(words.contains("1 tunnel from the same client, open already"), words)
+    }
+
     func testALaterStreamOfAnInboundTunnelIsJoinedToIt() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
