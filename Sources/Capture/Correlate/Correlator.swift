@@ -61,8 +61,9 @@ public final class Correlator {
     private var escapesKept = 0
     private var byDesignKept = 0
     private var redirectTargetPorts: Set<UInt16>
-    /// When the last few emitted connections redirected to ztunnel's DNS port began (`explainedByDNSProxy`).
-    private var dnsCaptureStarts: [Int64] = []
+    /// When the last few emitted connections redirected to ztunnel's DNS port began, and the resolver each asked
+    /// (`explainedByDNSProxy`).
+    private var dnsCaptureStarts: [(start: Int64, resolver: IPAddress)] = []
     /// Scratch memory for `sortEvents` (up to 1024 events), made once: a temporary allocation that size is a heap
     /// allocation, and one per re-sorted connection showed in the profile.
     private let sortKeys = UnsafeMutablePointer<(Int64, Int, Int)>.allocate(capacity: 1024)
@@ -1038,12 +1039,15 @@ public final class Correlator {
 
     /// ztunnel's DNS proxy asks the pod's resolver from its own sockets (mark 0x539), over TCP when the UDP answer
     /// came back truncated (hickory's resolver, `src/dns/forwarder.rs`): such a connection to :53 is explained by an
-    /// app query captured to 15053 that began shortly before it (the hop window; its slack the other way).
+    /// app query to the same resolver, captured to 15053, that began shortly before it (the hop window; its slack
+    /// the other way). Only the same resolver: a 0x539 connection to another host's :53 stays a finding.
     func explainedByDNSProxy(_ c: ConnectionState) -> Bool {
         guard c.responder.port == 53 else { return false }
         let from = c.firstSeenNanos - options.hopWindowNanos, to = c.firstSeenNanos + options.hopSlackNanos
-        if dnsCaptureStarts.contains(where: { $0 >= from && $0 <= to }) { return true }
-        return open.contains { $0 !== c && $0.firstSeenNanos >= from && $0.firstSeenNanos <= to && isCapturedDNS($0) }
+        let resolver = c.responder.addr
+        if dnsCaptureStarts.contains(where: { $0.start >= from && $0.start <= to && $0.resolver == resolver }) { return true }
+        return open.contains { $0 !== c && $0.firstSeenNanos >= from && $0.firstSeenNanos <= to && isCapturedDNS($0)
+            && $0.responder.addr == resolver }
     }
 
     private func removeFromOpen(_ c: ConnectionState) {
@@ -1150,7 +1154,7 @@ public final class Correlator {
         t.kind = kind
         if isCapturedDNS(c) {
             if dnsCaptureStarts.count == 16 { dnsCaptureStarts.removeFirst() }
-            dnsCaptureStarts.append(c.firstSeenNanos)
+            dnsCaptureStarts.append((c.firstSeenNanos, c.responder.addr))
         }
         // With a filter: shown when a packet of its own matched, or one of a connection a hop joins it to (the
         // app's connection and ztunnel's leg for it are shown together, whichever matched).

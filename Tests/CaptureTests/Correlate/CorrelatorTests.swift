@@ -477,7 +477,7 @@ final class CorrelatorTests: XCTestCase {
                          prefix: RuleTag(family: .v4, table: "raw", chain: "OUTPUT", position: .rule(1)).prefix, mark: 0x539, outIf: 2))
         p.append(f.packet(upstreamUDP, resolver, proto: IPProto.udp, on: eth0, direction: .outbound))
         p.append(f.packet(resolver, upstreamUDP, proto: IPProto.udp, on: eth0, direction: .inbound))
-        func tcpUpstream(_ port: UInt16, isn: UInt32) {
+        func tcpUpstream(_ port: UInt16, isn: UInt32, to resolver: Endpoint = resolver) {
             let z = PacketFactory.ep("10.0.1.5", port)
             p.append(f.nflog(z, resolver, flags: [.syn], seq: isn, hook: .output,
                              prefix: RuleTag(family: .v4, table: "nat", chain: "OUTPUT", position: .rule(1)).prefix, mark: 0x539, outIf: 2))
@@ -489,6 +489,8 @@ final class CorrelatorTests: XCTestCase {
         }
         f.advance(micros: 300)
         tcpUpstream(53000, isn: 7000)
+        // The same right after, to another host's :53: no query to it explains ztunnel's mark there.
+        tcpUpstream(53002, isn: 9000, to: PacketFactory.ep("203.0.113.53", 53))
         f.advance(micros: 5_000_000)
         tcpUpstream(53001, isn: 8000)
         let (sink, summary) = correlate(p, tags: f.tags)
@@ -496,9 +498,10 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(retry.kind, .dns)
         XCTAssertEqual(sink.timelines.first { $0.original.src == appQuery }?.redirect,
                        .redirected(toPort: 15053, originalDestination: resolver))
-        XCTAssertEqual(sink.findings.map(\.findingClass), [.forgedZtunnelMark])
-        XCTAssertEqual(sink.findings.first?.tuple.src.port, 53001, "no query was captured before the later one")
-        XCTAssertEqual(summary.escapes, 1)
+        XCTAssertEqual(sink.findings.map(\.findingClass), [.forgedZtunnelMark, .forgedZtunnelMark])
+        XCTAssertEqual(Set(sink.findings.map(\.tuple.src.port)), [53002, 53001],
+                       "no query to 203.0.113.53 was captured, and none before the later one")
+        XCTAssertEqual(summary.escapes, 2)
     }
 
     func testALateNflogCopyOfAMissedSYNJoinsItsConnectionInsteadOfStartingANewOne() throws {
