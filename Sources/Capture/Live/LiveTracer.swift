@@ -300,8 +300,12 @@ public final class LiveTracer: @unchecked Sendable {
                                    readerYielded: priority.yielded, readerRaises: priority.raises,
                                    stoppedBySignal: StopSignal.signalNumber)
         outcome.tracedSeconds = tracedSeconds
-        if !FileManager.default.fileExists(atPath: options.netns.path) {
-            let what = options.netns.pid != nil ? "\(options.netns) exited" : "netns \(options.netns) was removed"
+        if !pin.isNamed(by: options.netns.path) {
+            // Gone, or the name now means another namespace: a pid reused, a netns made again under its name.
+            let again = FileManager.default.fileExists(atPath: options.netns.path)
+            let what = options.netns.pid != nil
+                ? "\(options.netns) exited" + (again ? " (its number is another process's now)" : "")
+                : "netns \(options.netns) was removed" + (again ? " (and another made under its name, untouched)" : "")
             outcome.netnsNote = "\(what) during the trace; meshtrace held the network namespace open and removed its rules through that handle"
         }
         pcap?.close()

@@ -118,6 +118,14 @@ public final class NetnsPin: @unchecked Sendable {
     }
 
     deinit { close(fd) }
+
+    /// Whether `path` still names the namespace held here (the same nsfs inode). False when it is gone, or names
+    /// another one now: a netns deleted and made again under the same name, or a pid that exited and was reused.
+    public func isNamed(by path: String) -> Bool {
+        var held = stat(), named = stat()
+        guard fstat(fd, &held) == 0, stat(path, &named) == 0 else { return false }
+        return held.st_dev == named.st_dev && held.st_ino == named.st_ino
+    }
 }
 
 /// Runs external programs (iptables-save, nft, ip, ...), optionally inside a netns, and captures their output.

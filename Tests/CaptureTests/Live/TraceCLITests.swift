@@ -622,6 +622,26 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertTrue(out.contains("note: pid \(app.processIdentifier) exited during the trace"), out)
     }
 
+    /// A named netns deleted and made again under its name during the trace: the twins came out of the one traced
+    /// (through meshtrace's own handle), the new one is untouched, and the summary says the name changed hands
+    /// (it said nothing: only a name that no longer existed was noticed).
+    func testANetnsMadeAgainUnderItsNameDuringTheTraceIsSaidAndLeftAlone() throws {
+        let ns = try seededNetns()
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5531", "--duration", "60", "--quiet"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        usleep(500_000)   // past the check that the rules went in as planned: the trace is running
+        XCTAssertTrue(try Command.run(["ip", "netns", "del", ns.name]).ok)
+        XCTAssertTrue(try Command.run(["ip", "netns", "add", ns.name]).ok)
+        let fresh = try Command.run(["iptables-save"], in: ns.ref).stdout
+        kill(p.processIdentifier, SIGINT)
+        guard waitForExit(p) else { return XCTFail("trace did not exit after SIGINT") }
+        let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        XCTAssertEqual(p.terminationStatus, 0, out)
+        XCTAssertTrue(out.contains("note: netns \(ns.name) was removed (and another made under its name, untouched) during the trace"), out)
+        XCTAssertEqual(try Command.run(["iptables-save"], in: ns.ref).stdout, fresh, "the new netns was touched")
+    }
+
     /// A path that exists but is not a network namespace: one clear line and exit 4 from every command, never a
     /// hang. (`trace --netns /etc/passwd` used to wait forever: its netns thread could not enter the file, so it
     /// never said whether its sockets opened, and a trace takes SIGTERM as a request to stop once it runs.)
