@@ -87,7 +87,7 @@ public final class Instrumenter: @unchecked Sendable {
         if let ownGroup { groups.remove(ownGroup) }
         guard !groups.isEmpty, let live = try? Instrumenter.boundNflogGroups(in: netns),
               let busy = groups.intersection(live).sorted().first else { return }
-        throw MeshtraceError(.leftovers, "netns \(netns) is being traced right now: \(own.count) meshtrace rules log to NFLOG group \(busy), which a process is reading (another meshtrace trace?); \(advice ?? "wait for it to end (only `meshtrace cleanup --force` takes its rules away)")")
+        throw MeshtraceError(.leftovers, "netns \(netns) is being traced right now: \(own.count) meshtrace rules log to NFLOG group \(busy), which a process is reading (another meshtrace trace, or `tcpdump -i nflog:\(busy)` collecting the twins of `meshtrace plan`); \(advice ?? "wait for it to end (only `meshtrace cleanup --force` takes its rules away)")")
     }
 
     /// The NFLOG groups a process has bound in the netns: the kernel lists each nfnetlink_log instance in the
