@@ -34,17 +34,23 @@ enum IPDecoder {
             return
         }
         let headerLength = Int(verIHL & 0x0f) * 4
-        guard headerLength >= 20, Int(totalLength) >= headerLength else {
+        var ipLength = Int(totalLength)
+        if ipLength == 0 && (proto == IPProto.tcp || proto == IPProto.udp) {
+            // Linux BIG TCP (and TSO seen before segmentation): a packet above 64 KiB has total length 0; its
+            // length is the frame's (tcpdump: "presumed BIG TCP").
+            ipLength = bigPacketLength(captured: captured, r, rec)
+        }
+        guard headerLength >= 20, ipLength >= headerLength else {
             rec.notes.insert(.badIPHeader)
             return
         }
-        rec.ipLength = UInt32(totalLength)
+        rec.ipLength = UInt32(ipLength)
         rec.ipID = UInt32(id)
         rec.ttl = ttl
         rec.tuple.proto = proto
         rec.tuple.src.addr = IPAddress(v4: src)
         rec.tuple.dst.addr = IPAddress(v4: dst)
-        let cut = captured < Int(totalLength)
+        let cut = captured < ipLength
         if headerLength > 20 {
             rec.notes.insert(.ipOptions)
             guard r.skip(headerLength - 20) else {
@@ -60,7 +66,7 @@ enum IPDecoder {
             rec.notes.insert(.nonFirstFragment)
             return
         }
-        let l4Length = Int(totalLength) - headerLength
+        let l4Length = ipLength - headerLength
         // Ethernet pads short frames: read no further than the IP packet.
         var l4 = r.subReader(upTo: l4Length)
         transport(proto: proto, &l4, l4Length: l4Length, cut: cut, into: &rec)
@@ -81,12 +87,22 @@ enum IPDecoder {
             rec.notes.insert(.badIPHeader)
             return
         }
-        rec.ipLength = 40 + UInt32(payloadLength)
         rec.ttl = hopLimit
         rec.tuple.src.addr = IPAddress(v6: srcHi, srcLo)
         rec.tuple.dst.addr = IPAddress(v6: dstHi, dstLo)
-        let cut = captured < 40 + Int(payloadLength)
         var l4Length = Int(payloadLength)
+        if payloadLength == 0 {
+            // A jumbogram (RFC 2675: the length is in a hop-by-hop Jumbo Payload option), or Linux BIG TCP, which
+            // leaves the option out of what a capture sees: TCP or UDP right after the header, a frame above 64 KiB.
+            if next == 0, let jumbo = jumboPayloadLength(r) {
+                l4Length = jumbo
+            } else if next == IPProto.tcp || next == IPProto.udp {
+                let frame = bigPacketLength(captured: captured, r, rec)
+                if frame > 65_535 { l4Length = frame - 40 }
+            }
+        }
+        rec.ipLength = 40 + UInt32(l4Length)
+        let cut = captured < 40 + l4Length
         var walked = 0
         walk: while true {
             switch next {
@@ -142,6 +158,32 @@ enum IPDecoder {
         // 50 (ESP) and 59 (no next header) end here: nothing readable follows.
         var l4 = r.subReader(upTo: l4Length)
         transport(proto: next, &l4, l4Length: l4Length, cut: cut, into: &rec)
+    }
+
+    /// The IP packet's length on the wire, from the frame's: what is left of the capture at the IP header
+    /// (`captured`) plus what the snaplen cut off. An NFLOG payload has no wire length of its own: what it holds.
+    private static func bigPacketLength(captured: Int, _ r: ByteReader, _ rec: PacketRecord) -> Int {
+        // `r` is the frame (a link decoder's reader) unless the packet came in an NFLOG record.
+        guard !rec.hasNflog else { return captured }
+        return captured + max(0, Int(rec.wireLength) - r.bytes.count)
+    }
+
+    /// The Jumbo Payload option's length (IPv6 payload after the fixed header) when the hop-by-hop header at the
+    /// reader's position has one; nil otherwise or when the header is not all captured.
+    private static func jumboPayloadLength(_ r: ByteReader) -> Int? {
+        var h = r
+        guard h.skip(1), let lengthByte = h.u8() else { return nil }
+        var options = h.subReader(upTo: (Int(lengthByte) + 1) * 8 - 2)
+        while let type = options.u8() {
+            if type == 0 { continue }  // Pad1
+            guard let length = options.u8() else { return nil }
+            if type == 0xc2 && length == 4 {
+                guard let jumbo = options.be32() else { return nil }
+                return Int(jumbo)
+            }
+            guard options.skip(Int(length)) else { return nil }
+        }
+        return nil
     }
 
     private static func transport(proto: UInt8, _ r: inout ByteReader, l4Length: Int, cut: Bool, into rec: inout PacketRecord) {
