@@ -178,7 +178,8 @@ enum IPDecoder {
             if type == 0 { continue }  // Pad1
             guard let length = options.u8() else { return nil }
             if type == 0xc2 && length == 4 {
-                guard let jumbo = options.be32() else { return nil }
+                // RFC 2675: above 65535; the bound keeps 40 + the length within the record's UInt32.
+                guard let jumbo = options.be32(), jumbo > 65_535, jumbo <= UInt32.max - 40 else { return nil }
                 return Int(jumbo)
             }
             guard options.skip(Int(length)) else { return nil }

@@ -412,6 +412,14 @@ final class HostileInputTests: XCTestCase {
         XCTAssertEqual(rj.payloadLength, UInt32(payload))
         XCTAssertEqual(rj.notes, [.ipv6ExtensionHeaders])
 
+        // A hostile jumbo length (the largest, or one the option may not carry) is not taken: no trap, no length.
+        for bogus: UInt32 in [0xffff_ffff, 0xffff_ffd8, 1000] {
+            var bad = jumbo
+            bad.replaceSubrange(52..<56, with: Frame.be32(bogus))
+            let rb = decoder.decodeFrame(Array(bad.prefix(100)), linkType: LinkType.ipv6, wireLength: bad.count)
+            XCTAssertEqual(rb.ipLength, 40, "jumbo \(bogus)")
+        }
+
         // UDP above 64 KiB (a tunnel carrying BIG TCP) has UDP length 0 too.
         var udp = Frame.udp(sport: 55411, dport: 6081, payload: payload)
         udp[4] = 0; udp[5] = 0
