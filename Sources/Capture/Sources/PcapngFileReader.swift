@@ -151,6 +151,13 @@ final class PcapngFileReader {
             let body = 8..<(length - 4)
             switch type {
             case PcapngFileReader.sectionHeaderType:
+                // Version 1.0, or 1.2 (written by some old libpcap), as libpcap accepts: another version's blocks
+                // need not mean what they mean in 1.0.
+                guard length >= 28 else { return .damaged("short section header block") }
+                let major = u16(12), minor = u16(14)
+                guard major == 1 && (minor == 0 || minor == 2) else {
+                    return .damaged("unsupported pcapng version \(major).\(minor) in section \(sectionsRead)")
+                }
                 continue
             case 1:
                 guard let interface = parseInterface(body) else { return .damaged("bad interface description block") }

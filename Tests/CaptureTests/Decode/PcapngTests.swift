@@ -143,6 +143,26 @@ final class PcapngTests: XCTestCase {
         XCTAssertEqual(e?.code, .badInput)
         XCTAssertTrue(e?.message.contains("link type 147") ?? false, e?.message ?? "")
 
+        // A version other than 1.0 (or libpcap's 1.2): libpcap's pcapng-invalid-vers-1/2.pcapng (0.1, 1.1) were
+        // read as 1.0. Unusable in the first section; damage in a later one, after what came before.
+        for (major, minor) in [(0, 1), (1, 1), (2, 0)] {
+            var other = base
+            other.replaceSubrange(12..<16, with: good.u16(major) + good.u16(minor))
+            let v = openError(other, "v\(major).\(minor).pcapng")
+            XCTAssertEqual(v?.code, .badInput)
+            XCTAssertTrue(v?.message.contains("unsupported pcapng version \(major).\(minor)") ?? false, v?.message ?? "")
+            var later = good
+            later.addRaw(Array(other.prefix(28)))
+            let l = try read(later.bytes, "later-v\(major).\(minor).pcapng")
+            XCTAssertEqual(l.records.count, 2)
+            XCTAssertEqual(l.damage?.code, .damagedInput)
+            XCTAssertTrue(l.damage?.message.contains("unsupported pcapng version \(major).\(minor) in section 2") ?? false,
+                          l.damage?.message ?? "")
+        }
+        var v12 = base
+        v12.replaceSubrange(14..<16, with: good.u16(2))
+        XCTAssertEqual(try read(v12, "v1.2.pcapng").records.count, 2)
+
         // Random corruption of a valid file: records or damage, never a crash or a hang.
         var rng = SeededGenerator(seed: 99)
         for i in 0..<300 {
