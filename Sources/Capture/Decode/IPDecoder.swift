@@ -1,7 +1,7 @@
 // IPv4 and IPv6 headers (with IPv6 extension headers), then the transport layer inside.
-// Lengths come from the IP header; the captured bytes only decide how far decoding gets. When the
-// capture is shorter than the packet (snaplen, `--nflog-size`), a truncation is also marked `.snaplenCut`
-// so a reader can tell "the copy was cut" from "the packet is malformed".
+// Lengths come from the IP header; the captured bytes only decide how far decoding gets. When an NFLOG
+// payload is shorter than its packet (`--nflog-size`), a truncation is also marked `.snaplenCut` so a reader
+// can tell "the copy was cut" from "the packet is malformed" (`PacketDecoder` marks a frame cut by a snaplen).
 
 enum IPDecoder {
     /// Decodes an L3 packet whose family is told by the link layer; 0 = look at the version nibble.
@@ -50,7 +50,7 @@ enum IPDecoder {
         rec.tuple.proto = proto
         rec.tuple.src.addr = IPAddress(v4: src)
         rec.tuple.dst.addr = IPAddress(v4: dst)
-        let cut = captured < ipLength
+        let cut = copyCut(captured: captured, ipLength: ipLength, rec)
         if headerLength > 20 {
             rec.notes.insert(.ipOptions)
             guard r.skip(headerLength - 20) else {
@@ -102,7 +102,7 @@ enum IPDecoder {
             }
         }
         rec.ipLength = 40 + UInt32(l4Length)
-        let cut = captured < 40 + l4Length
+        let cut = copyCut(captured: captured, ipLength: 40 + l4Length, rec)
         var walked = 0
         walk: while true {
             switch next {
@@ -158,6 +158,14 @@ enum IPDecoder {
         // 50 (ESP) and 59 (no next header) end here: nothing readable follows.
         var l4 = r.subReader(upTo: l4Length)
         transport(proto: next, &l4, l4Length: l4Length, cut: cut, into: &rec)
+    }
+
+    /// Whether a packet shorter than its IP length was cut in the copy (an NFLOG payload: `--nflog-size`) rather
+    /// than malformed. A frame's own cut is `PacketDecoder`'s to tell, from caplen < wire length: a whole frame
+    /// whose IP header claims more than it holds is a malformed packet, not a snaplen cut.
+    @inline(__always)
+    private static func copyCut(captured: Int, ipLength: Int, _ rec: PacketRecord) -> Bool {
+        rec.hasNflog && captured < ipLength
     }
 
     /// The IP packet's length on the wire, from the frame's: what is left of the capture at the IP header

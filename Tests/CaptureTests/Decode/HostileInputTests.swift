@@ -178,6 +178,21 @@ final class HostileInputTests: XCTestCase {
         XCTAssertEqual(whole.tcpFlags, .syn)
     }
 
+    func testAWholeFrameShorterThanItsIPLengthIsMalformedNotCutBySnaplen() throws {
+        // caplen == wire length, but the IP header claims more than the frame holds (tcpdump's "truncated-ip -
+        // N bytes missing!"): the packet is malformed. It was also called "cut by snaplen" before.
+        var decoder = PacketDecoder(tags: RuleTagTable())
+        var v4 = Frame.ipv4(src: "10.0.0.1", dst: "10.0.0.2", proto: 6, payload: Frame.tcp(sport: 1, dport: 2, seq: 0, ack: 0, flags: 2))
+        v4[2] = 0x05; v4[3] = 0xdc
+        let shortTCP = Array(v4.prefix(20 + 10))
+        XCTAssertEqual(decoder.decodeFrame(shortTCP, linkType: LinkType.raw).notes, [.truncatedTransport])
+        XCTAssertEqual(decoder.decodeFrame(shortTCP, linkType: LinkType.raw, wireLength: 1500).notes, [.truncatedTransport, .snaplenCut])
+        var v6 = Frame.ipv6(src: "fd00::1", dst: "fd00::2", next: 43, payload: [6, 4] + [UInt8](repeating: 0, count: 6))
+        v6[4] = 0x05; v6[5] = 0xdc
+        XCTAssertEqual(decoder.decodeFrame(v6, linkType: LinkType.ipv6).notes, [.ipv6ExtensionHeaders, .truncatedIP])
+        XCTAssertEqual(decoder.decodeFrame(v6, linkType: LinkType.ipv6, wireLength: 1540).notes, [.ipv6ExtensionHeaders, .truncatedIP, .snaplenCut])
+    }
+
     func testSnaplenCutFileIsReadWithNotes() throws {
         var b = PcapFileBuilder(linkType: 1, snaplen: 40)
         let frame = tcpFrame()
