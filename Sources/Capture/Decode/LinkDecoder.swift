@@ -59,37 +59,48 @@ enum LinkDecoder {
         }
         // Linux lo has an Ethernet header with both addresses zero (`tcpdump -i lo` writes EN10MB).
         if addresses.allSatisfy({ $0 == 0 }) { rec.point.isLoopback = true }
+        guard stepOverVLANTags(&etherType, &r, into: &rec) else { return }
+        network(etherType: etherType, &r, into: &rec)
+    }
+
+    /// 802.1Q / 802.1ad tags (TCI, then the next EtherType), up to 4: in Ethernet frames, and in cooked ones too,
+    /// where libpcap reinserts an offloaded tag after the LINUX_SLL header and the kernel hands a tag it did not
+    /// strip in the payload. False (noted) when the frame ends inside them or there are more than 4.
+    @inline(__always)
+    private static func stepOverVLANTags(_ etherType: inout UInt16, _ r: inout ByteReader, into rec: inout PacketRecord) -> Bool {
         var tags = 0
         while etherType == 0x8100 || etherType == 0x88a8 || etherType == 0x9100 {
             tags += 1
             guard tags <= 4, r.skip(2), let inner = r.be16() else {
                 rec.notes.insert(.truncatedLink)
-                return
+                return false
             }
             etherType = inner
         }
-        network(etherType: etherType, &r, into: &rec)
+        return true
     }
 
     /// LINUX_SLL (`tcpdump -i any`): packet type, ARPHRD type, address length, 8 address bytes, protocol.
     static func linuxSLL(_ r: inout ByteReader, into rec: inout PacketRecord) {
-        guard let packetType = r.be16(), let arphrd = r.be16(), r.skip(10), let proto = r.be16() else {
+        guard let packetType = r.be16(), let arphrd = r.be16(), r.skip(10), var proto = r.be16() else {
             rec.notes.insert(.truncatedLink)
             return
         }
         cooked(packetType: packetType, arphrd: arphrd, into: &rec)
+        guard stepOverVLANTags(&proto, &r, into: &rec) else { return }
         network(etherType: proto, &r, into: &rec)
     }
 
     /// LINUX_SLL2: protocol, reserved, interface index, ARPHRD type, packet type, address length, 8 address bytes.
     static func linuxSLL2(_ r: inout ByteReader, into rec: inout PacketRecord) {
-        guard let proto = r.be16(), r.skip(2), let ifindex = r.be32(), let arphrd = r.be16(),
+        guard var proto = r.be16(), r.skip(2), let ifindex = r.be32(), let arphrd = r.be16(),
               let packetType = r.u8(), r.skip(9) else {
             rec.notes.insert(.truncatedLink)
             return
         }
         rec.ifindex = ifindex
         cooked(packetType: UInt16(packetType), arphrd: arphrd, into: &rec)
+        guard stepOverVLANTags(&proto, &r, into: &rec) else { return }
         network(etherType: proto, &r, into: &rec)
     }
 
