@@ -22,7 +22,8 @@ public final class PcapFileSource: PacketSource {
     public let path: String
     /// This file's number in `FrameRef.source`.
     public let index: UInt16
-    /// The file's link type (pcapng: its first interface's; later interfaces may differ, see `currentLinkType`).
+    /// The file's link type (pcapng: its first interface's, or the first one meshtrace decodes among those described
+    /// before the first packet; interfaces may differ, see `currentLinkType`).
     public let linkType: Int32
     public let snapshotLength: Int32
     /// The capture point of the file's (first) interface; an NFLOG file's records name their hook instead.
@@ -76,8 +77,8 @@ public final class PcapFileSource: PacketSource {
             let reader = try PcapngFileReader(path: path)
             pcapng = reader
             capture = nil
-            linkType = reader.interfaces.first?.linkType ?? -1
-            snapshotLength = Int32(clamping: reader.interfaces.first?.snaplen ?? 0)
+            linkType = reader.leadInterface?.linkType ?? -1
+            snapshotLength = Int32(clamping: reader.leadInterface?.snaplen ?? 0)
         } else {
             let handle: PcapHandle
             do {
@@ -97,7 +98,7 @@ public final class PcapFileSource: PacketSource {
             let names = ["EN10MB", "LINUX_SLL", "LINUX_SLL2", "RAW", "IPV4", "IPV6", "NULL", "LOOP", "NFLOG"]
             throw MeshtraceError.badInput("\(path): link type \(linkType) (\(PcapFileSource.linkTypeName(linkType))) is not supported; meshtrace reads \(names.joined(separator: ", "))")
         }
-        point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.interfaces.first?.name, path: path)
+        point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.leadInterface?.name, path: path)
         let type = linkType
         records = classic.flatMap { PcapRecordReader.open(path: path, snapshot: $0.snapshotLength, linkType: type) }
         inBlocks = records != nil

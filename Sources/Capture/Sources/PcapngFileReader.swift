@@ -45,6 +45,12 @@ final class PcapngFileReader {
     private(set) var sectionsRead = 0
     private var buffer: UnsafeMutableRawBufferPointer
     private var blocksRead = 0
+    /// The interface that speaks for the file (`PcapFileSource.linkType`, its point and the unsupported-link-type
+    /// error): the first one meshtrace decodes among those described before the first packet, else the first.
+    private(set) var leadInterface: Interface? = nil
+    /// What ended the look-ahead over the interfaces before the first packet (that packet, the end, damage):
+    /// `next()` returns it first. A packet's bytes are still in `buffer`.
+    private var lookahead: ReadResult? = nil
 
     /// True when the file starts with the pcapng section header block type.
     static func isPcapng(path: String) -> Bool {
@@ -75,6 +81,20 @@ final class PcapngFileReader {
         while true {
             switch readBlock() {
             case .interfaceAdded:
+                // dumpcap and mergecap describe every interface up front: read them all, so a file whose first
+                // interface is one meshtrace does not decode (802.11, USB) is still read for its others.
+                leadInterface = interfaces[0]
+                while true {
+                    let r = readBlock()
+                    guard case .interfaceAdded = r else {
+                        lookahead = r
+                        break
+                    }
+                    if let lead = leadInterface, !LinkType.isSupported(lead.linkType), let last = interfaces.last,
+                       LinkType.isSupported(last.linkType) {
+                        leadInterface = last
+                    }
+                }
                 return
             case .packet:
                 // Cannot happen: packet blocks before any interface are reported as damage.
@@ -91,6 +111,10 @@ final class PcapngFileReader {
 
     /// The next packet, the end, or damage (interface blocks are taken in on the way).
     func next() -> ReadResult {
+        if let r = lookahead {
+            lookahead = nil
+            return r
+        }
         while true {
             let r = readBlock()
             if case .interfaceAdded = r { continue }

@@ -91,6 +91,35 @@ final class PcapngTests: XCTestCase {
         }
     }
 
+    func testAFirstInterfaceOfAnotherLinkTypeDoesNotRefuseTheFile() throws {
+        // mergecap of an 802.15.4 capture and an -i any one: refused as "link type 195 is not supported" when the
+        // 802.15.4 interface came first, read when it came second. Now read either way: the other interface's
+        // packets are noted as not decodable.
+        let user = [UInt8](repeating: 0x55, count: 30)
+        for userFirst in [true, false] {
+            var b = PcapngFileBuilder()
+            b.addInterface(linkType: userFirst ? 147 : 113, name: userFirst ? "usb0" : "any")
+            b.addInterface(linkType: userFirst ? 113 : 147, name: userFirst ? "any" : "usb0")
+            let sll = Frame.sll(packetType: 4, proto: 0x0800, payload: tcp)
+            b.addPacket(interface: userFirst ? 0 : 1, units: 1, user)
+            b.addPacket(interface: userFirst ? 1 : 0, units: 2, sll)
+            let c = try DecodedCapture(try b.write(dir, "mixed-\(userFirst).pcapng"))
+            XCTAssertNil(c.damage)
+            XCTAssertEqual(c.records.map(\.point.description), ["usb0", "any"], "user first: \(userFirst)")
+            XCTAssertEqual(c.records[0].notes, [.unknownLinkPayload])
+            XCTAssertEqual(c.records[1].tuple.description, "tcp 10.0.0.5:40000 > 10.96.0.10:80")
+            XCTAssertEqual(c.records[1].direction, .outbound)
+        }
+        // Only interfaces meshtrace does not decode: still refused, naming the first.
+        var none = PcapngFileBuilder()
+        none.addInterface(linkType: 147, name: "u0")
+        none.addInterface(linkType: 195, name: "w0")
+        none.addPacket(interface: 0, units: 1, user)
+        let e = openError(none.bytes, "none.pcapng")
+        XCTAssertEqual(e?.code, .badInput)
+        XCTAssertTrue(e?.message.contains("link type 147") ?? false, e?.message ?? "")
+    }
+
     func testDamagedPcapngBlocks() throws {
         var good = PcapngFileBuilder()
         good.addInterface(linkType: 101, name: "raw0")
