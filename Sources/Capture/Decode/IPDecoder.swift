@@ -35,26 +35,31 @@ enum IPDecoder {
         }
         let headerLength = Int(verIHL & 0x0f) * 4
         var ipLength = Int(totalLength)
-        if ipLength == 0 && (proto == IPProto.tcp || proto == IPProto.udp) {
-            // Linux BIG TCP (and TSO seen before segmentation): a packet above 64 KiB has total length 0; its
-            // length is the frame's (tcpdump: "presumed BIG TCP").
-            ipLength = bigPacketLength(captured: captured, r, rec)
-        }
-        guard headerLength >= 20, ipLength >= headerLength else {
+        guard headerLength >= 20 else {
             rec.notes.insert(.badIPHeader)
             return
         }
-        rec.ipLength = UInt32(ipLength)
+        if _slowPath(ipLength < headerLength) {
+            // Linux BIG TCP (and TSO seen before segmentation): a packet above 64 KiB has total length 0; its
+            // length is the frame's (tcpdump: "presumed BIG TCP"). Any other length below the header is bad.
+            if ipLength == 0 && (proto == IPProto.tcp || proto == IPProto.udp) {
+                ipLength = bigPacketLength(captured: captured, r, rec)
+            }
+            guard ipLength >= headerLength else {
+                rec.notes.insert(.badIPHeader)
+                return
+            }
+        }
+        rec.ipLength = UInt32(truncatingIfNeeded: ipLength)  // at most the frame's UInt32 wire length
         rec.ipID = UInt32(id)
         rec.ttl = ttl
         rec.tuple.proto = proto
         rec.tuple.src.addr = IPAddress(v4: src)
         rec.tuple.dst.addr = IPAddress(v4: dst)
-        let cut = copyCut(captured: captured, ipLength: ipLength, rec)
         if headerLength > 20 {
             rec.notes.insert(.ipOptions)
             guard r.skip(headerLength - 20) else {
-                rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                rec.notes.insert(copyCut(captured: captured, ipLength: ipLength, rec) ? [.truncatedIP, .snaplenCut] : .truncatedIP)
                 return
             }
         }
@@ -69,7 +74,7 @@ enum IPDecoder {
         let l4Length = ipLength - headerLength
         // Ethernet pads short frames: read no further than the IP packet.
         var l4 = r.subReader(upTo: l4Length)
-        transport(proto: proto, &l4, l4Length: l4Length, cut: cut, into: &rec)
+        transport(proto: proto, &l4, l4Length: l4Length, captured: captured, ipLength: ipLength, into: &rec)
     }
 
     /// Upper bound on extension headers walked: each consumes at least 8 bytes, so the buffer ends the walk
@@ -91,7 +96,7 @@ enum IPDecoder {
         rec.tuple.src.addr = IPAddress(v6: srcHi, srcLo)
         rec.tuple.dst.addr = IPAddress(v6: dstHi, dstLo)
         var l4Length = Int(payloadLength)
-        if payloadLength == 0 {
+        if _slowPath(payloadLength == 0) {
             // A jumbogram (RFC 2675: the length is in a hop-by-hop Jumbo Payload option), or Linux BIG TCP, which
             // leaves the option out of what a capture sees: TCP or UDP right after the header, a frame above 64 KiB.
             if next == 0, let jumbo = jumboPayloadLength(r) {
@@ -101,8 +106,8 @@ enum IPDecoder {
                 if frame > 65_535 { l4Length = frame - 40 }
             }
         }
-        rec.ipLength = 40 + UInt32(l4Length)
-        let cut = copyCut(captured: captured, ipLength: 40 + l4Length, rec)
+        rec.ipLength = UInt32(truncatingIfNeeded: 40 + l4Length)  // the jumbo length is bounded, the frame's is a UInt32
+        let ipLength = 40 + l4Length
         var walked = 0
         walk: while true {
             switch next {
@@ -116,7 +121,7 @@ enum IPDecoder {
                 }
                 guard let nextHeader = r.u8(), let lengthByte = r.u8() else {
                     rec.tuple.proto = next
-                    rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                    rec.notes.insert(copyCut(captured: captured, ipLength: ipLength, rec) ? [.truncatedIP, .snaplenCut] : .truncatedIP)
                     return
                 }
                 let length: Int
@@ -124,7 +129,7 @@ enum IPDecoder {
                     // Fragment header: fixed 8 bytes (offset, M flag, 32-bit identification).
                     guard let offsetField = r.be16(), let id = r.be32() else {
                         rec.tuple.proto = next
-                        rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                        rec.notes.insert(copyCut(captured: captured, ipLength: ipLength, rec) ? [.truncatedIP, .snaplenCut] : .truncatedIP)
                         return
                     }
                     rec.ipID = id
@@ -140,7 +145,7 @@ enum IPDecoder {
                     length = next == 51 ? (Int(lengthByte) + 2) * 4 : (Int(lengthByte) + 1) * 8
                     guard r.skip(length - 2) else {
                         rec.tuple.proto = next
-                        rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                        rec.notes.insert(copyCut(captured: captured, ipLength: ipLength, rec) ? [.truncatedIP, .snaplenCut] : .truncatedIP)
                         return
                     }
                 }
@@ -157,7 +162,7 @@ enum IPDecoder {
         }
         // 50 (ESP) and 59 (no next header) end here: nothing readable follows.
         var l4 = r.subReader(upTo: l4Length)
-        transport(proto: next, &l4, l4Length: l4Length, cut: cut, into: &rec)
+        transport(proto: next, &l4, l4Length: l4Length, captured: captured, ipLength: ipLength, into: &rec)
     }
 
     /// Whether a packet shorter than its IP length was cut in the copy (an NFLOG payload: `--nflog-size`) rather
@@ -195,8 +200,11 @@ enum IPDecoder {
         return nil
     }
 
-    private static func transport(proto: UInt8, _ r: inout ByteReader, l4Length: Int, cut: Bool, into rec: inout PacketRecord) {
+    private static func transport(proto: UInt8, _ r: inout ByteReader, l4Length: Int, captured: Int, ipLength: Int,
+                                  into rec: inout PacketRecord) {
         TransportDecoder.decode(proto: proto, &r, l4Length: l4Length, into: &rec)
-        if cut && rec.notes.contains(.truncatedTransport) { rec.notes.insert(.snaplenCut) }
+        if rec.notes.contains(.truncatedTransport) && copyCut(captured: captured, ipLength: ipLength, rec) {
+            rec.notes.insert(.snaplenCut)
+        }
     }
 }

@@ -179,7 +179,7 @@ public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible
     /// so `nanoseconds` stays within 0..<1e9, which every printer of a time relies on.
     @inline(__always)
     init(pcapSeconds: UInt32, fractionNanoseconds: UInt64) {
-        if fractionNanoseconds < 1_000_000_000 {
+        if _fastPath(fractionNanoseconds < 1_000_000_000) {
             self.init(seconds: Int64(pcapSeconds), nanoseconds: Int32(truncatingIfNeeded: fractionNanoseconds))
         } else {
             self.init(seconds: Int64(pcapSeconds) + Int64(fractionNanoseconds / 1_000_000_000),
