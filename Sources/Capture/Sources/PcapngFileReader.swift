@@ -104,7 +104,7 @@ final class PcapngFileReader {
                 throw MeshtraceError.badInput("\(path): pcapng file without an interface description block")
             case .damaged(let why):
                 throw blocksRead <= 1 ? MeshtraceError.badInput("\(path): the capture's file header is truncated or bad (\(why))")
-                                      : MeshtraceError.badInput("\(path): \(why)")
+                                      : MeshtraceError.badInput("\(path): pcapng damaged before its first interface description, nothing to analyse (\(why))")
             }
         }
     }

@@ -172,6 +172,17 @@ final class PcapngTests: XCTestCase {
         XCTAssertEqual(e?.code, .badInput)
         XCTAssertTrue(e?.message.contains("link type 147") ?? false, e?.message ?? "")
 
+        // The interface block itself damaged: nothing to analyse, and the error says where it broke (it gave the
+        // bare "block 2 trailing length does not match its length 32" before).
+        var badIDB = PcapngFileBuilder()
+        badIDB.addInterface(linkType: 101, name: "raw0")
+        var idbBytes = badIDB.bytes
+        idbBytes[idbBytes.count - 4] ^= 0x40
+        let ie = openError(idbBytes + Array(base.dropFirst(badIDB.bytes.count)), "bad-idb.pcapng")
+        XCTAssertEqual(ie?.code, .badInput)
+        XCTAssertTrue(ie?.message.contains("damaged before its first interface description, nothing to analyse (block 2 trailing length") ?? false,
+                      ie?.message ?? "")
+
         // A version other than 1.0 (or libpcap's 1.2): libpcap's pcapng-invalid-vers-1/2.pcapng (0.1, 1.1) were
         // read as 1.0. Unusable in the first section; damage in a later one, after what came before.
         for (major, minor) in [(0, 1), (1, 1), (2, 0)] {
