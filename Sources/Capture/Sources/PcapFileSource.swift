@@ -74,7 +74,14 @@ public final class PcapFileSource: PacketSource {
         decoder.selector = selector
         var classic: PcapHandle? = nil
         if PcapngFileReader.isPcapng(path: path) {
-            let reader = try PcapngFileReader(path: path)
+            let reader: PcapngFileReader
+            do {
+                reader = try PcapngFileReader(path: path)
+            } catch PcapngFileReader.OpenError.system(let code) where code == EMFILE || code == ENFILE {
+                throw PcapFileSource.tooManyOpenFiles(path: path, index: index)
+            } catch PcapngFileReader.OpenError.system(let code) {
+                throw MeshtraceError.badInput("\(path): \(String(cString: strerror(code)))")
+            }
             pcapng = reader
             capture = nil
             linkType = reader.leadInterface?.linkType ?? -1
@@ -84,7 +91,7 @@ public final class PcapFileSource: PacketSource {
             do {
                 handle = try PcapHandle.openOffline(path: path)
             } catch let e as MeshtraceError {
-                throw PcapFileSource.explainOpenFailure(path: path, libpcapMessage: e.message)
+                throw PcapFileSource.explainOpenFailure(path: path, index: index, libpcapMessage: e.message)
             }
             capture = handle
             classic = handle
@@ -235,9 +242,12 @@ public final class PcapFileSource: PacketSource {
         }
     }
 
-    private static func explainOpenFailure(path: String, libpcapMessage: String) -> MeshtraceError {
+    private static func explainOpenFailure(path: String, index: UInt16, libpcapMessage: String) -> MeshtraceError {
         // libpcap's words are precise but terse; lead with what the user needs to know.
         let detail = libpcapMessage.hasPrefix(path + ": ") ? String(libpcapMessage.dropFirst(path.count + 2)) : libpcapMessage
+        if detail.contains(String(cString: strerror(EMFILE))) || detail.contains(String(cString: strerror(ENFILE))) {
+            return tooManyOpenFiles(path: path, index: index)
+        }
         if detail.contains("unknown file format") {
             return .badInput("\(path): not a pcap or pcapng capture (unknown magic number)")
         }
@@ -245,6 +255,12 @@ public final class PcapFileSource: PacketSource {
             return .badInput("\(path): the capture's file header is truncated (\(detail))")
         }
         return .badInput("\(path): cannot read as a capture (\(detail))")
+    }
+
+    /// Every file of a run stays open until the end (they are merged in time order), two descriptors per classic pcap:
+    /// a run of many rotated captures (`tcpdump -G`, `-C`) can pass the process's limit. Not a bad capture.
+    static func tooManyOpenFiles(path: String, index: UInt16) -> MeshtraceError {
+        .badInput("\(path): cannot open: too many open files (capture \(Int(index) + 1) of this run; every capture stays open until the end: raise the limit with ulimit -n, or join the captures first with mergecap)")
     }
 
     static func linkTypeName(_ linkType: Int32) -> String {

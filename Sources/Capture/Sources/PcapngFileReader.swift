@@ -61,11 +61,12 @@ final class PcapngFileReader {
         return magic == sectionHeaderType  // the same bytes in either byte order
     }
 
+    /// The file could not be opened (errno): `PcapFileSource` words it.
+    enum OpenError: Error { case system(Int32) }
+
     /// Opens the file and reads up to the first interface description, so the first link type is known.
     init(path: String) throws {
-        guard let f = fopen(path, "rb") else {
-            throw MeshtraceError.badInput("\(path): \(String(cString: strerror(errno)))")
-        }
+        guard let f = fopen(path, "rb") else { throw OpenError.system(errno) }
         file = f
         buffer = .allocate(byteCount: 64 << 10, alignment: 8)
         // Fully initialised here: if this throws, deinit closes the file and frees the buffer.

@@ -69,6 +69,43 @@ final class HostileInputTests: XCTestCase {
         XCTAssertTrue(e.message.contains("link type 147") && e.message.contains("not supported"), e.message)
     }
 
+    func testRunningOutOfFileDescriptorsSaysSoNotThatTheCaptureIsBad() throws {
+        // Every capture of a run stays open; past the descriptor limit the next one said "cannot read as a capture
+        // (FILE: Too many open files)", as if the file were bad.
+        var b = PcapFileBuilder(linkType: 1)
+        b.add(tcpFrame())
+        let classic = try b.write(dir, "a.pcap")
+        var ng = PcapngFileBuilder()
+        ng.addInterface(linkType: 1, name: "eth0")
+        ng.addPacket(interface: 0, units: 1, tcpFrame())
+        let pcapng = try ng.write(dir, "b.pcapng")
+        var saved = rlimit()
+        XCTAssertEqual(getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved), 0)
+        for path in [classic, pcapng] {
+            let open = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count
+            var low = saved
+            low.rlim_cur = rlim_t(open + 6)
+            XCTAssertEqual(setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &low), 0)
+            var sources: [PcapFileSource] = []
+            var failure: MeshtraceError? = nil
+            for i in 0..<20 {
+                do {
+                    sources.append(try PcapFileSource(path: path, index: UInt16(i), tags: RuleTagTable()))
+                } catch {
+                    failure = error as? MeshtraceError
+                    break
+                }
+            }
+            sources.removeAll()
+            XCTAssertEqual(setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved), 0)
+            let e = try XCTUnwrap(failure, path)
+            XCTAssertEqual(e.code, .badInput)
+            XCTAssertTrue(e.message.contains("cannot open: too many open files (capture "), e.message)
+            XCTAssertTrue(e.message.contains("ulimit -n"), e.message)
+            XCTAssertFalse(e.message.contains("cannot read as a capture"), e.message)
+        }
+    }
+
     func testDirectoryIsBadInput() throws {
         let e = try XCTUnwrap(openError(dir.path))
         XCTAssertEqual(e.code, .badInput)
