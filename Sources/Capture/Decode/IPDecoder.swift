@@ -1,7 +1,7 @@
 // IPv4 and IPv6 headers (with IPv6 extension headers), then the transport layer inside.
-// Lengths come from the IP header; the captured bytes only decide how far decoding gets. When the
-// capture is shorter than the packet (snaplen, `--nflog-size`), a truncation is also marked `.snaplenCut`
-// so a reader can tell "the copy was cut" from "the packet is malformed".
+// Lengths come from the IP header; the captured bytes only decide how far decoding gets. When an NFLOG
+// payload is shorter than its packet (`--nflog-size`), a truncation is also marked `.snaplenCut` so a reader
+// can tell "the copy was cut" from "the packet is malformed" (`PacketDecoder` marks a frame cut by a snaplen).
 
 enum IPDecoder {
     /// Decodes an L3 packet whose family is told by the link layer; 0 = look at the version nibble.
@@ -34,21 +34,32 @@ enum IPDecoder {
             return
         }
         let headerLength = Int(verIHL & 0x0f) * 4
-        guard headerLength >= 20, Int(totalLength) >= headerLength else {
+        var ipLength = Int(totalLength)
+        guard headerLength >= 20 else {
             rec.notes.insert(.badIPHeader)
             return
         }
-        rec.ipLength = UInt32(totalLength)
+        if _slowPath(ipLength < headerLength) {
+            // Linux BIG TCP (and TSO seen before segmentation): a packet above 64 KiB has total length 0; its
+            // length is the frame's (tcpdump: "presumed BIG TCP"). Any other length below the header is bad.
+            if ipLength == 0 && (proto == IPProto.tcp || proto == IPProto.udp) {
+                ipLength = bigPacketLength(captured: captured, r, rec)
+            }
+            guard ipLength >= headerLength else {
+                rec.notes.insert(.badIPHeader)
+                return
+            }
+        }
+        rec.ipLength = UInt32(truncatingIfNeeded: ipLength)  // at most the frame's UInt32 wire length
         rec.ipID = UInt32(id)
         rec.ttl = ttl
         rec.tuple.proto = proto
         rec.tuple.src.addr = IPAddress(v4: src)
         rec.tuple.dst.addr = IPAddress(v4: dst)
-        let cut = captured < Int(totalLength)
         if headerLength > 20 {
             rec.notes.insert(.ipOptions)
             guard r.skip(headerLength - 20) else {
-                rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                rec.notes.insert(copyCut(captured: captured, ipLength: ipLength, rec) ? [.truncatedIP, .snaplenCut] : .truncatedIP)
                 return
             }
         }
@@ -60,10 +71,10 @@ enum IPDecoder {
             rec.notes.insert(.nonFirstFragment)
             return
         }
-        let l4Length = Int(totalLength) - headerLength
+        let l4Length = ipLength - headerLength
         // Ethernet pads short frames: read no further than the IP packet.
         var l4 = r.subReader(upTo: l4Length)
-        transport(proto: proto, &l4, l4Length: l4Length, cut: cut, into: &rec)
+        transport(proto: proto, &l4, l4Length: l4Length, captured: captured, ipLength: ipLength, into: &rec)
     }
 
     /// Upper bound on extension headers walked: each consumes at least 8 bytes, so the buffer ends the walk
@@ -81,12 +92,22 @@ enum IPDecoder {
             rec.notes.insert(.badIPHeader)
             return
         }
-        rec.ipLength = 40 + UInt32(payloadLength)
         rec.ttl = hopLimit
         rec.tuple.src.addr = IPAddress(v6: srcHi, srcLo)
         rec.tuple.dst.addr = IPAddress(v6: dstHi, dstLo)
-        let cut = captured < 40 + Int(payloadLength)
         var l4Length = Int(payloadLength)
+        if _slowPath(payloadLength == 0) {
+            // A jumbogram (RFC 2675: the length is in a hop-by-hop Jumbo Payload option), or Linux BIG TCP, which
+            // leaves the option out of what a capture sees: TCP or UDP right after the header, a frame above 64 KiB.
+            if next == 0, let jumbo = jumboPayloadLength(r) {
+                l4Length = jumbo
+            } else if next == IPProto.tcp || next == IPProto.udp {
+                let frame = bigPacketLength(captured: captured, r, rec)
+                if frame > 65_535 { l4Length = frame - 40 }
+            }
+        }
+        rec.ipLength = UInt32(truncatingIfNeeded: 40 + l4Length)  // the jumbo length is bounded, the frame's is a UInt32
+        let ipLength = 40 + l4Length
         var walked = 0
         walk: while true {
             switch next {
@@ -100,7 +121,7 @@ enum IPDecoder {
                 }
                 guard let nextHeader = r.u8(), let lengthByte = r.u8() else {
                     rec.tuple.proto = next
-                    rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                    rec.notes.insert(copyCut(captured: captured, ipLength: ipLength, rec) ? [.truncatedIP, .snaplenCut] : .truncatedIP)
                     return
                 }
                 let length: Int
@@ -108,7 +129,7 @@ enum IPDecoder {
                     // Fragment header: fixed 8 bytes (offset, M flag, 32-bit identification).
                     guard let offsetField = r.be16(), let id = r.be32() else {
                         rec.tuple.proto = next
-                        rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                        rec.notes.insert(copyCut(captured: captured, ipLength: ipLength, rec) ? [.truncatedIP, .snaplenCut] : .truncatedIP)
                         return
                     }
                     rec.ipID = id
@@ -124,7 +145,7 @@ enum IPDecoder {
                     length = next == 51 ? (Int(lengthByte) + 2) * 4 : (Int(lengthByte) + 1) * 8
                     guard r.skip(length - 2) else {
                         rec.tuple.proto = next
-                        rec.notes.insert(cut ? [.truncatedIP, .snaplenCut] : .truncatedIP)
+                        rec.notes.insert(copyCut(captured: captured, ipLength: ipLength, rec) ? [.truncatedIP, .snaplenCut] : .truncatedIP)
                         return
                     }
                 }
@@ -141,11 +162,49 @@ enum IPDecoder {
         }
         // 50 (ESP) and 59 (no next header) end here: nothing readable follows.
         var l4 = r.subReader(upTo: l4Length)
-        transport(proto: next, &l4, l4Length: l4Length, cut: cut, into: &rec)
+        transport(proto: next, &l4, l4Length: l4Length, captured: captured, ipLength: ipLength, into: &rec)
     }
 
-    private static func transport(proto: UInt8, _ r: inout ByteReader, l4Length: Int, cut: Bool, into rec: inout PacketRecord) {
+    /// Whether a packet shorter than its IP length was cut in the copy (an NFLOG payload: `--nflog-size`) rather
+    /// than malformed. A frame's own cut is `PacketDecoder`'s to tell, from caplen < wire length: a whole frame
+    /// whose IP header claims more than it holds is a malformed packet, not a snaplen cut.
+    @inline(__always)
+    private static func copyCut(captured: Int, ipLength: Int, _ rec: PacketRecord) -> Bool {
+        rec.hasNflog && captured < ipLength
+    }
+
+    /// The IP packet's length on the wire, from the frame's: what is left of the capture at the IP header
+    /// (`captured`) plus what the snaplen cut off. An NFLOG payload has no wire length of its own: what it holds.
+    private static func bigPacketLength(captured: Int, _ r: ByteReader, _ rec: PacketRecord) -> Int {
+        // `r` is the frame (a link decoder's reader) unless the packet came in an NFLOG record.
+        guard !rec.hasNflog else { return captured }
+        return captured + max(0, Int(rec.wireLength) - r.bytes.count)
+    }
+
+    /// The Jumbo Payload option's length (IPv6 payload after the fixed header) when the hop-by-hop header at the
+    /// reader's position has one; nil otherwise or when the header is not all captured.
+    private static func jumboPayloadLength(_ r: ByteReader) -> Int? {
+        var h = r
+        guard h.skip(1), let lengthByte = h.u8() else { return nil }
+        var options = h.subReader(upTo: (Int(lengthByte) + 1) * 8 - 2)
+        while let type = options.u8() {
+            if type == 0 { continue }  // Pad1
+            guard let length = options.u8() else { return nil }
+            if type == 0xc2 && length == 4 {
+                // RFC 2675: above 65535; the bound keeps 40 + the length within the record's UInt32.
+                guard let jumbo = options.be32(), jumbo > 65_535, jumbo <= UInt32.max - 40 else { return nil }
+                return Int(jumbo)
+            }
+            guard options.skip(Int(length)) else { return nil }
+        }
+        return nil
+    }
+
+    private static func transport(proto: UInt8, _ r: inout ByteReader, l4Length: Int, captured: Int, ipLength: Int,
+                                  into rec: inout PacketRecord) {
         TransportDecoder.decode(proto: proto, &r, l4Length: l4Length, into: &rec)
-        if cut && rec.notes.contains(.truncatedTransport) { rec.notes.insert(.snaplenCut) }
+        if rec.notes.contains(.truncatedTransport) && copyCut(captured: captured, ipLength: ipLength, rec) {
+            rec.notes.insert(.snaplenCut)
+        }
     }
 }

@@ -53,21 +53,12 @@ enum LinkDecoder {
 
     /// EN10MB: destination, source, EtherType, with 802.1Q / 802.1ad tags stepped over.
     static func ethernet(_ r: inout ByteReader, into rec: inout PacketRecord) {
-        guard let addresses = r.take(12), var etherType = r.be16() else {
+        guard let addresses = r.take(12), let etherType = r.be16() else {
             rec.notes.insert(.truncatedLink)
             return
         }
         // Linux lo has an Ethernet header with both addresses zero (`tcpdump -i lo` writes EN10MB).
         if addresses.allSatisfy({ $0 == 0 }) { rec.point.isLoopback = true }
-        var tags = 0
-        while etherType == 0x8100 || etherType == 0x88a8 || etherType == 0x9100 {
-            tags += 1
-            guard tags <= 4, r.skip(2), let inner = r.be16() else {
-                rec.notes.insert(.truncatedLink)
-                return
-            }
-            etherType = inner
-        }
         network(etherType: etherType, &r, into: &rec)
     }
 
@@ -123,11 +114,28 @@ enum LinkDecoder {
         }
     }
 
+    /// The packet after an EtherType: IP, or 802.1Q / 802.1ad tags (TCI, then the next EtherType; up to 4) before
+    /// it. Tags come in Ethernet frames, and in cooked ones too: libpcap reinserts an offloaded tag after the
+    /// LINUX_SLL header, and the kernel hands a tag it did not strip in the payload. Looked for only when the
+    /// EtherType is not IP, so untagged packets pay nothing for them.
     private static func network(etherType: UInt16, _ r: inout ByteReader, into rec: inout PacketRecord) {
-        let version = ipVersion(etherType: etherType)
-        guard version != 0 else {
-            rec.notes.insert(.notIP)
-            return
+        var version = ipVersion(etherType: etherType)
+        if version == 0 {
+            var inner = etherType
+            var tags = 0
+            while inner == 0x8100 || inner == 0x88a8 || inner == 0x9100 {
+                tags += 1
+                guard tags <= 4, r.skip(2), let next = r.be16() else {
+                    rec.notes.insert(.truncatedLink)
+                    return
+                }
+                inner = next
+            }
+            version = ipVersion(etherType: inner)
+            guard version != 0 else {
+                rec.notes.insert(.notIP)
+                return
+            }
         }
         IPDecoder.decode(version: version, &r, into: &rec)
     }

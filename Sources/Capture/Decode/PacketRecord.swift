@@ -174,6 +174,18 @@ public struct Timestamp: Hashable, Comparable, Sendable, CustomStringConvertible
     public var seconds: Int64
     public var nanoseconds: Int32
     public init(seconds: Int64, nanoseconds: Int32) { self.seconds = seconds; self.nanoseconds = nanoseconds }
+    /// A classic pcap record's time: the seconds field is unsigned (the format runs to 2106, not 2038), and a
+    /// fraction of a second or more (a writer's bug; tcpdump prints it "invalid") is carried into the seconds,
+    /// so `nanoseconds` stays within 0..<1e9, which every printer of a time relies on.
+    @inline(__always)
+    init(pcapSeconds: UInt32, fractionNanoseconds: UInt64) {
+        if _fastPath(fractionNanoseconds < 1_000_000_000) {
+            self.init(seconds: Int64(pcapSeconds), nanoseconds: Int32(truncatingIfNeeded: fractionNanoseconds))
+        } else {
+            self.init(seconds: Int64(pcapSeconds) + Int64(fractionNanoseconds / 1_000_000_000),
+                      nanoseconds: Int32(truncatingIfNeeded: fractionNanoseconds % 1_000_000_000))
+        }
+    }
     public static let zero = Timestamp(seconds: 0, nanoseconds: 0)
     public var totalNanoseconds: Int64 { seconds &* 1_000_000_000 &+ Int64(nanoseconds) }
     public static func < (a: Timestamp, b: Timestamp) -> Bool {

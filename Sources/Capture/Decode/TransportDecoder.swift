@@ -7,7 +7,7 @@ enum TransportDecoder {
     static func decode(proto: UInt8, _ r: inout ByteReader, l4Length: Int, into rec: inout PacketRecord) {
         switch proto {
         case IPProto.tcp: tcp(&r, l4Length: l4Length, into: &rec)
-        case IPProto.udp: udp(&r, into: &rec)
+        case IPProto.udp: udp(&r, l4Length: l4Length, into: &rec)
         case IPProto.icmp: icmp(&r, echoRequest: 8, echoReply: 0, into: &rec)
         case IPProto.icmpv6: icmp(&r, echoRequest: 128, echoReply: 129, into: &rec)
         case IPProto.sctp: ports(&r, into: &rec)
@@ -49,7 +49,7 @@ enum TransportDecoder {
         if !r.has(headerLength - 14) { rec.notes.insert(.truncatedTransport) }
     }
 
-    private static func udp(_ r: inout ByteReader, into rec: inout PacketRecord) {
+    private static func udp(_ r: inout ByteReader, l4Length: Int, into rec: inout PacketRecord) {
         guard let sport = r.be16(), let dport = r.be16() else {
             rec.notes.insert(.truncatedTransport)
             return
@@ -58,6 +58,11 @@ enum TransportDecoder {
         rec.tuple.dst.port = dport
         guard let length = r.be16() else {
             rec.notes.insert(.truncatedTransport)
+            return
+        }
+        if length == 0 && l4Length > 65_535 {
+            // A datagram above 64 KiB (an IPv6 jumbogram, RFC 2675; BIG TCP's tunnels) has length 0.
+            rec.payloadLength = UInt32(l4Length - 8)
             return
         }
         if length < 8 {

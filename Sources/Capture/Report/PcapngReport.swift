@@ -118,6 +118,11 @@ public final class PcapngReport: ReportSink {
         for p in points {
             try writer.addInterface(PcapngReport.interface(for: p.point, linkType: p.linkType, group: p.group, snaplen: snaplen))
         }
+        if points.isEmpty {
+            // No packet, no capture point: still one interface, as libpcap (tcpdump) and meshtrace's own reader
+            // refuse a pcapng without one.
+            try writer.addInterface(PcapngReport.interface(for: .unknown, linkType: LinkType.raw, group: 0, snaplen: snaplen))
+        }
 
         // Two passes over the spool at once: `ahead` indexes the NFLOG hits up to a window in front of
         // the packet being written, so a pcap packet can name hits logged just after it.

@@ -22,7 +22,8 @@ public final class PcapFileSource: PacketSource {
     public let path: String
     /// This file's number in `FrameRef.source`.
     public let index: UInt16
-    /// The file's link type (pcapng: its first interface's; later interfaces may differ, see `currentLinkType`).
+    /// The file's link type (pcapng: its first interface's, or the first one meshtrace decodes among those described
+    /// before the first packet; interfaces may differ, see `currentLinkType`).
     public let linkType: Int32
     public let snapshotLength: Int32
     /// The capture point of the file's (first) interface; an NFLOG file's records name their hook instead.
@@ -73,17 +74,24 @@ public final class PcapFileSource: PacketSource {
         decoder.selector = selector
         var classic: PcapHandle? = nil
         if PcapngFileReader.isPcapng(path: path) {
-            let reader = try PcapngFileReader(path: path)
+            let reader: PcapngFileReader
+            do {
+                reader = try PcapngFileReader(path: path)
+            } catch PcapngFileReader.OpenError.system(let code) where code == EMFILE || code == ENFILE {
+                throw PcapFileSource.tooManyOpenFiles(path: path, index: index)
+            } catch PcapngFileReader.OpenError.system(let code) {
+                throw MeshtraceError.badInput("\(path): \(String(cString: strerror(code)))")
+            }
             pcapng = reader
             capture = nil
-            linkType = reader.interfaces.first?.linkType ?? -1
-            snapshotLength = Int32(clamping: reader.interfaces.first?.snaplen ?? 0)
+            linkType = reader.leadInterface?.linkType ?? -1
+            snapshotLength = Int32(clamping: reader.leadInterface?.snaplen ?? 0)
         } else {
             let handle: PcapHandle
             do {
                 handle = try PcapHandle.openOffline(path: path)
             } catch let e as MeshtraceError {
-                throw PcapFileSource.explainOpenFailure(path: path, libpcapMessage: e.message)
+                throw PcapFileSource.explainOpenFailure(path: path, index: index, libpcapMessage: e.message)
             }
             capture = handle
             classic = handle
@@ -97,7 +105,7 @@ public final class PcapFileSource: PacketSource {
             let names = ["EN10MB", "LINUX_SLL", "LINUX_SLL2", "RAW", "IPV4", "IPV6", "NULL", "LOOP", "NFLOG"]
             throw MeshtraceError.badInput("\(path): link type \(linkType) (\(PcapFileSource.linkTypeName(linkType))) is not supported; meshtrace reads \(names.joined(separator: ", "))")
         }
-        point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.interfaces.first?.name, path: path)
+        point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.leadInterface?.name, path: path)
         let type = linkType
         records = classic.flatMap { PcapRecordReader.open(path: path, snapshot: $0.snapshotLength, linkType: type) }
         inBlocks = records != nil
@@ -159,8 +167,12 @@ public final class PcapFileSource: PacketSource {
         switch capture!.next() {
         case .packet(let p):
             framesRead += 1
-            pending(time: p.time, wireLength: p.wireLength, bytes: p.bytes, interface: 0)
-            return p.time
+            // libpcap 1.10 sign-extends the record's 32-bit fields: the same unsigned reading as the block reader's
+            // (exact for ns files, and for µs fractions below 4.29 s, all libpcap's truncation to 32 bits keeps).
+            let time = Timestamp(pcapSeconds: UInt32(truncatingIfNeeded: p.time.seconds),
+                                 fractionNanoseconds: UInt64(UInt32(bitPattern: p.time.nanoseconds)))
+            pending(time: time, wireLength: p.wireLength, bytes: p.bytes, interface: 0)
+            return time
         case .end, .timeout:
             ended = true
             return nil
@@ -230,9 +242,12 @@ public final class PcapFileSource: PacketSource {
         }
     }
 
-    private static func explainOpenFailure(path: String, libpcapMessage: String) -> MeshtraceError {
+    private static func explainOpenFailure(path: String, index: UInt16, libpcapMessage: String) -> MeshtraceError {
         // libpcap's words are precise but terse; lead with what the user needs to know.
         let detail = libpcapMessage.hasPrefix(path + ": ") ? String(libpcapMessage.dropFirst(path.count + 2)) : libpcapMessage
+        if detail.contains(String(cString: strerror(EMFILE))) || detail.contains(String(cString: strerror(ENFILE))) {
+            return tooManyOpenFiles(path: path, index: index)
+        }
         if detail.contains("unknown file format") {
             return .badInput("\(path): not a pcap or pcapng capture (unknown magic number)")
         }
@@ -240,6 +255,12 @@ public final class PcapFileSource: PacketSource {
             return .badInput("\(path): the capture's file header is truncated (\(detail))")
         }
         return .badInput("\(path): cannot read as a capture (\(detail))")
+    }
+
+    /// Every file of a run stays open until the end (they are merged in time order), two descriptors per classic pcap:
+    /// a run of many rotated captures (`tcpdump -G`, `-C`) can pass the process's limit. Not a bad capture.
+    static func tooManyOpenFiles(path: String, index: UInt16) -> MeshtraceError {
+        .badInput("\(path): cannot open: too many open files (capture \(Int(index) + 1) of this run; every capture stays open until the end: raise the limit with ulimit -n, or join the captures first with mergecap)")
     }
 
     static func linkTypeName(_ linkType: Int32) -> String {

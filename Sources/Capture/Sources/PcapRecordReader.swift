@@ -112,16 +112,14 @@ final class PcapRecordReader {
             refill()
             if end - start < length { return .irregular(offset: bufferOffset + Int64(start)) }
         }
-        // libpcap's record header holds signed 32-bit seconds and fraction, widened to time_t and long; a µs
-        // fraction is scaled to ns there. `PcapHandle.next` then truncates the fraction to 32 bits: the same here.
-        let seconds = Int64(Int32(bitPattern: u32(start)))
-        let rawFraction = Int64(Int32(bitPattern: u32(start + 4)))
-        let fraction = nanosecond ? rawFraction : rawFraction &* 1000
+        // Unsigned 32-bit seconds and fraction, as the format defines them (libpcap 1.10 sign-extends both: a
+        // 2038-2106 capture came out before 1970, and a fraction of a second or more was kept as it was).
+        let fraction = UInt64(u32(start + 4))
+        let time = Timestamp(pcapSeconds: u32(start), fractionNanoseconds: nanosecond ? fraction : fraction &* 1000)
         let wireLength = u32(start + 12)
         let bytes = UnsafeRawBufferPointer(start: buffer + start + headerLength, count: Int(caplen))
         start += length
-        return .packet(time: Timestamp(seconds: seconds, nanoseconds: Int32(truncatingIfNeeded: fraction)),
-                       wireLength: wireLength, bytes: bytes)
+        return .packet(time: time, wireLength: wireLength, bytes: bytes)
     }
 
     /// Moves the unread bytes to the front and reads until the buffer is full or the file ends.

@@ -45,6 +45,12 @@ final class PcapngFileReader {
     private(set) var sectionsRead = 0
     private var buffer: UnsafeMutableRawBufferPointer
     private var blocksRead = 0
+    /// The interface that speaks for the file (`PcapFileSource.linkType`, its point and the unsupported-link-type
+    /// error): the first one meshtrace decodes among those described before the first packet, else the first.
+    private(set) var leadInterface: Interface? = nil
+    /// What ended the look-ahead over the interfaces before the first packet (that packet, the end, damage):
+    /// `next()` returns it first. A packet's bytes are still in `buffer`.
+    private var lookahead: ReadResult? = nil
 
     /// True when the file starts with the pcapng section header block type.
     static func isPcapng(path: String) -> Bool {
@@ -55,11 +61,12 @@ final class PcapngFileReader {
         return magic == sectionHeaderType  // the same bytes in either byte order
     }
 
+    /// The file could not be opened (errno): `PcapFileSource` words it.
+    enum OpenError: Error { case system(Int32) }
+
     /// Opens the file and reads up to the first interface description, so the first link type is known.
     init(path: String) throws {
-        guard let f = fopen(path, "rb") else {
-            throw MeshtraceError.badInput("\(path): \(String(cString: strerror(errno)))")
-        }
+        guard let f = fopen(path, "rb") else { throw OpenError.system(errno) }
         file = f
         buffer = .allocate(byteCount: 64 << 10, alignment: 8)
         // Fully initialised here: if this throws, deinit closes the file and frees the buffer.
@@ -75,6 +82,20 @@ final class PcapngFileReader {
         while true {
             switch readBlock() {
             case .interfaceAdded:
+                // dumpcap and mergecap describe every interface up front: read them all, so a file whose first
+                // interface is one meshtrace does not decode (802.11, USB) is still read for its others.
+                leadInterface = interfaces[0]
+                while true {
+                    let r = readBlock()
+                    guard case .interfaceAdded = r else {
+                        lookahead = r
+                        break
+                    }
+                    if let lead = leadInterface, !LinkType.isSupported(lead.linkType), let last = interfaces.last,
+                       LinkType.isSupported(last.linkType) {
+                        leadInterface = last
+                    }
+                }
                 return
             case .packet:
                 // Cannot happen: packet blocks before any interface are reported as damage.
@@ -84,13 +105,17 @@ final class PcapngFileReader {
                 throw MeshtraceError.badInput("\(path): pcapng file without an interface description block")
             case .damaged(let why):
                 throw blocksRead <= 1 ? MeshtraceError.badInput("\(path): the capture's file header is truncated or bad (\(why))")
-                                      : MeshtraceError.badInput("\(path): \(why)")
+                                      : MeshtraceError.badInput("\(path): pcapng damaged before its first interface description, nothing to analyse (\(why))")
             }
         }
     }
 
     /// The next packet, the end, or damage (interface blocks are taken in on the way).
     func next() -> ReadResult {
+        if let r = lookahead {
+            lookahead = nil
+            return r
+        }
         while true {
             let r = readBlock()
             if case .interfaceAdded = r { continue }
@@ -151,6 +176,13 @@ final class PcapngFileReader {
             let body = 8..<(length - 4)
             switch type {
             case PcapngFileReader.sectionHeaderType:
+                // Version 1.0, or 1.2 (written by some old libpcap), as libpcap accepts: another version's blocks
+                // need not mean what they mean in 1.0.
+                guard length >= 28 else { return .damaged("short section header block") }
+                let major = u16(12), minor = u16(14)
+                guard major == 1 && (minor == 0 || minor == 2) else {
+                    return .damaged("unsupported pcapng version \(major).\(minor) in section \(sectionsRead)")
+                }
                 continue
             case 1:
                 guard let interface = parseInterface(body) else { return .damaged("bad interface description block") }

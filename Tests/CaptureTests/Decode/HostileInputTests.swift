@@ -69,6 +69,43 @@ final class HostileInputTests: XCTestCase {
         XCTAssertTrue(e.message.contains("link type 147") && e.message.contains("not supported"), e.message)
     }
 
+    func testRunningOutOfFileDescriptorsSaysSoNotThatTheCaptureIsBad() throws {
+        // Every capture of a run stays open; past the descriptor limit the next one said "cannot read as a capture
+        // (FILE: Too many open files)", as if the file were bad.
+        var b = PcapFileBuilder(linkType: 1)
+        b.add(tcpFrame())
+        let classic = try b.write(dir, "a.pcap")
+        var ng = PcapngFileBuilder()
+        ng.addInterface(linkType: 1, name: "eth0")
+        ng.addPacket(interface: 0, units: 1, tcpFrame())
+        let pcapng = try ng.write(dir, "b.pcapng")
+        var saved = rlimit()
+        XCTAssertEqual(getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved), 0)
+        for path in [classic, pcapng] {
+            let open = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count
+            var low = saved
+            low.rlim_cur = rlim_t(open + 6)
+            XCTAssertEqual(setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &low), 0)
+            var sources: [PcapFileSource] = []
+            var failure: MeshtraceError? = nil
+            for i in 0..<20 {
+                do {
+                    sources.append(try PcapFileSource(path: path, index: UInt16(i), tags: RuleTagTable()))
+                } catch {
+                    failure = error as? MeshtraceError
+                    break
+                }
+            }
+            sources.removeAll()
+            XCTAssertEqual(setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved), 0)
+            let e = try XCTUnwrap(failure, path)
+            XCTAssertEqual(e.code, .badInput)
+            XCTAssertTrue(e.message.contains("cannot open: too many open files (capture "), e.message)
+            XCTAssertTrue(e.message.contains("ulimit -n"), e.message)
+            XCTAssertFalse(e.message.contains("cannot read as a capture"), e.message)
+        }
+    }
+
     func testDirectoryIsBadInput() throws {
         let e = try XCTUnwrap(openError(dir.path))
         XCTAssertEqual(e.code, .badInput)
@@ -176,6 +213,21 @@ final class HostileInputTests: XCTestCase {
         let whole = decoder.decodeFrame(frame, linkType: LinkType.ethernet)
         XCTAssertEqual(whole.notes, [])
         XCTAssertEqual(whole.tcpFlags, .syn)
+    }
+
+    func testAWholeFrameShorterThanItsIPLengthIsMalformedNotCutBySnaplen() throws {
+        // caplen == wire length, but the IP header claims more than the frame holds (tcpdump's "truncated-ip -
+        // N bytes missing!"): the packet is malformed. It was also called "cut by snaplen" before.
+        var decoder = PacketDecoder(tags: RuleTagTable())
+        var v4 = Frame.ipv4(src: "10.0.0.1", dst: "10.0.0.2", proto: 6, payload: Frame.tcp(sport: 1, dport: 2, seq: 0, ack: 0, flags: 2))
+        v4[2] = 0x05; v4[3] = 0xdc
+        let shortTCP = Array(v4.prefix(20 + 10))
+        XCTAssertEqual(decoder.decodeFrame(shortTCP, linkType: LinkType.raw).notes, [.truncatedTransport])
+        XCTAssertEqual(decoder.decodeFrame(shortTCP, linkType: LinkType.raw, wireLength: 1500).notes, [.truncatedTransport, .snaplenCut])
+        var v6 = Frame.ipv6(src: "fd00::1", dst: "fd00::2", next: 43, payload: [6, 4] + [UInt8](repeating: 0, count: 6))
+        v6[4] = 0x05; v6[5] = 0xdc
+        XCTAssertEqual(decoder.decodeFrame(v6, linkType: LinkType.ipv6).notes, [.ipv6ExtensionHeaders, .truncatedIP])
+        XCTAssertEqual(decoder.decodeFrame(v6, linkType: LinkType.ipv6, wireLength: 1540).notes, [.ipv6ExtensionHeaders, .truncatedIP, .snaplenCut])
     }
 
     func testSnaplenCutFileIsReadWithNotes() throws {
@@ -368,6 +420,73 @@ final class HostileInputTests: XCTestCase {
                                    payload: Array(Frame.tcp(sport: 1, dport: 2, seq: 0, ack: 0, flags: 2).prefix(12)) + [0x20, 2] + [UInt8](repeating: 0, count: 6))
         XCTAssertTrue(decoder.decodeFrame(badOffset, linkType: LinkType.ipv4).notes.contains(.badTransportHeader))
         XCTAssertTrue(decoder.decodeFrame(Frame.ethernet(type: 0x0806, payload: [0, 1, 8, 0]), linkType: LinkType.ethernet).notes.contains(.notIP))
+    }
+
+    func testPacketsAbove64KiBWithLengthZeroTakeTheirLengthFromTheFrameOrTheJumboOption() throws {
+        // Linux BIG TCP (tcpdump's bigtcp-*.pcap): IPv4 total length 0, IPv6 payload length 0 without the jumbo
+        // option, or with it (RFC 2675). These read as bad headers, or as TCP to port 0, before.
+        var decoder = PacketDecoder(tags: RuleTagTable())
+        let payload = 80_000
+        let tcp = Frame.tcp(sport: 35871, dport: 36425, seq: 1, ack: 2, flags: 0x18, payload: payload)
+        var v4 = Frame.ipv4(src: "10.25.132.13", dst: "10.25.132.11", proto: 6, payload: tcp)
+        v4[2] = 0; v4[3] = 0
+        let v4Frame = Frame.ethernet(type: 0x0800, payload: v4)
+        for captured in [v4Frame.count, 200] {
+            let r = decoder.decodeFrame(Array(v4Frame.prefix(captured)), linkType: LinkType.ethernet, wireLength: v4Frame.count)
+            XCTAssertEqual(r.notes, [], "IPv4, \(captured) bytes captured")
+            XCTAssertEqual(r.tuple.description, "tcp 10.25.132.13:35871 > 10.25.132.11:36425")
+            XCTAssertEqual(r.ipLength, UInt32(20 + 20 + payload))
+            XCTAssertEqual(r.payloadLength, UInt32(payload))
+            XCTAssertEqual(r.tcpFlags, [.psh, .ack])
+        }
+        // IPv4 total length 0 is still a bad header for what BIG TCP does not send.
+        var icmp = Frame.ipv4(src: "10.0.0.1", dst: "10.0.0.2", proto: 1, payload: Frame.icmpEcho(type: 8, id: 1, seq: 1))
+        icmp[2] = 0; icmp[3] = 0
+        XCTAssertTrue(decoder.decodeFrame(icmp, linkType: LinkType.ipv4).notes.contains(.badIPHeader))
+
+        var v6 = Frame.ipv6(src: "2604:1380:4091:ce00::b", dst: "2604:1380:4091:ce00::d", next: 6, payload: tcp)
+        v6[4] = 0; v6[5] = 0
+        let v6Frame = Frame.sll2(proto: 0x86dd, ifindex: 3, packetType: 4, payload: v6)
+        let r6 = decoder.decodeFrame(Array(v6Frame.prefix(120)), linkType: LinkType.linuxSLL2, wireLength: v6Frame.count)
+        XCTAssertEqual(r6.tuple.description, "tcp [2604:1380:4091:ce00::b]:35871 > [2604:1380:4091:ce00::d]:36425")
+        XCTAssertEqual(r6.ipLength, UInt32(40 + 20 + payload))
+        XCTAssertEqual(r6.payloadLength, UInt32(payload))
+        XCTAssertEqual(r6.notes, [])
+
+        // The jumbo option in a hop-by-hop header: Pad1, PadN, then type 0xC2 with the payload length after the
+        // fixed header.
+        let hop: [UInt8] = [6, 1] + [0] + [1, 5, 0, 0, 0, 0, 0] + [0xc2, 4] + Frame.be32(UInt32(16 + tcp.count))
+        var jumbo = Frame.ipv6(src: "fd00::1", dst: "fd00::2", next: 0, payload: hop + tcp)
+        jumbo[4] = 0; jumbo[5] = 0
+        let rj = decoder.decodeFrame(Array(jumbo.prefix(100)), linkType: LinkType.ipv6, wireLength: jumbo.count)
+        XCTAssertEqual(rj.tuple.description, "tcp [fd00::1]:35871 > [fd00::2]:36425")
+        XCTAssertEqual(rj.ipLength, UInt32(jumbo.count))
+        XCTAssertEqual(rj.payloadLength, UInt32(payload))
+        XCTAssertEqual(rj.notes, [.ipv6ExtensionHeaders])
+
+        // A hostile jumbo length (the largest, or one the option may not carry) is not taken: no trap, no length.
+        for bogus: UInt32 in [0xffff_ffff, 0xffff_ffd8, 1000] {
+            var bad = jumbo
+            bad.replaceSubrange(52..<56, with: Frame.be32(bogus))
+            let rb = decoder.decodeFrame(Array(bad.prefix(100)), linkType: LinkType.ipv6, wireLength: bad.count)
+            XCTAssertEqual(rb.ipLength, 40, "jumbo \(bogus)")
+        }
+
+        // UDP above 64 KiB (a tunnel carrying BIG TCP) has UDP length 0 too.
+        var udp = Frame.udp(sport: 55411, dport: 6081, payload: payload)
+        udp[4] = 0; udp[5] = 0
+        var v6udp = Frame.ipv6(src: "fd00::1", dst: "fd00::2", next: 17, payload: udp)
+        v6udp[4] = 0; v6udp[5] = 0
+        let ru = decoder.decodeFrame(Array(v6udp.prefix(60)), linkType: LinkType.ipv6, wireLength: v6udp.count)
+        XCTAssertEqual(ru.tuple.description, "udp [fd00::1]:55411 > [fd00::2]:6081")
+        XCTAssertEqual(ru.payloadLength, UInt32(payload))
+        XCTAssertEqual(ru.notes, [])
+
+        // A small IPv6 packet with payload length 0 carries no transport header, as before.
+        let empty = Frame.ipv6(src: "fd00::1", dst: "fd00::2", next: 6, payload: []) + Frame.tcp(sport: 1, dport: 2, seq: 0, ack: 0, flags: 2)
+        let re = decoder.decodeFrame(empty, linkType: LinkType.ipv6)
+        XCTAssertEqual(re.ipLength, 40)
+        XCTAssertEqual(re.tuple.src.port, 0)
     }
 
     /// Random bit flips, truncations and length fields of every frame kind: the decoder never traps.

@@ -46,12 +46,34 @@ final class LinkTypeTests: XCTestCase {
         XCTAssertFalse(known.contains("pod address unknown"), known)
     }
 
+    func testCookedCapturesStepOverVLANTags() throws {
+        // libpcap puts an offloaded 802.1Q tag back after the LINUX_SLL header (protocol 0x8100, then TCI and the
+        // inner EtherType), and the kernel hands a tag it did not strip in the payload: such packets were not IP.
+        var decoder = PacketDecoder(tags: RuleTagTable())
+        let ip = Frame.ipv4(src: "10.0.0.5", dst: "10.96.0.10", proto: 6, payload: Frame.tcp(sport: 40000, dport: 80, seq: 1, ack: 0, flags: 2))
+        let tagged = Frame.be16(0x2064) + Frame.be16(0x0800) + ip
+        let sll = decoder.decodeFrame(Frame.sll(packetType: 4, proto: 0x8100, payload: tagged), linkType: LinkType.linuxSLL)
+        let sll2 = decoder.decodeFrame(Frame.sll2(proto: 0x88a8, ifindex: 2, packetType: 0,
+                                                  payload: Frame.be16(5) + Frame.be16(0x8100) + tagged), linkType: LinkType.linuxSLL2)
+        for (name, r) in [("sll", sll), ("sll2 QinQ", sll2)] {
+            XCTAssertEqual(r.notes, [], "\(name): \(r.notes.descriptions)")
+            XCTAssertEqual(r.tuple.description, "tcp 10.0.0.5:40000 > 10.96.0.10:80", name)
+        }
+        XCTAssertEqual(sll.direction, .outbound)
+        XCTAssertEqual(sll2.ifindex, 2)
+        // Cut inside the tag: a truncated link header, as for Ethernet.
+        XCTAssertEqual(decoder.decodeFrame(Frame.sll(packetType: 0, proto: 0x8100, payload: [0x20]), linkType: LinkType.linuxSLL).notes, [.truncatedLink])
+    }
+
     func testEveryLinkTypeDecodesLikeTshark() throws {
         try XCTSkipUnless(Tshark.available, "tshark not installed")
         let kinds: [(String, UInt32, ([UInt8], Int) -> [UInt8])] = [
             ("ethernet-vlan", 1, { p, i in Frame.ethernet(type: self.isV6(p) ? 0x86dd : 0x0800, vlan: i % 2 == 0 ? 42 : nil, payload: p) }),
             ("sll", 113, { p, i in Frame.sll(packetType: i % 2 == 0 ? 4 : 0, proto: self.isV6(p) ? 0x86dd : 0x0800, payload: p) }),
             ("sll2", 276, { p, i in Frame.sll2(proto: self.isV6(p) ? 0x86dd : 0x0800, ifindex: UInt32(3 + i % 2), packetType: i % 2 == 0 ? 4 : 0, payload: p) }),
+            // A VLAN tag after the cooked header (libpcap reinserts an offloaded one there in LINUX_SLL).
+            ("sll-vlan", 113, { p, i in Frame.sll(packetType: i % 2 == 0 ? 4 : 0, proto: 0x8100, payload: Frame.be16(42) + Frame.be16(self.isV6(p) ? 0x86dd : 0x0800) + p) }),
+            ("sll2-vlan", 276, { p, i in Frame.sll2(proto: 0x8100, ifindex: 3, packetType: 0, payload: Frame.be16(7) + Frame.be16(self.isV6(p) ? 0x86dd : 0x0800) + p) }),
             ("raw", 101, { p, _ in p }),
             ("null-le", 0, { p, _ in (self.isV6(p) ? [30, 0, 0, 0] : [2, 0, 0, 0]) + p }),
             ("loop", 108, { p, _ in (self.isV6(p) ? [0, 0, 0, 24] : [0, 0, 0, 2]) + p }),

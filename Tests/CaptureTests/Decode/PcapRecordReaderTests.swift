@@ -146,14 +146,30 @@ final class PcapRecordReaderTests: XCTestCase {
         try assertSameAsLibpcap(path, "3 MiB cut inside the last record")
     }
 
-    func testSignedTimeFieldsAreWidenedLikeLibpcap() throws {
-        // libpcap's record header holds signed 32-bit seconds and fraction; an out-of-range fraction is kept.
+    func testTimeFieldsAreUnsignedAndWholeSecondsOfFractionCarry() throws {
+        // The format's seconds are unsigned (tcpdump's time_2039 / time_2106_max), and a fraction of a second or
+        // more (its timestamp_invalid_micro / _nano) is carried into the seconds: libpcap 1.10 sign-extended both,
+        // which put 2038-2106 before 1970 and printed "1418145370.:00000000". The same through the block reader
+        // (version 2.4) and through libpcap (version 2.3, which the block reader leaves to it).
         for nano in [false, true] {
-            var b = PcapFileBuilder(linkType: 101, nanosecond: nano)
-            b.add([0x45], seconds: 0xffff_fff0, fraction: 0xffff_ff00)
-            b.add([0x45], seconds: 0x8000_0000, fraction: 2_999_999_999)
-            b.add([0x45], seconds: 5, fraction: 999_999)
-            try assertSameAsLibpcap(try b.write(dir, "times-\(nano).pcap"), "signed times \(nano)")
+            for minor: UInt8 in [4, 3] {
+                var b = PcapFileBuilder(linkType: 101, nanosecond: nano)
+                b.add([0x45], seconds: 0xffff_ffff, fraction: 0)
+                b.add([0x45], seconds: 0x8000_0000, fraction: nano ? 999_999_999 : 999_999)
+                b.add([0x45], seconds: 1_418_145_370, fraction: nano ? 1_000_000_000 : 1_000_000)
+                b.add([0x45], seconds: 1_418_145_370, fraction: nano ? 2_147_483_648 : 2_147_483)
+                var bytes = b.bytes
+                bytes[6] = minor
+                let path = dir.appendingPathComponent("times-\(nano)-\(minor).pcap").path
+                try Data(bytes).write(to: URL(fileURLWithPath: path))
+                let (frames, damage, inBlocks) = try readWithSource(path)
+                let label = "\(nano ? "ns" : "µs") version 2.\(minor)"
+                XCTAssertEqual(inBlocks, minor == 4, label)
+                XCTAssertNil(damage, label)
+                let times = frames.map { [$0.seconds, Int64($0.nanoseconds)] }
+                XCTAssertEqual(times, [[4_294_967_295, 0], [2_147_483_648, nano ? 999_999_999 : 999_999_000], [1_418_145_371, 0],
+                                       [1_418_145_372, nano ? 147_483_648 : 147_483_000]], label)
+            }
         }
     }
 

@@ -91,6 +91,35 @@ final class PcapngTests: XCTestCase {
         }
     }
 
+    func testAFirstInterfaceOfAnotherLinkTypeDoesNotRefuseTheFile() throws {
+        // mergecap of an 802.15.4 capture and an -i any one: refused as "link type 195 is not supported" when the
+        // 802.15.4 interface came first, read when it came second. Now read either way: the other interface's
+        // packets are noted as not decodable.
+        let user = [UInt8](repeating: 0x55, count: 30)
+        for userFirst in [true, false] {
+            var b = PcapngFileBuilder()
+            b.addInterface(linkType: userFirst ? 147 : 113, name: userFirst ? "usb0" : "any")
+            b.addInterface(linkType: userFirst ? 113 : 147, name: userFirst ? "any" : "usb0")
+            let sll = Frame.sll(packetType: 4, proto: 0x0800, payload: tcp)
+            b.addPacket(interface: userFirst ? 0 : 1, units: 1, user)
+            b.addPacket(interface: userFirst ? 1 : 0, units: 2, sll)
+            let c = try DecodedCapture(try b.write(dir, "mixed-\(userFirst).pcapng"))
+            XCTAssertNil(c.damage)
+            XCTAssertEqual(c.records.map(\.point.description), ["usb0", "any"], "user first: \(userFirst)")
+            XCTAssertEqual(c.records[0].notes, [.unknownLinkPayload])
+            XCTAssertEqual(c.records[1].tuple.description, "tcp 10.0.0.5:40000 > 10.96.0.10:80")
+            XCTAssertEqual(c.records[1].direction, .outbound)
+        }
+        // Only interfaces meshtrace does not decode: still refused, naming the first.
+        var none = PcapngFileBuilder()
+        none.addInterface(linkType: 147, name: "u0")
+        none.addInterface(linkType: 195, name: "w0")
+        none.addPacket(interface: 0, units: 1, user)
+        let e = openError(none.bytes, "none.pcapng")
+        XCTAssertEqual(e?.code, .badInput)
+        XCTAssertTrue(e?.message.contains("link type 147") ?? false, e?.message ?? "")
+    }
+
     func testDamagedPcapngBlocks() throws {
         var good = PcapngFileBuilder()
         good.addInterface(linkType: 101, name: "raw0")
@@ -142,6 +171,37 @@ final class PcapngTests: XCTestCase {
         let e = openError(user.bytes, "user.pcapng")
         XCTAssertEqual(e?.code, .badInput)
         XCTAssertTrue(e?.message.contains("link type 147") ?? false, e?.message ?? "")
+
+        // The interface block itself damaged: nothing to analyse, and the error says where it broke (it gave the
+        // bare "block 2 trailing length does not match its length 32" before).
+        var badIDB = PcapngFileBuilder()
+        badIDB.addInterface(linkType: 101, name: "raw0")
+        var idbBytes = badIDB.bytes
+        idbBytes[idbBytes.count - 4] ^= 0x40
+        let ie = openError(idbBytes + Array(base.dropFirst(badIDB.bytes.count)), "bad-idb.pcapng")
+        XCTAssertEqual(ie?.code, .badInput)
+        XCTAssertTrue(ie?.message.contains("damaged before its first interface description, nothing to analyse (block 2 trailing length") ?? false,
+                      ie?.message ?? "")
+
+        // A version other than 1.0 (or libpcap's 1.2): libpcap's pcapng-invalid-vers-1/2.pcapng (0.1, 1.1) were
+        // read as 1.0. Unusable in the first section; damage in a later one, after what came before.
+        for (major, minor) in [(0, 1), (1, 1), (2, 0)] {
+            var other = base
+            other.replaceSubrange(12..<16, with: good.u16(major) + good.u16(minor))
+            let v = openError(other, "v\(major).\(minor).pcapng")
+            XCTAssertEqual(v?.code, .badInput)
+            XCTAssertTrue(v?.message.contains("unsupported pcapng version \(major).\(minor)") ?? false, v?.message ?? "")
+            var later = good
+            later.addRaw(Array(other.prefix(28)))
+            let l = try read(later.bytes, "later-v\(major).\(minor).pcapng")
+            XCTAssertEqual(l.records.count, 2)
+            XCTAssertEqual(l.damage?.code, .damagedInput)
+            XCTAssertTrue(l.damage?.message.contains("unsupported pcapng version \(major).\(minor) in section 2") ?? false,
+                          l.damage?.message ?? "")
+        }
+        var v12 = base
+        v12.replaceSubrange(14..<16, with: good.u16(2))
+        XCTAssertEqual(try read(v12, "v1.2.pcapng").records.count, 2)
 
         // Random corruption of a valid file: records or damage, never a crash or a hang.
         var rng = SeededGenerator(seed: 99)

@@ -158,6 +158,15 @@ final class EmptyRunReportTests: XCTestCase {
             XCTAssertTrue(r.ok, r.stderr)
             XCTAssertEqual(r.stdout, "")
         }
+        // libpcap and meshtrace itself refuse a pcapng without an interface block: the empty file has one, and no
+        // packet (an empty capture's --pcapng could not be read back before).
+        let own = try PcapFileSource(path: config.pcapngPath!, tags: RuleTagTable())
+        var record = PacketRecord()
+        XCTAssertNil(own.next(into: &record))
+        XCTAssertNil(own.damage)
+        let libpcap = try PcapHandle.openOffline(path: config.pcapngPath!)
+        defer { libpcap.close() }
+        guard case .end = libpcap.next() else { return XCTFail("libpcap read a packet or an error") }
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted(), ["empty.html", "empty.pcapng"], "no spool left")
     }
 }
