@@ -12,6 +12,11 @@ public struct PcapPacket {
     public var time: Timestamp
     public var wireLength: UInt32
     public var bytes: UnsafeRawBufferPointer
+    /// The record's own 32-bit seconds and fraction (in ns) as libpcap read them from a file, before `time` folds
+    /// them: libpcap sign-extends both, and a µs fraction of 4.29 s or more overflowed `time`'s 32-bit nanoseconds
+    /// (`Timestamp(pcapSeconds:fractionNanoseconds:)` reads them as the format defines them).
+    public var fileSeconds: UInt32 = 0
+    public var fileFractionNanoseconds: UInt64 = 0
 }
 
 /// libpcap's counters for a live capture (pcap_stats).
@@ -57,10 +62,23 @@ public final class PcapHandle: @unchecked Sendable {
     /// Opens a pcap (µs or ns) or pcapng file; timestamps come out in nanoseconds either way.
     public static func openOffline(path: String) throws -> PcapHandle {
         var errbuf = [CChar](repeating: 0, count: Int(PCAP_ERRBUF_SIZE))
-        guard let p = pcap_open_offline_with_tstamp_precision(path, UInt32(PCAP_TSTAMP_PRECISION_NANO), &errbuf) else {
+        // A classic µs file is read at µs, as written: asked for ns, libpcap multiplies the sign-extended 32-bit
+        // fraction by 1000 itself, and a fraction of 2^31 µs or more came out negative (`fileFractionNanoseconds`).
+        let precision = isClassicMicrosecondFile(path) ? PCAP_TSTAMP_PRECISION_MICRO : PCAP_TSTAMP_PRECISION_NANO
+        guard let p = pcap_open_offline_with_tstamp_precision(path, UInt32(precision), &errbuf) else {
             throw MeshtraceError.badInput("\(path): \(String(cString: errbuf))")
         }
         return PcapHandle(handle: p, name: path, isLive: false)
+    }
+
+    /// True when `path` starts with the classic pcap magic of µs timestamps (either byte order).
+    private static func isClassicMicrosecondFile(_ path: String) -> Bool {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { Glibc.close(fd) }
+        var magic: UInt32 = 0
+        guard read(fd, &magic, 4) == 4 else { return false }
+        return magic == 0xa1b2_c3d4 || magic == UInt32(0xa1b2_c3d4).byteSwapped
     }
 
     /// Creates and activates a live capture on `device` in the current network namespace (the caller's
@@ -133,7 +151,10 @@ public final class PcapHandle: @unchecked Sendable {
             let time = Timestamp(seconds: Int64(h.ts.tv_sec),
                                  nanoseconds: Int32(truncatingIfNeeded: nanosecondTimestamps ? fraction : fraction * 1000))
             let bytes = UnsafeRawBufferPointer(start: data, count: Int(h.caplen))
-            return .packet(PcapPacket(time: time, wireLength: h.len, bytes: bytes))
+            let fractionField = UInt64(UInt32(truncatingIfNeeded: h.ts.tv_usec))
+            return .packet(PcapPacket(time: time, wireLength: h.len, bytes: bytes,
+                                      fileSeconds: UInt32(truncatingIfNeeded: h.ts.tv_sec),
+                                      fileFractionNanoseconds: nanosecondTimestamps ? fractionField : fractionField * 1000))
         case 0:
             return .timeout
         case PCAP_ERROR_BREAK:

@@ -167,10 +167,8 @@ public final class PcapFileSource: PacketSource {
         switch capture!.next() {
         case .packet(let p):
             framesRead += 1
-            // libpcap 1.10 sign-extends the record's 32-bit fields: the same unsigned reading as the block reader's
-            // (exact for ns files, and for µs fractions below 4.29 s, all libpcap's truncation to 32 bits keeps).
-            let time = Timestamp(pcapSeconds: UInt32(truncatingIfNeeded: p.time.seconds),
-                                 fractionNanoseconds: UInt64(UInt32(bitPattern: p.time.nanoseconds)))
+            // libpcap 1.10 sign-extends the record's 32-bit fields: the same unsigned reading as the block reader's.
+            let time = Timestamp(pcapSeconds: p.fileSeconds, fractionNanoseconds: p.fileFractionNanoseconds)
             pending(time: time, wireLength: p.wireLength, bytes: p.bytes, interface: 0)
             return time
         case .end, .timeout:

@@ -158,6 +158,8 @@ final class PcapRecordReaderTests: XCTestCase {
                 b.add([0x45], seconds: 0x8000_0000, fraction: nano ? 999_999_999 : 999_999)
                 b.add([0x45], seconds: 1_418_145_370, fraction: nano ? 1_000_000_000 : 1_000_000)
                 b.add([0x45], seconds: 1_418_145_370, fraction: nano ? 2_147_483_648 : 2_147_483)
+                // A µs fraction whose ns (x 1000) does not fit 32 bits: libpcap's path cut it to them.
+                b.add([0x45], seconds: 1_418_145_370, fraction: 4_294_967_295)
                 var bytes = b.bytes
                 bytes[6] = minor
                 let path = dir.appendingPathComponent("times-\(nano)-\(minor).pcap").path
@@ -168,7 +170,8 @@ final class PcapRecordReaderTests: XCTestCase {
                 XCTAssertNil(damage, label)
                 let times = frames.map { [$0.seconds, Int64($0.nanoseconds)] }
                 XCTAssertEqual(times, [[4_294_967_295, 0], [2_147_483_648, nano ? 999_999_999 : 999_999_000], [1_418_145_371, 0],
-                                       [1_418_145_372, nano ? 147_483_648 : 147_483_000]], label)
+                                       [1_418_145_372, nano ? 147_483_648 : 147_483_000],
+                                       nano ? [1_418_145_374, 294_967_295] : [1_418_149_664, 967_295_000]], label)
             }
         }
     }
