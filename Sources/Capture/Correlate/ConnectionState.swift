@@ -285,6 +285,9 @@ struct RelayMatch {
     /// How many open tunnels could have carried it, and the most packets any other one matched.
     var tunnels: Int
     var runnerUp: Int
+    /// Of those tunnels, how many had stopped keeping events (`maxEventsPerConnection`) before the connection ended:
+    /// their packets from then on could not be compared.
+    var blind: Int
 }
 
 struct HopRoles: OptionSet {

@@ -898,7 +898,12 @@ public final class Correlator {
         var relayedIndex: [Int: Int] = [:]
         let tunnelStride = 1 + (candidates.lazy.map(\.events.count).max() ?? 0)
         var packets = [Int](repeating: 0, count: legs.count)
+        var blind = [Int](repeating: 0, count: legs.count)
         for (li, l) in legs.enumerated() {
+            for k in l.tunnels where candidates[k].timeline.droppedEvents > 0
+                && (candidates[k].events.last?.time.totalNanoseconds ?? .min) < l.leg.timeline.lastSeen.totalNanoseconds {
+                blind[li] += 1
+            }
             for e in l.leg.events.indices where Correlator.isRelayData(l.leg.events[e], loopback: true) {
                 if packets[li] == Correlator.relayPacketsCompared { break }
                 packets[li] += 1
@@ -995,7 +1000,8 @@ public final class Correlator {
                 // No packet of it lines up with any of the tunnels (ztunnel slower than the window, or no data): the
                 // join stands on the rest, and says that timing could not tell.
                 if let current, packets[li] > 0 {
-                    current.relay = RelayMatch(matched: 0, packets: packets[li], largestGap: 0, tunnels: l.tunnels.count, runnerUp: 0)
+                    current.relay = RelayMatch(matched: 0, packets: packets[li], largestGap: 0, tunnels: l.tunnels.count, runnerUp: 0,
+                                               blind: blind[li])
                     current.finalized = false
                 }
                 continue
@@ -1003,7 +1009,7 @@ public final class Correlator {
             let tunnel = candidates[b]
             tunnel.relayClaimed.append(contentsOf: v.claims)
             let match = RelayMatch(matched: v.count, packets: packets[li], largestGap: v.largest, tunnels: l.tunnels.count,
-                                   runnerUp: runnerUp)
+                                   runnerUp: runnerUp, blind: blind[li])
             if let current, (l.outbound ? current.inner : current.outer) === tunnel {
                 current.relay = match
                 current.finalized = false
@@ -1106,13 +1112,13 @@ public final class Correlator {
 
     /// A join among several open tunnels rests on relay timing: never high (another tunnel could have carried it, and
     /// below TLS no packet names its stream); medium only when every data packet of the carried connection has a twin
-    /// in this tunnel and no other tunnel matched as many.
+    /// in this tunnel, no other tunnel matched as many, and every tunnel's packets could be compared.
     private func relayEvidence(_ relay: RelayMatch, identity: Bool, hasMark: Bool, direction: ZtunnelHop.Direction,
                                into evidence: inout [HopEvidence]) -> ([HopEvidence], Confidence) {
         evidence.append(HopEvidence(.relayTiming(outbound: direction == .outbound, matched: relay.matched, packets: relay.packets,
                                                  largestGap: relay.largestGap, windowNanos: options.relayWindowNanos,
-                                                 tunnels: relay.tunnels, runnerUp: relay.runnerUp)))
-        let clean = relay.matched == relay.packets && relay.runnerUp < relay.matched
+                                                 tunnels: relay.tunnels, runnerUp: relay.runnerUp, blind: relay.blind)))
+        let clean = relay.matched == relay.packets && relay.runnerUp < relay.matched && relay.blind == 0
         return (evidence, identity && hasMark && clean ? .medium : .low)
     }
 

@@ -505,4 +505,31 @@ final class PooledTunnelTests: XCTestCase {
                            "none of 2 data packets of the outer connection has a twin within 2.0 ms in any of 2 open tunnels that could have carried it: timing cannot tell which did")
         }
     }
+
+    func testATunnelThatStoppedKeepingEventsMakesRelayTimingLowAndSaysSo() throws {
+        // The open tunnel had carried enough before to reach the event limit: its relaying of the pooled connection is
+        // not kept, so nothing shows it carried it, and a match to the other tunnel is no better than low.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        var p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel)
+        let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == pooledApp })
+        var g = f
+        g.frame = 30_000
+        g.clock = p[at].time.totalNanoseconds - 1_000_000_000
+        let earlier = (0..<10).map { i in
+            g.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7001 + UInt32(i), ack: 9401, payload: 1, on: eth0, direction: .outbound)
+        }
+        p.insert(contentsOf: earlier, at: at)
+        var options = CorrelatorOptions()
+        options.maxEventsPerConnection = 10
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules, options: options)
+        XCTAssertGreaterThan(try connection(from: ztunnelOut, in: sink).droppedEvents, 0)
+        for src in [pooledApp, app2] {
+            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first, "\(src)")
+            XCTAssertEqual(hop.confidence, .low, "\(src)")
+            let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+            XCTAssertTrue(words.hasSuffix("; 1 of them had stopped keeping events (--max-events) before it ended: packets past that were not compared"), words)
+        }
+    }
 }
