@@ -866,11 +866,11 @@ public final class Correlator {
             near += 1
             if initiatorIsLocal(t) { byPeer[t.responder.addr, default: []].append(i) } else { byClient[t.initiator.addr, default: []].append(i) }
         }
-        guard near >= 2 else { return }
+        guard near > 0 else { return }
         var legs: [(leg: ConnectionState, outbound: Bool, tunnels: [Int])] = []
         var candidates: [ConnectionState] = []
         for (c, outbound) in wanted {
-            guard let open = outbound ? byPeer[c.responder.addr] : byClient[c.initiator.addr], open.count >= 2 else { continue }
+            guard let open = outbound ? byPeer[c.responder.addr] : byClient[c.initiator.addr] else { continue }
             // Joined to a passthrough connection, or inbound to a plaintext one (15006): no tunnel to choose.
             if let current = c.hopLinks.first(where: { outbound ? ($0.hop.direction == .outbound && $0.outer === c)
                                                                 : ($0.hop.direction == .inbound && $0.inner === c) }),
@@ -882,6 +882,19 @@ public final class Correlator {
                 if let k = candidates.firstIndex(where: { $0 === t }) { mine.append(k) } else {
                     mine.append(candidates.count)
                     candidates.append(t)
+                }
+            }
+            // The tunnel it is joined to now is one too, open during its life or not: a fresh join may have taken a
+            // tunnel opened after it ended (its own was taken by another connection, and a later one came within the
+            // hop window); carrying nothing while it ran, that one loses to the tunnel that did.
+            if let current = c.hopLinks.first(where: { outbound ? ($0.hop.direction == .outbound && $0.outer === c)
+                                                                : ($0.hop.direction == .inbound && $0.inner === c) }) {
+                let t = outbound ? current.inner : current.outer
+                if t.tunnelIndex >= 0, !mine.contains(where: { candidates[$0] === t }) {
+                    if let k = candidates.firstIndex(where: { $0 === t }) { mine.append(k) } else {
+                        mine.append(candidates.count)
+                        candidates.append(t)
+                    }
                 }
             }
             if mine.count >= 2 { legs.append((c, outbound, mine)) }
@@ -980,18 +993,28 @@ public final class Correlator {
         // Links to tunnels the timing does not bear out go first, so that a new tunnel freed by one connection is
         // joined fresh (not pooled) by the connection it was opened for.
         var moves: [(leg: ConnectionState, outbound: Bool, tunnel: ConnectionState, match: RelayMatch)] = []
+        var freed: [ConnectionState] = []
         for (li, l) in legs.enumerated() {
-            var best: Int?, runnerUp = 0
+            var best: Int?
             for k in l.tunnels {
                 guard let v = votes[li * candidates.count + k] else { continue }
                 if let b = best, let bv = votes[li * candidates.count + b] {
-                    if v.count > bv.count || (v.count == bv.count && v.total < bv.total) {
-                        runnerUp = max(runnerUp, bv.count); best = k
-                    } else {
-                        runnerUp = max(runnerUp, v.count)
-                    }
+                    if v.count > bv.count || (v.count == bv.count && v.total < bv.total) { best = k }
                 } else {
                     best = k
+                }
+            }
+            // The next best as if no other connection had taken a packet: two tunnels opened together whose packets
+            // both fall in the window for two connections are told apart only by which pairing is shorter, and the
+            // loser's packets, taken by the other connection, must not read as "matched 0" here.
+            var runnerUp = 0
+            if let b = best {
+                for k in l.tunnels where k != b {
+                    var n = 0
+                    for (a, c) in carried.enumerated() where c.leg == li {
+                        if pairings[a].contains(where: { relayed[$0.relayed].tunnel == k }) { n += 1 }
+                    }
+                    runnerUp = max(runnerUp, n)
                 }
             }
             let current = l.leg.hopLinks.first { l.outbound ? ($0.hop.direction == .outbound && $0.outer === l.leg)
@@ -1015,7 +1038,10 @@ public final class Correlator {
                 current.finalized = false
                 continue
             }
-            if let current { unlink(current) }
+            if let current {
+                unlink(current)
+                freed.append(l.outbound ? current.inner : current.outer)
+            }
             moves.append((l.leg, l.outbound, tunnel, match))
         }
         for m in moves {
@@ -1027,6 +1053,17 @@ public final class Correlator {
             let link = join(direction, outer: m.outbound ? m.leg : m.tunnel, inner: m.outbound ? m.tunnel : m.leg,
                             evidence: [], confidence: .low, candidates: m.match.tunnels, pooled: !fresh)
             link.relay = m.match
+        }
+        // A tunnel left with no connection goes back among the candidates (they drop joined ones) and looks again:
+        // the connection it was opened for may have begun after the one that had taken it.
+        for t in freed where !t.emitted {
+            if t.pendingRoles.contains(.innerOutbound) && !t.hasOutboundHop && !innerOutbound.contains(where: { $0 === t }) {
+                innerOutbound.append(t)
+            }
+            if t.pendingRoles.contains(.outerInbound) && !t.hasInboundHop && !outerInbound.contains(where: { $0 === t }) {
+                outerInbound.append(t)
+            }
+            reconsiderHops(t)
         }
     }
 

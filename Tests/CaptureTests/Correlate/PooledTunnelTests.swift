@@ -411,8 +411,9 @@ final class PooledTunnelTests: XCTestCase {
     /// Two app connections begun 100 µs apart while a tunnel to their peer sits open: the first goes through the open
     /// tunnel, and ztunnel opens a new one for the second. Only relay timing tells which carried which: each app data
     /// packet has its twin in the tunnel that carried it a few hundred µs later (replies: the tunnel's first).
+    /// `interleaved`: each tunnel relays within 20 µs of the other, so every packet has a twin in both.
     func concurrentStreams(_ f: inout PacketFactory, rules: Ruleset, pooledApp: Endpoint, freshApp: Endpoint,
-                           freshTunnel: Endpoint) -> [PacketRecord] {
+                           freshTunnel: Endpoint, interleaved: Bool = false) -> [PacketRecord] {
         var p = CorrelatorTests.outboundScenario(&f, ruleset: rules)
         p.removeLast(2)   // the tunnel (ztunnelOut) stays open
         f.advance(micros: 3_000_000)
@@ -435,15 +436,17 @@ final class PooledTunnelTests: XCTestCase {
         at(340) { $0.packet(peerHBONE, freshTunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
         at(345) { $0.packet(freshTunnel, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
         // Requests: the pooled connection's at 200 µs, relayed at 350 µs; the fresh one's at 500 µs, relayed at 900 µs.
+        let (freshRequest, freshRelayed, freshReplied, freshReply): (Int64, Int64, Int64, Int64) =
+            interleaved ? (250, 370, 2_010, 2_070) : (500, 900, 2_500, 2_560)
         at(200) { $0.packet(pooledApp, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
         at(350) { $0.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7181, ack: 9401, payload: 150, on: eth0, direction: .outbound) }
-        at(500) { $0.packet(freshApp, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
-        at(900) { $0.packet(freshTunnel, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+        at(freshRequest) { $0.packet(freshApp, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        at(freshRelayed) { $0.packet(freshTunnel, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
         // Replies: each tunnel's first, then the app's 50-60 µs later.
         at(2_000) { $0.packet(peerHBONE, ztunnelOut, flags: [.ack, .psh], seq: 9401, ack: 7331, payload: 350, on: eth0, direction: .inbound) }
         at(2_050) { $0.packet(service, pooledApp, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
-        at(2_500) { $0.packet(peerHBONE, freshTunnel, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
-        at(2_560) { $0.packet(service, freshApp, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        at(freshReplied) { $0.packet(peerHBONE, freshTunnel, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
+        at(freshReply) { $0.packet(service, freshApp, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
         for (end, app) in [(Int64(2_700), pooledApp), (2_800, freshApp)] {
             at(end) { $0.packet(app, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
             at(end + 10) { $0.packet(service, app, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
@@ -471,14 +474,14 @@ final class PooledTunnelTests: XCTestCase {
         for (c, how) in [(pooled, "pooled-tunnel"), (second, "timing")] {
             let hop = try XCTUnwrap(c.hops.first)
             XCTAssertNotEqual(hop.confidence, .high, "another open tunnel could have carried \(c.original.src)")
-            XCTAssertEqual(hop.confidence, .medium, "every data packet matched, the other tunnel none")
+            XCTAssertEqual(hop.confidence, .medium, "every data packet matched, the other tunnel only one")
             let kinds = hop.evidence.map(\.kind)
             XCTAssertTrue(kinds.contains(how), "\(kinds)")
             XCTAssertFalse(kinds.contains("unique"), "the relay timing says why this tunnel, not 'the newest' or 'the earliest'")
             XCTAssertEqual(hop.evidence.first { $0.kind == "relay-timing" }?.detail,
                            "2 of 2 data packets of the outer connection have a twin in the tunnel within 2.0 ms (the largest gap "
                            + (c.id == pooled.id ? "150 µs" : "400 µs")
-                           + "); of 2 open tunnels that could have carried it, the next best matched 0")
+                           + "); of 2 open tunnels that could have carried it, the next best matched 1")
         }
         XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
     }
@@ -531,5 +534,46 @@ final class PooledTunnelTests: XCTestCase {
             let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
             XCTAssertTrue(words.hasSuffix("; 1 of them had stopped keeping events (--max-events) before it ended: packets past that were not compared"), words)
         }
+    }
+
+    func testTwoTunnelsRelayingWithinMicrosecondsOfEachOtherGiveLowConfidence() throws {
+        // Both tunnels relay within 20 µs of each other, so every data packet of each connection has a twin in both:
+        // the shorter pairings decide, but the other tunnel could as well have carried it. In a lab run two such
+        // connections were joined the wrong way round at medium ('the next best matched 0': the other tunnel's
+        // packets had gone to the other connection).
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        let p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel, interleaved: true)
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        for src in [pooledApp, app2] {
+            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first, "\(src)")
+            XCTAssertEqual(hop.confidence, .low, "\(src)")
+            let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+            XCTAssertTrue(words.hasSuffix("of 2 open tunnels that could have carried it, the next best matched 2"), words)
+        }
+    }
+
+    func testAFreshJoinToATunnelOpenedAfterTheConnectionEndedIsMovedToTheTunnelThatCarriedIt() throws {
+        // A connection that lost its own tunnel to another's fresh join, then, still lingering, took a tunnel opened
+        // 500 ms later within the hop window (medium, 'the earliest was chosen'; seen in a lab run): that tunnel
+        // carried nothing while it ran.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        var p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel)
+        let late = PacketFactory.ep("10.0.1.5", 50009), lateApp = PacketFactory.ep("10.0.1.5", 40009)
+        f.advance(micros: 500_000)
+        p.append(f.nflog(lateApp, service, flags: [.syn], seq: 3000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2))
+        f.advance(micros: 5)
+        p.append(f.packet(lateApp, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound))
+        f.advance(micros: 300)
+        p.append(f.nflog(late, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2))
+        p.append(f.packet(late, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound))
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let kept = try connection(from: ztunnelOut, in: sink), fresh = try connection(from: freshTunnel, in: sink)
+        XCTAssertEqual(try connection(from: pooledApp, in: sink).hops.map(\.inner), [kept.id])
+        XCTAssertEqual(try connection(from: app2, in: sink).hops.map(\.inner), [fresh.id])
+        XCTAssertEqual(try connection(from: late, in: sink).hops.map(\.outer), [try connection(from: lateApp, in: sink).id])
     }
 }
