@@ -234,6 +234,10 @@ final class ConnectionState {
     var sawInterfaceEvent = false
     /// Membership in the hop candidate lists.
     var pendingRoles: HopRoles = []
+    /// A tunnel's data events (indices into `events`) already matched to a connection it relayed
+    /// (`Correlator.relinkByRelayTiming`): a packet is one connection's bytes, not another's too. Empty (no storage)
+    /// unless the tunnel was ever one of several candidates.
+    var relayClaimed: [Int32] = []
 
     init(id: ConnectionID, tuple: FiveTuple, initiator: Endpoint, responder: Endpoint) {
         timeline = ConnectionTimeline(id: id, kind: .unknown,
@@ -261,12 +265,29 @@ final class HopLink {
     /// Joined to a tunnel that was open already (ztunnel pools HBONE connections): its evidence says so, and
     /// timing is not part of it.
     var pooled = false
+    /// Chosen (or confirmed) among several open tunnels by relay timing: its evidence says so in place of `unique`.
+    var relay: RelayMatch?
     // Strong on purpose: an emitted connection clears its own links, so the pair is freed once both are out.
     var outer: ConnectionState
     var inner: ConnectionState
     init(hop: ZtunnelHop, outer: ConnectionState, inner: ConnectionState, candidates: Int) {
         self.hop = hop; self.outer = outer; self.inner = inner; self.candidates = candidates
     }
+}
+
+/// How well a carried connection's data packets line up with one tunnel's (`Correlator.relinkByRelayTiming`).
+struct RelayMatch {
+    /// The carried connection's data packets with a relayed twin in the chosen tunnel, and how many it had.
+    var matched: Int
+    var packets: Int
+    /// The largest gap between a matched packet and its twin.
+    var largestGap: Int64
+    /// How many open tunnels could have carried it, and the most packets any other one matched.
+    var tunnels: Int
+    var runnerUp: Int
+    /// Of those tunnels, how many had stopped keeping events (`maxEventsPerConnection`) before the connection ended:
+    /// their packets from then on could not be compared.
+    var blind: Int
 }
 
 struct HopRoles: OptionSet {

@@ -832,10 +832,270 @@ public final class Correlator {
         return chosen.map { ($0, count) }
     }
 
+    // MARK: - Relay timing
+
+    /// Which of several open tunnels carried a connection. ztunnel pools HBONE connections, so a connection may have
+    /// gone through any tunnel to its peer that was open while it ran; the joins above take the earliest new tunnel
+    /// or the newest open one, and under concurrency that was the wrong one nearly every time (a pooled connection
+    /// took the next new tunnel, whose own connection took the next, and so on). What tells them apart is relay
+    /// timing: ztunnel writes a connection's bytes into the tunnel that carries them within a few hundred µs of
+    /// reading them, in a packet at least as long, and a reply back out of it likewise. For the carried connections
+    /// of a batch with more than one candidate tunnel, every data packet is paired with at most one tunnel packet,
+    /// shortest gaps first, so a tunnel packet that another connection's packet explains better is not counted for
+    /// both; each connection then goes to the tunnel that matched most of its packets (of equals, the smaller total
+    /// gap), and that tunnel's matched packets stay claimed for later batches. Run at emission, once per connection,
+    /// from the events already kept: nothing is added to the per-packet path.
+    private func relinkByRelayTiming(_ batch: [ConnectionState]) {
+        // The connections that may have been carried, and the span of their lives.
+        var wanted: [(leg: ConnectionState, outbound: Bool)] = []
+        var from = Int64.max, to = Int64.min
+        for c in batch where !c.emitted && c.mergedInto == nil && c.proto == IPProto.tcp {
+            if c.pendingRoles.contains(.outerOutbound) && c.originalKnown { wanted.append((c, true)) }
+            else if c.pendingRoles.contains(.innerInbound) { wanted.append((c, false)) }
+            else { continue }
+            from = min(from, c.firstSeenNanos)
+            to = max(to, c.lastSeenNanos)
+        }
+        guard !wanted.isEmpty else { return }
+        // One walk of the tunnel list per batch (a busy capture keeps ~1500 lingering ones), grouping those open in
+        // that span by their far end: the peer outbound, the client inbound.
+        var byPeer: [IPAddress: [Int]] = [:], byClient: [IPAddress: [Int]] = [:]
+        var near = 0
+        for i in tunnels.indices where tunnelBegan[i] <= to && tunnelClosed[i] >= from {
+            let t = tunnels[i]
+            guard !t.emitted, t.mergedInto == nil, t.responder.port == options.hbonePort else { continue }
+            near += 1
+            if initiatorIsLocal(t) { byPeer[t.responder.addr, default: []].append(i) } else { byClient[t.initiator.addr, default: []].append(i) }
+        }
+        guard near > 0 else { return }
+        var legs: [(leg: ConnectionState, outbound: Bool, tunnels: [Int])] = []
+        var candidates: [ConnectionState] = []
+        for (c, outbound) in wanted {
+            guard let open = outbound ? byPeer[c.responder.addr] : byClient[c.initiator.addr] else { continue }
+            // Joined to a passthrough connection, or inbound to a plaintext one (15006): no tunnel to choose.
+            if let current = c.hopLinks.first(where: { outbound ? ($0.hop.direction == .outbound && $0.outer === c)
+                                                                : ($0.hop.direction == .inbound && $0.inner === c) }),
+               (outbound ? current.inner : current.outer).responder.port != options.hbonePort { continue }
+            var mine: [Int] = []
+            for i in open where tunnelBegan[i] <= c.lastSeenNanos && tunnelClosed[i] >= c.firstSeenNanos {
+                let t = tunnels[i]
+                guard t !== c else { continue }
+                if let k = candidates.firstIndex(where: { $0 === t }) { mine.append(k) } else {
+                    mine.append(candidates.count)
+                    candidates.append(t)
+                }
+            }
+            // The tunnel it is joined to now is one too, open during its life or not: a fresh join may have taken a
+            // tunnel opened after it ended (its own was taken by another connection, and a later one came within the
+            // hop window); carrying nothing while it ran, that one loses to the tunnel that did.
+            if let current = c.hopLinks.first(where: { outbound ? ($0.hop.direction == .outbound && $0.outer === c)
+                                                                : ($0.hop.direction == .inbound && $0.inner === c) }) {
+                let t = outbound ? current.inner : current.outer
+                if t.tunnelIndex >= 0, !mine.contains(where: { candidates[$0] === t }) {
+                    if let k = candidates.firstIndex(where: { $0 === t }) { mine.append(k) } else {
+                        mine.append(candidates.count)
+                        candidates.append(t)
+                    }
+                }
+            }
+            if mine.count >= 2 { legs.append((c, outbound, mine)) }
+        }
+        guard !legs.isEmpty else { return }
+
+        // Every pairing within the window: the carried packet first going towards the far end (app to tunnel
+        // outbound, tunnel to app inbound), the tunnel's first coming back. Packets are numbered as met: `carried`
+        // (leg, event) and `relayed` (candidate, event), with each carried packet's pairings, shortest gap first.
+        let window = options.relayWindowNanos
+        var carried: [(leg: Int, event: Int)] = []
+        var pairings: [[(gap: Int64, relayed: Int)]] = []
+        var relayed: [(tunnel: Int, event: Int)] = []
+        var relayedIndex: [Int: Int] = [:]
+        let tunnelStride = 1 + (candidates.lazy.map(\.events.count).max() ?? 0)
+        var packets = [Int](repeating: 0, count: legs.count)
+        var blind = [Int](repeating: 0, count: legs.count)
+        for (li, l) in legs.enumerated() {
+            for k in l.tunnels where candidates[k].timeline.droppedEvents > 0
+                && (candidates[k].events.last?.time.totalNanoseconds ?? .min) < l.leg.timeline.lastSeen.totalNanoseconds {
+                blind[li] += 1
+            }
+            for e in l.leg.events.indices where Correlator.isRelayData(l.leg.events[e], loopback: true) {
+                if packets[li] == Correlator.relayPacketsCompared { break }
+                packets[li] += 1
+                let ev = l.leg.events[e]
+                let t = ev.time.totalNanoseconds
+                let carriedFirst = l.outbound == ev.forward
+                var mine: [(gap: Int64, relayed: Int)] = []
+                for k in l.tunnels {
+                    let tunnel = candidates[k]
+                    for j in tunnel.events.indices {
+                        let te = tunnel.events[j]
+                        guard te.forward == ev.forward, Correlator.isRelayData(te, loopback: false) else { continue }
+                        let u = te.time.totalNanoseconds
+                        let gap = carriedFirst ? u - t : t - u
+                        guard gap > 0 && gap <= window else { continue }
+                        // The tunnel wraps the bytes (TLS, HTTP/2 frames): never shorter, unless segmented.
+                        if ev.length <= 1400 && te.length < ev.length { continue }
+                        if tunnel.relayClaimed.contains(Int32(j)) { continue }
+                        let key = k * tunnelStride + j
+                        let r: Int
+                        if let known = relayedIndex[key] { r = known } else {
+                            r = relayed.count
+                            relayed.append((k, j))
+                            relayedIndex[key] = r
+                        }
+                        mine.append((gap, r))
+                    }
+                }
+                guard !mine.isEmpty else { continue }
+                mine.sort { ($0.gap, $0.relayed) < ($1.gap, $1.relayed) }
+                carried.append((li, e))
+                pairings.append(mine)
+            }
+        }
+
+        // Shortest gaps first, each packet paired once; then a carried packet left out takes a packet paired
+        // already if that one's partner can move to another (augmenting paths): one connection's close pairing must
+        // not leave another's only one out (a pooled tunnel's request 1.9 ms after the app's, another connection's
+        // 0.4 ms, where that other's own tunnel relayed it 0.5 ms after).
+        var pairedTo = [Int](repeating: -1, count: carried.count)
+        var pairedFrom = [Int](repeating: -1, count: relayed.count)
+        var order: [(gap: Int64, carried: Int, relayed: Int)] = []
+        for (a, mine) in pairings.enumerated() { for p in mine { order.append((p.gap, a, p.relayed)) } }
+        order.sort { ($0.gap, $0.carried, $0.relayed) < ($1.gap, $1.carried, $1.relayed) }
+        for p in order where pairedTo[p.carried] < 0 && pairedFrom[p.relayed] < 0 {
+            pairedTo[p.carried] = p.relayed
+            pairedFrom[p.relayed] = p.carried
+        }
+        var seen = [Bool](repeating: false, count: relayed.count)
+        func augment(_ a: Int) -> Bool {
+            for p in pairings[a] where !seen[p.relayed] {
+                seen[p.relayed] = true
+                if pairedFrom[p.relayed] < 0 || augment(pairedFrom[p.relayed]) {
+                    pairedTo[a] = p.relayed
+                    pairedFrom[p.relayed] = a
+                    return true
+                }
+            }
+            return false
+        }
+        for a in carried.indices.sorted(by: { (pairings[$0][0].gap, $0) < (pairings[$1][0].gap, $1) }) where pairedTo[a] < 0 {
+            for i in seen.indices { seen[i] = false }
+            _ = augment(a)
+        }
+        var votes: [Int: (count: Int, total: Int64, largest: Int64, claims: [Int32])] = [:]
+        for (a, r) in pairedTo.enumerated() where r >= 0 {
+            let li = carried[a].leg, (k, j) = relayed[r]
+            let gap = pairings[a].first { $0.relayed == r }!.gap
+            var v = votes[li * candidates.count + k] ?? (0, 0, 0, [])
+            v.count += 1; v.total += gap; v.largest = max(v.largest, gap); v.claims.append(Int32(j))
+            votes[li * candidates.count + k] = v
+        }
+
+        // Links to tunnels the timing does not bear out go first, so that a new tunnel freed by one connection is
+        // joined fresh (not pooled) by the connection it was opened for.
+        var moves: [(leg: ConnectionState, outbound: Bool, tunnel: ConnectionState, match: RelayMatch)] = []
+        var freed: [ConnectionState] = []
+        for (li, l) in legs.enumerated() {
+            var best: Int?
+            for k in l.tunnels {
+                guard let v = votes[li * candidates.count + k] else { continue }
+                if let b = best, let bv = votes[li * candidates.count + b] {
+                    if v.count > bv.count || (v.count == bv.count && v.total < bv.total) { best = k }
+                } else {
+                    best = k
+                }
+            }
+            // The next best as if no other connection had taken a packet: two tunnels opened together whose packets
+            // both fall in the window for two connections are told apart only by which pairing is shorter, and the
+            // loser's packets, taken by the other connection, must not read as "matched 0" here.
+            var runnerUp = 0
+            if let b = best {
+                for k in l.tunnels where k != b {
+                    var n = 0
+                    for (a, c) in carried.enumerated() where c.leg == li {
+                        if pairings[a].contains(where: { relayed[$0.relayed].tunnel == k }) { n += 1 }
+                    }
+                    runnerUp = max(runnerUp, n)
+                }
+            }
+            let current = l.leg.hopLinks.first { l.outbound ? ($0.hop.direction == .outbound && $0.outer === l.leg)
+                                                            : ($0.hop.direction == .inbound && $0.inner === l.leg) }
+            guard let b = best, let v = votes[li * candidates.count + b] else {
+                // No packet of it lines up with any of the tunnels (ztunnel slower than the window, or no data): the
+                // join stands on the rest, and says that timing could not tell.
+                if let current, packets[li] > 0 {
+                    current.relay = RelayMatch(matched: 0, packets: packets[li], largestGap: 0, tunnels: l.tunnels.count, runnerUp: 0,
+                                               blind: blind[li])
+                    current.finalized = false
+                }
+                continue
+            }
+            let tunnel = candidates[b]
+            tunnel.relayClaimed.append(contentsOf: v.claims)
+            let match = RelayMatch(matched: v.count, packets: packets[li], largestGap: v.largest, tunnels: l.tunnels.count,
+                                   runnerUp: runnerUp, blind: blind[li])
+            if let current, (l.outbound ? current.inner : current.outer) === tunnel {
+                current.relay = match
+                current.finalized = false
+                continue
+            }
+            if let current {
+                unlink(current)
+                freed.append(l.outbound ? current.inner : current.outer)
+            }
+            moves.append((l.leg, l.outbound, tunnel, match))
+        }
+        for m in moves {
+            let direction: ZtunnelHop.Direction = m.outbound ? .outbound : .inbound
+            let hasOwnJoin = m.tunnel.hopLinks.contains { $0.hop.direction == direction && !$0.pooled }
+            // Opened for this connection: outbound, after it began; inbound, before it and within the hop window.
+            let gap = m.outbound ? m.tunnel.firstSeenNanos - m.leg.firstSeenNanos : m.leg.firstSeenNanos - m.tunnel.firstSeenNanos
+            let fresh = !hasOwnJoin && m.tunnel.initiatorFromSYN && gap >= 0 && gap <= options.hopWindowNanos
+            let link = join(direction, outer: m.outbound ? m.leg : m.tunnel, inner: m.outbound ? m.tunnel : m.leg,
+                            evidence: [], confidence: .low, candidates: m.match.tunnels, pooled: !fresh)
+            link.relay = m.match
+        }
+        // A tunnel left with no connection goes back among the candidates (they drop joined ones) and looks again:
+        // the connection it was opened for may have begun after the one that had taken it.
+        for t in freed where !t.emitted {
+            if t.pendingRoles.contains(.innerOutbound) && !t.hasOutboundHop && !innerOutbound.contains(where: { $0 === t }) {
+                innerOutbound.append(t)
+            }
+            if t.pendingRoles.contains(.outerInbound) && !t.hasInboundHop && !outerInbound.contains(where: { $0 === t }) {
+                outerInbound.append(t)
+            }
+            reconsiderHops(t)
+        }
+    }
+
+    /// Data packets read for relay timing, per carried connection: its request and reply, and then some.
+    static let relayPacketsCompared = 16
+
+    /// A packet captured on an interface (NFLOG copies would count it twice) that carries bytes: PSH, or longer
+    /// than any header (IPv6 40 + TCP 60).
+    private static func isRelayData(_ e: CompactEvent, loopback: Bool) -> Bool {
+        e.pointKind == .interface && e.isLoopback == loopback && !e.flags.contains(.syn)
+            && (e.flags.contains(.psh) || e.length > 100)
+    }
+
+    /// Takes a join back (relay timing chose another tunnel).
+    private func unlink(_ link: HopLink) {
+        link.outer.hopLinks.removeAll { $0 === link }
+        link.inner.hopLinks.removeAll { $0 === link }
+        if link.hop.direction == .outbound {
+            link.outer.hasOutboundHop = link.outer.hopLinks.contains { $0.hop.direction == .outbound }
+            link.inner.hasOutboundHop = link.inner.hopLinks.contains { $0.hop.direction == .outbound }
+        } else {
+            link.outer.hasInboundHop = link.outer.hopLinks.contains { $0.hop.direction == .inbound }
+            link.inner.hasInboundHop = link.inner.hopLinks.contains { $0.hop.direction == .inbound }
+        }
+        summary.hops -= 1
+    }
+
     /// The evidence for a join and the confidence it earns. Identity (same destination, same client) is what a
     /// join rests on; ztunnel's mark and a lone candidate raise it; timing is reported, never decisive.
     private func hopEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction,
-                             candidates: Int, pooled: Bool = false) -> ([HopEvidence], Confidence) {
+                             candidates: Int, pooled: Bool = false, relay: RelayMatch? = nil) -> ([HopEvidence], Confidence) {
         var evidence: [HopEvidence] = []
         // The most a hop gets: mark, connmark, two identity pieces, timing, uniqueness, and bytes (added later).
         evidence.reserveCapacity(7)
@@ -862,10 +1122,12 @@ public final class Correlator {
             evidence.append(HopEvidence(opened < 0 && !tunnel.initiatorFromSYN
                 ? .pooledTunnelBeforeCapture(outbound: outboundTunnel)
                 : .pooledTunnel(outbound: outboundTunnel, openedBefore: opened)))
+            if let relay { return relayEvidence(relay, identity: identity, hasMark: hasMark, direction: direction, into: &evidence) }
             evidence.append(HopEvidence(candidates <= 1 ? .onlyOpenTunnel : .newestOpenTunnel(of: candidates)))
             return (evidence, identity && hasMark && candidates <= 1 ? .medium : .low)
         }
         evidence.append(HopEvidence(.timing(nanos: firstPacketGap(from: outer, to: inner))))
+        if let relay { return relayEvidence(relay, identity: identity, hasMark: hasMark, direction: direction, into: &evidence) }
         // A tunnel to the same peer that was open already when the app's connection began, and carried packets while
         // it ran, could have carried it instead (ztunnel pools them): the fresh one is then not the only candidate.
         // Counted here, once per hop, when whether it carried packets afterwards is known.
@@ -884,6 +1146,18 @@ public final class Correlator {
         else if identity && (unique || hasMark) { confidence = .medium }
         else { confidence = .low }
         return (evidence, confidence)
+    }
+
+    /// A join among several open tunnels rests on relay timing: never high (another tunnel could have carried it, and
+    /// below TLS no packet names its stream); medium only when every data packet of the carried connection has a twin
+    /// in this tunnel, no other tunnel matched as many, and every tunnel's packets could be compared.
+    private func relayEvidence(_ relay: RelayMatch, identity: Bool, hasMark: Bool, direction: ZtunnelHop.Direction,
+                               into evidence: inout [HopEvidence]) -> ([HopEvidence], Confidence) {
+        evidence.append(HopEvidence(.relayTiming(outbound: direction == .outbound, matched: relay.matched, packets: relay.packets,
+                                                 largestGap: relay.largestGap, windowNanos: options.relayWindowNanos,
+                                                 tunnels: relay.tunnels, runnerUp: relay.runnerUp, blind: relay.blind)))
+        let clean = relay.matched == relay.packets && relay.runnerUp < relay.matched && relay.blind == 0
+        return (evidence, identity && hasMark && clean ? .medium : .low)
     }
 
     /// How long after `a`'s first packet `b`'s came, as their timelines print them: the earliest time of any
@@ -946,8 +1220,9 @@ public final class Correlator {
         }
     }
 
+    @discardableResult
     private func join(_ direction: ZtunnelHop.Direction, outer: ConnectionState, inner: ConnectionState,
-                      evidence: [HopEvidence], confidence: Confidence, candidates: Int, pooled: Bool = false) {
+                      evidence: [HopEvidence], confidence: Confidence, candidates: Int, pooled: Bool = false) -> HopLink {
         let link = HopLink(hop: ZtunnelHop(direction: direction, outer: outer.id, inner: inner.id,
                                            evidence: evidence, confidence: confidence),
                            outer: outer, inner: inner, candidates: candidates)
@@ -965,6 +1240,7 @@ public final class Correlator {
             outer.hasInboundHop = true; inner.hasInboundHop = true
         }
         summary.hops += 1
+        return link
     }
 
     // MARK: - Merging and emission
@@ -1091,6 +1367,7 @@ public final class Correlator {
     /// is still there for the connections it carried.
     private func emit(_ batch: [ConnectionState]) {
         for c in batch { lastChanceJoins(c) }
+        relinkByRelayTiming(batch)
         // Evidence too, before any is emitted: it looks at the tunnels still open (`hopEvidence`).
         for c in batch where !c.emitted { for link in c.hopLinks { finalize(link) } }
         for c in batch { emitJoined(c) }
@@ -1100,7 +1377,7 @@ public final class Correlator {
         guard !link.finalized else { return }
         link.finalized = true
         let (ev, conf) = hopEvidence(outer: link.outer, inner: link.inner, direction: link.hop.direction,
-                                     candidates: link.candidates, pooled: link.pooled)
+                                     candidates: link.candidates, pooled: link.pooled, relay: link.relay)
         link.hop.evidence = ev
         link.hop.confidence = conf
         addByteEvidence(&link.hop, outer: link.outer, inner: link.inner)

@@ -28,6 +28,10 @@ public struct CorrelatorOptions: Sendable {
     /// NFLOG records are stamped on receipt in batches, so a hop's inner connection can appear stamped
     /// slightly *before* its outer one.
     public var hopSlackNanos: Int64 = 1_000_000_000
+    /// How long after a packet ztunnel relays its bytes (app to tunnel going out, tunnel to app coming in, and the
+    /// mirror inbound), when several open tunnels could have carried a connection (pooling): in lab runs 15 µs to
+    /// 1.5 ms, the longest while a new tunnel was still being set up.
+    public var relayWindowNanos: Int64 = 2_000_000
 
     /// ztunnel's SO_MARK (0x539/0xfff) and the connmark its connections into the pod get (0x111/0xfff).
     public var ztunnelMark: UInt32 = 0x539

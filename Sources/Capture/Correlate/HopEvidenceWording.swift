@@ -25,10 +25,22 @@ extension HopEvidence {
         /// A pooled join whose tunnel was first seen mid-stream after the connection began: open before the capture.
         case pooledTunnelBeforeCapture(outbound: Bool)
         case onlyOpenTunnel
+        /// Chosen among `tunnels` open tunnels by relay timing: `matched` of the carried connection's `packets` data
+        /// packets have a twin in this tunnel, in the same direction, within `windowNanos` (relayed before the tunnel's
+        /// twin going out, after it coming in); the next best tunnel matched `runnerUp`.
+        /// `blind` of the tunnels had stopped keeping events (the per-connection limit) before the connection ended.
+        case relayTiming(outbound: Bool, matched: Int, packets: Int, largestGap: Int64, windowNanos: Int64, tunnels: Int, runnerUp: Int,
+                         blind: Int)
         case newestOpenTunnel(of: Int)
         /// Byte counts that fit a tunnel; `outbound`: the inner connection is the tunnel (else the outer one).
         case bytesConsistent(outbound: Bool, larger: UInt64, smaller: UInt64)
         case bytesInconsistent(outbound: Bool, inner: UInt64, outer: UInt64)
+
+        private static func blindWords<W: EvidenceWriter>(_ blind: Int, into w: inout W) {
+            guard blind > 0 else { return }
+            w.words("; "); w.signed(Int64(blind))
+            w.words(" of them had stopped keeping events (--max-events) before it ended: packets past that were not compared")
+        }
 
         /// The kind's words (nil for `.worded`, whose kind is a String).
         var kindWords: StaticString? {
@@ -43,6 +55,7 @@ extension HopEvidence {
             case .timing: return "timing"
             case .onlyCandidate, .earliestCandidate, .alsoOpenTunnels, .onlyOpenTunnel, .newestOpenTunnel: return "unique"
             case .pooledTunnel, .pooledTunnelBeforeCapture: return "pooled-tunnel"
+            case .relayTiming: return "relay-timing"
             case .bytesConsistent, .bytesInconsistent: return "bytes"
             }
         }
@@ -93,6 +106,19 @@ extension HopEvidence {
                 w.words(outbound ? "outer" : "inner"); w.words(" one's SYN), and carried packets while it ran: a pooled HBONE connection")
             case .onlyOpenTunnel:
                 w.words("the only open tunnel that fits")
+            case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, _, let blind) where matched == 0:
+                w.words("none of "); w.signed(Int64(packets)); w.words(" data packets of the ")
+                w.words(outbound ? "outer" : "inner"); w.words(" connection has a twin within "); w.delta(window)
+                w.words(" in any of "); w.signed(Int64(tunnels))
+                w.words(" open tunnels that could have carried it: timing cannot tell which did")
+                Self.blindWords(blind, into: &w)
+            case .relayTiming(let outbound, let matched, let packets, let gap, let window, let tunnels, let runnerUp, let blind):
+                w.signed(Int64(matched)); w.words(" of "); w.signed(Int64(packets)); w.words(" data packets of the ")
+                w.words(outbound ? "outer" : "inner"); w.words(" connection have a twin in the tunnel within ")
+                w.delta(window); w.words(" (the largest gap "); w.delta(gap); w.words("); of ")
+                w.signed(Int64(tunnels)); w.words(" open tunnels that could have carried it, the next best matched ")
+                w.signed(Int64(runnerUp))
+                Self.blindWords(blind, into: &w)
             case .newestOpenTunnel(let n):
                 w.words("one of "); w.signed(Int64(n)); w.words(" open tunnels that fit; the newest was chosen")
             case .bytesConsistent(let outbound, let larger, let smaller):

@@ -284,15 +284,20 @@ final class PooledTunnelTests: XCTestCase {
         p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
         let hop = try XCTUnwrap(try connection(from: app2, in: sink).hops.first)
-        XCTAssertEqual(hop.inner, try connection(from: fresh, in: sink).id)
+        // The open tunnel relayed its request 50 µs after the app sent it, and its reply 50 µs before the app got it;
+        // the new tunnel carried nothing: relay timing moves the join there (it was on the new tunnel, medium).
+        XCTAssertEqual(hop.inner, try connection(from: ztunnelOut, in: sink).id)
         XCTAssertEqual(hop.confidence, .medium)
-        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "unique" }?.detail)
-        XCTAssertTrue(words.contains("1 tunnel to the same peer, open already"), words)
+        XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" })
+        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+        XCTAssertTrue(words.hasPrefix("2 of 2 data packets of the outer connection have a twin in the tunnel"), words)
+        XCTAssertTrue(words.hasSuffix("of 2 open tunnels that could have carried it, the next best matched 0"), words)
+        XCTAssertTrue(try connection(from: fresh, in: sink).hops.isEmpty, "the connection it was opened for is not in the capture")
         // The first app connection's own tunnel was the only one: still high.
         XCTAssertEqual(try connection(from: app, in: sink).hops.first?.confidence, .high)
     }
 
-    func testTwoOpenTunnelsToTheDestinationGiveTheNewestWithLowConfidence() throws {
+    func testOfTwoOpenTunnelsToTheDestinationTheOneThatRelayedTheBytesIsChosen() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
         var p = pooledScenario(&f, rules: rules, second: service)
@@ -316,11 +321,14 @@ final class PooledTunnelTests: XCTestCase {
                  at: at + 7)
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
         let second = try connection(from: app2, in: sink)
-        let newer = try connection(from: secondTunnel, in: sink)
         let hop = try XCTUnwrap(second.hops.first)
-        XCTAssertEqual(hop.inner, newer.id)
-        XCTAssertEqual(hop.confidence, .low)
-        XCTAssertEqual(hop.evidence.first { $0.kind == "unique" }?.detail, "one of 2 open tunnels that fit; the newest was chosen")
+        // It was the newest (low, 'the newest was chosen'); the older one relayed the app's request 50 µs after it and
+        // its reply 50 µs before, where the newer one's only packet is shorter than the request.
+        XCTAssertEqual(hop.inner, try connection(from: ztunnelOut, in: sink).id)
+        XCTAssertEqual(hop.confidence, .medium)
+        XCTAssertNil(hop.evidence.first { $0.kind == "unique" })
+        XCTAssertEqual(hop.evidence.first { $0.kind == "relay-timing" }?.detail,
+                       "2 of 2 data packets of the outer connection have a twin in the tunnel within 2.0 ms (the largest gap 50 µs); of 2 open tunnels that could have carried it, the next best matched 0")
     }
 
     func testAFreshInboundTunnelJoinSaysATunnelOpenAlreadyCouldHaveCarriedIt() throws {
@@ -352,10 +360,13 @@ final class PooledTunnelTests: XCTestCase {
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
         let leg = try XCTUnwrap(sink.timeline(.ztunnelToApp))
         let hop = try XCTUnwrap(leg.hops.first)
-        XCTAssertEqual(hop.outer, try connection(from: secondTunnel, in: sink).id, "the fresh join is kept (timing)")
-        XCTAssertEqual(hop.confidence, .medium)
-        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "unique" }?.detail)
-        XCTAssertTrue(words.contains("1 tunnel from the same client, open already"), words)
+        // The open tunnel's 120 bytes came in 200 µs before ztunnel wrote the request into the app; the new tunnel
+        // carried nothing: relay timing joins the leg to the open one (it was on the new one, medium).
+        XCTAssertEqual(hop.outer, try connection(from: peer, in: sink).id)
+        XCTAssertNotEqual(hop.confidence, .high)
+        XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" })
+        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+        XCTAssertEqual(words, "1 of 1 data packets of the inner connection have a twin in the tunnel within 2.0 ms (the largest gap 200 µs); of 2 open tunnels that could have carried it, the next best matched 0")
     }
 
     func testALaterStreamOfAnInboundTunnelIsJoinedToIt() throws {
@@ -395,5 +406,174 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertTrue(pooled.evidence.contains { $0.detail.hasPrefix("outer connection (the tunnel) was open already, since 5.") })
         XCTAssertEqual(tunnel.hops.map(\.inner), streams.map(\.id))
         XCTAssertEqual(summary.escapes, 0)
+    }
+
+    /// Two app connections begun 100 µs apart while a tunnel to their peer sits open: the first goes through the open
+    /// tunnel, and ztunnel opens a new one for the second. Only relay timing tells which carried which: each app data
+    /// packet has its twin in the tunnel that carried it a few hundred µs later (replies: the tunnel's first).
+    /// `interleaved`: each tunnel relays within 20 µs of the other, so every packet has a twin in both.
+    func concurrentStreams(_ f: inout PacketFactory, rules: Ruleset, pooledApp: Endpoint, freshApp: Endpoint,
+                           freshTunnel: Endpoint, interleaved: Bool = false) -> [PacketRecord] {
+        var p = CorrelatorTests.outboundScenario(&f, ruleset: rules)
+        p.removeLast(2)   // the tunnel (ztunnelOut) stays open
+        f.advance(micros: 3_000_000)
+        let t0 = f.clock
+        var out: [PacketRecord] = []
+        func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
+            f.clock = t0 + micros * 1_000
+            out.append(make(&f))
+        }
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
+        for (start, app) in [(Int64(0), pooledApp), (100, freshApp)] {
+            at(start) { $0.nflog(app, service, flags: [.syn], seq: 3000, hook: .output, prefix: natTwin, outIf: 2) }
+            at(start + 5) { $0.packet(app, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
+            at(start + 20) { $0.packet(service, app, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
+            at(start + 25) { $0.packet(app, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
+        }
+        // ztunnel opens the new tunnel for the second connection once it has accepted both.
+        at(300) { $0.nflog(freshTunnel, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
+        at(300) { $0.packet(freshTunnel, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
+        at(340) { $0.packet(peerHBONE, freshTunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
+        at(345) { $0.packet(freshTunnel, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
+        // Requests: the pooled connection's at 200 µs, relayed at 350 µs; the fresh one's at 500 µs, relayed at 900 µs.
+        let (freshRequest, freshRelayed, freshReplied, freshReply): (Int64, Int64, Int64, Int64) =
+            interleaved ? (250, 370, 2_010, 2_070) : (500, 900, 2_500, 2_560)
+        at(200) { $0.packet(pooledApp, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        at(350) { $0.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7181, ack: 9401, payload: 150, on: eth0, direction: .outbound) }
+        at(freshRequest) { $0.packet(freshApp, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        at(freshRelayed) { $0.packet(freshTunnel, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+        // Replies: each tunnel's first, then the app's 50-60 µs later.
+        at(2_000) { $0.packet(peerHBONE, ztunnelOut, flags: [.ack, .psh], seq: 9401, ack: 7331, payload: 350, on: eth0, direction: .inbound) }
+        at(2_050) { $0.packet(service, pooledApp, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        at(freshReplied) { $0.packet(peerHBONE, freshTunnel, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
+        at(freshReply) { $0.packet(service, freshApp, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        for (end, app) in [(Int64(2_700), pooledApp), (2_800, freshApp)] {
+            at(end) { $0.packet(app, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
+            at(end + 10) { $0.packet(service, app, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
+        }
+        at(3_000) { $0.packet(freshTunnel, peerHBONE, flags: [.fin, .ack], seq: 152, ack: 401, on: eth0, direction: .outbound) }
+        at(3_040) { $0.packet(peerHBONE, freshTunnel, flags: [.fin, .ack], seq: 401, ack: 153, on: eth0, direction: .inbound) }
+        f.clock = t0 + 3_040_000
+        return p + out.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
+    }
+
+    func testConcurrentConnectionsAreJoinedToTheTunnelsThatRelayedTheirBytes() throws {
+        // Before relay timing the new tunnel went to the earlier connection (the earliest candidate) and the later
+        // connection to the open tunnel (pooled): both wrong, as in a --pool-tunnels lab under concurrency.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        let p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel)
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        let kept = try connection(from: ztunnelOut, in: sink), fresh = try connection(from: freshTunnel, in: sink)
+        let pooled = try connection(from: pooledApp, in: sink), second = try connection(from: app2, in: sink)
+        XCTAssertEqual(pooled.hops.map(\.inner), [kept.id], "the connection whose bytes the open tunnel relayed")
+        XCTAssertEqual(second.hops.map(\.inner), [fresh.id], "the connection the new tunnel was opened for")
+        XCTAssertEqual(fresh.hops.map(\.outer), [second.id])
+        XCTAssertEqual(summary.hops, 3, "the first connection's, and one each")
+        for (c, how) in [(pooled, "pooled-tunnel"), (second, "timing")] {
+            let hop = try XCTUnwrap(c.hops.first)
+            XCTAssertNotEqual(hop.confidence, .high, "another open tunnel could have carried \(c.original.src)")
+            XCTAssertEqual(hop.confidence, .medium, "every data packet matched, the other tunnel only one")
+            let kinds = hop.evidence.map(\.kind)
+            XCTAssertTrue(kinds.contains(how), "\(kinds)")
+            XCTAssertFalse(kinds.contains("unique"), "the relay timing says why this tunnel, not 'the newest' or 'the earliest'")
+            XCTAssertEqual(hop.evidence.first { $0.kind == "relay-timing" }?.detail,
+                           "2 of 2 data packets of the outer connection have a twin in the tunnel within 2.0 ms (the largest gap "
+                           + (c.id == pooled.id ? "150 µs" : "400 µs")
+                           + "); of 2 open tunnels that could have carried it, the next best matched 1")
+        }
+        XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
+    }
+
+    func testAConnectionWhoseBytesNoTunnelRelayedInTimeSaysTimingCannotTell() throws {
+        // The same two connections with the tunnels' packets 5 ms later: no pairing within the window, so the joins
+        // stay as the other evidence has them, at low confidence, saying why.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        var p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel)
+        let start = try XCTUnwrap(p.first { $0.tuple.src == pooledApp }).time.totalNanoseconds
+        for i in p.indices where p[i].time.totalNanoseconds >= start && !p[i].point.isLoopback && !p[i].tcpFlags.contains(.syn) {
+            // The tunnels' packets 5 ms late: requests relayed after the window, replies after the app had them.
+            let t = p[i].time.totalNanoseconds + 5_000_000
+            p[i].time = Timestamp(seconds: t / 1_000_000_000, nanoseconds: Int32(t % 1_000_000_000))
+        }
+        p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        for src in [pooledApp, app2] {
+            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first)
+            XCTAssertEqual(hop.confidence, .low)
+            XCTAssertEqual(hop.evidence.first { $0.kind == "relay-timing" }?.detail,
+                           "none of 2 data packets of the outer connection has a twin within 2.0 ms in any of 2 open tunnels that could have carried it: timing cannot tell which did")
+        }
+    }
+
+    func testATunnelThatStoppedKeepingEventsMakesRelayTimingLowAndSaysSo() throws {
+        // The open tunnel had carried enough before to reach the event limit: its relaying of the pooled connection is
+        // not kept, so nothing shows it carried it, and a match to the other tunnel is no better than low.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        var p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel)
+        let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == pooledApp })
+        var g = f
+        g.frame = 30_000
+        g.clock = p[at].time.totalNanoseconds - 1_000_000_000
+        let earlier = (0..<10).map { i in
+            g.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7001 + UInt32(i), ack: 9401, payload: 1, on: eth0, direction: .outbound)
+        }
+        p.insert(contentsOf: earlier, at: at)
+        var options = CorrelatorOptions()
+        options.maxEventsPerConnection = 10
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules, options: options)
+        XCTAssertGreaterThan(try connection(from: ztunnelOut, in: sink).droppedEvents, 0)
+        for src in [pooledApp, app2] {
+            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first, "\(src)")
+            XCTAssertEqual(hop.confidence, .low, "\(src)")
+            let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+            XCTAssertTrue(words.hasSuffix("; 1 of them had stopped keeping events (--max-events) before it ended: packets past that were not compared"), words)
+        }
+    }
+
+    func testTwoTunnelsRelayingWithinMicrosecondsOfEachOtherGiveLowConfidence() throws {
+        // Both tunnels relay within 20 µs of each other, so every data packet of each connection has a twin in both:
+        // the shorter pairings decide, but the other tunnel could as well have carried it. In a lab run two such
+        // connections were joined the wrong way round at medium ('the next best matched 0': the other tunnel's
+        // packets had gone to the other connection).
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        let p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel, interleaved: true)
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        for src in [pooledApp, app2] {
+            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first, "\(src)")
+            XCTAssertEqual(hop.confidence, .low, "\(src)")
+            let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+            XCTAssertTrue(words.hasSuffix("of 2 open tunnels that could have carried it, the next best matched 2"), words)
+        }
+    }
+
+    func testAFreshJoinToATunnelOpenedAfterTheConnectionEndedIsMovedToTheTunnelThatCarriedIt() throws {
+        // A connection that lost its own tunnel to another's fresh join, then, still lingering, took a tunnel opened
+        // 500 ms later within the hop window (medium, 'the earliest was chosen'; seen in a lab run): that tunnel
+        // carried nothing while it ran.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        var p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel)
+        let late = PacketFactory.ep("10.0.1.5", 50009), lateApp = PacketFactory.ep("10.0.1.5", 40009)
+        f.advance(micros: 500_000)
+        p.append(f.nflog(lateApp, service, flags: [.syn], seq: 3000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2))
+        f.advance(micros: 5)
+        p.append(f.packet(lateApp, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound))
+        f.advance(micros: 300)
+        p.append(f.nflog(late, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2))
+        p.append(f.packet(late, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound))
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let kept = try connection(from: ztunnelOut, in: sink), fresh = try connection(from: freshTunnel, in: sink)
+        XCTAssertEqual(try connection(from: pooledApp, in: sink).hops.map(\.inner), [kept.id])
+        XCTAssertEqual(try connection(from: app2, in: sink).hops.map(\.inner), [fresh.id])
+        XCTAssertEqual(try connection(from: late, in: sink).hops.map(\.outer), [try connection(from: lateApp, in: sink).id])
     }
 }

@@ -143,6 +143,10 @@ final class ReportBufferTests: XCTestCase {
              "inner carried 5 payload bytes, outer 4: consistent with tunnelling"),
             (.bytesInconsistent(outbound: true, inner: 3, outer: 900), "bytes",
              "inner carried fewer payload bytes than outer (3 vs 900): not consistent (capture cut?)"),
+            (.relayTiming(outbound: true, matched: 3, packets: 4, largestGap: 350_000, windowNanos: 2_000_000, tunnels: 3, runnerUp: 1, blind: 0),
+             "relay-timing", "3 of 4 data packets of the outer connection have a twin in the tunnel within 2.0 ms (the largest gap 350 µs); of 3 open tunnels that could have carried it, the next best matched 1"),
+            (.relayTiming(outbound: false, matched: 0, packets: 2, largestGap: 0, windowNanos: 2_000_000, tunnels: 2, runnerUp: 0, blind: 1),
+             "relay-timing", "none of 2 data packets of the inner connection has a twin within 2.0 ms in any of 2 open tunnels that could have carried it: timing cannot tell which did; 1 of them had stopped keeping events (--max-events) before it ended: packets past that were not compared"),
             (.worded(kind: "custom", detail: "as \"given\""), "custom", "as \"given\""),
         ]
         for (fact, kind, detail) in cases {
