@@ -870,6 +870,13 @@ public final class Correlator {
         guard near > 0 else { return }
         var legs: [(leg: ConnectionState, outbound: Bool, tunnels: [Int])] = []
         var candidates: [ConnectionState] = []
+        var candidateIndex: [ObjectIdentifier: Int] = [:]
+        func candidate(_ t: ConnectionState) -> Int {
+            if let k = candidateIndex[ObjectIdentifier(t)] { return k }
+            candidateIndex[ObjectIdentifier(t)] = candidates.count
+            candidates.append(t)
+            return candidates.count - 1
+        }
         for (c, outbound) in wanted {
             guard let open = outbound ? byPeer[c.responder.addr] : byClient[c.initiator.addr] else { continue }
             // Joined to a passthrough connection, or inbound to a plaintext one (15006): no tunnel to choose.
@@ -880,10 +887,7 @@ public final class Correlator {
             for i in open where tunnelBegan[i] <= c.lastSeenNanos && tunnelClosed[i] >= c.firstSeenNanos {
                 let t = tunnels[i]
                 guard t !== c else { continue }
-                if let k = candidates.firstIndex(where: { $0 === t }) { mine.append(k) } else {
-                    mine.append(candidates.count)
-                    candidates.append(t)
-                }
+                mine.append(candidate(t))
             }
             // The tunnel it is joined to now is one too, open during its life or not: a fresh join may have taken a
             // tunnel opened after it ended (its own was taken by another connection, and a later one came within the
@@ -891,12 +895,7 @@ public final class Correlator {
             if let current = c.hopLinks.first(where: { outbound ? ($0.hop.direction == .outbound && $0.outer === c)
                                                                 : ($0.hop.direction == .inbound && $0.inner === c) }) {
                 let t = outbound ? current.inner : current.outer
-                if t.tunnelIndex >= 0, !mine.contains(where: { candidates[$0] === t }) {
-                    if let k = candidates.firstIndex(where: { $0 === t }) { mine.append(k) } else {
-                        mine.append(candidates.count)
-                        candidates.append(t)
-                    }
-                }
+                if t.tunnelIndex >= 0, !mine.contains(where: { candidates[$0] === t }) { mine.append(candidate(t)) }
             }
             if mine.count >= 2 { legs.append((c, outbound, mine)) }
         }
@@ -913,7 +912,11 @@ public final class Correlator {
         let tunnelStride = 1 + (candidates.lazy.map(\.events.count).max() ?? 0)
         var packets = [Int](repeating: 0, count: legs.count)
         var blind = [Int](repeating: 0, count: legs.count)
+        // Each leg's carried packets are appended together: carried[carriedFrom[li] ..< carriedFrom[li + 1]].
+        var carriedFrom = [Int](repeating: 0, count: legs.count + 1)
         for (li, l) in legs.enumerated() {
+            carriedFrom[li] = carried.count
+            defer { carriedFrom[li + 1] = carried.count }
             for k in l.tunnels where candidates[k].timeline.droppedEvents > 0
                 && (candidates[k].events.last?.time.totalNanoseconds ?? .min) < l.leg.timeline.lastSeen.totalNanoseconds {
                 blind[li] += 1
@@ -967,9 +970,16 @@ public final class Correlator {
             pairedFrom[p.relayed] = p.carried
         }
         var seen = [Bool](repeating: false, count: relayed.count)
+        var visited: [Int] = []
+        // A bounded search per packet left out: a busy pod's batch holds thousands of packets, and an unbounded
+        // one made this quadratic in the batch (the live trace fell behind and lost events).
+        var budget = 0
         func augment(_ a: Int) -> Bool {
             for p in pairings[a] where !seen[p.relayed] {
+                guard budget > 0 else { return false }
+                budget -= 1
                 seen[p.relayed] = true
+                visited.append(p.relayed)
                 if pairedFrom[p.relayed] < 0 || augment(pairedFrom[p.relayed]) {
                     pairedTo[a] = p.relayed
                     pairedFrom[p.relayed] = a
@@ -979,7 +989,9 @@ public final class Correlator {
             return false
         }
         for a in carried.indices.sorted(by: { (pairings[$0][0].gap, $0) < (pairings[$1][0].gap, $1) }) where pairedTo[a] < 0 {
-            for i in seen.indices { seen[i] = false }
+            for r in visited { seen[r] = false }
+            visited.removeAll(keepingCapacity: true)
+            budget = Correlator.relayAugmentBudget
             _ = augment(a)
         }
         var votes: [Int: (count: Int, total: Int64, largest: Int64, claims: [Int32])] = [:]
@@ -1012,7 +1024,7 @@ public final class Correlator {
             if let b = best {
                 for k in l.tunnels where k != b {
                     var n = 0
-                    for (a, c) in carried.enumerated() where c.leg == li {
+                    for a in carriedFrom[li] ..< carriedFrom[li + 1] {
                         if pairings[a].contains(where: { relayed[$0.relayed].tunnel == k }) { n += 1 }
                     }
                     runnerUp = max(runnerUp, n)
@@ -1070,6 +1082,8 @@ public final class Correlator {
 
     /// Data packets read for relay timing, per carried connection: its request and reply, and then some.
     static let relayPacketsCompared = 16
+    /// Tunnel packets one search for a packet left out may look at (`relinkByRelayTiming`).
+    static let relayAugmentBudget = 64
 
     /// A packet captured on an interface (NFLOG copies would count it twice) that carries bytes: PSH, or longer
     /// than any header (IPv6 40 + TCP 60).
