@@ -908,8 +908,21 @@ public final class Correlator {
         var carried: [(leg: Int, event: Int)] = []
         var pairings: [[(gap: Int64, relayed: Int)]] = []
         var relayed: [(tunnel: Int, event: Int)] = []
-        var relayedIndex: [Int: Int] = [:]
-        let tunnelStride = 1 + (candidates.lazy.map(\.events.count).max() ?? 0)
+        // Each candidate's data packets not claimed yet, read once for the batch (many legs share a tunnel):
+        // tunnelData[tunnelDataFrom[k] ..< tunnelDataFrom[k + 1]], each numbered in `relayed` when first paired.
+        var tunnelData: [(time: Int64, length: UInt32, forward: Bool, event: Int)] = []
+        var tunnelDataFrom = [Int](repeating: 0, count: candidates.count + 1)
+        for (k, tunnel) in candidates.enumerated() {
+            tunnelDataFrom[k] = tunnelData.count
+            tunnel.events.withUnsafeBufferPointer { events in
+                for j in events.indices where Correlator.isRelayData(events[j], loopback: false)
+                    && !tunnel.relayClaimed.contains(Int32(j)) {
+                    tunnelData.append((events[j].time.totalNanoseconds, events[j].length, events[j].forward, j))
+                }
+            }
+        }
+        tunnelDataFrom[candidates.count] = tunnelData.count
+        var relayedOf = [Int](repeating: -1, count: tunnelData.count)
         var packets = [Int](repeating: 0, count: legs.count)
         var blind = [Int](repeating: 0, count: legs.count)
         // Each leg's carried packets are appended together: carried[carriedFrom[li] ..< carriedFrom[li + 1]].
@@ -921,38 +934,36 @@ public final class Correlator {
                 && (candidates[k].events.last?.time.totalNanoseconds ?? .min) < l.leg.timeline.lastSeen.totalNanoseconds {
                 blind[li] += 1
             }
-            for e in l.leg.events.indices where Correlator.isRelayData(l.leg.events[e], loopback: true) {
-                if packets[li] == Correlator.relayPacketsCompared { break }
-                packets[li] += 1
-                let ev = l.leg.events[e]
-                let t = ev.time.totalNanoseconds
-                let carriedFirst = l.outbound == ev.forward
-                var mine: [(gap: Int64, relayed: Int)] = []
-                for k in l.tunnels {
-                    let tunnel = candidates[k]
-                    for j in tunnel.events.indices {
-                        let te = tunnel.events[j]
-                        guard te.forward == ev.forward, Correlator.isRelayData(te, loopback: false) else { continue }
-                        let u = te.time.totalNanoseconds
-                        let gap = carriedFirst ? u - t : t - u
-                        guard gap > 0 && gap <= window else { continue }
-                        // The tunnel wraps the bytes (TLS, HTTP/2 frames): never shorter, unless segmented.
-                        if ev.length <= 1400 && te.length < ev.length { continue }
-                        if tunnel.relayClaimed.contains(Int32(j)) { continue }
-                        let key = k * tunnelStride + j
-                        let r: Int
-                        if let known = relayedIndex[key] { r = known } else {
-                            r = relayed.count
-                            relayed.append((k, j))
-                            relayedIndex[key] = r
+            l.leg.events.withUnsafeBufferPointer { legEvents in
+                for e in legEvents.indices where Correlator.isRelayData(legEvents[e], loopback: true) {
+                    if packets[li] == Correlator.relayPacketsCompared { break }
+                    packets[li] += 1
+                    let ev = legEvents[e]
+                    let t = ev.time.totalNanoseconds
+                    let carriedFirst = l.outbound == ev.forward
+                    var mine: [(gap: Int64, relayed: Int)] = []
+                    for k in l.tunnels {
+                        for x in tunnelDataFrom[k] ..< tunnelDataFrom[k + 1] {
+                            let te = tunnelData[x]
+                            guard te.forward == ev.forward else { continue }
+                            let gap = carriedFirst ? te.time - t : t - te.time
+                            guard gap > 0 && gap <= window else { continue }
+                            // The tunnel wraps the bytes (TLS, HTTP/2 frames): never shorter, unless segmented.
+                            if ev.length <= 1400 && te.length < ev.length { continue }
+                            var r = relayedOf[x]
+                            if r < 0 {
+                                r = relayed.count
+                                relayed.append((k, te.event))
+                                relayedOf[x] = r
+                            }
+                            mine.append((gap, r))
                         }
-                        mine.append((gap, r))
                     }
+                    guard !mine.isEmpty else { continue }
+                    mine.sort { ($0.gap, $0.relayed) < ($1.gap, $1.relayed) }
+                    carried.append((li, e))
+                    pairings.append(mine)
                 }
-                guard !mine.isEmpty else { continue }
-                mine.sort { ($0.gap, $0.relayed) < ($1.gap, $1.relayed) }
-                carried.append((li, e))
-                pairings.append(mine)
             }
         }
 
