@@ -146,7 +146,10 @@ public final class Correlator {
             hitID = nf.prefixID
             if hitID != 0 { countHit(hitID) }
         }
-        if !r.notes.intersection(Correlator.damageNotes).isEmpty { summary.damagedPackets += 1 }
+        if !r.notes.intersection(Correlator.damageNotes).isEmpty {
+            summary.damagedPackets += 1
+            if r.notes.isSuperset(of: [.truncatedNflog, .snaplenCut]) { summary.nflogRecordsCut += 1 }
+        }
         guard r.isIP, !r.notes.contains(.nonFirstFragment) else { return nil }
 
         if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(&r, nf) }

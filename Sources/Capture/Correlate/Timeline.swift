@@ -221,6 +221,9 @@ public struct AnalysisSummary: Sendable {
     public var ruleHits: [(prefix: String, tag: RuleTag?, rule: Rule?, count: Int)] = []
     /// Packets decoded only partly, by note.
     public var damagedPackets: Int = 0
+    /// Of those, NFLOG records the capture's snaplen cut (`tcpdump -i nflog:G -s N`: a twin's record is its
+    /// attributes plus the packet copy, up to ~270 bytes): their connection is unknown.
+    public var nflogRecordsCut: Int = 0
     /// Records that came more than the close linger behind the capture's clock (the latest time read so far): a file
     /// not in time order (pcapng files joined with `cat`), or a live reader that fell far behind. Their connections
     /// may have been finished already, and split.

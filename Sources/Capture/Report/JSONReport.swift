@@ -311,6 +311,7 @@ public final class JSONReport: ReportSink {
         key("findings_omitted"); out.decimal(s.findingsOmitted)
         key("damaged_packets"); out.decimal(s.damagedPackets)
         if s.lateRecords > 0 { key("late_records"); out.decimal(s.lateRecords) }
+        if s.nflogRecordsCut > 0 { key("nflog_records_cut"); out.decimal(s.nflogRecordsCut) }
         key("file_damage"); open(UInt8(ascii: "["))
         for d in s.fileDamage { element(); out.jsonString(d) }
         close(UInt8(ascii: "]"))

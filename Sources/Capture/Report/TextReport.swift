@@ -395,6 +395,10 @@ public final class TextReport: ReportSink {
         }
         if s.damagedPackets > 0 {
             out.text("  "); styled(Style.warn, "\(s.damagedPackets) packets only partly decoded"); out.byte(0x0a)
+            if s.nflogRecordsCut > 0 {
+                out.text("  "); styled(Style.warn, "\(s.nflogRecordsCut) of them NFLOG records cut by the capture's snaplen, so their packet is unknown: record nflog:G without -s (a twin's record is up to ~270 bytes)")
+                out.byte(0x0a)
+            }
         }
         for d in s.fileDamage { out.text("  "); styled(Style.warn, d); out.byte(0x0a) }
         if s.eventsLost > 0 { out.text("  "); styled(Style.warn, "\(s.eventsLost) events lost"); out.byte(0x0a) }

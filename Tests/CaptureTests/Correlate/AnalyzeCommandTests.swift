@@ -36,6 +36,32 @@ final class AnalyzeCommandTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains(needle), "\(needle) not in: \(r.stderr)", file: file, line: line)
     }
 
+    /// An NFLOG capture made with `tcpdump -i nflog:G -s 256` cuts a twin's longer records (attributes plus the packet
+    /// copy): the summary says how many, and how to record them whole, beside the partly decoded count that was all
+    /// it said.
+    func testNflogRecordsCutByTheCapturesSnaplenAreCountedWithTheAdvice() throws {
+        let record = Frame.nflog(group: 5153, Frame.attr(1, Frame.be16(0x0800) + [3, 0])
+            + Frame.attr(10, Frame.cString("mt:4:nat:ISTIO_OUTPUT:4:06ce"))
+            + Frame.attr(9, Frame.ipv4(src: "10.244.1.10", dst: "10.244.2.10", proto: 17,
+                                       payload: Frame.udp(sport: 40000, dport: 53, payload: 80))))
+        XCTAssertGreaterThan(record.count, 100)
+        var cut = PcapFileBuilder(linkType: 239, snaplen: 100)
+        cut.add(Array(record.prefix(100)), wireLength: record.count)
+        var whole = PcapFileBuilder(linkType: 239)
+        whole.add(record)
+        for (name, builder, expected) in [("cut.pcap", cut, 1), ("whole.pcap", whole, 0)] {
+            let path = try file(name, builder.bytes)
+            let json = try Self.analyze([path, "--json"])
+            let summary = try XCTUnwrap(json.stdout.split(separator: "\n").last.flatMap {
+                try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }, json.stderr)
+            XCTAssertEqual((summary["nflog_records_cut"] as? NSNumber)?.intValue ?? 0, expected, name)
+            XCTAssertEqual((summary["damaged_packets"] as? NSNumber)?.intValue ?? 0, expected, name)
+            let text = try Self.analyze([path, "--color", "never"])
+            XCTAssertEqual(text.stdout.contains("1 of them NFLOG records cut by the capture's snaplen"), expected == 1, text.stdout)
+            XCTAssertEqual(text.stdout.contains("record nflog:G without -s"), expected == 1, text.stdout)
+        }
+    }
+
     /// `--filter` shows the connections with a matching packet, whole, with the connections their ztunnel hop joins:
     /// two samples read as one node, `port 15008` matches only ztunnel's HBONE leg of the first, and the app's
     /// connection it carries is shown with it; the second sample's escaping connection is not shown, so it is not
