@@ -224,6 +224,9 @@ public struct AnalysisSummary: Sendable {
     /// Of those, NFLOG records the capture's snaplen cut (`tcpdump -i nflog:G -s N`: a twin's record is its
     /// attributes plus the packet copy, up to ~270 bytes): their connection is unknown.
     public var nflogRecordsCut: Int = 0
+    /// Live `--mode trace`: the kernel's TRACE steps joined into the timelines (they reach the correlator as
+    /// NFLOG-like records, and are not counted among `nflogRecords`).
+    public var traceSteps: Int = 0
     /// Records that came more than the close linger behind the capture's clock (the latest time read so far): a file
     /// not in time order (pcapng files joined with `cat`), or a live reader that fell far behind. Their connections
     /// may have been finished already, and split.

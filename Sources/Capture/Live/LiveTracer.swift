@@ -275,6 +275,12 @@ public final class LiveTracer: @unchecked Sendable {
 
         guard let correlator else { throw MeshtraceError(.kernelRefused, "the trace did not start") }
         var summary = correlator.finish()
+        // TRACE steps reach the correlator as NFLOG-like records (a prefix `TRACE: ...`): said apart, not as
+        // NFLOG records of the twins' group.
+        if let steps = trace?.steps, steps > 0 {
+            summary.traceSteps = Int(steps)
+            summary.nflogRecords = max(0, summary.nflogRecords - Int(steps))
+        }
         var losses = TraceLosses()
         losses.nflogSequenceGap = nflog?.sequenceGap ?? 0
         losses.nflogOverruns = nflog?.overruns ?? 0

@@ -293,6 +293,7 @@ struct HTMLReportPage {
         stat("ztunnel hops", summary.hops)
         stat("frames read", summary.packets)
         stat("of them NFLOG records", summary.nflogRecords)
+        if summary.traceSteps > 0 { stat("of them TRACE steps", summary.traceSteps) }
         if summary.damagedPackets > 0 { stat("damaged packets", summary.damagedPackets, "esc") }
         if summary.lateRecords > 0 { stat("records out of time order", summary.lateRecords, "esc") }
         if summary.eventsLost > 0 { stat("events lost", summary.eventsLost, "esc") }

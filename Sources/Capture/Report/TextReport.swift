@@ -368,7 +368,8 @@ public final class TextReport: ReportSink {
         }
         styled(Style.heading, "Totals"); out.byte(0x0a)
         out.text("  "); out.decimal(s.packets); out.text(" events ("); out.decimal(s.nflogRecords); out.text(" NFLOG records, ")
-        out.decimal(s.packets - s.nflogRecords); out.text(" packets captured), ")
+        if s.traceSteps > 0 { out.decimal(s.traceSteps); out.text(" TRACE steps, ") }
+        out.decimal(s.packets - s.nflogRecords - s.traceSteps); out.text(" packets captured), ")
         out.decimal(s.connections); out.text(s.connections == 1 ? " connection" : " connections")
         if let hidden = s.connectionsFilteredOut {
             out.text(" ("); out.decimal(hidden); out.text(" more not matching --filter)")

@@ -386,6 +386,10 @@ final class LiveTracerTests: KernelTestCase {
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
         let (outcome, sink) = try trace(lab.client, group: 5405, mode: .trace) { try self.get(lab, from: lab.client, ["\(server)"]) }
         XCTAssertGreaterThan(outcome.traceSteps, 0)
+        // The totals count the steps apart: the NFLOG records are the twins' events (they counted the steps too).
+        XCTAssertEqual(outcome.summary.traceSteps, Int(outcome.traceSteps))
+        XCTAssertEqual(outcome.summary.nflogRecords, Int(outcome.nflogEvents))
+        XCTAssertEqual(outcome.summary.packets, Int(outcome.nflogEvents + outcome.packetsCaptured + outcome.traceSteps))
         let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server })
         // The seed's 15001 REDIRECT is rule 4 of nat ISTIO_OUTPUT: the kernel's own walk says the SYN went through it.
         XCTAssertTrue(app.events.contains { $0.hit?.prefixText == "TRACE: nat:ISTIO_OUTPUT:rule:4" && $0.tcpFlags.contains(.syn) },
