@@ -2,6 +2,15 @@
 // emitted, from everything gathered about it (views, marks, where it left, the hop it is part of).
 
 extension Correlator {
+    /// The ztunnel port a connection was captured to: its post-NAT destination port, or the port its REDIRECT or
+    /// TPROXY hit named.
+    func redirectPort(of c: ConnectionState) -> UInt16? {
+        if let nat = c.natResponder { return nat.port }
+        if case .redirected(let p, _)? = c.timeline.redirect { return p }
+        if case .tproxied(let p, _)? = c.timeline.redirect { return p }
+        return nil
+    }
+
     func classify(_ c: ConnectionState) -> (ConnectionKind, [EscapeFinding]) {
         let o = options
         let original = FiveTuple(proto: c.proto, src: c.initiator, dst: c.responder)
@@ -19,12 +28,7 @@ extension Correlator {
                 if link.outer === c { asOuterIn = true }
             }
         }
-        let redirectPort: UInt16? = {
-            if let nat = c.natResponder { return nat.port }
-            if case .redirected(let p, _)? = c.timeline.redirect { return p }
-            if case .tproxied(let p, _)? = c.timeline.redirect { return p }
-            return nil
-        }()
+        let redirectPort = redirectPort(of: c)
         let exempt = c.responder.addr.isLoopback || isProbe(c.responder.addr) || isProbe(c.initiator.addr)
             || pod.contains(c.responder.addr)
 

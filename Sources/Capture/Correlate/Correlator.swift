@@ -883,9 +883,8 @@ public final class Correlator {
         for (c, outbound) in wanted {
             guard let open = outbound ? byPeer[c.responder.addr] : byClient[c.initiator.addr] else { continue }
             // Joined to a passthrough connection, or inbound to a plaintext one (15006): no tunnel to choose.
-            if let current = c.hopLinks.first(where: { outbound ? ($0.hop.direction == .outbound && $0.outer === c)
-                                                                : ($0.hop.direction == .inbound && $0.inner === c) }),
-               (outbound ? current.inner : current.outer).responder.port != options.hbonePort { continue }
+            let current = carriedLink(of: c, outbound: outbound)
+            if let current, (outbound ? current.inner : current.outer).responder.port != options.hbonePort { continue }
             var mine: [Int] = []
             for i in open where tunnelBegan[i] <= c.lastSeenNanos && tunnelClosed[i] >= c.firstSeenNanos {
                 let t = tunnels[i]
@@ -895,8 +894,7 @@ public final class Correlator {
             // The tunnel it is joined to now is one too, open during its life or not: a fresh join may have taken a
             // tunnel opened after it ended (its own was taken by another connection, and a later one came within the
             // hop window); carrying nothing while it ran, that one loses to the tunnel that did.
-            if let current = c.hopLinks.first(where: { outbound ? ($0.hop.direction == .outbound && $0.outer === c)
-                                                                : ($0.hop.direction == .inbound && $0.inner === c) }) {
+            if let current {
                 let t = outbound ? current.inner : current.outer
                 if t.tunnelIndex >= 0, !mine.contains(where: { candidates[$0] === t }) { mine.append(candidate(t)) }
             }
@@ -1008,12 +1006,12 @@ public final class Correlator {
             budget = Correlator.relayAugmentBudget
             _ = augment(a)
         }
-        var votes: [Int: (count: Int, total: Int64, largest: Int64, claims: [Int32])] = [:]
+        var votes: [Int: (count: Int, total: Int64, largest: Int64)] = [:]
         for (a, r) in pairedTo.enumerated() where r >= 0 {
-            let li = carried[a].leg, (k, j) = relayed[r]
+            let li = carried[a].leg, k = relayed[r].tunnel
             let gap = pairings[a].first { $0.relayed == r }!.gap
-            var v = votes[li * candidates.count + k] ?? (0, 0, 0, [])
-            v.count += 1; v.total += gap; v.largest = max(v.largest, gap); v.claims.append(Int32(j))
+            var v = votes[li * candidates.count + k] ?? (0, 0, 0)
+            v.count += 1; v.total += gap; v.largest = max(v.largest, gap)
             votes[li * candidates.count + k] = v
         }
 
@@ -1044,8 +1042,7 @@ public final class Correlator {
                     runnerUp = max(runnerUp, n)
                 }
             }
-            let current = l.leg.hopLinks.first { l.outbound ? ($0.hop.direction == .outbound && $0.outer === l.leg)
-                                                            : ($0.hop.direction == .inbound && $0.inner === l.leg) }
+            let current = carriedLink(of: l.leg, outbound: l.outbound)
             guard let b = best, let v = votes[li * candidates.count + b] else {
                 // No packet of it lines up with any of the tunnels (ztunnel slower than the window, or no data): the
                 // join stands on the rest, and says that timing could not tell.
@@ -1057,7 +1054,10 @@ public final class Correlator {
                 continue
             }
             let tunnel = candidates[b]
-            tunnel.relayClaimed.append(contentsOf: v.claims)
+            // The chosen tunnel's packets this connection was paired with are claimed for later batches.
+            for a in carriedFrom[li] ..< carriedFrom[li + 1] where pairedTo[a] >= 0 && relayed[pairedTo[a]].tunnel == b {
+                tunnel.relayClaimed.append(Int32(relayed[pairedTo[a]].event))
+            }
             let match = RelayMatch(matched: v.count, packets: packets[li], largestGap: v.largest, tunnels: l.tunnels.count,
                                    runnerUp: runnerUp, blind: blind[li])
             if let current, (l.outbound ? current.inner : current.outer) === tunnel {
@@ -1092,6 +1092,13 @@ public final class Correlator {
             }
             reconsiderHops(t)
         }
+    }
+
+    /// The join of a connection that may have been carried, to the tunnel said to carry it: the app's connection as
+    /// the outer side outbound, ztunnel's connection into the app as the inner side inbound.
+    private func carriedLink(of c: ConnectionState, outbound: Bool) -> HopLink? {
+        c.hopLinks.first { outbound ? ($0.hop.direction == .outbound && $0.outer === c)
+                                    : ($0.hop.direction == .inbound && $0.inner === c) }
     }
 
     /// Data packets read for relay timing, per carried connection: its request and reply, and then some.
@@ -1335,11 +1342,7 @@ public final class Correlator {
     }
 
     /// An app's DNS query redirected to ztunnel's DNS proxy (15053).
-    func isCapturedDNS(_ c: ConnectionState) -> Bool {
-        if let nat = c.natResponder { return nat.port == options.dnsCapturePort }
-        if case .redirected(let p, _)? = c.timeline.redirect { return p == options.dnsCapturePort }
-        return false
-    }
+    func isCapturedDNS(_ c: ConnectionState) -> Bool { redirectPort(of: c) == options.dnsCapturePort }
 
     /// ztunnel's DNS proxy asks the pod's resolver from its own sockets (mark 0x539), over TCP when the UDP answer
     /// came back truncated (hickory's resolver, `src/dns/forwarder.rs`): such a connection to :53 is explained by an
