@@ -49,7 +49,7 @@ struct Lab: ParsableCommand {
         @OptionGroup var output: OutputOptions
 
         func validate() throws {
-            guard nflogGroup != 0 else { throw ValidationError("--nflog-group 0 is where legacy TRACE logs; pick another group") }
+            try TwinOptionChecks.group(nflogGroup, option: "--nflog-group")
         }
 
         /// --capture-dir is made (or found) before any namespace is built: a path that cannot be a directory is one

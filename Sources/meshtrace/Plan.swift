@@ -27,13 +27,11 @@ struct Plan: ParsableCommand {
     var noObserve = false
 
     func validate() throws {
-        guard group != 0 else { throw ValidationError("--group 0 is where legacy TRACE logs; pick another group") }
+        try TwinOptionChecks.group(group)
         guard (rules != nil) != pod.isGiven else {
             throw ValidationError("give either --rules FILE or --netns NAME|PATH / --pid N")
         }
-        guard (64...65535).contains(snaplen) else {
-            throw ValidationError("--snaplen takes 64...65535: each NFLOG copy must hold the IP and TCP headers it is decoded from")
-        }
+        try TwinOptionChecks.snaplen(snaplen)
     }
 
     func run() throws {

@@ -59,10 +59,8 @@ struct Trace: ParsableCommand {
 
     func validate() throws {
         guard TraceOptions.Mode(rawValue: mode) != nil else { throw ValidationError("--mode takes nflog or trace") }
-        guard group != 0 else { throw ValidationError("--group 0 is where legacy TRACE logs; pick another group") }
-        guard (64...65535).contains(snaplen) else {
-            throw ValidationError("--snaplen takes 64...65535: each NFLOG copy must hold the IP and TCP headers it is decoded from")
-        }
+        try TwinOptionChecks.group(group)
+        try TwinOptionChecks.snaplen(snaplen)
         if let duration, !(duration > 0 && duration.isFinite) { throw ValidationError("--duration takes a positive number of seconds") }
     }
 

@@ -19,13 +19,15 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
     /// Whether this is the node's own network namespace, as far as meshtrace can tell: the one it runs in (on a node,
     /// the host network), or pid 1's where that may be read. A host-network pod's `--pid` lands there.
     public var isNodeNetns: Bool {
-        var target = stat()
-        guard stat(path, &target) == 0 else { return false }
-        for node in ["/proc/self/ns/net", "/proc/1/ns/net"] {
-            var st = stat()
-            if stat(node, &st) == 0, st.st_dev == target.st_dev, st.st_ino == target.st_ino { return true }
-        }
-        return false
+        guard let target = NetnsRef.identity(path) else { return false }
+        return ["/proc/self/ns/net", "/proc/1/ns/net"].contains { NetnsRef.identity($0) == target }
+    }
+
+    /// Which namespace a path names: its nsfs device and inode (nil when it cannot be read).
+    static func identity(_ path: String) -> [UInt64]? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return [UInt64(st.st_dev), UInt64(st.st_ino)]
     }
 
     /// Resolves `--netns` / `--pid`; throws `.noSuchNetns` when the namespace does not exist.
@@ -122,9 +124,9 @@ public final class NetnsPin: @unchecked Sendable {
     /// Whether `path` still names the namespace held here (the same nsfs inode). False when it is gone, or names
     /// another one now: a netns deleted and made again under the same name, or a pid that exited and was reused.
     public func isNamed(by path: String) -> Bool {
-        var held = stat(), named = stat()
-        guard fstat(fd, &held) == 0, stat(path, &named) == 0 else { return false }
-        return held.st_dev == named.st_dev && held.st_ino == named.st_ino
+        var held = stat()
+        guard fstat(fd, &held) == 0, let named = NetnsRef.identity(path) else { return false }
+        return named == [UInt64(held.st_dev), UInt64(held.st_ino)]
     }
 }
 
