@@ -31,16 +31,22 @@ final class TraceCLITests: KernelTestCase {
         return (p, log)
     }
 
-    /// Waits (bounded) until the netns holds meshtrace's rules.
+    /// Waits (bounded) until the netns holds all of meshtrace's rules: the trace applies one transaction per table,
+    /// so the first twin seen may be the mangle table's with the nat table's still to come (a test that read the
+    /// rules then saw them change under it). All are in once their count holds for 400 ms.
     func waitForTwins(_ ns: ScratchNetns, _ p: Process) throws {
         let deadline = Date().addingTimeInterval(20)
+        var last = 0, steady = 0
         while Date() < deadline {
-            if try ns.run(["iptables-save"]).stdout.contains("--comment meshtrace") { return }
+            let count = try ns.run(["iptables-save"]).stdout.components(separatedBy: "--comment meshtrace").count - 1
+            if count > 0 && count == last { steady += 1 } else { steady = 0 }
+            if steady == 8 { return }
+            last = count
             XCTAssertTrue(p.isRunning, "trace exited before instrumenting")
             if !p.isRunning { return }
             usleep(50_000)
         }
-        XCTFail("no meshtrace rules appeared within 20 s")
+        XCTFail("meshtrace's rules did not appear, or kept changing, for 20 s")
     }
 
     func waitForExit(_ p: Process, seconds: Double = 20) -> Bool {
