@@ -288,6 +288,9 @@ struct RelayMatch {
     /// Of those tunnels, how many had stopped keeping events (`maxEventsPerConnection`) before the connection ended:
     /// their packets from then on could not be compared.
     var blind: Int
+    /// The join stands though another tunnel matched more: taking the connection away would leave the tunnel opened
+    /// for it with no connection (`Correlator.relinkByRelayTiming`).
+    var overruled = false
 }
 
 struct HopRoles: OptionSet {

@@ -1015,10 +1015,8 @@ public final class Correlator {
             votes[li * candidates.count + k] = v
         }
 
-        // Links to tunnels the timing does not bear out go first, so that a new tunnel freed by one connection is
-        // joined fresh (not pooled) by the connection it was opened for.
-        var moves: [(leg: ConnectionState, outbound: Bool, tunnel: ConnectionState, match: RelayMatch)] = []
-        var freed: [ConnectionState] = []
+        // Each leg's choice: the tunnel that matched most of its packets (of equals, the smaller total gap).
+        var choices: [(leg: Int, current: HopLink?, tunnel: Int, match: RelayMatch, decisive: Bool)] = []
         for (li, l) in legs.enumerated() {
             var best: Int?
             for k in l.tunnels {
@@ -1029,21 +1027,8 @@ public final class Correlator {
                     best = k
                 }
             }
-            // The next best as if no other connection had taken a packet: two tunnels opened together whose packets
-            // both fall in the window for two connections are told apart only by which pairing is shorter, and the
-            // loser's packets, taken by the other connection, must not read as "matched 0" here.
-            var runnerUp = 0
-            if let b = best {
-                for k in l.tunnels where k != b {
-                    var n = 0
-                    for a in carriedFrom[li] ..< carriedFrom[li + 1] {
-                        if pairings[a].contains(where: { relayed[$0.relayed].tunnel == k }) { n += 1 }
-                    }
-                    runnerUp = max(runnerUp, n)
-                }
-            }
             let current = carriedLink(of: l.leg, outbound: l.outbound)
-            guard let b = best, let v = votes[li * candidates.count + b] else {
+            guard let b = best else {
                 // No packet of it lines up with any of the tunnels (ztunnel slower than the window, or no data): the
                 // join stands on the rest, and says that timing could not tell.
                 if let current, packets[li] > 0 {
@@ -1053,24 +1038,111 @@ public final class Correlator {
                 }
                 continue
             }
-            let tunnel = candidates[b]
-            // The chosen tunnel's packets this connection was paired with are claimed for later batches.
-            for a in carriedFrom[li] ..< carriedFrom[li + 1] where pairedTo[a] >= 0 && relayed[pairedTo[a]].tunnel == b {
-                tunnel.relayClaimed.append(Int32(relayed[pairedTo[a]].event))
+            // How many of its packets a tunnel could have relayed, as if no other connection had taken a packet.
+            func couldMatch(_ k: Int) -> Int {
+                var n = 0
+                for a in carriedFrom[li] ..< carriedFrom[li + 1] where pairings[a].contains(where: { relayed[$0.relayed].tunnel == k }) {
+                    n += 1
+                }
+                return n
             }
+            // The next best counted so: two tunnels opened together whose packets both fall in the window for two
+            // connections are told apart only by which pairing is shorter, and the loser's packets, taken by the
+            // other connection, must not read as "matched 0".
+            var runnerUp = 0
+            for k in l.tunnels where k != b { runnerUp = max(runnerUp, couldMatch(k)) }
+            let v = votes[li * candidates.count + b] ?? (0, 0, 0)
             let match = RelayMatch(matched: v.count, packets: packets[li], largestGap: v.largest, tunnels: l.tunnels.count,
                                    runnerUp: runnerUp, blind: blind[li])
-            if let current, (l.outbound ? current.inner : current.outer) === tunnel {
+            // Decisive: every packet matched in the chosen tunnel, every tunnel's packets could be compared, and no
+            // other tunnel could have relayed any of them; or the tunnel it is joined to opened after it ended, so
+            // carried none of it (a fresh join within the hop window, its own tunnel taken by another connection).
+            let impossible = current.map { link in (l.outbound ? link.inner : link.outer).firstSeenNanos > l.leg.lastSeenNanos } ?? false
+            let decisive = impossible || (match.matched == packets[li] && blind[li] == 0 && runnerUp == 0)
+            choices.append((li, current, b, match, decisive))
+        }
+        // Which of those choices move a connection. Under load relay timing is noisy: ztunnel's relay delay (hundreds
+        // of µs) is longer than the gap between connections, so another tunnel's packet is often nearer than the
+        // connection's own (half the time, at 3000 connections a second through the lab's stand-in). A move that is
+        // not decisive must therefore keep two things that do not depend on it:
+        // - a tunnel opened for a connection keeps it (`pooled == false`: the order the tunnels opened in is the
+        //   better witness), unless a connection with no join of its own, a pooled one, or one whose move is
+        //   decisive takes its place;
+        // - no tunnel is left with no connection: ztunnel opened or kept each one for some connection, and one that
+        //   none explains reads as a forged mark, an escape.
+        // Otherwise the join stands, and its evidence says that the timing pointed elsewhere.
+        func tunnelOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.inner : link.outer }
+        var moving = [Bool](repeating: false, count: choices.count)
+        var incoming: [ObjectIdentifier: (all: Int, unowned: Int)] = [:], leaving: [ObjectIdentifier: Int] = [:]
+        func count(_ i: Int, _ d: Int) {
+            let c = choices[i]
+            incoming[ObjectIdentifier(candidates[c.tunnel]), default: (0, 0)].all += d
+            if c.decisive || (c.current?.pooled ?? true) { incoming[ObjectIdentifier(candidates[c.tunnel]), default: (0, 0)].unowned += d }
+            if let current = c.current { leaving[ObjectIdentifier(tunnelOf(current)), default: 0] += d }
+        }
+        for (i, c) in choices.enumerated() where c.current.map({ tunnelOf($0) !== candidates[c.tunnel] }) ?? true {
+            moving[i] = true
+            count(i, 1)
+        }
+        var settled = false
+        while !settled {
+            settled = true
+            for (i, c) in choices.enumerated() where moving[i] && !c.decisive {
+                guard let current = c.current else { continue }
+                let left = tunnelOf(current), id = ObjectIdentifier(left)
+                let kept: Bool
+                if !current.pooled {
+                    kept = (incoming[id]?.unowned ?? 0) > 0
+                } else {
+                    let links = left.hopLinks.reduce(0) { $0 + ($1.hop.direction == current.hop.direction ? 1 : 0) }
+                    kept = links > (leaving[id] ?? 0) || (incoming[id]?.all ?? 0) > 0
+                }
+                if !kept { moving[i] = false; count(i, -1); settled = false }
+            }
+        }
+        // Links to tunnels the timing does not bear out go first, so that a new tunnel freed by one connection is
+        // joined fresh (not pooled) by the connection it was opened for.
+        var moves: [(leg: ConnectionState, outbound: Bool, tunnel: ConnectionState, match: RelayMatch, left: HopLink?, kept: RelayMatch?)] = []
+        var freed: [ConnectionState] = []
+        for (i, c) in choices.enumerated() {
+            let l = legs[c.leg]
+            var k = c.tunnel, match = c.match
+            if !moving[i], let current = c.current, tunnelOf(current) !== candidates[k] {
+                // Kept against the timing: the match of the tunnel it stays with, the one it pointed to as the next best.
+                guard let own = l.tunnels.first(where: { candidates[$0] === tunnelOf(current) }) else {
+                    current.relay = RelayMatch(matched: 0, packets: packets[c.leg], largestGap: 0, tunnels: l.tunnels.count,
+                                               runnerUp: c.match.matched, blind: blind[c.leg], overruled: true)
+                    current.finalized = false
+                    continue
+                }
+                let v = votes[c.leg * candidates.count + own]
+                k = own
+                match = RelayMatch(matched: v?.count ?? 0, packets: packets[c.leg], largestGap: v?.largest ?? 0,
+                                   tunnels: l.tunnels.count, runnerUp: c.match.matched, blind: blind[c.leg], overruled: true)
+            }
+            let tunnel = candidates[k]
+            // The chosen tunnel's packets this connection was paired with are claimed for later batches.
+            for a in carriedFrom[c.leg] ..< carriedFrom[c.leg + 1] where pairedTo[a] >= 0 && relayed[pairedTo[a]].tunnel == k {
+                tunnel.relayClaimed.append(Int32(relayed[pairedTo[a]].event))
+            }
+            if let current = c.current, tunnelOf(current) === tunnel {
                 current.relay = match
                 current.finalized = false
                 continue
             }
-            if let current {
+            // What it would say if it stayed: the match of the tunnel it leaves.
+            var kept: RelayMatch?
+            if let current = c.current {
                 unlink(current)
-                freed.append(l.outbound ? current.inner : current.outer)
+                freed.append(tunnelOf(current))
+                let own = l.tunnels.first { candidates[$0] === tunnelOf(current) }
+                let v = own.flatMap { votes[c.leg * candidates.count + $0] }
+                kept = RelayMatch(matched: v?.count ?? 0, packets: packets[c.leg], largestGap: v?.largest ?? 0,
+                                  tunnels: l.tunnels.count, runnerUp: match.matched, blind: blind[c.leg], overruled: true)
             }
-            moves.append((l.leg, l.outbound, tunnel, match))
+            moves.append((l.leg, l.outbound, tunnel, match, c.current, kept))
         }
+        var joined: [HopLink] = []
         for m in moves {
             let direction: ZtunnelHop.Direction = m.outbound ? .outbound : .inbound
             let hasOwnJoin = m.tunnel.hopLinks.contains { $0.hop.direction == direction && !$0.pooled }
@@ -1080,6 +1152,7 @@ public final class Correlator {
             let link = join(direction, outer: m.outbound ? m.leg : m.tunnel, inner: m.outbound ? m.tunnel : m.leg,
                             evidence: [], confidence: .low, candidates: m.match.tunnels, pooled: !fresh)
             link.relay = m.match
+            joined.append(link)
         }
         // A tunnel left with no connection goes back among the candidates (they drop joined ones) and looks again:
         // the connection it was opened for may have begun after the one that had taken it.
@@ -1091,6 +1164,26 @@ public final class Correlator {
                 outerInbound.append(t)
             }
             reconsiderHops(t)
+        }
+        // Still with none: the move is undone, decisive or not. Its connection may well have gone through the other
+        // tunnel, but then the one it leaves was opened for a connection already joined elsewhere, and that chain is
+        // not for timing alone to unpick; a tunnel none explains would read as a forged mark. Undoing one move can
+        // leave the tunnel it had moved to with none, so this runs until nothing changes.
+        var undone = [Bool](repeating: false, count: moves.count)
+        var changed = true
+        while changed {
+            changed = false
+            for (i, m) in moves.enumerated() where !undone[i] {
+                guard let old = m.left else { continue }
+                let t = tunnelOf(old)
+                guard !(old.hop.direction == .outbound ? t.hasOutboundHop : t.hasInboundHop) else { continue }
+                unlink(joined[i])
+                let back = join(old.hop.direction, outer: old.outer, inner: old.inner, evidence: [], confidence: .low,
+                                candidates: old.candidates, pooled: old.pooled)
+                back.relay = m.kept
+                undone[i] = true
+                changed = true
+            }
         }
     }
 
@@ -1190,7 +1283,8 @@ public final class Correlator {
                                into evidence: inout [HopEvidence]) -> ([HopEvidence], Confidence) {
         evidence.append(HopEvidence(.relayTiming(outbound: direction == .outbound, matched: relay.matched, packets: relay.packets,
                                                  largestGap: relay.largestGap, windowNanos: options.relayWindowNanos,
-                                                 tunnels: relay.tunnels, runnerUp: relay.runnerUp, blind: relay.blind)))
+                                                 tunnels: relay.tunnels, runnerUp: relay.runnerUp, blind: relay.blind,
+                                                 overruled: relay.overruled)))
         let clean = relay.matched == relay.packets && relay.runnerUp < relay.matched && relay.blind == 0
         return (evidence, identity && hasMark && clean ? .medium : .low)
     }

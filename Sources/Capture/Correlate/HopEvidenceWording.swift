@@ -30,7 +30,7 @@ extension HopEvidence {
         /// twin going out, after it coming in); the next best tunnel matched `runnerUp`.
         /// `blind` of the tunnels had stopped keeping events (the per-connection limit) before the connection ended.
         case relayTiming(outbound: Bool, matched: Int, packets: Int, largestGap: Int64, windowNanos: Int64, tunnels: Int, runnerUp: Int,
-                         blind: Int)
+                         blind: Int, overruled: Bool)
         case newestOpenTunnel(of: Int)
         /// Byte counts that fit a tunnel; `outbound`: the inner connection is the tunnel (else the outer one).
         case bytesConsistent(outbound: Bool, larger: UInt64, smaller: UInt64)
@@ -106,13 +106,21 @@ extension HopEvidence {
                 w.words(outbound ? "outer" : "inner"); w.words(" one's SYN), and carried packets while it ran: a pooled HBONE connection")
             case .onlyOpenTunnel:
                 w.words("the only open tunnel that fits")
-            case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, _, let blind) where matched == 0:
+            case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, let runnerUp, let blind, true):
+                w.signed(Int64(matched)); w.words(" of "); w.signed(Int64(packets)); w.words(" data packets of the ")
+                w.words(outbound ? "outer" : "inner"); w.words(" connection have a twin in this tunnel within "); w.delta(window)
+                w.words(", another of the "); w.signed(Int64(tunnels)); w.words(" open tunnels matched "); w.signed(Int64(runnerUp))
+                w.words(": the timing points elsewhere, but under load it is noisy, and the join stands on the order the")
+                w.words(" tunnels opened in (no tunnel is taken from the connection it was opened for, or left with none,")
+                w.words(" on timing alone)")
+                Self.blindWords(blind, into: &w)
+            case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, _, let blind, _) where matched == 0:
                 w.words("none of "); w.signed(Int64(packets)); w.words(" data packets of the ")
                 w.words(outbound ? "outer" : "inner"); w.words(" connection has a twin within "); w.delta(window)
                 w.words(" in any of "); w.signed(Int64(tunnels))
                 w.words(" open tunnels that could have carried it: timing cannot tell which did")
                 Self.blindWords(blind, into: &w)
-            case .relayTiming(let outbound, let matched, let packets, let gap, let window, let tunnels, let runnerUp, let blind):
+            case .relayTiming(let outbound, let matched, let packets, let gap, let window, let tunnels, let runnerUp, let blind, _):
                 w.signed(Int64(matched)); w.words(" of "); w.signed(Int64(packets)); w.words(" data packets of the ")
                 w.words(outbound ? "outer" : "inner"); w.words(" connection have a twin in the tunnel within ")
                 w.delta(window); w.words(" (the largest gap "); w.delta(gap); w.words("); of ")

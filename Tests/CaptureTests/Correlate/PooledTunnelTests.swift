@@ -272,6 +272,56 @@ final class PooledTunnelTests: XCTestCase {
         var f = PacketFactory()
         let rules = seedNatRuleset()
         var p = pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true)
+        let fresh = PacketFactory.ep("10.0.1.5", 50002), opener = PacketFactory.ep("10.0.1.5", 40003)
+        let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == app2 })
+        let t0 = p[at].time.totalNanoseconds
+        var g = f
+        g.frame = 10_000
+        func packet(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
+            g.clock = t0 + micros * 1_000
+            p.append(make(&g))
+        }
+        // The connection the new tunnel was opened for: begun 150 µs after the pooled one, its request relayed
+        // through the new tunnel 40 µs after it was sent 1.5 ms later, its reply likewise.
+        packet(150) { $0.nflog(opener, service, flags: [.syn], seq: 3000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2) }
+        packet(155) { $0.packet(opener, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
+        packet(170) { $0.packet(service, opener, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
+        packet(175) { $0.packet(opener, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
+        packet(200) { $0.nflog(fresh, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
+        packet(200) { $0.packet(fresh, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
+        packet(230) { $0.packet(peerHBONE, fresh, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
+        packet(235) { $0.packet(fresh, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
+        packet(3_000) { $0.packet(opener, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        packet(3_040) { $0.packet(fresh, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+        packet(4_000) { $0.packet(peerHBONE, fresh, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
+        packet(4_040) { $0.packet(service, opener, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        packet(4_100) { $0.packet(opener, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
+        packet(4_110) { $0.packet(service, opener, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
+        p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let hop = try XCTUnwrap(try connection(from: app2, in: sink).hops.first)
+        // The open tunnel relayed its request 50 µs after the app sent it, and its reply 50 µs before the app got it;
+        // the new tunnel carried nothing then: relay timing moves the join there (it was on the new tunnel, medium),
+        // and the new tunnel goes to the connection whose bytes it relayed.
+        XCTAssertEqual(hop.inner, try connection(from: ztunnelOut, in: sink).id)
+        XCTAssertEqual(hop.confidence, .medium)
+        XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" })
+        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+        XCTAssertTrue(words.hasPrefix("2 of 2 data packets of the outer connection have a twin in the tunnel"), words)
+        XCTAssertTrue(words.hasSuffix("of 2 open tunnels that could have carried it, the next best matched 0"), words)
+        XCTAssertEqual(try connection(from: fresh, in: sink).hops.map(\.outer), [try connection(from: opener, in: sink).id])
+        XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
+        // The first app connection's own tunnel was the only one: still high.
+        XCTAssertEqual(try connection(from: app, in: sink).hops.first?.confidence, .high)
+    }
+
+    func testATunnelWhoseConnectionIsNotInTheCaptureKeepsTheOneTimingPointsAway() throws {
+        // The same without the connection the new tunnel was opened for (it cannot happen in a whole capture: that
+        // connection's SYN comes before the tunnel's). Moving the pooled connection to the open tunnel would leave
+        // the new one with no connection, read as a forged mark: the join stays, low, and says the timing disagreed.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        var p = pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true)
         let fresh = PacketFactory.ep("10.0.1.5", 50002)
         let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == app2 })
         var g = f
@@ -282,19 +332,15 @@ final class PooledTunnelTests: XCTestCase {
             g.packet(fresh, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound),
         ], at: at + 5)
         p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
-        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
         let hop = try XCTUnwrap(try connection(from: app2, in: sink).hops.first)
-        // The open tunnel relayed its request 50 µs after the app sent it, and its reply 50 µs before the app got it;
-        // the new tunnel carried nothing: relay timing moves the join there (it was on the new tunnel, medium).
-        XCTAssertEqual(hop.inner, try connection(from: ztunnelOut, in: sink).id)
-        XCTAssertEqual(hop.confidence, .medium)
-        XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" })
-        let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
-        XCTAssertTrue(words.hasPrefix("2 of 2 data packets of the outer connection have a twin in the tunnel"), words)
-        XCTAssertTrue(words.hasSuffix("of 2 open tunnels that could have carried it, the next best matched 0"), words)
-        XCTAssertTrue(try connection(from: fresh, in: sink).hops.isEmpty, "the connection it was opened for is not in the capture")
-        // The first app connection's own tunnel was the only one: still high.
-        XCTAssertEqual(try connection(from: app, in: sink).hops.first?.confidence, .high)
+        XCTAssertEqual(hop.inner, try connection(from: fresh, in: sink).id)
+        XCTAssertEqual(hop.confidence, .low)
+        XCTAssertEqual(hop.evidence.first { $0.kind == "relay-timing" }?.detail,
+                       "0 of 2 data packets of the outer connection have a twin in this tunnel within 2.0 ms, another of the 2 open tunnels matched 2: "
+                       + "the timing points elsewhere, but under load it is noisy, and the join stands on the order the tunnels opened in "
+                       + "(no tunnel is taken from the connection it was opened for, or left with none, on timing alone)")
+        XCTAssertEqual(summary.escapes, 0)
     }
 
     func testOfTwoOpenTunnelsToTheDestinationTheOneThatRelayedTheBytesIsChosen() throws {
@@ -302,23 +348,36 @@ final class PooledTunnelTests: XCTestCase {
         let rules = seedNatRuleset()
         var p = pooledScenario(&f, rules: rules, second: service)
         // A second tunnel to the same peer, opened 4 s before the second app connection (too early to be opened
-        // for it), and carrying bytes while it runs.
-        let secondTunnel = PacketFactory.ep("10.0.1.5", 50001)
+        // for it) for a connection that ended then, and carrying bytes while the second one runs.
+        let secondTunnel = PacketFactory.ep("10.0.1.5", 50001), opener = PacketFactory.ep("10.0.1.5", 40003)
         let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == app2 })
         var g = f
         g.frame = 10_000
-        g.clock = p[at].time.totalNanoseconds - 4_000_000_000
-        let extra = [
+        g.clock = p[at].time.totalNanoseconds - 4_000_300_000
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
+        var extra = [
+            g.nflog(opener, service, flags: [.syn], seq: 3000, hook: .output, prefix: natTwin, outIf: 2),
+            g.packet(opener, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound),
+            g.packet(service, opener, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound),
+            g.packet(opener, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound),
+        ]
+        g.clock += 300_000
+        extra += [
             g.nflog(secondTunnel, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2),
             g.packet(secondTunnel, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound),
             g.packet(peerHBONE, secondTunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound),
         ]
+        g.clock += 1_000_000
+        extra += [
+            g.packet(opener, capture15001, flags: [.fin, .ack], seq: 3001, ack: 6001, on: lo, direction: .outbound),
+            g.packet(service, opener, flags: [.fin, .ack], seq: 6001, ack: 3002, on: lo, direction: .outbound),
+        ]
         p.insert(contentsOf: extra, at: at)
         var h = f
         h.frame = 20_000
-        h.clock = p[at + 6].time.totalNanoseconds + 1
+        h.clock = p[at + 12].time.totalNanoseconds + 1
         p.insert(h.packet(secondTunnel, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 40, on: eth0, direction: .outbound),
-                 at: at + 7)
+                 at: at + 13)
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
         let second = try connection(from: app2, in: sink)
         let hop = try XCTUnwrap(second.hops.first)
@@ -357,8 +416,19 @@ final class PooledTunnelTests: XCTestCase {
         p.append(f.packet(podHBONE, peer, flags: [.ack, .psh], seq: 101, ack: 122, payload: 200, on: eth0, direction: .outbound))
         p.append(f.packet(ztunnelAsPeer, appPort, flags: [.fin, .ack], seq: 561, ack: 901, on: lo, direction: .outbound))
         p.append(f.packet(appPort, ztunnelAsPeer, flags: [.fin, .ack], seq: 901, ack: 562, on: lo, direction: .outbound))
+        // The request the second tunnel was opened for, 600 µs on, and ztunnel's connection into the app for it.
+        let secondLeg = PacketFactory.ep("10.0.2.2", 42001)
+        f.advance(micros: 600)
+        p.append(f.packet(secondTunnel, podHBONE, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound))
+        f.advance(micros: 100)
+        p.append(f.nflog(secondLeg, appPort, flags: [.syn], seq: 700, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1))
+        p.append(f.packet(secondLeg, appPort, flags: [.syn], seq: 700, on: lo, direction: .outbound))
+        p.append(f.packet(appPort, secondLeg, flags: [.syn, .ack], seq: 1900, ack: 701, on: lo, direction: .outbound))
+        p.append(f.packet(secondLeg, appPort, flags: [.ack, .psh], seq: 701, ack: 1901, payload: 60, on: lo, direction: .outbound))
+        p.append(f.packet(secondLeg, appPort, flags: [.fin, .ack], seq: 761, ack: 1901, on: lo, direction: .outbound))
+        p.append(f.packet(appPort, secondLeg, flags: [.fin, .ack], seq: 1901, ack: 762, on: lo, direction: .outbound))
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
-        let leg = try XCTUnwrap(sink.timeline(.ztunnelToApp))
+        let leg = try XCTUnwrap(sink.timelines.first { $0.kind == .ztunnelToApp && $0.original.src == ztunnelAsPeer })
         let hop = try XCTUnwrap(leg.hops.first)
         // The open tunnel's 120 bytes came in 200 µs before ztunnel wrote the request into the app; the new tunnel
         // carried nothing: relay timing joins the leg to the open one (it was on the new one, medium).
@@ -367,6 +437,9 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" })
         let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
         XCTAssertEqual(words, "1 of 1 data packets of the inner connection have a twin in the tunnel within 2.0 ms (the largest gap 200 µs); of 2 open tunnels that could have carried it, the next best matched 0")
+        let second = try XCTUnwrap(sink.timelines.first { $0.kind == .ztunnelToApp && $0.original.src == secondLeg })
+        XCTAssertEqual(second.hops.map(\.outer), [try connection(from: secondTunnel, in: sink).id], "the request it was opened for")
+        XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
     }
 
     func testALaterStreamOfAnInboundTunnelIsJoinedToIt() throws {
@@ -575,5 +648,70 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(try connection(from: pooledApp, in: sink).hops.map(\.inner), [kept.id])
         XCTAssertEqual(try connection(from: app2, in: sink).hops.map(\.inner), [fresh.id])
         XCTAssertEqual(try connection(from: late, in: sink).hops.map(\.outer), [try connection(from: lateApp, in: sink).id])
+    }
+
+    func testRelayTimingNeverLeavesATunnelOpenedForAConnectionWithNone() throws {
+        // Two connections 50 µs apart, each through a tunnel ztunnel opens for it (no pooling), under load: ztunnel
+        // relays the first one's bytes 400-600 µs late, and the second tunnel's packets, the second connection's,
+        // fall nearer. The first connection is emitted while the second still runs, so its packets are matched alone
+        // and all go to the second tunnel. Moving it there left its own tunnel with no connection, which read as a
+        // forged mark: 465 such escapes in 3000 connections of a lab run at 3200 connections a second, where the
+        // order the tunnels opened in was right for 91 % of them and relay timing for 52 %.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let appA = PacketFactory.ep("10.0.1.5", 40010), appB = PacketFactory.ep("10.0.1.5", 40011)
+        let tunnelA = PacketFactory.ep("10.0.1.5", 50010), tunnelB = PacketFactory.ep("10.0.1.5", 50011)
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
+        let t0 = f.clock
+        var p: [PacketRecord] = []
+        func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
+            f.clock = t0 + micros * 1_000
+            p.append(make(&f))
+        }
+        for (start, app) in [(Int64(0), appA), (50, appB)] {
+            at(start) { $0.nflog(app, service, flags: [.syn], seq: 3000, hook: .output, prefix: natTwin, outIf: 2) }
+            at(start + 5) { $0.packet(app, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
+            at(start + 20) { $0.packet(service, app, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
+            at(start + 25) { $0.packet(app, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
+        }
+        for (start, tunnel) in [(Int64(150), tunnelA), (200, tunnelB)] {
+            at(start) { $0.nflog(tunnel, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
+            at(start) { $0.packet(tunnel, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
+            at(start + 30) { $0.packet(peerHBONE, tunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
+            at(start + 35) { $0.packet(tunnel, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
+        }
+        // Requests: A's at 300 µs, relayed at 900; B's at 330, relayed at 350.
+        at(300) { $0.packet(appA, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        at(330) { $0.packet(appB, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        at(350) { $0.packet(tunnelB, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+        at(900) { $0.packet(tunnelA, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+        // Replies: A's tunnel brings its reply at 1000, written to A at 1400; B's tunnel brings B's at 1350.
+        at(1_000) { $0.packet(peerHBONE, tunnelA, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
+        at(1_350) { $0.packet(peerHBONE, tunnelB, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
+        at(1_400) { $0.packet(service, appA, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        at(1_410) { $0.packet(service, appB, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        at(1_500) { $0.packet(appA, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
+        at(1_510) { $0.packet(service, appA, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
+        at(1_600) { $0.packet(tunnelA, peerHBONE, flags: [.fin, .ack], seq: 152, ack: 401, on: eth0, direction: .outbound) }
+        at(1_640) { $0.packet(peerHBONE, tunnelA, flags: [.fin, .ack], seq: 401, ack: 153, on: eth0, direction: .inbound) }
+        // B runs on past A's emission (2 s after it closed).
+        at(2_500_000) { $0.packet(appB, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
+        at(2_500_010) { $0.packet(service, appB, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
+        at(2_500_100) { $0.packet(tunnelB, peerHBONE, flags: [.fin, .ack], seq: 152, ack: 401, on: eth0, direction: .outbound) }
+        at(2_500_140) { $0.packet(peerHBONE, tunnelB, flags: [.fin, .ack], seq: 401, ack: 153, on: eth0, direction: .inbound) }
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        let a = try connection(from: appA, in: sink), b = try connection(from: appB, in: sink)
+        let ta = try connection(from: tunnelA, in: sink), tb = try connection(from: tunnelB, in: sink)
+        XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
+        XCTAssertEqual(summary.escapes, 0)
+        XCTAssertEqual(a.hops.map(\.inner), [ta.id], "the tunnel opened for it keeps it: the timing alone is not enough")
+        XCTAssertEqual(ta.hops.map(\.outer), [a.id])
+        XCTAssertEqual(b.hops.map(\.inner), [tb.id])
+        let hop = try XCTUnwrap(a.hops.first)
+        XCTAssertEqual(hop.confidence, .low, "the timing pointed at the other tunnel")
+        XCTAssertEqual(hop.evidence.first { $0.kind == "relay-timing" }?.detail,
+                       "0 of 2 data packets of the outer connection have a twin in this tunnel within 2.0 ms, another of the 2 open tunnels matched 2: "
+                       + "the timing points elsewhere, but under load it is noisy, and the join stands on the order the tunnels opened in "
+                       + "(no tunnel is taken from the connection it was opened for, or left with none, on timing alone)")
     }
 }
