@@ -368,22 +368,27 @@ public final class LabTopology: @unchecked Sendable {
         try Command.requireRoot("meshtrace lab down")
         let list = try Command.run(["ip", "netns", "list"])
         var removed: [String] = []
+        // Labs with a namespace left: a kept one (its creator has exited) still needs its run directory (logs).
+        var standing = Set<Int32>()
         for line in list.stdout.split(whereSeparator: \.isNewline) {
             let name = String(line.split(separator: " ").first ?? "")
             guard name.hasPrefix("mt-l") else { continue }
             let creator = labID(of: name) ?? 0
-            if let only, creator != only { continue }
+            if let only, creator != only { standing.insert(creator); continue }
             let creatorRuns = creator > 0 && creator != getpid() && (kill(creator, 0) == 0 || errno != ESRCH)
-            if creatorRuns && !includingRunning { continue }
+            if creatorRuns && !includingRunning { standing.insert(creator); continue }
             if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {
                 for p in pids.stdout.split(whereSeparator: \.isNewline) { if let pid = Int32(p) { kill(pid, SIGKILL) } }
             }
-            if (try? Command.run(["ip", "netns", "del", name]))?.ok == true { removed.append(name) }
+            if (try? Command.run(["ip", "netns", "del", name]))?.ok == true { removed.append(name) } else { standing.insert(creator) }
         }
-        // Run directories are named meshtrace-lab-<pid>-<n>: remove those whose process is gone.
+        // Run directories are named meshtrace-lab-<pid>-<n>: remove those whose process is gone and whose lab has no
+        // namespace left (or is the one removed), so another kept lab keeps its logs.
         if let dirs = try? FileManager.default.contentsOfDirectory(atPath: "/tmp") {
             for d in dirs where d.hasPrefix("meshtrace-lab-") {
                 let pid = Int32(d.dropFirst("meshtrace-lab-".count).split(separator: "-").first ?? "") ?? 0
+                if let only, pid != only { continue }
+                if standing.contains(pid) { continue }
                 if pid != getpid() && (pid <= 0 || (kill(pid, 0) != 0 && errno == ESRCH)) {
                     try? FileManager.default.removeItem(atPath: "/tmp/\(d)")
                 }

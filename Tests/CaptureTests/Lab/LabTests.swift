@@ -322,11 +322,27 @@ final class LabTests: KernelTestCase {
         // Only this lab: `lab down` alone would also sweep a lab someone else kept on this machine.
         let keptID = try XCTUnwrap(LabTopology.labID(of: keptNames[0]))
         XCTAssertTrue(kept.stdout.contains("lab down --lab \(keptID)"), kept.stdout)
+        // A second kept lab: removing the first leaves its namespaces and its run directory (the stand-ins' logs) alone.
+        let other = try Command.run([executable, "lab", "--keep", "--scenario", "outbound"])
+        XCTAssertEqual(other.status, 0, other.stderr)
+        let otherPrefix = try XCTUnwrap(other.stdout.range(of: #"mt-l[0-9]+-"#, options: .regularExpression).map { String(other.stdout[$0]) })
+        let otherID = try XCTUnwrap(LabTopology.labID(of: otherPrefix + "1"))
+        defer { _ = try? Command.run([executable, "lab", "down", "--lab", String(otherID)]) }
+        let runDirectory = { (out: String) throws -> String in
+            try XCTUnwrap(out.range(of: #"/tmp/meshtrace-lab-[0-9]+-[0-9]+"#, options: .regularExpression).map { String(out[$0]) })
+        }
+        let keptDirectory = try runDirectory(kept.stdout), otherDirectory = try runDirectory(other.stdout)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: keptDirectory))
         let down = try Command.run([executable, "lab", "down", "--lab", String(keptID)])
         XCTAssertEqual(down.status, 0, down.stderr)
         let after = try Command.run(["ip", "netns", "list"]).stdout
         for n in keptNames { XCTAssertFalse(after.contains(n)) }
         for pid in keptPids { XCTAssertTrue(gone(pid), "stand-in \(pid) survived lab down") }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: keptDirectory))
+        XCTAssertTrue(after.contains(otherPrefix), "the other kept lab was swept too")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: otherDirectory), "the other kept lab's logs were deleted")
+        XCTAssertEqual(try Command.run([executable, "lab", "down", "--lab", String(otherID)]).status, 0)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: otherDirectory))
     }
 
     func testTunnelKeystreamHidesTheHeaderAndRoundTrips() {
