@@ -227,6 +227,8 @@ public struct AnalysisSummary: Sendable {
     /// Live `--mode trace`: the kernel's TRACE steps joined into the timelines (they reach the correlator as
     /// NFLOG-like records, and are not counted among `nflogRecords`).
     public var traceSteps: Int = 0
+    /// Live `--mode trace`: TRACE steps the kernel dropped before meshtrace read them (nil: not a TRACE run).
+    public var traceStepsLost: Int?
     /// Records that came more than the close linger behind the capture's clock (the latest time read so far): a file
     /// not in time order (pcapng files joined with `cat`), or a live reader that fell far behind. Their connections
     /// may have been finished already, and split.

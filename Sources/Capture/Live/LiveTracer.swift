@@ -48,8 +48,10 @@ public struct TraceLosses: Sendable {
     public var nflogOverruns = 0
     /// Packets libpcap's ring dropped (ps_drop).
     public var pcapDropped: UInt32 = 0
-    /// ENOBUFS on the TRACE event socket (`--mode trace`).
+    /// ENOBUFS on the socket TRACE steps arrive on (`--mode trace`: the nftrace events, or NFLOG group 0 for legacy).
     public var eventSocketOverruns = 0
+    /// Legacy TRACE steps (nf_log to NFLOG group 0) the kernel numbered and dropped.
+    public var traceStepSequenceGap: UInt64 = 0
     /// Twin hits the kernel counted beyond those meshtrace received. Catches what sequence numbers cannot:
     /// messages dropped at the very end, after the last one that arrived.
     public var counterShortfall: UInt64 = 0
@@ -57,7 +59,9 @@ public struct TraceLosses: Sendable {
     /// NFLOG events lost: the exact gap, or at least one per overrun when the gap could not show it
     /// (an overrun right at the end leaves no later sequence number to reveal it).
     public var nflogEventsLost: Int { max(Int(nflogSequenceGap), nflogOverruns, Int(counterShortfall)) }
-    public var any: Bool { nflogEventsLost > 0 || pcapDropped > 0 || eventSocketOverruns > 0 }
+    /// TRACE steps lost: the legacy gap, or at least one per overrun.
+    public var traceStepsLost: Int { max(Int(traceStepSequenceGap), eventSocketOverruns) }
+    public var any: Bool { nflogEventsLost > 0 || pcapDropped > 0 || traceStepsLost > 0 }
 }
 
 /// The end of a trace: the correlator's summary plus what only live tracing knows.
@@ -285,7 +289,8 @@ public final class LiveTracer: @unchecked Sendable {
         losses.nflogSequenceGap = nflog?.sequenceGap ?? 0
         losses.nflogOverruns = nflog?.overruns ?? 0
         losses.pcapDropped = pcap?.dropped ?? 0
-        losses.eventSocketOverruns = events?.overruns ?? 0
+        losses.eventSocketOverruns = (events?.overruns ?? 0) + (legacyTrace?.overruns ?? 0)
+        losses.traceStepSequenceGap = legacyTrace?.sequenceGap ?? 0
         var counts: [String: Int] = [:]
         for id in 0..<hitsCapacity where hits[id] > 0 { counts[tags.text(for: UInt32(id)), default: 0] += hits[id] }
         let kernelTotal = kernel.values.reduce(0, +)
@@ -293,6 +298,7 @@ public final class LiveTracer: @unchecked Sendable {
         losses.counterShortfall = kernelTotal > received ? kernelTotal - received : 0
         summary.kernelCounters = kernel
         summary.eventsLost = losses.nflogEventsLost
+        if trace != nil { summary.traceStepsLost = losses.traceStepsLost }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
         var outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
                                    conntrackNote: nflog?.socket.conntrackProblem.map { problem in
@@ -528,7 +534,10 @@ public final class LiveTracer: @unchecked Sendable {
             if !emptied { drained = false }
         }
         if let legacyTrace, isReady(legacyTrace.fd) {
-            let (records, emptied) = legacyTrace.drain(limit: 64, slot: freeSlot) { rec, _ in
+            // One step per datagram (nf_log's qthreshold is 1): 64 a pass kept up with ~32 000 steps a second, and
+            // a busy pod's TRACE makes more; behind, steps came ~0.7 s late, after their connection was emitted,
+            // and made connections of their own (a tunnel among them read as a forged mark).
+            let (records, emptied) = legacyTrace.drain(limit: 1024, slot: freeSlot) { rec, _ in
                 guard trace?.rewriteLegacy(&rec.pointee, instrumenter: instrumenter) == true else { return false }
                 commit(frame: nil, linkType: LinkType.raw)
                 return true

@@ -38,7 +38,10 @@ public enum TraceSummaryText {
         out.append("  \(pad(String(ourTotal), 7)) / \(pad(String(kernelTotal), 7))  total")
         let gap = Int64(kernelTotal) - Int64(oursCounted)
         var lost = "events lost: \(l.nflogEventsLost) (NFLOG sequence gaps \(l.nflogSequenceGap), ENOBUFS \(l.nflogOverruns), kernel counted \(l.counterShortfall) more)"
-        lost += ", capture drops \(l.pcapDropped), event socket overruns \(l.eventSocketOverruns)"
+        lost += ", capture drops \(l.pcapDropped)"
+        if outcome.summary.traceStepsLost != nil {
+            lost += ", TRACE steps lost \(l.traceStepsLost) (sequence gaps \(l.traceStepSequenceGap), ENOBUFS \(l.eventSocketOverruns))"
+        }
         out.append(lost)
         if gap != 0 {
             let explained = gap > 0 && Int64(l.nflogEventsLost) >= gap

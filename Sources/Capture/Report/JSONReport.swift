@@ -313,6 +313,7 @@ public final class JSONReport: ReportSink {
         if s.lateRecords > 0 { key("late_records"); out.decimal(s.lateRecords) }
         if s.nflogRecordsCut > 0 { key("nflog_records_cut"); out.decimal(s.nflogRecordsCut) }
         if s.traceSteps > 0 { key("trace_steps"); out.decimal(s.traceSteps) }
+        if let lost = s.traceStepsLost { key("trace_steps_lost"); out.decimal(lost) }
         key("file_damage"); open(UInt8(ascii: "["))
         for d in s.fileDamage { element(); out.jsonString(d) }
         close(UInt8(ascii: "]"))
