@@ -764,6 +764,10 @@ public final class Correlator {
                                       : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { continue }
             let dt = inner.firstSeenNanos - outer.firstSeenNanos
             guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
+            // A tunnel that had closed before the connection it would carry began carried none of it (within the
+            // slack, a tunnel freed by relay timing looked again and took a connection 450 ms younger than it).
+            let tunnel = direction == .outbound ? inner : outer, carried = direction == .outbound ? outer : inner
+            if let closed = tunnel.closedAt, closed < carried.firstSeenNanos { continue }
             // A tunnel first seen mid-stream before the app's connection began was not opened for it: if it carried
             // it, it was pooled (`pooledTunnel`, tried at emission, says so instead of timing). Nor was one first
             // seen mid-stream after a connection whose SYN the capture has: it was open before the capture began
@@ -1055,9 +1059,13 @@ public final class Correlator {
             let match = RelayMatch(matched: v.count, packets: packets[li], largestGap: v.largest, tunnels: l.tunnels.count,
                                    runnerUp: runnerUp, blind: blind[li])
             // Decisive: every packet matched in the chosen tunnel, every tunnel's packets could be compared, and no
-            // other tunnel could have relayed any of them; or the tunnel it is joined to opened after it ended, so
-            // carried none of it (a fresh join within the hop window, its own tunnel taken by another connection).
-            let impossible = current.map { link in (l.outbound ? link.inner : link.outer).firstSeenNanos > l.leg.lastSeenNanos } ?? false
+            // other tunnel could have relayed any of them; or the tunnel it is joined to opened after it ended (a fresh
+            // join within the hop window, its own tunnel taken by another connection) or closed before it began, so
+            // carried none of it.
+            let impossible = current.map { link in
+                let t = l.outbound ? link.inner : link.outer
+                return t.firstSeenNanos > l.leg.lastSeenNanos || (t.closedAt.map { $0 < l.leg.firstSeenNanos } ?? false)
+            } ?? false
             let decisive = impossible || (match.matched == packets[li] && blind[li] == 0 && runnerUp == 0)
             choices.append((li, current, b, match, decisive))
         }
@@ -1067,7 +1075,7 @@ public final class Correlator {
         // not decisive must therefore keep two things that do not depend on it:
         // - a tunnel opened for a connection keeps it (`pooled == false`: the order the tunnels opened in is the
         //   better witness), unless a connection with no join of its own, a pooled one, or one whose move is
-        //   decisive takes its place;
+        //   decisive takes its place, or the move is part of a chain that ends where it displaces no one;
         // - no tunnel is left with no connection: ztunnel opened or kept each one for some connection, and one that
         //   none explains reads as a forged mark, an escape.
         // Otherwise the join stands, and its evidence says that the timing pointed elsewhere.
@@ -1084,15 +1092,45 @@ public final class Correlator {
             moving[i] = true
             count(i, 1)
         }
+        // A chain of moves that ends at a tunnel where it displaces no one: a pooled connection took the next
+        // connection's new tunnel, whose connection took the next one's, and so on, while the pooled tunnel it went
+        // through carried no other connection then (none, or only ones that had ended, or ones that leave a pooled
+        // join themselves). Each move of such a chain stands; a ring of moves among new tunnels' connections
+        // (swapped on timing alone), or one onto a tunnel whose connection was running and stays, does not: under
+        // load that is what noise looks like.
+        var choiceOf: [ObjectIdentifier: Int] = [:]
+        for (j, c) in choices.enumerated() { if let current = c.current { choiceOf[ObjectIdentifier(current)] = j } }
+        var chain: [UInt8] = []   // 0 not looked at, 1 looking (a ring), 2 ends well, 3 does not
+        func endsWell(_ i: Int) -> Bool {
+            if chain[i] == 1 { return false }
+            if chain[i] >= 2 { return chain[i] == 2 }
+            chain[i] = 1
+            let c = choices[i], l = legs[c.leg], target = candidates[c.tunnel]
+            let direction: ZtunnelHop.Direction = l.outbound ? .outbound : .inbound
+            var well = true
+            for link in target.hopLinks where link.hop.direction == direction {
+                // A connection the tunnel carried that had ended before this one began displaces no one: ztunnel
+                // kept the tunnel (pooled) and this one may well have gone through it.
+                let carried = l.outbound ? link.outer : link.inner
+                if carried.emitted || carried.lastSeenNanos < l.leg.firstSeenNanos { continue }
+                guard let j = choiceOf[ObjectIdentifier(link)], j != i, moving[j] else { well = false; break }
+                // A connection that leaves a pooled join (or moves decisively) anchors the chain, ring or not.
+                if choices[j].decisive || choices[j].current?.pooled == true { continue }
+                guard endsWell(j) else { well = false; break }
+            }
+            chain[i] = well ? 2 : 3
+            return well
+        }
         var settled = false
         while !settled {
             settled = true
+            chain = [UInt8](repeating: 0, count: choices.count)
             for (i, c) in choices.enumerated() where moving[i] && !c.decisive {
                 guard let current = c.current else { continue }
                 let left = tunnelOf(current), id = ObjectIdentifier(left)
                 let kept: Bool
                 if !current.pooled {
-                    kept = (incoming[id]?.unowned ?? 0) > 0
+                    kept = (incoming[id]?.unowned ?? 0) > 0 || endsWell(i)
                 } else {
                     let links = left.hopLinks.reduce(0) { $0 + ($1.hop.direction == current.hop.direction ? 1 : 0) }
                     kept = links > (leaving[id] ?? 0) || (incoming[id]?.all ?? 0) > 0

@@ -714,4 +714,65 @@ final class PooledTunnelTests: XCTestCase {
                        + "the timing points elsewhere, but under load it is noisy, and the join stands on the order the tunnels opened in "
                        + "(no tunnel is taken from the connection it was opened for, or left with none, on timing alone)")
     }
+
+    func testAChainOfFreshJoinsEndingAtAPooledTunnelIsUndoneByRelayTiming() throws {
+        // --pool-tunnels under concurrency: P went through the tunnel ztunnel kept open (O), Q1 and Q2 through the
+        // tunnels opened for them (N1, N2). Joined by the order the tunnels opened in, P took N1, Q1 took N2, and Q2
+        // the open tunnel O (pooled). Relay timing puts each where its bytes went; P's move off the tunnel opened
+        // after it is part of a ring (P to O, Q2 to N2, Q1 to N1), which a pooled connection's move anchors: not a
+        // swap of new tunnels on timing alone, so it stands.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
+        let p1 = PacketFactory.ep("10.0.1.5", 40020), q1 = PacketFactory.ep("10.0.1.5", 40021), q2 = PacketFactory.ep("10.0.1.5", 40022)
+        let o = ztunnelOut, n1 = PacketFactory.ep("10.0.1.5", 50021), n2 = PacketFactory.ep("10.0.1.5", 50022)
+        let t0 = f.clock
+        var p: [PacketRecord] = []
+        func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
+            f.clock = t0 + micros * 1_000
+            p.append(make(&f))
+        }
+        // O, open before the capture: seen mid-stream with ztunnel's mark.
+        at(0) { $0.nflog(o, peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
+        at(0) { $0.packet(o, peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, payload: 90, on: eth0, direction: .outbound) }
+        at(40) { $0.packet(peerHBONE, o, flags: [.ack], seq: 9001, ack: 7091, on: eth0, direction: .inbound) }
+        for (start, app) in [(Int64(1_000), p1), (1_100, q1), (1_200, q2)] {
+            at(start) { $0.nflog(app, service, flags: [.syn], seq: 3000, hook: .output, prefix: natTwin, outIf: 2) }
+            at(start + 5) { $0.packet(app, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
+            at(start + 20) { $0.packet(service, app, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
+            at(start + 25) { $0.packet(app, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
+        }
+        for (start, tunnel) in [(Int64(1_300), n1), (1_400, n2)] {
+            at(start) { $0.nflog(tunnel, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
+            at(start) { $0.packet(tunnel, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
+            at(start + 30) { $0.packet(peerHBONE, tunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
+            at(start + 35) { $0.packet(tunnel, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
+        }
+        // Each request relayed 50 µs later by its own tunnel, each reply 50 µs before the app gets it.
+        for (k, (app, tunnel)) in [(p1, o), (q1, n1), (q2, n2)].enumerated() {
+            let seq: UInt32 = tunnel == o ? 7091 : 2, ack: UInt32 = tunnel == o ? 9001 : 51
+            let request = 1_500 + Int64(k) * 100, reply = 2_500 + Int64(k) * 100
+            at(request) { $0.packet(app, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+            at(request + 50) { $0.packet(tunnel, peerHBONE, flags: [.ack, .psh], seq: seq, ack: ack, payload: 150, on: eth0, direction: .outbound) }
+            at(reply) { $0.packet(peerHBONE, tunnel, flags: [.ack, .psh], seq: ack, ack: seq &+ 150, payload: 350, on: eth0, direction: .inbound) }
+            at(reply + 50) { $0.packet(service, app, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        }
+        for (k, app) in [p1, q1, q2].enumerated() {
+            at(3_000 + Int64(k) * 10) { $0.packet(app, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
+            at(3_005 + Int64(k) * 10) { $0.packet(service, app, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
+        }
+        for tunnel in [n1, n2] {
+            at(3_500) { $0.packet(tunnel, peerHBONE, flags: [.fin, .ack], seq: 152, ack: 401, on: eth0, direction: .outbound) }
+            at(3_540) { $0.packet(peerHBONE, tunnel, flags: [.fin, .ack], seq: 401, ack: 153, on: eth0, direction: .inbound) }
+        }
+        at(6_000_000) { $0.packet(o, peerHBONE, flags: [.fin, .ack], seq: 7391, ack: 9351, on: eth0, direction: .outbound) }
+        at(6_000_040) { $0.packet(peerHBONE, o, flags: [.fin, .ack], seq: 9351, ack: 7392, on: eth0, direction: .inbound) }
+        p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        for (app, tunnel) in [(p1, o), (q1, n1), (q2, n2)] {
+            XCTAssertEqual(try connection(from: app, in: sink).hops.map(\.inner), [try connection(from: tunnel, in: sink).id],
+                           "\(app) went through \(tunnel)")
+        }
+        XCTAssertEqual(summary.escapes, 0, "\(sink.findings.map(\.summary))")
+    }
 }
