@@ -775,4 +775,34 @@ final class PooledTunnelTests: XCTestCase {
         }
         XCTAssertEqual(summary.escapes, 0, "\(sink.findings.map(\.summary))")
     }
+
+    func testATunnelClosedBeforeAConnectionBeganIsNotItsFreshTunnel() throws {
+        // A tunnel that opened and closed, then 400 ms later (within the 1 s the fresh join allows a tunnel to be
+        // stamped before its connection) a connection with no tunnel of its own: it cannot have gone through it.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let tunnel = PacketFactory.ep("10.0.1.5", 50030), late = PacketFactory.ep("10.0.1.5", 40030)
+        let t0 = f.clock
+        var p: [PacketRecord] = []
+        func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
+            f.clock = t0 + micros * 1_000
+            p.append(make(&f))
+        }
+        at(0) { $0.nflog(tunnel, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
+        at(0) { $0.packet(tunnel, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
+        at(30) { $0.packet(peerHBONE, tunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
+        at(35) { $0.packet(tunnel, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
+        at(1_000) { $0.packet(tunnel, peerHBONE, flags: [.fin, .ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
+        at(1_040) { $0.packet(peerHBONE, tunnel, flags: [.fin, .ack], seq: 51, ack: 3, on: eth0, direction: .inbound) }
+        at(400_000) { $0.nflog(late, service, flags: [.syn], seq: 3000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2) }
+        at(400_005) { $0.packet(late, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
+        at(400_020) { $0.packet(service, late, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
+        at(400_025) { $0.packet(late, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
+        at(401_000) { $0.packet(late, capture15001, flags: [.fin, .ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
+        at(401_010) { $0.packet(service, late, flags: [.fin, .ack], seq: 6001, ack: 3002, on: lo, direction: .outbound) }
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let app = try connection(from: late, in: sink)
+        XCTAssertTrue(app.hops.isEmpty, "\(app.hops)")
+        XCTAssertTrue(try connection(from: tunnel, in: sink).hops.isEmpty)
+    }
 }
