@@ -70,6 +70,32 @@ final class PooledTunnelTests: XCTestCase {
         return out
     }
 
+    /// Packets placed at µs offsets from where the factory's clock stood: scenarios of several connections at once.
+    struct Schedule {
+        var f: PacketFactory
+        let t0: Int64
+        var packets: [PacketRecord] = []
+        init(_ f: PacketFactory) { self.f = f; t0 = f.clock }
+        mutating func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
+            f.clock = t0 + micros * 1_000
+            packets.append(make(&f))
+        }
+        /// An app connection's handshake, redirected to 15001 (its NAT twin's hit on the SYN).
+        mutating func appOpens(_ app: Endpoint, to dst: Endpoint, at start: Int64, natTwin: String) {
+            at(start) { $0.nflog(app, dst, flags: [.syn], seq: 3000, hook: .output, prefix: natTwin, outIf: 2) }
+            at(start + 5) { $0.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
+            at(start + 20) { $0.packet(dst, app, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
+            at(start + 25) { $0.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
+        }
+        /// ztunnel's new tunnel to `peer`, its SYN marked 0x539.
+        mutating func tunnelOpens(_ tunnel: Endpoint, to peer: Endpoint, at start: Int64, observeOut: String) {
+            at(start) { $0.nflog(tunnel, peer, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
+            at(start) { $0.packet(tunnel, peer, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
+            at(start + 30) { $0.packet(peer, tunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
+            at(start + 35) { $0.packet(tunnel, peer, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
+        }
+    }
+
     func connection(from src: Endpoint, in sink: CollectingSink) throws -> ConnectionTimeline {
         try XCTUnwrap(sink.timelines.first { $0.original.src == src }, "no connection from \(src)")
     }
@@ -274,29 +300,21 @@ final class PooledTunnelTests: XCTestCase {
         var p = pooledScenario(&f, rules: rules, second: service, tunnelStaysOpen: true)
         let fresh = PacketFactory.ep("10.0.1.5", 50002), opener = PacketFactory.ep("10.0.1.5", 40003)
         let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == app2 })
-        let t0 = p[at].time.totalNanoseconds
         var g = f
         g.frame = 10_000
-        func packet(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
-            g.clock = t0 + micros * 1_000
-            p.append(make(&g))
-        }
+        g.clock = p[at].time.totalNanoseconds
+        var s = Schedule(g)
         // The connection the new tunnel was opened for: begun 150 µs after the pooled one, its request relayed
-        // through the new tunnel 40 µs after it was sent 1.5 ms later, its reply likewise.
-        packet(150) { $0.nflog(opener, service, flags: [.syn], seq: 3000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2) }
-        packet(155) { $0.packet(opener, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
-        packet(170) { $0.packet(service, opener, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
-        packet(175) { $0.packet(opener, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
-        packet(200) { $0.nflog(fresh, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
-        packet(200) { $0.packet(fresh, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
-        packet(230) { $0.packet(peerHBONE, fresh, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
-        packet(235) { $0.packet(fresh, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
-        packet(3_000) { $0.packet(opener, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
-        packet(3_040) { $0.packet(fresh, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
-        packet(4_000) { $0.packet(peerHBONE, fresh, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
-        packet(4_040) { $0.packet(service, opener, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
-        packet(4_100) { $0.packet(opener, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
-        packet(4_110) { $0.packet(service, opener, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
+        // through the new tunnel 40 µs after it was sent 3 ms later, its reply likewise.
+        s.appOpens(opener, to: service, at: 150, natTwin: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules))
+        s.tunnelOpens(fresh, to: peerHBONE, at: 200, observeOut: observeOut)
+        s.at(3_000) { $0.packet(opener, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        s.at(3_040) { $0.packet(fresh, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+        s.at(4_000) { $0.packet(peerHBONE, fresh, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
+        s.at(4_040) { $0.packet(service, opener, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        s.at(4_100) { $0.packet(opener, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
+        s.at(4_110) { $0.packet(service, opener, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
+        p += s.packets
         p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
         let hop = try XCTUnwrap(try connection(from: app2, in: sink).hops.first)
@@ -407,26 +425,29 @@ final class PooledTunnelTests: XCTestCase {
         p.append(f.packet(podHBONE, secondTunnel, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound))
         f.advance(micros: 100)
         p.append(f.packet(peer, podHBONE, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound))
+        // ztunnel's connection into the app for a request: handshake and the request (60 bytes); then its close.
+        func legOpens(_ leg: Endpoint, isn: UInt32, appISN: UInt32) {
+            p.append(f.nflog(leg, appPort, flags: [.syn], seq: isn, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1))
+            p.append(f.packet(leg, appPort, flags: [.syn], seq: isn, on: lo, direction: .outbound))
+            p.append(f.packet(appPort, leg, flags: [.syn, .ack], seq: appISN, ack: isn + 1, on: lo, direction: .outbound))
+            p.append(f.packet(leg, appPort, flags: [.ack, .psh], seq: isn + 1, ack: appISN + 1, payload: 60, on: lo, direction: .outbound))
+        }
+        func legCloses(_ leg: Endpoint, isn: UInt32, appISN: UInt32) {
+            p.append(f.packet(leg, appPort, flags: [.fin, .ack], seq: isn + 61, ack: appISN + 1, on: lo, direction: .outbound))
+            p.append(f.packet(appPort, leg, flags: [.fin, .ack], seq: appISN + 1, ack: isn + 62, on: lo, direction: .outbound))
+        }
         f.advance(micros: 200)
-        p.append(f.nflog(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1))
-        p.append(f.packet(ztunnelAsPeer, appPort, flags: [.syn], seq: 500, on: lo, direction: .outbound))
-        p.append(f.packet(appPort, ztunnelAsPeer, flags: [.syn, .ack], seq: 900, ack: 501, on: lo, direction: .outbound))
-        p.append(f.packet(ztunnelAsPeer, appPort, flags: [.ack, .psh], seq: 501, ack: 901, payload: 60, on: lo, direction: .outbound))
+        legOpens(ztunnelAsPeer, isn: 500, appISN: 900)
         f.advance(micros: 300)
         p.append(f.packet(podHBONE, peer, flags: [.ack, .psh], seq: 101, ack: 122, payload: 200, on: eth0, direction: .outbound))
-        p.append(f.packet(ztunnelAsPeer, appPort, flags: [.fin, .ack], seq: 561, ack: 901, on: lo, direction: .outbound))
-        p.append(f.packet(appPort, ztunnelAsPeer, flags: [.fin, .ack], seq: 901, ack: 562, on: lo, direction: .outbound))
+        legCloses(ztunnelAsPeer, isn: 500, appISN: 900)
         // The request the second tunnel was opened for, 600 µs on, and ztunnel's connection into the app for it.
         let secondLeg = PacketFactory.ep("10.0.2.2", 42001)
         f.advance(micros: 600)
         p.append(f.packet(secondTunnel, podHBONE, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound))
         f.advance(micros: 100)
-        p.append(f.nflog(secondLeg, appPort, flags: [.syn], seq: 700, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1))
-        p.append(f.packet(secondLeg, appPort, flags: [.syn], seq: 700, on: lo, direction: .outbound))
-        p.append(f.packet(appPort, secondLeg, flags: [.syn, .ack], seq: 1900, ack: 701, on: lo, direction: .outbound))
-        p.append(f.packet(secondLeg, appPort, flags: [.ack, .psh], seq: 701, ack: 1901, payload: 60, on: lo, direction: .outbound))
-        p.append(f.packet(secondLeg, appPort, flags: [.fin, .ack], seq: 761, ack: 1901, on: lo, direction: .outbound))
-        p.append(f.packet(appPort, secondLeg, flags: [.fin, .ack], seq: 1901, ack: 762, on: lo, direction: .outbound))
+        legOpens(secondLeg, isn: 700, appISN: 1900)
+        legCloses(secondLeg, isn: 700, appISN: 1900)
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
         let leg = try XCTUnwrap(sink.timelines.first { $0.kind == .ztunnelToApp && $0.original.src == ztunnelAsPeer })
         let hop = try XCTUnwrap(leg.hops.first)
@@ -662,24 +683,12 @@ final class PooledTunnelTests: XCTestCase {
         let appA = PacketFactory.ep("10.0.1.5", 40010), appB = PacketFactory.ep("10.0.1.5", 40011)
         let tunnelA = PacketFactory.ep("10.0.1.5", 50010), tunnelB = PacketFactory.ep("10.0.1.5", 50011)
         let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
-        let t0 = f.clock
-        var p: [PacketRecord] = []
-        func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
-            f.clock = t0 + micros * 1_000
-            p.append(make(&f))
-        }
-        for (start, app) in [(Int64(0), appA), (50, appB)] {
-            at(start) { $0.nflog(app, service, flags: [.syn], seq: 3000, hook: .output, prefix: natTwin, outIf: 2) }
-            at(start + 5) { $0.packet(app, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
-            at(start + 20) { $0.packet(service, app, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
-            at(start + 25) { $0.packet(app, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
-        }
-        for (start, tunnel) in [(Int64(150), tunnelA), (200, tunnelB)] {
-            at(start) { $0.nflog(tunnel, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
-            at(start) { $0.packet(tunnel, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
-            at(start + 30) { $0.packet(peerHBONE, tunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
-            at(start + 35) { $0.packet(tunnel, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
-        }
+        var s = Schedule(f)
+        func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) { s.at(micros, make) }
+        s.appOpens(appA, to: service, at: 0, natTwin: natTwin)
+        s.appOpens(appB, to: service, at: 50, natTwin: natTwin)
+        s.tunnelOpens(tunnelA, to: peerHBONE, at: 150, observeOut: observeOut)
+        s.tunnelOpens(tunnelB, to: peerHBONE, at: 200, observeOut: observeOut)
         // Requests: A's at 300 µs, relayed at 900; B's at 330, relayed at 350.
         at(300) { $0.packet(appA, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
         at(330) { $0.packet(appB, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
@@ -699,7 +708,7 @@ final class PooledTunnelTests: XCTestCase {
         at(2_500_010) { $0.packet(service, appB, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
         at(2_500_100) { $0.packet(tunnelB, peerHBONE, flags: [.fin, .ack], seq: 152, ack: 401, on: eth0, direction: .outbound) }
         at(2_500_140) { $0.packet(peerHBONE, tunnelB, flags: [.fin, .ack], seq: 401, ack: 153, on: eth0, direction: .inbound) }
-        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        let (sink, summary) = correlate(s.packets, tags: f.tags, ruleset: rules)
         let a = try connection(from: appA, in: sink), b = try connection(from: appB, in: sink)
         let ta = try connection(from: tunnelA, in: sink), tb = try connection(from: tunnelB, in: sink)
         XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
@@ -726,28 +735,15 @@ final class PooledTunnelTests: XCTestCase {
         let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
         let p1 = PacketFactory.ep("10.0.1.5", 40020), q1 = PacketFactory.ep("10.0.1.5", 40021), q2 = PacketFactory.ep("10.0.1.5", 40022)
         let o = ztunnelOut, n1 = PacketFactory.ep("10.0.1.5", 50021), n2 = PacketFactory.ep("10.0.1.5", 50022)
-        let t0 = f.clock
-        var p: [PacketRecord] = []
-        func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) {
-            f.clock = t0 + micros * 1_000
-            p.append(make(&f))
-        }
+        var s = Schedule(f)
+        func at(_ micros: Int64, _ make: (inout PacketFactory) -> PacketRecord) { s.at(micros, make) }
         // O, open before the capture: seen mid-stream with ztunnel's mark.
         at(0) { $0.nflog(o, peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
         at(0) { $0.packet(o, peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, payload: 90, on: eth0, direction: .outbound) }
         at(40) { $0.packet(peerHBONE, o, flags: [.ack], seq: 9001, ack: 7091, on: eth0, direction: .inbound) }
-        for (start, app) in [(Int64(1_000), p1), (1_100, q1), (1_200, q2)] {
-            at(start) { $0.nflog(app, service, flags: [.syn], seq: 3000, hook: .output, prefix: natTwin, outIf: 2) }
-            at(start + 5) { $0.packet(app, capture15001, flags: [.syn], seq: 3000, on: lo, direction: .outbound) }
-            at(start + 20) { $0.packet(service, app, flags: [.syn, .ack], seq: 6000, ack: 3001, on: lo, direction: .outbound) }
-            at(start + 25) { $0.packet(app, capture15001, flags: [.ack], seq: 3001, ack: 6001, on: lo, direction: .outbound) }
-        }
-        for (start, tunnel) in [(Int64(1_300), n1), (1_400, n2)] {
-            at(start) { $0.nflog(tunnel, peerHBONE, flags: [.syn], seq: 1, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2) }
-            at(start) { $0.packet(tunnel, peerHBONE, flags: [.syn], seq: 1, on: eth0, direction: .outbound) }
-            at(start + 30) { $0.packet(peerHBONE, tunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
-            at(start + 35) { $0.packet(tunnel, peerHBONE, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
-        }
+        for (start, app) in [(Int64(1_000), p1), (1_100, q1), (1_200, q2)] { s.appOpens(app, to: service, at: start, natTwin: natTwin) }
+        s.tunnelOpens(n1, to: peerHBONE, at: 1_300, observeOut: observeOut)
+        s.tunnelOpens(n2, to: peerHBONE, at: 1_400, observeOut: observeOut)
         // Each request relayed 50 µs later by its own tunnel, each reply 50 µs before the app gets it.
         for (k, (app, tunnel)) in [(p1, o), (q1, n1), (q2, n2)].enumerated() {
             let seq: UInt32 = tunnel == o ? 7091 : 2, ack: UInt32 = tunnel == o ? 9001 : 51
@@ -767,7 +763,7 @@ final class PooledTunnelTests: XCTestCase {
         }
         at(6_000_000) { $0.packet(o, peerHBONE, flags: [.fin, .ack], seq: 7391, ack: 9351, on: eth0, direction: .outbound) }
         at(6_000_040) { $0.packet(peerHBONE, o, flags: [.fin, .ack], seq: 9351, ack: 7392, on: eth0, direction: .inbound) }
-        p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
+        let p = s.packets.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
         let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
         for (app, tunnel) in [(p1, o), (q1, n1), (q2, n2)] {
             XCTAssertEqual(try connection(from: app, in: sink).hops.map(\.inner), [try connection(from: tunnel, in: sink).id],

@@ -509,15 +509,7 @@ final class LiveTracerTests: KernelTestCase {
                 usleep(300_000)
             }
         }
-        // "outbound APP -> DST: hbone new|pooled TUNNEL -> PEER:15008"
-        var carriedBy: [UInt16: UInt16] = [:]
-        for line in lab.log(of: lab.client, "ztunnel").split(separator: "\n") {
-            let words = line.split(separator: " ")
-            guard words.count >= 7, words[0] == "outbound", words[4] == "hbone",
-                  let app = words[1].split(separator: ":").last.flatMap({ UInt16($0) }),
-                  let tunnel = words[6].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
-            carriedBy[app] = tunnel
-        }
+        let carriedBy = tunnelsByApp(lab)
         let tunnelPorts = Dictionary(sink.timelines.filter { $0.kind == .hboneOutbound }.map { ($0.id, $0.original.src.port) },
                                      uniquingKeysWith: { a, _ in a })
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }
@@ -547,14 +539,7 @@ final class LiveTracerTests: KernelTestCase {
             load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 600, workers: 4)
         }
         XCTAssertEqual(load?.failures, 0)
-        var carriedBy: [UInt16: UInt16] = [:]
-        for line in lab.log(of: lab.client, "ztunnel").split(separator: "\n") {
-            let words = line.split(separator: " ")
-            guard words.count >= 7, words[0] == "outbound", words[4] == "hbone",
-                  let app = words[1].split(separator: ":").last.flatMap({ UInt16($0) }),
-                  let tunnel = words[5].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
-            carriedBy[app] = tunnel
-        }
+        let carriedBy = tunnelsByApp(lab)
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
         XCTAssertEqual(apps.count, 600)
@@ -590,6 +575,21 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }.count, 100)
         XCTAssertEqual(sink.timelines.filter { $0.kind == .hboneOutbound }.count, 100)
         XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
+    }
+
+    /// The client stand-in's log of which tunnel carried which app connection, by source port:
+    /// "outbound APP -> DST: hbone [new|pooled] TUNNEL -> PEER:15008".
+    func tunnelsByApp(_ lab: LabTopology) -> [UInt16: UInt16] {
+        var carriedBy: [UInt16: UInt16] = [:]
+        for line in lab.log(of: lab.client, "ztunnel").split(separator: "\n") {
+            let words = line.split(separator: " ")
+            guard words.count >= 7, words[0] == "outbound", words[4] == "hbone",
+                  let app = words[1].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
+            let at = words[5] == "new" || words[5] == "pooled" ? 6 : 5
+            guard let tunnel = words[at].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
+            carriedBy[app] = tunnel
+        }
+        return carriedBy
     }
 
     func testLegacyBackendPodIsTracedWithCountsEqualToTheKernels() throws {
