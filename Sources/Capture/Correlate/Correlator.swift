@@ -1101,8 +1101,10 @@ public final class Correlator {
         var choiceOf: [ObjectIdentifier: Int] = [:]
         for (j, c) in choices.enumerated() { if let current = c.current { choiceOf[ObjectIdentifier(current)] = j } }
         var chain: [UInt8] = []   // 0 not looked at, 1 looking (a ring), 2 ends well, 3 does not
-        func endsWell(_ i: Int) -> Bool {
-            if chain[i] == 1 { return false }
+        // Bounded: a chain longer than this is not followed (it does not end well), so a batch of thousands cannot
+        // recurse that deep.
+        func endsWell(_ i: Int, depth: Int = 0) -> Bool {
+            if chain[i] == 1 || depth > Correlator.relayChainLimit { return false }
             if chain[i] >= 2 { return chain[i] == 2 }
             chain[i] = 1
             let c = choices[i], l = legs[c.leg], target = candidates[c.tunnel]
@@ -1116,7 +1118,7 @@ public final class Correlator {
                 guard let j = choiceOf[ObjectIdentifier(link)], j != i, moving[j] else { well = false; break }
                 // A connection that leaves a pooled join (or moves decisively) anchors the chain, ring or not.
                 if choices[j].decisive || choices[j].current?.pooled == true { continue }
-                guard endsWell(j) else { well = false; break }
+                guard endsWell(j, depth: depth + 1) else { well = false; break }
             }
             chain[i] = well ? 2 : 3
             return well
@@ -1234,6 +1236,8 @@ public final class Correlator {
 
     /// Data packets read for relay timing, per carried connection: its request and reply, and then some.
     static let relayPacketsCompared = 16
+    /// The longest chain of moves relay timing follows (`relinkByRelayTiming`).
+    static let relayChainLimit = 64
     /// Tunnel packets one search for a packet left out may look at (`relinkByRelayTiming`).
     static let relayAugmentBudget = 64
 
