@@ -1019,8 +1019,10 @@ public final class Correlator {
             votes[li * candidates.count + k] = v
         }
 
+        func tunnelOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.inner : link.outer }
         // Each leg's choice: the tunnel that matched most of its packets (of equals, the smaller total gap).
-        var choices: [(leg: Int, current: HopLink?, tunnel: Int, match: RelayMatch, decisive: Bool)] = []
+        typealias Choice = (leg: Int, current: HopLink?, tunnel: Int, match: RelayMatch, decisive: Bool)
+        var choices: [Choice] = []
         for (li, l) in legs.enumerated() {
             var best: Int?
             for k in l.tunnels {
@@ -1063,7 +1065,7 @@ public final class Correlator {
             // join within the hop window, its own tunnel taken by another connection) or closed before it began, so
             // carried none of it.
             let impossible = current.map { link in
-                let t = l.outbound ? link.inner : link.outer
+                let t = tunnelOf(link)
                 return t.firstSeenNanos > l.leg.lastSeenNanos || (t.closedAt.map { $0 < l.leg.firstSeenNanos } ?? false)
             } ?? false
             let decisive = impossible || (match.matched == packets[li] && blind[li] == 0 && runnerUp == 0)
@@ -1079,7 +1081,6 @@ public final class Correlator {
         // - no tunnel is left with no connection: ztunnel opened or kept each one for some connection, and one that
         //   none explains reads as a forged mark, an escape.
         // Otherwise the join stands, and its evidence says that the timing pointed elsewhere.
-        func tunnelOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.inner : link.outer }
         var moving = [Bool](repeating: false, count: choices.count)
         var incoming: [ObjectIdentifier: (all: Int, unowned: Int)] = [:], leaving: [ObjectIdentifier: Int] = [:]
         func count(_ i: Int, _ d: Int) {
@@ -1142,23 +1143,30 @@ public final class Correlator {
         }
         // Links to tunnels the timing does not bear out go first, so that a new tunnel freed by one connection is
         // joined fresh (not pooled) by the connection it was opened for.
+        // What a connection kept on (or put back on) the tunnel it is joined to says: that tunnel's match, and the
+        // one the timing pointed to as the next best. Nil: that tunnel is not among the candidates.
+        func keptMatch(_ c: Choice, on current: HopLink) -> (tunnel: Int?, match: RelayMatch) {
+            let l = legs[c.leg]
+            let own = l.tunnels.first { candidates[$0] === tunnelOf(current) }
+            let v = own.flatMap { votes[c.leg * candidates.count + $0] }
+            return (own, RelayMatch(matched: v?.count ?? 0, packets: packets[c.leg], largestGap: v?.largest ?? 0,
+                                    tunnels: l.tunnels.count, runnerUp: c.match.matched, blind: blind[c.leg], overruled: true))
+        }
         var moves: [(leg: ConnectionState, outbound: Bool, tunnel: ConnectionState, match: RelayMatch, left: HopLink?, kept: RelayMatch?)] = []
         var freed: [ConnectionState] = []
         for (i, c) in choices.enumerated() {
             let l = legs[c.leg]
             var k = c.tunnel, match = c.match
             if !moving[i], let current = c.current, tunnelOf(current) !== candidates[k] {
-                // Kept against the timing: the match of the tunnel it stays with, the one it pointed to as the next best.
-                guard let own = l.tunnels.first(where: { candidates[$0] === tunnelOf(current) }) else {
-                    current.relay = RelayMatch(matched: 0, packets: packets[c.leg], largestGap: 0, tunnels: l.tunnels.count,
-                                               runnerUp: c.match.matched, blind: blind[c.leg], overruled: true)
+                // Kept against the timing.
+                let kept = keptMatch(c, on: current)
+                guard let own = kept.tunnel else {
+                    current.relay = kept.match
                     current.finalized = false
                     continue
                 }
-                let v = votes[c.leg * candidates.count + own]
                 k = own
-                match = RelayMatch(matched: v?.count ?? 0, packets: packets[c.leg], largestGap: v?.largest ?? 0,
-                                   tunnels: l.tunnels.count, runnerUp: c.match.matched, blind: blind[c.leg], overruled: true)
+                match = kept.match
             }
             let tunnel = candidates[k]
             // The chosen tunnel's packets this connection was paired with are claimed for later batches.
@@ -1170,17 +1178,12 @@ public final class Correlator {
                 current.finalized = false
                 continue
             }
-            // What it would say if it stayed: the match of the tunnel it leaves.
-            var kept: RelayMatch?
+            // What it would say if it stayed (the move may be undone below).
             if let current = c.current {
                 unlink(current)
                 freed.append(tunnelOf(current))
-                let own = l.tunnels.first { candidates[$0] === tunnelOf(current) }
-                let v = own.flatMap { votes[c.leg * candidates.count + $0] }
-                kept = RelayMatch(matched: v?.count ?? 0, packets: packets[c.leg], largestGap: v?.largest ?? 0,
-                                  tunnels: l.tunnels.count, runnerUp: match.matched, blind: blind[c.leg], overruled: true)
             }
-            moves.append((l.leg, l.outbound, tunnel, match, c.current, kept))
+            moves.append((l.leg, l.outbound, tunnel, match, c.current, c.current.map { keptMatch(c, on: $0).match }))
         }
         var joined: [HopLink] = []
         for m in moves {

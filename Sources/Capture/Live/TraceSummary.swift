@@ -37,12 +37,7 @@ public enum TraceSummaryText {
         let l = outcome.losses
         out.append("  \(pad(String(ourTotal), 7)) / \(pad(String(kernelTotal), 7))  total")
         let gap = Int64(kernelTotal) - Int64(oursCounted)
-        var lost = "events lost: \(l.nflogEventsLost) (NFLOG sequence gaps \(l.nflogSequenceGap), ENOBUFS \(l.nflogOverruns), kernel counted \(l.counterShortfall) more)"
-        lost += ", capture drops \(l.pcapDropped)"
-        if outcome.summary.traceStepsLost != nil {
-            lost += ", TRACE steps lost \(l.traceStepsLost) (sequence gaps \(l.traceStepSequenceGap), ENOBUFS \(l.eventSocketOverruns))"
-        }
-        out.append(lost)
+        out.append(lossLine(l, traceMode: outcome.summary.traceStepsLost != nil))
         if gap != 0 {
             let explained = gap > 0 && Int64(l.nflogEventsLost) >= gap
             out.append(explained
@@ -54,6 +49,16 @@ public enum TraceSummaryText {
         if let note = outcome.conntrackNote { out.append("note: \(note)") }
         if let note = outcome.netnsNote { out.append("note: \(note)") }
         return out.joined(separator: "\n")
+    }
+
+    /// What was lost and why; the TRACE steps' part only for `--mode trace`.
+    static func lossLine(_ l: TraceLosses, traceMode: Bool) -> String {
+        var lost = "events lost: \(l.nflogEventsLost) (NFLOG sequence gaps \(l.nflogSequenceGap), ENOBUFS \(l.nflogOverruns), kernel counted \(l.counterShortfall) more)"
+        lost += ", capture drops \(l.pcapDropped)"
+        if traceMode {
+            lost += ", TRACE steps lost \(l.traceStepsLost) (sequence gaps \(l.traceStepSequenceGap), ENOBUFS \(l.eventSocketOverruns))"
+        }
+        return lost
     }
 
     static func pad(_ s: String, _ n: Int) -> String { String(repeating: " ", count: max(0, n - s.count)) + s }

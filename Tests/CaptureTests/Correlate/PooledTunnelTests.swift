@@ -96,6 +96,15 @@ final class PooledTunnelTests: XCTestCase {
         }
     }
 
+    /// Each connection's hop is low, and its relay-timing evidence passes `check`.
+    func assertLowRelayTiming(of sources: [Endpoint], in sink: CollectingSink, _ check: (String) -> Void) throws {
+        for src in sources {
+            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first, "\(src)")
+            XCTAssertEqual(hop.confidence, .low, "\(src)")
+            check(try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail, "\(src)"))
+        }
+    }
+
     func connection(from src: Endpoint, in sink: CollectingSink) throws -> ConnectionTimeline {
         try XCTUnwrap(sink.timelines.first { $0.original.src == src }, "no connection from \(src)")
     }
@@ -595,11 +604,8 @@ final class PooledTunnelTests: XCTestCase {
         }
         p = p.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
-        for src in [pooledApp, app2] {
-            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first)
-            XCTAssertEqual(hop.confidence, .low)
-            XCTAssertEqual(hop.evidence.first { $0.kind == "relay-timing" }?.detail,
-                           "none of 2 data packets of the outer connection has a twin within 2.0 ms in any of 2 open tunnels that could have carried it: timing cannot tell which did")
+        try assertLowRelayTiming(of: [pooledApp, app2], in: sink) { words in
+            XCTAssertEqual(words, "none of 2 data packets of the outer connection has a twin within 2.0 ms in any of 2 open tunnels that could have carried it: timing cannot tell which did")
         }
     }
 
@@ -622,10 +628,7 @@ final class PooledTunnelTests: XCTestCase {
         options.maxEventsPerConnection = 10
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules, options: options)
         XCTAssertGreaterThan(try connection(from: ztunnelOut, in: sink).droppedEvents, 0)
-        for src in [pooledApp, app2] {
-            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first, "\(src)")
-            XCTAssertEqual(hop.confidence, .low, "\(src)")
-            let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+        try assertLowRelayTiming(of: [pooledApp, app2], in: sink) { words in
             XCTAssertTrue(words.hasSuffix("; 1 of them had stopped keeping events (--max-events) before it ended: packets past that were not compared"), words)
         }
     }
@@ -640,10 +643,7 @@ final class PooledTunnelTests: XCTestCase {
         let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
         let p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel, interleaved: true)
         let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
-        for src in [pooledApp, app2] {
-            let hop = try XCTUnwrap(try connection(from: src, in: sink).hops.first, "\(src)")
-            XCTAssertEqual(hop.confidence, .low, "\(src)")
-            let words = try XCTUnwrap(hop.evidence.first { $0.kind == "relay-timing" }?.detail)
+        try assertLowRelayTiming(of: [pooledApp, app2], in: sink) { words in
             XCTAssertTrue(words.hasSuffix("of 2 open tunnels that could have carried it, the next best matched 2"), words)
         }
     }

@@ -115,4 +115,25 @@ final class JSONReportTests: XCTestCase {
         let text = try String(contentsOfFile: dir.path, encoding: .utf8)
         XCTAssertEqual(text, times.map { "\($0)\n" }.joined())
     }
+
+    /// `--mode trace` says how many TRACE steps were lost, 0 included; any other run has no such key.
+    func testTraceStepsLostIsWrittenForTraceRunsOnly() throws {
+        func summaryJSON(_ lost: Int?) throws -> String {
+            let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-json-\(UUID().uuidString)").path
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            FileManager.default.createFile(atPath: path, contents: nil)
+            let fd = open(path, O_WRONLY | O_TRUNC)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            var summary = AnalysisSummary()
+            summary.traceSteps = 40
+            summary.traceStepsLost = lost
+            try JSONReport(fileDescriptor: fd).finish(summary)
+            close(fd)
+            return try String(contentsOfFile: path, encoding: .utf8)
+        }
+        let lost = try summaryJSON(3)
+        XCTAssertTrue(lost.contains("\"trace_steps\":40,\"trace_steps_lost\":3"), lost)
+        XCTAssertTrue(try summaryJSON(0).contains("\"trace_steps_lost\":0"))
+        XCTAssertFalse(try summaryJSON(nil).contains("trace_steps_lost"))
+    }
 }
