@@ -1062,12 +1062,9 @@ public final class Correlator {
                                    runnerUp: runnerUp, blind: blind[li])
             // Decisive: every packet matched in the chosen tunnel, every tunnel's packets could be compared, and no
             // other tunnel could have relayed any of them; or the tunnel it is joined to opened after it ended (a fresh
-            // join within the hop window, its own tunnel taken by another connection) or closed before it began, so
-            // carried none of it.
-            let impossible = current.map { link in
-                let t = tunnelOf(link)
-                return t.firstSeenNanos > l.leg.lastSeenNanos || (t.closedAt.map { $0 < l.leg.firstSeenNanos } ?? false)
-            } ?? false
+            // join within the hop window, its own tunnel taken by another connection), so carried none of it. (One
+            // closed before it began is never joined to it: `bestPartner` and `pooledTunnel` leave those out.)
+            let impossible = current.map { tunnelOf($0).firstSeenNanos > l.leg.lastSeenNanos } ?? false
             let decisive = impossible || (match.matched == packets[li] && blind[li] == 0 && runnerUp == 0)
             choices.append((li, current, b, match, decisive))
         }
