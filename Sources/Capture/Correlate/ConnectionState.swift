@@ -66,6 +66,15 @@ struct FlowKey: Hashable {
 /// Stored flat, widest fields first: as `Timestamp`, `FrameRef` and `FiveTuple` fields the padding inside them made
 /// an event 152 bytes; flat it is 104, and a million-packet capture writes, sorts and reads a million of them.
 /// `time`, `frame` and `tuple` read (and `time` writes) the same values as before.
+/// A tunnel's data packet as relay timing reads it (`ConnectionState.relayOverflow`).
+struct RelayDatum {
+    var time: Int64
+    var length: UInt32
+    var forward: Bool
+    /// Matched to a connection it relayed already (the ring's counterpart of `relayClaimed`).
+    var claimed = false
+}
+
 struct CompactEvent {
     private var seconds: Int64
     private var frameNumber: UInt64
@@ -238,6 +247,28 @@ final class ConnectionState {
     /// (`Correlator.relinkByRelayTiming`): a packet is one connection's bytes, not another's too. Empty (no storage)
     /// unless the tunnel was ever one of several candidates.
     var relayClaimed: [Int32] = []
+    /// A tunnel's data packets that came after it stopped keeping events (`maxEventsPerConnection`), for relay
+    /// timing: the latest `relayDataKept` of them, oldest overwritten first. Empty (no storage) until then, so only a
+    /// long-lived (pooled) tunnel pays for it.
+    var relayOverflow: [RelayDatum] = []
+    /// Where the next one goes once the ring is full.
+    var relayOverflowNext = 0
+    /// The latest time among the data overwritten (`Int64.min`: none): a connection that began before it may have
+    /// been relayed in packets no longer kept.
+    var relayOverflowLostUntil = Int64.min
+
+    /// Keeps a data packet past the event limit in the ring of `capacity`.
+    func keepRelayDatum(_ d: RelayDatum, capacity: Int) {
+        guard capacity > 0 else { relayOverflowLostUntil = max(relayOverflowLostUntil, d.time); return }
+        if relayOverflow.count < capacity {
+            if relayOverflow.isEmpty { relayOverflow.reserveCapacity(min(capacity, 64)) }
+            relayOverflow.append(d)
+            return
+        }
+        relayOverflowLostUntil = max(relayOverflowLostUntil, relayOverflow[relayOverflowNext].time)
+        relayOverflow[relayOverflowNext] = d
+        relayOverflowNext = relayOverflowNext + 1 == capacity ? 0 : relayOverflowNext + 1
+    }
 
     init(id: ConnectionID, tuple: FiveTuple, initiator: Endpoint, responder: Endpoint) {
         timeline = ConnectionTimeline(id: id, kind: .unknown,
@@ -285,8 +316,8 @@ struct RelayMatch {
     /// How many open tunnels could have carried it, and the most packets any other one matched.
     var tunnels: Int
     var runnerUp: Int
-    /// Of those tunnels, how many had stopped keeping events (`maxEventsPerConnection`) before the connection ended:
-    /// their packets from then on could not be compared.
+    /// Of those tunnels, how many no longer kept data packets from the connection's time (past
+    /// `maxEventsPerConnection` a tunnel keeps the latest `relayDataKept`): those could not be compared.
     var blind: Int
     /// The join stands though another tunnel matched more: taking the connection away would leave the tunnel opened
     /// for it with no connection (`Correlator.relinkByRelayTiming`).

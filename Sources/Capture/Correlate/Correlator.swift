@@ -590,6 +590,12 @@ public final class Correlator {
                 flags: r.tcpFlags, hasMark: mark != nil, hasRestoredMark: restoredMark != nil, forward: forward))
         } else {
             c.timeline.droppedEvents += 1
+            // A long-lived tunnel's later data still counts for relay timing.
+            let length = r.ipLength != 0 ? r.ipLength : r.wireLength
+            if c.responder.port == options.hbonePort && r.tuple.proto == IPProto.tcp
+                && Correlator.isRelayData(pointKind: point.kind, isLoopback: point.isLoopback, flags: r.tcpFlags, length: length, loopback: false) {
+                c.keepRelayDatum(RelayDatum(time: r.time.totalNanoseconds, length: length, forward: forward), capacity: options.relayDataKept)
+            }
         }
 
         if factsChanged { reconsiderHops(c) }
@@ -915,6 +921,8 @@ public final class Correlator {
         var relayed: [(tunnel: Int, event: Int)] = []
         // Each candidate's data packets not claimed yet, read once for the batch (many legs share a tunnel):
         // tunnelData[tunnelDataFrom[k] ..< tunnelDataFrom[k + 1]], each numbered in `relayed` when first paired.
+        // `event` is an index into the tunnel's events, or -1 - i for its overflow ring's slot i (the packets past
+        // the event limit), of which only those within the batch's span are read.
         var tunnelData: [(time: Int64, length: UInt32, forward: Bool, event: Int)] = []
         var tunnelDataFrom = [Int](repeating: 0, count: candidates.count + 1)
         for (k, tunnel) in candidates.enumerated() {
@@ -923,6 +931,11 @@ public final class Correlator {
                 for j in events.indices where Correlator.isRelayData(events[j], loopback: false)
                     && !tunnel.relayClaimed.contains(Int32(j)) {
                     tunnelData.append((events[j].time.totalNanoseconds, events[j].length, events[j].forward, j))
+                }
+            }
+            tunnel.relayOverflow.withUnsafeBufferPointer { ring in
+                for i in ring.indices where !ring[i].claimed && ring[i].time >= from - window && ring[i].time <= to + window {
+                    tunnelData.append((ring[i].time, ring[i].length, ring[i].forward, -1 - i))
                 }
             }
         }
@@ -935,8 +948,8 @@ public final class Correlator {
         for (li, l) in legs.enumerated() {
             carriedFrom[li] = carried.count
             defer { carriedFrom[li + 1] = carried.count }
-            for k in l.tunnels where candidates[k].timeline.droppedEvents > 0
-                && (candidates[k].events.last?.time.totalNanoseconds ?? .min) < l.leg.timeline.lastSeen.totalNanoseconds {
+            // A tunnel whose ring had to let go of packets from this connection's time (or before it).
+            for k in l.tunnels where candidates[k].relayOverflowLostUntil >= l.leg.firstSeenNanos - window {
                 blind[li] += 1
             }
             l.leg.events.withUnsafeBufferPointer { legEvents in
@@ -1168,7 +1181,8 @@ public final class Correlator {
             let tunnel = candidates[k]
             // The chosen tunnel's packets this connection was paired with are claimed for later batches.
             for a in carriedFrom[c.leg] ..< carriedFrom[c.leg + 1] where pairedTo[a] >= 0 && relayed[pairedTo[a]].tunnel == k {
-                tunnel.relayClaimed.append(Int32(relayed[pairedTo[a]].event))
+                let event = relayed[pairedTo[a]].event
+                if event >= 0 { tunnel.relayClaimed.append(Int32(event)) } else { tunnel.relayOverflow[-1 - event].claimed = true }
             }
             if let current = c.current, tunnelOf(current) === tunnel {
                 current.relay = match
@@ -1244,8 +1258,12 @@ public final class Correlator {
     /// A packet captured on an interface (NFLOG copies would count it twice) that carries bytes: PSH, or longer
     /// than any header (IPv6 40 + TCP 60).
     private static func isRelayData(_ e: CompactEvent, loopback: Bool) -> Bool {
-        e.pointKind == .interface && e.isLoopback == loopback && !e.flags.contains(.syn)
-            && (e.flags.contains(.psh) || e.length > 100)
+        isRelayData(pointKind: e.pointKind, isLoopback: e.isLoopback, flags: e.flags, length: e.length, loopback: loopback)
+    }
+
+    private static func isRelayData(pointKind: CapturePoint.Kind, isLoopback: Bool, flags: TCPFlags, length: UInt32,
+                                    loopback: Bool) -> Bool {
+        pointKind == .interface && isLoopback == loopback && !flags.contains(.syn) && (flags.contains(.psh) || length > 100)
     }
 
     /// Takes a join back (relay timing chose another tunnel).
@@ -1429,6 +1447,8 @@ public final class Correlator {
         keep.sawNetfilterEvent = keep.sawNetfilterEvent || gone.sawNetfilterEvent
         keep.sawInterfaceEvent = keep.sawInterfaceEvent || gone.sawInterfaceEvent
         keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.events.count - max(0, room))
+        for d in gone.relayOverflow where !d.claimed { keep.keepRelayDatum(d, capacity: options.relayDataKept) }
+        keep.relayOverflowLostUntil = max(keep.relayOverflowLostUntil, gone.relayOverflowLostUntil)
         keep.timeline.packets += gone.timeline.packets
         keep.timeline.bytes &+= gone.timeline.bytes
         if gone.timeline.firstSeen < keep.timeline.firstSeen { keep.timeline.firstSeen = gone.timeline.firstSeen }

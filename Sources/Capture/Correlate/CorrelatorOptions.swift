@@ -32,6 +32,10 @@ public struct CorrelatorOptions: Sendable {
     /// mirror inbound), when several open tunnels could have carried a connection (pooling): in lab runs 15 µs to
     /// 1.5 ms, the longest while a new tunnel was still being set up.
     public var relayWindowNanos: Int64 = 2_000_000
+    /// A tunnel's data packets kept for relay timing once it stops keeping events (`maxEventsPerConnection`): a ring
+    /// of the latest (16 bytes each), so a long-lived pooled tunnel's later connections are still compared. A
+    /// connection older than what the ring holds is told so (`blind` in its relay-timing evidence).
+    public var relayDataKept = 4096
 
     /// ztunnel's SO_MARK (0x539/0xfff) and the connmark its connections into the pod get (0x111/0xfff).
     public var ztunnelMark: UInt32 = 0x539

@@ -28,7 +28,7 @@ extension HopEvidence {
         /// Chosen among `tunnels` open tunnels by relay timing: `matched` of the carried connection's `packets` data
         /// packets have a twin in this tunnel, in the same direction, within `windowNanos` (relayed before the tunnel's
         /// twin going out, after it coming in); the next best tunnel matched `runnerUp`.
-        /// `blind` of the tunnels had stopped keeping events (the per-connection limit) before the connection ended.
+        /// `blind` of the tunnels no longer kept data packets from the connection's time (`ConnectionState.relayOverflow`).
         case relayTiming(outbound: Bool, matched: Int, packets: Int, largestGap: Int64, windowNanos: Int64, tunnels: Int, runnerUp: Int,
                          blind: Int, overruled: Bool)
         case newestOpenTunnel(of: Int)
@@ -39,7 +39,7 @@ extension HopEvidence {
         private static func blindWords<W: EvidenceWriter>(_ blind: Int, into w: inout W) {
             guard blind > 0 else { return }
             w.words("; "); w.signed(Int64(blind))
-            w.words(" of them had stopped keeping events (--max-events) before it ended: packets past that were not compared")
+            w.words(" of them no longer kept packets from its time (a tunnel past --max-events keeps only its latest data packets): those were not compared")
         }
 
         /// The kind's words (nil for `.worded`, whose kind is a String).

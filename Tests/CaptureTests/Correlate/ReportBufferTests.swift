@@ -148,10 +148,10 @@ final class ReportBufferTests: XCTestCase {
              "relay-timing", "3 of 4 data packets of the outer connection have a twin in the tunnel within 2.0 ms (the largest gap 350 µs); of 3 open tunnels that could have carried it, the next best matched 1"),
             (.relayTiming(outbound: false, matched: 0, packets: 2, largestGap: 0, windowNanos: 2_000_000, tunnels: 2, runnerUp: 0, blind: 1,
                           overruled: false),
-             "relay-timing", "none of 2 data packets of the inner connection has a twin within 2.0 ms in any of 2 open tunnels that could have carried it: timing cannot tell which did; 1 of them had stopped keeping events (--max-events) before it ended: packets past that were not compared"),
+             "relay-timing", "none of 2 data packets of the inner connection has a twin within 2.0 ms in any of 2 open tunnels that could have carried it: timing cannot tell which did; 1 of them no longer kept packets from its time (a tunnel past --max-events keeps only its latest data packets): those were not compared"),
             (.relayTiming(outbound: true, matched: 1, packets: 2, largestGap: 600_000, windowNanos: 2_000_000, tunnels: 4, runnerUp: 2, blind: 1,
                           overruled: true),
-             "relay-timing", "1 of 2 data packets of the outer connection have a twin in this tunnel within 2.0 ms, another of the 4 open tunnels matched 2: the timing points elsewhere, but under load it is noisy, and the join stands on the order the tunnels opened in (no tunnel is taken from the connection it was opened for, or left with none, on timing alone); 1 of them had stopped keeping events (--max-events) before it ended: packets past that were not compared"),
+             "relay-timing", "1 of 2 data packets of the outer connection have a twin in this tunnel within 2.0 ms, another of the 4 open tunnels matched 2: the timing points elsewhere, but under load it is noisy, and the join stands on the order the tunnels opened in (no tunnel is taken from the connection it was opened for, or left with none, on timing alone); 1 of them no longer kept packets from its time (a tunnel past --max-events keeps only its latest data packets): those were not compared"),
             (.worded(kind: "custom", detail: "as \"given\""), "custom", "as \"given\""),
         ]
         for (fact, kind, detail) in cases {
