@@ -85,6 +85,7 @@ final class TunnelConnection {
     static func open(to hbone: Endpoint, mark: UInt32) -> TunnelConnection? {
         guard let socket = try? LabSocket.tcpConnect(to: hbone, mark: mark) else { return nil }
         socket.setTimeouts(seconds: 0)
+        socket.setNoDelay()
         var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
         for i in nonce.indices { nonce[i] = UInt8.random(in: 0...255) }
         guard socket.writeAll(nonce) else { return nil }
@@ -93,6 +94,7 @@ final class TunnelConnection {
 
     /// The serving side: reads the client's nonce; nil when the connection ends (or times out) before it.
     static func accept(_ socket: LabSocket) -> TunnelConnection? {
+        socket.setNoDelay()
         var nonce = [UInt8](repeating: 0, count: TunnelHeader.nonceLength)
         let read = nonce.withUnsafeMutableBytes { socket.readExactly(into: $0.baseAddress!, count: $0.count) }
         return read ? TunnelConnection(socket: socket, nonce: nonce) : nil
