@@ -48,6 +48,10 @@ extension Correlator {
                 // No app connection in this capture explains ztunnel's mark on it. A tunnel to :15008 opened before
                 // the capture started (ztunnel pools HBONE connections) is the innocent reading, so say so.
                 let pooled = c.responder.port == o.hbonePort
+                // Opened before the capture (no SYN), and its data lined up with a packet of a connection whose join
+                // went to another tunnel: the pooled tunnel that connection may well have gone through. Under
+                // concurrency such a join is a guess (low), so this one is not called unexplained.
+                if pooled && !c.initiatorFromSYN && c.relayCouldHaveCarried { return (kind, []) }
                 let confidence: Confidence = pooled ? .low : (c.initiatorFromSYN ? .high : .medium)
                 let why = pooled
                     ? "a connection to :\(o.hbonePort) carried ztunnel's mark 0x\(hex(o.ztunnelMark)) but no app connection in the capture explains it (a tunnel opened before the capture, or a process forging the mark)"

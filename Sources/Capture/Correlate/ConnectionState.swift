@@ -256,6 +256,9 @@ final class ConnectionState {
     /// The latest time among the data overwritten (`Int64.min`: none): a connection that began before it may have
     /// been relayed in packets no longer kept.
     var relayOverflowLostUntil = Int64.min
+    /// A tunnel whose data lined up (relay timing) with a packet of a connection joined to another tunnel: it could
+    /// have carried that connection, so with no join of its own it is not unexplained (`Correlator.classify`).
+    var relayCouldHaveCarried = false
 
     /// Keeps a data packet past the event limit in the ring of `capacity`.
     func keepRelayDatum(_ d: RelayDatum, capacity: Int) {

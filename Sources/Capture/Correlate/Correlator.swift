@@ -1239,6 +1239,15 @@ public final class Correlator {
                 changed = true
             }
         }
+        // Tunnels that could have relayed a connection's packets but are not the one it is joined to.
+        for (li, l) in legs.enumerated() {
+            let own = carriedLink(of: l.leg, outbound: l.outbound).map(tunnelOf)
+            for a in carriedFrom[li] ..< carriedFrom[li + 1] {
+                for p in pairings[a] where candidates[relayed[p.relayed].tunnel] !== own {
+                    candidates[relayed[p.relayed].tunnel].relayCouldHaveCarried = true
+                }
+            }
+        }
     }
 
     /// The join of a connection that may have been carried, to the tunnel said to carry it: the app's connection as
