@@ -1264,15 +1264,21 @@ public final class Correlator {
     /// made relay timing ~10 % of a live trace's CPU at 3000 connections a second, and quadratic in a file's batch.
     private struct TunnelSpans {
         /// Closed ones that lived at most `shortLife`, by when they opened (then index): one open during
-        /// [first, last] opened in [first - shortLife, last].
+        /// [first, last] opened in [first - longestShort, last].
         var short: [(began: Int64, index: Int)] = []
+        /// The longest life among `short` (a few ms in the lab: the search's window).
+        var longestShort: Int64 = 0
         /// The others (still open, opened before the capture, or long-lived: pooled), by index.
         var long: [Int] = []
         static let shortLife: Int64 = 1_000_000_000
 
         mutating func add(_ i: Int, began: Int64, closed: Int64) {
-            if began != .min && closed != .max && closed - began <= TunnelSpans.shortLife { short.append((began, i)) }
-            else { long.append(i) }
+            if began != .min && closed != .max && closed - began <= TunnelSpans.shortLife {
+                short.append((began, i))
+                longestShort = max(longestShort, closed - began)
+            } else {
+                long.append(i)
+            }
         }
 
         mutating func sort() { short.sort { ($0.began, $0.index) < ($1.began, $1.index) } }
@@ -1280,7 +1286,7 @@ public final class Correlator {
         /// The indices of those open at some time in [first, last], ascending (the order a walk of all would give).
         func openDuring(_ first: Int64, _ last: Int64, began: [Int64], closed: [Int64], into out: inout [Int]) {
             out.removeAll(keepingCapacity: true)
-            let start = first < .min + TunnelSpans.shortLife ? .min : first - TunnelSpans.shortLife
+            let start = first < .min + longestShort ? .min : first - longestShort
             var lo = 0, hi = short.count
             while lo < hi {
                 let mid = (lo + hi) / 2
