@@ -94,6 +94,16 @@ final class PooledTunnelTests: XCTestCase {
             at(start + 30) { $0.packet(peer, tunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
             at(start + 35) { $0.packet(tunnel, peer, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
         }
+        /// An app connection that sent 100 bytes and got 300 closes (its FIN to 15001 on lo, then the reply's).
+        mutating func appCloses(_ app: Endpoint, from dst: Endpoint, at t: Int64) {
+            at(t) { $0.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
+            at(t + 10) { $0.packet(dst, app, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
+        }
+        /// ztunnel closes a tunnel whose next sequence numbers are `seq` (its own) and `peerSeq`; the peer answers in 40 µs.
+        mutating func tunnelCloses(_ tunnel: Endpoint, to peer: Endpoint, at t: Int64, seq: UInt32, peerSeq: UInt32) {
+            at(t) { $0.packet(tunnel, peer, flags: [.fin, .ack], seq: seq, ack: peerSeq, on: eth0, direction: .outbound) }
+            at(t + 40) { $0.packet(peer, tunnel, flags: [.fin, .ack], seq: peerSeq, ack: seq + 1, on: eth0, direction: .inbound) }
+        }
     }
 
     /// Each connection's hop is low, and its relay-timing evidence passes `check`.
@@ -609,10 +619,12 @@ final class PooledTunnelTests: XCTestCase {
         }
     }
 
-    /// `concurrentStreams` after the open tunnel had carried enough to reach an event limit of 10: ten earlier data
-    /// packets a second before the pooled connection.
-    func streamsPastTheEventLimit(_ f: inout PacketFactory, rules: Ruleset, pooledApp: Endpoint) throws -> [PacketRecord] {
-        let freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
+    /// `concurrentStreams` after the open tunnel had carried enough to reach an event limit of 10 (ten earlier data
+    /// packets a second before the pooled connection), correlated with that limit (and `relayDataKept` when given).
+    func correlatePastTheEventLimit(relayDataKept: Int? = nil) throws -> (sink: CollectingSink, pooledApp: Endpoint) {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let pooledApp = PacketFactory.ep("10.0.1.5", 40002), freshTunnel = PacketFactory.ep("10.0.1.5", 50001)
         var p = concurrentStreams(&f, rules: rules, pooledApp: pooledApp, freshApp: app2, freshTunnel: freshTunnel)
         let at = try XCTUnwrap(p.firstIndex { $0.tuple.src == pooledApp })
         var g = f
@@ -622,22 +634,20 @@ final class PooledTunnelTests: XCTestCase {
             g.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7001 + UInt32(i), ack: 9401, payload: 1, on: eth0, direction: .outbound)
         }
         p.insert(contentsOf: earlier, at: at)
-        return p
+        var options = CorrelatorOptions()
+        options.maxEventsPerConnection = 10
+        if let relayDataKept { options.relayDataKept = relayDataKept }
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules, options: options)
+        XCTAssertGreaterThan(try connection(from: ztunnelOut, in: sink).droppedEvents, 0, "the tunnel reached the limit")
+        return (sink, pooledApp)
     }
 
     func testATunnelPastTheEventLimitStillShowsWhichConnectionsItRelayed() throws {
         // A long-lived pooled tunnel stops keeping events at --max-events, but not the data packets relay timing
         // reads: the pooled connection is still joined to it, as without the limit. (Before, relay timing was blind
         // past the limit: in a --pool-tunnels lab run 1694 of 3000 connections, and 30 % of pooled joins wrong.)
-        var f = PacketFactory()
-        let rules = seedNatRuleset()
-        let pooledApp = PacketFactory.ep("10.0.1.5", 40002)
-        let p = try streamsPastTheEventLimit(&f, rules: rules, pooledApp: pooledApp)
-        var options = CorrelatorOptions()
-        options.maxEventsPerConnection = 10
-        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules, options: options)
+        let (sink, pooledApp) = try correlatePastTheEventLimit()
         let kept = try connection(from: ztunnelOut, in: sink)
-        XCTAssertGreaterThan(kept.droppedEvents, 0)
         let pooled = try connection(from: pooledApp, in: sink)
         XCTAssertEqual(pooled.hops.map(\.inner), [kept.id], "the connection whose bytes the open tunnel relayed")
         let hop = try XCTUnwrap(pooled.hops.first)
@@ -650,15 +660,7 @@ final class PooledTunnelTests: XCTestCase {
     func testATunnelThatNoLongerKeptTheConnectionsPacketsMakesRelayTimingLowAndSaysSo() throws {
         // Past the event limit the tunnel keeps only its latest data packets (here one): the relaying of the pooled
         // connection's request is gone, so nothing shows it carried it, and a match is no better than low.
-        var f = PacketFactory()
-        let rules = seedNatRuleset()
-        let pooledApp = PacketFactory.ep("10.0.1.5", 40002)
-        let p = try streamsPastTheEventLimit(&f, rules: rules, pooledApp: pooledApp)
-        var options = CorrelatorOptions()
-        options.maxEventsPerConnection = 10
-        options.relayDataKept = 1
-        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules, options: options)
-        XCTAssertGreaterThan(try connection(from: ztunnelOut, in: sink).droppedEvents, 0)
+        let (sink, pooledApp) = try correlatePastTheEventLimit(relayDataKept: 1)
         try assertLowRelayTiming(of: [pooledApp, app2], in: sink) { words in
             XCTAssertTrue(words.hasSuffix("; 1 of them no longer kept packets from its time (a tunnel past --max-events keeps only its latest data packets): those were not compared"), words)
         }
@@ -730,15 +732,11 @@ final class PooledTunnelTests: XCTestCase {
         at(1_350) { $0.packet(peerHBONE, tunnelB, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
         at(1_400) { $0.packet(service, appA, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
         at(1_410) { $0.packet(service, appB, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
-        at(1_500) { $0.packet(appA, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
-        at(1_510) { $0.packet(service, appA, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
-        at(1_600) { $0.packet(tunnelA, peerHBONE, flags: [.fin, .ack], seq: 152, ack: 401, on: eth0, direction: .outbound) }
-        at(1_640) { $0.packet(peerHBONE, tunnelA, flags: [.fin, .ack], seq: 401, ack: 153, on: eth0, direction: .inbound) }
+        s.appCloses(appA, from: service, at: 1_500)
+        s.tunnelCloses(tunnelA, to: peerHBONE, at: 1_600, seq: 152, peerSeq: 401)
         // B runs on past A's emission (2 s after it closed).
-        at(2_500_000) { $0.packet(appB, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
-        at(2_500_010) { $0.packet(service, appB, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
-        at(2_500_100) { $0.packet(tunnelB, peerHBONE, flags: [.fin, .ack], seq: 152, ack: 401, on: eth0, direction: .outbound) }
-        at(2_500_140) { $0.packet(peerHBONE, tunnelB, flags: [.fin, .ack], seq: 401, ack: 153, on: eth0, direction: .inbound) }
+        s.appCloses(appB, from: service, at: 2_500_000)
+        s.tunnelCloses(tunnelB, to: peerHBONE, at: 2_500_100, seq: 152, peerSeq: 401)
         let (sink, summary) = correlate(s.packets, tags: f.tags, ruleset: rules)
         let a = try connection(from: appA, in: sink), b = try connection(from: appB, in: sink)
         let ta = try connection(from: tunnelA, in: sink), tb = try connection(from: tunnelB, in: sink)
@@ -775,10 +773,8 @@ final class PooledTunnelTests: XCTestCase {
         at(350) { $0.packet(k, peerHBONE, flags: [.ack, .psh], seq: 7181, ack: 9401, payload: 150, on: eth0, direction: .outbound) }
         at(2_000) { $0.packet(peerHBONE, k, flags: [.ack, .psh], seq: 9401, ack: 7331, payload: 350, on: eth0, direction: .inbound) }
         at(2_050) { $0.packet(service, a, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
-        at(2_700) { $0.packet(a, capture15001, flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
-        at(2_710) { $0.packet(service, a, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
-        at(3_000) { $0.packet(fresh, peerHBONE, flags: [.fin, .ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
-        at(3_040) { $0.packet(peerHBONE, fresh, flags: [.fin, .ack], seq: 51, ack: 3, on: eth0, direction: .inbound) }
+        s.appCloses(a, from: service, at: 2_700)
+        s.tunnelCloses(fresh, to: peerHBONE, at: 3_000, seq: 2, peerSeq: 51)
         let (sink, summary) = correlate(s.packets, tags: f.tags, ruleset: rules)
         let kept = try connection(from: k, in: sink)
         XCTAssertEqual(kept.kind, .hboneOutbound)
