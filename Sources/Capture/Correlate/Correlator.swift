@@ -920,125 +920,9 @@ public final class Correlator {
         }
         guard !legs.isEmpty else { return }
 
-        // Every pairing within the window: the carried packet first going towards the far end (app to tunnel
-        // outbound, tunnel to app inbound), the tunnel's first coming back. Packets are numbered as met: `carried`
-        // (leg, event) and `relayed` (candidate, event), with each carried packet's pairings, shortest gap first.
-        let window = options.relayWindowNanos
-        var carried: [(leg: Int, event: Int)] = []
-        var pairings: [[(gap: Int64, relayed: Int)]] = []
-        var relayed: [(tunnel: Int, event: Int)] = []
-        // Each candidate's data packets not claimed yet, read once for the batch (many legs share a tunnel):
-        // tunnelData[tunnelDataFrom[k] ..< tunnelDataFrom[k + 1]], each numbered in `relayed` when first paired.
-        // `event` is an index into the tunnel's events, or -1 - i for its overflow ring's slot i (the packets past
-        // the event limit), of which only those within the batch's span are read.
-        var tunnelData: [(time: Int64, length: UInt32, forward: Bool, event: Int)] = []
-        var tunnelDataFrom = [Int](repeating: 0, count: candidates.count + 1)
-        for (k, tunnel) in candidates.enumerated() {
-            tunnelDataFrom[k] = tunnelData.count
-            tunnel.events.withUnsafeBufferPointer { events in
-                for j in events.indices where Correlator.isRelayData(events[j], loopback: false)
-                    && !tunnel.relayClaimed.contains(Int32(j)) {
-                    tunnelData.append((events[j].time.totalNanoseconds, events[j].length, events[j].forward, j))
-                }
-            }
-            tunnel.relayOverflow.withUnsafeBufferPointer { ring in
-                for i in ring.indices where !ring[i].claimed && ring[i].time >= from - window && ring[i].time <= to + window {
-                    tunnelData.append((ring[i].time, ring[i].length, ring[i].forward, -1 - i))
-                }
-            }
-        }
-        tunnelDataFrom[candidates.count] = tunnelData.count
-        var relayedOf = [Int](repeating: -1, count: tunnelData.count)
-        var packets = [Int](repeating: 0, count: legs.count)
-        var blind = [Int](repeating: 0, count: legs.count)
-        // Each leg's carried packets are appended together: carried[carriedFrom[li] ..< carriedFrom[li + 1]].
-        var carriedFrom = [Int](repeating: 0, count: legs.count + 1)
-        for (li, l) in legs.enumerated() {
-            carriedFrom[li] = carried.count
-            defer { carriedFrom[li + 1] = carried.count }
-            // A tunnel whose ring had to let go of packets from this connection's time (or before it).
-            for k in l.tunnels where candidates[k].relayOverflowLostUntil >= l.leg.firstSeenNanos - window {
-                blind[li] += 1
-            }
-            l.leg.events.withUnsafeBufferPointer { legEvents in
-                for e in legEvents.indices where Correlator.isRelayData(legEvents[e], loopback: true) {
-                    if packets[li] == Correlator.relayPacketsCompared { break }
-                    packets[li] += 1
-                    let ev = legEvents[e]
-                    let t = ev.time.totalNanoseconds
-                    let carriedFirst = l.outbound == ev.forward
-                    var mine: [(gap: Int64, relayed: Int)] = []
-                    for k in l.tunnels {
-                        for x in tunnelDataFrom[k] ..< tunnelDataFrom[k + 1] {
-                            let te = tunnelData[x]
-                            guard te.forward == ev.forward else { continue }
-                            let gap = carriedFirst ? te.time - t : t - te.time
-                            guard gap > 0 && gap <= window else { continue }
-                            // The tunnel wraps the bytes (TLS, HTTP/2 frames): never shorter, unless segmented.
-                            if ev.length <= 1400 && te.length < ev.length { continue }
-                            var r = relayedOf[x]
-                            if r < 0 {
-                                r = relayed.count
-                                relayed.append((k, te.event))
-                                relayedOf[x] = r
-                            }
-                            mine.append((gap, r))
-                        }
-                    }
-                    guard !mine.isEmpty else { continue }
-                    mine.sort { ($0.gap, $0.relayed) < ($1.gap, $1.relayed) }
-                    carried.append((li, e))
-                    pairings.append(mine)
-                }
-            }
-        }
-
-        // Shortest gaps first, each packet paired once; then a carried packet left out takes a packet paired
-        // already if that one's partner can move to another (augmenting paths): one connection's close pairing must
-        // not leave another's only one out (a pooled tunnel's request 1.9 ms after the app's, another connection's
-        // 0.4 ms, where that other's own tunnel relayed it 0.5 ms after).
-        var pairedTo = [Int](repeating: -1, count: carried.count)
-        var pairedFrom = [Int](repeating: -1, count: relayed.count)
-        var order: [(gap: Int64, carried: Int, relayed: Int)] = []
-        for (a, mine) in pairings.enumerated() { for p in mine { order.append((p.gap, a, p.relayed)) } }
-        order.sort { ($0.gap, $0.carried, $0.relayed) < ($1.gap, $1.carried, $1.relayed) }
-        for p in order where pairedTo[p.carried] < 0 && pairedFrom[p.relayed] < 0 {
-            pairedTo[p.carried] = p.relayed
-            pairedFrom[p.relayed] = p.carried
-        }
-        var seen = [Bool](repeating: false, count: relayed.count)
-        var visited: [Int] = []
-        // A bounded search per packet left out: a busy pod's batch holds thousands of packets, and an unbounded
-        // one made this quadratic in the batch (the live trace fell behind and lost events).
-        var budget = 0
-        func augment(_ a: Int) -> Bool {
-            for p in pairings[a] where !seen[p.relayed] {
-                guard budget > 0 else { return false }
-                budget -= 1
-                seen[p.relayed] = true
-                visited.append(p.relayed)
-                if pairedFrom[p.relayed] < 0 || augment(pairedFrom[p.relayed]) {
-                    pairedTo[a] = p.relayed
-                    pairedFrom[p.relayed] = a
-                    return true
-                }
-            }
-            return false
-        }
-        for a in carried.indices.sorted(by: { (pairings[$0][0].gap, $0) < (pairings[$1][0].gap, $1) }) where pairedTo[a] < 0 {
-            for r in visited { seen[r] = false }
-            visited.removeAll(keepingCapacity: true)
-            budget = Correlator.relayAugmentBudget
-            _ = augment(a)
-        }
-        var votes: [Int: (count: Int, total: Int64, largest: Int64)] = [:]
-        for (a, r) in pairedTo.enumerated() where r >= 0 {
-            let li = carried[a].leg, k = relayed[r].tunnel
-            let gap = pairings[a].first { $0.relayed == r }!.gap
-            var v = votes[li * candidates.count + k] ?? (0, 0, 0)
-            v.count += 1; v.total += gap; v.largest = max(v.largest, gap)
-            votes[li * candidates.count + k] = v
-        }
+        let pairing = pairRelays(legs: legs, candidates: candidates, from: from, to: to)
+        let carriedFrom = pairing.carriedFrom, pairings = pairing.pairings, relayed = pairing.relayed
+        let pairedTo = pairing.pairedTo, packets = pairing.packets, blind = pairing.blind, votes = pairing.votes
 
         func tunnelOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.inner : link.outer }
         // Each leg's choice: the tunnel that matched most of its packets (of equals, the smaller total gap).
@@ -1257,6 +1141,151 @@ public final class Correlator {
             }
         }
     }
+
+    /// What relay timing paired in one batch (`relinkByRelayTiming`): each data packet of a connection that may have
+    /// been carried with the tunnel packets that could be its relay, then one relayed packet to each.
+    private struct RelayPairing {
+        /// The legs' data packets that have a pairing, as met: leg li's are carried[carriedFrom[li] ..< carriedFrom[li + 1]].
+        var carried: [(leg: Int, event: Int)]
+        var carriedFrom: [Int]
+        /// Each carried packet's pairings, shortest gap first.
+        var pairings: [[(gap: Int64, relayed: Int)]]
+        /// The tunnel packets paired with any: (candidate, index into its events, or -1 - its overflow ring's slot).
+        var relayed: [(tunnel: Int, event: Int)]
+        /// The relayed packet each carried one was given (-1: none).
+        var pairedTo: [Int]
+        /// Per leg: its data packets compared, and how many of its tunnels no longer kept packets from its time.
+        var packets: [Int]
+        var blind: [Int]
+        /// Per leg and tunnel (leg * candidates.count + tunnel): packets given, their total and largest gap.
+        var votes: [Int: (count: Int, total: Int64, largest: Int64)]
+    }
+
+    private func pairRelays(legs: [(leg: ConnectionState, outbound: Bool, tunnels: [Int])], candidates: [ConnectionState],
+                            from: Int64, to: Int64) -> RelayPairing {
+        // Every pairing within the window: the carried packet first going towards the far end (app to tunnel
+        // outbound, tunnel to app inbound), the tunnel's first coming back. Packets are numbered as met: `carried`
+        // (leg, event) and `relayed` (candidate, event), with each carried packet's pairings, shortest gap first.
+        let window = options.relayWindowNanos
+        var carried: [(leg: Int, event: Int)] = []
+        var pairings: [[(gap: Int64, relayed: Int)]] = []
+        var relayed: [(tunnel: Int, event: Int)] = []
+        // Each candidate's data packets not claimed yet, read once for the batch (many legs share a tunnel):
+        // tunnelData[tunnelDataFrom[k] ..< tunnelDataFrom[k + 1]], each numbered in `relayed` when first paired.
+        // `event` is an index into the tunnel's events, or -1 - i for its overflow ring's slot i (the packets past
+        // the event limit), of which only those within the batch's span are read.
+        var tunnelData: [(time: Int64, length: UInt32, forward: Bool, event: Int)] = []
+        var tunnelDataFrom = [Int](repeating: 0, count: candidates.count + 1)
+        for (k, tunnel) in candidates.enumerated() {
+            tunnelDataFrom[k] = tunnelData.count
+            tunnel.events.withUnsafeBufferPointer { events in
+                for j in events.indices where Correlator.isRelayData(events[j], loopback: false)
+                    && !tunnel.relayClaimed.contains(Int32(j)) {
+                    tunnelData.append((events[j].time.totalNanoseconds, events[j].length, events[j].forward, j))
+                }
+            }
+            tunnel.relayOverflow.withUnsafeBufferPointer { ring in
+                for i in ring.indices where !ring[i].claimed && ring[i].time >= from - window && ring[i].time <= to + window {
+                    tunnelData.append((ring[i].time, ring[i].length, ring[i].forward, -1 - i))
+                }
+            }
+        }
+        tunnelDataFrom[candidates.count] = tunnelData.count
+        var relayedOf = [Int](repeating: -1, count: tunnelData.count)
+        var packets = [Int](repeating: 0, count: legs.count)
+        var blind = [Int](repeating: 0, count: legs.count)
+        // Each leg's carried packets are appended together: carried[carriedFrom[li] ..< carriedFrom[li + 1]].
+        var carriedFrom = [Int](repeating: 0, count: legs.count + 1)
+        for (li, l) in legs.enumerated() {
+            carriedFrom[li] = carried.count
+            defer { carriedFrom[li + 1] = carried.count }
+            // A tunnel whose ring had to let go of packets from this connection's time (or before it).
+            for k in l.tunnels where candidates[k].relayOverflowLostUntil >= l.leg.firstSeenNanos - window {
+                blind[li] += 1
+            }
+            l.leg.events.withUnsafeBufferPointer { legEvents in
+                for e in legEvents.indices where Correlator.isRelayData(legEvents[e], loopback: true) {
+                    if packets[li] == Correlator.relayPacketsCompared { break }
+                    packets[li] += 1
+                    let ev = legEvents[e]
+                    let t = ev.time.totalNanoseconds
+                    let carriedFirst = l.outbound == ev.forward
+                    var mine: [(gap: Int64, relayed: Int)] = []
+                    for k in l.tunnels {
+                        for x in tunnelDataFrom[k] ..< tunnelDataFrom[k + 1] {
+                            let te = tunnelData[x]
+                            guard te.forward == ev.forward else { continue }
+                            let gap = carriedFirst ? te.time - t : t - te.time
+                            guard gap > 0 && gap <= window else { continue }
+                            // The tunnel wraps the bytes (TLS, HTTP/2 frames): never shorter, unless segmented.
+                            if ev.length <= 1400 && te.length < ev.length { continue }
+                            var r = relayedOf[x]
+                            if r < 0 {
+                                r = relayed.count
+                                relayed.append((k, te.event))
+                                relayedOf[x] = r
+                            }
+                            mine.append((gap, r))
+                        }
+                    }
+                    guard !mine.isEmpty else { continue }
+                    mine.sort { ($0.gap, $0.relayed) < ($1.gap, $1.relayed) }
+                    carried.append((li, e))
+                    pairings.append(mine)
+                }
+            }
+        }
+
+        // Shortest gaps first, each packet paired once; then a carried packet left out takes a packet paired
+        // already if that one's partner can move to another (augmenting paths): one connection's close pairing must
+        // not leave another's only one out (a pooled tunnel's request 1.9 ms after the app's, another connection's
+        // 0.4 ms, where that other's own tunnel relayed it 0.5 ms after).
+        var pairedTo = [Int](repeating: -1, count: carried.count)
+        var pairedFrom = [Int](repeating: -1, count: relayed.count)
+        var order: [(gap: Int64, carried: Int, relayed: Int)] = []
+        for (a, mine) in pairings.enumerated() { for p in mine { order.append((p.gap, a, p.relayed)) } }
+        order.sort { ($0.gap, $0.carried, $0.relayed) < ($1.gap, $1.carried, $1.relayed) }
+        for p in order where pairedTo[p.carried] < 0 && pairedFrom[p.relayed] < 0 {
+            pairedTo[p.carried] = p.relayed
+            pairedFrom[p.relayed] = p.carried
+        }
+        var seen = [Bool](repeating: false, count: relayed.count)
+        var visited: [Int] = []
+        // A bounded search per packet left out: a busy pod's batch holds thousands of packets, and an unbounded
+        // one made this quadratic in the batch (the live trace fell behind and lost events).
+        var budget = 0
+        func augment(_ a: Int) -> Bool {
+            for p in pairings[a] where !seen[p.relayed] {
+                guard budget > 0 else { return false }
+                budget -= 1
+                seen[p.relayed] = true
+                visited.append(p.relayed)
+                if pairedFrom[p.relayed] < 0 || augment(pairedFrom[p.relayed]) {
+                    pairedTo[a] = p.relayed
+                    pairedFrom[p.relayed] = a
+                    return true
+                }
+            }
+            return false
+        }
+        for a in carried.indices.sorted(by: { (pairings[$0][0].gap, $0) < (pairings[$1][0].gap, $1) }) where pairedTo[a] < 0 {
+            for r in visited { seen[r] = false }
+            visited.removeAll(keepingCapacity: true)
+            budget = Correlator.relayAugmentBudget
+            _ = augment(a)
+        }
+        var votes: [Int: (count: Int, total: Int64, largest: Int64)] = [:]
+        for (a, r) in pairedTo.enumerated() where r >= 0 {
+            let li = carried[a].leg, k = relayed[r].tunnel
+            let gap = pairings[a].first { $0.relayed == r }!.gap
+            var v = votes[li * candidates.count + k] ?? (0, 0, 0)
+            v.count += 1; v.total += gap; v.largest = max(v.largest, gap)
+            votes[li * candidates.count + k] = v
+        }
+        return RelayPairing(carried: carried, carriedFrom: carriedFrom, pairings: pairings, relayed: relayed,
+                            pairedTo: pairedTo, packets: packets, blind: blind, votes: votes)
+    }
+
 
     /// The tunnels to one far end open at some time during a relay-timing batch (indices into `tunnels`), so that
     /// those open during one connection are found without walking them all: a busy batch holds ~1500 to the same
