@@ -59,13 +59,6 @@ struct FlowKey: Hashable {
     }
 }
 
-/// A timeline event as the correlator keeps it while the connection is open: plain values only, so appending,
-/// merging and sorting copy bytes and never touch a reference count. It becomes a `TimelineEvent` (with its
-/// rule hit, interface name and action) only for sinks that want one.
-///
-/// Stored flat, widest fields first: as `Timestamp`, `FrameRef` and `FiveTuple` fields the padding inside them made
-/// an event 152 bytes; flat it is 104, and a million-packet capture writes, sorts and reads a million of them.
-/// `time`, `frame` and `tuple` read (and `time` writes) the same values as before.
 /// A tunnel's data packet as relay timing reads it (`ConnectionState.relayOverflow`).
 struct RelayDatum {
     var time: Int64
@@ -75,6 +68,13 @@ struct RelayDatum {
     var claimed = false
 }
 
+/// A timeline event as the correlator keeps it while the connection is open: plain values only, so appending,
+/// merging and sorting copy bytes and never touch a reference count. It becomes a `TimelineEvent` (with its
+/// rule hit, interface name and action) only for sinks that want one.
+///
+/// Stored flat, widest fields first: as `Timestamp`, `FrameRef` and `FiveTuple` fields the padding inside them made
+/// an event 152 bytes; flat it is 104, and a million-packet capture writes, sorts and reads a million of them.
+/// `time`, `frame` and `tuple` read (and `time` writes) the same values as before.
 struct CompactEvent {
     private var seconds: Int64
     private var frameNumber: UInt64
