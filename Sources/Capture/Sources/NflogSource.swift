@@ -15,6 +15,9 @@ public final class NflogSource {
     /// Messages the kernel numbered but meshtrace never received (NFULA_SEQ gaps).
     public private(set) var sequenceGap: UInt64 = 0
     public private(set) var recordsRead: UInt64 = 0
+    /// The kernel's time of the last record read that had one (`Int64.min` before the first): how far this source
+    /// has been read, in the time the capture's packets carry too.
+    public private(set) var lastKernelNanos = Int64.min
     /// The slots of records without a kernel time, read since the last record that had one (in this `drain`).
     private let unstamped: UnsafeMutablePointer<UnsafeMutablePointer<PacketRecord>>
     /// Whether `drain` gives a record without a kernel time the next stamped record's time (true), or leaves it
@@ -82,6 +85,7 @@ public final class NflogSource {
                 var stamped = false
                 if record.pointee.hasNflog, let kernel = record.pointee.nflogFields.kernelTime {
                     record.pointee.time = kernel
+                    lastKernelNanos = kernel.totalNanoseconds
                     stamped = true
                     if waiting > 0 { settle(waiting, before: kernel); waiting = 0 }
                 }

@@ -20,6 +20,8 @@ public final class PcapLiveSource {
     private let podInterfaceName: InterfaceName?
     private let anyPoint = CapturePoint.interface("any")
     public private(set) var framesRead: UInt64 = 0
+    /// The capture time of the last frame read (`Int64.min` before the first): how far this source has been read.
+    public private(set) var lastFrameNanos = Int64.min
     /// True when the kernel drops loopback's leaving copies before they are copied into the ring.
     public let dropsLoopbackCopiesInKernel: Bool
 
@@ -67,6 +69,7 @@ public final class PcapLiveSource {
             let record = slot()
             record.pointee.ref = FrameRef(source: index, frame: framesRead)
             record.pointee.time = p.time
+            lastFrameNanos = p.time.totalNanoseconds
             record.pointee.point = anyPoint
             decoder.decode(linkType: linkType, bytes: p.bytes, wireLength: p.wireLength, into: &record.pointee)
             if let podInterfaceName, !record.pointee.point.isLoopback, record.pointee.point.interfaceName == .any {
