@@ -15,11 +15,18 @@ public final class ScratchNetns: @unchecked Sendable {
     /// Creates the namespace and brings its lo up. `kind` is one letter: t (test), l (lab), b (benchmark).
     public init(kind: Character = "t") throws {
         try Command.requireRoot("creating a network namespace")
-        ScratchNetns.counterLock.lock()
-        ScratchNetns.counter += 1
-        let n = ScratchNetns.counter
-        ScratchNetns.counterLock.unlock()
-        name = "mt-\(kind)\(getpid())-\(n)"
+        // A name left by an earlier process that had this pid (a lab kept with --keep, or a killed run) is skipped:
+        // `ip netns add` would refuse it ("File exists") and the lab or test would fail to start.
+        var candidate = ""
+        for _ in 0..<1000 {
+            ScratchNetns.counterLock.lock()
+            ScratchNetns.counter += 1
+            let n = ScratchNetns.counter
+            ScratchNetns.counterLock.unlock()
+            candidate = "mt-\(kind)\(getpid())-\(n)"
+            if !FileManager.default.fileExists(atPath: "/var/run/netns/\(candidate)") { break }
+        }
+        name = candidate
         let r = try Command.run(["ip", "netns", "add", name])
         guard r.ok else { throw MeshtraceError(.kernelRefused, "ip netns add \(name): \(r.stderr)") }
         try run(["ip", "link", "set", "lo", "up"])

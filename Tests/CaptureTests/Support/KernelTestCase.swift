@@ -65,4 +65,18 @@ final class ScratchNetnsTests: KernelTestCase {
         ns.remove()
         XCTAssertFalse(try Command.run(["ip", "netns", "list"]).stdout.contains(ns.name))
     }
+
+    /// Names carry the creating process's pid, and a lab kept up (`meshtrace lab --keep`) outlives its creator: a
+    /// later process given the same pid found its names taken, and `ip netns add` refused ("File exists").
+    func testANameLeftByAnEarlierProcessWithTheSamePidIsSkipped() throws {
+        let first = try makeNetns()
+        let prefix = String(first.name[..<first.name.lastIndex(of: "-")!])
+        let n = Int(first.name[first.name.index(after: first.name.lastIndex(of: "-")!)...])!
+        let stale = (1...3).map { "\(prefix)-\(n + $0)" }
+        defer { for name in stale { _ = try? Command.run(["ip", "netns", "del", name]) } }
+        for name in stale { XCTAssertTrue(try Command.run(["ip", "netns", "add", name]).ok, name) }
+        let next = try makeNetns()
+        XCTAssertFalse(stale.contains(next.name), next.name)
+        XCTAssertTrue(try Command.run(["ip", "netns", "list"]).stdout.contains(next.name))
+    }
 }
