@@ -529,19 +529,25 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(outcome.summary.escapes, 0)
     }
 
+    /// A lab whose client pod is traced while `count` connections, 4 at a time, go to the server pod's app.
+    func traceLoad(count: Int, group: UInt16) throws -> (LabTopology, Endpoint, TraceOutcome, TraceRecordingSink) {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        var load: ConnectionLoad.Result?
+        let (outcome, sink) = try trace(lab.client, group: group) {
+            load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: count, workers: 4)
+        }
+        XCTAssertEqual(load?.failures, 0)
+        return (lab, server, outcome, sink)
+    }
+
     /// Many short connections, 4 at a time, each through a tunnel the stand-in opens for it (no pooling), as the
     /// benchmark drives them. Relay timing is noisy at this rate (ztunnel's relay delay is longer than the gap between
     /// connections), and it used to move connections off their own tunnels: each tunnel so left with no connection
     /// read as a forged mark, 5901 escapes in a 40 000-connection trace of a healthy pod. Every tunnel must be
     /// explained by one connection, and most joins right by the stand-in's log.
     func testConcurrentConnectionsEachThroughItsOwnTunnelLeaveNoTunnelUnexplained() throws {
-        let lab = try makeLab()
-        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        var load: ConnectionLoad.Result?
-        let (outcome, sink) = try trace(lab.client, group: 5414) {
-            load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 600, workers: 4)
-        }
-        XCTAssertEqual(load?.failures, 0)
+        let (lab, server, outcome, sink) = try traceLoad(count: 600, group: 5414)
         let carriedBy = tunnelsByApp(lab)
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
@@ -562,13 +568,7 @@ final class LiveTracerTests: KernelTestCase {
     /// the capture fell seconds behind NFLOG, and its packets of connections already emitted made connections of
     /// their own: 7106-8865 connections for 6000 in three runs of this test. In step, 6000-6134 in seven.
     func testAReaderThatFallsBehindReadsTheCaptureInStepWithNflog() throws {
-        let lab = try makeLab()
-        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        var load: ConnectionLoad.Result?
-        let (outcome, sink) = try trace(lab.client, group: 5416) {
-            load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 3000, workers: 4)
-        }
-        XCTAssertEqual(load?.failures, 0)
+        let (_, server, outcome, sink) = try traceLoad(count: 3000, group: 5416)
         XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }.count
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }.count
