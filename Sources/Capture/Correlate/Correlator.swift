@@ -924,9 +924,8 @@ public final class Correlator {
         let carriedFrom = pairing.carriedFrom, pairings = pairing.pairings, relayed = pairing.relayed
         let pairedTo = pairing.pairedTo, packets = pairing.packets, blind = pairing.blind, votes = pairing.votes
 
-        func tunnelOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.inner : link.outer }
         // Each leg's choice: the tunnel that matched most of its packets (of equals, the smaller total gap).
-        typealias Choice = (leg: Int, current: HopLink?, tunnel: Int, match: RelayMatch, decisive: Bool)
+        typealias Choice = RelayChoice
         var choices: [Choice] = []
         for (li, l) in legs.enumerated() {
             var best: Int?
@@ -973,76 +972,7 @@ public final class Correlator {
             let decisive = impossible || (match.matched == packets[li] && blind[li] == 0 && runnerUp == 0)
             choices.append((li, current, b, match, decisive))
         }
-        // Which of those choices move a connection. Under load relay timing is noisy: ztunnel's relay delay (hundreds
-        // of µs) is longer than the gap between connections, so another tunnel's packet is often nearer than the
-        // connection's own (half the time, at 3000 connections a second through the lab's stand-in). A move that is
-        // not decisive must therefore keep two things that do not depend on it:
-        // - a tunnel opened for a connection keeps it (`pooled == false`: the order the tunnels opened in is the
-        //   better witness), unless a connection with no join of its own, a pooled one, or one whose move is
-        //   decisive takes its place, or the move is part of a chain that ends where it displaces no one;
-        // - no tunnel is left with no connection: ztunnel opened or kept each one for some connection, and one that
-        //   none explains reads as a forged mark, an escape.
-        // Otherwise the join stands, and its evidence says that the timing pointed elsewhere.
-        var moving = [Bool](repeating: false, count: choices.count)
-        var incoming: [ObjectIdentifier: (all: Int, unowned: Int)] = [:], leaving: [ObjectIdentifier: Int] = [:]
-        func count(_ i: Int, _ d: Int) {
-            let c = choices[i]
-            incoming[ObjectIdentifier(candidates[c.tunnel]), default: (0, 0)].all += d
-            if c.decisive || (c.current?.pooled ?? true) { incoming[ObjectIdentifier(candidates[c.tunnel]), default: (0, 0)].unowned += d }
-            if let current = c.current { leaving[ObjectIdentifier(tunnelOf(current)), default: 0] += d }
-        }
-        for (i, c) in choices.enumerated() where c.current.map({ tunnelOf($0) !== candidates[c.tunnel] }) ?? true {
-            moving[i] = true
-            count(i, 1)
-        }
-        // A chain of moves that ends at a tunnel where it displaces no one: a pooled connection took the next
-        // connection's new tunnel, whose connection took the next one's, and so on, while the pooled tunnel it went
-        // through carried no other connection then (none, or only ones that had ended, or ones that leave a pooled
-        // join themselves). Each move of such a chain stands; a ring of moves among new tunnels' connections
-        // (swapped on timing alone), or one onto a tunnel whose connection was running and stays, does not: under
-        // load that is what noise looks like.
-        var choiceOf: [ObjectIdentifier: Int] = [:]
-        for (j, c) in choices.enumerated() { if let current = c.current { choiceOf[ObjectIdentifier(current)] = j } }
-        var chain: [UInt8] = []   // 0 not looked at, 1 looking (a ring), 2 ends well, 3 does not
-        // Bounded: a chain longer than this is not followed (it does not end well), so a batch of thousands cannot
-        // recurse that deep.
-        func endsWell(_ i: Int, depth: Int = 0) -> Bool {
-            if chain[i] == 1 || depth > Correlator.relayChainLimit { return false }
-            if chain[i] >= 2 { return chain[i] == 2 }
-            chain[i] = 1
-            let c = choices[i], l = legs[c.leg], target = candidates[c.tunnel]
-            let direction: ZtunnelHop.Direction = l.outbound ? .outbound : .inbound
-            var well = true
-            for link in target.hopLinks where link.hop.direction == direction {
-                // A connection the tunnel carried that had ended before this one began displaces no one: ztunnel
-                // kept the tunnel (pooled) and this one may well have gone through it.
-                let carried = l.outbound ? link.outer : link.inner
-                if carried.emitted || carried.lastSeenNanos < l.leg.firstSeenNanos { continue }
-                guard let j = choiceOf[ObjectIdentifier(link)], j != i, moving[j] else { well = false; break }
-                // A connection that leaves a pooled join (or moves decisively) anchors the chain, ring or not.
-                if choices[j].decisive || choices[j].current?.pooled == true { continue }
-                guard endsWell(j, depth: depth + 1) else { well = false; break }
-            }
-            chain[i] = well ? 2 : 3
-            return well
-        }
-        var settled = false
-        while !settled {
-            settled = true
-            chain = [UInt8](repeating: 0, count: choices.count)
-            for (i, c) in choices.enumerated() where moving[i] && !c.decisive {
-                guard let current = c.current else { continue }
-                let left = tunnelOf(current), id = ObjectIdentifier(left)
-                let kept: Bool
-                if !current.pooled {
-                    kept = (incoming[id]?.unowned ?? 0) > 0 || endsWell(i)
-                } else {
-                    let links = left.hopLinks.reduce(0) { $0 + ($1.hop.direction == current.hop.direction ? 1 : 0) }
-                    kept = links > (leaving[id] ?? 0) || (incoming[id]?.all ?? 0) > 0
-                }
-                if !kept { moving[i] = false; count(i, -1); settled = false }
-            }
-        }
+        let moving = standingMoves(choices, legs: legs, candidates: candidates)
         // Links to tunnels the timing does not bear out go first, so that a new tunnel freed by one connection is
         // joined fresh (not pooled) by the connection it was opened for.
         // What a connection kept on (or put back on) the tunnel it is joined to says: that tunnel's match, and the
@@ -1140,6 +1070,88 @@ public final class Correlator {
                 }
             }
         }
+    }
+
+    /// A leg's choice in relay timing (`relinkByRelayTiming`): the tunnel that matched most of its packets, the join
+    /// it has now, what the timing says, and whether that is decisive.
+    private typealias RelayChoice = (leg: Int, current: HopLink?, tunnel: Int, match: RelayMatch, decisive: Bool)
+
+    /// The tunnel of a join: its inner side outbound, its outer side inbound.
+    private func tunnelOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.inner : link.outer }
+
+    /// Which of relay timing's choices move their connection (true). Under load relay timing is noisy: ztunnel's
+    /// relay delay (hundreds of µs) is longer than the gap between connections, so another tunnel's packet is often
+    /// nearer than the connection's own (half the time, at 3000 connections a second through the lab's stand-in). A
+    /// move that is not decisive must therefore keep two things that do not depend on it:
+    /// - a tunnel opened for a connection keeps it (`pooled == false`: the order the tunnels opened in is the
+    ///   better witness), unless a connection with no join of its own, a pooled one, or one whose move is
+    ///   decisive takes its place, or the move is part of a chain that ends where it displaces no one;
+    /// - no tunnel is left with no connection: ztunnel opened or kept each one for some connection, and one that
+    ///   none explains reads as a forged mark, an escape.
+    /// Otherwise the join stands, and its evidence says that the timing pointed elsewhere.
+    private func standingMoves(_ choices: [RelayChoice], legs: [(leg: ConnectionState, outbound: Bool, tunnels: [Int])],
+                               candidates: [ConnectionState]) -> [Bool] {
+        var moving = [Bool](repeating: false, count: choices.count)
+        var incoming: [ObjectIdentifier: (all: Int, unowned: Int)] = [:], leaving: [ObjectIdentifier: Int] = [:]
+        func count(_ i: Int, _ d: Int) {
+            let c = choices[i]
+            incoming[ObjectIdentifier(candidates[c.tunnel]), default: (0, 0)].all += d
+            if c.decisive || (c.current?.pooled ?? true) { incoming[ObjectIdentifier(candidates[c.tunnel]), default: (0, 0)].unowned += d }
+            if let current = c.current { leaving[ObjectIdentifier(tunnelOf(current)), default: 0] += d }
+        }
+        for (i, c) in choices.enumerated() where c.current.map({ tunnelOf($0) !== candidates[c.tunnel] }) ?? true {
+            moving[i] = true
+            count(i, 1)
+        }
+        // A chain of moves that ends at a tunnel where it displaces no one: a pooled connection took the next
+        // connection's new tunnel, whose connection took the next one's, and so on, while the pooled tunnel it went
+        // through carried no other connection then (none, or only ones that had ended, or ones that leave a pooled
+        // join themselves). Each move of such a chain stands; a ring of moves among new tunnels' connections
+        // (swapped on timing alone), or one onto a tunnel whose connection was running and stays, does not: under
+        // load that is what noise looks like.
+        var choiceOf: [ObjectIdentifier: Int] = [:]
+        for (j, c) in choices.enumerated() { if let current = c.current { choiceOf[ObjectIdentifier(current)] = j } }
+        var chain: [UInt8] = []   // 0 not looked at, 1 looking (a ring), 2 ends well, 3 does not
+        // Bounded: a chain longer than this is not followed (it does not end well), so a batch of thousands cannot
+        // recurse that deep.
+        func endsWell(_ i: Int, depth: Int = 0) -> Bool {
+            if chain[i] == 1 || depth > Correlator.relayChainLimit { return false }
+            if chain[i] >= 2 { return chain[i] == 2 }
+            chain[i] = 1
+            let c = choices[i], l = legs[c.leg], target = candidates[c.tunnel]
+            let direction: ZtunnelHop.Direction = l.outbound ? .outbound : .inbound
+            var well = true
+            for link in target.hopLinks where link.hop.direction == direction {
+                // A connection the tunnel carried that had ended before this one began displaces no one: ztunnel
+                // kept the tunnel (pooled) and this one may well have gone through it.
+                let carried = l.outbound ? link.outer : link.inner
+                if carried.emitted || carried.lastSeenNanos < l.leg.firstSeenNanos { continue }
+                guard let j = choiceOf[ObjectIdentifier(link)], j != i, moving[j] else { well = false; break }
+                // A connection that leaves a pooled join (or moves decisively) anchors the chain, ring or not.
+                if choices[j].decisive || choices[j].current?.pooled == true { continue }
+                guard endsWell(j, depth: depth + 1) else { well = false; break }
+            }
+            chain[i] = well ? 2 : 3
+            return well
+        }
+        var settled = false
+        while !settled {
+            settled = true
+            chain = [UInt8](repeating: 0, count: choices.count)
+            for (i, c) in choices.enumerated() where moving[i] && !c.decisive {
+                guard let current = c.current else { continue }
+                let left = tunnelOf(current), id = ObjectIdentifier(left)
+                let kept: Bool
+                if !current.pooled {
+                    kept = (incoming[id]?.unowned ?? 0) > 0 || endsWell(i)
+                } else {
+                    let links = left.hopLinks.reduce(0) { $0 + ($1.hop.direction == current.hop.direction ? 1 : 0) }
+                    kept = links > (leaving[id] ?? 0) || (incoming[id]?.all ?? 0) > 0
+                }
+                if !kept { moving[i] = false; count(i, -1); settled = false }
+            }
+        }
+        return moving
     }
 
     /// What relay timing paired in one batch (`relinkByRelayTiming`): each data packet of a connection that may have
