@@ -925,8 +925,7 @@ public final class Correlator {
         let pairedTo = pairing.pairedTo, packets = pairing.packets, blind = pairing.blind, votes = pairing.votes
 
         // Each leg's choice: the tunnel that matched most of its packets (of equals, the smaller total gap).
-        typealias Choice = RelayChoice
-        var choices: [Choice] = []
+        var choices: [RelayChoice] = []
         for (li, l) in legs.enumerated() {
             var best: Int?
             for k in l.tunnels {
@@ -977,7 +976,7 @@ public final class Correlator {
         // joined fresh (not pooled) by the connection it was opened for.
         // What a connection kept on (or put back on) the tunnel it is joined to says: that tunnel's match, and the
         // one the timing pointed to as the next best. Nil: that tunnel is not among the candidates.
-        func keptMatch(_ c: Choice, on current: HopLink) -> (tunnel: Int?, match: RelayMatch) {
+        func keptMatch(_ c: RelayChoice, on current: HopLink) -> (tunnel: Int?, match: RelayMatch) {
             let l = legs[c.leg]
             let own = l.tunnels.first { candidates[$0] === tunnelOf(current) }
             let v = own.flatMap { votes[c.leg * candidates.count + $0] }
@@ -1157,8 +1156,8 @@ public final class Correlator {
     /// What relay timing paired in one batch (`relinkByRelayTiming`): each data packet of a connection that may have
     /// been carried with the tunnel packets that could be its relay, then one relayed packet to each.
     private struct RelayPairing {
-        /// The legs' data packets that have a pairing, as met: leg li's are carried[carriedFrom[li] ..< carriedFrom[li + 1]].
-        var carried: [(leg: Int, event: Int)]
+        /// Where each leg's data packets that have a pairing (numbered as met) begin: leg li's are
+        /// carriedFrom[li] ..< carriedFrom[li + 1] in `pairings` and `pairedTo`.
         var carriedFrom: [Int]
         /// Each carried packet's pairings, shortest gap first.
         var pairings: [[(gap: Int64, relayed: Int)]]
@@ -1294,7 +1293,7 @@ public final class Correlator {
             v.count += 1; v.total += gap; v.largest = max(v.largest, gap)
             votes[li * candidates.count + k] = v
         }
-        return RelayPairing(carried: carried, carriedFrom: carriedFrom, pairings: pairings, relayed: relayed,
+        return RelayPairing(carriedFrom: carriedFrom, pairings: pairings, relayed: relayed,
                             pairedTo: pairedTo, packets: packets, blind: blind, votes: votes)
     }
 

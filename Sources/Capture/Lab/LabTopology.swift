@@ -374,7 +374,7 @@ public final class LabTopology: @unchecked Sendable {
             let name = String(line.split(separator: " ").first ?? "")
             guard name.hasPrefix("mt-l") else { continue }
             let creator = labID(of: name) ?? 0
-            if let only, creator != only { standing.insert(creator); continue }
+            if let only, creator != only { continue }
             let creatorRuns = creator > 0 && creator != getpid() && (kill(creator, 0) == 0 || errno != ESRCH)
             if creatorRuns && !includingRunning { standing.insert(creator); continue }
             if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {

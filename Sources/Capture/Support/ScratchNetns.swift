@@ -6,7 +6,9 @@ import Foundation
 /// Names look like `mt-<kind><pid>-<n>` (at most 15 bytes, so veths named after them fit IFNAMSIZ).
 public final class ScratchNetns: @unchecked Sendable {
     public let name: String
-    public var ref: NetnsRef { NetnsRef(path: "/var/run/netns/\(name)", label: name) }
+    public var ref: NetnsRef { NetnsRef(path: ScratchNetns.path(of: name), label: name) }
+    /// Where `ip netns` keeps a named namespace.
+    static func path(of name: String) -> String { "/var/run/netns/\(name)" }
     private var removed = false
 
     private static let counterLock = NSLock()
@@ -24,7 +26,7 @@ public final class ScratchNetns: @unchecked Sendable {
             let n = ScratchNetns.counter
             ScratchNetns.counterLock.unlock()
             candidate = "mt-\(kind)\(getpid())-\(n)"
-            if !FileManager.default.fileExists(atPath: "/var/run/netns/\(candidate)") { break }
+            if !FileManager.default.fileExists(atPath: ScratchNetns.path(of: candidate)) { break }
         }
         name = candidate
         let r = try Command.run(["ip", "netns", "add", name])

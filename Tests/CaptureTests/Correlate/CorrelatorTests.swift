@@ -31,18 +31,22 @@ func correlate(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset? 
 /// returns what it printed, summary included.
 func renderReport(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset? = nil,
                   options: CorrelatorOptions = CorrelatorOptions(), _ makeSink: (Int32) -> ReportSink) throws -> String {
+    try written(by: { fd in
+        let sink = makeSink(fd)
+        let c = Correlator(tags: tags, ruleset: ruleset, options: options, sink: sink)
+        for p in packets { c.ingest(p) }
+        try sink.finish(c.finish())
+    })
+}
+
+/// What `body` writes to the file descriptor it is given (a scratch file, removed after).
+func written(by body: (Int32) throws -> Void) throws -> String {
     let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-render-\(UUID().uuidString)").path
     defer { try? FileManager.default.removeItem(atPath: path) }
     FileManager.default.createFile(atPath: path, contents: nil)
     let fd = open(path, O_WRONLY | O_TRUNC)
     XCTAssertGreaterThanOrEqual(fd, 0)
-    do {
-        let sink = makeSink(fd)
-        let c = Correlator(tags: tags, ruleset: ruleset, options: options, sink: sink)
-        for p in packets { c.ingest(p) }
-        try sink.finish(c.finish())
-    }
-    close(fd)
+    do { defer { close(fd) }; try body(fd) }
     return try String(contentsOfFile: path, encoding: .utf8)
 }
 

@@ -119,17 +119,10 @@ final class JSONReportTests: XCTestCase {
     /// `--mode trace` says how many TRACE steps were lost, 0 included; any other run has no such key.
     func testTraceStepsLostIsWrittenForTraceRunsOnly() throws {
         func summaryJSON(_ lost: Int?) throws -> String {
-            let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-json-\(UUID().uuidString)").path
-            defer { try? FileManager.default.removeItem(atPath: path) }
-            FileManager.default.createFile(atPath: path, contents: nil)
-            let fd = open(path, O_WRONLY | O_TRUNC)
-            XCTAssertGreaterThanOrEqual(fd, 0)
             var summary = AnalysisSummary()
             summary.traceSteps = 40
             summary.traceStepsLost = lost
-            try JSONReport(fileDescriptor: fd).finish(summary)
-            close(fd)
-            return try String(contentsOfFile: path, encoding: .utf8)
+            return try written { try JSONReport(fileDescriptor: $0).finish(summary) }
         }
         let lost = try summaryJSON(3)
         XCTAssertTrue(lost.contains("\"trace_steps\":40,\"trace_steps_lost\":3"), lost)
