@@ -195,6 +195,13 @@ final class ConnectionState {
     var synKey: SYNKey?
     /// True once the initiator is known from a SYN rather than guessed from ports.
     var initiatorFromSYN = false
+    /// True once the initiator's SYN came with the packet's own time (an interface capture's, or the kernel's stamp
+    /// on an NFLOG record): `timeline.firstSeen` is then when the connection began, not an upper bound (an NFLOG
+    /// record stamped on receipt comes after its packet).
+    var startExact = false
+    /// When the initiator was first seen sending payload, by such a time (Int64.max: not yet). For a tunnel into the
+    /// pod's HBONE port that is no later than the request ztunnel reads before it connects into the app.
+    var firstForwardDataNanos = Int64.max
     /// True when the pre-NAT responder is known (from a pre-NAT view, a reply on lo, or conntrack).
     var originalKnown = false
 

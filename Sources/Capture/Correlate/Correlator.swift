@@ -573,6 +573,12 @@ public final class Correlator {
             c.timeline.bytes &+= UInt64(r.ipLength != 0 ? r.ipLength : r.wireLength)
             if forward { c.payloadForward &+= UInt64(r.payloadLength) } else { c.payloadReply &+= UInt64(r.payloadLength) }
         }
+        // The packet's own time (an interface capture's, or the kernel's stamp on an NFLOG record), not a receipt
+        // time: what tells when a connection began, and when its initiator first sent payload.
+        if forward && (point.kind == .interface || (r.hasNflog && r.nflogFields.hadKernelTimestamp && r.nflogFields.kernelTime == r.time)) {
+            if r.tcpFlags.contains(.syn) && !r.tcpFlags.contains(.ack) { c.startExact = true }
+            if r.payloadLength > 0 { c.firstForwardDataNanos = min(c.firstForwardDataNanos, r.time.totalNanoseconds) }
+        }
         if r.time < c.timeline.firstSeen { c.timeline.firstSeen = r.time; c.eventsNeedSorting = true }
         if c.timeline.lastSeen < r.time { c.timeline.lastSeen = r.time } else if r.time < c.timeline.lastSeen { c.eventsNeedSorting = true }
         c.lastSeenNanos = now
@@ -770,6 +776,16 @@ public final class Correlator {
                                       : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { continue }
             let dt = inner.firstSeenNanos - outer.firstSeenNanos
             guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
+            // The slack is for times stamped on receipt. With the outer connection's SYN captured, its start is
+            // exact and the inner one's earliest time is never early, so an inner connection that shows a packet
+            // before the outer one began was not opened for it: ztunnel connects on only after it accepted (outbound)
+            // or read the tunnel's request (inbound). A tunnel opened earlier that carried it was pooled
+            // (`pooledTunnel`, at emission).
+            if outer.startExact && inner.timeline.firstSeen < outer.timeline.firstSeen { continue }
+            // Inbound through HBONE, ztunnel connects into the app only once it has read the request the tunnel
+            // carries: a connection that began before the tunnel brought any payload was not opened for it.
+            if direction == .inbound && outer.startExact && outer.responder.port == options.hbonePort
+                && inner.timeline.firstSeen.totalNanoseconds < outer.firstForwardDataNanos { continue }
             // A tunnel that had closed before the connection it would carry began carried none of it (within the
             // slack, a tunnel freed by relay timing looked again and took a connection 450 ms younger than it).
             let tunnel = direction == .outbound ? inner : outer, carried = direction == .outbound ? outer : inner
@@ -1552,6 +1568,8 @@ public final class Correlator {
         keep.timeline.packets += gone.timeline.packets
         keep.timeline.bytes &+= gone.timeline.bytes
         if gone.timeline.firstSeen < keep.timeline.firstSeen { keep.timeline.firstSeen = gone.timeline.firstSeen }
+        keep.startExact = keep.startExact || gone.startExact
+        keep.firstForwardDataNanos = min(keep.firstForwardDataNanos, gone.firstForwardDataNanos)
         if keep.timeline.lastSeen < gone.timeline.lastSeen { keep.timeline.lastSeen = gone.timeline.lastSeen }
         keep.firstSeenNanos = min(keep.firstSeenNanos, gone.firstSeenNanos)
         keep.lastSeenNanos = max(keep.lastSeenNanos, gone.lastSeenNanos)
