@@ -1540,12 +1540,51 @@ public final class Correlator {
         } else {
             outer.hopLinks.append(link)
             inner.hopLinks.append(link)
+            contest(link)
         }
         if direction == .outbound { outer.hasOutboundHop = true; inner.hasOutboundHop = true } else {
             outer.hasInboundHop = true; inner.hasInboundHop = true
         }
         summary.hops += 1
         return link
+    }
+
+    /// The last fresh joins, outbound and inbound (`contest`).
+    private var recentFreshJoins: [[HopLink?]] = [[HopLink?](repeating: nil, count: Correlator.recentJoinsCompared),
+                                                  [HopLink?](repeating: nil, count: Correlator.recentJoinsCompared)]
+    private var recentFreshNext = [0, 0]
+    static let recentJoinsCompared = 8
+
+    /// A fresh join is the only candidate only if no other assignment fits: when the tunnel of one of the last few
+    /// fresh joins in its direction could have carried this connection, and this tunnel that one's, the two could
+    /// be swapped (under concurrency ztunnel's order is not the order its connections began in), and neither is
+    /// unique. Without this a connection whose own tunnel an earlier connection had taken was joined to the next
+    /// tunnel as "the only candidate", at high confidence: 3 of the 7 high inbound joins of a concurrent capture.
+    private func contest(_ link: HopLink) {
+        let d = link.hop.direction == .outbound ? 0 : 1
+        for case let other? in recentFreshJoins[d] where other !== link && other.inner.hopLinks.contains(where: { $0 === other }) {
+            if couldCarry(tunnelOf(other), carriedOf(link), link.hop.direction)
+                && couldCarry(tunnelOf(link), carriedOf(other), link.hop.direction) {
+                link.candidates = max(link.candidates, 2)
+                if !other.finalized { other.candidates = max(other.candidates, 2) }
+            }
+        }
+        recentFreshJoins[d][recentFreshNext[d]] = link
+        recentFreshNext[d] = (recentFreshNext[d] + 1) % Correlator.recentJoinsCompared
+    }
+
+    /// The carried side of a join: the app's connection outbound, ztunnel's connection into the app inbound.
+    private func carriedOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.outer : link.inner }
+
+    /// Whether tunnel `t` could have been opened for connection `c` (`bestPartner`'s rules: identity, the order they
+    /// began in, a tunnel still open).
+    private func couldCarry(_ t: ConnectionState, _ c: ConnectionState, _ direction: ZtunnelHop.Direction) -> Bool {
+        let outbound = direction == .outbound
+        guard identityMatches(outer: outbound ? c : t, inner: outbound ? t : c, direction: direction) else { return false }
+        if let closed = t.closedAt, closed < c.firstSeenNanos { return false }
+        if outbound { return t.timeline.firstSeen >= c.timeline.firstSeen }
+        guard c.timeline.firstSeen >= t.timeline.firstSeen else { return false }
+        return t.responder.port != options.hbonePort || c.timeline.firstSeen.totalNanoseconds >= t.firstForwardDataNanos
     }
 
     // MARK: - Merging and emission

@@ -609,6 +609,49 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
     }
 
+    func testOfTwoConcurrentInboundJoinsThatCouldBeSwappedNeitherIsHigh() throws {
+        // Two tunnels bring their requests, then ztunnel connects into the app twice. The first connection is joined
+        // to the first tunnel (one of two candidates); the second then had only the other tunnel left and read as
+        // "the only candidate", high, though either tunnel could have carried either connection: in a concurrent
+        // lab capture 3 of 7 such high joins were wrong (the other tunnel had been emitted by then, so it did not
+        // count as open). The connections carry no data: timing cannot tell.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let podHBONE = CorrelatorTests.podHBONE, appPort = CorrelatorTests.appPort
+        let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
+        var s = Schedule(f)
+        let tunnels = [PacketFactory.ep("10.0.2.2", 41001), PacketFactory.ep("10.0.2.2", 41002)]
+        let legs = [PacketFactory.ep("10.0.2.2", 42001), PacketFactory.ep("10.0.2.2", 42002)]
+        for (i, t) in tunnels.enumerated() {
+            let start = Int64(i) * 50
+            s.at(start) { $0.packet(t, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound) }
+            s.at(start + 10) { $0.packet(podHBONE, t, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound) }
+            s.at(start + 30) { $0.packet(t, podHBONE, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound) }
+            let end = i == 0 ? Int64(900) : 3_000_000
+            s.at(end) { $0.packet(podHBONE, t, flags: [.fin, .ack], seq: 101, ack: 122, on: eth0, direction: .outbound) }
+            s.at(end + 10) { $0.packet(t, podHBONE, flags: [.fin, .ack], seq: 122, ack: 102, on: eth0, direction: .inbound) }
+        }
+        for (i, l) in legs.enumerated() {
+            let t = 300 + Int64(i) * 20, isn = UInt32(500 + i * 1000)
+            s.at(t) { $0.nflog(l, appPort, flags: [.syn], seq: isn, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1) }
+            s.at(t) { $0.packet(l, appPort, flags: [.syn], seq: isn, on: lo, direction: .outbound) }
+            s.at(t + 8) { $0.packet(appPort, l, flags: [.syn, .ack], seq: 900, ack: isn + 1, on: lo, direction: .outbound) }
+            let end = i == 0 ? t + 20 : 2_900_000
+            s.at(end) { $0.packet(appPort, l, flags: [.fin, .ack], seq: 901, ack: isn + 1, on: lo, direction: .outbound) }
+            s.at(end + 10) { $0.packet(l, appPort, flags: [.fin, .ack], seq: isn + 1, ack: 902, on: lo, direction: .outbound) }
+        }
+        f = s.f
+        let (sink, _) = correlate(s.packets.sorted { $0.time < $1.time }, tags: f.tags, ruleset: rules)
+        let hops = try legs.map { try XCTUnwrap(connection(from: $0, in: sink).hops.first) }
+        XCTAssertEqual(Set(hops.map(\.outer)).count, 2, "each tunnel carried one")
+        // The second tunnel and connection run for seconds, the first pair is emitted long before them.
+        for hop in hops {
+            XCTAssertEqual(hop.confidence, .medium, "\(hop.evidence.map(\.detail))")
+            XCTAssertFalse(hop.evidence.contains { $0.detail.hasPrefix("the only candidate") }, "\(hop.evidence.map(\.detail))")
+        }
+        // One at a time, a join stays high (CorrelatorTests' inbound test).
+    }
+
     /// Two app connections begun 100 µs apart while a tunnel to their peer sits open: the first goes through the open
     /// tunnel, and ztunnel opens a new one for the second. Only relay timing tells which carried which: each app data
     /// packet has its twin in the tunnel that carried it a few hundred µs later (replies: the tunnel's first).
