@@ -99,11 +99,50 @@ final class PooledTunnelTests: XCTestCase {
             at(t) { $0.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
             at(t + 10) { $0.packet(dst, app, flags: [.fin, .ack], seq: 6301, ack: 3102, on: lo, direction: .outbound) }
         }
+        /// ztunnel's connection into the app from `leg` (the client's address), 0x539-marked (the connmark twin's hit
+        /// on its SYN), begun at `start`: with `data`, a 100-byte request and a 300-byte reply before its close at
+        /// `start + 320` (or `closesAt`); without, the app closes it at once.
+        mutating func legRuns(_ leg: Endpoint, into app: Endpoint, at start: Int64, isn: UInt32, connmarkTwin: String,
+                              data: Bool = true, closesAt: Int64? = nil) {
+            at(start) { $0.nflog(leg, app, flags: [.syn], seq: isn, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1) }
+            at(start) { $0.packet(leg, app, flags: [.syn], seq: isn, on: lo, direction: .outbound) }
+            at(start + 8) { $0.packet(app, leg, flags: [.syn, .ack], seq: 900, ack: isn + 1, on: lo, direction: .outbound) }
+            let sent: UInt32 = data ? 100 : 0, got: UInt32 = data ? 300 : 0
+            if data {
+                at(start + 30) { $0.packet(leg, app, flags: [.ack, .psh], seq: isn + 1, ack: 901, payload: 100, on: lo, direction: .outbound) }
+                at(start + 300) { $0.packet(app, leg, flags: [.ack, .psh], seq: 901, ack: isn + 101, payload: 300, on: lo, direction: .outbound) }
+            }
+            let end = closesAt ?? (data ? start + 320 : start + 20)
+            at(end) { $0.packet(leg, app, flags: [.fin, .ack], seq: isn + 1 + sent, ack: 901 + got, on: lo, direction: .outbound) }
+            at(end + 10) { $0.packet(app, leg, flags: [.fin, .ack], seq: 901 + got, ack: isn + 2 + sent, on: lo, direction: .outbound) }
+        }
+        /// A tunnel from `client` into the pod's HBONE port: its handshake at `start`, its request (120 bytes) at
+        /// `requestAt`; closed (no reply) at `closesAt` when given.
+        mutating func tunnelComesIn(_ client: Endpoint, to hbone: Endpoint, at start: Int64, requestAt: Int64, closesAt: Int64? = nil) {
+            at(start) { $0.packet(client, hbone, flags: [.syn], seq: 1, on: eth0, direction: .inbound) }
+            at(start + 10) { $0.packet(hbone, client, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound) }
+            at(requestAt) { $0.packet(client, hbone, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound) }
+            if let end = closesAt {
+                at(end) { $0.packet(hbone, client, flags: [.fin, .ack], seq: 101, ack: 122, on: eth0, direction: .outbound) }
+                at(end + 10) { $0.packet(client, hbone, flags: [.fin, .ack], seq: 122, ack: 102, on: eth0, direction: .inbound) }
+            }
+        }
         /// ztunnel closes a tunnel whose next sequence numbers are `seq` (its own) and `peerSeq`; the peer answers in 40 µs.
         mutating func tunnelCloses(_ tunnel: Endpoint, to peer: Endpoint, at t: Int64, seq: UInt32, peerSeq: UInt32) {
             at(t) { $0.packet(tunnel, peer, flags: [.fin, .ack], seq: seq, ack: peerSeq, on: eth0, direction: .outbound) }
             at(t + 40) { $0.packet(peer, tunnel, flags: [.fin, .ack], seq: peerSeq, ack: seq + 1, on: eth0, direction: .inbound) }
         }
+    }
+
+    /// A schedule on the server side (the seed ruleset), and the connmark twin's prefix that ztunnel's connections
+    /// into the app hit.
+    func serverSide() -> (Schedule, String) {
+        (Schedule(PacketFactory()), twin("mangle", "ISTIO_PRERT", 1, ruleset: seedNatRuleset()))
+    }
+
+    /// A schedule's packets correlated in time order, with the seed ruleset.
+    func correlated(_ s: Schedule) -> CollectingSink {
+        correlate(s.packets.sorted { $0.time < $1.time }, tags: s.f.tags, ruleset: seedNatRuleset()).0
     }
 
     /// Each connection's hop is low, and its relay-timing evidence passes `check`.
@@ -527,39 +566,21 @@ final class PooledTunnelTests: XCTestCase {
         // next tunnel, which opened 78 µs after it, at high confidence (by then the only candidate); that tunnel's
         // own connection was then joined elsewhere. 77 % of that run's inbound joins were wrong so. With both SYNs
         // captured the order is exact, and ztunnel connects into the app only after it read the tunnel's request.
-        var f = PacketFactory()
-        let rules = seedNatRuleset()
+        var (s, connmarkTwin) = serverSide()
         let podHBONE = CorrelatorTests.podHBONE, appPort = CorrelatorTests.appPort
-        let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
         let kept = PacketFactory.ep("10.0.2.2", 41005), tunnel = PacketFactory.ep("10.0.2.2", 41001)
         let earlyLeg = PacketFactory.ep("10.0.2.2", 42000), leg = PacketFactory.ep("10.0.2.2", 42001)
-        var s = Schedule(f)
         // A tunnel open since before the capture brings a request; ztunnel connects into the app for it.
         s.at(0) { $0.packet(kept, podHBONE, flags: [.ack, .psh], seq: 7000, ack: 800, payload: 120, on: eth0, direction: .inbound) }
-        func legRuns(_ l: Endpoint, at t: Int64, isn: UInt32) {
-            s.at(t) { $0.nflog(l, appPort, flags: [.syn], seq: isn, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1) }
-            s.at(t) { $0.packet(l, appPort, flags: [.syn], seq: isn, on: lo, direction: .outbound) }
-            s.at(t + 8) { $0.packet(appPort, l, flags: [.syn, .ack], seq: 900, ack: isn + 1, on: lo, direction: .outbound) }
-            s.at(t + 30) { $0.packet(l, appPort, flags: [.ack, .psh], seq: isn + 1, ack: 901, payload: 100, on: lo, direction: .outbound) }
-            s.at(t + 300) { $0.packet(appPort, l, flags: [.ack, .psh], seq: 901, ack: isn + 101, payload: 300, on: lo, direction: .outbound) }
-            s.at(t + 320) { $0.packet(l, appPort, flags: [.fin, .ack], seq: isn + 101, ack: 1201, on: lo, direction: .outbound) }
-            s.at(t + 330) { $0.packet(appPort, l, flags: [.fin, .ack], seq: 1201, ack: isn + 102, on: lo, direction: .outbound) }
-        }
-        legRuns(earlyLeg, at: 300, isn: 500)
+        s.legRuns(earlyLeg, into: appPort, at: 300, isn: 500, connmarkTwin: connmarkTwin)
         s.at(650) { $0.packet(podHBONE, kept, flags: [.ack, .psh], seq: 800, ack: 7120, payload: 330, on: eth0, direction: .outbound) }
         // 80 µs after that connection began, a new tunnel comes in; its request, and ztunnel's connection for it.
-        s.at(380) { $0.packet(tunnel, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound) }
-        s.at(390) { $0.packet(podHBONE, tunnel, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound) }
-        s.at(420) { $0.packet(tunnel, podHBONE, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound) }
-        legRuns(leg, at: 700, isn: 2500)
+        s.tunnelComesIn(tunnel, to: podHBONE, at: 380, requestAt: 420)
+        s.legRuns(leg, into: appPort, at: 700, isn: 2500, connmarkTwin: connmarkTwin)
         s.at(1050) { $0.packet(podHBONE, tunnel, flags: [.ack, .psh], seq: 101, ack: 122, payload: 330, on: eth0, direction: .outbound) }
-        s.at(1100) { $0.packet(podHBONE, tunnel, flags: [.fin, .ack], seq: 431, ack: 122, on: eth0, direction: .outbound) }
-        s.at(1110) { $0.packet(tunnel, podHBONE, flags: [.fin, .ack], seq: 122, ack: 432, on: eth0, direction: .inbound) }
-        s.at(3_000_000) { $0.packet(kept, podHBONE, flags: [.fin, .ack], seq: 7120, ack: 1130, on: eth0, direction: .inbound) }
-        s.at(3_000_010) { $0.packet(podHBONE, kept, flags: [.fin, .ack], seq: 1130, ack: 7121, on: eth0, direction: .outbound) }
-        f = s.f
-        let packets = s.packets.sorted { $0.time < $1.time }
-        let (sink, _) = correlate(packets, tags: f.tags, ruleset: rules)
+        s.tunnelCloses(podHBONE, to: tunnel, at: 1100, seq: 431, peerSeq: 122)
+        s.tunnelCloses(podHBONE, to: kept, at: 3_000_000, seq: 1130, peerSeq: 7120)
+        let sink = correlated(s)
         let newTunnel = try connection(from: tunnel, in: sink)
         let early = try connection(from: earlyLeg, in: sink)
         XCTAssertNotEqual(early.hops.first?.outer, newTunnel.id, "it began before that tunnel")
@@ -575,34 +596,15 @@ final class PooledTunnelTests: XCTestCase {
         // that had not run yet). ztunnel connects into the app for the second tunnel's request before the first
         // tunnel carried a byte: by the order the tunnels opened in, that connection took the first tunnel. The
         // connections into the app carry no data here (the app closed them at once), so relay timing cannot tell.
-        var f = PacketFactory()
-        let rules = seedNatRuleset()
+        var (s, connmarkTwin) = serverSide()
         let podHBONE = CorrelatorTests.podHBONE, appPort = CorrelatorTests.appPort
-        let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
         let slow = PacketFactory.ep("10.0.2.2", 41001), quick = PacketFactory.ep("10.0.2.2", 41002)
         let quickLeg = PacketFactory.ep("10.0.2.2", 42001), slowLeg = PacketFactory.ep("10.0.2.2", 42002)
-        var s = Schedule(f)
-        func tunnelRuns(_ t: Endpoint, at start: Int64, requestAt: Int64, replyAt: Int64) {
-            s.at(start) { $0.packet(t, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound) }
-            s.at(start + 10) { $0.packet(podHBONE, t, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound) }
-            s.at(start + 15) { $0.packet(t, podHBONE, flags: [.ack], seq: 2, ack: 101, on: eth0, direction: .inbound) }
-            s.at(requestAt) { $0.packet(t, podHBONE, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound) }
-            s.at(replyAt) { $0.packet(podHBONE, t, flags: [.fin, .ack], seq: 101, ack: 122, on: eth0, direction: .outbound) }
-            s.at(replyAt + 60) { $0.packet(t, podHBONE, flags: [.fin, .ack], seq: 122, ack: 102, on: eth0, direction: .inbound) }
-        }
-        func legRuns(_ l: Endpoint, at t: Int64, isn: UInt32) {
-            s.at(t) { $0.nflog(l, appPort, flags: [.syn], seq: isn, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1) }
-            s.at(t) { $0.packet(l, appPort, flags: [.syn], seq: isn, on: lo, direction: .outbound) }
-            s.at(t + 8) { $0.packet(appPort, l, flags: [.syn, .ack], seq: 900, ack: isn + 1, on: lo, direction: .outbound) }
-            s.at(t + 20) { $0.packet(appPort, l, flags: [.fin, .ack], seq: 901, ack: isn + 1, on: lo, direction: .outbound) }
-            s.at(t + 30) { $0.packet(l, appPort, flags: [.fin, .ack], seq: isn + 1, ack: 902, on: lo, direction: .outbound) }
-        }
-        tunnelRuns(slow, at: 0, requestAt: 500, replyAt: 1020)
-        tunnelRuns(quick, at: 100, requestAt: 130, replyAt: 650)
-        legRuns(quickLeg, at: 300, isn: 500)
-        legRuns(slowLeg, at: 650, isn: 2500)
-        f = s.f
-        let (sink, _) = correlate(s.packets.sorted { $0.time < $1.time }, tags: f.tags, ruleset: rules)
+        s.tunnelComesIn(slow, to: podHBONE, at: 0, requestAt: 500, closesAt: 1020)
+        s.tunnelComesIn(quick, to: podHBONE, at: 100, requestAt: 130, closesAt: 650)
+        s.legRuns(quickLeg, into: appPort, at: 300, isn: 500, connmarkTwin: connmarkTwin, data: false)
+        s.legRuns(slowLeg, into: appPort, at: 650, isn: 2500, connmarkTwin: connmarkTwin, data: false)
+        let sink = correlated(s)
         XCTAssertEqual(try connection(from: quickLeg, in: sink).hops.first?.outer, try connection(from: quick, in: sink).id,
                        "the tunnel whose request came in before it")
         XCTAssertEqual(try connection(from: slowLeg, in: sink).hops.first?.outer, try connection(from: slow, in: sink).id)
@@ -615,36 +617,18 @@ final class PooledTunnelTests: XCTestCase {
         // "the only candidate", high, though either tunnel could have carried either connection: in a concurrent
         // lab capture 3 of 7 such high joins were wrong (the other tunnel had been emitted by then, so it did not
         // count as open). The connections carry no data: timing cannot tell.
-        var f = PacketFactory()
-        let rules = seedNatRuleset()
+        var (s, connmarkTwin) = serverSide()
         let podHBONE = CorrelatorTests.podHBONE, appPort = CorrelatorTests.appPort
-        let connmarkTwin = twin("mangle", "ISTIO_PRERT", 1, ruleset: rules)
-        var s = Schedule(f)
         let tunnels = [PacketFactory.ep("10.0.2.2", 41001), PacketFactory.ep("10.0.2.2", 41002)]
         let legs = [PacketFactory.ep("10.0.2.2", 42001), PacketFactory.ep("10.0.2.2", 42002)]
-        for (i, t) in tunnels.enumerated() {
-            let start = Int64(i) * 50
-            s.at(start) { $0.packet(t, podHBONE, flags: [.syn], seq: 1, on: eth0, direction: .inbound) }
-            s.at(start + 10) { $0.packet(podHBONE, t, flags: [.syn, .ack], seq: 100, ack: 2, on: eth0, direction: .outbound) }
-            s.at(start + 30) { $0.packet(t, podHBONE, flags: [.ack, .psh], seq: 2, ack: 101, payload: 120, on: eth0, direction: .inbound) }
-            let end = i == 0 ? Int64(900) : 3_000_000
-            s.at(end) { $0.packet(podHBONE, t, flags: [.fin, .ack], seq: 101, ack: 122, on: eth0, direction: .outbound) }
-            s.at(end + 10) { $0.packet(t, podHBONE, flags: [.fin, .ack], seq: 122, ack: 102, on: eth0, direction: .inbound) }
-        }
-        for (i, l) in legs.enumerated() {
-            let t = 300 + Int64(i) * 20, isn = UInt32(500 + i * 1000)
-            s.at(t) { $0.nflog(l, appPort, flags: [.syn], seq: isn, hook: .prerouting, prefix: connmarkTwin, mark: 0x539, inIf: 1) }
-            s.at(t) { $0.packet(l, appPort, flags: [.syn], seq: isn, on: lo, direction: .outbound) }
-            s.at(t + 8) { $0.packet(appPort, l, flags: [.syn, .ack], seq: 900, ack: isn + 1, on: lo, direction: .outbound) }
-            let end = i == 0 ? t + 20 : 2_900_000
-            s.at(end) { $0.packet(appPort, l, flags: [.fin, .ack], seq: 901, ack: isn + 1, on: lo, direction: .outbound) }
-            s.at(end + 10) { $0.packet(l, appPort, flags: [.fin, .ack], seq: isn + 1, ack: 902, on: lo, direction: .outbound) }
-        }
-        f = s.f
-        let (sink, _) = correlate(s.packets.sorted { $0.time < $1.time }, tags: f.tags, ruleset: rules)
+        // The second tunnel and connection run for seconds: the first pair is emitted long before them.
+        s.tunnelComesIn(tunnels[0], to: podHBONE, at: 0, requestAt: 30, closesAt: 900)
+        s.tunnelComesIn(tunnels[1], to: podHBONE, at: 50, requestAt: 80, closesAt: 3_000_000)
+        s.legRuns(legs[0], into: appPort, at: 300, isn: 500, connmarkTwin: connmarkTwin, data: false)
+        s.legRuns(legs[1], into: appPort, at: 320, isn: 1500, connmarkTwin: connmarkTwin, data: false, closesAt: 2_900_000)
+        let sink = correlated(s)
         let hops = try legs.map { try XCTUnwrap(connection(from: $0, in: sink).hops.first) }
         XCTAssertEqual(Set(hops.map(\.outer)).count, 2, "each tunnel carried one")
-        // The second tunnel and connection run for seconds, the first pair is emitted long before them.
         for hop in hops {
             XCTAssertEqual(hop.confidence, .medium, "\(hop.evidence.map(\.detail))")
             XCTAssertFalse(hop.evidence.contains { $0.detail.hasPrefix("the only candidate") }, "\(hop.evidence.map(\.detail))")
