@@ -573,13 +573,16 @@ public final class Correlator {
             c.timeline.bytes &+= UInt64(r.ipLength != 0 ? r.ipLength : r.wireLength)
             if forward { c.payloadForward &+= UInt64(r.payloadLength) } else { c.payloadReply &+= UInt64(r.payloadLength) }
         }
+        if r.time < c.timeline.firstSeen { c.timeline.firstSeen = r.time; c.eventsNeedSorting = true }
         // The packet's own time (an interface capture's, or the kernel's stamp on an NFLOG record), not a receipt
         // time: what tells when a connection began, and when its initiator first sent payload.
         if forward && (point.kind == .interface || (r.hasNflog && r.nflogFields.hadKernelTimestamp && r.nflogFields.kernelTime == r.time)) {
-            if r.tcpFlags.contains(.syn) && !r.tcpFlags.contains(.ack) { c.startExact = true }
+            if r.tcpFlags.contains(.syn) && !r.tcpFlags.contains(.ack) && !c.startExact {
+                c.startExact = true
+                if !c.hopLinks.isEmpty { undoJoinsBeforeStart(of: c) }
+            }
             if r.payloadLength > 0 { c.firstForwardDataNanos = min(c.firstForwardDataNanos, r.time.totalNanoseconds) }
         }
-        if r.time < c.timeline.firstSeen { c.timeline.firstSeen = r.time; c.eventsNeedSorting = true }
         if c.timeline.lastSeen < r.time { c.timeline.lastSeen = r.time } else if r.time < c.timeline.lastSeen { c.eventsNeedSorting = true }
         c.lastSeenNanos = now
 
@@ -1047,15 +1050,7 @@ public final class Correlator {
         }
         // A tunnel left with no connection goes back among the candidates (they drop joined ones) and looks again:
         // the connection it was opened for may have begun after the one that had taken it.
-        for t in freed where !t.emitted {
-            if t.pendingRoles.contains(.innerOutbound) && !t.hasOutboundHop && !innerOutbound.contains(where: { $0 === t }) {
-                innerOutbound.append(t)
-            }
-            if t.pendingRoles.contains(.outerInbound) && !t.hasInboundHop && !outerInbound.contains(where: { $0 === t }) {
-                outerInbound.append(t)
-            }
-            reconsiderHops(t)
-        }
+        for t in freed where !t.emitted { lookAgain(t) }
         // Still with none: the move is undone, decisive or not. Its connection may well have gone through the other
         // tunnel, but then the one it leaves was opened for a connection already joined elsewhere, and that chain is
         // not for timing alone to unpick; a tunnel none explains would read as a forged mark. Undoing one move can
@@ -1547,6 +1542,30 @@ public final class Correlator {
         }
         summary.hops += 1
         return link
+    }
+
+    /// A connection joined before its SYN came with the packet's own time (its first record was stamped on receipt,
+    /// and the join allowed for that): a fresh join on its outer side whose inner connection began before it was not
+    /// opened for it (`bestPartner`'s causal order), and is undone; both look again.
+    private func undoJoinsBeforeStart(of c: ConnectionState) {
+        let wrong = c.hopLinks.filter { $0.outer === c && !$0.pooled && $0.relay == nil && $0.inner.timeline.firstSeen < c.timeline.firstSeen }
+        guard !wrong.isEmpty else { return }
+        for link in wrong { unlink(link) }
+        lookAgain(c)
+        for link in wrong where !link.inner.emitted { lookAgain(link.inner) }
+    }
+
+    /// A connection whose join was taken back goes back among the candidates it left (they drop joined ones) and
+    /// looks again.
+    private func lookAgain(_ c: ConnectionState) {
+        func back(_ role: HopRoles, _ joined: Bool, _ list: inout [ConnectionState]) {
+            if c.pendingRoles.contains(role) && !joined && !list.contains(where: { $0 === c }) { list.append(c) }
+        }
+        back(.outerOutbound, c.hasOutboundHop, &outerOutbound)
+        back(.innerOutbound, c.hasOutboundHop, &innerOutbound)
+        back(.outerInbound, c.hasInboundHop, &outerInbound)
+        back(.innerInbound, c.hasInboundHop, &innerInbound)
+        reconsiderHops(c)
     }
 
     /// The last fresh joins, outbound and inbound (`contest`).

@@ -591,6 +591,27 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
     }
 
+    func testAnAppConnectionIsNeverJoinedFreshToATunnelThatOpenedBeforeIt() throws {
+        // Outbound the mirror: ztunnel opens a connection's tunnel only after it accepted it. A tunnel whose SYN came
+        // 200 µs before the app's (opened for a connection the capture does not have) was joined to it by the slack
+        // for receipt-stamped times, and the tunnel opened for it then had none. Neither carries data here.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
+        let before = PacketFactory.ep("10.0.1.5", 50001), own = PacketFactory.ep("10.0.1.5", 50002)
+        var s = Schedule(f)
+        s.tunnelOpens(before, to: peerHBONE, at: 0, observeOut: observeOut)
+        s.appOpens(app, to: service, at: 200, natTwin: natTwin)
+        s.tunnelOpens(own, to: peerHBONE, at: 300, observeOut: observeOut)
+        s.appCloses(app, from: service, at: 2_000)
+        s.tunnelCloses(own, to: peerHBONE, at: 2_100, seq: 2, peerSeq: 51)
+        s.tunnelCloses(before, to: peerHBONE, at: 2_200, seq: 2, peerSeq: 51)
+        f = s.f
+        let (sink, _) = correlate(s.packets.sorted { $0.time < $1.time }, tags: f.tags, ruleset: rules)
+        XCTAssertEqual(try connection(from: app, in: sink).hops.first?.inner, try connection(from: own, in: sink).id,
+                       "the tunnel opened after it, not the one before")
+    }
+
     func testAConnectionIntoTheAppIsNotJoinedToATunnelThatHadNotBroughtItsRequestYet() throws {
         // Two tunnels come in 100 µs apart; the first one's client is slow to send its request (in the lab, a thread
         // that had not run yet). ztunnel connects into the app for the second tunnel's request before the first
