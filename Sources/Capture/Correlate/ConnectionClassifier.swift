@@ -52,6 +52,8 @@ extension Correlator {
                 // went to another tunnel: the pooled tunnel that connection may well have gone through. Under
                 // concurrency such a join is a guess (low), so this one is not called unexplained.
                 if pooled && !c.initiatorFromSYN && c.relayCouldHaveCarried { return (kind, []) }
+                // The last packets of a connection already printed, read late (the reader far behind): not a new one.
+                if isTailOfEmitted(c) { return (kind, []) }
                 let confidence: Confidence = pooled ? .low : (c.initiatorFromSYN ? .high : .medium)
                 let why = pooled
                     ? "a connection to :\(o.hbonePort) carried ztunnel's mark 0x\(hex(o.ztunnelMark)) but no app connection in the capture explains it (a tunnel opened before the capture, or a process forging the mark)"

@@ -1568,6 +1568,33 @@ public final class Correlator {
         reconsiderHops(c)
     }
 
+    /// Connections that carried ztunnel's mark, emitted lately: their keys, oldest first in a ring, and when each was
+    /// last seen. A reader far behind (live, `late_records`) gets a connection's last packets after it was emitted;
+    /// they make a connection of their own, with no SYN and no join, and that must not read as a forged mark.
+    private var emittedMarked: [FlowKey: Int64] = [:]
+    private var emittedMarkedRing: [FlowKey] = []
+    private var emittedMarkedNext = 0
+    static let emittedMarkedKept = 4096
+
+    private func rememberEmittedMarked(_ key: FlowKey, lastSeen: Int64) {
+        if emittedMarkedRing.count < Correlator.emittedMarkedKept {
+            emittedMarkedRing.append(key)
+        } else {
+            let old = emittedMarkedRing[emittedMarkedNext]
+            if old != key { emittedMarked[old] = nil }
+            emittedMarkedRing[emittedMarkedNext] = key
+            emittedMarkedNext = (emittedMarkedNext + 1) % Correlator.emittedMarkedKept
+        }
+        emittedMarked[key] = lastSeen
+    }
+
+    /// The rest of a marked connection already emitted: begun without a SYN, on the tuple of one emitted lately, its
+    /// first packet within the close linger and the hop window of that one's last.
+    func isTailOfEmitted(_ c: ConnectionState) -> Bool {
+        guard !c.initiatorFromSYN, let key = c.keys.first, let last = emittedMarked[key] else { return false }
+        return c.timeline.firstSeen.totalNanoseconds - last <= options.closeLingerNanos + options.hopWindowNanos
+    }
+
     /// The last fresh joins, outbound and inbound (`contest`).
     private var recentFreshJoins: [[HopLink?]] = [[HopLink?](repeating: nil, count: Correlator.recentJoinsCompared),
                                                   [HopLink?](repeating: nil, count: Correlator.recentJoinsCompared)]
@@ -1792,6 +1819,8 @@ public final class Correlator {
         }
         let (kind, findings) = classify(c)
         t.kind = kind
+        // After its own classification, which asks whether it is the tail of one emitted before.
+        if c.sawZtunnelMark, let key = c.keys.first { rememberEmittedMarked(key, lastSeen: c.timeline.lastSeen.totalNanoseconds) }
         if isCapturedDNS(c) {
             if dnsCaptureStarts.count == 16 { dnsCaptureStarts.removeFirst() }
             dnsCaptureStarts.append((c.firstSeenNanos, c.responder.addr))

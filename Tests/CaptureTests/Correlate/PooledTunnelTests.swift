@@ -612,6 +612,40 @@ final class PooledTunnelTests: XCTestCase {
                        "the tunnel opened after it, not the one before")
     }
 
+    func testATunnelsLastPacketsReadAfterItWasEmittedAreNoForgedMark() throws {
+        // A live reader seconds behind (the tests' debug build under load: tens of thousands of late records) gets a
+        // tunnel's last ACK and its NFLOG copy after the tunnel was emitted. They make a connection of their own, no
+        // SYN and no join, and it read as a forged ztunnel mark: 1-5 escapes in 2 of 8 runs of the catch-up test.
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        var p = CorrelatorTests.outboundScenario(&f, ruleset: rules)
+        let lastFIN = try XCTUnwrap(p.last).time
+        // The clock moves on (other traffic: a local connection 3 s later), past the tunnel's close linger.
+        f.advance(micros: 3_000_000)
+        let here = PacketFactory.ep("127.0.0.1", 5000), there = PacketFactory.ep("127.0.0.1", 6000)
+        p.append(f.packet(here, there, flags: [.syn], seq: 1, on: lo, direction: .outbound))
+        // Then the tunnel's final ACK, 40 µs after its last FIN, and its NFLOG copy with ztunnel's mark.
+        f.clock = lastFIN.totalNanoseconds + 40_000
+        p.append(f.nflog(ztunnelOut, peerHBONE, flags: [.ack], seq: 7182, ack: 9402, hook: .postrouting, prefix: observeOut,
+                         mark: 0x539, outIf: 2))
+        p.append(f.packet(ztunnelOut, peerHBONE, flags: [.ack], seq: 7182, ack: 9402, on: eth0, direction: .outbound))
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        XCTAssertEqual(sink.timelines.filter { $0.original.src == ztunnelOut }.count, 2, "the tail is a connection of its own")
+        XCTAssertGreaterThan(summary.lateRecords, 0)
+        XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
+        // The same packets 5 s after the tunnel's end are no tail of it: the finding stays.
+        var g = f
+        var q = CorrelatorTests.outboundScenario(&g, ruleset: rules)
+        let end = try XCTUnwrap(q.last).time
+        g.advance(micros: 8_000_000)
+        q.append(g.packet(here, there, flags: [.syn], seq: 1, on: lo, direction: .outbound))
+        g.clock = end.totalNanoseconds + 5_000_000_000
+        q.append(g.nflog(ztunnelOut, peerHBONE, flags: [.ack], seq: 7182, ack: 9402, hook: .postrouting, prefix: observeOut,
+                         mark: 0x539, outIf: 2))
+        q.append(g.packet(ztunnelOut, peerHBONE, flags: [.ack], seq: 7182, ack: 9402, on: eth0, direction: .outbound))
+        XCTAssertEqual(correlate(q, tags: g.tags, ruleset: rules).0.findings.map(\.findingClass), [.forgedZtunnelMark])
+    }
+
     func testAConnectionIntoTheAppIsNotJoinedToATunnelThatHadNotBroughtItsRequestYet() throws {
         // Two tunnels come in 100 µs apart; the first one's client is slow to send its request (in the lab, a thread
         // that had not run yet). ztunnel connects into the app for the second tunnel's request before the first
