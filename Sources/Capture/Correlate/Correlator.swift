@@ -1568,13 +1568,15 @@ public final class Correlator {
         reconsiderHops(c)
     }
 
-    /// Connections that carried ztunnel's mark, emitted lately: their keys, oldest first in a ring, and when each was
+    /// ztunnel's own connections out of the pod, emitted lately: their keys, oldest first in a ring, and when each was
     /// last seen. A reader far behind (live, `late_records`) gets a connection's last packets after it was emitted;
     /// they make a connection of their own, with no SYN and no join, and that must not read as a forged mark.
     private var emittedMarked: [FlowKey: Int64] = [:]
     private var emittedMarkedRing: [FlowKey] = []
     private var emittedMarkedNext = 0
-    static let emittedMarkedKept = 4096
+    /// ~8 s of a pod opening 2000 tunnels a second: a debug-build reader under the catch-up test's load fell more
+    /// than the 2 s a ring of 4096 held behind (1 false escape in a CI run). ~1.5 MB at most.
+    static let emittedMarkedKept = 16_384
 
     private func rememberEmittedMarked(_ key: FlowKey, lastSeen: Int64) {
         if emittedMarkedRing.count < Correlator.emittedMarkedKept {
@@ -1819,8 +1821,11 @@ public final class Correlator {
         }
         let (kind, findings) = classify(c)
         t.kind = kind
-        // After its own classification, which asks whether it is the tail of one emitted before.
-        if c.sawZtunnelMark, let key = c.keys.first { rememberEmittedMarked(key, lastSeen: c.timeline.lastSeen.totalNanoseconds) }
+        // After its own classification, which asks whether it is the tail of one emitted before. Only ztunnel's own
+        // connections out of the pod (a tunnel, a passthrough), whose tails would read as a forged mark.
+        if c.sawZtunnelMark, kind == .hboneOutbound || kind == .ztunnelPassthrough, let key = c.keys.first {
+            rememberEmittedMarked(key, lastSeen: c.timeline.lastSeen.totalNanoseconds)
+        }
         if isCapturedDNS(c) {
             if dnsCaptureStarts.count == 16 { dnsCaptureStarts.removeFirst() }
             dnsCaptureStarts.append((c.firstSeenNanos, c.responder.addr))
