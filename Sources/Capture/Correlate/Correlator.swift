@@ -779,16 +779,8 @@ public final class Correlator {
                                       : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { continue }
             let dt = inner.firstSeenNanos - outer.firstSeenNanos
             guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
-            // The slack is for times stamped on receipt. With the outer connection's SYN captured, its start is
-            // exact and the inner one's earliest time is never early, so an inner connection that shows a packet
-            // before the outer one began was not opened for it: ztunnel connects on only after it accepted (outbound)
-            // or read the tunnel's request (inbound). A tunnel opened earlier that carried it was pooled
-            // (`pooledTunnel`, at emission).
-            if outer.startExact && inner.timeline.firstSeen < outer.timeline.firstSeen { continue }
-            // Inbound through HBONE, ztunnel connects into the app only once it has read the request the tunnel
-            // carries: a connection that began before the tunnel brought any payload was not opened for it.
-            if direction == .inbound && outer.startExact && outer.responder.port == options.hbonePort
-                && inner.timeline.firstSeen.totalNanoseconds < outer.firstForwardDataNanos { continue }
+            // The slack is for times stamped on receipt; with the outer start exact, the order is the kernel's.
+            guard inCausalOrder(outer: outer, inner: inner, direction: direction) else { continue }
             // A tunnel that had closed before the connection it would carry began carried none of it (within the
             // slack, a tunnel freed by relay timing looked again and took a connection 450 ms younger than it).
             let tunnel = direction == .outbound ? inner : outer, carried = direction == .outbound ? outer : inner
@@ -1544,11 +1536,24 @@ public final class Correlator {
         return link
     }
 
+    /// Whether `inner` could have been opened for `outer` by the order they began in, once the outer connection's
+    /// start is exact (its SYN at the packet's own time; the inner one's earliest time is never early): ztunnel
+    /// connects on only after it accepted the app's connection (outbound), or read the request a tunnel brought
+    /// (inbound through HBONE: after the tunnel's first payload). A tunnel opened earlier that carried the
+    /// connection was pooled (`pooledTunnel`, at emission). Without an exact start, anything within the slack.
+    private func inCausalOrder(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction) -> Bool {
+        guard outer.startExact else { return true }
+        if inner.timeline.firstSeen < outer.timeline.firstSeen { return false }
+        return direction == .outbound || outer.responder.port != options.hbonePort
+            || inner.timeline.firstSeen.totalNanoseconds >= outer.firstForwardDataNanos
+    }
+
     /// A connection joined before its SYN came with the packet's own time (its first record was stamped on receipt,
     /// and the join allowed for that): a fresh join on its outer side whose inner connection began before it was not
     /// opened for it (`bestPartner`'s causal order), and is undone; both look again.
     private func undoJoinsBeforeStart(of c: ConnectionState) {
-        let wrong = c.hopLinks.filter { $0.outer === c && !$0.pooled && $0.relay == nil && $0.inner.timeline.firstSeen < c.timeline.firstSeen }
+        let wrong = c.hopLinks.filter { $0.outer === c && !$0.pooled && $0.relay == nil
+            && !inCausalOrder(outer: c, inner: $0.inner, direction: $0.hop.direction) }
         guard !wrong.isEmpty else { return }
         for link in wrong { unlink(link) }
         lookAgain(c)
@@ -1572,19 +1577,20 @@ public final class Correlator {
     /// last seen. A reader far behind (live, `late_records`) gets a connection's last packets after it was emitted;
     /// they make a connection of their own, with no SYN and no join, and that must not read as a forged mark.
     private var emittedMarked: [FlowKey: Int64] = [:]
-    private var emittedMarkedRing: [FlowKey] = []
+    private var emittedMarkedRing: [(key: FlowKey, lastSeen: Int64)] = []
     private var emittedMarkedNext = 0
-    /// ~8 s of a pod opening 2000 tunnels a second: a debug-build reader under the catch-up test's load fell more
-    /// than the 2 s a ring of 4096 held behind (1 false escape in a CI run). ~1.5 MB at most.
+    /// ~8 s of a pod opening 2000 tunnels a second, ~1.5 MB at most. (4096 marked connections of any kind held ~1 s
+    /// of the catch-up test's load; whether a reader that far behind caused its one false escape in CI is a guess.)
     static let emittedMarkedKept = 16_384
 
     private func rememberEmittedMarked(_ key: FlowKey, lastSeen: Int64) {
         if emittedMarkedRing.count < Correlator.emittedMarkedKept {
-            emittedMarkedRing.append(key)
+            emittedMarkedRing.append((key, lastSeen))
         } else {
+            // The oldest goes, unless its tuple was emitted again since (a reused port): that entry is the newer one's.
             let old = emittedMarkedRing[emittedMarkedNext]
-            if old != key { emittedMarked[old] = nil }
-            emittedMarkedRing[emittedMarkedNext] = key
+            if emittedMarked[old.key] == old.lastSeen { emittedMarked[old.key] = nil }
+            emittedMarkedRing[emittedMarkedNext] = (key, lastSeen)
             emittedMarkedNext = (emittedMarkedNext + 1) % Correlator.emittedMarkedKept
         }
         emittedMarked[key] = lastSeen
@@ -1627,12 +1633,10 @@ public final class Correlator {
     /// Whether tunnel `t` could have been opened for connection `c` (`bestPartner`'s rules: identity, the order they
     /// began in, a tunnel still open).
     private func couldCarry(_ t: ConnectionState, _ c: ConnectionState, _ direction: ZtunnelHop.Direction) -> Bool {
-        let outbound = direction == .outbound
-        guard identityMatches(outer: outbound ? c : t, inner: outbound ? t : c, direction: direction) else { return false }
+        let (outer, inner) = direction == .outbound ? (c, t) : (t, c)
+        guard identityMatches(outer: outer, inner: inner, direction: direction) else { return false }
         if let closed = t.closedAt, closed < c.firstSeenNanos { return false }
-        if outbound { return t.timeline.firstSeen >= c.timeline.firstSeen }
-        guard c.timeline.firstSeen >= t.timeline.firstSeen else { return false }
-        return t.responder.port != options.hbonePort || c.timeline.firstSeen.totalNanoseconds >= t.firstForwardDataNanos
+        return inCausalOrder(outer: outer, inner: inner, direction: direction)
     }
 
     // MARK: - Merging and emission

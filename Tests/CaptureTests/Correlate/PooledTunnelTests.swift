@@ -566,6 +566,8 @@ final class PooledTunnelTests: XCTestCase {
         // next tunnel, which opened 78 µs after it, at high confidence (by then the only candidate); that tunnel's
         // own connection was then joined elsewhere. 77 % of that run's inbound joins were wrong so. With both SYNs
         // captured the order is exact, and ztunnel connects into the app only after it read the tunnel's request.
+        // Through HBONE the request rule alone refuses this join (a tunnel's request comes after its SYN): the test
+        // fails only with both halves of `inCausalOrder` off; the start rule alone is the outbound test's.
         var (s, connmarkTwin) = serverSide()
         let podHBONE = CorrelatorTests.podHBONE, appPort = CorrelatorTests.appPort
         let kept = PacketFactory.ep("10.0.2.2", 41005), tunnel = PacketFactory.ep("10.0.2.2", 41001)
