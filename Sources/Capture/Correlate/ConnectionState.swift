@@ -287,6 +287,14 @@ final class ConnectionState {
         self.responder = responder
     }
 
+    /// An ICMP error about one of its packets (`Correlator.place`): each type and code once, the first 4 kinds.
+    func icmpErrorSeen(_ r: borrowing PacketRecord) {
+        let proto = r.tuple.proto, type = r.icmpType, code = r.icmpCode
+        guard timeline.icmpErrors.count < 4,
+              !timeline.icmpErrors.contains(where: { $0.proto == proto && $0.type == type && $0.code == code }) else { return }
+        timeline.icmpErrors.append(IcmpError(time: r.time, from: r.tuple.src.addr, proto: proto, type: type, code: code))
+    }
+
     var id: ConnectionID { timeline.id }
     var proto: UInt8 { timeline.original.proto }
     var isClosed: Bool { closedAt != nil }

@@ -154,6 +154,15 @@ public final class Correlator {
 
         if options.podAddresses.isEmpty && podVotesTotal < Correlator.podVoteLimit { votePodAddress(&r, nf) }
 
+        // An ICMP error belongs to the connection of the packet it quotes (any of its NAT views): a port
+        // unreachable answering DNS redirected to a 15053 nobody listens on is that query's, not a connection of
+        // its own. Quoting nothing known (its connection began before the capture, or is gone), it is its own.
+        if _slowPath(r.hasQuoted), let c = quotedConnection(r.quoted) {
+            c.icmpErrorSeen(r)
+            record(&r, nf, hitID: hitID, on: c)
+            return c.id
+        }
+
         // Most packets belong to a connection already in the table and change nothing about which one: placed
         // through an unretained reference (the table holds the connection throughout, and `record` removes
         // none), which saves a retain and a release per packet (~3 % of an analysis).
@@ -172,6 +181,22 @@ public final class Correlator {
         let c = connection(for: &r, nf)
         record(&r, nf, hitID: hitID, on: c)
         return c.id
+    }
+
+    /// The connection an ICMP error's quoted packet belongs to: one of its views, or (a view not seen) the
+    /// connection its sender's endpoint began. An error conntrack de-NATed (seen on lo, or at PREROUTING) quotes
+    /// the original destination of a packet seen only redirected: that is the connection's original view.
+    private func quotedConnection(_ q: FiveTuple) -> ConnectionState? {
+        let key = FlowKey(q)
+        if let c = table[key] { return c }
+        guard q.proto == IPProto.tcp || q.proto == IPProto.udp else { return nil }
+        if let c = byInitiator[InitiatorKey(proto: q.proto, endpoint: q.src)] {
+            if c.initiator == q.src, c.natResponder != nil, !c.originalKnown, !isRedirectTarget(q.dst) {
+                addView(c, otherEnd: q.dst, key: key)
+            }
+            return c
+        }
+        return byInitiator[InitiatorKey(proto: q.proto, endpoint: q.dst)]
     }
 
     /// Moves the capture clock to `time` with no packet, and emits what that finishes: closed connections past
@@ -1361,7 +1386,8 @@ public final class Correlator {
     /// A packet captured on an interface (NFLOG copies would count it twice) that carries bytes: PSH, or longer
     /// than any header (IPv6 40 + TCP 60).
     private static func isRelayData(_ e: CompactEvent, loopback: Bool) -> Bool {
-        isRelayData(pointKind: e.pointKind, isLoopback: e.isLoopback, flags: e.flags, length: e.length, loopback: loopback)
+        // An ICMP error placed on a tunnel (`place`) is no data it relayed.
+        e.tuple.proto == IPProto.tcp && isRelayData(pointKind: e.pointKind, isLoopback: e.isLoopback, flags: e.flags, length: e.length, loopback: loopback)
     }
 
     private static func isRelayData(pointKind: CapturePoint.Kind, isLoopback: Bool, flags: TCPFlags, length: UInt32,
@@ -1674,6 +1700,10 @@ public final class Correlator {
         keep.finForward = keep.finForward || gone.finForward
         keep.finReply = keep.finReply || gone.finReply
         keep.reset = keep.reset || gone.reset
+        for e in gone.timeline.icmpErrors where keep.timeline.icmpErrors.count < 4
+            && !keep.timeline.icmpErrors.contains(where: { $0.proto == e.proto && $0.type == e.type && $0.code == e.code }) {
+            keep.timeline.icmpErrors.append(e)
+        }
         if keep.closedAt == nil { keep.closedAt = gone.closedAt }
         if keep.tunnelIndex >= 0 {
             tunnelBegan[keep.tunnelIndex] = .min

@@ -202,11 +202,32 @@ public struct ConnectionTimeline: Sendable {
     public var closed: Bool
     /// Hops this connection is part of (outer or inner side).
     public var hops: [ZtunnelHop]
+    /// ICMP errors about its packets (each kind once, first seen first; their packets are among the events).
+    public var icmpErrors: [IcmpError]
     public init(id: ConnectionID, kind: ConnectionKind, original: FiveTuple) {
         self.id = id; self.kind = kind; self.original = original; self.aliases = []; self.redirect = nil
         self.marks = []; self.events = []; self.droppedEvents = 0; self.firstSeen = .zero; self.lastSeen = .zero
-        self.packets = 0; self.bytes = 0; self.closed = false; self.hops = []
+        self.packets = 0; self.bytes = 0; self.closed = false; self.hops = []; self.icmpErrors = []
     }
+}
+
+/// An ICMP error about a connection's packet: a port unreachable (nothing listening, e.g. on ztunnel's 15053),
+/// a host unreachable, fragmentation needed / packet too big (path MTU), a time exceeded.
+public struct IcmpError: Hashable, Sendable {
+    /// When it was first seen.
+    public var time: Timestamp
+    /// Its sender as first seen: a router, the peer, or the pod's own stack (an error the pod sends answers a
+    /// packet that came in). Seen before NAT at an OUTPUT hook, after it on an interface.
+    public var from: IPAddress
+    /// `IPProto.icmp` or `IPProto.icmpv6`.
+    public var proto: UInt8
+    public var type: UInt8
+    public var code: UInt8
+    public init(time: Timestamp, from: IPAddress, proto: UInt8, type: UInt8, code: UInt8) {
+        self.time = time; self.from = from; self.proto = proto; self.type = type; self.code = code
+    }
+    /// "port unreachable", "packet too big", ...
+    public var message: String { IcmpMessage.name(proto: proto, type: type, code: code) }
 }
 
 /// Totals at the end of an analysis or trace.

@@ -78,6 +78,7 @@ extension PacketRecord {
         payloadLength = 0
         icmpType = 0
         icmpCode = 0
+        hasQuoted = false
         hasNflog = false
         selected = true
         notes = []

@@ -424,6 +424,10 @@ public struct PacketRecord: Sendable {
     public var payloadLength: UInt32 = 0
     public var icmpType: UInt8 = 0
     public var icmpCode: UInt8 = 0
+    /// An ICMP error's quoted packet (the start of the packet it reports on, RFC 792 / RFC 4443), in the tuple
+    /// convention: meaningful only when `hasQuoted`. The correlator places the error on that packet's connection.
+    public var quoted: FiveTuple = FiveTuple(proto: 0, src: Endpoint(.none, 0), dst: Endpoint(.none, 0))
+    public var hasQuoted = false
     /// Present for NFLOG records only. Stored as `nflogFields` plus `hasNflog`: an optional of this ~270-byte
     /// struct is copied whole even to be tested for nil, so per-packet code reads the stored fields.
     public var nflog: NflogMeta? {

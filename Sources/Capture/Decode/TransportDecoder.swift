@@ -83,11 +83,130 @@ enum TransportDecoder {
         rec.icmpCode = code
         rec.tuple.src.port = UInt16(type) << 8 | UInt16(code)
         rec.tuple.dst.port = 0
+        if IcmpMessage.isError(proto: rec.tuple.proto, type: type) {
+            // Checksum and the 4-byte rest of the header (unused, MTU, pointer), then the packet reported on.
+            guard r.skip(6) else { return }
+            quotedPacket(&r, family: rec.tuple.src.addr.family, into: &rec)
+            return
+        }
         guard type == echoRequest || type == echoReply else { return }
         guard r.skip(2), let id = r.be16() else {
             rec.notes.insert(.truncatedTransport)
             return
         }
         rec.tuple.dst.port = id
+    }
+
+    /// The packet an ICMP error quotes: its IP header and the first 8 bytes after it, of which the tuple needs the
+    /// addresses and the ports (or an echo's type and identifier). Set only when all of that was captured, in the
+    /// error's own family; a quote cut short is no damage to the error itself, so it adds no note.
+    private static func quotedPacket(_ r: inout ByteReader, family: IPAddress.Family, into rec: inout PacketRecord) {
+        var t = FiveTuple(proto: 0, src: Endpoint(.none, 0), dst: Endpoint(.none, 0))
+        var next: UInt8
+        switch family {
+        case .v4:
+            guard let verIHL = r.u8(), verIHL >> 4 == 4, r.skip(5), let fragField = r.be16(), r.skip(1),
+                  let proto = r.u8(), r.skip(2), let src = r.be32(), let dst = r.be32() else { return }
+            let headerLength = Int(verIHL & 0x0f) * 4
+            // A non-first fragment quotes no ports.
+            guard headerLength >= 20, fragField & 0x1fff == 0, r.skip(headerLength - 20) else { return }
+            t.src.addr = IPAddress(v4: src); t.dst.addr = IPAddress(v4: dst)
+            next = proto
+        case .v6:
+            guard let word0 = r.be32(), word0 >> 28 == 6, r.skip(2), let nh = r.u8(), r.skip(1),
+                  let srcHi = r.be64(), let srcLo = r.be64(), let dstHi = r.be64(), let dstLo = r.be64() else { return }
+            t.src.addr = IPAddress(v6: srcHi, srcLo); t.dst.addr = IPAddress(v6: dstHi, dstLo)
+            next = nh
+            // Hop-by-hop, routing and destination options headers (a fragment header ends it: no ports behind
+            // a non-first one, and a first one is rare in a quote).
+            var walked = 0
+            while next == 0 || next == 43 || next == 60 {
+                walked += 1
+                guard walked <= IPDecoder.maxExtensionHeaders, let nextHeader = r.u8(), let length = r.u8(),
+                      r.skip(6 + Int(length) * 8) else { return }
+                next = nextHeader
+            }
+        default:
+            return
+        }
+        t.proto = next
+        switch next {
+        case IPProto.tcp, IPProto.udp, IPProto.sctp:
+            guard let sport = r.be16(), let dport = r.be16() else { return }
+            t.src.port = sport; t.dst.port = dport
+        case IPProto.icmp, IPProto.icmpv6:
+            // Only a quoted echo keys a connection (by its identifier); an error about an error names none.
+            guard next == (family == .v4 ? IPProto.icmp : IPProto.icmpv6), let type = r.u8(), let code = r.u8(),
+                  r.skip(2), let id = r.be16() else { return }
+            let echo: (UInt8, UInt8) = next == IPProto.icmp ? (8, 0) : (128, 129)
+            guard type == echo.0 || type == echo.1 else { return }
+            t.src.port = UInt16(type) << 8 | UInt16(code); t.dst.port = id
+        default:
+            return
+        }
+        rec.quoted = t
+        rec.hasQuoted = true
+    }
+}
+
+/// ICMP and ICMPv6 messages by type and code: which are errors (they quote the packet they report on), and the
+/// words tcpdump's readers know them by.
+public enum IcmpMessage {
+    public static func isError(proto: UInt8, type: UInt8) -> Bool {
+        switch proto {
+        case IPProto.icmp: return type == 3 || type == 4 || type == 5 || type == 11 || type == 12
+        case IPProto.icmpv6: return type >= 1 && type <= 4
+        default: return false
+        }
+    }
+
+    /// "port unreachable", "echo request", "packet too big", ...; "type T code C" for the rest.
+    public static func name(proto: UInt8, type: UInt8, code: UInt8) -> String {
+        if proto == IPProto.icmp {
+            switch (type, code) {
+            case (0, _): return "echo reply"
+            case (3, 0): return "net unreachable"
+            case (3, 1): return "host unreachable"
+            case (3, 2): return "protocol unreachable"
+            case (3, 3): return "port unreachable"
+            case (3, 4): return "fragmentation needed"
+            case (3, 9), (3, 10), (3, 13): return "administratively prohibited"
+            case (3, _): return "unreachable code \(code)"
+            case (4, _): return "source quench"
+            case (5, _): return "redirect"
+            case (8, _): return "echo request"
+            case (11, 0): return "time exceeded in transit"
+            case (11, _): return "fragment reassembly time exceeded"
+            case (12, _): return "parameter problem"
+            default: break
+            }
+        } else if proto == IPProto.icmpv6 {
+            switch (type, code) {
+            case (1, 0): return "no route"
+            case (1, 1): return "administratively prohibited"
+            case (1, 3): return "address unreachable"
+            case (1, 4): return "port unreachable"
+            case (1, 5): return "source address failed policy"
+            case (1, 6): return "reject route"
+            case (1, _): return "unreachable code \(code)"
+            case (2, _): return "packet too big"
+            case (3, 0): return "hop limit exceeded in transit"
+            case (3, _): return "fragment reassembly time exceeded"
+            case (4, _): return "parameter problem"
+            case (128, _): return "echo request"
+            case (129, _): return "echo reply"
+            case (130, _): return "multicast listener query"
+            case (131, _): return "multicast listener report"
+            case (132, _): return "multicast listener done"
+            case (143, _): return "multicast listener report v2"
+            case (133, _): return "router solicitation"
+            case (134, _): return "router advertisement"
+            case (135, _): return "neighbor solicitation"
+            case (136, _): return "neighbor advertisement"
+            case (137, _): return "redirect"
+            default: break
+            }
+        }
+        return "type \(type) code \(code)"
     }
 }

@@ -160,6 +160,12 @@ public final class JSONReport: ReportSink {
         out.write(room: 96) { w in
             w.text(isReply ? ",\"reply\":true" : ",\"reply\":false")
             if tu.proto == IPProto.tcp { w.text(",\"flags\":\""); w.tcpFlags(flags); w.byte(0x22) }
+        }
+        if tu.proto == IPProto.icmp || tu.proto == IPProto.icmpv6 {
+            out.text(",\"icmp\":")
+            out.jsonString(IcmpMessage.name(proto: tu.proto, type: UInt8(tu.src.port >> 8), code: UInt8(tu.src.port & 0xff)))
+        }
+        out.write(room: 64) { w in
             w.text(",\"len\":"); w.unsignedDecimal(UInt64(length))
             if let m = mark { w.text(",\"mark\":"); w.unsignedDecimal(UInt64(m)) }
         }
@@ -245,6 +251,19 @@ public final class JSONReport: ReportSink {
         key("marks"); open(UInt8(ascii: "["))
         for m in t.marks { element(); out.unsignedDecimal(UInt64(m)) }
         close(UInt8(ascii: "]"))
+        if !t.icmpErrors.isEmpty {
+            key("icmp_errors"); open(UInt8(ascii: "["))
+            for e in t.icmpErrors {
+                element(); open(UInt8(ascii: "{"))
+                key("time"); time(e.time)
+                key("from"); out.byte(0x22); out.address(e.from); out.byte(0x22)
+                key("type"); out.unsignedDecimal(UInt64(e.type))
+                key("code"); out.unsignedDecimal(UInt64(e.code))
+                key("message"); out.jsonString(e.message)
+                close(UInt8(ascii: "}"))
+            }
+            close(UInt8(ascii: "]"))
+        }
         key("first_seen"); time(t.firstSeen)
         key("last_seen"); time(t.lastSeen)
         key("packets"); out.decimal(t.packets)

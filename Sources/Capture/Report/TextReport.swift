@@ -52,6 +52,16 @@ public final class TextReport: ReportSink {
     private func tuple(_ t: FiveTuple) {
         out.text(IPProto.name(t.proto)); out.byte(0x20)
         tupleColumns(t)
+        if isICMP(t) { out.byte(0x20); icmpWords(t) }
+    }
+
+    @inline(__always)
+    private func isICMP(_ t: FiveTuple) -> Bool { t.proto == IPProto.icmp || t.proto == IPProto.icmpv6 }
+
+    /// An ICMP tuple's message ("port unreachable"), with an echo's identifier ("echo request id 7").
+    private func icmpWords(_ t: FiveTuple) {
+        out.text(IcmpMessage.name(proto: t.proto, type: UInt8(t.src.port >> 8), code: UInt8(t.src.port & 0xff)))
+        if FlowKey.isEcho(t) { out.text(" id "); out.unsignedDecimal(UInt64(t.dst.port)) }
     }
 
     public func connection(_ t: ConnectionTimeline) {
@@ -120,6 +130,13 @@ public final class TextReport: ReportSink {
                 mark(m)
             }
             out.byte(0x0a)
+        }
+        for e in t.icmpErrors {
+            out.text("  icmp      ")
+            styled(Style.bold, e.message)
+            out.text(" from "); out.address(e.from)
+            out.text(", "); out.text(formatDelta(max(0, e.time.totalNanoseconds - t.firstSeen.totalNanoseconds)))
+            out.text(" after the first packet\n")
         }
         for hop in t.hops { self.hop(hop, from: t) }
     }
@@ -250,12 +267,18 @@ public final class TextReport: ReportSink {
             }
         } else {
             out.text("  "); out.text(IPProto.name(tuple.proto))
+            if isICMP(tuple) { out.byte(0x20); icmpWords(tuple) }
             out.text("  len "); out.unsignedDecimal(UInt64(length))
         }
     }
 
-    /// `src:port > dst:port`; a packet line's are written once per tuple and copied after that (`tuplePieces`).
+    /// `src:port > dst:port` (ICMP: `src > dst`, its type and identifier are words after it); a packet line's are
+    /// written once per tuple and copied after that (`tuplePieces`).
     private func tupleColumns(_ t: FiveTuple) {
+        if isICMP(t) {
+            out.address(t.src.addr); out.text(" > "); out.address(t.dst.addr)
+            return
+        }
         out.endpoint(t.src); out.text(" > "); out.endpoint(t.dst)
     }
     private let tuplePieces = TuplePieces()

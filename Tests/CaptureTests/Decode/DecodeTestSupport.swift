@@ -28,8 +28,10 @@ struct DecodedCapture {
 enum Tshark {
     static var available: Bool { Command.which("tshark") != nil }
 
-    static func fields(_ path: String, _ names: [String], filter: String? = nil) throws -> [[String: String]] {
-        var argv = ["tshark", "-n", "-r", path, "-T", "fields", "-E", "separator=|", "-E", "occurrence=f"]
+    /// One row per frame. A field that occurs more than once (an ICMP error's outer and quoted headers) gives its
+    /// first occurrence, or with `occurrence: "l"` its last.
+    static func fields(_ path: String, _ names: [String], filter: String? = nil, occurrence: String = "f") throws -> [[String: String]] {
+        var argv = ["tshark", "-n", "-r", path, "-T", "fields", "-E", "separator=|", "-E", "occurrence=\(occurrence)"]
         if let filter { argv += ["-Y", filter] }
         for n in names { argv += ["-e", n] }
         let r = try Command.run(["env", "TZ=UTC"] + argv)

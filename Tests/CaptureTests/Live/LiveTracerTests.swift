@@ -348,6 +348,42 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertGreaterThan(outcome.summary.escapes, 0)
     }
 
+    /// ICMP errors are shown on the connection they answer, not as connections of their own. A datagram to a
+    /// closed port of the peer gets its port unreachable; a DNS query over IPv6, REDIRECTed to [::1]:15053 where
+    /// nothing listens (the lab's ztunnel stand-in proxies DNS on 127.0.0.1 only), gets the pod's own port
+    /// unreachable, seen at OUTPUT from ::1 before NAT and on lo from the resolver after conntrack de-NATed it:
+    /// one DNS connection with its redirect, its original destination and the error; no ICMPv6 connection.
+    func testICMPErrorsAreShownOnTheConnectionTheyAnswer() throws {
+        let lab = try makeLab { $0.ruleset = .istioDefault; $0.dualStack = true }
+        let closed = Endpoint(lab.peer.ipv4, LabTopology.udpEchoPort - 1)
+        let resolver6 = Endpoint(LabTopology.nodeIPv6, 53)
+        let (_, sink) = try trace(lab.client, group: 5418) {
+            // Both are refused: the app sees ECONNREFUSED, which is the point.
+            _ = try lab.runApp(["_app", "udp", "\(closed)", "--timeout", "0.5"], in: lab.client)
+            _ = try lab.runApp(["_app", "udp", "[\(LabTopology.nodeIPv6)]:53", "--dns", "example.org", "--timeout", "0.5"], in: lab.client)
+        }
+        let all = sink.timelines.map { "#\($0.id) \($0.kind.rawValue) \($0.original) errors \($0.icmpErrors.map(\.message))" }.joined(separator: "\n")
+
+        let datagram = try XCTUnwrap(sink.timelines.first { $0.original.proto == IPProto.udp && $0.original.dst == closed }, all)
+        XCTAssertEqual(datagram.icmpErrors.map(\.message), ["port unreachable"], all)
+        XCTAssertEqual(datagram.icmpErrors.first?.from, lab.peer.ipv4)
+        XCTAssertTrue(datagram.events.contains { $0.tuple.proto == IPProto.icmp && $0.isReply && $0.point.interface == "eth0" }, all)
+
+        let dns = try XCTUnwrap(sink.timelines.first { $0.original.proto == IPProto.udp && $0.original.dst == resolver6 }, all)
+        XCTAssertEqual(dns.kind, .dns)
+        XCTAssertEqual(dns.redirect, .redirected(toPort: 15053, originalDestination: resolver6))
+        XCTAssertEqual(dns.icmpErrors.map(\.message), ["port unreachable"], all)
+        XCTAssertTrue(dns.events.contains { $0.tuple.proto == IPProto.icmpv6 && $0.point.isLoopback }, all)
+        XCTAssertTrue(dns.events.contains { $0.tuple.proto == IPProto.icmpv6 && $0.point.kind == .netfilter }, all)
+
+        // No port unreachable left on its own (neighbour discovery and MLD may be, by design).
+        let unreachables = sink.timelines.filter {
+            ($0.original.proto == IPProto.icmp && $0.original.src.port == 3 << 8 | 3)
+                || ($0.original.proto == IPProto.icmpv6 && $0.original.src.port == 1 << 8 | 4)
+        }
+        XCTAssertEqual(unreachables.count, 0, all)
+    }
+
     /// `--duration` is the time traced, from when the twins are in: reading the rules and installing the twins
     /// (tens of milliseconds here, up to the xtables lock's 5 s on a busy node) came off it.
     func testDurationCountsFromWhenTheTwinsAreIn() throws {
