@@ -1605,19 +1605,17 @@ public final class Correlator {
     private var emittedMarked: [FlowKey: Int64] = [:]
     private var emittedMarkedRing: [(key: FlowKey, lastSeen: Int64)] = []
     private var emittedMarkedNext = 0
-    /// ~8 s of a pod opening 2000 tunnels a second, ~1.5 MB at most. (4096 marked connections of any kind held ~1 s
-    /// of the catch-up test's load; whether a reader that far behind caused its one false escape in CI is a guess.)
-    static let emittedMarkedKept = 16_384
-
     private func rememberEmittedMarked(_ key: FlowKey, lastSeen: Int64) {
-        if emittedMarkedRing.count < Correlator.emittedMarkedKept {
+        let kept = options.emittedTunnelsKept
+        guard kept > 0 else { return }
+        if emittedMarkedRing.count < kept {
             emittedMarkedRing.append((key, lastSeen))
         } else {
             // The oldest goes, unless its tuple was emitted again since (a reused port): that entry is the newer one's.
             let old = emittedMarkedRing[emittedMarkedNext]
             if emittedMarked[old.key] == old.lastSeen { emittedMarked[old.key] = nil }
             emittedMarkedRing[emittedMarkedNext] = (key, lastSeen)
-            emittedMarkedNext = (emittedMarkedNext + 1) % Correlator.emittedMarkedKept
+            emittedMarkedNext = (emittedMarkedNext + 1) % kept
         }
         emittedMarked[key] = lastSeen
     }

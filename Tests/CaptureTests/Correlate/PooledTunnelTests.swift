@@ -648,6 +648,44 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(correlate(q, tags: g.tags, ruleset: rules).0.findings.map(\.findingClass), [.forgedZtunnelMark])
     }
 
+    /// The memory of emitted tunnels is bounded (`emittedTunnelsKept`, oldest out first): a tail of a tunnel
+    /// pushed out of it keeps its finding. And a tuple emitted again (a reused port) is remembered until its own
+    /// newer entry goes, not when its older slot is overwritten.
+    func testTheMemoryOfEmittedTunnelsIsBoundedAndATupleEmittedAgainOutlivesItsOlderEntry() throws {
+        let rules = seedNatRuleset()
+        let second = PacketFactory.ep("10.0.3.3", 15008), third = PacketFactory.ep("10.0.4.4", 15008)
+        /// Outbound connections through tunnels to `targets` one after another (each emitted before the next), then
+        /// a late tail of the last tunnel to the peer: the findings.
+        func tailFindings(kept: Int, _ targets: [Endpoint]) throws -> [EscapeFinding.Class] {
+            var f = PacketFactory()
+            var options = CorrelatorOptions()
+            options.emittedTunnelsKept = kept
+            var p: [PacketRecord] = []
+            var lastFIN = Timestamp.zero
+            let here = PacketFactory.ep("127.0.0.1", 5000)
+            for (i, to) in targets.enumerated() {
+                let scenario = CorrelatorTests.outboundScenario(&f, ruleset: rules, hboneTo: to)
+                if to == peerHBONE { lastFIN = try XCTUnwrap(scenario.last).time }
+                p += scenario
+                // The clock moves past the close linger: the scenario's connections are emitted.
+                f.advance(micros: 3_000_000)
+                p.append(f.packet(here, PacketFactory.ep("127.0.0.1", 6000 + UInt16(i)), flags: [.syn], seq: 1, on: lo, direction: .outbound))
+            }
+            f.clock = lastFIN.totalNanoseconds + 40_000
+            p.append(f.nflog(ztunnelOut, peerHBONE, flags: [.ack], seq: 7182, ack: 9402, hook: .postrouting, prefix: observeOut,
+                             mark: 0x539, outIf: 2))
+            p.append(f.packet(ztunnelOut, peerHBONE, flags: [.ack], seq: 7182, ack: 9402, on: eth0, direction: .outbound))
+            let (sink, _) = correlate(p, tags: f.tags, ruleset: rules, options: options)
+            return sink.findings.map(\.findingClass)
+        }
+        XCTAssertEqual(try tailFindings(kept: 2, [peerHBONE, second]), [], "both remembered")
+        XCTAssertEqual(try tailFindings(kept: 1, [peerHBONE, second]), [.forgedZtunnelMark], "the first one pushed out")
+        XCTAssertEqual(try tailFindings(kept: 0, [peerHBONE]), [.forgedZtunnelMark], "nothing remembered")
+        // Ring of 3: the peer's tunnel, another, the peer's tuple again, a third: the third overwrites the first
+        // entry's slot, and the peer's tuple is still remembered by its second entry.
+        XCTAssertEqual(try tailFindings(kept: 3, [peerHBONE, second, peerHBONE, third]), [])
+    }
+
     func testAConnectionIntoTheAppIsNotJoinedToATunnelThatHadNotBroughtItsRequestYet() throws {
         // Two tunnels come in 100 µs apart; the first one's client is slow to send its request (in the lab, a thread
         // that had not run yet). ztunnel connects into the app for the second tunnel's request before the first
