@@ -213,6 +213,8 @@ final class ConnectionState {
     var finForward = false
     var finReply = false
     var reset = false
+    /// A RST came from the responder's side (with no SYN-ACK seen: refused, `ConnectionTimeline.refused`).
+    var resetByResponder = false
     var closedAt: Int64?
     var lastSeenNanos: Int64 = 0
     var firstSeenNanos: Int64 = 0

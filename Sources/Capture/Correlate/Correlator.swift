@@ -654,7 +654,10 @@ public final class Correlator {
             }
         }
         if f.contains(.fin) { if forward { c.finForward = true } else { c.finReply = true } }
-        if f.contains(.rst) { c.reset = true }
+        if f.contains(.rst) {
+            c.reset = true
+            if !forward { c.resetByResponder = true }
+        }
         if c.closedAt == nil && (c.reset || (c.finForward && c.finReply)) {
             c.closedAt = now
             if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }
@@ -1698,6 +1701,7 @@ public final class Correlator {
         keep.finForward = keep.finForward || gone.finForward
         keep.finReply = keep.finReply || gone.finReply
         keep.reset = keep.reset || gone.reset
+        keep.resetByResponder = keep.resetByResponder || gone.resetByResponder
         for e in gone.timeline.icmpErrors where keep.timeline.icmpErrors.count < 4
             && !keep.timeline.icmpErrors.contains(where: { $0.proto == e.proto && $0.type == e.type && $0.code == e.code }) {
             keep.timeline.icmpErrors.append(e)
@@ -1839,6 +1843,8 @@ public final class Correlator {
 
         var t = c.timeline
         t.original = FiveTuple(proto: c.proto, src: c.initiator, dst: c.responder)
+        // Its SYN answered by a RST from the other end, no SYN-ACK seen at any point: nothing listened there.
+        t.refused = c.resetByResponder && c.isnForward != nil && c.isnReply == nil
         t.aliases = []
         if let nat = c.natResponder {
             t.aliases.append(FiveTuple(proto: c.proto, src: c.natInitiator ?? c.initiator, dst: nat))

@@ -200,6 +200,9 @@ public struct ConnectionTimeline: Sendable {
     public var bytes: UInt64
     /// TCP: saw FIN/RST from both sides (or RST). Others: idle timeout.
     public var closed: Bool
+    /// TCP: its SYN was answered by a RST and no SYN-ACK was seen (connection refused: nothing listened there;
+    /// redirected, nothing on ztunnel's port in the pod).
+    public var refused: Bool = false
     /// Hops this connection is part of (outer or inner side).
     public var hops: [ZtunnelHop]
     /// ICMP errors about its packets (each kind once, first seen first; their packets are among the events).

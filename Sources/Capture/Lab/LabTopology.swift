@@ -275,6 +275,14 @@ public final class LabTopology: @unchecked Sendable {
         try Command.run([options.executable] + args, in: pod.ref)
     }
 
+    /// Stops a pod's ztunnel stand-in: ztunnel down, its rules still in place, nothing listening on its ports.
+    public func stopZtunnel(in pod: LabPod) {
+        lock.lock()
+        let standIn = processes.first { $0.label == "\(pod.role.rawValue) ztunnel" }
+        lock.unlock()
+        standIn?.stop()
+    }
+
     /// The pids of every process the lab started that still runs.
     public var runningPids: [Int32] {
         lock.lock(); defer { lock.unlock() }

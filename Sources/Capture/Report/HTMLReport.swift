@@ -129,6 +129,7 @@ public final class HTMLReport: ReportSink {
             if let r = t.redirect { details.append("#\(t.id): " + SequenceDiagram.actionText(r)) }
             if !t.marks.isEmpty { details.append("#\(t.id) marks " + t.marks.map { "0x" + String($0, radix: 16) }.joined(separator: ", ")) }
             for e in t.icmpErrors { details.append("#\(t.id): ICMP \(e.message) from \(e.from)") }
+            if t.refused { details.append("#\(t.id): refused (its SYN was answered by a RST)") }
             details.append("#\(t.id): \(t.packets) events, \(t.bytes) bytes captured, \(t.closed ? "closed" : "not closed")")
             for h in t.hops {
                 let other = h.outer == t.id ? h.inner : h.outer

@@ -269,6 +269,7 @@ public final class JSONReport: ReportSink {
         key("packets"); out.decimal(t.packets)
         key("bytes"); out.unsignedDecimal(t.bytes)
         key("closed"); out.text(t.closed ? "true" : "false")
+        if t.refused { key("refused"); out.text("true") }
         key("hops"); open(UInt8(ascii: "["))
         for h in t.hops {
             element(); open(UInt8(ascii: "{"))

@@ -108,7 +108,7 @@ public final class TextReport: ReportSink {
         out.text("  ")
         tuple(t.original)
         out.text("  ")
-        out.text(t.closed ? "closed" : "open at end or idle")
+        out.text(t.refused ? "refused" : t.closed ? "closed" : "open at end or idle")
         // Every NFLOG event and every captured packet is an event (a line below); bytes are the captured packets'
         // (an NFLOG event repeats a packet, and without a capture there are none).
         out.text(", "); out.decimal(t.packets); out.text(t.packets == 1 ? " event" : " events")
@@ -130,6 +130,16 @@ public final class TextReport: ReportSink {
                 mark(m)
             }
             out.byte(0x0a)
+        }
+        if t.refused {
+            out.text("  refused   ")
+            if case .redirected(let port, _)? = t.redirect {
+                out.text("the SYN, redirected to :"); out.unsignedDecimal(UInt64(port))
+                out.text(", was answered by a RST: nothing listens on :"); out.unsignedDecimal(UInt64(port))
+                out.text(" in this pod (ztunnel's port)\n")
+            } else {
+                out.text("the SYN was answered by a RST: nothing listens on "); out.endpoint(t.original.dst); out.byte(0x0a)
+            }
         }
         for e in t.icmpErrors {
             out.text("  icmp      ")

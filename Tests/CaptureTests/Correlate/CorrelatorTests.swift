@@ -575,6 +575,43 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(sink.timelines.map(\.kind), [.unknown, .local, .probe])
     }
 
+    /// A SYN answered by a RST (no SYN-ACK anywhere) is refused; redirected, the words name ztunnel's port. A
+    /// connection reset after its handshake is not.
+    func testAConnectionWhoseSYNIsAnsweredByARSTIsRefused() throws {
+        let rules = seedNatRuleset()
+        var f = PacketFactory()
+        var p = [f.nflog(Self.app, Self.service, flags: [.syn], seq: 1000, hook: .output,
+                         prefix: twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules), outIf: 2)]
+        f.advance(micros: 5)
+        p.append(f.packet(Self.app, Self.capture15001, flags: [.syn], seq: 1000, on: lo, direction: .inbound))
+        f.advance(micros: 10)
+        p.append(f.packet(Self.service, Self.app, flags: [.rst, .ack], seq: 0, ack: 1001, on: lo, direction: .inbound))
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let t = try XCTUnwrap(sink.timelines.first)
+        XCTAssertEqual(sink.timelines.count, 1)
+        XCTAssertTrue(t.refused)
+        XCTAssertTrue(t.closed)
+        XCTAssertEqual(t.redirect, .redirected(toPort: 15001, originalDestination: Self.service))
+        let text = try renderReport(p, tags: f.tags, ruleset: rules) { TextReport(fileDescriptor: $0) }
+        XCTAssertTrue(text.contains("tcp 10.0.1.5:40000 > 10.0.2.2:80  refused, 3 events"), text)
+        XCTAssertTrue(text.contains("  refused   the SYN, redirected to :15001, was answered by a RST: nothing listens on :15001 in this pod (ztunnel's port)\n"), text)
+        let json = try renderReport(p, tags: f.tags, ruleset: rules) { JSONReport(fileDescriptor: $0) }
+        XCTAssertTrue(json.contains(#""closed":true,"refused":true,"#), json)
+
+        // Reset after the handshake: closed, not refused.
+        var g = PacketFactory()
+        let peer = PacketFactory.ep("10.0.9.9", 443)
+        let q = [g.packet(Self.app, peer, flags: [.syn], seq: 1, on: eth0, direction: .outbound),
+                 g.packet(peer, Self.app, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound),
+                 g.packet(Self.app, peer, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound),
+                 g.packet(peer, Self.app, flags: [.rst], seq: 51, on: eth0, direction: .inbound)]
+        let (sink2, _) = correlate(q, tags: g.tags)
+        XCTAssertEqual(sink2.timelines.map(\.refused), [false])
+        XCTAssertEqual(sink2.timelines.map(\.closed), [true])
+        let json2 = try renderReport(q, tags: g.tags) { JSONReport(fileDescriptor: $0) }
+        XCTAssertFalse(json2.contains("refused"), json2)
+    }
+
     func testNonDNSUDPAndICMPAreReportedAsByDesign() throws {
         var f = PacketFactory()
         let a = PacketFactory.ep("10.0.1.5", 5000)

@@ -348,6 +348,24 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertGreaterThan(outcome.summary.escapes, 0)
     }
 
+    /// ztunnel down (its stand-in stopped, the rules in place): the app's connection is REDIRECTed to 15001 and
+    /// refused there. The timeline says refused, with the redirect and the original destination; no escape.
+    func testAConnectionRefusedAtZtunnelsPortSaysSo() throws {
+        let lab = try makeLab()
+        lab.stopZtunnel(in: lab.client)
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let (_, sink) = try trace(lab.client, group: 5419) {
+            let r = try lab.runApp(["_app", "get", "\(server)", "--timeout", "1"], in: lab.client)
+            XCTAssertFalse(r.ok, "the app got through with ztunnel down: \(r.stdout)")
+        }
+        let all = sink.timelines.map { "#\($0.id) \($0.kind.rawValue) \($0.original) refused \($0.refused)" }.joined(separator: "\n")
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == server }, all)
+        XCTAssertTrue(app.refused, all)
+        XCTAssertEqual(app.redirect, .redirected(toPort: 15001, originalDestination: server))
+        XCTAssertTrue(app.events.contains { $0.isReply && $0.tcpFlags.contains(.rst) && $0.point.isLoopback }, all)
+        XCTAssertEqual(sink.findings.filter(\.isEscape).count, 0, "\(sink.findings.map(\.summary))")
+    }
+
     /// ICMP errors are shown on the connection they answer, not as connections of their own. A datagram to a
     /// closed port of the peer gets its port unreachable; a DNS query over IPv6, REDIRECTed to [::1]:15053 where
     /// nothing listens (the lab's ztunnel stand-in proxies DNS on 127.0.0.1 only), gets the pod's own port
