@@ -211,10 +211,7 @@ public final class LabTopology: @unchecked Sendable {
         let keepFlags = options.keep ? [] : ["--die-with-parent"]
         var waits: [(LabProcess, String)] = []
         for pod in meshPods {
-            var argv = ["_ztunnel"] + pod.addresses.flatMap { ["--pod-ip", $0.description] } + meshArguments()
-            if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
-            if options.poolTunnels { argv += ["--pool-tunnels"] }
-            waits.append((try start(argv + keepFlags, in: pod, label: "ztunnel"), "ztunnel stand-in up"))
+            waits.append((try start(ztunnelArguments(for: pod) + keepFlags, in: pod, label: "ztunnel"), "ztunnel stand-in up"))
         }
         let v6 = options.dualStack ? ["--ipv6"] : []
         waits.append((try start(["_app", "serve", "--name", "server", "--port", "\(LabTopology.appPort)"] + v6 + keepFlags,
@@ -223,6 +220,18 @@ public final class LabTopology: @unchecked Sendable {
                                  "--udp-echo", "\(LabTopology.udpEchoPort)"] + v6 + keepFlags, in: peer, label: "app"), "listening"))
         waits.append((try start(["_app", "serve", "--name", "node", "--port", "8080", "--dns", "53"] + keepFlags,
                                 in: node, label: "app"), "listening"))
+        try waitUntilUp(waits)
+    }
+
+    private func ztunnelArguments(for pod: LabPod) -> [String] {
+        var argv = ["_ztunnel"] + pod.addresses.flatMap { ["--pod-ip", $0.description] } + meshArguments()
+        if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
+        if options.poolTunnels { argv += ["--pool-tunnels"] }
+        return argv
+    }
+
+    /// Waits for each process's line in its log (10 s each at most), then checks none exited after it.
+    private func waitUntilUp(_ waits: [(LabProcess, String)]) throws {
         for (p, line) in waits {
             let deadline = Date().addingTimeInterval(10)
             while !p.log.contains(line) {
@@ -278,9 +287,15 @@ public final class LabTopology: @unchecked Sendable {
     /// Stops a pod's ztunnel stand-in: ztunnel down, its rules still in place, nothing listening on its ports.
     public func stopZtunnel(in pod: LabPod) {
         lock.lock()
-        let standIn = processes.first { $0.label == "\(pod.role.rawValue) ztunnel" }
+        let standIns = processes.filter { $0.label == "\(pod.role.rawValue) ztunnel" && $0.process.isRunning }
         lock.unlock()
-        standIn?.stop()
+        for p in standIns { p.stop() }
+    }
+
+    /// Starts a pod's ztunnel stand-in again (after `stopZtunnel`), and waits until it listens.
+    public func startZtunnel(in pod: LabPod) throws {
+        let p = try start(ztunnelArguments(for: pod) + (options.keep ? [] : ["--die-with-parent"]), in: pod, label: "ztunnel")
+        try waitUntilUp([(p, "ztunnel stand-in up")])
     }
 
     /// The pids of every process the lab started that still runs.

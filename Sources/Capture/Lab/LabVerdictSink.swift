@@ -38,6 +38,8 @@ public final class LabVerdictSink: ReportSink {
             targets.contains(t.original.dst) || t.aliases.contains { targets.contains($0.dst) }
                 || (scenario == .probe && t.original.src.addr == LabTopology.probeSource)
         }
+        // Refused at ztunnel's port: redirected, its SYN answered by a RST. Before `captured`: it is app-outbound.
+        if subject.contains(where: { $0.refused && $0.redirect != nil }) { return .refused }
         let capturedKinds: Set<ConnectionKind> = [.appOutbound, .hboneInbound, .inboundPlaintext, .ztunnelToApp, .hboneOutbound]
         if subject.contains(where: { capturedKinds.contains($0.kind) || !$0.hops.isEmpty }) { return .captured }
         if subject.contains(where: { $0.kind == .dns && $0.redirect != nil }) { return .captured }
@@ -52,7 +54,7 @@ extension Scenario {
     public func destinations(_ lab: LabTopology) -> [Endpoint] {
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
         switch self {
-        case .outbound, .markEscape, .ruleDeleted, .foreignAccept, .inboundPlaintext, .probe: return [server]
+        case .outbound, .markEscape, .ruleDeleted, .foreignAccept, .inboundPlaintext, .probe, .ztunnelDown: return [server]
         case .inboundHBONE: return [Endpoint(lab.server.ipv4, 15008), server]
         case .passthrough: return [Endpoint(lab.peer.ipv4, LabTopology.appPort)]
         case .dns: return [LabTopology.dnsServer]

@@ -8,6 +8,9 @@ public enum LabVerdict: String, Sendable, Codable {
     case bypass = "bypass by design"
     /// It left (or entered) the pod without ztunnel, and nothing in the design says it should.
     case escape
+    /// The rules captured it, but nothing listened on ztunnel's port: the kernel answered its SYN with a RST
+    /// (ztunnel down, its rules still in place). Not an escape: the app's connection failed, none left.
+    case refused = "refused"
 }
 
 /// What the truth of a scenario is: the verdict and, in words, why.
@@ -30,6 +33,7 @@ public enum Scenario: String, Sendable, CaseIterable {
     case ipv6Escape = "ipv6-escape"
     case ruleDeleted = "rule-deleted"
     case foreignAccept = "foreign-accept"
+    case ztunnelDown = "ztunnel-down"
 
     public static func named(_ name: String) throws -> Scenario {
         guard let s = Scenario(rawValue: name) else {
@@ -52,6 +56,7 @@ public enum Scenario: String, Sendable, CaseIterable {
         case .ipv6Escape: return "dual-stack client pod without ip6tables rules: app -> server [IPv6]:80"
         case .ruleDeleted: return "the client's 15001 REDIRECT rule deleted, then app -> server:80"
         case .foreignAccept: return "another tool's ACCEPT inserted ahead of the 15001 rule, then app -> server:80"
+        case .ztunnelDown: return "the client's ztunnel stopped (its rules stay), then app -> server:80"
         }
     }
 
@@ -94,6 +99,7 @@ public enum Scenario: String, Sendable, CaseIterable {
         case .ipv6Escape: return .init(verdict: .escape, because: "no ip6tables rules: IPv6 TCP is never redirected")
         case .ruleDeleted: return .init(verdict: .escape, because: "without the 15001 REDIRECT nothing captures outbound TCP")
         case .foreignAccept: return .init(verdict: .escape, because: "the foreign ACCEPT ends the nat walk before the 15001 REDIRECT")
+        case .ztunnelDown: return .init(verdict: .refused, because: "the 15001 REDIRECT still captures app TCP, and nothing listens on 15001: the kernel answers the SYN with a RST")
         }
     }
 }

@@ -76,7 +76,7 @@ public final class ScenarioRunner {
             evidence += ct.split(whereSeparator: \.isNewline).map { "conntrack \(traced.role.rawValue): \($0)" }
         }
         return ScenarioResult(scenario: scenario, expected: scenario.expectation(ruleset: lab.options.ruleset),
-                              kernelVerdict: outcome.ok ? kernelVerdict(scenario, new) : nil,
+                              kernelVerdict: outcome.ok || scenario == .ztunnelDown ? kernelVerdict(scenario, new, app: outcome) : nil,
                               appOutcome: outcome.text, evidence: evidence, traced: finding)
     }
 
@@ -92,6 +92,7 @@ public final class ScenarioRunner {
         let from: LabPod
         switch s {
         case .outbound, .inboundHBONE, .ruleDeleted, .foreignAccept: (from, args) = (lab.client, ["_app", "get", server])
+        case .ztunnelDown: (from, args) = (lab.client, ["_app", "get", "--timeout", "2", server])
         case .markEscape: (from, args) = (lab.client, ["_app", "get", "--mark", "0x539", server])
         case .inboundPlaintext: (from, args) = (lab.peer, ["_app", "get", server])
         case .probe: (from, args) = (lab.node, ["_app", "get", "--source", LabTopology.probeSource.description, server])
@@ -112,7 +113,7 @@ public final class ScenarioRunner {
 
     /// Reads the verdict from what the stand-ins logged: a ztunnel line for the connection means captured; the
     /// app answering without one means it passed ztunnel by (bypass or escape, per the scenario's design).
-    private func kernelVerdict(_ s: Scenario, _ lines: [(String, String)]) -> LabVerdict {
+    private func kernelVerdict(_ s: Scenario, _ lines: [(String, String)], app: Outcome) -> LabVerdict? {
         func logged(_ who: String, _ needle: String) -> Bool { lines.contains { $0.0 == who && $0.1.contains(needle) } }
         let server = "\(lab.server.ipv4):\(LabTopology.appPort)"
         switch s {
@@ -134,6 +135,11 @@ public final class ScenarioRunner {
         case .dns:
             if logged("client ztunnel", "dns ") { return .captured }
             return lab.options.ruleset.capturesDNS ? .escape : .bypass
+        case .ztunnelDown:
+            // The app was refused, and neither ztunnel nor the server saw it: it reached no listener.
+            if app.ok { return logged("client ztunnel", "outbound") ? .captured : .escape }
+            guard app.text.localizedCaseInsensitiveContains("refused"), !logged("server app", "served") else { return nil }
+            return .refused
         }
     }
 
@@ -160,6 +166,8 @@ public final class ScenarioRunner {
                 try c.netns.run([lab.iptables(), "-t", "nat", "-I", "ISTIO_OUTPUT", "\(position)", "-p", "tcp",
                                  "--dport", "\(LabTopology.appPort)", "-j", "ACCEPT"])
             }
+        case .ztunnelDown:
+            lab.stopZtunnel(in: c)
         case .ipv6Escape:
             // The variant may carry ip6tables rules; this scenario is the pod where they are missing.
             if lab.options.ruleset.form == .iptables, lab.options.ruleset.ipv6Text != nil {
@@ -175,6 +183,7 @@ public final class ScenarioRunner {
     private func restore(_ s: Scenario) throws {
         switch s {
         case .ruleDeleted, .foreignAccept, .ipv6Escape: try lab.loadRuleset(into: lab.client)
+        case .ztunnelDown: try lab.startZtunnel(in: lab.client)
         default: break
         }
     }

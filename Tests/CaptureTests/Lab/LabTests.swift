@@ -134,7 +134,11 @@ final class LabTests: KernelTestCase {
             XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.appOutcome)\n\(r.evidence.joined(separator: "\n"))")
             // What meshtrace's engine made of the NFLOG twins and the packets, against the same truth.
             XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace said\n\(r.traced?.report ?? "nothing")")
-            XCTAssertFalse(r.appOutcome.contains("meshtrace:"), "\(scenario.rawValue): the traffic failed: \(r.appOutcome)")
+            if scenario == .ztunnelDown {
+                XCTAssertTrue(r.appOutcome.localizedCaseInsensitiveContains("refused"), "\(scenario.rawValue): \(r.appOutcome)")
+            } else {
+                XCTAssertFalse(r.appOutcome.contains("meshtrace:"), "\(scenario.rawValue): the traffic failed: \(r.appOutcome)")
+            }
             // Independent of the stand-ins' logs: a client-side TCP scenario was captured iff conntrack shows the
             // app's connection answered by the 15001 REDIRECT target.
             let ct = r.evidence.filter { $0.hasPrefix("conntrack client:") }
@@ -161,7 +165,7 @@ final class LabTests: KernelTestCase {
         }
         let before = try rules()
         let runner = ScenarioRunner(lab: lab, tracing: LiveTraceTracing(group: 4103))
-        for scenario in [Scenario.outbound, .inboundHBONE, .probe, .markEscape, .foreignAccept] {
+        for scenario in [Scenario.outbound, .inboundHBONE, .probe, .markEscape, .foreignAccept, .ztunnelDown, .outbound] {
             let r = try runner.run(scenario)
             XCTAssertEqual(r.kernelVerdict, r.expected.verdict, "\(scenario.rawValue): \(r.evidence)")
             XCTAssertEqual(r.traced?.verdict, r.expected.verdict, "\(scenario.rawValue): meshtrace trace said\n\(r.traced?.report ?? "nothing")")
