@@ -1878,6 +1878,8 @@ public final class Correlator {
         c.hopLinks = []
         if shown {
             summary.connections += 1
+            if t.refused { summary.refusedConnections += 1 }
+            if !t.icmpErrors.isEmpty { summary.connectionsWithIcmpErrors += 1 }
             sink.connection(t, events: events)
         } else {
             summary.connectionsFilteredOut = (summary.connectionsFilteredOut ?? 0) + 1

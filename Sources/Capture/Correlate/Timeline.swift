@@ -268,6 +268,9 @@ public struct AnalysisSummary: Sendable {
     /// Connections not shown because no packet of theirs matched `--filter` (nil without a filter); `connections`
     /// counts the shown ones.
     public var connectionsFilteredOut: Int? = nil
+    /// Shown connections whose SYN a RST answered (`ConnectionTimeline.refused`), and those with ICMP errors.
+    public var refusedConnections: Int = 0
+    public var connectionsWithIcmpErrors: Int = 0
     public init() {}
     public var escapes: Int { findings.filter(\.isEscape).count }
 }

@@ -331,6 +331,8 @@ public final class JSONReport: ReportSink {
         key("findings_omitted"); out.decimal(s.findingsOmitted)
         key("damaged_packets"); out.decimal(s.damagedPackets)
         if s.lateRecords > 0 { key("late_records"); out.decimal(s.lateRecords) }
+        if s.refusedConnections > 0 { key("refused"); out.decimal(s.refusedConnections) }
+        if s.connectionsWithIcmpErrors > 0 { key("with_icmp_errors"); out.decimal(s.connectionsWithIcmpErrors) }
         if s.nflogRecordsCut > 0 { key("nflog_records_cut"); out.decimal(s.nflogRecordsCut) }
         if s.traceSteps > 0 { key("trace_steps"); out.decimal(s.traceSteps) }
         if let lost = s.traceStepsLost { key("trace_steps_lost"); out.decimal(lost) }

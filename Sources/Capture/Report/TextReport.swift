@@ -415,6 +415,17 @@ public final class TextReport: ReportSink {
         out.text(", "); out.decimal(byDesign); out.text(" uncaptured by design")
         if s.findingsOmitted > 0 { out.text(" ("); out.decimal(s.findingsOmitted); out.text(" more findings not kept)") }
         out.byte(0x0a)
+        if s.refusedConnections > 0 || s.connectionsWithIcmpErrors > 0 {
+            out.text("  ")
+            if s.refusedConnections > 0 {
+                styled(Style.warn, "\(s.refusedConnections) connection\(s.refusedConnections == 1 ? "" : "s") refused (SYN answered by a RST)")
+                if s.connectionsWithIcmpErrors > 0 { out.text(", ") }
+            }
+            if s.connectionsWithIcmpErrors > 0 {
+                styled(Style.warn, "\(s.connectionsWithIcmpErrors) connection\(s.connectionsWithIcmpErrors == 1 ? "" : "s") with ICMP errors")
+            }
+            out.byte(0x0a)
+        }
         if !s.podAddresses.isEmpty {
             out.text("  pod address: "); out.text(s.podAddresses.map(\.description).joined(separator: ", ")); out.byte(0x0a)
         } else if s.connections > 0 {

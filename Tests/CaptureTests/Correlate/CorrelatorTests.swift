@@ -595,8 +595,10 @@ final class CorrelatorTests: XCTestCase {
         let text = try renderReport(p, tags: f.tags, ruleset: rules) { TextReport(fileDescriptor: $0) }
         XCTAssertTrue(text.contains("tcp 10.0.1.5:40000 > 10.0.2.2:80  refused, 3 events"), text)
         XCTAssertTrue(text.contains("  refused   the SYN, redirected to :15001, was answered by a RST: nothing listens on :15001 in this pod (ztunnel's port)\n"), text)
+        XCTAssertTrue(text.contains("  1 connection refused (SYN answered by a RST)\n"), text)
         let json = try renderReport(p, tags: f.tags, ruleset: rules) { JSONReport(fileDescriptor: $0) }
         XCTAssertTrue(json.contains(#""closed":true,"refused":true,"#), json)
+        XCTAssertTrue(json.contains(#""refused":1,"#), json)
 
         // Reset after the handshake: closed, not refused.
         var g = PacketFactory()
@@ -610,6 +612,8 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(sink2.timelines.map(\.closed), [true])
         let json2 = try renderReport(q, tags: g.tags) { JSONReport(fileDescriptor: $0) }
         XCTAssertFalse(json2.contains("refused"), json2)
+        let text2 = try renderReport(q, tags: g.tags) { TextReport(fileDescriptor: $0) }
+        XCTAssertFalse(text2.contains("refused"), text2)
     }
 
     func testNonDNSUDPAndICMPAreReportedAsByDesign() throws {

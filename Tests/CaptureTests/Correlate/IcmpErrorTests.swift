@@ -43,6 +43,8 @@ final class IcmpErrorTests: XCTestCase {
         let json = try renderReport(p, tags: f.tags) { JSONReport(fileDescriptor: $0) }
         XCTAssertTrue(json.contains(#""icmp_errors":[{"time":"1700000000.000040000","from":"10.0.9.9","type":3,"code":3,"message":"port unreachable"}]"#), json)
         XCTAssertTrue(json.contains(#""icmp":"port unreachable","len":56"#), json)
+        XCTAssertTrue(json.contains(#""with_icmp_errors":1,"#), json)
+        XCTAssertTrue(text.contains("  1 connection with ICMP errors\n"), text)
     }
 
     /// DNS redirected to 15053 with nothing listening there: the pod's stack answers port unreachable from
@@ -96,5 +98,6 @@ final class IcmpErrorTests: XCTestCase {
         XCTAssertEqual(sink.timelines.first?.icmpErrors.count, 0)
         let text = try renderReport(p, tags: f.tags) { TextReport(fileDescriptor: $0) }
         XCTAssertTrue(text.contains("uncaptured-by-design  icmp 10.0.9.9 > 10.0.1.5 port unreachable  open at end or idle"), text)
+        XCTAssertFalse(text.contains("with ICMP errors"), text)
     }
 }
