@@ -692,10 +692,26 @@ public final class Correlator {
             // ztunnel's packets into the app carry the client's address (IP_TRANSPARENT) and mark 0x539.
             if nf.hook == .output || nf.hook == .postrouting { addr = r.tuple.src.addr }
         }
-        guard let a = addr, !a.isLoopback, a.family != .none else { return }
+        guard let a = addr, Correlator.couldBePodAddress(a) else { return }
         podVotes[a, default: 0] += 1
         podVotesTotal += 1
         podInferenceDirty = true
+    }
+
+    /// A pod's own address is unicast and routable: not loopback, unspecified, multicast, broadcast or link-local
+    /// (a veth's fe80:: address sends neighbour discovery and MLD, and multicast it hears comes in addressed to
+    /// ff02::...; counted, either outvoted a pod's IPv6 address in a capture with little other IPv6).
+    static func couldBePodAddress(_ a: IPAddress) -> Bool {
+        switch a.family {
+        case .v4:
+            let v = a.v4Value, first = v >> 24
+            return first != 0 && first != 127 && first < 224 && (v >> 16) != 0xa9fe
+        case .v6:
+            let top = a.hi >> 48
+            return !(a.hi == 0 && a.lo <= 1) && (top >> 8) != 0xff && (top & 0xffc0) != 0xfe80
+        case .none:
+            return false
+        }
     }
 
     private func currentInferredPod() -> [IPAddress] {

@@ -559,6 +559,37 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertTrue(finding.frames.contains(FrameRef(source: 0, frame: 2)))
     }
 
+    /// The pod's address is inferred from what leaves and reaches it through its interface, but never a multicast,
+    /// link-local, unspecified or broadcast one: a capture of a pod with little IPv6 hears more MLD and neighbour
+    /// discovery (from fe80::, to ff02::) than its own IPv6 traffic, and named ff02::16 the pod's address.
+    func testThePodsInferredAddressIsNeverMulticastOrLinkLocal() throws {
+        var f = PacketFactory()
+        let v6 = PacketFactory.ep("fd00:10:244::5", 41000), peer6 = PacketFactory.ep("fd00:10:244::9", 80)
+        var p: [PacketRecord] = []
+        for i in 0..<5 {
+            p.append(f.packet(PacketFactory.ep("fe80::dc33:baff:fe04:d784", UInt16(143 << 8)), PacketFactory.ep("ff02::16", 0),
+                              proto: IPProto.icmpv6, on: eth0, direction: .inbound))
+            p.append(f.packet(PacketFactory.ep("::", UInt16(135 << 8)), PacketFactory.ep("ff02::1:ff04:d784", 0),
+                              proto: IPProto.icmpv6, on: eth0, direction: .outbound))
+            p.append(f.packet(PacketFactory.ep("fe80::1", UInt16(133 << 8)), PacketFactory.ep("ff02::2", 0),
+                              proto: IPProto.icmpv6, on: eth0, direction: .outbound))
+            p.append(f.packet(PacketFactory.ep("10.0.1.5", UInt16(68)), PacketFactory.ep("255.255.255.255", 67),
+                              proto: IPProto.udp, on: eth0, direction: .outbound))
+            p.append(f.packet(PacketFactory.ep("10.0.9.9", 5353), PacketFactory.ep("224.0.0.251", 5353),
+                              proto: IPProto.udp, on: eth0, direction: .inbound))
+            f.advance(micros: Int64(100 + i))
+        }
+        p.append(f.packet(v6, peer6, flags: [.syn], seq: 1, on: eth0, direction: .outbound))
+        let (_, summary) = correlate(p, tags: f.tags)
+        XCTAssertEqual(summary.podAddresses, [IPAddress("10.0.1.5")!, IPAddress("fd00:10:244::5")!])
+        for bad in ["ff02::16", "fe80::1", "::", "::1", "224.0.0.251", "255.255.255.255", "0.0.0.0", "127.0.0.1", "169.254.7.127"] {
+            XCTAssertFalse(Correlator.couldBePodAddress(IPAddress(bad)!), bad)
+        }
+        for good in ["10.244.1.10", "fd00:10:244::5", "2001:db8::1", "192.0.2.1"] {
+            XCTAssertTrue(Correlator.couldBePodAddress(IPAddress(good)!), good)
+        }
+    }
+
     func testUncapturedAppTCPIsAnEscapeButTrafficToItsOwnPodIPIsNot() throws {
         var f = PacketFactory()
         var opts = CorrelatorOptions()
