@@ -184,19 +184,25 @@ public final class Correlator {
     }
 
     /// The connection an ICMP error's quoted packet belongs to: one of its views, or (a view not seen) the
-    /// connection its sender's endpoint began. An error conntrack de-NATed (seen on lo, or at PREROUTING) quotes
-    /// the original destination of a packet seen only redirected: that is the connection's original view.
+    /// connection its sender's endpoint began, when the quoted other end is that connection's (or it was seen only
+    /// redirected). An error conntrack de-NATed (seen on lo, or at PREROUTING) quotes the original destination of a
+    /// packet seen only redirected: that is the connection's original view.
     private func quotedConnection(_ q: FiveTuple) -> ConnectionState? {
         let key = FlowKey(q)
         if let c = table[key] { return c }
         guard q.proto == IPProto.tcp || q.proto == IPProto.udp else { return nil }
+        func sameOtherEnd(_ c: ConnectionState, _ e: Endpoint) -> Bool {
+            e == c.responder || e == c.natResponder || e == c.initiator || e == c.natInitiator
+        }
         if let c = byInitiator[InitiatorKey(proto: q.proto, endpoint: q.src)] {
-            if c.initiator == q.src, c.natResponder != nil, !c.originalKnown, !isRedirectTarget(q.dst) {
-                addView(c, otherEnd: q.dst, key: key)
-            }
+            if sameOtherEnd(c, q.dst) { return c }
+            guard c.initiator == q.src, c.natResponder != nil, !c.originalKnown, !isRedirectTarget(q.dst) else { return nil }
+            addView(c, otherEnd: q.dst, key: key)
             return c
         }
-        return byInitiator[InitiatorKey(proto: q.proto, endpoint: q.dst)]
+        // An error about a packet the pod's side sent back (a reply): quoted from the responder.
+        if let c = byInitiator[InitiatorKey(proto: q.proto, endpoint: q.dst)], sameOtherEnd(c, q.src) { return c }
+        return nil
     }
 
     /// Moves the capture clock to `time` with no packet, and emits what that finishes: closed connections past

@@ -91,11 +91,13 @@ final class IcmpErrorTests: XCTestCase {
     func testAnErrorQuotingNoKnownPacketIsItsOwnConnection() throws {
         var f = PacketFactory()
         let unseen = FiveTuple(proto: IPProto.udp, src: pod, dst: PacketFactory.ep("10.0.9.9", 7))
-        let p = [icmpError(&f, from: "10.0.9.9", to: "10.0.1.5", type: 3, code: 3, quoting: unseen, on: eth0, direction: .inbound)]
+        // The same socket's datagram to another destination, not redirected: no view of the quoted packet.
+        let other = f.packet(pod, PacketFactory.ep("10.0.8.8", 9998), proto: IPProto.udp, payload: 5, on: eth0, direction: .outbound)
+        let p = [other, icmpError(&f, from: "10.0.9.9", to: "10.0.1.5", type: 3, code: 3, quoting: unseen, on: eth0, direction: .inbound)]
         let (sink, _) = correlate(p, tags: f.tags)
-        XCTAssertEqual(sink.timelines.map(\.original.proto), [IPProto.icmp])
-        XCTAssertEqual(sink.timelines.first?.kind, .uncapturedByDesign)
-        XCTAssertEqual(sink.timelines.first?.icmpErrors.count, 0)
+        XCTAssertEqual(sink.timelines.map(\.original.proto), [IPProto.udp, IPProto.icmp])
+        XCTAssertEqual(sink.timelines.map(\.kind), [.uncapturedByDesign, .uncapturedByDesign])
+        XCTAssertEqual(sink.timelines.map(\.icmpErrors.count), [0, 0])
         let text = try renderReport(p, tags: f.tags) { TextReport(fileDescriptor: $0) }
         XCTAssertTrue(text.contains("uncaptured-by-design  icmp 10.0.9.9 > 10.0.1.5 port unreachable  open at end or idle"), text)
         XCTAssertFalse(text.contains("with ICMP errors"), text)
