@@ -1873,6 +1873,7 @@ public final class Correlator {
         }
         if c.sawNetfilterEvent && c.sawInterfaceEvent && retimeNetfilterEvents(c, &t) { c.eventsNeedSorting = true }
         if c.eventsNeedSorting { sortEvents(c) }
+        if !t.icmpErrors.isEmpty { Correlator.settleIcmpErrorTimes(&t.icmpErrors, c.events) }
         var events = TimelineEventList(events: c.events, initiator: c.initiator, natInitiator: c.natInitiator, context: context)
         c.events = []
         t.hops = c.hopLinks.map { link in
@@ -1978,6 +1979,18 @@ public final class Correlator {
             t.lastSeen = last
         }
         return changed
+    }
+
+    /// Each ICMP error's time is its earliest copy's, once NFLOG copies took their captured packet's time: the copy
+    /// read first may be a locally sent error's NFLOG record at OUTPUT, which has no kernel stamp (receipt time,
+    /// ~10 ms late), while lo captured the same error at once.
+    static func settleIcmpErrorTimes(_ errors: inout [IcmpError], _ events: [CompactEvent]) {
+        for i in errors.indices {
+            let port = UInt16(errors[i].type) << 8 | UInt16(errors[i].code)
+            for e in events where e.tuple.proto == errors[i].proto && e.tuple.src.port == port && e.time < errors[i].time {
+                errors[i].time = e.time
+            }
+        }
     }
 
     /// By time; at equal times the kernel's order: OUTPUT/POSTROUTING hooks run before a packet is captured

@@ -74,10 +74,15 @@ final class IcmpErrorTests: XCTestCase {
         var q = [g.nflog(pod, resolver, proto: IPProto.udp, hook: .output, prefix: "mt:4:nat:ISTIO_OUTPUT:1:0000", outIf: 1)]
         q.append(g.packet(pod, redirected.dst, proto: IPProto.udp, payload: 30, on: lo, direction: .inbound))
         g.advance(micros: 25)
+        let sent = g.clock
+        // The error's NFLOG copy at OUTPUT has no kernel stamp (a locally sent packet): read first, stamped on
+        // receipt 11 ms later than lo captured it.
+        g.advance(micros: 11_000)
         var pre = icmpError(&g, from: "127.0.0.1", to: "10.0.1.5", type: 3, code: 3, quoting: redirected, on: .netfilter(.output), direction: .outbound)
         var m = NflogMeta(); m.group = 42; m.hook = .output; m.prefixID = g.tags.intern("mt:4:mangle:OUTPUT:1:0000")
         pre.nflog = m
         q.append(pre)
+        g.clock = sent
         q.append(icmpError(&g, from: "10.96.0.10", to: "10.0.1.5", type: 3, code: 3, quoting: original, on: lo, direction: .inbound))
         let (sink2, _) = correlate(q, tags: g.tags)
         XCTAssertEqual(sink2.timelines.count, 1, sink2.timelines.map { "\($0.original)" }.joined(separator: "; "))
@@ -85,6 +90,7 @@ final class IcmpErrorTests: XCTestCase {
         XCTAssertEqual(t2.original, original)
         XCTAssertEqual(t2.icmpErrors.count, 1)
         XCTAssertEqual(t2.icmpErrors.first?.from, IPAddress("127.0.0.1"))
+        XCTAssertEqual(t2.icmpErrors.first?.time.totalNanoseconds, sent, "the earliest copy's time, not the receipt-stamped one read first")
         XCTAssertEqual(t2.events.filter { $0.tuple.proto == IPProto.icmp }.count, 2)
     }
 
