@@ -289,12 +289,12 @@ final class ConnectionState {
         self.responder = responder
     }
 
-    /// An ICMP error about one of its packets (`Correlator.place`): each type and code once, the first 4 kinds.
-    func icmpErrorSeen(_ r: borrowing PacketRecord) {
-        let proto = r.tuple.proto, type = r.icmpType, code = r.icmpCode
+    /// An ICMP error about one of its packets (`Correlator.place`, and a merged view's): each type and code once,
+    /// the first 4 kinds.
+    func addIcmpError(_ e: IcmpError) {
         guard timeline.icmpErrors.count < 4,
-              !timeline.icmpErrors.contains(where: { $0.proto == proto && $0.type == type && $0.code == code }) else { return }
-        timeline.icmpErrors.append(IcmpError(time: r.time, from: r.tuple.src.addr, proto: proto, type: type, code: code))
+              !timeline.icmpErrors.contains(where: { $0.proto == e.proto && $0.type == e.type && $0.code == e.code }) else { return }
+        timeline.icmpErrors.append(e)
     }
 
     var id: ConnectionID { timeline.id }

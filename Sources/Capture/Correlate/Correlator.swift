@@ -158,7 +158,7 @@ public final class Correlator {
         // unreachable answering DNS redirected to a 15053 nobody listens on is that query's, not a connection of
         // its own. Quoting nothing known (its connection began before the capture, or is gone), it is its own.
         if _slowPath(r.hasQuoted), let c = quotedConnection(r.quoted) {
-            c.icmpErrorSeen(r)
+            c.addIcmpError(IcmpError(time: r.time, from: r.tuple.src.addr, proto: r.tuple.proto, type: r.icmpType, code: r.icmpCode))
             record(&r, nf, hitID: hitID, on: c)
             return c.id
         }
@@ -1724,10 +1724,7 @@ public final class Correlator {
         keep.finReply = keep.finReply || gone.finReply
         keep.reset = keep.reset || gone.reset
         keep.resetByResponder = keep.resetByResponder || gone.resetByResponder
-        for e in gone.timeline.icmpErrors where keep.timeline.icmpErrors.count < 4
-            && !keep.timeline.icmpErrors.contains(where: { $0.proto == e.proto && $0.type == e.type && $0.code == e.code }) {
-            keep.timeline.icmpErrors.append(e)
-        }
+        for e in gone.timeline.icmpErrors { keep.addIcmpError(e) }
         if keep.closedAt == nil { keep.closedAt = gone.closedAt }
         if keep.tunnelIndex >= 0 {
             tunnelBegan[keep.tunnelIndex] = .min

@@ -84,8 +84,10 @@ enum TransportDecoder {
         rec.tuple.src.port = UInt16(type) << 8 | UInt16(code)
         rec.tuple.dst.port = 0
         if IcmpMessage.isError(proto: rec.tuple.proto, type: type) {
-            // Checksum and the 4-byte rest of the header (unused, MTU, pointer), then the packet reported on.
-            guard r.skip(6) else { return }
+            // Checksum and the 4-byte rest of the header (unused, MTU, pointer), then the packet reported on. A
+            // record that is itself a quote (`hasQuoted` set below) reads no quote inside it: an error about an
+            // error names no connection, and a hostile chain of nested errors is not followed.
+            guard !rec.hasQuoted, r.skip(6) else { return }
             quotedPacket(&r, family: rec.tuple.src.addr.family, into: &rec)
             return
         }
@@ -97,50 +99,26 @@ enum TransportDecoder {
         rec.tuple.dst.port = id
     }
 
-    /// The packet an ICMP error quotes: its IP header and the first 8 bytes after it, of which the tuple needs the
-    /// addresses and the ports (or an echo's type and identifier). Set only when all of that was captured, in the
-    /// error's own family; a quote cut short is no damage to the error itself, so it adds no note.
+    /// The packet an ICMP error quotes: its IP header and at least the first 8 bytes after it, decoded by the same
+    /// IP and transport decoders as any packet (IPv4 options, IPv6 extension headers, fragments), into a scratch
+    /// record on the stack. Its tuple is kept when the addresses and the ports (or a quoted echo's type and
+    /// identifier) were read, in the error's own family, and not from a non-first fragment. A quote cut short is
+    /// no damage to the error itself: the scratch record's notes stay there.
     private static func quotedPacket(_ r: inout ByteReader, family: IPAddress.Family, into rec: inout PacketRecord) {
-        var t = FiveTuple(proto: 0, src: Endpoint(.none, 0), dst: Endpoint(.none, 0))
-        var next: UInt8
-        switch family {
-        case .v4:
-            guard let verIHL = r.u8(), verIHL >> 4 == 4, r.skip(5), let fragField = r.be16(), r.skip(1),
-                  let proto = r.u8(), r.skip(2), let src = r.be32(), let dst = r.be32() else { return }
-            let headerLength = Int(verIHL & 0x0f) * 4
-            // A non-first fragment quotes no ports.
-            guard headerLength >= 20, fragField & 0x1fff == 0, r.skip(headerLength - 20) else { return }
-            t.src.addr = IPAddress(v4: src); t.dst.addr = IPAddress(v4: dst)
-            next = proto
-        case .v6:
-            guard let word0 = r.be32(), word0 >> 28 == 6, r.skip(2), let nh = r.u8(), r.skip(1),
-                  let srcHi = r.be64(), let srcLo = r.be64(), let dstHi = r.be64(), let dstLo = r.be64() else { return }
-            t.src.addr = IPAddress(v6: srcHi, srcLo); t.dst.addr = IPAddress(v6: dstHi, dstLo)
-            next = nh
-            // Hop-by-hop, routing and destination options headers (a fragment header ends it: no ports behind
-            // a non-first one, and a first one is rare in a quote).
-            var walked = 0
-            while next == 0 || next == 43 || next == 60 {
-                walked += 1
-                guard walked <= IPDecoder.maxExtensionHeaders, let nextHeader = r.u8(), let length = r.u8(),
-                      r.skip(6 + Int(length) * 8) else { return }
-                next = nextHeader
-            }
-        default:
-            return
-        }
-        t.proto = next
-        switch next {
+        guard family != .none else { return }
+        var q = PacketRecord()
+        q.hasQuoted = true
+        IPDecoder.decode(version: family == .v4 ? 4 : 6, &r, into: &q)
+        let t = q.tuple
+        guard t.src.addr.family == family, q.notes.isDisjoint(with: [.notIP, .badIPHeader, .truncatedIP, .nonFirstFragment])
+        else { return }
+        switch t.proto {
         case IPProto.tcp, IPProto.udp, IPProto.sctp:
-            guard let sport = r.be16(), let dport = r.be16() else { return }
-            t.src.port = sport; t.dst.port = dport
+            // Ports are read first: cut before them, both are still 0.
+            guard !(q.notes.contains(.truncatedTransport) && t.src.port == 0 && t.dst.port == 0) else { return }
         case IPProto.icmp, IPProto.icmpv6:
-            // Only a quoted echo keys a connection (by its identifier); an error about an error names none.
-            guard next == (family == .v4 ? IPProto.icmp : IPProto.icmpv6), let type = r.u8(), let code = r.u8(),
-                  r.skip(2), let id = r.be16() else { return }
-            let echo: (UInt8, UInt8) = next == IPProto.icmp ? (8, 0) : (128, 129)
-            guard type == echo.0 || type == echo.1 else { return }
-            t.src.port = UInt16(type) << 8 | UInt16(code); t.dst.port = id
+            // Only a quoted echo keys a connection (by its identifier), and only with the identifier read.
+            guard FlowKey.isEcho(t), !q.notes.contains(.truncatedTransport) else { return }
         default:
             return
         }

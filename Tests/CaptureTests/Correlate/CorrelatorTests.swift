@@ -630,6 +630,7 @@ final class CorrelatorTests: XCTestCase {
         let json = try renderReport(p, tags: f.tags, ruleset: rules) { JSONReport(fileDescriptor: $0) }
         XCTAssertTrue(json.contains(#""closed":true,"refused":true,"#), json)
         XCTAssertTrue(json.contains(#""refused":1,"#), json)
+        XCTAssertTrue(try renderHTML(p, tags: f.tags, ruleset: rules).contains("#1: refused (its SYN was answered by a RST)"))
 
         // Reset after the handshake: closed, not refused.
         var g = PacketFactory()

@@ -4,6 +4,17 @@ import XCTest
 /// An ICMP error goes on the connection of the packet it quotes: a port unreachable answering a datagram, one
 /// answering DNS redirected to a 15053 nobody listens on (ztunnel's DNS proxy down), a fragmentation needed on a
 /// tunnel. Before, each was a connection of its own, one per NAT view.
+/// Runs packets through a correlator into an HTML report and returns the page.
+func renderHTML(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Ruleset? = nil) throws -> String {
+    let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-html-\(UUID().uuidString).html").path
+    defer { try? FileManager.default.removeItem(atPath: path) }
+    let sink = try HTMLReport(path: path, ruleset: ruleset)
+    let c = Correlator(tags: tags, ruleset: ruleset, options: CorrelatorOptions(), sink: sink)
+    for p in packets { c.ingest(p) }
+    try sink.finish(c.finish())
+    return try String(contentsOfFile: path, encoding: .utf8)
+}
+
 final class IcmpErrorTests: XCTestCase {
     private let pod = PacketFactory.ep("10.0.1.5", 5353)
 
@@ -45,6 +56,8 @@ final class IcmpErrorTests: XCTestCase {
         XCTAssertTrue(json.contains(#""icmp":"port unreachable","len":56"#), json)
         XCTAssertTrue(json.contains(#""with_icmp_errors":1,"#), json)
         XCTAssertTrue(text.contains("  1 connection with ICMP errors\n"), text)
+        let html = try renderHTML(p, tags: f.tags)
+        XCTAssertTrue(html.contains("#1: ICMP port unreachable from 10.0.9.9"), html)
     }
 
     /// DNS redirected to 15053 with nothing listening there: the pod's stack answers port unreachable from

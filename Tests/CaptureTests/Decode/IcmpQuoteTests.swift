@@ -55,6 +55,9 @@ final class IcmpQuoteTests: XCTestCase {
             (Frame.ipv4(src: "10.0.9.9", dst: "10.0.0.5", proto: 1, payload: error(3, 3, quoting: Array(tcp6.prefix(60)))), nil),
             // Echoes quote nothing.
             (Frame.ipv4(src: "10.0.0.5", dst: "10.0.0.1", proto: 1, payload: Frame.icmpEcho(type: 8, id: 0x77, seq: 1)), nil),
+            // An error about an error names no connection (and the inner one's quote is not followed).
+            (Frame.ipv4(src: "10.0.0.1", dst: "10.0.9.9", proto: 1,
+                        payload: error(11, 0, quoting: Frame.ipv4(src: "10.0.9.9", dst: "10.0.0.5", proto: 1, payload: error(3, 3, quoting: udpOut)))), nil),
         ]
     }
 
@@ -70,7 +73,7 @@ final class IcmpQuoteTests: XCTestCase {
             if let expected { XCTAssertEqual(r.quoted, expected, "case \(i)") }
             XCTAssertEqual(r.notes.subtracting([.ipOptions, .ipv6ExtensionHeaders]), [], "case \(i): \(r.notes.descriptions)")
         }
-        XCTAssertEqual(c.records.map(\.icmpType), [3, 3, 11, 1, 2, 3, 3, 3, 3, 8])
+        XCTAssertEqual(c.records.map(\.icmpType), [3, 3, 11, 1, 2, 3, 3, 3, 3, 8, 11])
 
         // tshark's reading of the same frames: the quoted header's fields are the last occurrence of each.
         try XCTSkipUnless(Tshark.available, "tshark not installed")
