@@ -17,13 +17,13 @@ final class TraceCLITests: KernelTestCase {
     }
 
     /// Starts `meshtrace ARGS` with output to a log file.
-    func start(_ args: [String]) throws -> (Process, String) {
+    func start(_ args: [String], program: String? = nil) throws -> (Process, String) {
         let log = NSTemporaryDirectory() + "mt-trace-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
         FileManager.default.createFile(atPath: log, contents: nil)
         let out = try XCTUnwrap(FileHandle(forWritingAtPath: log))
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = args
+        p.executableURL = URL(fileURLWithPath: program ?? executable)
+        p.arguments = program == nil ? args : Array(args.dropFirst())
         p.standardOutput = out
         p.standardError = out
         p.standardInput = FileHandle.nullDevice
@@ -421,6 +421,35 @@ final class TraceCLITests: KernelTestCase {
         // A pod's netns is not the node's.
         let ns = try makeNetns()
         XCTAssertFalse(try NetnsRef.resolve(netns: ns.name, pid: nil).isNodeNetns)
+    }
+
+    /// `--host-netns` traces the netns meshtrace itself runs in. The node stands in as a scratch netns holding the seed
+    /// ruleset, with meshtrace started inside it (`ip netns exec`), so the root netns's rules are never touched:
+    /// without the flag it is refused as the node's own (exit 2, rules unchanged); with it, the twins go in, lo
+    /// traffic is traced, and the rules come back out exactly.
+    func testHostNetnsTracesTheNamespaceMeshtraceRunsIn() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let refused = try Command.run(["timeout", "-s", "KILL", "30", "ip", "netns", "exec", ns.name, executable, "trace",
+                                       "--netns", ns.name, "--group", "5532", "--duration", "1", "--quiet"])
+        XCTAssertEqual(refused.status, ExitStatus.badInput.rawValue, refused.stdout + refused.stderr)
+        XCTAssertTrue(refused.stderr.contains("node's own network namespace"), refused.stderr)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+
+        let (p, log) = try start(["ip", "netns", "exec", ns.name, executable, "trace", "--netns", ns.name,
+                                  "--host-netns", "--group", "5532", "--duration", "60", "--quiet"], program: "/usr/sbin/ip")
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        for port in 1...3 { _ = try? ns.run(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]) }
+        usleep(300_000)
+        kill(p.processIdentifier, SIGINT)
+        guard waitForExit(p) else { return XCTFail("trace did not exit after SIGINT") }
+        let out = try String(contentsOfFile: log, encoding: .utf8)
+        XCTAssertEqual(p.terminationStatus, 0, out)
+        let line = try XCTUnwrap(out.split(separator: "\n").first { $0.hasPrefix("trace: ") }.map(String.init), out)
+        XCTAssertGreaterThanOrEqual(Self.summaryCount("NFLOG events", in: line) ?? 0, 6, line)
+        XCTAssertGreaterThanOrEqual(Self.summaryCount("connections", in: line) ?? 0, 3, line)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
     /// A copy too short for the headers it is decoded from made every NFLOG event "partly decoded" (no ports, no
