@@ -215,6 +215,10 @@ final class ConnectionState {
     var reset = false
     /// A RST came from the responder's side (with no SYN-ACK seen: refused, `ConnectionTimeline.refused`).
     var resetByResponder = false
+    /// The handshake completed as far as any packet shows: the initiator acknowledged something (an ACK that is not
+    /// its SYN or a RST), or the responder sent data. A capture that missed the SYN-ACK still knows then that a
+    /// reset ending the connection was no refusal.
+    var pastHandshake = false
     var closedAt: Int64?
     var lastSeenNanos: Int64 = 0
     var firstSeenNanos: Int64 = 0

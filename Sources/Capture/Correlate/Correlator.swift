@@ -663,6 +663,8 @@ public final class Correlator {
         if f.contains(.rst) {
             c.reset = true
             if !forward { c.resetByResponder = true }
+        } else if !c.pastHandshake && !f.contains(.syn) && (forward ? f.contains(.ack) : r.payloadLength > 0) {
+            c.pastHandshake = true
         }
         if c.closedAt == nil && (c.reset || (c.finForward && c.finReply)) {
             c.closedAt = now
@@ -1724,6 +1726,7 @@ public final class Correlator {
         keep.finReply = keep.finReply || gone.finReply
         keep.reset = keep.reset || gone.reset
         keep.resetByResponder = keep.resetByResponder || gone.resetByResponder
+        keep.pastHandshake = keep.pastHandshake || gone.pastHandshake
         for e in gone.timeline.icmpErrors { keep.addIcmpError(e) }
         if keep.closedAt == nil { keep.closedAt = gone.closedAt }
         if keep.tunnelIndex >= 0 {
@@ -1862,8 +1865,9 @@ public final class Correlator {
 
         var t = c.timeline
         t.original = FiveTuple(proto: c.proto, src: c.initiator, dst: c.responder)
-        // Its SYN answered by a RST from the other end, no SYN-ACK seen at any point: nothing listened there.
-        t.refused = c.resetByResponder && c.isnForward != nil && c.isnReply == nil
+        // Its SYN answered by a RST from the other end, no SYN-ACK seen at any point, and nothing past the handshake
+        // (a SYN-ACK the capture missed): nothing listened there.
+        t.refused = c.resetByResponder && c.isnForward != nil && c.isnReply == nil && !c.pastHandshake
         t.aliases = []
         if let nat = c.natResponder {
             t.aliases.append(FiveTuple(proto: c.proto, src: c.natInitiator ?? c.initiator, dst: nat))

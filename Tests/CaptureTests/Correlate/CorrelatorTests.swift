@@ -646,6 +646,22 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertFalse(json2.contains("refused"), json2)
         let text2 = try renderReport(q, tags: g.tags) { TextReport(fileDescriptor: $0) }
         XCTAssertFalse(text2.contains("refused"), text2)
+
+        // The SYN-ACK missed by the capture (dropped, or it took another path): the initiator's ACK and the two
+        // sides' data say the handshake happened, so the reset that ends it is no refusal.
+        for dataFrom in ["initiator", "responder", "neither"] {
+            var h = PacketFactory()
+            var r = [h.packet(Self.app, peer, flags: [.syn], seq: 1, on: eth0, direction: .outbound)]
+            switch dataFrom {
+            case "initiator": r.append(h.packet(Self.app, peer, flags: [.ack, .psh], seq: 2, ack: 51, payload: 20, on: eth0, direction: .outbound))
+            case "responder": r.append(h.packet(peer, Self.app, flags: [.ack, .psh], seq: 51, ack: 2, payload: 20, on: eth0, direction: .inbound))
+            default: r.append(h.packet(Self.app, peer, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound))
+            }
+            r.append(h.packet(peer, Self.app, flags: [.rst], seq: 51, on: eth0, direction: .inbound))
+            let (sink3, summary3) = correlate(r, tags: h.tags)
+            XCTAssertEqual(sink3.timelines.map(\.refused), [false], dataFrom)
+            XCTAssertEqual(summary3.refusedConnections, 0, dataFrom)
+        }
     }
 
     func testNonDNSUDPAndICMPAreReportedAsByDesign() throws {
