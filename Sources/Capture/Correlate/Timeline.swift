@@ -261,6 +261,9 @@ public struct AnalysisSummary: Sendable {
     /// Live only: the kernel's counters for the twin rules, and events lost.
     public var kernelCounters: [String: UInt64] = [:]
     public var eventsLost: Int = 0
+    /// A live trace's summary (the two above are known): the JSON writes them only then, since a file cannot say
+    /// what the kernel dropped before it was written.
+    public var live = false
     /// Findings sent to the sinks but not kept in `findings` (the summary keeps a bounded number).
     public var findingsOmitted: Int = 0
     /// The pod's addresses the analysis used (given with `--pod-ip`, or inferred from the traffic).

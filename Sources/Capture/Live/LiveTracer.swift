@@ -302,6 +302,7 @@ public final class LiveTracer: @unchecked Sendable {
         losses.counterShortfall = kernelTotal > received ? kernelTotal - received : 0
         summary.kernelCounters = kernel
         summary.eventsLost = losses.nflogEventsLost
+        summary.live = true
         if trace != nil { summary.traceStepsLost = losses.traceStepsLost }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
         var outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,

@@ -358,12 +358,14 @@ public final class JSONReport: ReportSink {
             close(UInt8(ascii: "}"))
         }
         close(UInt8(ascii: "]"))
-        key("events_lost"); out.decimal(s.eventsLost)
-        key("kernel_counters"); open(UInt8(ascii: "{"))
-        for (k, v) in s.kernelCounters.sorted(by: { $0.key < $1.key }) {
-            element(); out.jsonString(k); out.byte(UInt8(ascii: ":")); out.unsignedDecimal(v)
+        if s.live {
+            key("events_lost"); out.decimal(s.eventsLost)
+            key("kernel_counters"); open(UInt8(ascii: "{"))
+            for (k, v) in s.kernelCounters.sorted(by: { $0.key < $1.key }) {
+                element(); out.jsonString(k); out.byte(UInt8(ascii: ":")); out.unsignedDecimal(v)
+            }
+            close(UInt8(ascii: "}"))
         }
-        close(UInt8(ascii: "}"))
         key("findings"); open(UInt8(ascii: "["))
         for f in s.findings where f.isEscape { element(); findingBody(f) }
         close(UInt8(ascii: "]"))

@@ -129,4 +129,24 @@ final class JSONReportTests: XCTestCase {
         XCTAssertTrue(try summaryJSON(0).contains("\"trace_steps_lost\":0"))
         XCTAssertFalse(try summaryJSON(nil).contains("trace_steps_lost"))
     }
+
+    /// A live trace's summary says how many events the kernel dropped (0 included) and its twins' counters; an
+    /// analysis of files has no such keys, since it cannot know (it said `"events_lost":0,"kernel_counters":{}`).
+    func testEventsLostAndKernelCountersAreWrittenForLiveTracesOnly() throws {
+        func summaryJSON(live: Bool) throws -> String {
+            var summary = AnalysisSummary()
+            summary.live = live
+            if live { summary.kernelCounters = ["mt:4:nat:OUTPUT:1:45fb": 7] }
+            return try written { try JSONReport(fileDescriptor: $0).finish(summary) }
+        }
+        let live = try summaryJSON(live: true)
+        XCTAssertTrue(live.contains(#""events_lost":0,"kernel_counters":{"mt:4:nat:OUTPUT:1:45fb":7}"#), live)
+        let offline = try summaryJSON(live: false)
+        XCTAssertFalse(offline.contains("events_lost") || offline.contains("kernel_counters"), offline)
+        // And `analyze` of real files.
+        let json = try Command.run([LiveTracerTests.executable, "analyze", ProjectPaths.samples.appendingPathComponent("outbound-client-any.pcap").path,
+                                    ProjectPaths.samples.appendingPathComponent("outbound-client-nflog.pcap").path, "--json", "--quiet"]).stdout
+        XCTAssertTrue(json.contains(#""type":"summary""#), json)
+        XCTAssertFalse(json.contains("events_lost"), json)
+    }
 }
