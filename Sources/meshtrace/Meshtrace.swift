@@ -28,7 +28,8 @@ func reportingErrors(_ body: () throws -> ExitStatus) throws {
     do {
         status = try body()
     } catch let e as MeshtraceError {
-        FileHandle.standardError.write(Data("meshtrace: \(e.message)\n".utf8))
+        // Not a blocking write: stderr may be the stuck pipe stdout was (`2>&1`, OutputStall).
+        OutputStall.writeStderrLine("meshtrace: \(e.message)")
         throw ArgumentParser.ExitCode(e.code.rawValue)
     } catch let e where !(e is ArgumentParser.ExitCode || e is ValidationError || e is CleanExit) {
         // Anything else (a Foundation file error) is one line and exit 2: uncaught it was ArgumentParser's dump of

@@ -221,6 +221,7 @@ public final class LiveTracer: @unchecked Sendable {
         self.reporter = reporter
         pending.keepFrames(reporter.wantsPackets)
         StopSignal.install()
+        OutputStall.installInterruptHandler()
         LiveTracer.keepHeapWarm()
         let fds = makePipe()
         guard fds[0] >= 0 else { throw MeshtraceError(.kernelRefused, "pipe: \(String(cString: strerror(errno)))") }
@@ -276,6 +277,12 @@ public final class LiveTracer: @unchecked Sendable {
         do { try instrumenter.remove() } catch { failures.append(error) }
         var b: UInt8 = 1
         _ = write(finishPipe[1], &b, 1)
+        // The reading thread finishes what it read and ends. If it is stuck writing to an output nobody reads, the
+        // output is given up (`OutputStall`) and the write interrupted, so the stop always returns.
+        while !thread.finished(within: 50_000_000) {
+            if OutputStall.isStalled { OutputStall.abandon() }
+            if OutputStall.isAbandoned { thread.interrupt() }
+        }
         do { try thread.join() } catch { failures.append(error) }
         // The -w file: a write that failed (disk full) is an error, not a silently short file.
         do { try pcap?.finishWriting() } catch { failures.append(error) }

@@ -17,6 +17,10 @@ public final class NetnsThread: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
     private var failure: Error?
     private var thread: Thread?
+    /// The running thread's pthread, for `interrupt`: set by the thread itself before its body runs, cleared (under
+    /// `pthreadLock`) before it ends, so `interrupt` never signals a thread that is gone.
+    private var pthread: pthread_t?
+    private let pthreadLock = NSLock()
 
     /// `enterFailed` runs on the thread when it cannot enter the netns and `body` will not run: a caller
     /// waiting for `body` to say something (its sockets are open) must be told instead of waiting forever.
@@ -28,6 +32,8 @@ public final class NetnsThread: @unchecked Sendable {
 
     public func start() {
         let t = Thread { [self] in
+            pthreadLock.withLock { pthread = pthread_self() }
+            defer { pthreadLock.withLock { pthread = nil } }
             do {
                 try NetnsThread.enter(netns)
             } catch {
@@ -53,6 +59,20 @@ public final class NetnsThread: @unchecked Sendable {
     public func join() throws {
         done.wait()
         if let failure { throw failure }
+    }
+
+    /// Whether the thread finished within `nanos` (then `join` returns at once).
+    public func finished(within nanos: UInt64) -> Bool {
+        if done.wait(timeout: .now() + .nanoseconds(Int(nanos))) == .timedOut { return false }
+        done.signal()   // for `join`
+        return true
+    }
+
+    /// Interrupts a blocking system call of the thread (`OutputStall.interruptSignal`, whose handler does not restart it).
+    public func interrupt() {
+        pthreadLock.withLock {
+            if let pthread { _ = pthread_kill(pthread, OutputStall.interruptSignal) }
+        }
     }
 
     /// CLONE_NEWNET (linux/sched.h).

@@ -373,6 +373,7 @@ public final class JSONReport: ReportSink {
         out.byte(0x0a)
         comma = false
         out.flush()
+        if out.abandoned { throw MeshtraceError(.badInput, OutputStall.said) }
         if out.writeError != 0 && !out.readerGone {
             throw MeshtraceError(.badInput, "cannot write the JSON report: \(String(cString: strerror(out.writeError)))")
         }

@@ -15,6 +15,8 @@ final class ReportBuffer {
     /// The reader of the output went away (EPIPE): not a failure of the report (`| head`), but nothing more
     /// written will be read.
     var readerGone: Bool { writeError == EPIPE }
+    /// The output was given up after a stop found it taking nothing (`OutputStall`).
+    var abandoned: Bool { writeError == ECANCELED }
 
     init(fileDescriptor: Int32) {
         fd = fileDescriptor
@@ -241,7 +243,11 @@ final class ReportBuffer {
         guard writeError == 0, let start = raw.baseAddress else { return }
         var off = 0
         while off < raw.count {
+            // Given up by a stop (`OutputStall`): whatever is left is dropped.
+            if OutputStall.isAbandoned { writeError = ECANCELED; return }
+            OutputStall.writing()
             let n = Foundation.write(fd, start + off, raw.count - off)
+            OutputStall.wrote()
             if n < 0 {
                 if errno == EINTR { continue }
                 writeError = errno

@@ -460,6 +460,7 @@ public final class TextReport: ReportSink {
             if escapesNotListed > 0 { out.text("  ... and "); out.decimal(escapesNotListed); out.text(" more\n") }
         }
         out.flush()
+        if out.abandoned { throw MeshtraceError(.badInput, OutputStall.said) }
         if out.writeError != 0 && !out.readerGone {
             throw MeshtraceError(.badInput, "cannot write the report: \(String(cString: strerror(out.writeError)))")
         }

@@ -452,6 +452,53 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
     }
 
+    /// stdout a pipe that nobody reads (`| less` left on a page): the reading thread blocks in its write. A SIGTERM
+    /// took the rules out and then waited for the pipe for ever. Now the trace gives the output up after 2 s,
+    /// exits 2 with one line on stderr, and the rules are as they were.
+    func testAStopWithStdoutBlockedEndsTheTraceAndRemovesTheRules() throws {
+        let ns = try seededNetns()
+        let before = try InstrumenterTests.rulesText(ns)
+        let pipe = Pipe()   // never read
+        let errLog = NSTemporaryDirectory() + "mt-stall-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).err"
+        FileManager.default.createFile(atPath: errLog, contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: errLog) }
+        let err = try XCTUnwrap(FileHandle(forWritingAtPath: errLog))
+        defer { try? err.close() }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = ["trace", "--netns", ns.name, "--group", "5533", "--duration", "120", "--color", "never"]
+        p.standardOutput = pipe
+        p.standardError = err
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() } }
+        try waitForTwins(ns, p)
+        // Refused lo connections, a few timeline lines each, until the pipe's 64 KiB are full (bounded).
+        _ = try ns.run(["bash", "-c", "for i in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/9) 2>/dev/null; done; true"])
+        // The connections are printed once they finish (~0.5 s after their RST): wait for a thread blocked in the
+        // pipe's write.
+        var blocked = false
+        for _ in 0..<100 where !blocked {
+            usleep(100_000)
+            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(p.processIdentifier)/task")) ?? []
+            blocked = tasks.contains {
+                (try? String(contentsOfFile: "/proc/\(p.processIdentifier)/task/\($0)/wchan", encoding: .utf8))?.contains("pipe_write") == true
+            }
+        }
+        XCTAssertTrue(blocked, "the trace's output did not fill the pipe: the test did not test the stall")
+        let stopped = Date()
+        kill(p.processIdentifier, SIGTERM)
+        guard waitForExit(p, seconds: 20) else { return XCTFail("the trace did not end after SIGTERM with stdout blocked") }
+        XCTAssertLessThan(Date().timeIntervalSince(stopped), 10)
+        XCTAssertEqual(p.terminationReason, .exit)
+        XCTAssertEqual(p.terminationStatus, ExitStatus.badInput.rawValue)
+        let said = try String(contentsOfFile: errLog, encoding: .utf8)
+        XCTAssertEqual(said.split(separator: "\n").count, 1, said)
+        XCTAssertTrue(said.contains("stdout took nothing for 2 s after the trace was stopped"), said)
+        XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
+        try? pipe.fileHandleForReading.close()
+    }
+
     /// A copy too short for the headers it is decoded from made every NFLOG event "partly decoded" (no ports, no
     /// TCP flags, no connection): `--snaplen` takes 64 or more, for trace and plan, before anything is touched.
     func testASnaplenTooShortForTheHeadersIsAUsageError() throws {
