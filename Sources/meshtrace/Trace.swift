@@ -93,7 +93,7 @@ struct Trace: ParsableCommand {
             if config.json {
                 // stdout stays JSON Lines; the live-only accounting goes to stderr as one line.
                 let l = outcome.losses
-                FileHandle.standardError.write(Data("meshtrace: trace \(String(format: "%.1f", outcome.tracedSeconds)) s traced (\(String(format: "%.1f", outcome.seconds)) s in all), CPU \(String(format: "%.2f", outcome.cpuSeconds)) s (\(outcome.readerPrioritySaid)), \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets; events lost \(l.nflogEventsLost), capture drops \(l.pcapDropped)\n".utf8))
+                FileHandle.standardError.write(Data("meshtrace: trace \(String(format: "%.1f", outcome.tracedSeconds)) s traced (\(String(format: "%.1f", outcome.seconds)) s in all), CPU \(String(format: "%.2f", outcome.cpuSeconds)) s (\(outcome.readerPrioritySaid)), \(counted(outcome.nflogEvents, "NFLOG event")), \(counted(outcome.packetsCaptured, "packet")); events lost \(l.nflogEventsLost), capture drops \(l.pcapDropped)\n".utf8))
                 for rule in outcome.plan.untwinned { FileHandle.standardError.write(Data("meshtrace: note: \(rule.said)\n".utf8)) }
                 if let note = outcome.twinsGoneNote { FileHandle.standardError.write(Data("meshtrace: note: \(note)\n".utf8)) }
                 if let note = outcome.netnsNote { FileHandle.standardError.write(Data("meshtrace: note: \(note)\n".utf8)) }

@@ -2,16 +2,21 @@
 // counter for it, the events lost and why, and how conntrack was read. The timelines and the analysis
 // summary themselves are printed by the same report sinks `analyze` uses.
 
+/// "1 connection", "2 connections": `noun` counted, with `then` after it ("1 packet captured").
+public func counted<N: BinaryInteger>(_ n: N, _ noun: String, then: String = "") -> String {
+    "\(n) \(noun)\(n == 1 ? "" : "s")\(then)"
+}
+
 public enum TraceSummaryText {
     /// One row per rule meshtrace added: prefix, rule (when known), meshtrace's count, the kernel's count.
     public static func render(_ outcome: TraceOutcome, ruleset: Ruleset?) -> String {
         var out: [String] = []
         let s = outcome.summary
-        out.append("trace: \(String(format: "%.1f", outcome.tracedSeconds)) s traced (\(String(format: "%.1f", outcome.seconds)) s with setting up and removing the rules; meshtrace CPU \(String(format: "%.2f", outcome.cpuSeconds)) s, \(outcome.readerPrioritySaid)), \(outcome.nflogEvents) NFLOG events, \(outcome.packetsCaptured) packets captured"
-                   + (outcome.traceSteps > 0 ? ", \(outcome.traceSteps) TRACE steps" : "")
-                   + ", \(s.connections) connections"
+        out.append("trace: \(String(format: "%.1f", outcome.tracedSeconds)) s traced (\(String(format: "%.1f", outcome.seconds)) s with setting up and removing the rules; meshtrace CPU \(String(format: "%.2f", outcome.cpuSeconds)) s, \(outcome.readerPrioritySaid)), \(counted(outcome.nflogEvents, "NFLOG event")), \(counted(outcome.packetsCaptured, "packet", then: " captured"))"
+                   + (outcome.traceSteps > 0 ? ", \(counted(outcome.traceSteps, "TRACE step"))" : "")
+                   + ", \(counted(s.connections, "connection"))"
                    + (s.connectionsFilteredOut.map { " (\($0) more not matching --filter)" } ?? "")
-                   + ", \(s.hops) ztunnel hops, \(s.escapes) escapes")
+                   + ", \(counted(s.hops, "ztunnel hop")), \(counted(s.escapes, "escape"))")
         out.append("rule hits (meshtrace / kernel counter):")
         var ourTotal = 0, kernelTotal: UInt64 = 0
         // Only twins still in the pod at the end have a kernel counter to compare with.

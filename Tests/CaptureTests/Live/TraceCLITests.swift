@@ -93,7 +93,9 @@ final class TraceCLITests: KernelTestCase {
 
     /// The number right before `label` in the text summary's `trace:` line ("…, 920000 NFLOG events, …").
     static func summaryCount(_ label: String, in line: String) -> Int? {
-        guard let r = line.range(of: " \(label)") else { return nil }
+        // A count of 1 has the singular ("1 NFLOG event", "1 packet captured", "1 connection").
+        let singular = ["NFLOG events": "NFLOG event,", "packets captured": "packet captured", "connections": "connection,"][label]
+        guard let r = line.range(of: " \(label)") ?? singular.flatMap({ line.range(of: " \($0)") }) else { return nil }
         return Int(line[..<r.lowerBound].split(separator: " ").last ?? "")
     }
 
@@ -421,6 +423,24 @@ final class TraceCLITests: KernelTestCase {
         // A pod's netns is not the node's.
         let ns = try makeNetns()
         XCTAssertFalse(try NetnsRef.resolve(netns: ns.name, pid: nil).isNodeNetns)
+    }
+
+    /// The summary line counts in words that agree with the count: "1 connection", "0 ztunnel hops" (it said
+    /// "1 connections, 1 ztunnel hops" after every one-connection trace).
+    func testTheSummaryLineSaysOneConnectionInTheSingular() throws {
+        let ns = try seededNetns()
+        let (p, log) = try start(["trace", "--netns", ns.name, "--group", "5534", "--duration", "60", "--quiet", "--color", "never"])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; try? FileManager.default.removeItem(atPath: log) }
+        try waitForTwins(ns, p)
+        _ = try? ns.run(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9"])
+        usleep(300_000)
+        kill(p.processIdentifier, SIGINT)
+        guard waitForExit(p) else { return XCTFail("trace did not exit after SIGINT") }
+        let out = try String(contentsOfFile: log, encoding: .utf8)
+        let line = try XCTUnwrap(out.split(separator: "\n").first { $0.hasPrefix("trace: ") }.map(String.init), out)
+        XCTAssertTrue(line.hasSuffix(", 1 connection, 0 ztunnel hops, 0 escapes"), line)
+        XCTAssertTrue(line.contains(" packets captured, "), line)
+        XCTAssertEqual(Self.summaryCount("connections", in: line), 1, line)
     }
 
     /// `--host-netns` traces the netns meshtrace itself runs in. The node stands in as a scratch netns holding the seed
