@@ -315,7 +315,7 @@ public final class LiveTracer: @unchecked Sendable {
         var outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
                                    conntrackNote: nflog?.socket.conntrackProblem.map { problem in
                                        let missed = conntrackQuery.map { $0.notFound + $0.failed } ?? 0
-                                       return "\(problem); original destinations come from ctnetlink queries instead (\(conntrackJoins) REDIRECT/DNAT hits joined"
+                                       return "\(problem); original destinations come from ctnetlink queries instead (\(counted(conntrackJoins, "REDIRECT/DNAT hit")) joined"
                                            + (missed > 0 ? ", \(missed) without an entry)" : ")")
                                    },
                                    conntrackJoins: conntrackJoins,
