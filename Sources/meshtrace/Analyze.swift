@@ -11,11 +11,13 @@ struct Analyze: ParsableCommand {
         block reader: libpcap refuses mixed link types): EN10MB, LINUX_SLL (tcpdump -i any), LINUX_SLL2,
         RAW, NULL/LOOP and NFLOG (tcpdump -i nflog:G). Several files from one node are merged into one
         analysis, e.g. an `-i any` capture plus an `nflog:G` capture of meshtrace's NFLOG twins
-        (see `meshtrace plan`).
+        (see `meshtrace plan`). `-` reads a capture from stdin, and a FIFO or `<(...)` is read the same way, as it
+        comes: timelines are printed as their connections finish.
 
         Examples:
           meshtrace analyze any.pcap nflog.pcap --rules pod.iptables-save.txt
           meshtrace analyze capture.pcapng --pod-ip 10.244.1.5 --json | jq 'select(.type=="finding")'
+          ssh node tcpdump -i any -U -w - | meshtrace analyze -
 
         Exit codes: 0 no escape, 1 an escape was found (also in a damaged capture), 2 bad input
         (not a capture, unknown link type, empty file, bad --rules file), 3 damaged input and no escape
@@ -23,7 +25,7 @@ struct Analyze: ParsableCommand {
         """
     )
 
-    @Argument(help: "Capture files from one node (pcap or pcapng).")
+    @Argument(help: "Capture files from one node (pcap or pcapng); - for stdin.")
     var files: [String] = []
 
     @Option(name: .long, help: "The pod's ruleset (iptables-save / nft list ruleset output): adds each hit's rule text and ambient role.")
@@ -48,6 +50,7 @@ struct Analyze: ParsableCommand {
 
     func validate() throws {
         guard !files.isEmpty else { throw ValidationError("give at least one capture file") }
+        guard files.filter({ $0 == "-" }).count <= 1 else { throw ValidationError("- (stdin) can be given once") }
         for ip in podIPs where IPAddress(ip) == nil { throw ValidationError("--pod-ip \(ip) is not an IPv4 or IPv6 address") }
         guard maxEvents > 0 else { throw ValidationError("--max-events must be positive") }
     }

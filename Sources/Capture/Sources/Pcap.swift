@@ -71,6 +71,18 @@ public final class PcapHandle: @unchecked Sendable {
         return PcapHandle(handle: p, name: path, isLive: false)
     }
 
+    /// Opens a classic pcap (or a pcapng libpcap reads) from a stream already open, read from where it stands;
+    /// `microseconds`: the classic µs magic (see `openOffline(path:)`). libpcap closes `file` with the handle.
+    public static func openOffline(file: UnsafeMutablePointer<FILE>, name: String, microseconds: Bool) throws -> PcapHandle {
+        var errbuf = [CChar](repeating: 0, count: Int(PCAP_ERRBUF_SIZE))
+        let precision = microseconds ? PCAP_TSTAMP_PRECISION_MICRO : PCAP_TSTAMP_PRECISION_NANO
+        guard let p = pcap_fopen_offline_with_tstamp_precision(file, UInt32(precision), &errbuf) else {
+            fclose(file)
+            throw MeshtraceError.badInput("\(name): \(String(cString: errbuf))")
+        }
+        return PcapHandle(handle: p, name: name, isLive: false)
+    }
+
     /// True when `path` starts with the classic pcap magic of µs timestamps (either byte order).
     private static func isClassicMicrosecondFile(_ path: String) -> Bool {
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)

@@ -69,11 +69,46 @@ public final class PcapFileSource: PacketSource {
         self.path = path
         self.index = index
         self.interfaceName = interfaceName
-        try PcapFileSource.checkReadable(path)
+        let stream = CaptureStream.isStream(path)
+        if !stream { try PcapFileSource.checkReadable(path) }
         decoder = PacketDecoder(tags: tags)
         decoder.selector = selector
         var classic: PcapHandle? = nil
-        if PcapngFileReader.isPcapng(path: path) {
+        if stream {
+            // A pipe: sniffed without taking its first bytes, then read once from the start (`CaptureStream`).
+            let name = CaptureStream.displayName(path)
+            let (fd, magic) = try CaptureStream.open(path)
+            guard let file = fdopen(fd, "rb") else {
+                let e = errno
+                Glibc.close(fd)
+                throw MeshtraceError.badInput("\(name): \(String(cString: strerror(e)))")
+            }
+            if magic == PcapngFileReader.sectionHeaderType {
+                let reader: PcapngFileReader
+                do {
+                    reader = try PcapngFileReader(file: file, path: name)
+                } catch PcapngFileReader.OpenError.system(let code) {
+                    throw MeshtraceError.badInput("\(name): \(String(cString: strerror(code)))")
+                }
+                pcapng = reader
+                capture = nil
+                linkType = reader.leadInterface?.linkType ?? -1
+                snapshotLength = Int32(clamping: reader.leadInterface?.snaplen ?? 0)
+            } else {
+                let handle: PcapHandle
+                do {
+                    handle = try PcapHandle.openOffline(file: file, name: name,
+                                                        microseconds: magic == 0xa1b2_c3d4 || magic == UInt32(0xa1b2_c3d4).byteSwapped)
+                } catch let e as MeshtraceError {
+                    throw PcapFileSource.explainOpenFailure(path: name, index: index, libpcapMessage: e.message)
+                }
+                capture = handle
+                pcapng = nil
+                linkType = handle.linkType
+                snapshotLength = handle.snapshotLength
+                decoder.nestedByteOrder = handle.isSwapped ? ByteOrder.host.swapped : .host
+            }
+        } else if PcapngFileReader.isPcapng(path: path) {
             let reader: PcapngFileReader
             do {
                 reader = try PcapngFileReader(path: path)
@@ -105,8 +140,10 @@ public final class PcapFileSource: PacketSource {
             let names = ["EN10MB", "LINUX_SLL", "LINUX_SLL2", "RAW", "IPV4", "IPV6", "NULL", "LOOP", "NFLOG"]
             throw MeshtraceError.badInput("\(path): link type \(linkType) (\(PcapFileSource.linkTypeName(linkType))) is not supported; meshtrace reads \(names.joined(separator: ", "))")
         }
-        point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.leadInterface?.name, path: path)
+        point = PcapFileSource.point(linkType: linkType, given: interfaceName, recorded: pcapng?.leadInterface?.name,
+                                     path: CaptureStream.displayName(path))
         let type = linkType
+        // Not a stream's: the block reader opens the file again to read it in blocks.
         records = classic.flatMap { PcapRecordReader.open(path: path, snapshot: $0.snapshotLength, linkType: type) }
         inBlocks = records != nil
         recordsRef = records.map { Unmanaged.passUnretained($0) }
@@ -207,7 +244,7 @@ public final class PcapFileSource: PacketSource {
 
     private func endDamaged(_ why: String) {
         ended = true
-        damage = .damaged("\(path): damaged after frame \(framesRead) (\(why)); the \(framesRead) frames before it were analysed")
+        damage = .damaged("\(CaptureStream.displayName(path)): damaged after frame \(framesRead) (\(why)); the \(framesRead) frames before it were analysed")
     }
 
     public func close() {

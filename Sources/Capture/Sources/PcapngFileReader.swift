@@ -65,8 +65,13 @@ final class PcapngFileReader {
     enum OpenError: Error { case system(Int32) }
 
     /// Opens the file and reads up to the first interface description, so the first link type is known.
-    init(path: String) throws {
+    convenience init(path: String) throws {
         guard let f = fopen(path, "rb") else { throw OpenError.system(errno) }
+        try self.init(file: f, path: path)
+    }
+
+    /// Reads `file` from where it stands (a stream: `CaptureStream`), and closes it at the end.
+    init(file f: UnsafeMutablePointer<FILE>, path: String) throws {
         file = f
         buffer = .allocate(byteCount: 64 << 10, alignment: 8)
         // Fully initialised here: if this throws, deinit closes the file and frees the buffer.

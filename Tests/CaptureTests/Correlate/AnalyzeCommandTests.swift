@@ -27,6 +27,49 @@ final class AnalyzeCommandTests: XCTestCase {
         return url.path
     }
 
+    /// `-` reads a capture from stdin, and a FIFO or `<(...)` is read the same way: a pipe can be read once, from its
+    /// start, so its first bytes are looked at without being taken (`CaptureStream`). Before, each was refused as
+    /// "not a regular file". The report is the file's, byte for byte: classic pcap (libpcap), pcapng (the block
+    /// reader), merged with a file, from a writer that sends 2 bytes and then waits, and from a FIFO whose writer
+    /// comes later; a cut stream is damaged input (exit 3) named `stdin`.
+    func testACaptureIsReadFromAPipeAsFromItsFile() throws {
+        let m = Self.executable
+        func sh(_ script: String) throws -> Command.Result { try Command.run(["bash", "-c", script]) }
+        let any = ProjectPaths.samples.appendingPathComponent("outbound-client-any.pcap").path
+        let nflog = ProjectPaths.samples.appendingPathComponent("outbound-client-nflog.pcap").path
+        let pcapng = scratch.appendingPathComponent("both.pcapng").path
+        XCTAssertEqual(try Self.analyze([any, nflog, "--pcapng", pcapng, "--quiet"]).status, 0)
+        for f in [any, nflog, pcapng] {
+            let whole = try Self.analyze([f, "--color", "never"])
+            XCTAssertEqual(whole.status, 0, whole.stderr)
+            for script in ["cat '\(f)' | '\(m)' analyze - --color never",
+                           "(head -c 2; sleep 0.3; cat) < '\(f)' | '\(m)' analyze - --color never",
+                           "'\(m)' analyze <(cat '\(f)') --color never"] {
+                let piped = try sh(script)
+                XCTAssertEqual(piped.status, 0, "\(script): \(piped.stderr)")
+                XCTAssertEqual(piped.stdout, whole.stdout, script)
+            }
+        }
+        let merged = try Self.analyze([any, nflog, "--color", "never"])
+        XCTAssertEqual(try sh("cat '\(nflog)' | '\(m)' analyze '\(any)' - --color never").stdout, merged.stdout)
+        let fifo = scratch.appendingPathComponent("fifo").path
+        XCTAssertEqual(mkfifo(fifo, 0o600), 0)
+        XCTAssertEqual(try sh("(sleep 0.3; cat '\(any)' > '\(fifo)') & '\(m)' analyze '\(fifo)' --color never").stdout,
+                       try Self.analyze([any, "--color", "never"]).stdout)
+
+        let cut = try sh("head -c 1000 '\(any)' | '\(m)' analyze - --quiet")
+        XCTAssertEqual(cut.status, ExitStatus.damagedInput.rawValue, cut.stderr)
+        assertOneErrorLine(cut, contains: "stdin: damaged after frame 10")
+        let empty = try sh("true | '\(m)' analyze -")
+        XCTAssertEqual(empty.status, ExitStatus.badInput.rawValue)
+        assertOneErrorLine(empty, contains: "stdin: empty input, not a capture")
+        let garbage = try sh("echo not a capture at all | '\(m)' analyze -")
+        XCTAssertEqual(garbage.status, ExitStatus.badInput.rawValue)
+        assertOneErrorLine(garbage, contains: "stdin: not a pcap or pcapng capture")
+        let twice = try sh("true | '\(m)' analyze - -")
+        XCTAssertEqual(twice.status, ExitStatus.usage.rawValue, twice.stderr)
+    }
+
     private var nflogSample: String { ProjectPaths.reference.appendingPathComponent("captures/tcpdump-tests-nflog.pcap").path }
 
     private func assertOneErrorLine(_ r: Command.Result, contains needle: String, file: StaticString = #filePath, line: UInt = #line) {
