@@ -66,6 +66,7 @@ struct Analyze: ParsableCommand {
         let ruleset = try rules.map { try RulesetLoader.load(file: $0) }
         let tags = RuleTagTable()
         let source = try MergedSource(paths: files, tags: tags, selector: selector)
+        if files.contains(where: CaptureStream.isStream) { CaptureStream.finishOnFirstInterrupt() }
 
         let main: ReportSink = config.json
             ? JSONReport()

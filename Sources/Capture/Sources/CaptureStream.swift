@@ -9,15 +9,29 @@ import Foundation
 import Glibc
 #endif
 
-enum CaptureStream {
+public enum CaptureStream {
     /// `-` names stdin.
     static let stdinName = "-"
 
     /// Whether `path` is to be read as a stream: `-` when stdin is not a regular file, or a FIFO.
-    static func isStream(_ path: String) -> Bool {
+    public static func isStream(_ path: String) -> Bool {
         var st = stat()
         if path == stdinName { return fstat(STDIN_FILENO, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG }
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFIFO
+    }
+
+    /// Ctrl-C in `tcpdump -w - | meshtrace analyze -` goes to the whole pipeline: the writer stops and the pipe
+    /// ends, and the analysis should finish with what was read, not die with it. So while a pipe is read, the first
+    /// SIGINT only says so (the read goes on, to the end the writer's exit makes); a second one quits.
+    public static func finishOnFirstInterrupt() {
+        var action = sigaction()
+        action.__sigaction_handler.sa_handler = { _ in
+            let note: StaticString = "meshtrace: interrupted: finishing with what the pipe held (Ctrl-C again to quit)\n"
+            _ = Glibc.write(STDERR_FILENO, note.utf8Start, note.utf8CodeUnitCount)
+        }
+        sigemptyset(&action.sa_mask)
+        action.sa_flags = SA_RESTART | Int32(bitPattern: UInt32(SA_RESETHAND))
+        sigaction(SIGINT, &action, nil)
     }
 
     /// The name messages use: `stdin` for `-`.

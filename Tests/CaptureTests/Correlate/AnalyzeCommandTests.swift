@@ -70,6 +70,52 @@ final class AnalyzeCommandTests: XCTestCase {
         XCTAssertEqual(twice.status, ExitStatus.usage.rawValue, twice.stderr)
     }
 
+    /// Ctrl-C in `tcpdump -w - | meshtrace analyze -` reaches the writer and meshtrace together: the analysis must
+    /// finish with what the pipe held when the writer's exit ends it (it died with the writer, its summary and the
+    /// connections still open lost). The first SIGINT says so and reading goes on; a second one quits.
+    func testAnInterruptWhileReadingAPipeFinishesTheAnalysis() throws {
+        let any = try Data(contentsOf: ProjectPaths.samples.appendingPathComponent("outbound-client-any.pcap"))
+        func start() throws -> (Process, Pipe, Pipe, Pipe) {
+            let p = Process(), input = Pipe(), out = Pipe(), err = Pipe()
+            p.executableURL = URL(fileURLWithPath: Self.executable)
+            p.arguments = ["analyze", "-", "--brief", "--color", "never"]
+            p.standardInput = input
+            p.standardOutput = out
+            p.standardError = err
+            try p.run()
+            input.fileHandleForWriting.write(any)
+            usleep(500_000)
+            return (p, input, out, err)
+        }
+        func waitForExit(_ p: Process) -> Bool {
+            for _ in 0..<200 where p.isRunning { usleep(50_000) }
+            return !p.isRunning
+        }
+        // One interrupt: still reading; the writer's end closes the pipe and the report is whole.
+        let (p, input, out, err) = try start()
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        kill(p.processIdentifier, SIGINT)
+        usleep(300_000)
+        XCTAssertTrue(p.isRunning, "the first SIGINT ended the analysis")
+        try input.fileHandleForWriting.close()
+        XCTAssertTrue(waitForExit(p))
+        XCTAssertEqual(p.terminationReason, .exit)
+        XCTAssertEqual(p.terminationStatus, 0)
+        let report = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertTrue(report.contains("2 connections, 1 ztunnel hop joined"), report)
+        let said = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertEqual(said, "meshtrace: interrupted: finishing with what the pipe held (Ctrl-C again to quit)\n")
+
+        // Two: it quits, the writer or not.
+        let (q, qInput, _, _) = try start()
+        defer { if q.isRunning { kill(q.processIdentifier, SIGKILL) }; try? qInput.fileHandleForWriting.close() }
+        kill(q.processIdentifier, SIGINT)
+        usleep(200_000)
+        kill(q.processIdentifier, SIGINT)
+        XCTAssertTrue(waitForExit(q))
+        XCTAssertEqual(q.terminationReason, .uncaughtSignal)
+    }
+
     private var nflogSample: String { ProjectPaths.reference.appendingPathComponent("captures/tcpdump-tests-nflog.pcap").path }
 
     private func assertOneErrorLine(_ r: Command.Result, contains needle: String, file: StaticString = #filePath, line: UInt = #line) {
