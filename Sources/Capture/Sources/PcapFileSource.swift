@@ -74,62 +74,16 @@ public final class PcapFileSource: PacketSource {
         decoder = PacketDecoder(tags: tags)
         decoder.selector = selector
         var classic: PcapHandle? = nil
-        if stream {
-            // A pipe: sniffed without taking its first bytes, then read once from the start (`CaptureStream`).
-            let name = CaptureStream.displayName(path)
-            let (fd, magic) = try CaptureStream.open(path)
-            guard let file = fdopen(fd, "rb") else {
-                let e = errno
-                Glibc.close(fd)
-                throw MeshtraceError.badInput("\(name): \(String(cString: strerror(e)))")
-            }
-            if magic == PcapngFileReader.sectionHeaderType {
-                let reader: PcapngFileReader
-                do {
-                    reader = try PcapngFileReader(file: file, path: name)
-                } catch PcapngFileReader.OpenError.system(let code) {
-                    throw MeshtraceError.badInput("\(name): \(String(cString: strerror(code)))")
-                }
-                pcapng = reader
-                capture = nil
-                linkType = reader.leadInterface?.linkType ?? -1
-                snapshotLength = Int32(clamping: reader.leadInterface?.snaplen ?? 0)
-            } else {
-                let handle: PcapHandle
-                do {
-                    handle = try PcapHandle.openOffline(file: file, name: name,
-                                                        microseconds: magic == 0xa1b2_c3d4 || magic == UInt32(0xa1b2_c3d4).byteSwapped)
-                } catch let e as MeshtraceError {
-                    throw PcapFileSource.explainOpenFailure(path: name, index: index, libpcapMessage: e.message)
-                }
-                capture = handle
-                pcapng = nil
-                linkType = handle.linkType
-                snapshotLength = handle.snapshotLength
-                decoder.nestedByteOrder = handle.isSwapped ? ByteOrder.host.swapped : .host
-            }
-        } else if PcapngFileReader.isPcapng(path: path) {
-            let reader: PcapngFileReader
-            do {
-                reader = try PcapngFileReader(path: path)
-            } catch PcapngFileReader.OpenError.system(let code) where code == EMFILE || code == ENFILE {
-                throw PcapFileSource.tooManyOpenFiles(path: path, index: index)
-            } catch PcapngFileReader.OpenError.system(let code) {
-                throw MeshtraceError.badInput("\(path): \(String(cString: strerror(code)))")
-            }
+        switch try PcapFileSource.open(path: path, index: index, stream: stream) {
+        case .pcapng(let reader):
             pcapng = reader
             capture = nil
             linkType = reader.leadInterface?.linkType ?? -1
             snapshotLength = Int32(clamping: reader.leadInterface?.snaplen ?? 0)
-        } else {
-            let handle: PcapHandle
-            do {
-                handle = try PcapHandle.openOffline(path: path)
-            } catch let e as MeshtraceError {
-                throw PcapFileSource.explainOpenFailure(path: path, index: index, libpcapMessage: e.message)
-            }
+        case .classic(let handle):
             capture = handle
-            classic = handle
+            // A file's records are read in blocks (below); a stream's by libpcap alone.
+            classic = stream ? nil : handle
             pcapng = nil
             linkType = handle.linkType
             snapshotLength = handle.snapshotLength
@@ -261,6 +215,45 @@ public final class PcapFileSource: PacketSource {
         default:
             let stem = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
             return .interface(stem.isEmpty ? "?" : stem)
+        }
+    }
+
+    private enum Opened {
+        case pcapng(PcapngFileReader)
+        case classic(PcapHandle)
+    }
+
+    /// Opens the file by its magic number. A pipe (`stream`) is sniffed without taking its first bytes and read
+    /// once from its start (`CaptureStream`).
+    private static func open(path: String, index: UInt16, stream: Bool) throws -> Opened {
+        let name = CaptureStream.displayName(path)
+        var file: UnsafeMutablePointer<FILE>? = nil
+        var magic: UInt32 = 0
+        if stream {
+            let opened = try CaptureStream.open(path)
+            guard let f = fdopen(opened.fd, "rb") else {
+                let e = errno
+                Glibc.close(opened.fd)
+                throw MeshtraceError.badInput("\(name): \(String(cString: strerror(e)))")
+            }
+            file = f
+            magic = opened.magic
+        }
+        if file != nil ? magic == PcapngFileReader.sectionHeaderType : PcapngFileReader.isPcapng(path: path) {
+            do {
+                return .pcapng(try file.map { try PcapngFileReader(file: $0, path: name) } ?? PcapngFileReader(path: path))
+            } catch PcapngFileReader.OpenError.system(let code) where code == EMFILE || code == ENFILE {
+                throw PcapFileSource.tooManyOpenFiles(path: path, index: index)
+            } catch PcapngFileReader.OpenError.system(let code) {
+                throw MeshtraceError.badInput("\(name): \(String(cString: strerror(code)))")
+            }
+        }
+        do {
+            let micro: UInt32 = 0xa1b2_c3d4
+            return .classic(try file.map { try PcapHandle.openOffline(file: $0, name: name, microseconds: magic == micro || magic == micro.byteSwapped) }
+                            ?? PcapHandle.openOffline(path: path))
+        } catch let e as MeshtraceError {
+            throw PcapFileSource.explainOpenFailure(path: name, index: index, libpcapMessage: e.message)
         }
     }
 
