@@ -855,7 +855,9 @@ public final class Correlator {
                 if weakTunnelAllowed, p.sawZtunnelMark, p.responder.port == options.hbonePort,
                    p.firstSeenNanos - c.firstSeenNanos >= -50_000_000 {
                     weakTunnels += 1
-                    if weakTunnel == nil { weakTunnel = p }
+                    // The earliest: connections without a tunnel choose in the order they began (`lastChanceJoins`),
+                    // and ztunnel opens their tunnels in the order it accepted them.
+                    if weakTunnel.map({ p.firstSeenNanos < $0.firstSeenNanos }) ?? true { weakTunnel = p }
                 }
             }
         }
@@ -865,13 +867,13 @@ public final class Correlator {
             chosen = strongest
             unique = strong == 1
         } else if weakTunnelAllowed {
-            guard weakTunnels == 1, let weakTunnel else { return nil }
+            guard let weakTunnel else { return nil }
             chosen = weakTunnel
-            unique = true
+            unique = weakTunnels == 1
         } else {
             return nil
         }
-        let pool = strong > 0 ? strong : weak
+        let pool = strong > 0 ? strong : (weakTunnelAllowed ? weakTunnels : weak)
         // No evidence yet: a hop's evidence and confidence are worked out when the first of its connections is
         // emitted (`emit`), once the late NFLOG batches are in; wording them here for every join was wasted.
         return (chosen, [], .low, unique ? 1 : pool)
@@ -961,9 +963,12 @@ public final class Correlator {
             return candidates.count - 1
         }
         for (c, outbound) in wanted {
-            guard let open = outbound ? byPeer[c.responder.addr] : byClient[c.initiator.addr] else { continue }
-            // Joined to a passthrough connection, or inbound to a plaintext one (15006): no tunnel to choose.
             let current = carriedLink(of: c, outbound: outbound)
+            // Outbound, the tunnels to the app's original destination; for a service VIP, which no tunnel goes to
+            // (ztunnel resolved it to a pod), the tunnels to the pod its tunnel goes to.
+            let peer = outbound && byPeer[c.responder.addr] == nil ? current.map { $0.inner.responder.addr } : c.responder.addr
+            guard let open = outbound ? peer.flatMap({ byPeer[$0] }) : byClient[c.initiator.addr] else { continue }
+            // Joined to a passthrough connection, or inbound to a plaintext one (15006): no tunnel to choose.
             if let current, (outbound ? current.inner : current.outer).responder.port != options.hbonePort { continue }
             var mine: [Int] = []
             open.openDuring(c.firstSeenNanos, c.lastSeenNanos, began: tunnelBegan, closed: tunnelClosed, into: &during)
@@ -1833,20 +1838,39 @@ public final class Correlator {
         addByteEvidence(&link.hop, outer: link.outer, inner: link.inner)
     }
 
-    /// The joins a connection about to be emitted may still get: the app's tunnel without an identity match (a
-    /// VIP), then a pooled tunnel.
+    /// The joins a connection about to be emitted may still get: outbound, a tunnel opened for it (late), a pooled
+    /// tunnel to its destination, then a tunnel without an identity match (the app dialled a service VIP, which
+    /// ztunnel resolved to a pod); inbound, a pooled tunnel.
     private func lastChanceJoins(_ c: ConnectionState) {
         guard !c.emitted, c.mergedInto == nil else { return }
-        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop,
-           let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound, allowWeak: true) {
-            join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
-        }
-        // Still no hop: the connection may have gone through a tunnel ztunnel opened earlier and kept (pooled).
-        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop, let (z, n) = pooledTunnel(for: c, outbound: true) {
-            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
+        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop {
+            // Connections that began before this one and are still without a tunnel choose first, in the order they
+            // began: with VIPs, ztunnel's tunnels match no app's destination, and came in the order it accepted the
+            // connections; this one, emitted first, would otherwise take an earlier one's tunnel, and so on down
+            // the line (under concurrency, all but one such tunnel read as forged marks when each was left to a
+            // lone-tunnel rule).
+            pruneCandidates(&outerOutbound, outbound: true)
+            let earlier = outerOutbound.filter { $0 !== c && !$0.hasOutboundHop && $0.firstSeenNanos < c.firstSeenNanos }
+            for e in earlier.sorted(by: { $0.firstSeenNanos < $1.firstSeenNanos }) where !e.hasOutboundHop {
+                outboundLastChance(e)
+            }
+            outboundLastChance(c)
         }
         if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop, let (h, n) = pooledTunnel(for: c, outbound: false) {
             join(.inbound, outer: h, inner: c, evidence: [], confidence: .low, candidates: n, pooled: true)
+        }
+    }
+
+    private func outboundLastChance(_ c: ConnectionState) {
+        guard !c.hasOutboundHop, !c.emitted, c.mergedInto == nil else { return }
+        if let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound) {
+            join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
+        } else if let (z, n) = pooledTunnel(for: c, outbound: true) {
+            // A tunnel ztunnel opened earlier to the same destination and kept (pooled): an identity match, so
+            // before a tunnel that matches none.
+            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
+        } else if let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound, allowWeak: true) {
+            join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
         }
     }
 
