@@ -55,6 +55,9 @@ struct ZtunnelCommand: ParsableCommand {
     @Flag(name: .long, help: "Keep HBONE connections open and send later app connections to the same destination through them (as ztunnel pools them).")
     var poolTunnels = false
 
+    @Option(name: .long, help: "VIP=POD: connections the app makes to the service VIP go to this pod address (repeatable).")
+    var service: [String] = []
+
     @OptionGroup var lifetime: StandInLifetime
 
     func run() throws {
@@ -71,6 +74,13 @@ struct ZtunnelCommand: ParsableCommand {
             }
             var config = ZtunnelConfig(podAddresses: addrs, mesh: cidrs)
             config.poolTunnels = poolTunnels
+            for text in service {
+                let parts = text.split(separator: "=", maxSplits: 1).map(String.init)
+                guard parts.count == 2, let vip = IPAddress(parts[0]), let pod = IPAddress(parts[1]) else {
+                    throw MeshtraceError(.usage, "--service \(text) is not VIP=POD")
+                }
+                config.services[vip] = pod
+            }
             if let up = dnsUpstream {
                 guard let ep = Endpoint(parsing: up) else { throw MeshtraceError(.usage, "--dns-upstream \(up) is not IP:PORT") }
                 config.dnsPort = 15053

@@ -78,6 +78,8 @@ public final class LabTopology: @unchecked Sendable {
     public static let nodeIPv6 = IPAddress("fd00:10:244::1")!
     public static let probeSource = IPAddress("169.254.7.127")!
     public static let appPort: UInt16 = 80
+    /// A service VIP the client's ztunnel resolves to the server pod (as ztunnel resolves a service to an endpoint).
+    public static let serviceVIP = IPAddress("10.96.0.20")!
     public static let udpEchoPort: UInt16 = 9999
     public static var dnsServer: Endpoint { Endpoint(nodeIPv4, 53) }
 
@@ -227,6 +229,7 @@ public final class LabTopology: @unchecked Sendable {
         var argv = ["_ztunnel"] + pod.addresses.flatMap { ["--pod-ip", $0.description] } + meshArguments()
         if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
         if options.poolTunnels { argv += ["--pool-tunnels"] }
+        argv += ["--service", "\(LabTopology.serviceVIP)=\(server.ipv4)"]
         return argv
     }
 

@@ -92,6 +92,7 @@ public final class ScenarioRunner {
         let from: LabPod
         switch s {
         case .outbound, .inboundHBONE, .ruleDeleted, .foreignAccept: (from, args) = (lab.client, ["_app", "get", server])
+        case .service: (from, args) = (lab.client, ["_app", "get", "\(LabTopology.serviceVIP):\(LabTopology.appPort)"])
         case .ztunnelDown: (from, args) = (lab.client, ["_app", "get", "--timeout", "2", server])
         case .markEscape: (from, args) = (lab.client, ["_app", "get", "--mark", "0x539", server])
         case .inboundPlaintext: (from, args) = (lab.peer, ["_app", "get", server])
@@ -121,6 +122,8 @@ public final class ScenarioRunner {
             return logged("client ztunnel", "outbound") && logged("client ztunnel", "-> \(server)") ? .captured : .escape
         case .passthrough:
             return logged("client ztunnel", "passthrough") ? .captured : .escape
+        case .service:
+            return logged("client ztunnel", "(service, endpoint \(server))") && logged("client ztunnel", "-> \(lab.server.ipv4):15008") ? .captured : .escape
         case .ipv6Escape, .outboundIPv6:
             return logged("client ztunnel", "outbound") ? .captured : .escape
         case .inboundHBONE:

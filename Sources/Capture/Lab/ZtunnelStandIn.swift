@@ -26,6 +26,9 @@ public struct ZtunnelConfig: Sendable {
     /// destination through it, as ztunnel pools HBONE connections (one stream at a time here, framed; ztunnel
     /// multiplexes HTTP/2 streams). The serving side follows whatever the client does.
     public var poolTunnels = false
+    /// Service VIPs and the pod address ztunnel sends their connections to: ztunnel resolves a VIP the app dialled
+    /// to one of the service's endpoints itself, so the HBONE destination is that pod's, not the VIP.
+    public var services: [IPAddress: IPAddress] = [:]
 
     public init(podAddresses: [IPAddress], mesh: [CIDR]) {
         self.podAddresses = podAddresses
@@ -128,17 +131,20 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     private func release() { lock.lock(); active -= 1; lock.unlock() }
 
     private func serveOutbound(_ app: LabSocket, _ peer: Endpoint) {
-        let target: Endpoint
-        do { target = try app.originalDestination() } catch { log("outbound \(peer): \(error)"); return }
+        let dialled: Endpoint
+        do { dialled = try app.originalDestination() } catch { log("outbound \(peer): \(error)"); return }
+        // A service VIP goes to the endpoint ztunnel picked for it.
+        let target = config.services[dialled.addr].map { Endpoint($0, dialled.port) } ?? dialled
+        let said = target == dialled ? "\(target)" : "\(dialled) (service, endpoint \(target))"
         if config.inMesh(target.addr) && config.poolTunnels {
-            servePooled(app, peer, target: target)
+            servePooled(app, peer, target: target, said: said)
         } else if config.inMesh(target.addr) {
             let hbone = Endpoint(target.addr, config.hbonePort)
             guard let t = TunnelConnection.open(to: hbone, mark: config.mark) else {
-                log("outbound \(peer) -> \(target): HBONE connect to \(hbone) failed"); return
+                log("outbound \(peer) -> \(said): HBONE connect to \(hbone) failed"); return
             }
             guard t.socket.writeAll(t.up.applied(TunnelHeader.line(target: target))) else { return }
-            log("outbound \(peer) -> \(target): hbone \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
+            log("outbound \(peer) -> \(said): hbone \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
             app.relay(with: t.socket, idle: config.idleSeconds,
                       transformUp: { t.up.apply($0) }, transformDown: { t.down.apply($0) })
         } else {
@@ -177,17 +183,17 @@ public final class ZtunnelStandIn: @unchecked Sendable {
 
     /// An outbound app connection through a pooled tunnel: an idle one to the destination, or a new one; back to
     /// the pool when its stream ended cleanly.
-    private func servePooled(_ app: LabSocket, _ peer: Endpoint, target: Endpoint) {
+    private func servePooled(_ app: LabSocket, _ peer: Endpoint, target: Endpoint, said: String) {
         let hbone = Endpoint(target.addr, config.hbonePort)
         lock.lock()
         let idle = idleTunnels.removeValue(forKey: hbone)
         lock.unlock()
         guard let t = idle ?? TunnelConnection.open(to: hbone, mark: config.mark) else {
-            log("outbound \(peer) -> \(target): HBONE connect to \(hbone) failed"); return
+            log("outbound \(peer) -> \(said): HBONE connect to \(hbone) failed"); return
         }
         let reused = idle != nil
         guard t.socket.writeAll(t.up.applied(TunnelHeader.streamLine(target: target))) else { t.socket.close(); return }
-        log("outbound \(peer) -> \(target): hbone \(reused ? "pooled" : "new") \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
+        log("outbound \(peer) -> \(said): hbone \(reused ? "pooled" : "new") \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
         if TunnelConnection.relayFramed(plain: app, tunnel: t.socket, idle: config.idleSeconds, send: &t.up, receive: &t.down) {
             lock.lock()
             let spare = stopped ? t : idleTunnels.updateValue(t, forKey: hbone)
