@@ -885,8 +885,10 @@ public final class Correlator {
     /// ztunnel's tunnel from the pod to the app's original destination address; inbound, a tunnel into the pod's
     /// HBONE port from the client address ztunnel's connection into the app carries. Returns the newest such tunnel
     /// and how many there were. Tried only when the connection is emitted without a hop, so a tunnel opened for it
-    /// always wins over a pooled one.
-    private func pooledTunnel(for c: ConnectionState, outbound: Bool, excluding: ConnectionState? = nil) -> (ConnectionState, Int)? {
+    /// always wins over a pooled one. `anyPeer` (outbound): a marked tunnel to any peer, for an app connection to a
+    /// service VIP, which no tunnel names.
+    private func pooledTunnel(for c: ConnectionState, outbound: Bool, excluding: ConnectionState? = nil,
+                              anyPeer: Bool = false) -> (ConnectionState, Int)? {
         guard c.proto == IPProto.tcp, !outbound || c.originalKnown else { return nil }
         let start = c.firstSeenNanos
         var chosen: ConnectionState?
@@ -900,7 +902,7 @@ public final class Correlator {
                   p.firstSeenNanos <= start || (!p.initiatorFromSYN && c.initiatorFromSYN) else { continue }
             if let closed = p.closedAt, closed < start { continue }
             if outbound {
-                guard p.responder.addr == c.responder.addr, initiatorIsLocal(p) else { continue }
+                guard anyPeer ? p.sawZtunnelMark : p.responder.addr == c.responder.addr, initiatorIsLocal(p) else { continue }
             } else {
                 guard p.initiator.addr == c.initiator.addr, !initiatorIsLocal(p) else { continue }
             }
@@ -1871,6 +1873,10 @@ public final class Correlator {
             join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
         } else if let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound, allowWeak: true) {
             join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
+        } else if let (z, n) = pooledTunnel(for: c, outbound: true, anyPeer: true) {
+            // A VIP's connection through a tunnel ztunnel kept open to the pod it resolved the VIP to (pooled, perhaps
+            // opened before the capture began): no new tunnel, and none names the VIP.
+            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
         }
     }
 
