@@ -70,11 +70,13 @@ public final class PcapFileSource: PacketSource {
         self.index = index
         self.interfaceName = interfaceName
         let stream = CaptureStream.isStream(path)
-        if !stream { try PcapFileSource.checkReadable(path) }
+        // `-` with a file on stdin (`< capture.pcap`) is read as that file, through /dev/stdin.
+        let file = path == CaptureStream.stdinName && !stream ? "/dev/stdin" : path
+        if !stream { try PcapFileSource.checkReadable(file) }
         decoder = PacketDecoder(tags: tags)
         decoder.selector = selector
         var classic: PcapHandle? = nil
-        switch try PcapFileSource.open(path: path, index: index, stream: stream) {
+        switch try PcapFileSource.open(path: file, name: CaptureStream.displayName(path), index: index, stream: stream) {
         case .pcapng(let reader):
             pcapng = reader
             capture = nil
@@ -98,7 +100,7 @@ public final class PcapFileSource: PacketSource {
                                      path: CaptureStream.displayName(path))
         let type = linkType
         // Not a stream's: the block reader opens the file again to read it in blocks.
-        records = classic.flatMap { PcapRecordReader.open(path: path, snapshot: $0.snapshotLength, linkType: type) }
+        records = classic.flatMap { PcapRecordReader.open(path: file, snapshot: $0.snapshotLength, linkType: type) }
         inBlocks = records != nil
         recordsRef = records.map { Unmanaged.passUnretained($0) }
     }
@@ -225,8 +227,7 @@ public final class PcapFileSource: PacketSource {
 
     /// Opens the file by its magic number. A pipe (`stream`) is sniffed without taking its first bytes and read
     /// once from its start (`CaptureStream`).
-    private static func open(path: String, index: UInt16, stream: Bool) throws -> Opened {
-        let name = CaptureStream.displayName(path)
+    private static func open(path: String, name: String, index: UInt16, stream: Bool) throws -> Opened {
         var file: UnsafeMutablePointer<FILE>? = nil
         var magic: UInt32 = 0
         if stream {

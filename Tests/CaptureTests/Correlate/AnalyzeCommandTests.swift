@@ -31,7 +31,7 @@ final class AnalyzeCommandTests: XCTestCase {
     /// start, so its first bytes are looked at without being taken (`CaptureStream`). Before, each was refused as
     /// "not a regular file". The report is the file's, byte for byte: classic pcap (libpcap), pcapng (the block
     /// reader), merged with a file, from a writer that sends 2 bytes and then waits, and from a FIFO whose writer
-    /// comes later; a cut stream is damaged input (exit 3) named `stdin`.
+    /// comes later; and `- < FILE` reads the file; a cut stream is damaged input (exit 3) named `stdin`.
     func testACaptureIsReadFromAPipeAsFromItsFile() throws {
         let m = Self.executable
         func sh(_ script: String) throws -> Command.Result { try Command.run(["bash", "-c", script]) }
@@ -44,7 +44,8 @@ final class AnalyzeCommandTests: XCTestCase {
             XCTAssertEqual(whole.status, 0, whole.stderr)
             for script in ["cat '\(f)' | '\(m)' analyze - --color never",
                            "(head -c 2; sleep 0.3; cat) < '\(f)' | '\(m)' analyze - --color never",
-                           "'\(m)' analyze <(cat '\(f)') --color never"] {
+                           "'\(m)' analyze <(cat '\(f)') --color never",
+                           "'\(m)' analyze - --color never < '\(f)'"] {
                 let piped = try sh(script)
                 XCTAssertEqual(piped.status, 0, "\(script): \(piped.stderr)")
                 XCTAssertEqual(piped.stdout, whole.stdout, script)
