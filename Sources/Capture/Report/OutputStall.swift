@@ -55,7 +55,7 @@ public enum OutputStall {
     }
 
     /// The message of a trace whose output was given up.
-    public static let said = "stdout took nothing for 2 s after the trace was stopped (a pipe nobody reads?): the rest of the output was dropped; the rules are removed"
+    public static let said = "the trace was stopped while stdout took nothing for 2 s (a pipe nobody reads?): the rest of the output was dropped; the rules are removed"
 
     /// Writes one line to stderr unless stderr, too, takes nothing within `timeoutMillis` (the same stuck pipe,
     /// `2>&1`): an error line must not hang the exit.

@@ -514,7 +514,7 @@ final class TraceCLITests: KernelTestCase {
         XCTAssertEqual(p.terminationStatus, ExitStatus.badInput.rawValue)
         let said = try String(contentsOfFile: errLog, encoding: .utf8)
         XCTAssertEqual(said.split(separator: "\n").count, 1, said)
-        XCTAssertTrue(said.contains("stdout took nothing for 2 s after the trace was stopped"), said)
+        XCTAssertTrue(said.contains("the trace was stopped while stdout took nothing for 2 s"), said)
         XCTAssertEqual(try InstrumenterTests.rulesText(ns), before)
         try? pipe.fileHandleForReading.close()
     }
