@@ -276,15 +276,26 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(summary.escapes, 0)
     }
 
-    func testATunnelToAnotherDestinationIsNotTaken() throws {
+    /// A connection to another address than the open tunnel's, with no tunnel of its own: it was refused this tunnel
+    /// until the eighteenth round ("a tunnel to 10.0.2.2 does not carry a connection to 10.0.3.3"). But that is what a
+    /// service VIP looks like (ztunnel resolves 10.0.3.3 to the pod 10.0.2.2 and reuses its kept tunnel), and a
+    /// connection with bytes and no tunnel at all is no likelier. It is joined, low (no identity), as pooled, after every
+    /// join with identity (a tunnel opened for it, a kept one to its own address) had its chance.
+    func testATunnelToAnotherDestinationIsTakenOnlyLowAsForAServiceVIP() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
         let elsewhere = PacketFactory.ep("10.0.3.3", 80)
         let (sink, summary) = correlate(pooledScenario(&f, rules: rules, second: elsewhere), tags: f.tags, ruleset: rules)
         let second = try connection(from: app2, in: sink)
+        let tunnel = try connection(from: ztunnelOut, in: sink)
         XCTAssertEqual(second.kind, .appOutbound)
-        XCTAssertTrue(second.hops.isEmpty, "an open tunnel to 10.0.2.2 does not carry a connection to 10.0.3.3")
-        XCTAssertEqual(summary.hops, 1)
+        let hop = try XCTUnwrap(second.hops.first, "no hop")
+        XCTAssertEqual(hop.inner, tunnel.id)
+        XCTAssertEqual(hop.confidence, .low)
+        XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" })
+        XCTAssertFalse(hop.evidence.contains { $0.kind == "original-destination" })
+        XCTAssertEqual(summary.hops, 2)
+        XCTAssertEqual(summary.escapes, 0)
     }
 
     func testATunnelClosedBeforeTheConnectionBeganIsNotTaken() throws {
