@@ -256,6 +256,14 @@ final class ConnectionState {
     var sawInterfaceEvent = false
     /// Membership in the hop candidate lists.
     var pendingRoles: HopRoles = []
+    /// The address this connection is filed under in the outbound candidate index (`Correlator.outboundByAddress`),
+    /// as an app connection (its original destination) and as a tunnel (its peer); nil when not filed.
+    var outerFiledUnder: IPAddress?
+    var innerFiledUnder: IPAddress?
+    /// When it was last appended to the full outbound candidate lists (`Correlator.outerOutbound`/`innerOutbound`):
+    /// a scan of the index breaks ties in that order, as a scan of the full list did.
+    var outerListed = 0
+    var innerListed = 0
     /// A tunnel's data events (indices into `events`) already matched to a connection it relayed
     /// (`Correlator.relinkByRelayTiming`): a packet is one connection's bytes, not another's too. Empty (no storage)
     /// unless the tunnel was ever one of several candidates.

@@ -42,6 +42,19 @@ public final class Correlator {
     /// Hop candidate lists, roughly in first-seen order (pruned from the front by age).
     private var outerOutbound: [ConnectionState] = []
     private var innerOutbound: [ConnectionState] = []
+    /// The outbound candidates again, by address: app connections by their original destination, tunnels by their
+    /// peer. Only an identity match joins before emission, and it needs the two addresses to agree, so a new
+    /// connection looks only at those filed under its address. Without it every new connection scanned every
+    /// candidate, and connections to a service VIP (no tunnel names it) stay candidates until they are emitted:
+    /// thousands under load (a VIP load cost the tracer ~5 times a pod-address one). A connection is filed once per
+    /// address it takes; an entry under an address it no longer has is stale and dropped when its list is pruned.
+    private var outerOutboundByAddress: [IPAddress: [ConnectionState]] = [:]
+    private var innerOutboundByAddress: [IPAddress: [ConnectionState]] = [:]
+    /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
+    private var filings = 0
+    private var pruneAllAt = 4096
+    /// Appends to the full outbound lists so far (`ConnectionState.outerListed`).
+    private var listings = 0
     private var outerInbound: [ConnectionState] = []
     private var innerInbound: [ConnectionState] = []
     /// Open connections to the HBONE port, either way: the tunnels a pooled join may find (see `pooledTunnel`).
@@ -755,10 +768,10 @@ public final class Correlator {
         guard c.proto == IPProto.tcp, !c.emitted, c.mergedInto == nil else { return }
         let roles = candidateRoles(c)
         if roles.contains(.outerOutbound) && !c.pendingRoles.contains(.outerOutbound) {
-            c.pendingRoles.insert(.outerOutbound); outerOutbound.append(c)
+            c.pendingRoles.insert(.outerOutbound); outerOutbound.append(c); listings += 1; c.outerListed = listings
         }
         if roles.contains(.innerOutbound) && !c.pendingRoles.contains(.innerOutbound) {
-            c.pendingRoles.insert(.innerOutbound); innerOutbound.append(c)
+            c.pendingRoles.insert(.innerOutbound); innerOutbound.append(c); listings += 1; c.innerListed = listings
         }
         if roles.contains(.outerInbound) && !c.pendingRoles.contains(.outerInbound) {
             c.pendingRoles.insert(.outerInbound); outerInbound.append(c)
@@ -766,15 +779,19 @@ public final class Correlator {
         if roles.contains(.innerInbound) && !c.pendingRoles.contains(.innerInbound) {
             c.pendingRoles.insert(.innerInbound); innerInbound.append(c)
         }
-        if roles.contains(.outerOutbound) && !c.hasOutboundHop {
-            if let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound) {
-                join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
-            }
+        if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.originalKnown && c.outerFiledUnder != c.responder.addr {
+            c.outerFiledUnder = c.responder.addr
+            file(c, in: &outerOutboundByAddress[c.responder.addr, default: []])
         }
-        if roles.contains(.innerOutbound) && !c.hasOutboundHop {
-            if let (a, ev, conf, n) = bestPartner(for: c, among: &outerOutbound, asOuter: false, direction: .outbound) {
-                join(.outbound, outer: a, inner: c, evidence: ev, confidence: conf, candidates: n)
-            }
+        if c.pendingRoles.contains(.innerOutbound) && !c.hasOutboundHop && c.innerFiledUnder != c.responder.addr {
+            c.innerFiledUnder = c.responder.addr
+            file(c, in: &innerOutboundByAddress[c.responder.addr, default: []])
+        }
+        if roles.contains(.outerOutbound) && !c.hasOutboundHop, let (z, ev, conf, n) = identityPartner(for: c, asOuter: true) {
+            join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
+        }
+        if roles.contains(.innerOutbound) && !c.hasOutboundHop, let (a, ev, conf, n) = identityPartner(for: c, asOuter: false) {
+            join(.outbound, outer: a, inner: c, evidence: ev, confidence: conf, candidates: n)
         }
         if roles.contains(.outerInbound) && !c.hasInboundHop {
             if let (i, ev, conf, n) = bestPartner(for: c, among: &innerInbound, asOuter: true, direction: .inbound) {
@@ -786,6 +803,60 @@ public final class Correlator {
                 join(.inbound, outer: h, inner: c, evidence: ev, confidence: conf, candidates: n)
             }
         }
+    }
+
+    /// The outbound identity join for `c`: among the candidates filed under its address (an app's original
+    /// destination is a tunnel's peer). Nil for an app whose original destination is not known (no identity yet).
+    private func identityPartner(for c: ConnectionState, asOuter: Bool) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
+        if asOuter && !c.originalKnown { return nil }
+        let key = c.responder.addr
+        let found: (ConnectionState, [HopEvidence], Confidence, Int)?
+        if asOuter {
+            guard innerOutboundByAddress[key] != nil else { return nil }
+            found = bestPartner(for: c, among: &innerOutboundByAddress[key, default: []], asOuter: true, direction: .outbound,
+                                filedUnder: key)
+            if innerOutboundByAddress[key]?.isEmpty == true { innerOutboundByAddress[key] = nil }
+        } else {
+            guard outerOutboundByAddress[key] != nil else { return nil }
+            found = bestPartner(for: c, among: &outerOutboundByAddress[key, default: []], asOuter: false, direction: .outbound,
+                                filedUnder: key)
+            if outerOutboundByAddress[key]?.isEmpty == true { outerOutboundByAddress[key] = nil }
+        }
+        return found
+    }
+
+    private func listed(_ c: ConnectionState, asOuter: Bool) -> Int { asOuter ? c.outerListed : c.innerListed }
+
+    /// Files `c` in one list of the outbound index, once: an entry left there under an address it had before and has
+    /// again (stale until now) is the same entry.
+    private func file(_ c: ConnectionState, in list: inout [ConnectionState]) {
+        if !list.contains(where: { $0 === c }) { list.append(c) }
+        filed()
+    }
+
+    /// One more filing in the outbound index; every so often every candidate list is pruned, the index's and the
+    /// full ones (which only the joins at emission scan now), so none grows with lists nobody looks at.
+    private func filed() {
+        filings += 1
+        guard filings >= pruneAllAt else { return }
+        var kept = 0
+        for key in Array(outerOutboundByAddress.keys) {
+            pruneCandidates(&outerOutboundByAddress[key, default: []], outbound: true, filedUnder: key, asOuter: true)
+            let n = outerOutboundByAddress[key]?.count ?? 0
+            if n == 0 { outerOutboundByAddress[key] = nil }
+            kept += n
+        }
+        for key in Array(innerOutboundByAddress.keys) {
+            pruneCandidates(&innerOutboundByAddress[key, default: []], outbound: true, filedUnder: key, asOuter: false)
+            let n = innerOutboundByAddress[key]?.count ?? 0
+            if n == 0 { innerOutboundByAddress[key] = nil }
+            kept += n
+        }
+        pruneCandidates(&outerOutbound, outbound: true)
+        pruneCandidates(&innerOutbound, outbound: true)
+        kept += outerOutbound.count + innerOutbound.count
+        filings = 0
+        pruneAllAt = max(4096, 2 * kept)
     }
 
     private func candidateRoles(_ c: ConnectionState) -> HopRoles {
@@ -814,8 +885,9 @@ public final class Correlator {
     }
 
     private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState], asOuter: Bool,
-                             direction: ZtunnelHop.Direction, allowWeak: Bool = false) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
-        pruneCandidates(&list, outbound: direction == .outbound)
+                             direction: ZtunnelHop.Direction, allowWeak: Bool = false,
+                             filedUnder key: IPAddress? = nil) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
+        pruneCandidates(&list, outbound: direction == .outbound, filedUnder: key, asOuter: !asOuter)
         // Counted as they are met, not gathered into arrays (two allocations and a retain per candidate, for
         // every connection that may be one side of a hop).
         var strongest: ConnectionState?, strong = 0, weak = 0
@@ -859,8 +931,11 @@ public final class Correlator {
                 && inner.initiatorFromSYN { continue }
             if identityMatches(outer: outer, inner: inner, direction: direction) {
                 strong += 1
-                // The earliest; of equals, the first met.
-                if strongest.map({ p.firstSeenNanos < $0.firstSeenNanos }) ?? true { strongest = p }
+                // The earliest; of equals, the first met (in the index, the first listed: the full list's order).
+                if strongest.map({ p.firstSeenNanos < $0.firstSeenNanos
+                    || (key != nil && p.firstSeenNanos == $0.firstSeenNanos && listed(p, asOuter: !asOuter) < listed($0, asOuter: !asOuter)) }) ?? true {
+                    strongest = p
+                }
             } else {
                 weak += 1
                 if weakTunnelAllowed, p.sawZtunnelMark, p.responder.port == options.hbonePort,
@@ -1576,10 +1651,18 @@ public final class Correlator {
 
     /// Drops candidates that can no longer be joined: too old, emitted, merged, or already joined in this
     /// direction. Joins happen within milliseconds in a healthy capture, so the lists stay short.
-    private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool) {
+    /// A list of the outbound index (`filedUnder`, its entries app connections when `asOuter`) also drops entries
+    /// filed under another address since, and unfiles the ones it drops.
+    private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool, filedUnder key: IPAddress? = nil,
+                                 asOuter: Bool = false) {
         let horizon = now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos
         list.removeAll { p in
-            p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon || (outbound ? p.hasOutboundHop : p.hasInboundHop)
+            if let key {
+                guard (asOuter ? p.outerFiledUnder : p.innerFiledUnder) == key else { return true }
+            }
+            let gone = p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon || (outbound ? p.hasOutboundHop : p.hasInboundHop)
+            if gone && key != nil { if asOuter { p.outerFiledUnder = nil } else { p.innerFiledUnder = nil } }
+            return gone
         }
     }
 
@@ -1635,7 +1718,11 @@ public final class Correlator {
     /// looks again.
     private func lookAgain(_ c: ConnectionState) {
         func back(_ role: HopRoles, _ joined: Bool, _ list: inout [ConnectionState]) {
-            if c.pendingRoles.contains(role) && !joined && !list.contains(where: { $0 === c }) { list.append(c) }
+            if c.pendingRoles.contains(role) && !joined && !list.contains(where: { $0 === c }) {
+                list.append(c)
+                listings += 1
+                if role == .outerOutbound { c.outerListed = listings } else if role == .innerOutbound { c.innerListed = listings }
+            }
         }
         back(.outerOutbound, c.hasOutboundHop, &outerOutbound)
         back(.innerOutbound, c.hasOutboundHop, &innerOutbound)
@@ -1876,7 +1963,7 @@ public final class Correlator {
 
     private func outboundLastChance(_ c: ConnectionState) {
         guard !c.hasOutboundHop, !c.emitted, c.mergedInto == nil else { return }
-        if let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound) {
+        if let (z, ev, conf, n) = identityPartner(for: c, asOuter: true) {
             join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
         } else if let (z, n) = pooledTunnel(for: c, outbound: true) {
             // A tunnel ztunnel opened earlier to the same destination and kept (pooled): an identity match, so
@@ -2124,6 +2211,7 @@ public final class Correlator {
         let rest = open.sorted { $0.id < $1.id }
         emit(rest)
         outerOutbound = []; innerOutbound = []; outerInbound = []; innerInbound = []
+        outerOutboundByAddress = [:]; innerOutboundByAddress = [:]
         var s = summary
         s.ruleHits = []
         for (i, n) in hitCounts.enumerated() where n > 0 {
