@@ -782,10 +782,12 @@ public final class Correlator {
         if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.originalKnown && c.outerFiledUnder != c.responder.addr {
             c.outerFiledUnder = c.responder.addr
             file(c, in: &outerOutboundByAddress[c.responder.addr, default: []])
+            filed()
         }
         if c.pendingRoles.contains(.innerOutbound) && !c.hasOutboundHop && c.innerFiledUnder != c.responder.addr {
             c.innerFiledUnder = c.responder.addr
             file(c, in: &innerOutboundByAddress[c.responder.addr, default: []])
+            filed()
         }
         if roles.contains(.outerOutbound) && !c.hasOutboundHop, let (z, ev, conf, n) = identityPartner(for: c, asOuter: true) {
             join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
@@ -829,9 +831,9 @@ public final class Correlator {
 
     /// Files `c` in one list of the outbound index, once: an entry left there under an address it had before and has
     /// again (stale until now) is the same entry.
+    /// (`filed()` comes after, once the list's access has ended: it prunes every list of the index.)
     private func file(_ c: ConnectionState, in list: inout [ConnectionState]) {
         if !list.contains(where: { $0 === c }) { list.append(c) }
-        filed()
     }
 
     /// One more filing in the outbound index; every so often every candidate list is pruned, the index's and the

@@ -265,6 +265,43 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(sink.findings.filter(\.isEscape).map(\.findingClass), [.forgedZtunnelMark])
     }
 
+    /// Thousands of VIP connections one after another, each with its tunnel: the outbound candidate index is pruned
+    /// every few thousand filings, all its lists at once. That pruning ran inside the access to the list being filed
+    /// into and the tests' debug build stopped on the exclusivity violation (a live test, after 4096 filings); and
+    /// every connection still gets its tunnel, none left to read as a forged mark.
+    func testManyVIPConnectionsKeepTheCandidateIndexPrunedAndEachGetItsTunnel() throws {
+        var f = PacketFactory()
+        let vip = PacketFactory.ep("10.96.0.20", 80)
+        let endpoint = PacketFactory.ep("10.0.2.2", 15008)
+        let n = 2200   // two filings each: past the first pruning, at 4096
+        var p: [PacketRecord] = []
+        p.reserveCapacity(n * 5)
+        for i in 0..<n {
+            let app = Endpoint(IPAddress(v4: 0x0A00_0105), UInt16(20_000 + i))
+            let tunnel = Endpoint(IPAddress(v4: 0x0A00_0105), UInt16(40_000 + i))
+            p.append(f.nflog(app, vip, flags: [.syn], seq: 1000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
+            p.append(f.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.syn], seq: 1000, on: lo, direction: .inbound))
+            f.advance(micros: 300)
+            p.append(f.nflog(tunnel, endpoint, flags: [.syn], seq: 7000, hook: .postrouting,
+                             prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
+                             mark: 0x539, outIf: 2))
+            p.append(f.packet(tunnel, endpoint, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
+            f.advance(micros: 200)
+            p.append(f.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.rst], seq: 1001, on: lo, direction: .inbound))
+            f.advance(micros: 500)
+        }
+        let (sink, summary) = correlate(p, tags: f.tags)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.prefix(3).map(\.summary).joined(separator: "; "))
+        XCTAssertEqual(summary.hops, n)
+        let byID = Dictionary(sink.timelines.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
+        var right = 0
+        for t in sink.timelines where t.kind == .appOutbound {
+            let hop = try XCTUnwrap(t.hops.first, "\(t.original) without a tunnel")
+            if byID[hop.inner]?.original.src.port == t.original.src.port &+ 20_000 { right += 1 }
+        }
+        XCTAssertEqual(right, n, "one after another, each takes its own")
+    }
+
     /// A connection to a service VIP that ztunnel sends through a tunnel it kept open to the pod it resolved the VIP
     /// to (pooled; here open before the capture began, seen mid-stream): no new tunnel, and none names the VIP. It is
     /// joined to the open marked tunnel, pooled and low; the tunnel read as a forged mark (the lab's `service`
