@@ -768,10 +768,10 @@ public final class Correlator {
         guard c.proto == IPProto.tcp, !c.emitted, c.mergedInto == nil else { return }
         let roles = candidateRoles(c)
         if roles.contains(.outerOutbound) && !c.pendingRoles.contains(.outerOutbound) {
-            c.pendingRoles.insert(.outerOutbound); outerOutbound.append(c); listings += 1; c.outerListed = listings
+            c.pendingRoles.insert(.outerOutbound); list(c, .outerOutbound, in: &outerOutbound)
         }
         if roles.contains(.innerOutbound) && !c.pendingRoles.contains(.innerOutbound) {
-            c.pendingRoles.insert(.innerOutbound); innerOutbound.append(c); listings += 1; c.innerListed = listings
+            c.pendingRoles.insert(.innerOutbound); list(c, .innerOutbound, in: &innerOutbound)
         }
         if roles.contains(.outerInbound) && !c.pendingRoles.contains(.outerInbound) {
             c.pendingRoles.insert(.outerInbound); outerInbound.append(c)
@@ -781,12 +781,12 @@ public final class Correlator {
         }
         if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.originalKnown && c.outerFiledUnder != c.responder.addr {
             c.outerFiledUnder = c.responder.addr
-            file(c, in: &outerOutboundByAddress[c.responder.addr, default: []])
+            file(c, in: &outerOutboundByAddress)
             filed()
         }
         if c.pendingRoles.contains(.innerOutbound) && !c.hasOutboundHop && c.innerFiledUnder != c.responder.addr {
             c.innerFiledUnder = c.responder.addr
-            file(c, in: &innerOutboundByAddress[c.responder.addr, default: []])
+            file(c, in: &innerOutboundByAddress)
             filed()
         }
         if roles.contains(.outerOutbound) && !c.hasOutboundHop, let (z, ev, conf, n) = identityPartner(for: c, asOuter: true) {
@@ -812,53 +812,55 @@ public final class Correlator {
     private func identityPartner(for c: ConnectionState, asOuter: Bool) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
         if asOuter && !c.originalKnown { return nil }
         let key = c.responder.addr
-        let found: (ConnectionState, [HopEvidence], Confidence, Int)?
-        if asOuter {
-            guard innerOutboundByAddress[key] != nil else { return nil }
-            found = bestPartner(for: c, among: &innerOutboundByAddress[key, default: []], asOuter: true, direction: .outbound,
-                                filedUnder: key)
-            if innerOutboundByAddress[key]?.isEmpty == true { innerOutboundByAddress[key] = nil }
-        } else {
-            guard outerOutboundByAddress[key] != nil else { return nil }
-            found = bestPartner(for: c, among: &outerOutboundByAddress[key, default: []], asOuter: false, direction: .outbound,
-                                filedUnder: key)
-            if outerOutboundByAddress[key]?.isEmpty == true { outerOutboundByAddress[key] = nil }
+        // An app connection looks among the tunnels, a tunnel among the app connections.
+        func partner(in index: inout [IPAddress: [ConnectionState]]) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
+            guard index[key] != nil else { return nil }
+            let found = bestPartner(for: c, among: &index[key, default: []], asOuter: asOuter, direction: .outbound, filedUnder: key)
+            if index[key]?.isEmpty == true { index[key] = nil }
+            return found
         }
-        return found
+        return asOuter ? partner(in: &innerOutboundByAddress) : partner(in: &outerOutboundByAddress)
     }
 
     private func listed(_ c: ConnectionState, asOuter: Bool) -> Int { asOuter ? c.outerListed : c.innerListed }
 
-    /// Files `c` in one list of the outbound index, once: an entry left there under an address it had before and has
-    /// again (stale until now) is the same entry.
-    /// (`filed()` comes after, once the list's access has ended: it prunes every list of the index.)
-    private func file(_ c: ConnectionState, in list: inout [ConnectionState]) {
-        if !list.contains(where: { $0 === c }) { list.append(c) }
+    /// Appends `c` to a full outbound candidate list, stamping the order (`ConnectionState.outerListed`).
+    private func list(_ c: ConnectionState, _ role: HopRoles, in list: inout [ConnectionState]) {
+        list.append(c)
+        listings += 1
+        if role == .outerOutbound { c.outerListed = listings } else if role == .innerOutbound { c.innerListed = listings }
     }
 
-    /// One more filing in the outbound index; every so often every candidate list is pruned, the index's and the
-    /// full ones (which only the joins at emission scan now), so none grows with lists nobody looks at.
+    /// Files `c` under its address (`responder`) in the outbound index, once: an entry left there under an address it
+    /// had before and has again (stale until now) is the same entry.
+    private func file(_ c: ConnectionState, in index: inout [IPAddress: [ConnectionState]]) {
+        let key = c.responder.addr
+        if !(index[key]?.contains { $0 === c } ?? false) { index[key, default: []].append(c) }
+    }
+
+    /// One more filing; every so often every candidate list is pruned, the index's and the full ones (which only the
+    /// joins at emission scan now), so none grows with lists nobody looks at. Called after `file`, once its access
+    /// to the index has ended (this prunes the list filed into too).
     private func filed() {
         filings += 1
         guard filings >= pruneAllAt else { return }
-        var kept = 0
-        for key in Array(outerOutboundByAddress.keys) {
-            pruneCandidates(&outerOutboundByAddress[key, default: []], outbound: true, filedUnder: key, asOuter: true)
-            let n = outerOutboundByAddress[key]?.count ?? 0
-            if n == 0 { outerOutboundByAddress[key] = nil }
-            kept += n
-        }
-        for key in Array(innerOutboundByAddress.keys) {
-            pruneCandidates(&innerOutboundByAddress[key, default: []], outbound: true, filedUnder: key, asOuter: false)
-            let n = innerOutboundByAddress[key]?.count ?? 0
-            if n == 0 { innerOutboundByAddress[key] = nil }
-            kept += n
-        }
+        let kept = pruneAll(&outerOutboundByAddress, asOuter: true) + pruneAll(&innerOutboundByAddress, asOuter: false)
         pruneCandidates(&outerOutbound, outbound: true)
         pruneCandidates(&innerOutbound, outbound: true)
-        kept += outerOutbound.count + innerOutbound.count
         filings = 0
-        pruneAllAt = max(4096, 2 * kept)
+        pruneAllAt = max(4096, 2 * (kept + outerOutbound.count + innerOutbound.count))
+    }
+
+    /// Prunes every list of one side of the outbound index, drops the empty ones; returns how many entries are left.
+    private func pruneAll(_ index: inout [IPAddress: [ConnectionState]], asOuter: Bool) -> Int {
+        var kept = 0
+        for key in Array(index.keys) {
+            pruneCandidates(&index[key, default: []], outbound: true, filedUnder: key, asOuter: asOuter)
+            let n = index[key]?.count ?? 0
+            if n == 0 { index[key] = nil }
+            kept += n
+        }
+        return kept
     }
 
     private func candidateRoles(_ c: ConnectionState) -> HopRoles {
@@ -892,7 +894,7 @@ public final class Correlator {
         pruneCandidates(&list, outbound: direction == .outbound, filedUnder: key, asOuter: !asOuter)
         // Counted as they are met, not gathered into arrays (two allocations and a retain per candidate, for
         // every connection that may be one side of a hop).
-        var strongest: ConnectionState?, strong = 0, weak = 0
+        var strongest: ConnectionState?, strong = 0
         // No identity match (the app dialled a service VIP that ztunnel resolved to another pod IP). Tried only
         // when the app's connection is emitted, so its own tunnel had every chance to show up first, and only for
         // a lone tunnel to :15008 carrying ztunnel's mark that did not start before the app's connection: a
@@ -939,7 +941,6 @@ public final class Correlator {
                     strongest = p
                 }
             } else {
-                weak += 1
                 if weakTunnelAllowed, p.sawZtunnelMark, p.responder.port == options.hbonePort,
                    p.firstSeenNanos - c.firstSeenNanos >= -50_000_000 {
                     weakTunnels += 1
@@ -961,7 +962,7 @@ public final class Correlator {
         } else {
             return nil
         }
-        let pool = strong > 0 ? strong : (weakTunnelAllowed ? weakTunnels : weak)
+        let pool = strong > 0 ? strong : weakTunnels
         // No evidence yet: a hop's evidence and confidence are worked out when the first of its connections is
         // emitted (`emit`), once the late NFLOG batches are in; wording them here for every join was wasted.
         return (chosen, [], .low, unique ? 1 : pool)
@@ -1720,11 +1721,7 @@ public final class Correlator {
     /// looks again.
     private func lookAgain(_ c: ConnectionState) {
         func back(_ role: HopRoles, _ joined: Bool, _ list: inout [ConnectionState]) {
-            if c.pendingRoles.contains(role) && !joined && !list.contains(where: { $0 === c }) {
-                list.append(c)
-                listings += 1
-                if role == .outerOutbound { c.outerListed = listings } else if role == .innerOutbound { c.innerListed = listings }
-            }
+            if c.pendingRoles.contains(role) && !joined && !list.contains(where: { $0 === c }) { self.list(c, role, in: &list) }
         }
         back(.outerOutbound, c.hasOutboundHop, &outerOutbound)
         back(.innerOutbound, c.hasOutboundHop, &innerOutbound)

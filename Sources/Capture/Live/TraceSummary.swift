@@ -2,11 +2,6 @@
 // counter for it, the events lost and why, and how conntrack was read. The timelines and the analysis
 // summary themselves are printed by the same report sinks `analyze` uses.
 
-/// "1 connection", "2 connections": `noun` counted, with `then` after it ("1 packet captured").
-public func counted<N: BinaryInteger>(_ n: N, _ noun: String, then: String = "") -> String {
-    "\(n) \(noun)\(n == 1 ? "" : "s")\(then)"
-}
-
 public enum TraceSummaryText {
     /// One row per rule meshtrace added: prefix, rule (when known), meshtrace's count, the kernel's count.
     public static func render(_ outcome: TraceOutcome, ruleset: Ruleset?) -> String {

@@ -411,18 +411,18 @@ public final class TextReport: ReportSink {
         out.decimal(s.hops); out.text(s.hops == 1 ? " ztunnel hop joined\n" : " ztunnel hops joined\n")
         let byDesign = s.findings.count - s.escapes
         out.text("  ")
-        if s.escapes > 0 { styled(Style.escape, "\(s.escapes) escape\(s.escapes == 1 ? "" : "s")") } else { styled(Style.ok, "no escapes") }
+        if s.escapes > 0 { styled(Style.escape, counted(s.escapes, "escape")) } else { styled(Style.ok, "no escapes") }
         out.text(", "); out.decimal(byDesign); out.text(" uncaptured by design")
         if s.findingsOmitted > 0 { out.text(" ("); out.decimal(s.findingsOmitted); out.text(" more findings not kept)") }
         out.byte(0x0a)
         if s.refusedConnections > 0 || s.connectionsWithIcmpErrors > 0 {
             out.text("  ")
             if s.refusedConnections > 0 {
-                styled(Style.warn, "\(s.refusedConnections) connection\(s.refusedConnections == 1 ? "" : "s") refused (SYN answered by a RST)")
+                styled(Style.warn, counted(s.refusedConnections, "connection", then: " refused (SYN answered by a RST)"))
                 if s.connectionsWithIcmpErrors > 0 { out.text(", ") }
             }
             if s.connectionsWithIcmpErrors > 0 {
-                styled(Style.warn, "\(s.connectionsWithIcmpErrors) connection\(s.connectionsWithIcmpErrors == 1 ? "" : "s") with ICMP errors")
+                styled(Style.warn, counted(s.connectionsWithIcmpErrors, "connection", then: " with ICMP errors"))
             }
             out.byte(0x0a)
         }

@@ -32,3 +32,9 @@ extension Unicode.Scalar {
     /// C0 (U+0000-001F), DEL and C1 (U+0080-009F).
     fileprivate var isControlCharacter: Bool { value < 0x20 || (value >= 0x7f && value < 0xa0) }
 }
+
+/// "1 connection", "2 connections": `noun` counted, with `then` after it ("1 packet captured"). For summaries, written
+/// once a run: the per-packet lines write their bytes without a String.
+public func counted<N: BinaryInteger>(_ n: N, _ noun: String, then: String = "") -> String {
+    "\(n) \(noun)\(n == 1 ? "" : "s")\(then)"
+}
