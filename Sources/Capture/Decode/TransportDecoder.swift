@@ -139,6 +139,11 @@ public enum IcmpMessage {
     }
 
     /// "port unreachable", "echo request", "packet too big", ...; "type T code C" for the rest.
+    /// The message of an ICMP tuple, whose source port holds type << 8 | code (`TransportDecoder.icmp`).
+    public static func name(of t: FiveTuple) -> String {
+        name(proto: t.proto, type: UInt8(t.src.port >> 8), code: UInt8(t.src.port & 0xff))
+    }
+
     public static func name(proto: UInt8, type: UInt8, code: UInt8) -> String {
         if proto == IPProto.icmp {
             switch (type, code) {

@@ -309,7 +309,7 @@ struct HTMLReportPage {
     func ruleHitsSection() -> String {
         guard !summary.ruleHits.isEmpty else { return "" }
         var s = "<section id=\"hits\"><h2>Rule hits</h2><table><thead><tr><th>rule</th><th>role</th><th>hits</th>"
-        let live = !summary.kernelCounters.isEmpty
+        let live = summary.live
         if live { s += "<th>kernel counter</th>" }
         s += "</tr></thead><tbody>"
         for h in summary.ruleHits.sorted(by: { $0.count > $1.count }) {

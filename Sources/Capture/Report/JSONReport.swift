@@ -163,7 +163,7 @@ public final class JSONReport: ReportSink {
         }
         if tu.proto == IPProto.icmp || tu.proto == IPProto.icmpv6 {
             out.text(",\"icmp\":")
-            out.jsonString(IcmpMessage.name(proto: tu.proto, type: UInt8(tu.src.port >> 8), code: UInt8(tu.src.port & 0xff)))
+            out.jsonString(IcmpMessage.name(of: tu))
         }
         out.write(room: 64) { w in
             w.text(",\"len\":"); w.unsignedDecimal(UInt64(length))

@@ -60,7 +60,7 @@ public final class TextReport: ReportSink {
 
     /// An ICMP tuple's message ("port unreachable"), with an echo's identifier ("echo request id 7").
     private func icmpWords(_ t: FiveTuple) {
-        out.text(IcmpMessage.name(proto: t.proto, type: UInt8(t.src.port >> 8), code: UInt8(t.src.port & 0xff)))
+        out.text(IcmpMessage.name(of: t))
         if FlowKey.isEcho(t) { out.text(" id "); out.unsignedDecimal(UInt64(t.dst.port)) }
     }
 

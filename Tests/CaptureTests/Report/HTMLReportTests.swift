@@ -299,4 +299,28 @@ final class HTMLDiagramBudgetTests: XCTestCase {
         let rows = html.components(separatedBy: "not drawn</span></td>").count - 1
         XCTAssertEqual(rows, scenario.timelines.count - drawn.flatMap { $0 }.count, "every undrawn connection says so in the index")
     }
+
+    /// The rule-hit table has a kernel-counter column for a live trace, even when no twin was left to read a counter
+    /// from (each row says "–"), and none for files. The page decided "live" by the counters being there, the JSON by
+    /// `AnalysisSummary.live`: one notion now.
+    func testTheKernelCounterColumnIsForLiveTracesEvenWithNoCounterLeft() throws {
+        func page(live: Bool, counters: [String: UInt64]) throws -> String {
+            let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-live-\(getpid())-\(live).html").path
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            let scenario = ReportScenario.standard(extraOutbound: 0)
+            var summary = scenario.summary
+            summary.ruleHits = [(prefix: "mt:4:nat:OUTPUT:1:45fb", tag: nil, rule: nil, count: 7)]
+            summary.live = live
+            summary.kernelCounters = counters
+            let sink = try HTMLReport(path: path, ruleset: scenario.ruleset)
+            for t in scenario.timelines { sink.connection(t) }
+            try sink.finish(summary)
+            return try String(contentsOfFile: path, encoding: .utf8)
+        }
+        XCTAssertTrue(try page(live: true, counters: ["mt:4:nat:OUTPUT:1:45fb": 7]).contains("<th>kernel counter</th>"))
+        let gone = try page(live: true, counters: [:])
+        XCTAssertTrue(gone.contains("<th>kernel counter</th>"), "a live trace whose twins were all gone")
+        XCTAssertTrue(gone.contains(">–</td>"))
+        XCTAssertFalse(try page(live: false, counters: [:]).contains("kernel counter"))
+    }
 }
