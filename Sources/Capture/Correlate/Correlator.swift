@@ -50,6 +50,12 @@ public final class Correlator {
     /// address it takes; an entry under an address it no longer has is stale and dropped when its list is pruned.
     private var outerOutboundByAddress: [IPAddress: [ConnectionState]] = [:]
     private var innerOutboundByAddress: [IPAddress: [ConnectionState]] = [:]
+    /// The outbound candidates once more, in the order they began: app connections (`outerOutbound`) and tunnels
+    /// (`innerOutbound`). The joins at emission for an app connection that no tunnel names (a service VIP) look at
+    /// the apps that began before it and at the tunnels that began around it, a window of either, not at every
+    /// candidate (under a VIP load thousands wait to be emitted, and each emission scanned them all).
+    private var appsByStart = StartOrderIndex()
+    private var tunnelsByStart = StartOrderIndex()
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
     private var filings = 0
     private var pruneAllAt = 4096
@@ -828,7 +834,13 @@ public final class Correlator {
     private func list(_ c: ConnectionState, _ role: HopRoles, in list: inout [ConnectionState]) {
         list.append(c)
         listings += 1
-        if role == .outerOutbound { c.outerListed = listings } else if role == .innerOutbound { c.innerListed = listings }
+        if role == .outerOutbound {
+            c.outerListed = listings
+            appsByStart.add(c, stamp: listings)
+        } else if role == .innerOutbound {
+            c.innerListed = listings
+            tunnelsByStart.add(c, stamp: listings)
+        }
     }
 
     /// Files `c` under its address (`responder`) in the outbound index, once: an entry left there under an address it
@@ -847,6 +859,9 @@ public final class Correlator {
         let kept = pruneAll(&outerOutboundByAddress, asOuter: true) + pruneAll(&innerOutboundByAddress, asOuter: false)
         pruneCandidates(&outerOutbound, outbound: true)
         pruneCandidates(&innerOutbound, outbound: true)
+        let horizon = candidateHorizon
+        appsByStart.compact { waiting($0, asOuter: true, horizon: horizon) }
+        tunnelsByStart.compact { waiting($0, asOuter: false, horizon: horizon) }
         filings = 0
         pruneAllAt = max(4096, 2 * (kept + outerOutbound.count + innerOutbound.count))
     }
@@ -889,50 +904,24 @@ public final class Correlator {
     }
 
     private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState], asOuter: Bool,
-                             direction: ZtunnelHop.Direction, allowWeak: Bool = false,
+                             direction: ZtunnelHop.Direction,
                              filedUnder key: IPAddress? = nil) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
         pruneCandidates(&list, outbound: direction == .outbound, filedUnder: key, asOuter: !asOuter)
         // Counted as they are met, not gathered into arrays (two allocations and a retain per candidate, for
         // every connection that may be one side of a hop).
         var strongest: ConnectionState?, strong = 0
-        // No identity match (the app dialled a service VIP that ztunnel resolved to another pod IP). Tried only
-        // when the app's connection is emitted, so its own tunnel had every chance to show up first, and only for
-        // a lone tunnel to :15008 carrying ztunnel's mark that did not start before the app's connection: a
-        // marked connection to any other port (a forged mark) is never explained away like this.
-        let weakTunnelAllowed = allowWeak && direction == .outbound && asOuter
-        var weakTunnel: ConnectionState?, weakTunnels = 0
         for p in list where p !== c && !p.emitted && p.mergedInto == nil {
             let outer = asOuter ? c : p, inner = asOuter ? p : c
-            // Without the weak VIP rule only an identity match can join, and that needs the addresses to agree:
-            // checked first. Connections to a service VIP stay in these lists unjoined until they are emitted (no
-            // tunnel names the VIP), thousands of them under load, and every new connection looked each one over
-            // (~0.5 ms of CPU per connection at 2300 VIP connections a second).
-            if !weakTunnelAllowed {
-                if direction == .outbound {
-                    guard outer.originalKnown, inner.responder.addr == outer.responder.addr else { continue }
-                } else {
-                    guard inner.initiator.addr == outer.initiator.addr else { continue }
-                }
+            // Only an identity match joins here, and that needs the addresses to agree: checked first. Connections
+            // to a service VIP stay in these lists unjoined until they are emitted (no tunnel names the VIP),
+            // thousands of them under load, and every new connection looked each one over (~0.5 ms of CPU per
+            // connection at 2300 VIP connections a second).
+            if direction == .outbound {
+                guard outer.originalKnown, inner.responder.addr == outer.responder.addr else { continue }
+            } else {
+                guard inner.initiator.addr == outer.initiator.addr else { continue }
             }
-            if direction == .outbound ? (outer.hasOutboundHop && outer !== c) || (inner.hasOutboundHop && inner !== c)
-                                      : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { continue }
-            let dt = inner.firstSeenNanos - outer.firstSeenNanos
-            guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { continue }
-            // The slack is for times stamped on receipt; with the outer start exact, the order is the kernel's.
-            guard inCausalOrder(outer: outer, inner: inner, direction: direction) else { continue }
-            // A tunnel that had closed before the connection it would carry began carried none of it (within the
-            // slack, a tunnel freed by relay timing looked again and took a connection 450 ms younger than it).
-            let tunnel = direction == .outbound ? inner : outer, carried = direction == .outbound ? outer : inner
-            if let closed = tunnel.closedAt, closed < carried.firstSeenNanos { continue }
-            // A tunnel first seen mid-stream before the app's connection began was not opened for it: if it carried
-            // it, it was pooled (`pooledTunnel`, tried at emission, says so instead of timing). Nor was one first
-            // seen mid-stream after a connection whose SYN the capture has: it was open before the capture began
-            // (a live trace started while ztunnel's pooled tunnel sat idle sees it first with the bytes it carries).
-            if direction == .outbound && !inner.initiatorFromSYN && (dt < 0 || outer.initiatorFromSYN) { continue }
-            // Inbound likewise: an HBONE tunnel into the pod seen mid-stream, carrying a connection into the app whose
-            // SYN was captured, was there before it.
-            if direction == .inbound && outer.responder.port == options.hbonePort && !outer.initiatorFromSYN
-                && inner.initiatorFromSYN { continue }
+            guard mayBeOpenedFor(outer: outer, inner: inner, joining: c, direction: direction) else { continue }
             if identityMatches(outer: outer, inner: inner, direction: direction) {
                 strong += 1
                 // The earliest; of equals, the first met (in the index, the first listed: the full list's order).
@@ -940,32 +929,70 @@ public final class Correlator {
                     || (key != nil && p.firstSeenNanos == $0.firstSeenNanos && listed(p, asOuter: !asOuter) < listed($0, asOuter: !asOuter)) }) ?? true {
                     strongest = p
                 }
-            } else {
-                if weakTunnelAllowed, p.sawZtunnelMark, p.responder.port == options.hbonePort,
-                   p.firstSeenNanos - c.firstSeenNanos >= -50_000_000 {
-                    weakTunnels += 1
-                    // The earliest: connections without a tunnel choose in the order they began (`lastChanceJoins`),
-                    // and ztunnel opens their tunnels in the order it accepted them.
-                    if weakTunnel.map({ p.firstSeenNanos < $0.firstSeenNanos }) ?? true { weakTunnel = p }
-                }
             }
         }
-        let chosen: ConnectionState
-        let unique: Bool
-        if let strongest {
-            chosen = strongest
-            unique = strong == 1
-        } else if weakTunnelAllowed {
-            guard let weakTunnel else { return nil }
-            chosen = weakTunnel
-            unique = weakTunnels == 1
-        } else {
-            return nil
-        }
-        let pool = strong > 0 ? strong : weakTunnels
+        guard let strongest else { return nil }
         // No evidence yet: a hop's evidence and confidence are worked out when the first of its connections is
         // emitted (`emit`), once the late NFLOG batches are in; wording them here for every join was wasted.
-        return (chosen, [], .low, unique ? 1 : pool)
+        return (strongest, [], .low, strong == 1 ? 1 : strong)
+    }
+
+    /// Whether `inner` may have been opened for `outer` (`c`, the connection looking, is one of them), by what both
+    /// show apart from identity: neither joined already, the order and time they began in, the tunnel still open.
+    private func mayBeOpenedFor(outer: ConnectionState, inner: ConnectionState, joining c: ConnectionState,
+                                direction: ZtunnelHop.Direction) -> Bool {
+        if direction == .outbound ? (outer.hasOutboundHop && outer !== c) || (inner.hasOutboundHop && inner !== c)
+                                  : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { return false }
+        let dt = inner.firstSeenNanos - outer.firstSeenNanos
+        guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { return false }
+        // The slack is for times stamped on receipt; with the outer start exact, the order is the kernel's.
+        guard inCausalOrder(outer: outer, inner: inner, direction: direction) else { return false }
+        // A tunnel that had closed before the connection it would carry began carried none of it (within the
+        // slack, a tunnel freed by relay timing looked again and took a connection 450 ms younger than it).
+        let tunnel = direction == .outbound ? inner : outer, carried = direction == .outbound ? outer : inner
+        if let closed = tunnel.closedAt, closed < carried.firstSeenNanos { return false }
+        // A tunnel first seen mid-stream before the app's connection began was not opened for it: if it carried
+        // it, it was pooled (`pooledTunnel`, tried at emission, says so instead of timing). Nor was one first
+        // seen mid-stream after a connection whose SYN the capture has: it was open before the capture began
+        // (a live trace started while ztunnel's pooled tunnel sat idle sees it first with the bytes it carries).
+        if direction == .outbound && !inner.initiatorFromSYN && (dt < 0 || outer.initiatorFromSYN) { return false }
+        // Inbound likewise: an HBONE tunnel into the pod seen mid-stream, carrying a connection into the app whose
+        // SYN was captured, was there before it.
+        if direction == .inbound && outer.responder.port == options.hbonePort && !outer.initiatorFromSYN
+            && inner.initiatorFromSYN { return false }
+        return true
+    }
+
+    /// The tunnel an app connection with no identity match went through (it dialled a service VIP, which ztunnel
+    /// resolved to a pod: no tunnel names the VIP): the earliest tunnel to :15008 carrying ztunnel's mark that no app
+    /// explains and that began while the app's connection ran (within `weakTunnelSkewNanos` either side: times
+    /// stamped on receipt; one still open may still get its tunnel), and how many such tunnels there were. Tried only when the app's connection is emitted,
+    /// so its own tunnel had every chance to show up, after the identity and pooled joins, and with the connections
+    /// that began before it choosing first (`lastChanceJoins`): ztunnel opens their tunnels in the order it accepted
+    /// them. A marked connection to any other port (a forged mark) is never explained away like this; one that began
+    /// after the app's connection had ended cannot have carried it.
+    private func vipTunnel(for c: ConnectionState) -> (ConnectionState, Int)? {
+        let horizon = candidateHorizon
+        // Until it has closed, any tunnel since it began (its last packet so far may be the request it waits on).
+        let ended = c.closedAt != nil
+        let from = c.firstSeenNanos - Correlator.weakTunnelSkewNanos
+        let to = ended ? c.lastSeenNanos + Correlator.weakTunnelSkewNanos : Int64.max
+        var chosen: ConnectionState?, count = 0
+        var i = tunnelsByStart.lowerBound(from)
+        while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= to {
+            let e = tunnelsByStart.entries[i]
+            i += 1
+            let p = e.conn
+            guard p !== c, waiting(e, asOuter: false, horizon: horizon), p.sawZtunnelMark,
+                  p.responder.port == options.hbonePort,
+                  mayBeOpenedFor(outer: c, inner: p, joining: c, direction: .outbound) else { continue }
+            // Its SYN at the packet's own time: it began after the app's last packet (no later than `lastSeenNanos`).
+            if ended && p.startExact && p.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos { continue }
+            count += 1
+            // The earliest (of equals, the first listed): entries are in that order.
+            if chosen == nil { chosen = p }
+        }
+        return chosen.map { ($0, count) }
     }
 
     /// The tunnel a connection with no hop of its own went through when ztunnel reused one it had open (HBONE
@@ -1503,6 +1530,9 @@ public final class Correlator {
     static let relayPacketsCompared = 16
     /// The longest chain of moves relay timing follows (`relinkByRelayTiming`).
     static let relayChainLimit = 64
+    /// How much earlier than an app connection a tunnel without an identity match may seem to begin and still be
+    /// taken for it (`bestPartner`'s VIP rule): times stamped on receipt.
+    static let weakTunnelSkewNanos: Int64 = 50_000_000
     /// Tunnel packets one search for a packet left out may look at (`relinkByRelayTiming`).
     static let relayAugmentBudget = 64
 
@@ -1576,8 +1606,8 @@ public final class Correlator {
         let openTunnels = direction == .outbound ? (pooledTunnel(for: outer, outbound: true, excluding: inner)?.1 ?? 0)
                                                  : (pooledTunnel(for: inner, outbound: false, excluding: outer)?.1 ?? 0)
         let unique = candidates <= 1 && openTunnels == 0
-        evidence.append(HopEvidence(openTunnels > 0
-            ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos,
+        evidence.append(HopEvidence(!identity && direction == .outbound ? .unexplainedTunnel(of: candidates)
+            : openTunnels > 0 ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos,
                                outbound: direction == .outbound)
             : unique ? .onlyCandidate(windowNanos: options.hopWindowNanos)
             : .earliestCandidate(of: candidates, windowNanos: options.hopWindowNanos)))
@@ -1656,9 +1686,20 @@ public final class Correlator {
     /// direction. Joins happen within milliseconds in a healthy capture, so the lists stay short.
     /// A list of the outbound index (`filedUnder`, its entries app connections when `asOuter`) also drops entries
     /// filed under another address since, and unfiles the ones it drops.
+    /// Candidates that began before this are dropped (`pruneCandidates`).
+    private var candidateHorizon: Int64 { now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos }
+
+    /// Whether an entry of `appsByStart` (`asOuter`) or `tunnelsByStart` is one of the outbound candidates still
+    /// without a join, as `pruneCandidates` keeps them: not stale, not emitted or merged, not joined, not too old.
+    private func waiting(_ e: StartOrderIndex.Entry, asOuter: Bool, horizon: Int64) -> Bool {
+        let p = e.conn
+        return e.stamp == (asOuter ? p.outerListed : p.innerListed) && e.first == p.firstSeenNanos && !p.emitted
+            && p.mergedInto == nil && !p.hasOutboundHop && p.firstSeenNanos >= horizon
+    }
+
     private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool, filedUnder key: IPAddress? = nil,
                                  asOuter: Bool = false) {
-        let horizon = now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos
+        let horizon = candidateHorizon
         list.removeAll { p in
             if let key {
                 guard (asOuter ? p.outerFiledUnder : p.innerFiledUnder) == key else { return true }
@@ -1817,7 +1858,12 @@ public final class Correlator {
         keep.startExact = keep.startExact || gone.startExact
         keep.firstForwardDataNanos = min(keep.firstForwardDataNanos, gone.firstForwardDataNanos)
         if keep.timeline.lastSeen < gone.timeline.lastSeen { keep.timeline.lastSeen = gone.timeline.lastSeen }
-        keep.firstSeenNanos = min(keep.firstSeenNanos, gone.firstSeenNanos)
+        if gone.firstSeenNanos < keep.firstSeenNanos {
+            keep.firstSeenNanos = gone.firstSeenNanos
+            // Its entries in the start-order indexes are stale now: it goes in again at its new start.
+            if keep.outerListed > 0 { appsByStart.add(keep, stamp: keep.outerListed) }
+            if keep.innerListed > 0 { tunnelsByStart.add(keep, stamp: keep.innerListed) }
+        }
         keep.lastSeenNanos = max(keep.lastSeenNanos, gone.lastSeenNanos)
         for m in gone.timeline.marks where !keep.timeline.marks.contains(m) { keep.timeline.marks.append(m) }
         keep.isnForward = keep.isnForward ?? gone.isnForward
@@ -1948,16 +1994,35 @@ public final class Correlator {
             // connections; this one, emitted first, would otherwise take an earlier one's tunnel, and so on down
             // the line (under concurrency, all but one such tunnel read as forged marks when each was left to a
             // lone-tunnel rule).
-            pruneCandidates(&outerOutbound, outbound: true)
-            let earlier = outerOutbound.filter { $0 !== c && !$0.hasOutboundHop && $0.firstSeenNanos < c.firstSeenNanos }
-            for e in earlier.sorted(by: { $0.firstSeenNanos < $1.firstSeenNanos }) where !e.hasOutboundHop {
-                outboundLastChance(e)
-            }
+            earlierAppsChoose(before: c.firstSeenNanos, excluding: c)
             outboundLastChance(c)
+        } else if c.pendingRoles.contains(.innerOutbound) && !c.hasOutboundHop && c.sawZtunnelMark
+                    && c.responder.port == options.hbonePort {
+            // A tunnel emitted before the app connection it carried is: its tuple reused by a new tunnel (emitted at
+            // once), or closed and swept first. With a VIP that app joins only at its own emission, too late: the
+            // tunnel would read as a forged mark, and the next app, taking the tunnel after, shifts every later
+            // join by one. The apps that began before it (within the weak rule's skew) choose now, in that order.
+            earlierAppsChoose(before: c.firstSeenNanos + Correlator.weakTunnelSkewNanos + 1, excluding: c)
         }
         if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop, let (h, n) = pooledTunnel(for: c, outbound: false) {
             join(.inbound, outer: h, inner: c, evidence: [], confidence: .low, candidates: n, pooled: true)
         }
+    }
+
+    /// The app connections still without a tunnel that began before `before` take their last-chance joins, in the
+    /// order they began (`lastChanceJoins`).
+    private func earlierAppsChoose(before: Int64, excluding c: ConnectionState) {
+        let horizon = candidateHorizon
+        appsByStart.dropFront { !waiting($0, asOuter: true, horizon: horizon) }
+        // Gathered first: a join may list a connection again (a contest), which adds to the index.
+        var earlier: [ConnectionState] = []
+        var i = appsByStart.head
+        while i < appsByStart.entries.count, appsByStart.entries[i].first < before {
+            let e = appsByStart.entries[i]
+            if e.conn !== c && waiting(e, asOuter: true, horizon: horizon) { earlier.append(e.conn) }
+            i += 1
+        }
+        for e in earlier where !e.hasOutboundHop { outboundLastChance(e) }
     }
 
     private func outboundLastChance(_ c: ConnectionState) {
@@ -1968,8 +2033,8 @@ public final class Correlator {
             // A tunnel ztunnel opened earlier to the same destination and kept (pooled): an identity match, so
             // before a tunnel that matches none.
             join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
-        } else if let (z, ev, conf, n) = bestPartner(for: c, among: &innerOutbound, asOuter: true, direction: .outbound, allowWeak: true) {
-            join(.outbound, outer: c, inner: z, evidence: ev, confidence: conf, candidates: n)
+        } else if let (z, n) = vipTunnel(for: c) {
+            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n)
         } else if let (z, n) = pooledTunnel(for: c, outbound: true, anyPeer: true) {
             // A VIP's connection through a tunnel ztunnel kept open to the pod it resolved the VIP to (pooled, perhaps
             // opened before the capture began): no new tunnel, and none names the VIP.
@@ -2211,6 +2276,7 @@ public final class Correlator {
         emit(rest)
         outerOutbound = []; innerOutbound = []; outerInbound = []; innerInbound = []
         outerOutboundByAddress = [:]; innerOutboundByAddress = [:]
+        appsByStart.removeAll(); tunnelsByStart.removeAll()
         var s = summary
         s.ruleHits = []
         for (i, n) in hitCounts.enumerated() where n > 0 {

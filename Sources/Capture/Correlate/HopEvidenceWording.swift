@@ -17,6 +17,9 @@ extension HopEvidence {
         case timing(nanos: Int64)
         case onlyCandidate(windowNanos: Int64)
         case earliestCandidate(of: Int, windowNanos: Int64)
+        /// A join without identity (the app dialled a service VIP, which ztunnel resolved to a pod): the earliest of
+        /// `of` marked tunnels that no other connection explains and that began while the app's connection ran.
+        case unexplainedTunnel(of: Int)
         /// A fresh join while `open` tunnels to the same peer, open already, could have carried the connection instead.
         case alsoOpenTunnels(candidates: Int, open: Int, windowNanos: Int64, outbound: Bool)
         /// A pooled join: the tunnel (the inner connection outbound, the outer inbound) was open already, since
@@ -53,7 +56,7 @@ extension HopEvidence {
             case .clientAddress: return "client-address"
             case .originalPort: return "original-port"
             case .timing: return "timing"
-            case .onlyCandidate, .earliestCandidate, .alsoOpenTunnels, .onlyOpenTunnel, .newestOpenTunnel: return "unique"
+            case .onlyCandidate, .earliestCandidate, .unexplainedTunnel, .alsoOpenTunnels, .onlyOpenTunnel, .newestOpenTunnel: return "unique"
             case .pooledTunnel, .pooledTunnelBeforeCapture: return "pooled-tunnel"
             case .relayTiming: return "relay-timing"
             case .bytesConsistent, .bytesInconsistent: return "bytes"
@@ -88,6 +91,11 @@ extension HopEvidence {
             case .earliestCandidate(let n, let window):
                 w.words("one of "); w.signed(Int64(n)); w.words(" candidates within "); w.delta(window)
                 w.words("; the earliest was chosen")
+            case .unexplainedTunnel(let n):
+                w.words("no tunnel names the original destination (a service VIP ztunnel resolved to a pod): ")
+                if n <= 1 { w.words("the only tunnel") } else { w.words("one of "); w.signed(Int64(n)); w.words(" tunnels") }
+                w.words(" no other connection explains that began while this one ran")
+                if n > 1 { w.words("; the earliest was chosen, as connections without a tunnel choose in the order they began") }
             case .alsoOpenTunnels(let n, let open, let window, let outbound):
                 if n <= 1 { w.words("the only new candidate within ") } else {
                     w.words("one of "); w.signed(Int64(n)); w.words(" new candidates within ")

@@ -637,8 +637,9 @@ final class LiveTracerTests: KernelTestCase {
     /// The same load to a service VIP, as a pod calling a service makes it: ztunnel resolves the VIP to the server pod,
     /// so no tunnel matches an app connection's destination. Each tunnel was explained only when it was the lone
     /// candidate: 299 of 300 read as forged marks (exit 1 on a healthy pod). Every tunnel must be explained by one
-    /// connection now, every join low (no identity), and a share right by the stand-in's log (66-79 % in release
-    /// traces of 2000; the bound is loose, as for the pod-address load above).
+    /// connection now, every join low (no identity), and a share right by the stand-in's log: at least 55 % (68-86 %
+    /// in this test's debug build, 90 % in release traces of 5000; the tunnels ztunnel opens out of the order it
+    /// accepted the connections in are what the order cannot tell).
     func testConcurrentConnectionsToAServiceVIPLeaveNoTunnelUnexplained() throws {
         let lab = try makeLab()
         let vip = Endpoint(LabTopology.serviceVIP, LabTopology.appPort)
@@ -653,7 +654,7 @@ final class LiveTracerTests: KernelTestCase {
             XCTAssertEqual(hop.confidence, .low)
         }
         XCTAssertEqual(carriedBy.count, 300, "the stand-in's log names each connection's tunnel")
-        XCTAssertGreaterThanOrEqual(right, 90, "of 300 joined right by the stand-in's log")
+        XCTAssertGreaterThanOrEqual(right, 165, "of 300 joined right by the stand-in's log")
     }
 
     /// The server side of the same load: ztunnel's stand-in opens its connections into the app in another order than
