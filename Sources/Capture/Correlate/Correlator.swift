@@ -859,9 +859,8 @@ public final class Correlator {
         let kept = pruneAll(&outerOutboundByAddress, asOuter: true) + pruneAll(&innerOutboundByAddress, asOuter: false)
         pruneCandidates(&outerOutbound, outbound: true)
         pruneCandidates(&innerOutbound, outbound: true)
-        let horizon = candidateHorizon
-        appsByStart.compact { waiting($0, asOuter: true, horizon: horizon) }
-        tunnelsByStart.compact { waiting($0, asOuter: false, horizon: horizon) }
+        appsByStart.compact { waiting($0, asOuter: true) }
+        tunnelsByStart.compact { waiting($0, asOuter: false) }
         filings = 0
         pruneAllAt = max(4096, 2 * (kept + outerOutbound.count + innerOutbound.count))
     }
@@ -972,18 +971,18 @@ public final class Correlator {
     /// them. A marked connection to any other port (a forged mark) is never explained away like this; one that began
     /// after the app's connection had ended cannot have carried it.
     private func vipTunnel(for c: ConnectionState) -> (ConnectionState, Int)? {
-        let horizon = candidateHorizon
-        // Until it has closed, any tunnel since it began (its last packet so far may be the request it waits on).
+        // Until it has closed, any tunnel since it began (its last packet so far may be the request it waits on);
+        // never one that began more than the hop window after it (`mayBeOpenedFor`).
         let ended = c.closedAt != nil
         let from = c.firstSeenNanos - Correlator.weakTunnelSkewNanos
-        let to = ended ? c.lastSeenNanos + Correlator.weakTunnelSkewNanos : Int64.max
+        let to = min(ended ? c.lastSeenNanos + Correlator.weakTunnelSkewNanos : .max, c.firstSeenNanos + options.hopWindowNanos)
         var chosen: ConnectionState?, count = 0
         var i = tunnelsByStart.lowerBound(from)
         while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= to {
             let e = tunnelsByStart.entries[i]
             i += 1
             let p = e.conn
-            guard p !== c, waiting(e, asOuter: false, horizon: horizon), p.sawZtunnelMark,
+            guard p !== c, waiting(e, asOuter: false), p.sawZtunnelMark,
                   p.responder.port == options.hbonePort,
                   mayBeOpenedFor(outer: c, inner: p, joining: c, direction: .outbound) else { continue }
             // Its SYN at the packet's own time: it began after the app's last packet (no later than `lastSeenNanos`).
@@ -1690,11 +1689,14 @@ public final class Correlator {
     private var candidateHorizon: Int64 { now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos }
 
     /// Whether an entry of `appsByStart` (`asOuter`) or `tunnelsByStart` is one of the outbound candidates still
-    /// without a join, as `pruneCandidates` keeps them: not stale, not emitted or merged, not joined, not too old.
-    private func waiting(_ e: StartOrderIndex.Entry, asOuter: Bool, horizon: Int64) -> Bool {
+    /// without a join: not stale, not emitted or merged, not joined. However long ago it began: unlike the lists
+    /// an identity join looks in (a tunnel is joined by identity when its SYN comes), a connection joined only
+    /// when it is emitted (a service VIP's) may have run for minutes by then (a gRPC connection to a service),
+    /// and so may its tunnel; aged out, the tunnel read as a forged mark.
+    private func waiting(_ e: StartOrderIndex.Entry, asOuter: Bool) -> Bool {
         let p = e.conn
         return e.stamp == (asOuter ? p.outerListed : p.innerListed) && e.first == p.firstSeenNanos && !p.emitted
-            && p.mergedInto == nil && !p.hasOutboundHop && p.firstSeenNanos >= horizon
+            && p.mergedInto == nil && !p.hasOutboundHop
     }
 
     private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool, filedUnder key: IPAddress? = nil,
@@ -2012,14 +2014,13 @@ public final class Correlator {
     /// The app connections still without a tunnel that began before `before` take their last-chance joins, in the
     /// order they began (`lastChanceJoins`).
     private func earlierAppsChoose(before: Int64, excluding c: ConnectionState) {
-        let horizon = candidateHorizon
-        appsByStart.dropFront { !waiting($0, asOuter: true, horizon: horizon) }
+        appsByStart.dropFront { !waiting($0, asOuter: true) }
         // Gathered first: a join may list a connection again (a contest), which adds to the index.
         var earlier: [ConnectionState] = []
         var i = appsByStart.head
         while i < appsByStart.entries.count, appsByStart.entries[i].first < before {
             let e = appsByStart.entries[i]
-            if e.conn !== c && waiting(e, asOuter: true, horizon: horizon) { earlier.append(e.conn) }
+            if e.conn !== c && waiting(e, asOuter: true) { earlier.append(e.conn) }
             i += 1
         }
         for e in earlier where !e.hasOutboundHop { outboundLastChance(e) }

@@ -468,6 +468,56 @@ final class CorrelatorTests: XCTestCase {
                       "\(hop.evidence.map(\.detail))")
     }
 
+    /// A connection to a service VIP that lasts longer than the hop window (a gRPC or keep-alive connection to a
+    /// service, minutes long): joined only when it is emitted, it and its tunnel had aged out of the candidates by
+    /// then, and the tunnel read as a forged mark.
+    func testALongLivedVIPConnectionKeepsItsTunnel() throws {
+        var f = PacketFactory()
+        let vip = PacketFactory.ep("10.96.0.20", 80)
+        let endpoint = PacketFactory.ep("10.0.2.2", 15008)
+        let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
+        var p: [PacketRecord] = []
+        p.append(f.nflog(app, vip, flags: [.syn], seq: 1000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
+        p.append(f.packet(app, capture15001, flags: [.syn], seq: 1000, on: lo, direction: .inbound))
+        f.advance(micros: 20)
+        p.append(f.packet(vip, app, flags: [.syn, .ack], seq: 5000, ack: 1001, on: lo, direction: .inbound))
+        p.append(f.packet(app, capture15001, flags: [.ack], seq: 1001, ack: 5001, on: lo, direction: .inbound))
+        f.advance(micros: 300)
+        p.append(f.nflog(ztunnelOut, endpoint, flags: [.syn], seq: 7000, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2))
+        p.append(f.packet(ztunnelOut, endpoint, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
+        f.advance(micros: 100)
+        p.append(f.packet(endpoint, ztunnelOut, flags: [.syn, .ack], seq: 9000, ack: 7001, on: eth0, direction: .inbound))
+        p.append(f.packet(ztunnelOut, endpoint, flags: [.ack], seq: 7001, ack: 9001, on: eth0, direction: .outbound))
+        // A request and its reply every second for a minute, through the tunnel.
+        var appSeq: UInt32 = 1001, vipSeq: UInt32 = 5001, outSeq: UInt32 = 7001, inSeq: UInt32 = 9001
+        for _ in 0..<60 {
+            f.advance(micros: 1_000_000)
+            p.append(f.packet(app, capture15001, flags: [.ack, .psh], seq: appSeq, ack: vipSeq, payload: 100, on: lo, direction: .inbound))
+            appSeq &+= 100
+            f.advance(micros: 60)
+            p.append(f.packet(ztunnelOut, endpoint, flags: [.ack, .psh], seq: outSeq, ack: inSeq, payload: 140, on: eth0, direction: .outbound))
+            outSeq &+= 140
+            f.advance(micros: 400)
+            p.append(f.packet(endpoint, ztunnelOut, flags: [.ack, .psh], seq: inSeq, ack: outSeq, payload: 340, on: eth0, direction: .inbound))
+            inSeq &+= 340
+            f.advance(micros: 60)
+            p.append(f.packet(vip, app, flags: [.ack, .psh], seq: vipSeq, ack: appSeq, payload: 300, on: lo, direction: .inbound))
+            vipSeq &+= 300
+        }
+        f.advance(micros: 1_000)
+        p.append(f.packet(app, capture15001, flags: [.fin, .ack], seq: appSeq, ack: vipSeq, on: lo, direction: .inbound))
+        p.append(f.packet(vip, app, flags: [.fin, .ack], seq: vipSeq, ack: appSeq &+ 1, on: lo, direction: .inbound))
+        f.advance(micros: 100)
+        p.append(f.packet(ztunnelOut, endpoint, flags: [.fin, .ack], seq: outSeq, ack: inSeq, on: eth0, direction: .outbound))
+        p.append(f.packet(endpoint, ztunnelOut, flags: [.fin, .ack], seq: inSeq, ack: outSeq &+ 1, on: eth0, direction: .inbound))
+        let (sink, summary) = correlate(p, tags: f.tags)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
+        let appConn = try XCTUnwrap(sink.timelines.first { $0.original.dst == vip })
+        let hop = try XCTUnwrap(appConn.hops.first, "a minute-long VIP connection without its tunnel")
+        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, ztunnelOut)
+        XCTAssertEqual(hop.confidence, .low)
+    }
+
     func testAForgedMarkJustBeforeAnAppConnectionIsNotTakenForItsTunnel() throws {
         // A process forges 0x539 to 10.0.9.9:80; right after, the app dials a VIP whose tunnel goes to 10.0.2.2:15008.
         var f = PacketFactory()
