@@ -22,6 +22,9 @@ final class TraceBenchmark: KernelTestCase {
         var events: Int
         var packets: Int
         var connections: Int
+        /// ztunnel hops joined and escapes reported (nil from the text view, whose summary line the round prints).
+        var hops: Int? = nil
+        var escapes: Int? = nil
         var perPrefix: [(String, UInt64)]
         var said: String
         /// CPU seconds of the lab, the load and meshtrace during the load (see `labCPU`).
@@ -126,7 +129,10 @@ final class TraceBenchmark: KernelTestCase {
         let executable = env["MESHTRACE_BENCH_EXECUTABLE"] ?? LiveTracerTests.executable
         let lab = try LabTopology(options: LabOptions(executable: executable))
         defer { lab.teardown() }
-        let target = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        // MESHTRACE_BENCH_TARGET=vip: the load dials the lab's service VIP, which the client's ztunnel stand-in resolves
+        // to the server pod (no tunnel names the app's destination: every hop is joined at emission, without identity).
+        let viaVIP = env["MESHTRACE_BENCH_TARGET"] == "vip"
+        let target = Endpoint(viaVIP ? LabTopology.serviceVIP : lab.server.ipv4, LabTopology.appPort)
 
         // Warm up (ARP, the stand-ins' first accepts), then U T U T ... U.
         _ = try ConnectionLoad.run(in: lab.client.ref, to: target, count: 100, workers: workers)
@@ -165,13 +171,13 @@ final class TraceBenchmark: KernelTestCase {
             return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
         }
         var ratios: [Double] = []
-        print("bench-trace: \(executable)")
+        print("bench-trace: \(executable)\(viaVIP ? ", to the service VIP \(target)" : "")")
         print("bench-trace: connections per run \(count), workers \(workers), rounds \(rounds), failures untraced \(untraced.reduce(0) { $0 + $1.failures }), traced \(traced.reduce(0) { $0 + $1.load.failures })")
         for (i, t) in traced.enumerated() {
             let before = untraced[tracedAfter[i]].rate, after = untraced[tracedAfter[i] + 1].rate
             let ratio = t.load.rate / ((before + after) / 2)
             ratios.append(ratio)
-            print("bench-trace: round \(i + 1): untraced \(f(before)) / \(f(after)) conn/s, traced \(f(t.load.rate)) conn/s, ratio \(String(format: "%.2f", ratio)); \(t.said)")
+            print("bench-trace: round \(i + 1): untraced \(f(before)) / \(f(after)) conn/s, traced \(f(t.load.rate)) conn/s, ratio \(String(format: "%.2f", ratio)); \(t.said)\(t.hops.map { "; hops \($0)" } ?? "")\(t.escapes.map { ", escapes \($0)" } ?? "")")
         }
         if let compare {
             // Each build's rounds on their own: the even rounds traced with `executable`, the odd with `compare`.
@@ -308,6 +314,7 @@ final class TraceBenchmark: KernelTestCase {
                          events: (summary["nflog_records"] as? NSNumber)?.intValue ?? 0,
                          packets: (summary["packets"] as? NSNumber)?.intValue ?? 0,
                          connections: (summary["connections"] as? NSNumber)?.intValue ?? 0,
+                         hops: (summary["hops"] as? NSNumber)?.intValue, escapes: (summary["escapes"] as? NSNumber)?.intValue,
                          perPrefix: kernel.sorted { $0.value > $1.value }.filter { $0.value > 0 }.map { ($0.key, $0.value) },
                          said: said.hasPrefix("meshtrace: ") ? String(said.dropFirst("meshtrace: ".count)) : said,
                          cpu: cpu, meshtraceCPU: tracerCPU)
