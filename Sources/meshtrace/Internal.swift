@@ -130,16 +130,18 @@ struct AppCommand: ParsableCommand {
         @Option(name: .long, help: "Bind to this source address (IP, or IP:PORT / [IPv6]:PORT) first.") var source: String?
         @Option(name: .long, help: "Set SO_MARK on the app's own socket (e.g. 0x539: pretend to be ztunnel).") var mark: String?
         @Option(name: .long, help: "Seconds to wait for connect and reply.") var timeout: Double = 5
+        @Option(name: .long, help: "Seconds to hold the connection open before sending the request (at most 60).") var hold: Double = 0
 
         func run() throws {
             try reportingErrors {
+                guard hold >= 0, hold <= 60 else { throw MeshtraceError(.usage, "--hold takes 0 to 60 seconds") }
                 let ep = try LabAddressing.endpoint(target)
                 let src = try source.map { s -> Endpoint in
                     if let a = IPAddress(s) { return Endpoint(a, 0) }
                     guard let ep = Endpoint(parsing: s) else { throw MeshtraceError(.usage, "--source \(s) is not IP, IP:PORT or [IPv6]:PORT") }
                     return ep
                 }
-                let reply = try AppClient.get(ep, source: src, mark: try mark.map(LabAddressing.mark), timeout: timeout)
+                let reply = try AppClient.get(ep, source: src, mark: try mark.map(LabAddressing.mark), timeout: timeout, hold: hold)
                 print(reply, terminator: reply.hasSuffix("\n") ? "" : "\n")
                 return .ok
             }

@@ -81,10 +81,12 @@ public final class UDPResponderStandIn: @unchecked Sendable {
 public enum AppClient {
     /// Sends `GET path` to `target` and returns the reply. `mark` sets SO_MARK on the app's own socket
     /// (the escape where a process with CAP_NET_ADMIN claims to be ztunnel); `source` binds it first.
+    /// `hold`: seconds to keep the connection open before sending the request (a long-lived connection).
     public static func get(_ target: Endpoint, path: String = "/", source: Endpoint? = nil, mark: UInt32? = nil,
-                           timeout: Double = 5) throws -> String {
+                           timeout: Double = 5, hold: Double = 0) throws -> String {
         let s = try LabSocket.tcpConnect(to: target, from: source, mark: mark, transparent: false, timeout: timeout)
         defer { s.close() }
+        if hold > 0 { usleep(UInt32(min(hold, 60) * 1_000_000)) }
         guard s.writeAll(Array("GET \(path) HTTP/1.0\r\nHost: \(target)\r\nUser-Agent: meshtrace-lab\r\n\r\n".utf8)) else {
             throw MeshtraceError(.kernelRefused, "sending the request to \(target) failed")
         }

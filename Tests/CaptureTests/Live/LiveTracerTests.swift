@@ -657,6 +657,23 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertGreaterThanOrEqual(right, 165, "of 300 joined right by the stand-in's log")
     }
 
+    /// A connection to a service VIP held open past the live candidates' age (3.5 s) before its request: joined only
+    /// when it is emitted, it and its tunnel had aged out by then, and the tunnel read as a forged-mark escape (any
+    /// long-lived connection to a service: gRPC, keep-alive).
+    func testALongLivedConnectionToAServiceVIPKeepsItsTunnel() throws {
+        let lab = try makeLab()
+        let vip = Endpoint(LabTopology.serviceVIP, LabTopology.appPort)
+        let (outcome, sink) = try trace(lab.client, group: 5421) {
+            let r = try lab.runApp(["_app", "get", "\(vip)", "--hold", "4.5", "--timeout", "8"], in: lab.client)
+            XCTAssertEqual(r.status, 0, r.stderr)
+        }
+        XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.map(\.summary))")
+        let app = try XCTUnwrap(sink.timelines.first { $0.original.dst == vip })
+        XCTAssertGreaterThan(app.lastSeen.totalNanoseconds - app.firstSeen.totalNanoseconds, 4_000_000_000)
+        let hop = try XCTUnwrap(app.hops.first, "no tunnel for the long-lived VIP connection")
+        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.dst, Endpoint(lab.server.ipv4, 15008))
+    }
+
     /// The server side of the same load: ztunnel's stand-in opens its connections into the app in another order than
     /// the tunnels came in (a thread per tunnel), and joined by the order alone, a connection whose own tunnel was
     /// not free took the next one, opened after it, and so on down the trace: 12 % of 3000 joins right in a release
