@@ -96,6 +96,20 @@ struct PacketFactory {
         r.direction = (hook == .output || hook == .postrouting) ? .outbound : .inbound
         return r
     }
+
+    /// An app's SYN redirected to ztunnel: the REDIRECT twin's NFLOG record (pre-NAT) and the packet on lo.
+    mutating func redirectedSYN(_ app: Endpoint, to dst: Endpoint, seq: UInt32) -> [PacketRecord] {
+        [nflog(app, dst, flags: [.syn], seq: seq, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2),
+         packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.syn], seq: seq, on: lo, direction: .inbound)]
+    }
+
+    /// ztunnel's SYN out of the pod carrying its mark: the observation point's NFLOG record and the packet on eth0.
+    mutating func markedSYN(_ src: Endpoint, to dst: Endpoint, seq: UInt32) -> [PacketRecord] {
+        [nflog(src, dst, flags: [.syn], seq: seq, hook: .postrouting,
+               prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
+               mark: 0x539, outIf: 2),
+         packet(src, dst, flags: [.syn], seq: seq, on: eth0, direction: .outbound)]
+    }
 }
 
 let lo = CapturePoint(kind: .interface, interface: "lo", isLoopback: true)
@@ -400,25 +414,15 @@ final class CorrelatorTests: XCTestCase {
         let endpoint = PacketFactory.ep("10.0.2.2", 15008)
         let tunnel = PacketFactory.ep("10.0.1.5", 50000)
         let first = PacketFactory.ep("10.0.1.5", 41000), second = PacketFactory.ep("10.0.1.5", 41001)
-        let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
-        var p: [PacketRecord] = []
-        func appSYN(_ app: Endpoint, seq: UInt32) {
-            p.append(f.nflog(app, vip, flags: [.syn], seq: seq, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
-            p.append(f.packet(app, capture15001, flags: [.syn], seq: seq, on: lo, direction: .inbound))
-        }
-        func tunnelSYN(seq: UInt32) {
-            p.append(f.nflog(tunnel, endpoint, flags: [.syn], seq: seq, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2))
-            p.append(f.packet(tunnel, endpoint, flags: [.syn], seq: seq, on: eth0, direction: .outbound))
-        }
-        appSYN(first, seq: 1000)
+        var p = f.redirectedSYN(first, to: vip, seq: 1000)
         f.advance(micros: 300)
-        tunnelSYN(seq: 7000)
+        p += f.markedSYN(tunnel, to: endpoint, seq: 7000)
         f.advance(micros: 500)
         p.append(f.packet(endpoint, tunnel, flags: [.rst], seq: 9000, on: eth0, direction: .inbound))
         f.advance(micros: 1_000)
-        appSYN(second, seq: 2000)
+        p += f.redirectedSYN(second, to: vip, seq: 2000)
         f.advance(micros: 300)
-        tunnelSYN(seq: 8000)   // the same tuple again: the first tunnel is emitted now
+        p += f.markedSYN(tunnel, to: endpoint, seq: 8000)   // the same tuple again: the first tunnel is emitted now
         f.advance(micros: 500)
         p.append(f.packet(first, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
         p.append(f.packet(second, capture15001, flags: [.rst], seq: 2001, on: lo, direction: .inbound))
@@ -442,19 +446,13 @@ final class CorrelatorTests: XCTestCase {
         let vip = PacketFactory.ep("10.96.0.20", 80)
         let endpoint = PacketFactory.ep("10.0.2.2", 15008)
         let refused = PacketFactory.ep("10.0.1.5", 41000), served = PacketFactory.ep("10.0.1.5", 41001)
-        var p: [PacketRecord] = []
-        p.append(f.nflog(refused, vip, flags: [.syn], seq: 1000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
-        p.append(f.packet(refused, capture15001, flags: [.syn], seq: 1000, on: lo, direction: .inbound))
+        var p = f.redirectedSYN(refused, to: vip, seq: 1000)
         f.advance(micros: 200)
         p.append(f.packet(refused, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
         f.advance(micros: 5_000)
-        p.append(f.nflog(served, vip, flags: [.syn], seq: 2000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
-        p.append(f.packet(served, capture15001, flags: [.syn], seq: 2000, on: lo, direction: .inbound))
+        p += f.redirectedSYN(served, to: vip, seq: 2000)
         f.advance(micros: 300)
-        p.append(f.nflog(ztunnelOut, endpoint, flags: [.syn], seq: 7000, hook: .postrouting,
-                         prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
-                         mark: 0x539, outIf: 2))
-        p.append(f.packet(ztunnelOut, endpoint, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
+        p += f.markedSYN(ztunnelOut, to: endpoint, seq: 7000)
         f.advance(micros: 500)
         p.append(f.packet(served, capture15001, flags: [.rst], seq: 2001, on: lo, direction: .inbound))
         let (sink, summary) = correlate(p, tags: f.tags)
@@ -475,34 +473,28 @@ final class CorrelatorTests: XCTestCase {
         var f = PacketFactory()
         let vip = PacketFactory.ep("10.96.0.20", 80)
         let endpoint = PacketFactory.ep("10.0.2.2", 15008)
-        let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
-        var p: [PacketRecord] = []
-        p.append(f.nflog(app, vip, flags: [.syn], seq: 1000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
-        p.append(f.packet(app, capture15001, flags: [.syn], seq: 1000, on: lo, direction: .inbound))
+        var p = f.redirectedSYN(app, to: vip, seq: 1000)
         f.advance(micros: 20)
         p.append(f.packet(vip, app, flags: [.syn, .ack], seq: 5000, ack: 1001, on: lo, direction: .inbound))
         p.append(f.packet(app, capture15001, flags: [.ack], seq: 1001, ack: 5001, on: lo, direction: .inbound))
         f.advance(micros: 300)
-        p.append(f.nflog(ztunnelOut, endpoint, flags: [.syn], seq: 7000, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2))
-        p.append(f.packet(ztunnelOut, endpoint, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
+        p += f.markedSYN(ztunnelOut, to: endpoint, seq: 7000)
         f.advance(micros: 100)
         p.append(f.packet(endpoint, ztunnelOut, flags: [.syn, .ack], seq: 9000, ack: 7001, on: eth0, direction: .inbound))
         p.append(f.packet(ztunnelOut, endpoint, flags: [.ack], seq: 7001, ack: 9001, on: eth0, direction: .outbound))
         // A request and its reply every second for a minute, through the tunnel.
         var appSeq: UInt32 = 1001, vipSeq: UInt32 = 5001, outSeq: UInt32 = 7001, inSeq: UInt32 = 9001
+        func data(_ src: Endpoint, _ dst: Endpoint, _ seq: inout UInt32, ack: UInt32, _ bytes: UInt32, on point: CapturePoint,
+                  _ direction: PacketDirection, after micros: Int64) {
+            f.advance(micros: micros)
+            p.append(f.packet(src, dst, flags: [.ack, .psh], seq: seq, ack: ack, payload: bytes, on: point, direction: direction))
+            seq &+= bytes
+        }
         for _ in 0..<60 {
-            f.advance(micros: 1_000_000)
-            p.append(f.packet(app, capture15001, flags: [.ack, .psh], seq: appSeq, ack: vipSeq, payload: 100, on: lo, direction: .inbound))
-            appSeq &+= 100
-            f.advance(micros: 60)
-            p.append(f.packet(ztunnelOut, endpoint, flags: [.ack, .psh], seq: outSeq, ack: inSeq, payload: 140, on: eth0, direction: .outbound))
-            outSeq &+= 140
-            f.advance(micros: 400)
-            p.append(f.packet(endpoint, ztunnelOut, flags: [.ack, .psh], seq: inSeq, ack: outSeq, payload: 340, on: eth0, direction: .inbound))
-            inSeq &+= 340
-            f.advance(micros: 60)
-            p.append(f.packet(vip, app, flags: [.ack, .psh], seq: vipSeq, ack: appSeq, payload: 300, on: lo, direction: .inbound))
-            vipSeq &+= 300
+            data(app, capture15001, &appSeq, ack: vipSeq, 100, on: lo, .inbound, after: 1_000_000)
+            data(ztunnelOut, endpoint, &outSeq, ack: inSeq, 140, on: eth0, .outbound, after: 60)
+            data(endpoint, ztunnelOut, &inSeq, ack: outSeq, 340, on: eth0, .inbound, after: 400)
+            data(vip, app, &vipSeq, ack: appSeq, 300, on: lo, .inbound, after: 60)
         }
         f.advance(micros: 1_000)
         p.append(f.packet(app, capture15001, flags: [.fin, .ack], seq: appSeq, ack: vipSeq, on: lo, direction: .inbound))
