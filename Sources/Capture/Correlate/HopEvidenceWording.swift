@@ -30,7 +30,8 @@ extension HopEvidence {
         case onlyOpenTunnel
         /// Chosen among `tunnels` open tunnels by relay timing: `matched` of the carried connection's `packets` data
         /// packets have a twin in this tunnel, in the same direction, within `windowNanos` (relayed before the tunnel's
-        /// twin going out, after it coming in); the next best tunnel matched `runnerUp`.
+        /// twin going out, after it coming in); the next best tunnel could have matched `runnerUp` (its twins counted even
+        /// where the pairing gave them to another connection).
         /// `blind` of the tunnels no longer kept data packets from the connection's time (`ConnectionState.relayOverflow`).
         case relayTiming(outbound: Bool, matched: Int, packets: Int, largestGap: Int64, windowNanos: Int64, tunnels: Int, runnerUp: Int,
                          blind: Int, overruled: Bool)
@@ -132,8 +133,11 @@ extension HopEvidence {
                 w.signed(Int64(matched)); w.words(" of "); w.signed(Int64(packets)); w.words(" data packets of the ")
                 w.words(outbound ? "outer" : "inner"); w.words(" connection have a twin in the tunnel within ")
                 w.delta(window); w.words(" (the largest gap "); w.delta(gap); w.words("); of ")
-                w.signed(Int64(tunnels)); w.words(" open tunnels that could have carried it, the next best matched ")
+                w.signed(Int64(tunnels)); w.words(" open tunnels that could have carried it, the next best could have matched ")
                 w.signed(Int64(runnerUp))
+                // Counted as if no other connection had taken a packet: a twin nearer another connection's packet
+                // counts for it, so it may be as many as this tunnel's or more.
+                if runnerUp >= matched { w.words(" (counting twins nearer other connections' packets)") }
                 Self.blindWords(blind, into: &w)
             case .newestOpenTunnel(let n):
                 w.words("one of "); w.signed(Int64(n)); w.words(" open tunnels that fit; the newest was chosen")

@@ -149,7 +149,7 @@ final class ReportBufferTests: XCTestCase {
              "inner carried fewer payload bytes than outer (3 vs 900): not consistent (capture cut?)"),
             (.relayTiming(outbound: true, matched: 3, packets: 4, largestGap: 350_000, windowNanos: 2_000_000, tunnels: 3, runnerUp: 1, blind: 0,
                           overruled: false),
-             "relay-timing", "3 of 4 data packets of the outer connection have a twin in the tunnel within 2.0 ms (the largest gap 350 µs); of 3 open tunnels that could have carried it, the next best matched 1"),
+             "relay-timing", "3 of 4 data packets of the outer connection have a twin in the tunnel within 2.0 ms (the largest gap 350 µs); of 3 open tunnels that could have carried it, the next best could have matched 1"),
             (.relayTiming(outbound: false, matched: 0, packets: 2, largestGap: 0, windowNanos: 2_000_000, tunnels: 2, runnerUp: 0, blind: 1,
                           overruled: false),
              "relay-timing", "none of 2 data packets of the inner connection has a twin within 2.0 ms in any of 2 open tunnels that could have carried it: timing cannot tell which did; 1 of them no longer kept packets from its time (a tunnel past --max-events keeps only its latest data packets): those were not compared"),
