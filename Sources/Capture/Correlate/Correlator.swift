@@ -56,6 +56,13 @@ public final class Correlator {
     /// candidate (under a VIP load thousands wait to be emitted, and each emission scanned them all).
     private var appsByStart = StartOrderIndex()
     private var tunnelsByStart = StartOrderIndex()
+    /// The start-order indexes' entries, live and stale (tests: memory stays bounded by the open connections).
+    var startOrderEntries: (apps: Int, tunnels: Int) { (appsByStart.entries.count, tunnelsByStart.entries.count) }
+    /// Each index is compacted when it reaches twice what its last compaction kept (or 4096), besides with the other
+    /// lists: its front is dropped only up to the oldest connection still waiting, and one that waits for an hour (a
+    /// long-lived connection no tunnel explains) would otherwise keep every entry behind it.
+    private var appsCompactAt = 4096
+    private var tunnelsCompactAt = 4096
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
     private var filings = 0
     private var pruneAllAt = 4096
@@ -837,9 +844,17 @@ public final class Correlator {
         if role == .outerOutbound {
             c.outerListed = listings
             appsByStart.add(c, stamp: listings)
+            if appsByStart.count >= appsCompactAt {
+                appsByStart.compact { waiting($0, asOuter: true) }
+                appsCompactAt = max(4096, 2 * appsByStart.count)
+            }
         } else if role == .innerOutbound {
             c.innerListed = listings
             tunnelsByStart.add(c, stamp: listings)
+            if tunnelsByStart.count >= tunnelsCompactAt {
+                tunnelsByStart.compact { waiting($0, asOuter: false) }
+                tunnelsCompactAt = max(4096, 2 * tunnelsByStart.count)
+            }
         }
     }
 

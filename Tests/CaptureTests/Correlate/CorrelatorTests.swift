@@ -510,6 +510,44 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(hop.confidence, .low)
     }
 
+    /// Candidates joined at emission wait in the start-order indexes however old they are, and an index's front is
+    /// dropped only up to the oldest one still waiting: behind a long-lived connection that no tunnel explains,
+    /// 5000 VIP connections come and go. The indexes stay bounded by what is open (here a handful, compacted every
+    /// 4096 entries at most), not by what went through.
+    func testTheStartOrderIndexesStayBoundedBehindALongLivedConnection() throws {
+        var f = PacketFactory()
+        let vip = PacketFactory.ep("10.96.0.20", 80)
+        let endpoint = PacketFactory.ep("10.0.2.2", 15008)
+        let sink = CollectingSink()
+        let c = Correlator(tags: f.tags, ruleset: nil, options: CorrelatorOptions(), sink: sink)
+        let stayer = PacketFactory.ep("10.0.1.5", 19999)
+        for r in f.redirectedSYN(stayer, to: PacketFactory.ep("10.96.0.99", 80), seq: 1) { c.ingest(r) }
+        f.advance(micros: 3_000_000)   // past the hop window: no tunnel below can be its
+        var largest = (apps: 0, tunnels: 0)
+        let n = 5000
+        for i in 0..<n {
+            let app = Endpoint(IPAddress(v4: 0x0A00_0105), UInt16(20_000 + i))
+            let tunnel = Endpoint(IPAddress(v4: 0x0A00_0105), UInt16(40_000 + i))
+            f.advance(micros: 5_000)   // 200 connections a second: ~600 open at a time (2 s linger)
+            for r in f.redirectedSYN(app, to: vip, seq: UInt32(1000 + i)) { c.ingest(r) }
+            f.advance(micros: 300)
+            for r in f.markedSYN(tunnel, to: endpoint, seq: UInt32(7000 + i)) { c.ingest(r) }
+            f.advance(micros: 200)
+            c.ingest(f.packet(app, capture15001, flags: [.rst], seq: UInt32(1001 + i), on: lo, direction: .inbound))
+            c.ingest(f.packet(endpoint, tunnel, flags: [.rst], seq: 9000, on: eth0, direction: .inbound))
+            if i % 250 == 249 {
+                // The long-lived connection stays open (data every 1.4 s).
+                c.ingest(f.packet(stayer, capture15001, flags: [.ack, .psh], seq: 2, payload: 10, on: lo, direction: .inbound))
+                let n = c.startOrderEntries
+                largest = (max(largest.apps, n.apps), max(largest.tunnels, n.tunnels))
+            }
+        }
+        let summary = c.finish()
+        XCTAssertEqual(summary.hops, n)
+        XCTAssertLessThan(largest.apps, 4500, "app entries kept behind the long-lived connection")
+        XCTAssertLessThan(largest.tunnels, 4500, "tunnel entries kept")
+    }
+
     func testAForgedMarkJustBeforeAnAppConnectionIsNotTakenForItsTunnel() throws {
         // A process forges 0x539 to 10.0.9.9:80; right after, the app dials a VIP whose tunnel goes to 10.0.2.2:15008.
         var f = PacketFactory()
