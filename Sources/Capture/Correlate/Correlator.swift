@@ -986,6 +986,11 @@ public final class Correlator {
     /// them. A marked connection to any other port (a forged mark) is never explained away like this; one that began
     /// after the app's connection had ended cannot have carried it.
     private func vipTunnel(for c: ConnectionState) -> (ConnectionState, Int)? {
+        // First seen mid-stream, it began before the capture: when, and so which tunnel ztunnel opened after it, the
+        // order cannot tell (a tunnel open before the capture, pooled, is for `pooledTunnel`). Taking the first new
+        // tunnel after it was seen took another connection's: a long-lived connection to a VIP, open when a live trace
+        // started, shifted every later VIP join by one (41 % right instead of 90 %).
+        guard c.initiatorFromSYN else { return nil }
         // Until it has closed, any tunnel since it began (its last packet so far may be the request it waits on);
         // never one that began more than the hop window after it (`mayBeOpenedFor`).
         let ended = c.closedAt != nil
@@ -1027,12 +1032,18 @@ public final class Correlator {
             let p = tunnels[i]
             guard p !== c && p !== excluding && !p.emitted && p.mergedInto == nil else { continue }
             // Begun before the connection: seen so, or seen only mid-stream (open before the capture began) while
-            // the connection's own SYN was captured.
+            // the connection's own SYN was captured, or both seen only mid-stream (both open before the capture: which
+            // was seen first says nothing).
+            let bothBeforeCapture = !p.initiatorFromSYN && !c.initiatorFromSYN
             guard p.responder.port == options.hbonePort, p.lastSeenNanos >= start,
-                  p.firstSeenNanos <= start || (!p.initiatorFromSYN && c.initiatorFromSYN) else { continue }
+                  p.firstSeenNanos <= start || (!p.initiatorFromSYN && c.initiatorFromSYN) || bothBeforeCapture else { continue }
             if let closed = p.closedAt, closed < start { continue }
             if outbound {
                 guard anyPeer ? p.sawZtunnelMark : p.responder.addr == c.responder.addr, initiatorIsLocal(p) else { continue }
+                // A connection open before the capture began went through a tunnel open before it too, not through
+                // one the capture saw open: under a VIP load that would be another connection's, and every join after
+                // it would shift by one.
+                if anyPeer && !c.initiatorFromSYN && p.initiatorFromSYN { continue }
             } else {
                 guard p.initiator.addr == c.initiator.addr, !initiatorIsLocal(p) else { continue }
             }
