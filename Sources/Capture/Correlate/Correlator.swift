@@ -39,7 +39,9 @@ public final class Correlator {
     private var podInferenceDirty = false
     private static let podVoteLimit = 4096
 
-    /// Hop candidate lists, roughly in first-seen order (pruned from the front by age).
+    /// Hop candidate lists, roughly in first-seen order (pruned from the front by age). The outbound ones are
+    /// scanned no more (the joins look in the index by address and the start-order indexes below); they keep the
+    /// order connections were listed in (`ConnectionState.outerListed`), which breaks ties, and whether one is listed.
     private var outerOutbound: [ConnectionState] = []
     private var innerOutbound: [ConnectionState] = []
     /// The outbound candidates again, by address: app connections by their original destination, tunnels by their
@@ -980,10 +982,10 @@ public final class Correlator {
     /// The tunnel an app connection with no identity match went through (it dialled a service VIP, which ztunnel
     /// resolved to a pod: no tunnel names the VIP): the earliest tunnel to :15008 carrying ztunnel's mark that no app
     /// explains and that began while the app's connection ran (within `weakTunnelSkewNanos` either side: times
-    /// stamped on receipt; one still open may still get its tunnel), and how many such tunnels there were. Tried only when the app's connection is emitted,
-    /// so its own tunnel had every chance to show up, after the identity and pooled joins, and with the connections
-    /// that began before it choosing first (`lastChanceJoins`): ztunnel opens their tunnels in the order it accepted
-    /// them. A marked connection to any other port (a forged mark) is never explained away like this; one that began
+    /// stamped on receipt; for one still open, any since it began), and how many such tunnels there were. Tried only
+    /// when the app's connection is emitted, so its own tunnel had every chance to show up, after the identity and
+    /// pooled joins, and with the connections that began before it choosing first (`lastChanceJoins`): ztunnel opens
+    /// their tunnels in the order it accepted them. A marked connection to any other port (a forged mark) is never explained away like this; one that began
     /// after the app's connection had ended cannot have carried it.
     private func vipTunnel(for c: ConnectionState) -> (ConnectionState, Int)? {
         // First seen mid-stream, it began before the capture: when, and so which tunnel ztunnel opened after it, the
@@ -1556,7 +1558,7 @@ public final class Correlator {
     /// The longest chain of moves relay timing follows (`relinkByRelayTiming`).
     static let relayChainLimit = 64
     /// How much earlier than an app connection a tunnel without an identity match may seem to begin and still be
-    /// taken for it (`bestPartner`'s VIP rule): times stamped on receipt.
+    /// taken for it, or begin after it ended (`vipTunnel`): times stamped on receipt.
     static let weakTunnelSkewNanos: Int64 = 50_000_000
     /// Tunnel packets one search for a packet left out may look at (`relinkByRelayTiming`).
     static let relayAugmentBudget = 64
@@ -1707,10 +1709,6 @@ public final class Correlator {
         }
     }
 
-    /// Drops candidates that can no longer be joined: too old, emitted, merged, or already joined in this
-    /// direction. Joins happen within milliseconds in a healthy capture, so the lists stay short.
-    /// A list of the outbound index (`filedUnder`, its entries app connections when `asOuter`) also drops entries
-    /// filed under another address since, and unfiles the ones it drops.
     /// Candidates that began before this are dropped (`pruneCandidates`).
     private var candidateHorizon: Int64 { now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos }
 
@@ -1725,6 +1723,10 @@ public final class Correlator {
             && p.mergedInto == nil && !p.hasOutboundHop
     }
 
+    /// Drops candidates that can no longer be joined: too old, emitted, merged, or already joined in this
+    /// direction. Joins happen within milliseconds in a healthy capture, so the lists stay short.
+    /// A list of the outbound index (`filedUnder`, its entries app connections when `asOuter`) also drops entries
+    /// filed under another address since, and unfiles the ones it drops.
     private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool, filedUnder key: IPAddress? = nil,
                                  asOuter: Bool = false) {
         let horizon = candidateHorizon
