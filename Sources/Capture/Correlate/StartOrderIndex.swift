@@ -18,7 +18,6 @@ struct StartOrderIndex {
     /// Entries before this have been dropped (`dropFront`); the array is shifted down now and then.
     private(set) var head = 0
 
-    var isEmpty: Bool { head == entries.count }
     var count: Int { entries.count - head }
 
     /// Adds `c` at its place by its current start; nearly always at the end (connections are listed as they appear).
