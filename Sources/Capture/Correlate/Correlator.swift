@@ -989,13 +989,15 @@ public final class Correlator {
     }
 
     /// The tunnel an app connection with no identity match went through (it dialled a service VIP, which ztunnel
-    /// resolved to a pod: no tunnel names the VIP): the earliest tunnel to :15008 carrying ztunnel's mark that no app
-    /// explains and that began while the app's connection ran (within `weakTunnelSkewNanos` either side: times
+    /// resolved to an endpoint: no tunnel names the VIP): the earliest connection carrying ztunnel's mark (a tunnel to
+    /// a pod's :15008, or a passthrough to an endpoint outside the mesh) that no app explains and that began while the
+    /// app's connection ran (within `weakTunnelSkewNanos` either side: times
     /// stamped on receipt; for one still open, any since it began), and how many such tunnels there were. Tried only
     /// when the app's connection is emitted, so its own tunnel had every chance to show up, after the identity and
     /// pooled joins, and with the connections that began before it choosing first (`lastChanceJoins`): ztunnel opens
-    /// their tunnels in the order it accepted them. A marked connection to any other port (a forged mark) is never explained away like this; one that began
-    /// after the app's connection had ended cannot have carried it.
+    /// their tunnels in the order it accepted them. One that began after the app's connection had ended cannot have
+    /// carried it. A process forging ztunnel's mark while such a connection is open may be taken for its passthrough:
+    /// the count of unexplained marked connections stays right, the one flagged may be the wrong one.
     private func vipTunnel(for c: ConnectionState) -> (ConnectionState, Int)? {
         // First seen mid-stream, it began before the capture: when, and so which tunnel ztunnel opened after it, the
         // order cannot tell (a tunnel open before the capture, pooled, is for `pooledTunnel`). Taking the first new
@@ -1013,8 +1015,9 @@ public final class Correlator {
             let e = tunnelsByStart.entries[i]
             i += 1
             let p = e.conn
+            // A tunnel to a pod's :15008, or a passthrough: ztunnel's own connection to an endpoint outside the mesh
+            // (a service whose pods are not in ambient yet), marked as its tunnels are.
             guard p !== c, waiting(e, asOuter: false), p.sawZtunnelMark,
-                  p.responder.port == options.hbonePort,
                   mayBeOpenedFor(outer: c, inner: p, joining: c, direction: .outbound) else { continue }
             // Its SYN at the packet's own time: it began after the app's last packet (no later than `lastSeenNanos`).
             if ended && p.startExact && p.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos { continue }
@@ -2035,8 +2038,7 @@ public final class Correlator {
             // lone-tunnel rule).
             earlierAppsChoose(before: c.firstSeenNanos, excluding: c)
             outboundLastChance(c)
-        } else if c.pendingRoles.contains(.innerOutbound) && !c.hasOutboundHop && c.sawZtunnelMark
-                    && c.responder.port == options.hbonePort {
+        } else if c.pendingRoles.contains(.innerOutbound) && !c.hasOutboundHop && c.sawZtunnelMark {
             // A tunnel emitted before the app connection it carried is: its tuple reused by a new tunnel (emitted at
             // once), or closed and swept first. With a VIP that app joins only at its own emission, too late: the
             // tunnel would read as a forged mark, and the next app, taking the tunnel after, shifts every later

@@ -17,8 +17,8 @@ extension HopEvidence {
         case timing(nanos: Int64)
         case onlyCandidate(windowNanos: Int64)
         case earliestCandidate(of: Int, windowNanos: Int64)
-        /// A join without identity (the app dialled a service VIP, which ztunnel resolved to a pod): the earliest of
-        /// `of` marked tunnels that no other connection explains and that began while the app's connection ran.
+        /// A join without identity (the app dialled a service VIP, which ztunnel resolved to an endpoint): the earliest
+        /// of `of` marked connections (tunnels, passthroughs) no other connection explains that began while it ran.
         case unexplainedTunnel(of: Int)
         /// A fresh join while `open` tunnels to the same peer, open already, could have carried the connection instead.
         case alsoOpenTunnels(candidates: Int, open: Int, windowNanos: Int64, outbound: Bool)
@@ -93,10 +93,10 @@ extension HopEvidence {
                 w.words("one of "); w.signed(Int64(n)); w.words(" candidates within "); w.delta(window)
                 w.words("; the earliest was chosen")
             case .unexplainedTunnel(let n):
-                w.words("no tunnel names the original destination (a service VIP ztunnel resolved to a pod): ")
-                if n <= 1 { w.words("the only tunnel") } else { w.words("one of "); w.signed(Int64(n)); w.words(" tunnels") }
+                w.words("no connection of ztunnel's names the original destination (a service VIP ztunnel resolved to an endpoint): ")
+                if n <= 1 { w.words("the only marked connection") } else { w.words("one of "); w.signed(Int64(n)); w.words(" marked connections") }
                 w.words(" no other connection explains that began while this one ran")
-                if n > 1 { w.words("; the earliest was chosen, as connections without a tunnel choose in the order they began") }
+                if n > 1 { w.words("; the earliest was chosen, as connections without one choose in the order they began") }
             case .alsoOpenTunnels(let n, let open, let window, let outbound):
                 if n <= 1 { w.words("the only new candidate within ") } else {
                     w.words("one of "); w.signed(Int64(n)); w.words(" new candidates within ")

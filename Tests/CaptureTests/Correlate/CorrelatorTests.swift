@@ -273,7 +273,7 @@ final class CorrelatorTests: XCTestCase {
         let hop = try XCTUnwrap(appConn.hops.first, "joined to neither of two tunnels that fit equally")
         XCTAssertEqual(hop.confidence, .low)
         let text = try renderReport(p, tags: f.tags) { TextReport(fileDescriptor: $0) }
-        XCTAssertTrue(text.contains("one of 2 tunnels no other connection explains that began while this one ran"), text)
+        XCTAssertTrue(text.contains("one of 2 marked connections no other connection explains that began while this one ran"), text)
         XCTAssertEqual(sink.timelines.filter { $0.original.dst.port == 15008 }.count, 2)
         XCTAssertEqual(summary.escapes, 1)
         XCTAssertEqual(sink.findings.filter(\.isEscape).map(\.findingClass), [.forgedZtunnelMark])
@@ -462,7 +462,7 @@ final class CorrelatorTests: XCTestCase {
         let second = try XCTUnwrap(sink.timelines.first { $0.original.src == served })
         let hop = try XCTUnwrap(second.hops.first, "the tunnel went to neither")
         XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, ztunnelOut)
-        XCTAssertTrue(hop.evidence.contains { $0.detail.contains("the only tunnel no other connection explains") },
+        XCTAssertTrue(hop.evidence.contains { $0.detail.contains("the only marked connection no other connection explains") },
                       "\(hop.evidence.map(\.detail))")
     }
 
@@ -597,6 +597,31 @@ final class CorrelatorTests: XCTestCase {
                                "held first \(heldFirst): \(app) took another's tunnel")
             }
         }
+    }
+
+    /// A service whose endpoints are not in the mesh (a namespace not in ambient yet): ztunnel resolves the VIP and
+    /// connects to the endpoint directly, in plaintext, with its mark (passthrough). That connection names neither
+    /// the VIP nor :15008, and read as a forged mark at high confidence: an escape on every call to such a service.
+    func testAVIPResolvedToAnEndpointOutsideTheMeshIsJoinedToItsPassthrough() throws {
+        var f = PacketFactory()
+        let vip = PacketFactory.ep("10.96.0.30", 80)
+        let endpoint = PacketFactory.ep("10.0.9.9", 8080)
+        let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
+        var p = f.redirectedSYN(app, to: vip, seq: 1000)
+        f.advance(micros: 300)
+        p.append(f.nflog(ztunnelOut, endpoint, flags: [.syn], seq: 7000, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2))
+        p.append(f.packet(ztunnelOut, endpoint, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
+        f.advance(micros: 100)
+        p.append(f.packet(endpoint, ztunnelOut, flags: [.syn, .ack], seq: 9000, ack: 7001, on: eth0, direction: .inbound))
+        f.advance(micros: 500)
+        p.append(f.packet(app, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
+        p.append(f.packet(ztunnelOut, endpoint, flags: [.rst], seq: 7001, on: eth0, direction: .outbound))
+        let (sink, summary) = correlate(p, tags: f.tags)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
+        let conn = try XCTUnwrap(sink.timelines.first { $0.original.dst == vip })
+        let hop = try XCTUnwrap(conn.hops.first, "the VIP connection without its passthrough")
+        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.dst, endpoint)
+        XCTAssertEqual(hop.confidence, .low)
     }
 
     func testAForgedMarkJustBeforeAnAppConnectionIsNotTakenForItsTunnel() throws {
