@@ -80,6 +80,9 @@ public final class LabTopology: @unchecked Sendable {
     public static let appPort: UInt16 = 80
     /// A service VIP the client's ztunnel resolves to the server pod (as ztunnel resolves a service to an endpoint).
     public static let serviceVIP = IPAddress("10.96.0.20")!
+    /// A service VIP the client's ztunnel resolves to the peer, outside the mesh (a service whose pods are not in
+    /// ambient yet): ztunnel connects to it directly, in plaintext, with its mark (passthrough).
+    public static let outsideServiceVIP = IPAddress("10.96.0.30")!
     public static let udpEchoPort: UInt16 = 9999
     public static var dnsServer: Endpoint { Endpoint(nodeIPv4, 53) }
 
@@ -229,7 +232,7 @@ public final class LabTopology: @unchecked Sendable {
         var argv = ["_ztunnel"] + pod.addresses.flatMap { ["--pod-ip", $0.description] } + meshArguments()
         if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
         if options.poolTunnels { argv += ["--pool-tunnels"] }
-        argv += ["--service", "\(LabTopology.serviceVIP)=\(server.ipv4)"]
+        argv += ["--service", "\(LabTopology.serviceVIP)=\(server.ipv4)", "--service", "\(LabTopology.outsideServiceVIP)=\(peer.ipv4)"]
         return argv
     }
 

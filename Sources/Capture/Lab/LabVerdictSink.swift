@@ -58,6 +58,7 @@ extension Scenario {
         case .inboundHBONE: return [Endpoint(lab.server.ipv4, 15008), server]
         case .passthrough: return [Endpoint(lab.peer.ipv4, LabTopology.appPort)]
         case .service: return [Endpoint(LabTopology.serviceVIP, LabTopology.appPort)]
+        case .serviceOutside: return [Endpoint(LabTopology.outsideServiceVIP, LabTopology.appPort)]
         case .dns: return [LabTopology.dnsServer]
         case .udp: return [Endpoint(lab.peer.ipv4, LabTopology.udpEchoPort)]
         case .ipv6Escape, .outboundIPv6: return lab.server.ipv6.map { [Endpoint($0, LabTopology.appPort)] } ?? [server]

@@ -23,6 +23,7 @@ public struct ScenarioExpectation: Sendable {
 public enum Scenario: String, Sendable, CaseIterable {
     case outbound = "outbound"
     case service = "service"
+    case serviceOutside = "service-outside"
     case inboundHBONE = "inbound-hbone"
     case inboundPlaintext = "inbound-plaintext"
     case probe = "probe"
@@ -47,6 +48,7 @@ public enum Scenario: String, Sendable, CaseIterable {
         switch self {
         case .outbound: return "client app -> server:80, through the client's ztunnel (15001) and HBONE to the server's :15008"
         case .service: return "client app -> service VIP 10.96.0.20:80: the client's ztunnel resolves it to the server pod and tunnels to its :15008"
+        case .serviceOutside: return "client app -> service VIP 10.96.0.30:80, whose endpoint (the peer) is outside the mesh: ztunnel passes it through, 0x539-marked"
         case .inboundHBONE: return "the same request seen in the server pod: HBONE in on :15008, ztunnel's 0x539 leg into the app, 0x111 replies"
         case .inboundPlaintext: return "peer outside the mesh -> server:80, redirected (or TPROXYed) to the server's ztunnel on 15006"
         case .probe: return "kubelet-style probe from 169.254.7.127 -> server:80"
@@ -79,6 +81,7 @@ public enum Scenario: String, Sendable, CaseIterable {
         switch self {
         case .outbound: return .init(verdict: .captured, because: "nat ISTIO_OUTPUT REDIRECTs app TCP to 15001; ztunnel tunnels it to server:15008")
         case .service: return .init(verdict: .captured, because: "nat ISTIO_OUTPUT REDIRECTs app TCP to 15001 whatever its destination; ztunnel tunnels the VIP's connection to the server pod's :15008")
+        case .serviceOutside: return .init(verdict: .captured, because: "redirected to 15001; ztunnel resolves the VIP to an endpoint outside the mesh and connects to it directly")
         case .inboundHBONE: return .init(verdict: .captured, because: "dport 15008 is not redirected and lands on ztunnel, which connects to the app from the client's address")
         case .inboundPlaintext:
             return .init(verdict: .captured, because: ruleset.text.contains("TPROXY")

@@ -93,6 +93,7 @@ public final class ScenarioRunner {
         switch s {
         case .outbound, .inboundHBONE, .ruleDeleted, .foreignAccept: (from, args) = (lab.client, ["_app", "get", server])
         case .service: (from, args) = (lab.client, ["_app", "get", "\(LabTopology.serviceVIP):\(LabTopology.appPort)"])
+        case .serviceOutside: (from, args) = (lab.client, ["_app", "get", "\(LabTopology.outsideServiceVIP):\(LabTopology.appPort)"])
         case .ztunnelDown: (from, args) = (lab.client, ["_app", "get", "--timeout", "2", server])
         case .markEscape: (from, args) = (lab.client, ["_app", "get", "--mark", "0x539", server])
         case .inboundPlaintext: (from, args) = (lab.peer, ["_app", "get", server])
@@ -122,6 +123,8 @@ public final class ScenarioRunner {
             return logged("client ztunnel", "outbound") && logged("client ztunnel", "-> \(server)") ? .captured : .escape
         case .passthrough:
             return logged("client ztunnel", "passthrough") ? .captured : .escape
+        case .serviceOutside:
+            return logged("client ztunnel", "(service, endpoint \(lab.peer.ipv4):\(LabTopology.appPort)): passthrough") ? .captured : .escape
         case .service:
             return logged("client ztunnel", "(service, endpoint \(server))") && logged("client ztunnel", "-> \(lab.server.ipv4):15008") ? .captured : .escape
         case .ipv6Escape, .outboundIPv6:

@@ -149,10 +149,10 @@ public final class ZtunnelStandIn: @unchecked Sendable {
                       transformUp: { t.up.apply($0) }, transformDown: { t.down.apply($0) })
         } else {
             guard let direct = try? LabSocket.tcpConnect(to: target, mark: config.mark) else {
-                log("outbound \(peer) -> \(target): passthrough connect failed"); return
+                log("outbound \(peer) -> \(said): passthrough connect failed"); return
             }
             direct.setTimeouts(seconds: 0)
-            log("outbound \(peer) -> \(target): passthrough \(direct.localEndpoint.map(\.description) ?? "?") -> \(target)")
+            log("outbound \(peer) -> \(said): passthrough \(direct.localEndpoint.map(\.description) ?? "?") -> \(target)")
             app.relay(with: direct, idle: config.idleSeconds)
         }
     }
