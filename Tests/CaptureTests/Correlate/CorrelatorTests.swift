@@ -502,11 +502,17 @@ final class CorrelatorTests: XCTestCase {
         f.advance(micros: 100)
         p.append(f.packet(ztunnelOut, endpoint, flags: [.fin, .ack], seq: outSeq, ack: inSeq, on: eth0, direction: .outbound))
         p.append(f.packet(endpoint, ztunnelOut, flags: [.fin, .ack], seq: inSeq, ack: outSeq &+ 1, on: eth0, direction: .inbound))
-        let (sink, summary) = correlate(p, tags: f.tags)
+        try assertVIPJoined(p, tags: f.tags, vip: vip, to: ztunnelOut, "a minute-long VIP connection without its tunnel")
+    }
+
+    /// The capture has no escape, and the connection to `vip` is joined, low, to ztunnel's connection from or to `inner`.
+    private func assertVIPJoined(_ p: [PacketRecord], tags: RuleTagTable, vip: Endpoint, to inner: Endpoint, _ what: String) throws {
+        let (sink, summary) = correlate(p, tags: tags)
         XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
-        let appConn = try XCTUnwrap(sink.timelines.first { $0.original.dst == vip })
-        let hop = try XCTUnwrap(appConn.hops.first, "a minute-long VIP connection without its tunnel")
-        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, ztunnelOut)
+        let conn = try XCTUnwrap(sink.timelines.first { $0.original.dst == vip })
+        let hop = try XCTUnwrap(conn.hops.first, what)
+        let joined = try XCTUnwrap(sink.timelines.first { $0.id == hop.inner })
+        XCTAssertTrue(joined.original.src == inner || joined.original.dst == inner, "joined to \(joined.original)")
         XCTAssertEqual(hop.confidence, .low)
     }
 
@@ -616,12 +622,7 @@ final class CorrelatorTests: XCTestCase {
         f.advance(micros: 500)
         p.append(f.packet(app, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
         p.append(f.packet(ztunnelOut, endpoint, flags: [.rst], seq: 7001, on: eth0, direction: .outbound))
-        let (sink, summary) = correlate(p, tags: f.tags)
-        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
-        let conn = try XCTUnwrap(sink.timelines.first { $0.original.dst == vip })
-        let hop = try XCTUnwrap(conn.hops.first, "the VIP connection without its passthrough")
-        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.dst, endpoint)
-        XCTAssertEqual(hop.confidence, .low)
+        try assertVIPJoined(p, tags: f.tags, vip: vip, to: endpoint, "the VIP connection without its passthrough")
     }
 
     func testAForgedMarkJustBeforeAnAppConnectionIsNotTakenForItsTunnel() throws {
