@@ -293,13 +293,9 @@ final class CorrelatorTests: XCTestCase {
         for i in 0..<n {
             let app = Endpoint(IPAddress(v4: 0x0A00_0105), UInt16(20_000 + i))
             let tunnel = Endpoint(IPAddress(v4: 0x0A00_0105), UInt16(40_000 + i))
-            p.append(f.nflog(app, vip, flags: [.syn], seq: 1000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
-            p.append(f.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.syn], seq: 1000, on: lo, direction: .inbound))
+            p += f.redirectedSYN(app, to: vip, seq: 1000)
             f.advance(micros: 300)
-            p.append(f.nflog(tunnel, endpoint, flags: [.syn], seq: 7000, hook: .postrouting,
-                             prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
-                             mark: 0x539, outIf: 2))
-            p.append(f.packet(tunnel, endpoint, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
+            p += f.markedSYN(tunnel, to: endpoint, seq: 7000)
             f.advance(micros: 200)
             p.append(f.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.rst], seq: 1001, on: lo, direction: .inbound))
             f.advance(micros: 500)
@@ -316,45 +312,6 @@ final class CorrelatorTests: XCTestCase {
         XCTAssertEqual(right, n, "one after another, each takes its own")
     }
 
-    /// A connection to a service VIP that ztunnel sends through a tunnel it kept open to the pod it resolved the VIP
-    /// to (pooled; here open before the capture began, seen mid-stream): no new tunnel, and none names the VIP. It is
-    /// joined to the open marked tunnel, pooled and low; the tunnel read as a forged mark (the lab's `service`
-    /// scenario after `outbound` with --pool-tunnels said "escape").
-    func testAServiceVIPThroughAPooledTunnelIsJoinedToIt() throws {
-        var f = PacketFactory()
-        let vip = PacketFactory.ep("10.96.0.20", 80)
-        var p: [PacketRecord] = []
-        // The kept tunnel, first seen mid-stream (a keepalive-sized packet), then the app's connection, then the
-        // tunnel carrying its bytes.
-        p.append(f.nflog(ztunnelOut, peerHBONE, flags: [.ack], seq: 7000, hook: .postrouting,
-                         prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
-                         mark: 0x539, outIf: 2))
-        p.append(f.packet(ztunnelOut, peerHBONE, flags: [.ack], seq: 7000, on: eth0, direction: .outbound))
-        f.advance(micros: 1_000)
-        p.append(f.nflog(app, vip, flags: [.syn], seq: 1000, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
-        p.append(f.packet(app, capture15001, flags: [.syn], seq: 1000, on: lo, direction: .inbound))
-        f.advance(micros: 20)
-        p.append(f.packet(vip, app, flags: [.syn, .ack], seq: 5000, ack: 1001, on: lo, direction: .inbound))
-        p.append(f.packet(app, capture15001, flags: [.ack], seq: 1001, ack: 5001, on: lo, direction: .inbound))
-        f.advance(micros: 50)
-        p.append(f.packet(app, capture15001, flags: [.ack, .psh], seq: 1001, ack: 5001, payload: 100, on: lo, direction: .inbound))
-        f.advance(micros: 60)
-        p.append(f.packet(ztunnelOut, peerHBONE, flags: [.ack, .psh], seq: 7000, ack: 9001, payload: 110, on: eth0, direction: .outbound))
-        f.advance(micros: 500)
-        p.append(f.packet(peerHBONE, ztunnelOut, flags: [.ack, .psh], seq: 9001, ack: 7110, payload: 310, on: eth0, direction: .inbound))
-        f.advance(micros: 60)
-        p.append(f.packet(vip, app, flags: [.ack, .psh], seq: 5001, ack: 1101, payload: 300, on: lo, direction: .inbound))
-        p.append(f.packet(app, capture15001, flags: [.fin, .ack], seq: 1101, ack: 5301, on: lo, direction: .inbound))
-        p.append(f.packet(vip, app, flags: [.fin, .ack], seq: 5301, ack: 1102, on: lo, direction: .inbound))
-        let (sink, summary) = correlate(p, tags: f.tags)
-        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
-        let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
-        let hop = try XCTUnwrap(appConn.hops.first, "no hop")
-        XCTAssertEqual(hop.confidence, .low)
-        XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" }, "\(hop.evidence.map(\.detail))")
-        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.dst, peerHBONE)
-    }
-
     /// Many connections to a service VIP at once, as any pod calling a service makes them: ztunnel's tunnels go to
     /// the endpoint pod, matching no app connection's destination. Each app connection takes the first tunnel opened
     /// after it, in the order the connections began, whatever order they end (and are emitted) in: no tunnel is
@@ -368,19 +325,13 @@ final class CorrelatorTests: XCTestCase {
         // n app SYNs 100 µs apart, redirected; then ztunnel's n tunnels in the same order, 400 µs after each.
         for i in 0..<n {
             let app = PacketFactory.ep("10.0.1.5", UInt16(41000 + i))
-            p.append(f.nflog(app, vip, flags: [.syn], seq: UInt32(1000 * (i + 1)), hook: .output,
-                             prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
-            p.append(f.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.syn], seq: UInt32(1000 * (i + 1)), on: lo, direction: .inbound))
+            p += f.redirectedSYN(app, to: vip, seq: UInt32(1000 * (i + 1)))
             f.advance(micros: 100)
         }
         f.advance(micros: 300)
         for i in 0..<n {
             let tunnel = PacketFactory.ep("10.0.1.5", UInt16(50000 + i))
-            let syn = f.nflog(tunnel, endpoint, flags: [.syn], seq: UInt32(7000 + i), hook: .postrouting,
-                              prefix: RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix,
-                              mark: 0x539, outIf: 2)
-            p.append(syn)
-            p.append(f.packet(tunnel, endpoint, flags: [.syn], seq: UInt32(7000 + i), on: eth0, direction: .outbound))
+            p += f.markedSYN(tunnel, to: endpoint, seq: UInt32(7000 + i))
             f.advance(micros: 100)
         }
         // The app connections end in the reverse order, each emitted (a close linger later) before the next ends:

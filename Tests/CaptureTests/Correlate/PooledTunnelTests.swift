@@ -44,6 +44,29 @@ final class PooledTunnelTests: XCTestCase {
         return out
     }
 
+    /// A connection to a service VIP that ztunnel sends through a tunnel it kept open to the pod it resolved the VIP
+    /// to (pooled; here open before the capture began, seen mid-stream): no new tunnel, and none names the VIP. It is
+    /// joined to the open marked tunnel, pooled and low; the tunnel read as a forged mark (the lab's `service`
+    /// scenario after `outbound` with --pool-tunnels said "escape").
+    func testAServiceVIPThroughAPooledTunnelIsJoinedToIt() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let vip = PacketFactory.ep("10.96.0.20", 80)
+        // The kept tunnel, first seen mid-stream (a keepalive-sized packet), then the app's connection through it.
+        var p = [f.nflog(ztunnelOut, peerHBONE, flags: [.ack], seq: 7181, ack: 9401, hook: .postrouting, prefix: observeOut,
+                         mark: 0x539, outIf: 2),
+                 f.packet(ztunnelOut, peerHBONE, flags: [.ack], seq: 7181, ack: 9401, on: eth0, direction: .outbound)]
+        f.advance(micros: 1_000)
+        p += carried(&f, rules: rules, from: app, to: vip, throughTunnel: true)
+        let (sink, summary) = correlate(p, tags: f.tags, ruleset: rules)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
+        let appConn = try XCTUnwrap(sink.timeline(.appOutbound))
+        let hop = try XCTUnwrap(appConn.hops.first, "no hop")
+        XCTAssertEqual(hop.confidence, .low)
+        XCTAssertTrue(hop.evidence.contains { $0.kind == "pooled-tunnel" }, "\(hop.evidence.map(\.detail))")
+        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.dst, peerHBONE)
+    }
+
     /// One app connection from `app` to `dst`, redirected to 15001 and closed; with `throughTunnel`, the open tunnel
     /// carries bytes while it runs (no SYN to :15008: it reuses the tunnel).
     func carried(_ f: inout PacketFactory, rules: Ruleset, from app: Endpoint, to dst: Endpoint, throughTunnel: Bool) -> [PacketRecord] {
