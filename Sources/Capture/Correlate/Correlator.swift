@@ -1645,7 +1645,7 @@ public final class Correlator {
         let openTunnels = direction == .outbound ? (pooledTunnel(for: outer, outbound: true, excluding: inner)?.1 ?? 0)
                                                  : (pooledTunnel(for: inner, outbound: false, excluding: outer)?.1 ?? 0)
         let unique = candidates <= 1 && openTunnels == 0
-        evidence.append(HopEvidence(!identity && direction == .outbound ? .unexplainedTunnel(of: candidates)
+        evidence.append(HopEvidence(!identity && direction == .outbound ? .unexplainedMarkedConnection(of: candidates)
             : openTunnels > 0 ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos,
                                outbound: direction == .outbound)
             : unique ? .onlyCandidate(windowNanos: options.hopWindowNanos)

@@ -19,7 +19,7 @@ extension HopEvidence {
         case earliestCandidate(of: Int, windowNanos: Int64)
         /// A join without identity (the app dialled a service VIP, which ztunnel resolved to an endpoint): the earliest
         /// of `of` marked connections (tunnels, passthroughs) no other connection explains that began while it ran.
-        case unexplainedTunnel(of: Int)
+        case unexplainedMarkedConnection(of: Int)
         /// A fresh join while `open` tunnels to the same peer, open already, could have carried the connection instead.
         case alsoOpenTunnels(candidates: Int, open: Int, windowNanos: Int64, outbound: Bool)
         /// A pooled join: the tunnel (the inner connection outbound, the outer inbound) was open already, since
@@ -57,7 +57,7 @@ extension HopEvidence {
             case .clientAddress: return "client-address"
             case .originalPort: return "original-port"
             case .timing: return "timing"
-            case .onlyCandidate, .earliestCandidate, .unexplainedTunnel, .alsoOpenTunnels, .onlyOpenTunnel, .newestOpenTunnel: return "unique"
+            case .onlyCandidate, .earliestCandidate, .unexplainedMarkedConnection, .alsoOpenTunnels, .onlyOpenTunnel, .newestOpenTunnel: return "unique"
             case .pooledTunnel, .pooledTunnelBeforeCapture: return "pooled-tunnel"
             case .relayTiming: return "relay-timing"
             case .bytesConsistent, .bytesInconsistent: return "bytes"
@@ -92,7 +92,7 @@ extension HopEvidence {
             case .earliestCandidate(let n, let window):
                 w.words("one of "); w.signed(Int64(n)); w.words(" candidates within "); w.delta(window)
                 w.words("; the earliest was chosen")
-            case .unexplainedTunnel(let n):
+            case .unexplainedMarkedConnection(let n):
                 w.words("no connection of ztunnel's names the original destination (a service VIP ztunnel resolved to an endpoint): ")
                 if n <= 1 { w.words("the only marked connection") } else { w.words("one of "); w.signed(Int64(n)); w.words(" marked connections") }
                 w.words(" no other connection explains that began while this one ran")
