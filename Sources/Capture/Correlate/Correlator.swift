@@ -60,11 +60,6 @@ public final class Correlator {
     private var tunnelsByStart = StartOrderIndex()
     /// The start-order indexes' entries, live and stale (tests: memory stays bounded by the open connections).
     var startOrderEntries: (apps: Int, tunnels: Int) { (appsByStart.entries.count, tunnelsByStart.entries.count) }
-    /// Each index is compacted when it reaches twice what its last compaction kept (or 4096), besides with the other
-    /// lists: its front is dropped only up to the oldest connection still waiting, and one that waits for an hour (a
-    /// long-lived connection no tunnel explains) would otherwise keep every entry behind it.
-    private var appsCompactAt = 4096
-    private var tunnelsCompactAt = 4096
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
     private var filings = 0
     private var pruneAllAt = 4096
@@ -847,25 +842,17 @@ public final class Correlator {
         listings += 1
         if role == .outerOutbound {
             c.outerListed = listings
-            appsByStart.add(c, stamp: listings)
-            if appsByStart.count >= appsCompactAt {
-                appsByStart.compact { waiting($0, asOuter: true) }
-                appsCompactAt = max(4096, 2 * appsByStart.count)
-            }
+            appsByStart.add(c, stamp: listings) { waiting($0, asOuter: true) }
         } else if role == .innerOutbound {
             c.innerListed = listings
-            tunnelsByStart.add(c, stamp: listings)
-            if tunnelsByStart.count >= tunnelsCompactAt {
-                tunnelsByStart.compact { waiting($0, asOuter: false) }
-                tunnelsCompactAt = max(4096, 2 * tunnelsByStart.count)
-            }
+            tunnelsByStart.add(c, stamp: listings) { waiting($0, asOuter: false) }
         }
     }
 
     /// Files `c` under its address (`responder`) in the outbound index. It is not there: an entry goes when its
     /// connection leaves the address (`unfile`) or is dropped by pruning (which unfiles it). Looking first cost a
     /// scan of the address's list per filing, and under a service VIP that list holds every connection waiting to
-    /// be emitted (a tenth of the tracer's CPU under a VIP load).
+    /// be emitted (6 % of the tracer's CPU under a VIP load).
     private func file(_ c: ConnectionState, in index: inout [IPAddress: [ConnectionState]]) {
         index[c.responder.addr, default: []].append(c)
     }
@@ -876,8 +863,8 @@ public final class Correlator {
         if index[key]?.isEmpty == true { index[key] = nil }
     }
 
-    /// One more filing; every so often every candidate list is pruned, the index's and the full ones (which only the
-    /// joins at emission scan now), so none grows with lists nobody looks at. Called after `file`, once its access
+    /// One more filing; every so often every candidate list is pruned, the index's and the full ones (which no join
+    /// scans now), so none grows with lists nobody looks at (the start-order indexes compact themselves). Called after `file`, once its access
     /// to the index has ended (this prunes the list filed into too).
     private func filed() {
         filings += 1
@@ -885,8 +872,6 @@ public final class Correlator {
         let kept = pruneAll(&outerOutboundByAddress, asOuter: true) + pruneAll(&innerOutboundByAddress, asOuter: false)
         pruneCandidates(&outerOutbound, outbound: true)
         pruneCandidates(&innerOutbound, outbound: true)
-        appsByStart.compact { waiting($0, asOuter: true) }
-        tunnelsByStart.compact { waiting($0, asOuter: false) }
         filings = 0
         pruneAllAt = max(4096, 2 * (kept + outerOutbound.count + innerOutbound.count))
     }
@@ -991,7 +976,7 @@ public final class Correlator {
     /// The tunnel an app connection with no identity match went through (it dialled a service VIP, which ztunnel
     /// resolved to an endpoint: no tunnel names the VIP): the earliest connection carrying ztunnel's mark (a tunnel to
     /// a pod's :15008, or a passthrough to an endpoint outside the mesh) that no app explains and that began while the
-    /// app's connection ran (within `weakTunnelSkewNanos` either side: times
+    /// app's connection ran (within `vipSkewNanos` either side: times
     /// stamped on receipt; for one still open, any since it began), and how many such tunnels there were. Tried only
     /// when the app's connection is emitted, so its own tunnel had every chance to show up, after the identity and
     /// pooled joins, and with the connections that began before it choosing first (`lastChanceJoins`): ztunnel opens
@@ -1007,8 +992,8 @@ public final class Correlator {
         // Until it has closed, any tunnel since it began (its last packet so far may be the request it waits on);
         // never one that began more than the hop window after it (`mayBeOpenedFor`).
         let ended = c.closedAt != nil
-        let from = c.firstSeenNanos - Correlator.weakTunnelSkewNanos
-        let to = min(ended ? c.lastSeenNanos + Correlator.weakTunnelSkewNanos : .max, c.firstSeenNanos + options.hopWindowNanos)
+        let from = c.firstSeenNanos - Correlator.vipSkewNanos
+        let to = min(ended ? c.lastSeenNanos + Correlator.vipSkewNanos : .max, c.firstSeenNanos + options.hopWindowNanos)
         var chosen: ConnectionState?, count = 0
         var i = tunnelsByStart.lowerBound(from)
         while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= to {
@@ -1571,7 +1556,7 @@ public final class Correlator {
     static let relayChainLimit = 64
     /// How much earlier than an app connection a tunnel without an identity match may seem to begin and still be
     /// taken for it, or begin after it ended (`vipTunnel`): times stamped on receipt.
-    static let weakTunnelSkewNanos: Int64 = 50_000_000
+    static let vipSkewNanos: Int64 = 50_000_000
     /// Tunnel packets one search for a packet left out may look at (`relinkByRelayTiming`).
     static let relayAugmentBudget = 64
 
@@ -1903,8 +1888,8 @@ public final class Correlator {
         if gone.firstSeenNanos < keep.firstSeenNanos {
             keep.firstSeenNanos = gone.firstSeenNanos
             // Its entries in the start-order indexes are stale now: it goes in again at its new start.
-            if keep.outerListed > 0 { appsByStart.add(keep, stamp: keep.outerListed) }
-            if keep.innerListed > 0 { tunnelsByStart.add(keep, stamp: keep.innerListed) }
+            if keep.outerListed > 0 { appsByStart.add(keep, stamp: keep.outerListed) { waiting($0, asOuter: true) } }
+            if keep.innerListed > 0 { tunnelsByStart.add(keep, stamp: keep.innerListed) { waiting($0, asOuter: false) } }
         }
         keep.lastSeenNanos = max(keep.lastSeenNanos, gone.lastSeenNanos)
         for m in gone.timeline.marks where !keep.timeline.marks.contains(m) { keep.timeline.marks.append(m) }
@@ -2042,8 +2027,8 @@ public final class Correlator {
             // A tunnel emitted before the app connection it carried is: its tuple reused by a new tunnel (emitted at
             // once), or closed and swept first. With a VIP that app joins only at its own emission, too late: the
             // tunnel would read as a forged mark, and the next app, taking the tunnel after, shifts every later
-            // join by one. The apps that began before it (within the weak rule's skew) choose now, in that order.
-            earlierAppsChoose(before: c.firstSeenNanos + Correlator.weakTunnelSkewNanos + 1, excluding: c)
+            // join by one. The apps that began before it (within the VIP rule's skew) choose now, in that order.
+            earlierAppsChoose(before: c.firstSeenNanos + Correlator.vipSkewNanos + 1, excluding: c)
         }
         if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop, let (h, n) = pooledTunnel(for: c, outbound: false) {
             join(.inbound, outer: h, inner: c, evidence: [], confidence: .low, candidates: n, pooled: true)

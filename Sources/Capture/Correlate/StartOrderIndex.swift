@@ -4,8 +4,9 @@
 // Entries are kept sorted by (`firstSeenNanos`, stamp): the stamp is the order they were added in, so equal start
 // times keep that order. An entry is never updated; the correlator adds a connection again when it is listed again
 // (a new stamp) or when a merge moves its start earlier, and treats an entry whose stamp or start time no longer
-// match its connection as stale. Stale and finished entries are dropped from the front as they age and by
-// `compact`, so the index holds about as many entries as there are candidates.
+// match its connection as stale. Stale and finished entries are dropped from the front as they age, and all of them
+// whenever the index has doubled since it was last compacted, so it holds at most about twice as many entries as
+// there are candidates (4096 at least).
 
 struct StartOrderIndex {
     struct Entry {
@@ -17,11 +18,16 @@ struct StartOrderIndex {
     private(set) var entries: [Entry] = []
     /// Entries before this have been dropped (`dropFront`); the array is shifted down now and then.
     private(set) var head = 0
+    /// The size at which `add` compacts next: twice what the last compaction kept, 4096 at least. The front alone is
+    /// not enough: it is dropped only up to the oldest entry still waiting, and one that waits for an hour (a
+    /// long-lived connection no tunnel explains) would keep every entry behind it.
+    private var compactAt = 4096
 
     var count: Int { entries.count - head }
 
     /// Adds `c` at its place by its current start; nearly always at the end (connections are listed as they appear).
-    mutating func add(_ c: ConnectionState, stamp: Int) {
+    /// `keep` says which entries a compaction keeps.
+    mutating func add(_ c: ConnectionState, stamp: Int, keeping keep: (Entry) -> Bool) {
         let e = Entry(first: c.firstSeenNanos, stamp: stamp, conn: c)
         var i = entries.count
         while i > head, entries[i - 1].first > e.first || (entries[i - 1].first == e.first && entries[i - 1].stamp > stamp) {
@@ -30,6 +36,10 @@ struct StartOrderIndex {
             if entries.count - i > 16 { i = lowerBound(after: e.first, stamp: stamp); break }
         }
         entries.insert(e, at: i)
+        if count >= compactAt {
+            compact(keeping: keep)
+            compactAt = max(4096, 2 * count)
+        }
     }
 
     /// The first position at or after `head` whose entry began at or after `t`.
@@ -59,7 +69,7 @@ struct StartOrderIndex {
     }
 
     /// Keeps only the entries `keep` says to.
-    mutating func compact(keeping keep: (Entry) -> Bool) {
+    private mutating func compact(keeping keep: (Entry) -> Bool) {
         entries.removeSubrange(0 ..< head)
         head = 0
         entries.removeAll { !keep($0) }
