@@ -26,8 +26,9 @@ public struct ZtunnelConfig: Sendable {
     /// destination through it, as ztunnel pools HBONE connections (one stream at a time here, framed; ztunnel
     /// multiplexes HTTP/2 streams). The serving side follows whatever the client does.
     public var poolTunnels = false
-    /// Service VIPs and the pod address ztunnel sends their connections to: ztunnel resolves a VIP the app dialled
-    /// to one of the service's endpoints itself, so the HBONE destination is that pod's, not the VIP.
+    /// Service VIPs and the endpoint address ztunnel sends their connections to: ztunnel resolves a VIP the app
+    /// dialled to one of the service's endpoints itself, so the HBONE destination is that pod's, not the VIP (or,
+    /// for an endpoint outside the mesh, the passthrough's).
     public var services: [IPAddress: IPAddress] = [:]
 
     public init(podAddresses: [IPAddress], mesh: [CIDR]) {
