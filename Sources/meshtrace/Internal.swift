@@ -55,7 +55,7 @@ struct ZtunnelCommand: ParsableCommand {
     @Flag(name: .long, help: "Keep HBONE connections open and send later app connections to the same destination through them (as ztunnel pools them).")
     var poolTunnels = false
 
-    @Option(name: .long, help: "VIP=POD: connections the app makes to the service VIP go to this pod address (repeatable).")
+    @Option(name: .long, help: "VIP=ENDPOINT[,ENDPOINT...]: connections the app makes to the service VIP go to these addresses in turn (repeatable).")
     var service: [String] = []
 
     @OptionGroup var lifetime: StandInLifetime
@@ -76,10 +76,11 @@ struct ZtunnelCommand: ParsableCommand {
             config.poolTunnels = poolTunnels
             for text in service {
                 let parts = text.split(separator: "=", maxSplits: 1).map(String.init)
-                guard parts.count == 2, let vip = IPAddress(parts[0]), let pod = IPAddress(parts[1]) else {
-                    throw MeshtraceError(.usage, "--service \(text) is not VIP=POD")
+                let endpoints = parts.count == 2 ? parts[1].split(separator: ",").map { IPAddress(String($0)) } : []
+                guard parts.count == 2, let vip = IPAddress(parts[0]), !endpoints.isEmpty, !endpoints.contains(nil) else {
+                    throw MeshtraceError(.usage, "--service \(text) is not VIP=ENDPOINT[,ENDPOINT...]")
                 }
-                config.services[vip] = pod
+                config.services[vip, default: []] += endpoints.compactMap { $0 }
             }
             if let up = dnsUpstream {
                 guard let ep = Endpoint(parsing: up) else { throw MeshtraceError(.usage, "--dns-upstream \(up) is not IP:PORT") }

@@ -83,6 +83,9 @@ public final class LabTopology: @unchecked Sendable {
     /// A service VIP the client's ztunnel resolves to the peer, outside the mesh (a service whose pods are not in
     /// ambient yet): ztunnel connects to it directly, in plaintext, with its mark (passthrough).
     public static let outsideServiceVIP = IPAddress("10.96.0.30")!
+    /// A service VIP with two endpoints the client's ztunnel takes in turn, the server pod and the peer: a service
+    /// half moved into ambient (tunnels and passthroughs, both marked, none naming the VIP).
+    public static let mixedServiceVIP = IPAddress("10.96.0.40")!
     public static let udpEchoPort: UInt16 = 9999
     public static var dnsServer: Endpoint { Endpoint(nodeIPv4, 53) }
 
@@ -232,7 +235,8 @@ public final class LabTopology: @unchecked Sendable {
         var argv = ["_ztunnel"] + pod.addresses.flatMap { ["--pod-ip", $0.description] } + meshArguments()
         if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
         if options.poolTunnels { argv += ["--pool-tunnels"] }
-        argv += ["--service", "\(LabTopology.serviceVIP)=\(server.ipv4)", "--service", "\(LabTopology.outsideServiceVIP)=\(peer.ipv4)"]
+        argv += ["--service", "\(LabTopology.serviceVIP)=\(server.ipv4)", "--service", "\(LabTopology.outsideServiceVIP)=\(peer.ipv4)",
+                 "--service", "\(LabTopology.mixedServiceVIP)=\(server.ipv4),\(peer.ipv4)"]
         return argv
     }
 

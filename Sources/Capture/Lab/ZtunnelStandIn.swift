@@ -26,10 +26,10 @@ public struct ZtunnelConfig: Sendable {
     /// destination through it, as ztunnel pools HBONE connections (one stream at a time here, framed; ztunnel
     /// multiplexes HTTP/2 streams). The serving side follows whatever the client does.
     public var poolTunnels = false
-    /// Service VIPs and the endpoint address ztunnel sends their connections to: ztunnel resolves a VIP the app
+    /// Service VIPs and the endpoint addresses ztunnel sends their connections to: ztunnel resolves a VIP the app
     /// dialled to one of the service's endpoints itself, so the HBONE destination is that pod's, not the VIP (or,
-    /// for an endpoint outside the mesh, the passthrough's).
-    public var services: [IPAddress: IPAddress] = [:]
+    /// for an endpoint outside the mesh, the passthrough's). Several endpoints take the connections in turn.
+    public var services: [IPAddress: [IPAddress]] = [:]
 
     public init(podAddresses: [IPAddress], mesh: [CIDR]) {
         self.podAddresses = podAddresses
@@ -59,6 +59,8 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     private var stopped = false
     /// Idle pooled tunnels by HBONE endpoint (`poolTunnels`), at most one per destination.
     private var idleTunnels: [Endpoint: TunnelConnection] = [:]
+    /// How many connections each service VIP has sent to its endpoints (`endpoint(of:)`).
+    private var serviceTurns: [IPAddress: Int] = [:]
 
     public init(config: ZtunnelConfig, log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.config = config
@@ -135,7 +137,7 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         let dialled: Endpoint
         do { dialled = try app.originalDestination() } catch { log("outbound \(peer): \(error)"); return }
         // A service VIP goes to the endpoint ztunnel picked for it.
-        let target = config.services[dialled.addr].map { Endpoint($0, dialled.port) } ?? dialled
+        let target = endpoint(of: dialled) ?? dialled
         let said = target == dialled ? "\(target)" : "\(dialled) (service, endpoint \(target))"
         if config.inMesh(target.addr) && config.poolTunnels {
             servePooled(app, peer, target: target, said: said)
@@ -156,6 +158,16 @@ public final class ZtunnelStandIn: @unchecked Sendable {
             log("outbound \(peer) -> \(said): passthrough \(direct.localEndpoint.map(\.description) ?? "?") -> \(target)")
             app.relay(with: direct, idle: config.idleSeconds)
         }
+    }
+
+    /// The endpoint a connection to a service VIP goes to: the service's endpoints in turn (nil: not a VIP).
+    private func endpoint(of dialled: Endpoint) -> Endpoint? {
+        guard let endpoints = config.services[dialled.addr], !endpoints.isEmpty else { return nil }
+        lock.lock()
+        let turn = serviceTurns[dialled.addr, default: 0]
+        serviceTurns[dialled.addr] = turn &+ 1
+        lock.unlock()
+        return Endpoint(endpoints[turn % endpoints.count], dialled.port)
     }
 
     private func serveHBONE(_ tunnel: LabSocket, _ peer: Endpoint) {
