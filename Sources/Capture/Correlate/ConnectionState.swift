@@ -222,6 +222,11 @@ final class ConnectionState {
     var closedAt: Int64?
     var lastSeenNanos: Int64 = 0
     var firstSeenNanos: Int64 = 0
+    /// When it began, to order it among others: its SYN's own time once that is known (`startExact`), else its first
+    /// record's time. A live trace's first records of many connections can share one time (a block of the capture's
+    /// ring handed over at once, NFLOG records stamped on receipt), and their order then is the order they were read
+    /// in, one source's block after the other's.
+    var startedNanos: Int64 { startExact ? timeline.firstSeen.totalNanoseconds : firstSeenNanos }
 
     /// ztunnel's packet mark 0x539 on the initiator's packets (NFLOG mark, or conntrack mark).
     var ztunnelMarkFrames: [FrameRef] = []
@@ -328,6 +333,11 @@ final class HopLink {
     /// Joined to a tunnel that was open already (ztunnel pools HBONE connections): its evidence says so, and
     /// timing is not part of it.
     var pooled = false
+    /// Joined by the order alone (`Correlator.vipTunnel`: a service VIP, no identity): a connection that finds no
+    /// tunnel of its own may take this one back and leave its connection another (`Correlator.vipExchange`).
+    var byStartOrder = false
+    /// The connection this one's tunnel was taken back from (`Correlator.vipExchange`), for its evidence.
+    var takenBackFrom: ConnectionID?
     /// Chosen (or confirmed) among several open tunnels by relay timing: its evidence says so in place of `unique`.
     var relay: RelayMatch?
     // Strong on purpose: an emitted connection clears its own links, so the pair is freed once both are out.

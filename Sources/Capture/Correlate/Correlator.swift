@@ -953,6 +953,11 @@ public final class Correlator {
                                 direction: ZtunnelHop.Direction) -> Bool {
         if direction == .outbound ? (outer.hasOutboundHop && outer !== c) || (inner.hasOutboundHop && inner !== c)
                                   : (outer.hasInboundHop && outer !== c) || (inner.hasInboundHop && inner !== c) { return false }
+        return beganAsIfOpenedFor(outer: outer, inner: inner, direction: direction)
+    }
+
+    /// `mayBeOpenedFor` without its first rule (neither joined already).
+    private func beganAsIfOpenedFor(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction) -> Bool {
         let dt = inner.firstSeenNanos - outer.firstSeenNanos
         guard dt >= -options.hopSlackNanos && dt <= options.hopWindowNanos else { return false }
         // The slack is for times stamped on receipt; with the outer start exact, the order is the kernel's.
@@ -1007,10 +1012,45 @@ public final class Correlator {
             // Its SYN at the packet's own time: it began after the app's last packet (no later than `lastSeenNanos`).
             if ended && p.startExact && p.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos { continue }
             count += 1
-            // The earliest (of equals, the first listed): entries are in that order.
-            if chosen == nil { chosen = p }
+            // The earliest by when it began (of equals, the first listed): entries are in the order their first
+            // records came in.
+            if chosen.map({ p.startedNanos < $0.startedNanos }) ?? true { chosen = p }
         }
         return chosen.map { ($0, count) }
+    }
+
+    /// For a VIP connection that ended with no tunnel left for it (`vipTunnel` found none): one that began while it
+    /// ran but went, by the order, to a connection that began before it, when that connection can take another
+    /// unexplained one instead. The order alone chose: ztunnel opened the two tunnels the other way round (a
+    /// connection that began later and ended sooner, its tunnel opened first), and left so, the tunnel opened last
+    /// read as a forged mark and this connection went to some pooled tunnel. Returns that tunnel, the count
+    /// `vipTunnel` would give, and the connection it was taken from (already joined to its other one).
+    private func vipExchange(for c: ConnectionState) -> (ConnectionState, Int, ConnectionID)? {
+        guard c.initiatorFromSYN, c.closedAt != nil else { return nil }
+        let from = c.firstSeenNanos - Correlator.vipSkewNanos
+        let to = min(c.lastSeenNanos + Correlator.vipSkewNanos, c.firstSeenNanos + options.hopWindowNanos)
+        var i = tunnelsByStart.lowerBound(from)
+        while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= to {
+            let e = tunnelsByStart.entries[i]
+            i += 1
+            let p = e.conn
+            guard p !== c, e.stamp == p.innerListed, e.first == p.firstSeenNanos, !p.emitted, p.mergedInto == nil,
+                  p.hasOutboundHop, p.sawZtunnelMark, p.hopLinks.count == 1, let link = p.hopLinks.first,
+                  link.byStartOrder, link.outer !== c, !link.outer.emitted,
+                  link.outer.startedNanos < c.startedNanos else { continue }
+            if p.startExact && p.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos { continue }
+            // Joined, it is no candidate for `mayBeOpenedFor`; the other connection's own look (`vipTunnel`) does
+            // not see it, so cannot take it again.
+            guard beganAsIfOpenedFor(outer: c, inner: p, direction: .outbound),
+                  let (other, n) = vipTunnel(for: link.outer) else { continue }
+            let earlier = link.outer
+            unlink(link)
+            join(.outbound, outer: earlier, inner: other, evidence: [], confidence: .low, candidates: n).byStartOrder = true
+            // Its count: this tunnel, and the other connection's new one when it too began while this one ran.
+            let alsoMine = other.firstSeenNanos <= to && !(other.startExact && other.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos)
+            return (p, alsoMine ? 2 : 1, earlier.id)
+        }
+        return nil
     }
 
     /// The tunnel a connection with no hop of its own went through when ztunnel reused one it had open (HBONE
@@ -1589,7 +1629,8 @@ public final class Correlator {
     /// The evidence for a join and the confidence it earns. Identity (same destination, same client) is what a
     /// join rests on; ztunnel's mark and a lone candidate raise it; timing is reported, never decisive.
     private func hopEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction,
-                             candidates: Int, pooled: Bool = false, relay: RelayMatch? = nil) -> ([HopEvidence], Confidence) {
+                             candidates: Int, pooled: Bool = false, relay: RelayMatch? = nil,
+                             takenBackFrom: ConnectionID? = nil) -> ([HopEvidence], Confidence) {
         var evidence: [HopEvidence] = []
         // The most a hop gets: mark, connmark, two identity pieces, timing, uniqueness, and bytes (added later).
         evidence.reserveCapacity(7)
@@ -1630,7 +1671,8 @@ public final class Correlator {
         let openTunnels = direction == .outbound ? (pooledTunnel(for: outer, outbound: true, excluding: inner)?.1 ?? 0)
                                                  : (pooledTunnel(for: inner, outbound: false, excluding: outer)?.1 ?? 0)
         let unique = candidates <= 1 && openTunnels == 0
-        evidence.append(HopEvidence(!identity && direction == .outbound ? .unexplainedMarkedConnection(of: candidates)
+        evidence.append(HopEvidence(!identity && direction == .outbound
+            ? .unexplainedMarkedConnection(of: candidates, takenBackFrom: takenBackFrom)
             : openTunnels > 0 ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos,
                                outbound: direction == .outbound)
             : unique ? .onlyCandidate(windowNanos: options.hopWindowNanos)
@@ -2004,7 +2046,8 @@ public final class Correlator {
         guard !link.finalized else { return }
         link.finalized = true
         let (ev, conf) = hopEvidence(outer: link.outer, inner: link.inner, direction: link.hop.direction,
-                                     candidates: link.candidates, pooled: link.pooled, relay: link.relay)
+                                     candidates: link.candidates, pooled: link.pooled, relay: link.relay,
+                                     takenBackFrom: link.takenBackFrom)
         link.hop.evidence = ev
         link.hop.confidence = conf
         addByteEvidence(&link.hop, outer: link.outer, inner: link.inner)
@@ -2059,7 +2102,11 @@ public final class Correlator {
             // before a tunnel that matches none.
             join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
         } else if let (z, n) = vipTunnel(for: c) {
-            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n)
+            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n).byStartOrder = true
+        } else if let (z, n, from) = vipExchange(for: c) {
+            let link = join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n)
+            link.byStartOrder = true
+            link.takenBackFrom = from
         } else if let (z, n) = pooledTunnel(for: c, outbound: true, anyPeer: true) {
             // A VIP's connection through a tunnel ztunnel kept open to the pod it resolved the VIP to (pooled, perhaps
             // opened before the capture began): no new tunnel, and none names the VIP.

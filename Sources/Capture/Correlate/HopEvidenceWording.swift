@@ -18,8 +18,9 @@ extension HopEvidence {
         case onlyCandidate(windowNanos: Int64)
         case earliestCandidate(of: Int, windowNanos: Int64)
         /// A join without identity (the app dialled a service VIP, which ztunnel resolved to an endpoint): the earliest
-        /// of `of` marked connections (tunnels, passthroughs) no other connection explains that began while it ran.
-        case unexplainedMarkedConnection(of: Int)
+        /// of `of` marked connections (tunnels, passthroughs) no other connection explains that began while it ran;
+        /// `takenBackFrom`: the connection that had it by the order, which began earlier and took another.
+        case unexplainedMarkedConnection(of: Int, takenBackFrom: ConnectionID?)
         /// A fresh join while `open` tunnels to the same peer, open already, could have carried the connection instead.
         case alsoOpenTunnels(candidates: Int, open: Int, windowNanos: Int64, outbound: Bool)
         /// A pooled join: the tunnel (the inner connection outbound, the outer inbound) was open already, since
@@ -92,11 +93,14 @@ extension HopEvidence {
             case .earliestCandidate(let n, let window):
                 w.words("one of "); w.signed(Int64(n)); w.words(" candidates within "); w.delta(window)
                 w.words("; the earliest was chosen")
-            case .unexplainedMarkedConnection(let n):
+            case .unexplainedMarkedConnection(let n, let from):
                 w.words("no connection of ztunnel's names the original destination (a service VIP ztunnel resolved to an endpoint): ")
                 if n <= 1 { w.words("the only marked connection") } else { w.words("one of "); w.signed(Int64(n)); w.words(" marked connections") }
                 w.words(" no other connection explains that began while this one ran")
-                if n > 1 { w.words("; the earliest was chosen, as connections without one choose in the order they began") }
+                if let from {
+                    w.words(", taken back from #"); w.signed(Int64(from))
+                    w.words(", which began earlier and had it by the order, and took another that began while it ran")
+                } else if n > 1 { w.words("; the earliest was chosen, as connections without one choose in the order they began") }
             case .alsoOpenTunnels(let n, let open, let window, let outbound):
                 if n <= 1 { w.words("the only new candidate within ") } else {
                     w.words("one of "); w.signed(Int64(n)); w.words(" new candidates within ")

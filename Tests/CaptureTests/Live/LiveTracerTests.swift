@@ -587,9 +587,10 @@ final class LiveTracerTests: KernelTestCase {
     /// joined to one connection, every connection to a tunnel (`check` looks at each hop). Returns how many joins the
     /// stand-in's log (`carriedBy`: an app port's use -> a tunnel port's use) says are right.
     func eachTunnelExplainedOnce(apps count: Int, to destination: Endpoint, outcome: TraceOutcome, sink: TraceRecordingSink,
-                                 carriedBy: [PortUse: PortUse], check: (ZtunnelHop) -> Void = { _ in }) throws -> Int {
+                                 carriedBy: [PortUse: PortUse], tunnelKinds: Set<ConnectionKind> = [.hboneOutbound],
+                                 check: (ZtunnelHop) -> Void = { _ in }) throws -> Int {
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == destination }
-        let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
+        let tunnels = sink.timelines.filter { tunnelKinds.contains($0.kind) }
         XCTAssertEqual(apps.count, count)
         XCTAssertEqual(tunnels.count, count)
         XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
@@ -659,6 +660,33 @@ final class LiveTracerTests: KernelTestCase {
             XCTAssertEqual(hop.confidence, .low)
         }
         XCTAssertEqual(carriedBy.count, 300, "the stand-in's log names each connection's tunnel")
+        XCTAssertGreaterThanOrEqual(right, 75, "of 300 joined right by the stand-in's log")
+    }
+
+    /// The same load to a service with two endpoints that ztunnel takes in turn, the server pod and the peer outside
+    /// the mesh (a service half moved into ambient): tunnels and passthroughs alternate, all marked, none naming the
+    /// VIP. Read in ring blocks, a tunnel whose records came in before those of a passthrough that began earlier took
+    /// its place: that passthrough read as a forged mark (1-2 in 5000 release traces, exit 1) and every later join
+    /// shifted by one (2-6 % right). Every tunnel and passthrough is explained by one connection, every join low, and
+    /// at least 25 % right by the stand-in's log (as the VIP test above; 144-291 of 300 in 6 runs). Without the
+    /// order by when they began this failed 1 run in 5 here (an escape; 174-250 right in the others); the unit tests
+    /// of the order and of a tunnel taken back fail every time.
+    func testConcurrentConnectionsToAServiceWithAnEndpointOutsideTheMeshLeaveNothingUnexplained() throws {
+        let lab = try makeLab()
+        let vip = Endpoint(LabTopology.mixedServiceVIP, LabTopology.appPort)
+        var load: ConnectionLoad.Result?
+        let (outcome, sink) = try trace(lab.client, group: 5422) {
+            load = try ConnectionLoad.run(in: lab.client.ref, to: vip, count: 300, workers: 4)
+        }
+        XCTAssertEqual(load?.failures, 0)
+        let carriedBy = tunnelsByApp(lab)
+        XCTAssertEqual(carriedBy.count, 300, "the stand-in's log names each connection's tunnel or passthrough")
+        XCTAssertEqual(Set(sink.timelines.filter { $0.kind == .hboneOutbound || $0.kind == .ztunnelPassthrough }.map(\.original.dst)),
+                       [Endpoint(lab.server.ipv4, 15008), Endpoint(lab.peer.ipv4, LabTopology.appPort)])
+        let right = try eachTunnelExplainedOnce(apps: 300, to: vip, outcome: outcome, sink: sink, carriedBy: carriedBy,
+                                                tunnelKinds: [.hboneOutbound, .ztunnelPassthrough]) { hop in
+            XCTAssertEqual(hop.confidence, .low)
+        }
         XCTAssertGreaterThanOrEqual(right, 75, "of 300 joined right by the stand-in's log")
     }
 
@@ -769,13 +797,14 @@ final class LiveTracerTests: KernelTestCase {
     struct PortUse: Hashable { var port: UInt16; var nth: Int }
 
     /// Which tunnel carried each app connection, by the client's stand-in's log ("outbound APP -> DST[ (service,
-    /// endpoint POD)]: hbone [new|pooled ]TUNNEL -> PEER:15008"), each port's uses numbered in the order logged (a
-    /// pooled tunnel's line names a use already counted).
+    /// endpoint E)]: hbone [new|pooled ]TUNNEL -> PEER:15008", or "...: passthrough LOCAL -> E"), each port's uses
+    /// numbered in the order logged (a pooled tunnel's line names a use already counted).
     func tunnelsByApp(_ lab: LabTopology) -> [PortUse: PortUse] {
         var carriedBy: [PortUse: PortUse] = [:], appUses: [UInt16: Int] = [:], tunnelUses: [UInt16: Int] = [:]
         for line in lab.log(of: lab.client, "ztunnel").split(separator: "\n") {
             let words = line.split(separator: " ")
-            guard words.count >= 7, words[0] == "outbound", let h = words.firstIndex(of: "hbone"), h + 2 < words.count,
+            guard words.count >= 7, words[0] == "outbound", let h = words.firstIndex(where: { $0 == "hbone" || $0 == "passthrough" }),
+                  h + 2 < words.count,
                   let app = words[1].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
             let at = words[h + 1] == "new" || words[h + 1] == "pooled" ? h + 2 : h + 1
             guard let tunnel = words[at].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
