@@ -112,6 +112,30 @@ struct PacketFactory {
     }
 }
 
+/// A service with an endpoint in the mesh (a tunnel to its :15008) and one outside it (a passthrough), and two app
+/// connections to it from one pod, for the VIP order tests.
+enum MixedService {
+    static let vip = PacketFactory.ep("10.96.0.40", 80)
+    static let inMesh = PacketFactory.ep("10.0.2.2", 15008), outside = PacketFactory.ep("10.0.9.9", 80)
+    static let first = PacketFactory.ep("10.0.1.5", 41000), second = PacketFactory.ep("10.0.1.5", 41001)
+    static let tunnel = PacketFactory.ep("10.0.1.5", 50000), passthrough = PacketFactory.ep("10.0.1.5", 50002)
+
+    /// No escape, and each app connection joined, low, to the connection of ztunnel's whose source is paired with it.
+    @discardableResult
+    static func assertJoined(_ p: [PacketRecord], tags: RuleTagTable, _ pairs: [(app: Endpoint, inner: Endpoint)],
+                             file: StaticString = #filePath, line: UInt = #line) throws -> CollectingSink {
+        let (sink, summary) = correlate(p, tags: tags)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "), file: file, line: line)
+        for (app, inner) in pairs {
+            let conn = try XCTUnwrap(sink.timelines.first { $0.original.src == app }, file: file, line: line)
+            let hop = try XCTUnwrap(conn.hops.first, "\(app) without a tunnel", file: file, line: line)
+            XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, inner, "\(app)", file: file, line: line)
+            XCTAssertEqual(hop.confidence, .low, file: file, line: line)
+        }
+        return sink
+    }
+}
+
 let lo = CapturePoint(kind: .interface, interface: "lo", isLoopback: true)
 let eth0 = CapturePoint.interface("eth0")
 
@@ -583,10 +607,8 @@ final class CorrelatorTests: XCTestCase {
     /// lab, offline and live). The second takes it back, and the first takes its own.
     func testAVIPConnectionTakesBackATunnelThatAnEarlierOneHadByTheOrder() throws {
         var f = PacketFactory()
-        let vip = PacketFactory.ep("10.96.0.40", 80)
-        let inMesh = PacketFactory.ep("10.0.2.2", 15008), outside = PacketFactory.ep("10.0.9.9", 80)
-        let first = PacketFactory.ep("10.0.1.5", 41000), second = PacketFactory.ep("10.0.1.5", 41001)
-        let tunnel = PacketFactory.ep("10.0.1.5", 50000), passthrough = PacketFactory.ep("10.0.1.5", 50002)
+        let (vip, inMesh, outside) = (MixedService.vip, MixedService.inMesh, MixedService.outside)
+        let (first, second, tunnel, passthrough) = (MixedService.first, MixedService.second, MixedService.tunnel, MixedService.passthrough)
         var p = f.redirectedSYN(first, to: vip, seq: 1000)
         f.advance(micros: 60)
         p += f.redirectedSYN(second, to: vip, seq: 2000)
@@ -600,18 +622,11 @@ final class CorrelatorTests: XCTestCase {
         p.append(f.packet(first, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
         p.append(f.packet(passthrough, outside, flags: [.rst], seq: 8001, on: eth0, direction: .outbound))
         p.append(f.packet(tunnel, inMesh, flags: [.rst], seq: 7001, on: eth0, direction: .outbound))
-        let (sink, summary) = correlate(p, tags: f.tags)
-        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
+        let sink = try MixedService.assertJoined(p, tags: f.tags, [(first, tunnel), (second, passthrough)])
         let firstConn = try XCTUnwrap(sink.timelines.first { $0.original.src == first })
-        for (app, inner) in [(first, tunnel), (second, passthrough)] {
-            let conn = try XCTUnwrap(sink.timelines.first { $0.original.src == app })
-            let hop = try XCTUnwrap(conn.hops.first, "\(app) without a tunnel")
-            XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, inner, "\(app)")
-            XCTAssertEqual(hop.confidence, .low)
-            guard app == second else { continue }
-            let unique = try XCTUnwrap(hop.evidence.first { $0.kind == "unique" }).detail
-            XCTAssertTrue(unique.hasSuffix("the only marked connection no other connection explains that began while this one ran, taken back from #\(firstConn.id), which began earlier and had it by the order, and took another that began while it ran"), unique)
-        }
+        let hop = try XCTUnwrap(sink.timelines.first { $0.original.src == second }?.hops.first)
+        let unique = try XCTUnwrap(hop.evidence.first { $0.kind == "unique" }).detail
+        XCTAssertTrue(unique.hasSuffix("the only marked connection no other connection explains that began while this one ran, taken back from #\(firstConn.id), which began earlier and had it by the order, and took another that began while it ran"), unique)
     }
 
     /// A live trace reads the capture a ring block at a time: the first records of several tunnels can come in
@@ -621,10 +636,8 @@ final class CorrelatorTests: XCTestCase {
     /// passthrough read as a forged mark, and every join after shifted by one (2-6 % right of 5000, live).
     func testVIPConnectionsTakeTunnelsInTheOrderTheyBeganNotTheOrderTheirRecordsCameIn() throws {
         var f = PacketFactory()
-        let vip = PacketFactory.ep("10.96.0.40", 80)
-        let inMesh = PacketFactory.ep("10.0.2.2", 15008), outside = PacketFactory.ep("10.0.9.9", 80)
-        let first = PacketFactory.ep("10.0.1.5", 41000), second = PacketFactory.ep("10.0.1.5", 41001)
-        let tunnel = PacketFactory.ep("10.0.1.5", 50000), passthrough = PacketFactory.ep("10.0.1.5", 50002)
+        let (vip, inMesh, outside) = (MixedService.vip, MixedService.inMesh, MixedService.outside)
+        let (first, second, tunnel, passthrough) = (MixedService.first, MixedService.second, MixedService.tunnel, MixedService.passthrough)
         let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
         var p = f.redirectedSYN(first, to: vip, seq: 1000)
         f.advance(micros: 60)
@@ -643,13 +656,7 @@ final class CorrelatorTests: XCTestCase {
         p.append(f.packet(second, capture15001, flags: [.rst], seq: 2001, on: lo, direction: .inbound))
         p.append(f.packet(passthrough, outside, flags: [.rst], seq: 8001, on: eth0, direction: .outbound))
         p.append(f.packet(tunnel, inMesh, flags: [.rst], seq: 7001, on: eth0, direction: .outbound))
-        let (sink, summary) = correlate(p, tags: f.tags)
-        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
-        for (app, inner) in [(first, passthrough), (second, tunnel)] {
-            let conn = try XCTUnwrap(sink.timelines.first { $0.original.src == app })
-            let hop = try XCTUnwrap(conn.hops.first, "\(app) without a tunnel")
-            XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, inner, "\(app)")
-        }
+        try MixedService.assertJoined(p, tags: f.tags, [(first, passthrough), (second, tunnel)])
     }
 
     func testAForgedMarkJustBeforeAnAppConnectionIsNotTakenForItsTunnel() throws {

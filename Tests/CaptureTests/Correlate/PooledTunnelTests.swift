@@ -955,7 +955,7 @@ final class PooledTunnelTests: XCTestCase {
         // and all go to the second tunnel. Moving it there left its own tunnel with no connection, which read as a
         // forged mark: 465 such escapes in 3000 connections of a lab run at 3200 connections a second, where the
         // order the tunnels opened in was right for 91 % of them and relay timing for 52 %.
-        var f = PacketFactory()
+        let f = PacketFactory()
         let rules = seedNatRuleset()
         let appA = PacketFactory.ep("10.0.1.5", 40010), appB = PacketFactory.ep("10.0.1.5", 40011)
         let tunnelA = PacketFactory.ep("10.0.1.5", 50010), tunnelB = PacketFactory.ep("10.0.1.5", 50011)
@@ -1003,7 +1003,7 @@ final class PooledTunnelTests: XCTestCase {
         // would leave F, opened for a connection, with none). K is left with no join. In live traces of a
         // --pool-tunnels lab, 4 connections at a time, that read as a forged ztunnel mark, an escape, at the start of
         // one trace in two: the tunnel ztunnel had kept from before carried the first connections.
-        var f = PacketFactory()
+        let f = PacketFactory()
         let rules = seedNatRuleset()
         let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
         let a = PacketFactory.ep("10.0.1.5", 40030), k = ztunnelOut, fresh = PacketFactory.ep("10.0.1.5", 50031)
@@ -1044,7 +1044,7 @@ final class PooledTunnelTests: XCTestCase {
         // the open tunnel O (pooled). Relay timing puts each where its bytes went; P's move off the tunnel opened
         // after it is part of a ring (P to O, Q2 to N2, Q1 to N1), which a pooled connection's move anchors: not a
         // swap of new tunnels on timing alone, so it stands.
-        var f = PacketFactory()
+        let f = PacketFactory()
         let rules = seedNatRuleset()
         let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
         let p1 = PacketFactory.ep("10.0.1.5", 40020), q1 = PacketFactory.ep("10.0.1.5", 40021), q2 = PacketFactory.ep("10.0.1.5", 40022)
