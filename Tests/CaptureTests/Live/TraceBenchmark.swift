@@ -130,9 +130,16 @@ final class TraceBenchmark: KernelTestCase {
         let lab = try LabTopology(options: LabOptions(executable: executable))
         defer { lab.teardown() }
         // MESHTRACE_BENCH_TARGET=vip: the load dials the lab's service VIP, which the client's ztunnel stand-in resolves
-        // to the server pod (no tunnel names the app's destination: every hop is joined at emission, without identity).
-        let viaVIP = env["MESHTRACE_BENCH_TARGET"] == "vip"
-        let target = Endpoint(viaVIP ? LabTopology.serviceVIP : lab.server.ipv4, LabTopology.appPort)
+        // to the server pod (no tunnel names the app's destination: every hop is joined at emission, without identity);
+        // =mixed: the service whose endpoints are the server pod and the peer outside the mesh, in turn (tunnels and
+        // passthroughs alternate).
+        let address: IPAddress
+        switch env["MESHTRACE_BENCH_TARGET"] {
+        case "vip"?: address = LabTopology.serviceVIP
+        case "mixed"?: address = LabTopology.mixedServiceVIP
+        default: address = lab.server.ipv4
+        }
+        let target = Endpoint(address, LabTopology.appPort)
 
         // Warm up (ARP, the stand-ins' first accepts), then U T U T ... U.
         _ = try ConnectionLoad.run(in: lab.client.ref, to: target, count: 100, workers: workers)
@@ -171,7 +178,7 @@ final class TraceBenchmark: KernelTestCase {
             return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
         }
         var ratios: [Double] = []
-        print("bench-trace: \(executable)\(viaVIP ? ", to the service VIP \(target)" : "")")
+        print("bench-trace: \(executable)\(address != lab.server.ipv4 ? ", to the service VIP \(target)" : "")")
         print("bench-trace: connections per run \(count), workers \(workers), rounds \(rounds), failures untraced \(untraced.reduce(0) { $0 + $1.failures }), traced \(traced.reduce(0) { $0 + $1.load.failures })")
         for (i, t) in traced.enumerated() {
             let before = untraced[tracedAfter[i]].rate, after = untraced[tracedAfter[i] + 1].rate
