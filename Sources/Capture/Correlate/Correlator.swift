@@ -864,8 +864,8 @@ public final class Correlator {
     }
 
     /// One more filing; every so often every candidate list is pruned, the index's and the full ones (which no join
-    /// scans now), so none grows with lists nobody looks at (the start-order indexes compact themselves). Called after `file`, once its access
-    /// to the index has ended (this prunes the list filed into too).
+    /// scans now), so none grows with lists nobody looks at (the start-order indexes compact themselves). Called
+    /// after `file`, once its access to the index has ended (this prunes the list filed into too).
     private func filed() {
         filings += 1
         guard filings >= pruneAllAt else { return }
@@ -994,11 +994,7 @@ public final class Correlator {
         // tunnel after it was seen took another connection's: a long-lived connection to a VIP, open when a live trace
         // started, shifted every later VIP join by one (41 % right instead of 90 %).
         guard c.initiatorFromSYN else { return nil }
-        // Until it has closed, any tunnel since it began (its last packet so far may be the request it waits on);
-        // never one that began more than the hop window after it (`mayBeOpenedFor`).
-        let ended = c.closedAt != nil
-        let from = c.firstSeenNanos - Correlator.vipSkewNanos
-        let to = min(ended ? c.lastSeenNanos + Correlator.vipSkewNanos : .max, c.firstSeenNanos + options.hopWindowNanos)
+        let (from, to) = vipWindow(of: c)
         var chosen: ConnectionState?, count = 0
         var i = tunnelsByStart.lowerBound(from)
         while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= to {
@@ -1007,16 +1003,28 @@ public final class Correlator {
             let p = e.conn
             // A tunnel to a pod's :15008, or a passthrough: ztunnel's own connection to an endpoint outside the mesh
             // (a service whose pods are not in ambient yet), marked as its tunnels are.
-            guard p !== c, waiting(e, asOuter: false), p.sawZtunnelMark,
+            guard p !== c, waiting(e, asOuter: false), p.sawZtunnelMark, !began(p, afterTheEndOf: c),
                   mayBeOpenedFor(outer: c, inner: p, joining: c, direction: .outbound) else { continue }
-            // Its SYN at the packet's own time: it began after the app's last packet (no later than `lastSeenNanos`).
-            if ended && p.startExact && p.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos { continue }
             count += 1
             // The earliest by when it began (of equals, the first listed): entries are in the order their first
             // records came in.
             if chosen.map({ p.startedNanos < $0.startedNanos }) ?? true { chosen = p }
         }
         return chosen.map { ($0, count) }
+    }
+
+    /// The start times (`firstSeenNanos`) of the tunnels `vipTunnel` may take for `c`: from `vipSkewNanos` before it
+    /// began; until it has closed, any since (its last packet so far may be the request it waits on), then up to
+    /// `vipSkewNanos` after its last packet; never more than the hop window after it began (`mayBeOpenedFor`).
+    private func vipWindow(of c: ConnectionState) -> (from: Int64, to: Int64) {
+        let end = c.closedAt != nil ? c.lastSeenNanos + Correlator.vipSkewNanos : .max
+        return (c.firstSeenNanos - Correlator.vipSkewNanos, min(end, c.firstSeenNanos + options.hopWindowNanos))
+    }
+
+    /// Whether `p` began after `c` had ended: `c` closed, and `p`'s SYN, at the packet's own time, came after `c`'s
+    /// last packet (no later than `lastSeenNanos`). Such a tunnel did not carry it.
+    private func began(_ p: ConnectionState, afterTheEndOf c: ConnectionState) -> Bool {
+        c.closedAt != nil && p.startExact && p.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos
     }
 
     /// For a VIP connection that ended with no tunnel left for it (`vipTunnel` found none): one that began while it
@@ -1027,18 +1035,15 @@ public final class Correlator {
     /// `vipTunnel` would give, and the connection it was taken from (already joined to its other one).
     private func vipExchange(for c: ConnectionState) -> (ConnectionState, Int, ConnectionID)? {
         guard c.initiatorFromSYN, c.closedAt != nil else { return nil }
-        let from = c.firstSeenNanos - Correlator.vipSkewNanos
-        let to = min(c.lastSeenNanos + Correlator.vipSkewNanos, c.firstSeenNanos + options.hopWindowNanos)
+        let (from, to) = vipWindow(of: c)
         var i = tunnelsByStart.lowerBound(from)
         while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= to {
             let e = tunnelsByStart.entries[i]
             i += 1
             let p = e.conn
-            guard p !== c, e.stamp == p.innerListed, e.first == p.firstSeenNanos, !p.emitted, p.mergedInto == nil,
-                  p.hasOutboundHop, p.sawZtunnelMark, p.hopLinks.count == 1, let link = p.hopLinks.first,
-                  link.byStartOrder, link.outer !== c, !link.outer.emitted,
-                  link.outer.startedNanos < c.startedNanos else { continue }
-            if p.startExact && p.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos { continue }
+            guard p !== c, isCurrent(e, asOuter: false), p.sawZtunnelMark, p.hopLinks.count == 1, let link = p.hopLinks.first,
+                  link.byStartOrder, link.outer !== c, !link.outer.emitted, link.outer.startedNanos < c.startedNanos,
+                  !began(p, afterTheEndOf: c) else { continue }
             // Joined, it is no candidate for `mayBeOpenedFor`; the other connection's own look (`vipTunnel`) does
             // not see it, so cannot take it again.
             guard beganAsIfOpenedFor(outer: c, inner: p, direction: .outbound),
@@ -1047,7 +1052,7 @@ public final class Correlator {
             unlink(link)
             join(.outbound, outer: earlier, inner: other, evidence: [], confidence: .low, candidates: n).byStartOrder = true
             // Its count: this tunnel, and the other connection's new one when it too began while this one ran.
-            let alsoMine = other.firstSeenNanos <= to && !(other.startExact && other.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos)
+            let alsoMine = other.firstSeenNanos <= to && !began(other, afterTheEndOf: c)
             return (p, alsoMine ? 2 : 1, earlier.id)
         }
         return nil
@@ -1748,18 +1753,20 @@ public final class Correlator {
         }
     }
 
-    /// Candidates that began before this are dropped (`pruneCandidates`).
-    private var candidateHorizon: Int64 { now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos }
-
     /// Whether an entry of `appsByStart` (`asOuter`) or `tunnelsByStart` is one of the outbound candidates still
     /// without a join: not stale, not emitted or merged, not joined. However long ago it began: unlike the lists
     /// an identity join looks in (a tunnel is joined by identity when its SYN comes), a connection joined only
     /// when it is emitted (a service VIP's) may have run for minutes by then (a gRPC connection to a service),
     /// and so may its tunnel; aged out, the tunnel read as a forged mark.
     private func waiting(_ e: StartOrderIndex.Entry, asOuter: Bool) -> Bool {
+        isCurrent(e, asOuter: asOuter) && !e.conn.hasOutboundHop
+    }
+
+    /// Whether an entry of `appsByStart` (`asOuter`) or `tunnelsByStart` is its connection's latest (a connection
+    /// listed again has a newer one) and the connection is still to be emitted, joined or not.
+    private func isCurrent(_ e: StartOrderIndex.Entry, asOuter: Bool) -> Bool {
         let p = e.conn
-        return e.stamp == (asOuter ? p.outerListed : p.innerListed) && e.first == p.firstSeenNanos && !p.emitted
-            && p.mergedInto == nil && !p.hasOutboundHop
+        return e.stamp == (asOuter ? p.outerListed : p.innerListed) && !p.emitted && p.mergedInto == nil
     }
 
     /// Drops candidates that can no longer be joined: too old, emitted, merged, or already joined in this
@@ -1768,7 +1775,7 @@ public final class Correlator {
     /// filed under another address since, and unfiles the ones it drops.
     private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool, filedUnder key: IPAddress? = nil,
                                  asOuter: Bool = false) {
-        let horizon = candidateHorizon
+        let horizon = now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos
         list.removeAll { p in
             if let key {
                 guard (asOuter ? p.outerFiledUnder : p.innerFiledUnder) == key else { return true }
@@ -1927,12 +1934,9 @@ public final class Correlator {
         keep.startExact = keep.startExact || gone.startExact
         keep.firstForwardDataNanos = min(keep.firstForwardDataNanos, gone.firstForwardDataNanos)
         if keep.timeline.lastSeen < gone.timeline.lastSeen { keep.timeline.lastSeen = gone.timeline.lastSeen }
-        if gone.firstSeenNanos < keep.firstSeenNanos {
-            keep.firstSeenNanos = gone.firstSeenNanos
-            // Its entries in the start-order indexes are stale now: it goes in again at its new start.
-            if keep.outerListed > 0 { appsByStart.add(keep, stamp: keep.outerListed) { waiting($0, asOuter: true) } }
-            if keep.innerListed > 0 { tunnelsByStart.add(keep, stamp: keep.innerListed) { waiting($0, asOuter: false) } }
-        }
+        // The one kept is the older (the lower id), and a connection's `firstSeenNanos` is the correlator's clock when
+        // it was made, which never goes back: the start stays, and so do its entries in the start-order indexes.
+        assert(keep.firstSeenNanos <= gone.firstSeenNanos, "a merge keeps the connection made first")
         keep.lastSeenNanos = max(keep.lastSeenNanos, gone.lastSeenNanos)
         for m in gone.timeline.marks where !keep.timeline.marks.contains(m) { keep.timeline.marks.append(m) }
         keep.isnForward = keep.isnForward ?? gone.isnForward

@@ -3,8 +3,8 @@
 //
 // Entries are kept sorted by (`firstSeenNanos`, stamp): the stamp is the order they were added in, so equal start
 // times keep that order. An entry is never updated; the correlator adds a connection again when it is listed again
-// (a new stamp) or when a merge moves its start earlier, and treats an entry whose stamp or start time no longer
-// match its connection as stale. Stale and finished entries are dropped from the front as they age, and all of them
+// (a new stamp: a join undone), and treats an entry whose stamp is not its connection's latest as stale. A
+// connection's `firstSeenNanos` never changes once it is made (a merge keeps the older connection's). Stale and finished entries are dropped from the front as they age, and all of them
 // whenever the index has doubled since it was last compacted, so it holds at most about twice as many entries as
 // there are candidates (4096 at least).
 
@@ -25,14 +25,15 @@ struct StartOrderIndex {
 
     var count: Int { entries.count - head }
 
-    /// Adds `c` at its place by its current start; nearly always at the end (connections are listed as they appear).
+    /// Adds `c` at its place by its start; nearly always at the end (connections are listed as they appear).
     /// `keep` says which entries a compaction keeps.
     mutating func add(_ c: ConnectionState, stamp: Int, keeping keep: (Entry) -> Bool) {
         let e = Entry(first: c.firstSeenNanos, stamp: stamp, conn: c)
         var i = entries.count
         while i > head, entries[i - 1].first > e.first || (entries[i - 1].first == e.first && entries[i - 1].stamp > stamp) {
             i -= 1
-            // Far from the end (a merge moved an old connection's start): find the place by halving instead.
+            // Far from the end (a connection listed long after it began, or listed again when a join was undone):
+            // find the place by halving instead.
             if entries.count - i > 16 { i = lowerBound(after: e.first, stamp: stamp); break }
         }
         entries.insert(e, at: i)
