@@ -58,6 +58,8 @@ public final class Correlator {
     /// candidate (under a VIP load thousands wait to be emitted, and each emission scanned them all).
     private var appsByStart = StartOrderIndex()
     private var tunnelsByStart = StartOrderIndex()
+    /// The app connections `earlierAppsChoose` gathers, kept between calls (empty between them).
+    private var earlierApps: [ConnectionState] = []
     /// The start-order indexes' entries, live and stale (tests: memory stays bounded by the open connections).
     var startOrderEntries: (apps: Int, tunnels: Int) { (appsByStart.entries.count, tunnelsByStart.entries.count) }
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
@@ -2086,15 +2088,17 @@ public final class Correlator {
     /// order they began (`lastChanceJoins`).
     private func earlierAppsChoose(before: Int64, excluding c: ConnectionState) {
         appsByStart.dropFront { !waiting($0, asOuter: true) }
-        // Gathered first: a join may list a connection again (a contest), which adds to the index.
-        var earlier: [ConnectionState] = []
+        // Gathered first: a join may list a connection again (a contest), which adds to the index. Into an array kept
+        // between calls, so an emission allocates nothing for it (nothing below calls back in here).
+        earlierApps.removeAll(keepingCapacity: true)
         var i = appsByStart.head
         while i < appsByStart.entries.count, appsByStart.entries[i].first < before {
             let e = appsByStart.entries[i]
-            if e.conn !== c && waiting(e, asOuter: true) { earlier.append(e.conn) }
+            if e.conn !== c && waiting(e, asOuter: true) { earlierApps.append(e.conn) }
             i += 1
         }
-        for e in earlier where !e.hasOutboundHop { outboundLastChance(e) }
+        for e in earlierApps where !e.hasOutboundHop { outboundLastChance(e) }
+        earlierApps.removeAll(keepingCapacity: true)
     }
 
     private func outboundLastChance(_ c: ConnectionState) {
