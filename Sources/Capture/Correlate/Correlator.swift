@@ -60,8 +60,6 @@ public final class Correlator {
     private var tunnelsByStart = StartOrderIndex()
     /// The app connections `earlierAppsChoose` gathers, kept between calls (empty between them).
     private var earlierApps: [ConnectionState] = []
-    /// The app connections and tunnels `vipChoiceIsALaterConnections` weighs, kept between calls (empty between them).
-    private var vipApps: [ConnectionState] = [], vipCands: [ConnectionState] = []
     /// The start-order indexes' entries, live and stale (tests: memory stays bounded by the open connections).
     var startOrderEntries: (apps: Int, tunnels: Int) { (appsByStart.entries.count, tunnelsByStart.entries.count) }
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
@@ -640,7 +638,6 @@ public final class Correlator {
                 if !c.hopLinks.isEmpty { undoJoinsBeforeStart(of: c) }
             }
             if r.payloadLength > 0 { c.firstForwardDataNanos = min(c.firstForwardDataNanos, r.time.totalNanoseconds) }
-            if !r.tcpFlags.contains(.syn) { c.handshakeAckNanos = min(c.handshakeAckNanos, r.time.totalNanoseconds) }
         }
         if c.timeline.lastSeen < r.time { c.timeline.lastSeen = r.time } else if r.time < c.timeline.lastSeen { c.eventsNeedSorting = true }
         c.lastSeenNanos = now
@@ -1061,99 +1058,6 @@ public final class Correlator {
             return (p, alsoMine ? 2 : 1, earlier.id)
         }
         return nil
-    }
-
-    /// Whether `chosen`, the earliest tunnel `vipTunnel` found for `c`, was opened for a connection that began after
-    /// `c` did, while `c` went through a tunnel ztunnel had kept (pooled). Ztunnel opens a new tunnel or passthrough
-    /// for a connection as it accepts it, and sends one through a pooled tunnel with nothing new on the wire; so under
-    /// a load where some connections go through pooled tunnels (a service whose endpoints are partly outside the
-    /// mesh, its calls alternating between pooled tunnels and passthroughs), the order alone gave a pooled connection
-    /// the next connection's passthrough, and every later join shifted by one (14 % of 2000 right, live). Said so when the
-    /// connections around `c` that are still without a tunnel (those that began while it ran) can take every
-    /// unexplained marked connection that began meanwhile without `c` (the largest matching, each tunnel to a
-    /// connection it may have been opened for, is as large without it), and one of them, begun after `c`, may have
-    /// had `chosen`: `chosen` followed that one more closely. A tunnel may have been opened for a connection that it
-    /// began while, and after that connection's handshake was done (ztunnel accepts it first). When `c` is needed
-    /// for that matching (its tunnel is there, or one only it can have taken), it keeps the order's choice.
-    private func vipChoiceIsALaterConnections(_ chosen: ConnectionState, not c: ConnectionState) -> Bool {
-        guard c.closedAt != nil else { return false }
-        // The window: from when `c` began to its last packet (a tunnel that carried it began before its last reply).
-        let (from, to) = vipWindow(of: c)
-        let cut = min(to, c.timeline.lastSeen.totalNanoseconds)
-        let start = c.startedNanos
-        guard chosen.startedNanos > start else { return false }
-        vipApps.removeAll(keepingCapacity: true)
-        vipCands.removeAll(keepingCapacity: true)
-        defer { vipApps.removeAll(keepingCapacity: true); vipCands.removeAll(keepingCapacity: true) }
-        vipApps.append(c)
-        // Listed by `firstSeenNanos`, never before a connection's `startedNanos`.
-        var i = appsByStart.lowerBound(start)
-        while i < appsByStart.entries.count, appsByStart.entries[i].first <= cut + Correlator.vipSkewNanos,
-              vipApps.count < Correlator.vipMatchingSize {
-            let e = appsByStart.entries[i]
-            i += 1
-            let a = e.conn
-            guard a !== c, waiting(e, asOuter: true), a.initiatorFromSYN, a.originalKnown,
-                  a.startedNanos > start, a.startedNanos <= cut else { continue }
-            vipApps.append(a)
-        }
-        i = tunnelsByStart.lowerBound(from)
-        while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= cut + Correlator.vipSkewNanos,
-              vipCands.count < Correlator.vipMatchingSize {
-            let e = tunnelsByStart.entries[i]
-            i += 1
-            let p = e.conn
-            guard waiting(e, asOuter: false), p.sawZtunnelMark, p.startedNanos <= cut else { continue }
-            vipCands.append(p)
-        }
-        // An app connection to an address some candidate goes to is joined by identity, not by this rule.
-        vipApps.removeAll { a in a !== c && vipCands.contains { $0.responder.addr == a.responder.addr } }
-        guard vipApps.count >= 2, vipCands.contains(where: { $0 === chosen }) else { return false }
-        func may(_ a: ConnectionState, _ p: ConnectionState) -> Bool {
-            let (f, t) = vipWindow(of: a)
-            // Ztunnel accepts a connection once its handshake is done, and only then opens one for it.
-            if p.startExact && a.handshakeAckNanos != .max && p.startedNanos < a.handshakeAckNanos { return false }
-            return p !== a && p.firstSeenNanos >= f && p.firstSeenNanos <= t && !began(p, afterTheEndOf: a)
-                && mayBeOpenedFor(outer: a, inner: p, joining: a, direction: .outbound)
-        }
-        // Which apps each candidate may have been opened for, as bits (at most `vipMatchingSize` apps).
-        let adjacency = vipCands.map { p in
-            var bits: UInt32 = 0
-            for (k, a) in vipApps.enumerated() where may(a, p) { bits |= 1 << UInt32(k) }
-            return bits
-        }
-        guard Correlator.largestMatching(adjacency, apps: vipApps.count, without: 0)
-                == Correlator.largestMatching(adjacency, apps: vipApps.count, without: nil) else { return false }
-        // Not needed: `chosen` goes to one that began after `c` (and whose handshake was done before it began), if
-        // any may have had it: ztunnel opened it right after accepting that one.
-        let chosenBits = adjacency[vipCands.firstIndex { $0 === chosen }!]
-        return chosenBits & ~1 != 0
-    }
-
-    /// How many apps and how many candidates `vipChoiceIsALaterConnections` weighs at most.
-    static let vipMatchingSize = 24
-
-    /// The size of the largest matching of candidates to apps (`adjacency[candidate]`: a bit per app it may go to),
-    /// with app `without` left out: augmenting paths, for the few dozen connections of a window.
-    static func largestMatching(_ adjacency: [UInt32], apps: Int, without: Int?) -> Int {
-        var appOf = [Int](repeating: -1, count: apps)   // the candidate each app has
-        let allowed: UInt32 = without.map { ~(1 << UInt32($0)) } ?? ~0
-        var size = 0
-        for start in adjacency.indices {
-            var seen: UInt32 = 0
-            func augment(_ p: Int) -> Bool {
-                var bits = adjacency[p] & allowed & ~seen
-                while bits != 0 {
-                    let k = bits.trailingZeroBitCount
-                    bits &= bits - 1
-                    seen |= 1 << UInt32(k)
-                    if appOf[k] < 0 || augment(appOf[k]) { appOf[k] = p; return true }
-                }
-                return false
-            }
-            if augment(start) { size += 1 }
-        }
-        return size
     }
 
     /// The tunnel a connection with no hop of its own went through when ztunnel reused one it had open (HBONE
@@ -2031,7 +1935,6 @@ public final class Correlator {
         if gone.timeline.firstSeen < keep.timeline.firstSeen { keep.timeline.firstSeen = gone.timeline.firstSeen }
         keep.startExact = keep.startExact || gone.startExact
         keep.firstForwardDataNanos = min(keep.firstForwardDataNanos, gone.firstForwardDataNanos)
-        keep.handshakeAckNanos = min(keep.handshakeAckNanos, gone.handshakeAckNanos)
         if keep.timeline.lastSeen < gone.timeline.lastSeen { keep.timeline.lastSeen = gone.timeline.lastSeen }
         // The one kept is the older (the lower id), and a connection's `firstSeenNanos` is the correlator's clock when
         // it was made, which never goes back: the start stays, and so do its entries in the start-order indexes.
@@ -2207,11 +2110,7 @@ public final class Correlator {
             // before a tunnel that matches none.
             join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
         } else if let (z, n) = vipTunnel(for: c) {
-            if vipChoiceIsALaterConnections(z, not: c), let (t, m) = pooledTunnel(for: c, outbound: true, anyPeer: true) {
-                join(.outbound, outer: c, inner: t, evidence: [], confidence: .low, candidates: m, pooled: true)
-            } else {
-                join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n).byStartOrder = true
-            }
+            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n).byStartOrder = true
         } else if let (z, n, from) = vipExchange(for: c) {
             let link = join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n)
             link.byStartOrder = true
