@@ -202,10 +202,6 @@ final class ConnectionState {
     /// When the initiator was first seen sending payload, by such a time (Int64.max: not yet). For a tunnel into the
     /// pod's HBONE port that is no later than the request ztunnel reads before it connects into the app.
     var firstForwardDataNanos = Int64.max
-    /// When the initiator's first packet past its SYN (the ACK that completes the handshake) was sent, at the packet's
-    /// own time (`.max`: not seen so). A server learns of a connection only then (accept), so a connection it opens
-    /// for this one begins after it.
-    var handshakeAckNanos = Int64.max
     /// True when the pre-NAT responder is known (from a pre-NAT view, a reply on lo, or conntrack).
     var originalKnown = false
 

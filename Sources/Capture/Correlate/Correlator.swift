@@ -60,8 +60,6 @@ public final class Correlator {
     private var tunnelsByStart = StartOrderIndex()
     /// The app connections `earlierAppsChoose` gathers, kept between calls (empty between them).
     private var earlierApps: [ConnectionState] = []
-    /// The app connections and tunnels `vipChoiceIsALaterConnections` weighs, kept between calls (empty between them).
-    private var vipApps: [ConnectionState] = [], vipCands: [ConnectionState] = []
     /// The start-order indexes' entries, live and stale (tests: memory stays bounded by the open connections).
     var startOrderEntries: (apps: Int, tunnels: Int) { (appsByStart.entries.count, tunnelsByStart.entries.count) }
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
@@ -640,7 +638,6 @@ public final class Correlator {
                 if !c.hopLinks.isEmpty { undoJoinsBeforeStart(of: c) }
             }
             if r.payloadLength > 0 { c.firstForwardDataNanos = min(c.firstForwardDataNanos, r.time.totalNanoseconds) }
-            if !r.tcpFlags.contains(.syn) { c.handshakeAckNanos = min(c.handshakeAckNanos, r.time.totalNanoseconds) }
         }
         if c.timeline.lastSeen < r.time { c.timeline.lastSeen = r.time } else if r.time < c.timeline.lastSeen { c.eventsNeedSorting = true }
         c.lastSeenNanos = now
@@ -1061,142 +1058,6 @@ public final class Correlator {
             return (p, alsoMine ? 2 : 1, earlier.id)
         }
         return nil
-    }
-
-    /// Whether `chosen`, the earliest tunnel `vipTunnel` found for `c`, may well have been opened for a connection that
-    /// began after `c` did (`c` having gone through a tunnel ztunnel had kept, which `keptTunnel` looks for). Ztunnel opens a new tunnel or passthrough
-    /// for a connection as it accepts it, and sends one through a pooled tunnel with nothing new on the wire; so under
-    /// a load where some connections go through pooled tunnels (a service whose endpoints are partly outside the
-    /// mesh, its calls alternating between pooled tunnels and passthroughs), the order alone gave a pooled connection
-    /// the next connection's passthrough, and every later join shifted by one (14-16 % of 2000 right, live). Said so when the
-    /// connections around `c` that are still without a tunnel (those that began while it ran) can take every
-    /// unexplained marked connection that began meanwhile without `c` (the largest matching, each tunnel to a
-    /// connection it may have been opened for, is as large without it), and one of them, begun after `c`, may have
-    /// had `chosen`: `chosen` followed that one more closely. A tunnel may have been opened for a connection that it
-    /// began while, and after that connection's handshake was done (ztunnel accepts it first). When `c` is needed
-    /// for that matching (its tunnel is there, or one only it can have taken), it keeps the order's choice.
-    private func vipChoiceIsALaterConnections(_ chosen: ConnectionState, not c: ConnectionState) -> Bool {
-        guard c.closedAt != nil else { return false }
-        // The window: from when `c` began to its last packet (a tunnel that carried it began before its last reply).
-        let (from, to) = vipWindow(of: c)
-        let cut = min(to, c.timeline.lastSeen.totalNanoseconds)
-        let start = c.startedNanos
-        guard chosen.startedNanos > start else { return false }
-        vipApps.removeAll(keepingCapacity: true)
-        vipCands.removeAll(keepingCapacity: true)
-        defer { vipApps.removeAll(keepingCapacity: true); vipCands.removeAll(keepingCapacity: true) }
-        vipApps.append(c)
-        // Listed by `firstSeenNanos`, never before a connection's `startedNanos`.
-        var i = appsByStart.lowerBound(start)
-        while i < appsByStart.entries.count, appsByStart.entries[i].first <= cut + Correlator.vipSkewNanos,
-              vipApps.count < Correlator.vipMatchingSize {
-            let e = appsByStart.entries[i]
-            i += 1
-            let a = e.conn
-            guard a !== c, waiting(e, asOuter: true), a.initiatorFromSYN, a.originalKnown,
-                  a.startedNanos > start, a.startedNanos <= cut else { continue }
-            vipApps.append(a)
-        }
-        // No later connection may have had `chosen`: nothing to weigh.
-        guard vipApps.dropFirst().contains(where: { $0.handshakeAckNanos == .max || $0.handshakeAckNanos <= chosen.startedNanos }) else { return false }
-        // From `c`'s start: `chosen` began after it and is the earliest unexplained one `c` may have had, and a later
-        // connection's began after that one began.
-        i = tunnelsByStart.lowerBound(start)
-        while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= cut + Correlator.vipSkewNanos,
-              vipCands.count < Correlator.vipMatchingSize {
-            let e = tunnelsByStart.entries[i]
-            i += 1
-            let p = e.conn
-            guard waiting(e, asOuter: false), p.sawZtunnelMark, p.startedNanos > start, p.startedNanos <= cut,
-                  p.firstSeenNanos >= from else { continue }
-            vipCands.append(p)
-        }
-        // An app connection to an address some candidate goes to is joined by identity, not by this rule.
-        vipApps.removeAll { a in a !== c && vipCands.contains { $0.responder.addr == a.responder.addr } }
-        guard vipApps.count >= 2, vipCands.contains(where: { $0 === chosen }) else { return false }
-        func may(_ a: ConnectionState, _ p: ConnectionState) -> Bool {
-            let (f, t) = vipWindow(of: a)
-            // Ztunnel accepts a connection once its handshake is done, and only then opens one for it.
-            if p.startExact && a.handshakeAckNanos != .max && p.startedNanos < a.handshakeAckNanos { return false }
-            return p !== a && p.firstSeenNanos >= f && p.firstSeenNanos <= t && !began(p, afterTheEndOf: a)
-                && mayBeOpenedFor(outer: a, inner: p, joining: a, direction: .outbound)
-        }
-        // Which apps each candidate may have been opened for, as bits (at most `vipMatchingSize` apps).
-        let adjacency = vipCands.map { p in
-            var bits: UInt32 = 0
-            for (k, a) in vipApps.enumerated() where may(a, p) { bits |= 1 << UInt32(k) }
-            return bits
-        }
-        guard Correlator.largestMatching(adjacency, apps: vipApps.count, without: 0)
-                == Correlator.largestMatching(adjacency, apps: vipApps.count, without: nil) else { return false }
-        // Not needed: `chosen` goes to one that began after `c` (and whose handshake was done before it began), if
-        // any may have had it: ztunnel opened it right after accepting that one.
-        let chosenBits = adjacency[vipCands.firstIndex { $0 === chosen }!]
-        return chosenBits & ~1 != 0
-    }
-
-    /// A tunnel ztunnel had kept that may have carried `c` (a VIP connection `vipChoiceIsALaterConnections` says
-    /// left its candidate to a later one), and how many there were: marked, to an HBONE port, open when `c` began,
-    /// and kept: open before the capture began, or it carried a connection that ended before `c` began; and it sent
-    /// data on after `c`'s first request (within the relay window) and after those connections ended. A tunnel
-    /// opened for a connection still running is not one, joined yet or not (a VIP connection's tunnel is joined only
-    /// when the connection is emitted), nor one whose connection has just ended and that sends nothing more but its
-    /// close: with the stand-in starved such tunnels stay open long, and taking one for a pooled tunnel left a
-    /// passthrough to no one, a forged-mark escape (CI, the debug build's live test of a mixed service). The newest such tunnel, as for any pooled
-    /// join; relay timing may move the connection to another. Nil when none: `c` then keeps the order's choice.
-    private func keptTunnel(for c: ConnectionState) -> (ConnectionState, Int)? {
-        let start = c.startedNanos, request = c.firstForwardDataNanos
-        guard request != .max else { return nil }
-        var chosen: ConnectionState?, count = 0
-        for i in tunnels.indices where tunnelBegan[i] <= start && tunnelClosed[i] >= start {
-            let p = tunnels[i]
-            guard p !== c, !p.emitted, p.mergedInto == nil, p.sawZtunnelMark, p.responder.port == options.hbonePort,
-                  initiatorIsLocal(p), p.lastSeenNanos >= c.firstSeenNanos else { continue }
-            // The connection it was opened for (its join that is not a pooled one): closed, and ended before `c`
-            // began; there is one when it was opened during the capture.
-            var carriedUntil = Int64.min, carried = false
-            for l in p.hopLinks where l.inner === p && l.outer !== c && !l.pooled {
-                carriedUntil = max(carriedUntil, l.outer.closedAt == nil ? .max : l.outer.timeline.lastSeen.totalNanoseconds)
-                carried = true
-            }
-            guard carriedUntil < start, carried || !p.initiatorFromSYN else { continue }
-            // And data sent on after `c`'s request and after those ended, within the relay window: a tunnel whose
-            // connection has just ended sends nothing more but its close.
-            let after = max(request, carriedUntil)
-            guard p.events.contains(where: { $0.forward && Correlator.isRelayData($0, loopback: false)
-                    && $0.time.totalNanoseconds > after && $0.time.totalNanoseconds - request <= options.relayWindowNanos })
-                    || p.relayOverflow.contains(where: { $0.forward && $0.time > after && $0.time - request <= options.relayWindowNanos })
-            else { continue }
-            count += 1
-            if chosen.map({ p.firstSeenNanos > $0.firstSeenNanos }) ?? true { chosen = p }
-        }
-        return chosen.map { ($0, count) }
-    }
-
-    /// How many apps and how many candidates `vipChoiceIsALaterConnections` weighs at most.
-    static let vipMatchingSize = 24
-
-    /// The size of the largest matching of candidates to apps (`adjacency[candidate]`: a bit per app it may go to),
-    /// with app `without` left out: augmenting paths, for the few dozen connections of a window.
-    static func largestMatching(_ adjacency: [UInt32], apps: Int, without: Int?) -> Int {
-        var appOf = [Int](repeating: -1, count: apps)   // the candidate each app has
-        let allowed: UInt32 = without.map { ~(1 << UInt32($0)) } ?? ~0
-        var size = 0
-        for start in adjacency.indices {
-            var seen: UInt32 = 0
-            func augment(_ p: Int) -> Bool {
-                var bits = adjacency[p] & allowed & ~seen
-                while bits != 0 {
-                    let k = bits.trailingZeroBitCount
-                    bits &= bits - 1
-                    seen |= 1 << UInt32(k)
-                    if appOf[k] < 0 || augment(appOf[k]) { appOf[k] = p; return true }
-                }
-                return false
-            }
-            if augment(start) { size += 1 }
-        }
-        return size
     }
 
     /// The tunnel a connection with no hop of its own went through when ztunnel reused one it had open (HBONE
@@ -2074,7 +1935,6 @@ public final class Correlator {
         if gone.timeline.firstSeen < keep.timeline.firstSeen { keep.timeline.firstSeen = gone.timeline.firstSeen }
         keep.startExact = keep.startExact || gone.startExact
         keep.firstForwardDataNanos = min(keep.firstForwardDataNanos, gone.firstForwardDataNanos)
-        keep.handshakeAckNanos = min(keep.handshakeAckNanos, gone.handshakeAckNanos)
         if keep.timeline.lastSeen < gone.timeline.lastSeen { keep.timeline.lastSeen = gone.timeline.lastSeen }
         // The one kept is the older (the lower id), and a connection's `firstSeenNanos` is the correlator's clock when
         // it was made, which never goes back: the start stays, and so do its entries in the start-order indexes.
@@ -2250,12 +2110,7 @@ public final class Correlator {
             // before a tunnel that matches none.
             join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
         } else if let (z, n) = vipTunnel(for: c) {
-            // Unless it went through a kept tunnel and left this one to a later connection (pooled tunnels).
-            if vipChoiceIsALaterConnections(z, not: c), let (t, m) = keptTunnel(for: c) {
-                join(.outbound, outer: c, inner: t, evidence: [], confidence: .low, candidates: m, pooled: true)
-            } else {
-                join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n).byStartOrder = true
-            }
+            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n).byStartOrder = true
         } else if let (z, n, from) = vipExchange(for: c) {
             let link = join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n)
             link.byStartOrder = true
