@@ -4,9 +4,9 @@
 // Entries are kept sorted by (`firstSeenNanos`, stamp): the stamp is the order they were added in, so equal start
 // times keep that order. An entry is never updated; the correlator adds a connection again when it is listed again
 // (a new stamp: a join undone), and treats an entry whose stamp is not its connection's latest as stale. A
-// connection's `firstSeenNanos` never changes once it is made (a merge keeps the older connection's). Stale and finished entries are dropped from the front as they age, and all of them
-// whenever the index has doubled since it was last compacted, so it holds at most about twice as many entries as
-// there are candidates (4096 at least).
+// connection's `firstSeenNanos` never changes once it is made (a merge keeps the older connection's). Stale and
+// finished entries are dropped from the front as they age, and all of them whenever the index has doubled since it
+// was last compacted, so it holds at most about twice as many entries as there are candidates (4096 at least).
 
 struct StartOrderIndex {
     struct Entry {

@@ -119,6 +119,29 @@ enum MixedService {
     static let inMesh = PacketFactory.ep("10.0.2.2", 15008), outside = PacketFactory.ep("10.0.9.9", 80)
     static let first = PacketFactory.ep("10.0.1.5", 41000), second = PacketFactory.ep("10.0.1.5", 41001)
     static let tunnel = PacketFactory.ep("10.0.1.5", 50000), passthrough = PacketFactory.ep("10.0.1.5", 50002)
+    /// Each connection's initial sequence number: the app connections', ztunnel's tunnel's and passthrough's.
+    static let isn: [Endpoint: UInt32] = [first: 1000, second: 2000, tunnel: 7000, passthrough: 8000]
+
+    /// Both app connections dial the VIP, the second 60 µs after the first.
+    static func bothDial(_ f: inout PacketFactory) -> [PacketRecord] {
+        var p = f.redirectedSYN(first, to: vip, seq: isn[first]!)
+        f.advance(micros: 60)
+        p += f.redirectedSYN(second, to: vip, seq: isn[second]!)
+        return p
+    }
+
+    /// A RST ending each of `ends`, in that order, at the factory's time: an app connection's on lo (towards ztunnel's
+    /// 15001), ztunnel's tunnel or passthrough out of the pod.
+    static func resets(_ ends: [Endpoint], _ f: inout PacketFactory) -> [PacketRecord] {
+        ends.map { e in
+            switch e {
+            case first, second:
+                f.packet(e, CorrelatorTests.capture15001, flags: [.rst], seq: isn[e]! + 1, on: lo, direction: .inbound)
+            default:
+                f.packet(e, e == tunnel ? inMesh : outside, flags: [.rst], seq: isn[e]! + 1, on: eth0, direction: .outbound)
+            }
+        }
+    }
 
     /// No escape, and each app connection joined, low, to the connection of ztunnel's whose source is paired with it.
     @discardableResult
@@ -609,19 +632,15 @@ final class CorrelatorTests: XCTestCase {
         var f = PacketFactory()
         let (vip, inMesh, outside) = (MixedService.vip, MixedService.inMesh, MixedService.outside)
         let (first, second, tunnel, passthrough) = (MixedService.first, MixedService.second, MixedService.tunnel, MixedService.passthrough)
-        var p = f.redirectedSYN(first, to: vip, seq: 1000)
-        f.advance(micros: 60)
-        p += f.redirectedSYN(second, to: vip, seq: 2000)
+        var p = MixedService.bothDial(&f)
         f.advance(micros: 130)
         p += f.markedSYN(passthrough, to: outside, seq: 8000)
         f.advance(micros: 300)
-        p.append(f.packet(second, capture15001, flags: [.rst], seq: 2001, on: lo, direction: .inbound))
+        p += MixedService.resets([second], &f)
         f.advance(micros: 200)
         p += f.markedSYN(tunnel, to: inMesh, seq: 7000)
         f.advance(micros: 200)
-        p.append(f.packet(first, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
-        p.append(f.packet(passthrough, outside, flags: [.rst], seq: 8001, on: eth0, direction: .outbound))
-        p.append(f.packet(tunnel, inMesh, flags: [.rst], seq: 7001, on: eth0, direction: .outbound))
+        p += MixedService.resets([first, passthrough, tunnel], &f)
         let sink = try MixedService.assertJoined(p, tags: f.tags, [(first, tunnel), (second, passthrough)])
         let firstConn = try XCTUnwrap(sink.timelines.first { $0.original.src == first })
         let hop = try XCTUnwrap(sink.timelines.first { $0.original.src == second }?.hops.first)
@@ -639,9 +658,7 @@ final class CorrelatorTests: XCTestCase {
         let (vip, inMesh, outside) = (MixedService.vip, MixedService.inMesh, MixedService.outside)
         let (first, second, tunnel, passthrough) = (MixedService.first, MixedService.second, MixedService.tunnel, MixedService.passthrough)
         let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
-        var p = f.redirectedSYN(first, to: vip, seq: 1000)
-        f.advance(micros: 60)
-        p += f.redirectedSYN(second, to: vip, seq: 2000)
+        var p = MixedService.bothDial(&f)
         f.advance(micros: 900)
         // Read together, the tunnel's record first: both stamped on receipt.
         p.append(f.nflog(tunnel, inMesh, flags: [.syn], seq: 7000, hook: .postrouting, prefix: observeOut, mark: 0x539, outIf: 2))
@@ -652,10 +669,7 @@ final class CorrelatorTests: XCTestCase {
         f.advance(micros: 100)
         p.append(f.packet(tunnel, inMesh, flags: [.syn], seq: 7000, on: eth0, direction: .outbound))
         f.advance(micros: 900)
-        p.append(f.packet(first, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
-        p.append(f.packet(second, capture15001, flags: [.rst], seq: 2001, on: lo, direction: .inbound))
-        p.append(f.packet(passthrough, outside, flags: [.rst], seq: 8001, on: eth0, direction: .outbound))
-        p.append(f.packet(tunnel, inMesh, flags: [.rst], seq: 7001, on: eth0, direction: .outbound))
+        p += MixedService.resets([first, second, passthrough, tunnel], &f)
         try MixedService.assertJoined(p, tags: f.tags, [(first, passthrough), (second, tunnel)])
     }
 

@@ -137,7 +137,10 @@ final class TraceBenchmark: KernelTestCase {
         switch env["MESHTRACE_BENCH_TARGET"] {
         case "vip"?: address = LabTopology.serviceVIP
         case "mixed"?: address = LabTopology.mixedServiceVIP
-        default: address = lab.server.ipv4
+        case nil, ""?: address = lab.server.ipv4
+        case let other?:
+            // A misspelt target would otherwise measure the pod's address under the wrong name.
+            return XCTFail("MESHTRACE_BENCH_TARGET=\(other): not vip or mixed")
         }
         let target = Endpoint(address, LabTopology.appPort)
 
