@@ -259,6 +259,12 @@ final class ConnectionState {
     var events: [CompactEvent] = []
     var sawNetfilterEvent = false
     var sawInterfaceEvent = false
+    /// The earliest and latest times of its packets captured on an interface (Int64.max / .min: none): times the
+    /// packets carry, where `firstSeenNanos` and `lastSeenNanos` run on the correlator's clock, which a live trace's
+    /// NFLOG records (stamped on receipt, up to the instance's flush timeout late) push ahead. What relay timing
+    /// reads to tell the tunnels open while a connection ran (`Correlator.relinkByRelayTiming`).
+    var interfaceFirstNanos = Int64.max
+    var interfaceLastNanos = Int64.min
     /// Membership in the hop candidate lists.
     var pendingRoles: HopRoles = []
     /// The address this connection is filed under in the outbound candidate index (`Correlator.outboundByAddress`),

@@ -644,7 +644,14 @@ public final class Correlator {
 
         if r.tuple.proto == IPProto.tcp { trackTCP(&r, forward: forward, on: c) }
 
-        if point.kind == .netfilter { c.sawNetfilterEvent = true } else if point.kind == .interface { c.sawInterfaceEvent = true }
+        if point.kind == .netfilter {
+            c.sawNetfilterEvent = true
+        } else if point.kind == .interface {
+            c.sawInterfaceEvent = true
+            let t = r.time.totalNanoseconds
+            if t < c.interfaceFirstNanos { c.interfaceFirstNanos = t }
+            if t > c.interfaceLastNanos { c.interfaceLastNanos = t }
+        }
         if c.events.count < options.maxEventsPerConnection {
             c.events.append(CompactEvent(
                 time: r.time, frame: r.ref, tuple: r.tuple, length: r.ipLength != 0 ? r.ipLength : r.wireLength,
@@ -1163,7 +1170,7 @@ public final class Correlator {
             open.openDuring(c.firstSeenNanos, c.lastSeenNanos, began: tunnelBegan, closed: tunnelClosed, into: &during)
             for i in during {
                 let t = tunnels[i]
-                guard t !== c else { continue }
+                guard t !== c, openByPacketTime(i, during: c) else { continue }
                 mine.append(candidate(t))
             }
             // The tunnel it is joined to now is one too, open during its life or not: a fresh join may have taken a
@@ -1318,6 +1325,25 @@ public final class Correlator {
                 }
             }
         }
+    }
+
+    /// Whether tunnel `i`, open during `c`'s life by the correlator's clock (`TunnelSpans`), was open then by the times
+    /// its packets carry too. Live, that clock runs ahead of the packets (NFLOG records stamped on receipt, up to the
+    /// instance's flush timeout late), and a connection of 1-2 ms seemed to overlap every tunnel of the 10 ms around
+    /// it: 20-40 at 3000 connections a second, where a few were open, each counted in its evidence ("of 34 open
+    /// tunnels") and compared packet by packet. The tunnel that carried a connection was open while it ran, by its
+    /// packets' times: outbound, ztunnel connects on after the app's SYN, and the reply comes back out of the tunnel
+    /// before the app's last packet; inbound, the tunnel brought the request before ztunnel connected into the app
+    /// and takes the reply after. So one whose packets all came before `c`'s first or after its last carried none of
+    /// it, and relay timing (which pairs packets up to a window apart) no longer counts it or lets it pair. One with
+    /// no interface packets (or a connection with none: a trace without a capture) is judged by the correlator's
+    /// clock alone, as is an end that is unknown (a tunnel opened before the capture, or still open).
+    private func openByPacketTime(_ i: Int, during c: ConnectionState) -> Bool {
+        let t = tunnels[i]
+        guard c.interfaceFirstNanos != .max, t.interfaceFirstNanos != .max else { return true }
+        if tunnelBegan[i] != .min && t.interfaceFirstNanos > c.interfaceLastNanos { return false }
+        if tunnelClosed[i] != .max && t.interfaceLastNanos < c.interfaceFirstNanos { return false }
+        return true
     }
 
     /// A leg's choice in relay timing (`relinkByRelayTiming`): the tunnel that matched most of its packets, the join
@@ -1927,6 +1953,8 @@ public final class Correlator {
         keep.selected = keep.selected || gone.selected
         keep.sawNetfilterEvent = keep.sawNetfilterEvent || gone.sawNetfilterEvent
         keep.sawInterfaceEvent = keep.sawInterfaceEvent || gone.sawInterfaceEvent
+        keep.interfaceFirstNanos = min(keep.interfaceFirstNanos, gone.interfaceFirstNanos)
+        keep.interfaceLastNanos = max(keep.interfaceLastNanos, gone.interfaceLastNanos)
         keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.events.count - max(0, room))
         for d in gone.relayOverflow where !d.claimed { keep.keepRelayDatum(d, capacity: options.relayDataKept) }
         keep.relayOverflowLostUntil = max(keep.relayOverflowLostUntil, gone.relayOverflowLostUntil)

@@ -453,6 +453,37 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(summary.escapes, 0)
     }
 
+    /// Live, the correlator's clock runs ahead of the packets: an NFLOG record is stamped when it is read, up to the
+    /// instance's flush timeout after its packet. A connection whose last record came so (here its final ACK's copy,
+    /// read 2.7 ms late) seemed, by that clock, to run into the next connection's life, and relay timing counted the
+    /// next connection's tunnel among those that could have carried it ("of 34 open tunnels" where ~6 were). By
+    /// the packets' own times that tunnel opened after the first connection's last packet: it carried none of it.
+    func testATunnelOpenedAfterAConnectionsLastPacketIsNoCandidateThoughALateRecordStretchedItsLife() throws {
+        var s = Schedule(PacketFactory())
+        let rules = seedNatRuleset(), natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
+        let first = PacketFactory.ep("10.0.1.5", 50001), second = PacketFactory.ep("10.0.1.5", 50002)
+        for (src, tunnel, t0) in [(app, first, Int64(0)), (app2, second, Int64(3_000))] {
+            s.appOpens(src, to: service, at: t0, natTwin: natTwin)
+            s.tunnelOpens(tunnel, to: peerHBONE, at: t0 + 50, observeOut: observeOut)
+            s.at(t0 + 100) { $0.packet(src, capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+            s.at(t0 + 140) { $0.packet(tunnel, peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+            s.at(t0 + 700) { $0.packet(peerHBONE, tunnel, flags: [.ack, .psh], seq: 51, ack: 152, payload: 350, on: eth0, direction: .inbound) }
+            s.at(t0 + 740) { $0.packet(service, src, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+            s.appCloses(src, from: service, at: t0 + 800)
+            s.tunnelCloses(tunnel, to: peerHBONE, at: t0 + 900, seq: 152, peerSeq: 401)
+        }
+        // The first connection's last ACK (at 820 µs), its NFLOG copy stamped when read: during the second's life.
+        s.at(3_500) { $0.nflog(app, capture15001, flags: [.ack], seq: 3102, ack: 6302, hook: .postrouting, prefix: observeOut, outIf: 1) }
+        let sink = correlated(s)
+        let hop = try XCTUnwrap(try connection(from: app, in: sink).hops.first)
+        XCTAssertEqual(hop.inner, try connection(from: first, in: sink).id)
+        XCTAssertNil(hop.evidence.first { $0.kind == "relay-timing" }, "\(hop.evidence.map(\.detail))")
+        XCTAssertEqual(hop.evidence.first { $0.kind == "unique" }?.detail, "the only candidate within 2.0 s")
+        XCTAssertEqual(hop.confidence, .high)
+        XCTAssertEqual(try connection(from: app2, in: sink).hops.first?.inner, try connection(from: second, in: sink).id)
+        XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
+    }
+
     func testOfTwoOpenTunnelsToTheDestinationTheOneThatRelayedTheBytesIsChosen() throws {
         var f = PacketFactory()
         let rules = seedNatRuleset()
