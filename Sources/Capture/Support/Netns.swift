@@ -158,12 +158,14 @@ public enum Command {
                 try? inPipe.fileHandleForWriting.close()
             }
         }
-        // Read both pipes concurrently so a chatty stderr cannot block the child.
-        var errData = Data()
+        // Read both pipes concurrently so a chatty stderr cannot block the child. The reader thread writes the box
+        // once, before `leave`; this thread reads it after `wait`: the group orders the two.
+        final class Box: @unchecked Sendable { var data = Data() }
+        let errData = Box()
         let group = DispatchGroup()
         group.enter()
         DispatchQueue.global().async {
-            errData = Command.readAll(err.fileHandleForReading.fileDescriptor)
+            errData.data = Command.readAll(err.fileHandleForReading.fileDescriptor)
             group.leave()
         }
         let outData = Command.readAll(out.fileHandleForReading.fileDescriptor)
@@ -171,7 +173,7 @@ public enum Command {
         p.waitUntilExit()
         return Result(status: p.terminationStatus,
                       stdout: String(decoding: outData, as: UTF8.self),
-                      stderr: String(decoding: errData, as: UTF8.self))
+                      stderr: String(decoding: errData.data, as: UTF8.self))
     }
 
     /// Runs each of `commands` (inside `netns` when given) side by side and returns their results in the same

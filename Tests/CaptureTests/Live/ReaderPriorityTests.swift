@@ -12,24 +12,27 @@ final class ReaderPriorityTests: KernelTestCase {
     /// Whether this process may make a thread SCHED_FIFO (CAP_SYS_NICE and real-time runtime in its cgroup),
     /// asked of a scratch thread.
     static func realtimeAllowed() -> Bool {
-        var allowed = false
+        // Written by the scratch thread before `signal`, read after `wait`.
+        final class Answer: @unchecked Sendable { var allowed = false }
+        let answer = Answer()
         let done = DispatchSemaphore(value: 0)
         Thread {
             var param = sched_param(sched_priority: 1)
-            allowed = sched_setscheduler(0, sched_fifo, &param) == 0
+            answer.allowed = sched_setscheduler(0, sched_fifo, &param) == 0
             done.signal()
         }.start()
         done.wait()
-        return allowed
+        return answer.allowed
     }
 
     func testReaderYieldsIsRaisedWhenStarvedAndLowersItselfOnceDrainedOrAfterItsTime() throws {
         try XCTSkipUnless(Self.realtimeAllowed(), "SCHED_FIFO is refused here: the reader does not yield")
-        struct Seen { var started: Int32 = -1, nice: Int32 = 0, whileStarved: Int32 = -1, raises = 0
+        // Written by the thread below, read here after `done`: the semaphore orders the two.
+        final class Seen: @unchecked Sendable { var started: Int32 = -1, nice: Int32 = 0, whileStarved: Int32 = -1, raises = 0
                       var afterUndrained: Int32 = -1, afterDrained: Int32 = -1, raisesAfterDrained = 0
                       var raisedAgain: Int32 = -1, afterLongRaise: Int32 = -1, raisesAfterLongRaise = 0
                       var afterStop: Int32 = -1, raisesAfterStop = 0 }
-        var seen = Seen()
+        let seen = Seen()
         let done = DispatchSemaphore(value: 0)
         // A thread of its own: the test's thread keeps its policy whatever happens.
         let thread = Thread {
