@@ -263,8 +263,7 @@ public final class LabTopology: @unchecked Sendable {
     /// Starts `meshtrace ARGS` inside a pod's netns, its output to `<run dir>/<pod>-<label>.log`.
     private func start(_ args: [String], in pod: LabPod, label: String) throws -> LabProcess {
         let logPath = "\(runDirectory)/\(pod.role.rawValue)-\(label).log"
-        FileManager.default.createFile(atPath: logPath, contents: nil)
-        guard let out = FileHandle(forWritingAtPath: logPath) else {
+        guard FileManager.default.createFile(atPath: logPath, contents: nil), let out = FileHandle(forWritingAtPath: logPath) else {
             throw MeshtraceError(.kernelRefused, "cannot write \(logPath)")
         }
         let p = Process()

@@ -65,7 +65,9 @@ public final class PacketCaptureTracing: LabTracing {
 
     private func startCapture(_ tcpdump: String, iface: String, snaplen: Int?, path: String, pod: LabPod) throws {
         let err = path + ".err"
-        FileManager.default.createFile(atPath: err, contents: nil)
+        guard FileManager.default.createFile(atPath: err, contents: nil) else {
+            throw MeshtraceError(.kernelRefused, "cannot write \(err)")
+        }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Command.which("nsenter") ?? "/usr/bin/nsenter")
         // --immediate-mode: with TPACKET_V3 packets wait in a ring block until it retires (1 s); a SIGINT before that
