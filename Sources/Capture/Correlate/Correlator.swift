@@ -1031,9 +1031,13 @@ public final class Correlator {
     }
 
     /// Whether `p` began after `c` had ended: `c` closed, and `p`'s SYN, at the packet's own time, came after `c`'s
-    /// last packet (no later than `lastSeenNanos`). Such a tunnel did not carry it.
+    /// last packet. Such a tunnel did not carry it. Both on the packets' clock: `c` closed, its last record's time is
+    /// no earlier than its FIN or RST (an NFLOG record stamped on receipt is late, not early), where the correlator's
+    /// clock when that record came (`lastSeenNanos`) may run ahead of it by an NFLOG flush or more. (Not its last
+    /// packet captured on an interface: a closing record may come from NFLOG before the capture's copies of the
+    /// packets before it; tried so, the mixed-service live test failed 23 runs in 45.)
     private func began(_ p: ConnectionState, afterTheEndOf c: ConnectionState) -> Bool {
-        c.closedAt != nil && p.startExact && p.timeline.firstSeen.totalNanoseconds > c.lastSeenNanos
+        c.closedAt != nil && p.startExact && p.timeline.firstSeen > c.timeline.lastSeen
     }
 
     /// For a VIP connection that ended with no tunnel left for it (`vipTunnel` found none): one that began while it

@@ -464,6 +464,39 @@ final class CorrelatorTests: XCTestCase {
                       "\(hop.evidence.map(\.detail))")
     }
 
+    /// The same when the last packet of the connection without a tunnel is placed after a record stamped later (a
+    /// live trace's NFLOG records are stamped on receipt, up to a flush late): the correlator's clock is then ahead
+    /// of the packet, and by that clock the connection seemed to end after the next one's tunnel began, and took it.
+    /// Its end is when its last packet was, by the packets' own clock.
+    func testAVIPConnectionDoesNotTakeATunnelThatBeganAfterItsLastPacketThoughTheClockRanAhead() throws {
+        var f = PacketFactory()
+        let vip = PacketFactory.ep("10.96.0.20", 80)
+        let endpoint = PacketFactory.ep("10.0.2.2", 15008)
+        let refused = PacketFactory.ep("10.0.1.5", 41000), served = PacketFactory.ep("10.0.1.5", 41001)
+        let t0 = f.clock
+        var p = f.redirectedSYN(refused, to: vip, seq: 1000)
+        f.advance(micros: 1_000)
+        p += f.redirectedSYN(served, to: vip, seq: 2000)
+        f.advance(micros: 300)
+        p += f.markedSYN(ztunnelOut, to: endpoint, seq: 7000)
+        // A record stamped 9 ms in (a local connection of the pod's, on lo), then the refused connection's RST from
+        // 200 µs in and the served one's from 1.8 ms, placed after it.
+        f.clock = t0 + 9_000_000
+        p.append(f.packet(PacketFactory.ep("127.0.0.1", 42000), PacketFactory.ep("127.0.0.1", 8080), flags: [.syn], seq: 1, on: lo,
+                          direction: .outbound))
+        f.clock = t0 + 200_000
+        p.append(f.packet(refused, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
+        f.clock = t0 + 1_800_000
+        p.append(f.packet(served, capture15001, flags: [.rst], seq: 2001, on: lo, direction: .inbound))
+        let (sink, summary) = correlate(p, tags: f.tags)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
+        let first = try XCTUnwrap(sink.timelines.first { $0.original.src == refused })
+        XCTAssertEqual(first.hops.count, 0, "took a tunnel that began after its last packet")
+        let second = try XCTUnwrap(sink.timelines.first { $0.original.src == served })
+        let hop = try XCTUnwrap(second.hops.first, "the tunnel went to neither")
+        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, ztunnelOut)
+    }
+
     /// A connection to a service VIP that lasts longer than the hop window (a gRPC or keep-alive connection to a
     /// service, minutes long): joined only when it is emitted, it and its tunnel had aged out of the candidates by
     /// then, and the tunnel read as a forged mark.
