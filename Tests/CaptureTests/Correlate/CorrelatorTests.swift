@@ -43,7 +43,7 @@ func renderReport(_ packets: [PacketRecord], tags: RuleTagTable, ruleset: Rulese
 func written(by body: (Int32) throws -> Void) throws -> String {
     let path = FileManager.default.temporaryDirectory.appendingPathComponent("mt-render-\(UUID().uuidString)").path
     defer { try? FileManager.default.removeItem(atPath: path) }
-    FileManager.default.createFile(atPath: path, contents: nil)
+    XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: nil), "cannot create a scratch file")
     let fd = open(path, O_WRONLY | O_TRUNC)
     XCTAssertGreaterThanOrEqual(fd, 0)
     do { defer { close(fd) }; try body(fd) }
@@ -453,13 +453,7 @@ final class CorrelatorTests: XCTestCase {
         p += f.markedSYN(ztunnelOut, to: endpoint, seq: 7000)
         f.advance(micros: 500)
         p.append(f.packet(served, capture15001, flags: [.rst], seq: 2001, on: lo, direction: .inbound))
-        let (sink, summary) = correlate(p, tags: f.tags)
-        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
-        let first = try XCTUnwrap(sink.timelines.first { $0.original.src == refused })
-        XCTAssertEqual(first.hops.count, 0, "took a tunnel that began after it ended")
-        let second = try XCTUnwrap(sink.timelines.first { $0.original.src == served })
-        let hop = try XCTUnwrap(second.hops.first, "the tunnel went to neither")
-        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, ztunnelOut)
+        let hop = try assertOnlyTheServedOneGetsTheTunnel(p, tags: f.tags, refused: refused, served: served)
         XCTAssertTrue(hop.evidence.contains { $0.detail.contains("the only marked connection no other connection explains") },
                       "\(hop.evidence.map(\.detail))")
     }
@@ -488,13 +482,22 @@ final class CorrelatorTests: XCTestCase {
         p.append(f.packet(refused, capture15001, flags: [.rst], seq: 1001, on: lo, direction: .inbound))
         f.clock = t0 + 1_800_000
         p.append(f.packet(served, capture15001, flags: [.rst], seq: 2001, on: lo, direction: .inbound))
-        let (sink, summary) = correlate(p, tags: f.tags)
-        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
-        let first = try XCTUnwrap(sink.timelines.first { $0.original.src == refused })
-        XCTAssertEqual(first.hops.count, 0, "took a tunnel that began after its last packet")
-        let second = try XCTUnwrap(sink.timelines.first { $0.original.src == served })
-        let hop = try XCTUnwrap(second.hops.first, "the tunnel went to neither")
-        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, ztunnelOut)
+        try assertOnlyTheServedOneGetsTheTunnel(p, tags: f.tags, refused: refused, served: served)
+    }
+
+    /// The two tests above: no escape, the refused connection without a tunnel, the served one joined to ztunnel's.
+    /// Returns the served one's hop.
+    @discardableResult
+    func assertOnlyTheServedOneGetsTheTunnel(_ p: [PacketRecord], tags: RuleTagTable, refused: Endpoint, served: Endpoint,
+                                             file: StaticString = #filePath, line: UInt = #line) throws -> ZtunnelHop {
+        let (sink, summary) = correlate(p, tags: tags)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "), file: file, line: line)
+        let first = try XCTUnwrap(sink.timelines.first { $0.original.src == refused }, file: file, line: line)
+        XCTAssertEqual(first.hops.count, 0, "took a tunnel that began after its last packet", file: file, line: line)
+        let second = try XCTUnwrap(sink.timelines.first { $0.original.src == served }, file: file, line: line)
+        let hop = try XCTUnwrap(second.hops.first, "the tunnel went to neither", file: file, line: line)
+        XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, ztunnelOut, file: file, line: line)
+        return hop
     }
 
     /// A connection to a service VIP that lasts longer than the hop window (a gRPC or keep-alive connection to a
@@ -663,7 +666,7 @@ final class CorrelatorTests: XCTestCase {
     /// lab, offline and live). The second takes it back, and the first takes its own.
     func testAVIPConnectionTakesBackATunnelThatAnEarlierOneHadByTheOrder() throws {
         var f = PacketFactory()
-        let (vip, inMesh, outside) = (MixedService.vip, MixedService.inMesh, MixedService.outside)
+        let (inMesh, outside) = (MixedService.inMesh, MixedService.outside)
         let (first, second, tunnel, passthrough) = (MixedService.first, MixedService.second, MixedService.tunnel, MixedService.passthrough)
         var p = MixedService.bothDial(&f)
         f.advance(micros: 130)
@@ -688,7 +691,7 @@ final class CorrelatorTests: XCTestCase {
     /// passthrough read as a forged mark, and every join after shifted by one (2-6 % right of 5000, live).
     func testVIPConnectionsTakeTunnelsInTheOrderTheyBeganNotTheOrderTheirRecordsCameIn() throws {
         var f = PacketFactory()
-        let (vip, inMesh, outside) = (MixedService.vip, MixedService.inMesh, MixedService.outside)
+        let (inMesh, outside) = (MixedService.inMesh, MixedService.outside)
         let (first, second, tunnel, passthrough) = (MixedService.first, MixedService.second, MixedService.tunnel, MixedService.passthrough)
         let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
         var p = MixedService.bothDial(&f)
