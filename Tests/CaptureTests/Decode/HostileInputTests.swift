@@ -37,7 +37,7 @@ final class HostileInputTests: XCTestCase {
 
     func testEmptyFileIsBadInput() throws {
         let path = dir.appendingPathComponent("empty.pcap").path
-        FileManager.default.createFile(atPath: path, contents: Data())
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data()), "cannot create a scratch file")
         let e = try XCTUnwrap(openError(path))
         XCTAssertEqual(e.code, .badInput)
         XCTAssertTrue(e.message.contains("empty"), e.message)

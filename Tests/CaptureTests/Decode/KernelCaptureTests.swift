@@ -25,7 +25,7 @@ final class KernelCaptureTests: KernelTestCase {
     /// Starts `argv` inside `ns` in the background; stderr goes to a file the caller can poll.
     private func start(_ ns: ScratchNetns, _ argv: [String], log: String) throws -> (Process, URL) {
         let logURL = dir.appendingPathComponent(log)
-        FileManager.default.createFile(atPath: logURL.path, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: logURL.path, contents: nil), "cannot create a scratch file")
         let p = try Command.start(argv, in: ns.ref, stderr: try FileHandle(forWritingTo: logURL))
         background.append(p)
         return (p, logURL)

@@ -66,9 +66,13 @@ final class ConntrackQueryTests: KernelTestCase {
     /// connection's entry stays for seconds.
     private func connectAndAsk(_ ns: ScratchNetns, _ original: FiveTuple, listenOn listener: Endpoint,
                                then more: [FiveTuple]) throws -> ([ConntrackInfo?], ConntrackQuery) {
-        var answers: [ConntrackInfo?] = []
-        var query: ConntrackQuery?
-        var threadError: Error?
+        // Written by the thread below before `done`, read here after it.
+        final class Outcome: @unchecked Sendable {
+            var answers: [ConntrackInfo?] = []
+            var query: ConntrackQuery?
+            var threadError: Error?
+        }
+        let out = Outcome()
         let done = DispatchSemaphore(value: 0)
         let thread = Thread {
             defer { done.signal() }
@@ -80,13 +84,13 @@ final class ConntrackQueryTests: KernelTestCase {
                 let client = try LabSocket.tcpConnect(to: original.dst, from: original.src)
                 defer { client.close() }
                 let q = try ConntrackQuery()
-                answers = ([original] + more).map { q.entry(original: $0) }
-                query = q
-            } catch { threadError = error }
+                out.answers = ([original] + more).map { q.entry(original: $0) }
+                out.query = q
+            } catch { out.threadError = error }
         }
         thread.start()
         XCTAssertEqual(done.wait(timeout: .now() + 30), .success)
-        if let threadError { throw threadError }
-        return (answers, try XCTUnwrap(query))
+        if let threadError = out.threadError { throw threadError }
+        return (out.answers, try XCTUnwrap(out.query))
     }
 }

@@ -264,7 +264,7 @@ final class TraceBenchmark: KernelTestCase {
         // throttling that slowed each traced run more than the one before, is not.
         let directory = FileManager.default.isWritableFile(atPath: "/dev/shm") ? "/dev/shm/" : NSTemporaryDirectory()
         let log = directory + "mt-bench-\(getpid()).jsonl"
-        FileManager.default.createFile(atPath: log, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil), "cannot create a scratch file")
         defer { try? FileManager.default.removeItem(atPath: log) }
         let trace = Process()
         trace.executableURL = URL(fileURLWithPath: executable)
@@ -281,7 +281,7 @@ final class TraceBenchmark: KernelTestCase {
         defer { try? out.close() }
         trace.standardOutput = out
         let errLog = log + ".err"
-        FileManager.default.createFile(atPath: errLog, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: errLog, contents: nil), "cannot create a scratch file")
         defer { try? FileManager.default.removeItem(atPath: errLog) }
         let err = try XCTUnwrap(FileHandle(forWritingAtPath: errLog))
         defer { try? err.close() }
@@ -356,7 +356,7 @@ extension TraceBenchmark {
         // 64 MiB of ring for the capture, as the trace's; -Z root: the files stay writable where they are.
         for (interface, suffix) in [("nflog:\(group)", "-nflog.pcap"), ("any", "-any.pcap")] {
             let err = stem + suffix + ".err"
-            FileManager.default.createFile(atPath: err, contents: nil)
+            XCTAssertTrue(FileManager.default.createFile(atPath: err, contents: nil), "cannot create a scratch file")
             let p = try Command.start([tcpdump, "-Z", "root", "-B", "65536", "-i", interface, "-w", stem + suffix],
                                       in: lab.client.ref, stderr: try XCTUnwrap(FileHandle(forWritingAtPath: err)))
             dumps.append((p, err))
@@ -405,25 +405,29 @@ enum ConnectionLoad {
     struct Result { var seconds: Double; var completed: Int; var failures: Int; var rate: Double { Double(completed) / seconds } }
 
     static func run(in netns: NetnsRef, to target: Endpoint, count: Int, workers: Int) throws -> Result {
-        let lock = NSLock()
-        var next = 0, completed = 0, failures = 0
-        var enterError: Error?
+        // The workers' shared counts, each touched under `lock` (read here after the group is done).
+        final class Counts: @unchecked Sendable {
+            let lock = NSLock()
+            var next = 0, completed = 0, failures = 0
+            var enterError: Error?
+        }
+        let counts = Counts(), lock = counts.lock
         let group = DispatchGroup()
         let start = DispatchTime.now().uptimeNanoseconds
         for _ in 0..<workers {
             group.enter()
             let t = Thread {
                 defer { group.leave() }
-                do { try NetnsThread.enter(netns) } catch { lock.lock(); enterError = error; lock.unlock(); return }
+                do { try NetnsThread.enter(netns) } catch { lock.lock(); counts.enterError = error; lock.unlock(); return }
                 var buf = [UInt8](repeating: 0, count: 4096)
                 while true {
                     lock.lock()
-                    guard next < count else { lock.unlock(); return }
-                    next += 1
+                    guard counts.next < count else { lock.unlock(); return }
+                    counts.next += 1
                     lock.unlock()
                     let ok = once(target, &buf)
                     lock.lock()
-                    if ok { completed += 1 } else { failures += 1 }
+                    if ok { counts.completed += 1 } else { counts.failures += 1 }
                     lock.unlock()
                 }
             }
@@ -432,9 +436,9 @@ enum ConnectionLoad {
         guard group.wait(timeout: .now() + 300) == .success else {
             throw MeshtraceError(.kernelRefused, "connection load did not finish within 300 s")
         }
-        if let enterError { throw enterError }
+        if let enterError = counts.enterError { throw enterError }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
-        return Result(seconds: seconds, completed: completed, failures: failures)
+        return Result(seconds: seconds, completed: counts.completed, failures: counts.failures)
     }
 
     private static func once(_ target: Endpoint, _ buf: inout [UInt8]) -> Bool {

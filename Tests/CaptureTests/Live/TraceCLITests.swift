@@ -19,7 +19,7 @@ final class TraceCLITests: KernelTestCase {
     /// Starts `meshtrace ARGS` with output to a log file.
     func start(_ args: [String], program: String? = nil) throws -> (Process, String) {
         let log = NSTemporaryDirectory() + "mt-trace-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
-        FileManager.default.createFile(atPath: log, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil), "cannot create a scratch file")
         let out = try XCTUnwrap(FileHandle(forWritingAtPath: log))
         let p = Process()
         p.executableURL = URL(fileURLWithPath: program ?? executable)
@@ -480,7 +480,7 @@ final class TraceCLITests: KernelTestCase {
         let before = try InstrumenterTests.rulesText(ns)
         let pipe = Pipe()   // never read
         let errLog = NSTemporaryDirectory() + "mt-stall-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).err"
-        FileManager.default.createFile(atPath: errLog, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: errLog, contents: nil), "cannot create a scratch file")
         defer { try? FileManager.default.removeItem(atPath: errLog) }
         let err = try XCTUnwrap(FileHandle(forWritingAtPath: errLog))
         defer { try? err.close() }

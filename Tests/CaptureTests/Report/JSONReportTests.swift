@@ -100,7 +100,7 @@ final class JSONReportTests: XCTestCase {
     func testTimestampsAcrossSecondsAreWrittenInFull() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mt-json-ts-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: dir) }
-        FileManager.default.createFile(atPath: dir.path, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.path, contents: nil), "cannot create a scratch file")
         let fd = open(dir.path, O_WRONLY | O_TRUNC)
         XCTAssertGreaterThanOrEqual(fd, 0)
         // A negative second first: the cache's initial key must not be taken for it.
