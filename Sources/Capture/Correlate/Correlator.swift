@@ -647,6 +647,7 @@ public final class Correlator {
         if point.kind == .netfilter {
             c.sawNetfilterEvent = true
         } else if point.kind == .interface {
+            c.sawInterfaceEvent = true
             let t = r.time.totalNanoseconds
             if t < c.interfaceFirstNanos { c.interfaceFirstNanos = t }
             if t > c.interfaceLastNanos { c.interfaceLastNanos = t }
@@ -1086,7 +1087,7 @@ public final class Correlator {
         var count = 0
         for i in tunnels.indices where tunnelBegan[i] <= start && tunnelClosed[i] >= start {
             let p = tunnels[i]
-            guard p !== c && p !== excluding && !p.emitted && p.mergedInto == nil, openByPacketTime(i, during: c) else { continue }
+            guard p !== c && p !== excluding && !p.emitted && p.mergedInto == nil else { continue }
             // Begun before the connection: seen so, or seen only mid-stream (open before the capture began) while
             // the connection's own SYN was captured, or both seen only mid-stream (both open before the capture: which
             // was seen first says nothing).
@@ -1330,9 +1331,8 @@ public final class Correlator {
         }
     }
 
-    /// Whether tunnel `i`, open during `c`'s life by the correlator's clock (`TunnelSpans`, `pooledTunnel`), was open
-    /// then by the times its packets carry too: one rule for relay timing's candidates and for the pooled tunnels a
-    /// connection may have gone through (joined, or counted in a fresh join's evidence). Live, that clock runs ahead of the packets (NFLOG records stamped on receipt, up to the
+    /// Whether tunnel `i`, open during `c`'s life by the correlator's clock (`TunnelSpans`), was open then by the times
+    /// its packets carry too. Live, that clock runs ahead of the packets (NFLOG records stamped on receipt, up to the
     /// instance's flush timeout late), and a connection of 1-2 ms seemed to overlap every tunnel of the 10 ms around
     /// it: 20-40 at 3000 connections a second, where a few were open, each counted in its evidence ("of 34 open
     /// tunnels") and compared packet by packet. The tunnel that carried a connection was open while it ran, by its
@@ -1956,6 +1956,7 @@ public final class Correlator {
         if room > 0 { keep.events.append(contentsOf: gone.events.prefix(room)) }
         keep.selected = keep.selected || gone.selected
         keep.sawNetfilterEvent = keep.sawNetfilterEvent || gone.sawNetfilterEvent
+        keep.sawInterfaceEvent = keep.sawInterfaceEvent || gone.sawInterfaceEvent
         keep.interfaceFirstNanos = min(keep.interfaceFirstNanos, gone.interfaceFirstNanos)
         keep.interfaceLastNanos = max(keep.interfaceLastNanos, gone.interfaceLastNanos)
         keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.events.count - max(0, room))
