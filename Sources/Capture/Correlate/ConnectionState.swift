@@ -258,13 +258,13 @@ final class ConnectionState {
     /// The events kept so far (at most `maxEventsPerConnection`); `timeline.events` is filled from them on emission.
     var events: [CompactEvent] = []
     var sawNetfilterEvent = false
-    var sawInterfaceEvent = false
     /// The earliest and latest times of its packets captured on an interface (Int64.max / .min: none): times the
     /// packets carry, where `firstSeenNanos` and `lastSeenNanos` run on the correlator's clock, which a live trace's
     /// NFLOG records (stamped on receipt, up to the instance's flush timeout late) push ahead. What relay timing
     /// reads to tell the tunnels open while a connection ran (`Correlator.relinkByRelayTiming`).
     var interfaceFirstNanos = Int64.max
     var interfaceLastNanos = Int64.min
+    var sawInterfaceEvent: Bool { interfaceFirstNanos != .max }
     /// Membership in the hop candidate lists.
     var pendingRoles: HopRoles = []
     /// The address this connection is filed under in the outbound candidate index (`Correlator.outboundByAddress`),

@@ -647,7 +647,6 @@ public final class Correlator {
         if point.kind == .netfilter {
             c.sawNetfilterEvent = true
         } else if point.kind == .interface {
-            c.sawInterfaceEvent = true
             let t = r.time.totalNanoseconds
             if t < c.interfaceFirstNanos { c.interfaceFirstNanos = t }
             if t > c.interfaceLastNanos { c.interfaceLastNanos = t }
@@ -1956,7 +1955,6 @@ public final class Correlator {
         if room > 0 { keep.events.append(contentsOf: gone.events.prefix(room)) }
         keep.selected = keep.selected || gone.selected
         keep.sawNetfilterEvent = keep.sawNetfilterEvent || gone.sawNetfilterEvent
-        keep.sawInterfaceEvent = keep.sawInterfaceEvent || gone.sawInterfaceEvent
         keep.interfaceFirstNanos = min(keep.interfaceFirstNanos, gone.interfaceFirstNanos)
         keep.interfaceLastNanos = max(keep.interfaceLastNanos, gone.interfaceLastNanos)
         keep.timeline.droppedEvents += gone.timeline.droppedEvents + max(0, gone.events.count - max(0, room))
