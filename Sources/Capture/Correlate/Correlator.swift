@@ -60,6 +60,12 @@ public final class Correlator {
     private var tunnelsByStart = StartOrderIndex()
     /// The app connections `earlierAppsChoose` gathers, kept between calls (empty between them).
     private var earlierApps: [ConnectionState] = []
+    /// `explainByOrderChain`'s search: the app connections on the chain so far, and how many it looked at.
+    private var chainVisited: Set<ObjectIdentifier> = []
+    private var chainLooks = 0
+    /// The app connections a chain may move (`explainByOrderChain`), listed once a batch, when a tunnel first needs them.
+    private var chainApps: [ConnectionState] = []
+    private var chainAppsListed = false
     /// The start-order indexes' entries, live and stale (tests: memory stays bounded by the open connections).
     var startOrderEntries: (apps: Int, tunnels: Int) { (appsByStart.entries.count, tunnelsByStart.entries.count) }
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
@@ -1070,6 +1076,93 @@ public final class Correlator {
         return nil
     }
 
+    /// A marked connection of ztunnel's out of the pod (a tunnel, a passthrough) still explained by no app connection
+    /// as it is emitted, after every join of its batch: before it reads as a forged mark, the joins by the order
+    /// (`vipTunnel`, a service VIP's) move along a chain. It goes to a connection that could have been carried by it
+    /// (the VIP rule's window and its causal rules), whose tunnel goes to another, and so on, to a connection with no
+    /// tunnel opened for it (none, or a pooled one whose tunnel keeps another connection). Why: the order shifts when
+    /// ztunnel's thread for one connection starves for milliseconds (its tunnel opens after later connections'), each
+    /// connection after takes the next one's tunnel, and the last of the shift goes to a pooled tunnel or none; the
+    /// tunnel it left then read as a forged mark on a healthy pod (3 of 120 runs of the VIP live test, debug build).
+    /// Only joins by the order move, only connections not yet emitted, and only while each one stays plausible by
+    /// the rules it was made by; at most `orderChainSteps` moves and `orderChainLooks` candidates looked at, so a
+    /// process forging the mark costs a bounded search. Such a process's connection, begun while a VIP connection
+    /// without a tunnel of its own ran, is taken for that connection's: as with `vipTunnel`, the count of
+    /// unexplained marked connections stays right when there are more of them than such VIP connections.
+    private func explainByOrderChain(_ t: ConnectionState) {
+        guard !t.emitted, t.mergedInto == nil, t.sawZtunnelMark, !t.hasOutboundHop, t.initiatorFromSYN,
+              t.pendingRoles.contains(.innerOutbound), initiatorIsLocal(t) else { return }
+        if !chainAppsListed {
+            // The app connections not yet emitted, by when they began: the start-order index drops joined ones from
+            // its front, and these are mostly joined.
+            chainApps.removeAll(keepingCapacity: true)
+            for c in open where c.pendingRoles.contains(.outerOutbound) && c.mergedInto == nil && c.initiatorFromSYN {
+                chainApps.append(c)
+            }
+            chainApps.sort { ($0.firstSeenNanos, $0.id) < ($1.firstSeenNanos, $1.id) }
+            chainAppsListed = true
+        }
+        chainVisited.removeAll(keepingCapacity: true)
+        chainLooks = 0
+        guard let path = orderChain(from: t, depth: 0) else { return }
+        for (a, _) in path {
+            for link in a.hopLinks where link.hop.direction == .outbound && link.outer === a { unlink(link) }
+        }
+        for (a, tunnel) in path {
+            join(.outbound, outer: a, inner: tunnel, evidence: [], confidence: .low, candidates: 2).byStartOrder = true
+        }
+    }
+
+    /// The moves that explain tunnel `t` (`explainByOrderChain`): each an app connection and the tunnel it takes,
+    /// the last one's connection without a tunnel opened for it. Of the connections `t` could have carried, one
+    /// without such a tunnel first, then those with a join by the order; of equals, the one that began last before
+    /// `t` (ztunnel connects on as it accepts).
+    private func orderChain(from t: ConnectionState, depth: Int) -> [(ConnectionState, ConnectionState)]? {
+        guard depth < Correlator.orderChainSteps else { return nil }
+        var ends: [(ConnectionState, Int64)] = [], steps: [(ConnectionState, HopLink, Int64)] = []
+        let tBegan = t.startedNanos
+        var lo = 0, hi = chainApps.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if chainApps[mid].firstSeenNanos < t.firstSeenNanos - options.hopWindowNanos { lo = mid + 1 } else { hi = mid }
+        }
+        var i = lo
+        while i < chainApps.count, chainApps[i].firstSeenNanos <= t.firstSeenNanos + Correlator.vipSkewNanos {
+            let a = chainApps[i]
+            i += 1
+            chainLooks += 1
+            guard chainLooks <= Correlator.orderChainLooks else { return nil }
+            guard !a.emitted, !chainVisited.contains(ObjectIdentifier(a)) else { continue }
+            let (from, to) = vipWindow(of: a)
+            guard t.firstSeenNanos >= from, t.firstSeenNanos <= to, !began(t, afterTheEndOf: a),
+                  beganAsIfOpenedFor(outer: a, inner: t, direction: .outbound) else { continue }
+            // How far before the tunnel it began (later than the tunnel: after every one that began before it).
+            let gap = tBegan >= a.startedNanos ? tBegan - a.startedNanos : Int64.max / 2 + (a.startedNanos - tBegan)
+            var own: HopLink?, count = 0
+            for link in a.hopLinks where link.hop.direction == .outbound && link.outer === a {
+                own = link
+                count += 1
+            }
+            guard let link = own else { ends.append((a, gap)); continue }
+            guard count == 1, !identityMatches(outer: a, inner: link.inner, direction: .outbound) else { continue }
+            if link.pooled {
+                // Off a pooled tunnel only when that tunnel keeps a connection (or never listed this one).
+                let tunnel = link.inner
+                if !tunnel.hopLinks.contains(where: { $0 === link })
+                    || tunnel.hopLinks.contains(where: { $0 !== link && $0.hop.direction == .outbound }) { ends.append((a, gap)) }
+            } else if link.byStartOrder, !link.inner.emitted {
+                steps.append((a, link, gap))
+            }
+        }
+        if let end = ends.min(by: { $0.1 < $1.1 }) { return [(end.0, t)] }
+        steps.sort { $0.2 < $1.2 }
+        for (a, link, _) in steps {
+            chainVisited.insert(ObjectIdentifier(a))
+            if let rest = orderChain(from: link.inner, depth: depth + 1) { return [(a, t)] + rest }
+        }
+        return nil
+    }
+
     /// The tunnel a connection with no hop of its own went through when ztunnel reused one it had open (HBONE
     /// connections are pooled per destination): an open connection to the HBONE port that started before this
     /// connection, was not closed before it began, carried packets after it began, and names the same peer: outbound,
@@ -1633,6 +1726,12 @@ public final class Correlator {
     /// How much earlier than an app connection a tunnel without an identity match may seem to begin and still be
     /// taken for it, or begin after it ended (`vipTunnel`): times stamped on receipt.
     static let vipSkewNanos: Int64 = 50_000_000
+    /// At most this many joins move to explain one tunnel (`explainByOrderChain`), and this many app connections are
+    /// looked at in all: a shift by the order ran over dozens of connections in the live tests (a stand-in thread
+    /// starved 5-15 ms; 124 moves the longest seen), and the search stays bounded for a process that forges the mark
+    /// again and again (unmeasured beyond that).
+    static let orderChainSteps = 512
+    static let orderChainLooks = 100_000
     /// Tunnel packets one search for a packet left out may look at (`relinkByRelayTiming`).
     static let relayAugmentBudget = 64
 
@@ -2073,6 +2172,9 @@ public final class Correlator {
     private func emit(_ batch: [ConnectionState]) {
         for c in batch { lastChanceJoins(c) }
         relinkByRelayTiming(batch)
+        chainAppsListed = false
+        for c in batch { explainByOrderChain(c) }
+        chainApps.removeAll(keepingCapacity: true)
         // Evidence too, before any is emitted: it looks at the tunnels still open (`hopEvidence`).
         for c in batch where !c.emitted { for link in c.hopLinks { finalize(link) } }
         for c in batch { emitJoined(c) }

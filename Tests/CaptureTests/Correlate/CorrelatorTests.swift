@@ -485,6 +485,48 @@ final class CorrelatorTests: XCTestCase {
         try assertOnlyTheServedOneGetsTheTunnel(p, tags: f.tags, refused: refused, served: served)
     }
 
+    /// Three connections to a service VIP and ztunnel's three tunnels, the first connection's opened last (its thread
+    /// starved): by the order the first took the second's tunnel and the second the third's, and the third, short,
+    /// ended before the one tunnel left began. None could take it back from the one before (that one ended before
+    /// the tunnel left too), so it read as a forged mark on a healthy pod. The tunnel left now goes to the first
+    /// connection, which began before it and was still running, and each tunnel after it one step down the chain.
+    func testATunnelLeftAtTheEndOfAShiftByTheOrderMovesTheChainAlong() throws {
+        var f = PacketFactory()
+        let vip = PacketFactory.ep("10.96.0.20", 80)
+        let endpoint = PacketFactory.ep("10.0.2.2", 15008)
+        let apps = (0..<3).map { PacketFactory.ep("10.0.1.5", UInt16(41000 + $0)) }
+        let tunnels = (0..<3).map { PacketFactory.ep("10.0.1.5", UInt16(50000 + $0)) }
+        let t0 = f.clock
+        // (µs from the start, packets): the apps' SYNs and RSTs, the tunnels' SYNs.
+        var timed: [(Int64, [PacketRecord])] = []
+        func app(_ i: Int, from: Int64, to: Int64) {
+            f.clock = t0 + from * 1_000
+            timed.append((from, f.redirectedSYN(apps[i], to: vip, seq: UInt32(1000 * (i + 1)))))
+            f.clock = t0 + to * 1_000
+            timed.append((to, [f.packet(apps[i], capture15001, flags: [.rst], seq: UInt32(1000 * (i + 1) + 1), on: lo,
+                                        direction: .inbound)]))
+        }
+        func tunnel(_ i: Int, at: Int64) {
+            f.clock = t0 + at * 1_000
+            timed.append((at, f.markedSYN(tunnels[i], to: endpoint, seq: UInt32(7000 + i))))
+        }
+        app(0, from: 0, to: 10_000)
+        app(1, from: 1_000, to: 3_000)
+        app(2, from: 2_000, to: 2_500)
+        tunnel(1, at: 1_100)
+        tunnel(2, at: 2_100)
+        tunnel(0, at: 8_000)
+        let p = timed.sorted { $0.0 < $1.0 }.flatMap(\.1)
+        let (sink, summary) = correlate(p, tags: f.tags)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
+        for i in 0..<3 {
+            let conn = try XCTUnwrap(sink.timelines.first { $0.original.src == apps[i] })
+            let hop = try XCTUnwrap(conn.hops.first, "app \(i) without a tunnel")
+            XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, tunnels[i], "app \(i)")
+            XCTAssertEqual(hop.confidence, .low)
+        }
+    }
+
     /// The two tests above: no escape, the refused connection without a tunnel, the served one joined to ztunnel's.
     /// Returns the served one's hop.
     @discardableResult
