@@ -344,6 +344,9 @@ final class HopLink {
     var byStartOrder = false
     /// The connection this one's tunnel was taken back from (`Correlator.vipExchange`), for its evidence.
     var takenBackFrom: ConnectionID?
+    /// How many joins moved along a chain with this one to explain a marked connection left to none
+    /// (`Correlator.explainByOrderChain`), for its evidence; 0 when none did.
+    var chain = 0
     /// Chosen (or confirmed) among several open tunnels by relay timing: its evidence says so in place of `unique`.
     var relay: RelayMatch?
     // Strong on purpose: an emitted connection clears its own links, so the pair is freed once both are out.

@@ -1109,7 +1109,9 @@ public final class Correlator {
             for link in a.hopLinks where link.hop.direction == .outbound && link.outer === a { unlink(link) }
         }
         for (a, tunnel) in path {
-            join(.outbound, outer: a, inner: tunnel, evidence: [], confidence: .low, candidates: 2).byStartOrder = true
+            let link = join(.outbound, outer: a, inner: tunnel, evidence: [], confidence: .low, candidates: 2)
+            link.byStartOrder = true
+            link.chain = path.count
         }
     }
 
@@ -1765,7 +1767,7 @@ public final class Correlator {
     /// join rests on; ztunnel's mark and a lone candidate raise it; timing is reported, never decisive.
     private func hopEvidence(outer: ConnectionState, inner: ConnectionState, direction: ZtunnelHop.Direction,
                              candidates: Int, pooled: Bool = false, relay: RelayMatch? = nil,
-                             takenBackFrom: ConnectionID? = nil) -> ([HopEvidence], Confidence) {
+                             takenBackFrom: ConnectionID? = nil, chain: Int = 0) -> ([HopEvidence], Confidence) {
         var evidence: [HopEvidence] = []
         // The most a hop gets: mark, connmark, two identity pieces, timing, uniqueness, and bytes (added later).
         evidence.reserveCapacity(7)
@@ -1807,7 +1809,7 @@ public final class Correlator {
                                                  : (pooledTunnel(for: inner, outbound: false, excluding: outer)?.1 ?? 0)
         let unique = candidates <= 1 && openTunnels == 0
         evidence.append(HopEvidence(!identity && direction == .outbound
-            ? .unexplainedMarkedConnection(of: candidates, takenBackFrom: takenBackFrom)
+            ? .unexplainedMarkedConnection(of: candidates, takenBackFrom: takenBackFrom, chain: chain)
             : openTunnels > 0 ? .alsoOpenTunnels(candidates: candidates, open: openTunnels, windowNanos: options.hopWindowNanos,
                                outbound: direction == .outbound)
             : unique ? .onlyCandidate(windowNanos: options.hopWindowNanos)
@@ -2185,7 +2187,7 @@ public final class Correlator {
         link.finalized = true
         let (ev, conf) = hopEvidence(outer: link.outer, inner: link.inner, direction: link.hop.direction,
                                      candidates: link.candidates, pooled: link.pooled, relay: link.relay,
-                                     takenBackFrom: link.takenBackFrom)
+                                     takenBackFrom: link.takenBackFrom, chain: link.chain)
         link.hop.evidence = ev
         link.hop.confidence = conf
         addByteEvidence(&link.hop, outer: link.outer, inner: link.inner)

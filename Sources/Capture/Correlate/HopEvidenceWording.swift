@@ -20,7 +20,9 @@ extension HopEvidence {
         /// A join without identity (the app dialled a service VIP, which ztunnel resolved to an endpoint): the earliest
         /// of `of` marked connections (tunnels, passthroughs) no other connection explains that began while it ran;
         /// `takenBackFrom`: the connection that had it by the order, which began earlier and took another.
-        case unexplainedMarkedConnection(of: Int, takenBackFrom: ConnectionID?)
+        /// `chain`: how many joins by the order moved along with this one so that a marked connection left to none
+        /// was explained (`Correlator.explainByOrderChain`); 0 when none did.
+        case unexplainedMarkedConnection(of: Int, takenBackFrom: ConnectionID?, chain: Int = 0)
         /// A fresh join while `open` tunnels to the same peer, open already, could have carried the connection instead.
         case alsoOpenTunnels(candidates: Int, open: Int, windowNanos: Int64, outbound: Bool)
         /// A pooled join: the tunnel (the inner connection outbound, the outer inbound) was open already, since
@@ -93,8 +95,17 @@ extension HopEvidence {
             case .earliestCandidate(let n, let window):
                 w.words("one of "); w.signed(Int64(n)); w.words(" candidates within "); w.delta(window)
                 w.words("; the earliest was chosen")
-            case .unexplainedMarkedConnection(let n, let from):
+            case .unexplainedMarkedConnection(let n, let from, let chain):
                 w.words("no connection of ztunnel's names the original destination (a service VIP ztunnel resolved to an endpoint): ")
+                if chain == 1 {
+                    w.words("a marked connection that began while this one ran, which the joins by the order had left to no connection")
+                    return
+                } else if chain > 1 {
+                    w.words("a marked connection that began while this one ran; the joins by the order had left one to no connection, ")
+                    w.words("and this join moved with "); w.signed(Int64(chain - 1))
+                    w.words(chain == 2 ? " other" : " others"); w.words(" along a chain to explain it")
+                    return
+                }
                 if n <= 1 { w.words("the only marked connection") } else { w.words("one of "); w.signed(Int64(n)); w.words(" marked connections") }
                 w.words(" no other connection explains that began while this one ran")
                 if let from {

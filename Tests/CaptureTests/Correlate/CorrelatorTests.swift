@@ -524,6 +524,7 @@ final class CorrelatorTests: XCTestCase {
             let hop = try XCTUnwrap(conn.hops.first, "app \(i) without a tunnel")
             XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, tunnels[i], "app \(i)")
             XCTAssertEqual(hop.confidence, .low)
+            XCTAssertTrue(hop.evidence.contains { $0.detail.contains("moved with 2 others along a chain") }, "\(hop.evidence.map(\.detail))")
         }
     }
 
