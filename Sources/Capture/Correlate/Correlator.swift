@@ -1148,9 +1148,10 @@ public final class Correlator {
             guard let link = own else { ends.append((a, gap)); continue }
             guard count == 1, !identityMatches(outer: a, inner: link.inner, direction: .outbound) else { continue }
             if link.pooled {
-                // Off a pooled tunnel only when that tunnel keeps a connection (or never listed this one).
+                // Off a pooled tunnel only when that tunnel keeps a connection (or never listed this one), and not
+                // once the tunnel is printed (it may have listed this one as carried).
                 let tunnel = link.inner
-                if !tunnel.hopLinks.contains(where: { $0 === link })
+                if !tunnel.emitted, !tunnel.hopLinks.contains(where: { $0 === link })
                     || tunnel.hopLinks.contains(where: { $0 !== link && $0.hop.direction == .outbound }) { ends.append((a, gap)) }
             } else if link.byStartOrder, !link.inner.emitted {
                 steps.append((a, link, gap))
