@@ -651,7 +651,7 @@ final class LiveTracerTests: KernelTestCase {
     /// forged-mark escape, 1 below the floor), 2 of 50 at `b25aa27`, 3 of 120 at `2911f73`. In each escape the joins
     /// by the order had shifted by one over a stretch (a stand-in thread starved) and the last connection of the
     /// shift went to a pooled tunnel, leaving a tunnel to no one; the chain the correlator now moves along
-    /// (`explainByOrderChain`) mends that: 0 failures in 84 runs (twenty-third round).
+    /// (`explainByOrderChain`) mends that: 0 failures in 114 runs (twenty-third round).
     func testConcurrentConnectionsToAServiceVIPLeaveNoTunnelUnexplained() throws {
         let right = try traceServiceLoad(to: LabTopology.serviceVIP, group: 5420, kinds: [.hboneOutbound]) {
             [Endpoint($0.server.ipv4, 15008)]
@@ -669,7 +669,7 @@ final class LiveTracerTests: KernelTestCase {
     /// of the order and of a tunnel taken back fail every time. Run alone 45 times in a row (twenty-second round) it
     /// failed 3 times at `e3b3b1d`, 2 of 30 with relay timing's packet-time candidates, 1 of 60 at `2911f73`: as the
     /// VIP test above; with the chain, 1 of 60 (a chain ended on a pooled connection and left its tunnel with none),
-    /// then, that mended, 0 of 36 (twenty-third round).
+    /// then, that mended, 0 of 86 (twenty-third round).
     func testConcurrentConnectionsToAServiceWithAnEndpointOutsideTheMeshLeaveNothingUnexplained() throws {
         let right = try traceServiceLoad(to: LabTopology.mixedServiceVIP, group: 5422, kinds: [.hboneOutbound, .ztunnelPassthrough]) {
             [Endpoint($0.server.ipv4, 15008), Endpoint($0.peer.ipv4, LabTopology.appPort)]
