@@ -63,8 +63,13 @@ public final class Correlator {
     /// `explainByOrderChain`'s search: the app connections on the chain so far, and how many it looked at.
     private var chainVisited: Set<ObjectIdentifier> = []
     private var chainLooks = 0
-    /// The app connections a chain may move (`explainByOrderChain`), listed once a batch, when a tunnel first needs them.
+    /// The app connections a chain may move (`explainByOrderChain`), listed once a batch, when a tunnel first needs
+    /// them, with their `vipWindow`s (the tunnels' start times each may take) indexed.
     private var chainApps: [ConnectionState] = []
+    private var chainWindowFrom: [Int64] = [], chainWindowTo: [Int64] = []
+    private var chainWindows = SpanIndex()
+    /// `chainStep`'s scratch: the connections whose window holds a tunnel's start.
+    private var chainNear: [Int] = []
     private var chainAppsListed = false
     /// The start-order indexes' entries, live and stale (tests: memory stays bounded by the open connections).
     var startOrderEntries: (apps: Int, tunnels: Int) { (appsByStart.entries.count, tunnelsByStart.entries.count) }
@@ -1095,20 +1100,30 @@ public final class Correlator {
         if !chainAppsListed {
             // The app connections not yet emitted, by when they began: the start-order index drops joined ones from
             // its front, and these are mostly joined.
-            chainApps.removeAll(keepingCapacity: true)
+            // In the order they began, so that of equals the first to begin is taken.
             for c in open where c.pendingRoles.contains(.outerOutbound) && c.mergedInto == nil && c.initiatorFromSYN {
                 chainApps.append(c)
             }
             chainApps.sort { ($0.firstSeenNanos, $0.id) < ($1.firstSeenNanos, $1.id) }
+            chainWindows = SpanIndex()
+            for (k, c) in chainApps.enumerated() {
+                let (from, to) = vipWindow(of: c)
+                chainWindows.add(k, began: from, closed: to)
+                chainWindowFrom.append(from)
+                chainWindowTo.append(to)
+            }
+            chainWindows.sort()
             chainAppsListed = true
         }
         chainVisited.removeAll(keepingCapacity: true)
         chainLooks = 0
-        guard let path = orderChain(from: t, depth: 0) else { return }
+        guard let path = orderChain(from: t) else { return }
         for (a, _) in path {
-            for link in a.hopLinks where link.hop.direction == .outbound && link.outer === a { unlink(link) }
+            while let link = carriedLink(of: a, outbound: true) { unlink(link) }
         }
         for (a, tunnel) in path {
+            // Not one of a count of candidates (its evidence says it moved along a chain); 2 so that no rule reads
+            // it as the only one.
             let link = join(.outbound, outer: a, inner: tunnel, evidence: [], confidence: .low, candidates: 2)
             link.byStartOrder = true
             link.chain = path.count
@@ -1116,54 +1131,72 @@ public final class Correlator {
     }
 
     /// The moves that explain tunnel `t` (`explainByOrderChain`): each an app connection and the tunnel it takes,
-    /// the last one's connection without a tunnel opened for it. Of the connections `t` could have carried, one
-    /// without such a tunnel first, then those with a join by the order; of equals, the one that began last before
-    /// `t` (ztunnel connects on as it accepts).
-    private func orderChain(from t: ConnectionState, depth: Int) -> [(ConnectionState, ConnectionState)]? {
-        guard depth < Correlator.orderChainSteps else { return nil }
-        var ends: [(ConnectionState, Int64)] = [], steps: [(ConnectionState, HopLink, Int64)] = []
-        let tBegan = t.startedNanos
-        var lo = 0, hi = chainApps.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if chainApps[mid].firstSeenNanos < t.firstSeenNanos - options.hopWindowNanos { lo = mid + 1 } else { hi = mid }
+    /// the last one's connection without a tunnel opened for it. A depth-first search over `chainStep`'s choices,
+    /// kept on an explicit stack rather than the thread's: a chain of `orderChainSteps` recursive calls took more
+    /// than 512 KB of stack in the debug build, and the live reader's thread has 1 MB (`NetnsThread.stackSize`).
+    private func orderChain(from t: ConnectionState) -> [(ConnectionState, ConnectionState)]? {
+        // levels[k]: a tunnel to explain and the moves left to try for it, the closest last; moved[k]: the connection
+        // taking levels[k]'s tunnel, its own tunnel levels[k + 1]'s.
+        var levels: [(tunnel: ConnectionState, moves: [(ConnectionState, HopLink)])] = []
+        var moved: [ConnectionState] = []
+        var tunnel = t
+        while true {
+            if levels.count < Correlator.orderChainSteps {
+                guard let (end, moves) = chainStep(for: tunnel) else { return nil }
+                if let end { return zip(moved, levels.map(\.tunnel)).map { ($0, $1) } + [(end, tunnel)] }
+                levels.append((tunnel, moves.reversed()))
+            } else {
+                moved.removeLast()
+            }
+            // The next move: the closest untried one at the deepest level that has one.
+            while let level = levels.last, level.moves.isEmpty {
+                levels.removeLast()
+                if !moved.isEmpty { moved.removeLast() }
+            }
+            guard !levels.isEmpty, let (a, link) = levels[levels.count - 1].moves.popLast() else { return nil }
+            chainVisited.insert(ObjectIdentifier(a))
+            moved.append(a)
+            tunnel = link.inner
         }
-        var i = lo
-        while i < chainApps.count, chainApps[i].firstSeenNanos <= t.firstSeenNanos + Correlator.vipSkewNanos {
-            let a = chainApps[i]
-            i += 1
+    }
+
+    /// One step of `orderChain` for tunnel `t`: of the connections it could have carried, one without a tunnel opened
+    /// for it (the chain ends there), else those with a join by the order, whose tunnel then needs another
+    /// connection, the closest first: of equals, the one that began last before `t` (ztunnel connects on as it
+    /// accepts). Nil when the search has looked at `orderChainLooks` connections.
+    private func chainStep(for t: ConnectionState) -> (end: ConnectionState?, moves: [(ConnectionState, HopLink)])? {
+        var end: (ConnectionState, Int64)?, moves: [(ConnectionState, HopLink, Int64)] = []
+        let tBegan = t.startedNanos
+        chainWindows.openDuring(t.firstSeenNanos, t.firstSeenNanos, began: chainWindowFrom, closed: chainWindowTo, into: &chainNear)
+        for k in chainNear {
+            let a = chainApps[k]
             chainLooks += 1
             guard chainLooks <= Correlator.orderChainLooks else { return nil }
-            guard !a.emitted, !chainVisited.contains(ObjectIdentifier(a)) else { continue }
-            let (from, to) = vipWindow(of: a)
-            guard t.firstSeenNanos >= from, t.firstSeenNanos <= to, !began(t, afterTheEndOf: a),
+            guard !a.emitted, !chainVisited.contains(ObjectIdentifier(a)), !began(t, afterTheEndOf: a),
                   beganAsIfOpenedFor(outer: a, inner: t, direction: .outbound) else { continue }
             // How far before the tunnel it began (later than the tunnel: after every one that began before it).
             let gap = tBegan >= a.startedNanos ? tBegan - a.startedNanos : Int64.max / 2 + (a.startedNanos - tBegan)
-            var own: HopLink?, count = 0
-            for link in a.hopLinks where link.hop.direction == .outbound && link.outer === a {
-                own = link
-                count += 1
-            }
-            guard let link = own else { ends.append((a, gap)); continue }
-            guard count == 1, !identityMatches(outer: a, inner: link.inner, direction: .outbound) else { continue }
-            if link.pooled {
+            let link = carriedLink(of: a, outbound: true)
+            if let link, identityMatches(outer: a, inner: link.inner, direction: .outbound) { continue }
+            let endsHere: Bool
+            if let link, link.pooled {
                 // Off a pooled tunnel only when that tunnel keeps a connection (or never listed this one), and not
                 // once the tunnel is printed (it may have listed this one as carried).
                 let tunnel = link.inner
-                if !tunnel.emitted, !tunnel.hopLinks.contains(where: { $0 === link })
-                    || tunnel.hopLinks.contains(where: { $0 !== link && $0.hop.direction == .outbound }) { ends.append((a, gap)) }
-            } else if link.byStartOrder, !link.inner.emitted {
-                steps.append((a, link, gap))
+                endsHere = !tunnel.emitted && (!tunnel.hopLinks.contains { $0 === link }
+                    || tunnel.hopLinks.contains { $0 !== link && $0.hop.direction == .outbound })
+            } else {
+                endsHere = link == nil
+            }
+            if endsHere {
+                if end.map({ gap < $0.1 }) ?? true { end = (a, gap) }
+            } else if let link, !link.pooled, link.byStartOrder, !link.inner.emitted {
+                moves.append((a, link, gap))
             }
         }
-        if let end = ends.min(by: { $0.1 < $1.1 }) { return [(end.0, t)] }
-        steps.sort { $0.2 < $1.2 }
-        for (a, link, _) in steps {
-            chainVisited.insert(ObjectIdentifier(a))
-            if let rest = orderChain(from: link.inner, depth: depth + 1) { return [(a, t)] + rest }
-        }
-        return nil
+        if let end { return (end.0, []) }
+        moves.sort { ($0.2, $0.0.id) < ($1.2, $1.0.id) }
+        return (nil, moves.map { ($0.0, $0.1) })
     }
 
     /// The tunnel a connection with no hop of its own went through when ztunnel reused one it had open (HBONE
@@ -1232,16 +1265,16 @@ public final class Correlator {
         guard !wanted.isEmpty else { return }
         // One walk of the tunnel list per batch (a busy capture keeps ~1500 lingering ones), grouping those open in
         // that span by their far end: the peer outbound, the client inbound.
-        var byPeer: [IPAddress: TunnelSpans] = [:], byClient: [IPAddress: TunnelSpans] = [:]
+        var byPeer: [IPAddress: SpanIndex] = [:], byClient: [IPAddress: SpanIndex] = [:]
         var near = 0
         for i in tunnels.indices where tunnelBegan[i] <= to && tunnelClosed[i] >= from {
             let t = tunnels[i]
             guard !t.emitted, t.mergedInto == nil, t.responder.port == options.hbonePort else { continue }
             near += 1
             if initiatorIsLocal(t) {
-                byPeer[t.responder.addr, default: TunnelSpans()].add(i, began: tunnelBegan[i], closed: tunnelClosed[i])
+                byPeer[t.responder.addr, default: SpanIndex()].add(i, began: tunnelBegan[i], closed: tunnelClosed[i])
             } else {
-                byClient[t.initiator.addr, default: TunnelSpans()].add(i, began: tunnelBegan[i], closed: tunnelClosed[i])
+                byClient[t.initiator.addr, default: SpanIndex()].add(i, began: tunnelBegan[i], closed: tunnelClosed[i])
             }
         }
         guard near > 0 else { return }
@@ -1426,7 +1459,7 @@ public final class Correlator {
         }
     }
 
-    /// Whether tunnel `i`, open during `c`'s life by the correlator's clock (`TunnelSpans`), was open then by the times
+    /// Whether tunnel `i`, open during `c`'s life by the correlator's clock (`SpanIndex`), was open then by the times
     /// its packets carry too. Live, that clock runs ahead of the packets (NFLOG records stamped on receipt, up to the
     /// instance's flush timeout late), and a connection of 1-2 ms seemed to overlap every tunnel of the 10 ms around
     /// it: 20-40 at 3000 connections a second, where a few were open, each counted in its evidence ("of 34 open
@@ -1672,11 +1705,13 @@ public final class Correlator {
     }
 
 
-    /// The tunnels to one far end open at some time during a relay-timing batch (indices into `tunnels`), so that
-    /// those open during one connection are found without walking them all: a busy batch holds ~1500 to the same
-    /// peer (a second of connections), of which a connection overlaps a few. Walking them all for each connection
-    /// made relay timing ~10 % of a live trace's CPU at 3000 connections a second, and quadratic in a file's batch.
-    private struct TunnelSpans {
+    /// Spans of time by the index of what they belong to (into arrays of their starts and ends), so that those open
+    /// during a given time are found without walking them all. Relay timing: the tunnels to one far end open at some
+    /// time during a batch (indices into `tunnels`): a busy batch holds ~1500 to the same peer (a second of
+    /// connections), of which a connection overlaps a few; walking them all for each connection made relay timing
+    /// ~10 % of a live trace's CPU at 3000 connections a second, and quadratic in a file's batch. The order chain:
+    /// the windows in which the app connections may have been carried by a tunnel (`chainApps`, `vipWindow`).
+    private struct SpanIndex {
         /// Closed ones that lived at most `shortLife`, by when they opened (then index): one open during
         /// [first, last] opened in [first - longestShort, last].
         var short: [(began: Int64, index: Int)] = []
@@ -1687,7 +1722,7 @@ public final class Correlator {
         static let shortLife: Int64 = 1_000_000_000
 
         mutating func add(_ i: Int, began: Int64, closed: Int64) {
-            if began != .min && closed != .max && closed - began <= TunnelSpans.shortLife {
+            if began != .min && closed != .max && closed - began <= SpanIndex.shortLife {
                 short.append((began, i))
                 longestShort = max(longestShort, closed - began)
             } else {
@@ -2178,6 +2213,8 @@ public final class Correlator {
         chainAppsListed = false
         for c in batch { explainByOrderChain(c) }
         chainApps.removeAll(keepingCapacity: true)
+        chainWindowFrom.removeAll(keepingCapacity: true)
+        chainWindowTo.removeAll(keepingCapacity: true)
         // Evidence too, before any is emitted: it looks at the tunnels still open (`hopEvidence`).
         for c in batch where !c.emitted { for link in c.hopLinks { finalize(link) } }
         for c in batch { emitJoined(c) }

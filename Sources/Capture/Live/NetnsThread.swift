@@ -24,6 +24,10 @@ public final class NetnsThread: @unchecked Sendable {
 
     /// `enterFailed` runs on the thread when it cannot enter the netns and `body` will not run: a caller
     /// waiting for `body` to say something (its sockets are open) must be told instead of waiting forever.
+    /// The thread's stack: it reads, decodes and correlates (the correlator's longest search, its order chain, is
+    /// tested on a stack this size).
+    public static let stackSize = 1 << 20
+
     public init(netns: NetnsRef, enterFailed: @escaping (Error) -> Void = { _ in }, body: @escaping () throws -> Void) {
         self.netns = netns
         self.enterFailed = enterFailed
@@ -50,7 +54,7 @@ public final class NetnsThread: @unchecked Sendable {
             done.signal()
         }
         t.name = "meshtrace-netns"
-        t.stackSize = 1 << 20
+        t.stackSize = NetnsThread.stackSize
         thread = t
         t.start()
     }

@@ -491,40 +491,104 @@ final class CorrelatorTests: XCTestCase {
     /// the tunnel left too), so it read as a forged mark on a healthy pod. The tunnel left now goes to the first
     /// connection, which began before it and was still running, and each tunnel after it one step down the chain.
     func testATunnelLeftAtTheEndOfAShiftByTheOrderMovesTheChainAlong() throws {
-        var f = PacketFactory()
-        let vip = PacketFactory.ep("10.96.0.20", 80)
-        let endpoint = PacketFactory.ep("10.0.2.2", 15008)
-        let apps = (0..<3).map { PacketFactory.ep("10.0.1.5", UInt16(41000 + $0)) }
-        let tunnels = (0..<3).map { PacketFactory.ep("10.0.1.5", UInt16(50000 + $0)) }
-        let t0 = f.clock
-        // (µs from the start, packets): the apps' SYNs and RSTs, the tunnels' SYNs.
-        var timed: [(Int64, [PacketRecord])] = []
-        func app(_ i: Int, from: Int64, to: Int64) {
-            f.clock = t0 + from * 1_000
-            timed.append((from, f.redirectedSYN(apps[i], to: vip, seq: UInt32(1000 * (i + 1)))))
-            f.clock = t0 + to * 1_000
-            timed.append((to, [f.packet(apps[i], capture15001, flags: [.rst], seq: UInt32(1000 * (i + 1) + 1), on: lo,
-                                        direction: .inbound)]))
-        }
-        func tunnel(_ i: Int, at: Int64) {
-            f.clock = t0 + at * 1_000
-            timed.append((at, f.markedSYN(tunnels[i], to: endpoint, seq: UInt32(7000 + i))))
-        }
-        app(0, from: 0, to: 10_000)
-        app(1, from: 1_000, to: 3_000)
-        app(2, from: 2_000, to: 2_500)
-        tunnel(1, at: 1_100)
-        tunnel(2, at: 2_100)
-        tunnel(0, at: 8_000)
-        let p = timed.sorted { $0.0 < $1.0 }.flatMap(\.1)
-        let (sink, summary) = correlate(p, tags: f.tags)
+        let s = ShiftByTheOrder(pooledTunnel: false)
+        let (sink, summary) = correlate(s.packets, tags: s.tags)
         XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
         for i in 0..<3 {
-            let conn = try XCTUnwrap(sink.timelines.first { $0.original.src == apps[i] })
-            let hop = try XCTUnwrap(conn.hops.first, "app \(i) without a tunnel")
-            XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, tunnels[i], "app \(i)")
+            let hop = try s.hop(of: i, in: sink)
+            XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, s.tunnels[i], "app \(i)")
             XCTAssertEqual(hop.confidence, .low)
             XCTAssertTrue(hop.evidence.contains { $0.detail.contains("moved with 2 others along a chain") }, "\(hop.evidence.map(\.detail))")
+        }
+    }
+
+    /// The same, the third connection gone to a tunnel ztunnel had open already (pooled), which carried nothing else:
+    /// the chain does not end there, since moving it would leave that tunnel to no connection instead (the mixed-
+    /// service live test failed so once in 60 runs). The tunnel the order left stays the one unexplained.
+    func testAChainDoesNotEndOnAPooledConnectionWhoseTunnelItWouldLeaveWithNone() throws {
+        let s = ShiftByTheOrder(pooledTunnel: true)
+        let (sink, summary) = correlate(s.packets, tags: s.tags)
+        let pooled = try XCTUnwrap(sink.timelines.first { $0.original.src == ShiftByTheOrder.pooled })
+        XCTAssertEqual(try s.hop(of: 2, in: sink).inner, pooled.id, "the third connection left its pooled tunnel")
+        XCTAssertEqual(pooled.hops.count, 1, "the pooled tunnel left with \(pooled.hops.count) connections")
+        XCTAssertEqual(summary.escapes, 1, sink.findings.map(\.summary).joined(separator: "; "))
+        let left = try XCTUnwrap(sink.timelines.first { $0.original.src == s.tunnels[0] })
+        XCTAssertEqual(left.hops.count, 0)
+        for i in 0..<2 {
+            XCTAssertEqual(sink.timelines.first { $0.id == (try? s.hop(of: i, in: sink))?.inner }?.original.src,
+                           s.tunnels[i + 1], "app \(i) moved")
+        }
+    }
+
+    /// The longest chain the search follows (`Correlator.orderChainSteps`), on a thread with the live reader's stack
+    /// (`NetnsThread.stackSize`, 1 MB). Written recursively (a call per move), the search ran this on 1 MB in the debug
+    /// build and crashed on 512 KB; it keeps its own stack now, and runs it on 64 KB. 510 connections a millisecond
+    /// apart, each but the first taking the next one's tunnel by the order.
+    func testTheLongestChainRunsOnTheLiveReadersStack() throws {
+        let s = ShiftByTheOrder(count: 510, pooledTunnel: false)
+        final class Result: @unchecked Sendable { var value: (CollectingSink, AnalysisSummary)? }
+        let result = Result(), done = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            result.value = correlate(s.packets, tags: s.tags)
+            done.signal()
+        }
+        thread.stackSize = NetnsThread.stackSize
+        thread.start()
+        done.wait()
+        let (sink, summary) = try XCTUnwrap(result.value)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.prefix(3).map(\.summary).joined(separator: "; "))
+        for i in [0, 1, 255, 509] {
+            let hop = try s.hop(of: i, in: sink)
+            XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, s.tunnels[i], "app \(i)")
+            XCTAssertTrue(hop.evidence.contains { $0.detail.contains("moved with 509 others along a chain") }, "\(hop.evidence.map(\.detail))")
+        }
+    }
+
+    /// The chain tests' capture: `count` connections to a service VIP, the first from 0 to 1.5 s, the others one a
+    /// millisecond, each ending after the next one's tunnel began but the last (its own begins 100 µs after it); the
+    /// first one's tunnel at `count` ms. With `pooledTunnel`, a tunnel of ztunnel's open from before the first
+    /// connection, carrying data while the last one ran.
+    struct ShiftByTheOrder {
+        static let vip = PacketFactory.ep("10.96.0.20", 80)
+        static let endpoint = PacketFactory.ep("10.0.2.2", 15008)
+        static let pooled = PacketFactory.ep("10.0.1.5", 60000)
+        let apps: [Endpoint]
+        let tunnels: [Endpoint]
+        let packets: [PacketRecord]
+        let tags: RuleTagTable
+
+        init(count n: Int = 3, pooledTunnel: Bool) {
+            apps = (0..<n).map { PacketFactory.ep("10.0.1.5", UInt16(20000 + $0)) }
+            tunnels = (0..<n).map { PacketFactory.ep("10.0.1.5", UInt16(40000 + $0)) }
+            var f = PacketFactory()
+            let t0 = f.clock
+            // (µs from the start, packets): the apps' SYNs and RSTs, the tunnels' SYNs.
+            var timed: [(Int64, [PacketRecord])] = []
+            func at(_ micros: Int64, _ make: (inout PacketFactory) -> [PacketRecord]) {
+                f.clock = t0 + micros * 1_000
+                timed.append((micros, make(&f)))
+            }
+            for i in 0..<n {
+                let app = apps[i], tunnel = tunnels[i], k = Int64(i)
+                let (from, to) = i == 0 ? (Int64(0), Int64(1_500_000)) : (k * 1_000, i == n - 1 ? k * 1_000 + 500 : k * 1_000 + 1_500)
+                at(from) { $0.redirectedSYN(app, to: Self.vip, seq: UInt32(1000 * (i + 1))) }
+                at(to) { [$0.packet(app, CorrelatorTests.capture15001, flags: [.rst], seq: UInt32(1000 * (i + 1) + 1), on: lo,
+                                    direction: .inbound)] }
+                at(i == 0 ? Int64(n) * 1_000 : k * 1_000 + 100) { $0.markedSYN(tunnel, to: Self.endpoint, seq: UInt32(7000 + i)) }
+            }
+            if pooledTunnel {
+                at(-1_000) { $0.markedSYN(Self.pooled, to: Self.endpoint, seq: 9000) }
+                at(Int64(n - 1) * 1_000 + 200) {
+                    [$0.packet(Self.pooled, Self.endpoint, flags: [.ack, .psh], seq: 9001, payload: 100, on: eth0, direction: .outbound)]
+                }
+            }
+            packets = timed.sorted { $0.0 < $1.0 }.flatMap(\.1)
+            tags = f.tags
+        }
+
+        func hop(of i: Int, in sink: CollectingSink) throws -> ZtunnelHop {
+            let conn = try XCTUnwrap(sink.timelines.first { $0.original.src == apps[i] })
+            return try XCTUnwrap(conn.hops.first, "app \(i) without a tunnel")
         }
     }
 
