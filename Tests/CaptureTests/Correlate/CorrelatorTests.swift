@@ -520,6 +520,33 @@ final class CorrelatorTests: XCTestCase {
         }
     }
 
+    /// The plain shift again, with a fourth connection to the VIP still open across it that went through a tunnel
+    /// ztunnel kept (pooled, with two other connections), chosen when a later connection was emitted, long before:
+    /// that tunnel closed and was printed, listing the open connection as carried, in a batch before the shift's.
+    /// The open connection began before the tunnel left and ran past it, so the chain could end there (its tunnel
+    /// keeps two others); it does not, since a moved join would contradict what was printed. The chain runs on
+    /// along the shift as in the plain case, and the open connection stays with the printed tunnel.
+    func testAChainDoesNotEndOnAPooledConnectionWhoseTunnelIsPrintedAlready() throws {
+        let s = ShiftByTheOrder(pooledTunnel: false, printedPool: true)
+        var options = CorrelatorOptions()
+        options.sweepIntervalNanos = 50_000
+        options.closeLingerNanos = 100_000_000
+        let (sink, summary) = correlate(s.packets, tags: s.tags, options: options)
+        XCTAssertEqual(summary.escapes, 0, sink.findings.map(\.summary).joined(separator: "; "))
+        let order = sink.timelines.map(\.original.src)
+        let pool = try XCTUnwrap(sink.timelines.first { $0.original.src == ShiftByTheOrder.printedPool })
+        XCTAssertLessThan(try XCTUnwrap(order.firstIndex(of: pool.original.src)),
+                          try XCTUnwrap(order.firstIndex(of: s.tunnels[0])), "the pooled tunnel was not printed first")
+        XCTAssertEqual(pool.hops.count, 3, "the printed tunnel did not list the three connections it carried")
+        let open = try XCTUnwrap(sink.timelines.first { $0.original.src == ShiftByTheOrder.openOnPool })
+        XCTAssertEqual(try XCTUnwrap(open.hops.first, "the open connection without a tunnel").inner, pool.id,
+                       "the open connection left the tunnel printed with it")
+        for i in 0..<3 {
+            let hop = try s.hop(of: i, in: sink)
+            XCTAssertEqual(sink.timelines.first { $0.id == hop.inner }?.original.src, s.tunnels[i], "app \(i)")
+        }
+    }
+
     /// The longest chain the search follows (`Correlator.orderChainSteps`), on a thread with the live reader's stack
     /// (`NetnsThread.stackSize`, 1 MB). Written recursively (a call per move), the search ran this on 1 MB in the debug
     /// build and crashed on 512 KB; it keeps its own stack now, and runs it on 64 KB. 510 connections a millisecond
@@ -547,17 +574,24 @@ final class CorrelatorTests: XCTestCase {
     /// The chain tests' capture: `count` connections to a service VIP, the first from 0 to 1.5 s, the others one a
     /// millisecond, each ending after the next one's tunnel began but the last (its own begins 100 µs after it); the
     /// first one's tunnel at `count` ms. With `pooledTunnel`, a tunnel of ztunnel's open from before the first
-    /// connection, carrying data while the last one ran.
+    /// connection, carrying data while the last one ran. With `printedPool`, before them all (from -1 s) another
+    /// tunnel of ztunnel's (`printedPool`) that carried three connections to the VIP without tunnels of their own:
+    /// one that ended soon, one (`openOnPool`) that runs on to 60 ms, and one that began after it and ended at once,
+    /// at whose emission the open one chose the pooled tunnel; the first connection ends at 50 ms. Read with a
+    /// 100 ms linger and a 50 µs sweep, the pooled tunnel (closed at -0.6 s) is printed at the first connection's
+    /// SYN, in a batch before the shift's, which all come out at the end.
     struct ShiftByTheOrder {
         static let vip = PacketFactory.ep("10.96.0.20", 80)
         static let endpoint = PacketFactory.ep("10.0.2.2", 15008)
         static let pooled = PacketFactory.ep("10.0.1.5", 60000)
+        static let printedPool = PacketFactory.ep("10.0.1.5", 60001)
+        static let openOnPool = PacketFactory.ep("10.0.1.5", 19997)
         let apps: [Endpoint]
         let tunnels: [Endpoint]
         let packets: [PacketRecord]
         let tags: RuleTagTable
 
-        init(count n: Int = 3, pooledTunnel: Bool) {
+        init(count n: Int = 3, pooledTunnel: Bool, printedPool: Bool = false) {
             apps = (0..<n).map { PacketFactory.ep("10.0.1.5", UInt16(20000 + $0)) }
             tunnels = (0..<n).map { PacketFactory.ep("10.0.1.5", UInt16(40000 + $0)) }
             var f = PacketFactory()
@@ -570,7 +604,8 @@ final class CorrelatorTests: XCTestCase {
             }
             for i in 0..<n {
                 let app = apps[i], tunnel = tunnels[i], k = Int64(i)
-                let (from, to) = i == 0 ? (Int64(0), Int64(1_500_000)) : (k * 1_000, i == n - 1 ? k * 1_000 + 500 : k * 1_000 + 1_500)
+                let firstEnds: Int64 = printedPool ? 50_000 : 1_500_000
+                let (from, to) = i == 0 ? (Int64(0), firstEnds) : (k * 1_000, i == n - 1 ? k * 1_000 + 500 : k * 1_000 + 1_500)
                 at(from) { $0.redirectedSYN(app, to: Self.vip, seq: UInt32(1000 * (i + 1))) }
                 at(to) { [$0.packet(app, CorrelatorTests.capture15001, flags: [.rst], seq: UInt32(1000 * (i + 1) + 1), on: lo,
                                     direction: .inbound)] }
@@ -581,6 +616,21 @@ final class CorrelatorTests: XCTestCase {
                 at(Int64(n - 1) * 1_000 + 200) {
                     [$0.packet(Self.pooled, Self.endpoint, flags: [.ack, .psh], seq: 9001, payload: 100, on: eth0, direction: .outbound)]
                 }
+            }
+            if printedPool {
+                let vip = Self.vip, rst = TCPFlags.rst
+                func vipCall(_ app: Endpoint, from: Int64, to: Int64, seq: UInt32) {
+                    at(from) { $0.redirectedSYN(app, to: vip, seq: seq) }
+                    at(to) { [$0.packet(app, CorrelatorTests.capture15001, flags: [rst], seq: seq + 1, on: lo, direction: .inbound)] }
+                }
+                at(-1_000_000) { $0.markedSYN(Self.printedPool, to: Self.endpoint, seq: 9500) }
+                vipCall(PacketFactory.ep("10.0.1.5", 19998), from: -950_000, to: -770_000, seq: 300)
+                vipCall(Self.openOnPool, from: -900_000, to: 60_000, seq: 400)
+                vipCall(PacketFactory.ep("10.0.1.5", 19999), from: -800_000, to: -799_000, seq: 500)
+                at(-780_000) {
+                    [$0.packet(Self.printedPool, Self.endpoint, flags: [.ack, .psh], seq: 9501, payload: 100, on: eth0, direction: .outbound)]
+                }
+                at(-600_000) { [$0.packet(Self.printedPool, Self.endpoint, flags: [rst], seq: 9601, on: eth0, direction: .outbound)] }
             }
             packets = timed.sorted { $0.0 < $1.0 }.flatMap(\.1)
             tags = f.tags
