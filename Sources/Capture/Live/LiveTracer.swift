@@ -34,6 +34,9 @@ public struct TraceOptions: Sendable {
     /// nil: the NFLOG instance batches up to `queueThreshold` events per message (fewer wakeups under load).
     public var perRuleThreshold: Int? = nil
     public var queueThreshold: UInt32 = 256
+    /// Tests only: the reader sleeps this long after every pass, so that it falls behind the pod on any machine (a
+    /// reader on a node much busier than the test's), not only where the tests' debug build is slow enough.
+    var readerPauseNanos: UInt64 = 0
 
     public init(netns: NetnsRef) { self.netns = netns }
 
@@ -96,6 +99,8 @@ public struct TraceOutcome: Sendable {
     /// how many times it was raised because it had fallen behind.
     public var readerYielded = false
     public var readerRaises = 0
+    /// Passes that ended with more waiting in a source than a pass reads: how often the reader was behind.
+    var passesBehind = 0
     /// Those two in words, for the summaries.
     public var readerPrioritySaid: String {
         guard readerYielded else { return "reader at normal priority" }
@@ -157,6 +162,8 @@ public final class LiveTracer: @unchecked Sendable {
     private let priority = ReaderPriority()
     /// Wall clock (ns) when the last pass that read every source empty began.
     private var drainedWall: Int64 = 0
+    /// Passes that ended with a source holding more than a pass reads (`TraceOutcome.passesBehind`).
+    private var passesBehind = 0
 
     /// Called on the main thread once the twins are in and events flow (tests and benchmarks start traffic here).
     public var onReady: (() -> Void)?
@@ -324,6 +331,7 @@ public final class LiveTracer: @unchecked Sendable {
                                    readerYielded: priority.yielded, readerRaises: priority.raises,
                                    stoppedBySignal: StopSignal.signalNumber)
         outcome.tracedSeconds = tracedSeconds
+        outcome.passesBehind = passesBehind
         if !pin.isNamed(by: options.netns.path) {
             // Gone, or the name now means another namespace: a pid reused, a netns made again under its name.
             let again = FileManager.default.fileExists(atPath: options.netns.path)
@@ -467,7 +475,7 @@ public final class LiveTracer: @unchecked Sendable {
             }
             let (got, drained) = pump(&record, eventBuffer, ready: fds)
             // Everything the kernel had when this pass began has been read.
-            if drained { drainedWall = wokeWall }
+            if drained { drainedWall = wokeWall } else { passesBehind += 1 }
             release(force: false)
             let tick = DispatchTime.now().uptimeNanoseconds
             if tick >= nextAdvance {
@@ -489,6 +497,11 @@ public final class LiveTracer: @unchecked Sendable {
             let spent = DispatchTime.now().uptimeNanoseconds - woke
             if !finishing && got > 0 && spent < LiveTracer.minimumPassNanos {
                 var pause = timespec(tv_sec: 0, tv_nsec: Int(LiveTracer.minimumPassNanos - spent))
+                nanosleep(&pause, nil)
+            }
+            if options.readerPauseNanos > 0 && !finishing {
+                var pause = timespec(tv_sec: Int(options.readerPauseNanos / 1_000_000_000),
+                                     tv_nsec: Int(options.readerPauseNanos % 1_000_000_000))
                 nanosleep(&pause, nil)
             }
         }
