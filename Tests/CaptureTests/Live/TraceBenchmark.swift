@@ -176,8 +176,11 @@ final class TraceBenchmark: KernelTestCase {
         let untraced = untracedRuns.map(\.0)
 
         func f(_ x: Double) -> String { String(format: "%.0f", x) }
+        // NaN for no rounds (a build that traced none): a crash here would end the process before the lab's
+        // teardown, leaving its namespaces behind (`meshtrace lab down` removes them).
         func median(_ xs: [Double]) -> Double {
             let s = xs.sorted()
+            guard !s.isEmpty else { return .nan }
             return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
         }
         var ratios: [Double] = []
