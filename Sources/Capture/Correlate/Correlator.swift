@@ -1098,9 +1098,8 @@ public final class Correlator {
         guard !t.emitted, t.mergedInto == nil, t.sawZtunnelMark, !t.hasOutboundHop, t.initiatorFromSYN,
               t.pendingRoles.contains(.innerOutbound), initiatorIsLocal(t) else { return }
         if !chainAppsListed {
-            // The app connections not yet emitted, by when they began: the start-order index drops joined ones from
-            // its front, and these are mostly joined.
-            // In the order they began, so that of equals the first to begin is taken.
+            // The app connections not yet emitted (the start-order index drops joined ones from its front, and these
+            // are mostly joined), in the order they began, so that of equals the first to begin is taken.
             for c in open where c.pendingRoles.contains(.outerOutbound) && c.mergedInto == nil && c.initiatorFromSYN {
                 chainApps.append(c)
             }
@@ -1128,6 +1127,17 @@ public final class Correlator {
             link.byStartOrder = true
             link.chain = path.count
         }
+    }
+
+    /// `explainByOrderChain` for each connection of a batch about to be emitted; the candidate app connections are
+    /// listed once for the batch (only if some tunnel needs them) and dropped after it, so no connection outlives its
+    /// emission through them.
+    private func explainByOrderChains(_ batch: [ConnectionState]) {
+        chainAppsListed = false
+        for c in batch { explainByOrderChain(c) }
+        chainApps.removeAll(keepingCapacity: true)
+        chainWindowFrom.removeAll(keepingCapacity: true)
+        chainWindowTo.removeAll(keepingCapacity: true)
     }
 
     /// The moves that explain tunnel `t` (`explainByOrderChain`): each an app connection and the tunnel it takes,
@@ -2210,11 +2220,7 @@ public final class Correlator {
     private func emit(_ batch: [ConnectionState]) {
         for c in batch { lastChanceJoins(c) }
         relinkByRelayTiming(batch)
-        chainAppsListed = false
-        for c in batch { explainByOrderChain(c) }
-        chainApps.removeAll(keepingCapacity: true)
-        chainWindowFrom.removeAll(keepingCapacity: true)
-        chainWindowTo.removeAll(keepingCapacity: true)
+        explainByOrderChains(batch)
         // Evidence too, before any is emitted: it looks at the tunnels still open (`hopEvidence`).
         for c in batch where !c.emitted { for link in c.hopLinks { finalize(link) } }
         for c in batch { emitJoined(c) }

@@ -22,12 +22,12 @@ public final class NetnsThread: @unchecked Sendable {
     private var pthread: pthread_t?
     private let pthreadLock = NSLock()
 
-    /// `enterFailed` runs on the thread when it cannot enter the netns and `body` will not run: a caller
-    /// waiting for `body` to say something (its sockets are open) must be told instead of waiting forever.
     /// The thread's stack: it reads, decodes and correlates (the correlator's longest search, its order chain, is
     /// tested on a stack this size).
     public static let stackSize = 1 << 20
 
+    /// `enterFailed` runs on the thread when it cannot enter the netns and `body` will not run: a caller
+    /// waiting for `body` to say something (its sockets are open) must be told instead of waiting forever.
     public init(netns: NetnsRef, enterFailed: @escaping (Error) -> Void = { _ in }, body: @escaping () throws -> Void) {
         self.netns = netns
         self.enterFailed = enterFailed

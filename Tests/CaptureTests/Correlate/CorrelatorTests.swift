@@ -602,13 +602,16 @@ final class CorrelatorTests: XCTestCase {
                 f.clock = t0 + micros * 1_000
                 timed.append((micros, make(&f)))
             }
+            // A connection to the VIP, redirected: its SYN and, refused, its RST.
+            func vipCall(_ app: Endpoint, from: Int64, to: Int64, seq: UInt32) {
+                at(from) { $0.redirectedSYN(app, to: Self.vip, seq: seq) }
+                at(to) { [$0.packet(app, CorrelatorTests.capture15001, flags: [.rst], seq: seq + 1, on: lo, direction: .inbound)] }
+            }
+            let firstEnds: Int64 = printedPool ? 50_000 : 1_500_000
             for i in 0..<n {
-                let app = apps[i], tunnel = tunnels[i], k = Int64(i)
-                let firstEnds: Int64 = printedPool ? 50_000 : 1_500_000
+                let tunnel = tunnels[i], k = Int64(i)
                 let (from, to) = i == 0 ? (Int64(0), firstEnds) : (k * 1_000, i == n - 1 ? k * 1_000 + 500 : k * 1_000 + 1_500)
-                at(from) { $0.redirectedSYN(app, to: Self.vip, seq: UInt32(1000 * (i + 1))) }
-                at(to) { [$0.packet(app, CorrelatorTests.capture15001, flags: [.rst], seq: UInt32(1000 * (i + 1) + 1), on: lo,
-                                    direction: .inbound)] }
+                vipCall(apps[i], from: from, to: to, seq: UInt32(1000 * (i + 1)))
                 at(i == 0 ? Int64(n) * 1_000 : k * 1_000 + 100) { $0.markedSYN(tunnel, to: Self.endpoint, seq: UInt32(7000 + i)) }
             }
             if pooledTunnel {
@@ -618,11 +621,6 @@ final class CorrelatorTests: XCTestCase {
                 }
             }
             if printedPool {
-                let vip = Self.vip, rst = TCPFlags.rst
-                func vipCall(_ app: Endpoint, from: Int64, to: Int64, seq: UInt32) {
-                    at(from) { $0.redirectedSYN(app, to: vip, seq: seq) }
-                    at(to) { [$0.packet(app, CorrelatorTests.capture15001, flags: [rst], seq: seq + 1, on: lo, direction: .inbound)] }
-                }
                 at(-1_000_000) { $0.markedSYN(Self.printedPool, to: Self.endpoint, seq: 9500) }
                 vipCall(PacketFactory.ep("10.0.1.5", 19998), from: -950_000, to: -770_000, seq: 300)
                 vipCall(Self.openOnPool, from: -900_000, to: 60_000, seq: 400)
@@ -630,7 +628,7 @@ final class CorrelatorTests: XCTestCase {
                 at(-780_000) {
                     [$0.packet(Self.printedPool, Self.endpoint, flags: [.ack, .psh], seq: 9501, payload: 100, on: eth0, direction: .outbound)]
                 }
-                at(-600_000) { [$0.packet(Self.printedPool, Self.endpoint, flags: [rst], seq: 9601, on: eth0, direction: .outbound)] }
+                at(-600_000) { [$0.packet(Self.printedPool, Self.endpoint, flags: [.rst], seq: 9601, on: eth0, direction: .outbound)] }
             }
             packets = timed.sorted { $0.0 < $1.0 }.flatMap(\.1)
             tags = f.tags
