@@ -72,7 +72,8 @@ final class LabProcess: @unchecked Sendable {
 ///      └── peer       10.244.9.10  outside the mesh: app on :80, UDP echo on :9999
 ///
 /// The addresses exist only inside these namespaces. Everything is removed by `teardown()`, which also runs on
-/// SIGINT/SIGTERM/SIGHUP (see `tearDownOnSignals()`); `LabTopology.removeAll()` sweeps what earlier runs left.
+/// SIGINT/SIGTERM/SIGHUP (see `tearDownOnSignals()`); if the process dies without it (a crash, SIGKILL), the
+/// `OrphanReaper` removes the namespaces and the run directory; `LabTopology.removeAll()` sweeps what is left.
 public final class LabTopology: @unchecked Sendable {
     public static let nodeIPv4 = IPAddress("10.244.0.1")!
     public static let nodeIPv6 = IPAddress("fd00:10:244::1")!
@@ -116,6 +117,7 @@ public final class LabTopology: @unchecked Sendable {
         LabTopology.register(self)
         do {
             try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
+            OrphanReaper.watch(directory: runDirectory)
             try build()
         } catch {
             teardown()
@@ -327,11 +329,13 @@ public final class LabTopology: @unchecked Sendable {
         if options.keep {
             // ScratchNetns removes its namespace when released; a kept lab must outlive this object.
             LabTopology.liveLock.lock(); LabTopology.kept.append(self); LabTopology.liveLock.unlock()
+            for pod in made { pod.netns.keepAfterExit() }
+            OrphanReaper.release(directory: runDirectory)
             return
         }
         for p in procs { p.stop() }
         for pod in made.reversed() { pod.netns.remove() }
-        try? FileManager.default.removeItem(atPath: runDirectory)
+        if (try? FileManager.default.removeItem(atPath: runDirectory)) != nil { OrphanReaper.release(directory: runDirectory) }
     }
 
     // MARK: - Every lab of this process, for signal-time teardown
@@ -384,18 +388,18 @@ public final class LabTopology: @unchecked Sendable {
         exit(128 + StopSignal.signalNumber)
     }
 
-    /// `meshtrace lab down`: removes the lab namespaces (`mt-l<pid>-N`) of earlier runs — those whose creating
-    /// process is gone, as after `--keep` or a SIGKILL — with the processes inside them, and their run directories.
-    /// `includingRunning` also removes labs whose creator still runs (another `meshtrace lab` in progress).
-    /// Returns the names removed.
-    @discardableResult
     /// The lab a namespace belongs to: the creating process's pid in `mt-l<ID>-n`.
     public static func labID(of namespace: String) -> Int32? {
         guard namespace.hasPrefix("mt-l") else { return nil }
         return Int32(namespace.dropFirst(4).prefix { $0.isNumber })
     }
 
-    /// `only`: remove just that lab (by its id), so a test or a user does not sweep another kept lab away.
+    /// `meshtrace lab down`: removes the lab namespaces (`mt-l<pid>-N`) of earlier runs — those whose creating
+    /// process is gone, as after `--keep` or a SIGKILL — with the processes inside them, and their run directories.
+    /// `includingRunning` also removes labs whose creator still runs (another `meshtrace lab` in progress).
+    /// Returns the names removed. `only`: remove just that lab (by its id), so a test or a user does not sweep
+    /// another kept lab away.
+    @discardableResult
     public static func removeAll(includingRunning: Bool = false, only: Int32? = nil) throws -> [String] {
         try Command.requireRoot("meshtrace lab down")
         let list = try Command.run(["ip", "netns", "list"])

@@ -203,11 +203,12 @@ public enum Command {
     }
 
     /// Starts `argv` (inside `netns` when given) and returns at once: a program that runs beside the caller
-    /// (tcpdump, a listener). Its stdin and stdout are /dev/null, its stderr `stderr` (else /dev/null); the caller
-    /// ends it and waits for it.
-    public static func start(_ argv: [String], in netns: NetnsRef? = nil, stderr: FileHandle? = nil) throws -> Process {
+    /// (tcpdump, a listener, the orphan reaper). Its stdout is /dev/null, its stdin `stdin` and its stderr `stderr`
+    /// (else /dev/null); the caller ends it and waits for it.
+    public static func start(_ argv: [String], in netns: NetnsRef? = nil, stdin: FileHandle? = nil,
+                             stderr: FileHandle? = nil) throws -> Process {
         let p = try process(argv, in: netns)
-        p.standardInput = FileHandle.nullDevice
+        p.standardInput = stdin ?? FileHandle.nullDevice
         p.standardOutput = FileHandle.nullDevice
         p.standardError = stderr ?? FileHandle.nullDevice
         try p.run()

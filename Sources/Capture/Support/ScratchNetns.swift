@@ -31,6 +31,8 @@ public final class ScratchNetns: @unchecked Sendable {
         name = candidate
         let r = try Command.run(["ip", "netns", "add", name])
         guard r.ok else { throw MeshtraceError(.kernelRefused, "ip netns add \(name): \(r.stderr)") }
+        // Removed by `remove()`; if this process dies first (a crash, SIGKILL), by the reaper.
+        OrphanReaper.watch(namespace: name)
         try run(["ip", "link", "set", "lo", "up"])
     }
 
@@ -58,8 +60,11 @@ public final class ScratchNetns: @unchecked Sendable {
         if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {
             for p in pids.stdout.split(whereSeparator: \.isNewline) { if let pid = Int32(p) { kill(pid, SIGKILL) } }
         }
-        _ = try? Command.run(["ip", "netns", "del", name])
+        if (try? Command.run(["ip", "netns", "del", name]))?.ok == true { OrphanReaper.release(namespace: name) }
     }
+
+    /// This namespace is to outlive the process (a lab kept with `--keep`): the reaper leaves it alone.
+    func keepAfterExit() { OrphanReaper.release(namespace: name) }
 
     deinit { remove() }
 

@@ -282,6 +282,63 @@ final class LabTests: KernelTestCase {
         XCTAssertEqual(records[3]["matching"] as? Int, 2)
     }
 
+    /// The reaper of a process that made namespaces: `sh -c … meshtrace-reaper <pid>` (`OrphanReaper`).
+    private func reapers(of pid: Int32) -> [Int32] {
+        let r = (try? Command.run(["pgrep", "-f", "meshtrace-reaper \(pid)$"]))?.stdout ?? ""
+        return r.split(whereSeparator: \.isNewline).compactMap { Int32($0) }
+    }
+
+    private func labNamespaces(_ prefix: String) throws -> [String] {
+        try Command.run(["ip", "netns", "list"]).stdout.split(whereSeparator: \.isNewline)
+            .map { String($0.split(separator: " ")[0]) }.filter { $0.hasPrefix(prefix) }
+    }
+
+    /// A lab whose process is killed (SIGKILL: no handler, no teardown runs; a test process that traps is the same
+    /// case) is removed by its reaper: namespaces, the stand-ins in them, the run directory. Until the twenty-fifth
+    /// session such a lab stayed until `meshtrace lab down`.
+    func testALabWhoseProcessIsKilledIsRemovedByItsReaper() throws {
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = ["lab", "--scenario", "outbound,udp,probe,passthrough,mark-escape"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let pid = p.processIdentifier
+        defer { _ = try? LabTopology.removeAll(only: pid) }
+        let prefix = "mt-l\(pid)-"
+        var standIns: [Int32] = []
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            standIns = try labNamespaces(prefix).flatMap { ns in
+                ((try? Command.run(["ip", "netns", "pids", ns]))?.stdout ?? "").split(whereSeparator: \.isNewline).compactMap { Int32($0) }
+            }
+            if standIns.count >= 5 { break }
+            usleep(50_000)
+        }
+        XCTAssertGreaterThanOrEqual(standIns.count, 5, "the lab did not come up")
+        XCTAssertEqual(try labNamespaces(prefix).count, 4)
+        let runDirectories = { () -> [String] in
+            ((try? FileManager.default.contentsOfDirectory(atPath: "/tmp")) ?? []).filter { $0.hasPrefix("meshtrace-lab-\(pid)-") }
+        }
+        XCTAssertEqual(runDirectories().count, 1)
+        let reaper = reapers(of: pid)
+        XCTAssertEqual(reaper.count, 1, "the lab process has one reaper")
+
+        kill(pid, SIGKILL)
+        p.waitUntilExit()
+        var left = try labNamespaces(prefix)
+        let until = Date().addingTimeInterval(10)
+        while (!left.isEmpty || !runDirectories().isEmpty || !reapers(of: pid).isEmpty) && Date() < until {
+            usleep(50_000)
+            left = try labNamespaces(prefix)
+        }
+        XCTAssertEqual(left, [], "the killed lab's namespaces stayed")
+        XCTAssertEqual(runDirectories(), [], "the killed lab's run directory stayed")
+        XCTAssertEqual(reapers(of: pid), [], "the reaper did not end")
+        for pid in standIns { XCTAssertTrue(gone(pid), "stand-in \(pid) survived") }
+    }
+
     /// The CLI end to end: Ctrl-C in the middle of a run, then --keep and `lab down`.
     func testInterruptedLabAndLabDownLeaveNothingBehind() throws {
         XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
@@ -316,6 +373,11 @@ final class LabTests: KernelTestCase {
         XCTAssertEqual(kept.status, 0, kept.stderr)
         // Other labs may run on this machine: look only at the namespaces this run printed.
         let keptPrefix = try XCTUnwrap(kept.stdout.range(of: #"mt-l[0-9]+-"#, options: .regularExpression).map { String(kept.stdout[$0]) })
+        // Its creator has exited: its reaper read end of file and must have left the kept lab alone.
+        let keptCreator = try XCTUnwrap(LabTopology.labID(of: keptPrefix + "1"))
+        let reaperDeadline = Date().addingTimeInterval(10)
+        while !reapers(of: keptCreator).isEmpty && Date() < reaperDeadline { usleep(50_000) }
+        XCTAssertEqual(reapers(of: keptCreator), [], "the kept lab's reaper did not end")
         let keptNames = try Command.run(["ip", "netns", "list"]).stdout.split(whereSeparator: \.isNewline)
             .map { String($0.split(separator: " ")[0]) }.filter { $0.hasPrefix(keptPrefix) }
         XCTAssertEqual(keptNames.count, 4, "node, client, server, peer")
@@ -324,7 +386,7 @@ final class LabTests: KernelTestCase {
         }
         XCTAssertEqual(keptPids.count, 5)
         // Only this lab: `lab down` alone would also sweep a lab someone else kept on this machine.
-        let keptID = try XCTUnwrap(LabTopology.labID(of: keptNames[0]))
+        let keptID = try XCTUnwrap(LabTopology.labID(of: try XCTUnwrap(keptNames.first)))
         XCTAssertTrue(kept.stdout.contains("lab down --lab \(keptID)"), kept.stdout)
         // A second kept lab: removing the first leaves its namespaces and its run directory (the stand-ins' logs) alone.
         let other = try Command.run([executable, "lab", "--keep", "--scenario", "outbound"])

@@ -66,6 +66,18 @@ final class ScratchNetnsTests: KernelTestCase {
         XCTAssertFalse(try Command.run(["ip", "netns", "list"]).stdout.contains(ns.name))
     }
 
+    /// What the orphan reaper's shell is told is checked: only the names and paths meshtrace makes.
+    func testTheReaperIsToldOnlyNamesMeshtraceMakes() throws {
+        for good in ["mt-l123-4", "mt-t99-1", "/tmp/meshtrace-lab-12-345"] { XCTAssertTrue(OrphanReaper.safe(good), good) }
+        for bad in ["", "a b", "$(reboot)", "x;y", "/tmp/meshtrace-lab-1/../../etc", "a\nb", "`id`", "*", "-rf /"] {
+            XCTAssertFalse(OrphanReaper.safe(bad), bad)
+        }
+        // This process made namespaces: its reaper runs.
+        _ = try makeNetns()
+        let pid = try XCTUnwrap(OrphanReaper.pid)
+        XCTAssertEqual(kill(pid, 0), 0)
+    }
+
     /// Names carry the creating process's pid, and a lab kept up (`meshtrace lab --keep`) outlives its creator: a
     /// later process given the same pid found its names taken, and `ip netns add` refused ("File exists").
     func testANameLeftByAnEarlierProcessWithTheSamePidIsSkipped() throws {
