@@ -29,7 +29,7 @@ struct Plan: ParsableCommand {
     func validate() throws {
         try TwinOptionChecks.group(group)
         guard (rules != nil) != pod.isGiven else {
-            throw ValidationError("give either --rules FILE or --netns NAME|PATH / --pid N")
+            throw ValidationError("give either --rules FILE or --netns NAME|PATH / --pid N / --pod NAMESPACE/NAME")
         }
         try TwinOptionChecks.snaplen(snaplen)
     }

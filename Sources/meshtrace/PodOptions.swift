@@ -1,7 +1,7 @@
 import ArgumentParser
 import Capture
 
-/// `--netns NAME|PATH` / `--pid N`: the pod whose network namespace a live command works in.
+/// `--netns NAME|PATH` / `--pid N` / `--pod NAMESPACE/NAME`: the pod whose network namespace a live command works in.
 struct PodOptions: ParsableArguments {
     @Option(name: .long, help: "The pod's network namespace: a name under /var/run/netns, or a path.")
     var netns: String?
@@ -9,10 +9,21 @@ struct PodOptions: ParsableArguments {
     @Option(name: .long, help: "A process in the pod: its network namespace is used.")
     var pid: Int32?
 
-    var isGiven: Bool { netns != nil || pid != nil }
+    @Option(name: .long, help: ArgumentHelp("A Kubernetes pod on this node, NAMESPACE/NAME (NAME alone: the default namespace): its network namespace is found with crictl.", valueName: "namespace/name"))
+    var pod: String?
 
-    /// The namespace; `.noSuchNetns` when it does not exist, `.usage` when neither option was given.
-    func resolve() throws -> NetnsRef { try NetnsRef.resolve(netns: netns, pid: pid) }
+    var isGiven: Bool { netns != nil || pid != nil || pod != nil }
+
+    /// The namespace; `.noSuchNetns` when it does not exist, `.usage` when none or several of the options were given.
+    func resolve() throws -> NetnsRef { try PodOptions.resolve(netns: netns, pid: pid, pod: pod) }
+
+    static func resolve(netns: String?, pid: Int32?, pod: String?) throws -> NetnsRef {
+        guard let pod else { return try NetnsRef.resolve(netns: netns, pid: pid) }
+        if let other = netns.map({ "--netns \($0)" }) ?? pid.map({ "--pid \($0)" }) {
+            throw MeshtraceError(.usage, "give either --pod \(pod) or \(other), not both")
+        }
+        return try PodLookup.netns(of: pod)
+    }
 }
 
 /// The checks of the options every command that adds twins takes (`trace`, `plan`, `lab`).

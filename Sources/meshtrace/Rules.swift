@@ -13,21 +13,24 @@ struct RulesetSourceOptions: ParsableArguments {
     @Option(name: .long, help: "Read the live rules of this process's network namespace.")
     var pid: Int32?
 
+    @Option(name: .long, help: ArgumentHelp("Read the live rules of this Kubernetes pod on this node, NAMESPACE/NAME (found with crictl).", valueName: "namespace/name"))
+    var pod: String?
+
     func validate() throws {
-        let given = [rules != nil, netns != nil, pid != nil].filter { $0 }.count
-        guard given == 1 else { throw ValidationError("give exactly one of --rules FILE, --netns NAME|PATH, --pid N") }
+        let given = [rules != nil, netns != nil, pid != nil, pod != nil].filter { $0 }.count
+        guard given == 1 else { throw ValidationError("give exactly one of --rules FILE, --netns NAME|PATH, --pid N, --pod NAMESPACE/NAME") }
     }
 
     /// The live netns, when one was named.
     func liveNetns() throws -> NetnsRef? {
         guard rules == nil else { return nil }
-        return try NetnsRef.resolve(netns: netns, pid: pid)
+        return try PodOptions.resolve(netns: netns, pid: pid, pod: pod)
     }
 
     func load() throws -> Ruleset {
         if let rules { return try RulesetLoader.load(file: rules) }
         try Command.requireRoot("reading a pod's live rules")
-        let ref = try NetnsRef.resolve(netns: netns, pid: pid)
+        let ref = try PodOptions.resolve(netns: netns, pid: pid, pod: pod)
         return try RulesetLoader.load(netns: ref)
     }
 }

@@ -11,6 +11,7 @@ struct Trace: ParsableCommand {
         pod's interfaces with libpcap, and prints one timeline per connection as it finishes; at the end, the \
         per-rule hit counts next to the kernel's counters, and any events lost. The added rules are removed on \
         exit, Ctrl-C, Ctrl-\\, SIGTERM, SIGHUP, SIGUSR1/2, SIGALRM and errors; after a SIGKILL, `meshtrace cleanup --netns X` removes them. \
+        The pod: --netns NAME|PATH, --pid N, or --pod NAMESPACE/NAME (its sandbox's netns, from crictl on this node). \
         Needs root. Exit codes: docs/EXIT-CODES.md (6: NFLOG group busy, 9: leftover rules, 10: events lost \
         with --strict).
         """

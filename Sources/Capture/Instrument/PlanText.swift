@@ -22,7 +22,7 @@ public enum PlanText {
         out.append("\(enter)tcpdump -i nflog:\(plan.settings.group) -w pod-nflog.pcap &")
         out.append("\(enter)tcpdump -i any -w pod-any.pcap &")
         out.append("")
-        out.append("# 3. remove the twins (found by their exact spec / comment \"meshtrace\"), or: meshtrace cleanup\(netns.map { " --netns \($0.label)" } ?? "")")
+        out.append("# 3. remove the twins (found by their exact spec / comment \"meshtrace\"), or: meshtrace cleanup\(netns.map { " \($0.commandLine)" } ?? "")")
         for change in plan.changes {
             if change.home.isNftables {
                 out.append("\(enter)nft -a list ruleset | awk '/^table /{f=$2;t=$3} /^\\tchain /{c=$2} /comment \"meshtrace\"/{print \"delete rule\", f, t, c, \"handle\", $NF}' | \(enter)nft -f -")

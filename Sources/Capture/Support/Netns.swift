@@ -13,8 +13,12 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
 
     /// The process it was named by (`--pid`), if it was.
     public let pid: Int32?
+    /// The Kubernetes pod it was named by (`--pod NAMESPACE/NAME`), if it was.
+    public let pod: String?
 
-    public init(path: String, label: String, pid: Int32? = nil) { self.path = path; self.label = label; self.pid = pid }
+    public init(path: String, label: String, pid: Int32? = nil, pod: String? = nil) {
+        self.path = path; self.label = label; self.pid = pid; self.pod = pod
+    }
 
     /// Whether this is the node's own network namespace, as far as meshtrace can tell: the one it runs in (on a node,
     /// the host network), or pid 1's where that may be read. A host-network pod's `--pid` lands there.
@@ -52,7 +56,7 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
             return NetnsRef(path: p, label: "pid \(pid)", pid: pid)
         }
         guard let netns, !netns.isEmpty else {
-            throw MeshtraceError(.usage, "name the pod's network namespace with --netns NAME|PATH or --pid N")
+            throw MeshtraceError(.usage, "name the pod's network namespace with --netns NAME|PATH, --pid N or --pod NAMESPACE/NAME")
         }
         let p = netns.contains("/") ? netns : "/var/run/netns/\(netns)"
         var st = stat()
@@ -93,8 +97,9 @@ public struct NetnsRef: Hashable, Sendable, CustomStringConvertible {
         MeshtraceError(.noPrivilege, "cannot open \(what) (\(path.map { "\($0): " } ?? "")\(String(cString: strerror(e)))): run it as root")
     }
 
-    /// How to name this namespace again on the command line (`--pid N` or `--netns NAME|PATH`), for messages.
-    public var commandLine: String { pid.map { "--pid \($0)" } ?? "--netns \(label)" }
+    /// How to name this namespace again on the command line (`--pod NAMESPACE/NAME`, `--pid N` or
+    /// `--netns NAME|PATH`), for messages.
+    public var commandLine: String { pod.map { "--pod \($0)" } ?? pid.map { "--pid \($0)" } ?? "--netns \(label)" }
 
     /// The argv prefix that runs a program inside this namespace (util-linux nsenter).
     public var execPrefix: [String] { ["nsenter", "--net=\(path)", "--"] }
@@ -116,7 +121,7 @@ public final class NetnsPin: @unchecked Sendable {
             throw MeshtraceError(.noSuchNetns, "network namespace \(netns) went away (\(netns.path): \(String(cString: strerror(e))))")
         }
         self.fd = fd
-        ref = NetnsRef(path: "/proc/\(getpid())/fd/\(fd)", label: netns.label, pid: netns.pid)
+        ref = NetnsRef(path: "/proc/\(getpid())/fd/\(fd)", label: netns.label, pid: netns.pid, pod: netns.pod)
     }
 
     deinit { close(fd) }
