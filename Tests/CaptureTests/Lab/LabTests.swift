@@ -296,7 +296,9 @@ final class LabTests: KernelTestCase {
     /// A lab whose process is killed (SIGKILL: no handler, no teardown runs; a test process that traps is the same
     /// case) is removed by its reaper: namespaces, the stand-ins in them, the run directory. Until the twenty-fifth
     /// session such a lab stayed until `meshtrace lab down`.
-    func testALabWhoseProcessIsKilledIsRemovedByItsReaper() throws {
+    /// `meshtrace lab` started with several scenarios, once its four namespaces and five stand-ins are up (the
+    /// caller stops it); its namespaces' prefix and the stand-ins' pids.
+    private func startLab() throws -> (Process, prefix: String, standIns: [Int32]) {
         XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
         let p = Process()
         p.executableURL = URL(fileURLWithPath: executable)
@@ -304,9 +306,7 @@ final class LabTests: KernelTestCase {
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         try p.run()
-        let pid = p.processIdentifier
-        defer { _ = try? LabTopology.removeAll(only: pid) }
-        let prefix = "mt-l\(pid)-"
+        let prefix = "mt-l\(p.processIdentifier)-"
         var standIns: [Int32] = []
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline {
@@ -317,6 +317,13 @@ final class LabTests: KernelTestCase {
             usleep(50_000)
         }
         XCTAssertGreaterThanOrEqual(standIns.count, 5, "the lab did not come up")
+        return (p, prefix, standIns)
+    }
+
+    func testALabWhoseProcessIsKilledIsRemovedByItsReaper() throws {
+        let (p, prefix, standIns) = try startLab()
+        let pid = p.processIdentifier
+        defer { _ = try? LabTopology.removeAll(only: pid) }
         XCTAssertEqual(try labNamespaces(prefix).count, 4)
         let runDirectories = { () -> [String] in
             ((try? FileManager.default.contentsOfDirectory(atPath: "/tmp")) ?? []).filter { $0.hasPrefix("meshtrace-lab-\(pid)-") }
@@ -341,27 +348,8 @@ final class LabTests: KernelTestCase {
 
     /// The CLI end to end: Ctrl-C in the middle of a run, then --keep and `lab down`.
     func testInterruptedLabAndLabDownLeaveNothingBehind() throws {
-        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
         // SIGINT while the lab is up.
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = ["lab", "--scenario", "outbound,udp,probe,passthrough,mark-escape"]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        let prefix = "mt-l\(p.processIdentifier)-"
-        var standIns: [Int32] = []
-        let deadline = Date().addingTimeInterval(20)
-        while Date() < deadline {
-            let list = try Command.run(["ip", "netns", "list"]).stdout
-            let ours = list.split(whereSeparator: \.isNewline).map { String($0.split(separator: " ")[0]) }.filter { $0.hasPrefix(prefix) }
-            standIns = ours.flatMap { ns in
-                ((try? Command.run(["ip", "netns", "pids", ns]))?.stdout ?? "").split(whereSeparator: \.isNewline).compactMap { Int32($0) }
-            }
-            if standIns.count >= 5 { break }
-            usleep(50_000)
-        }
-        XCTAssertGreaterThanOrEqual(standIns.count, 5, "the lab did not come up")
+        let (p, prefix, standIns) = try startLab()
         kill(p.processIdentifier, SIGINT)
         p.waitUntilExit()
         XCTAssertEqual(p.terminationStatus, 128 + SIGINT)
