@@ -170,7 +170,7 @@ public final class Correlator {
         summary.packets += 1
         let t = r.time.totalNanoseconds
         if t > now { now = t } else if now - t > options.closeLingerNanos { summary.lateRecords += 1 }
-        if now >= nextSweep {
+        if now >= nextSweep && !sweepsHeld {
             if nextSweep != .min { sweep() }
             nextSweep = now + sweepInterval
         }
@@ -250,6 +250,21 @@ public final class Correlator {
         let t = time.totalNanoseconds
         guard t > now else { return }
         now = t
+        guard !sweepsHeld else { return }
+        sweep()
+        nextSweep = now + sweepInterval
+    }
+
+    /// Live: while held, the clock moves with the records but finishes nothing (no sweep). The live reader holds
+    /// sweeps while it places the backlog a stall left in the kernel's buffers (`StallGate`): placed one source's
+    /// backlog before the other's, a record far later than the rest (an NFLOG event stamped on receipt after the
+    /// stall) would otherwise move the clock past a connection's linger and finish it before its records from the
+    /// other source are placed, which then make a second, headless connection. `resumeSweeps()` sweeps at once.
+    public private(set) var sweepsHeld = false
+    public func holdSweeps() { sweepsHeld = true }
+    public func resumeSweeps() {
+        guard sweepsHeld else { return }
+        sweepsHeld = false
         sweep()
         nextSweep = now + sweepInterval
     }

@@ -462,6 +462,8 @@ public final class LiveTracer: @unchecked Sendable {
         var finishing = false
         var finishDeadline: UInt64 = 0
         var nextAdvance: UInt64 = 0
+        let linger = UInt64(max(options.correlator.closeLingerNanos, 2))
+        var gate = StallGate(stallNanos: linger / 2, limitNanos: 2 * linger)
         while true {
             _ = poll(&fds, nfds_t(fds.count), 5)
             let woke = DispatchTime.now().uptimeNanoseconds
@@ -476,7 +478,14 @@ public final class LiveTracer: @unchecked Sendable {
             let (got, drained) = pump(&record, eventBuffer, ready: fds)
             // Everything the kernel had when this pass began has been read.
             if drained { drainedWall = wokeWall } else { passesBehind += 1 }
+            if gate.afterReading(woke: woke, wall: DispatchTime.now().uptimeNanoseconds, cpu: StallGate.threadCPU(),
+                                 drained: drained) {
+                correlator?.holdSweeps()
+            }
             release(force: false)
+            if gate.afterRelease(now: DispatchTime.now().uptimeNanoseconds, oldestHeld: pending.oldestArrival) {
+                correlator?.resumeSweeps()
+            }
             let tick = DispatchTime.now().uptimeNanoseconds
             if tick >= nextAdvance {
                 nextAdvance = tick + LiveTracer.advanceIntervalNanos

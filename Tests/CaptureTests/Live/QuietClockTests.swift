@@ -46,6 +46,40 @@ final class QuietClockTests: XCTestCase {
         XCTAssertTrue(timeline.closed)
     }
 
+    /// After a stall the backlog of one source is placed before the other's: a record stamped far later than the
+    /// rest (an NFLOG event at OUTPUT, stamped on receipt after the stall) moves the clock past the linger while the
+    /// connection's last ACK, from the capture, is still to be placed. Held (`StallGate`), the sweeps finish
+    /// nothing until the backlog is placed, and the connection is printed whole.
+    func testWithSweepsHeldAJumpOfTheClockFinishesNothingUntilTheBacklogIsPlaced() throws {
+        let (placed, held, correlator, sink) = closedConnection()
+        for p in placed { correlator.ingest(p) }
+        correlator.holdSweeps()
+        correlator.ingest(recordAfterTheStall(held))
+        XCTAssertEqual(sink.connectionsSeen, 0, "finished while its last ACK was still to be placed")
+        correlator.ingest(held)
+        correlator.resumeSweeps()
+        XCTAssertEqual(sink.connectionsSeen, 1, "the sweep on resuming finishes the closed connection")
+        XCTAssertEqual(sink.timelines.first?.events.count, placed.count + 1)
+        _ = correlator.finish()
+        XCTAssertEqual(sink.timelines.filter { $0.original.src == Self.client }.count, 1, "split")
+    }
+
+    /// What the hold is for: without it the sweep runs at the jump and finishes the connection before its ACK.
+    func testWithoutTheHoldAJumpOfTheClockFinishesTheConnectionAtOnce() throws {
+        let (placed, held, correlator, sink) = closedConnection()
+        for p in placed { correlator.ingest(p) }
+        correlator.ingest(recordAfterTheStall(held))
+        XCTAssertEqual(sink.connectionsSeen, 1)
+        XCTAssertEqual(sink.timelines.first?.events.count, placed.count)
+    }
+
+    /// Another connection's SYN, 1.5 s after `held` was captured (as NFLOG's receipt stamp puts it after a stall).
+    private func recordAfterTheStall(_ held: PacketRecord) -> PacketRecord {
+        var f = PacketFactory()
+        f.clock = held.time.totalNanoseconds + 1_500_000_000
+        return f.packet(PacketFactory.ep("10.244.1.10", 40002), Self.server, flags: [.syn], seq: 5, on: eth0, direction: .outbound)
+    }
+
     func testOnAQuietPodTheClockMovesAndAClosedConnectionIsPrintedWithoutWaitingForTheEnd() throws {
         let (placed, held, correlator, sink) = closedConnection()
         for p in placed + [held] { correlator.ingest(p) }
@@ -59,5 +93,50 @@ final class QuietClockTests: XCTestCase {
         XCTAssertEqual(sink.timelines.first?.events.count, placed.count + 1)
         // No pass has drained yet: no clock to go by.
         XCTAssertNil(LiveTracer.quietClock(drainedWall: 0, heldRecords: 0))
+    }
+}
+
+/// When the live reader holds the correlator's sweeps after a stall, and when it gives them back.
+final class StallGateTests: XCTestCase {
+    static let ms: UInt64 = 1_000_000
+
+    func testAStallHoldsUntilAPassAfterItHasReadEverythingAndTheHoldRingHasPlacedIt() {
+        let ms = Self.ms
+        var g = StallGate(stallNanos: 250 * ms, limitNanos: 1000 * ms)
+        // Passes every 2 ms, each using 1 ms of CPU: no stall.
+        XCTAssertFalse(g.afterReading(woke: 0, wall: 1 * ms, cpu: 1 * ms, drained: true))
+        XCTAssertFalse(g.afterReading(woke: 2 * ms, wall: 3 * ms, cpu: 2 * ms, drained: true))
+        // A pass of 300 ms of work (a debug build far behind) is not a stall: the thread ran.
+        XCTAssertFalse(g.afterReading(woke: 4 * ms, wall: 304 * ms, cpu: 301 * ms, drained: false))
+        XCTAssertFalse(g.holding)
+        // 1.5 s without running (SIGSTOP, Ctrl-Z): a stall.
+        XCTAssertTrue(g.afterReading(woke: 1806 * ms, wall: 1807 * ms, cpu: 302 * ms, drained: true))
+        XCTAssertTrue(g.holding)
+        XCTAssertEqual(g.stalls, 1)
+        // The pass that saw it does not count as having read everything: it may have read one source before the stall.
+        XCTAssertFalse(g.afterRelease(now: 1808 * ms, oldestHeld: nil))
+        // The next pass reads every source empty; what it read is still held (30 ms), so the sweeps stay held.
+        XCTAssertFalse(g.afterReading(woke: 1810 * ms, wall: 1811 * ms, cpu: 303 * ms, drained: true))
+        XCTAssertFalse(g.afterRelease(now: 1812 * ms, oldestHeld: Int64(1810 * ms)))
+        // Once the oldest record held arrived after that pass, everything read up to it is placed: sweep.
+        XCTAssertTrue(g.afterRelease(now: 1842 * ms, oldestHeld: Int64(1840 * ms)))
+        XCTAssertFalse(g.holding)
+        XCTAssertFalse(g.afterRelease(now: 1844 * ms, oldestHeld: nil))
+    }
+
+    func testAReaderThatStaysBehindGetsItsSweepsBackAtTheLimit() {
+        let ms = Self.ms
+        var g = StallGate(stallNanos: 250 * ms, limitNanos: 1000 * ms)
+        XCTAssertFalse(g.afterReading(woke: 0, wall: 1 * ms, cpu: 1 * ms, drained: true))
+        XCTAssertTrue(g.afterReading(woke: 900 * ms, wall: 901 * ms, cpu: 2 * ms, drained: false))
+        var wall = 901 * ms, cpu = 2 * ms
+        for _ in 0..<200 {
+            wall += 9 * ms; cpu += 8 * ms
+            XCTAssertFalse(g.afterReading(woke: wall - 8 * ms, wall: wall, cpu: cpu, drained: false))
+            if g.afterRelease(now: wall, oldestHeld: Int64(wall - 8 * ms)) { break }
+        }
+        XCTAssertFalse(g.holding)
+        XCTAssertGreaterThanOrEqual(wall, 1901 * ms)
+        XCTAssertLessThan(wall, 1915 * ms)
     }
 }
