@@ -475,13 +475,13 @@ public final class LiveTracer: @unchecked Sendable {
                 // The last events are drained at the normal policy, whatever the node is doing.
                 priority.stop()
             }
+            if gate.checkpoint(wall: woke, cpu: StallGate.threadCPU()) { correlator?.holdSweeps() }
             let (got, drained) = pump(&record, eventBuffer, ready: fds)
             // Everything the kernel had when this pass began has been read.
             if drained { drainedWall = wokeWall } else { passesBehind += 1 }
-            if gate.afterReading(woke: woke, wall: DispatchTime.now().uptimeNanoseconds, cpu: StallGate.threadCPU(),
-                                 drained: drained) {
-                correlator?.holdSweeps()
-            }
+            let read = DispatchTime.now().uptimeNanoseconds
+            if gate.checkpoint(wall: read, cpu: StallGate.threadCPU()) { correlator?.holdSweeps() }
+            gate.afterReading(woke: woke, wall: read, drained: drained)
             release(force: false)
             if gate.afterRelease(now: DispatchTime.now().uptimeNanoseconds, oldestHeld: pending.oldestArrival) {
                 correlator?.resumeSweeps()

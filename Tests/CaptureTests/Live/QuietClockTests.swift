@@ -100,23 +100,35 @@ final class QuietClockTests: XCTestCase {
 final class StallGateTests: XCTestCase {
     static let ms: UInt64 = 1_000_000
 
+    /// One pass as the reader makes it: a checkpoint when it wakes, its reading, a checkpoint after; whether a hold
+    /// started at either.
+    private func pass(_ g: inout StallGate, woke: UInt64, read: UInt64, cpuAtWoke: UInt64, cpuAfter: UInt64,
+                      drained: Bool) -> Bool {
+        let before = g.checkpoint(wall: woke, cpu: cpuAtWoke)
+        let after = g.checkpoint(wall: read, cpu: cpuAfter)
+        g.afterReading(woke: woke, wall: read, drained: drained)
+        return before || after
+    }
+
     func testAStallHoldsUntilAPassAfterItHasReadEverythingAndTheHoldRingHasPlacedIt() {
         let ms = Self.ms
         var g = StallGate(stallNanos: 250 * ms, limitNanos: 1000 * ms)
-        // Passes every 2 ms, each using 1 ms of CPU: no stall.
-        XCTAssertFalse(g.afterReading(woke: 0, wall: 1 * ms, cpu: 1 * ms, drained: true))
-        XCTAssertFalse(g.afterReading(woke: 2 * ms, wall: 3 * ms, cpu: 2 * ms, drained: true))
+        // Passes every 2 ms, each reading for 1 ms: no stall.
+        XCTAssertFalse(pass(&g, woke: 0, read: 1 * ms, cpuAtWoke: 0, cpuAfter: 1 * ms, drained: true))
+        XCTAssertFalse(pass(&g, woke: 2 * ms, read: 3 * ms, cpuAtWoke: 1 * ms, cpuAfter: 2 * ms, drained: true))
         // A pass of 300 ms of work (a debug build far behind) is not a stall: the thread ran.
-        XCTAssertFalse(g.afterReading(woke: 4 * ms, wall: 304 * ms, cpu: 301 * ms, drained: false))
+        XCTAssertFalse(pass(&g, woke: 4 * ms, read: 304 * ms, cpuAtWoke: 2 * ms, cpuAfter: 302 * ms, drained: false))
         XCTAssertFalse(g.holding)
-        // 1.5 s without running (SIGSTOP, Ctrl-Z): a stall.
-        XCTAssertTrue(g.afterReading(woke: 1806 * ms, wall: 1807 * ms, cpu: 302 * ms, drained: true))
+        // 1.5 s without running between two passes (SIGSTOP, Ctrl-Z): a hold before the next pass reads anything.
+        XCTAssertTrue(g.checkpoint(wall: 1806 * ms, cpu: 302 * ms))
         XCTAssertTrue(g.holding)
         XCTAssertEqual(g.stalls, 1)
-        // The pass that saw it does not count as having read everything: it may have read one source before the stall.
+        XCTAssertFalse(g.checkpoint(wall: 1807 * ms, cpu: 303 * ms))
+        g.afterReading(woke: 1806 * ms, wall: 1807 * ms, drained: true)
+        // That pass does not count as having read everything: the next one must.
         XCTAssertFalse(g.afterRelease(now: 1808 * ms, oldestHeld: nil))
         // The next pass reads every source empty; what it read is still held (30 ms), so the sweeps stay held.
-        XCTAssertFalse(g.afterReading(woke: 1810 * ms, wall: 1811 * ms, cpu: 303 * ms, drained: true))
+        XCTAssertFalse(pass(&g, woke: 1810 * ms, read: 1811 * ms, cpuAtWoke: 304 * ms, cpuAfter: 305 * ms, drained: true))
         XCTAssertFalse(g.afterRelease(now: 1812 * ms, oldestHeld: Int64(1810 * ms)))
         // Once the oldest record held arrived after that pass, everything read up to it is placed: sweep.
         XCTAssertTrue(g.afterRelease(now: 1842 * ms, oldestHeld: Int64(1840 * ms)))
@@ -124,19 +136,29 @@ final class StallGateTests: XCTestCase {
         XCTAssertFalse(g.afterRelease(now: 1844 * ms, oldestHeld: nil))
     }
 
+    /// Stopped while it read (between the two checkpoints of one pass): held from the checkpoint after.
+    func testAStallWhileReadingHoldsToo() {
+        let ms = Self.ms
+        var g = StallGate(stallNanos: 250 * ms, limitNanos: 1000 * ms)
+        XCTAssertFalse(pass(&g, woke: 0, read: 1 * ms, cpuAtWoke: 0, cpuAfter: 1 * ms, drained: true))
+        XCTAssertFalse(g.checkpoint(wall: 3 * ms, cpu: 1 * ms))
+        XCTAssertTrue(g.checkpoint(wall: 1504 * ms, cpu: 2 * ms))
+        XCTAssertTrue(g.holding)
+    }
+
     func testAReaderThatStaysBehindGetsItsSweepsBackAtTheLimit() {
         let ms = Self.ms
         var g = StallGate(stallNanos: 250 * ms, limitNanos: 1000 * ms)
-        XCTAssertFalse(g.afterReading(woke: 0, wall: 1 * ms, cpu: 1 * ms, drained: true))
-        XCTAssertTrue(g.afterReading(woke: 900 * ms, wall: 901 * ms, cpu: 2 * ms, drained: false))
+        XCTAssertFalse(pass(&g, woke: 0, read: 1 * ms, cpuAtWoke: 0, cpuAfter: 1 * ms, drained: true))
+        XCTAssertTrue(pass(&g, woke: 900 * ms, read: 901 * ms, cpuAtWoke: 1 * ms, cpuAfter: 2 * ms, drained: false))
         var wall = 901 * ms, cpu = 2 * ms
         for _ in 0..<200 {
+            XCTAssertFalse(pass(&g, woke: wall + 1 * ms, read: wall + 9 * ms, cpuAtWoke: cpu, cpuAfter: cpu + 8 * ms, drained: false))
             wall += 9 * ms; cpu += 8 * ms
-            XCTAssertFalse(g.afterReading(woke: wall - 8 * ms, wall: wall, cpu: cpu, drained: false))
             if g.afterRelease(now: wall, oldestHeld: Int64(wall - 8 * ms)) { break }
         }
         XCTAssertFalse(g.holding)
-        XCTAssertGreaterThanOrEqual(wall, 1901 * ms)
+        XCTAssertGreaterThanOrEqual(wall, 1900 * ms)
         XCTAssertLessThan(wall, 1915 * ms)
     }
 }
