@@ -413,10 +413,7 @@ public final class LabTopology: @unchecked Sendable {
             if let only, creator != only { continue }
             let creatorRuns = creator > 0 && creator != getpid() && (kill(creator, 0) == 0 || errno != ESRCH)
             if creatorRuns && !includingRunning { standing.insert(creator); continue }
-            if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {
-                for p in pids.stdout.split(whereSeparator: \.isNewline) { if let pid = Int32(p) { kill(pid, SIGKILL) } }
-            }
-            if (try? Command.run(["ip", "netns", "del", name]))?.ok == true { removed.append(name) } else { standing.insert(creator) }
+            if ScratchNetns.delete(name) { removed.append(name) } else { standing.insert(creator) }
         }
         // Run directories are named meshtrace-lab-<pid>-<n>: remove those whose process is gone and whose lab has no
         // namespace left (or is the one removed), so another kept lab keeps its logs.

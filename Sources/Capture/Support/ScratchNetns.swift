@@ -56,11 +56,17 @@ public final class ScratchNetns: @unchecked Sendable {
     public func remove() {
         guard !removed else { return }
         removed = true
-        // Processes still inside keep it alive; kill them so the netns and its sockets really go.
+        if ScratchNetns.delete(name) { OrphanReaper.release(namespace: name) }
+    }
+
+    /// Deletes the named namespace, ending the processes still inside first (they would keep it and its sockets
+    /// alive). True when `ip netns del` succeeded.
+    @discardableResult
+    static func delete(_ name: String) -> Bool {
         if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {
             for p in pids.stdout.split(whereSeparator: \.isNewline) { if let pid = Int32(p) { kill(pid, SIGKILL) } }
         }
-        if (try? Command.run(["ip", "netns", "del", name]))?.ok == true { OrphanReaper.release(namespace: name) }
+        return (try? Command.run(["ip", "netns", "del", name]))?.ok == true
     }
 
     /// This namespace is to outlive the process (a lab kept with `--keep`): the reaper leaves it alone.
@@ -79,13 +85,7 @@ public final class ScratchNetns: @unchecked Sendable {
                   kinds.contains(name[name.index(name.startIndex, offsetBy: 3)]) else { continue }
             let pidText = name[name.index(name.startIndex, offsetBy: 4)..<dash]
             guard let pid = Int32(pidText), pid != getpid() else { continue }
-            if kill(pid, 0) != 0 && errno == ESRCH {
-                // Processes inside keep a deleted namespace alive: end them first, as `remove()` does.
-                if let pids = try? Command.run(["ip", "netns", "pids", name]), pids.ok {
-                    for p in pids.stdout.split(whereSeparator: \.isNewline) { if let q = Int32(p) { kill(q, SIGKILL) } }
-                }
-                _ = try? Command.run(["ip", "netns", "del", name])
-            }
+            if kill(pid, 0) != 0 && errno == ESRCH { delete(name) }
         }
     }
 }
