@@ -261,6 +261,9 @@ public struct AnalysisSummary: Sendable {
     /// Live only: the kernel's counters for the twin rules, and events lost.
     public var kernelCounters: [String: UInt64] = [:]
     public var eventsLost: Int = 0
+    /// Live only: times the reading thread stood still for more than half the close linger (`StallGate`); the
+    /// connections around each were finished only after what came meanwhile had been read.
+    public var readerStalls: Int = 0
     /// A live trace's summary (the two above are known): the JSON writes them only then, since a file cannot say
     /// what the kernel dropped before it was written.
     public var live = false

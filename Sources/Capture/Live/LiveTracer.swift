@@ -164,6 +164,8 @@ public final class LiveTracer: @unchecked Sendable {
     private var drainedWall: Int64 = 0
     /// Passes that ended with a source holding more than a pass reads (`TraceOutcome.passesBehind`).
     private var passesBehind = 0
+    /// Stalls of the reading thread (`StallGate`), for the summary.
+    private var readerStalls = 0
 
     /// Called on the main thread once the twins are in and events flow (tests and benchmarks start traffic here).
     public var onReady: (() -> Void)?
@@ -316,6 +318,7 @@ public final class LiveTracer: @unchecked Sendable {
         losses.counterShortfall = kernelTotal > received ? kernelTotal - received : 0
         summary.kernelCounters = kernel
         summary.eventsLost = losses.nflogEventsLost
+        summary.readerStalls = readerStalls
         summary.live = true
         if trace != nil { summary.traceStepsLost = losses.traceStepsLost }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
@@ -503,17 +506,16 @@ public final class LiveTracer: @unchecked Sendable {
             // At most one pass per `minimumPassNanos`: every NFLOG batch and
             // capture block would otherwise wake the thread on its own, for a few records each. The kernel
             // buffers hold far more than a pass's worth; the records are held 30 ms anyway.
+            // Plus the tests' pause (`readerPauseNanos`), in the same sleep.
             let spent = DispatchTime.now().uptimeNanoseconds - woke
-            if !finishing && got > 0 && spent < LiveTracer.minimumPassNanos {
-                var pause = timespec(tv_sec: 0, tv_nsec: Int(LiveTracer.minimumPassNanos - spent))
-                nanosleep(&pause, nil)
-            }
-            if options.readerPauseNanos > 0 && !finishing {
-                var pause = timespec(tv_sec: Int(options.readerPauseNanos / 1_000_000_000),
-                                     tv_nsec: Int(options.readerPauseNanos % 1_000_000_000))
-                nanosleep(&pause, nil)
+            let pause = finishing ? 0 : (got > 0 && spent < LiveTracer.minimumPassNanos ? LiveTracer.minimumPassNanos - spent : 0)
+                + options.readerPauseNanos
+            if pause > 0 {
+                var ts = timespec(tv_sec: Int(pause / 1_000_000_000), tv_nsec: Int(pause % 1_000_000_000))
+                nanosleep(&ts, nil)
             }
         }
+        readerStalls = gate.stalls
         release(force: true)
         reporter.flushOutput()
         status?.finish()

@@ -360,6 +360,7 @@ public final class JSONReport: ReportSink {
         close(UInt8(ascii: "]"))
         if s.live {
             key("events_lost"); out.decimal(s.eventsLost)
+            if s.readerStalls > 0 { key("reader_stalls"); out.decimal(s.readerStalls) }
             key("kernel_counters"); open(UInt8(ascii: "{"))
             for (k, v) in s.kernelCounters.sorted(by: { $0.key < $1.key }) {
                 element(); out.jsonString(k); out.byte(UInt8(ascii: ":")); out.unsignedDecimal(v)

@@ -447,6 +447,10 @@ public final class TextReport: ReportSink {
         }
         for d in s.fileDamage { out.text("  "); styled(Style.warn, d); out.byte(0x0a) }
         if s.eventsLost > 0 { out.text("  "); styled(Style.warn, "\(s.eventsLost) events lost"); out.byte(0x0a) }
+        if s.readerStalls > 0 {
+            out.text("  the reader stood still \(s.readerStalls == 1 ? "once" : "\(s.readerStalls) times") (stopped, or not scheduled): connections were finished only once what came meanwhile had been read")
+            out.byte(0x0a)
+        }
         if !escapes.isEmpty {
             styled(Style.heading, "Escapes"); out.byte(0x0a)
             for f in escapes {

@@ -1012,6 +1012,9 @@ final class LiveTracerQuietPodTests: KernelTestCase {
         let summary = try XCTUnwrap(records.last)
         XCTAssertEqual(summary["type"] as? String, "summary")
         XCTAssertEqual(summary["events_lost"] as? Int, 0)
+        // The stall was seen, and held the sweeps (`StallGate`): without that the split above happens only now and
+        // then (3 runs in 31), so the counts alone would pass most runs with the gate broken.
+        XCTAssertGreaterThanOrEqual(summary["reader_stalls"] as? Int ?? 0, 1, "the 1.5 s stop was not seen as a stall")
         let kernel = try XCTUnwrap(summary["kernel_counters"] as? [String: Any])
         var ours: [String: Int] = [:]
         for h in summary["rule_hits"] as? [[String: Any]] ?? [] {
