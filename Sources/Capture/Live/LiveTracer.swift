@@ -77,9 +77,9 @@ public struct TraceOutcome: Sendable {
     public var losses: TraceLosses
     /// The instrumentation that was applied.
     public var plan: InstrumentationPlan
-    /// Set when NFULA_CT was unavailable and conntrack was asked instead.
+    /// Set when NFULA_CT was unavailable: where original destinations came from instead.
     public var conntrackNote: String?
-    /// Rule hits that got their connection's conntrack entry from a ctnetlink query (REDIRECT/DNAT twins).
+    /// Rule hits that got their connection's conntrack entry from a ctnetlink query (UDP REDIRECT/DNAT twins).
     public var conntrackJoins: UInt64 = 0
     /// Set when the name or pid the trace was given went away while it ran (the netns stayed open through
     /// meshtrace's own handle, and the rules came out through it).
@@ -138,9 +138,9 @@ public final class LiveTracer: @unchecked Sendable {
     private var legacyTrace: NflogSource?
     private var pcap: PcapLiveSource?
     private var events: NetfilterEventSocket?
-    /// Set when NFLOG cannot attach NFULA_CT: REDIRECT/DNAT hits ask conntrack for their entry instead.
+    /// Set when NFLOG cannot attach NFULA_CT: UDP REDIRECT/DNAT hits ask conntrack for their entry instead.
     private var conntrackQuery: ConntrackQuery?
-    /// REDIRECT/DNAT hits that got their entry: every entry the query found was given to the hit that asked.
+    /// UDP REDIRECT/DNAT hits that got their entry: every entry the query found was given to the hit that asked.
     private var conntrackJoins: UInt64 { conntrackQuery?.found ?? 0 }
     private var trace: TraceJoiner?
     /// `--filter`: the sources' decoders mark each record as selecting its connection or not
@@ -325,7 +325,7 @@ public final class LiveTracer: @unchecked Sendable {
         var outcome = TraceOutcome(summary: summary, hitCounts: counts, kernelCounters: kernel, losses: losses, plan: plan,
                                    conntrackNote: nflog?.socket.conntrackProblem.map { problem in
                                        let missed = conntrackQuery.map { $0.notFound + $0.failed } ?? 0
-                                       return "\(problem); original destinations come from ctnetlink queries instead (\(counted(conntrackJoins, "REDIRECT/DNAT hit")) joined"
+                                       return "\(problem); original destinations come from the REDIRECT/DNAT twins' own packets (logged before NAT), and conntrack is asked for UDP ones (\(counted(conntrackJoins, "hit")) joined"
                                            + (missed > 0 ? ", \(missed) without an entry)" : ")")
                                    },
                                    conntrackJoins: conntrackJoins,
@@ -689,7 +689,11 @@ public final class LiveTracer: @unchecked Sendable {
             let i = Int(record.pointee.nflogFields.prefixID)
             if i >= hitsCapacity { growPrefixTables(to: i) }
             hits[i] += 1
-            if rewritesDestination(i), !record.pointee.nflogFields.hasConntrack, let conntrackQuery,
+            // TCP is not asked: the twin's packet is the pre-NAT view, and the post-NAT one is linked to it by the
+            // initiator's endpoint and the sequence space, or through a remapped source port by the SYN's ISN
+            // (docs/TIMELINES.md), as `analyze` does. A UDP view with a remapped port is linked only by the entry.
+            if rewritesDestination(i), !record.pointee.nflogFields.hasConntrack,
+               record.pointee.tuple.proto != IPProto.tcp, let conntrackQuery,
                let ct = conntrackQuery.entry(original: record.pointee.tuple) {
                 record.pointee.nflogFields.conntrack = ct
             }
