@@ -60,9 +60,16 @@ public final class Correlator {
     private var tunnelsByStart = StartOrderIndex()
     /// The app connections `earlierAppsChoose` gathers, kept between calls (empty between them).
     private var earlierApps: [ConnectionState] = []
-    /// `explainByOrderChain`'s search: the app connections on the chain so far, and how many it looked at.
+    /// `explainByOrderChain`'s searches in one batch: the app connections on the chain so far or found to lead to no
+    /// end (kept from a failed search to the next, cleared when one succeeds), and how many the search looked at.
     private var chainVisited: Set<ObjectIdentifier> = []
     private var chainLooks = 0
+    /// Tunnels the order chains' searches looked for connections to take (tests: the searches' cost; each looks at
+    /// the app connections open around the tunnel's start).
+    private(set) var orderChainStepsInAll = 0
+    /// Whether any of `chainApps` could end a chain (no tunnel opened for it, or a pooled one): none, and no search
+    /// can succeed.
+    private var chainMayEnd = false
     /// The app connections a chain may move (`explainByOrderChain`), listed once a batch, when a tunnel first needs
     /// them, with their `vipWindow`s (the tunnels' start times each may take) indexed.
     private var chainApps: [ConnectionState] = []
@@ -1128,13 +1135,19 @@ public final class Correlator {
             }
             chainWindows.sort()
             chainAppsListed = true
+            chainMayEnd = chainApps.contains(where: mayEndAChain)
         }
-        chainVisited.removeAll(keepingCapacity: true)
+        // Under a steady VIP load every app connection has its tunnel: a forged mark's search would look at every
+        // one of them (`orderChainLooks`, for each such connection) to find what is not there.
+        guard chainMayEnd else { return }
         chainLooks = 0
         guard let path = orderChain(from: t) else { return }
         for (a, _) in path {
             while let link = carriedLink(of: a, outbound: true) { unlink(link) }
         }
+        // The joins moved: what led nowhere may lead somewhere now.
+        chainVisited.removeAll(keepingCapacity: true)
+        defer { chainMayEnd = chainApps.contains(where: mayEndAChain) }
         for (a, tunnel) in path {
             // Not one of a count of candidates (its evidence says it moved along a chain); 2 so that no rule reads
             // it as the only one.
@@ -1149,6 +1162,10 @@ public final class Correlator {
     /// emission through them.
     private func explainByOrderChains(_ batch: [ConnectionState]) {
         chainAppsListed = false
+        // One visited set for the batch's searches: an app connection a failed search went through leads to no end
+        // until a join moves (the augmenting-path argument), so the next search does not go through it again, and
+        // a process forging the mark on many connections costs about one search a batch, not one each.
+        chainVisited.removeAll(keepingCapacity: true)
         for c in batch { explainByOrderChain(c) }
         chainApps.removeAll(keepingCapacity: true)
         chainWindowFrom.removeAll(keepingCapacity: true)
@@ -1171,18 +1188,32 @@ public final class Correlator {
                 if let end { return zip(moved, levels.map(\.tunnel)).map { ($0, $1) } + [(end, tunnel)] }
                 levels.append((tunnel, moves.reversed()))
             } else {
-                moved.removeLast()
+                // Cut off here, not gone through: a shallower path may still go through it.
+                chainVisited.remove(ObjectIdentifier(moved.removeLast()))
             }
-            // The next move: the closest untried one at the deepest level that has one.
-            while let level = levels.last, level.moves.isEmpty {
-                levels.removeLast()
-                if !moved.isEmpty { moved.removeLast() }
+            // The next move: the closest untried one at the deepest level that has one, of the connections no
+            // search went through since that level was listed.
+            var next: (ConnectionState, HopLink)?
+            while next == nil, !levels.isEmpty {
+                if let move = levels[levels.count - 1].moves.popLast() {
+                    if !chainVisited.contains(ObjectIdentifier(move.0)) { next = move }
+                } else {
+                    levels.removeLast()
+                    if !moved.isEmpty { moved.removeLast() }
+                }
             }
-            guard !levels.isEmpty, let (a, link) = levels[levels.count - 1].moves.popLast() else { return nil }
+            guard let (a, link) = next else { return nil }
             chainVisited.insert(ObjectIdentifier(a))
             moved.append(a)
             tunnel = link.inner
         }
+    }
+
+    /// Whether app connection `a` could end a chain (`chainStep`'s `endsHere`, whatever the tunnel): it has no tunnel
+    /// opened for it.
+    private func mayEndAChain(_ a: ConnectionState) -> Bool {
+        guard let link = carriedLink(of: a, outbound: true) else { return true }
+        return link.pooled
     }
 
     /// One step of `orderChain` for tunnel `t`: of the connections it could have carried, one without a tunnel opened
@@ -1190,6 +1221,7 @@ public final class Correlator {
     /// connection, the closest first: of equals, the one that began last before `t` (ztunnel connects on as it
     /// accepts). Nil when the search has looked at `orderChainLooks` connections.
     private func chainStep(for t: ConnectionState) -> (end: ConnectionState?, moves: [(ConnectionState, HopLink)])? {
+        orderChainStepsInAll += 1
         var end: (ConnectionState, Int64)?, moves: [(ConnectionState, HopLink, Int64)] = []
         let tBegan = t.startedNanos
         chainWindows.openDuring(t.firstSeenNanos, t.firstSeenNanos, began: chainWindowFrom, closed: chainWindowTo, into: &chainNear)
@@ -1792,7 +1824,7 @@ public final class Correlator {
     /// At most this many joins move to explain one tunnel (`explainByOrderChain`), and this many app connections are
     /// looked at in all: a shift by the order ran over dozens of connections in the live tests (a stand-in thread
     /// starved 5-15 ms; 124 moves the longest seen), and the search stays bounded for a process that forges the mark
-    /// again and again (unmeasured beyond that).
+    /// again and again (and the searches of one batch do not go through the same connections twice).
     static let orderChainSteps = 512
     static let orderChainLooks = 100_000
     /// Tunnel packets one search for a packet left out may look at (`relinkByRelayTiming`).
