@@ -67,6 +67,8 @@ public final class Correlator {
     /// Tunnels the order chains' searches looked for connections to take (tests: the searches' cost; each looks at
     /// the app connections open around the tunnel's start).
     private(set) var orderChainStepsInAll = 0
+    /// Whether the last search was cut off by a bound rather than exhausted.
+    private var chainCut = false
     /// Whether any of `chainApps` could end a chain (no tunnel opened for it, or a pooled one): none, and no search
     /// can succeed.
     private var chainMayEnd = false
@@ -1141,7 +1143,13 @@ public final class Correlator {
         // one of them (`orderChainLooks`, for each such connection) to find what is not there.
         guard chainMayEnd else { return }
         chainLooks = 0
-        guard let path = orderChain(from: t) else { return }
+        chainCut = false
+        guard let path = orderChain(from: t) else {
+            // Cut off (at `orderChainSteps` or `orderChainLooks`), the search did not go all the way through what it
+            // visited: a later one, starting nearer an end, may.
+            if chainCut { chainVisited.removeAll(keepingCapacity: true) }
+            return
+        }
         for (a, _) in path {
             while let link = carriedLink(of: a, outbound: true) { unlink(link) }
         }
@@ -1190,6 +1198,7 @@ public final class Correlator {
             } else {
                 // Cut off here, not gone through: a shallower path may still go through it.
                 chainVisited.remove(ObjectIdentifier(moved.removeLast()))
+                chainCut = true
             }
             // The next move: the closest untried one at the deepest level that has one, of the connections no
             // search went through since that level was listed.
@@ -1228,7 +1237,7 @@ public final class Correlator {
         for k in chainNear {
             let a = chainApps[k]
             chainLooks += 1
-            guard chainLooks <= Correlator.orderChainLooks else { return nil }
+            guard chainLooks <= Correlator.orderChainLooks else { chainCut = true; return nil }
             guard !a.emitted, !chainVisited.contains(ObjectIdentifier(a)), !began(t, afterTheEndOf: a),
                   beganAsIfOpenedFor(outer: a, inner: t, direction: .outbound) else { continue }
             // How far before the tunnel it began (later than the tunnel: after every one that began before it).
