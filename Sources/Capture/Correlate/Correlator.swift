@@ -61,7 +61,8 @@ public final class Correlator {
     /// The app connections `earlierAppsChoose` gathers, kept between calls (empty between them).
     private var earlierApps: [ConnectionState] = []
     /// `explainByOrderChain`'s searches in one batch: the app connections on the chain so far or found to lead to no
-    /// end (kept from a failed search to the next, cleared when one succeeds), and how many the search looked at.
+    /// end (kept from a failed search to the next; cleared when one succeeds or is cut off by a bound), and how many
+    /// the search looked at.
     private var chainVisited: Set<ObjectIdentifier> = []
     private var chainLooks = 0
     /// Tunnels the order chains' searches looked for connections to take (tests: the searches' cost; each looks at
@@ -1139,8 +1140,8 @@ public final class Correlator {
             chainAppsListed = true
             chainMayEnd = chainApps.contains(where: mayEndAChain)
         }
-        // Under a steady VIP load every app connection has its tunnel: a forged mark's search would look at every
-        // one of them (`orderChainLooks`, for each such connection) to find what is not there.
+        // Under a steady VIP load every app connection has its tunnel: each forged mark's search would go through its
+        // neighbourhood for an end that is not there.
         guard chainMayEnd else { return }
         chainLooks = 0
         chainCut = false
@@ -1219,7 +1220,7 @@ public final class Correlator {
     }
 
     /// Whether app connection `a` could end a chain (`chainStep`'s `endsHere`, whatever the tunnel): it has no tunnel
-    /// opened for it.
+    /// opened for it (none, or a pooled one).
     private func mayEndAChain(_ a: ConnectionState) -> Bool {
         guard let link = carriedLink(of: a, outbound: true) else { return true }
         return link.pooled
