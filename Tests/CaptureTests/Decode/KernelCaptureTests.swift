@@ -215,16 +215,23 @@ final class KernelCaptureTests: KernelTestCase {
         XCTAssertTrue(multiCapture.records.allSatisfy { $0.point.isLoopback == ($0.point.interface == "lo") })
         try assertMatchesTshark(multiCapture, multiPath, cooked: false)
 
-        // Several files of one node merged: every frame once, in time order.
+        // Several files of one node merged: every frame once, in time order. A capture file need not be in time
+        // order itself (a ring fed by two CPUs can hold a packet stamped on one after a later-stamped one from the
+        // other), and CI saw the merged stream go back once, so the merge is held to what a merge can do: it goes
+        // back only where the file the record comes from went back.
         let merged = try MergedSource(paths: [files["any"]!, files["nflog"]!, files["veth"]!], tags: RuleTagTable())
         var rec = PacketRecord()
         var last = Timestamp.zero
+        var lastOf = [Timestamp.zero, .zero, .zero]
         var perSource = [0, 0, 0]
         while merged.next(into: &rec) != nil {
-            XCTAssertFalse(rec.time < last, "merged stream goes back in time")
+            let source = Int(rec.ref.source)
+            XCTAssertFalse(rec.time < last && !(rec.time < lastOf[source]),
+                           "merged stream goes back in time (\(rec.time) after \(last)) where file \(source) did not")
             last = rec.time
-            perSource[Int(rec.ref.source)] += 1
-            XCTAssertEqual(merged.currentLinkType, [LinkType.linuxSLL, LinkType.nflog, LinkType.ethernet][Int(rec.ref.source)])
+            lastOf[source] = rec.time
+            perSource[source] += 1
+            XCTAssertEqual(merged.currentLinkType, [LinkType.linuxSLL, LinkType.nflog, LinkType.ethernet][source])
         }
         XCTAssertEqual(perSource, [any.records.count, nflog.records.count, veth.records.count])
         XCTAssertNil(merged.damage)
