@@ -68,8 +68,6 @@ public final class Correlator {
     /// Tunnels the order chains' searches looked for connections to take (tests: the searches' cost; each looks at
     /// the app connections open around the tunnel's start).
     private(set) var orderChainStepsInAll = 0
-    /// Whether the last search was cut off by a bound rather than exhausted.
-    private var chainCut = false
     /// Whether any of `chainApps` could end a chain (no tunnel opened for it, or a pooled one): none, and no search
     /// can succeed.
     private var chainMayEnd = false
@@ -1144,13 +1142,7 @@ public final class Correlator {
         // neighbourhood for an end that is not there.
         guard chainMayEnd else { return }
         chainLooks = 0
-        chainCut = false
-        guard let path = orderChain(from: t) else {
-            // Cut off (at `orderChainSteps` or `orderChainLooks`), the search did not go all the way through what it
-            // visited: a later one, starting nearer an end, may.
-            if chainCut { chainVisited.removeAll(keepingCapacity: true) }
-            return
-        }
+        guard let path = orderChain(from: t) else { return }
         for (a, _) in path {
             while let link = carriedLink(of: a, outbound: true) { unlink(link) }
         }
@@ -1191,15 +1183,21 @@ public final class Correlator {
         var levels: [(tunnel: ConnectionState, moves: [(ConnectionState, HopLink)])] = []
         var moved: [ConnectionState] = []
         var tunnel = t
+        // Cut off by a bound (`orderChainSteps`, `orderChainLooks`), a failed search did not go all the way through
+        // what it visited: a later one, starting nearer an end, may, so it forgets it.
+        var cut = false
         while true {
             if levels.count < Correlator.orderChainSteps {
-                guard let (end, moves) = chainStep(for: tunnel) else { return nil }
+                guard let (end, moves) = chainStep(for: tunnel) else {
+                    chainVisited.removeAll(keepingCapacity: true)
+                    return nil
+                }
                 if let end { return zip(moved, levels.map(\.tunnel)).map { ($0, $1) } + [(end, tunnel)] }
                 levels.append((tunnel, moves.reversed()))
             } else {
                 // Cut off here, not gone through: a shallower path may still go through it.
                 chainVisited.remove(ObjectIdentifier(moved.removeLast()))
-                chainCut = true
+                cut = true
             }
             // The next move: the closest untried one at the deepest level that has one, of the connections no
             // search went through since that level was listed.
@@ -1212,7 +1210,10 @@ public final class Correlator {
                     if !moved.isEmpty { moved.removeLast() }
                 }
             }
-            guard let (a, link) = next else { return nil }
+            guard let (a, link) = next else {
+                if cut { chainVisited.removeAll(keepingCapacity: true) }
+                return nil
+            }
             chainVisited.insert(ObjectIdentifier(a))
             moved.append(a)
             tunnel = link.inner
@@ -1238,7 +1239,7 @@ public final class Correlator {
         for k in chainNear {
             let a = chainApps[k]
             chainLooks += 1
-            guard chainLooks <= Correlator.orderChainLooks else { chainCut = true; return nil }
+            guard chainLooks <= Correlator.orderChainLooks else { return nil }
             guard !a.emitted, !chainVisited.contains(ObjectIdentifier(a)), !began(t, afterTheEndOf: a),
                   beganAsIfOpenedFor(outer: a, inner: t, direction: .outbound) else { continue }
             // How far before the tunnel it began (later than the tunnel: after every one that began before it).
