@@ -55,6 +55,9 @@ struct ZtunnelCommand: ParsableCommand {
     @Flag(name: .long, help: "Keep HBONE connections open and send later app connections to the same destination through them (as ztunnel pools them).")
     var poolTunnels = false
 
+    @Flag(name: .long, help: "Send every app connection to a destination through one HBONE connection, several at once (as ztunnel's pool multiplexes HTTP/2 streams).")
+    var multiplexTunnels = false
+
     @Option(name: .long, help: "VIP=ENDPOINT[,ENDPOINT...]: connections the app makes to the service VIP go to these addresses in turn (repeatable).")
     var service: [String] = []
 
@@ -74,6 +77,7 @@ struct ZtunnelCommand: ParsableCommand {
             }
             var config = ZtunnelConfig(podAddresses: addrs, mesh: cidrs)
             config.poolTunnels = poolTunnels
+            config.multiplexTunnels = multiplexTunnels
             for text in service {
                 let parts = text.split(separator: "=", maxSplits: 1).map(String.init)
                 let endpoints = parts.count == 2 ? parts[1].split(separator: ",").map { IPAddress(String($0)) } : []

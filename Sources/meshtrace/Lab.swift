@@ -34,6 +34,9 @@ struct Lab: ParsableCommand {
         @Flag(name: .long, help: "The ztunnel stand-ins keep HBONE connections open and reuse them for later connections to the same pod, as ztunnel pools them.")
         var poolTunnels = false
 
+        @Flag(name: .long, help: "The ztunnel stand-ins send every connection to a pod through one HBONE connection, several at once, as ztunnel multiplexes HTTP/2 streams.")
+        var multiplexTunnels = false
+
         @Flag(name: .long, help: "List the scenarios and the built-in rulesets, then exit.")
         var list = false
 
@@ -91,7 +94,11 @@ struct Lab: ParsableCommand {
             options.backend = options.ruleset.form == .nftables ? .nftables : b
             options.dualStack = scenarios.contains { $0.needsDualStack }
             options.keep = keep
+            guard !(poolTunnels && multiplexTunnels) else {
+                throw MeshtraceError(.usage, "--pool-tunnels and --multiplex-tunnels are two ways to pool tunnels: choose one")
+            }
             options.poolTunnels = poolTunnels
+            options.multiplexTunnels = multiplexTunnels
             try prepareCaptureDirectory()
 
             LabTopology.tearDownOnSignals()

@@ -21,6 +21,8 @@ public struct LabOptions: Sendable {
     public var keep = false
     /// The ztunnel stand-ins keep HBONE connections open and reuse them for later connections to the same pod.
     public var poolTunnels = false
+    /// The ztunnel stand-ins send every connection to a pod through one HBONE connection, several at once.
+    public var multiplexTunnels = false
 
     public init(executable: String) { self.executable = executable }
 }
@@ -237,6 +239,7 @@ public final class LabTopology: @unchecked Sendable {
         var argv = ["_ztunnel"] + pod.addresses.flatMap { ["--pod-ip", $0.description] } + meshArguments()
         if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
         if options.poolTunnels { argv += ["--pool-tunnels"] }
+        if options.multiplexTunnels { argv += ["--multiplex-tunnels"] }
         argv += ["--service", "\(LabTopology.serviceVIP)=\(server.ipv4)", "--service", "\(LabTopology.outsideServiceVIP)=\(peer.ipv4)",
                  "--service", "\(LabTopology.mixedServiceVIP)=\(server.ipv4),\(peer.ipv4)"]
         return argv

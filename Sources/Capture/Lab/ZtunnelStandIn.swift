@@ -26,6 +26,9 @@ public struct ZtunnelConfig: Sendable {
     /// destination through it, as ztunnel pools HBONE connections (one stream at a time here, framed; ztunnel
     /// multiplexes HTTP/2 streams). The serving side follows whatever the client does.
     public var poolTunnels = false
+    /// Send every connection to a destination through one HBONE connection, several at once, as ztunnel's pool
+    /// multiplexes HTTP/2 streams (`MultiplexedTunnel`): the tunnel opened for the first stays open for the rest.
+    public var multiplexTunnels = false
     /// Service VIPs and the endpoint addresses ztunnel sends their connections to: ztunnel resolves a VIP the app
     /// dialled to one of the service's endpoints itself, so the HBONE destination is that pod's, not the VIP (or,
     /// for an endpoint outside the mesh, the passthrough's). Several endpoints take the connections in turn.
@@ -59,6 +62,8 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     private var stopped = false
     /// Idle pooled tunnels by HBONE endpoint (`poolTunnels`), at most one per destination.
     private var idleTunnels: [Endpoint: TunnelConnection] = [:]
+    /// The multiplexed tunnel to each HBONE endpoint (`multiplexTunnels`).
+    private var sharedTunnels: [Endpoint: MultiplexedTunnel] = [:]
     /// How many connections each service VIP has sent to its endpoints (`endpoint(of:)`).
     private var serviceTurns: [IPAddress: Int] = [:]
 
@@ -108,6 +113,11 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         idleTunnels.removeAll()
         lock.unlock()
         for t in idle { t.socket.close() }
+        lock.lock()
+        let shared = sharedTunnels.values
+        sharedTunnels.removeAll()
+        lock.unlock()
+        for t in shared { t.shutdown() }
         if let d = dnsSocket { _ = Glibc.shutdown(d.fd, Int32(SHUT_RDWR)); d.close() }
     }
 
@@ -139,7 +149,9 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         // A service VIP goes to the endpoint ztunnel picked for it.
         let target = endpoint(of: dialled) ?? dialled
         let said = target == dialled ? "\(target)" : "\(dialled) (service, endpoint \(target))"
-        if config.inMesh(target.addr) && config.poolTunnels {
+        if config.inMesh(target.addr) && config.multiplexTunnels {
+            serveMultiplexed(app, peer, target: target, said: said)
+        } else if config.inMesh(target.addr) && config.poolTunnels {
             servePooled(app, peer, target: target, said: said)
         } else if config.inMesh(target.addr) {
             let hbone = Endpoint(target.addr, config.hbonePort)
@@ -174,6 +186,22 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         tunnel.setTimeouts(seconds: 5)
         guard let t = TunnelConnection.accept(tunnel) else { log("hbone \(peer): no tunnel header"); return }
         guard var line = tunnel.readLine(transform: { t.up.apply(&$0) }) else { log("hbone \(peer): bad tunnel header"); return }
+        if line == MultiplexedTunnel.headerLine {
+            tunnel.setTimeouts(seconds: 0)
+            MultiplexedTunnel.serve(t) { [self] target in
+                let source = peer.addr.family == target.addr.family ? Endpoint(peer.addr, 0) : nil
+                do {
+                    let app = try LabSocket.tcpConnect(to: target, from: source, mark: config.mark, transparent: source != nil)
+                    app.setTimeouts(seconds: 0)
+                    log("hbone \(peer) -> \(target): app leg \(app.localEndpoint.map(\.description) ?? "?") -> \(target) (multiplexed)")
+                    return app
+                } catch {
+                    log("hbone \(peer) -> \(target): \(error)")
+                    return nil
+                }
+            }
+            return
+        }
         // A pooled tunnel: framed streams, one after another, each to its own target.
         while let target = TunnelHeader.parseStream(line) {
             tunnel.setTimeouts(seconds: 0)
@@ -215,6 +243,23 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         } else {
             t.socket.close()
         }
+    }
+
+    /// An outbound app connection as a stream of the multiplexed tunnel to its destination: the one open, or a new
+    /// one (opened under the lock, so concurrent connections to a destination share one tunnel, as in ztunnel's pool).
+    private func serveMultiplexed(_ app: LabSocket, _ peer: Endpoint, target: Endpoint, said: String) {
+        let hbone = Endpoint(target.addr, config.hbonePort)
+        lock.lock()
+        var tunnel = sharedTunnels[hbone]
+        let reused = tunnel.map { !$0.isClosed } ?? false
+        if !reused {
+            tunnel = stopped ? nil : MultiplexedTunnel.open(to: hbone, mark: config.mark)
+            sharedTunnels[hbone] = tunnel
+        }
+        lock.unlock()
+        guard let tunnel else { log("outbound \(peer) -> \(said): HBONE connect to \(hbone) failed"); return }
+        log("outbound \(peer) -> \(said): hbone \(reused ? "pooled" : "new") \(tunnel.connection.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone) (multiplexed)")
+        _ = tunnel.carry(app, to: target, idle: config.idleSeconds)
     }
 
     private func serveInboundPlaintext(_ conn: LabSocket, _ peer: Endpoint) {

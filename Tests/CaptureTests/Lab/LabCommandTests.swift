@@ -25,6 +25,10 @@ final class LabCommandTests: XCTestCase {
         let backend = try meshtrace(["lab", "--backend", "ipchains"])
         XCTAssertEqual(backend.status, ExitStatus.usage.rawValue, backend.stderr)
 
+        let pooling = try meshtrace(["lab", "--pool-tunnels", "--multiplex-tunnels", "--scenario", "outbound"])
+        XCTAssertEqual(pooling.status, ExitStatus.usage.rawValue, pooling.stderr)
+        XCTAssertEqual(pooling.stderr, "meshtrace: --pool-tunnels and --multiplex-tunnels are two ways to pool tunnels: choose one\n")
+
         // The help says "not 0" (where legacy TRACE logs), as trace and plan do: the lab ran with it.
         let group = try meshtrace(["lab", "--nflog-group", "0", "--scenario", "outbound"])
         XCTAssertEqual(group.status, ExitStatus.usage.rawValue, group.stderr)
