@@ -1897,6 +1897,7 @@ public final class Correlator {
             let opened = firstPacketGap(from: tunnel, to: carried)
             evidence.append(HopEvidence(opened < 0 && !tunnel.initiatorFromSYN
                 ? .pooledTunnelBeforeCapture(outbound: outboundTunnel)
+                : opened < 0 && outboundTunnel ? .sharedTunnel(openedAfter: -opened)
                 : .pooledTunnel(outbound: outboundTunnel, openedBefore: opened)))
             if let relay { return relayEvidence(relay, identity: identity, hasMark: hasMark, direction: direction, into: &evidence) }
             evidence.append(HopEvidence(candidates <= 1 ? .onlyOpenTunnel : .newestOpenTunnel(of: candidates)))
@@ -2355,7 +2356,40 @@ public final class Correlator {
             // A VIP's connection through a tunnel ztunnel kept open to the pod it resolved the VIP to (pooled, perhaps
             // opened before the capture began): no new tunnel, and none names the VIP.
             join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
+        } else if let (z, n) = sharedTunnel(for: c) {
+            join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
         }
+    }
+
+    /// The tunnel a connection with no hop of its own shared with another one that began with it. ztunnel sends the
+    /// connections to a destination as HTTP/2 streams over one HBONE connection; one that comes while that
+    /// connection is being opened for another waits for it and goes through it too, so the tunnel began after it did,
+    /// and is joined (fresh) to the connection it was opened for. Every rule above wants a tunnel no connection
+    /// explains or one open before this connection began: such a connection was left with no hop (1 of 10 in a
+    /// lab run of 5 concurrent connections over one multiplexed tunnel). The tunnel: ztunnel's connection from the
+    /// pod, opened after this connection's SYN, within the hop window and before this connection's last packet,
+    /// joined already to the connection it was opened for, to the connection's original destination (when none goes
+    /// there, a marked one to any peer: a service VIP), not closed before it began, and carrying packets after it began. The earliest
+    /// (the one ztunnel was opening when this connection came) and how many there were; the last rule tried, so a
+    /// tunnel of its own or a pooled one always wins.
+    private func sharedTunnel(for c: ConnectionState) -> (ConnectionState, Int)? {
+        guard c.proto == IPProto.tcp, c.originalKnown, c.initiatorFromSYN else { return nil }
+        let start = c.firstSeenNanos
+        let latest = min(start + options.hopWindowNanos, c.lastSeenNanos)
+        var samePeer: (ConnectionState, Int)?, anyPeer: (ConnectionState, Int)?
+        for i in tunnels.indices where tunnelBegan[i] > start && tunnelBegan[i] <= latest && tunnelClosed[i] >= start {
+            let p = tunnels[i]
+            guard p !== c, !p.emitted, p.mergedInto == nil, p.initiatorFromSYN, initiatorIsLocal(p),
+                  p.responder.port == options.hbonePort, p.lastSeenNanos >= start,
+                  p.firstSeenNanos > start, !began(p, afterTheEndOf: c),
+                  p.hopLinks.contains(where: { $0.hop.direction == .outbound && !$0.pooled }) else { continue }
+            if let closed = p.closedAt, closed < start { continue }
+            func take(_ best: inout (ConnectionState, Int)?) {
+                if let (b, n) = best { best = (p.firstSeenNanos < b.firstSeenNanos ? p : b, n + 1) } else { best = (p, 1) }
+            }
+            if p.responder.addr == c.responder.addr { take(&samePeer) } else if p.sawZtunnelMark { take(&anyPeer) }
+        }
+        return samePeer ?? anyPeer
     }
 
     private func emitJoined(_ c: ConnectionState) {

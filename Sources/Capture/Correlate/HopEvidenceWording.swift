@@ -30,6 +30,9 @@ extension HopEvidence {
         case pooledTunnel(outbound: Bool, openedBefore: Int64)
         /// A pooled join whose tunnel was first seen mid-stream after the connection began: open before the capture.
         case pooledTunnelBeforeCapture(outbound: Bool)
+        /// A pooled join whose tunnel ztunnel opened `openedAfter` after the connection began, for another connection:
+        /// this one shared it (`Correlator.sharedTunnel`).
+        case sharedTunnel(openedAfter: Int64)
         case onlyOpenTunnel
         /// Chosen among `tunnels` open tunnels by relay timing: `matched` of the carried connection's `packets` data
         /// packets have a twin in this tunnel, in the same direction, within `windowNanos` (relayed before the tunnel's
@@ -61,7 +64,7 @@ extension HopEvidence {
             case .originalPort: return "original-port"
             case .timing: return "timing"
             case .onlyCandidate, .earliestCandidate, .unexplainedMarkedConnection, .alsoOpenTunnels, .onlyOpenTunnel, .newestOpenTunnel: return "unique"
-            case .pooledTunnel, .pooledTunnelBeforeCapture: return "pooled-tunnel"
+            case .pooledTunnel, .pooledTunnelBeforeCapture, .sharedTunnel: return "pooled-tunnel"
             case .relayTiming: return "relay-timing"
             case .bytesConsistent, .bytesInconsistent: return "bytes"
             }
@@ -128,6 +131,9 @@ extension HopEvidence {
             case .pooledTunnelBeforeCapture(let outbound):
                 w.words(outbound ? "inner" : "outer"); w.words(" connection (the tunnel) was open before the capture began (first seen mid-stream, with no SYN, after the ")
                 w.words(outbound ? "outer" : "inner"); w.words(" one's SYN), and carried packets while it ran: a pooled HBONE connection")
+            case .sharedTunnel(let opened):
+                w.words("inner connection (the tunnel) was opened "); w.delta(opened)
+                w.words(" after the outer one began, for a connection that began with it, and carried packets while it ran: a pooled HBONE connection both shared")
             case .onlyOpenTunnel:
                 w.words("the only open tunnel that fits")
             case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, let runnerUp, let blind, true):

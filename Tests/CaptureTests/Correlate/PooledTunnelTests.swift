@@ -1161,4 +1161,62 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertTrue(app.hops.isEmpty, "\(app.hops)")
         XCTAssertTrue(try connection(from: tunnel, in: sink).hops.isEmpty)
     }
+
+    /// ztunnel multiplexes the connections to a destination as HTTP/2 streams over one HBONE connection, and a
+    /// connection that comes while that connection is being opened for another waits for it and goes through it too:
+    /// `second` begins 100 µs after `first`, the tunnel 300 µs after `first`, and both connections' bytes go through
+    /// it, interleaved. `dst`: what both apps dialled; `secondEndsAt`: when the second one closes.
+    func sharedScenario(dst: Endpoint, secondEndsAt: Int64 = 2_100, secondSends: Bool = true) -> (Schedule, Endpoint) {
+        let rules = seedNatRuleset()
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
+        let lo15001 = PacketFactory.ep("127.0.0.1", 15001)
+        var s = Schedule(PacketFactory())
+        s.appOpens(app, to: dst, at: 0, natTwin: natTwin)
+        s.appOpens(app2, to: dst, at: 100, natTwin: natTwin)
+        s.tunnelOpens(ztunnelOut, to: peerHBONE, at: 300, observeOut: observeOut)
+        s.at(400) { $0.packet(self.app, lo15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        s.at(450) { $0.packet(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 2, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+        if secondSends {
+            s.at(500) { $0.packet(self.app2, lo15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+            s.at(550) { $0.packet(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 152, ack: 51, payload: 150, on: eth0, direction: .outbound) }
+        }
+        s.at(1_200) { $0.packet(self.peerHBONE, self.ztunnelOut, flags: [.ack, .psh], seq: 51, ack: 302, payload: 350, on: eth0, direction: .inbound) }
+        s.at(1_250) { $0.packet(dst, self.app, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        if secondSends {
+            s.at(1_300) { $0.packet(self.peerHBONE, self.ztunnelOut, flags: [.ack, .psh], seq: 401, ack: 302, payload: 350, on: eth0, direction: .inbound) }
+            s.at(1_350) { $0.packet(dst, self.app2, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        }
+        s.appCloses(app, from: dst, at: 2_000)
+        s.appCloses(app2, from: dst, at: secondEndsAt)
+        s.tunnelCloses(ztunnelOut, to: peerHBONE, at: 900_000, seq: 302, peerSeq: 751)
+        return (s, dst)
+    }
+
+    func testAConnectionThatCameWhileItsMultiplexedTunnelWasOpenedForAnotherIsJoinedToIt() throws {
+        for dst in [service, PacketFactory.ep("10.96.0.20", 80)] {
+            let (s, _) = sharedScenario(dst: dst)
+            let sink = correlated(s)
+            let tunnel = try connection(from: ztunnelOut, in: sink)
+            let first = try XCTUnwrap(try connection(from: app, in: sink).hops.first, "\(dst)")
+            XCTAssertEqual(first.inner, tunnel.id, "\(dst)")
+            XCTAssertFalse(first.evidence.contains { $0.kind == "pooled-tunnel" }, "the tunnel was opened for the first: \(dst)")
+            // Left with no hop before: the tunnel began after it, and was opened for another connection.
+            let second = try XCTUnwrap(try connection(from: app2, in: sink).hops.first, "\(dst): no hop")
+            XCTAssertEqual(second.inner, tunnel.id, "\(dst)")
+            let shared = try XCTUnwrap(second.evidence.first { $0.kind == "pooled-tunnel" }, "\(dst): \(second.evidence.map(\.detail))")
+            XCTAssertEqual(shared.detail, "inner connection (the tunnel) was opened 200 µs after the outer one began, for a connection that began with it, and carried packets while it ran: a pooled HBONE connection both shared")
+            XCTAssertEqual(second.confidence, dst == service ? .medium : .low, "\(dst)")
+            XCTAssertEqual(Set(tunnel.hops.map(\.outer)), Set(sink.timelines.filter { $0.kind == .appOutbound }.map(\.id)), "\(dst)")
+            XCTAssertTrue(sink.findings.isEmpty, "\(dst): \(sink.findings.map(\.summary))")
+        }
+    }
+
+    func testAConnectionThatEndedBeforeATunnelOpenedDidNotShareIt() throws {
+        // The second connection closes at 250 µs, before the tunnel's SYN at 300 µs: whatever carried it (nothing
+        // here: ztunnel may have refused it), not that tunnel.
+        let (s, _) = sharedScenario(dst: service, secondEndsAt: 250, secondSends: false)
+        let sink = correlated(s)
+        XCTAssertEqual(try connection(from: app, in: sink).hops.first?.inner, try connection(from: ztunnelOut, in: sink).id)
+        XCTAssertNil(try connection(from: app2, in: sink).hops.first, "joined to a tunnel opened after it had ended")
+    }
 }
