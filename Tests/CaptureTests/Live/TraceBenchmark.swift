@@ -127,7 +127,17 @@ final class TraceBenchmark: KernelTestCase {
         let workers = Int(env["MESHTRACE_BENCH_WORKERS"] ?? "") ?? 4
         let rounds = max(1, min(Int(env["MESHTRACE_BENCH_ROUNDS"] ?? "") ?? 3, 10))
         let executable = env["MESHTRACE_BENCH_EXECUTABLE"] ?? LiveTracerTests.executable
-        let lab = try LabTopology(options: LabOptions(executable: executable))
+        // MESHTRACE_BENCH_POOLING=multiplex: the ztunnel stand-ins carry every connection to a pod over one HBONE
+        // connection, several at once (ztunnel's HTTP/2 pool); =pool: one kept connection per destination, one
+        // stream at a time. Unset: a tunnel per connection.
+        var options = LabOptions(executable: executable)
+        switch env["MESHTRACE_BENCH_POOLING"] {
+        case "multiplex"?: options.multiplexTunnels = true
+        case "pool"?: options.poolTunnels = true
+        case nil, ""?: break
+        case let other?: return XCTFail("MESHTRACE_BENCH_POOLING=\(other): not multiplex or pool")
+        }
+        let lab = try LabTopology(options: options)
         defer { lab.teardown() }
         // MESHTRACE_BENCH_TARGET=vip: the load dials the lab's service VIP, which the client's ztunnel stand-in resolves
         // to the server pod (no tunnel names the app's destination: every hop is joined at emission, without identity);
