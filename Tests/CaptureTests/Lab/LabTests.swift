@@ -282,6 +282,33 @@ final class LabTests: KernelTestCase {
         XCTAssertEqual(records[3]["matching"] as? Int, 2)
     }
 
+    /// `--multiplex-tunnels` reaches the stand-ins: the service scenario's connection is a second stream of the tunnel
+    /// the outbound scenario opened (their evidence quotes the stand-ins' logs), and both come out as expected.
+    func testLabWithMultiplexedTunnelsSendsTheSecondConnectionThroughTheFirstOnesTunnel() throws {
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: executable), "build meshtrace first (swift build)")
+        let r = try Command.run([executable, "lab", "--json", "--multiplex-tunnels", "--scenario", "outbound,service"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let records = try r.stdout.split(whereSeparator: \.isNewline).map {
+            try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
+        }
+        XCTAssertEqual(records.last?["matching"] as? Int, 2)
+        // "client ztunnel: outbound APP -> DST: hbone new|pooled TUNNEL -> HBONE (multiplexed)"
+        func tunnel(_ record: [String: Any]) -> (String, String)? {
+            for line in record["evidence"] as? [String] ?? [] where line.hasPrefix("client ztunnel: outbound") && line.hasSuffix("(multiplexed)") {
+                let words = line.split(separator: " ")
+                if let h = words.firstIndex(of: "hbone"), h + 2 < words.count { return (String(words[h + 1]), String(words[h + 2])) }
+            }
+            return nil
+        }
+        let scenarios = records.filter { $0["type"] as? String == "scenario" }
+        XCTAssertEqual(scenarios.count, 2)
+        let first = try XCTUnwrap(scenarios.first.flatMap(tunnel), "\(scenarios.first ?? [:])")
+        let second = try XCTUnwrap(scenarios.last.flatMap(tunnel), "\(scenarios.last ?? [:])")
+        XCTAssertEqual(first.0, "new")
+        XCTAssertEqual(second.0, "pooled")
+        XCTAssertEqual(first.1, second.1, "the same tunnel")
+    }
+
     /// The reaper of a process that made namespaces: `sh -c … meshtrace-reaper <pid>` (`OrphanReaper`).
     private func reapers(of pid: Int32) -> [Int32] {
         let r = (try? Command.run(["pgrep", "-f", "meshtrace-reaper \(pid)$"]))?.stdout ?? ""
