@@ -1037,7 +1037,7 @@ public final class Correlator {
         // started, shifted every later VIP join by one (41 % right instead of 90 %).
         guard c.initiatorFromSYN else { return nil }
         let (from, to) = vipWindow(of: c)
-        var chosen: ConnectionState?, count = 0, passthroughsSeen = 0
+        var chosen: ConnectionState?, count = 0
         var i = tunnelsByStart.lowerBound(from)
         while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= to {
             let e = tunnelsByStart.entries[i]
@@ -1051,36 +1051,8 @@ public final class Correlator {
             // The earliest by when it began (of equals, the first listed): entries are in the order their first
             // records came in.
             if chosen.map({ p.startedNanos < $0.startedNanos }) ?? true { chosen = p }
-            if p.responder.port != options.hbonePort { passthroughsSeen += 1 }
         }
-        // A passthrough that copied another waiting connection's bytes is that one's (`passthroughRelaysAnother`):
-        // the next earliest instead, a few at most; only where a tunnel that carries several connections (or was
-        // open since before the hop window) is open, which this one may have gone through. With a tunnel per
-        // connection the order stands: its joins are mostly right, and without this guard a passthrough passed over
-        // was left to no one when its connection took another by the order (a forged-mark escape in 5 of 5 runs of
-        // the mixed service's live test).
-        guard var pick = chosen, passthroughsSeen > 0,
-              let (open, _) = pooledTunnel(for: c, outbound: true, anyPeer: true),
-              open.hopLinks.contains(where: \.pooled) || open.firstSeenNanos < c.firstSeenNanos - options.hopWindowNanos
-        else { return chosen.map { ($0, count) } }
-        var passed: [ObjectIdentifier] = []
-        while pick.responder.port != options.hbonePort && passthroughRelaysAnother(pick, than: c) {
-            passed.append(ObjectIdentifier(pick))
-            guard passed.count < Correlator.passthroughsPassed else { return nil }
-            var next: ConnectionState?
-            i = tunnelsByStart.lowerBound(from)
-            while i < tunnelsByStart.entries.count, tunnelsByStart.entries[i].first <= to {
-                let e = tunnelsByStart.entries[i]
-                i += 1
-                let p = e.conn
-                guard p !== c, !passed.contains(ObjectIdentifier(p)), waiting(e, asOuter: false), p.sawZtunnelMark,
-                      !began(p, afterTheEndOf: c), mayBeOpenedFor(outer: c, inner: p, joining: c, direction: .outbound) else { continue }
-                if next.map({ p.startedNanos < $0.startedNanos }) ?? true { next = p }
-            }
-            guard let n = next else { return nil }
-            pick = n
-        }
-        return (pick, count)
+        return chosen.map { ($0, count) }
     }
 
     /// The start times (`firstSeenNanos`) of the tunnels `vipTunnel` may take for `c`: from `vipSkewNanos` before it
@@ -1860,8 +1832,6 @@ public final class Correlator {
     /// How much earlier than an app connection a tunnel without an identity match may seem to begin and still be
     /// taken for it, or begin after it ended (`vipTunnel`): times stamped on receipt.
     static let vipSkewNanos: Int64 = 50_000_000
-    /// How many passthroughs that copied other connections' bytes `vipTunnel` passes over for one connection.
-    static let passthroughsPassed = 4
     /// At most this many joins move to explain one tunnel (`explainByOrderChain`), and this many app connections are
     /// looked at in all: a shift by the order ran over dozens of connections in the live tests (a stand-in thread
     /// starved 5-15 ms; 124 moves the longest seen), and the search stays bounded for a process that forges the mark
@@ -2389,47 +2359,6 @@ public final class Correlator {
         } else if let (z, n) = sharedTunnel(for: c) {
             join(.outbound, outer: c, inner: z, evidence: [], confidence: .low, candidates: n, pooled: true)
         }
-    }
-
-    /// Whether passthrough `p` copied another app connection's bytes rather than `c`'s: its first packet towards the
-    /// far end follows a data packet of another connection still waiting for its tunnel more closely than any of
-    /// `c`'s. ztunnel's passthrough is a plain socket copy: each of its packets follows the one it copies within µs.
-    /// Under a service with endpoints in and outside the mesh, ztunnel multiplexing its tunnel, the joins by the order
-    /// gave the passthroughs to connections that had gone through the open tunnel and opened none (63-65 of 300
-    /// right); comparing the two carriers for one connection alone chose the passthrough for most of them (it relays
-    /// faster than the tunnel), so this asks the passthrough which connection it follows. False when `p` has no such
-    /// packet, or `c`'s is the nearest.
-    private func passthroughRelaysAnother(_ p: ConnectionState, than c: ConnectionState) -> Bool {
-        var sent: Int64?
-        p.events.withUnsafeBufferPointer { es in
-            for e in es where e.forward && Correlator.isRelayData(e, loopback: false) { sent = e.time.totalNanoseconds; break }
-        }
-        guard let tp = sent else { return false }
-        let window = options.relayWindowNanos
-        // The gap from `a`'s nearest data packet towards the far end before `tp`, within the relay window.
-        func gap(_ a: ConnectionState) -> Int64? {
-            var best: Int64?
-            a.events.withUnsafeBufferPointer { es in
-                for e in es where e.forward && Correlator.isRelayData(e, loopback: true) {
-                    let g = tp - e.time.totalNanoseconds
-                    if g > 0 && g <= window && g < (best ?? .max) { best = g }
-                }
-            }
-            return best
-        }
-        let own = gap(c)
-        // The connections the passthrough was opened for, if another: ztunnel opens one as it accepts the connection,
-        // so begun within `vipSkewNanos` of it (the VIP rule's skew; one accepted later is not looked for: the order
-        // stands), still running by the time of its packet, and with no tunnel yet (it will take this one).
-        var i = appsByStart.lowerBound(p.firstSeenNanos - Correlator.vipSkewNanos)
-        while i < appsByStart.entries.count, appsByStart.entries[i].first <= p.firstSeenNanos + Correlator.vipSkewNanos {
-            let a = appsByStart.entries[i].conn
-            i += 1
-            guard a !== c, !a.emitted, a.mergedInto == nil, !a.hasOutboundHop, a.lastSeenNanos >= tp - window,
-                  a.pendingRoles.contains(.outerOutbound) else { continue }
-            if let g = gap(a), g < (own ?? .max) { return true }
-        }
-        return false
     }
 
     /// The tunnel a connection with no hop of its own shared with another one that began with it. ztunnel sends the
