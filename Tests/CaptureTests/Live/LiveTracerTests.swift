@@ -776,15 +776,7 @@ final class LiveTracerTests: KernelTestCase {
     /// connection, every join is low (no identity). Returns how many joins the stand-in's log says are right.
     func traceServiceLoad(to vip: IPAddress, group: UInt16, kinds: Set<ConnectionKind>,
                           endpoints: (LabTopology) -> Set<Endpoint>) throws -> Int {
-        let lab = try makeLab()
-        let destination = Endpoint(vip, LabTopology.appPort)
-        var load: ConnectionLoad.Result?
-        let (outcome, sink) = try trace(lab.client, group: group) {
-            load = try ConnectionLoad.run(in: lab.client.ref, to: destination, count: 300, workers: 4)
-        }
-        XCTAssertEqual(load?.failures, 0)
-        let carriedBy = tunnelsByApp(lab)
-        XCTAssertEqual(carriedBy.count, 300, "the stand-in's log names each connection's tunnel or passthrough")
+        let (lab, destination, outcome, sink, carriedBy) = try serviceLoad(to: vip, group: group)
         XCTAssertEqual(Set(sink.timelines.filter { kinds.contains($0.kind) }.map(\.original.dst)), endpoints(lab))
         return try eachTunnelExplainedOnce(apps: 300, to: destination, outcome: outcome, sink: sink, carriedBy: carriedBy,
                                            tunnelKinds: kinds) { hop in
@@ -792,11 +784,11 @@ final class LiveTracerTests: KernelTestCase {
         }
     }
 
-    /// 300 connections, 4 at a time, to `vip` through a lab whose stand-ins multiplex their tunnels, traced on the
-    /// client pod; the stand-in's log of which carried which.
-    func traceMultiplexedServiceLoad(to vip: IPAddress, group: UInt16) throws
+    /// 300 connections, 4 at a time, to `vip` (through a lab `configure` set up), traced on the client pod; the
+    /// stand-in's log of which carried which.
+    func serviceLoad(to vip: IPAddress, group: UInt16, configure: (inout LabOptions) -> Void = { _ in }) throws
         -> (LabTopology, Endpoint, TraceOutcome, TraceRecordingSink, [PortUse: PortUse]) {
-        let lab = try makeLab { $0.multiplexTunnels = true }
+        let lab = try makeLab(configure)
         let destination = Endpoint(vip, LabTopology.appPort)
         var load: ConnectionLoad.Result?
         let (outcome, sink) = try trace(lab.client, group: group) {
@@ -805,8 +797,15 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(load?.failures, 0)
         let carriedBy = tunnelsByApp(lab)
         XCTAssertEqual(carriedBy.count, 300, "the stand-in's log names each connection's tunnel or passthrough")
-        XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
         return (lab, destination, outcome, sink, carriedBy)
+    }
+
+    /// `serviceLoad` through stand-ins that multiplex their tunnels, with no escape.
+    func traceMultiplexedServiceLoad(to vip: IPAddress, group: UInt16) throws
+        -> (LabTopology, Endpoint, TraceOutcome, TraceRecordingSink, [PortUse: PortUse]) {
+        let run = try serviceLoad(to: vip, group: group) { $0.multiplexTunnels = true }
+        XCTAssertEqual(run.2.summary.escapes, 0, "\(run.3.findings.prefix(3).map(\.summary))")
+        return run
     }
 
     /// A service VIP under load through one multiplexed tunnel: every connection is joined to it (300 of 300 in
