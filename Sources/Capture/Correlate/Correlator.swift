@@ -2367,23 +2367,22 @@ public final class Correlator {
     /// and is joined (fresh) to the connection it was opened for. Every rule above wants a tunnel no connection
     /// explains or one open before this connection began: such a connection was left with no hop (1 of 10 in a
     /// lab run of 5 concurrent connections over one multiplexed tunnel). The tunnel: ztunnel's connection from the
-    /// pod, opened after this connection's SYN, within the hop window and before this connection's last packet,
-    /// joined already to the connection it was opened for, to the connection's original destination (when none goes
-    /// there, a marked one to any peer: a service VIP), not closed before it began, and carrying packets after it began. The earliest
-    /// (the one ztunnel was opening when this connection came) and how many there were; the last rule tried, so a
-    /// tunnel of its own or a pooled one always wins.
+    /// pod, opened after this connection's SYN (so open while it ran), within the hop window and before this
+    /// connection's last packet, joined already to the connection it was opened for, to the connection's original
+    /// destination (when none goes there, a marked one to any peer: a service VIP). The earliest (the one ztunnel
+    /// was opening when this connection came) and how many there were; the last rule tried, so a tunnel of its own
+    /// or a pooled one always wins.
     private func sharedTunnel(for c: ConnectionState) -> (ConnectionState, Int)? {
         guard c.proto == IPProto.tcp, c.originalKnown, c.initiatorFromSYN else { return nil }
         let start = c.firstSeenNanos
         let latest = min(start + options.hopWindowNanos, c.lastSeenNanos)
         var samePeer: (ConnectionState, Int)?, anyPeer: (ConnectionState, Int)?
-        for i in tunnels.indices where tunnelBegan[i] > start && tunnelBegan[i] <= latest && tunnelClosed[i] >= start {
+        // `tunnelBegan` is the start of a tunnel whose SYN was seen (else .min): begun after this one's.
+        for i in tunnels.indices where tunnelBegan[i] > start && tunnelBegan[i] <= latest {
             let p = tunnels[i]
-            guard p !== c, !p.emitted, p.mergedInto == nil, p.initiatorFromSYN, initiatorIsLocal(p),
-                  p.responder.port == options.hbonePort, p.lastSeenNanos >= start,
-                  p.firstSeenNanos > start, !began(p, afterTheEndOf: c),
+            guard p !== c, !p.emitted, p.mergedInto == nil, initiatorIsLocal(p), p.responder.port == options.hbonePort,
+                  !began(p, afterTheEndOf: c),
                   p.hopLinks.contains(where: { $0.hop.direction == .outbound && !$0.pooled }) else { continue }
-            if let closed = p.closedAt, closed < start { continue }
             func take(_ best: inout (ConnectionState, Int)?) {
                 if let (b, n) = best { best = (p.firstSeenNanos < b.firstSeenNanos ? p : b, n + 1) } else { best = (p, 1) }
             }
