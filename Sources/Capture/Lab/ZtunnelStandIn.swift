@@ -188,18 +188,7 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         guard var line = tunnel.readLine(transform: { t.up.apply(&$0) }) else { log("hbone \(peer): bad tunnel header"); return }
         if line == MultiplexedTunnel.headerLine {
             tunnel.setTimeouts(seconds: 0)
-            MultiplexedTunnel.serve(t) { [self] target in
-                let source = peer.addr.family == target.addr.family ? Endpoint(peer.addr, 0) : nil
-                do {
-                    let app = try LabSocket.tcpConnect(to: target, from: source, mark: config.mark, transparent: source != nil)
-                    app.setTimeouts(seconds: 0)
-                    log("hbone \(peer) -> \(target): app leg \(app.localEndpoint.map(\.description) ?? "?") -> \(target) (multiplexed)")
-                    return app
-                } catch {
-                    log("hbone \(peer) -> \(target): \(error)")
-                    return nil
-                }
-            }
+            MultiplexedTunnel.serve(t) { [self] target in openAppLeg(target: target, client: peer, kind: "hbone", note: " (multiplexed)") }
             return
         }
         // A pooled tunnel: framed streams, one after another, each to its own target.
@@ -273,14 +262,21 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     /// Connects to the app as the original client (IP_TRANSPARENT, bound to the client's address), 0x539-marked:
     /// the packets loop through lo, mangle PREROUTING sets connmark 0x111, and the app's replies come back here.
     private func connectToApp(target: Endpoint, client: Endpoint, kind: String, relay: (LabSocket) -> Void) {
+        if let app = openAppLeg(target: target, client: client, kind: kind) { relay(app) }
+    }
+
+    /// `connectToApp`'s connection, logged (`note` ends the line), for the caller to relay: nil (logged) when it
+    /// could not be made.
+    private func openAppLeg(target: Endpoint, client: Endpoint, kind: String, note: String = "") -> LabSocket? {
         let source = client.addr.family == target.addr.family ? Endpoint(client.addr, 0) : nil
         do {
             let app = try LabSocket.tcpConnect(to: target, from: source, mark: config.mark, transparent: source != nil)
             app.setTimeouts(seconds: 0)
-            log("\(kind) \(client) -> \(target): app leg \(app.localEndpoint.map(\.description) ?? "?") -> \(target)")
-            relay(app)
+            log("\(kind) \(client) -> \(target): app leg \(app.localEndpoint.map(\.description) ?? "?") -> \(target)\(note)")
+            return app
         } catch {
             log("\(kind) \(client) -> \(target): \(error)")
+            return nil
         }
     }
 

@@ -558,30 +558,36 @@ final class LiveTracerTests: KernelTestCase {
         throws -> (LabTopology, TraceOutcome, TraceRecordingSink) {
         let lab = try makeLab { $0.multiplexTunnels = true }
         let target = dialled(lab)
-        let (outcome, sink) = try trace(traced(lab), group: group) {
-            for _ in 0..<2 {
-                DispatchQueue.concurrentPerform(iterations: 5) { _ in
-                    _ = try? lab.runApp(["_app", "get", "\(target)"], in: lab.client)
+        var answered = 0
+        let (outcome, sink) = try trace(traced(lab), group: group) { answered = self.concurrentRequests(lab, to: target) }
+        // A stand-in that joined the streams but lost their bytes must not pass.
+        XCTAssertEqual(answered, 10, "requests answered through the multiplexed tunnel")
+        return (lab, outcome, sink)
+    }
+
+    /// Requests from the client pod to `target`, 5 at once, twice (300 ms apart): how many were answered.
+    func concurrentRequests(_ lab: LabTopology, to target: Endpoint) -> Int {
+        var answered = [Bool](repeating: false, count: 10)
+        answered.withUnsafeMutableBufferPointer { answers in
+            for round in 0..<2 {
+                DispatchQueue.concurrentPerform(iterations: 5) { i in
+                    answers[round * 5 + i] = (try? lab.runApp(["_app", "get", "\(target)"], in: lab.client))?.ok ?? false
                 }
                 usleep(300_000)
             }
         }
-        return (lab, outcome, sink)
+        return answered.filter { $0 }.count
     }
 
-    /// The stand-in's log of the client pod: how many outbound connections went through a multiplexed tunnel, and
-    /// through how many tunnels (by their local ports).
-    func multiplexedUses(_ lab: LabTopology) -> (connections: Int, tunnels: Set<UInt16>, opened: Int) {
-        var connections = 0, opened = 0, tunnels: Set<UInt16> = []
-        for line in lab.log(of: lab.client, "ztunnel").split(separator: "\n") where line.hasPrefix("outbound ") && line.hasSuffix("(multiplexed)") {
-            let words = line.split(separator: " ")
-            guard let h = words.firstIndex(of: "hbone"), h + 2 < words.count,
-                  let port = words[h + 2].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
-            connections += 1
-            tunnels.insert(port)
-            if words[h + 1] == "new" { opened += 1 }
-        }
-        return (connections, tunnels, opened)
+    /// The one tunnel the client's stand-in carried every outbound connection through (`carriedBy`, from
+    /// `tunnelsByApp`), opened once.
+    func assertOneTunnelCarriedAll(_ carriedBy: [PortUse: PortUse], connections: Int) throws -> UInt16 {
+        XCTAssertEqual(carriedBy.count, connections)
+        let uses = Set(carriedBy.values)
+        XCTAssertEqual(uses.count, 1, "the stand-in multiplexed them over one tunnel: \(uses)")
+        let use = try XCTUnwrap(uses.first)
+        XCTAssertEqual(use.nth, 0, "opened once")
+        return use.port
     }
 
     /// ztunnel sends the connections to a pod as HTTP/2 streams over one HBONE connection: 5 concurrent connections,
@@ -605,12 +611,9 @@ final class LiveTracerTests: KernelTestCase {
     }
 
     func assertAllJoinedToOneTunnel(_ lab: LabTopology, _ outcome: TraceOutcome, _ sink: TraceRecordingSink, dialled: Endpoint) throws {
-        let uses = multiplexedUses(lab)
-        XCTAssertEqual(uses.connections, 10)
-        XCTAssertEqual(uses.tunnels.count, 1, "the stand-in multiplexed them over one tunnel")
-        XCTAssertEqual(uses.opened, 1)
+        let port = try assertOneTunnelCarriedAll(tunnelsByApp(lab), connections: 10)
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
-        XCTAssertEqual(tunnels.map(\.original.src.port), Array(uses.tunnels), "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
+        XCTAssertEqual(tunnels.map(\.original.src.port), [port], "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
         let tunnel = try XCTUnwrap(tunnels.first)
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == dialled }
         XCTAssertEqual(apps.count, 10)
@@ -650,14 +653,9 @@ final class LiveTracerTests: KernelTestCase {
     func testConcurrentConnectionsThroughPooledTunnelsAreJoinedToTheTunnelsThatCarriedThem() throws {
         let lab = try makeLab { $0.poolTunnels = true }
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        let (outcome, sink) = try trace(lab.client, group: 5410) {
-            for _ in 0..<2 {
-                DispatchQueue.concurrentPerform(iterations: 5) { _ in
-                    _ = try? lab.runApp(["_app", "get", "\(server)"], in: lab.client)
-                }
-                usleep(300_000)
-            }
-        }
+        var answered = 0
+        let (outcome, sink) = try trace(lab.client, group: 5410) { answered = self.concurrentRequests(lab, to: server) }
+        XCTAssertEqual(answered, 10, "requests answered through the pooled tunnels")
         let carriedBy = tunnelsByApp(lab)
         let tunnelUses = portUses(sink.timelines.filter { $0.kind == .hboneOutbound })
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }
@@ -811,10 +809,10 @@ final class LiveTracerTests: KernelTestCase {
     /// A service VIP under load through one multiplexed tunnel: every connection is joined to it (300 of 300 in
     /// each run).
     func testConnectionsToAServiceVIPUnderLoadOverAMultiplexedTunnelAreAllJoinedToIt() throws {
-        let (lab, destination, _, sink, _) = try traceMultiplexedServiceLoad(to: LabTopology.serviceVIP, group: 5426)
-        XCTAssertEqual(multiplexedUses(lab).tunnels.count, 1)
+        let (_, destination, _, sink, carriedBy) = try traceMultiplexedServiceLoad(to: LabTopology.serviceVIP, group: 5426)
+        let port = try assertOneTunnelCarriedAll(carriedBy, connections: 300)
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
-        XCTAssertEqual(tunnels.count, 1)
+        XCTAssertEqual(tunnels.map(\.original.src.port), [port])
         let tunnel = try XCTUnwrap(tunnels.first)
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == destination }
         XCTAssertEqual(apps.count, 300)
