@@ -58,6 +58,9 @@ struct ZtunnelCommand: ParsableCommand {
     @Flag(name: .long, help: "Send every app connection to a destination through one HBONE connection, several at once (as ztunnel's pool multiplexes HTTP/2 streams).")
     var multiplexTunnels = false
 
+    @Option(name: .long, help: "With --multiplex-tunnels: at most N streams at once on one tunnel; a connection to a destination whose tunnels are full opens another (as ztunnel's POOL_MAX_STREAMS_PER_CONNECTION).")
+    var tunnelStreams: Int?
+
     @Option(name: .long, help: "VIP=ENDPOINT[,ENDPOINT...]: connections the app makes to the service VIP go to these addresses in turn (repeatable).")
     var service: [String] = []
 
@@ -78,6 +81,10 @@ struct ZtunnelCommand: ParsableCommand {
             var config = ZtunnelConfig(podAddresses: addrs, mesh: cidrs)
             config.poolTunnels = poolTunnels
             config.multiplexTunnels = multiplexTunnels
+            if let n = tunnelStreams {
+                guard n >= 1, multiplexTunnels else { throw MeshtraceError(.usage, "--tunnel-streams takes a count of 1 or more, with --multiplex-tunnels") }
+                config.streamsPerTunnel = n
+            }
             for text in service {
                 let parts = text.split(separator: "=", maxSplits: 1).map(String.init)
                 let endpoints = parts.count == 2 ? parts[1].split(separator: ",").map { IPAddress(String($0)) } : []

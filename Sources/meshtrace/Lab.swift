@@ -37,6 +37,9 @@ struct Lab: ParsableCommand {
         @Flag(name: .long, help: "The ztunnel stand-ins send every connection to a pod through one HBONE connection, several at once, as ztunnel multiplexes HTTP/2 streams.")
         var multiplexTunnels = false
 
+        @Option(name: .long, help: "With --multiplex-tunnels: at most N streams at once on one tunnel; more open another tunnel to the same pod (ztunnel's POOL_MAX_STREAMS_PER_CONNECTION, 100 by default).")
+        var tunnelStreams: Int?
+
         @Flag(name: .long, help: "List the scenarios and the built-in rulesets, then exit.")
         var list = false
 
@@ -99,6 +102,11 @@ struct Lab: ParsableCommand {
             }
             options.poolTunnels = poolTunnels
             options.multiplexTunnels = multiplexTunnels
+            if let n = tunnelStreams {
+                guard multiplexTunnels else { throw MeshtraceError(.usage, "--tunnel-streams limits the streams of a multiplexed tunnel: it needs --multiplex-tunnels") }
+                guard n >= 1 else { throw MeshtraceError(.usage, "--tunnel-streams takes a count of 1 or more") }
+                options.streamsPerTunnel = n
+            }
             try prepareCaptureDirectory()
 
             LabTopology.tearDownOnSignals()

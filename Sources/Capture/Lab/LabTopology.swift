@@ -23,6 +23,9 @@ public struct LabOptions: Sendable {
     public var poolTunnels = false
     /// The ztunnel stand-ins send every connection to a pod through one HBONE connection, several at once.
     public var multiplexTunnels = false
+    /// With `multiplexTunnels`: at most this many streams on one tunnel at once; more open another tunnel to the
+    /// same pod (ztunnel's POOL_MAX_STREAMS_PER_CONNECTION). Nil: one tunnel per pod.
+    public var streamsPerTunnel: Int?
 
     public init(executable: String) { self.executable = executable }
 }
@@ -240,6 +243,7 @@ public final class LabTopology: @unchecked Sendable {
         if options.ruleset.capturesDNS { argv += ["--dns-upstream", LabTopology.dnsServer.description] }
         if options.poolTunnels { argv += ["--pool-tunnels"] }
         if options.multiplexTunnels { argv += ["--multiplex-tunnels"] }
+        if let n = options.streamsPerTunnel { argv += ["--tunnel-streams", "\(n)"] }
         argv += ["--service", "\(LabTopology.serviceVIP)=\(server.ipv4)", "--service", "\(LabTopology.outsideServiceVIP)=\(peer.ipv4)",
                  "--service", "\(LabTopology.mixedServiceVIP)=\(server.ipv4),\(peer.ipv4)"]
         return argv

@@ -29,6 +29,10 @@ public struct ZtunnelConfig: Sendable {
     /// Send every connection to a destination through one HBONE connection, several at once, as ztunnel's pool
     /// multiplexes HTTP/2 streams (`MultiplexedTunnel`): the tunnel opened for the first stays open for the rest.
     public var multiplexTunnels = false
+    /// With `multiplexTunnels`: at most this many streams at once on one tunnel; a connection to a destination whose
+    /// tunnels are all full opens another, as ztunnel's pool does (POOL_MAX_STREAMS_PER_CONNECTION, 100 by default).
+    /// Nil: no limit (one tunnel per destination).
+    public var streamsPerTunnel: Int? = nil
     /// Service VIPs and the endpoint addresses ztunnel sends their connections to: ztunnel resolves a VIP the app
     /// dialled to one of the service's endpoints itself, so the HBONE destination is that pod's, not the VIP (or,
     /// for an endpoint outside the mesh, the passthrough's). Several endpoints take the connections in turn.
@@ -62,8 +66,9 @@ public final class ZtunnelStandIn: @unchecked Sendable {
     private var stopped = false
     /// Idle pooled tunnels by HBONE endpoint (`poolTunnels`), at most one per destination.
     private var idleTunnels: [Endpoint: TunnelConnection] = [:]
-    /// The multiplexed tunnel to each HBONE endpoint (`multiplexTunnels`).
-    private var sharedTunnels: [Endpoint: MultiplexedTunnel] = [:]
+    /// The multiplexed tunnels to each HBONE endpoint (`multiplexTunnels`), in the order they were opened, with the
+    /// streams each carries now; one per endpoint unless `streamsPerTunnel` filled it.
+    private var sharedTunnels: [Endpoint: [(tunnel: MultiplexedTunnel, streams: Int)]] = [:]
     /// How many connections each service VIP has sent to its endpoints (`endpoint(of:)`).
     private var serviceTurns: [IPAddress: Int] = [:]
 
@@ -114,10 +119,10 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         lock.unlock()
         for t in idle { t.socket.close() }
         lock.lock()
-        let shared = sharedTunnels.values
+        let shared = sharedTunnels.values.flatMap { $0 }
         sharedTunnels.removeAll()
         lock.unlock()
-        for t in shared { t.shutdown() }
+        for t in shared { t.tunnel.shutdown() }
         if let d = dnsSocket { _ = Glibc.shutdown(d.fd, Int32(SHUT_RDWR)); d.close() }
     }
 
@@ -234,21 +239,30 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         }
     }
 
-    /// An outbound app connection as a stream of the multiplexed tunnel to its destination: the one open, or a new
-    /// one (opened under the lock, so concurrent connections to a destination share one tunnel, as in ztunnel's pool).
+    /// An outbound app connection as a stream of a multiplexed tunnel to its destination: the first open one with room
+    /// for another stream (`streamsPerTunnel`), or a new one (opened under the lock, so concurrent connections to a
+    /// destination share the tunnels there are, as in ztunnel's pool). Tunnels that went are forgotten.
     private func serveMultiplexed(_ app: LabSocket, _ peer: Endpoint, target: Endpoint, said: String) {
         let hbone = Endpoint(target.addr, config.hbonePort)
+        let limit = config.streamsPerTunnel ?? .max
         lock.lock()
-        var tunnel = sharedTunnels[hbone]
-        let reused = tunnel.map { !$0.isClosed } ?? false
-        if !reused {
-            tunnel = stopped ? nil : MultiplexedTunnel.open(to: hbone, mark: config.mark)
-            sharedTunnels[hbone] = tunnel
+        var pool = sharedTunnels[hbone, default: []].filter { !$0.tunnel.isClosed }
+        var slot = pool.firstIndex { $0.streams < limit }
+        let reused = slot != nil
+        if slot == nil, !stopped, let opened = MultiplexedTunnel.open(to: hbone, mark: config.mark) {
+            pool.append((opened, 0))
+            slot = pool.count - 1
         }
+        let tunnel = slot.map { pool[$0].tunnel }
+        if let slot { pool[slot].streams += 1 }
+        sharedTunnels[hbone] = pool
         lock.unlock()
         guard let tunnel else { log("outbound \(peer) -> \(said): HBONE connect to \(hbone) failed"); return }
         log("outbound \(peer) -> \(said): hbone \(reused ? "pooled" : "new") \(tunnel.connection.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone) (multiplexed)")
         _ = tunnel.carry(app, to: target, idle: config.idleSeconds)
+        lock.lock()
+        if let i = sharedTunnels[hbone]?.firstIndex(where: { $0.tunnel === tunnel }) { sharedTunnels[hbone]![i].streams -= 1 }
+        lock.unlock()
     }
 
     private func serveInboundPlaintext(_ conn: LabSocket, _ peer: Endpoint) {

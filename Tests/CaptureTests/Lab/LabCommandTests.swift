@@ -28,6 +28,13 @@ final class LabCommandTests: XCTestCase {
         let pooling = try meshtrace(["lab", "--pool-tunnels", "--multiplex-tunnels", "--scenario", "outbound"])
         XCTAssertEqual(pooling.status, ExitStatus.usage.rawValue, pooling.stderr)
         XCTAssertEqual(pooling.stderr, "meshtrace: --pool-tunnels and --multiplex-tunnels are two ways to pool tunnels: choose one\n")
+        // --tunnel-streams limits a multiplexed tunnel's streams: alone, or below 1, it is a usage error before any lab.
+        let streams = try meshtrace(["lab", "--tunnel-streams", "2", "--scenario", "outbound"])
+        XCTAssertEqual(streams.status, ExitStatus.usage.rawValue, streams.stderr)
+        XCTAssertEqual(streams.stderr, "meshtrace: --tunnel-streams limits the streams of a multiplexed tunnel: it needs --multiplex-tunnels\n")
+        let none = try meshtrace(["lab", "--multiplex-tunnels", "--tunnel-streams", "0", "--scenario", "outbound"])
+        XCTAssertEqual(none.status, ExitStatus.usage.rawValue, none.stderr)
+        XCTAssertEqual(none.stderr, "meshtrace: --tunnel-streams takes a count of 1 or more\n")
 
         // The help says "not 0" (where legacy TRACE logs), as trace and plan do: the lab ran with it.
         let group = try meshtrace(["lab", "--nflog-group", "0", "--scenario", "outbound"])
