@@ -248,6 +248,9 @@ final class ConnectionState {
     /// Set when this connection's events were moved into another (two views first seen apart).
     var mergedInto: ConnectionState?
     var hopLinks: [HopLink] = []
+    /// As a tunnel: the joins of the connections it carried, listed in `hopLinks` or not (a tunnel lists only the
+    /// first `Correlator.maxPooledLinksListed` pooled ones).
+    var carriedLinks = 0
     var emitted = false
     var conntrackApplied = false
     /// The initiator's packets were seen leaving this host (NFLOG OUTPUT/POSTROUTING, or outgoing on an interface).

@@ -1619,8 +1619,10 @@ public final class Correlator {
                 if !current.pooled {
                     kept = (incoming[id]?.unowned ?? 0) > 0 || endsWell(i)
                 } else {
-                    let links = left.hopLinks.reduce(0) { $0 + ($1.hop.direction == current.hop.direction ? 1 : 0) }
-                    kept = links > (leaving[id] ?? 0) || (incoming[id]?.all ?? 0) > 0
+                    // It keeps a connection: of every one it carried, listed on it or not (counted by the listed ones
+                    // alone, more than 16 leaving a busy tunnel held all but 16 back). Should the ones it lists all
+                    // leave, the last loop of `relinkByRelayTiming` puts one back: those are what explain it.
+                    kept = left.carriedLinks > (leaving[id] ?? 0) || (incoming[id]?.all ?? 0) > 0
                 }
                 if !kept { moving[i] = false; count(i, -1); settled = false }
             }
@@ -1857,6 +1859,7 @@ public final class Correlator {
     private func unlink(_ link: HopLink) {
         link.outer.hopLinks.removeAll { $0 === link }
         link.inner.hopLinks.removeAll { $0 === link }
+        tunnelOf(link).carriedLinks -= 1
         if link.hop.direction == .outbound {
             link.outer.hasOutboundHop = link.outer.hopLinks.contains { $0.hop.direction == .outbound }
             link.inner.hasOutboundHop = link.inner.hopLinks.contains { $0.hop.direction == .outbound }
@@ -2030,6 +2033,7 @@ public final class Correlator {
                                            evidence: evidence, confidence: confidence),
                            outer: outer, inner: inner, candidates: candidates)
         link.pooled = pooled
+        tunnelOf(link).carriedLinks += 1
         if pooled {
             // The tunnel lists the first few connections it carried; each connection lists its tunnel.
             let tunnel = direction == .outbound ? inner : outer, carried = direction == .outbound ? outer : inner
@@ -2215,6 +2219,8 @@ public final class Correlator {
             keep.hopLinks.append(link)
         }
         gone.hopLinks = []
+        keep.carriedLinks += gone.carriedLinks
+        gone.carriedLinks = 0
         keep.eventsNeedSorting = true
         gone.mergedInto = keep
         removeFromOpen(gone)

@@ -137,6 +137,14 @@ final class TraceBenchmark: KernelTestCase {
         case nil, ""?: break
         case let other?: return XCTFail("MESHTRACE_BENCH_POOLING=\(other): not multiplex or pool")
         }
+        // MESHTRACE_BENCH_STREAMS=N, with =multiplex: at most N streams on one tunnel at once (ztunnel's
+        // POOL_MAX_STREAMS_PER_CONNECTION), so several tunnels to the pod are open at once.
+        if let text = env["MESHTRACE_BENCH_STREAMS"], !text.isEmpty {
+            guard let n = Int(text), n >= 1, options.multiplexTunnels else {
+                return XCTFail("MESHTRACE_BENCH_STREAMS=\(text): a count of 1 or more, with MESHTRACE_BENCH_POOLING=multiplex")
+            }
+            options.streamsPerTunnel = n
+        }
         let lab = try LabTopology(options: options)
         defer { lab.teardown() }
         // MESHTRACE_BENCH_TARGET=vip: the load dials the lab's service VIP, which the client's ztunnel stand-in resolves
