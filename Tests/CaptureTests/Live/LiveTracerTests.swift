@@ -853,14 +853,34 @@ final class LiveTracerTests: KernelTestCase {
             load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 300, workers: 4)
         }
         XCTAssertEqual(load?.failures, 0)
-        let carriedBy = tunnelsByApp(lab)
+        let (right, tunnels) = try joinedAmongSeveralTunnels(dialled: server, outcome: outcome, sink: sink, carriedBy: tunnelsByApp(lab))
+        XCTAssertGreaterThanOrEqual(right, 150, "of 300 joined right by the stand-in's log, over \(tunnels) tunnels")
+    }
+
+    /// The same to a service VIP, which ztunnel resolves to the server pod: no tunnel names it, so each connection is
+    /// compared with the tunnels to the pod its join goes to. Every join low (no identity), and at least half right
+    /// (222-247 of 300 in 16 runs; 85 and 207 before relay timing counted every connection a tunnel carried).
+    func testConnectionsToAServiceVIPOverSeveralMultiplexedTunnelsAreEachJoinedToOneOfThem() throws {
+        let (_, destination, outcome, sink, carriedBy) = try serviceLoad(to: LabTopology.serviceVIP, group: 5430) {
+            $0.multiplexTunnels = true; $0.streamsPerTunnel = 2
+        }
+        let (right, tunnels) = try joinedAmongSeveralTunnels(dialled: destination, outcome: outcome, sink: sink, carriedBy: carriedBy)
+        for app in sink.timelines where app.kind == .appOutbound { XCTAssertEqual(app.hops.first?.confidence, .low) }
+        XCTAssertGreaterThanOrEqual(right, 150, "of 300 joined right by the stand-in's log, over \(tunnels) tunnels")
+    }
+
+    /// 300 connections to `dialled` through several multiplexed tunnels (`carriedBy`: the stand-in's log): each joined
+    /// to one of the tunnels, every tunnel to a connection at least, no escape, none wrong at high confidence. Returns
+    /// how many joins the log says are right, and how many tunnels the stand-in used.
+    func joinedAmongSeveralTunnels(dialled: Endpoint, outcome: TraceOutcome, sink: TraceRecordingSink,
+                                   carriedBy: [PortUse: PortUse]) throws -> (right: Int, tunnels: Int) {
         XCTAssertEqual(carriedBy.count, 300, "the stand-in's log names each connection's tunnel")
         let used = Set(carriedBy.values)
         XCTAssertGreaterThanOrEqual(used.count, 2, "with 2 streams a tunnel and 4 at a time, the stand-in opened more than one")
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
         let tunnelUses = portUses(tunnels)
-        XCTAssertEqual(Set(tunnelUses.values), used, "\(sink.timelines.filter { $0.kind == .hboneOutbound }.map(\.original))")
-        let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }
+        XCTAssertEqual(Set(tunnelUses.values), used, "\(tunnels.map(\.original))")
+        let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == dialled }
         XCTAssertEqual(apps.count, 300)
         let appUses = portUses(apps)
         var right = 0
@@ -874,7 +894,7 @@ final class LiveTracerTests: KernelTestCase {
         }
         for t in tunnels { XCTAssertFalse(t.hops.isEmpty, "tunnel \(t.original) joined to no connection") }
         XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
-        XCTAssertGreaterThanOrEqual(right, 150, "of 300 joined right by the stand-in's log, over \(used.count) tunnels")
+        return (right, used.count)
     }
 
     /// A connection to a service VIP held open past the live candidates' age (3.5 s) before its request: joined only
@@ -908,8 +928,16 @@ final class LiveTracerTests: KernelTestCase {
             load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 600, workers: 4)
         }
         XCTAssertEqual(load?.failures, 0)
-        // "hbone TUNNEL -> APP: app leg LEG -> APP": the stand-in picks the leg's port, so one may come twice; those
-        // are left out.
+        let (right, legs) = try inboundJoinsRight(lab, sink)
+        XCTAssertGreaterThan(legs, 550)
+        XCTAssertGreaterThanOrEqual(right * 20, legs * 11, "\(right) of \(legs) joined right by the stand-in's log")
+        XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
+    }
+
+    /// How many of the server's connections into the app are joined to the tunnel that carried them by its stand-in's
+    /// log, of how many; each has a hop, and none is wrong at high confidence. "hbone TUNNEL -> APP: app leg LEG -> APP":
+    /// the stand-in picks the leg's port, so one may come twice; those are left out.
+    func inboundJoinsRight(_ lab: LabTopology, _ sink: TraceRecordingSink) throws -> (right: Int, legs: Int) {
         var carriedBy: [UInt16: UInt16] = [:], twice: Set<UInt16> = []
         for line in lab.log(of: lab.server, "ztunnel").split(separator: "\n") {
             let words = line.split(separator: " ")
@@ -921,7 +949,6 @@ final class LiveTracerTests: KernelTestCase {
         let tunnels = sink.timelines.filter { $0.kind == .hboneInbound }
         let tunnelPorts = Dictionary(tunnels.map { ($0.id, $0.original.src.port) }, uniquingKeysWith: { a, _ in a })
         let legs = sink.timelines.filter { $0.kind == .ztunnelToApp && !twice.contains($0.original.src.port) }
-        XCTAssertGreaterThan(legs.count, 550)
         var right = 0
         for leg in legs {
             let hop = try XCTUnwrap(leg.hops.first, "\(leg.original) has no hop")
@@ -930,8 +957,29 @@ final class LiveTracerTests: KernelTestCase {
                 XCTAssertNotEqual(hop.confidence, .high, "\(leg.original) joined to the wrong tunnel: \(hop.evidence.map(\.detail))")
             }
         }
-        XCTAssertGreaterThanOrEqual(right * 20, legs.count * 11, "\(right) of \(legs.count) joined right by the stand-in's log")
+        return (right, legs.count)
+    }
+
+    /// The serving side of several multiplexed tunnels from one pod (2 streams a tunnel, 300 connections 4 at a time):
+    /// ztunnel's connections into the app are streams of 3-5 HBONE connections from the same client, open at once.
+    /// Each is joined to one of them, every tunnel to a connection at least, no escape, none wrong at high confidence,
+    /// and at least half right by the stand-in's log (209-237 of ~294 in 17 runs; 48-88 before relay timing counted
+    /// every connection a tunnel carried, not the 16 it lists: fails so, checked).
+    func testConnectionsIntoTheAppFromSeveralMultiplexedTunnelsAreEachJoinedToOneOfThem() throws {
+        let lab = try makeLab { $0.multiplexTunnels = true; $0.streamsPerTunnel = 2 }
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        var load: ConnectionLoad.Result?
+        let (outcome, sink) = try trace(lab.server, group: 5429) {
+            load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 300, workers: 4)
+        }
+        XCTAssertEqual(load?.failures, 0)
+        let tunnels = sink.timelines.filter { $0.kind == .hboneInbound }
+        XCTAssertGreaterThanOrEqual(tunnels.count, 2, "\(sink.timelines.filter { $0.kind == .hboneInbound }.map(\.original))")
+        for t in tunnels { XCTAssertFalse(t.hops.isEmpty, "tunnel \(t.original) joined to no connection") }
+        let (right, legs) = try inboundJoinsRight(lab, sink)
+        XCTAssertGreaterThan(legs, 280)
         XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
+        XCTAssertGreaterThanOrEqual(right * 2, legs, "\(right) of \(legs) joined right by the stand-in's log, over \(tunnels.count) tunnels")
     }
 
     /// A reader that falls behind reads both sources in step. Read by count, the capture fell seconds behind NFLOG,
