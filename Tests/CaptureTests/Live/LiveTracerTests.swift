@@ -697,12 +697,14 @@ final class LiveTracerTests: KernelTestCase {
         return right
     }
 
-    /// A lab whose client pod is traced while `count` connections, 4 at a time, go to the server pod's app.
-    func traceLoad(count: Int, group: UInt16, readerPauseNanos: UInt64 = 0) throws -> (LabTopology, Endpoint, TraceOutcome, TraceRecordingSink) {
-        let lab = try makeLab()
+    /// A lab (`configure` sets it up) whose client pod (or the pod `traced` picks) is traced while `count` connections,
+    /// 4 at a time, go from the client pod to the server pod's app.
+    func traceLoad(count: Int, group: UInt16, readerPauseNanos: UInt64 = 0, on traced: (LabTopology) -> LabPod = { $0.client },
+                   configure: (inout LabOptions) -> Void = { _ in }) throws -> (LabTopology, Endpoint, TraceOutcome, TraceRecordingSink) {
+        let lab = try makeLab(configure)
         let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
         var load: ConnectionLoad.Result?
-        let (outcome, sink) = try trace(lab.client, group: group, readerPauseNanos: readerPauseNanos) {
+        let (outcome, sink) = try trace(traced(lab), group: group, readerPauseNanos: readerPauseNanos) {
             load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: count, workers: 4)
         }
         XCTAssertEqual(load?.failures, 0)
@@ -846,13 +848,7 @@ final class LiveTracerTests: KernelTestCase {
     /// were first joined to the newest tunnel (pooled), and relay timing's moves off it were held back when more than
     /// the 16 connections a tunnel lists were leaving it, as if it would be left with none (198 in one run).
     func testConnectionsOverSeveralMultiplexedTunnelsToOnePodAreEachJoinedToOneOfThem() throws {
-        let lab = try makeLab { $0.multiplexTunnels = true; $0.streamsPerTunnel = 2 }
-        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        var load: ConnectionLoad.Result?
-        let (outcome, sink) = try trace(lab.client, group: 5428) {
-            load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 300, workers: 4)
-        }
-        XCTAssertEqual(load?.failures, 0)
+        let (lab, server, outcome, sink) = try traceLoad(count: 300, group: 5428) { $0.multiplexTunnels = true; $0.streamsPerTunnel = 2 }
         let (right, tunnels) = try joinedAmongSeveralTunnels(dialled: server, outcome: outcome, sink: sink, carriedBy: tunnelsByApp(lab))
         XCTAssertGreaterThanOrEqual(right, 150, "of 300 joined right by the stand-in's log, over \(tunnels) tunnels")
     }
@@ -921,13 +917,7 @@ final class LiveTracerTests: KernelTestCase {
     /// (65-86 % of 600 in 9 runs of the tests' debug build; 21-51 % with NFLOG's kernel stamps not taken as exact,
     /// 22-30 % with neither rule). At least 55 % right by the stand-in's log, none wrong at high confidence.
     func testConcurrentInboundConnectionsAreJoinedToTunnelsThatCameInBeforeThem() throws {
-        let lab = try makeLab()
-        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        var load: ConnectionLoad.Result?
-        let (outcome, sink) = try trace(lab.server, group: 5417) {
-            load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 600, workers: 4)
-        }
-        XCTAssertEqual(load?.failures, 0)
+        let (lab, _, outcome, sink) = try traceLoad(count: 600, group: 5417, on: { $0.server })
         let (right, legs) = try inboundJoinsRight(lab, sink)
         XCTAssertGreaterThan(legs, 550)
         XCTAssertGreaterThanOrEqual(right * 20, legs * 11, "\(right) of \(legs) joined right by the stand-in's log")
@@ -966,13 +956,9 @@ final class LiveTracerTests: KernelTestCase {
     /// and at least half right by the stand-in's log (209-237 of ~294 in 17 runs; 48-88 before relay timing counted
     /// every connection a tunnel carried, not the 16 it lists: fails so, checked).
     func testConnectionsIntoTheAppFromSeveralMultiplexedTunnelsAreEachJoinedToOneOfThem() throws {
-        let lab = try makeLab { $0.multiplexTunnels = true; $0.streamsPerTunnel = 2 }
-        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
-        var load: ConnectionLoad.Result?
-        let (outcome, sink) = try trace(lab.server, group: 5429) {
-            load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: 300, workers: 4)
+        let (lab, _, outcome, sink) = try traceLoad(count: 300, group: 5429, on: { $0.server }) {
+            $0.multiplexTunnels = true; $0.streamsPerTunnel = 2
         }
-        XCTAssertEqual(load?.failures, 0)
         let tunnels = sink.timelines.filter { $0.kind == .hboneInbound }
         XCTAssertGreaterThanOrEqual(tunnels.count, 2, "\(sink.timelines.filter { $0.kind == .hboneInbound }.map(\.original))")
         for t in tunnels { XCTAssertFalse(t.hops.isEmpty, "tunnel \(t.original) joined to no connection") }
