@@ -486,7 +486,10 @@ public final class Correlator {
         guard !c.emitted, c.mergedInto == nil else { return false }
         if let closed = c.closedAt, now - closed > options.closeLingerNanos { return false }
         let target = isRedirectTarget(otherEnd)
-        if target { guard c.natResponder == nil else { return false } } else { guard !c.originalKnown else { return false } }
+        // ztunnel's own connections (its mark) are never redirected to it: a redirected view from the endpoint of
+        // one is another connection sharing its port (Linux shares an ephemeral port between destinations, and a
+        // multiplexed tunnel lives for minutes).
+        if target { guard c.natResponder == nil, !c.sawZtunnelMark else { return false } } else { guard !c.originalKnown else { return false } }
         if r.tuple.proto == IPProto.udp {
             return now - c.lastSeenNanos <= 2_000_000_000
         }

@@ -102,6 +102,46 @@ final class NATViewTests: XCTestCase {
         assertOneRemappedConnection(sink)
     }
 
+    /// An app connection from the source port of one of ztunnel's tunnels that is open (Linux shares an ephemeral port
+    /// between connections to different destinations; ztunnel's multiplexed tunnels live for minutes). The tunnel
+    /// was first seen mid-stream (open before the capture: no handshake to compare), and the app's redirected SYN on
+    /// lo came before its pre-NAT twin (stamped on receipt): taken for the tunnel's other NAT view, the lo leg made the
+    /// tunnel an app connection redirected to 15001 "from 10.0.2.2:15008", and the app's own view a connection of its
+    /// own with no hop (1 in 20 000 connections through several multiplexed tunnels, `MESHTRACE_BENCH_STREAMS=2`).
+    /// A connection seen established cannot take a SYN: it begins another.
+    func testARedirectedSYNFromAnOpenTunnelsPortIsNotTheTunnelsOtherView() throws {
+        var f = PacketFactory()
+        let ruleset = seedNatRuleset()
+        let peerHBONE = PacketFactory.ep("10.0.2.2", 15008)
+        let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
+        var p: [PacketRecord] = []
+        // The tunnel from the app's port, carrying bytes (marked), first seen mid-stream.
+        for i in 0..<3 {
+            p.append(f.nflog(app, peerHBONE, flags: [.ack, .psh], seq: 7001 + UInt32(i) * 90, ack: 9001, hook: .postrouting,
+                             prefix: observeOut, mark: 0x539, outIf: 2))
+            p.append(f.packet(app, peerHBONE, flags: [.ack, .psh], seq: 7001 + UInt32(i) * 90, ack: 9001, payload: 90, on: eth0, direction: .outbound))
+            f.advance(micros: 100)
+        }
+        // The app's connection from the same port to the service: its redirected SYN on lo first, then the reply
+        // de-NATed, then the twin's pre-NAT SYN.
+        p.append(f.packet(app, capture15001, flags: [.syn], seq: 1000, on: lo, direction: .inbound))
+        f.advance(micros: 20)
+        p.append(f.packet(service, app, flags: [.syn, .ack], seq: 5000, ack: 1001, on: lo, direction: .inbound))
+        p.append(f.packet(app, capture15001, flags: [.ack], seq: 1001, ack: 5001, on: lo, direction: .inbound))
+        f.advance(micros: 60)
+        p.append(f.nflog(app, service, flags: [.syn], seq: 1000, hook: .output, prefix: redirectTwin))
+        p.append(f.packet(app, peerHBONE, flags: [.ack, .psh], seq: 7271, ack: 9001, payload: 90, on: eth0, direction: .outbound))
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: ruleset)
+        let tunnel = try XCTUnwrap(sink.timelines.first { $0.original.dst == peerHBONE }, "\(sink.timelines.map(\.original))")
+        XCTAssertEqual(tunnel.kind, .hboneOutbound)
+        XCTAssertNil(tunnel.redirect)
+        XCTAssertEqual(tunnel.aliases, [])
+        let apps = sink.timelines.filter { $0.original.dst == service }
+        XCTAssertEqual(apps.count, 1, "\(sink.timelines.map { "\($0.kind) \($0.original) \($0.aliases)" })")
+        XCTAssertEqual(apps.first?.aliases, [FiveTuple(proto: IPProto.tcp, src: app, dst: capture15001)])
+        XCTAssertEqual(apps.first?.redirect, .redirected(toPort: 15001, originalDestination: service))
+    }
+
     /// Another app socket that happens to reuse the ISN's value from another address, or the same address on a
     /// connection that was not redirected, is not joined: only a redirected view and an app view pair up.
     func testSameISNOnTwoPlainConnectionsIsNotJoined() {
