@@ -164,7 +164,7 @@ public final class ZtunnelStandIn: @unchecked Sendable {
                 log("outbound \(peer) -> \(said): HBONE connect to \(hbone) failed"); return
             }
             guard t.socket.writeAll(t.up.applied(TunnelHeader.line(target: target))) else { return }
-            log("outbound \(peer) -> \(said): hbone \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
+            logCarried(peer, said, "hbone", t.socket, to: hbone)
             app.relay(with: t.socket, idle: config.idleSeconds,
                       transformUp: { t.up.apply($0) }, transformDown: { t.down.apply($0) })
         } else {
@@ -172,7 +172,7 @@ public final class ZtunnelStandIn: @unchecked Sendable {
                 log("outbound \(peer) -> \(said): passthrough connect failed"); return
             }
             direct.setTimeouts(seconds: 0)
-            log("outbound \(peer) -> \(said): passthrough \(direct.localEndpoint.map(\.description) ?? "?") -> \(target)")
+            logCarried(peer, said, "passthrough", direct, to: target)
             app.relay(with: direct, idle: config.idleSeconds)
         }
     }
@@ -228,7 +228,7 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         }
         let reused = idle != nil
         guard t.socket.writeAll(t.up.applied(TunnelHeader.streamLine(target: target))) else { t.socket.close(); return }
-        log("outbound \(peer) -> \(said): hbone \(reused ? "pooled" : "new") \(t.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone)")
+        logCarried(peer, said, reused ? "hbone pooled" : "hbone new", t.socket, to: hbone)
         if TunnelConnection.relayFramed(plain: app, tunnel: t.socket, idle: config.idleSeconds, send: &t.up, receive: &t.down) {
             lock.lock()
             let spare = stopped ? t : idleTunnels.updateValue(t, forKey: hbone)
@@ -258,11 +258,17 @@ public final class ZtunnelStandIn: @unchecked Sendable {
         sharedTunnels[hbone] = pool
         lock.unlock()
         guard let tunnel else { log("outbound \(peer) -> \(said): HBONE connect to \(hbone) failed"); return }
-        log("outbound \(peer) -> \(said): hbone \(reused ? "pooled" : "new") \(tunnel.connection.socket.localEndpoint.map(\.description) ?? "?") -> \(hbone) (multiplexed)")
+        logCarried(peer, said, reused ? "hbone pooled" : "hbone new", tunnel.connection.socket, to: hbone, note: " (multiplexed)")
         _ = tunnel.carry(app, to: target, idle: config.idleSeconds)
         lock.lock()
         if let i = sharedTunnels[hbone]?.firstIndex(where: { $0.tunnel === tunnel }) { sharedTunnels[hbone]![i].streams -= 1 }
         lock.unlock()
+    }
+
+    /// Which tunnel or passthrough carries an outbound app connection, in the one format the lab's tests read
+    /// ("outbound APP -> DST: hbone [new |pooled ]LOCAL -> PEER:15008[ (multiplexed)]", "...: passthrough LOCAL -> E").
+    private func logCarried(_ peer: Endpoint, _ said: String, _ how: String, _ socket: LabSocket, to remote: Endpoint, note: String = "") {
+        log("outbound \(peer) -> \(said): \(how) \(socket.localEndpoint.map(\.description) ?? "?") -> \(remote)\(note)")
     }
 
     private func serveInboundPlaintext(_ conn: LabSocket, _ peer: Endpoint) {
