@@ -183,7 +183,8 @@ final class TraceBenchmark: KernelTestCase {
         for round in 0..<rounds {
             let tracer = compare != nil && round % 2 == 1 ? compare! : executable
             tracedAfter.append(untracedRuns.count - 1)
-            traced.append(try tracedRun(lab: lab, target: target, count: count, workers: workers, executable: tracer, env: env))
+            traced.append(try tracedRun(lab: lab, target: target, count: count, workers: workers, executable: tracer, env: env,
+                                        round: round + 1))
             untracedRuns.append(try untracedRun())
             if let tcpdump {
                 dumpedAfter.append(untracedRuns.count - 1)
@@ -279,14 +280,23 @@ final class TraceBenchmark: KernelTestCase {
     /// One run of the load with `meshtrace trace --json` on the client pod, used as an operator would (the CLI,
     /// its JSON summary as the source of the counts).
     private func tracedRun(lab: LabTopology, target: Endpoint, count: Int, workers: Int, executable: String,
-                           env: [String: String]) throws -> TracedRun {
+                           env: [String: String], round: Int) throws -> TracedRun {
         // The JSON (~28 KB per connection, ~0.5 GB per run of 20 000) goes to tmpfs when there is one: writing
         // it into the page cache is part of what is measured; the disk's writeback, and the dirty-page
         // throttling that slowed each traced run more than the one before, is not.
         let directory = FileManager.default.isWritableFile(atPath: "/dev/shm") ? "/dev/shm/" : NSTemporaryDirectory()
         let log = directory + "mt-bench-\(getpid()).jsonl"
         XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil), "cannot create a scratch file")
-        defer { try? FileManager.default.removeItem(atPath: log) }
+        // MESHTRACE_BENCH_KEEP=DIR keeps each round's output there (DIR/round-N.jsonl, moved once the round is
+        // measured), to find which connection a round's counts say is off (a hop short, an escape).
+        defer {
+            if let keep = env["MESHTRACE_BENCH_KEEP"], !keep.isEmpty {
+                let kept = keep + "/round-\(round)" + (env["MESHTRACE_BENCH_VIEW"] == "text" ? ".txt" : ".jsonl")
+                try? FileManager.default.removeItem(atPath: kept)
+                do { try FileManager.default.moveItem(atPath: log, toPath: kept) } catch { XCTFail("MESHTRACE_BENCH_KEEP: \(error)") }
+            }
+            try? FileManager.default.removeItem(atPath: log)
+        }
         let trace = Process()
         trace.executableURL = URL(fileURLWithPath: executable)
         let extra = (env["MESHTRACE_BENCH_TRACE_ARGS"] ?? "").split(separator: " ").map(String.init)
