@@ -71,6 +71,10 @@ extension Correlator {
             if local && c.responder.port == o.hbonePort && c.leftFrames.isEmpty == false {
                 return (.hboneOutbound, [])
             }
+            // The last packets of one of ztunnel's connections out of the pod, already printed, read late from the
+            // capture alone (no twin's copy, so no mark): a passthrough's (a tunnel's is taken above) is no app
+            // connection that bypassed the capture.
+            if local && isTailOfEmitted(c) { return (.ztunnelPassthrough, []) }
             if leftPod && !exempt {
                 let confidence: Confidence = c.sawNflog || c.initiatorFromSYN ? .high : .medium
                 return (.unknown, [EscapeFinding(

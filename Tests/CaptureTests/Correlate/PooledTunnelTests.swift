@@ -728,6 +728,27 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertEqual(correlate(q, tags: g.tags, ruleset: rules).0.findings.map(\.findingClass), [.forgedZtunnelMark])
     }
 
+    /// The same for a passthrough (ztunnel's plain connection to an endpoint outside the mesh), its final ACK read
+    /// late from the capture alone: with no twin's copy it carries no mark, and it read as app TCP that left the pod
+    /// without a redirect (4 uncaptured-tcp escapes in one of 9 rounds of 20 000 connections to a service half in
+    /// the mesh, multiplexed; the tunnels' tails never did: an unmarked packet to :15008 is taken for a tunnel's).
+    func testAPassthroughsLastPacketReadLateFromTheCaptureAloneIsNoEscape() throws {
+        var f = PacketFactory()
+        let rules = seedNatRuleset()
+        let outside = PacketFactory.ep("10.0.9.9", 80)
+        var p = CorrelatorTests.outboundScenario(&f, ruleset: rules, destination: outside, hboneTo: outside)
+        let lastFIN = try XCTUnwrap(p.last).time
+        f.advance(micros: 3_000_000)
+        let here = PacketFactory.ep("127.0.0.1", 5000), there = PacketFactory.ep("127.0.0.1", 6000)
+        p.append(f.packet(here, there, flags: [.syn], seq: 1, on: lo, direction: .outbound))
+        f.clock = lastFIN.totalNanoseconds + 40_000
+        p.append(f.packet(ztunnelOut, outside, flags: [.ack], seq: 7182, ack: 9402, on: eth0, direction: .outbound))
+        let (sink, _) = correlate(p, tags: f.tags, ruleset: rules)
+        let passthroughs = sink.timelines.filter { $0.original.src == ztunnelOut }
+        XCTAssertEqual(passthroughs.map(\.kind), [.ztunnelPassthrough, .ztunnelPassthrough], "the passthrough and its tail")
+        XCTAssertTrue(sink.findings.isEmpty, "\(sink.findings.map(\.summary))")
+    }
+
     /// The memory of emitted tunnels is bounded (`emittedTunnelsKept`, oldest out first): a tail of a tunnel
     /// pushed out of it keeps its finding. And a tuple emitted again (a reused port) is remembered until its own
     /// newer entry goes, not when its older slot is overwritten.
