@@ -41,6 +41,10 @@ extension Correlator {
             if asInnerOut { return (c.responder.port == o.hbonePort ? .hboneOutbound : .ztunnelPassthrough, []) }
             if asInnerIn { return (.ztunnelToApp, []) }
             if asOuterIn { return (c.responder.port == o.hbonePort ? .hboneInbound : .inboundPlaintext, []) }
+            // The last packets of one of ztunnel's connections out of the pod, already printed, read late (the reader
+            // far behind): not a new connection, whether a twin's copy brought its mark or the capture alone did not
+            // (then a passthrough's tail read as app TCP that bypassed the capture).
+            if local && isTailOfEmitted(c) { return (c.responder.port == o.hbonePort ? .hboneOutbound : .ztunnelPassthrough, []) }
             if local && c.sawZtunnelMark && !c.responder.addr.isLoopback && !isLocal(c.responder.addr, pod: pod) {
                 if explainedByDNSProxy(c) { return (.dns, []) }
                 let kind: ConnectionKind = c.responder.port == o.hbonePort ? .hboneOutbound : .ztunnelPassthrough
@@ -52,8 +56,6 @@ extension Correlator {
                 // went to another tunnel: the pooled tunnel that connection may well have gone through. Under
                 // concurrency such a join is a guess (low), so this one is not called unexplained.
                 if pooled && !c.initiatorFromSYN && c.relayCouldHaveCarried { return (kind, []) }
-                // The last packets of a connection already printed, read late (the reader far behind): not a new one.
-                if isTailOfEmitted(c) { return (kind, []) }
                 let confidence: Confidence = pooled ? .low : (c.initiatorFromSYN ? .high : .medium)
                 let why = pooled
                     ? "a connection to :\(o.hbonePort) carried ztunnel's mark 0x\(hex(o.ztunnelMark)) but no app connection in the capture explains it (a tunnel opened before the capture, or a process forging the mark)"
@@ -71,10 +73,6 @@ extension Correlator {
             if local && c.responder.port == o.hbonePort && c.leftFrames.isEmpty == false {
                 return (.hboneOutbound, [])
             }
-            // The last packets of one of ztunnel's connections out of the pod, already printed, read late from the
-            // capture alone (no twin's copy, so no mark): a passthrough's (a tunnel's is taken above) is no app
-            // connection that bypassed the capture.
-            if local && isTailOfEmitted(c) { return (.ztunnelPassthrough, []) }
             if leftPod && !exempt {
                 let confidence: Confidence = c.sawNflog || c.initiatorFromSYN ? .high : .medium
                 return (.unknown, [EscapeFinding(
