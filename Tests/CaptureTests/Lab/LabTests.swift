@@ -293,10 +293,12 @@ final class LabTests: KernelTestCase {
         }
         XCTAssertEqual(records.last?["matching"] as? Int, 2)
         // "client ztunnel: outbound APP -> DST: hbone new|pooled TUNNEL -> HBONE (multiplexed)"
-        func tunnel(_ record: [String: Any]) -> (String, String)? {
-            for line in record["evidence"] as? [String] ?? [] where line.hasPrefix("client ztunnel: outbound") && line.hasSuffix("(multiplexed)") {
-                let words = line.split(separator: " ")
-                if let h = words.firstIndex(of: "hbone"), h + 2 < words.count { return (String(words[h + 1]), String(words[h + 2])) }
+        func tunnel(_ record: [String: Any]) -> (String, UInt16)? {
+            let prefix = "client ztunnel: "
+            for line in record["evidence"] as? [String] ?? [] where line.hasPrefix(prefix) {
+                if let carried = CarriedLine(line.dropFirst(prefix.count)), carried.multiplexed, let reuse = carried.reuse {
+                    return (String(reuse), carried.via)
+                }
             }
             return nil
         }

@@ -656,19 +656,15 @@ final class LiveTracerTests: KernelTestCase {
         var answered = 0
         let (outcome, sink) = try trace(lab.client, group: 5410) { answered = self.concurrentRequests(lab, to: server) }
         XCTAssertEqual(answered, 10, "requests answered through the pooled tunnels")
-        let carriedBy = tunnelsByApp(lab)
-        let tunnelUses = portUses(sink.timelines.filter { $0.kind == .hboneOutbound })
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == server }
-        let appUses = portUses(apps)
         XCTAssertEqual(apps.count, 10, "\(sink.timelines.map { "\($0.id) \($0.kind) \($0.original)" })")
-        var right = 0, wrongAboveLow: [String] = []
-        for app in apps {
-            let hop = try XCTUnwrap(app.hops.first, "\(app.original) has no hop")
-            let truth = try XCTUnwrap(appUses[app.id].flatMap { carriedBy[$0] }, "\(app.original) is not in the stand-in's log")
-            if tunnelUses[hop.inner] == truth { right += 1 } else {
-                XCTAssertNotEqual(hop.confidence, .high, "\(app.original) joined to the wrong tunnel: \(hop.evidence.map(\.detail))")
-                if hop.confidence != .low { wrongAboveLow.append("\(app.original): \(hop.evidence.map(\.detail))") }
-            }
+        var wrongAboveLow: [String] = []
+        let right = try joinsRight(apps, tunnels: sink.timelines.filter { $0.kind == .hboneOutbound }, carriedBy: tunnelsByApp(lab)) {
+            app, hop, joined, truth in
+            XCTAssertNotNil(truth, "\(app.original) is not in the stand-in's log")
+            guard joined != truth else { return }
+            XCTAssertNotEqual(hop.confidence, .high, "\(app.original) joined to the wrong tunnel: \(hop.evidence.map(\.detail))")
+            if hop.confidence != .low { wrongAboveLow.append("\(app.original): \(hop.evidence.map(\.detail))") }
         }
         XCTAssertGreaterThanOrEqual(right, 4, "of \(apps.count)")
         XCTAssertLessThanOrEqual(wrongAboveLow.count, 1, "\(wrongAboveLow)")
@@ -687,28 +683,38 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(tunnels.count, count)
         XCTAssertEqual(outcome.summary.escapes, 0, "\(sink.findings.prefix(3).map(\.summary))")
         for t in tunnels { XCTAssertEqual(t.hops.count, 1, "tunnel \(t.original) joined to \(t.hops.map(\.outer))") }
+        return try joinsRight(apps, tunnels: tunnels, carriedBy: carriedBy) { _, hop, _, _ in check(hop) }
+    }
+
+    /// How many of `apps` are joined to the tunnel (of `tunnels`) that carried them by the stand-in's log (`carriedBy`,
+    /// from `tunnelsByApp`); each must have a hop. `each` sees every app with its first hop, the tunnel use it was
+    /// joined to (nil: not one of `tunnels`), and the one the log names (nil: not in the log).
+    func joinsRight(_ apps: [ConnectionTimeline], tunnels: [ConnectionTimeline], carriedBy: [PortUse: PortUse],
+                    each: (ConnectionTimeline, ZtunnelHop, _ joined: PortUse?, _ truth: PortUse?) -> Void) throws -> Int {
         let tunnelUses = portUses(tunnels), appUses = portUses(apps)
         var right = 0
         for app in apps {
             let hop = try XCTUnwrap(app.hops.first, "\(app.original) has no hop")
-            check(hop)
-            if let use = tunnelUses[hop.inner], use == appUses[app.id].flatMap({ carriedBy[$0] }) { right += 1 }
+            let joined = tunnelUses[hop.inner], truth = appUses[app.id].flatMap { carriedBy[$0] }
+            each(app, hop, joined, truth)
+            if let joined, joined == truth { right += 1 }
         }
         return right
     }
 
     /// A lab (`configure` sets it up) whose client pod (or the pod `traced` picks) is traced while `count` connections,
-    /// 4 at a time, go from the client pod to the server pod's app.
+    /// 4 at a time, go from the client pod to the server pod's app (or to what `dialled` picks); and what was dialled.
     func traceLoad(count: Int, group: UInt16, readerPauseNanos: UInt64 = 0, on traced: (LabTopology) -> LabPod = { $0.client },
+                   to dialled: (LabTopology) -> Endpoint = { Endpoint($0.server.ipv4, LabTopology.appPort) },
                    configure: (inout LabOptions) -> Void = { _ in }) throws -> (LabTopology, Endpoint, TraceOutcome, TraceRecordingSink) {
         let lab = try makeLab(configure)
-        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let target = dialled(lab)
         var load: ConnectionLoad.Result?
         let (outcome, sink) = try trace(traced(lab), group: group, readerPauseNanos: readerPauseNanos) {
-            load = try ConnectionLoad.run(in: lab.client.ref, to: server, count: count, workers: 4)
+            load = try ConnectionLoad.run(in: lab.client.ref, to: target, count: count, workers: 4)
         }
         XCTAssertEqual(load?.failures, 0)
-        return (lab, server, outcome, sink)
+        return (lab, target, outcome, sink)
     }
 
     /// Many short connections, 4 at a time, each through a tunnel the stand-in opens for it (no pooling), as the
@@ -788,13 +794,8 @@ final class LiveTracerTests: KernelTestCase {
     /// stand-in's log of which carried which.
     func serviceLoad(to vip: IPAddress, group: UInt16, configure: (inout LabOptions) -> Void = { _ in }) throws
         -> (LabTopology, Endpoint, TraceOutcome, TraceRecordingSink, [PortUse: PortUse]) {
-        let lab = try makeLab(configure)
-        let destination = Endpoint(vip, LabTopology.appPort)
-        var load: ConnectionLoad.Result?
-        let (outcome, sink) = try trace(lab.client, group: group) {
-            load = try ConnectionLoad.run(in: lab.client.ref, to: destination, count: 300, workers: 4)
-        }
-        XCTAssertEqual(load?.failures, 0)
+        let (lab, destination, outcome, sink) = try traceLoad(count: 300, group: group, to: { _ in Endpoint(vip, LabTopology.appPort) },
+                                                              configure: configure)
         let carriedBy = tunnelsByApp(lab)
         XCTAssertEqual(carriedBy.count, 300, "the stand-in's log names each connection's tunnel or passthrough")
         return (lab, destination, outcome, sink, carriedBy)
@@ -874,17 +875,13 @@ final class LiveTracerTests: KernelTestCase {
         let used = Set(carriedBy.values)
         XCTAssertGreaterThanOrEqual(used.count, 2, "with 2 streams a tunnel and 4 at a time, the stand-in opened more than one")
         let tunnels = sink.timelines.filter { $0.kind == .hboneOutbound }
-        let tunnelUses = portUses(tunnels)
-        XCTAssertEqual(Set(tunnelUses.values), used, "\(tunnels.map(\.original))")
+        XCTAssertEqual(Set(portUses(tunnels).values), used, "\(tunnels.map(\.original))")
         let apps = sink.timelines.filter { $0.kind == .appOutbound && $0.original.dst == dialled }
         XCTAssertEqual(apps.count, 300)
-        let appUses = portUses(apps)
-        var right = 0
-        for app in apps {
-            let hop = try XCTUnwrap(app.hops.first, "\(app.original) has no hop")
+        let right = try joinsRight(apps, tunnels: tunnels, carriedBy: carriedBy) { app, hop, joined, truth in
             XCTAssertEqual(app.hops.count, 1, "\(app.original)")
-            XCTAssertNotNil(tunnelUses[hop.inner], "\(app.original) joined to \(hop.inner), no tunnel")
-            if let use = tunnelUses[hop.inner], use == appUses[app.id].flatMap({ carriedBy[$0] }) { right += 1 } else {
+            XCTAssertNotNil(joined, "\(app.original) joined to \(hop.inner), no tunnel")
+            if joined == nil || joined != truth {
                 XCTAssertNotEqual(hop.confidence, .high, "\(app.original) joined to the wrong tunnel: \(hop.evidence.map(\.detail))")
             }
         }
@@ -1020,21 +1017,16 @@ final class LiveTracerTests: KernelTestCase {
     /// at once), and counted by port alone two connections read as one, the later's tunnel for both.
     struct PortUse: Hashable { var port: UInt16; var nth: Int }
 
-    /// Which tunnel carried each app connection, by the client's stand-in's log ("outbound APP -> DST[ (service,
+    /// Which tunnel carried each app connection, by the client's stand-in's log (`CarriedLine`: "outbound APP -> DST[ (service,
     /// endpoint E)]: hbone [new|pooled ]TUNNEL -> PEER:15008", or "...: passthrough LOCAL -> E"), each port's uses
     /// numbered in the order logged (a pooled tunnel's line names a use already counted).
     func tunnelsByApp(_ lab: LabTopology) -> [PortUse: PortUse] {
         var carriedBy: [PortUse: PortUse] = [:], appUses: [UInt16: Int] = [:], tunnelUses: [UInt16: Int] = [:]
         for line in lab.log(of: lab.client, "ztunnel").split(separator: "\n") {
-            let words = line.split(separator: " ")
-            guard words.count >= 7, words[0] == "outbound", let h = words.firstIndex(where: { $0 == "hbone" || $0 == "passthrough" }),
-                  h + 2 < words.count,
-                  let app = words[1].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
-            let at = words[h + 1] == "new" || words[h + 1] == "pooled" ? h + 2 : h + 1
-            guard let tunnel = words[at].split(separator: ":").last.flatMap({ UInt16($0) }) else { continue }
-            if words[h + 1] != "pooled" { tunnelUses[tunnel, default: -1] += 1 }
-            appUses[app, default: -1] += 1
-            carriedBy[PortUse(port: app, nth: appUses[app]!)] = PortUse(port: tunnel, nth: tunnelUses[tunnel] ?? 0)
+            guard let carried = CarriedLine(line) else { continue }
+            if carried.reuse != "pooled" { tunnelUses[carried.via, default: -1] += 1 }
+            appUses[carried.app, default: -1] += 1
+            carriedBy[PortUse(port: carried.app, nth: appUses[carried.app]!)] = PortUse(port: carried.via, nth: tunnelUses[carried.via] ?? 0)
         }
         return carriedBy
     }
