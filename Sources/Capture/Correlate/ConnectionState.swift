@@ -369,6 +369,8 @@ struct RelayMatch {
     var largestGap: Int64
     /// How many open tunnels could have carried it, and the most packets any other one matched.
     var tunnels: Int
+    /// Of those, how many were ztunnel's passthroughs (a service with endpoints outside the mesh).
+    var passthroughs = 0
     var runnerUp: Int
     /// Of those tunnels, how many no longer kept data packets from the connection's time (past
     /// `maxEventsPerConnection` a tunnel keeps the latest `relayDataKept`): those could not be compared.

@@ -1334,6 +1334,16 @@ public final class Correlator {
             to = max(to, c.lastSeenNanos)
         }
         guard !wanted.isEmpty else { return }
+        // ztunnel's passthroughs (a service with endpoints outside the mesh) that connections of the batch are joined to
+        // by the order alone: with a tunnel that carries several connections, the connections that went through it
+        // opened nothing, and the order gave them the passthroughs of connections that began with them.
+        var passthroughs: [ConnectionState] = []
+        for (c, outbound) in wanted where outbound {
+            if let link = carriedLink(of: c, outbound: true), link.byStartOrder, isPassthrough(link.inner), !link.inner.emitted,
+               !identityMatches(outer: c, inner: link.inner, direction: .outbound) {
+                passthroughs.append(link.inner)
+            }
+        }
         // One walk of the tunnel list per batch (a busy capture keeps ~1500 lingering ones), grouping those open in
         // that span by their far end: the peer outbound, the client inbound.
         var byPeer: [IPAddress: SpanIndex] = [:], byClient: [IPAddress: SpanIndex] = [:]
@@ -1363,6 +1373,28 @@ public final class Correlator {
         }
         for (c, outbound) in wanted {
             let current = carriedLink(of: c, outbound: outbound)
+            // Printed with the tunnel, the join stands.
+            if let current, tunnelOf(current).emitted { continue }
+            if !passthroughs.isEmpty, outbound, byPeer[c.responder.addr] == nil, c.initiatorFromSYN, let current,
+               !identityMatches(outer: c, inner: current.inner, direction: .outbound) {
+                // A service VIP's connection, joined, in a batch with passthroughs joined by the order: the
+                // passthroughs that could have been opened for it and the tunnels to any peer open while it ran, each
+                // passthrough packet paired with one connection's (a plain copy relays within microseconds). One with
+                // no join keeps to the tunnels' rule below.
+                var mine: [Int] = []
+                let (from, to) = vipWindow(of: c)
+                for p in passthroughs where p.firstSeenNanos >= from && p.firstSeenNanos <= to && !began(p, afterTheEndOf: c)
+                    && beganAsIfOpenedFor(outer: c, inner: p, direction: .outbound) && !mine.contains(where: { candidates[$0] === p }) {
+                    mine.append(candidate(p))
+                }
+                for open in byPeer.values {
+                    open.openDuring(c.firstSeenNanos, c.lastSeenNanos, began: tunnelBegan, closed: tunnelClosed, into: &during)
+                    for i in during where tunnels[i].sawZtunnelMark && openByPacketTime(i, during: c) { mine.append(candidate(tunnels[i])) }
+                }
+                if !mine.contains(where: { candidates[$0] === current.inner }) { mine.append(candidate(current.inner)) }
+                if mine.count >= 2 { legs.append((c, outbound, mine)) }
+                continue
+            }
             // Outbound, the tunnels to the app's original destination; for a service VIP, which no tunnel goes to
             // (ztunnel resolved it to a pod), the tunnels to the pod its tunnel goes to.
             let peer = outbound && byPeer[c.responder.addr] == nil ? current.map { $0.inner.responder.addr } : c.responder.addr
@@ -1386,6 +1418,7 @@ public final class Correlator {
             if mine.count >= 2 { legs.append((c, outbound, mine)) }
         }
         guard !legs.isEmpty else { return }
+        func passthroughsAmong(_ ks: [Int]) -> Int { passthroughs.isEmpty ? 0 : ks.reduce(0) { $0 + (isPassthrough(candidates[$1]) ? 1 : 0) } }
 
         let pairing = pairRelays(legs: legs, candidates: candidates, from: from, to: to)
         let carriedFrom = pairing.carriedFrom, pairings = pairing.pairings, relayed = pairing.relayed
@@ -1408,7 +1441,8 @@ public final class Correlator {
                 // No packet of it lines up with any of the tunnels (ztunnel slower than the window, or no data): the
                 // join stands on the rest, and says that timing could not tell.
                 if let current, packets[li] > 0 {
-                    current.relay = RelayMatch(matched: 0, packets: packets[li], largestGap: 0, tunnels: l.tunnels.count, runnerUp: 0,
+                    current.relay = RelayMatch(matched: 0, packets: packets[li], largestGap: 0, tunnels: l.tunnels.count,
+                                               passthroughs: passthroughsAmong(l.tunnels), runnerUp: 0,
                                                blind: blind[li])
                     current.finalized = false
                 }
@@ -1429,6 +1463,7 @@ public final class Correlator {
             for k in l.tunnels where k != b { runnerUp = max(runnerUp, couldMatch(k)) }
             let v = votes[li * candidates.count + b] ?? (0, 0, 0)
             let match = RelayMatch(matched: v.count, packets: packets[li], largestGap: v.largest, tunnels: l.tunnels.count,
+                                   passthroughs: passthroughsAmong(l.tunnels),
                                    runnerUp: runnerUp, blind: blind[li])
             // Decisive: every packet matched in the chosen tunnel, every tunnel's packets could be compared, and no
             // other tunnel could have relayed any of them; or the tunnel it is joined to opened after it ended (a fresh
@@ -1448,7 +1483,8 @@ public final class Correlator {
             let own = l.tunnels.first { candidates[$0] === tunnelOf(current) }
             let v = own.flatMap { votes[c.leg * candidates.count + $0] }
             return (own, RelayMatch(matched: v?.count ?? 0, packets: packets[c.leg], largestGap: v?.largest ?? 0,
-                                    tunnels: l.tunnels.count, runnerUp: c.match.matched, blind: blind[c.leg], overruled: true))
+                                    tunnels: l.tunnels.count, passthroughs: passthroughsAmong(l.tunnels), runnerUp: c.match.matched,
+                                    blind: blind[c.leg], overruled: true))
         }
         var moves: [(leg: ConnectionState, outbound: Bool, tunnel: ConnectionState, match: RelayMatch, left: HopLink?, kept: RelayMatch?)] = []
         var freed: [ConnectionState] = []
@@ -1491,8 +1527,10 @@ public final class Correlator {
             // Opened for this connection: outbound, after it began; inbound, before it and within the hop window.
             let gap = m.outbound ? m.tunnel.firstSeenNanos - m.leg.firstSeenNanos : m.leg.firstSeenNanos - m.tunnel.firstSeenNanos
             let fresh = !hasOwnJoin && m.tunnel.initiatorFromSYN && gap >= 0 && gap <= options.hopWindowNanos
+            // A passthrough carries one connection: never a pooled join.
             let link = join(direction, outer: m.outbound ? m.leg : m.tunnel, inner: m.outbound ? m.tunnel : m.leg,
-                            evidence: [], confidence: .low, candidates: m.match.tunnels, pooled: !fresh)
+                            evidence: [], confidence: .low, candidates: m.match.tunnels,
+                            pooled: !fresh && !isPassthrough(m.tunnel))
             link.relay = m.match
             joined.append(link)
         }
@@ -1552,6 +1590,11 @@ public final class Correlator {
     /// A leg's choice in relay timing (`relinkByRelayTiming`): the tunnel that matched most of its packets, the join
     /// it has now, what the timing says, and whether that is decisive.
     private typealias RelayChoice = (leg: Int, current: HopLink?, tunnel: Int, match: RelayMatch, decisive: Bool)
+
+    /// ztunnel's plain connection out of the pod to an endpoint outside the mesh (not to a pod's HBONE port).
+    private func isPassthrough(_ c: ConnectionState) -> Bool {
+        c.proto == IPProto.tcp && c.sawZtunnelMark && c.responder.port != options.hbonePort && initiatorIsLocal(c)
+    }
 
     /// The tunnel of a join: its inner side outbound, its outer side inbound.
     private func tunnelOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.inner : link.outer }
@@ -1614,6 +1657,17 @@ public final class Correlator {
         var settled = false
         while !settled {
             settled = true
+            // A passthrough carries one connection: a move onto one stands only if it is the only one and the
+            // connection joined to it now moves off it.
+            var held: [Int] = []
+            for (i, c) in choices.enumerated() where moving[i] && isPassthrough(candidates[c.tunnel]) {
+                let target = candidates[c.tunnel]
+                let vacated = target.hopLinks.allSatisfy { link in
+                    link.hop.direction != .outbound || choiceOf[ObjectIdentifier(link)].map { moving[$0] } ?? false
+                }
+                if !vacated || (incoming[ObjectIdentifier(target)]?.all ?? 0) > 1 { held.append(i) }
+            }
+            for i in held { moving[i] = false; count(i, -1); settled = false }
             chain = [UInt8](repeating: 0, count: choices.count)
             for (i, c) in choices.enumerated() where moving[i] && !c.decisive {
                 guard let current = c.current else { continue }
@@ -1905,12 +1959,18 @@ public final class Correlator {
                 ? .pooledTunnelBeforeCapture(outbound: outboundTunnel)
                 : opened < 0 && outboundTunnel ? .sharedTunnel(openedAfter: -opened)
                 : .pooledTunnel(outbound: outboundTunnel, openedBefore: opened)))
-            if let relay { return relayEvidence(relay, identity: identity, hasMark: hasMark, direction: direction, into: &evidence) }
+            if let relay {
+                return relayEvidence(relay, identity: identity, hasMark: hasMark, direction: direction,
+                                     intoPassthrough: direction == .outbound && isPassthrough(inner), into: &evidence)
+            }
             evidence.append(HopEvidence(candidates <= 1 ? .onlyOpenTunnel : .newestOpenTunnel(of: candidates)))
             return (evidence, identity && hasMark && candidates <= 1 ? .medium : .low)
         }
         evidence.append(HopEvidence(.timing(nanos: firstPacketGap(from: outer, to: inner))))
-        if let relay { return relayEvidence(relay, identity: identity, hasMark: hasMark, direction: direction, into: &evidence) }
+        if let relay {
+            return relayEvidence(relay, identity: identity, hasMark: hasMark, direction: direction,
+                                 intoPassthrough: direction == .outbound && isPassthrough(inner), into: &evidence)
+        }
         // A tunnel to the same peer that was open already when the app's connection began, and carried packets while
         // it ran, could have carried it instead (ztunnel pools them): the fresh one is then not the only candidate.
         // Counted here, once per hop, when whether it carried packets afterwards is known.
@@ -1936,11 +1996,12 @@ public final class Correlator {
     /// below TLS no packet names its stream); medium only when every data packet of the carried connection has a twin
     /// in this tunnel, no other tunnel matched as many, and every tunnel's packets could be compared.
     private func relayEvidence(_ relay: RelayMatch, identity: Bool, hasMark: Bool, direction: ZtunnelHop.Direction,
-                               into evidence: inout [HopEvidence]) -> ([HopEvidence], Confidence) {
+                               intoPassthrough: Bool, into evidence: inout [HopEvidence]) -> ([HopEvidence], Confidence) {
         evidence.append(HopEvidence(.relayTiming(outbound: direction == .outbound, matched: relay.matched, packets: relay.packets,
                                                  largestGap: relay.largestGap, windowNanos: options.relayWindowNanos,
                                                  tunnels: relay.tunnels, runnerUp: relay.runnerUp, blind: relay.blind,
-                                                 overruled: relay.overruled)))
+                                                 overruled: relay.overruled, passthroughs: relay.passthroughs,
+                                                 intoPassthrough: intoPassthrough)))
         let clean = relay.matched == relay.packets && relay.runnerUp < relay.matched && relay.blind == 0
         return (evidence, identity && hasMark && clean ? .medium : .low)
     }

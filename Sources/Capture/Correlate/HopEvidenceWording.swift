@@ -39,12 +39,23 @@ extension HopEvidence {
         /// twin going out, after it coming in); the next best tunnel could have matched `runnerUp` (its twins counted even
         /// where the pairing gave them to another connection).
         /// `blind` of the tunnels no longer kept data packets from the connection's time (`ConnectionState.relayOverflow`).
+        /// `passthroughs` of the `tunnels` were ztunnel's passthroughs (plain copies to endpoints outside the mesh), and
+        /// `intoPassthrough` says the chosen one is one.
         case relayTiming(outbound: Bool, matched: Int, packets: Int, largestGap: Int64, windowNanos: Int64, tunnels: Int, runnerUp: Int,
-                         blind: Int, overruled: Bool)
+                         blind: Int, overruled: Bool, passthroughs: Int = 0, intoPassthrough: Bool = false)
         case newestOpenTunnel(of: Int)
         /// Byte counts that fit a tunnel; `outbound`: the inner connection is the tunnel (else the outer one).
         case bytesConsistent(outbound: Bool, larger: UInt64, smaller: UInt64)
         case bytesInconsistent(outbound: Bool, inner: UInt64, outer: UInt64)
+
+        /// What relay timing compared, after their count: " open tunnels", or with passthroughs among them
+        /// " connections of ztunnel's (T open tunnels, P passthroughs)".
+        private static func openWords<W: EvidenceWriter>(_ all: Int, _ passthroughs: Int, into w: inout W) {
+            guard passthroughs > 0 else { w.words(" open tunnels"); return }
+            let tunnels = all - passthroughs
+            w.words(" connections of ztunnel's ("); w.signed(Int64(tunnels)); w.words(tunnels == 1 ? " open tunnel, " : " open tunnels, ")
+            w.signed(Int64(passthroughs)); w.words(passthroughs == 1 ? " passthrough)" : " passthroughs)")
+        }
 
         private static func blindWords<W: EvidenceWriter>(_ blind: Int, into w: inout W) {
             guard blind > 0 else { return }
@@ -136,25 +147,32 @@ extension HopEvidence {
                 w.words(" after the outer one began, for a connection that began with it, and carried packets while it ran: a pooled HBONE connection both shared")
             case .onlyOpenTunnel:
                 w.words("the only open tunnel that fits")
-            case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, let runnerUp, let blind, true):
+            case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, let runnerUp, let blind, true,
+                              let passthroughs, let intoPassthrough):
                 w.signed(Int64(matched)); w.words(" of "); w.signed(Int64(packets)); w.words(" data packets of the ")
-                w.words(outbound ? "outer" : "inner"); w.words(" connection have a twin in this tunnel within "); w.delta(window)
-                w.words(", another of the "); w.signed(Int64(tunnels)); w.words(" open tunnels matched "); w.signed(Int64(runnerUp))
-                w.words(": the timing points elsewhere, but under load it is noisy, and the join stands on the order the")
-                w.words(" tunnels opened in (no tunnel is taken from the connection it was opened for, or left with none,")
-                w.words(" on timing alone)")
+                w.words(outbound ? "outer" : "inner"); w.words(intoPassthrough ? " connection have a twin in this passthrough within "
+                                                                              : " connection have a twin in this tunnel within ")
+                w.delta(window); w.words(", another of the "); w.signed(Int64(tunnels)); Self.openWords(tunnels, passthroughs, into: &w)
+                w.words(" matched "); w.signed(Int64(runnerUp))
+                w.words(": the timing points elsewhere, but under load it is noisy, and the join stands on the order ")
+                w.words(passthroughs > 0 ? "ztunnel's connections opened in (none is taken" : "the tunnels opened in (no tunnel is taken")
+                w.words(" from the connection it was opened for, or left with none, on timing alone)")
                 Self.blindWords(blind, into: &w)
-            case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, _, let blind, _) where matched == 0:
+            case .relayTiming(let outbound, let matched, let packets, _, let window, let tunnels, _, let blind, _, let passthroughs, _)
+                where matched == 0:
                 w.words("none of "); w.signed(Int64(packets)); w.words(" data packets of the ")
                 w.words(outbound ? "outer" : "inner"); w.words(" connection has a twin within "); w.delta(window)
-                w.words(" in any of "); w.signed(Int64(tunnels))
-                w.words(" open tunnels that could have carried it: timing cannot tell which did")
+                w.words(" in any of "); w.signed(Int64(tunnels)); Self.openWords(tunnels, passthroughs, into: &w)
+                w.words(" that could have carried it: timing cannot tell which did")
                 Self.blindWords(blind, into: &w)
-            case .relayTiming(let outbound, let matched, let packets, let gap, let window, let tunnels, let runnerUp, let blind, _):
+            case .relayTiming(let outbound, let matched, let packets, let gap, let window, let tunnels, let runnerUp, let blind, _,
+                              let passthroughs, let intoPassthrough):
                 w.signed(Int64(matched)); w.words(" of "); w.signed(Int64(packets)); w.words(" data packets of the ")
-                w.words(outbound ? "outer" : "inner"); w.words(" connection have a twin in the tunnel within ")
+                w.words(outbound ? "outer" : "inner"); w.words(intoPassthrough ? " connection have a twin in the passthrough within "
+                                                                              : " connection have a twin in the tunnel within ")
                 w.delta(window); w.words(" (the largest gap "); w.delta(gap); w.words("); of ")
-                w.signed(Int64(tunnels)); w.words(" open tunnels that could have carried it, the next best could have matched ")
+                w.signed(Int64(tunnels)); Self.openWords(tunnels, passthroughs, into: &w)
+                w.words(" that could have carried it, the next best could have matched ")
                 w.signed(Int64(runnerUp))
                 // Counted as if no other connection had taken a packet: a twin nearer another connection's packet
                 // counts for it, so it may be as many as this tunnel's or more.

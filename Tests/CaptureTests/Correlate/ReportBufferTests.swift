@@ -162,6 +162,12 @@ final class ReportBufferTests: XCTestCase {
             (.relayTiming(outbound: true, matched: 1, packets: 2, largestGap: 600_000, windowNanos: 2_000_000, tunnels: 4, runnerUp: 2, blind: 1,
                           overruled: true),
              "relay-timing", "1 of 2 data packets of the outer connection have a twin in this tunnel within 2.0 ms, another of the 4 open tunnels matched 2: the timing points elsewhere, but under load it is noisy, and the join stands on the order the tunnels opened in (no tunnel is taken from the connection it was opened for, or left with none, on timing alone); 1 of them no longer kept packets from its time (a tunnel past --max-events keeps only its latest data packets): those were not compared"),
+            (.relayTiming(outbound: true, matched: 0, packets: 2, largestGap: 300_000, windowNanos: 2_000_000, tunnels: 5, runnerUp: 2, blind: 0,
+                          overruled: true, passthroughs: 4, intoPassthrough: true),
+             "relay-timing", "0 of 2 data packets of the outer connection have a twin in this passthrough within 2.0 ms, another of the 5 connections of ztunnel's (1 open tunnel, 4 passthroughs) matched 2: the timing points elsewhere, but under load it is noisy, and the join stands on the order ztunnel's connections opened in (none is taken from the connection it was opened for, or left with none, on timing alone)"),
+            (.relayTiming(outbound: true, matched: 0, packets: 1, largestGap: 0, windowNanos: 2_000_000, tunnels: 3, runnerUp: 0, blind: 0,
+                          overruled: false, passthroughs: 1),
+             "relay-timing", "none of 1 data packets of the outer connection has a twin within 2.0 ms in any of 3 connections of ztunnel's (2 open tunnels, 1 passthrough) that could have carried it: timing cannot tell which did"),
             (.worded(kind: "custom", detail: "as \"given\""), "custom", "as \"given\""),
         ]
         for (fact, kind, detail) in cases {
