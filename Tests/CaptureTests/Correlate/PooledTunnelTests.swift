@@ -117,6 +117,14 @@ final class PooledTunnelTests: XCTestCase {
             at(start + 30) { $0.packet(peer, tunnel, flags: [.syn, .ack], seq: 50, ack: 2, on: eth0, direction: .inbound) }
             at(start + 35) { $0.packet(tunnel, peer, flags: [.ack], seq: 2, ack: 51, on: eth0, direction: .outbound) }
         }
+        /// An app connection's 100-byte request to 15001 on lo.
+        mutating func appRequests(_ app: Endpoint, at t: Int64) {
+            at(t) { $0.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        }
+        /// The 300-byte reply it gets from `dst` on lo.
+        mutating func appGetsReply(_ app: Endpoint, from dst: Endpoint, at t: Int64) {
+            at(t) { $0.packet(dst, app, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        }
         /// An app connection that sent 100 bytes and got 300 closes (its FIN to 15001 on lo, then the reply's).
         mutating func appCloses(_ app: Endpoint, from dst: Endpoint, at t: Int64) {
             at(t) { $0.packet(app, PacketFactory.ep("127.0.0.1", 15001), flags: [.fin, .ack], seq: 3101, ack: 6301, on: lo, direction: .outbound) }
@@ -1321,35 +1329,41 @@ final class PooledTunnelTests: XCTestCase {
         XCTAssertNil(try connection(from: app2, in: sink).hops.first, "joined to a tunnel opened after it had ended")
     }
 
-    /// A service with one endpoint in the mesh and one outside it, through ztunnel's multiplexed tunnel: of two
-    /// connections to its VIP, the first goes through the tunnel open already (no new connection), the second through
-    /// a passthrough ztunnel opens to the endpoint outside (a plain copy). By the order the marked connections began
-    /// in, the first took the passthrough and the second the tunnel (pooled): both wrong, 63-65 of 300 right in a
-    /// lab under load. Relay timing pairs each passthrough packet with one connection's: the passthrough relayed the
-    /// second's request 30 µs after it and its reply 20 µs before it; the tunnel, the first's.
-    func testOfTwoConnectionsToAServiceHalfInTheMeshThePassthroughGoesToTheOneWhoseBytesItCopied() throws {
+    /// A server-side schedule whose first packets are ztunnel's multiplexed tunnel (`ztunnelOut`), open before the
+    /// capture: seen mid-stream, marked.
+    func multiplexedTunnelOpenBeforeTheCapture() -> Schedule {
         var (s, _) = serverSide()
-        let rules = seedNatRuleset(), natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
-        let vip = PacketFactory.ep("10.96.0.40", 80), outside = PacketFactory.ep("10.0.9.9", 80)
-        let passthrough = PacketFactory.ep("10.0.1.5", 50001)
-        // The multiplexed tunnel, open before the capture: seen mid-stream, marked.
         s.at(0) { $0.nflog(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, hook: .postrouting,
                            prefix: self.observeOut, mark: 0x539, outIf: 2) }
         s.at(0) { $0.packet(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, payload: 90, on: eth0, direction: .outbound) }
         s.at(40) { $0.packet(self.peerHBONE, self.ztunnelOut, flags: [.ack], seq: 9001, ack: 7091, on: eth0, direction: .inbound) }
+        return s
+    }
+
+    /// A service with one endpoint in the mesh and one outside it, through ztunnel's multiplexed tunnel: of two
+    /// connections to its VIP, the first goes through the tunnel open already (no new connection), the second through
+    /// a passthrough ztunnel opens to the endpoint outside (a plain copy). By the order the marked connections began
+    /// in, the first took the passthrough and the second the tunnel (pooled): both wrong, 62-74 of 300 right in a
+    /// lab under load. Relay timing pairs each passthrough packet with one connection's: the passthrough relayed the
+    /// second's request 30 µs after it and its reply 20 µs before it; the tunnel, the first's.
+    func testOfTwoConnectionsToAServiceHalfInTheMeshThePassthroughGoesToTheOneWhoseBytesItCopied() throws {
+        var s = multiplexedTunnelOpenBeforeTheCapture()
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: seedNatRuleset())
+        let vip = PacketFactory.ep("10.96.0.40", 80), outside = PacketFactory.ep("10.0.9.9", 80)
+        let passthrough = PacketFactory.ep("10.0.1.5", 50001)
         s.appOpens(app, to: vip, at: 1_000, natTwin: natTwin)
         s.appOpens(app2, to: vip, at: 1_100, natTwin: natTwin)
         s.tunnelOpens(passthrough, to: outside, at: 1_300, observeOut: observeOut)
         // Requests: the first's at 1400 µs, relayed by the tunnel at 1700 µs; the second's at 1500 µs, copied at 1530 µs.
-        s.at(1_400) { $0.packet(self.app, self.capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
-        s.at(1_500) { $0.packet(self.app2, self.capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        s.appRequests(app, at: 1_400)
+        s.appRequests(app2, at: 1_500)
         s.at(1_530) { $0.packet(passthrough, outside, flags: [.ack, .psh], seq: 2, ack: 51, payload: 100, on: eth0, direction: .outbound) }
         s.at(1_700) { $0.packet(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 7091, ack: 9001, payload: 150, on: eth0, direction: .outbound) }
         // Replies: the passthrough's at 2500 µs, the second app's at 2520 µs; the tunnel's at 2600 µs, the first's at 2650 µs.
         s.at(2_500) { $0.packet(outside, passthrough, flags: [.ack, .psh], seq: 51, ack: 102, payload: 300, on: eth0, direction: .inbound) }
-        s.at(2_520) { $0.packet(vip, self.app2, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        s.appGetsReply(app2, from: vip, at: 2_520)
         s.at(2_600) { $0.packet(self.peerHBONE, self.ztunnelOut, flags: [.ack, .psh], seq: 9001, ack: 7241, payload: 350, on: eth0, direction: .inbound) }
-        s.at(2_650) { $0.packet(vip, self.app, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        s.appGetsReply(app, from: vip, at: 2_650)
         s.appCloses(app, from: vip, at: 3_000)
         s.appCloses(app2, from: vip, at: 3_100)
         s.tunnelCloses(passthrough, to: outside, at: 3_050, seq: 102, peerSeq: 351)
@@ -1377,14 +1391,10 @@ final class PooledTunnelTests: XCTestCase {
     /// 20 µs): relay timing points both at it. The one joined to it stays, so the other is not moved onto it (it
     /// stays on the multiplexed tunnel, low): joined to both, the passthrough would say it carried two connections.
     func testAPassthroughIsNeverGivenASecondConnectionByRelayTiming() throws {
-        var (s, _) = serverSide()
-        let rules = seedNatRuleset(), natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: rules)
+        var s = multiplexedTunnelOpenBeforeTheCapture()
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: seedNatRuleset())
         let vip = PacketFactory.ep("10.96.0.40", 80), outside = PacketFactory.ep("10.0.9.9", 80)
         let passthrough = PacketFactory.ep("10.0.1.5", 50001)
-        s.at(0) { $0.nflog(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, hook: .postrouting,
-                           prefix: self.observeOut, mark: 0x539, outIf: 2) }
-        s.at(0) { $0.packet(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 7001, ack: 9001, payload: 90, on: eth0, direction: .outbound) }
-        s.at(40) { $0.packet(self.peerHBONE, self.ztunnelOut, flags: [.ack], seq: 9001, ack: 7091, on: eth0, direction: .inbound) }
         // The passthrough's connection (`app2`) begins first and is joined to it by the order; `app` and `third` go
         // through the tunnel (so it keeps one should `app` leave it).
         let third = PacketFactory.ep("10.0.1.5", 40002)
@@ -1392,18 +1402,18 @@ final class PooledTunnelTests: XCTestCase {
         s.appOpens(app, to: vip, at: 1_100, natTwin: natTwin)
         s.appOpens(third, to: vip, at: 1_150, natTwin: natTwin)
         s.tunnelOpens(passthrough, to: outside, at: 1_200, observeOut: observeOut)
-        s.at(1_400) { $0.packet(self.app2, self.capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
-        s.at(1_405) { $0.packet(self.app, self.capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        s.appRequests(app2, at: 1_400)
+        s.appRequests(app, at: 1_405)
         s.at(1_420) { $0.packet(passthrough, outside, flags: [.ack, .psh], seq: 2, ack: 51, payload: 100, on: eth0, direction: .outbound) }
-        s.at(1_600) { $0.packet(third, self.capture15001, flags: [.ack, .psh], seq: 3001, ack: 6001, payload: 100, on: lo, direction: .outbound) }
+        s.appRequests(third, at: 1_600)
         s.at(1_650) { $0.packet(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 7091, ack: 9001, payload: 150, on: eth0, direction: .outbound) }
         s.at(1_700) { $0.packet(self.ztunnelOut, self.peerHBONE, flags: [.ack, .psh], seq: 7241, ack: 9001, payload: 150, on: eth0, direction: .outbound) }
         s.at(2_450) { $0.packet(self.peerHBONE, self.ztunnelOut, flags: [.ack, .psh], seq: 9001, ack: 7391, payload: 350, on: eth0, direction: .inbound) }
         s.at(2_600) { $0.packet(self.peerHBONE, self.ztunnelOut, flags: [.ack, .psh], seq: 9351, ack: 7391, payload: 350, on: eth0, direction: .inbound) }
-        s.at(2_650) { $0.packet(vip, third, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        s.appGetsReply(third, from: vip, at: 2_650)
         s.at(2_500) { $0.packet(outside, passthrough, flags: [.ack, .psh], seq: 51, ack: 102, payload: 300, on: eth0, direction: .inbound) }
-        s.at(2_510) { $0.packet(vip, self.app2, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
-        s.at(2_520) { $0.packet(vip, self.app, flags: [.ack, .psh], seq: 6001, ack: 3101, payload: 300, on: lo, direction: .outbound) }
+        s.appGetsReply(app2, from: vip, at: 2_510)
+        s.appGetsReply(app, from: vip, at: 2_520)
         s.appCloses(app2, from: vip, at: 3_000)
         s.appCloses(app, from: vip, at: 3_100)
         s.appCloses(third, from: vip, at: 3_150)

@@ -855,7 +855,7 @@ final class LiveTracerTests: KernelTestCase {
     /// were first joined to the newest tunnel (pooled), and relay timing's moves off it were held back when more than
     /// the 16 connections a tunnel lists were leaving it, as if it would be left with none (198 in one run).
     func testConnectionsOverSeveralMultiplexedTunnelsToOnePodAreEachJoinedToOneOfThem() throws {
-        let (lab, server, outcome, sink) = try traceLoad(count: 300, group: 5428) { $0.multiplexTunnels = true; $0.streamsPerTunnel = 2 }
+        let (lab, server, outcome, sink) = try traceLoad(count: 300, group: 5428, configure: { $0.multiplexTunnels = true; $0.streamsPerTunnel = 2 })
         let (right, tunnels) = try joinedAmongSeveralTunnels(dialled: server, outcome: outcome, sink: sink, carriedBy: tunnelsByApp(lab))
         XCTAssertGreaterThanOrEqual(right, 150, "of 300 joined right by the stand-in's log, over \(tunnels) tunnels")
     }
@@ -959,9 +959,9 @@ final class LiveTracerTests: KernelTestCase {
     /// and at least half right by the stand-in's log (209-237 of ~294 in 17 runs; 48-88 before relay timing counted
     /// every connection a tunnel carried, not the 16 it lists: fails so, checked).
     func testConnectionsIntoTheAppFromSeveralMultiplexedTunnelsAreEachJoinedToOneOfThem() throws {
-        let (lab, _, outcome, sink) = try traceLoad(count: 300, group: 5429, on: { $0.server }) {
+        let (lab, _, outcome, sink) = try traceLoad(count: 300, group: 5429, on: { $0.server }, configure: {
             $0.multiplexTunnels = true; $0.streamsPerTunnel = 2
-        }
+        })
         let tunnels = sink.timelines.filter { $0.kind == .hboneInbound }
         XCTAssertGreaterThanOrEqual(tunnels.count, 2, "\(sink.timelines.filter { $0.kind == .hboneInbound }.map(\.original))")
         for t in tunnels { XCTAssertFalse(t.hops.isEmpty, "tunnel \(t.original) joined to no connection") }
