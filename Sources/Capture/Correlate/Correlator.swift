@@ -1382,9 +1382,10 @@ public final class Correlator {
                 // passthrough packet paired with one connection's (a plain copy relays within microseconds). One with
                 // no join keeps to the tunnels' rule below.
                 var mine: [Int] = []
-                let (from, to) = vipWindow(of: c)
-                for p in passthroughs where p.firstSeenNanos >= from && p.firstSeenNanos <= to && !began(p, afterTheEndOf: c)
-                    && beganAsIfOpenedFor(outer: c, inner: p, direction: .outbound) && !mine.contains(where: { candidates[$0] === p }) {
+                let window = vipWindow(of: c)
+                for p in passthroughs where p.firstSeenNanos >= window.from && p.firstSeenNanos <= window.to
+                    && !began(p, afterTheEndOf: c) && beganAsIfOpenedFor(outer: c, inner: p, direction: .outbound)
+                    && !mine.contains(where: { candidates[$0] === p }) {
                     mine.append(candidate(p))
                 }
                 for open in byPeer.values {
