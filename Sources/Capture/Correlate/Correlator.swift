@@ -1371,50 +1371,51 @@ public final class Correlator {
             candidates.append(t)
             return candidates.count - 1
         }
+        // Every peer's tunnels, for a service VIP's connections when passthroughs are in play (below).
+        let anyPeer = passthroughs.isEmpty ? [] : Array(byPeer.values)
         for (c, outbound) in wanted {
             let current = carriedLink(of: c, outbound: outbound)
             // Printed with the tunnel, the join stands.
             if let current, tunnelOf(current).emitted { continue }
+            var mine: [Int] = []
+            // The tunnels it may have gone through, by the index of their far end's.
+            let open: [SpanIndex]
+            var markedOnly = false
             if !passthroughs.isEmpty, outbound, byPeer[c.responder.addr] == nil, c.initiatorFromSYN, let current,
                !identityMatches(outer: c, inner: current.inner, direction: .outbound) {
                 // A service VIP's connection, joined, in a batch with passthroughs joined by the order: the
-                // passthroughs that could have been opened for it and the tunnels to any peer open while it ran, each
-                // passthrough packet paired with one connection's (a plain copy relays within microseconds). One with
-                // no join keeps to the tunnels' rule below.
-                var mine: [Int] = []
+                // passthroughs that could have been opened for it and the marked tunnels to any peer open while it
+                // ran, each passthrough packet paired with one connection's (a plain copy relays within
+                // microseconds). One with no join keeps to the tunnels' rule below.
                 let window = vipWindow(of: c)
                 for p in passthroughs where p.firstSeenNanos >= window.from && p.firstSeenNanos <= window.to
                     && !began(p, afterTheEndOf: c) && beganAsIfOpenedFor(outer: c, inner: p, direction: .outbound)
                     && !mine.contains(where: { candidates[$0] === p }) {
                     mine.append(candidate(p))
                 }
-                for open in byPeer.values {
-                    open.openDuring(c.firstSeenNanos, c.lastSeenNanos, began: tunnelBegan, closed: tunnelClosed, into: &during)
-                    for i in during where tunnels[i].sawZtunnelMark && openByPacketTime(i, during: c) { mine.append(candidate(tunnels[i])) }
+                open = anyPeer
+                markedOnly = true
+            } else {
+                // Outbound, the tunnels to the app's original destination; for a service VIP, which no tunnel goes to
+                // (ztunnel resolved it to a pod), the tunnels to the pod its tunnel goes to.
+                let peer = outbound && byPeer[c.responder.addr] == nil ? current.map { $0.inner.responder.addr } : c.responder.addr
+                guard let one = outbound ? peer.flatMap({ byPeer[$0] }) : byClient[c.initiator.addr] else { continue }
+                // Joined to a passthrough connection, or inbound to a plaintext one (15006): no tunnel to choose.
+                if let current, tunnelOf(current).responder.port != options.hbonePort { continue }
+                open = [one]
+            }
+            for index in open {
+                index.openDuring(c.firstSeenNanos, c.lastSeenNanos, began: tunnelBegan, closed: tunnelClosed, into: &during)
+                for i in during where tunnels[i] !== c && (!markedOnly || tunnels[i].sawZtunnelMark) && openByPacketTime(i, during: c) {
+                    mine.append(candidate(tunnels[i]))
                 }
-                if !mine.contains(where: { candidates[$0] === current.inner }) { mine.append(candidate(current.inner)) }
-                if mine.count >= 2 { legs.append((c, outbound, mine)) }
-                continue
             }
-            // Outbound, the tunnels to the app's original destination; for a service VIP, which no tunnel goes to
-            // (ztunnel resolved it to a pod), the tunnels to the pod its tunnel goes to.
-            let peer = outbound && byPeer[c.responder.addr] == nil ? current.map { $0.inner.responder.addr } : c.responder.addr
-            guard let open = outbound ? peer.flatMap({ byPeer[$0] }) : byClient[c.initiator.addr] else { continue }
-            // Joined to a passthrough connection, or inbound to a plaintext one (15006): no tunnel to choose.
-            if let current, (outbound ? current.inner : current.outer).responder.port != options.hbonePort { continue }
-            var mine: [Int] = []
-            open.openDuring(c.firstSeenNanos, c.lastSeenNanos, began: tunnelBegan, closed: tunnelClosed, into: &during)
-            for i in during {
-                let t = tunnels[i]
-                guard t !== c, openByPacketTime(i, during: c) else { continue }
-                mine.append(candidate(t))
-            }
-            // The tunnel it is joined to now is one too, open during its life or not: a fresh join may have taken a
-            // tunnel opened after it ended (its own was taken by another connection, and a later one came within the
-            // hop window); carrying nothing while it ran, that one loses to the tunnel that did.
+            // The tunnel (or passthrough) it is joined to now is one too, open during its life or not: a fresh join may
+            // have taken a tunnel opened after it ended (its own was taken by another connection, and a later one came
+            // within the hop window); carrying nothing while it ran, that one loses to the tunnel that did.
             if let current {
-                let t = outbound ? current.inner : current.outer
-                if t.tunnelIndex >= 0, !mine.contains(where: { candidates[$0] === t }) { mine.append(candidate(t)) }
+                let t = tunnelOf(current)
+                if t.tunnelIndex >= 0 || isPassthrough(t), !mine.contains(where: { candidates[$0] === t }) { mine.append(candidate(t)) }
             }
             if mine.count >= 2 { legs.append((c, outbound, mine)) }
         }
@@ -1592,9 +1593,11 @@ public final class Correlator {
     /// it has now, what the timing says, and whether that is decisive.
     private typealias RelayChoice = (leg: Int, current: HopLink?, tunnel: Int, match: RelayMatch, decisive: Bool)
 
-    /// ztunnel's plain connection out of the pod to an endpoint outside the mesh (not to a pod's HBONE port).
+    /// ztunnel's plain connection out of the pod to an endpoint outside the mesh (not to a pod's HBONE port): what the
+    /// classifier calls `ztunnelPassthrough` (marked, from the pod, to neither loopback nor the pod itself).
     private func isPassthrough(_ c: ConnectionState) -> Bool {
         c.proto == IPProto.tcp && c.sawZtunnelMark && c.responder.port != options.hbonePort && initiatorIsLocal(c)
+            && !isLocal(c.responder.addr)
     }
 
     /// The tunnel of a join: its inner side outbound, its outer side inbound.
