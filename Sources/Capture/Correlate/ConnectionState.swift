@@ -247,6 +247,10 @@ final class ConnectionState {
     var tunnelIndex = -1
     /// Set when this connection's events were moved into another (two views first seen apart).
     var mergedInto: ConnectionState?
+    /// The connection this one replaced on its tuple (its SYN came with another ISN while that one lingered): a
+    /// record read late that is that one's by its sequence numbers goes to it (`Correlator.previousOwner`). Kept one
+    /// deep: the replaced connection lets go of its own.
+    var previousOnTuple: ConnectionState?
     var hopLinks: [HopLink] = []
     /// As a tunnel: the joins of the connections it carried, listed in `hopLinks` or not (a tunnel lists only the
     /// first `Correlator.maxPooledLinksListed` pooled ones).

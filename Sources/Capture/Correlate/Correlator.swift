@@ -213,6 +213,8 @@ public final class Correlator {
         if let known = table.unretained(FlowKey(r.tuple)) {
             let placed: ConnectionID? = known._withUnsafeGuaranteedRef { c in
                 if !c.conntrackApplied, nf.hasConntrack { return nil }
+                // Its tuple was reused lately: the record may be the connection's before it (the slow path looks).
+                if c.previousOnTuple != nil { return nil }
                 // A SYN may be the first of this view, whose other view went through a remapped source port
                 // (`joinRemappedViews`): the slow path looks.
                 if r.tuple.proto == IPProto.tcp,
@@ -222,7 +224,11 @@ public final class Correlator {
             }
             if let placed { return placed }
         }
-        let c = connection(for: &r, nf)
+        guard let c = connection(for: &r, nf) else {
+            // A late record of a connection already emitted, whose tuple another one holds now: on neither.
+            if now - t <= options.closeLingerNanos { summary.lateRecords += 1 }
+            return nil
+        }
         record(&r, nf, hitID: hitID, on: c)
         return c.id
     }
@@ -280,15 +286,19 @@ public final class Correlator {
     private static let damageNotes: DecodeNotes = [.truncatedLink, .truncatedIP, .truncatedTransport, .badIPHeader,
                                                    .badNflogTLV, .truncatedNflog, .badConntrack]
 
-    private func connection(for r: inout PacketRecord, _ nf: NflogFacts) -> ConnectionState {
+    /// The connection a record goes on; nil for a late record of a connection already emitted whose tuple another
+    /// connection holds now.
+    private func connection(for r: inout PacketRecord, _ nf: NflogFacts) -> ConnectionState? {
         let key = FlowKey(r.tuple)
         var c: ConnectionState
         if let known = table[key] {
             c = known
+            if let previous = previousOwner(of: &r, holder: known) { return lateRecord(&r, key: key, of: previous) }
             if r.tuple.proto == IPProto.tcp, isFreshSYN(&r, on: c) {
                 // The 4-tuple was reused (or two sockets share it across views): a new SYN with another ISN.
                 retire(c)
                 c = newConnection(r, key: key)
+                c.previousOnTuple = known
             }
             if r.tuple.proto == IPProto.tcp, c.synKey == nil, r.tcpFlags.contains(.syn), !r.tcpFlags.contains(.ack),
                let other = bySYN[SYNKey(addr: r.tuple.src.addr, isn: r.tcpSeq)], other !== c,
@@ -297,6 +307,8 @@ public final class Correlator {
             }
         } else if let linked = linkNATView(r, key: key) {
             c = linked
+        } else if let holder = initiatorsHolder(of: &r), let previous = previousOwner(of: &r, holder: holder) {
+            return lateRecord(&r, key: key, of: previous)
         } else {
             c = newConnection(r, key: key)
         }
@@ -304,6 +316,59 @@ public final class Correlator {
             c = applyConntrack(ct, to: c)
         }
         return c
+    }
+
+    /// The connection that replaced the one a TCP record's endpoints belong to: the one that holds its initiator's
+    /// endpoint (a view of the replaced connection it has not seen: a reader behind gives them late).
+    private func initiatorsHolder(of r: inout PacketRecord) -> ConnectionState? {
+        guard r.tuple.proto == IPProto.tcp else { return nil }
+        return byInitiator[InitiatorKey(proto: r.tuple.proto, endpoint: r.tuple.src)]
+            ?? byInitiator[InitiatorKey(proto: r.tuple.proto, endpoint: r.tuple.dst)]
+    }
+
+    /// The connection `holder` replaced on its tuple, when the TCP record is that one's and not `holder`'s by its
+    /// sequence numbers: its SYN (the ISN), or a segment whose sequence number (or acknowledgment) lies just past that
+    /// one's ISN and not past `holder`'s. A live reader behind on one source gets a connection's packets from it after
+    /// the port was reused (under load, ztunnel's within tens of ms); read by time they would make a connection of
+    /// their own (a tunnel's marked copies: a forged mark) or, a late SYN, end the new one.
+    private func previousOwner(of r: inout PacketRecord, holder: ConnectionState) -> ConnectionState? {
+        guard let p = holder.previousOnTuple, r.tuple.proto == IPProto.tcp else { return nil }
+        let forward = r.tuple.src == p.initiator || r.tuple.src == p.natInitiator
+        guard forward || r.tuple.dst == p.initiator || r.tuple.dst == p.natInitiator else { return nil }
+        let holderForward = r.tuple.src == holder.initiator || r.tuple.src == holder.natInitiator
+        return sequenceDistance(&r, p, forward: forward) < sequenceDistance(&r, holder, forward: holderForward) ? p : nil
+    }
+
+    /// How far past `c`'s ISN on its side the record's sequence number lies (or its acknowledgment, past the other
+    /// side's), within what `c` has sent and a margin; UInt32.max when it is not in `c`'s sequence space or nothing
+    /// tells.
+    private func sequenceDistance(_ r: inout PacketRecord, _ c: ConnectionState, forward: Bool) -> UInt32 {
+        let sent = forward ? c.payloadForward : c.payloadReply, got = forward ? c.payloadReply : c.payloadForward
+        let own = forward ? c.isnForward : c.isnReply, other = forward ? c.isnReply : c.isnForward
+        var d = UInt32.max
+        if let isn = own {
+            let s = r.tcpSeq &- isn
+            if UInt64(s) <= sent + Correlator.sequenceMargin { d = s }
+        }
+        if d == .max, r.tcpFlags.contains(.ack), let isn = other {
+            let a = r.tcpAck &- isn &- 1
+            if UInt64(a) <= got + Correlator.sequenceMargin { d = a }
+        }
+        return d
+    }
+    /// Bytes a segment may lie past what its connection is known to have sent and still be its (1 MiB: a late record
+    /// of a connection whose other copies were all read; a random ISN lands this close 1 time in 4096).
+    static let sequenceMargin: UInt64 = 1 << 20
+
+    /// Places a late record on the connection its tuple had before (`previousOnTuple`), seeing it in the record's view
+    /// too, but not through the flow table: its tuple is the new connection's now. Nil when that one was emitted.
+    private func lateRecord(_ r: inout PacketRecord, key: FlowKey, of p: ConnectionState) -> ConnectionState? {
+        guard !p.emitted else { return nil }
+        if !p.keys.contains(key) {
+            let forward = r.tuple.src == p.initiator || r.tuple.src == p.natInitiator
+            addView(p, otherEnd: forward ? r.tuple.dst : r.tuple.src, key: key, inTable: false)
+        }
+        return p
     }
 
     @inline(__always)
@@ -511,9 +576,9 @@ public final class Correlator {
         return now - c.lastSeenNanos <= 2_000_000_000
     }
 
-    private func addView(_ c: ConnectionState, otherEnd: Endpoint, key: FlowKey) {
+    private func addView(_ c: ConnectionState, otherEnd: Endpoint, key: FlowKey, inTable: Bool = true) {
         c.keys.append(key)
-        table[key] = c
+        if inTable { table[key] = c }
         if isRedirectTarget(otherEnd) {
             c.natResponder = otherEnd
         } else {
@@ -734,9 +799,13 @@ public final class Correlator {
         } else if !c.pastHandshake && !f.contains(.syn) && (forward ? f.contains(.ack) : r.payloadLength > 0) {
             c.pastHandshake = true
         }
-        if c.closedAt == nil && (c.reset || (c.finForward && c.finReply)) {
-            c.closedAt = now
-            if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }
+        if !c.timeline.closed && (c.reset || (c.finForward && c.finReply)) {
+            // Closed already when its tuple was reused (`retire`), and now its late FIN or RST is read: closed
+            // then, and it shows closed.
+            if c.closedAt == nil {
+                c.closedAt = now
+                if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }
+            }
             c.timeline.closed = true
         }
     }
@@ -2252,6 +2321,7 @@ public final class Correlator {
         keep.isnForward = keep.isnForward ?? gone.isnForward
         keep.isnReply = keep.isnReply ?? gone.isnReply
         keep.natInitiator = keep.natInitiator ?? gone.natInitiator
+        if keep.previousOnTuple == nil, gone.previousOnTuple !== keep { keep.previousOnTuple = gone.previousOnTuple }
         if let k = gone.synKey, bySYN[k] === gone {
             if keep.synKey == nil { keep.synKey = k; bySYN[k] = keep } else { bySYN[k] = nil }
         }
@@ -2326,10 +2396,27 @@ public final class Correlator {
         c.openIndex = -1
     }
 
-    /// A connection replaced by a new one on the same tuple: emit it now.
+    /// A connection replaced by a new one on the same tuple: closed now if it was not, and out of the lookups, so
+    /// its tuple and its endpoints go to the new one; emitted after the close linger like any other, so its late
+    /// records (`previousOwner`) still find it.
     private func retire(_ c: ConnectionState) {
-        if c.closedAt == nil { c.closedAt = now }
-        emit([c])
+        if c.closedAt == nil {
+            c.closedAt = now
+            if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }
+        }
+        for k in c.keys where table[k] === c { table[k] = nil }
+        forgetInitiator(of: c)
+        c.previousOnTuple = nil
+    }
+
+    /// `c` no longer answers for its initiator's endpoint (nor its remapped one) in `byInitiator`.
+    private func forgetInitiator(of c: ConnectionState) {
+        let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)
+        if byInitiator[ik] === c { byInitiator[ik] = nil }
+        if let nat = c.natInitiator {
+            let nk = InitiatorKey(proto: c.proto, endpoint: nat)
+            if byInitiator[nk] === c { byInitiator[nk] = nil }
+        }
     }
 
     private func sweep() {
@@ -2384,10 +2471,10 @@ public final class Correlator {
             earlierAppsChoose(before: c.firstSeenNanos, excluding: c)
             outboundLastChance(c)
         } else if c.pendingRoles.contains(.innerOutbound) && !c.hasOutboundHop && c.sawZtunnelMark {
-            // A tunnel emitted before the app connection it carried is: its tuple reused by a new tunnel (emitted at
-            // once), or closed and swept first. With a VIP that app joins only at its own emission, too late: the
-            // tunnel would read as a forged mark, and the next app, taking the tunnel after, shifts every later
-            // join by one. The apps that began before it (within the VIP rule's skew) choose now, in that order.
+            // A tunnel emitted before the app connection it carried is: closed and swept first. With a VIP that app
+            // joins only at its own emission, too late: the tunnel would read as a forged mark, and the next app,
+            // taking the tunnel after, shifts every later join by one. The apps that began before it (within the
+            // VIP rule's skew) choose now, in that order.
             earlierAppsChoose(before: c.firstSeenNanos + Correlator.vipSkewNanos + 1, excluding: c)
         }
         if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop, let (h, n) = pooledTunnel(for: c, outbound: false) {
@@ -2468,13 +2555,9 @@ public final class Correlator {
     private func emitJoined(_ c: ConnectionState) {
         guard !c.emitted else { return }
         c.emitted = true
+        c.previousOnTuple = nil
         for k in c.keys where table[k] === c { table[k] = nil }
-        let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)
-        if byInitiator[ik] === c { byInitiator[ik] = nil }
-        if let nat = c.natInitiator {
-            let nk = InitiatorKey(proto: c.proto, endpoint: nat)
-            if byInitiator[nk] === c { byInitiator[nk] = nil }
-        }
+        forgetInitiator(of: c)
         if let k = c.synKey, bySYN[k] === c { bySYN[k] = nil }
         removeFromOpen(c)
 
