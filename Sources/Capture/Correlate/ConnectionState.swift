@@ -251,6 +251,8 @@ final class ConnectionState {
     /// record read late that is that one's by its sequence numbers goes to it (`Correlator.previousOwner`). Kept one
     /// deep: the replaced connection lets go of its own.
     var previousOnTuple: ConnectionState?
+    /// Replaced on its tuple by a new connection (`Correlator.retire`): out of the lookups, emitted after its linger.
+    var retired = false
     var hopLinks: [HopLink] = []
     /// As a tunnel: the joins of the connections it carried, listed in `hopLinks` or not (a tunnel lists only the
     /// first `Correlator.maxPooledLinksListed` pooled ones).

@@ -306,6 +306,8 @@ public final class Correlator {
                 c = joined
             }
         } else if let linked = linkNATView(r, key: key) {
+            // A late view of a connection whose tuple was reused: placed, and nothing more (`lateRecord`).
+            if linked.retired { return linked }
             c = linked
         } else if let holder = initiatorsHolder(of: &r), let previous = previousOwner(of: &r, holder: holder) {
             return lateRecord(&r, key: key, of: previous)
@@ -472,11 +474,12 @@ public final class Correlator {
                     return c
                 }
             } else if let c = bySYN[SYNKey(addr: r.tuple.dst.addr, isn: r.tcpAck &- 1)], remappable(c),
-                      isNATView(c), c.initiator.port != r.tuple.dst.port, !isRedirectTarget(r.tuple.src) {
+                      isNATView(c), !isRedirectTarget(r.tuple.src) {
                 // The app's view of the SYN-ACK (de-NATed on lo: original destination to the app's own port),
-                // with the SYN seen only redirected, through the remapped port.
-                adoptAppInitiator(c, r.tuple.dst)
-                addView(c, otherEnd: r.tuple.src, key: key)
+                // with the SYN seen only redirected: through the remapped port, or from the app's own port while
+                // another socket on that port held it in `byInitiator`.
+                if c.initiator != r.tuple.dst { adoptAppInitiator(c, r.tuple.dst) }
+                addView(c, otherEnd: r.tuple.src, key: key, inTable: !c.retired)
                 return c
             }
         }
@@ -495,11 +498,13 @@ public final class Correlator {
             && now - c.lastSeenNanos <= 2_000_000_000
     }
 
-    /// Whether a SYN with the ISN of `c`'s first SYN, from the same address but another port, is `c` in the other
-    /// NAT view: one side is the app's pre-NAT view, the other the REDIRECTed one, and the kernel changed the
-    /// source port on the way (its reply tuple would have clashed with another connection's).
+    /// Whether a SYN with the ISN of `c`'s first SYN, from the same address, is `c` in the other NAT view: one side is
+    /// the app's pre-NAT view, the other the REDIRECTed one. From another port, the kernel changed the source port on
+    /// the way (its reply tuple would have clashed with another connection's); from the same port, another socket
+    /// took the endpoint in `byInitiator` (Linux shares an ephemeral port between connections to different
+    /// destinations: one of ztunnel's, begun between the app's two views).
     private func remappedViewCompatible(_ c: ConnectionState, _ r: PacketRecord) -> Bool {
-        guard remappable(c), c.initiator.port != r.tuple.src.port else { return false }
+        guard remappable(c) else { return false }
         // The SYN redirected: c must be the app's view; the SYN the app's: c the redirected view.
         return isRedirectTarget(r.tuple.dst) ? isAppView(c) : isNATView(c)
     }
@@ -509,7 +514,7 @@ public final class Correlator {
         c.natInitiator = c.initiator
         c.initiator = app
         c.timeline.original.src = app
-        byInitiator[InitiatorKey(proto: c.proto, endpoint: app)] = c
+        if !c.retired { byInitiator[InitiatorKey(proto: c.proto, endpoint: app)] = c }
     }
 
     /// Two connections that are one: the app's view (begun by the reply, say) and the REDIRECTed view through a
@@ -539,12 +544,15 @@ public final class Correlator {
     }
 
     private func addRemappedView(_ c: ConnectionState, _ r: PacketRecord, key: FlowKey) {
-        if isRedirectTarget(r.tuple.dst) {
+        if r.tuple.src == c.initiator {
+            // Not remapped: the same endpoint (`remappedViewCompatible`).
+        } else if isRedirectTarget(r.tuple.dst) {
             c.natInitiator = r.tuple.src
         } else {
             adoptAppInitiator(c, r.tuple.src)   // first seen redirected
         }
-        addView(c, otherEnd: r.tuple.dst, key: key)
+        // A connection whose tuple was reused takes the view, late, but not the lookups (`retire`).
+        addView(c, otherEnd: r.tuple.dst, key: key, inTable: !c.retired)
     }
 
     private func natCompatible(_ c: ConnectionState, otherEnd: Endpoint, _ r: PacketRecord, forward: Bool) -> Bool {
@@ -2400,6 +2408,7 @@ public final class Correlator {
     /// its tuple and its endpoints go to the new one; emitted after the close linger like any other, so its late
     /// records (`previousOwner`) still find it.
     private func retire(_ c: ConnectionState) {
+        c.retired = true
         if c.closedAt == nil {
             c.closedAt = now
             if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }

@@ -142,6 +142,40 @@ final class NATViewTests: XCTestCase {
         XCTAssertEqual(apps.first?.redirect, .redirected(toPort: 15001, originalDestination: service))
     }
 
+    /// Linux shares an ephemeral port between sockets to different destinations: here ztunnel's passthrough to an
+    /// endpoint outside the mesh begins from the app's port between the app's two views, and takes that endpoint in
+    /// the lookup by initiator. The views still pair up by the SYN's ISN: the app's pre-NAT SYN read first and its
+    /// redirected SYN after, or its redirected SYN first and the de-NATed SYN-ACK after (a mixed-service benchmark
+    /// round split one app connection so in 20 000).
+    func testAnAppsViewsPairUpWhenAnotherSocketOnItsPortBeganBetweenThem() {
+        let outside = PacketFactory.ep("10.0.9.9", 80)
+        for appViewFirst in [true, false] {
+            var f = PacketFactory()
+            var p: [PacketRecord] = []
+            let preNAT = f.nflog(app, service, flags: [.syn], seq: 9000, hook: .output, prefix: redirectTwin, outIf: 2)
+            if appViewFirst { p.append(preNAT) } else {
+                p.append(f.packet(app, capture15001, flags: [.syn], seq: 9000, on: lo, direction: .inbound))
+            }
+            p.append(f.packet(app, outside, flags: [.syn], seq: 5000, on: eth0, direction: .outbound))
+            f.advance(micros: 4)
+            if appViewFirst { p.append(f.packet(app, capture15001, flags: [.syn], seq: 9000, on: lo, direction: .inbound)) }
+            f.advance(micros: 9)
+            p.append(f.packet(outside, app, flags: [.syn, .ack], seq: 100, ack: 5001, on: eth0, direction: .inbound))
+            f.advance(micros: 3)
+            p.append(f.packet(service, app, flags: [.syn, .ack], seq: 700, ack: 9001, on: lo, direction: .inbound))
+            p.append(f.packet(app, outside, flags: [.ack], seq: 5001, ack: 101, on: eth0, direction: .outbound))
+            p.append(f.packet(app, capture15001, flags: [.ack], seq: 9001, ack: 701, on: lo, direction: .inbound))
+            if !appViewFirst { p.append(preNAT) }
+            let (sink, _) = correlate(p, tags: f.tags, ruleset: seedNatRuleset())
+            let connections = sink.timelines.map { "\($0.original) \($0.aliases)" }
+            XCTAssertEqual(sink.timelines.count, 2, "app's view first: \(appViewFirst): \(connections)")
+            let appConnection = sink.timelines.first { $0.original == FiveTuple(proto: IPProto.tcp, src: app, dst: service) }
+            XCTAssertEqual(appConnection?.aliases, [FiveTuple(proto: IPProto.tcp, src: app, dst: capture15001)], "\(connections)")
+            XCTAssertEqual(appConnection?.redirect, .redirected(toPort: 15001, originalDestination: service))
+            XCTAssertEqual(appConnection?.packets, 4)
+        }
+    }
+
     /// Another app socket that happens to reuse the ISN's value from another address, or the same address on a
     /// connection that was not redirected, is not joined: only a redirected view and an app view pair up.
     func testSameISNOnTwoPlainConnectionsIsNotJoined() {
