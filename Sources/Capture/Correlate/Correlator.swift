@@ -305,12 +305,10 @@ public final class Correlator {
                let joined = joinRemappedViews(c, other) {
                 c = joined
             }
-        } else if let linked = linkNATView(r, key: key) {
-            // A late view of a connection whose tuple was reused: placed, and nothing more (`lateRecord`).
-            if linked.retired { return linked }
+        } else if let linked = linkNATView(&r, key: key) {
+            // A late view of a connection whose tuple was reused: placed, and nothing more.
+            if linked.retired { return lateRecord(&r, key: key, of: linked) }
             c = linked
-        } else if let holder = initiatorsHolder(of: &r), let previous = previousOwner(of: &r, holder: holder) {
-            return lateRecord(&r, key: key, of: previous)
         } else {
             c = newConnection(r, key: key)
         }
@@ -320,14 +318,6 @@ public final class Correlator {
         return c
     }
 
-    /// The connection that replaced the one a TCP record's endpoints belong to: the one that holds its initiator's
-    /// endpoint (a view of the replaced connection it has not seen: a reader behind gives them late).
-    private func initiatorsHolder(of r: inout PacketRecord) -> ConnectionState? {
-        guard r.tuple.proto == IPProto.tcp else { return nil }
-        return byInitiator[InitiatorKey(proto: r.tuple.proto, endpoint: r.tuple.src)]
-            ?? byInitiator[InitiatorKey(proto: r.tuple.proto, endpoint: r.tuple.dst)]
-    }
-
     /// The connection `holder` replaced on its tuple, when the TCP record is that one's and not `holder`'s by its
     /// sequence numbers: its SYN (the ISN), or a segment whose sequence number (or acknowledgment) lies just past that
     /// one's ISN and not past `holder`'s. A live reader behind on one source gets a connection's packets from it after
@@ -335,10 +325,9 @@ public final class Correlator {
     /// their own (a tunnel's marked copies: a forged mark) or, a late SYN, end the new one.
     private func previousOwner(of r: inout PacketRecord, holder: ConnectionState) -> ConnectionState? {
         guard let p = holder.previousOnTuple, r.tuple.proto == IPProto.tcp else { return nil }
-        let forward = r.tuple.src == p.initiator || r.tuple.src == p.natInitiator
+        let forward = sentByInitiator(&r, of: p)
         guard forward || r.tuple.dst == p.initiator || r.tuple.dst == p.natInitiator else { return nil }
-        let holderForward = r.tuple.src == holder.initiator || r.tuple.src == holder.natInitiator
-        return sequenceDistance(&r, p, forward: forward) < sequenceDistance(&r, holder, forward: holderForward) ? p : nil
+        return sequenceDistance(&r, p, forward: forward) < sequenceDistance(&r, holder, forward: sentByInitiator(&r, of: holder)) ? p : nil
     }
 
     /// How far past `c`'s ISN on its side the record's sequence number lies (or its acknowledgment, past the other
@@ -362,15 +351,18 @@ public final class Correlator {
     /// of a connection whose other copies were all read; a random ISN lands this close 1 time in 4096).
     static let sequenceMargin: UInt64 = 1 << 20
 
-    /// Places a late record on the connection its tuple had before (`previousOnTuple`), seeing it in the record's view
-    /// too, but not through the flow table: its tuple is the new connection's now. Nil when that one was emitted.
+    /// Places a late record on the connection its tuple had before (`previousOnTuple`, retired), seeing it in the
+    /// record's view too (not in the flow table: `addView`). Nil when that one was emitted.
     private func lateRecord(_ r: inout PacketRecord, key: FlowKey, of p: ConnectionState) -> ConnectionState? {
         guard !p.emitted else { return nil }
-        if !p.keys.contains(key) {
-            let forward = r.tuple.src == p.initiator || r.tuple.src == p.natInitiator
-            addView(p, otherEnd: forward ? r.tuple.dst : r.tuple.src, key: key, inTable: false)
-        }
+        if !p.keys.contains(key) { addView(p, otherEnd: sentByInitiator(&r, of: p) ? r.tuple.dst : r.tuple.src, key: key) }
         return p
+    }
+
+    /// Whether the record was sent by `c`'s initiator (from the app's endpoint, or through its remapped one).
+    @inline(__always)
+    private func sentByInitiator(_ r: inout PacketRecord, of c: ConnectionState) -> Bool {
+        r.tuple.src == c.initiator || (c.natInitiator != nil && r.tuple.src == c.natInitiator.unsafelyUnwrapped)
     }
 
     @inline(__always)
@@ -454,16 +446,16 @@ public final class Correlator {
 
     /// Finds the connection this packet is another NAT view of, by the shared initiator endpoint, checked
     /// against the TCP sequence space so two sockets that reuse a source port are not merged.
-    private func linkNATView(_ r: PacketRecord, key: FlowKey) -> ConnectionState? {
+    private func linkNATView(_ r: inout PacketRecord, key: FlowKey) -> ConnectionState? {
         let proto = r.tuple.proto
         guard proto == IPProto.tcp || proto == IPProto.udp else { return nil }
-        if let c = byInitiator[InitiatorKey(proto: proto, endpoint: r.tuple.src)],
-           natCompatible(c, otherEnd: r.tuple.dst, r, forward: true) {
+        let bySource = byInitiator[InitiatorKey(proto: proto, endpoint: r.tuple.src)]
+        if let c = bySource, natCompatible(c, otherEnd: r.tuple.dst, r, forward: true) {
             addView(c, otherEnd: r.tuple.dst, key: key)
             return c
         }
-        if let c = byInitiator[InitiatorKey(proto: proto, endpoint: r.tuple.dst)],
-           natCompatible(c, otherEnd: r.tuple.src, r, forward: false) {
+        let byDestination = byInitiator[InitiatorKey(proto: proto, endpoint: r.tuple.dst)]
+        if let c = byDestination, natCompatible(c, otherEnd: r.tuple.src, r, forward: false) {
             addView(c, otherEnd: r.tuple.src, key: key)
             return c
         }
@@ -479,10 +471,13 @@ public final class Correlator {
                 // with the SYN seen only redirected: through the remapped port, or from the app's own port while
                 // another socket on that port held it in `byInitiator`.
                 if c.initiator != r.tuple.dst { adoptAppInitiator(c, r.tuple.dst) }
-                addView(c, otherEnd: r.tuple.src, key: key, inTable: !c.retired)
+                addView(c, otherEnd: r.tuple.src, key: key)
                 return c
             }
         }
+        // A view the connection holding these endpoints has not seen: the one it replaced on its tuple, read late
+        // (`previousOwner`; retired, the caller places the record on it without the lookups).
+        if let holder = bySource ?? byDestination, let previous = previousOwner(of: &r, holder: holder) { return previous }
         return nil
     }
 
@@ -551,8 +546,7 @@ public final class Correlator {
         } else {
             adoptAppInitiator(c, r.tuple.src)   // first seen redirected
         }
-        // A connection whose tuple was reused takes the view, late, but not the lookups (`retire`).
-        addView(c, otherEnd: r.tuple.dst, key: key, inTable: !c.retired)
+        addView(c, otherEnd: r.tuple.dst, key: key)
     }
 
     private func natCompatible(_ c: ConnectionState, otherEnd: Endpoint, _ r: PacketRecord, forward: Bool) -> Bool {
@@ -584,9 +578,10 @@ public final class Correlator {
         return now - c.lastSeenNanos <= 2_000_000_000
     }
 
-    private func addView(_ c: ConnectionState, otherEnd: Endpoint, key: FlowKey, inTable: Bool = true) {
+    private func addView(_ c: ConnectionState, otherEnd: Endpoint, key: FlowKey) {
         c.keys.append(key)
-        if inTable { table[key] = c }
+        // A connection whose tuple was reused takes its views late, but not the lookups: they are the new one's (`retire`).
+        if !c.retired { table[key] = c }
         if isRedirectTarget(otherEnd) {
             c.natResponder = otherEnd
         } else {
@@ -640,7 +635,7 @@ public final class Correlator {
     }
 
     private func record(_ r: inout PacketRecord, _ nf: NflogFacts, hitID: UInt32, on c: ConnectionState) {
-        let forward = r.tuple.src == c.initiator || (c.natInitiator != nil && r.tuple.src == c.natInitiator.unsafelyUnwrapped)
+        let forward = sentByInitiator(&r, of: c)
         var point = r.point
         var factsChanged = false
         if nf.present {

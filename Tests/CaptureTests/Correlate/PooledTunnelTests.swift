@@ -1340,6 +1340,17 @@ final class PooledTunnelTests: XCTestCase {
         return s
     }
 
+    /// The two tests below: app connections (source, start in µs) to the service half in the mesh (`MixedService`),
+    /// beside ztunnel's multiplexed tunnel open before the capture, and ztunnel's passthrough to the endpoint outside
+    /// the mesh opening at `passthroughAt`.
+    func mixedServiceOpens(_ apps: [(Endpoint, Int64)], passthroughAt: Int64) -> Schedule {
+        var s = multiplexedTunnelOpenBeforeTheCapture()
+        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: seedNatRuleset())
+        for (src, start) in apps { s.appOpens(src, to: MixedService.vip, at: start, natTwin: natTwin) }
+        s.tunnelOpens(MixedService.passthrough, to: MixedService.outside, at: passthroughAt, observeOut: observeOut)
+        return s
+    }
+
     /// A service with one endpoint in the mesh and one outside it, through ztunnel's multiplexed tunnel: of two
     /// connections to its VIP, the first goes through the tunnel open already (no new connection), the second through
     /// a passthrough ztunnel opens to the endpoint outside (a plain copy). By the order the marked connections began
@@ -1347,13 +1358,8 @@ final class PooledTunnelTests: XCTestCase {
     /// lab under load. Relay timing pairs each passthrough packet with one connection's: the passthrough relayed the
     /// second's request 30 µs after it and its reply 20 µs before it; the tunnel, the first's.
     func testOfTwoConnectionsToAServiceHalfInTheMeshThePassthroughGoesToTheOneWhoseBytesItCopied() throws {
-        var s = multiplexedTunnelOpenBeforeTheCapture()
-        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: seedNatRuleset())
-        let vip = PacketFactory.ep("10.96.0.40", 80), outside = PacketFactory.ep("10.0.9.9", 80)
-        let passthrough = PacketFactory.ep("10.0.1.5", 50001)
-        s.appOpens(app, to: vip, at: 1_000, natTwin: natTwin)
-        s.appOpens(app2, to: vip, at: 1_100, natTwin: natTwin)
-        s.tunnelOpens(passthrough, to: outside, at: 1_300, observeOut: observeOut)
+        let vip = MixedService.vip, outside = MixedService.outside, passthrough = MixedService.passthrough
+        var s = mixedServiceOpens([(app, 1_000), (app2, 1_100)], passthroughAt: 1_300)
         // Requests: the first's at 1400 µs, relayed by the tunnel at 1700 µs; the second's at 1500 µs, copied at 1530 µs.
         s.appRequests(app, at: 1_400)
         s.appRequests(app2, at: 1_500)
@@ -1391,17 +1397,11 @@ final class PooledTunnelTests: XCTestCase {
     /// 20 µs): relay timing points both at it. The one joined to it stays, so the other is not moved onto it (it
     /// stays on the multiplexed tunnel, low): joined to both, the passthrough would say it carried two connections.
     func testAPassthroughIsNeverGivenASecondConnectionByRelayTiming() throws {
-        var s = multiplexedTunnelOpenBeforeTheCapture()
-        let natTwin = twin("nat", "ISTIO_OUTPUT", 4, ruleset: seedNatRuleset())
-        let vip = PacketFactory.ep("10.96.0.40", 80), outside = PacketFactory.ep("10.0.9.9", 80)
-        let passthrough = PacketFactory.ep("10.0.1.5", 50001)
+        let vip = MixedService.vip, outside = MixedService.outside, passthrough = MixedService.passthrough
         // The passthrough's connection (`app2`) begins first and is joined to it by the order; `app` and `third` go
         // through the tunnel (so it keeps one should `app` leave it).
         let third = PacketFactory.ep("10.0.1.5", 40002)
-        s.appOpens(app2, to: vip, at: 1_000, natTwin: natTwin)
-        s.appOpens(app, to: vip, at: 1_100, natTwin: natTwin)
-        s.appOpens(third, to: vip, at: 1_150, natTwin: natTwin)
-        s.tunnelOpens(passthrough, to: outside, at: 1_200, observeOut: observeOut)
+        var s = mixedServiceOpens([(app2, 1_000), (app, 1_100), (third, 1_150)], passthroughAt: 1_200)
         s.appRequests(app2, at: 1_400)
         s.appRequests(app, at: 1_405)
         s.at(1_420) { $0.packet(passthrough, outside, flags: [.ack, .psh], seq: 2, ack: 51, payload: 100, on: eth0, direction: .outbound) }
