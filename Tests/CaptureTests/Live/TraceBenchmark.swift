@@ -188,7 +188,8 @@ final class TraceBenchmark: KernelTestCase {
             untracedRuns.append(try untracedRun())
             if let tcpdump {
                 dumpedAfter.append(untracedRuns.count - 1)
-                dumped.append(try tcpdumpRun(lab: lab, target: target, count: count, workers: workers, tcpdump: tcpdump))
+                dumped.append(try tcpdumpRun(lab: lab, target: target, count: count, workers: workers, tcpdump: tcpdump,
+                                             keep: env["MESHTRACE_BENCH_KEEP"].flatMap { $0.isEmpty ? nil : $0 + "/dump-\(round + 1)" }))
                 untracedRuns.append(try untracedRun())
             }
         }
@@ -367,7 +368,10 @@ extension TraceBenchmark {
     /// observation points (installed by meshtrace's instrumenter, batched as `trace` has them: no per-rule
     /// threshold, so tcpdump's NFLOG instance batches with the kernel's defaults), `tcpdump -i nflog:G -w` and
     /// `tcpdump -i any -w` started in the pod's netns, their files on tmpfs like the trace's JSON.
-    func tcpdumpRun(lab: LabTopology, target: Endpoint, count: Int, workers: Int, tcpdump: String) throws -> DumpRun {
+    /// `keep`: a path stem the two captures are moved to once the run is measured (STEM-nflog.pcap, STEM-any.pcap):
+    /// a real load's records, for `meshtrace analyze` to be run on by two builds and their outputs compared.
+    func tcpdumpRun(lab: LabTopology, target: Endpoint, count: Int, workers: Int, tcpdump: String,
+                    keep: String? = nil) throws -> DumpRun {
         let group: UInt16 = 5602
         var settings = InstrumentationSettings(group: group)
         settings.perRuleThreshold = nil
@@ -382,7 +386,15 @@ extension TraceBenchmark {
                 if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
                 try? FileManager.default.removeItem(atPath: err)
             }
-            for suffix in ["-nflog.pcap", "-any.pcap"] { try? FileManager.default.removeItem(atPath: stem + suffix) }
+            for suffix in ["-nflog.pcap", "-any.pcap"] {
+                if let keep {
+                    try? FileManager.default.removeItem(atPath: keep + suffix)
+                    do { try FileManager.default.moveItem(atPath: stem + suffix, toPath: keep + suffix) } catch {
+                        XCTFail("MESHTRACE_BENCH_KEEP: \(error)")
+                    }
+                }
+                try? FileManager.default.removeItem(atPath: stem + suffix)
+            }
         }
         // 64 MiB of ring for the capture, as the trace's; -Z root: the files stay writable where they are.
         for (interface, suffix) in [("nflog:\(group)", "-nflog.pcap"), ("any", "-any.pcap")] {
