@@ -50,8 +50,10 @@ public final class Correlator {
     /// candidate, and connections to a service VIP (no tunnel names it) stay candidates until they are emitted:
     /// thousands under load (a VIP load cost the tracer ~5 times a pod-address one). A connection is filed once per
     /// address it takes; an entry under an address it no longer has is stale and dropped when its list is pruned.
-    private var outerOutboundByAddress: [IPAddress: [ConnectionState]] = [:]
-    private var innerOutboundByAddress: [IPAddress: [ConnectionState]] = [:]
+    /// Each list is in the order its connections began (`CandidateList`), so a look reads only the window of starts
+    /// a join allows.
+    private var outerOutboundByAddress: [IPAddress: CandidateList] = [:]
+    private var innerOutboundByAddress: [IPAddress: CandidateList] = [:]
     /// The outbound candidates once more, in the order they began: app connections (`outerOutbound`) and tunnels
     /// (`innerOutbound`). The joins at emission for an app connection that no tunnel names (a service VIP) look at
     /// the apps that began before it and at the tunnels that began around it, a window of either, not at every
@@ -81,6 +83,8 @@ public final class Correlator {
     private var chainAppsListed = false
     /// The start-order indexes' entries, live and stale (tests: memory stays bounded by the open connections).
     var startOrderEntries: (apps: Int, tunnels: Int) { (appsByStart.entries.count, tunnelsByStart.entries.count) }
+    /// Hops joined so far (tests: which record's look made a join).
+    var hopsJoined: Int { summary.hops }
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
     private var filings = 0
     private var pruneAllAt = 4096
@@ -909,13 +913,13 @@ public final class Correlator {
         if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.originalKnown && c.outerFiledUnder != c.responder.addr {
             if let old = c.outerFiledUnder { unfile(c, from: old, in: &outerOutboundByAddress) }
             c.outerFiledUnder = c.responder.addr
-            file(c, in: &outerOutboundByAddress)
+            file(c, in: &outerOutboundByAddress, asOuter: true)
             filed()
         }
         if c.pendingRoles.contains(.innerOutbound) && !c.hasOutboundHop && c.innerFiledUnder != c.responder.addr {
             if let old = c.innerFiledUnder { unfile(c, from: old, in: &innerOutboundByAddress) }
             c.innerFiledUnder = c.responder.addr
-            file(c, in: &innerOutboundByAddress)
+            file(c, in: &innerOutboundByAddress, asOuter: false)
             filed()
         }
         if roles.contains(.outerOutbound) && !c.hasOutboundHop, let (z, ev, conf, n) = identityPartner(for: c, asOuter: true) {
@@ -925,30 +929,60 @@ public final class Correlator {
             join(.outbound, outer: a, inner: c, evidence: ev, confidence: conf, candidates: n)
         }
         if roles.contains(.outerInbound) && !c.hasInboundHop {
-            if let (i, ev, conf, n) = bestPartner(for: c, among: &innerInbound, asOuter: true, direction: .inbound) {
+            if let (i, ev, conf, n) = bestPartner(for: c, among: &innerInbound, asOuter: true) {
                 join(.inbound, outer: c, inner: i, evidence: ev, confidence: conf, candidates: n)
             }
         }
         if roles.contains(.innerInbound) && !c.hasInboundHop {
-            if let (h, ev, conf, n) = bestPartner(for: c, among: &outerInbound, asOuter: false, direction: .inbound) {
+            if let (h, ev, conf, n) = bestPartner(for: c, among: &outerInbound, asOuter: false) {
                 join(.inbound, outer: h, inner: c, evidence: ev, confidence: conf, candidates: n)
             }
         }
     }
 
     /// The outbound identity join for `c`: among the candidates filed under its address (an app's original
-    /// destination is a tunnel's peer). Nil for an app whose original destination is not known (no identity yet).
+    /// destination is a tunnel's peer), those that began within the hop window of it. Nil for an app whose original
+    /// destination is not known (no identity yet).
+    ///
+    /// Only the window is read, and the list is not pruned for the look (`CandidateList` prunes as it grows), so what
+    /// a prune would drop is skipped here instead: the same candidates are weighed either way. A kept tunnel that
+    /// ztunnel pools (one stream at a time) has every app connection to its pod filed beside it unjoined until they
+    /// are emitted, thousands under load, and when relay timing freed it, or a record changed what it shows, it read
+    /// them all, to find none that began within the window of its own start long ago (40 % of the tracer's CPU).
     private func identityPartner(for c: ConnectionState, asOuter: Bool) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
         if asOuter && !c.originalKnown { return nil }
         let key = c.responder.addr
         // An app connection looks among the tunnels, a tunnel among the app connections.
-        func partner(in index: inout [IPAddress: [ConnectionState]]) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
-            guard index[key] != nil else { return nil }
-            let found = bestPartner(for: c, among: &index[key, default: []], asOuter: asOuter, direction: .outbound, filedUnder: key)
-            if index[key]?.isEmpty == true { index[key] = nil }
-            return found
+        guard let list = asOuter ? innerOutboundByAddress[key] : outerOutboundByAddress[key] else { return nil }
+        // `beganAsIfOpenedFor`'s window: the tunnel began from `hopSlackNanos` before the app's connection to
+        // `hopWindowNanos` after it; and not before the prune's horizon.
+        let from = asOuter ? c.firstSeenNanos - options.hopSlackNanos : c.firstSeenNanos - options.hopWindowNanos
+        let to = asOuter ? c.firstSeenNanos + options.hopWindowNanos : c.firstSeenNanos + options.hopSlackNanos
+        let horizon = candidateHorizon
+        var strongest: ConnectionState?, strong = 0
+        var i = list.lowerBound(max(from, horizon))
+        while i < list.entries.count {
+            let e = list.entries[i]
+            i += 1
+            guard e.first <= to else { break }
+            let p = e.conn
+            // What a prune drops: an entry under an address its connection has left, one emitted, merged or joined.
+            guard (asOuter ? p.innerFiledUnder : p.outerFiledUnder) == key, p !== c, !p.emitted, p.mergedInto == nil,
+                  !p.hasOutboundHop else { continue }
+            let outer = asOuter ? c : p, inner = asOuter ? p : c
+            guard outer.originalKnown, inner.responder.addr == outer.responder.addr,
+                  mayBeOpenedFor(outer: outer, inner: inner, joining: c, direction: .outbound),
+                  identityMatches(outer: outer, inner: inner, direction: .outbound) else { continue }
+            strong += 1
+            // The earliest; of equals, the first listed (the full list's order).
+            if strongest.map({ p.firstSeenNanos < $0.firstSeenNanos
+                || (p.firstSeenNanos == $0.firstSeenNanos && listed(p, asOuter: !asOuter) < listed($0, asOuter: !asOuter)) }) ?? true {
+                strongest = p
+            }
         }
-        return asOuter ? partner(in: &innerOutboundByAddress) : partner(in: &outerOutboundByAddress)
+        guard let strongest else { return nil }
+        // No evidence yet (`bestPartner`).
+        return (strongest, [], .low, strong)
     }
 
     private func listed(_ c: ConnectionState, asOuter: Bool) -> Int { asOuter ? c.outerListed : c.innerListed }
@@ -966,18 +1000,24 @@ public final class Correlator {
         }
     }
 
-    /// Files `c` under its address (`responder`) in the outbound index. It is not there: an entry goes when its
-    /// connection leaves the address (`unfile`) or is dropped by pruning (which unfiles it). Looking first cost a
-    /// scan of the address's list per filing, and under a service VIP that list holds every connection waiting to
-    /// be emitted (6 % of the tracer's CPU under a VIP load).
-    private func file(_ c: ConnectionState, in index: inout [IPAddress: [ConnectionState]]) {
-        index[c.responder.addr, default: []].append(c)
+    /// Files `c` under its address (`responder`) in the outbound index, at its place by when it began. It is not
+    /// there: an entry goes when its connection leaves the address (`unfile`) or is dropped by pruning (which
+    /// unfiles it). Looking first cost a scan of the address's list per filing, and under a service VIP that list
+    /// holds every connection waiting to be emitted (6 % of the tracer's CPU under a VIP load). The list is pruned
+    /// when it has doubled since it was last (not at every look): an entry costs a prune once, not once per look.
+    private func file(_ c: ConnectionState, in index: inout [IPAddress: CandidateList], asOuter: Bool) {
+        let key = c.responder.addr
+        index[key, default: CandidateList()].insert(c)
+        if index[key]!.entries.count >= index[key]!.pruneAt {
+            let horizon = candidateHorizon
+            index[key]!.prune { p in candidateGone(p, filedUnder: key, asOuter: asOuter, horizon: horizon) }
+        }
     }
 
     /// Takes `c`'s entry out from under an address it no longer has (rare: its original destination learned anew).
-    private func unfile(_ c: ConnectionState, from key: IPAddress, in index: inout [IPAddress: [ConnectionState]]) {
-        index[key]?.removeAll { $0 === c }
-        if index[key]?.isEmpty == true { index[key] = nil }
+    private func unfile(_ c: ConnectionState, from key: IPAddress, in index: inout [IPAddress: CandidateList]) {
+        index[key]?.remove(c)
+        if index[key]?.entries.isEmpty == true { index[key] = nil }
     }
 
     /// One more filing; every so often every candidate list is pruned, the index's and the full ones (which no join
@@ -994,11 +1034,12 @@ public final class Correlator {
     }
 
     /// Prunes every list of one side of the outbound index, drops the empty ones; returns how many entries are left.
-    private func pruneAll(_ index: inout [IPAddress: [ConnectionState]], asOuter: Bool) -> Int {
+    private func pruneAll(_ index: inout [IPAddress: CandidateList], asOuter: Bool) -> Int {
         var kept = 0
+        let horizon = candidateHorizon
         for key in Array(index.keys) {
-            pruneCandidates(&index[key, default: []], outbound: true, filedUnder: key, asOuter: asOuter)
-            let n = index[key]?.count ?? 0
+            index[key]!.prune { p in candidateGone(p, filedUnder: key, asOuter: asOuter, horizon: horizon) }
+            let n = index[key]!.entries.count
             if n == 0 { index[key] = nil }
             kept += n
         }
@@ -1030,38 +1071,28 @@ public final class Correlator {
         return roles
     }
 
-    private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState], asOuter: Bool,
-                             direction: ZtunnelHop.Direction,
-                             filedUnder key: IPAddress? = nil) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
-        pruneCandidates(&list, outbound: direction == .outbound, filedUnder: key, asOuter: !asOuter)
+    /// The inbound join for `c`: among the other side's candidates (`identityPartner` is the outbound one).
+    private func bestPartner(for c: ConnectionState, among list: inout [ConnectionState],
+                             asOuter: Bool) -> (ConnectionState, [HopEvidence], Confidence, Int)? {
+        pruneCandidates(&list, outbound: false)
         // Counted as they are met, not gathered into arrays (two allocations and a retain per candidate, for
         // every connection that may be one side of a hop).
         var strongest: ConnectionState?, strong = 0
         for p in list where p !== c && !p.emitted && p.mergedInto == nil {
             let outer = asOuter ? c : p, inner = asOuter ? p : c
-            // Only an identity match joins here, and that needs the addresses to agree: checked first. Connections
-            // to a service VIP stay in these lists unjoined until they are emitted (no tunnel names the VIP),
-            // thousands of them under load, and every new connection looked each one over (~0.5 ms of CPU per
-            // connection at 2300 VIP connections a second).
-            if direction == .outbound {
-                guard outer.originalKnown, inner.responder.addr == outer.responder.addr else { continue }
-            } else {
-                guard inner.initiator.addr == outer.initiator.addr else { continue }
-            }
-            guard mayBeOpenedFor(outer: outer, inner: inner, joining: c, direction: direction) else { continue }
-            if identityMatches(outer: outer, inner: inner, direction: direction) {
+            // Only an identity match joins here, and that needs the addresses to agree: checked first.
+            guard inner.initiator.addr == outer.initiator.addr,
+                  mayBeOpenedFor(outer: outer, inner: inner, joining: c, direction: .inbound) else { continue }
+            if identityMatches(outer: outer, inner: inner, direction: .inbound) {
                 strong += 1
-                // The earliest; of equals, the first met (in the index, the first listed: the full list's order).
-                if strongest.map({ p.firstSeenNanos < $0.firstSeenNanos
-                    || (key != nil && p.firstSeenNanos == $0.firstSeenNanos && listed(p, asOuter: !asOuter) < listed($0, asOuter: !asOuter)) }) ?? true {
-                    strongest = p
-                }
+                // The earliest; of equals, the first met.
+                if strongest.map({ p.firstSeenNanos < $0.firstSeenNanos }) ?? true { strongest = p }
             }
         }
         guard let strongest else { return nil }
         // No evidence yet: a hop's evidence and confidence are worked out when the first of its connections is
         // emitted (`emit`), once the late NFLOG batches are in; wording them here for every join was wasted.
-        return (strongest, [], .low, strong == 1 ? 1 : strong)
+        return (strongest, [], .low, strong)
     }
 
     /// Whether `inner` may have been opened for `outer` (`c`, the connection looking, is one of them), by what both
@@ -1542,7 +1573,7 @@ public final class Correlator {
             // Decisive: every packet matched in the chosen tunnel, every tunnel's packets could be compared, and no
             // other tunnel could have relayed any of them; or the tunnel it is joined to opened after it ended (a fresh
             // join within the hop window, its own tunnel taken by another connection), so carried none of it. (One
-            // closed before it began is never joined to it: `bestPartner` and `pooledTunnel` leave those out.)
+            // closed before it began is never joined to it: `mayBeOpenedFor` and `pooledTunnel` leave those out.)
             let impossible = current.map { tunnelOf($0).firstSeenNanos > l.leg.lastSeenNanos } ?? false
             let decisive = impossible || (match.matched == packets[li] && blind[li] == 0 && runnerUp == 0)
             choices.append((li, current, b, match, decisive))
@@ -2153,17 +2184,23 @@ public final class Correlator {
     /// direction. Joins happen within milliseconds in a healthy capture, so the lists stay short.
     /// A list of the outbound index (`filedUnder`, its entries app connections when `asOuter`) also drops entries
     /// filed under another address since, and unfiles the ones it drops.
-    private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool, filedUnder key: IPAddress? = nil,
-                                 asOuter: Bool = false) {
-        let horizon = now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos
+    private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool) {
+        let horizon = candidateHorizon
         list.removeAll { p in
-            if let key {
-                guard (asOuter ? p.outerFiledUnder : p.innerFiledUnder) == key else { return true }
-            }
-            let gone = p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon || (outbound ? p.hasOutboundHop : p.hasInboundHop)
-            if gone && key != nil { if asOuter { p.outerFiledUnder = nil } else { p.innerFiledUnder = nil } }
-            return gone
+            p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon || (outbound ? p.hasOutboundHop : p.hasInboundHop)
         }
+    }
+
+    /// Candidates that began before this can no longer be joined fresh (the hop window, its slack, and the linger).
+    private var candidateHorizon: Int64 { now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos }
+
+    /// Whether an entry of the outbound index under `key` is for nothing now (its connection left the address, was
+    /// emitted, merged or joined, or began before `horizon`); if so, it is unfiled.
+    private func candidateGone(_ p: ConnectionState, filedUnder key: IPAddress, asOuter: Bool, horizon: Int64) -> Bool {
+        guard (asOuter ? p.outerFiledUnder : p.innerFiledUnder) == key else { return true }
+        let gone = p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon || p.hasOutboundHop
+        if gone { if asOuter { p.outerFiledUnder = nil } else { p.innerFiledUnder = nil } }
+        return gone
     }
 
     @discardableResult
@@ -2205,7 +2242,7 @@ public final class Correlator {
 
     /// A connection joined before its SYN came with the packet's own time (its first record was stamped on receipt,
     /// and the join allowed for that): a fresh join on its outer side whose inner connection began before it was not
-    /// opened for it (`bestPartner`'s causal order), and is undone; both look again.
+    /// opened for it (`beganAsIfOpenedFor`'s causal order), and is undone; both look again.
     private func undoJoinsBeforeStart(of c: ConnectionState) {
         let wrong = c.hopLinks.filter { $0.outer === c && !$0.pooled && $0.relay == nil
             && !inCausalOrder(outer: c, inner: $0.inner, direction: $0.hop.direction) }
@@ -2283,7 +2320,7 @@ public final class Correlator {
     /// The carried side of a join: the app's connection outbound, ztunnel's connection into the app inbound.
     private func carriedOf(_ link: HopLink) -> ConnectionState { link.hop.direction == .outbound ? link.outer : link.inner }
 
-    /// Whether tunnel `t` could have been opened for connection `c` (`bestPartner`'s rules: identity, the order they
+    /// Whether tunnel `t` could have been opened for connection `c` (the fresh joins' rules: identity, the order they
     /// began in, a tunnel still open).
     private func couldCarry(_ t: ConnectionState, _ c: ConnectionState, _ direction: ZtunnelHop.Direction) -> Bool {
         let (outer, inner) = direction == .outbound ? (c, t) : (t, c)

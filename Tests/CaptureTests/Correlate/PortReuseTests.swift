@@ -10,9 +10,10 @@ final class PortReuseTests: XCTestCase {
     static let observeOut = RuleTag(family: .v4, table: "mangle", chain: "POSTROUTING", position: .observeOut).prefix
 
     /// One app connection through ztunnel and its tunnel: (pcap records, NFLOG records), each in time order. The app
-    /// dials a destination on the peer, so the join rests on identity (the tunnel's peer).
+    /// dials a destination on the peer, so the join rests on identity (the tunnel's peer). `tunnelAfter`: µs more
+    /// before the tunnel's SYN (ztunnel slow to connect).
     static func exchange(_ f: inout PacketFactory, app: Endpoint, tunnel: Endpoint, appISN: UInt32, tunISN: UInt32,
-                         closesTunnel: Bool = true) -> (pcap: [PacketRecord], nflog: [PacketRecord]) {
+                         closesTunnel: Bool = true, tunnelAfter micros: Int64 = 0) -> (pcap: [PacketRecord], nflog: [PacketRecord]) {
         var pc: [PacketRecord] = [], nf: [PacketRecord] = []
         nf.append(f.nflog(app, server, flags: [.syn], seq: appISN, hook: .output, prefix: twin("nat", "ISTIO_OUTPUT", 4), outIf: 2))
         pc.append(f.packet(app, c15001, flags: [.syn], seq: appISN, on: lo, direction: .inbound))
@@ -28,6 +29,7 @@ final class PortReuseTests: XCTestCase {
             pc.append(f.packet(peer, tunnel, flags: flags, seq: seq, ack: ack, payload: payload, on: eth0, direction: .inbound))
         }
         let r: UInt32 = tunISN &+ 77777
+        f.advance(micros: micros)
         out([.syn], tunISN, 0)
         f.advance(micros: 100)
         back([.syn, .ack], r, tunISN &+ 1)
