@@ -435,7 +435,10 @@ public final class TextReport: ReportSink {
             out.byte(0x0a)
         }
         if s.lateRecords > 0 {
-            out.text("  "); styled(Style.warn, "\(s.lateRecords) records out of time order, older than the latest one read by more than the close linger (pcapng files joined with cat? give them as separate files, or merge them with mergecap): their connections may be split")
+            // Live, the reader fell behind on one of its sources; in a file, the file is not in time order.
+            out.text("  "); styled(Style.warn, s.live
+                ? "\(s.lateRecords) records read more than the close linger after later ones (the reader fell behind on one of its sources): their connections may be split"
+                : "\(s.lateRecords) records out of time order, older than the latest one read by more than the close linger (pcapng files joined with cat? give them as separate files, or merge them with mergecap): their connections may be split")
             out.byte(0x0a)
         }
         if s.damagedPackets > 0 {

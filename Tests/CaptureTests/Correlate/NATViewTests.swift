@@ -243,6 +243,12 @@ final class NATViewTests: XCTestCase {
         XCTAssertEqual(summary.lateRecords, 1)
         let text = try renderReport(p, tags: f.tags) { TextReport(fileDescriptor: $0) }
         XCTAssertTrue(text.contains("1 records out of time order"), text)
+        // Live, the same count says the reader fell behind (no file to fix).
+        var live = summary
+        live.live = true
+        let liveText = try written { fd in try TextReport(fileDescriptor: fd).finish(live) }
+        XCTAssertTrue(liveText.contains("1 records read more than the close linger after later ones (the reader fell behind"), liveText)
+        XCTAssertFalse(liveText.contains("mergecap"), liveText)
         let json = try renderReport(p, tags: f.tags) { JSONReport(fileDescriptor: $0) }
         XCTAssertTrue(json.contains("\"late_records\":1"), json)
         // In time order, nothing is said (and the JSON key is absent).
