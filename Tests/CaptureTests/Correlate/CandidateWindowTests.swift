@@ -20,6 +20,19 @@ final class CandidateWindowTests: XCTestCase {
 
     private func isTunnelSYN(_ r: PacketRecord) -> Bool { r.tuple.src == Self.tunnel && r.tcpFlags == [.syn] }
 
+    /// The app connection and the tunnel are joined by identity, when record `index` came (not before), and once.
+    private func assertJoined(_ records: [PacketRecord], tags: RuleTagTable, at index: Int, _ message: String,
+                              line: UInt = #line) throws {
+        let j = joins(records, tags: tags)
+        XCTAssertEqual(j.after[index - 1], 0, line: line)
+        XCTAssertEqual(j.after[index], 1, message, line: line)
+        let a = try XCTUnwrap(j.sink.timelines.first { $0.original.src == Self.app }, line: line)
+        let t = try XCTUnwrap(j.sink.timelines.first { $0.original.src == Self.tunnel }, line: line)
+        XCTAssertEqual(a.hops.map(\.inner), [t.id], line: line)
+        XCTAssertTrue(a.hops.first?.evidence.map(\.kind).contains("original-destination") == true, line: line)
+        XCTAssertEqual(j.summary.hops, 1, line: line)
+    }
+
     /// ztunnel connects 1.5 s after it accepted the app's connection (within the 2 s window, beyond the 1 s slack):
     /// the tunnel, looking when its first record comes, finds the app connection that began 1.5 s before it.
     func testATunnelThatBeganWellAfterItsAppConnectionFindsIt() throws {
@@ -27,14 +40,7 @@ final class CandidateWindowTests: XCTestCase {
         let x = PortReuseTests.exchange(&f, app: Self.app, tunnel: Self.tunnel, appISN: 1000, tunISN: 7000, tunnelAfter: 1_500_000)
         let records = (x.pcap + x.nflog).sorted { $0.time < $1.time }
         let first = try XCTUnwrap(records.firstIndex(where: isTunnelSYN))
-        let j = joins(records, tags: f.tags)
-        XCTAssertEqual(j.after[first - 1], 0)
-        XCTAssertEqual(j.after[first], 1, "joined when the tunnel's first record came")
-        let a = try XCTUnwrap(j.sink.timelines.first { $0.original.src == Self.app })
-        let t = try XCTUnwrap(j.sink.timelines.first { $0.original.src == Self.tunnel })
-        XCTAssertEqual(a.hops.map(\.inner), [t.id])
-        XCTAssertTrue(a.hops.first?.evidence.map(\.kind).contains("original-destination") == true)
-        XCTAssertEqual(j.summary.hops, 1)
+        try assertJoined(records, tags: f.tags, at: first, "joined when the tunnel's first record came")
     }
 
     /// The same, with the app's original destination read only after the tunnel began: the capture has what the pod
@@ -47,13 +53,7 @@ final class CandidateWindowTests: XCTestCase {
         let records = PortReuseTests.read(x.pcap.filter { $0.tuple.src.addr == Self.app.addr }, x.nflog, lag: 1_600_000)
         let redirect = try XCTUnwrap(records.firstIndex { $0.hasNflog && $0.tuple.src == Self.app })
         XCTAssertLessThan(try XCTUnwrap(records.firstIndex(where: isTunnelSYN)), redirect)
-        let j = joins(records, tags: f.tags)
-        XCTAssertEqual(j.after[redirect - 1], 0)
-        XCTAssertEqual(j.after[redirect], 1, "joined when the app's original destination came")
-        let a = try XCTUnwrap(j.sink.timelines.first { $0.original.src == Self.app })
-        let t = try XCTUnwrap(j.sink.timelines.first { $0.original.src == Self.tunnel })
-        XCTAssertEqual(a.hops.map(\.inner), [t.id])
-        XCTAssertEqual(j.summary.hops, 1)
+        try assertJoined(records, tags: f.tags, at: redirect, "joined when the app's original destination came")
     }
 
     /// A tunnel that began 2.5 s after the app connection (beyond the window) was not opened for it: no identity join.
