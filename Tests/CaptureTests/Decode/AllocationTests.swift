@@ -46,6 +46,17 @@ final class AllocationTests: XCTestCase {
         XCTAssertLessThan(live, 50, "live: \(live) event arrays allocated for 1000 connections (control: \(capped))")
     } }
 
+    /// A SYN nobody answers (a scan, a flood, a capture of one direction) makes a connection that stays until the
+    /// idle timeout: it gets room for a few events, not the 3.3 KB of 32 (~4.9 KB a connection in all, 4.7 GB for a
+    /// million SYNs in a second of capture). The control is the same connections answered and carried on: their
+    /// arrays grow past 3000 bytes.
+    func testNeverAnsweredConnectionsHoldSmallEventArrays() throws { try withMallocTracer { preload, dir in
+        let answered = try allocations(phase: "syn-answered", preload: preload, dir: dir, minimumBytes: 3000)
+        let bare = try allocations(phase: "syn-only", preload: preload, dir: dir, minimumBytes: 3000)
+        XCTAssertGreaterThan(answered, 500, "the control: 1000 connections of 20 packets each")
+        XCTAssertLessThan(bare, 50, "\(bare) event arrays of 3000 bytes or more for 1000 SYNs nobody answered (control: \(answered))")
+    } }
+
     private func allocations(phase: String, preload: String, dir: URL, minimumBytes: Int = 0) throws -> Int {
         let trace = dir.appendingPathComponent("mtrace.\(phase)")
         let binary = CommandLine.arguments[0]
@@ -149,7 +160,7 @@ final class AllocationTests: XCTestCase {
             }
             muntrace()
         case "events-live", "events-capped":
-            // 2000 connections on lo, one a millisecond, 44 packets each (more than an event array's first 32), so
+            // 2000 connections on lo, one a millisecond, 44 packets each (more than an event array's first room), so
             // a sweep every 250 ms emits ~250 at once; the second 1000 are traced, once the spares have grown to
             // the ~500-750 connections the 0.5 s linger keeps open.
             var f = PacketFactory()
@@ -177,6 +188,31 @@ final class AllocationTests: XCTestCase {
             for i in (packets.count / 2)..<packets.count { correlator.ingest(inPlace: &packets[i]) }
             muntrace()
             checksum = UInt64(sink.events)
+        case "syn-only", "syn-answered":
+            // 2000 connections to the pod, a SYN each (and, answered, 19 packets more); the second 1000 are traced.
+            var f = PacketFactory()
+            let server = PacketFactory.ep("10.244.2.10", 80)
+            var packets: [PacketRecord] = []
+            for i in 0..<2_000 {
+                let client = PacketFactory.ep("10.244.1.\(10 + i / 60_000)", UInt16(1_024 + i % 60_000))
+                packets.append(f.packet(client, server, flags: [.syn], seq: UInt32(i), on: eth0, direction: .outbound))
+                if phase == "syn-answered" {
+                    packets.append(f.packet(server, client, flags: [.syn, .ack], ack: UInt32(i) &+ 1, on: eth0, direction: .inbound))
+                    for k in 0..<9 {
+                        packets.append(f.packet(client, server, flags: [.ack, .psh], seq: UInt32(k), payload: 10, on: eth0, direction: .outbound))
+                        packets.append(f.packet(server, client, flags: [.ack], ack: UInt32(k), on: eth0, direction: .inbound))
+                    }
+                }
+                f.advance(micros: 100)
+            }
+            let sink = DiscardingSink()
+            let correlator = Correlator(tags: f.tags, ruleset: nil, options: CorrelatorOptions(), sink: sink)
+            let half = phase == "syn-only" ? 1_000 : 1_000 * 20
+            for i in 0..<half { correlator.ingest(inPlace: &packets[i]) }
+            mtrace()
+            for i in half..<packets.count { correlator.ingest(inPlace: &packets[i]) }
+            muntrace()
+            checksum = UInt64(correlator.openConnectionCount)
         default:
             XCTFail("unknown phase \(phase)")
         }
