@@ -2,9 +2,12 @@
 # One node's captures of an ambient pod, for the benchmarks (scripts/bench-analyze, scripts/bench-instructions):
 #   gen-node-captures.py DIR PACKETS   writes DIR/any.pcap (LINUX_SLL: lo and eth0) and DIR/nflog.pcap (meshtrace's
 #   NFLOG twins), ~PACKETS packets in all, with the mix AMBIENT.md describes (see scripts/bench-analyze).
+#   gen-node-captures.py DIR PACKETS --syn-flood   writes DIR/flood.pcap instead: PACKETS SYNs from outside to the
+#   pod's port 80 within one second, none answered (a scan, a flood: each a connection that stays until the idle timeout).
 import random, struct, sys
 
 out_dir, target = sys.argv[1], int(sys.argv[2])
+syn_flood = sys.argv[3:] == ["--syn-flood"]
 random.seed(1337)
 
 POD = (10 << 24) | (244 << 16) | (1 << 8) | 10          # 10.244.1.10, the pod
@@ -55,19 +58,33 @@ def nflog(ip, hook, pfx, mark=None, outdev=None, indev=None):
     body += tlv(9, ip[:128])
     return struct.pack("!BBH", 2, 0, 42) + body
 
+def pcap_file(name, linktype):
+    f = open(out_dir + "/" + name, "wb")
+    f.write(struct.pack("<IHHiIII", 0xa1b23c4d, 2, 4, 0, 0, 262144, linktype))   # nanosecond pcap
+    return f
+def pcap_record(f, t, data, wire):
+    f.write(struct.pack("<IIII", t // 1_000_000_000, t % 1_000_000_000, len(data), wire) + data)
+
 class Files:
     def __init__(self):
-        self.any = open(out_dir + "/any.pcap", "wb")
-        self.nf = open(out_dir + "/nflog.pcap", "wb")
-        for f, lt in ((self.any, 113), (self.nf, 239)):
-            f.write(struct.pack("<IHHiIII", 0xa1b23c4d, 2, 4, 0, 0, 262144, lt))   # nanosecond pcap
+        self.any = pcap_file("any.pcap", 113)
+        self.nf = pcap_file("nflog.pcap", 239)
         self.count = 0
     def write_chunk(self, items):
         items.sort(key=lambda x: x[0])
         for t, which, data, wire in items:
-            f = self.nf if which else self.any
-            f.write(struct.pack("<IIII", t // 1_000_000_000, t % 1_000_000_000, len(data), wire) + data)
+            pcap_record(self.nf if which else self.any, t, data, wire)
         self.count += len(items)
+
+if syn_flood:
+    t0 = 1_790_000_000 * 1_000_000_000
+    with pcap_file("flood.pcap", 113) as f:
+        for i in range(target):
+            ip = ip4(external(i // 60000), POD, 6, tcp(1024 + i % 60000, 80, i * 7919, 0, SYN, 0))   # a source each
+            frame = sll(0, False, ip)   # to this host, on eth0
+            pcap_record(f, t0 + i * 1_000_000_000 // target, frame, len(frame))
+    print("generated %d SYNs" % target, file=sys.stderr)
+    sys.exit(0)
 
 files = Files()
 

@@ -817,10 +817,7 @@ public final class Correlator {
         if !c.timeline.closed && (c.reset || (c.finForward && c.finReply)) {
             // Closed already when its tuple was reused (`retire`), and now its late FIN or RST is read: closed
             // then, and it shows closed.
-            if c.closedAt == nil {
-                c.closedAt = now
-                if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }
-            }
+            markClosed(c)
             c.timeline.closed = true
         }
     }
@@ -974,9 +971,8 @@ public final class Correlator {
             i += 1
             guard e.first <= to else { break }
             let p = e.conn
-            // What a prune drops: an entry under an address its connection has left, one emitted, merged or joined.
-            guard (asOuter ? p.innerFiledUnder : p.outerFiledUnder) == key, p !== c, !p.emitted, p.mergedInto == nil,
-                  !p.hasOutboundHop else { continue }
+            // What a prune drops is skipped (the horizon is the window's lower bound already).
+            guard p !== c, isLiveCandidate(p, filedUnder: key, asOuter: !asOuter, horizon: horizon) else { continue }
             let outer = asOuter ? c : p, inner = asOuter ? p : c
             guard outer.originalKnown, inner.responder.addr == outer.responder.addr,
                   mayBeOpenedFor(outer: outer, inner: inner, joining: c, direction: .outbound),
@@ -1018,7 +1014,7 @@ public final class Correlator {
         index[key, default: CandidateList()].insert(c)
         if index[key]!.entries.count >= index[key]!.pruneAt {
             let horizon = candidateHorizon
-            index[key]!.prune { p in candidateGone(p, filedUnder: key, asOuter: asOuter, horizon: horizon) }
+            index[key]!.prune { p in unfileUnlessLive(p, filedUnder: key, asOuter: asOuter, horizon: horizon) }
         }
     }
 
@@ -1046,7 +1042,7 @@ public final class Correlator {
         var kept = 0
         let horizon = candidateHorizon
         for key in Array(index.keys) {
-            index[key]!.prune { p in candidateGone(p, filedUnder: key, asOuter: asOuter, horizon: horizon) }
+            index[key]!.prune { p in unfileUnlessLive(p, filedUnder: key, asOuter: asOuter, horizon: horizon) }
             let n = index[key]!.entries.count
             if n == 0 { index[key] = nil }
             kept += n
@@ -2189,9 +2185,8 @@ public final class Correlator {
     }
 
     /// Drops candidates that can no longer be joined: too old, emitted, merged, or already joined in this
-    /// direction. Joins happen within milliseconds in a healthy capture, so the lists stay short.
-    /// A list of the outbound index (`filedUnder`, its entries app connections when `asOuter`) also drops entries
-    /// filed under another address since, and unfiles the ones it drops.
+    /// direction. Joins happen within milliseconds in a healthy capture, so the lists stay short. (The outbound
+    /// index's lists prune with `unfileUnlessLive`.)
     private func pruneCandidates(_ list: inout [ConnectionState], outbound: Bool) {
         let horizon = candidateHorizon
         list.removeAll { p in
@@ -2202,13 +2197,20 @@ public final class Correlator {
     /// Candidates that began before this can no longer be joined fresh (the hop window, its slack, and the linger).
     private var candidateHorizon: Int64 { now - options.hopWindowNanos - options.hopSlackNanos - options.closeLingerNanos }
 
-    /// Whether an entry of the outbound index under `key` is for nothing now (its connection left the address, was
-    /// emitted, merged or joined, or began before `horizon`); if so, it is unfiled.
-    private func candidateGone(_ p: ConnectionState, filedUnder key: IPAddress, asOuter: Bool, horizon: Int64) -> Bool {
-        guard (asOuter ? p.outerFiledUnder : p.innerFiledUnder) == key else { return true }
-        let gone = p.emitted || p.mergedInto != nil || p.firstSeenNanos < horizon || p.hasOutboundHop
-        if gone { if asOuter { p.outerFiledUnder = nil } else { p.innerFiledUnder = nil } }
-        return gone
+    /// Whether an entry of the outbound index under `key` (app connections when `asOuter`) is still a candidate: its
+    /// connection still filed there, not emitted, merged or joined, and begun at `horizon` or later.
+    @inline(__always)
+    private func isLiveCandidate(_ p: ConnectionState, filedUnder key: IPAddress, asOuter: Bool, horizon: Int64) -> Bool {
+        (asOuter ? p.outerFiledUnder : p.innerFiledUnder) == key && !p.emitted && p.mergedInto == nil
+            && p.firstSeenNanos >= horizon && !p.hasOutboundHop
+    }
+
+    /// A prune's test: true (drop it) when the entry is no longer a candidate, after unfiling its connection from `key`
+    /// (unless it is filed elsewhere now).
+    private func unfileUnlessLive(_ p: ConnectionState, filedUnder key: IPAddress, asOuter: Bool, horizon: Int64) -> Bool {
+        if isLiveCandidate(p, filedUnder: key, asOuter: asOuter, horizon: horizon) { return false }
+        if asOuter { if p.outerFiledUnder == key { p.outerFiledUnder = nil } } else if p.innerFiledUnder == key { p.innerFiledUnder = nil }
+        return true
     }
 
     @discardableResult
@@ -2449,17 +2451,22 @@ public final class Correlator {
     /// records (`previousOwner`) still find it.
     private func retire(_ c: ConnectionState) {
         c.retired = true
-        if c.closedAt == nil {
-            c.closedAt = now
-            if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }
-        }
-        for k in c.keys where table[k] === c { table[k] = nil }
-        forgetInitiator(of: c)
+        markClosed(c)
+        leaveLookups(c)
         c.previousOnTuple = nil
     }
 
-    /// `c` no longer answers for its initiator's endpoint (nor its remapped one) in `byInitiator`.
-    private func forgetInitiator(of c: ConnectionState) {
+    /// `c` closed now, unless it had already (its tunnel's close time too, for relay timing).
+    private func markClosed(_ c: ConnectionState) {
+        guard c.closedAt == nil else { return }
+        c.closedAt = now
+        if c.tunnelIndex >= 0 { tunnelClosed[c.tunnelIndex] = now }
+    }
+
+    /// `c` no longer answers for its tuples in the flow table nor for its initiator's endpoint (or its remapped one)
+    /// in `byInitiator`: retired (they are the new connection's) or emitted.
+    private func leaveLookups(_ c: ConnectionState) {
+        for k in c.keys where table[k] === c { table[k] = nil }
         let ik = InitiatorKey(proto: c.proto, endpoint: c.initiator)
         if byInitiator[ik] === c { byInitiator[ik] = nil }
         if let nat = c.natInitiator {
@@ -2605,8 +2612,7 @@ public final class Correlator {
         guard !c.emitted else { return }
         c.emitted = true
         c.previousOnTuple = nil
-        for k in c.keys where table[k] === c { table[k] = nil }
-        forgetInitiator(of: c)
+        leaveLookups(c)
         if let k = c.synKey, bySYN[k] === c { bySYN[k] = nil }
         removeFromOpen(c)
 
