@@ -46,6 +46,9 @@ struct Analyze: ParsableCommand {
     @Option(name: .long, help: "Packet events kept per connection; later ones are counted.")
     var maxEvents: Int = 512
 
+    @Option(name: .long, help: "Connections kept open at most; past this, the ones seen least lately are printed at once, marked ended early (memory stays bounded under a SYN flood).")
+    var maxOpen: Int = CorrelatorOptions().maxOpenConnections
+
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
@@ -53,6 +56,7 @@ struct Analyze: ParsableCommand {
         guard files.filter({ $0 == "-" }).count <= 1 else { throw ValidationError("- (stdin) can be given once") }
         for ip in podIPs where IPAddress(ip) == nil { throw ValidationError("--pod-ip \(ip) is not an IPv4 or IPv6 address") }
         guard maxEvents > 0 else { throw ValidationError("--max-events must be positive") }
+        guard maxOpen > 0 else { throw ValidationError("--max-open must be positive") }
     }
 
     func run() throws {
@@ -78,6 +82,7 @@ struct Analyze: ParsableCommand {
         options.podAddresses = podIPs.compactMap { IPAddress($0) }
         options.interfaceName = interfaceName
         options.maxEventsPerConnection = maxEvents
+        options.maxOpenConnections = maxOpen
         options.showsOnlySelected = selector != nil
         let correlator = Correlator(tags: tags, ruleset: ruleset, options: options, sink: reporter)
 

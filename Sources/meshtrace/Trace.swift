@@ -53,6 +53,12 @@ struct Trace: ParsableCommand {
           help: "Only the rule hits (the NFLOG events), no libpcap capture; --rules-only is the same.")
     var noCapture = false
 
+    @Option(name: .long, help: "Packet events kept per connection; later ones are counted.")
+    var maxEvents: Int = CorrelatorOptions.live.maxEventsPerConnection
+
+    @Option(name: .long, help: "Connections kept open at most; past this, the ones seen least lately are printed at once, marked ended early (memory stays bounded under a SYN flood).")
+    var maxOpen: Int = CorrelatorOptions.live.maxOpenConnections
+
     @Flag(name: .long, help: "Keep the reading thread at normal priority (nice -5) instead of yielding the CPU to the pod while it keeps up.")
     var noYield = false
 
@@ -62,6 +68,8 @@ struct Trace: ParsableCommand {
         guard TraceOptions.Mode(rawValue: mode) != nil else { throw ValidationError("--mode takes nflog or trace") }
         try TwinOptionChecks.group(group)
         try TwinOptionChecks.snaplen(snaplen)
+        guard maxEvents > 0 else { throw ValidationError("--max-events must be positive") }
+        guard maxOpen > 0 else { throw ValidationError("--max-open must be positive") }
         if let duration, !(duration > 0 && duration.isFinite) { throw ValidationError("--duration takes a positive number of seconds") }
     }
 
@@ -81,6 +89,8 @@ struct Trace: ParsableCommand {
             options.replace = replace
             options.capturePackets = !noCapture
             options.yieldToPod = !noYield
+            options.correlator.maxOpenConnections = maxOpen
+            options.correlator.maxEventsPerConnection = maxEvents
             let tracer = try LiveTracer(options: options)
             let config = output.config
             let printer: ReportSink = config.json ? JSONReport() : TextReport(style: Style(config: config), showEvents: !brief)

@@ -253,6 +253,8 @@ final class ConnectionState {
     var previousOnTuple: ConnectionState?
     /// Replaced on its tuple by a new connection (`Correlator.retire`): out of the lookups, emitted after its linger.
     var retired = false
+    /// Finished before its time: more connections were open than the correlator keeps (`Correlator.endLeastRecent`).
+    var endedEarly = false
     var hopLinks: [HopLink] = []
     /// As a tunnel: the joins of the connections it carried, listed in `hopLinks` or not (a tunnel lists only the
     /// first `Correlator.maxPooledLinksListed` pooled ones).

@@ -87,6 +87,8 @@ public final class Correlator {
     static let firstEventRoom = 4
     /// Hops joined so far (tests: which record's look made a join).
     var hopsJoined: Int { summary.hops }
+    /// Connections on the inbound candidate lists (tests: the lists let go of connections that are gone).
+    var inboundCandidatesListed: Int { outerInbound.count + innerInbound.count }
     /// Filings since the last pruning of every list (amortized: the lists nobody scans are pruned too).
     private var filings = 0
     private var pruneAllAt = 4096
@@ -94,6 +96,9 @@ public final class Correlator {
     private var listings = 0
     private var outerInbound: [ConnectionState] = []
     private var innerInbound: [ConnectionState] = []
+    /// Lengths at which the inbound lists are pruned next (`listInbound`).
+    private var outerInboundPruneAt = 64
+    private var innerInboundPruneAt = 64
     /// Open connections to the HBONE port, either way: the tunnels a pooled join may find (see `pooledTunnel`).
     private var tunnels: [ConnectionState] = []
     /// Beside each tunnel, what `pooledTunnel` filters on first, so it reads only the few tunnels open across a
@@ -230,6 +235,8 @@ public final class Correlator {
             }
             if let placed { return placed }
         }
+        // A record that may open a connection, with the table full: the connections seen least lately go first.
+        if _slowPath(open.count >= options.maxOpenConnections) { endLeastRecent() }
         guard let c = connection(for: &r, nf) else {
             // A late record of a connection already emitted, whose tuple another one holds now: on neither.
             if now - t <= options.closeLingerNanos { summary.lateRecords += 1 }
@@ -910,10 +917,10 @@ public final class Correlator {
             c.pendingRoles.insert(.innerOutbound); list(c, .innerOutbound, in: &innerOutbound)
         }
         if roles.contains(.outerInbound) && !c.pendingRoles.contains(.outerInbound) {
-            c.pendingRoles.insert(.outerInbound); outerInbound.append(c)
+            c.pendingRoles.insert(.outerInbound); listInbound(c, .outerInbound, in: &outerInbound, pruneAt: &outerInboundPruneAt)
         }
         if roles.contains(.innerInbound) && !c.pendingRoles.contains(.innerInbound) {
-            c.pendingRoles.insert(.innerInbound); innerInbound.append(c)
+            c.pendingRoles.insert(.innerInbound); listInbound(c, .innerInbound, in: &innerInbound, pruneAt: &innerInboundPruneAt)
         }
         if c.pendingRoles.contains(.outerOutbound) && !c.hasOutboundHop && c.originalKnown && c.outerFiledUnder != c.responder.addr {
             if let old = c.outerFiledUnder { unfile(c, from: old, in: &outerOutboundByAddress) }
@@ -1002,6 +1009,16 @@ public final class Correlator {
             c.innerListed = listings
             tunnelsByStart.add(c, stamp: listings) { waiting($0, asOuter: false) }
         }
+    }
+
+    /// Appends `c` to an inbound candidate list, and prunes the list when it has doubled since it last was. Otherwise
+    /// only a look from the other side prunes it (`bestPartner`), and a pod that gets connections from outside but no
+    /// ztunnel leg into it (a capture of one side, a flood of SYNs) kept every one of them, emitted or not, to the end.
+    private func listInbound(_ c: ConnectionState, _ role: HopRoles, in list: inout [ConnectionState], pruneAt: inout Int) {
+        self.list(c, role, in: &list)
+        guard list.count >= pruneAt else { return }
+        pruneCandidates(&list, outbound: false)
+        pruneAt = max(64, 2 * list.count)
     }
 
     /// Files `c` under its address (`responder`) in the outbound index, at its place by when it began. It is not
@@ -2270,8 +2287,12 @@ public final class Correlator {
         }
         back(.outerOutbound, c.hasOutboundHop, &outerOutbound)
         back(.innerOutbound, c.hasOutboundHop, &innerOutbound)
-        back(.outerInbound, c.hasInboundHop, &outerInbound)
-        back(.innerInbound, c.hasInboundHop, &innerInbound)
+        if c.pendingRoles.contains(.outerInbound) && !c.hasInboundHop && !outerInbound.contains(where: { $0 === c }) {
+            listInbound(c, .outerInbound, in: &outerInbound, pruneAt: &outerInboundPruneAt)
+        }
+        if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop && !innerInbound.contains(where: { $0 === c }) {
+            listInbound(c, .innerInbound, in: &innerInbound, pruneAt: &innerInboundPruneAt)
+        }
         reconsiderHops(c)
     }
 
@@ -2475,6 +2496,45 @@ public final class Correlator {
         }
     }
 
+    /// More connections open than `options.maxOpenConnections`: the 1/16 of them whose last packet is oldest are
+    /// emitted now, as a sweep would emit them (their joins first), each marked ended early and counted. Only a
+    /// flood (SYNs nobody answers, a scan) fills the table; it then costs one pass over it every 1/16 of the cap of
+    /// new connections, and the memory stays what that many connections hold.
+    private func endLeastRecent() {
+        let n = open.count
+        let k = max(1, min(n, options.maxOpenConnections / 16))
+        // The k-th smallest last-seen time (a selection, not a sort: the table is large when this runs), then the
+        // connections at or below it, up to k.
+        var times = open.map(\.lastSeenNanos)
+        let threshold = Correlator.select(&times, k - 1)
+        var batch: [ConnectionState] = []
+        batch.reserveCapacity(k)
+        for c in open where c.lastSeenNanos < threshold { batch.append(c) }
+        for c in open where batch.count < k && c.lastSeenNanos == threshold { batch.append(c) }
+        for c in batch { c.endedEarly = true }
+        summary.connectionsEndedEarly += batch.count
+        batch.sort { $0.id < $1.id }
+        emit(batch)
+    }
+
+    /// The `k`-th smallest of `values` (0-based; the array is reordered): Hoare's selection, the middle of three as
+    /// the pivot.
+    static func select(_ values: inout [Int64], _ k: Int) -> Int64 {
+        var lo = 0, hi = values.count - 1
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2
+            let pivot = max(min(values[lo], values[mid]), min(max(values[lo], values[mid]), values[hi]))
+            var i = lo, j = hi
+            while i <= j {
+                while values[i] < pivot { i += 1 }
+                while values[j] > pivot { j -= 1 }
+                if i <= j { values.swapAt(i, j); i += 1; j -= 1 }
+            }
+            if k <= j { hi = j } else if k >= i { lo = i } else { return values[k] }
+        }
+        return values[k]
+    }
+
     private func sweep() {
         var ready: [ConnectionState] = []
         for c in open {
@@ -2621,6 +2681,7 @@ public final class Correlator {
         // Its SYN answered by a RST from the other end, no SYN-ACK seen at any point, and nothing past the handshake
         // (a SYN-ACK the capture missed): nothing listened there.
         t.refused = c.resetByResponder && c.isnForward != nil && c.isnReply == nil && !c.pastHandshake
+        t.endedEarly = c.endedEarly
         t.aliases = []
         if let nat = c.natResponder {
             t.aliases.append(FiveTuple(proto: c.proto, src: c.natInitiator ?? c.initiator, dst: nat))

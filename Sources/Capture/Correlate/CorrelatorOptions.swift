@@ -10,6 +10,10 @@ public struct CorrelatorOptions: Sendable {
     /// Events kept per connection; later packets are counted in `droppedEvents`, so a long-lived connection
     /// (a pooled HBONE tunnel) cannot grow without bound.
     public var maxEventsPerConnection = 512
+    /// Open connections at most: past this, the 1/16 of them seen least lately are finished at once (printed as
+    /// ended early, and counted), so a flood of SYNs nobody answers (each a connection kept until the idle timeout,
+    /// ~2 KB) cannot take the memory a capture or a trace runs in. A pod rarely has more than a few thousand open.
+    public var maxOpenConnections = 65_536
     /// Connections with no packet for this long (capture time) are emitted and dropped.
     public var tcpIdleTimeoutNanos: Int64 = 120_000_000_000
     public var otherIdleTimeoutNanos: Int64 = 30_000_000_000

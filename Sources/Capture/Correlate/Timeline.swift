@@ -203,6 +203,9 @@ public struct ConnectionTimeline: Sendable {
     /// TCP: its SYN was answered by a RST and no SYN-ACK was seen (connection refused: nothing listened there;
     /// redirected, nothing on ztunnel's port in the pod).
     public var refused: Bool = false
+    /// Finished before it closed or idled out, because more connections were open than the correlator keeps
+    /// (`CorrelatorOptions.maxOpenConnections`): its later packets, if any, make a connection of their own.
+    public var endedEarly: Bool = false
     /// Hops this connection is part of (outer or inner side).
     public var hops: [ZtunnelHop]
     /// ICMP errors about its packets (each kind once, first seen first; their packets are among the events).
@@ -277,6 +280,8 @@ public struct AnalysisSummary: Sendable {
     /// Shown connections whose SYN a RST answered (`ConnectionTimeline.refused`), and those with ICMP errors.
     public var refusedConnections: Int = 0
     public var connectionsWithIcmpErrors: Int = 0
+    /// Connections finished early because more were open than the correlator keeps (`ConnectionTimeline.endedEarly`).
+    public var connectionsEndedEarly: Int = 0
     public init() {}
     public var escapes: Int { findings.filter(\.isEscape).count }
 }

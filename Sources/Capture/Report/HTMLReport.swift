@@ -130,6 +130,7 @@ public final class HTMLReport: ReportSink {
             if !t.marks.isEmpty { details.append("#\(t.id) marks " + t.marks.map { "0x" + String($0, radix: 16) }.joined(separator: ", ")) }
             for e in t.icmpErrors { details.append("#\(t.id): ICMP \(e.message) from \(e.from)") }
             if t.refused { details.append("#\(t.id): refused (its SYN was answered by a RST)") }
+            if t.endedEarly { details.append("#\(t.id): ended early (more connections were open than --max-open keeps)") }
             details.append("#\(t.id): \(t.packets) events, \(t.bytes) bytes captured, \(t.closed ? "closed" : "not closed")")
             for h in t.hops {
                 let other = h.outer == t.id ? h.inner : h.outer
@@ -298,6 +299,7 @@ struct HTMLReportPage {
         if summary.traceSteps > 0 { stat("of them TRACE steps", summary.traceSteps) }
         if summary.damagedPackets > 0 { stat("damaged packets", summary.damagedPackets, "esc") }
         if summary.lateRecords > 0 { stat("records out of time order", summary.lateRecords, "esc") }
+        if summary.connectionsEndedEarly > 0 { stat("connections ended early (too many open)", summary.connectionsEndedEarly, "esc") }
         if summary.eventsLost > 0 { stat("events lost", summary.eventsLost, "esc") }
         s += "</div>"
         if !summary.fileDamage.isEmpty {

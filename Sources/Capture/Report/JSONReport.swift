@@ -270,6 +270,7 @@ public final class JSONReport: ReportSink {
         key("bytes"); out.unsignedDecimal(t.bytes)
         key("closed"); out.text(t.closed ? "true" : "false")
         if t.refused { key("refused"); out.text("true") }
+        if t.endedEarly { key("ended_early"); out.text("true") }
         key("hops"); open(UInt8(ascii: "["))
         for h in t.hops {
             element(); open(UInt8(ascii: "{"))
@@ -332,6 +333,7 @@ public final class JSONReport: ReportSink {
         key("damaged_packets"); out.decimal(s.damagedPackets)
         if s.lateRecords > 0 { key("late_records"); out.decimal(s.lateRecords) }
         if s.refusedConnections > 0 { key("refused"); out.decimal(s.refusedConnections) }
+        if s.connectionsEndedEarly > 0 { key("connections_ended_early"); out.decimal(s.connectionsEndedEarly) }
         if s.connectionsWithIcmpErrors > 0 { key("with_icmp_errors"); out.decimal(s.connectionsWithIcmpErrors) }
         if s.nflogRecordsCut > 0 { key("nflog_records_cut"); out.decimal(s.nflogRecordsCut) }
         if s.traceSteps > 0 { key("trace_steps"); out.decimal(s.traceSteps) }

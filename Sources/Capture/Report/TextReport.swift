@@ -108,7 +108,7 @@ public final class TextReport: ReportSink {
         out.text("  ")
         tuple(t.original)
         out.text("  ")
-        out.text(t.refused ? "refused" : t.closed ? "closed" : "open at end or idle")
+        out.text(t.refused ? "refused" : t.closed ? "closed" : t.endedEarly ? "ended early (too many open)" : "open at end or idle")
         // Every NFLOG event and every captured packet is an event (a line below); bytes are the captured packets'
         // (an NFLOG event repeats a packet, and without a capture there are none).
         out.text(", "); out.decimal(t.packets); out.text(t.packets == 1 ? " event" : " events")
@@ -432,6 +432,10 @@ public final class TextReport: ReportSink {
             // An Ethernet or raw capture (tcpdump -i eth0) does not say which packets left the pod and has no
             // NFLOG records to tell: the pod's address is not inferred, and "no escapes" would mean nothing.
             out.text("  "); styled(Style.warn, "pod address unknown: no packet was seen leaving or reaching the pod through its interface (an Ethernet or raw capture says no direction; NFLOG records would), so traffic leaving the pod could not be judged; give --pod-ip")
+            out.byte(0x0a)
+        }
+        if s.connectionsEndedEarly > 0 {
+            out.text("  "); styled(Style.warn, "\(s.connectionsEndedEarly) connections printed before they ended: more were open at once than --max-open keeps (a SYN flood, a scan?); a later packet of one makes a connection of its own")
             out.byte(0x0a)
         }
         if s.lateRecords > 0 {

@@ -247,6 +247,39 @@ final class AnalyzeCommandTests: XCTestCase {
         XCTAssertEqual(r.status, ExitStatus.usage.rawValue)
     }
 
+    /// `--max-open N`: a capture of 100 SYNs nobody answers keeps 10 open at most; the rest are printed as they are
+    /// pushed out, each once, marked ended early and counted in the summary. 0 is a usage error, for trace too.
+    func testMaxOpenEndsTheConnectionsSeenLeastLatelyEarly() throws {
+        // Classic pcap, µs, little-endian, LINKTYPE_RAW (101); each record an IPv4 TCP SYN to 10.0.1.5:80.
+        var bytes: [UInt8] = [0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 101, 0, 0, 0]
+        func le32(_ v: Int) -> [UInt8] { [UInt8(v & 0xff), UInt8(v >> 8 & 0xff), UInt8(v >> 16 & 0xff), UInt8(v >> 24 & 0xff)] }
+        for n in 0..<100 {
+            let port = 20000 + n
+            var ip: [UInt8] = [0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6, 0, 0, 93, 184, 216, 4, 10, 0, 1, 5]
+            ip += [UInt8(port >> 8), UInt8(port & 0xff), 0, 80, 0, 0, 0, UInt8(n), 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]
+            bytes += le32(1_700_000_000) + le32(n * 10) + le32(ip.count) + le32(ip.count) + ip
+        }
+        let flood = try file("flood.pcap", bytes)
+        let r = try Self.analyze([flood, "--max-open", "10", "--pod-ip", "10.0.1.5", "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let lines = jsonLines(r.stdout)
+        let connections = lines.filter { $0["type"] as? String == "connection" }
+        XCTAssertEqual(connections.count, 100)
+        let early = connections.filter { $0["ended_early"] as? Bool == true }.count
+        XCTAssertGreaterThanOrEqual(early, 90)
+        XCTAssertEqual(lines.last?["connections_ended_early"] as? Int, early)
+        let all = try Self.analyze([flood, "--pod-ip", "10.0.1.5", "--json"])
+        XCTAssertNil(jsonLines(all.stdout).last?["connections_ended_early"], "the default keeps them all")
+        for args in [["analyze", flood], ["trace", "--netns", "mt-none-\(getpid())"]] {
+            let zero = try Command.run([Self.executable] + args + ["--max-open", "0"])
+            XCTAssertEqual(zero.status, ExitStatus.usage.rawValue, args[0])
+            XCTAssertTrue(zero.stderr.contains("--max-open must be positive"), zero.stderr)
+        }
+        let noEvents = try Command.run([Self.executable, "trace", "--netns", "mt-none-\(getpid())", "--max-events", "0"])
+        XCTAssertEqual(noEvents.status, ExitStatus.usage.rawValue)
+        XCTAssertTrue(noEvents.stderr.contains("--max-events must be positive"), noEvents.stderr)
+    }
+
     func testACleanCaptureExitsZeroAndTheJSONMatchesTcpdumpsView() throws {
         let r = try Self.analyze([nflogSample, "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
