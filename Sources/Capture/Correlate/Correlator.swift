@@ -2497,7 +2497,7 @@ public final class Correlator {
     }
 
     /// More connections open than `options.maxOpenConnections`: the 1/16 of them whose last packet is oldest are
-    /// emitted now, as a sweep would emit them (their joins first), each marked ended early and counted. Only a
+    /// emitted now, as a sweep would emit them (their joins first), each not closed yet marked ended early and counted. Only a
     /// flood (SYNs nobody answers, a scan) fills the table; it then costs one pass over it every 1/16 of the cap of
     /// new connections, and the memory stays what that many connections hold.
     private func endLeastRecent() {
@@ -2511,8 +2511,12 @@ public final class Correlator {
         batch.reserveCapacity(k)
         for c in open where c.lastSeenNanos < threshold { batch.append(c) }
         for c in open where batch.count < k && c.lastSeenNanos == threshold { batch.append(c) }
-        for c in batch { c.endedEarly = true }
-        summary.connectionsEndedEarly += batch.count
+        // A closed one only loses the rest of its linger (a port reused many times over lingers that way): not ended
+        // early, and not counted.
+        for c in batch where c.closedAt == nil {
+            c.endedEarly = true
+            summary.connectionsEndedEarly += 1
+        }
         batch.sort { $0.id < $1.id }
         emit(batch)
     }

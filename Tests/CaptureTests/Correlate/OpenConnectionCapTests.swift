@@ -57,6 +57,29 @@ final class OpenConnectionCapTests: XCTestCase {
                        "the latest SYNs stayed open")
     }
 
+    /// A port reused over and over (100 SYNs on one tuple, each with its own ISN): each new SYN retires the connection
+    /// before it (closed, lingering for late records). Pushed out by the cap, those lose only the rest of their
+    /// linger: none is marked ended early or counted; the one still open at the end is not either.
+    func testClosedConnectionsPushedOutAreNotEndedEarly() {
+        var f = PacketFactory()
+        var o = Self.options
+        o.maxOpenConnections = 16
+        let sink = CollectingSink()
+        let c = Correlator(tags: f.tags, ruleset: nil, options: o, sink: sink)
+        var largest = 0
+        for n in 0..<100 {
+            f.advance(micros: 10)
+            c.ingest(f.packet(Self.client, Self.pod, flags: [.syn], seq: UInt32(1000 * n), on: eth0, direction: .inbound))
+            largest = max(largest, c.openConnectionCount)
+        }
+        XCTAssertLessThanOrEqual(largest, 16)
+        XCTAssertGreaterThan(sink.timelines.count, 50, "pushed out before the end")
+        let summary = c.finish()
+        XCTAssertEqual(sink.timelines.count, 100)
+        XCTAssertEqual(summary.connectionsEndedEarly, 0)
+        XCTAssertFalse(sink.timelines.contains(where: \.endedEarly))
+    }
+
     /// Without the cap reached, nothing ends early.
     func testBelowTheCapNothingEndsEarly() {
         var f = PacketFactory()
