@@ -2287,12 +2287,13 @@ public final class Correlator {
         }
         back(.outerOutbound, c.hasOutboundHop, &outerOutbound)
         back(.innerOutbound, c.hasOutboundHop, &innerOutbound)
-        if c.pendingRoles.contains(.outerInbound) && !c.hasInboundHop && !outerInbound.contains(where: { $0 === c }) {
-            listInbound(c, .outerInbound, in: &outerInbound, pruneAt: &outerInboundPruneAt)
+        func backInbound(_ role: HopRoles, _ list: inout [ConnectionState], _ pruneAt: inout Int) {
+            if c.pendingRoles.contains(role) && !c.hasInboundHop && !list.contains(where: { $0 === c }) {
+                listInbound(c, role, in: &list, pruneAt: &pruneAt)
+            }
         }
-        if c.pendingRoles.contains(.innerInbound) && !c.hasInboundHop && !innerInbound.contains(where: { $0 === c }) {
-            listInbound(c, .innerInbound, in: &innerInbound, pruneAt: &innerInboundPruneAt)
-        }
+        backInbound(.outerInbound, &outerInbound, &outerInboundPruneAt)
+        backInbound(.innerInbound, &innerInbound, &innerInboundPruneAt)
         reconsiderHops(c)
     }
 
