@@ -2498,9 +2498,10 @@ public final class Correlator {
     }
 
     /// More connections open than `options.maxOpenConnections`: the 1/16 of them whose last packet is oldest are
-    /// emitted now, as a sweep would emit them (their joins first), each not closed yet marked ended early and counted. Only a
-    /// flood (SYNs nobody answers, a scan) fills the table; it then costs one pass over it every 1/16 of the cap of
-    /// new connections, and the memory stays what that many connections hold.
+    /// emitted now, as a sweep would emit them (their joins first), each not closed yet marked ended early and
+    /// counted. Only a flood (SYNs nobody answers, a scan) fills the table; it then costs one pass over it every 1/16
+    /// of the cap of new connections, and the memory stays what that many connections hold. Also while a live reader
+    /// holds sweeps (`holdSweeps`): a backlog placed then may split a connection, but memory comes first.
     private func endLeastRecent() {
         let n = open.count
         let k = max(1, min(n, options.maxOpenConnections / 16))
