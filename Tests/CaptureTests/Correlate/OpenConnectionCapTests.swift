@@ -21,6 +21,28 @@ final class OpenConnectionCapTests: XCTestCase {
         return o
     }
 
+    /// What feeding a correlator left: its sink and summary, the largest `watch` it showed after any record, and how
+    /// many timelines were out before `finish`.
+    private struct Fed { let sink: CollectingSink; let summary: AnalysisSummary; let largest: Int; let beforeEnd: Int }
+
+    /// Feeds the records `step` makes for each of `count` steps, `micros` apart, to a correlator with `options`.
+    private func feed(_ options: CorrelatorOptions, _ f: inout PacketFactory, count: Int, micros: Int64 = 10,
+                      watch: (Correlator) -> Int = { $0.openConnectionCount },
+                      _ step: (inout PacketFactory, Int) -> [PacketRecord]) -> Fed {
+        let sink = CollectingSink()
+        let c = Correlator(tags: f.tags, ruleset: nil, options: options, sink: sink)
+        var largest = 0
+        for n in 0..<count {
+            f.advance(micros: micros)
+            for r in step(&f, n) {
+                c.ingest(r)
+                largest = max(largest, watch(c))
+            }
+        }
+        let beforeEnd = sink.timelines.count
+        return Fed(sink: sink, summary: c.finish(), largest: largest, beforeEnd: beforeEnd)
+    }
+
     /// 32 open at most: past that the SYNs seen least lately end first, while a connection that keeps sending (the pod's
     /// own, a packet after every ten SYNs) stays whole; every connection is printed once, those ended early marked and
     /// counted; the table never holds more than the cap.
@@ -28,32 +50,31 @@ final class OpenConnectionCapTests: XCTestCase {
         var f = PacketFactory()
         var o = Self.options
         o.maxOpenConnections = 32
-        let sink = CollectingSink()
-        let c = Correlator(tags: f.tags, ruleset: nil, options: o, sink: sink)
-        c.ingest(f.packet(Self.client, Self.podServer, flags: [.syn], seq: 100, on: eth0, direction: .inbound))
-        c.ingest(f.packet(Self.podServer, Self.client, flags: [.syn, .ack], seq: 500, ack: 101, on: eth0, direction: .outbound))
-        var largest = 0
-        for n in 0..<300 {
-            f.advance(micros: 10)
-            c.ingest(Self.flood(&f, n))
-            if n % 10 == 9 {
-                c.ingest(f.packet(Self.podServer, Self.client, seq: 501, ack: 101, payload: 10, on: eth0, direction: .outbound))
+        let fed = feed(o, &f, count: 300) { f, n in
+            var records: [PacketRecord] = []
+            if n == 0 {
+                records.append(f.packet(Self.client, Self.podServer, flags: [.syn], seq: 100, on: eth0, direction: .inbound))
+                records.append(f.packet(Self.podServer, Self.client, flags: [.syn, .ack], seq: 500, ack: 101, on: eth0, direction: .outbound))
             }
-            largest = max(largest, c.openConnectionCount)
+            records.append(Self.flood(&f, n))
+            if n % 10 == 9 {
+                records.append(f.packet(Self.podServer, Self.client, seq: 501, ack: 101, payload: 10, on: eth0, direction: .outbound))
+            }
+            return records
         }
-        XCTAssertLessThanOrEqual(largest, 32)
-        let summary = c.finish()
-        XCTAssertEqual(sink.timelines.count, 301, "every connection printed once")
-        let early = sink.timelines.filter(\.endedEarly)
-        XCTAssertEqual(summary.connectionsEndedEarly, early.count)
+        XCTAssertLessThanOrEqual(fed.largest, 32)
+        let timelines = fed.sink.timelines
+        XCTAssertEqual(timelines.count, 301, "every connection printed once")
+        let early = timelines.filter(\.endedEarly)
+        XCTAssertEqual(fed.summary.connectionsEndedEarly, early.count)
         XCTAssertGreaterThanOrEqual(early.count, 300 - 32)
         // The oldest SYNs went first, in the order they came; the latest ones are still open at the end.
         XCTAssertEqual(early.map(\.id), early.map(\.id).sorted())
-        XCTAssertEqual(Array(sink.timelines.prefix(early.count).map(\.id)), early.map(\.id), "the ended-early ones printed first")
-        let server = try XCTUnwrap(sink.timelines.first { $0.original.src == Self.client })
+        XCTAssertEqual(Array(timelines.prefix(early.count).map(\.id)), early.map(\.id), "the ended-early ones printed first")
+        let server = try XCTUnwrap(timelines.first { $0.original.src == Self.client })
         XCTAssertFalse(server.endedEarly, "the connection that kept sending is not one of them")
         XCTAssertEqual(server.packets, 2 + 30)
-        XCTAssertFalse(sink.timelines.filter { $0.original.dst == Self.pod }.suffix(16).contains(where: \.endedEarly),
+        XCTAssertFalse(timelines.filter { $0.original.dst == Self.pod }.suffix(16).contains(where: \.endedEarly),
                        "the latest SYNs stayed open")
     }
 
@@ -64,20 +85,14 @@ final class OpenConnectionCapTests: XCTestCase {
         var f = PacketFactory()
         var o = Self.options
         o.maxOpenConnections = 16
-        let sink = CollectingSink()
-        let c = Correlator(tags: f.tags, ruleset: nil, options: o, sink: sink)
-        var largest = 0
-        for n in 0..<100 {
-            f.advance(micros: 10)
-            c.ingest(f.packet(Self.client, Self.pod, flags: [.syn], seq: UInt32(1000 * n), on: eth0, direction: .inbound))
-            largest = max(largest, c.openConnectionCount)
+        let fed = feed(o, &f, count: 100) { f, n in
+            [f.packet(Self.client, Self.pod, flags: [.syn], seq: UInt32(1000 * n), on: eth0, direction: .inbound)]
         }
-        XCTAssertLessThanOrEqual(largest, 16)
-        XCTAssertGreaterThan(sink.timelines.count, 50, "pushed out before the end")
-        let summary = c.finish()
-        XCTAssertEqual(sink.timelines.count, 100)
-        XCTAssertEqual(summary.connectionsEndedEarly, 0)
-        XCTAssertFalse(sink.timelines.contains(where: \.endedEarly))
+        XCTAssertLessThanOrEqual(fed.largest, 16)
+        XCTAssertGreaterThan(fed.beforeEnd, 50, "pushed out before the end")
+        XCTAssertEqual(fed.sink.timelines.count, 100)
+        XCTAssertEqual(fed.summary.connectionsEndedEarly, 0)
+        XCTAssertFalse(fed.sink.timelines.contains(where: \.endedEarly))
     }
 
     /// Without the cap reached, nothing ends early.
@@ -85,9 +100,9 @@ final class OpenConnectionCapTests: XCTestCase {
         var f = PacketFactory()
         var o = Self.options
         o.maxOpenConnections = 301
-        let (sink, summary) = correlate((0..<300).map { n in f.advance(micros: 10); return Self.flood(&f, n) }, tags: f.tags, options: o)
-        XCTAssertEqual(summary.connectionsEndedEarly, 0)
-        XCTAssertFalse(sink.timelines.contains(where: \.endedEarly))
+        let fed = feed(o, &f, count: 300) { f, n in [Self.flood(&f, n)] }
+        XCTAssertEqual(fed.summary.connectionsEndedEarly, 0)
+        XCTAssertFalse(fed.sink.timelines.contains(where: \.endedEarly))
     }
 
     /// 20 000 SYNs from outside over 20 s, each idle out after 1 s: each was a candidate for an inbound hop (the
@@ -97,16 +112,9 @@ final class OpenConnectionCapTests: XCTestCase {
         var f = PacketFactory()
         var o = Self.options
         o.tcpIdleTimeoutNanos = 1_000_000_000
-        let c = Correlator(tags: f.tags, ruleset: nil, options: o, sink: CollectingSink())
-        var largest = 0
-        for n in 0..<20_000 {
-            f.advance(micros: 1000)
-            c.ingest(Self.flood(&f, n))
-            largest = max(largest, c.inboundCandidatesListed)
-        }
-        XCTAssertGreaterThan(largest, 1000, "the control: a second's SYNs are candidates")
-        XCTAssertLessThan(largest, 8000, "the list kept connections long gone")
-        _ = c.finish()
+        let fed = feed(o, &f, count: 20_000, micros: 1000, watch: { $0.inboundCandidatesListed }) { f, n in [Self.flood(&f, n)] }
+        XCTAssertGreaterThan(fed.largest, 1000, "the control: a second's SYNs are candidates")
+        XCTAssertLessThan(fed.largest, 8000, "the list kept connections long gone")
     }
 
     /// The selection the cap uses finds the k-th smallest whatever the order and the repeats.
