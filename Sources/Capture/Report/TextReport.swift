@@ -435,7 +435,7 @@ public final class TextReport: ReportSink {
             out.byte(0x0a)
         }
         if s.connectionsEndedEarly > 0 {
-            out.text("  "); styled(Style.warn, "\(s.connectionsEndedEarly) connections printed before they ended: more were open at once than --max-open keeps (a SYN flood, a scan?); a later packet of one makes a connection of its own")
+            out.text("  "); styled(Style.warn, counted(s.connectionsEndedEarly, "connection", then: " printed early: more were open at once than --max-open keeps (a SYN flood, a scan?); a later packet of one makes a connection of its own"))
             out.byte(0x0a)
         }
         if s.lateRecords > 0 {

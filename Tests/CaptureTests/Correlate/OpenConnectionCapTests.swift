@@ -147,6 +147,6 @@ final class OpenConnectionCapTests: XCTestCase {
         XCTAssertEqual(lines.last?["connections_ended_early"] as? Int, early)
         let text = try renderReport(records, tags: f.tags, options: o) { TextReport(fileDescriptor: $0) }
         XCTAssertTrue(text.contains("ended early (too many open)"), text)
-        XCTAssertTrue(text.contains("\(early) connections printed before they ended: more were open at once than --max-open keeps"), text)
+        XCTAssertTrue(text.contains("\(early) connections printed early: more were open at once than --max-open keeps"), text)
     }
 }
