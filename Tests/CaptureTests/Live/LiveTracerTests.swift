@@ -40,9 +40,10 @@ final class LiveTracerTests: KernelTestCase {
 
     /// Traces `pod` while `traffic` runs, then a short linger so replies and FINs are in.
     func trace(_ pod: LabPod, group: UInt16, mode: TraceOptions.Mode = .nflog, yieldToPod: Bool = true, filter: String? = nil,
-               capturePackets: Bool = true, readerPauseNanos: UInt64 = 0,
+               capturePackets: Bool = true, readerPauseNanos: UInt64 = 0, maxOpen: Int? = nil,
                _ traffic: @escaping () throws -> Void) throws -> (TraceOutcome, TraceRecordingSink) {
         var options = TraceOptions(netns: pod.ref)
+        if let maxOpen { options.correlator.maxOpenConnections = maxOpen }
         options.readerPauseNanos = readerPauseNanos
         options.mode = mode
         options.capturePackets = capturePackets
@@ -899,6 +900,30 @@ final class LiveTracerTests: KernelTestCase {
     /// A connection to a service VIP held open past the live candidates' age (3.5 s) before its request: joined only
     /// when it is emitted, it and its tunnel had aged out by then, and the tunnel read as a forged-mark escape (any
     /// long-lived connection to a service: gRPC, keep-alive).
+    /// `trace --max-open 2` (the engine's cap, live): three connections held open at once through ztunnel (six in the
+    /// pod: each app connection and its tunnel) push the ones seen least lately out while they are still open: each
+    /// printed as ended early and counted, and nothing is lost (the hit counts are the kernel's).
+    func testPastTheOpenConnectionCapConnectionsArePrintedAsEndedEarly() throws {
+        let lab = try makeLab()
+        let server = Endpoint(lab.server.ipv4, LabTopology.appPort)
+        let (outcome, sink) = try trace(lab.client, group: 5431, maxOpen: 2) {
+            let failures = Atomic<Int>(0)
+            DispatchQueue.concurrentPerform(iterations: 3) { _ in
+                let r = try? lab.runApp(["_app", "get", "\(server)", "--hold", "1", "--timeout", "5"], in: lab.client)
+                if r?.status != 0 { failures.add(1, ordering: .relaxed) }
+            }
+            XCTAssertEqual(failures.load(ordering: .relaxed), 0, "the app's connections failed")
+        }
+        let early = sink.timelines.filter(\.endedEarly)
+        XCTAssertGreaterThanOrEqual(early.count, 1, "kinds: \(sink.timelines.map(\.kind))")
+        XCTAssertEqual(outcome.summary.connectionsEndedEarly, early.count)
+        XCTAssertTrue(early.allSatisfy { !$0.closed })
+        XCTAssertEqual(outcome.losses.nflogEventsLost, 0)
+        for (prefix, kernel) in outcome.kernelCounters {
+            XCTAssertEqual(UInt64(outcome.hitCounts[prefix] ?? 0), kernel, prefix)
+        }
+    }
+
     func testALongLivedConnectionToAServiceVIPKeepsItsTunnel() throws {
         let lab = try makeLab()
         let vip = Endpoint(LabTopology.serviceVIP, LabTopology.appPort)
