@@ -59,6 +59,24 @@ final class RuleTagTests: XCTestCase {
         XCTAssertEqual(table.count, model.count)
     }
 
+    /// A new prefix on every record (a hostile or garbage capture) no longer grows the table with the file: past
+    /// `maxPrefixes` distinct ones the rest share one id, no tag, a text that says so; the ones kept still resolve.
+    func testPrefixesPastTheCapShareOneId() {
+        let table = RuleTagTable()
+        let first = table.intern("mt:4:nat:ISTIO_OUTPUT:4:00ff")
+        for i in 1..<RuleTagTable.maxPrefixes { _ = table.intern("hostile-\(i)") }
+        XCTAssertEqual(table.count, RuleTagTable.maxPrefixes)
+        let over = (0..<100).map { table.intern("more-\($0)") }
+        XCTAssertEqual(Set(over).count, 1, "the prefixes past the cap share one id")
+        XCTAssertNil(table.tag(for: over[0]))
+        XCTAssertTrue(table.text(for: over[0]).contains("counted together"), table.text(for: over[0]))
+        XCTAssertEqual(table.count, RuleTagTable.maxPrefixes + 1, "one entry for all of them")
+        XCTAssertEqual(table.intern("mt:4:nat:ISTIO_OUTPUT:4:00ff"), first)
+        XCTAssertEqual(table.intern("hostile-7"), table.intern("hostile-7"))
+        XCTAssertNotEqual(table.intern("hostile-7"), over[0])
+        XCTAssertEqual(table.tag(for: first)?.position, .rule(4))
+    }
+
     func testAddressesParseAndPrint() {
         XCTAssertEqual(IPAddress("169.254.7.127")?.description, "169.254.7.127")
         XCTAssertEqual(IPAddress("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")?.description, "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")

@@ -280,6 +280,33 @@ final class AnalyzeCommandTests: XCTestCase {
         XCTAssertTrue(noEvents.stderr.contains("--max-events must be positive"), noEvents.stderr)
     }
 
+    /// A capture whose every NFLOG record has a prefix of its own (hostile, or garbage): the summary lists the first
+    /// `RuleTagTable.maxPrefixes` and one entry for the rest, counted together, instead of one per record (500 000
+    /// such records took 414 MB and a 500 000-line summary).
+    func testAPrefixOnEveryRecordIsCountedPastTheCapInOneEntry() throws {
+        func le16(_ v: Int) -> [UInt8] { [UInt8(v & 0xff), UInt8(v >> 8 & 0xff)] }
+        func le32(_ v: Int) -> [UInt8] { le16(v & 0xffff) + le16(v >> 16) }
+        func tlv(_ type: Int, _ value: [UInt8]) -> [UInt8] {
+            le16(4 + value.count) + le16(type) + value + [UInt8](repeating: 0, count: (4 - value.count % 4) % 4)
+        }
+        // Classic pcap, µs, LINKTYPE_NFLOG (239); each record a PREROUTING event of one TCP packet.
+        var bytes: [UInt8] = [0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 239, 0, 0, 0]
+        let records = RuleTagTable.maxPrefixes + 100
+        for n in 0..<records {
+            let ip: [UInt8] = [0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6, 0, 0, 93, 184, 216, 4, 10, 0, 1, 5,
+                               0x9c, 0x40, 0, 80, 0, 0, UInt8(n >> 8 & 0xff), UInt8(n & 0xff), 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]
+            let frame: [UInt8] = [2, 0, 0, 42] + tlv(1, [0x08, 0x00, 0, 0]) + tlv(10, Array("garbage-\(n)".utf8) + [0]) + tlv(9, ip)
+            bytes += le32(1_700_000_000) + le32(n % 1_000_000) + le32(frame.count) + le32(frame.count) + frame
+        }
+        let r = try Self.analyze([try file("prefixes.pcap", bytes), "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let hits = try XCTUnwrap(jsonLines(r.stdout).last?["rule_hits"] as? [[String: Any]])
+        XCTAssertEqual(hits.count, RuleTagTable.maxPrefixes + 1)
+        let rest = try XCTUnwrap(hits.first { ($0["prefix"] as? String)?.contains("counted together") == true })
+        XCTAssertEqual(rest["count"] as? Int, 100)
+        XCTAssertEqual(hits.reduce(0) { $0 + ($1["count"] as? Int ?? 0) }, records)
+    }
+
     func testACleanCaptureExitsZeroAndTheJSONMatchesTcpdumpsView() throws {
         let r = try Self.analyze([nflogSample, "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
