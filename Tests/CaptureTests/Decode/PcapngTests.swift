@@ -142,6 +142,15 @@ final class PcapngTests: XCTestCase {
         let h = try read(huge.bytes, "huge.pcapng")
         XCTAssertEqual(h.records.count, 2)
         XCTAssertTrue(h.damage?.message.contains("bad block length") ?? false, h.damage?.message ?? "")
+        // A section describing more interfaces than anyone has (each would cost memory for the rest of it): damage
+        // at the first one past the limit, after the packets before it.
+        var crowded = good
+        for i in 0..<PcapngFileReader.maxInterfaces { crowded.addInterface(linkType: 101, name: "if\(i)") }
+        crowded.addPacket(interface: 1, units: 3, tcp)
+        let crowd = try read(crowded.bytes, "crowded.pcapng")
+        XCTAssertEqual(crowd.records.count, 2)
+        XCTAssertTrue(crowd.damage?.message.contains("more than 65536 interfaces described in one section") ?? false,
+                      crowd.damage?.message ?? "")
         // A packet naming an interface that was never described.
         var ghost = good
         ghost.addPacket(interface: 5, units: 3, tcp)
