@@ -94,20 +94,39 @@ final class EventContext {
         return numberInterface(name)
     }
 
+    /// Names numbered at most. A capture names a handful of interfaces; a hostile pcapng of many sections can name
+    /// one per packet: past 65 534 the number named no name, and printing such a packet crashed (and each new name was
+    /// looked for by reading every earlier one). Past this, names share one entry that says so.
+    static let maxInterfaceNames = 4096
+    static let moreInterfacesText = "(interfaces past the first \(maxInterfaceNames))"
+    private var indexByText: [String: UInt16] = ["?": 0]
+    private var moreInterfacesIndex: UInt16?
+
     private func numberInterface(_ name: InterfaceName) -> UInt16 {
         let text = name.string
         let i: UInt16
-        if let found = interfaceNames.firstIndex(of: text) { i = UInt16(found) } else {
-            i = UInt16(min(interfaceNames.count, Int(UInt16.max)))
-            if interfaceNames.count < Int(UInt16.max) {
-                interfaceNames.append(text)
-                interfaceNameRanges.append((interfaceNameBytes.count, text.utf8.count))
-                interfaceNameBytes.append(contentsOf: text.utf8)
-            }
+        if let found = indexByText[text] {
+            i = found
+        } else if interfaceNames.count < EventContext.maxInterfaceNames {
+            i = appendInterfaceName(text)
+            indexByText[text] = i
+        } else if let more = moreInterfacesIndex {
+            i = more
+        } else {
+            i = appendInterfaceName(EventContext.moreInterfacesText)
+            moreInterfacesIndex = i
         }
         let id = Int(name.id)
         if id >= indexByNameID.count { indexByNameID.append(contentsOf: repeatElement(UInt16.max, count: id + 1 - indexByNameID.count)) }
         indexByNameID[id] = i
+        return i
+    }
+
+    private func appendInterfaceName(_ text: String) -> UInt16 {
+        let i = UInt16(interfaceNames.count)
+        interfaceNames.append(text)
+        interfaceNameRanges.append((interfaceNameBytes.count, text.utf8.count))
+        interfaceNameBytes.append(contentsOf: text.utf8)
         return i
     }
 

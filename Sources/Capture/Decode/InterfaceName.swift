@@ -5,7 +5,7 @@ import Foundation
 
 /// An interface name ("lo", "eth0", a pcapng if_name, the stem of a file's name) interned into a process-wide
 /// table: equal names have equal numbers. The table only grows, by one entry per distinct name, and the names a
-/// process meets are few (its capture points).
+/// process meets are few (its capture points); past `InterfaceNameTable.maxNames` a new name is "?".
 public struct InterfaceName: Hashable, Sendable, CustomStringConvertible {
     public let id: UInt32
 
@@ -25,6 +25,7 @@ public struct InterfaceName: Hashable, Sendable, CustomStringConvertible {
 final class InterfaceNameTable: @unchecked Sendable {
     static let shared = InterfaceNameTable()
 
+    static let maxNames = 65_536
     private let lock = NSLock()
     private var names: [String] = ["", "any", "lo", "?"]
     private var ids: [String: UInt32] = ["": 0, "any": 1, "lo": 2, "?": 3]
@@ -35,6 +36,9 @@ final class InterfaceNameTable: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         if let id = ids[name] { return id }
+        // A hostile capture can name a new interface per packet (pcapng sections); the table lives as long as the
+        // process: past this, names are "?".
+        guard names.count < InterfaceNameTable.maxNames else { return InterfaceName.questionMark.id }
         let id = UInt32(names.count)
         names.append(name)
         ids[name] = id

@@ -307,6 +307,35 @@ final class AnalyzeCommandTests: XCTestCase {
         XCTAssertEqual(hits.reduce(0) { $0 + ($1["count"] as? Int ?? 0) }, records)
     }
 
+    /// A pcapng whose sections name more interfaces than the reports number (every packet on an interface of its
+    /// own, in two sections of 40 000): the JSON report crashed (a number past the names), and each new name was looked
+    /// for by reading every earlier one (20 s). Now the names past `EventContext.maxInterfaceNames` share one entry
+    /// that says so; here two sections of 2 500 suffice.
+    func testAPcapngNamingMoreInterfacesThanTheReportsNumberIsReadWhole() throws {
+        var bytes: [UInt8] = []
+        var n = 0
+        for section in 0..<2 {
+            var b = PcapngFileBuilder(order: .little)
+            for i in 0..<2500 { b.addInterface(linkType: 101, name: "s\(section)if\(i)") }
+            for i in 0..<2500 {
+                n += 1
+                let syn = Frame.tcp(sport: 1024 + n, dport: 80, seq: 1, ack: 0, flags: 0x02)
+                b.addPacket(interface: UInt32(i), units: UInt64(1_700_000_000_000_000 + n),
+                            Frame.ipv4(src: "93.184.216.4", dst: "10.0.1.5", proto: 6, payload: syn))
+            }
+            bytes += b.bytes
+        }
+        let r = try Self.analyze([try file("interfaces.pcapng", bytes), "--json"])
+        XCTAssertEqual(r.status, 0, String(r.stderr.prefix(2000)))
+        let points = jsonLines(r.stdout).filter { $0["type"] as? String == "connection" }
+            .compactMap { (($0["events"] as? [[String: Any]])?.first?["point"] as? String) }
+        XCTAssertEqual(points.count, 5000)
+        XCTAssertEqual(points.first, "s0if0")
+        XCTAssertEqual(Set(points).count, EventContext.maxInterfaceNames)
+        XCTAssertEqual(points.last, EventContext.moreInterfacesText)
+        XCTAssertEqual(points.filter { $0 == EventContext.moreInterfacesText }.count, 5000 - (EventContext.maxInterfaceNames - 1))
+    }
+
     func testACleanCaptureExitsZeroAndTheJSONMatchesTcpdumpsView() throws {
         let r = try Self.analyze([nflogSample, "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
