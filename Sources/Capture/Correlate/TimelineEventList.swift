@@ -96,25 +96,22 @@ final class EventContext {
 
     /// Names numbered at most. A capture names a handful of interfaces; a hostile pcapng of many sections can name
     /// one per packet: past 65 534 the number named no name, and printing such a packet crashed (and each new name was
-    /// looked for by reading every earlier one). Past this, names share one entry that says so.
+    /// looked for by reading every earlier one). Past this, names share one entry, numbered `maxInterfaceNames`, that
+    /// says so.
     static let maxInterfaceNames = 4096
     static let moreInterfacesText = "(interfaces past the first \(maxInterfaceNames))"
-    private var indexByText: [String: UInt16] = ["?": 0]
-    private var moreInterfacesIndex: UInt16?
 
     private func numberInterface(_ name: InterfaceName) -> UInt16 {
-        let text = name.string
+        // The name table gives each name one id, so an id not numbered yet is a name not listed yet; "?" is 0 from the
+        // start.
         let i: UInt16
-        if let found = indexByText[text] {
-            i = found
+        if name == .questionMark {
+            i = 0
         } else if interfaceNames.count < EventContext.maxInterfaceNames {
-            i = appendInterfaceName(text)
-            indexByText[text] = i
-        } else if let more = moreInterfacesIndex {
-            i = more
+            i = appendInterfaceName(name.string)
         } else {
-            i = appendInterfaceName(EventContext.moreInterfacesText)
-            moreInterfacesIndex = i
+            if interfaceNames.count == EventContext.maxInterfaceNames { _ = appendInterfaceName(EventContext.moreInterfacesText) }
+            i = UInt16(EventContext.maxInterfaceNames)
         }
         let id = Int(name.id)
         if id >= indexByNameID.count { indexByNameID.append(contentsOf: repeatElement(UInt16.max, count: id + 1 - indexByNameID.count)) }
