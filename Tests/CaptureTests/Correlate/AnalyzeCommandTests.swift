@@ -250,16 +250,13 @@ final class AnalyzeCommandTests: XCTestCase {
     /// `--max-open N`: a capture of 100 SYNs nobody answers keeps 10 open at most; the rest are printed as they are
     /// pushed out, each once, marked ended early and counted in the summary. 0 is a usage error, for trace too.
     func testMaxOpenEndsTheConnectionsSeenLeastLatelyEarly() throws {
-        // Classic pcap, µs, little-endian, LINKTYPE_RAW (101); each record an IPv4 TCP SYN to 10.0.1.5:80.
-        var bytes: [UInt8] = [0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 101, 0, 0, 0]
-        func le32(_ v: Int) -> [UInt8] { [UInt8(v & 0xff), UInt8(v >> 8 & 0xff), UInt8(v >> 16 & 0xff), UInt8(v >> 24 & 0xff)] }
+        // LINKTYPE_RAW; each record an IPv4 TCP SYN to 10.0.1.5:80 from its own port.
+        var pcap = PcapFileBuilder(linkType: 101)
         for n in 0..<100 {
-            let port = 20000 + n
-            var ip: [UInt8] = [0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6, 0, 0, 93, 184, 216, 4, 10, 0, 1, 5]
-            ip += [UInt8(port >> 8), UInt8(port & 0xff), 0, 80, 0, 0, 0, UInt8(n), 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]
-            bytes += le32(1_700_000_000) + le32(n * 10) + le32(ip.count) + le32(ip.count) + ip
+            let syn = Frame.tcp(sport: 20000 + n, dport: 80, seq: UInt32(n), ack: 0, flags: 0x02)
+            pcap.add(Frame.ipv4(src: "93.184.216.4", dst: "10.0.1.5", proto: 6, payload: syn), fraction: UInt32(n * 10))
         }
-        let flood = try file("flood.pcap", bytes)
+        let flood = try file("flood.pcap", pcap.bytes)
         let r = try Self.analyze([flood, "--max-open", "10", "--pod-ip", "10.0.1.5", "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
         let lines = jsonLines(r.stdout)
@@ -284,21 +281,16 @@ final class AnalyzeCommandTests: XCTestCase {
     /// `RuleTagTable.maxPrefixes` and one entry for the rest, counted together, instead of one per record (500 000
     /// such records took 414 MB and a 500 000-line summary).
     func testAPrefixOnEveryRecordIsCountedPastTheCapInOneEntry() throws {
-        func le16(_ v: Int) -> [UInt8] { [UInt8(v & 0xff), UInt8(v >> 8 & 0xff)] }
-        func le32(_ v: Int) -> [UInt8] { le16(v & 0xffff) + le16(v >> 16) }
-        func tlv(_ type: Int, _ value: [UInt8]) -> [UInt8] {
-            le16(4 + value.count) + le16(type) + value + [UInt8](repeating: 0, count: (4 - value.count % 4) % 4)
-        }
-        // Classic pcap, µs, LINKTYPE_NFLOG (239); each record a PREROUTING event of one TCP packet.
-        var bytes: [UInt8] = [0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 239, 0, 0, 0]
+        // LINKTYPE_NFLOG; each record a PREROUTING event (hook 0) of one TCP packet, with a prefix of its own.
+        var pcap = PcapFileBuilder(linkType: 239)
         let records = RuleTagTable.maxPrefixes + 100
         for n in 0..<records {
-            let ip: [UInt8] = [0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6, 0, 0, 93, 184, 216, 4, 10, 0, 1, 5,
-                               0x9c, 0x40, 0, 80, 0, 0, UInt8(n >> 8 & 0xff), UInt8(n & 0xff), 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]
-            let frame: [UInt8] = [2, 0, 0, 42] + tlv(1, [0x08, 0x00, 0, 0]) + tlv(10, Array("garbage-\(n)".utf8) + [0]) + tlv(9, ip)
-            bytes += le32(1_700_000_000) + le32(n % 1_000_000) + le32(frame.count) + le32(frame.count) + frame
+            let ack = Frame.ipv4(src: "93.184.216.4", dst: "10.0.1.5", proto: 6,
+                                 payload: Frame.tcp(sport: 40000, dport: 80, seq: UInt32(n), ack: 0, flags: 0x10))
+            let tlvs = Frame.attr(1, Frame.be16(0x0800) + [0, 0]) + Frame.attr(10, Frame.cString("garbage-\(n)")) + Frame.attr(9, ack)
+            pcap.add(Frame.nflog(group: 42, tlvs), fraction: UInt32(n % 1_000_000))
         }
-        let r = try Self.analyze([try file("prefixes.pcap", bytes), "--json"])
+        let r = try Self.analyze([try file("prefixes.pcap", pcap.bytes), "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
         let hits = try XCTUnwrap(jsonLines(r.stdout).last?["rule_hits"] as? [[String: Any]])
         XCTAssertEqual(hits.count, RuleTagTable.maxPrefixes + 1)

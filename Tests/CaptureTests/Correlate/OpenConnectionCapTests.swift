@@ -15,9 +15,11 @@ final class OpenConnectionCapTests: XCTestCase {
         return f.packet(src, pod, flags: [.syn], seq: UInt32(n), on: eth0, direction: .inbound)
     }
 
-    private static var options: CorrelatorOptions {
+    /// The pod's address given, and at most `maxOpen` connections open.
+    private static func options(maxOpen: Int = CorrelatorOptions().maxOpenConnections) -> CorrelatorOptions {
         var o = CorrelatorOptions()
         o.podAddresses = [pod.addr]
+        o.maxOpenConnections = maxOpen
         return o
     }
 
@@ -48,8 +50,7 @@ final class OpenConnectionCapTests: XCTestCase {
     /// counted; the table never holds more than the cap.
     func testPastTheCapTheConnectionsSeenLeastLatelyEndEarly() throws {
         var f = PacketFactory()
-        var o = Self.options
-        o.maxOpenConnections = 32
+        let o = Self.options(maxOpen: 32)
         let fed = feed(o, &f, count: 300) { f, n in
             var records: [PacketRecord] = []
             if n == 0 {
@@ -83,8 +84,7 @@ final class OpenConnectionCapTests: XCTestCase {
     /// linger: none is marked ended early or counted; the one still open at the end is not either.
     func testClosedConnectionsPushedOutAreNotEndedEarly() {
         var f = PacketFactory()
-        var o = Self.options
-        o.maxOpenConnections = 16
+        let o = Self.options(maxOpen: 16)
         let fed = feed(o, &f, count: 100) { f, n in
             [f.packet(Self.client, Self.pod, flags: [.syn], seq: UInt32(1000 * n), on: eth0, direction: .inbound)]
         }
@@ -98,8 +98,7 @@ final class OpenConnectionCapTests: XCTestCase {
     /// Without the cap reached, nothing ends early.
     func testBelowTheCapNothingEndsEarly() {
         var f = PacketFactory()
-        var o = Self.options
-        o.maxOpenConnections = 301
+        let o = Self.options(maxOpen: 301)
         let fed = feed(o, &f, count: 300) { f, n in [Self.flood(&f, n)] }
         XCTAssertEqual(fed.summary.connectionsEndedEarly, 0)
         XCTAssertFalse(fed.sink.timelines.contains(where: \.endedEarly))
@@ -110,7 +109,7 @@ final class OpenConnectionCapTests: XCTestCase {
     /// them to the end, emitted or not. It is pruned as it doubles now: what it holds follows the connections open.
     func testInboundCandidatesGoWithTheirConnections() {
         var f = PacketFactory()
-        var o = Self.options
+        var o = Self.options()
         o.tcpIdleTimeoutNanos = 1_000_000_000
         let fed = feed(o, &f, count: 20_000, micros: 1000, watch: { $0.inboundCandidatesListed }) { f, n in [Self.flood(&f, n)] }
         XCTAssertGreaterThan(fed.largest, 1000, "the control: a second's SYNs are candidates")
@@ -135,8 +134,7 @@ final class OpenConnectionCapTests: XCTestCase {
     /// and warning.
     func testReportsSayWhichConnectionsEndedEarly() throws {
         var f = PacketFactory()
-        var o = Self.options
-        o.maxOpenConnections = 16
+        let o = Self.options(maxOpen: 16)
         let records = (0..<40).map { n in f.advance(micros: 10); return Self.flood(&f, n) }
         let json = try renderReport(records, tags: f.tags, options: o) { JSONReport(fileDescriptor: $0) }
         let lines = json.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
