@@ -99,12 +99,15 @@ public struct TraceOutcome: Sendable {
     /// how many times it was raised because it had fallen behind.
     public var readerYielded = false
     public var readerRaises = 0
+    /// The reader's CPU time while raised: what it took from the pod at real-time priority.
+    public var readerRaisedCPUSeconds: Double = 0
     /// Passes that ended with more waiting in a source than a pass reads: how often the reader was behind.
     var passesBehind = 0
     /// Those two in words, for the summaries.
     public var readerPrioritySaid: String {
         guard readerYielded else { return "reader at normal priority" }
-        return readerRaises == 0 ? "reader yielded to the pod throughout" : "reader raised \(readerRaises) times when it fell behind"
+        guard readerRaises > 0 else { return "reader yielded to the pod throughout" }
+        return "reader raised \(readerRaises) times when it fell behind, \(String(format: "%.2f", readerRaisedCPUSeconds)) s of CPU at real-time priority"
     }
     /// The signal that ended the trace (0: the duration ran out).
     public var stoppedBySignal: Int32
@@ -334,6 +337,7 @@ public final class LiveTracer: @unchecked Sendable {
                                    readerYielded: priority.yielded, readerRaises: priority.raises,
                                    stoppedBySignal: StopSignal.signalNumber)
         outcome.tracedSeconds = tracedSeconds
+        outcome.readerRaisedCPUSeconds = Double(priority.raisedCPUNanos) / 1e9
         outcome.passesBehind = passesBehind
         if !pin.isNamed(by: options.netns.path) {
             // Gone, or the name now means another namespace: a pid reused, a netns made again under its name.

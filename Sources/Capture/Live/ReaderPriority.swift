@@ -24,6 +24,9 @@ import Glibc
 /// more events than meshtrace can take in gets at most half of one CPU taken at real-time priority; the rest of
 /// what meshtrace cannot read is lost and counted, never hidden, and the pod keeps running.
 ///
+/// What a raise costs the pod is the reader's CPU time while raised (`raisedCPUNanos`): the watchdog reads the
+/// reader's thread CPU clock when it raises it, the reader its own when it lowers itself, and the summary says it.
+///
 /// The watchdog itself is SCHED_FIFO (it wakes every `checkNanos` for a few microseconds), so it is never
 /// starved either. Where that is refused (no CAP_SYS_NICE, or a cgroup without real-time runtime), the reader
 /// could not be raised, so it does not yield: it keeps the normal policy at nice -5, as it did before.
@@ -44,6 +47,13 @@ final class ReaderPriority: @unchecked Sendable {
     private let raisedAt = Atomic<UInt64>(0)
     private let stopping = Atomic<Bool>(false)
     private let raiseCount = Atomic<Int>(0)
+    /// The reader's thread CPU time (ns) when the watchdog raised it: stored before `raisedAt`, read by the reader
+    /// after it saw `raisedAt` set.
+    private let cpuAtRaise = Atomic<UInt64>(0)
+    /// The reader's CPU clock, for the watchdog (set by `start` before the watchdog starts).
+    private var readerClock: clockid_t?
+    /// The reader's CPU time spent raised, summed when it lowers itself (touched by the reading thread only).
+    private var raisedCPU: UInt64 = 0
     private let watchdogReady = DispatchSemaphore(value: 0)
     private let watchdogDone = DispatchSemaphore(value: 0)
     private var watchdogIsRealtime = false
@@ -56,6 +66,9 @@ final class ReaderPriority: @unchecked Sendable {
 
     /// How many times the watchdog raised the reader.
     var raises: Int { raiseCount.load(ordering: .relaxed) }
+    /// The reader's CPU time while raised, in ns: what it took from the node at real-time priority. Read once the
+    /// reader has stopped (`stop` counts a raise still on).
+    var raisedCPUNanos: UInt64 { raisedCPU }
     /// Whether the reader is raised now (set once the raise is complete).
     var isRaised: Bool { raisedAt.load(ordering: .relaxed) != 0 }
 
@@ -65,6 +78,8 @@ final class ReaderPriority: @unchecked Sendable {
         tid = currentTid()
         _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), UInt32(bitPattern: tid), ReaderPriority.normalNice)
         guard wanted else { return }
+        var clock = clockid_t(0)
+        if pthread_getcpuclockid(pthread_self(), &clock) == 0 { readerClock = clock }
         heartbeat.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
         // Started before the reader is lowered: a new thread inherits its creator's policy.
         let watchdog = Thread { [self] in watch() }
@@ -84,9 +99,10 @@ final class ReaderPriority: @unchecked Sendable {
     func passFinished(drained: Bool, at now: UInt64) {
         heartbeat.store(now, ordering: .relaxed)
         guard yielding else { return }
-        let raised = raisedAt.load(ordering: .relaxed)
+        let raised = raisedAt.load(ordering: .acquiring)
         // Caught up, or raised for as long as one raise may last.
         if raised != 0, drained || now &- raised >= ReaderPriority.maxRaisedNanos {
+            countRaisedCPU()
             raisedAt.store(0, ordering: .relaxed)
             _ = ReaderPriority.setPolicy(tid, ReaderPriority.schedIdle)
         }
@@ -99,7 +115,21 @@ final class ReaderPriority: @unchecked Sendable {
         guard yielding else { return }
         yielding = false
         stopWatchdog()
+        if raisedAt.load(ordering: .acquiring) != 0 { countRaisedCPU() }
         _ = ReaderPriority.setPolicy(tid, ReaderPriority.schedOther)
+    }
+
+    /// Adds the reader's CPU time since the watchdog raised it (on the reading thread).
+    private func countRaisedCPU() {
+        let from = cpuAtRaise.load(ordering: .relaxed)
+        let now = ReaderPriority.cpuNanos(CLOCK_THREAD_CPUTIME_ID)
+        if from != 0, now > from { raisedCPU &+= now - from }
+    }
+
+    static func cpuNanos(_ clock: clockid_t) -> UInt64 {
+        var ts = timespec()
+        guard clock_gettime(clock, &ts) == 0 else { return 0 }
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     private func stopWatchdog() {
@@ -118,9 +148,11 @@ final class ReaderPriority: @unchecked Sendable {
             let now = DispatchTime.now().uptimeNanoseconds
             let last = heartbeat.load(ordering: .relaxed)
             guard now > last, now - last >= ReaderPriority.starvedNanos, raisedAt.load(ordering: .relaxed) == 0 else { continue }
-            // The policy first, then the time: a reader that sees the time has been raised.
+            // The policy first, then the time: a reader that sees the time has been raised. Its CPU clock before
+            // both, so a raise's CPU is counted from no later than the raise.
+            if let readerClock { cpuAtRaise.store(ReaderPriority.cpuNanos(readerClock), ordering: .relaxed) }
             if ReaderPriority.setPolicy(tid, ReaderPriority.schedFIFO, priority: 1) { raiseCount.add(1, ordering: .relaxed) }
-            raisedAt.store(max(DispatchTime.now().uptimeNanoseconds, 1), ordering: .relaxed)
+            raisedAt.store(max(DispatchTime.now().uptimeNanoseconds, 1), ordering: .releasing)
         }
     }
 

@@ -221,6 +221,10 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertEqual(load?.completed, 300)
         XCTAssertTrue(outcome.readerYielded)
         XCTAssertGreaterThan(outcome.readerRaises, 0, "the CPUs were busy, yet the reader was never raised")
+        // What the raises took from the pod: some CPU, and no more than meshtrace used in all.
+        XCTAssertGreaterThan(outcome.readerRaisedCPUSeconds, 0)
+        XCTAssertLessThanOrEqual(outcome.readerRaisedCPUSeconds, outcome.cpuSeconds)
+        XCTAssertTrue(outcome.readerPrioritySaid.contains("s of CPU at real-time priority"), outcome.readerPrioritySaid)
         XCTAssertFalse(outcome.losses.any, "events lost: \(outcome.losses)")
         XCTAssertFalse(outcome.kernelCounters.isEmpty)
         for (prefix, kernel) in outcome.kernelCounters {

@@ -31,7 +31,8 @@ final class ReaderPriorityTests: KernelTestCase {
         final class Seen: @unchecked Sendable { var started: Int32 = -1, nice: Int32 = 0, whileStarved: Int32 = -1, raises = 0
                       var afterUndrained: Int32 = -1, afterDrained: Int32 = -1, raisesAfterDrained = 0
                       var raisedAgain: Int32 = -1, afterLongRaise: Int32 = -1, raisesAfterLongRaise = 0
-                      var afterStop: Int32 = -1, raisesAfterStop = 0 }
+                      var afterStop: Int32 = -1, raisesAfterStop = 0
+                      var raisedCPUBefore: UInt64 = 1, raisedCPUAfterSpin: UInt64 = 0, spun: UInt64 = 0, raisedCPUAtEnd: UInt64 = 0 }
         let seen = Seen()
         let done = DispatchSemaphore(value: 0)
         // A thread of its own: the test's thread keeps its policy whatever happens.
@@ -45,18 +46,30 @@ final class ReaderPriorityTests: KernelTestCase {
                 while !p.isRaised && now() < deadline { usleep(2_000) }
                 return sched_getscheduler(0)
             }
+            /// Burns this thread's CPU for `nanos` (by its own CPU clock); returns how much it burnt.
+            func spin(_ nanos: UInt64) -> UInt64 {
+                let from = ReaderPriority.cpuNanos(CLOCK_THREAD_CPUTIME_ID)
+                var x: UInt64 = 1
+                while ReaderPriority.cpuNanos(CLOCK_THREAD_CPUTIME_ID) - from < nanos { for _ in 0..<1000 { x = x &* 6364136223846793005 &+ 1 } }
+                withExtendedLifetime(x) {}
+                return ReaderPriority.cpuNanos(CLOCK_THREAD_CPUTIME_ID) - from
+            }
             p.start()
             seen.started = sched_getscheduler(0)
             errno = 0
             seen.nice = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
             p.passFinished(drained: true, at: now())
+            seen.raisedCPUBefore = p.raisedCPUNanos
             seen.whileStarved = starve()
             seen.raises = p.raises
+            // CPU used while raised is what the raise cost the node: counted when the reader lowers itself.
+            seen.spun = spin(8_000_000)   // within `maxRaisedNanos`: the pass below keeps it raised
             // A pass that stopped at its limit keeps it raised; one that drained lowers it.
             p.passFinished(drained: false, at: now())
             seen.afterUndrained = sched_getscheduler(0)
             p.passFinished(drained: true, at: now())
             seen.afterDrained = sched_getscheduler(0)
+            seen.raisedCPUAfterSpin = p.raisedCPUNanos
             seen.raisesAfterDrained = p.raises
             // Raised again, it never drains: after `maxRaisedNanos` it lowers itself all the same.
             seen.raisedAgain = starve()
@@ -65,6 +78,7 @@ final class ReaderPriorityTests: KernelTestCase {
             seen.afterLongRaise = sched_getscheduler(0)
             seen.raisesAfterLongRaise = p.raises
             p.stop()
+            seen.raisedCPUAtEnd = p.raisedCPUNanos
             seen.afterStop = sched_getscheduler(0)
             // The watchdog is gone: a long silence raises nothing any more.
             usleep(UInt32(ReaderPriority.starvedNanos / 1000) * 3)
@@ -78,6 +92,11 @@ final class ReaderPriorityTests: KernelTestCase {
         XCTAssertEqual(seen.raises, 1)
         XCTAssertEqual(seen.afterUndrained, Self.sched_fifo)
         XCTAssertEqual(seen.afterDrained, Self.sched_idle)
+        XCTAssertEqual(seen.raisedCPUBefore, 0)
+        XCTAssertGreaterThanOrEqual(seen.raisedCPUAfterSpin, seen.spun, "the CPU spent raised was not counted")
+        XCTAssertLessThan(seen.raisedCPUAfterSpin, seen.spun + 200_000_000, "more counted than the raise can have used")
+        // The second raise slept (no CPU) until it lowered itself: it adds little.
+        XCTAssertLessThan(seen.raisedCPUAtEnd - seen.raisedCPUAfterSpin, 20_000_000)
         XCTAssertEqual(seen.raisesAfterDrained, 1)
         XCTAssertEqual(seen.raisedAgain, Self.sched_fifo)
         XCTAssertEqual(seen.afterLongRaise, Self.sched_idle, "a raise outlasted maxRaisedNanos")
