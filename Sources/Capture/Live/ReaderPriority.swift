@@ -18,8 +18,8 @@ import Glibc
 /// Why 100 ms and not less: a pod's load leaves the CPUs idle in bursts, between stretches of tens of
 /// milliseconds where both are busy. Raised after 20 ms without a pass, the reader did 30-55 % of its work at
 /// real-time priority, taken from the pod in the middle of those stretches (0.6-1.6 s of ~2 s per benchmark run);
-/// raised after 100 ms, it waited for the next idle burst more often and did 10-25 % of it raised (0.2-0.6 s),
-/// with nothing lost (docs/BENCHMARKS.md, thirty-third round).
+/// raised after 100 ms, it waited for the next idle burst more often and did 10-39 % of it raised (a quarter over
+/// nine runs), with nothing lost (docs/BENCHMARKS.md, thirty-third round).
 ///
 /// Why SCHED_FIFO and not the normal policy at a better nice value: a SCHED_IDLE thread's virtual runtime runs
 /// ~340 times faster than a nice-0 thread's, and the fair scheduler carries that debt over when the thread is
