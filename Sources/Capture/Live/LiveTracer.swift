@@ -322,6 +322,8 @@ public final class LiveTracer: @unchecked Sendable {
         summary.kernelCounters = kernel
         summary.eventsLost = losses.nflogEventsLost
         summary.readerStalls = readerStalls
+        summary.readerRaises = priority.raises
+        summary.readerRaisedCPUMilliseconds = Int(priority.raisedCPUNanos / 1_000_000)
         summary.live = true
         if trace != nil { summary.traceStepsLost = losses.traceStepsLost }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9

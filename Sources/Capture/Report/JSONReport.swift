@@ -363,6 +363,10 @@ public final class JSONReport: ReportSink {
         if s.live {
             key("events_lost"); out.decimal(s.eventsLost)
             if s.readerStalls > 0 { key("reader_stalls"); out.decimal(s.readerStalls) }
+            if s.readerRaises > 0 {
+                key("reader_raises"); out.decimal(s.readerRaises)
+                key("reader_raised_cpu_ms"); out.decimal(s.readerRaisedCPUMilliseconds)
+            }
             key("kernel_counters"); open(UInt8(ascii: "{"))
             for (k, v) in s.kernelCounters.sorted(by: { $0.key < $1.key }) {
                 element(); out.jsonString(k); out.byte(UInt8(ascii: ":")); out.unsignedDecimal(v)

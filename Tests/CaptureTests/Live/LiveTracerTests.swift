@@ -225,6 +225,9 @@ final class LiveTracerTests: KernelTestCase {
         XCTAssertGreaterThan(outcome.readerRaisedCPUSeconds, 0)
         XCTAssertLessThanOrEqual(outcome.readerRaisedCPUSeconds, outcome.cpuSeconds)
         XCTAssertTrue(outcome.readerPrioritySaid.contains("s of CPU at real-time priority"), outcome.readerPrioritySaid)
+        // The same in the summary the reports write (JSON `reader_raises`, `reader_raised_cpu_ms`).
+        XCTAssertEqual(outcome.summary.readerRaises, outcome.readerRaises)
+        XCTAssertLessThanOrEqual(abs(outcome.summary.readerRaisedCPUMilliseconds - Int(outcome.readerRaisedCPUSeconds * 1000)), 1)
         XCTAssertFalse(outcome.losses.any, "events lost: \(outcome.losses)")
         XCTAssertFalse(outcome.kernelCounters.isEmpty)
         for (prefix, kernel) in outcome.kernelCounters {

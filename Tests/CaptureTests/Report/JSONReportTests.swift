@@ -149,4 +149,20 @@ final class JSONReportTests: XCTestCase {
         XCTAssertTrue(json.contains(#""type":"summary""#), json)
         XCTAssertFalse(json.contains("events_lost"), json)
     }
+
+    /// How often a live trace's reader was raised and the CPU it used raised: written when it was raised, absent
+    /// otherwise (and from files).
+    func testTheReadersRaisesAreWrittenWhenThereWereAny() throws {
+        func summaryJSON(live: Bool, raises: Int) throws -> String {
+            var summary = AnalysisSummary()
+            summary.live = live
+            summary.readerRaises = raises
+            summary.readerRaisedCPUMilliseconds = raises * 12
+            return try written { try JSONReport(fileDescriptor: $0).finish(summary) }
+        }
+        let raised = try summaryJSON(live: true, raises: 3)
+        XCTAssertTrue(raised.contains(#""reader_raises":3,"reader_raised_cpu_ms":36"#), raised)
+        XCTAssertFalse(try summaryJSON(live: true, raises: 0).contains("reader_raise"))
+        XCTAssertFalse(try summaryJSON(live: false, raises: 3).contains("reader_raise"))
+    }
 }
