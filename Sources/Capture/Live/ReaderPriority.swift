@@ -11,15 +11,8 @@ import Glibc
 /// buffers and fall behind the correlator's clock, so a watchdog thread raises it when it has not finished a pass
 /// for `starvedNanos` (the node's CPUs are busy): to SCHED_FIFO, so it runs at once and catches up, and it lowers
 /// itself to SCHED_IDLE again after a pass that read every source empty. At 140 000 events/s, `starvedNanos` of
-/// events is ~14 000 of them (~15 ms of the reader's work), against a 16 MiB NFLOG socket buffer (~40 000 events
-/// in 64 KiB batches) and a 64 MiB capture ring, and the records wait within the correlator's clock lag
-/// (`LiveTracer.advanceLagNanos`).
-///
-/// Why 100 ms and not less: a pod's load leaves the CPUs idle in bursts, between stretches of tens of
-/// milliseconds where both are busy. Raised after 20 ms without a pass, the reader did 30-55 % of its work at
-/// real-time priority, taken from the pod in the middle of those stretches (0.6-1.6 s of ~2 s per benchmark run);
-/// raised after 100 ms, it waited for the next idle burst more often and did 10-39 % of it raised (a quarter over
-/// nine runs), with nothing lost (docs/BENCHMARKS.md, thirty-third round).
+/// events is ~3 000 of them, against a 16 MiB NFLOG socket buffer and a 64 MiB capture ring, and the records
+/// wait well within the correlator's clock lag (`LiveTracer.advanceLagNanos`).
 ///
 /// Why SCHED_FIFO and not the normal policy at a better nice value: a SCHED_IDLE thread's virtual runtime runs
 /// ~340 times faster than a nice-0 thread's, and the fair scheduler carries that debt over when the thread is
@@ -27,10 +20,9 @@ import Glibc
 /// `LiveTracerTests.testOnABusyNodeTheReaderIsRaisedAndNothingIsLost`); raised to SCHED_FIFO it runs at once.
 ///
 /// A raise lasts until a pass drains every source, or `maxRaisedNanos` at most: then the reader lowers itself
-/// anyway, and, since it is still behind, the watchdog raises it again after `behindStarvedNanos` without a pass
-/// (until a raise ends drained). So a pod that makes more events than meshtrace can take in gets at most half of
-/// one CPU taken at real-time priority; the rest of what meshtrace cannot read is lost and counted, never hidden,
-/// and the pod keeps running.
+/// anyway, and the watchdog raises it again only after another `starvedNanos` without a pass. So a pod that makes
+/// more events than meshtrace can take in gets at most half of one CPU taken at real-time priority; the rest of
+/// what meshtrace cannot read is lost and counted, never hidden, and the pod keeps running.
 ///
 /// What a raise costs the pod is the reader's CPU time while raised (`raisedCPUNanos`): the watchdog reads the
 /// reader's thread CPU clock when it raises it, the reader its own when it lowers itself, and the summary says it.
@@ -40,10 +32,8 @@ import Glibc
 /// could not be raised, so it does not yield: it keeps the normal policy at nice -5, as it did before.
 final class ReaderPriority: @unchecked Sendable {
     static let checkNanos: UInt64 = 5_000_000
-    static let starvedNanos: UInt64 = 100_000_000
+    static let starvedNanos: UInt64 = 20_000_000
     static let maxRaisedNanos: UInt64 = 20_000_000
-    /// The wait after a raise that ended with the reader still behind (`maxRaisedNanos` ran out).
-    static let behindStarvedNanos: UInt64 = 20_000_000
     /// The reader's nice value under the normal policy (when it does not yield, and after the trace).
     static let normalNice: Int32 = -5
     static let schedOther: Int32 = 0
@@ -57,9 +47,6 @@ final class ReaderPriority: @unchecked Sendable {
     private let raisedAt = Atomic<UInt64>(0)
     private let stopping = Atomic<Bool>(false)
     private let raiseCount = Atomic<Int>(0)
-    /// Set by the reader when a raise ran out of time before it caught up, cleared when one ends drained: the
-    /// watchdog then raises it after `behindStarvedNanos` instead of `starvedNanos`.
-    private let stillBehind = Atomic<Bool>(false)
     /// The reader's thread CPU time (ns) when the watchdog raised it: stored before `raisedAt`, read by the reader
     /// after it saw `raisedAt` set.
     private let cpuAtRaise = Atomic<UInt64>(0)
@@ -115,7 +102,6 @@ final class ReaderPriority: @unchecked Sendable {
         let raised = raisedAt.load(ordering: .acquiring)
         // Caught up, or raised for as long as one raise may last.
         if raised != 0, drained || now &- raised >= ReaderPriority.maxRaisedNanos {
-            stillBehind.store(!drained, ordering: .relaxed)
             countRaisedCPU()
             raisedAt.store(0, ordering: .relaxed)
             _ = ReaderPriority.setPolicy(tid, ReaderPriority.schedIdle)
@@ -161,8 +147,7 @@ final class ReaderPriority: @unchecked Sendable {
             nanosleep(&pause, nil)
             let now = DispatchTime.now().uptimeNanoseconds
             let last = heartbeat.load(ordering: .relaxed)
-            let starved = stillBehind.load(ordering: .relaxed) ? ReaderPriority.behindStarvedNanos : ReaderPriority.starvedNanos
-            guard now > last, now - last >= starved, raisedAt.load(ordering: .relaxed) == 0 else { continue }
+            guard now > last, now - last >= ReaderPriority.starvedNanos, raisedAt.load(ordering: .relaxed) == 0 else { continue }
             // The policy first, then the time: a reader that sees the time has been raised. Its CPU clock before
             // both, so a raise's CPU is counted from no later than the raise.
             if let readerClock { cpuAtRaise.store(ReaderPriority.cpuNanos(readerClock), ordering: .relaxed) }
