@@ -268,9 +268,9 @@ public struct AnalysisSummary: Sendable {
     /// connections around each were finished only after what came meanwhile had been read.
     public var readerStalls: Int = 0
     /// Live only: times the reading thread was raised to real-time priority because it had fallen behind, and the
-    /// CPU it used raised (ms): what the trace took from the pod's share (`ReaderPriority`).
+    /// CPU it used raised (ns): what the trace took from the pod's share (`ReaderPriority`).
     public var readerRaises: Int = 0
-    public var readerRaisedCPUMilliseconds: Int = 0
+    public var readerRaisedCPUNanos: UInt64 = 0
     /// A live trace's summary (the two above are known): the JSON writes them only then, since a file cannot say
     /// what the kernel dropped before it was written.
     public var live = false

@@ -98,9 +98,9 @@ public struct TraceOutcome: Sendable {
     /// Whether the reading thread yielded to the pod (SCHED_IDLE while it kept up; see `ReaderPriority`), and
     /// how many times it was raised because it had fallen behind.
     public var readerYielded = false
-    public var readerRaises = 0
+    public var readerRaises: Int { summary.readerRaises }
     /// The reader's CPU time while raised: what it took from the pod at real-time priority.
-    public var readerRaisedCPUSeconds: Double = 0
+    public var readerRaisedCPUSeconds: Double { Double(summary.readerRaisedCPUNanos) / 1e9 }
     /// Passes that ended with more waiting in a source than a pass reads: how often the reader was behind.
     var passesBehind = 0
     /// Those two in words, for the summaries.
@@ -323,7 +323,7 @@ public final class LiveTracer: @unchecked Sendable {
         summary.eventsLost = losses.nflogEventsLost
         summary.readerStalls = readerStalls
         summary.readerRaises = priority.raises
-        summary.readerRaisedCPUMilliseconds = Int(priority.raisedCPUNanos / 1_000_000)
+        summary.readerRaisedCPUNanos = priority.raisedCPUNanos
         summary.live = true
         if trace != nil { summary.traceStepsLost = losses.traceStepsLost }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
@@ -336,10 +336,9 @@ public final class LiveTracer: @unchecked Sendable {
                                    conntrackJoins: conntrackJoins,
                                    nflogEvents: nflog?.recordsRead ?? 0, packetsCaptured: pcap?.framesRead ?? 0,
                                    traceSteps: trace?.steps ?? 0, seconds: seconds, cpuSeconds: LiveTracer.processCPUSeconds(),
-                                   readerYielded: priority.yielded, readerRaises: priority.raises,
+                                   readerYielded: priority.yielded,
                                    stoppedBySignal: StopSignal.signalNumber)
         outcome.tracedSeconds = tracedSeconds
-        outcome.readerRaisedCPUSeconds = Double(priority.raisedCPUNanos) / 1e9
         outcome.passesBehind = passesBehind
         if !pin.isNamed(by: options.netns.path) {
             // Gone, or the name now means another namespace: a pid reused, a netns made again under its name.

@@ -122,14 +122,8 @@ final class ReaderPriority: @unchecked Sendable {
     /// Adds the reader's CPU time since the watchdog raised it (on the reading thread).
     private func countRaisedCPU() {
         let from = cpuAtRaise.load(ordering: .relaxed)
-        let now = ReaderPriority.cpuNanos(CLOCK_THREAD_CPUTIME_ID)
+        let now = StallGate.threadCPU()
         if from != 0, now > from { raisedCPU &+= now - from }
-    }
-
-    static func cpuNanos(_ clock: clockid_t) -> UInt64 {
-        var ts = timespec()
-        guard clock_gettime(clock, &ts) == 0 else { return 0 }
-        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     private func stopWatchdog() {
@@ -150,7 +144,7 @@ final class ReaderPriority: @unchecked Sendable {
             guard now > last, now - last >= ReaderPriority.starvedNanos, raisedAt.load(ordering: .relaxed) == 0 else { continue }
             // The policy first, then the time: a reader that sees the time has been raised. Its CPU clock before
             // both, so a raise's CPU is counted from no later than the raise.
-            if let readerClock { cpuAtRaise.store(ReaderPriority.cpuNanos(readerClock), ordering: .relaxed) }
+            if let readerClock { cpuAtRaise.store(clockNanos(readerClock), ordering: .relaxed) }
             if ReaderPriority.setPolicy(tid, ReaderPriority.schedFIFO, priority: 1) { raiseCount.add(1, ordering: .relaxed) }
             raisedAt.store(max(DispatchTime.now().uptimeNanoseconds, 1), ordering: .releasing)
         }

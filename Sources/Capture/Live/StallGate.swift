@@ -72,9 +72,5 @@ struct StallGate {
     }
 
     /// The calling thread's CPU time (ns).
-    static func threadCPU() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
+    static func threadCPU() -> UInt64 { clockNanos(CLOCK_THREAD_CPUTIME_ID) }
 }

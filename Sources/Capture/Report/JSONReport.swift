@@ -365,7 +365,7 @@ public final class JSONReport: ReportSink {
             if s.readerStalls > 0 { key("reader_stalls"); out.decimal(s.readerStalls) }
             if s.readerRaises > 0 {
                 key("reader_raises"); out.decimal(s.readerRaises)
-                key("reader_raised_cpu_ms"); out.decimal(s.readerRaisedCPUMilliseconds)
+                key("reader_raised_cpu_ms"); out.unsignedDecimal(s.readerRaisedCPUNanos / 1_000_000)
             }
             key("kernel_counters"); open(UInt8(ascii: "{"))
             for (k, v) in s.kernelCounters.sorted(by: { $0.key < $1.key }) {

@@ -48,11 +48,7 @@ public enum OutputStall {
     static func writing() { writeBegan = uptimeNanos() }
     static func wrote() { writeBegan = 0 }
 
-    static func uptimeNanos() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-    }
+    static func uptimeNanos() -> UInt64 { clockNanos(CLOCK_MONOTONIC) }
 
     /// The message of a trace whose output was given up.
     public static let said = "the trace was stopped while stdout took nothing for 2 s (a pipe nobody reads?): the rest of the output was dropped; the rules are removed"

@@ -25,6 +25,39 @@ final class ReaderPriorityTests: KernelTestCase {
         return answer.allowed
     }
 
+    /// Burns the calling thread's CPU for `nanos` (by its own CPU clock); returns how much it burnt.
+    static func spin(_ nanos: UInt64) -> UInt64 {
+        let from = StallGate.threadCPU()
+        var x: UInt64 = 1
+        while StallGate.threadCPU() - from < nanos { for _ in 0..<1000 { x = x &* 6364136223846793005 &+ 1 } }
+        withExtendedLifetime(x) {}
+        return StallGate.threadCPU() - from
+    }
+
+    /// A raise still on when the trace stops: `stop` counts its CPU (the reader never lowered itself).
+    func testTheCPUOfARaiseStillOnAtTheStopIsCounted() throws {
+        try XCTSkipUnless(Self.realtimeAllowed(), "SCHED_FIFO is refused here: the reader does not yield")
+        final class Seen: @unchecked Sendable { var raised = false, spun: UInt64 = 0, counted: UInt64 = 0 }
+        let seen = Seen()
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            defer { done.signal() }
+            let p = ReaderPriority()
+            p.start()
+            p.passFinished(drained: true, at: DispatchTime.now().uptimeNanoseconds)
+            let deadline = DispatchTime.now().uptimeNanoseconds + 2_000_000_000
+            while !p.isRaised && DispatchTime.now().uptimeNanoseconds < deadline { usleep(2_000) }
+            seen.raised = p.isRaised
+            seen.spun = Self.spin(5_000_000)
+            p.stop()
+            seen.counted = p.raisedCPUNanos
+        }.start()
+        XCTAssertEqual(done.wait(timeout: .now() + 10), .success)
+        XCTAssertTrue(seen.raised, "the watchdog did not raise a starved reader")
+        XCTAssertGreaterThanOrEqual(seen.counted, seen.spun, "a raise still on at the stop was not counted")
+        XCTAssertLessThan(seen.counted, seen.spun + 200_000_000)
+    }
+
     func testReaderYieldsIsRaisedWhenStarvedAndLowersItselfOnceDrainedOrAfterItsTime() throws {
         try XCTSkipUnless(Self.realtimeAllowed(), "SCHED_FIFO is refused here: the reader does not yield")
         // Written by the thread below, read here after `done`: the semaphore orders the two.
@@ -46,14 +79,6 @@ final class ReaderPriorityTests: KernelTestCase {
                 while !p.isRaised && now() < deadline { usleep(2_000) }
                 return sched_getscheduler(0)
             }
-            /// Burns this thread's CPU for `nanos` (by its own CPU clock); returns how much it burnt.
-            func spin(_ nanos: UInt64) -> UInt64 {
-                let from = ReaderPriority.cpuNanos(CLOCK_THREAD_CPUTIME_ID)
-                var x: UInt64 = 1
-                while ReaderPriority.cpuNanos(CLOCK_THREAD_CPUTIME_ID) - from < nanos { for _ in 0..<1000 { x = x &* 6364136223846793005 &+ 1 } }
-                withExtendedLifetime(x) {}
-                return ReaderPriority.cpuNanos(CLOCK_THREAD_CPUTIME_ID) - from
-            }
             p.start()
             seen.started = sched_getscheduler(0)
             errno = 0
@@ -63,7 +88,7 @@ final class ReaderPriorityTests: KernelTestCase {
             seen.whileStarved = starve()
             seen.raises = p.raises
             // CPU used while raised is what the raise cost the node: counted when the reader lowers itself.
-            seen.spun = spin(8_000_000)   // within `maxRaisedNanos`: the pass below keeps it raised
+            seen.spun = Self.spin(8_000_000)   // within `maxRaisedNanos`: the pass below keeps it raised
             // A pass that stopped at its limit keeps it raised; one that drained lowers it.
             p.passFinished(drained: false, at: now())
             seen.afterUndrained = sched_getscheduler(0)

@@ -157,7 +157,7 @@ final class JSONReportTests: XCTestCase {
             var summary = AnalysisSummary()
             summary.live = live
             summary.readerRaises = raises
-            summary.readerRaisedCPUMilliseconds = raises * 12
+            summary.readerRaisedCPUNanos = UInt64(raises) * 12_000_000 + 999_999
             return try written { try JSONReport(fileDescriptor: $0).finish(summary) }
         }
         let raised = try summaryJSON(live: true, raises: 3)
